@@ -1,0 +1,232 @@
+//! Configuration: command-line flags, each also an `EXITSERVE_…` variable, over an optional
+//! TOML file (`--config`, same keys as the flags with `_`), over built-in defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// OpenAI-compatible server for multi-exit language models: early exit and autocontrastive
+/// decoding, chosen per request.
+#[derive(Debug, Default, Parser, Deserialize)]
+#[command(name = "exitserve", version, about)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// TOML file with any of these settings (keys as the flags, with `_`); flags and
+    /// environment variables override it.
+    #[arg(long, env = "EXITSERVE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Hugging Face hub repo id or local checkpoint folder [default: IBM/gpt-neo-125m-multiexit]
+    #[arg(long, env = "EXITSERVE_MODEL")]
+    pub model: Option<String>,
+    /// Hub revision: branch, tag, commit or e.g. `refs/pr/1` [default: main]
+    #[arg(long, env = "EXITSERVE_REVISION")]
+    pub revision: Option<String>,
+    /// Model id clients send in `model` [default: last part of --model]
+    #[arg(long, env = "EXITSERVE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Address to listen on [default: 127.0.0.1]
+    #[arg(long, env = "EXITSERVE_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on [default: 8080]
+    #[arg(long, env = "EXITSERVE_PORT")]
+    pub port: Option<u16>,
+    /// Mode of requests without `multi_exit`: `original`, `exit:L`, `contrast:U,L` (U a layer
+    /// or `original`) [default: original]
+    #[arg(long, env = "EXITSERVE_DEFAULT_MODE")]
+    pub default_mode: Option<String>,
+    /// Sequences decoded together in one batch [default: 32]
+    #[arg(long, env = "EXITSERVE_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+    /// Prompt tokens prefilled per step across the batch; longer prompts are chunked [default: 512]
+    #[arg(long, env = "EXITSERVE_MAX_PREFILL_TOKENS")]
+    pub max_prefill_tokens: Option<usize>,
+    /// Requests waiting for a batch slot before new ones get 429 [default: 256]
+    #[arg(long, env = "EXITSERVE_MAX_QUEUED_REQUESTS")]
+    pub max_queued_requests: Option<usize>,
+    /// Longest prompt in tokens [default: the model's context length]
+    #[arg(long, env = "EXITSERVE_MAX_INPUT_TOKENS")]
+    pub max_input_tokens: Option<usize>,
+    /// Largest `n` / `best_of` [default: 8]
+    #[arg(long, env = "EXITSERVE_MAX_BEST_OF")]
+    pub max_best_of: Option<usize>,
+    /// Seconds a request may wait and run before it fails [default: 300]
+    #[arg(long, env = "EXITSERVE_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<f64>,
+    /// Require `Authorization: Bearer <key>` on every route but /health
+    #[arg(long, env = "EXITSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Origin allowed by CORS (repeat or comma-separate); none by default
+    #[arg(long, env = "EXITSERVE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Option<Vec<String>>,
+    /// Largest request body in bytes [default: 1048576]
+    #[arg(long, env = "EXITSERVE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Weight dtype: f32 (exact parity), or f16/bf16 for speed [default: f32]
+    #[arg(long, env = "EXITSERVE_DTYPE", value_enum)]
+    pub dtype: Option<WeightDtype>,
+    /// Log format [default: text]
+    #[arg(long, env = "EXITSERVE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM [default: 30]
+    #[arg(long, env = "EXITSERVE_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<f64>,
+}
+
+/// Every setting resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub model: String,
+    pub revision: Option<String>,
+    pub served_model_name: String,
+    pub host: String,
+    pub port: u16,
+    pub default_mode: String,
+    pub max_batch_size: usize,
+    pub max_prefill_tokens: usize,
+    pub max_queued_requests: usize,
+    pub max_input_tokens: Option<usize>,
+    pub max_best_of: usize,
+    pub request_timeout: Duration,
+    pub api_key: Option<String>,
+    pub cors_allow_origins: Vec<String>,
+    pub max_body_bytes: usize,
+    pub dtype: WeightDtype,
+    pub log_format: LogFormat,
+    pub shutdown_grace: Duration,
+}
+
+pub const DEFAULT_MODEL: &str = "IBM/gpt-neo-125m-multiexit";
+
+impl Settings {
+    /// Flags and environment over the `--config` file over defaults.
+    pub fn load() -> Result<Self, String> {
+        let args = Args::try_parse().map_err(|e| {
+            // --help and --version are not errors: clap prints them and we exit 0.
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) {
+                e.exit()
+            }
+            e.to_string().trim_end().to_string()
+        })?;
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => Args::default(),
+        };
+        Self::resolve(args, file)
+    }
+
+    pub fn resolve(args: Args, file: Args) -> Result<Self, String> {
+        macro_rules! pick {
+            ($f:ident) => {
+                args.$f.or(file.$f)
+            };
+        }
+        let model = pick!(model).unwrap_or_else(|| DEFAULT_MODEL.to_string());
+        let served_model_name = pick!(served_model_name).unwrap_or_else(|| {
+            model
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or(&model)
+                .to_string()
+        });
+        let positive = |name: &str, v: usize| {
+            if v == 0 {
+                Err(format!("--{name} must be positive"))
+            } else {
+                Ok(v)
+            }
+        };
+        let secs = |name: &str, v: f64| {
+            Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| format!("--{name} must be a positive number of seconds, got {v}"))
+        };
+        Ok(Self {
+            revision: pick!(revision),
+            served_model_name,
+            host: pick!(host).unwrap_or_else(|| "127.0.0.1".into()),
+            port: pick!(port).unwrap_or(8080),
+            default_mode: pick!(default_mode).unwrap_or_else(|| "original".into()),
+            max_batch_size: positive("max-batch-size", pick!(max_batch_size).unwrap_or(32))?,
+            max_prefill_tokens: positive(
+                "max-prefill-tokens",
+                pick!(max_prefill_tokens).unwrap_or(512),
+            )?,
+            max_queued_requests: positive(
+                "max-queued-requests",
+                pick!(max_queued_requests).unwrap_or(256),
+            )?,
+            max_input_tokens: pick!(max_input_tokens),
+            max_best_of: positive("max-best-of", pick!(max_best_of).unwrap_or(8))?,
+            request_timeout: secs("request-timeout", pick!(request_timeout).unwrap_or(300.0))?,
+            api_key: pick!(api_key).filter(|k| !k.is_empty()),
+            cors_allow_origins: pick!(cors_allow_origin).unwrap_or_default(),
+            max_body_bytes: positive("max-body-bytes", pick!(max_body_bytes).unwrap_or(1 << 20))?,
+            dtype: pick!(dtype).unwrap_or(WeightDtype::F32),
+            log_format: pick!(log_format).unwrap_or(LogFormat::Text),
+            shutdown_grace: secs("shutdown-grace", pick!(shutdown_grace).unwrap_or(30.0))?,
+            model,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<Args, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_defaults_fill_the_rest() {
+        let file: Args =
+            toml::from_str("port = 9000\nmax_batch_size = 4\nmodel = \"a/b-c\"").unwrap();
+        let args = Args::try_parse_from(["exitserve", "--port", "7000"]).unwrap();
+        let s = Settings::resolve(args, file).unwrap();
+        assert_eq!(s.port, 7000);
+        assert_eq!(s.max_batch_size, 4);
+        assert_eq!(s.served_model_name, "b-c");
+        assert_eq!(s.host, "127.0.0.1");
+    }
+
+    #[test]
+    fn shipped_default_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let file = read_file(&path).unwrap();
+        Settings::resolve(Args::default(), file).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_zero_limits_are_errors() {
+        assert!(toml::from_str::<Args>("prot = 1").is_err());
+        let args = Args::try_parse_from(["exitserve", "--max-batch-size", "0"]).unwrap();
+        assert_eq!(
+            Settings::resolve(args, Args::default()).unwrap_err(),
+            "--max-batch-size must be positive"
+        );
+    }
+}

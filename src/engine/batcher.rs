@@ -1,0 +1,481 @@
+//! The model thread: continuous batching. New requests join between decode steps, their
+//! prefill chunked under a token budget; finished, stopped and abandoned sequences leave at
+//! once. Every sequence carries its own mode, so one step serves original, exit and contrast
+//! requests together.
+
+use std::cell::RefCell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::error::EngineError;
+use super::metrics::Metrics;
+use super::request::{Event, FinishReason, Usage};
+use super::sampling::Sampler;
+use super::sequence::{token_logprob, Outcome, RequestState, Sequence, SharedRequest};
+use super::Submission;
+use crate::model::{Mode, MultiExitGptNeo, SeqStep, TextTokenizer};
+
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    pub max_batch_size: usize,
+    /// Prompt tokens prefilled per step, across sequences (a long prompt is chunked).
+    pub max_prefill_tokens: usize,
+    pub eos_token_id: Option<u32>,
+}
+
+pub struct Batcher {
+    model: Arc<MultiExitGptNeo>,
+    tokenizer: Arc<TextTokenizer>,
+    rx: mpsc::Receiver<Submission>,
+    cfg: BatchConfig,
+    metrics: Arc<Metrics>,
+    running: Vec<Sequence>,
+    /// A request taken from the queue that did not fit yet.
+    held: Option<Submission>,
+}
+
+pub fn mode_label(mode: &Mode) -> &'static str {
+    match mode {
+        Mode::Original => "original",
+        Mode::Exit(_) => "exit",
+        Mode::Contrast(_) => "contrast",
+    }
+}
+
+impl Batcher {
+    pub fn new(
+        model: Arc<MultiExitGptNeo>,
+        tokenizer: Arc<TextTokenizer>,
+        rx: mpsc::Receiver<Submission>,
+        cfg: BatchConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            model,
+            tokenizer,
+            rx,
+            cfg,
+            metrics,
+            running: Vec::new(),
+            held: None,
+        }
+    }
+
+    /// Runs until every handle is dropped and the batch has drained.
+    pub fn run(mut self) {
+        loop {
+            if !self.admit() {
+                break;
+            }
+            if self.running.is_empty() {
+                continue;
+            }
+            self.step();
+        }
+        tracing::info!("engine stopped");
+    }
+
+    /// Pulls requests into the batch; blocks only when idle. Returns false when closed and idle.
+    fn admit(&mut self) -> bool {
+        loop {
+            let sub = match self.held.take() {
+                Some(s) => s,
+                None if self.running.is_empty() => match self.rx.blocking_recv() {
+                    Some(s) => s,
+                    None => return false,
+                },
+                None => match self.rx.try_recv() {
+                    Ok(s) => s,
+                    Err(_) => return true,
+                },
+            };
+            let slots = sub.req.prompts.len() * sub.req.best_of;
+            let prefill_pending: usize = self
+                .running
+                .iter()
+                .map(|s| s.prompt.len() - s.prefilled)
+                .sum();
+            let fits = self.running.len() + slots <= self.cfg.max_batch_size
+                && prefill_pending < self.cfg.max_prefill_tokens;
+            if !fits && !self.running.is_empty() {
+                self.held = Some(sub);
+                return true;
+            }
+            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            self.start(sub);
+        }
+    }
+
+    fn start(&mut self, sub: Submission) {
+        let Submission {
+            req,
+            tx,
+            span,
+            arrived,
+        } = sub;
+        let mode_label = mode_label(&req.mode);
+        if tx.is_closed() {
+            self.metrics.cancellations.fetch_add(1, Ordering::Relaxed);
+            self.metrics.request_finished("cancelled", mode_label);
+            return;
+        }
+        if Instant::now() >= req.deadline {
+            let _ = tx.send(Event::Error(EngineError::Timeout {
+                seconds: (req.deadline - arrived).as_secs_f64(),
+            }));
+            self.metrics.request_finished("timeout", mode_label);
+            return;
+        }
+        self.metrics.queue_wait.observe(arrived.elapsed());
+        let n_layers = self.model.config().num_layers;
+        let best_of = req.best_of;
+        let prompts = req.prompts.clone();
+        let state: SharedRequest = Rc::new(RefCell::new(RequestState {
+            heads: req.mode.heads(),
+            depth: req.mode.depth(n_layers),
+            unfinished: prompts.len() * best_of,
+            usage: Usage {
+                prompt_tokens: req.prompt_tokens(),
+                completion_tokens: 0,
+            },
+            req,
+            tx,
+            mode_label,
+            arrived,
+            first_token_at: None,
+            span,
+        }));
+        for (p, prompt) in prompts.into_iter().enumerate() {
+            let first = p * best_of;
+            let sampling = state.borrow().req.sampling.clone();
+            let mut seq = Sequence::new(
+                state.clone(),
+                first,
+                Rc::new(prompt),
+                self.model.new_cache(),
+                Sampler::new(sampling, first as u64),
+            );
+            seq.forks = (first + 1..first + best_of).collect();
+            self.running.push(seq);
+        }
+        self.metrics
+            .batch_size
+            .store(self.running.len() as i64, Ordering::Relaxed);
+    }
+
+    fn step(&mut self) {
+        self.drop_abandoned();
+        if self.running.is_empty() {
+            return;
+        }
+        // What each sequence feeds this step: a prompt chunk under the budget, or one token.
+        let mut budget = self.cfg.max_prefill_tokens;
+        let mut inputs: Vec<Option<(usize, usize)>> = Vec::with_capacity(self.running.len());
+        for s in &self.running {
+            if s.in_prefill() {
+                let remaining = s.prompt.len() - s.prefilled;
+                let take = remaining.min(budget);
+                budget -= take;
+                inputs.push((take > 0).then_some((s.prefilled, take)));
+            } else {
+                inputs.push(Some((0, 0)));
+            }
+        }
+        let echo_logprobs: Vec<bool> = self
+            .running
+            .iter()
+            .map(|s| {
+                let r = s.request.borrow();
+                r.req.echo && r.req.logprobs.is_some()
+            })
+            .collect();
+        let mut tokens: Vec<Vec<u32>> = Vec::new();
+        let mut members: Vec<usize> = Vec::new();
+        let mut head_lists = Vec::new();
+        let mut depths = Vec::new();
+        let mut all_positions = Vec::new();
+        for (i, (s, input)) in self.running.iter().zip(&inputs).enumerate() {
+            let Some((start, take)) = *input else {
+                continue;
+            };
+            let r = s.request.borrow();
+            let (toks, last_chunk) = if take == 0 {
+                (
+                    vec![s.next_input.expect("decoding sequences have a token")],
+                    true,
+                )
+            } else {
+                (
+                    s.prompt[start..start + take].to_vec(),
+                    start + take == s.prompt.len(),
+                )
+            };
+            tokens.push(toks);
+            members.push(i);
+            head_lists.push(if last_chunk || echo_logprobs[i] {
+                r.heads.clone()
+            } else {
+                Vec::new()
+            });
+            depths.push(r.depth);
+            all_positions.push(take > 0 && echo_logprobs[i]);
+        }
+        let model = Arc::clone(&self.model);
+        let result = {
+            let mut caches: Vec<&mut crate::model::KvCache> = Vec::new();
+            let mut member_iter = members.iter().peekable();
+            for (i, s) in self.running.iter_mut().enumerate() {
+                if member_iter.peek() == Some(&&i) {
+                    member_iter.next();
+                    caches.push(&mut s.cache);
+                }
+            }
+            let mut steps: Vec<SeqStep> = caches
+                .into_iter()
+                .enumerate()
+                .map(|(k, cache)| SeqStep {
+                    tokens: &tokens[k],
+                    cache,
+                    depth: depths[k],
+                    heads: &head_lists[k],
+                    all_positions: all_positions[k],
+                })
+                .collect();
+            catch_unwind(AssertUnwindSafe(|| model.forward(&mut steps)))
+        };
+        self.metrics.model_steps.fetch_add(1, Ordering::Relaxed);
+        let outputs = match result {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return self.fail_batch(&members, format!("forward failed: {e}")),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                return self.fail_batch(&members, format!("model thread panicked: {msg}"));
+            }
+        };
+        let mut forked = Vec::new();
+        for (k, &i) in members.iter().enumerate() {
+            let take = inputs[i].map_or(0, |(_, t)| t);
+            let logits = &outputs[k];
+            if take > 0 {
+                let seq = &mut self.running[i];
+                self.metrics
+                    .prompt_tokens
+                    .fetch_add(take as u64, Ordering::Relaxed);
+                let start = seq.prefilled;
+                seq.prefilled += take;
+                if all_positions[k] {
+                    record_prompt_logprobs(seq, start, take, logits, &self.tokenizer);
+                }
+                if seq.in_prefill() {
+                    continue;
+                }
+            }
+            if logits.is_empty() || logits[0].is_empty() {
+                continue;
+            }
+            // Heads at the last position: the distribution of the next token.
+            let last: Vec<Vec<f32>> = logits
+                .iter()
+                .map(|rows| rows.last().cloned().unwrap_or_default())
+                .collect();
+            let mode = self.running[i].request.borrow().req.mode;
+            let scores = mode.scores(&last);
+            let was_prefill = take > 0;
+            if was_prefill {
+                forked.extend(self.fork_followers(i, &scores));
+                self.send_prompt_event(i);
+            }
+            self.sample_and_emit(i, &scores);
+        }
+        for mut f in forked {
+            let scores = f.1;
+            f.0.finished = false;
+            self.running.push(f.0);
+            let idx = self.running.len() - 1;
+            self.send_prompt_event(idx);
+            self.sample_and_emit(idx, &scores);
+        }
+        self.running.retain(|s| !s.finished);
+        self.metrics
+            .batch_size
+            .store(self.running.len() as i64, Ordering::Relaxed);
+    }
+
+    /// Creates the other candidates of a prompt from the leader's prefilled cache.
+    fn fork_followers(&mut self, i: usize, scores: &[f32]) -> Vec<(Sequence, Vec<f32>)> {
+        let forks = std::mem::take(&mut self.running[i].forks);
+        let mut out = Vec::with_capacity(forks.len());
+        for candidate in forks {
+            let leader = &self.running[i];
+            let cache = match leader.cache.fork() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "forking a cache failed");
+                    continue;
+                }
+            };
+            let sampling = leader.request.borrow().req.sampling.clone();
+            let mut seq = Sequence::new(
+                leader.request.clone(),
+                candidate,
+                leader.prompt.clone(),
+                cache,
+                Sampler::new(sampling, candidate as u64),
+            );
+            seq.prefilled = leader.prefilled;
+            seq.prompt_logprobs = leader.prompt_logprobs.clone();
+            out.push((seq, scores.to_vec()));
+        }
+        out
+    }
+
+    fn send_prompt_event(&self, i: usize) {
+        let seq = &self.running[i];
+        let echo = seq.request.borrow().req.echo;
+        if !echo {
+            return;
+        }
+        let mut tokens = Vec::with_capacity(seq.prompt.len());
+        for (p, &id) in seq.prompt.iter().enumerate() {
+            let text = self.tokenizer.decode(&[id]).unwrap_or_default();
+            let lp = p
+                .checked_sub(1)
+                .and_then(|q| seq.prompt_logprobs.get(q).cloned());
+            tokens.push((id, text, lp));
+        }
+        seq.send(Event::Prompt {
+            candidate: seq.candidate,
+            text: self.tokenizer.decode(&seq.prompt).unwrap_or_default(),
+            tokens,
+        });
+    }
+
+    fn sample_and_emit(&mut self, i: usize, scores: &[f32]) {
+        let now = Instant::now();
+        let seq = &mut self.running[i];
+        let id = seq.sampler.choose(scores);
+        {
+            let mut r = seq.request.borrow_mut();
+            r.usage.completion_tokens += 1;
+            if r.first_token_at.is_none() {
+                r.first_token_at = Some(now);
+                self.metrics.time_to_first_token.observe(now - r.arrived);
+            }
+        }
+        if let Some(prev) = seq.last_token_at {
+            self.metrics.inter_token_latency.observe(now - prev);
+        }
+        seq.last_token_at = Some(now);
+        self.metrics
+            .generated_tokens
+            .fetch_add(1, Ordering::Relaxed);
+        if let Outcome::Finished(reason) =
+            seq.accept(id, scores, &self.tokenizer, self.cfg.eos_token_id)
+        {
+            self.finish(i, reason);
+        }
+    }
+
+    fn finish(&mut self, i: usize, reason: FinishReason) {
+        let seq = &mut self.running[i];
+        seq.finished = true;
+        seq.send(Event::End {
+            candidate: seq.candidate,
+            finish_reason: reason,
+            cumulative_logprob: seq.cumulative_logprob,
+        });
+        let mut r = seq.request.borrow_mut();
+        r.unfinished -= 1;
+        if r.unfinished == 0 {
+            let _ = r.tx.send(Event::Done { usage: r.usage });
+            self.metrics.e2e_latency.observe(r.arrived.elapsed());
+            self.metrics.request_finished("ok", r.mode_label);
+            let _e = r.span.enter();
+            tracing::info!(
+                prompt_tokens = r.usage.prompt_tokens,
+                completion_tokens = r.usage.completion_tokens,
+                ms = r.arrived.elapsed().as_millis() as u64,
+                "completed"
+            );
+        }
+    }
+
+    /// Drops sequences whose client left or whose deadline passed (freeing their slots).
+    fn drop_abandoned(&mut self) {
+        let now = Instant::now();
+        let metrics = &self.metrics;
+        self.running.retain(|s| {
+            let mut r = s.request.borrow_mut();
+            if r.tx.is_closed() {
+                if r.unfinished > 0 {
+                    r.unfinished = 0;
+                    metrics.cancellations.fetch_add(1, Ordering::Relaxed);
+                    metrics.request_finished("cancelled", r.mode_label);
+                }
+                return false;
+            }
+            if now >= r.req.deadline {
+                if r.unfinished > 0 {
+                    r.unfinished = 0;
+                    let _ = r.tx.send(Event::Error(EngineError::Timeout {
+                        seconds: (r.req.deadline - r.arrived).as_secs_f64(),
+                    }));
+                    metrics.request_finished("timeout", r.mode_label);
+                }
+                return false;
+            }
+            r.unfinished > 0
+        });
+    }
+
+    /// A failed step fails only the requests in it; the engine goes on.
+    fn fail_batch(&mut self, members: &[usize], message: String) {
+        tracing::error!(%message, "model step failed; failing its requests");
+        for &i in members {
+            let mut r = self.running[i].request.borrow_mut();
+            if r.unfinished > 0 {
+                r.unfinished = 0;
+                let _ =
+                    r.tx.send(Event::Error(EngineError::Internal(message.clone())));
+                self.metrics.request_finished("error", r.mode_label);
+            }
+        }
+        self.running.retain(|s| s.request.borrow().unfinished > 0);
+        self.metrics
+            .batch_size
+            .store(self.running.len() as i64, Ordering::Relaxed);
+    }
+}
+
+/// Stores the logprob of each prompt token that follows a position of this chunk.
+fn record_prompt_logprobs(
+    seq: &mut Sequence,
+    start: usize,
+    take: usize,
+    logits: &[Vec<Vec<f32>>],
+    tok: &TextTokenizer,
+) {
+    let (mode, k) = {
+        let r = seq.request.borrow();
+        (r.req.mode, r.req.logprobs.unwrap_or(0))
+    };
+    for row in 0..take {
+        let next = start + row + 1;
+        if next >= seq.prompt.len() {
+            break;
+        }
+        let heads: Vec<Vec<f32>> = logits.iter().map(|h| h[row].clone()).collect();
+        let scores = mode.scores(&heads);
+        seq.prompt_logprobs
+            .push(token_logprob(seq.prompt[next], &scores, k, tok));
+    }
+}

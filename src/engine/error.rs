@@ -1,0 +1,35 @@
+//! Engine errors. The HTTP layer maps each variant to a status once (`http::error`).
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// 400: a field is out of range or inconsistent; `param` names it.
+    #[error("{message}")]
+    InvalidRequest {
+        param: Option<String>,
+        message: String,
+    },
+    /// 400: prompt plus `max_tokens` exceed the model's positions.
+    #[error("{message}")]
+    ContextLength { message: String },
+    /// 429: the queue is full.
+    #[error("the server is at capacity ({queued} requests queued); retry later")]
+    Overloaded { queued: usize },
+    /// 408-style timeout, reported as 503 per `--request-timeout`.
+    #[error("request timed out after {seconds:.1} s (--request-timeout)")]
+    Timeout { seconds: f64 },
+    /// 503: the engine is shutting down or has stopped.
+    #[error("the engine is not running")]
+    Unavailable,
+    /// 500: the model failed; details are logged, not returned.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        EngineError::InvalidRequest {
+            param: Some(param.to_string()),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Between HTTP and the model: validation, the request queue, the batcher thread, sampling
+//! and metrics. The async side only ever sees [`Engine`], a cheap `Clone` handle.
+
+pub mod batcher;
+pub mod error;
+pub mod metrics;
+pub mod request;
+pub mod sampling;
+pub mod sequence;
+pub mod validate;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+pub use batcher::{mode_label, BatchConfig};
+pub use error::EngineError;
+pub use metrics::Metrics;
+pub use request::{
+    Event, EventReceiver, FinishReason, GenerateRequest, TokenLogprob, Usage, ValidRequest,
+};
+pub use validate::{Limits, Validator};
+
+use crate::model::{MultiExitGptNeo, TextTokenizer};
+
+/// A request on its way to the batcher, with its own response channel and span.
+pub struct Submission {
+    pub req: ValidRequest,
+    pub tx: request::EventSender,
+    pub span: tracing::Span,
+    pub arrived: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub batch: BatchConfig,
+    pub max_queued_requests: usize,
+}
+
+/// Handle to the engine: validates, enqueues, reports health and metrics.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Submission>,
+    validator: Validator,
+    metrics: Arc<Metrics>,
+    model: Arc<MultiExitGptNeo>,
+    thread: Arc<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Spawns the model thread, which owns the forward passes; the async runtime never runs one.
+    pub fn start(
+        model: MultiExitGptNeo,
+        tokenizer: TextTokenizer,
+        limits: Limits,
+        cfg: EngineConfig,
+    ) -> std::io::Result<Self> {
+        let model = Arc::new(model);
+        let tokenizer = Arc::new(tokenizer);
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(cfg.max_queued_requests.max(1));
+        let (m, t, b) = (
+            Arc::clone(&model),
+            Arc::clone(&tokenizer),
+            Arc::clone(&metrics),
+        );
+        // The batcher's state is single-threaded (Rc): it is built on the model thread.
+        let thread = std::thread::Builder::new()
+            .name("exitserve-model".into())
+            .spawn(move || batcher::Batcher::new(m, t, rx, cfg.batch, b).run())?;
+        Ok(Self {
+            tx,
+            validator: Validator::new(limits, tokenizer),
+            metrics,
+            model,
+            thread: Arc::new(thread),
+        })
+    }
+
+    pub fn validator(&self) -> &Validator {
+        &self.validator
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// True while the model thread runs.
+    pub fn is_alive(&self) -> bool {
+        !self.thread.is_finished() && !self.tx.is_closed()
+    }
+
+    /// Validates on a blocking thread (tokenization is CPU work).
+    pub async fn validate(&self, req: GenerateRequest) -> Result<ValidRequest, EngineError> {
+        let v = self.validator.clone();
+        let mode = req.mode.clone();
+        let res = tokio::task::spawn_blocking(move || v.validate(req))
+            .await
+            .map_err(|e| EngineError::Internal(format!("validation task failed: {e}")))?;
+        if res.is_err() {
+            let label = match mode {
+                None => mode_label(&self.validator.limits().default_mode),
+                Some(request::ModeSpec::Original) => "original",
+                Some(request::ModeSpec::Exit { .. }) => "exit",
+                Some(request::ModeSpec::Contrast { .. }) => "contrast",
+            };
+            self.metrics.request_finished("invalid", label);
+        }
+        res
+    }
+
+    /// Enqueues `req`; fails at once with `Overloaded` when the queue is full.
+    pub fn submit(
+        &self,
+        req: ValidRequest,
+        span: tracing::Span,
+    ) -> Result<EventReceiver, EngineError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let label = mode_label(&req.mode);
+        let sub = Submission {
+            req,
+            tx,
+            span,
+            arrived: Instant::now(),
+        };
+        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(sub) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        self.metrics.rejections.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.request_finished("rejected", label);
+                        Err(EngineError::Overloaded {
+                            queued: self.tx.max_capacity(),
+                        })
+                    }
+                    mpsc::error::TrySendError::Closed(_) => Err(EngineError::Unavailable),
+                }
+            }
+        }
+    }
+
+    /// Prometheus text of every engine metric.
+    pub fn render_metrics(&self) -> String {
+        self.metrics
+            .render(self.model.stats.block_evals.load(Ordering::Relaxed))
+    }
+}

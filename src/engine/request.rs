@@ -1,0 +1,163 @@
+//! What the engine accepts (a validated request) and what it sends back (events).
+
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::model::Mode;
+
+/// A prompt as sent by the client, before tokenization.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<i64>),
+}
+
+/// The sampling-related fields of a request, unvalidated (as parsed from the wire).
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    pub prompts: Vec<PromptInput>,
+    pub mode: Option<ModeSpec>,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub n: Option<i64>,
+    pub best_of: Option<i64>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub logprobs: Option<i64>,
+    pub echo: bool,
+    pub stop: Vec<String>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub logit_bias: Vec<(String, f64)>,
+    pub return_token_ids: bool,
+    pub ignore_eos: bool,
+}
+
+/// The `multi_exit` object, unvalidated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModeSpec {
+    Original,
+    Exit {
+        layer: Option<i64>,
+    },
+    Contrast {
+        upper: Option<UpperSpec>,
+        lower: Option<i64>,
+        alpha: Option<f64>,
+        minimum_candidates: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpperSpec {
+    Original,
+    Layer(i64),
+}
+
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = disabled.
+    pub top_k: usize,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// 1 = disabled.
+    pub repetition_penalty: f32,
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: Option<u64>,
+}
+
+/// A request the engine can run: every field checked, prompts tokenized.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub prompts: Vec<Vec<u32>>,
+    pub mode: Mode,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Choices returned per prompt.
+    pub n: usize,
+    /// Candidates generated per prompt (>= n); the n with the best total logprob are returned.
+    pub best_of: usize,
+    pub stop: Vec<String>,
+    /// Top alternatives reported per token (None = no logprobs).
+    pub logprobs: Option<usize>,
+    pub echo: bool,
+    pub ignore_eos: bool,
+    pub deadline: Instant,
+}
+
+impl ValidRequest {
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompts.iter().map(Vec::len).sum()
+    }
+}
+
+/// One token's log-probability and its best alternatives, in the decoded distribution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+    /// `(id, text, logprob)`, best first.
+    pub top: Vec<(u32, String, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What the engine streams back for one request. `candidate` numbers the sequences of the
+/// request: `prompt_index * best_of + k`.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Echo with logprobs: the prompt's tokens with their logprobs (the first has none).
+    Prompt {
+        candidate: usize,
+        text: String,
+        tokens: Vec<(u32, String, Option<TokenLogprob>)>,
+    },
+    Token {
+        candidate: usize,
+        id: u32,
+        /// Text that became final with this token (may be empty: held back for UTF-8 or stop).
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    End {
+        candidate: usize,
+        finish_reason: FinishReason,
+        /// Sum of the generated tokens' logprobs, for best_of.
+        cumulative_logprob: f64,
+    },
+    Done {
+        usage: Usage,
+    },
+    Error(super::EngineError),
+}
+
+pub type EventSender = mpsc::UnboundedSender<Event>;
+pub type EventReceiver = mpsc::UnboundedReceiver<Event>;

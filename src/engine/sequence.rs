@@ -1,0 +1,216 @@
+//! One candidate completion inside the batch: its cache, sampler, detokenizer and stop state.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Instant;
+
+use super::request::{Event, EventSender, FinishReason, TokenLogprob, Usage, ValidRequest};
+use super::sampling::Sampler;
+use crate::model::{Head, IncrementalDecoder, KvCache, TextTokenizer};
+
+/// State shared by the candidates of one request (model thread only).
+pub struct RequestState {
+    pub req: ValidRequest,
+    pub tx: EventSender,
+    pub heads: Vec<Head>,
+    pub depth: usize,
+    pub mode_label: &'static str,
+    pub arrived: Instant,
+    pub unfinished: usize,
+    pub usage: Usage,
+    pub first_token_at: Option<Instant>,
+    pub span: tracing::Span,
+}
+
+pub type SharedRequest = Rc<RefCell<RequestState>>;
+
+pub struct Sequence {
+    pub request: SharedRequest,
+    pub candidate: usize,
+    pub prompt: Rc<Vec<u32>>,
+    /// Prompt tokens already in the cache.
+    pub prefilled: usize,
+    /// The token to feed at the next decode step.
+    pub next_input: Option<u32>,
+    pub generated: usize,
+    pub cache: KvCache,
+    pub sampler: Sampler,
+    decoder: IncrementalDecoder,
+    /// Text not yet sent: it may be the start of a stop sequence.
+    pending: String,
+    pub cumulative_logprob: f64,
+    /// Candidates to fork from this one once its prefill is done (best_of/n share one prefill).
+    pub forks: Vec<usize>,
+    /// Echo with logprobs: prompt-position scores collected during prefill.
+    pub prompt_logprobs: Vec<TokenLogprob>,
+    pub last_token_at: Option<Instant>,
+    pub finished: bool,
+}
+
+pub enum Outcome {
+    Continue,
+    Finished(FinishReason),
+}
+
+impl Sequence {
+    pub fn new(
+        request: SharedRequest,
+        candidate: usize,
+        prompt: Rc<Vec<u32>>,
+        cache: KvCache,
+        sampler: Sampler,
+    ) -> Self {
+        Self {
+            request,
+            candidate,
+            prompt,
+            prefilled: 0,
+            next_input: None,
+            generated: 0,
+            cache,
+            sampler,
+            decoder: IncrementalDecoder::default(),
+            pending: String::new(),
+            cumulative_logprob: 0.0,
+            forks: Vec::new(),
+            prompt_logprobs: Vec::new(),
+            last_token_at: None,
+            finished: false,
+        }
+    }
+
+    pub fn in_prefill(&self) -> bool {
+        self.prefilled < self.prompt.len()
+    }
+
+    pub fn client_gone(&self) -> bool {
+        self.request.borrow().tx.is_closed()
+    }
+
+    pub fn send(&self, event: Event) {
+        // A closed channel means the client left; the batcher drops the sequence next step.
+        let _ = self.request.borrow().tx.send(event);
+    }
+
+    /// Takes the token chosen from `scores`, sends its event and says whether to stop.
+    pub fn accept(
+        &mut self,
+        id: u32,
+        scores: &[f32],
+        tok: &TextTokenizer,
+        eos: Option<u32>,
+    ) -> Outcome {
+        let (max_tokens, stops, logprobs, ignore_eos) = {
+            let r = self.request.borrow();
+            (
+                r.req.max_tokens,
+                r.req.stop.clone(),
+                r.req.logprobs,
+                r.req.ignore_eos,
+            )
+        };
+        self.generated += 1;
+        self.sampler.observe(id);
+        self.cumulative_logprob += scores[id as usize] as f64;
+        let logprob = logprobs.map(|k| token_logprob(id, scores, k, tok));
+        let is_eos = !ignore_eos && Some(id) == eos;
+        let mut text = String::new();
+        let mut stopped = false;
+        if !is_eos {
+            let delta = self.decoder.push(tok, id).unwrap_or_default();
+            (text, stopped) = self.take_text(&delta, &stops);
+        }
+        let mut finish = if is_eos || stopped {
+            Some(FinishReason::Stop)
+        } else if self.generated >= max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if finish.is_some() && !stopped {
+            // The end: bytes held back for UTF-8 and a stop prefix that never completed are
+            // final text (a stop sequence may still complete within them).
+            let rest = self.decoder.flush(tok).unwrap_or_default();
+            let (emit, hit) = self.take_text(&rest, &stops);
+            text.push_str(&emit);
+            if hit {
+                finish = Some(FinishReason::Stop);
+            } else {
+                text.push_str(&std::mem::take(&mut self.pending));
+            }
+        }
+        self.send(Event::Token {
+            candidate: self.candidate,
+            id,
+            text,
+            logprob,
+        });
+        self.next_input = Some(id);
+        match finish {
+            Some(reason) => Outcome::Finished(reason),
+            None => Outcome::Continue,
+        }
+    }
+
+    /// Appends `delta` to the held text; returns the text safe to send and whether a stop
+    /// sequence was hit (the stop and what follows are dropped).
+    fn take_text(&mut self, delta: &str, stops: &[String]) -> (String, bool) {
+        self.pending.push_str(delta);
+        if stops.is_empty() {
+            return (std::mem::take(&mut self.pending), false);
+        }
+        if let Some(pos) = stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            let emit = self.pending[..pos].to_string();
+            self.pending.clear();
+            return (emit, true);
+        }
+        // Hold back the longest suffix that could still grow into a stop sequence.
+        let hold = stops
+            .iter()
+            .flat_map(|s| {
+                (1..s.len()).filter(|&k| s.is_char_boundary(k) && self.pending.ends_with(&s[..k]))
+            })
+            .max()
+            .unwrap_or(0);
+        let cut = self.pending.len() - hold;
+        let emit = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (emit, false)
+    }
+}
+
+/// The chosen token's logprob and the `k` best alternatives in `scores`.
+pub fn token_logprob(id: u32, scores: &[f32], k: usize, tok: &TextTokenizer) -> TokenLogprob {
+    let text = |id: u32| tok.decode(&[id]).unwrap_or_default();
+    let top = top_k(scores, k)
+        .into_iter()
+        .map(|i| (i, text(i), scores[i as usize]))
+        .collect();
+    TokenLogprob {
+        id,
+        text: text(id),
+        logprob: scores[id as usize],
+        top,
+    }
+}
+
+fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
+    let cmp = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
+    let k = k.min(idx.len());
+    idx.select_nth_unstable_by(k - 1, cmp);
+    idx.truncate(k);
+    idx.sort_by(cmp);
+    idx
+}

@@ -1,0 +1,343 @@
+//! Turns a [`GenerateRequest`] into a [`ValidRequest`], once. Every message names the field
+//! and the limit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::error::EngineError;
+use super::request::{
+    GenerateRequest, ModeSpec, PromptInput, SamplingParams, UpperSpec, ValidRequest,
+};
+use crate::model::mode::{DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES};
+use crate::model::{ContrastParams, Mode, TextTokenizer, Upper};
+
+/// Limits a request is checked against (from the configuration and the model).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_input_tokens: usize,
+    /// Upper bound of `n` and `best_of`.
+    pub max_best_of: usize,
+    pub max_positions: usize,
+    pub vocab_size: usize,
+    pub exit_layers: Vec<usize>,
+    pub num_layers: usize,
+    pub default_mode: Mode,
+    pub request_timeout: Duration,
+}
+
+pub const MAX_STOP_SEQUENCES: usize = 4;
+pub const MAX_LOGPROBS: i64 = 5;
+pub const DEFAULT_MAX_TOKENS: i64 = 16;
+
+#[derive(Clone)]
+pub struct Validator {
+    limits: Arc<Limits>,
+    tokenizer: Arc<TextTokenizer>,
+}
+
+fn invalid(param: &str, message: impl Into<String>) -> EngineError {
+    EngineError::invalid(param, message)
+}
+
+fn range_f(
+    param: &str,
+    v: Option<f64>,
+    default: f64,
+    lo: f64,
+    hi: f64,
+    lo_open: bool,
+) -> Result<f32, EngineError> {
+    let v = v.unwrap_or(default);
+    let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
+    if !ok {
+        let open = if lo_open { "(" } else { "[" };
+        return Err(invalid(
+            param,
+            format!("`{param}` must be in {open}{lo}, {hi}], got {v}"),
+        ));
+    }
+    Ok(v as f32)
+}
+
+impl Validator {
+    pub fn new(limits: Limits, tokenizer: Arc<TextTokenizer>) -> Self {
+        Self {
+            limits: Arc::new(limits),
+            tokenizer,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn tokenizer(&self) -> &Arc<TextTokenizer> {
+        &self.tokenizer
+    }
+
+    /// Checks `req` and tokenizes its prompts (CPU work: call off the async runtime for big prompts).
+    pub fn validate(&self, req: GenerateRequest) -> Result<ValidRequest, EngineError> {
+        let l = &*self.limits;
+        let mode = match &req.mode {
+            None => l.default_mode,
+            Some(spec) => self.mode(spec)?,
+        };
+        let temperature = range_f("temperature", req.temperature, 1.0, 0.0, 2.0, false)?;
+        let top_p = range_f("top_p", req.top_p, 1.0, 0.0, 1.0, true)?;
+        let presence_penalty = range_f(
+            "presence_penalty",
+            req.presence_penalty,
+            0.0,
+            -2.0,
+            2.0,
+            false,
+        )?;
+        let frequency_penalty = range_f(
+            "frequency_penalty",
+            req.frequency_penalty,
+            0.0,
+            -2.0,
+            2.0,
+            false,
+        )?;
+        let repetition_penalty = range_f(
+            "repetition_penalty",
+            req.repetition_penalty,
+            1.0,
+            0.0,
+            10.0,
+            true,
+        )?;
+        let top_k = match req.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => {
+                return Err(invalid(
+                    "top_k",
+                    format!("`top_k` must be -1, 0 (disabled) or positive, got {k}"),
+                ))
+            }
+        };
+        let max_n = l.max_best_of as i64;
+        let n = req.n.unwrap_or(1);
+        if !(1..=max_n).contains(&n) {
+            return Err(invalid(
+                "n",
+                format!("`n` must be in [1, {max_n}], got {n}"),
+            ));
+        }
+        let best_of = req.best_of.unwrap_or(n);
+        if best_of < n || best_of > max_n {
+            return Err(invalid(
+                "best_of",
+                format!("`best_of` must be in [n = {n}, {max_n}], got {best_of}"),
+            ));
+        }
+        if req.stream && req.best_of.is_some_and(|b| b > 1) {
+            return Err(invalid(
+                "best_of",
+                "`best_of` > 1 cannot be used with `stream`",
+            ));
+        }
+        let logprobs = match req.logprobs {
+            None => None,
+            Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Some(k as usize),
+            Some(k) => {
+                return Err(invalid(
+                    "logprobs",
+                    format!("`logprobs` must be in [0, {MAX_LOGPROBS}], got {k}"),
+                ))
+            }
+        };
+        if req.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(invalid(
+                "stop",
+                format!(
+                    "`stop` takes at most {MAX_STOP_SEQUENCES} sequences, got {}",
+                    req.stop.len()
+                ),
+            ));
+        }
+        if req.stop.iter().any(String::is_empty) {
+            return Err(invalid("stop", "`stop` sequences must not be empty"));
+        }
+        let mut logit_bias = Vec::with_capacity(req.logit_bias.len());
+        for (key, bias) in &req.logit_bias {
+            let id: u32 = key
+                .parse()
+                .ok()
+                .filter(|&id: &u32| (id as usize) < l.vocab_size)
+                .ok_or_else(|| {
+                    invalid(
+                        "logit_bias",
+                        format!(
+                            "`logit_bias` keys must be token ids in [0, {}), got {key:?}",
+                            l.vocab_size
+                        ),
+                    )
+                })?;
+            if !(bias.is_finite() && (-100.0..=100.0).contains(bias)) {
+                return Err(invalid(
+                    "logit_bias",
+                    format!("`logit_bias` values must be in [-100, 100], got {bias} for {key}"),
+                ));
+            }
+            logit_bias.push((id, *bias as f32));
+        }
+
+        let prompts = self.prompts(&req.prompts)?;
+        let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        let min_tokens = if req.echo { 0 } else { 1 };
+        if max_tokens < min_tokens {
+            return Err(invalid(
+                "max_tokens",
+                format!("`max_tokens` must be at least {min_tokens}, got {max_tokens}"),
+            ));
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if longest as i64 + max_tokens > l.max_positions as i64 {
+            return Err(EngineError::ContextLength {
+                message: format!(
+                    "this model's maximum context length is {} tokens; the prompt has {longest} tokens and `max_tokens` is {max_tokens} ({} in all)",
+                    l.max_positions,
+                    longest as i64 + max_tokens
+                ),
+            });
+        }
+        Ok(ValidRequest {
+            prompts,
+            mode,
+            max_tokens: max_tokens as usize,
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                presence_penalty,
+                frequency_penalty,
+                repetition_penalty,
+                logit_bias,
+                seed: req.seed.map(|s| s as u64),
+            },
+            n: n as usize,
+            best_of: best_of as usize,
+            stop: req.stop,
+            logprobs,
+            echo: req.echo,
+            ignore_eos: req.ignore_eos,
+            deadline: Instant::now() + l.request_timeout,
+        })
+    }
+
+    fn prompts(&self, inputs: &[PromptInput]) -> Result<Vec<Vec<u32>>, EngineError> {
+        let l = &*self.limits;
+        if inputs.is_empty() {
+            return Err(invalid("prompt", "`prompt` must not be an empty list"));
+        }
+        let mut out = Vec::with_capacity(inputs.len());
+        for p in inputs {
+            let ids = match p {
+                PromptInput::Text(text) => self
+                    .tokenizer
+                    .encode(text)
+                    .map_err(|e| invalid("prompt", format!("cannot tokenize `prompt`: {e}")))?,
+                PromptInput::Tokens(ids) => ids
+                    .iter()
+                    .map(|&id| {
+                        u32::try_from(id)
+                            .ok()
+                            .filter(|&id| (id as usize) < l.vocab_size)
+                            .ok_or_else(|| {
+                                invalid(
+                                    "prompt",
+                                    format!(
+                                        "token ids in `prompt` must be in [0, {}), got {id}",
+                                        l.vocab_size
+                                    ),
+                                )
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            if ids.is_empty() {
+                return Err(invalid("prompt", "`prompt` must not be empty"));
+            }
+            if ids.len() > l.max_input_tokens {
+                return Err(invalid(
+                    "prompt",
+                    format!(
+                        "`prompt` has {} tokens, more than --max-input-tokens {}",
+                        ids.len(),
+                        l.max_input_tokens
+                    ),
+                ));
+            }
+            out.push(ids);
+        }
+        Ok(out)
+    }
+
+    /// Resolves a `multi_exit` object against the model's exits.
+    pub fn mode(&self, spec: &ModeSpec) -> Result<Mode, EngineError> {
+        let exits = &self.limits.exit_layers;
+        let layer = |field: &str, v: Option<i64>| -> Result<usize, EngineError> {
+            let param = format!("multi_exit.{field}");
+            let v = v.ok_or_else(|| {
+                invalid(
+                    &param,
+                    format!("`{param}` is required; available exits: {exits:?}"),
+                )
+            })?;
+            usize::try_from(v)
+                .ok()
+                .filter(|l| exits.contains(l))
+                .ok_or_else(|| invalid(&param, format!("`{param}` = {v} is not an exit layer of this model; available exits: {exits:?}")))
+        };
+        Ok(match spec {
+            ModeSpec::Original => Mode::Original,
+            ModeSpec::Exit { layer: l } => Mode::Exit(layer("layer", *l)?),
+            ModeSpec::Contrast {
+                upper,
+                lower,
+                alpha,
+                minimum_candidates,
+            } => {
+                let lower = layer("lower", *lower)?;
+                let upper = match upper {
+                    None => return Err(invalid("multi_exit.upper", format!("`multi_exit.upper` is required: an exit layer {exits:?} or \"original\""))),
+                    Some(UpperSpec::Original) => Upper::Original,
+                    Some(UpperSpec::Layer(u)) => {
+                        let u = layer("upper", Some(*u))?;
+                        if u <= lower {
+                            return Err(invalid("multi_exit.upper", format!("`multi_exit.upper` ({u}) must be above `multi_exit.lower` ({lower})")));
+                        }
+                        Upper::Exit(u)
+                    }
+                };
+                let alpha = range_f(
+                    "multi_exit.alpha",
+                    *alpha,
+                    DEFAULT_ALPHA as f64,
+                    0.0,
+                    1.0,
+                    true,
+                )?;
+                let k = minimum_candidates.unwrap_or(DEFAULT_MINIMUM_CANDIDATES as i64);
+                if k < 1 || k as usize > self.limits.vocab_size {
+                    return Err(invalid(
+                        "multi_exit.minimum_candidates",
+                        format!(
+                            "`multi_exit.minimum_candidates` must be in [1, {}], got {k}",
+                            self.limits.vocab_size
+                        ),
+                    ));
+                }
+                Mode::Contrast(ContrastParams {
+                    upper,
+                    lower,
+                    alpha,
+                    minimum_candidates: k as usize,
+                })
+            }
+        })
+    }
+}

@@ -1,0 +1,180 @@
+//! axum only: routes, OpenAI wire types, errors, SSE. Never touches a tensor.
+
+pub mod completions;
+pub mod error;
+pub mod json;
+pub mod wire;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+pub use error::ApiError;
+
+use crate::engine::Engine;
+
+pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
+
+pub struct AppState {
+    pub engine: Engine,
+    pub served_model_name: String,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub cors_allow_origins: Vec<String>,
+    pub created: u64,
+    counter: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, served_model_name: String) -> Self {
+        Self {
+            engine,
+            served_model_name,
+            api_key: None,
+            max_body_bytes: 1 << 20,
+            cors_allow_origins: Vec::new(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// A unique, unguessable-enough id suffix for `cmpl-…`.
+    pub fn next_id(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}{:08x}", self.created, n)
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    let mut app = Router::new()
+        .route("/v1/completions", post(completions::create_completion))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/metrics", get(metrics))
+        .route("/openapi.yaml", get(openapi))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::Extension(json::BodyLimit(limit)));
+    if !state.cors_allow_origins.is_empty() {
+        let origins: Vec<HeaderValue> = state
+            .cors_allow_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    app.layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// With `--api-key`, every route but `/health` needs `Authorization: Bearer <key>`.
+async fn require_api_key(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(key) = app.api_key.as_deref() else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/health" || req.method() == Method::OPTIONS {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+        next.run(req).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+fn model_card(app: &AppState) -> serde_json::Value {
+    let limits = app.engine.validator().limits();
+    json!({
+        "id": app.served_model_name,
+        "object": "model",
+        "created": app.created,
+        "owned_by": "exitserve",
+        "exit_layers": limits.exit_layers,
+        "num_layers": limits.num_layers,
+        "max_model_len": limits.max_positions,
+        "modes": ["original", "exit", "contrast"],
+        "default_mode": wire::MultiExitOut::from(&limits.default_mode),
+    })
+}
+
+async fn list_models(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(json!({"object": "list", "data": [model_card(&app)]}))
+}
+
+async fn get_model(
+    State(app): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if id != app.served_model_name {
+        return Err(ApiError::ModelNotFound {
+            requested: id,
+            served: app.served_model_name.clone(),
+        });
+    }
+    Ok(Json(model_card(&app)))
+}
+
+async fn health(State(app): State<Arc<AppState>>) -> Response {
+    if app.engine.is_alive() {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        ApiError::Unavailable {
+            message: "the engine is not running".into(),
+            code: "service_unavailable",
+        }
+        .into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.engine.render_metrics(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML).into_response()
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,263 @@
+//! OpenAI wire types (serde) and their conversion to the engine's request.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::request::{ModeSpec, PromptInput, UpperSpec};
+use crate::engine::GenerateRequest;
+use crate::model::{Mode, Upper};
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<i64>),
+    Texts(Vec<String>),
+    TokenLists(Vec<Vec<i64>>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UpperWire {
+    Layer(i64),
+    Name(String),
+}
+
+/// The per-request decoding mode (the `multi_exit` extension).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
+pub enum MultiExitWire {
+    Original {},
+    Exit {
+        layer: Option<i64>,
+    },
+    Contrast {
+        upper: Option<UpperWire>,
+        lower: Option<i64>,
+        alpha: Option<f64>,
+        minimum_candidates: Option<i64>,
+    },
+}
+
+/// Unknown fields are rejected (400 naming the field), as OpenAI does.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Option<Prompt>,
+    pub suffix: Option<String>,
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub n: Option<i64>,
+    pub best_of: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<i64>,
+    pub echo: Option<bool>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+    pub user: Option<String>,
+    pub top_k: Option<i64>,
+    pub repetition_penalty: Option<f64>,
+    pub return_token_ids: Option<bool>,
+    pub ignore_eos: Option<bool>,
+    pub multi_exit: Option<MultiExitWire>,
+}
+
+impl CompletionRequest {
+    /// Maps the wire fields to the engine's request; range checks happen in the engine.
+    pub fn into_generate(self) -> Result<GenerateRequest, super::ApiError> {
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(super::ApiError::bad(
+                Some("suffix"),
+                "`suffix` is not supported: this model has no fill-in-the-middle training",
+            ));
+        }
+        let prompts = match self.prompt {
+            None => return Err(super::ApiError::bad(Some("prompt"), "`prompt` is required")),
+            Some(Prompt::Text(t)) => vec![PromptInput::Text(t)],
+            Some(Prompt::Texts(ts)) => ts.into_iter().map(PromptInput::Text).collect(),
+            Some(Prompt::Tokens(ids)) => vec![PromptInput::Tokens(ids)],
+            Some(Prompt::TokenLists(ls)) => ls.into_iter().map(PromptInput::Tokens).collect(),
+        };
+        let stream = self.stream.unwrap_or(false);
+        let include_usage = self
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        if include_usage && !stream {
+            return Err(super::ApiError::bad(
+                Some("stream_options"),
+                "`stream_options` is only allowed with `stream: true`",
+            ));
+        }
+        let mode = match self.multi_exit {
+            None => None,
+            Some(MultiExitWire::Original {}) => Some(ModeSpec::Original),
+            Some(MultiExitWire::Exit { layer }) => Some(ModeSpec::Exit { layer }),
+            Some(MultiExitWire::Contrast {
+                upper,
+                lower,
+                alpha,
+                minimum_candidates,
+            }) => {
+                let upper = match upper {
+                    None => None,
+                    Some(UpperWire::Layer(l)) => Some(UpperSpec::Layer(l)),
+                    Some(UpperWire::Name(n)) if n == "original" => Some(UpperSpec::Original),
+                    Some(UpperWire::Name(n)) => return Err(super::ApiError::bad(
+                        Some("multi_exit.upper"),
+                        format!(
+                            "`multi_exit.upper` must be an exit layer or \"original\", got {n:?}"
+                        ),
+                    )),
+                };
+                Some(ModeSpec::Contrast {
+                    upper,
+                    lower,
+                    alpha,
+                    minimum_candidates,
+                })
+            }
+        };
+        Ok(GenerateRequest {
+            prompts,
+            mode,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            n: self.n,
+            best_of: self.best_of,
+            stream,
+            include_usage,
+            logprobs: self.logprobs,
+            echo: self.echo.unwrap_or(false),
+            stop: match self.stop {
+                None => vec![],
+                Some(Stop::One(s)) => vec![s],
+                Some(Stop::Many(v)) => v,
+            },
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            repetition_penalty: self.repetition_penalty,
+            logit_bias: self.logit_bias.unwrap_or_default().into_iter().collect(),
+            return_token_ids: self.return_token_ids.unwrap_or(false),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+/// The resolved mode, echoed in responses.
+#[derive(Debug, Serialize, Clone)]
+pub struct MultiExitOut {
+    pub mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upper: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lower: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minimum_candidates: Option<usize>,
+}
+
+impl From<&Mode> for MultiExitOut {
+    fn from(m: &Mode) -> Self {
+        let mut out = MultiExitOut {
+            mode: crate::engine::mode_label(m),
+            layer: None,
+            upper: None,
+            lower: None,
+            alpha: None,
+            minimum_candidates: None,
+        };
+        match *m {
+            Mode::Original => {}
+            Mode::Exit(l) => out.layer = Some(l),
+            Mode::Contrast(c) => {
+                out.upper = Some(match c.upper {
+                    Upper::Original => serde_json::json!("original"),
+                    Upper::Exit(l) => serde_json::json!(l),
+                });
+                out.lower = Some(c.lower);
+                out.alpha = Some(c.alpha);
+                out.minimum_candidates = Some(c.minimum_candidates);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct LogprobsOut {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct ChoiceOut {
+    pub text: String,
+    pub index: usize,
+    pub logprobs: Option<LogprobsOut>,
+    pub finish_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Serialize, Clone, Copy)]
+pub struct UsageOut {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl From<crate::engine::Usage> for UsageOut {
+    fn from(u: crate::engine::Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct CompletionOut {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChoiceOut>,
+    /// Absent in stream chunks unless `include_usage` (then null until the last chunk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageOut>>,
+    pub multi_exit: MultiExitOut,
+}

@@ -1,0 +1,9 @@
+//! exitserve: an OpenAI-compatible inference server for multi-exit language models.
+//!
+//! Dependencies point one way: [`http`] -> [`engine`] -> [`model`]; [`server`] wires them up.
+
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod model;
+pub mod server;

@@ -1,0 +1,524 @@
+//! GPT-Neo with exit heads, following `transformers/models/gpt_neo/modeling_gpt_neo.py`.
+//!
+//! The forward works on a *packed* batch: the new tokens of every sequence are concatenated
+//! into one `(tokens, hidden)` matrix, so the dense layers run once for the whole batch while
+//! attention runs per sequence against its own cache (no padding, so a sequence computes the
+//! same values alone or in any batch). Sequences are ordered by depth, deepest first: the rows
+//! still needed at a layer are a prefix, and a sequence decoding from exit L is dropped from the
+//! matrix after block L.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+
+use super::config::{Activation, AttentionKind, GptNeoConfig};
+use super::error::{ModelError, Result};
+use super::kv_cache::KvCache;
+use super::mode::Head;
+
+struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    kind: AttentionKind,
+    num_heads: usize,
+    head_dim: usize,
+    window: usize,
+}
+
+impl SelfAttention {
+    fn new(cfg: &GptNeoConfig, kind: AttentionKind, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            q_proj: linear_no_bias(h, h, vb.pp("q_proj"))?,
+            k_proj: linear_no_bias(h, h, vb.pp("k_proj"))?,
+            v_proj: linear_no_bias(h, h, vb.pp("v_proj"))?,
+            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            kind,
+            num_heads: cfg.num_heads,
+            head_dim: cfg.head_dim(),
+            window: cfg.window_size,
+        })
+    }
+
+    /// `x`: `(rows, hidden)` packed as described by `segments`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        segments: &mut [Segment<'_>],
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let mut outs = Vec::with_capacity(segments.len());
+        for seg in segments.iter_mut() {
+            outs.push(self.attend_one(&q, &k, &v, seg, layer)?);
+        }
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        self.out_proj.forward(&out)
+    }
+
+    fn split_heads(&self, t: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        // (len, hidden) -> (len, heads, head_dim) -> (heads, len, head_dim)
+        t.narrow(0, start, len)?
+            .reshape((len, self.num_heads, self.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()
+    }
+
+    fn attend_one(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seg: &mut Segment<'_>,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (start, len) = (seg.start, seg.len);
+        let offset = seg.cache.len();
+        let q = self.split_heads(q, start, len)?;
+        let (keys, values) = seg.cache.append(
+            layer,
+            &self.split_heads(k, start, len)?,
+            &self.split_heads(v, start, len)?,
+        )?;
+        let total = offset + len;
+        // A local layer's first query (at `offset`) sees keys after `offset - window`; older
+        // keys are masked for every query of this step, so they are not read at all.
+        let first_key = match self.kind {
+            AttentionKind::Global => 0,
+            AttentionKind::Local => (offset + 1).saturating_sub(self.window),
+        };
+        let keys = keys.narrow(1, first_key, total - first_key)?; // (heads, klen, head_dim)
+        let values = values.narrow(1, first_key, total - first_key)?;
+        // GPT-Neo does not scale scores by 1/sqrt(head_dim).
+        let mut scores = q.matmul(&keys.t()?)?; // (heads, len, klen)
+        if len > 1 {
+            let mask = self.mask(offset, len, first_key, total, q.device())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        // (heads, len, head_dim) -> (len, heads, head_dim) -> (len, hidden)
+        probs
+            .matmul(&values.contiguous()?)?
+            .transpose(0, 1)?
+            .reshape((len, self.num_heads * self.head_dim))
+    }
+
+    /// `(len, klen)`: 0 where query `offset+i` may see key `first_key+j`, -inf elsewhere
+    /// (causal, and within the window on local layers).
+    fn mask(
+        &self,
+        offset: usize,
+        len: usize,
+        first_key: usize,
+        total: usize,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let klen = total - first_key;
+        let mut m = vec![0f32; len * klen];
+        for i in 0..len {
+            let p = offset + i;
+            for j in 0..klen {
+                let key = first_key + j;
+                let visible =
+                    key <= p && (self.kind == AttentionKind::Global || p - key < self.window);
+                if !visible {
+                    m[i * klen + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Tensor::from_vec(m, (len, klen), device)
+    }
+}
+
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+    activation: Activation,
+}
+
+impl Mlp {
+    fn new(cfg: &GptNeoConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            c_fc: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("c_fc"))?,
+            c_proj: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("c_proj"))?,
+            activation: cfg.activation,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.c_fc.forward(x)?;
+        let h = match self.activation {
+            Activation::GeluTanh => h.gelu()?,
+            Activation::GeluErf => h.gelu_erf()?,
+            Activation::Relu => h.relu()?,
+            Activation::Silu => h.silu()?,
+        };
+        self.c_proj.forward(&h)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: SelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(cfg: &GptNeoConfig, layer: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = cfg.hidden_size;
+        let eps = cfg.layer_norm_epsilon;
+        Ok(Self {
+            ln_1: layer_norm(h, eps, vb.pp("ln_1"))?,
+            attn: SelfAttention::new(cfg, cfg.attention_layers[layer], vb.pp("attn.attention"))?,
+            ln_2: layer_norm(h, eps, vb.pp("ln_2"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        segments: &mut [Segment<'_>],
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let h = (x + self.attn.forward(&self.ln_1.forward(x)?, segments, layer)?)?;
+        &h + self.mlp.forward(&self.ln_2.forward(&h)?)?
+    }
+}
+
+/// One sequence's part of a forward step.
+pub struct SeqStep<'a> {
+    /// New tokens: a prompt chunk, or the one token sampled last step.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Blocks to run (the mode's depth); the cache of layers above stays empty.
+    pub depth: usize,
+    /// Heads wanted at the last new position; empty in the middle of a chunked prefill.
+    pub heads: &'a [Head],
+    /// Evaluate the heads at every new position, not just the last (prompt logprobs).
+    pub all_positions: bool,
+}
+
+/// A sequence's rows in the packed matrix.
+struct Segment<'s> {
+    start: usize,
+    len: usize,
+    cache: &'s mut KvCache,
+}
+
+/// The packed layout of a step, in depth order.
+struct Packed<'p> {
+    starts: &'p [usize],
+    lens: &'p [usize],
+    heads: &'p [Vec<Head>],
+    all_positions: &'p [bool],
+    order: &'p [usize],
+}
+
+/// Counters used by tests and metrics to check the work skipped by early exits.
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    /// Block evaluations, counted once per sequence per block.
+    pub block_evals: AtomicU64,
+    pub head_rows: AtomicU64,
+}
+
+pub struct MultiExitGptNeo {
+    cfg: GptNeoConfig,
+    wte: Tensor, // (vocab, hidden)
+    wpe: Tensor, // (positions, hidden)
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    /// `lm_head.weight`, or `wte` when tied (the hub checkpoint stores no `lm_head.weight`).
+    original_head: Tensor, // (vocab, hidden)
+    /// `(layer, weight (vocab, hidden))`, ascending by layer.
+    exit_heads: Vec<(usize, Tensor)>,
+    device: Device,
+    pub stats: ForwardStats,
+}
+
+/// Maps candle's loading errors (missing tensor, shape mismatch) to one naming the tensor.
+fn named<T>(name: &str, r: candle_core::Result<T>) -> Result<T> {
+    r.map_err(|e| ModelError::Tensor {
+        name: name.to_string(),
+        message: e.to_string().lines().next().unwrap_or_default().to_string(),
+    })
+}
+
+impl MultiExitGptNeo {
+    /// Builds the model from a `VarBuilder` rooted at the checkpoint's top level.
+    pub fn new(cfg: GptNeoConfig, vb: VarBuilder) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let t = vb.pp("transformer");
+        let wte = named("transformer.wte.weight", t.get((v, h), "wte.weight"))?;
+        let wpe = named(
+            "transformer.wpe.weight",
+            t.get((cfg.max_position_embeddings, h), "wpe.weight"),
+        )?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| {
+                let name = format!("transformer.h.{i}");
+                named(&name, Block::new(&cfg, i, t.pp(format!("h.{i}"))))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = named(
+            "transformer.ln_f",
+            layer_norm(h, cfg.layer_norm_epsilon, t.pp("ln_f")),
+        )?;
+        let original_head = if vb.contains_tensor("lm_head.weight") {
+            named("lm_head.weight", vb.get((v, h), "lm_head.weight"))?
+        } else {
+            wte.clone()
+        };
+        let exit_heads = cfg
+            .exit_layers
+            .iter()
+            .map(|&l| {
+                let name = format!("name_to_lm_exit_head.lm_head_{l}.weight");
+                Ok((l, named(&name, vb.get((v, h), &name))?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            device: wte.device().clone(),
+            cfg,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            original_head,
+            exit_heads,
+            stats: ForwardStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &GptNeoConfig {
+        &self.cfg
+    }
+
+    pub fn exit_layers(&self) -> &[usize] {
+        &self.cfg.exit_layers
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_layers, self.cfg.max_position_embeddings)
+    }
+
+    fn head_weight(&self, head: Head) -> Result<&Tensor> {
+        match head {
+            Head::Original => Ok(&self.original_head),
+            Head::Exit(layer) => self
+                .exit_heads
+                .iter()
+                .find(|(l, _)| *l == layer)
+                .map(|(_, w)| w)
+                .ok_or_else(|| ModelError::NotAnExit {
+                    layer,
+                    available: self.cfg.exit_layers.clone(),
+                }),
+        }
+    }
+
+    /// Runs one step for a batch of sequences, appending to their caches. Returns, per
+    /// sequence and per head of `SeqStep::heads` (in that order), the logits (`vocab` floats)
+    /// at its last new position, or at every new position with `all_positions`.
+    pub fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
+        for s in steps.iter() {
+            self.check_step(s)?;
+        }
+        // Deepest first, so the rows still needed at each layer are a prefix.
+        let mut order: Vec<usize> = (0..steps.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(steps[i].depth));
+
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut starts = Vec::with_capacity(order.len());
+        for &i in &order {
+            let s = &steps[i];
+            starts.push(ids.len());
+            let offset = s.cache.len() as u32;
+            ids.extend_from_slice(s.tokens);
+            positions.extend((0..s.tokens.len() as u32).map(|p| offset + p));
+        }
+        let total_rows = ids.len();
+        let mut outputs: Vec<Vec<Vec<Vec<f32>>>> = steps
+            .iter()
+            .map(|s| vec![Vec::new(); s.heads.len()])
+            .collect();
+        if total_rows == 0 {
+            return Ok(outputs);
+        }
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        // (rows, hidden)
+        let mut x = (self.wte.index_select(&ids, 0)? + self.wpe.index_select(&positions, 0)?)?;
+
+        let max_depth = order.first().map_or(0, |&i| steps[i].depth);
+        let depths: Vec<usize> = order.iter().map(|&i| steps[i].depth).collect();
+        let lens: Vec<usize> = order.iter().map(|&i| steps[i].tokens.len()).collect();
+        let heads: Vec<Vec<Head>> = order.iter().map(|&i| steps[i].heads.to_vec()).collect();
+        let all_positions: Vec<bool> = order.iter().map(|&i| steps[i].all_positions).collect();
+        {
+            // Segments borrow the caches in packed order.
+            let mut by_index: Vec<Option<&mut KvCache>> =
+                steps.iter_mut().map(|s| Some(&mut *s.cache)).collect();
+            let mut segments: Vec<Segment<'_>> = order
+                .iter()
+                .enumerate()
+                .map(|(slot, &i)| Segment {
+                    start: starts[slot],
+                    len: lens[slot],
+                    cache: by_index[i].take().expect("each index once"),
+                })
+                .collect();
+            for layer in 0..max_depth {
+                let active = depths.iter().take_while(|&&d| d > layer).count();
+                let rows = starts.get(active).copied().unwrap_or(total_rows);
+                if rows < x.dim(0)? {
+                    x = x.narrow(0, 0, rows)?;
+                }
+                x = self.blocks[layer].forward(&x, &mut segments[..active], layer)?;
+                self.stats
+                    .block_evals
+                    .fetch_add(active as u64, Ordering::Relaxed);
+                let packed = Packed {
+                    starts: &starts,
+                    lens: &lens,
+                    heads: &heads[..active],
+                    all_positions: &all_positions,
+                    order: &order,
+                };
+                self.eval_heads(layer + 1, &x, &packed, &mut outputs)?;
+            }
+            for seg in segments.iter_mut() {
+                seg.cache.advance(seg.len);
+            }
+        }
+        Ok(outputs)
+    }
+
+    fn check_step(&self, s: &SeqStep<'_>) -> Result<()> {
+        let n = self.cfg.num_layers;
+        let bad = |m: String| ModelError::Tensor {
+            name: "(step)".into(),
+            message: m,
+        };
+        if s.depth == 0 || s.depth > n {
+            return Err(bad(format!("depth {} outside 1..={n}", s.depth)));
+        }
+        if let Some(h) = s.heads.iter().find(|h| h.layer(n) > s.depth) {
+            return Err(bad(format!("head {h:?} lies above depth {}", s.depth)));
+        }
+        let end = s.cache.len() + s.tokens.len();
+        if end > self.cfg.max_position_embeddings {
+            return Err(bad(format!(
+                "{end} positions exceed max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if let Some(&t) = s
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.cfg.vocab_size)
+        {
+            return Err(bad(format!(
+                "token id {t} >= vocab size {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Evaluates, after block `layer`, every head reading that layer, batched over the
+    /// sequences that want it, on their last rows only (or all rows with `all_positions`).
+    fn eval_heads(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        p: &Packed<'_>,
+        outputs: &mut [Vec<Vec<Vec<f32>>>],
+    ) -> Result<()> {
+        let n_layers = self.cfg.num_layers;
+        let mut wanted: Vec<Head> = Vec::new();
+        for hs in p.heads {
+            for &h in hs {
+                if h.layer(n_layers) == layer && !wanted.contains(&h) {
+                    wanted.push(h);
+                }
+            }
+        }
+        for head in wanted {
+            // (slot in packed order, index into that sequence's head list, rows wanted)
+            let mut users: Vec<(usize, usize, usize)> = Vec::new();
+            let mut rows: Vec<u32> = Vec::new();
+            for (slot, hs) in p.heads.iter().enumerate() {
+                for (k, _) in hs.iter().enumerate().filter(|(_, &h)| h == head) {
+                    let end = p.starts[slot] + p.lens[slot];
+                    let first = if p.all_positions[slot] {
+                        p.starts[slot]
+                    } else {
+                        end - 1
+                    };
+                    rows.extend(first as u32..end as u32);
+                    users.push((slot, k, end - first));
+                }
+            }
+            let rows_t = Tensor::new(rows.as_slice(), &self.device)?;
+            // (rows, hidden) -> (rows, vocab)
+            let hidden = self.ln_f.forward(&x.index_select(&rows_t, 0)?)?;
+            let logits = hidden
+                .matmul(&self.head_weight(head)?.t()?)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            self.stats
+                .head_rows
+                .fetch_add(rows.len() as u64, Ordering::Relaxed);
+            let mut logits = logits.into_iter();
+            for (slot, k, count) in users {
+                outputs[p.order[slot]][k] = logits.by_ref().take(count).collect();
+            }
+        }
+        Ok(())
+    }
+
+    /// Raw logits of every head at the last position of `tokens` (fresh cache): used to
+    /// check the loaded weights against reference checksums.
+    pub fn all_head_logits(&self, tokens: &[u32]) -> Result<Vec<(Head, Vec<f32>)>> {
+        let mut cache = self.new_cache();
+        let mut heads: Vec<Head> = self
+            .cfg
+            .exit_layers
+            .iter()
+            .map(|&l| Head::Exit(l))
+            .collect();
+        heads.push(Head::Original);
+        let mut step = [SeqStep {
+            tokens,
+            cache: &mut cache,
+            depth: self.cfg.num_layers,
+            heads: &heads,
+            all_positions: false,
+        }];
+        let out = self
+            .forward(&mut step)?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        Ok(heads
+            .into_iter()
+            .zip(out)
+            .map(|(h, mut rows)| (h, rows.pop().unwrap_or_default()))
+            .collect())
+    }
+}

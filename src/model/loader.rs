@@ -1,0 +1,72 @@
+//! Puts config, weights and tokenizer together into a ready model.
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::config::GptNeoConfig;
+use super::error::{ModelError, Result};
+use super::gpt_neo::MultiExitGptNeo;
+use super::source::{self, ModelFiles, WeightFiles};
+use super::tokenizer::TextTokenizer;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Hub revision (branch, tag, commit or `refs/pr/N`); ignored for local folders.
+    pub revision: Option<String>,
+    /// Compute dtype of the weights. Stored float16/bfloat16 is upcast when this is F32.
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            revision: None,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        }
+    }
+}
+
+pub struct LoadedModel {
+    pub model: MultiExitGptNeo,
+    pub tokenizer: TextTokenizer,
+    pub files: ModelFiles,
+}
+
+/// Loads `model` (a local folder or a hub repo id).
+pub fn load(model: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    let files = source::resolve(model, opts.revision.as_deref())?;
+    load_files(files, opts)
+}
+
+pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
+    let cfg = GptNeoConfig::from_file(&files.config)?;
+    let vb = match &files.weights {
+        WeightFiles::Safetensors(paths) => {
+            // SAFETY: the files are mapped read-only; candle copies each tensor out of the map.
+            unsafe { VarBuilder::from_mmaped_safetensors(paths, opts.dtype, &opts.device) }
+                .map_err(|e| file_error(&paths[0], e))?
+        }
+        WeightFiles::Pth(path) => {
+            VarBuilder::from_pth(path, opts.dtype, &opts.device).map_err(|e| file_error(path, e))?
+        }
+    };
+    let model = MultiExitGptNeo::new(cfg, vb)?;
+    let tokenizer = TextTokenizer::from_files(&files.tokenizer)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        files,
+    })
+}
+
+fn file_error(path: &std::path::Path, e: candle_core::Error) -> ModelError {
+    ModelError::File {
+        path: path.to_path_buf(),
+        message: format!(
+            "cannot read weights: {}",
+            e.to_string().lines().next().unwrap_or_default()
+        ),
+    }
+}

@@ -1,0 +1,19 @@
+//! The multi-exit GPT-Neo in candle: configuration, checkpoint files, weights, forward with
+//! KV caches, exit heads and the contrast math. No async runtime and no HTTP in here.
+
+pub mod config;
+pub mod error;
+pub mod gpt_neo;
+pub mod kv_cache;
+pub mod loader;
+pub mod mode;
+pub mod source;
+pub mod tokenizer;
+
+pub use config::GptNeoConfig;
+pub use error::{ModelError, Result};
+pub use gpt_neo::{MultiExitGptNeo, SeqStep};
+pub use kv_cache::KvCache;
+pub use loader::{load, LoadOptions, LoadedModel};
+pub use mode::{ContrastParams, Head, Mode, Upper};
+pub use tokenizer::{IncrementalDecoder, TextTokenizer};

@@ -1,0 +1,100 @@
+//! The GPT-2 byte-level BPE tokenizer, and incremental detokenization for streaming.
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::Tokenizer;
+
+use super::error::{ModelError, Result};
+use super::source::TokenizerFiles;
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
+}
+
+impl TextTokenizer {
+    pub fn from_files(files: &TokenizerFiles) -> Result<Self> {
+        let inner = match files {
+            TokenizerFiles::Json(path) => Tokenizer::from_file(path)
+                .map_err(|e| tok_err(format!("{}: {e}", path.display())))?,
+            TokenizerFiles::VocabMerges { vocab, merges } => {
+                let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+                    .build()
+                    .map_err(|e| tok_err(format!("{}: {e}", vocab.display())))?;
+                let mut t = Tokenizer::new(bpe);
+                // GPT-2: no prefix space, regex split; the decoder maps bytes back.
+                t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+                t.with_decoder(Some(ByteLevelDecoder::default()));
+                t
+            }
+        };
+        Ok(Self { inner })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text; an incomplete UTF-8 sequence at the end becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(tok_err)
+    }
+
+    /// Number of ids the tokenizer knows (may be below the model's `vocab_size`).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// Turns a growing list of ids into text deltas that never split a UTF-8 character: a token
+/// that ends inside a multi-byte character is held back until the character is complete.
+#[derive(Debug, Clone, Default)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    /// Start of the ids re-decoded for context (byte-level BPE needs none, but a window
+    /// keeps the decoder right for tokenizers whose output depends on neighbours).
+    prefix_offset: usize,
+    /// Ids before this one have been emitted as text.
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    /// Adds `id` and returns the text that became complete (possibly empty).
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
+            let delta = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(delta)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// The text of ids still held back (at the end of generation, emitted as is).
+    pub fn flush(&mut self, tok: &TextTokenizer) -> Result<String> {
+        if self.read_offset == self.ids.len() {
+            return Ok(String::new());
+        }
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+}
