@@ -296,10 +296,8 @@ impl Batcher {
             }
             self.sample_and_emit(i, &scores);
         }
-        for mut f in forked {
-            let scores = f.1;
-            f.0.finished = false;
-            self.running.push(f.0);
+        for (seq, scores) in forked {
+            self.running.push(seq);
             let idx = self.running.len() - 1;
             self.send_prompt_event(idx);
             self.sample_and_emit(idx, &scores);
@@ -360,6 +358,10 @@ impl Batcher {
     }
 
     fn sample_and_emit(&mut self, i: usize, scores: &[f32]) {
+        if self.running[i].request.borrow().req.max_tokens == 0 {
+            // echo with max_tokens 0: the prompt was only scored.
+            return self.finish(i, FinishReason::Length);
+        }
         let now = Instant::now();
         let seq = &mut self.running[i];
         let id = seq.sampler.choose(scores);

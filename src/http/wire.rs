@@ -125,12 +125,14 @@ impl CompletionRequest {
                     None => None,
                     Some(UpperWire::Layer(l)) => Some(UpperSpec::Layer(l)),
                     Some(UpperWire::Name(n)) if n == "original" => Some(UpperSpec::Original),
-                    Some(UpperWire::Name(n)) => return Err(super::ApiError::bad(
-                        Some("multi_exit.upper"),
-                        format!(
+                    Some(UpperWire::Name(n)) => {
+                        return Err(super::ApiError::bad(
+                            Some("multi_exit.upper"),
+                            format!(
                             "`multi_exit.upper` must be an exit layer or \"original\", got {n:?}"
                         ),
-                    )),
+                        ))
+                    }
                 };
                 Some(ModeSpec::Contrast {
                     upper,

@@ -1,6 +1,9 @@
 //! Shared by the integration tests: fixture paths and the reference outputs.
 #![allow(dead_code)]
 
+pub mod client;
+pub mod server;
+
 use std::path::PathBuf;
 
 use serde::Deserialize;

@@ -1,0 +1,78 @@
+//! A real server on 127.0.0.1 with a random port, running on its own runtime thread.
+
+use std::sync::Arc;
+
+use clap::Parser;
+use exitserve::config::{Args, Settings};
+use exitserve::http::{self, AppState};
+use exitserve::server::build_state;
+
+pub struct TestServer {
+    pub base: String,
+    pub state: Arc<AppState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts the fixture model with extra command-line flags.
+    pub fn start(flags: &[&str]) -> Self {
+        let model = super::fixture_dir(super::FIXTURE);
+        let mut argv = vec!["exitserve", "--model", model.to_str().unwrap()];
+        argv.extend_from_slice(flags);
+        let settings =
+            Settings::resolve(Args::try_parse_from(argv).unwrap(), Args::default()).unwrap();
+        let state = build_state(&settings).expect("fixture loads");
+        let app = http::router(state.clone());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = rx.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        Self {
+            base,
+            state,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Value of an unlabelled metric line, e.g. `exitserve_batch_size`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.state.engine.render_metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} not found"))
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
