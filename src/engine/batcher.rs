@@ -170,6 +170,9 @@ impl Batcher {
 
     fn step(&mut self) {
         self.drop_abandoned();
+        self.metrics
+            .batch_size
+            .store(self.running.len() as i64, Ordering::Relaxed);
         if self.running.is_empty() {
             return;
         }
@@ -417,14 +420,6 @@ impl Batcher {
         let metrics = &self.metrics;
         self.running.retain(|s| {
             let mut r = s.request.borrow_mut();
-            if r.tx.is_closed() {
-                if r.unfinished > 0 {
-                    r.unfinished = 0;
-                    metrics.cancellations.fetch_add(1, Ordering::Relaxed);
-                    metrics.request_finished("cancelled", r.mode_label);
-                }
-                return false;
-            }
             if now >= r.req.deadline {
                 if r.unfinished > 0 {
                     r.unfinished = 0;
@@ -432,6 +427,14 @@ impl Batcher {
                         seconds: (r.req.deadline - r.arrived).as_secs_f64(),
                     }));
                     metrics.request_finished("timeout", r.mode_label);
+                }
+                return false;
+            }
+            if r.tx.is_closed() {
+                if r.unfinished > 0 {
+                    r.unfinished = 0;
+                    metrics.cancellations.fetch_add(1, Ordering::Relaxed);
+                    metrics.request_finished("cancelled", r.mode_label);
                 }
                 return false;
             }

@@ -32,6 +32,7 @@ struct Meta {
     return_token_ids: bool,
     include_usage: bool,
     deadline: Instant,
+    timeout_secs: f64,
 }
 
 impl Meta {
@@ -158,14 +159,13 @@ fn candidate_of(event: &Event) -> Option<usize> {
     }
 }
 
-/// The next event, or a timeout error once the request's deadline passes.
-async fn next_event(rx: &mut EventReceiver, deadline: Instant) -> Option<Event> {
-    match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+/// The next event, or a timeout error once the request's deadline passes (also while it
+/// still waits in the queue).
+async fn next_event(rx: &mut EventReceiver, meta: &Meta) -> Option<Event> {
+    match tokio::time::timeout_at(meta.deadline.into(), rx.recv()).await {
         Ok(ev) => ev,
         Err(_) => Some(Event::Error(EngineError::Timeout {
-            seconds: deadline
-                .saturating_duration_since(Instant::now())
-                .as_secs_f64(),
+            seconds: meta.timeout_secs,
         })),
     }
 }
@@ -198,6 +198,12 @@ pub async fn create_completion(
         return_token_ids,
         include_usage,
         deadline: valid.deadline,
+        timeout_secs: app
+            .engine
+            .validator()
+            .limits()
+            .request_timeout
+            .as_secs_f64(),
     };
     let span = tracing::info_span!("completion", id = %meta.id, mode = meta.multi_exit.mode);
     let rx = app.engine.submit(valid, span)?;
@@ -214,7 +220,7 @@ async fn collect(mut rx: EventReceiver, meta: Meta) -> Result<CompletionOut, Api
     let total = meta.prompts.len() * meta.best_of;
     let mut accs: Vec<ChoiceAcc> = (0..total).map(|_| ChoiceAcc::default()).collect();
     let usage = loop {
-        let Some(event) = next_event(&mut rx, meta.deadline).await else {
+        let Some(event) = next_event(&mut rx, &meta).await else {
             return Err(ApiError::Internal("engine dropped the request".into()));
         };
         match event {
@@ -251,7 +257,7 @@ fn sse_stream(rx: EventReceiver, meta: Meta) -> impl Stream<Item = Result<SseEve
     let state = Some((rx, meta, accs));
     let chunks = stream::unfold(state, |state| async move {
         let (mut rx, meta, mut accs) = state?;
-        let event = next_event(&mut rx, meta.deadline).await;
+        let event = next_event(&mut rx, &meta).await;
         let data = |v: serde_json::Value| Ok(SseEvent::default().data(v.to_string()));
         let done = || Ok(SseEvent::default().data("[DONE]"));
         match event {

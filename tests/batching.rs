@@ -1,0 +1,262 @@
+//! The batching engine through the real server: mixed-mode batches equal single runs,
+//! disconnects free their slots, floods get 429 and the server recovers, early exits skip
+//! the upper layers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::client::post;
+use common::server::TestServer;
+use common::{reference, Case};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+const MODEL: &str = "tiny-gpt-neo-multiexit";
+
+fn multi_exit(mode: &str) -> Value {
+    if mode == "original" {
+        return json!({"mode": "original"});
+    }
+    if let Some(l) = mode.strip_prefix("exit:") {
+        return json!({"mode": "exit", "layer": l.parse::<u32>().unwrap()});
+    }
+    let (u, l) = mode
+        .strip_prefix("contrast:")
+        .unwrap()
+        .split_once(',')
+        .unwrap();
+    let upper = if u == "original" {
+        json!("original")
+    } else {
+        json!(u.parse::<u32>().unwrap())
+    };
+    json!({"mode": "contrast", "upper": upper, "lower": l.parse::<u32>().unwrap()})
+}
+
+fn greedy(case: &Case) -> Value {
+    json!({"model": MODEL, "prompt": case.prompt, "max_tokens": 24, "temperature": 0,
+           "return_token_ids": true, "multi_exit": multi_exit(&case.mode)})
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+async fn wait_for(server: &TestServer, name: &str, want: f64) {
+    for _ in 0..200 {
+        if server.metric(name) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{name} = {}, expected {want}", server.metric(name));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_54_cases_concurrently_equal_the_reference() {
+    let server = TestServer::start(&["--max-batch-size", "32"]);
+    let url = server.url("/v1/completions");
+    let cases = reference().cases;
+    let tasks: Vec<_> = cases
+        .iter()
+        .map(|c| {
+            let (url, body) = (url.clone(), greedy(c));
+            tokio::spawn(async move { post(&url, &body).await })
+        })
+        .collect();
+    for (case, task) in cases.iter().zip(tasks) {
+        let (status, body) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            ids(&body["choices"][0]["token_ids"]),
+            case.greedy_ids,
+            "{} {:?}",
+            case.mode,
+            case.prompt
+        );
+    }
+    let metrics = server.state.engine.render_metrics();
+    // the batches really were shared: far fewer forward passes than tokens generated
+    let steps = server.metric("exitserve_model_steps_total");
+    assert!(steps < 54.0 * 24.0 / 4.0, "{steps} steps\n{metrics}");
+    assert_eq!(server.metric("exitserve_batch_size"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_sampling_is_the_same_alone_and_among_30_others() {
+    let server = TestServer::start(&[]);
+    let url = server.url("/v1/completions");
+    let probe = json!({"model": MODEL, "prompt": "Zürich café", "max_tokens": 20, "temperature": 0.9,
+        "top_p": 0.95, "seed": 1234, "return_token_ids": true,
+        "multi_exit": {"mode": "contrast", "upper": "original", "lower": 2}});
+    let (_, alone) = post(&url, &probe).await;
+    let cases = reference().cases;
+    let mut tasks: Vec<_> = cases
+        .iter()
+        .take(30)
+        .map(|c| {
+            let (url, mut body) = (url.clone(), greedy(c));
+            body["temperature"] = json!(1.0);
+            tokio::spawn(async move { post(&url, &body).await })
+        })
+        .collect();
+    let (u, p) = (url.clone(), probe.clone());
+    tasks.insert(15, tokio::spawn(async move { post(&u, &p).await }));
+    let results: Vec<_> = futures_util::future::join_all(tasks).await;
+    let (status, crowded) = results[15].as_ref().unwrap();
+    assert_eq!(*status, 200);
+    assert_eq!(
+        crowded["choices"][0]["token_ids"],
+        alone["choices"][0]["token_ids"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnected_clients_free_their_slots() {
+    let server = TestServer::start(&["--max-batch-size", "8"]);
+    let url = server.url("/v1/completions");
+    let client = reqwest::Client::new();
+    let long = |stream: bool| {
+        json!({"model": MODEL, "prompt": "tell me a long story", "max_tokens": 230,
+        "ignore_eos": true, "stream": stream, "multi_exit": {"mode": "contrast", "upper": 4, "lower": 1}})
+    };
+    // streaming clients read one chunk and hang up
+    for _ in 0..4 {
+        let resp = client.post(&url).json(&long(true)).send().await.unwrap();
+        let mut body = resp.bytes_stream();
+        body.next().await.unwrap().unwrap();
+        drop(body);
+    }
+    // non-streaming clients give up after a moment
+    for _ in 0..4 {
+        let r = client
+            .post(&url)
+            .json(&long(false))
+            .timeout(Duration::from_millis(30))
+            .send()
+            .await;
+        assert!(r.is_err());
+    }
+    wait_for(&server, "exitserve_batch_size", 0.0).await;
+    wait_for(&server, "exitserve_cancellations_total", 8.0).await;
+    let generated = server.metric("exitserve_generated_tokens_total");
+    assert!(
+        generated < 8.0 * 230.0 / 2.0,
+        "{generated} tokens generated for nobody"
+    );
+    // the freed slots serve new requests
+    let (status, _) = post(
+        &url,
+        &json!({"model": MODEL, "prompt": "hi", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_gets_429_then_the_server_recovers() {
+    let server = TestServer::start(&["--max-batch-size", "2", "--max-queued-requests", "3"]);
+    let url = server.url("/v1/completions");
+    let case = reference().cases[2].clone();
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            let (url, body, client) = (url.clone(), greedy(&case), client.clone());
+            tokio::spawn(async move {
+                let r = client.post(&url).json(&body).send().await.unwrap();
+                let status = r.status().as_u16();
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (status, retry, r.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    // health answers while flooded
+    let health = client.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let mut ok = 0;
+    let mut rejected = 0;
+    for t in tasks {
+        let (status, retry, body) = t.await.unwrap();
+        match status {
+            200 => {
+                ok += 1;
+                assert_eq!(ids(&body["choices"][0]["token_ids"]), case.greedy_ids);
+            }
+            429 => {
+                rejected += 1;
+                assert_eq!(retry.as_deref(), Some("1"));
+                assert_eq!(body["error"]["type"], "rate_limit_error");
+                assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(ok >= 3 && rejected > 0, "ok {ok}, rejected {rejected}");
+    assert_eq!(server.metric("exitserve_rejections_total"), rejected as f64);
+    wait_for(&server, "exitserve_queue_depth", 0.0).await;
+    wait_for(&server, "exitserve_batch_size", 0.0).await;
+    // full recovery: a burst within the queue's capacity all succeeds
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, body) = (url.clone(), greedy(&case));
+            tokio::spawn(async move { post(&url, &body).await })
+        })
+        .collect();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(ids(&body["choices"][0]["token_ids"]), case.greedy_ids);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_mode_sequence_skips_the_layers_above_it() {
+    let server = TestServer::start(&[]);
+    let url = server.url("/v1/completions");
+    let body = |mode: Value| {
+        json!({"model": MODEL, "prompt": [[1, 2, 3]], "max_tokens": 5, "temperature": 0,
+        "ignore_eos": true, "multi_exit": mode})
+    };
+    let layers = server.state.engine.validator().limits().num_layers as f64;
+    let count = || server.metric("exitserve_block_evaluations_total");
+    let before = count();
+    post(&url, &body(json!({"mode": "exit", "layer": 1}))).await;
+    // one prefill step and 4 decode steps, one block each
+    assert_eq!(count() - before, 5.0);
+    let before = count();
+    post(
+        &url,
+        &body(json!({"mode": "contrast", "upper": 2, "lower": 1})),
+    )
+    .await;
+    assert_eq!(count() - before, 10.0);
+    let before = count();
+    post(&url, &body(json!({"mode": "original"}))).await;
+    assert_eq!(count() - before, 5.0 * layers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_ends_long_requests_with_a_clear_error() {
+    let server = TestServer::start(&["--request-timeout", "0.05"]);
+    let url = server.url("/v1/completions");
+    let (status, body) = post(
+        &url,
+        &json!({"model": MODEL, "prompt": "x", "max_tokens": 250, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "request_timeout");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--request-timeout"));
+    wait_for(&server, "exitserve_batch_size", 0.0).await;
+}
