@@ -1,8 +1,8 @@
 //! A JSON body extractor whose every rejection is an OpenAI error naming the field.
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, StatusCode};
+use axum::http::header;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -13,10 +13,36 @@ pub struct OpenAiJson<T>(pub T);
 #[derive(Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
+const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+
+/// Reads the body up to `limit` bytes. An oversized body is still read (and dropped) up to
+/// `DRAIN_FACTOR` times the limit, so that an ordinary client that sends it all receives the
+/// 413 instead of a broken pipe; beyond that the connection is simply dropped.
+async fn read_limited(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+    const DRAIN_FACTOR: usize = 32;
+    let mut body = req.into_body().into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad(None, format!("cannot read the request body: {e}")))?;
+        seen += chunk.len();
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if seen > limit.saturating_mul(DRAIN_FACTOR) {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    Ok(buf)
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OpenAiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -29,47 +55,48 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OpenAiJson<T> {
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let limit = req.extensions().get::<BodyLimit>().map_or(0, |l| l.0);
-        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
-            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::bad(None, format!("cannot read the request body: {rej}"))
-            }
-        })?;
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map_or(DEFAULT_BODY_LIMIT, |l| l.0);
+        let bytes = read_limited(req, limit).await?;
         parse(&bytes).map(OpenAiJson)
     }
 }
 
-/// Parses `bytes`, naming the failing field (`param`) as a dotted path.
+/// Parses `bytes` as a JSON object into `T`, naming the failing field (`param`) as a dotted path.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let result: Result<T, _> = serde_path_to_error::deserialize(de);
-    result.map_err(|err| {
-        let inner = err.inner();
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad(None, format!("the request body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad(
+            None,
+            "the request body must be a JSON object",
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|err| {
         let path = err.path().to_string();
-        let message = inner.to_string();
+        let message = err.inner().to_string();
         // serde names an unknown or missing field in its message; use it as the param.
         let named = between(&message, "unknown field `", "`")
             .or_else(|| between(&message, "missing field `", "`"));
         let param = match (path.as_str(), named) {
             (".", Some(f)) => Some(f.to_string()),
             (".", None) => None,
-            (p, Some(f)) if message.starts_with("missing field") => Some(format!("{p}.{f}")),
+            (p, Some(f)) => Some(format!("{p}.{f}")),
             (p, _) => Some(p.to_string()),
         };
-        let message = match inner.classify() {
-            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                format!("the request body is not valid JSON: {message}")
-            }
-            _ if message.contains("untagged enum Prompt") => {
-                "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids".into()
-            }
-            _ if message.contains("untagged enum Stop") => "`stop` must be a string or a list of strings".into(),
-            _ => match &param {
+        let message = if message.contains("untagged enum Prompt") {
+            "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids".into()
+        } else if message.contains("untagged enum Stop") {
+            "`stop` must be a string or a list of strings".into()
+        } else if message.starts_with("missing field") {
+            format!("`{}` is required", param.as_deref().unwrap_or("?"))
+        } else {
+            match &param {
                 Some(p) => format!("invalid `{p}`: {message}"),
                 None => format!("invalid request: {message}"),
-            },
+            }
         };
         ApiError::BadRequest {
             message,

@@ -71,7 +71,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             require_api_key,
         ))
-        .layer(DefaultBodyLimit::max(limit))
+        // The JSON extractor enforces the limit itself, with an OpenAI-shaped 413.
+        .layer(DefaultBodyLimit::disable())
         .layer(axum::Extension(json::BodyLimit(limit)));
     if !state.cors_allow_origins.is_empty() {
         let origins: Vec<HeaderValue> = state
