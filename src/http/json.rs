@@ -83,7 +83,7 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let param = match (path.as_str(), named) {
             (".", Some(f)) => Some(f.to_string()),
             (".", None) => None,
-            (p, Some(f)) => Some(format!("{p}.{f}")),
+            (p, Some(f)) if p != f && !p.ends_with(&format!(".{f}")) => Some(format!("{p}.{f}")),
             (p, _) => Some(p.to_string()),
         };
         let message = if message.contains("untagged enum Prompt") {
