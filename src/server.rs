@@ -58,6 +58,15 @@ pub fn parse_mode_flag(s: &str) -> Result<ModeSpec, String> {
 
 /// Loads the model and starts the engine; returns the app state for the router.
 pub fn build_state(s: &Settings) -> Result<Arc<AppState>, StartupError> {
+    build_state_with(s, |_| {})
+}
+
+/// As [`build_state`], with a last say on the engine configuration (tests use it for fault
+/// injection).
+pub fn build_state_with(
+    s: &Settings,
+    tune: impl FnOnce(&mut EngineConfig),
+) -> Result<Arc<AppState>, StartupError> {
     let opts = LoadOptions {
         revision: s.revision.clone(),
         dtype: match s.dtype {
@@ -94,19 +103,17 @@ pub fn build_state(s: &Settings) -> Result<Arc<AppState>, StartupError> {
         .or_else(|| tokenizer.token_id("<|endoftext|>"));
     let tokenizer = Arc::try_unwrap(tokenizer)
         .map_err(|_| StartupError::Config("tokenizer still shared".into()))?;
-    let engine = Engine::start(
-        loaded.model,
-        tokenizer,
-        limits,
-        EngineConfig {
-            batch: BatchConfig {
-                max_batch_size: s.max_batch_size,
-                max_prefill_tokens: s.max_prefill_tokens,
-                eos_token_id: eos,
-            },
-            max_queued_requests: s.max_queued_requests,
+    let mut engine_cfg = EngineConfig {
+        batch: BatchConfig {
+            max_batch_size: s.max_batch_size,
+            max_prefill_tokens: s.max_prefill_tokens,
+            eos_token_id: eos,
+            panic_on_token: None,
         },
-    )?;
+        max_queued_requests: s.max_queued_requests,
+    };
+    tune(&mut engine_cfg);
+    let engine = Engine::start(loaded.model, tokenizer, limits, engine_cfg)?;
     let mut state = AppState::new(engine, s.served_model_name.clone());
     state.api_key = s.api_key.clone();
     state.max_body_bytes = s.max_body_bytes;

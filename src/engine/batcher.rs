@@ -26,6 +26,9 @@ pub struct BatchConfig {
     /// Prompt tokens prefilled per step, across sequences (a long prompt is chunked).
     pub max_prefill_tokens: usize,
     pub eos_token_id: Option<u32>,
+    /// Fault injection for tests: a step that feeds this token id panics inside the forward.
+    #[doc(hidden)]
+    pub panic_on_token: Option<u32>,
 }
 
 pub struct Batcher {
@@ -249,7 +252,13 @@ impl Batcher {
                     all_positions: all_positions[k],
                 })
                 .collect();
-            catch_unwind(AssertUnwindSafe(|| model.forward(&mut steps)))
+            let poison = self.cfg.panic_on_token;
+            catch_unwind(AssertUnwindSafe(|| {
+                if let Some(t) = poison.filter(|t| tokens.iter().any(|s| s.contains(t))) {
+                    panic!("injected fault: token {t}");
+                }
+                model.forward(&mut steps)
+            }))
         };
         self.metrics.model_steps.fetch_add(1, Ordering::Relaxed);
         let outputs = match result {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use clap::Parser;
 use exitserve::config::{Args, Settings};
 use exitserve::http::{self, AppState};
-use exitserve::server::build_state;
+use exitserve::server::build_state_with;
 
 pub struct TestServer {
     pub base: String,
@@ -17,12 +17,20 @@ pub struct TestServer {
 impl TestServer {
     /// Starts the fixture model with extra command-line flags.
     pub fn start(flags: &[&str]) -> Self {
+        Self::start_with(flags, |_| {})
+    }
+
+    /// As `start`, adjusting the engine configuration (fault injection).
+    pub fn start_with(
+        flags: &[&str],
+        tune: impl FnOnce(&mut exitserve::engine::EngineConfig),
+    ) -> Self {
         let model = super::fixture_dir(super::FIXTURE);
         let mut argv = vec!["exitserve", "--model", model.to_str().unwrap()];
         argv.extend_from_slice(flags);
         let settings =
             Settings::resolve(Args::try_parse_from(argv).unwrap(), Args::default()).unwrap();
-        let state = build_state(&settings).expect("fixture loads");
+        let state = build_state_with(&settings, tune).expect("fixture loads");
         let app = http::router(state.clone());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
