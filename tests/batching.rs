@@ -84,7 +84,7 @@ async fn all_54_cases_concurrently_equal_the_reference() {
     // the batches really were shared: far fewer forward passes than tokens generated
     let steps = server.metric("exitserve_model_steps_total");
     assert!(steps < 54.0 * 24.0 / 4.0, "{steps} steps\n{metrics}");
-    assert_eq!(server.metric("exitserve_batch_size"), 0.0);
+    wait_for(&server, "exitserve_batch_size", 0.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,10 +164,10 @@ async fn every_documented_route_answers_as_documented() {
                 .to_string();
             let schema = response_schema(&root, path, method, status, &ctype);
             let body = resp.text().await.unwrap();
-            let value = if ctype == "application/json" {
-                serde_json::from_str(&body).unwrap()
-            } else {
-                json!(body)
+            let value: Value = match ctype.as_str() {
+                "application/json" => serde_json::from_str(&body).unwrap(),
+                "application/yaml" => serde_yaml::from_str(&body).unwrap(),
+                _ => json!(body),
             };
             check(&root, schema, &value, path).unwrap();
         }

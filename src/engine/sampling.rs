@@ -86,11 +86,14 @@ impl Sampler {
             cands.select_nth_unstable_by(p.top_k - 1, by_score);
             cands.truncate(p.top_k);
         }
-        cands.sort_unstable_by(by_score);
-        let max = cands[0].1;
+        // Sorting (the costly part over a whole vocabulary) is only needed for top-p.
+        if p.top_p < 1.0 || p.top_k > 0 {
+            cands.sort_unstable_by(by_score);
+        }
+        let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
         let mut weights: Vec<f64> = cands.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
-        let total: f64 = weights.iter().sum();
         if p.top_p < 1.0 {
+            let total: f64 = weights.iter().sum();
             let mut acc = 0.0;
             let mut keep = weights.len();
             for (i, w) in weights.iter().enumerate() {

@@ -6,24 +6,13 @@ the reference fixture ids, models.list, and that errors raise the matching SDK e
 """
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import openai
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt-neo-multiexit")
+from server import MODEL, ROOT, running
+
 REFERENCE = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt-neo-multiexit.reference.json")
-MODEL = "tiny-gpt-neo-multiexit"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def multi_exit(mode):
@@ -36,31 +25,8 @@ def multi_exit(mode):
 
 
 def main():
-    binary = sys.argv[1]
-    port = free_port()
-    server = subprocess.Popen([binary, "--model", FIXTURE, "--port", str(port), "--log-format", "json"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit("server did not start: " + server.stderr.read().decode())
-            time.sleep(0.2)
+    with running(sys.argv[1]) as port:
         run_checks(port)
-    finally:
-        server.terminate()
-        try:
-            code = server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            raise SystemExit("server did not shut down on SIGTERM")
-        assert code == 0, f"server exited with {code} on SIGTERM"
     print("openai e2e: all checks passed")
 
 
