@@ -2,6 +2,8 @@
 //!
 //! Dependencies point one way: [`http`] -> [`engine`] -> [`model`]; [`server`] wires them up.
 
+#[doc(hidden)]
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod http;

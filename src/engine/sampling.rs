@@ -6,6 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::request::SamplingParams;
+use crate::model::fastmath::exp_neg;
 
 pub struct Sampler {
     params: SamplingParams,
@@ -91,7 +92,7 @@ impl Sampler {
             cands.sort_unstable_by(by_score);
         }
         let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-        let mut weights: Vec<f64> = cands.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        let mut weights: Vec<f64> = cands.iter().map(|c| exp_neg(c.1 - max) as f64).collect();
         if p.top_p < 1.0 {
             let total: f64 = weights.iter().sum();
             let mut acc = 0.0;

@@ -10,18 +10,62 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use super::config::{Activation, AttentionKind, GptNeoConfig};
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::mode::Head;
 
+/// `x Wᵀ` with the weight possibly stored in reduced precision: the activations are cast to
+/// the weight's dtype for the matmul and the result comes back as float32.
+fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() == w.dtype() {
+        x.matmul(&w.t()?)
+    } else {
+        x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)
+    }
+}
+
+/// A linear layer (`weight` is `(out, in)` as in PyTorch); the bias stays float32.
+struct Proj {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Proj {
+    fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+        wdtype: DType,
+    ) -> candle_core::Result<Self> {
+        let weight = vb.to_dtype(wdtype).get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Proj {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = matmul_t(x, &self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
 struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    out_proj: Proj,
     kind: AttentionKind,
     num_heads: usize,
     head_dim: usize,
@@ -29,13 +73,18 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn new(cfg: &GptNeoConfig, kind: AttentionKind, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(
+        cfg: &GptNeoConfig,
+        kind: AttentionKind,
+        vb: VarBuilder,
+        wdtype: DType,
+    ) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: linear_no_bias(h, h, vb.pp("q_proj"))?,
-            k_proj: linear_no_bias(h, h, vb.pp("k_proj"))?,
-            v_proj: linear_no_bias(h, h, vb.pp("v_proj"))?,
-            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            q_proj: Proj::new(h, h, false, vb.pp("q_proj"), wdtype)?,
+            k_proj: Proj::new(h, h, false, vb.pp("k_proj"), wdtype)?,
+            v_proj: Proj::new(h, h, false, vb.pp("v_proj"), wdtype)?,
+            out_proj: Proj::new(h, h, true, vb.pp("out_proj"), wdtype)?,
             kind,
             num_heads: cfg.num_heads,
             head_dim: cfg.head_dim(),
@@ -140,16 +189,28 @@ impl SelfAttention {
 }
 
 struct Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
+    c_fc: Proj,
+    c_proj: Proj,
     activation: Activation,
 }
 
 impl Mlp {
-    fn new(cfg: &GptNeoConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &GptNeoConfig, vb: VarBuilder, wdtype: DType) -> candle_core::Result<Self> {
         Ok(Self {
-            c_fc: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("c_fc"))?,
-            c_proj: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("c_proj"))?,
+            c_fc: Proj::new(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                true,
+                vb.pp("c_fc"),
+                wdtype,
+            )?,
+            c_proj: Proj::new(
+                cfg.intermediate_size,
+                cfg.hidden_size,
+                true,
+                vb.pp("c_proj"),
+                wdtype,
+            )?,
             activation: cfg.activation,
         })
     }
@@ -176,14 +237,24 @@ struct Block {
 }
 
 impl Block {
-    fn new(cfg: &GptNeoConfig, layer: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(
+        cfg: &GptNeoConfig,
+        layer: usize,
+        vb: VarBuilder,
+        wdtype: DType,
+    ) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_epsilon;
         Ok(Self {
             ln_1: layer_norm(h, eps, vb.pp("ln_1"))?,
-            attn: SelfAttention::new(cfg, cfg.attention_layers[layer], vb.pp("attn.attention"))?,
+            attn: SelfAttention::new(
+                cfg,
+                cfg.attention_layers[layer],
+                vb.pp("attn.attention"),
+                wdtype,
+            )?,
             ln_2: layer_norm(h, eps, vb.pp("ln_2"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"), wdtype)?,
         })
     }
 
@@ -258,11 +329,17 @@ fn named<T>(name: &str, r: candle_core::Result<T>) -> Result<T> {
 }
 
 impl MultiExitGptNeo {
-    /// Builds the model from a `VarBuilder` rooted at the checkpoint's top level.
-    pub fn new(cfg: GptNeoConfig, vb: VarBuilder) -> Result<Self> {
+    /// Builds the model from a float32 `VarBuilder` rooted at the checkpoint's top level;
+    /// projection and vocabulary weights are kept in `wdtype`.
+    pub fn new(cfg: GptNeoConfig, vb: VarBuilder, wdtype: DType) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let t = vb.pp("transformer");
-        let wte = named("transformer.wte.weight", t.get((v, h), "wte.weight"))?;
+        let vw = vb.to_dtype(wdtype);
+        // One copy of wte serves as the embedding and as the tied original head.
+        let wte = named(
+            "transformer.wte.weight",
+            vw.get((v, h), "transformer.wte.weight"),
+        )?;
         let wpe = named(
             "transformer.wpe.weight",
             t.get((cfg.max_position_embeddings, h), "wpe.weight"),
@@ -270,7 +347,7 @@ impl MultiExitGptNeo {
         let blocks = (0..cfg.num_layers)
             .map(|i| {
                 let name = format!("transformer.h.{i}");
-                named(&name, Block::new(&cfg, i, t.pp(format!("h.{i}"))))
+                named(&name, Block::new(&cfg, i, t.pp(format!("h.{i}")), wdtype))
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = named(
@@ -278,7 +355,7 @@ impl MultiExitGptNeo {
             layer_norm(h, cfg.layer_norm_epsilon, t.pp("ln_f")),
         )?;
         let original_head = if vb.contains_tensor("lm_head.weight") {
-            named("lm_head.weight", vb.get((v, h), "lm_head.weight"))?
+            named("lm_head.weight", vw.get((v, h), "lm_head.weight"))?
         } else {
             wte.clone()
         };
@@ -287,7 +364,7 @@ impl MultiExitGptNeo {
             .iter()
             .map(|&l| {
                 let name = format!("name_to_lm_exit_head.lm_head_{l}.weight");
-                Ok((l, named(&name, vb.get((v, h), &name))?))
+                Ok((l, named(&name, vw.get((v, h), &name))?))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -362,7 +439,8 @@ impl MultiExitGptNeo {
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         // (rows, hidden)
-        let mut x = (self.wte.index_select(&ids, 0)? + self.wpe.index_select(&positions, 0)?)?;
+        let tokens = self.wte.index_select(&ids, 0)?.to_dtype(DType::F32)?;
+        let mut x = (tokens + self.wpe.index_select(&positions, 0)?)?;
 
         let max_depth = order.first().map_or(0, |&i| steps[i].depth);
         let depths: Vec<usize> = order.iter().map(|&i| steps[i].depth).collect();
@@ -477,10 +555,7 @@ impl MultiExitGptNeo {
             let rows_t = Tensor::new(rows.as_slice(), &self.device)?;
             // (rows, hidden) -> (rows, vocab)
             let hidden = self.ln_f.forward(&x.index_select(&rows_t, 0)?)?;
-            let logits = hidden
-                .matmul(&self.head_weight(head)?.t()?)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
+            let logits = matmul_t(&hidden, self.head_weight(head)?)?.to_vec2::<f32>()?;
             self.stats
                 .head_rows
                 .fetch_add(rows.len() as u64, Ordering::Relaxed);

@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 use super::config::GptNeoConfig;
 use super::error::{ModelError, Result};
 use super::gpt_neo::MultiExitGptNeo;
+use super::safetensors_file::SafetensorsFiles;
 use super::source::{self, ModelFiles, WeightFiles};
 use super::tokenizer::TextTokenizer;
 
@@ -13,7 +14,8 @@ use super::tokenizer::TextTokenizer;
 pub struct LoadOptions {
     /// Hub revision (branch, tag, commit or `refs/pr/N`); ignored for local folders.
     pub revision: Option<String>,
-    /// Compute dtype of the weights. Stored float16/bfloat16 is upcast when this is F32.
+    /// Dtype of the matmul weights (projections and vocabulary heads). Norms, embeddings'
+    /// positions, biases and attention stay float32; stored float16/bfloat16 is upcast.
     pub dtype: DType,
     pub device: Device,
 }
@@ -43,16 +45,16 @@ pub fn load(model: &str, opts: &LoadOptions) -> Result<LoadedModel> {
 pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
     let cfg = GptNeoConfig::from_file(&files.config)?;
     let vb = match &files.weights {
-        WeightFiles::Safetensors(paths) => {
-            // SAFETY: the files are mapped read-only; candle copies each tensor out of the map.
-            unsafe { VarBuilder::from_mmaped_safetensors(paths, opts.dtype, &opts.device) }
-                .map_err(|e| file_error(&paths[0], e))?
-        }
+        WeightFiles::Safetensors(paths) => VarBuilder::from_backend(
+            Box::new(SafetensorsFiles::open(paths)?),
+            DType::F32,
+            opts.device.clone(),
+        ),
         WeightFiles::Pth(path) => {
             VarBuilder::from_pth(path, opts.dtype, &opts.device).map_err(|e| file_error(path, e))?
         }
     };
-    let model = MultiExitGptNeo::new(cfg, vb)?;
+    let model = MultiExitGptNeo::new(cfg, vb, opts.dtype)?;
     let tokenizer = TextTokenizer::from_files(&files.tokenizer)?;
     Ok(LoadedModel {
         model,

@@ -3,10 +3,12 @@
 
 pub mod config;
 pub mod error;
+pub mod fastmath;
 pub mod gpt_neo;
 pub mod kv_cache;
 pub mod loader;
 pub mod mode;
+pub mod safetensors_file;
 pub mod source;
 pub mod tokenizer;
 

@@ -2,6 +2,7 @@
 //! log-distribution that is sampled from (autocontrastive decoding, Gera et al. 2023).
 
 use super::error::{ModelError, Result};
+use super::fastmath;
 
 /// A vocabulary head evaluated on `ln_f` of a block's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,9 +101,8 @@ impl Mode {
 }
 
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
+    let max = fastmath::max(logits);
+    let lse = max + fastmath::sum_exp(logits, max).ln();
     logits.iter().map(|&x| x - lse).collect()
 }
 
@@ -113,38 +113,31 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
 pub fn contrast_log_q(upper: &[f32], lower: &[f32], c: &ContrastParams) -> Vec<f32> {
     let lp_u = log_softmax(upper);
     let lp_l = log_softmax(lower);
-    let p_u: Vec<f32> = lp_u.iter().map(|&l| l.exp()).collect();
-    let max_p = p_u.iter().copied().fold(0.0f32, f32::max);
-    let k = c.minimum_candidates.clamp(1, p_u.len());
-    let kth = {
-        let mut sorted = p_u.clone();
+    // Compared in log space: p_u >= t  <=>  log p_u >= log t (exp is monotonic).
+    let max_lp = fastmath::max(&lp_u);
+    let k = c.minimum_candidates.clamp(1, lp_u.len());
+    let kth_lp = if k == 1 {
+        max_lp
+    } else {
+        let mut sorted = lp_u.clone();
         let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         *kth
     };
-    let threshold = (c.alpha * max_p).min(kth);
-    let in_set: Vec<bool> = p_u.iter().map(|&p| p >= threshold).collect();
+    let log_threshold = (c.alpha.ln() + max_lp).min(kth_lp);
+    let in_set: Vec<usize> = (0..lp_u.len())
+        .filter(|&i| lp_u[i] >= log_threshold)
+        .collect();
 
-    let diff_max = (0..p_u.len())
-        .filter(|&i| in_set[i])
-        .map(|i| lp_u[i] - lp_l[i])
-        .fold(f32::NEG_INFINITY, f32::max);
-    let mut diff_sum = 0f64;
-    let mut mass = 0f64;
-    for i in (0..p_u.len()).filter(|&i| in_set[i]) {
-        diff_sum += ((lp_u[i] - lp_l[i] - diff_max) as f64).exp();
-        mass += p_u[i] as f64;
+    let diffs: Vec<f32> = in_set.iter().map(|&i| lp_u[i] - lp_l[i]).collect();
+    let diff_max = fastmath::max(&diffs);
+    let offset = diff_max + fastmath::sum_exp(&diffs, diff_max).ln();
+    let set_lp: Vec<f32> = in_set.iter().map(|&i| lp_u[i]).collect();
+    let log_mass = max_lp + fastmath::sum_exp(&set_lp, max_lp).ln();
+    let mut q = lp_u;
+    for (&i, d) in in_set.iter().zip(diffs) {
+        q[i] = d - offset + log_mass;
     }
-    let offset = diff_max + diff_sum.ln() as f32;
-    let log_mass = mass.ln() as f32;
-    (0..p_u.len())
-        .map(|i| {
-            if in_set[i] {
-                lp_u[i] - lp_l[i] - offset + log_mass
-            } else {
-                lp_u[i]
-            }
-        })
-        .collect()
+    q
 }
 
 #[cfg(test)]

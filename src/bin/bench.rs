@@ -1,0 +1,384 @@
+//! Benchmark through the real HTTP server on a GPT-Neo-125M-shaped random checkpoint.
+//!
+//!   cargo run --release --bin bench -- [--dtype f32,f16] [--reference-python PY]
+//!   cargo run --release --bin bench -- --kernels     (vocabulary-head matmul variants)
+//!
+//! Writes the checkpoint once under --data, starts `exitserve` (next to this binary) per
+//! dtype, measures single-stream decode speed and time to first token per mode, aggregate
+//! throughput at 1/4/16 concurrent streams, peak RSS; prints a table and writes JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use exitserve::bench::{checkpoint, client, peak_rss_bytes};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(about = "exitserve benchmark (real HTTP server, GPT-Neo-125M-shaped random weights)")]
+struct Args {
+    /// Where the random checkpoint is written (once) and cached
+    #[arg(long, default_value = "bench-data/gpt-neo-125m-multiexit-random")]
+    data: PathBuf,
+    /// Weight dtypes to serve, comma-separated (f32, f16, bf16)
+    #[arg(long, default_value = "f32,f16", value_delimiter = ',')]
+    dtype: Vec<String>,
+    /// Prompt length in tokens
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// New tokens per request (greedy)
+    #[arg(long, default_value_t = 64)]
+    new: usize,
+    /// Concurrency levels for aggregate throughput
+    #[arg(long, default_value = "1,4,16", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Python of the reference stack (shared/bench/setup_ref.sh) to time it in the same run
+    #[arg(long)]
+    reference_python: Option<PathBuf>,
+    /// The reference benchmark script
+    #[arg(long, default_value = "../shared/bench/ref_bench.py")]
+    reference_script: PathBuf,
+    /// JSON results file
+    #[arg(long, default_value = "bench-results.json")]
+    out: PathBuf,
+    /// Only time vocabulary-head matmul variants (no server)
+    #[arg(long)]
+    kernels: bool,
+}
+
+const MODES: [(&str, &str); 3] = [
+    ("original", r#"{"mode":"original"}"#),
+    ("exit 6", r#"{"mode":"exit","layer":6}"#),
+    (
+        "contrast 12/6",
+        r#"{"mode":"contrast","upper":12,"lower":6}"#,
+    ),
+];
+
+fn main() {
+    let args = Args::parse();
+    if args.kernels {
+        return kernels();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shape = checkpoint::Shape::gpt_neo_125m();
+    eprintln!("checkpoint: {}", args.data.display());
+    let t = Instant::now();
+    let f32_bytes = checkpoint::ensure(
+        &args.data,
+        &shape,
+        &root.join("tests/fixtures/tiny-gpt-neo-multiexit"),
+    )
+    .expect("write the benchmark checkpoint");
+    eprintln!(
+        "  ready in {:.1} s ({:.2} GB of float32 weights)",
+        t.elapsed().as_secs_f64(),
+        f32_bytes as f64 / 1e9
+    );
+    let server_bin = std::env::current_exe().unwrap().with_file_name("exitserve");
+    let prompt = prompt_ids(args.prompt_len);
+
+    let mut runs = Vec::new();
+    for dtype in &args.dtype {
+        let weight_bytes = match dtype.as_str() {
+            "f32" => f32_bytes,
+            _ => f32_bytes / 2,
+        };
+        runs.push(run_server_bench(
+            &server_bin,
+            &args,
+            dtype,
+            &prompt,
+            weight_bytes,
+        ));
+    }
+    let reference = args
+        .reference_python
+        .as_ref()
+        .map(|py| run_reference(py, &args));
+    let report = json!({
+        "machine": machine(),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new,
+        "runs": runs,
+        "reference": reference,
+    });
+    print_table(&report);
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    eprintln!("wrote {}", args.out.display());
+}
+
+fn prompt_ids(n: usize) -> Vec<u32> {
+    // deterministic ids in 1000..40000 (like the reference benchmark's prompts)
+    let mut x = 0x9E37_79B9u64;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            1000 + ((x >> 33) % 39000) as u32
+        })
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(bin: &Path, model: &Path, dtype: &str) -> Self {
+        let port = free_port();
+        let child = Command::new(bin)
+            .args([
+                "--model",
+                model.to_str().unwrap(),
+                "--port",
+                &port.to_string(),
+                "--dtype",
+                dtype,
+            ])
+            .args(["--max-batch-size", "32", "--served-model-name", "bench"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start exitserve (build it with --release first)");
+        let addr = format!("127.0.0.1:{port}");
+        let start = Instant::now();
+        while client::get_status(&addr, "/health").ok() != Some(200) {
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "server did not become healthy"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("  server up in {:.1} s", start.elapsed().as_secs_f64());
+        Self { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn body(prompt: &[u32], new: usize, mode: &str) -> String {
+    format!(
+        r#"{{"model":"bench","prompt":{},"max_tokens":{new},"temperature":0,"ignore_eos":true,"stream":true,"multi_exit":{mode}}}"#,
+        serde_json::to_string(prompt).unwrap()
+    )
+}
+
+fn run_server_bench(
+    bin: &Path,
+    args: &Args,
+    dtype: &str,
+    prompt: &[u32],
+    weight_bytes: u64,
+) -> Value {
+    eprintln!("dtype {dtype}:");
+    let server = Server::start(bin, &args.data, dtype);
+    let path = "/v1/completions";
+    // warm-up: every mode once
+    for (_, mode) in MODES {
+        client::stream_completion(&server.addr, path, &body(prompt, 4, mode)).expect("warm-up");
+    }
+    let mut single = serde_json::Map::new();
+    for (name, mode) in MODES {
+        // best of 3 single-stream runs on an idle server
+        let runs: Vec<client::StreamTiming> = (0..3)
+            .map(|_| {
+                client::stream_completion(&server.addr, path, &body(prompt, args.new, mode))
+                    .expect("request")
+            })
+            .collect();
+        let tps = runs.iter().map(|r| r.decode_tps()).fold(0.0, f64::max);
+        let ttft = runs
+            .iter()
+            .map(|r| r.ttft_s())
+            .fold(f64::INFINITY, f64::min);
+        eprintln!(
+            "  {name:>14}: {tps:7.1} tok/s decode, TTFT {:.1} ms",
+            ttft * 1e3
+        );
+        single.insert(
+            name.into(),
+            json!({"decode_tok_s": tps, "ttft_ms": ttft * 1e3}),
+        );
+    }
+    let mut aggregate = serde_json::Map::new();
+    for (name, mode) in MODES {
+        let mut levels = serde_json::Map::new();
+        for &c in &args.concurrency {
+            let start = Instant::now();
+            let b = body(prompt, args.new, mode);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..c)
+                    .map(|_| {
+                        s.spawn(|| {
+                            client::stream_completion(&server.addr, path, &b).expect("request")
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    h.join().unwrap();
+                }
+            });
+            let tps = (c * args.new) as f64 / start.elapsed().as_secs_f64();
+            eprintln!("  {name:>14} x{c:<2}: {tps:7.1} tok/s aggregate");
+            levels.insert(c.to_string(), json!(tps));
+        }
+        aggregate.insert(name.into(), Value::Object(levels));
+    }
+    let rss = peak_rss_bytes(server.child.id()).unwrap_or(0);
+    json!({
+        "dtype": dtype,
+        "single_stream": single,
+        "aggregate_tok_s": aggregate,
+        "peak_rss_bytes": rss,
+        "weight_bytes": weight_bytes,
+        "rss_over_weights": rss as f64 / weight_bytes as f64,
+    })
+}
+
+fn run_reference(python: &Path, args: &Args) -> Value {
+    let mut out = serde_json::Map::new();
+    for (key, mode, batch) in [
+        ("contrast_b1", "contrast", 1),
+        ("contrast_b8", "contrast", 8),
+        ("original_b1", "original", 1),
+    ] {
+        eprintln!("reference {key} ...");
+        let res = Command::new(python)
+            .arg(&args.reference_script)
+            .arg(&args.data)
+            .args([
+                "--batch",
+                &batch.to_string(),
+                "--new",
+                &args.new.to_string(),
+            ])
+            .args(["--prompt-len", &args.prompt_len.to_string(), "--mode", mode])
+            .env("OMP_NUM_THREADS", "2")
+            .output()
+            .expect("run the reference");
+        let text = String::from_utf8_lossy(&res.stdout);
+        let parsed = text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok());
+        match parsed {
+            Some(v) => {
+                eprintln!("  {v}");
+                out.insert(key.into(), v);
+            }
+            None => eprintln!("  failed: {}", String::from_utf8_lossy(&res.stderr)),
+        }
+    }
+    Value::Object(out)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let threads = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {threads} threads")
+}
+
+fn print_table(r: &Value) {
+    println!(
+        "\nexitserve benchmark on {} (prompt {} tokens, {} new, greedy)",
+        r["machine"].as_str().unwrap_or(""),
+        r["prompt_len"],
+        r["new_tokens"]
+    );
+    println!(
+        "{:<8} {:<15} {:>12} {:>10} {:>10} {:>10} {:>10}",
+        "dtype", "mode", "decode tok/s", "TTFT ms", "x1 tok/s", "x4 tok/s", "x16 tok/s"
+    );
+    for run in r["runs"].as_array().unwrap() {
+        for (name, _) in MODES {
+            let s = &run["single_stream"][name];
+            let a = &run["aggregate_tok_s"][name];
+            let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+            println!(
+                "{:<8} {:<15} {:>12} {:>10} {:>10} {:>10} {:>10}",
+                run["dtype"].as_str().unwrap(),
+                name,
+                f(&s["decode_tok_s"]),
+                f(&s["ttft_ms"]),
+                f(&a["1"]),
+                f(&a["4"]),
+                f(&a["16"])
+            );
+        }
+        println!(
+            "{:<8} peak RSS {:.2} GB = {:.2} x weights ({:.2} GB)",
+            run["dtype"].as_str().unwrap(),
+            run["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e9,
+            run["rss_over_weights"].as_f64().unwrap_or(0.0),
+            run["weight_bytes"].as_f64().unwrap_or(0.0) / 1e9
+        );
+    }
+    if let Some(refs) = r["reference"].as_object() {
+        for (k, v) in refs {
+            println!(
+                "reference {k}: {:.2} tok/s",
+                v["tokens_per_s"]
+                    .as_f64()
+                    .or_else(|| v["tok_s"].as_f64())
+                    .unwrap_or(f64::NAN)
+            );
+        }
+    }
+}
+
+/// Times one vocabulary head (50257 x 768) at batch 1 and 16 in the layouts and dtypes the
+/// model can use, to choose kernels per batch size.
+fn kernels() {
+    use candle_core::{DType, Device, Tensor};
+    let dev = Device::Cpu;
+    let (v, h) = (50257usize, 768usize);
+    let w = Tensor::randn(0f32, 0.02, (v, h), &dev).unwrap();
+    let time = |f: &dyn Fn() -> Tensor| {
+        f();
+        let t = Instant::now();
+        let n = 10;
+        for _ in 0..n {
+            f();
+        }
+        t.elapsed().as_secs_f64() * 1e3 / n as f64
+    };
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        let wd = w.to_dtype(dt).unwrap();
+        for b in [1usize, 4, 16] {
+            let x = Tensor::randn(0f32, 1.0, (b, h), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let xw = time(&|| x.matmul(&wd.t().unwrap()).unwrap());
+            let wx = time(&|| wd.matmul(&x.t().unwrap()).unwrap());
+            println!("{dt:?} batch {b:>2}: x·Wᵀ {xw:7.2} ms   W·xᵀ {wx:7.2} ms");
+        }
+    }
+}
