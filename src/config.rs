@@ -16,6 +16,13 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum MatmulKernels {
+    Auto,
+    Candle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
     F32,
     F16,
@@ -82,6 +89,10 @@ pub struct Args {
     /// Weight dtype: f32 (exact parity), or f16/bf16 for speed [default: f32]
     #[arg(long, env = "EXITSERVE_DTYPE", value_enum)]
     pub dtype: Option<WeightDtype>,
+    /// CPU matmul kernels: `auto` (the skinny AVX-512 kernels where available) or `candle`
+    /// (candle's gemm everywhere) [default: auto]
+    #[arg(long, env = "EXITSERVE_MATMUL", value_enum)]
+    pub matmul: Option<MatmulKernels>,
     /// Log format [default: text]
     #[arg(long, env = "EXITSERVE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -109,6 +120,7 @@ pub struct Settings {
     pub cors_allow_origins: Vec<String>,
     pub max_body_bytes: usize,
     pub dtype: WeightDtype,
+    pub matmul: MatmulKernels,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }
@@ -185,6 +197,7 @@ impl Settings {
             cors_allow_origins: pick!(cors_allow_origin).unwrap_or_default(),
             max_body_bytes: positive("max-body-bytes", pick!(max_body_bytes).unwrap_or(1 << 20))?,
             dtype: pick!(dtype).unwrap_or(WeightDtype::F32),
+            matmul: pick!(matmul).unwrap_or(MatmulKernels::Auto),
             log_format: pick!(log_format).unwrap_or(LogFormat::Text),
             shutdown_grace: secs("shutdown-grace", pick!(shutdown_grace).unwrap_or(30.0))?,
             model,

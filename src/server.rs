@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::DType;
 
-use crate::config::{Settings, WeightDtype};
+use crate::config::{MatmulKernels, Settings, WeightDtype};
 use crate::engine::request::{ModeSpec, UpperSpec};
 use crate::engine::{BatchConfig, Engine, EngineConfig, Limits, Validator};
 use crate::http::{self, AppState};
@@ -75,6 +75,7 @@ pub fn build_state_with(
             WeightDtype::Bf16 => DType::BF16,
         },
         device: device()?,
+        skinny_kernels: s.matmul == MatmulKernels::Auto,
     };
     let loaded = model::load(&s.model, &opts)?;
     let cfg = loaded.model.config().clone();

@@ -82,7 +82,7 @@ fn greedy_batch(
     out
 }
 
-fn load(name: &str) -> LoadedModel {
+fn load_fixture(name: &str) -> LoadedModel {
     model::load(fixture_dir(name).to_str().unwrap(), &LoadOptions::default()).unwrap()
 }
 
@@ -140,19 +140,29 @@ fn check_all_cases_alone(m: &LoadedModel) {
 
 #[test]
 fn safetensors_fixture_matches_reference_in_every_mode() {
-    check_all_cases_alone(&load(FIXTURE));
+    check_all_cases_alone(&load_fixture(FIXTURE));
+}
+
+#[test]
+fn candle_gemm_path_matches_reference_in_every_mode() {
+    // the same checks with the skinny CPU kernels off (`--matmul candle`, and the GPU path)
+    let opts = LoadOptions {
+        skinny_kernels: false,
+        ..LoadOptions::default()
+    };
+    check_all_cases_alone(&model::load(fixture_dir(FIXTURE).to_str().unwrap(), &opts).unwrap());
 }
 
 #[test]
 fn pytorch_bin_fixture_matches_reference_in_every_mode() {
-    check_all_cases_alone(&load(FIXTURE_BIN));
+    check_all_cases_alone(&load_fixture(FIXTURE_BIN));
 }
 
 #[test]
 fn logit_checksums_match() -> TestResult {
     let r = reference();
     for name in [FIXTURE, FIXTURE_BIN] {
-        let m = load(name);
+        let m = load_fixture(name);
         let ids = m.tokenizer.encode(&r.logit_checksums.prompt)?;
         for (head, logits) in m.model.all_head_logits(&ids)? {
             let key = match head {
@@ -177,7 +187,7 @@ fn logit_checksums_match() -> TestResult {
 #[test]
 fn all_prompts_in_one_batch_with_mixed_modes_equal_single_runs() {
     let r = reference();
-    let m = load(FIXTURE);
+    let m = load_fixture(FIXTURE);
     // Six prompts of different lengths, each in a different mode, decoded together.
     let modes = [
         "original",
@@ -210,7 +220,7 @@ fn all_prompts_in_one_batch_with_mixed_modes_equal_single_runs() {
 
 #[test]
 fn exit_mode_skips_upper_layers() {
-    let m = load(FIXTURE);
+    let m = load_fixture(FIXTURE);
     let n = m.model.config().num_layers;
     let before = m
         .model
@@ -226,4 +236,87 @@ fn exit_mode_skips_upper_layers() {
     // 3 steps, one block each, instead of `n` blocks each
     assert_eq!(after - before, 3);
     assert!(n > 1);
+}
+
+#[test]
+fn sharded_safetensors_load_to_the_same_logits() -> TestResult {
+    use candle_core::safetensors::{load, save};
+    let src = fixture_dir(FIXTURE);
+    let dir = std::env::temp_dir().join(format!("exitserve-sharded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f))?;
+    }
+    // split the tensors over two shards and write the index the hub uses
+    let tensors = load(src.join("model.safetensors"), &candle_core::Device::Cpu)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    let mut shards = [std::collections::HashMap::new(), std::collections::HashMap::new()];
+    for (i, name) in names.iter().enumerate() {
+        let shard = i % 2;
+        shards[shard].insert((*name).clone(), tensors[*name].clone());
+        weight_map.insert((*name).clone(), format!("model-0000{}-of-00002.safetensors", shard + 1).into());
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        save(shard, dir.join(format!("model-0000{}-of-00002.safetensors", i + 1)))?;
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )?;
+    let sharded = model::load(dir.to_str().unwrap(), &LoadOptions::default())?;
+    let single = load_fixture(FIXTURE);
+    let ids = single.tokenizer.encode("sharded weights")?;
+    let a = single.model.all_head_logits(&ids)?;
+    let b = sharded.model.all_head_logits(&ids)?;
+    assert_eq!(a, b);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn incremental_detokenization_never_splits_a_character() -> TestResult {
+    let m = load_fixture(FIXTURE);
+    let text = "Zürich café — naïve résumé 🙂 and 東京 🧑‍🚀!";
+    let ids = m.tokenizer.encode(text)?;
+    let mut dec = model::IncrementalDecoder::default();
+    let mut out = String::new();
+    let mut held_back = 0;
+    for &id in &ids {
+        let delta = dec.push(&m.tokenizer, id)?;
+        assert!(!delta.contains('\u{FFFD}'), "broken character emitted: {delta:?}");
+        held_back += delta.is_empty() as usize;
+        out.push_str(&delta);
+    }
+    out.push_str(&dec.flush(&m.tokenizer)?);
+    assert_eq!(out, text);
+    assert!(held_back > 0, "multi-byte characters span several tokens here");
+    Ok(())
+}
+
+#[test]
+fn reduced_precision_weights_stay_close_to_float32() -> TestResult {
+    // The fixture is stored in float16, so f16 weights are exact; only the activations are
+    // rounded for the matmuls.
+    let f32m = load_fixture(FIXTURE);
+    let ids = f32m.tokenizer.encode("The capital of France is")?;
+    let want = f32m.model.all_head_logits(&ids)?;
+    for (dtype, tolerance) in [(candle_core::DType::F16, 0.02), (candle_core::DType::BF16, 0.1)] {
+        let reduced = model::load(
+            fixture_dir(FIXTURE).to_str().unwrap(),
+            &LoadOptions {
+                dtype,
+                ..LoadOptions::default()
+            },
+        )?;
+        for ((h1, a), (h2, b)) in want.iter().zip(reduced.model.all_head_logits(&ids)?.iter()) {
+            assert_eq!(h1, h2);
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst < tolerance, "{dtype:?} {h1:?}: max logit difference {worst}");
+            assert_ne!(worst, 0.0, "{dtype:?} really ran in reduced precision");
+        }
+    }
+    Ok(())
 }

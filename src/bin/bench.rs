@@ -357,6 +357,7 @@ fn print_table(r: &Value) {
 /// model can use, to choose kernels per batch size.
 fn kernels() {
     use candle_core::{DType, Device, Tensor};
+    use exitserve::model::skinny_matmul;
     let dev = Device::Cpu;
     let (v, h) = (50257usize, 768usize);
     let w = Tensor::randn(0f32, 0.02, (v, h), &dev).unwrap();
@@ -378,7 +379,13 @@ fn kernels() {
                 .unwrap();
             let xw = time(&|| x.matmul(&wd.t().unwrap()).unwrap());
             let wx = time(&|| wd.matmul(&x.t().unwrap()).unwrap());
-            println!("{dt:?} batch {b:>2}: x·Wᵀ {xw:7.2} ms   W·xᵀ {wx:7.2} ms");
+            let skinny = if skinny_matmul::supported(dt) {
+                let xf = x.to_dtype(DType::F32).unwrap();
+                format!("{:7.2} ms", time(&|| skinny_matmul::xwt(&xf, &wd).unwrap()))
+            } else {
+                "      -   ".to_string()
+            };
+            println!("{dt:?} batch {b:>2}: candle x·Wᵀ {xw:7.2} ms   candle W·xᵀ {wx:7.2} ms   skinny {skinny}");
         }
     }
 }

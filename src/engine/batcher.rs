@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::error::EngineError;
@@ -273,10 +274,13 @@ impl Batcher {
                 return self.fail_batch(&members, format!("model thread panicked: {msg}"));
             }
         };
-        let mut forked = Vec::new();
+        // Prompt bookkeeping, then the heads at each sequence's last position: the logits
+        // of its next token (none for a sequence still in the middle of its prefill).
+        let mut outputs = outputs;
+        let mut ready: Vec<(usize, Mode, Vec<Vec<f32>>, bool)> = Vec::with_capacity(members.len());
         for (k, &i) in members.iter().enumerate() {
             let take = inputs[i].map_or(0, |(_, t)| t);
-            let logits = &outputs[k];
+            let logits = std::mem::take(&mut outputs[k]);
             if take > 0 {
                 let seq = &mut self.running[i];
                 self.metrics
@@ -285,7 +289,7 @@ impl Batcher {
                 let start = seq.prefilled;
                 seq.prefilled += take;
                 if all_positions[k] {
-                    record_prompt_logprobs(seq, start, take, logits, &self.tokenizer);
+                    record_prompt_logprobs(seq, start, take, &logits, &self.tokenizer);
                 }
                 if seq.in_prefill() {
                     continue;
@@ -294,14 +298,21 @@ impl Batcher {
             if logits.is_empty() || logits[0].is_empty() {
                 continue;
             }
-            // Heads at the last position: the distribution of the next token.
             let last: Vec<Vec<f32>> = logits
-                .iter()
-                .map(|rows| rows.last().cloned().unwrap_or_default())
+                .into_iter()
+                .map(|mut rows| rows.pop().unwrap_or_default())
                 .collect();
             let mode = self.running[i].request.borrow().req.mode;
-            let scores = mode.scores(&last);
-            let was_prefill = take > 0;
+            ready.push((i, mode, last, take > 0));
+        }
+        // The vocabulary-sized scoring (log-softmax, contrast) of the sequences is independent:
+        // spread it over the cores.
+        let scored: Vec<Vec<f32>> = ready
+            .par_iter()
+            .map(|(_, mode, last, _)| mode.scores(last))
+            .collect();
+        let mut forked = Vec::new();
+        for ((i, _, _, was_prefill), scores) in ready.into_iter().zip(scored) {
             if was_prefill {
                 forked.extend(self.fork_followers(i, &scores));
                 self.send_prompt_event(i);

@@ -16,10 +16,15 @@ use super::config::{Activation, AttentionKind, GptNeoConfig};
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::mode::Head;
+use super::skinny_matmul;
 
 /// `x Wᵀ` with the weight possibly stored in reduced precision: the activations are cast to
-/// the weight's dtype for the matmul and the result comes back as float32.
-fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+/// the weight's dtype for the matmul and the result comes back as float32. On CPUs with
+/// AVX-512 (and unless `--matmul candle`), the skinny kernels do float32 and bfloat16.
+fn matmul_t(x: &Tensor, w: &Tensor, skinny: bool) -> candle_core::Result<Tensor> {
+    if skinny && w.device().is_cpu() && skinny_matmul::supported(w.dtype()) {
+        return skinny_matmul::xwt(&x.contiguous()?, w);
+    }
     if x.dtype() == w.dtype() {
         x.matmul(&w.t()?)
     } else {
@@ -27,10 +32,18 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// How projection weights are stored and multiplied.
+#[derive(Debug, Clone, Copy)]
+struct WeightSpec {
+    dtype: DType,
+    skinny: bool,
+}
+
 /// A linear layer (`weight` is `(out, in)` as in PyTorch); the bias stays float32.
 struct Proj {
     weight: Tensor,
     bias: Option<Tensor>,
+    skinny: bool,
 }
 
 impl Proj {
@@ -39,21 +52,25 @@ impl Proj {
         out_dim: usize,
         bias: bool,
         vb: VarBuilder,
-        wdtype: DType,
+        wdtype: WeightSpec,
     ) -> candle_core::Result<Self> {
-        let weight = vb.to_dtype(wdtype).get((out_dim, in_dim), "weight")?;
+        let weight = vb.to_dtype(wdtype.dtype).get((out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            skinny: wdtype.skinny,
+        })
     }
 }
 
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = matmul_t(x, &self.weight)?;
+        let y = matmul_t(x, &self.weight, self.skinny)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -77,7 +94,7 @@ impl SelfAttention {
         cfg: &GptNeoConfig,
         kind: AttentionKind,
         vb: VarBuilder,
-        wdtype: DType,
+        wdtype: WeightSpec,
     ) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
@@ -156,7 +173,7 @@ impl SelfAttention {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         // (heads, len, head_dim) -> (len, heads, head_dim) -> (len, hidden)
         probs
-            .matmul(&values.contiguous()?)?
+            .matmul(&values)?
             .transpose(0, 1)?
             .reshape((len, self.num_heads * self.head_dim))
     }
@@ -195,7 +212,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &GptNeoConfig, vb: VarBuilder, wdtype: DType) -> candle_core::Result<Self> {
+    fn new(cfg: &GptNeoConfig, vb: VarBuilder, wdtype: WeightSpec) -> candle_core::Result<Self> {
         Ok(Self {
             c_fc: Proj::new(
                 cfg.hidden_size,
@@ -241,7 +258,7 @@ impl Block {
         cfg: &GptNeoConfig,
         layer: usize,
         vb: VarBuilder,
-        wdtype: DType,
+        wdtype: WeightSpec,
     ) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_epsilon;
@@ -316,6 +333,7 @@ pub struct MultiExitGptNeo {
     original_head: Tensor, // (vocab, hidden)
     /// `(layer, weight (vocab, hidden))`, ascending by layer.
     exit_heads: Vec<(usize, Tensor)>,
+    skinny: bool,
     device: Device,
     pub stats: ForwardStats,
 }
@@ -330,11 +348,13 @@ fn named<T>(name: &str, r: candle_core::Result<T>) -> Result<T> {
 
 impl MultiExitGptNeo {
     /// Builds the model from a float32 `VarBuilder` rooted at the checkpoint's top level;
-    /// projection and vocabulary weights are kept in `wdtype`.
-    pub fn new(cfg: GptNeoConfig, vb: VarBuilder, wdtype: DType) -> Result<Self> {
+    /// projection and vocabulary weights are kept in `wdtype`, multiplied by the skinny CPU
+    /// kernels when `skinny` (and the CPU has them).
+    pub fn new(cfg: GptNeoConfig, vb: VarBuilder, wdtype: DType, skinny: bool) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let t = vb.pp("transformer");
         let vw = vb.to_dtype(wdtype);
+        let spec = WeightSpec { dtype: wdtype, skinny };
         // One copy of wte serves as the embedding and as the tied original head.
         let wte = named(
             "transformer.wte.weight",
@@ -347,7 +367,7 @@ impl MultiExitGptNeo {
         let blocks = (0..cfg.num_layers)
             .map(|i| {
                 let name = format!("transformer.h.{i}");
-                named(&name, Block::new(&cfg, i, t.pp(format!("h.{i}")), wdtype))
+                named(&name, Block::new(&cfg, i, t.pp(format!("h.{i}")), spec))
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = named(
@@ -376,6 +396,7 @@ impl MultiExitGptNeo {
             ln_f,
             original_head,
             exit_heads,
+            skinny,
             stats: ForwardStats::default(),
         })
     }
@@ -555,7 +576,7 @@ impl MultiExitGptNeo {
             let rows_t = Tensor::new(rows.as_slice(), &self.device)?;
             // (rows, hidden) -> (rows, vocab)
             let hidden = self.ln_f.forward(&x.index_select(&rows_t, 0)?)?;
-            let logits = matmul_t(&hidden, self.head_weight(head)?)?.to_vec2::<f32>()?;
+            let logits = matmul_t(&hidden, self.head_weight(head)?, self.skinny)?.to_vec2::<f32>()?;
             self.stats
                 .head_rows
                 .fetch_add(rows.len() as u64, Ordering::Relaxed);

@@ -18,6 +18,8 @@ pub struct LoadOptions {
     /// positions, biases and attention stay float32; stored float16/bfloat16 is upcast.
     pub dtype: DType,
     pub device: Device,
+    /// Use the skinny AVX-512 matmul kernels where the CPU has them (else candle's gemm).
+    pub skinny_kernels: bool,
 }
 
 impl Default for LoadOptions {
@@ -26,6 +28,7 @@ impl Default for LoadOptions {
             revision: None,
             dtype: DType::F32,
             device: Device::Cpu,
+            skinny_kernels: true,
         }
     }
 }
@@ -54,7 +57,7 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> 
             VarBuilder::from_pth(path, opts.dtype, &opts.device).map_err(|e| file_error(path, e))?
         }
     };
-    let model = MultiExitGptNeo::new(cfg, vb, opts.dtype)?;
+    let model = MultiExitGptNeo::new(cfg, vb, opts.dtype, opts.skinny_kernels)?;
     let tokenizer = TextTokenizer::from_files(&files.tokenizer)?;
     Ok(LoadedModel {
         model,

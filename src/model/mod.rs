@@ -9,6 +9,7 @@ pub mod kv_cache;
 pub mod loader;
 pub mod mode;
 pub mod safetensors_file;
+pub mod skinny_matmul;
 pub mod source;
 pub mod tokenizer;
 
