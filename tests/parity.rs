@@ -253,14 +253,23 @@ fn sharded_safetensors_load_to_the_same_logits() -> TestResult {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let mut weight_map = serde_json::Map::new();
-    let mut shards = [std::collections::HashMap::new(), std::collections::HashMap::new()];
+    let mut shards = [
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    ];
     for (i, name) in names.iter().enumerate() {
         let shard = i % 2;
         shards[shard].insert((*name).clone(), tensors[*name].clone());
-        weight_map.insert((*name).clone(), format!("model-0000{}-of-00002.safetensors", shard + 1).into());
+        weight_map.insert(
+            (*name).clone(),
+            format!("model-0000{}-of-00002.safetensors", shard + 1).into(),
+        );
     }
     for (i, shard) in shards.iter().enumerate() {
-        save(shard, dir.join(format!("model-0000{}-of-00002.safetensors", i + 1)))?;
+        save(
+            shard,
+            dir.join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+        )?;
     }
     std::fs::write(
         dir.join("model.safetensors.index.json"),
@@ -286,13 +295,19 @@ fn incremental_detokenization_never_splits_a_character() -> TestResult {
     let mut held_back = 0;
     for &id in &ids {
         let delta = dec.push(&m.tokenizer, id)?;
-        assert!(!delta.contains('\u{FFFD}'), "broken character emitted: {delta:?}");
+        assert!(
+            !delta.contains('\u{FFFD}'),
+            "broken character emitted: {delta:?}"
+        );
         held_back += delta.is_empty() as usize;
         out.push_str(&delta);
     }
     out.push_str(&dec.flush(&m.tokenizer)?);
     assert_eq!(out, text);
-    assert!(held_back > 0, "multi-byte characters span several tokens here");
+    assert!(
+        held_back > 0,
+        "multi-byte characters span several tokens here"
+    );
     Ok(())
 }
 
@@ -303,7 +318,10 @@ fn reduced_precision_weights_stay_close_to_float32() -> TestResult {
     let f32m = load_fixture(FIXTURE);
     let ids = f32m.tokenizer.encode("The capital of France is")?;
     let want = f32m.model.all_head_logits(&ids)?;
-    for (dtype, tolerance) in [(candle_core::DType::F16, 0.02), (candle_core::DType::BF16, 0.1)] {
+    for (dtype, tolerance) in [
+        (candle_core::DType::F16, 0.02),
+        (candle_core::DType::BF16, 0.1),
+    ] {
         let reduced = model::load(
             fixture_dir(FIXTURE).to_str().unwrap(),
             &LoadOptions {
@@ -313,8 +331,15 @@ fn reduced_precision_weights_stay_close_to_float32() -> TestResult {
         )?;
         for ((h1, a), (h2, b)) in want.iter().zip(reduced.model.all_head_logits(&ids)?.iter()) {
             assert_eq!(h1, h2);
-            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(worst < tolerance, "{dtype:?} {h1:?}: max logit difference {worst}");
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < tolerance,
+                "{dtype:?} {h1:?}: max logit difference {worst}"
+            );
             assert_ne!(worst, 0.0, "{dtype:?} really ran in reduced precision");
         }
     }

@@ -359,6 +359,7 @@ fn kernels() {
     use candle_core::{DType, Device, Tensor};
     use exitserve::model::skinny_matmul;
     let dev = Device::Cpu;
+    println!("rayon threads: {}", rayon::current_num_threads());
     let (v, h) = (50257usize, 768usize);
     let w = Tensor::randn(0f32, 0.02, (v, h), &dev).unwrap();
     let time = |f: &dyn Fn() -> Tensor| {
@@ -381,7 +382,8 @@ fn kernels() {
             let wx = time(&|| wd.matmul(&x.t().unwrap()).unwrap());
             let skinny = if skinny_matmul::supported(dt) {
                 let xf = x.to_dtype(DType::F32).unwrap();
-                format!("{:7.2} ms", time(&|| skinny_matmul::xwt(&xf, &wd).unwrap()))
+                let packed = skinny_matmul::PackedWeight::pack(&wd).unwrap();
+                format!("{:7.2} ms", time(&|| packed.xwt(&xf).unwrap()))
             } else {
                 "      -   ".to_string()
             };

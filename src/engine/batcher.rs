@@ -173,6 +173,8 @@ impl Batcher {
     }
 
     fn step(&mut self) {
+        let t_start = Instant::now();
+        let t_prep;
         self.drop_abandoned();
         self.metrics
             .batch_size
@@ -254,6 +256,7 @@ impl Batcher {
                 })
                 .collect();
             let poison = self.cfg.panic_on_token;
+            t_prep = Instant::now();
             catch_unwind(AssertUnwindSafe(|| {
                 if let Some(t) = poison.filter(|t| tokens.iter().any(|s| s.contains(t))) {
                     panic!("injected fault: token {t}");
@@ -307,10 +310,12 @@ impl Batcher {
         }
         // The vocabulary-sized scoring (log-softmax, contrast) of the sequences is independent:
         // spread it over the cores.
+        let t_forward = Instant::now();
         let scored: Vec<Vec<f32>> = ready
             .par_iter()
             .map(|(_, mode, last, _)| mode.scores(last))
             .collect();
+        let t_scored = Instant::now();
         let mut forked = Vec::new();
         for ((i, _, _, was_prefill), scores) in ready.into_iter().zip(scored) {
             if was_prefill {
@@ -326,6 +331,14 @@ impl Batcher {
             self.sample_and_emit(idx, &scores);
         }
         self.running.retain(|s| !s.finished);
+        tracing::debug!(
+            batch = members.len(),
+            prep_us = (t_prep - t_start).as_micros() as u64,
+            forward_us = (t_forward - t_prep).as_micros() as u64,
+            score_us = (t_scored - t_forward).as_micros() as u64,
+            emit_us = t_scored.elapsed().as_micros() as u64,
+            "step"
+        );
         self.metrics
             .batch_size
             .store(self.running.len() as i64, Ordering::Relaxed);

@@ -66,10 +66,16 @@ impl Engine {
             Arc::clone(&tokenizer),
             Arc::clone(&metrics),
         );
+        // One compute pool for the kernels, attention and scoring, with the batcher running on
+        // one of its threads so that it works alongside the others instead of waiting on them.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("exitserve-compute-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
         // The batcher's state is single-threaded (Rc): it is built on the model thread.
         let thread = std::thread::Builder::new()
             .name("exitserve-model".into())
-            .spawn(move || batcher::Batcher::new(m, t, rx, cfg.batch, b).run())?;
+            .spawn(move || pool.install(|| batcher::Batcher::new(m, t, rx, cfg.batch, b).run()))?;
         Ok(Self {
             tx,
             validator: Validator::new(limits, tokenizer),

@@ -11,24 +11,48 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+use rayon::prelude::*;
 
 use super::config::{Activation, AttentionKind, GptNeoConfig};
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::mode::Head;
-use super::skinny_matmul;
+use super::skinny_matmul::{self, PackedWeight};
 
-/// `x Wᵀ` with the weight possibly stored in reduced precision: the activations are cast to
-/// the weight's dtype for the matmul and the result comes back as float32. On CPUs with
-/// AVX-512 (and unless `--matmul candle`), the skinny kernels do float32 and bfloat16.
-fn matmul_t(x: &Tensor, w: &Tensor, skinny: bool) -> candle_core::Result<Tensor> {
-    if skinny && w.device().is_cpu() && skinny_matmul::supported(w.dtype()) {
-        return skinny_matmul::xwt(&x.contiguous()?, w);
+/// A matmul weight `(out, in)`: packed for the skinny AVX-512 kernels on CPUs that have them
+/// (unless `--matmul candle`), else a plain tensor for candle's matmul (GPU, other CPUs).
+enum Weight {
+    Plain(Tensor),
+    Packed(PackedWeight),
+}
+
+impl Weight {
+    fn new(w: Tensor, skinny: bool) -> candle_core::Result<Self> {
+        if skinny && w.device().is_cpu() && skinny_matmul::supported(w.dtype()) {
+            Ok(Weight::Packed(PackedWeight::pack(&w)?))
+        } else {
+            Ok(Weight::Plain(w))
+        }
     }
-    if x.dtype() == w.dtype() {
-        x.matmul(&w.t()?)
-    } else {
-        x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)
+
+    /// `x Wᵀ` for float32 `x`; a reduced-precision plain weight gets `x` cast to its dtype and
+    /// the result back as float32.
+    fn xwt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Packed(p) => p.xwt(x),
+            Weight::Plain(w) if w.dtype() == x.dtype() => x.matmul(&w.t()?),
+            Weight::Plain(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32),
+        }
+    }
+
+    /// Rows `ids` as float32 (embedding lookup).
+    fn rows(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Packed(p) => p.gather_rows(ids),
+            Weight::Plain(w) => w
+                .index_select(&Tensor::new(ids, device)?, 0)?
+                .to_dtype(DType::F32),
+        }
     }
 }
 
@@ -41,9 +65,8 @@ struct WeightSpec {
 
 /// A linear layer (`weight` is `(out, in)` as in PyTorch); the bias stays float32.
 struct Proj {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
-    skinny: bool,
 }
 
 impl Proj {
@@ -61,16 +84,15 @@ impl Proj {
             None
         };
         Ok(Self {
-            weight,
+            weight: Weight::new(weight, wdtype.skinny)?,
             bias,
-            skinny: wdtype.skinny,
         })
     }
 }
 
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = matmul_t(x, &self.weight, self.skinny)?;
+        let y = self.weight.xwt(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -119,10 +141,11 @@ impl SelfAttention {
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
-        let mut outs = Vec::with_capacity(segments.len());
-        for seg in segments.iter_mut() {
-            outs.push(self.attend_one(&q, &k, &v, seg, layer)?);
-        }
+        // Sequences attend to their own caches independently: spread them over the cores.
+        let mut outs = segments
+            .par_iter_mut()
+            .map(|seg| self.attend_one(&q, &k, &v, seg, layer))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let out = if outs.len() == 1 {
             outs.pop().expect("one")
         } else {
@@ -325,15 +348,15 @@ pub struct ForwardStats {
 
 pub struct MultiExitGptNeo {
     cfg: GptNeoConfig,
-    wte: Tensor, // (vocab, hidden)
+    /// `(vocab, hidden)`: the token embedding, and the original head when tied.
+    wte: Weight,
     wpe: Tensor, // (positions, hidden)
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    /// `lm_head.weight`, or `wte` when tied (the hub checkpoint stores no `lm_head.weight`).
-    original_head: Tensor, // (vocab, hidden)
+    /// `lm_head.weight` when the checkpoint has one; None = tied to `wte` (as on the hub).
+    lm_head: Option<Weight>, // (vocab, hidden)
     /// `(layer, weight (vocab, hidden))`, ascending by layer.
-    exit_heads: Vec<(usize, Tensor)>,
-    skinny: bool,
+    exit_heads: Vec<(usize, Weight)>,
     device: Device,
     pub stats: ForwardStats,
 }
@@ -354,12 +377,38 @@ impl MultiExitGptNeo {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let t = vb.pp("transformer");
         let vw = vb.to_dtype(wdtype);
-        let spec = WeightSpec { dtype: wdtype, skinny };
+        let spec = WeightSpec {
+            dtype: wdtype,
+            skinny,
+        };
         // One copy of wte serves as the embedding and as the tied original head.
         let wte = named(
             "transformer.wte.weight",
             vw.get((v, h), "transformer.wte.weight"),
         )?;
+        let device = wte.device().clone();
+        let wte = named("transformer.wte.weight", Weight::new(wte, skinny))?;
+        // The vocabulary-sized matrices load first, while little else is resident: each
+        // passes through a transient copy (read, pack) that then counts the least.
+        let weight = |name: &str| -> Result<Weight> {
+            let w = named(name, vw.get((v, h), name))?;
+            named(name, Weight::new(w, skinny))
+        };
+        let lm_head = if vb.contains_tensor("lm_head.weight") {
+            Some(weight("lm_head.weight")?)
+        } else {
+            None
+        };
+        let exit_heads = cfg
+            .exit_layers
+            .iter()
+            .map(|&l| {
+                Ok((
+                    l,
+                    weight(&format!("name_to_lm_exit_head.lm_head_{l}.weight"))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let wpe = named(
             "transformer.wpe.weight",
             t.get((cfg.max_position_embeddings, h), "wpe.weight"),
@@ -374,29 +423,15 @@ impl MultiExitGptNeo {
             "transformer.ln_f",
             layer_norm(h, cfg.layer_norm_epsilon, t.pp("ln_f")),
         )?;
-        let original_head = if vb.contains_tensor("lm_head.weight") {
-            named("lm_head.weight", vw.get((v, h), "lm_head.weight"))?
-        } else {
-            wte.clone()
-        };
-        let exit_heads = cfg
-            .exit_layers
-            .iter()
-            .map(|&l| {
-                let name = format!("name_to_lm_exit_head.lm_head_{l}.weight");
-                Ok((l, named(&name, vw.get((v, h), &name))?))
-            })
-            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            device: wte.device().clone(),
+            device,
             cfg,
             wte,
             wpe,
             blocks,
             ln_f,
-            original_head,
+            lm_head,
             exit_heads,
-            skinny,
             stats: ForwardStats::default(),
         })
     }
@@ -413,9 +448,9 @@ impl MultiExitGptNeo {
         KvCache::new(self.cfg.num_layers, self.cfg.max_position_embeddings)
     }
 
-    fn head_weight(&self, head: Head) -> Result<&Tensor> {
+    fn head_weight(&self, head: Head) -> Result<&Weight> {
         match head {
-            Head::Original => Ok(&self.original_head),
+            Head::Original => Ok(self.lm_head.as_ref().unwrap_or(&self.wte)),
             Head::Exit(layer) => self
                 .exit_heads
                 .iter()
@@ -457,10 +492,9 @@ impl MultiExitGptNeo {
         if total_rows == 0 {
             return Ok(outputs);
         }
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         // (rows, hidden)
-        let tokens = self.wte.index_select(&ids, 0)?.to_dtype(DType::F32)?;
+        let tokens = self.wte.rows(&ids, &self.device)?;
         let mut x = (tokens + self.wpe.index_select(&positions, 0)?)?;
 
         let max_depth = order.first().map_or(0, |&i| steps[i].depth);
@@ -576,7 +610,7 @@ impl MultiExitGptNeo {
             let rows_t = Tensor::new(rows.as_slice(), &self.device)?;
             // (rows, hidden) -> (rows, vocab)
             let hidden = self.ln_f.forward(&x.index_select(&rows_t, 0)?)?;
-            let logits = matmul_t(&hidden, self.head_weight(head)?, self.skinny)?.to_vec2::<f32>()?;
+            let logits = self.head_weight(head)?.xwt(&hidden)?.to_vec2::<f32>()?;
             self.stats
                 .head_rows
                 .fetch_add(rows.len() as u64, Ordering::Relaxed);

@@ -128,13 +128,42 @@ impl SafetensorsFiles {
                 path: name.to_string(),
             })?;
         let (path, file) = &self.files[e.file];
-        let mut bytes = vec![0u8; (e.end - e.start) as usize];
-        file.read_exact_at(&mut bytes, e.start)
-            .map_err(|err| candle_core::Error::Msg(format!("{}: {err}", path.display())))?;
-        let t = Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, dev)?;
-        drop(bytes);
+        let read = |buf: &mut [u8]| {
+            file.read_exact_at(buf, e.start)
+                .map_err(|err| candle_core::Error::Msg(format!("{}: {err}", path.display())))
+        };
+        let t = match e.dtype {
+            // Read straight into the tensor's own buffer: no second copy of big matrices.
+            DType::F32 => Tensor::from_vec(read_typed::<f32>(e, read)?, e.shape.as_slice(), dev)?,
+            DType::F16 => {
+                Tensor::from_vec(read_typed::<half::f16>(e, read)?, e.shape.as_slice(), dev)?
+            }
+            DType::BF16 => {
+                Tensor::from_vec(read_typed::<half::bf16>(e, read)?, e.shape.as_slice(), dev)?
+            }
+            _ => {
+                let mut bytes = vec![0u8; (e.end - e.start) as usize];
+                read(&mut bytes)?;
+                Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, dev)?
+            }
+        };
         t.to_dtype(dtype)
     }
+}
+
+/// Reads an entry's bytes into a `Vec<T>` (little-endian files, as safetensors are).
+fn read_typed<T: Copy + Default>(
+    e: &Entry,
+    read: impl Fn(&mut [u8]) -> candle_core::Result<()>,
+) -> candle_core::Result<Vec<T>> {
+    let len = (e.end - e.start) as usize / std::mem::size_of::<T>();
+    let mut v = vec![T::default(); len];
+    // SAFETY: T is a plain number type (f32, f16, bf16): any bytes are a valid value.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, len * std::mem::size_of::<T>())
+    };
+    read(bytes)?;
+    Ok(v)
 }
 
 impl SimpleBackend for SafetensorsFiles {

@@ -1,11 +1,14 @@
-//! `y = x Wᵀ` for the few rows a decode step has, on x86-64 CPUs with AVX-512.
+//! `y = x Wᵀ` for the few rows of a decode step (and the prompt rows of a prefill) on x86-64
+//! CPUs with AVX-512.
 //!
-//! candle's gemm is tuned for large matrices: at 1 to 32 rows it leaves half the memory
-//! bandwidth (batch 1) or half the FMA throughput (batch 16) unused. Here each output is one
-//! dot product of a row of `x` with a row of `W` (PyTorch's `(out, in)` layout, read in place),
-//! computed 4x4 outputs at a time in registers, with the rows of `W` split over the cores.
-//! Float32 weights use FMA; bfloat16 weights use `vdpbf16ps` (x rounded to bfloat16), which
-//! halves the bytes read at batch 1 and doubles the arithmetic rate when batched.
+//! candle's gemm is tuned for large square-ish products: at 1 to 32 rows it leaves much of
+//! the memory bandwidth (batch 1) or of the FMA throughput (batched) unused. Here `W` is packed
+//! once, at load time, into panels of 16 output columns stored k-major (`[panel][k][16]`), so a
+//! register tile of up to 8 rows x 48 columns accumulates with one broadcast of `x` and three
+//! vector loads of `W` per k, and no horizontal reductions; `W` streams from memory once per
+//! call whatever the number of rows. Float32 panels use FMA; bfloat16 panels hold pairs of
+//! consecutive k (`[panel][k/2][16][2]`) for `vdpbf16ps` (x rounded to bfloat16), which halves
+//! the bytes read at batch 1 and doubles the arithmetic rate when batched.
 //!
 //! Every output is accumulated in the same order whatever the number of rows, so a sequence
 //! gets bit-identical results alone or in any batch.
@@ -13,15 +16,21 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Whether this CPU runs the kernels (checked once).
+/// Output columns per panel (one 512-bit vector of f32).
+pub const PANEL: usize = 16;
+
+/// Whether this CPU runs the kernels for weights of `dtype` (checked once).
 pub fn supported(dtype: DType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static AVX512: OnceLock<(bool, bool)> = OnceLock::new();
-        let (f32_ok, bf16_ok) = *AVX512.get_or_init(|| {
+        static FEATURES: OnceLock<(bool, bool)> = OnceLock::new();
+        let (f32_ok, bf16_ok) = *FEATURES.get_or_init(|| {
             let f = std::arch::is_x86_feature_detected!("avx512f");
-            (f, f && std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512bw"))
+            let bf = f
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+                && std::arch::is_x86_feature_detected!("avx512bw");
+            (f, bf)
         });
         match dtype {
             DType::F32 => f32_ok,
@@ -36,63 +45,186 @@ pub fn supported(dtype: DType) -> bool {
     }
 }
 
-/// `x (m, k)` float32 times `w (n, k)`ᵀ float32 or bfloat16 -> `(m, n)` float32.
-pub fn xwt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.apply_op2_no_bwd(w, &XwtOp)
+/// A weight `(n, k)` repacked into panels; the tensor holds the packed elements.
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    packed: Tensor,
+    n: usize,
+    k: usize,
 }
 
-struct XwtOp;
+impl PackedWeight {
+    /// Packs `w` `(n, k)` (float32 or bfloat16, on the CPU). For bfloat16, `k` is padded to even.
+    pub fn pack(w: &Tensor) -> candle_core::Result<Self> {
+        let (n, k) = w.dims2()?;
+        let panels = n.div_ceil(PANEL);
+        let w = w.contiguous()?;
+        let packed = match w.dtype() {
+            DType::F32 => {
+                let (storage, layout) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    candle_core::bail!("packing needs CPU weights");
+                };
+                let src =
+                    &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * k];
+                let mut dst = vec![0f32; panels * k * PANEL];
+                for (row, chunk) in src.chunks_exact(k).enumerate() {
+                    let (p, lane) = (row / PANEL, row % PANEL);
+                    for (kk, &v) in chunk.iter().enumerate() {
+                        dst[(p * k + kk) * PANEL + lane] = v;
+                    }
+                }
+                Tensor::from_vec(dst, panels * k * PANEL, &candle_core::Device::Cpu)?
+            }
+            DType::BF16 => {
+                let (storage, layout) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    candle_core::bail!("packing needs CPU weights");
+                };
+                let src = &cpu.as_slice::<half::bf16>()?
+                    [layout.start_offset()..layout.start_offset() + n * k];
+                let kp = k.div_ceil(2);
+                let mut dst = vec![half::bf16::ZERO; panels * kp * PANEL * 2];
+                for (row, chunk) in src.chunks_exact(k).enumerate() {
+                    let (p, lane) = (row / PANEL, row % PANEL);
+                    for (kk, &v) in chunk.iter().enumerate() {
+                        dst[((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2] = v;
+                    }
+                }
+                Tensor::from_vec(dst, panels * kp * PANEL * 2, &candle_core::Device::Cpu)?
+            }
+            other => candle_core::bail!("cannot pack {other:?} weights"),
+        };
+        Ok(Self { packed, n, k })
+    }
 
-/// Rows of `W` per parallel task: large enough to amortise scheduling, small enough to balance.
-const ROWS_PER_TASK: usize = 128;
+    pub fn dtype(&self) -> DType {
+        self.packed.dtype()
+    }
+
+    /// Rows `ids` of the original `(n, k)` matrix, as float32 `(ids, k)` (the embedding lookup
+    /// when the tied `wte` is stored packed for the original head).
+    pub fn gather_rows(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let k = self.k;
+        let mut out = Vec::with_capacity(ids.len() * k);
+        let storage = self.packed.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), layout) = (&*storage.0, storage.1) else {
+            candle_core::bail!("packed weights live on the CPU");
+        };
+        let start = layout.start_offset();
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.n {
+                candle_core::bail!("row {id} out of range {}", self.n);
+            }
+            let (p, lane) = (id / PANEL, id % PANEL);
+            match cpu {
+                CpuStorage::F32(w) => {
+                    out.extend((0..k).map(|kk| w[start + (p * k + kk) * PANEL + lane]))
+                }
+                CpuStorage::BF16(w) => {
+                    let kp = k.div_ceil(2);
+                    out.extend((0..k).map(|kk| {
+                        w[start + ((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2].to_f32()
+                    }))
+                }
+                _ => candle_core::bail!("packed weights are f32 or bf16"),
+            }
+        }
+        Tensor::from_vec(out, (ids.len(), k), &candle_core::Device::Cpu)
+    }
+
+    /// `x (m, k)` float32 -> `(m, n)` float32.
+    pub fn xwt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op2_no_bwd(
+            &self.packed,
+            &XwtOp {
+                n: self.n,
+                k: self.k,
+            },
+        )
+    }
+}
+
+struct XwtOp {
+    n: usize,
+    k: usize,
+}
+
+/// Panels per parallel task: enough work to amortise scheduling, enough tasks to balance.
+const PANELS_PER_TASK: usize = 12;
 
 impl CustomOp2 for XwtOp {
     fn name(&self) -> &'static str {
-        "skinny-xwt"
+        "packed-xwt"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("skinny-xwt: x is {m}x{k} but W is {n}x{k2}");
+        let n = self.n;
+        if k != self.k {
+            candle_core::bail!("packed-xwt: x has {k} columns, W has {}", self.k);
         }
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("skinny-xwt: operands must be contiguous");
+        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("packed-xwt: operands must be contiguous");
         };
         let x = &s1.as_slice::<f32>()?[x0..x1];
+        let panels = n.div_ceil(PANEL);
         let mut out = vec![0f32; m * n];
         match s2 {
-            CpuStorage::F32(w) => run(&mut out, m, n, |rows, dst| kernels::f32_rows(x, m, k, &w[w0..w1], rows, dst)),
-            CpuStorage::BF16(w) => {
-                let xb = kernels::to_bf16(x);
-                // SAFETY: half::bf16 is a transparent u16.
-                let wb: &[u16] = unsafe { std::slice::from_raw_parts(w[w0..w1].as_ptr() as *const u16, w1 - w0) };
-                run(&mut out, m, n, |rows, dst| kernels::bf16_rows(&xb, m, k, wb, rows, dst))
+            CpuStorage::F32(w) => {
+                let w = &w[w0..w1];
+                run(&mut out, m, n, panels, |p, cols, dst| {
+                    kernels::f32_panels(x, m, k, w, p, cols, dst)
+                });
             }
-            _ => candle_core::bail!("skinny-xwt: weights must be f32 or bf16"),
+            CpuStorage::BF16(w) => {
+                let xb = kernels::to_bf16_pairs(x, m, k);
+                // SAFETY: half::bf16 is a transparent u16.
+                let w: &[u16] = unsafe {
+                    std::slice::from_raw_parts(w[w0..w1].as_ptr() as *const u16, w1 - w0)
+                };
+                run(&mut out, m, n, panels, |p, cols, dst| {
+                    kernels::bf16_panels(&xb, m, k, w, p, cols, dst)
+                });
+            }
+            _ => candle_core::bail!("packed-xwt: weights must be f32 or bf16"),
         }
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
 
-/// Splits the `n` rows of W into tasks; each task fills its columns of `out` (m, n).
-fn run(out: &mut [f32], m: usize, n: usize, task: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
-    let tasks = n.div_ceil(ROWS_PER_TASK);
-    // Each task computes a (m, rows) block into its own buffer, then it is copied into place.
-    let blocks: Vec<(std::ops::Range<usize>, Vec<f32>)> = (0..tasks)
+/// Splits the panels into tasks; a task fills a `(m, cols)` block that is then copied into
+/// its columns of `out (m, n)`.
+fn run(
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    panels: usize,
+    task: impl Fn(std::ops::Range<usize>, usize, &mut [f32]) + Sync,
+) {
+    let tasks = panels.div_ceil(PANELS_PER_TASK);
+    let blocks: Vec<(usize, usize, Vec<f32>)> = (0..tasks)
         .into_par_iter()
         .map(|t| {
-            let rows = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(n);
-            let mut dst = vec![0f32; m * rows.len()];
-            task(rows.clone(), &mut dst);
-            (rows, dst)
+            let p = t * PANELS_PER_TASK..((t + 1) * PANELS_PER_TASK).min(panels);
+            let col0 = p.start * PANEL;
+            let cols = (p.end * PANEL).min(n) - col0;
+            let mut dst = vec![0f32; m * cols];
+            task(p, cols, &mut dst);
+            (col0, cols, dst)
         })
         .collect();
-    for (rows, dst) in blocks {
-        let w = rows.len();
+    for (col0, cols, dst) in blocks {
         for i in 0..m {
-            out[i * n + rows.start..i * n + rows.end].copy_from_slice(&dst[i * w..(i + 1) * w]);
+            out[i * n + col0..i * n + col0 + cols].copy_from_slice(&dst[i * cols..(i + 1) * cols]);
         }
     }
 }
@@ -100,205 +232,286 @@ fn run(out: &mut [f32], m: usize, n: usize, task: impl Fn(std::ops::Range<usize>
 #[cfg(target_arch = "x86_64")]
 mod kernels {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
-    /// Rounds float32 to bfloat16 (nearest even), as `vcvtneps2bf16` does.
-    pub fn to_bf16(x: &[f32]) -> Vec<u16> {
-        x.iter()
-            .map(|v| {
-                let b = v.to_bits();
-                let round = 0x7FFF + ((b >> 16) & 1);
-                (b.wrapping_add(round) >> 16) as u16
-            })
-            .collect()
-    }
+    use super::PANEL;
 
-    /// `dst (m, rows) = x (m, k) · W[rows]ᵀ`, W float32 `(n, k)`.
-    pub fn f32_rows(x: &[f32], m: usize, k: usize, w: &[f32], rows: std::ops::Range<usize>, dst: &mut [f32]) {
-        // SAFETY: `supported(F32)` checked avx512f before this op was chosen.
-        unsafe { f32_rows_avx512(x, m, k, w, rows, dst) }
-    }
+    /// Rows of x per register tile and panels per tile (8 x 3 accumulators of 16 lanes).
+    const MR: usize = 8;
+    const NV: usize = 3;
 
-    /// As `f32_rows` with bfloat16 `x` and W.
-    pub fn bf16_rows(x: &[u16], m: usize, k: usize, w: &[u16], rows: std::ops::Range<usize>, dst: &mut [f32]) {
-        // SAFETY: `supported(BF16)` checked avx512f/bf16/bw before this op was chosen.
-        unsafe { bf16_rows_avx512(x, m, k, w, rows, dst) }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    unsafe fn f32_rows_avx512(x: &[f32], m: usize, k: usize, w: &[f32], rows: std::ops::Range<usize>, dst: &mut [f32]) {
-        let full = k / 16 * 16;
-        let tail: __mmask16 = ((1u32 << (k - full)) - 1) as __mmask16;
-        let xp = x.as_ptr();
-        let wp = w.as_ptr();
-        // MR rows of x (from x_row) by NR rows of W (from w_row) -> dst[x_row.., col..]
-        #[inline(always)]
-        unsafe fn tile<const MR: usize, const NR: usize>(
-            xp: *const f32, wp: *const f32, k: usize, full: usize, tail: __mmask16,
-            x_row: usize, w_row: usize, col: usize, width: usize, dst: &mut [f32],
-        ) {
-            let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-            let mut kk = 0;
-            while kk < full {
-                let mut wv = [_mm512_setzero_ps(); NR];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(wp.add((w_row + j) * k + kk));
-                }
-                for (a, row) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_loadu_ps(xp.add((x_row + a) * k + kk));
-                    for (j, c) in row.iter_mut().enumerate() {
-                        *c = _mm512_fmadd_ps(xv, wv[j], *c);
-                    }
-                }
-                kk += 16;
+    /// x `(m, k)` as bfloat16 pairs `(m, ceil(k/2))` of u32: element 2j in the low half.
+    pub fn to_bf16_pairs(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+        let kp = k.div_ceil(2);
+        let round = |v: f32| {
+            let b = v.to_bits();
+            (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+        };
+        let mut out = vec![0u32; m * kp];
+        for i in 0..m {
+            for j in 0..kp {
+                let lo = round(x[i * k + 2 * j]);
+                let hi = if 2 * j + 1 < k {
+                    round(x[i * k + 2 * j + 1])
+                } else {
+                    0
+                };
+                out[i * kp + j] = lo as u32 | ((hi as u32) << 16);
             }
-            if full < k {
-                let mut wv = [_mm512_setzero_ps(); NR];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = _mm512_maskz_loadu_ps(tail, wp.add((w_row + j) * k + full));
-                }
-                for (a, row) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_maskz_loadu_ps(tail, xp.add((x_row + a) * k + full));
-                    for (j, c) in row.iter_mut().enumerate() {
-                        *c = _mm512_fmadd_ps(xv, wv[j], *c);
-                    }
-                }
+        }
+        out
+    }
+
+    /// `dst (m, cols) = x (m, k) · W[panels]ᵀ` from float32 panels.
+    pub fn f32_panels(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        panels: Range<usize>,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        // SAFETY: `supported(F32)` checked avx512f before weights were packed for this path.
+        unsafe { f32_panels_avx512(x, m, k, w, panels, cols, dst) }
+    }
+
+    /// As `f32_panels` with bfloat16 pairs of x and panels of W.
+    pub fn bf16_panels(
+        x: &[u32],
+        m: usize,
+        k: usize,
+        w: &[u16],
+        panels: Range<usize>,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        // SAFETY: `supported(BF16)` checked avx512f/bf16/bw before weights were packed.
+        unsafe { bf16_panels_avx512(x, m, k, w, panels, cols, dst) }
+    }
+
+    /// Stores `acc` to `dst[row][col..col+16]`, masked to the valid columns.
+    #[inline(always)]
+    unsafe fn store(dst: *mut f32, valid: usize, acc: __m512) {
+        if valid >= PANEL {
+            _mm512_storeu_ps(dst, acc);
+        } else {
+            _mm512_mask_storeu_ps(dst, ((1u32 << valid) - 1) as __mmask16, acc);
+        }
+    }
+
+    macro_rules! dispatch {
+        ($tile:ident, $mr:expr, $nv:expr, ($($arg:expr),*)) => {
+            match ($mr, $nv) {
+                (8, 3) => $tile::<8, 3>($($arg),*), (8, 2) => $tile::<8, 2>($($arg),*), (8, 1) => $tile::<8, 1>($($arg),*),
+                (7, 3) => $tile::<7, 3>($($arg),*), (7, 2) => $tile::<7, 2>($($arg),*), (7, 1) => $tile::<7, 1>($($arg),*),
+                (6, 3) => $tile::<6, 3>($($arg),*), (6, 2) => $tile::<6, 2>($($arg),*), (6, 1) => $tile::<6, 1>($($arg),*),
+                (5, 3) => $tile::<5, 3>($($arg),*), (5, 2) => $tile::<5, 2>($($arg),*), (5, 1) => $tile::<5, 1>($($arg),*),
+                (4, 3) => $tile::<4, 3>($($arg),*), (4, 2) => $tile::<4, 2>($($arg),*), (4, 1) => $tile::<4, 1>($($arg),*),
+                (3, 3) => $tile::<3, 3>($($arg),*), (3, 2) => $tile::<3, 2>($($arg),*), (3, 1) => $tile::<3, 1>($($arg),*),
+                (2, 3) => $tile::<2, 3>($($arg),*), (2, 2) => $tile::<2, 2>($($arg),*), (2, 1) => $tile::<2, 1>($($arg),*),
+                (1, 3) => $tile::<1, 3>($($arg),*), (1, 2) => $tile::<1, 2>($($arg),*), _ => $tile::<1, 1>($($arg),*),
             }
-            for (a, row) in acc.iter().enumerate() {
-                for (j, c) in row.iter().enumerate() {
-                    dst[(x_row + a) * width + col + j] = _mm512_reduce_add_ps(*c);
+        };
+    }
+
+    /// One register tile: rows `row..row+R` of x by panels `p..p+V`.
+    // A register tile needs the operands' raw pointers and extents; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile_f32<const R: usize, const V: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const f32,
+        row: usize,
+        p: usize,
+        p0: usize,
+        cols: usize,
+        dst: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let panel = |v: usize| w.add((p + v) * k * PANEL);
+        for kk in 0..k {
+            let mut wv = [_mm512_setzero_ps(); V];
+            for (v, slot) in wv.iter_mut().enumerate() {
+                *slot = _mm512_loadu_ps(panel(v).add(kk * PANEL));
+            }
+            for (r, accs) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_ps(*x.add((row + r) * k + kk));
+                for (v, a) in accs.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(xb, wv[v], *a);
                 }
             }
         }
-        let width = rows.len();
-        let mut r = 0;
-        while r < width {
-            let nr = (width - r).min(4);
-            let mut i = 0;
-            while i < m {
-                let mr = (m - i).min(4);
-                let w_row = rows.start + r;
-                match (mr, nr) {
-                    (4, 4) => tile::<4, 4>(xp, wp, k, full, tail, i, w_row, r, width, dst),
-                    (_, 4) => {
-                        for a in 0..mr {
-                            tile::<1, 4>(xp, wp, k, full, tail, i + a, w_row, r, width, dst)
-                        }
-                    }
-                    (4, _) => {
-                        for c in 0..nr {
-                            tile::<4, 1>(xp, wp, k, full, tail, i, w_row + c, r + c, width, dst)
-                        }
-                    }
-                    _ => {
-                        for a in 0..mr {
-                            for c in 0..nr {
-                                tile::<1, 1>(xp, wp, k, full, tail, i + a, w_row + c, r + c, width, dst)
-                            }
-                        }
-                    }
+        for (r, accs) in acc.iter().enumerate() {
+            for (v, a) in accs.iter().enumerate() {
+                let col = (p + v - p0) * PANEL;
+                if col < cols {
+                    store(dst.add((row + r) * cols + col), cols - col, *a);
                 }
-                i += mr;
             }
-            r += nr;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn f32_panels_avx512(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        panels: Range<usize>,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        let (xp, wp, dp) = (x.as_ptr(), w.as_ptr(), dst.as_mut_ptr());
+        let mut p = panels.start;
+        while p < panels.end {
+            let nv = (panels.end - p).min(NV);
+            let mut row = 0;
+            while row < m {
+                let mr = (m - row).min(MR);
+                dispatch!(
+                    tile_f32,
+                    mr,
+                    nv,
+                    (xp, k, wp, row, p, panels.start, cols, dp)
+                );
+                row += mr;
+            }
+            p += nv;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile_bf16<const R: usize, const V: usize>(
+        x: *const u32,
+        k: usize,
+        w: *const u16,
+        row: usize,
+        p: usize,
+        p0: usize,
+        cols: usize,
+        dst: *mut f32,
+    ) {
+        let kp = k.div_ceil(2);
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let panel = |v: usize| w.add((p + v) * kp * PANEL * 2);
+        for j in 0..kp {
+            let mut wv: [__m512bh; V] =
+                [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); V];
+            for (v, slot) in wv.iter_mut().enumerate() {
+                *slot = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    panel(v).add(j * PANEL * 2) as *const __m512i,
+                ));
+            }
+            for (r, accs) in acc.iter_mut().enumerate() {
+                let pair = *x.add((row + r) * kp + j) as i32;
+                let xb = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair));
+                for (v, a) in accs.iter_mut().enumerate() {
+                    *a = _mm512_dpbf16_ps(*a, xb, wv[v]);
+                }
+            }
+        }
+        for (r, accs) in acc.iter().enumerate() {
+            for (v, a) in accs.iter().enumerate() {
+                let col = (p + v - p0) * PANEL;
+                if col < cols {
+                    store(dst.add((row + r) * cols + col), cols - col, *a);
+                }
+            }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-    unsafe fn bf16_rows_avx512(x: &[u16], m: usize, k: usize, w: &[u16], rows: std::ops::Range<usize>, dst: &mut [f32]) {
-        let full = k / 32 * 32;
-        let tail: __mmask32 = if k - full == 0 { 0 } else { ((1u64 << (k - full)) - 1) as __mmask32 };
-        let xp = x.as_ptr();
-        let wp = w.as_ptr();
-        #[inline(always)]
-        unsafe fn load(p: *const u16) -> __m512bh {
-            std::mem::transmute(_mm512_loadu_si512(p as *const __m512i))
-        }
-        #[inline(always)]
-        unsafe fn load_tail(mask: __mmask32, p: *const u16) -> __m512bh {
-            std::mem::transmute(_mm512_maskz_loadu_epi16(mask, p as *const i16))
-        }
-        #[inline(always)]
-        unsafe fn tile<const MR: usize, const NR: usize>(
-            xp: *const u16, wp: *const u16, k: usize, full: usize, tail: __mmask32,
-            x_row: usize, w_row: usize, col: usize, width: usize, dst: &mut [f32],
-        ) {
-            let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-            let mut kk = 0;
-            while kk < full {
-                let mut wv: [__m512bh; NR] = [std::mem::transmute(_mm512_setzero_si512()); NR];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = load(wp.add((w_row + j) * k + kk));
-                }
-                for (a, row) in acc.iter_mut().enumerate() {
-                    let xv = load(xp.add((x_row + a) * k + kk));
-                    for (j, c) in row.iter_mut().enumerate() {
-                        *c = _mm512_dpbf16_ps(*c, xv, wv[j]);
-                    }
-                }
-                kk += 32;
+    unsafe fn bf16_panels_avx512(
+        x: &[u32],
+        m: usize,
+        k: usize,
+        w: &[u16],
+        panels: Range<usize>,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        let (xp, wp, dp) = (x.as_ptr(), w.as_ptr(), dst.as_mut_ptr());
+        let mut p = panels.start;
+        while p < panels.end {
+            let nv = (panels.end - p).min(NV);
+            let mut row = 0;
+            while row < m {
+                let mr = (m - row).min(MR);
+                dispatch!(
+                    tile_bf16,
+                    mr,
+                    nv,
+                    (xp, k, wp, row, p, panels.start, cols, dp)
+                );
+                row += mr;
             }
-            if full < k {
-                let mut wv: [__m512bh; NR] = [std::mem::transmute(_mm512_setzero_si512()); NR];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = load_tail(tail, wp.add((w_row + j) * k + full));
-                }
-                for (a, row) in acc.iter_mut().enumerate() {
-                    let xv = load_tail(tail, xp.add((x_row + a) * k + full));
-                    for (j, c) in row.iter_mut().enumerate() {
-                        *c = _mm512_dpbf16_ps(*c, xv, wv[j]);
-                    }
-                }
-            }
-            for (a, row) in acc.iter().enumerate() {
-                for (j, c) in row.iter().enumerate() {
-                    dst[(x_row + a) * width + col + j] = _mm512_reduce_add_ps(*c);
-                }
-            }
-        }
-        let width = rows.len();
-        let mut r = 0;
-        while r < width {
-            let nr = (width - r).min(4);
-            let mut i = 0;
-            while i < m {
-                let mr = (m - i).min(4);
-                let w_row = rows.start + r;
-                match (mr, nr) {
-                    (4, 4) => tile::<4, 4>(xp, wp, k, full, tail, i, w_row, r, width, dst),
-                    (_, 4) => {
-                        for a in 0..mr {
-                            tile::<1, 4>(xp, wp, k, full, tail, i + a, w_row, r, width, dst)
-                        }
-                    }
-                    (4, _) => {
-                        for c in 0..nr {
-                            tile::<4, 1>(xp, wp, k, full, tail, i, w_row + c, r + c, width, dst)
-                        }
-                    }
-                    _ => {
-                        for a in 0..mr {
-                            for c in 0..nr {
-                                tile::<1, 1>(xp, wp, k, full, tail, i + a, w_row + c, r + c, width, dst)
-                            }
-                        }
-                    }
-                }
-                i += mr;
-            }
-            r += nr;
+            p += nv;
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernels {
-    pub fn to_bf16(_: &[f32]) -> Vec<u16> {
+    use std::ops::Range;
+
+    pub fn to_bf16_pairs(_: &[f32], _: usize, _: usize) -> Vec<u32> {
         unreachable!("supported() is false off x86-64")
     }
-    pub fn f32_rows(_: &[f32], _: usize, _: usize, _: &[f32], _: std::ops::Range<usize>, _: &mut [f32]) {
+    pub fn f32_panels(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: Range<usize>,
+        _: usize,
+        _: &mut [f32],
+    ) {
         unreachable!("supported() is false off x86-64")
     }
-    pub fn bf16_rows(_: &[u16], _: usize, _: usize, _: &[u16], _: std::ops::Range<usize>, _: &mut [f32]) {
+    pub fn bf16_panels(
+        _: &[u32],
+        _: usize,
+        _: usize,
+        _: &[u16],
+        _: Range<usize>,
+        _: usize,
+        _: &mut [f32],
+    ) {
         unreachable!("supported() is false off x86-64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn packed_kernels_match_a_plain_matmul_for_every_tile_shape() -> candle_core::Result<()> {
+        for dtype in [DType::F32, DType::BF16] {
+            if !supported(dtype) {
+                continue;
+            }
+            // odd sizes exercise the partial panels, row tiles and (for bf16) the k padding
+            for (m, n, k) in [(1, 37, 19), (3, 50, 64), (9, 100, 33), (17, 16, 8)] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+                let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?.to_dtype(dtype)?;
+                let want = x
+                    .to_dtype(dtype)?
+                    .to_dtype(DType::F32)?
+                    .matmul(&w.to_dtype(DType::F32)?.t()?)?;
+                let got = PackedWeight::pack(&w)?.xwt(&x)?;
+                let diff = (want - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-3, "{dtype:?} {m}x{n}x{k}: {diff}");
+                // a row alone gives the same bits as within the batch
+                let alone = PackedWeight::pack(&w)?.xwt(&x.narrow(0, m - 1, 1)?)?;
+                let in_batch = got.narrow(0, m - 1, 1)?;
+                assert_eq!(alone.to_vec2::<f32>()?, in_batch.to_vec2::<f32>()?);
+            }
+        }
+        Ok(())
     }
 }
