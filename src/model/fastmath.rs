@@ -30,36 +30,118 @@ pub fn exp_neg(x: f32) -> f32 {
     }
 }
 
-/// Σ e^(x - shift) over `xs` (shift >= max keeps every term <= 1), accumulated in lanes.
-pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
-    let mut lanes = [0f32; 16];
-    let chunks = xs.chunks_exact(16);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += exp_neg(x - shift);
-        }
-    }
-    let mut total: f32 = lanes.iter().sum();
-    for &x in rest {
-        total += exp_neg(x - shift);
-    }
-    total
+/// Whether the CPU has AVX-512 (checked once).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
 }
 
-pub fn max(xs: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let chunks = xs.chunks_exact(16);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l = l.max(x);
+/// Compiles a function twice, for AVX-512 (chosen at run time when the CPU has it) and for
+/// the baseline target, so that its autovectorised loops use 16 lanes where they can.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn wide($($arg: $ty),*) -> $ret {
+                    imp($($arg),*)
+                }
+                if avx512() {
+                    // SAFETY: the CPU has AVX-512 (checked above).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    /// Σ e^(x - shift) over `xs` (shift >= max keeps every term <= 1), accumulated in lanes.
+    pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
+        let mut lanes = [0f32; 16];
+        let chunks = xs.chunks_exact(16);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (l, &x) in lanes.iter_mut().zip(c) {
+                *l += exp_neg(x - shift);
+            }
+        }
+        let mut total: f32 = lanes.iter().sum();
+        for &x in rest {
+            total += exp_neg(x - shift);
+        }
+        total
+    }
+}
+
+multiversion! {
+    /// The largest element (-inf for an empty slice).
+    pub fn max(xs: &[f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let chunks = xs.chunks_exact(16);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (l, &x) in lanes.iter_mut().zip(c) {
+                *l = l.max(x);
+            }
+        }
+        rest.iter().fold(lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max), |m, &x| m.max(x))
+    }
+}
+
+multiversion! {
+    /// `xs[i] - c` into a new vector (log-softmax's last pass).
+    pub fn sub(xs: &[f32], c: f32) -> Vec<f32> {
+        xs.iter().map(|&x| x - c).collect()
+    }
+}
+
+multiversion! {
+    /// GPT-Neo's `gelu_new`, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with tanh from
+    /// `exp_neg`: tanh(u) = sign(u) (1 - e^(-2|u|)) / (1 + e^(-2|u|)).
+    pub fn gelu_tanh(xs: &[f32], out: &mut [f32]) -> () {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        for (o, &x) in out.iter_mut().zip(xs) {
+            let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+            let t = exp_neg(-2.0 * u.abs());
+            let th = ((1.0 - t) / (1.0 + t)).copysign(u);
+            *o = 0.5 * x * (1.0 + th);
         }
     }
-    rest.iter().fold(
-        lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-        |m, &x| m.max(x),
-    )
+}
+
+/// `gelu_new` as a candle op on CPU float32 tensors, in parallel chunks.
+pub struct GeluTanh;
+
+impl candle_core::CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("gelu-tanh: input must be contiguous");
+        };
+        let xs = &s.as_slice::<f32>()?[a..b];
+        let mut out = vec![0f32; xs.len()];
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(o, x)| gelu_tanh(x, o));
+        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+    }
 }
 
 #[cfg(test)]
@@ -78,6 +160,22 @@ mod tests {
         assert_eq!(exp_neg(-1000.0), 0.0);
         assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_neg(0.0), 1.0);
+    }
+
+    #[test]
+    fn gelu_matches_the_exact_formula() {
+        let xs: Vec<f32> = (-600..600).map(|i| i as f32 * 0.01).collect();
+        let mut out = vec![0f32; xs.len()];
+        gelu_tanh(&xs, &mut out);
+        for (&x, &g) in xs.iter().zip(&out) {
+            let want = 0.5
+                * x as f64
+                * (1.0
+                    + ((2.0 / std::f64::consts::PI).sqrt()
+                        * (x as f64 + 0.044715 * (x as f64).powi(3)))
+                    .tanh());
+            assert!((g as f64 - want).abs() < 1e-6, "x={x}: {g} vs {want}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::config::{Activation, AttentionKind, GptNeoConfig};
 use super::error::{ModelError, Result};
+use super::fastmath;
 use super::kv_cache::KvCache;
 use super::mode::Head;
 use super::skinny_matmul::{self, PackedWeight};
@@ -90,6 +91,26 @@ impl Proj {
     }
 }
 
+impl Proj {
+    /// Bias-free projections `names` (each `(out, in)`) stacked along the output dimension.
+    fn stacked(
+        in_dim: usize,
+        out_dim: usize,
+        names: &[&str],
+        vb: &VarBuilder,
+        w: WeightSpec,
+    ) -> candle_core::Result<Self> {
+        let parts = names
+            .iter()
+            .map(|n| vb.pp(*n).to_dtype(w.dtype).get((out_dim, in_dim), "weight"))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            weight: Weight::new(Tensor::cat(&parts, 0)?, w.skinny)?,
+            bias: None,
+        })
+    }
+}
+
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.weight.xwt(x)?;
@@ -101,9 +122,9 @@ impl Module for Proj {
 }
 
 struct SelfAttention {
-    q_proj: Proj,
-    k_proj: Proj,
-    v_proj: Proj,
+    /// `q_proj`, `k_proj` and `v_proj` stacked into one `(3 hidden, hidden)` weight: one
+    /// matmul (one pass over x, one parallel dispatch) instead of three.
+    qkv: Proj,
     out_proj: Proj,
     kind: AttentionKind,
     num_heads: usize,
@@ -120,9 +141,7 @@ impl SelfAttention {
     ) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: Proj::new(h, h, false, vb.pp("q_proj"), wdtype)?,
-            k_proj: Proj::new(h, h, false, vb.pp("k_proj"), wdtype)?,
-            v_proj: Proj::new(h, h, false, vb.pp("v_proj"), wdtype)?,
+            qkv: Proj::stacked(h, h, &["q_proj", "k_proj", "v_proj"], &vb, wdtype)?,
             out_proj: Proj::new(h, h, true, vb.pp("out_proj"), wdtype)?,
             kind,
             num_heads: cfg.num_heads,
@@ -138,9 +157,11 @@ impl SelfAttention {
         segments: &mut [Segment<'_>],
         layer: usize,
     ) -> candle_core::Result<Tensor> {
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
+        let h = self.num_heads * self.head_dim;
+        let qkv = self.qkv.forward(x)?; // (rows, 3 hidden)
+        let q = qkv.narrow(1, 0, h)?;
+        let k = qkv.narrow(1, h, h)?;
+        let v = qkv.narrow(1, 2 * h, h)?;
         // Sequences attend to their own caches independently: spread them over the cores.
         let mut outs = segments
             .par_iter_mut()
@@ -260,6 +281,9 @@ impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.c_fc.forward(x)?;
         let h = match self.activation {
+            Activation::GeluTanh if h.device().is_cpu() && h.dtype() == DType::F32 => {
+                h.apply_op1_no_bwd(&fastmath::GeluTanh)?
+            }
             Activation::GeluTanh => h.gelu()?,
             Activation::GeluErf => h.gelu_erf()?,
             Activation::Relu => h.relu()?,

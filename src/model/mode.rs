@@ -103,7 +103,7 @@ impl Mode {
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = fastmath::max(logits);
     let lse = max + fastmath::sum_exp(logits, max).ln();
-    logits.iter().map(|&x| x - lse).collect()
+    fastmath::sub(logits, lse)
 }
 
 /// Autocontrastive log q (REFERENCE.md): the plausible set H keeps the tokens with
