@@ -3,9 +3,8 @@
 mod common;
 
 use common::server::TestServer;
+use common::MODEL;
 use serde_json::{json, Value};
-
-const MODEL: &str = "tiny-gpt-neo-multiexit";
 
 /// A request body: JSON merged over a valid base, or raw bytes.
 enum Body {

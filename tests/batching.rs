@@ -8,54 +8,9 @@ use std::time::Duration;
 
 use common::client::post;
 use common::server::TestServer;
-use common::{reference, Case};
+use common::{greedy_body, ids, reference, MODEL};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-
-const MODEL: &str = "tiny-gpt-neo-multiexit";
-
-fn multi_exit(mode: &str) -> Value {
-    if mode == "original" {
-        return json!({"mode": "original"});
-    }
-    if let Some(l) = mode.strip_prefix("exit:") {
-        return json!({"mode": "exit", "layer": l.parse::<u32>().unwrap()});
-    }
-    let (u, l) = mode
-        .strip_prefix("contrast:")
-        .unwrap()
-        .split_once(',')
-        .unwrap();
-    let upper = if u == "original" {
-        json!("original")
-    } else {
-        json!(u.parse::<u32>().unwrap())
-    };
-    json!({"mode": "contrast", "upper": upper, "lower": l.parse::<u32>().unwrap()})
-}
-
-fn greedy(case: &Case) -> Value {
-    json!({"model": MODEL, "prompt": case.prompt, "max_tokens": 24, "temperature": 0,
-           "return_token_ids": true, "multi_exit": multi_exit(&case.mode)})
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-async fn wait_for(server: &TestServer, name: &str, want: f64) {
-    for _ in 0..200 {
-        if server.metric(name) == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{name} = {}, expected {want}", server.metric(name));
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_54_cases_concurrently_equal_the_reference() {
@@ -65,7 +20,7 @@ async fn all_54_cases_concurrently_equal_the_reference() {
     let tasks: Vec<_> = cases
         .iter()
         .map(|c| {
-            let (url, body) = (url.clone(), greedy(c));
+            let (url, body) = (url.clone(), greedy_body(c));
             tokio::spawn(async move { post(&url, &body).await })
         })
         .collect();
@@ -84,7 +39,7 @@ async fn all_54_cases_concurrently_equal_the_reference() {
     // the batches really were shared: far fewer forward passes than tokens generated
     let steps = server.metric("exitserve_model_steps_total");
     assert!(steps < 54.0 * 24.0 / 4.0, "{steps} steps\n{metrics}");
-    wait_for(&server, "exitserve_batch_size", 0.0).await;
+    server.wait_for_metric("exitserve_batch_size", 0.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +55,7 @@ async fn seeded_sampling_is_the_same_alone_and_among_30_others() {
         .iter()
         .take(30)
         .map(|c| {
-            let (url, mut body) = (url.clone(), greedy(c));
+            let (url, mut body) = (url.clone(), greedy_body(c));
             body["temperature"] = json!(1.0);
             tokio::spawn(async move { post(&url, &body).await })
         })
@@ -142,8 +97,10 @@ async fn disconnected_clients_free_their_slots() {
             .await;
         assert!(r.is_err());
     }
-    wait_for(&server, "exitserve_batch_size", 0.0).await;
-    wait_for(&server, "exitserve_cancellations_total", 8.0).await;
+    server.wait_for_metric("exitserve_batch_size", 0.0).await;
+    server
+        .wait_for_metric("exitserve_cancellations_total", 8.0)
+        .await;
     let generated = server.metric("exitserve_generated_tokens_total");
     assert!(
         generated < 8.0 * 230.0 / 2.0,
@@ -166,7 +123,7 @@ async fn a_flood_gets_429_then_the_server_recovers() {
     let client = reqwest::Client::new();
     let tasks: Vec<_> = (0..40)
         .map(|_| {
-            let (url, body, client) = (url.clone(), greedy(&case), client.clone());
+            let (url, body, client) = (url.clone(), greedy_body(&case), client.clone());
             tokio::spawn(async move {
                 let r = client.post(&url).json(&body).send().await.unwrap();
                 let status = r.status().as_u16();
@@ -201,12 +158,12 @@ async fn a_flood_gets_429_then_the_server_recovers() {
     }
     assert!(ok >= 3 && rejected > 0, "ok {ok}, rejected {rejected}");
     assert_eq!(server.metric("exitserve_rejections_total"), rejected as f64);
-    wait_for(&server, "exitserve_queue_depth", 0.0).await;
-    wait_for(&server, "exitserve_batch_size", 0.0).await;
+    server.wait_for_metric("exitserve_queue_depth", 0.0).await;
+    server.wait_for_metric("exitserve_batch_size", 0.0).await;
     // full recovery: a burst within the queue's capacity all succeeds
     let tasks: Vec<_> = (0..3)
         .map(|_| {
-            let (url, body) = (url.clone(), greedy(&case));
+            let (url, body) = (url.clone(), greedy_body(&case));
             tokio::spawn(async move { post(&url, &body).await })
         })
         .collect();
@@ -258,5 +215,5 @@ async fn request_timeout_ends_long_requests_with_a_clear_error() {
         .as_str()
         .unwrap()
         .contains("--request-timeout"));
-    wait_for(&server, "exitserve_batch_size", 0.0).await;
+    server.wait_for_metric("exitserve_batch_size", 0.0).await;
 }

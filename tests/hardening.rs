@@ -2,26 +2,13 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::client::{get, post, post_stream};
-use common::reference;
 use common::server::TestServer;
+use common::{multi_exit, reference, MODEL};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-const MODEL: &str = "tiny-gpt-neo-multiexit";
 const POISON: u32 = 666;
-
-async fn wait_for(server: &TestServer, name: &str, want: f64) {
-    for _ in 0..300 {
-        if server.metric(name) == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{name} = {}, expected {want}", server.metric(name));
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_the_model_fails_only_its_batch_and_the_engine_goes_on() {
@@ -85,9 +72,11 @@ async fn bulk_disconnects_mid_stream_leave_no_stuck_slots() {
     for t in tasks {
         t.await.unwrap();
     }
-    wait_for(&server, "exitserve_batch_size", 0.0).await;
-    wait_for(&server, "exitserve_queue_depth", 0.0).await;
-    wait_for(&server, "exitserve_cancellations_total", 32.0).await;
+    server.wait_for_metric("exitserve_batch_size", 0.0).await;
+    server.wait_for_metric("exitserve_queue_depth", 0.0).await;
+    server
+        .wait_for_metric("exitserve_cancellations_total", 32.0)
+        .await;
     // every slot is usable again: a full batch of greedy requests returns the fixture ids
     let case = reference().cases[4].clone();
     let tasks: Vec<_> = (0..16)
@@ -116,16 +105,7 @@ async fn load_at_several_times_capacity_has_no_5xx_and_recovers() {
             let case = cases[(i * 7) % cases.len()].clone();
             let url = url.clone();
             tokio::spawn(async move {
-                let mode = if case.mode == "original" { json!({"mode": "original"}) } else {
-                    let m = case.mode.clone();
-                    if let Some(l) = m.strip_prefix("exit:") {
-                        json!({"mode": "exit", "layer": l.parse::<u32>().unwrap()})
-                    } else {
-                        let (u, l) = m.strip_prefix("contrast:").unwrap().split_once(',').unwrap();
-                        let upper = if u == "original" { json!("original") } else { json!(u.parse::<u32>().unwrap()) };
-                        json!({"mode": "contrast", "upper": upper, "lower": l.parse::<u32>().unwrap()})
-                    }
-                };
+                let mode = multi_exit(&case.mode);
                 let body = json!({"model": MODEL, "prompt": case.prompt, "max_tokens": 24, "temperature": 0,
                     "return_token_ids": true, "multi_exit": mode, "stream": i % 2 == 0});
                 if i % 2 == 0 {
@@ -157,8 +137,8 @@ async fn load_at_several_times_capacity_has_no_5xx_and_recovers() {
         }
     }
     assert!(ok >= 4 && rejected > 0, "ok {ok} rejected {rejected}");
-    wait_for(&server, "exitserve_batch_size", 0.0).await;
-    wait_for(&server, "exitserve_queue_depth", 0.0).await;
+    server.wait_for_metric("exitserve_batch_size", 0.0).await;
+    server.wait_for_metric("exitserve_queue_depth", 0.0).await;
     let (status, _) = post(
         &url,
         &json!({"model": MODEL, "prompt": "recovered?", "max_tokens": 2}),

@@ -4,51 +4,10 @@ mod common;
 
 use common::client::{get, post, post_stream};
 use common::server::TestServer;
-use common::{reference, Case};
+use common::{greedy_body, ids, reference, MODEL};
 use serde_json::{json, Value};
 
-const MODEL: &str = "tiny-gpt-neo-multiexit";
-
 /// The `multi_exit` object for a fixture mode string.
-fn multi_exit(mode: &str) -> Value {
-    if mode == "original" {
-        return json!({"mode": "original"});
-    }
-    if let Some(l) = mode.strip_prefix("exit:") {
-        return json!({"mode": "exit", "layer": l.parse::<u32>().unwrap()});
-    }
-    let (u, l) = mode
-        .strip_prefix("contrast:")
-        .unwrap()
-        .split_once(',')
-        .unwrap();
-    let upper = if u == "original" {
-        json!("original")
-    } else {
-        json!(u.parse::<u32>().unwrap())
-    };
-    json!({"mode": "contrast", "upper": upper, "lower": l.parse::<u32>().unwrap()})
-}
-
-fn greedy_body(case: &Case) -> Value {
-    json!({
-        "model": MODEL,
-        "prompt": case.prompt,
-        "max_tokens": case.greedy_ids.len(),
-        "temperature": 0,
-        "return_token_ids": true,
-        "multi_exit": multi_exit(&case.mode),
-    })
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mode_matches_the_reference_over_http() {
     let server = TestServer::start(&[]);

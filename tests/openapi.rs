@@ -6,9 +6,8 @@ mod common;
 
 use common::client::{get, post, post_stream};
 use common::server::TestServer;
+use common::MODEL;
 use serde_json::{json, Value};
-
-const MODEL: &str = "tiny-gpt-neo-multiexit";
 
 fn spec() -> Value {
     let text =

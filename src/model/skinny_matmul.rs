@@ -315,6 +315,23 @@ mod kernels {
         };
     }
 
+    /// Walks the register tiles of a task: up to `NV` panels at a time, each against all rows
+    /// of x in blocks of `MR` (the panels stay in L2 while the rows go by).
+    #[inline(always)]
+    fn drive(m: usize, panels: &Range<usize>, mut tile: impl FnMut(usize, usize, usize, usize)) {
+        let mut p = panels.start;
+        while p < panels.end {
+            let nv = (panels.end - p).min(NV);
+            let mut row = 0;
+            while row < m {
+                let mr = (m - row).min(MR);
+                tile(mr, nv, row, p);
+                row += mr;
+            }
+            p += nv;
+        }
+    }
+
     /// One register tile: rows `row..row+R` of x by panels `p..p+V`.
     // A register tile needs the operands' raw pointers and extents; a struct would only rename them.
     #[allow(clippy::too_many_arguments)]
@@ -364,22 +381,14 @@ mod kernels {
         dst: &mut [f32],
     ) {
         let (xp, wp, dp) = (x.as_ptr(), w.as_ptr(), dst.as_mut_ptr());
-        let mut p = panels.start;
-        while p < panels.end {
-            let nv = (panels.end - p).min(NV);
-            let mut row = 0;
-            while row < m {
-                let mr = (m - row).min(MR);
-                dispatch!(
-                    tile_f32,
-                    mr,
-                    nv,
-                    (xp, k, wp, row, p, panels.start, cols, dp)
-                );
-                row += mr;
-            }
-            p += nv;
-        }
+        drive(m, &panels, |mr, nv, row, p| {
+            dispatch!(
+                tile_f32,
+                mr,
+                nv,
+                (xp, k, wp, row, p, panels.start, cols, dp)
+            )
+        });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -434,22 +443,14 @@ mod kernels {
         dst: &mut [f32],
     ) {
         let (xp, wp, dp) = (x.as_ptr(), w.as_ptr(), dst.as_mut_ptr());
-        let mut p = panels.start;
-        while p < panels.end {
-            let nv = (panels.end - p).min(NV);
-            let mut row = 0;
-            while row < m {
-                let mr = (m - row).min(MR);
-                dispatch!(
-                    tile_bf16,
-                    mr,
-                    nv,
-                    (xp, k, wp, row, p, panels.start, cols, dp)
-                );
-                row += mr;
-            }
-            p += nv;
-        }
+        drive(m, &panels, |mr, nv, row, p| {
+            dispatch!(
+                tile_bf16,
+                mr,
+                nv,
+                (xp, k, wp, row, p, panels.start, cols, dp)
+            )
+        });
     }
 }
 

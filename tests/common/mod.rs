@@ -7,6 +7,7 @@ pub mod server;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use serde_json::{json, Value};
 
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -51,4 +52,49 @@ pub fn reference() -> Reference {
     let path = fixture_dir("tiny-gpt-neo-multiexit.reference.json");
     let text = std::fs::read_to_string(&path).expect("reference fixture");
     serde_json::from_str(&text).expect("reference JSON")
+}
+
+/// The served id of the fixture model.
+pub const MODEL: &str = "tiny-gpt-neo-multiexit";
+
+/// The `multi_exit` object for a fixture mode string (`original`, `exit:L`, `contrast:U,L`).
+pub fn multi_exit(mode: &str) -> Value {
+    if mode == "original" {
+        return json!({"mode": "original"});
+    }
+    if let Some(l) = mode.strip_prefix("exit:") {
+        return json!({"mode": "exit", "layer": l.parse::<u32>().unwrap()});
+    }
+    let (u, l) = mode
+        .strip_prefix("contrast:")
+        .unwrap()
+        .split_once(',')
+        .unwrap();
+    let upper = if u == "original" {
+        json!("original")
+    } else {
+        json!(u.parse::<u32>().unwrap())
+    };
+    json!({"mode": "contrast", "upper": upper, "lower": l.parse::<u32>().unwrap()})
+}
+
+/// A greedy request reproducing a fixture case, with token ids in the response.
+pub fn greedy_body(case: &Case) -> Value {
+    json!({
+        "model": MODEL,
+        "prompt": case.prompt,
+        "max_tokens": case.greedy_ids.len(),
+        "temperature": 0,
+        "return_token_ids": true,
+        "multi_exit": multi_exit(&case.mode),
+    })
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }

@@ -74,6 +74,19 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// Waits (up to 3 s) until metric `name` reads `want`.
+    pub async fn wait_for_metric(&self, name: &str, want: f64) {
+        for _ in 0..300 {
+            if self.metric(name) == want {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{name} = {}, expected {want}", self.metric(name));
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
