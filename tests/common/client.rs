@@ -3,22 +3,23 @@
 use serde_json::Value;
 
 pub async fn post(url: &str, body: &Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    status_and_body(
+        reqwest::Client::new()
+            .post(url)
+            .json(body)
+            .send()
+            .await
+            .unwrap(),
     )
+    .await
 }
 
 pub async fn get(url: &str) -> (u16, Value) {
-    let resp = reqwest::get(url).await.unwrap();
+    status_and_body(reqwest::get(url).await.unwrap()).await
+}
+
+/// The status and the body as JSON (or as a JSON string when it is not JSON).
+async fn status_and_body(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
     (
