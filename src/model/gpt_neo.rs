@@ -192,6 +192,9 @@ impl SelfAttention {
         layer: usize,
     ) -> candle_core::Result<Tensor> {
         let (start, len) = (seg.start, seg.len);
+        if len == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
+            return self.attend_one_token_cpu(q, k, v, seg, layer);
+        }
         let offset = seg.cache.len();
         let q = self.split_heads(q, start, len)?;
         let (keys, values) = seg.cache.append(
@@ -220,6 +223,70 @@ impl SelfAttention {
             .matmul(&values)?
             .transpose(0, 1)?
             .reshape((len, self.num_heads * self.head_dim))
+    }
+
+    /// The decode step of one sequence on the CPU: the same computation as the tensor path,
+    /// done on the raw rows and cache buffers, because at one query the ~20 small tensor ops
+    /// per layer cost more than the arithmetic.
+    fn attend_one_token_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seg: &mut Segment<'_>,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (heads, hd) = (self.num_heads, self.head_dim);
+        let row = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            // (1, hidden) of this sequence -> (heads, 1, head_dim): the same memory order
+            t.narrow(0, seg.start, 1)?.flatten_all()?.to_vec1::<f32>()
+        };
+        let q = row(q)?;
+        let offset = seg.cache.len();
+        let (keys, values) = seg.cache.append(
+            layer,
+            &Tensor::from_vec(row(k)?, (heads, 1, hd), &Device::Cpu)?,
+            &Tensor::from_vec(row(v)?, (heads, 1, hd), &Device::Cpu)?,
+        )?;
+        let total = offset + 1;
+        let first_key = match self.kind {
+            AttentionKind::Global => 0,
+            AttentionKind::Local => (offset + 1).saturating_sub(self.window),
+        };
+        let (k_store, k_layout) = keys.storage_and_layout();
+        let (v_store, v_layout) = values.storage_and_layout();
+        let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*k_store, &*v_store)
+        else {
+            candle_core::bail!("CPU attention on non-CPU caches");
+        };
+        let (kb, vb) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+        // (heads, capacity, head_dim) buffers: the head stride is the capacity times head_dim
+        let (k0, kh) = (k_layout.start_offset(), k_layout.stride()[0]);
+        let (v0, vh) = (v_layout.start_offset(), v_layout.stride()[0]);
+        let mut out = vec![0f32; heads * hd];
+        let mut scores = vec![0f32; total - first_key];
+        for h in 0..heads {
+            let qh = &q[h * hd..(h + 1) * hd];
+            // GPT-Neo does not scale scores by 1/sqrt(head_dim).
+            for (j, s) in scores.iter_mut().enumerate() {
+                let key = &kb[k0 + h * kh + (first_key + j) * hd..][..hd];
+                *s = qh.iter().zip(key).map(|(a, b)| a * b).sum();
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let oh = &mut out[h * hd..(h + 1) * hd];
+            for (j, &p) in scores.iter().enumerate() {
+                let (w, value) = (p / sum, &vb[v0 + h * vh + (first_key + j) * hd..][..hd]);
+                for (o, &x) in oh.iter_mut().zip(value) {
+                    *o += w * x;
+                }
+            }
+        }
+        Tensor::from_vec(out, (1, heads * hd), &Device::Cpu)
     }
 
     /// `(len, klen)`: 0 where query `offset+i` may see key `first_key+j`, -inf elsewhere
