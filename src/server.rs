@@ -1,5 +1,6 @@
 //! Start-up: load the model, start the engine, build the router, serve until a signal.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -158,10 +159,10 @@ pub async fn run(s: Settings) -> Result<(), StartupError> {
     let app = http::router(state);
     let grace = s.shutdown_grace;
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
-    let serving = tokio::spawn(async move { server.await });
-    let mut serving = serving;
+    let mut serving = tokio::spawn(server.into_future());
+    // The server stops accepting on the signal; this copy of it starts the grace period.
     tokio::select! {
-        r = &mut serving => return r.map_err(|e| StartupError::Config(e.to_string()))?.map_err(StartupError::Io),
+        r = &mut serving => return joined(r),
         _ = shutdown_signal() => {}
     }
     tracing::info!(
@@ -169,14 +170,16 @@ pub async fn run(s: Settings) -> Result<(), StartupError> {
         "shutting down; letting requests in flight finish"
     );
     match tokio::time::timeout(grace, serving).await {
-        Ok(r) => r
-            .map_err(|e| StartupError::Config(e.to_string()))?
-            .map_err(StartupError::Io),
+        Ok(r) => joined(r),
         Err(_) => {
             tracing::warn!("grace period over; exiting with requests still running");
             Ok(())
         }
     }
+}
+
+fn joined(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), StartupError> {
+    r.map_err(std::io::Error::other)?.map_err(StartupError::Io)
 }
 
 async fn shutdown_signal() {
