@@ -27,7 +27,10 @@ def main():
         yaml.safe_dump(spec, f)
         pinned = f.name
     with running(binary, "--api-key", KEY) as port:
-        cmd = ["st", "run", pinned, "--url", f"http://127.0.0.1:{port}", "--checks", "all",
+        # The CLI through this interpreter: a fresh `pip install` may not have put `st` on PATH
+        # (pyenv shims are only rehashed by the pip shim).
+        cmd = [sys.executable, "-c", "import sys; from schemathesis.cli import schemathesis; sys.argv[0] = 'st'; sys.exit(schemathesis())",
+               "run", pinned, "--url", f"http://127.0.0.1:{port}", "--checks", "all",
                "--exclude-checks", "positive_data_acceptance", "--max-examples", examples, "--seed", "1",
                "--no-color", "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "60"]
         code = subprocess.call(cmd)
