@@ -183,6 +183,16 @@ impl SelfAttention {
             .contiguous()
     }
 
+    /// The oldest key a step starting at position `offset` reads: a local layer's first query
+    /// sees keys after `offset - window`, and older keys are masked for every query of the
+    /// step, so they are not read at all.
+    fn first_key(&self, offset: usize) -> usize {
+        match self.kind {
+            AttentionKind::Global => 0,
+            AttentionKind::Local => (offset + 1).saturating_sub(self.window),
+        }
+    }
+
     fn attend_one(
         &self,
         q: &Tensor,
@@ -203,12 +213,7 @@ impl SelfAttention {
             &self.split_heads(v, start, len)?,
         )?;
         let total = offset + len;
-        // A local layer's first query (at `offset`) sees keys after `offset - window`; older
-        // keys are masked for every query of this step, so they are not read at all.
-        let first_key = match self.kind {
-            AttentionKind::Global => 0,
-            AttentionKind::Local => (offset + 1).saturating_sub(self.window),
-        };
+        let first_key = self.first_key(offset);
         let keys = keys.narrow(1, first_key, total - first_key)?; // (heads, klen, head_dim)
         let values = values.narrow(1, first_key, total - first_key)?;
         // GPT-Neo does not scale scores by 1/sqrt(head_dim).
@@ -249,10 +254,7 @@ impl SelfAttention {
             &Tensor::from_vec(row(v)?, (heads, 1, hd), &Device::Cpu)?,
         )?;
         let total = offset + 1;
-        let first_key = match self.kind {
-            AttentionKind::Global => 0,
-            AttentionKind::Local => (offset + 1).saturating_sub(self.window),
-        };
+        let first_key = self.first_key(offset);
         let (k_store, k_layout) = keys.storage_and_layout();
         let (v_store, v_layout) = values.storage_and_layout();
         let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*k_store, &*v_store)
