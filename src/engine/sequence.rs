@@ -83,10 +83,6 @@ impl Sequence {
         self.prefilled < self.prompt.len()
     }
 
-    pub fn client_gone(&self) -> bool {
-        self.request.borrow().tx.is_closed()
-    }
-
     pub fn send(&self, event: Event) {
         // A closed channel means the client left; the batcher drops the sequence next step.
         let _ = self.request.borrow().tx.send(event);
@@ -100,15 +96,16 @@ impl Sequence {
         tok: &TextTokenizer,
         eos: Option<u32>,
     ) -> Outcome {
-        let (max_tokens, stops, logprobs, ignore_eos) = {
-            let r = self.request.borrow();
-            (
-                r.req.max_tokens,
-                r.req.stop.clone(),
-                r.req.logprobs,
-                r.req.ignore_eos,
-            )
-        };
+        // A handle of our own, so the request can stay borrowed while `self` changes
+        // (no per-token copy of the stop sequences).
+        let request = Rc::clone(&self.request);
+        let r = request.borrow();
+        let (max_tokens, stops, logprobs, ignore_eos) = (
+            r.req.max_tokens,
+            &r.req.stop,
+            r.req.logprobs,
+            r.req.ignore_eos,
+        );
         self.generated += 1;
         self.sampler.observe(id);
         self.cumulative_logprob += scores[id as usize] as f64;
@@ -118,7 +115,7 @@ impl Sequence {
         let mut stopped = false;
         if !is_eos {
             let delta = self.decoder.push(tok, id).unwrap_or_default();
-            (text, stopped) = self.take_text(&delta, &stops);
+            (text, stopped) = self.take_text(&delta, stops);
         }
         let mut finish = if is_eos || stopped {
             Some(FinishReason::Stop)
@@ -131,7 +128,7 @@ impl Sequence {
             // The end: bytes held back for UTF-8 and a stop prefix that never completed are
             // final text (a stop sequence may still complete within them).
             let rest = self.decoder.flush(tok).unwrap_or_default();
-            let (emit, hit) = self.take_text(&rest, &stops);
+            let (emit, hit) = self.take_text(&rest, stops);
             text.push_str(&emit);
             if hit {
                 finish = Some(FinishReason::Stop);

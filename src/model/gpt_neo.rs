@@ -436,7 +436,6 @@ struct Packed<'p> {
 pub struct ForwardStats {
     /// Block evaluations, counted once per sequence per block.
     pub block_evals: AtomicU64,
-    pub head_rows: AtomicU64,
 }
 
 pub struct MultiExitGptNeo {
@@ -531,10 +530,6 @@ impl MultiExitGptNeo {
 
     pub fn config(&self) -> &GptNeoConfig {
         &self.cfg
-    }
-
-    pub fn exit_layers(&self) -> &[usize] {
-        &self.cfg.exit_layers
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -704,9 +699,6 @@ impl MultiExitGptNeo {
             // (rows, hidden) -> (rows, vocab)
             let hidden = self.ln_f.forward(&x.index_select(&rows_t, 0)?)?;
             let logits = self.head_weight(head)?.xwt(&hidden)?.to_vec2::<f32>()?;
-            self.stats
-                .head_rows
-                .fetch_add(rows.len() as u64, Ordering::Relaxed);
             let mut logits = logits.into_iter();
             for (slot, k, count) in users {
                 outputs[p.order[slot]][k] = logits.by_ref().take(count).collect();

@@ -98,10 +98,6 @@ impl PackedWeight {
         Ok(Self { packed, n, k })
     }
 
-    pub fn dtype(&self) -> DType {
-        self.packed.dtype()
-    }
-
     /// Rows `ids` of the original `(n, k)` matrix, as float32 `(ids, k)` (the embedding lookup
     /// when the tied `wte` is stored packed for the original head).
     pub fn gather_rows(&self, ids: &[u32]) -> candle_core::Result<Tensor> {

@@ -45,11 +45,6 @@ impl TextTokenizer {
         self.inner.decode(ids, false).map_err(tok_err)
     }
 
-    /// Number of ids the tokenizer knows (may be below the model's `vocab_size`).
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
