@@ -311,13 +311,39 @@ fn incremental_detokenization_never_splits_a_character() -> TestResult {
     Ok(())
 }
 
+/// Original-head logits after the prompt, then after each of `forced` fed one at a time
+/// (the single-token decode path, reading the cache written so far).
+fn teacher_forced_logits(
+    m: &LoadedModel,
+    prompt: &[u32],
+    forced: &[u32],
+) -> model::Result<Vec<Vec<f32>>> {
+    let mut cache = m.model.new_cache();
+    let depth = m.model.config().num_layers;
+    let mut out = Vec::new();
+    for tokens in std::iter::once(prompt).chain(forced.chunks(1)) {
+        let mut step = [SeqStep {
+            tokens,
+            cache: &mut cache,
+            depth,
+            heads: &[Head::Original],
+            all_positions: false,
+        }];
+        let mut rows = m.model.forward(&mut step)?.remove(0).remove(0);
+        out.push(rows.pop().expect("the last position"));
+    }
+    Ok(out)
+}
+
 #[test]
 fn reduced_precision_weights_stay_close_to_float32() -> TestResult {
     // The fixture is stored in float16, so f16 weights are exact; only the activations are
-    // rounded for the matmuls.
+    // rounded for the matmuls (and, in bf16, the KV cache).
     let f32m = load_fixture(FIXTURE);
     let ids = f32m.tokenizer.encode("The capital of France is")?;
     let want = f32m.model.all_head_logits(&ids)?;
+    let forced = [464, 3139, 286, 4881, 318, 6342, 13, 198];
+    let want_decode = teacher_forced_logits(&f32m, &ids, &forced)?;
     for (dtype, tolerance) in [
         (candle_core::DType::F16, 0.02),
         (candle_core::DType::BF16, 0.1),
@@ -329,18 +355,28 @@ fn reduced_precision_weights_stay_close_to_float32() -> TestResult {
                 ..LoadOptions::default()
             },
         )?;
-        for ((h1, a), (h2, b)) in want.iter().zip(reduced.model.all_head_logits(&ids)?.iter()) {
-            assert_eq!(h1, h2);
-            let worst = a
-                .iter()
+        let worst = |a: &[f32], b: &[f32]| {
+            a.iter()
                 .zip(b)
                 .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
+                .fold(0f32, f32::max)
+        };
+        for ((h1, a), (h2, b)) in want.iter().zip(reduced.model.all_head_logits(&ids)?.iter()) {
+            assert_eq!(h1, h2);
+            let worst = worst(a, b);
             assert!(
                 worst < tolerance,
                 "{dtype:?} {h1:?}: max logit difference {worst}"
             );
             assert_ne!(worst, 0.0, "{dtype:?} really ran in reduced precision");
+        }
+        let got_decode = teacher_forced_logits(&reduced, &ids, &forced)?;
+        for (step, (a, b)) in want_decode.iter().zip(&got_decode).enumerate() {
+            let worst = worst(a, b);
+            assert!(
+                worst < tolerance,
+                "{dtype:?} decode step {step}: max logit difference {worst}"
+            );
         }
     }
     Ok(())

@@ -373,7 +373,7 @@ fn kernels() {
     };
     for dt in [DType::F32, DType::F16, DType::BF16] {
         let wd = w.to_dtype(dt).unwrap();
-        for b in [1usize, 4, 16] {
+        for b in [1usize, 4, 16, 64] {
             let x = Tensor::randn(0f32, 1.0, (b, h), &dev)
                 .unwrap()
                 .to_dtype(dt)

@@ -1,7 +1,8 @@
-//! Vocabulary-sized loops (50k entries per token) dominate the CPU work outside matmuls, so
-//! they use an `exp` that the compiler vectorizes (libm's `expf` is scalar): Cephes' expf,
-//! i.e. e^x = 2^n e^r with a two-part ln 2 for an exact reduction and a degree-7 polynomial
-//! for e^r, relative error about 1e-7.
+//! The CPU loops outside matmuls: vocabulary-sized ones (50k entries per token), gelu, and
+//! single-query attention. They use an `exp` that the compiler vectorizes (libm's `expf` is
+//! scalar): Cephes' expf, i.e. e^x = 2^n e^r with a two-part ln 2 for an exact reduction and
+//! a degree-7 polynomial for e^r, relative error about 1e-7. Sums run in 16 lanes, so that
+//! they vectorize (a sequential float sum cannot be reordered by the compiler).
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -30,12 +31,9 @@ pub fn exp_neg(x: f32) -> f32 {
     }
 }
 
-/// Whether the CPU has AVX-512 (checked once).
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    super::cpu_features::get().avx512
 }
 
 /// Compiles a function twice, for AVX-512 (chosen at run time when the CPU has it) and for
@@ -117,6 +115,82 @@ multiversion! {
     }
 }
 
+/// An element of a KV cache buffer.
+pub trait KvElem: Copy {
+    fn to_f32(self) -> f32;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for half::bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // a bfloat16 is the top half of a float32: widening is a shift (vectorizes, unlike
+        // a call per element)
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+/// One head of one query: `out = softmax(q·keysᵀ) · values`, `keys` and `values` being
+/// `scores.len()` rows of `q.len()`. No 1/sqrt(d) scaling: GPT-Neo does not scale.
+#[inline(always)]
+fn attend_head<T: KvElem>(
+    q: &[f32],
+    keys: &[T],
+    values: &[T],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = q.len();
+    for (s, key) in scores.iter_mut().zip(keys.chunks_exact(d)) {
+        let mut lanes = [0f32; 16];
+        let (qc, kc) = (q.chunks_exact(16), key.chunks_exact(16));
+        let tail: f32 = qc
+            .remainder()
+            .iter()
+            .zip(kc.remainder())
+            .map(|(&a, &b)| a * b.to_f32())
+            .sum();
+        for (qs, ks) in qc.zip(kc) {
+            for ((l, &a), &b) in lanes.iter_mut().zip(qs).zip(ks) {
+                *l += a * b.to_f32();
+            }
+        }
+        *s = lanes.iter().sum::<f32>() + tail;
+    }
+    let m = max(scores);
+    for s in scores.iter_mut() {
+        *s = exp_neg(*s - m);
+    }
+    let inv = 1.0 / scores.iter().sum::<f32>();
+    out.fill(0.0);
+    for (&p, value) in scores.iter().zip(values.chunks_exact(d)) {
+        let w = p * inv;
+        for (o, &v) in out.iter_mut().zip(value) {
+            *o += w * v.to_f32();
+        }
+    }
+}
+
+multiversion! {
+    /// Single-query attention of one head on a float32 cache (see `attend_head`).
+    pub fn attend_head_f32(q: &[f32], keys: &[f32], values: &[f32], scores: &mut [f32], out: &mut [f32]) -> () {
+        attend_head(q, keys, values, scores, out)
+    }
+}
+
+multiversion! {
+    /// Single-query attention of one head on a bfloat16 cache (see `attend_head`).
+    pub fn attend_head_bf16(q: &[f32], keys: &[half::bf16], values: &[half::bf16], scores: &mut [f32], out: &mut [f32]) -> () {
+        attend_head(q, keys, values, scores, out)
+    }
+}
+
 /// `gelu_new` as a candle op on CPU float32 tensors, in parallel chunks.
 pub struct GeluTanh;
 
@@ -176,6 +250,41 @@ mod tests {
                     .tanh());
             assert!((g as f64 - want).abs() < 1e-6, "x={x}: {g} vs {want}");
         }
+    }
+
+    #[test]
+    fn single_query_attention_matches_the_formula() {
+        let (d, n) = (20, 7); // d not a multiple of the 16 lanes
+        let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let keys: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.11).cos()).collect();
+        let values: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.05).sin()).collect();
+        let logits: Vec<f64> = (0..n)
+            .map(|j| (0..d).map(|i| q[i] as f64 * keys[j * d + i] as f64).sum())
+            .collect();
+        let top = logits.iter().cloned().fold(f64::MIN, f64::max);
+        let total: f64 = logits.iter().map(|l| (l - top).exp()).sum();
+        let want: Vec<f64> = (0..d)
+            .map(|i| {
+                (0..n)
+                    .map(|j| (logits[j] - top).exp() / total * values[j * d + i] as f64)
+                    .sum()
+            })
+            .collect();
+        let (mut scores, mut out) = (vec![0f32; n], vec![0f32; d]);
+        attend_head_f32(&q, &keys, &values, &mut scores, &mut out);
+        for (g, w) in out.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        // bfloat16 caches widen exactly: the same inputs rounded to bf16 give the f32 result
+        let (kb, vb): (Vec<half::bf16>, Vec<half::bf16>) = (
+            keys.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+            values.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+        );
+        let widen = |v: &[half::bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+        let mut out_f32 = vec![0f32; d];
+        attend_head_f32(&q, &widen(&kb), &widen(&vb), &mut scores, &mut out_f32);
+        attend_head_bf16(&q, &kb, &vb, &mut scores, &mut out);
+        assert_eq!(out, out_f32);
     }
 
     #[test]

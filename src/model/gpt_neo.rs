@@ -214,8 +214,13 @@ impl SelfAttention {
         )?;
         let total = offset + len;
         let first_key = self.first_key(offset);
-        let keys = keys.narrow(1, first_key, total - first_key)?; // (heads, klen, head_dim)
-        let values = values.narrow(1, first_key, total - first_key)?;
+        // (heads, klen, head_dim), as float32
+        let keys = keys
+            .narrow(1, first_key, total - first_key)?
+            .to_dtype(DType::F32)?;
+        let values = values
+            .narrow(1, first_key, total - first_key)?
+            .to_dtype(DType::F32)?;
         // GPT-Neo does not scale scores by 1/sqrt(head_dim).
         let mut scores = q.matmul(&keys.t()?)?; // (heads, len, klen)
         if len > 1 {
@@ -257,36 +262,32 @@ impl SelfAttention {
         let first_key = self.first_key(offset);
         let (k_store, k_layout) = keys.storage_and_layout();
         let (v_store, v_layout) = values.storage_and_layout();
-        let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*k_store, &*v_store)
-        else {
-            candle_core::bail!("CPU attention on non-CPU caches");
+        // (heads, capacity, head_dim) buffers: a head's keys first_key..total are contiguous
+        let span = |layout: &candle_core::Layout, h: usize| {
+            let start = layout.start_offset() + h * layout.stride()[0] + first_key * hd;
+            start..start + (total - first_key) * hd
         };
-        let (kb, vb) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
-        // (heads, capacity, head_dim) buffers: the head stride is the capacity times head_dim
-        let (k0, kh) = (k_layout.start_offset(), k_layout.stride()[0]);
-        let (v0, vh) = (v_layout.start_offset(), v_layout.stride()[0]);
         let mut out = vec![0f32; heads * hd];
         let mut scores = vec![0f32; total - first_key];
-        for h in 0..heads {
-            let qh = &q[h * hd..(h + 1) * hd];
-            // GPT-Neo does not scale scores by 1/sqrt(head_dim).
-            for (j, s) in scores.iter_mut().enumerate() {
-                let key = &kb[k0 + h * kh + (first_key + j) * hd..][..hd];
-                *s = qh.iter().zip(key).map(|(a, b)| a * b).sum();
-            }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let oh = &mut out[h * hd..(h + 1) * hd];
-            for (j, &p) in scores.iter().enumerate() {
-                let (w, value) = (p / sum, &vb[v0 + h * vh + (first_key + j) * hd..][..hd]);
-                for (o, &x) in oh.iter_mut().zip(value) {
-                    *o += w * x;
+        let heads_out = out.chunks_exact_mut(hd).zip(q.chunks_exact(hd)).enumerate();
+        match (&*k_store, &*v_store) {
+            (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) => match keys.dtype() {
+                DType::BF16 => {
+                    let (kb, vb) = (kc.as_slice::<half::bf16>()?, vc.as_slice::<half::bf16>()?);
+                    for (h, (oh, qh)) in heads_out {
+                        let (keys, values) = (&kb[span(k_layout, h)], &vb[span(v_layout, h)]);
+                        fastmath::attend_head_bf16(qh, keys, values, &mut scores, oh);
+                    }
                 }
-            }
+                _ => {
+                    let (kb, vb) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+                    for (h, (oh, qh)) in heads_out {
+                        let (keys, values) = (&kb[span(k_layout, h)], &vb[span(v_layout, h)]);
+                        fastmath::attend_head_f32(qh, keys, values, &mut scores, oh);
+                    }
+                }
+            },
+            _ => candle_core::bail!("CPU attention on non-CPU caches"),
         }
         Tensor::from_vec(out, (1, heads * hd), &Device::Cpu)
     }
@@ -450,6 +451,9 @@ pub struct MultiExitGptNeo {
     /// `(layer, weight (vocab, hidden))`, ascending by layer.
     exit_heads: Vec<(usize, Weight)>,
     device: Device,
+    /// bfloat16 caches for bfloat16 weights (half the memory per token, and the values are
+    /// no less exact than the weights that made them); float32 otherwise.
+    kv_dtype: DType,
     pub stats: ForwardStats,
 }
 
@@ -517,6 +521,11 @@ impl MultiExitGptNeo {
         )?;
         Ok(Self {
             device,
+            kv_dtype: if wdtype == DType::BF16 {
+                DType::BF16
+            } else {
+                DType::F32
+            },
             cfg,
             wte,
             wpe,
@@ -533,7 +542,11 @@ impl MultiExitGptNeo {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.num_layers, self.cfg.max_position_embeddings)
+        KvCache::new(
+            self.cfg.num_layers,
+            self.cfg.max_position_embeddings,
+            self.kv_dtype,
+        )
     }
 
     fn head_weight(&self, head: Head) -> Result<&Weight> {

@@ -1,7 +1,10 @@
 //! The multi-exit GPT-Neo in candle: configuration, checkpoint files, weights, forward with
 //! KV caches, exit heads and the contrast math. No async runtime and no HTTP in here.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod config;
+pub mod cpu_features;
 pub mod error;
 pub mod fastmath;
 pub mod gpt_neo;

@@ -7,8 +7,10 @@
 //! register tile of up to 8 rows x 48 columns accumulates with one broadcast of `x` and three
 //! vector loads of `W` per k, and no horizontal reductions; `W` streams from memory once per
 //! call whatever the number of rows. Float32 panels use FMA; bfloat16 panels hold pairs of
-//! consecutive k (`[panel][k/2][16][2]`) for `vdpbf16ps` (x rounded to bfloat16), which halves
-//! the bytes read at batch 1 and doubles the arithmetic rate when batched.
+//! consecutive k (`[panel][k/2][16][2]`, k padded to whole AMX tile rows) for `vdpbf16ps`
+//! (x rounded to bfloat16), which halves the bytes read at batch 1, or, where the CPU has
+//! AMX (`super::amx`), for `tdpbf16ps` tiles, which multiply 16 rows at once: 2-3x faster
+//! than AVX-512 from 4 rows up (prefill, batched decode).
 //!
 //! Every output is accumulated in the same order whatever the number of rows, so a sequence
 //! gets bit-identical results alone or in any batch.
@@ -16,33 +18,36 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_features;
+
 /// Output columns per panel (one 512-bit vector of f32).
 pub const PANEL: usize = 16;
 
-/// Whether this CPU runs the kernels for weights of `dtype` (checked once).
+/// Whether this CPU runs the kernels for weights of `dtype`.
 pub fn supported(dtype: DType) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static FEATURES: OnceLock<(bool, bool)> = OnceLock::new();
-        let (f32_ok, bf16_ok) = *FEATURES.get_or_init(|| {
-            let f = std::arch::is_x86_feature_detected!("avx512f");
-            let bf = f
-                && std::arch::is_x86_feature_detected!("avx512bf16")
-                && std::arch::is_x86_feature_detected!("avx512bw");
-            (f, bf)
-        });
-        match dtype {
-            DType::F32 => f32_ok,
-            DType::BF16 => bf16_ok,
-            _ => false,
-        }
+    let cpu = cpu_features::get();
+    match dtype {
+        DType::F32 => cpu.avx512,
+        DType::BF16 => cpu.amx_bf16 || cpu.avx512_bf16,
+        _ => false,
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = dtype;
-        false
-    }
+}
+
+/// bfloat16 panels hold `k` as pairs, padded to whole AMX tiles (16 pairs = 64 bytes a row);
+/// the zero padding adds nothing to the dot products.
+const PAIRS_BLOCK: usize = 16;
+
+fn bf16_pairs(k: usize) -> usize {
+    k.div_ceil(2).next_multiple_of(PAIRS_BLOCK)
+}
+
+/// One product's operands: `m` rows of x, each `k` elements long (float32, or bfloat16 pairs
+/// with `k` the padded pair count), and W's packed panels.
+pub(crate) struct Operands<'a, X, W> {
+    pub x: &'a [X],
+    pub m: usize,
+    pub k: usize,
+    pub w: &'a [W],
 }
 
 /// A weight `(n, k)` repacked into panels; the tensor holds the packed elements.
@@ -54,7 +59,7 @@ pub struct PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs `w` `(n, k)` (float32 or bfloat16, on the CPU). For bfloat16, `k` is padded to even.
+    /// Packs `w` `(n, k)` (float32 or bfloat16, on the CPU).
     pub fn pack(w: &Tensor) -> candle_core::Result<Self> {
         let (n, k) = w.dims2()?;
         let panels = n.div_ceil(PANEL);
@@ -83,7 +88,7 @@ impl PackedWeight {
                 };
                 let src = &cpu.as_slice::<half::bf16>()?
                     [layout.start_offset()..layout.start_offset() + n * k];
-                let kp = k.div_ceil(2);
+                let kp = bf16_pairs(k);
                 let mut dst = vec![half::bf16::ZERO; panels * kp * PANEL * 2];
                 for (row, chunk) in src.chunks_exact(k).enumerate() {
                     let (p, lane) = (row / PANEL, row % PANEL);
@@ -119,7 +124,7 @@ impl PackedWeight {
                     out.extend((0..k).map(|kk| w[start + (p * k + kk) * PANEL + lane]))
                 }
                 CpuStorage::BF16(w) => {
-                    let kp = k.div_ceil(2);
+                    let kp = bf16_pairs(k);
                     out.extend((0..k).map(|kk| {
                         w[start + ((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2].to_f32()
                     }))
@@ -132,11 +137,18 @@ impl PackedWeight {
 
     /// `x (m, k)` float32 -> `(m, n)` float32.
     pub fn xwt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.xwt_on(x, cpu_features::get().amx_bf16)
+    }
+
+    /// `xwt` with bfloat16 weights multiplied on AMX tiles or not (one choice per process:
+    /// the two give slightly different bits).
+    fn xwt_on(&self, x: &Tensor, amx: bool) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op2_no_bwd(
             &self.packed,
             &XwtOp {
                 n: self.n,
                 k: self.k,
+                amx,
             },
         )
     }
@@ -145,6 +157,7 @@ impl PackedWeight {
 struct XwtOp {
     n: usize,
     k: usize,
+    amx: bool,
 }
 
 /// Panels per parallel task: enough work to amortise scheduling, enough tasks to balance.
@@ -176,19 +189,37 @@ impl CustomOp2 for XwtOp {
         let mut out = vec![0f32; m * n];
         match s2 {
             CpuStorage::F32(w) => {
-                let w = &w[w0..w1];
+                let ops = Operands {
+                    x,
+                    m,
+                    k,
+                    w: &w[w0..w1],
+                };
                 run(&mut out, m, n, panels, |p, cols, dst| {
-                    kernels::f32_panels(x, m, k, w, p, cols, dst)
+                    kernels::f32_panels(&ops, p, cols, dst)
                 });
             }
             CpuStorage::BF16(w) => {
-                let xb = kernels::to_bf16_pairs(x, m, k);
+                let amx = self.amx;
+                // AMX multiplies blocks of up to 16 rows: more rows are padded to whole blocks.
+                let rows = if amx && m > 16 {
+                    m.next_multiple_of(16)
+                } else {
+                    m
+                };
+                let xb = kernels::to_bf16_pairs(x, m, k, rows, bf16_pairs(k));
                 // SAFETY: half::bf16 is a transparent u16.
                 let w: &[u16] = unsafe {
                     std::slice::from_raw_parts(w[w0..w1].as_ptr() as *const u16, w1 - w0)
                 };
+                let ops = Operands {
+                    x: &xb,
+                    m,
+                    k: bf16_pairs(k),
+                    w,
+                };
                 run(&mut out, m, n, panels, |p, cols, dst| {
-                    kernels::bf16_panels(&xb, m, k, w, p, cols, dst)
+                    kernels::bf16_panels(&ops, amx, p, cols, dst)
                 });
             }
             _ => candle_core::bail!("packed-xwt: weights must be f32 or bf16"),
@@ -230,22 +261,22 @@ mod kernels {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::PANEL;
+    use super::{Operands, PANEL};
 
     /// Rows of x per register tile and panels per tile (8 x 3 accumulators of 16 lanes).
     const MR: usize = 8;
     const NV: usize = 3;
 
-    /// x `(m, k)` as bfloat16 pairs `(m, ceil(k/2))` of u32: element 2j in the low half.
-    pub fn to_bf16_pairs(x: &[f32], m: usize, k: usize) -> Vec<u32> {
-        let kp = k.div_ceil(2);
+    /// x `(m, k)` as bfloat16 pairs `(rows, kp)` of u32 (element 2j in the low half), zero
+    /// beyond `m` rows and `k` columns.
+    pub fn to_bf16_pairs(x: &[f32], m: usize, k: usize, rows: usize, kp: usize) -> Vec<u32> {
         let round = |v: f32| {
             let b = v.to_bits();
             (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
         };
-        let mut out = vec![0u32; m * kp];
+        let mut out = vec![0u32; rows * kp];
         for i in 0..m {
-            for j in 0..kp {
+            for j in 0..k.div_ceil(2) {
                 let lo = round(x[i * k + 2 * j]);
                 let hi = if 2 * j + 1 < k {
                     round(x[i * k + 2 * j + 1])
@@ -260,30 +291,31 @@ mod kernels {
 
     /// `dst (m, cols) = x (m, k) · W[panels]ᵀ` from float32 panels.
     pub fn f32_panels(
-        x: &[f32],
-        m: usize,
-        k: usize,
-        w: &[f32],
+        ops: &Operands<f32, f32>,
         panels: Range<usize>,
         cols: usize,
         dst: &mut [f32],
     ) {
         // SAFETY: `supported(F32)` checked avx512f before weights were packed for this path.
-        unsafe { f32_panels_avx512(x, m, k, w, panels, cols, dst) }
+        unsafe { f32_panels_avx512(ops, panels, cols, dst) }
     }
 
-    /// As `f32_panels` with bfloat16 pairs of x and panels of W.
+    /// As `f32_panels` with bfloat16 pairs of x and panels of W, on AMX tiles or not.
     pub fn bf16_panels(
-        x: &[u32],
-        m: usize,
-        k: usize,
-        w: &[u16],
+        ops: &Operands<u32, u16>,
+        amx: bool,
         panels: Range<usize>,
         cols: usize,
         dst: &mut [f32],
     ) {
-        // SAFETY: `supported(BF16)` checked avx512f/bf16/bw before weights were packed.
-        unsafe { bf16_panels_avx512(x, m, k, w, panels, cols, dst) }
+        if amx {
+            // SAFETY: the caller asks for AMX only when `cpu_features` found AMX-BF16 and got
+            // the tile permission; the kernel asserts the extents it reads and writes.
+            unsafe { crate::model::amx::bf16_panels_amx(ops, panels, cols, dst) }
+        } else {
+            // SAFETY: `supported(BF16)` checked avx512f/bf16/bw before weights were packed.
+            unsafe { bf16_panels_avx512(ops, panels, cols, dst) }
+        }
     }
 
     /// Stores `acc` to `dst[row][col..col+16]`, masked to the valid columns.
@@ -368,15 +400,13 @@ mod kernels {
 
     #[target_feature(enable = "avx512f")]
     unsafe fn f32_panels_avx512(
-        x: &[f32],
-        m: usize,
-        k: usize,
-        w: &[f32],
+        ops: &Operands<f32, f32>,
         panels: Range<usize>,
         cols: usize,
         dst: &mut [f32],
     ) {
-        let (xp, wp, dp) = (x.as_ptr(), w.as_ptr(), dst.as_mut_ptr());
+        let (m, k) = (ops.m, ops.k);
+        let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
         drive(m, &panels, |mr, nv, row, p| {
             dispatch!(
                 tile_f32,
@@ -391,7 +421,7 @@ mod kernels {
     #[inline(always)]
     unsafe fn tile_bf16<const R: usize, const V: usize>(
         x: *const u32,
-        k: usize,
+        kp: usize,
         w: *const u16,
         row: usize,
         p: usize,
@@ -399,7 +429,6 @@ mod kernels {
         cols: usize,
         dst: *mut f32,
     ) {
-        let kp = k.div_ceil(2);
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         let panel = |v: usize| w.add((p + v) * kp * PANEL * 2);
         for j in 0..kp {
@@ -430,21 +459,19 @@ mod kernels {
 
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
     unsafe fn bf16_panels_avx512(
-        x: &[u32],
-        m: usize,
-        k: usize,
-        w: &[u16],
+        ops: &Operands<u32, u16>,
         panels: Range<usize>,
         cols: usize,
         dst: &mut [f32],
     ) {
-        let (xp, wp, dp) = (x.as_ptr(), w.as_ptr(), dst.as_mut_ptr());
+        let (m, kp) = (ops.m, ops.k);
+        let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
         drive(m, &panels, |mr, nv, row, p| {
             dispatch!(
                 tile_bf16,
                 mr,
                 nv,
-                (xp, k, wp, row, p, panels.start, cols, dp)
+                (xp, kp, wp, row, p, panels.start, cols, dp)
             )
         });
     }
@@ -452,31 +479,16 @@ mod kernels {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernels {
+    use super::Operands;
     use std::ops::Range;
 
-    pub fn to_bf16_pairs(_: &[f32], _: usize, _: usize) -> Vec<u32> {
+    pub fn to_bf16_pairs(_: &[f32], _: usize, _: usize, _: usize, _: usize) -> Vec<u32> {
         unreachable!("supported() is false off x86-64")
     }
-    pub fn f32_panels(
-        _: &[f32],
-        _: usize,
-        _: usize,
-        _: &[f32],
-        _: Range<usize>,
-        _: usize,
-        _: &mut [f32],
-    ) {
+    pub fn f32_panels(_: &Operands<f32, f32>, _: Range<usize>, _: usize, _: &mut [f32]) {
         unreachable!("supported() is false off x86-64")
     }
-    pub fn bf16_panels(
-        _: &[u32],
-        _: usize,
-        _: usize,
-        _: &[u16],
-        _: Range<usize>,
-        _: usize,
-        _: &mut [f32],
-    ) {
+    pub fn bf16_panels(_: &Operands<u32, u16>, _: bool, _: Range<usize>, _: usize, _: &mut [f32]) {
         unreachable!("supported() is false off x86-64")
     }
 }
@@ -488,23 +500,33 @@ mod tests {
 
     #[test]
     fn packed_kernels_match_a_plain_matmul_for_every_tile_shape() -> candle_core::Result<()> {
-        for dtype in [DType::F32, DType::BF16] {
-            if !supported(dtype) {
-                continue;
-            }
-            // odd sizes exercise the partial panels, row tiles and (for bf16) the k padding
-            for (m, n, k) in [(1, 37, 19), (3, 50, 64), (9, 100, 33), (17, 16, 8)] {
+        let cpu = cpu_features::get();
+        let kernels = [
+            (DType::F32, cpu.avx512, false),
+            (DType::BF16, cpu.avx512_bf16, false),
+            (DType::BF16, cpu.amx_bf16, true),
+        ];
+        for (dtype, _, amx) in kernels.into_iter().filter(|k| k.1) {
+            // odd sizes exercise the partial panels, row tiles and blocks, and the k padding
+            for (m, n, k) in [
+                (1, 37, 19),
+                (3, 50, 64),
+                (9, 100, 33),
+                (17, 16, 8),
+                (35, 90, 70),
+            ] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
                 let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?.to_dtype(dtype)?;
                 let want = x
                     .to_dtype(dtype)?
                     .to_dtype(DType::F32)?
                     .matmul(&w.to_dtype(DType::F32)?.t()?)?;
-                let got = PackedWeight::pack(&w)?.xwt(&x)?;
+                let packed = PackedWeight::pack(&w)?;
+                let got = packed.xwt_on(&x, amx)?;
                 let diff = (want - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 1e-3, "{dtype:?} {m}x{n}x{k}: {diff}");
+                assert!(diff < 1e-3, "{dtype:?} amx {amx} {m}x{n}x{k}: {diff}");
                 // a row alone gives the same bits as within the batch
-                let alone = PackedWeight::pack(&w)?.xwt(&x.narrow(0, m - 1, 1)?)?;
+                let alone = packed.xwt_on(&x.narrow(0, m - 1, 1)?, amx)?;
                 let in_batch = got.narrow(0, m - 1, 1)?;
                 assert_eq!(alone.to_vec2::<f32>()?, in_batch.to_vec2::<f32>()?);
             }

@@ -1,0 +1,67 @@
+//! What the CPU offers the hand-written kernels, probed once per process.
+
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuFeatures {
+    /// AVX-512F: the vectorised loops and the float32 panel kernel.
+    pub avx512: bool,
+    /// AVX-512 BF16 (+BW): the `vdpbf16ps` bfloat16 panel kernel.
+    pub avx512_bf16: bool,
+    /// AMX-BF16 tiles, with the kernel's permission to use them granted to this process.
+    pub amx_bf16: bool,
+}
+
+pub fn get() -> CpuFeatures {
+    static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
+    *FEATURES.get_or_init(probe)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn probe() -> CpuFeatures {
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    let avx512_bf16 = avx512
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512bw");
+    CpuFeatures {
+        avx512,
+        avx512_bf16,
+        amx_bf16: amx_bf16(),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn probe() -> CpuFeatures {
+    CpuFeatures::default()
+}
+
+/// AMX-BF16 per CPUID, and Linux's permission to use the tile data (which it grants per
+/// process, on request, because the tile state makes every context switch save 8 KiB more).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn amx_bf16() -> bool {
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+    use std::arch::x86_64::{__cpuid_count, __get_cpuid_max};
+    if __get_cpuid_max(0).0 < 7 {
+        return false;
+    }
+    let edx = __cpuid_count(7, 0).edx;
+    if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes this process's XSAVE permissions.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn amx_bf16() -> bool {
+    false
+}
