@@ -27,6 +27,7 @@ pub enum WeightDtype {
     F32,
     F16,
     Bf16,
+    Int8,
 }
 
 /// OpenAI-compatible server for multi-exit language models: early exit and autocontrastive
@@ -86,7 +87,8 @@ pub struct Args {
     /// Largest request body in bytes [default: 1048576]
     #[arg(long, env = "EXITSERVE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Weight dtype: f32 (exact parity), or f16/bf16 for speed [default: f32]
+    /// Weight dtype: f32 (exact parity), or bf16/int8 (AVX-512 CPUs) or f16 for speed
+    /// [default: f32]
     #[arg(long, env = "EXITSERVE_DTYPE", value_enum)]
     pub dtype: Option<WeightDtype>,
     /// CPU matmul kernels: `auto` (the skinny AVX-512 kernels where available) or `candle`

@@ -4,8 +4,6 @@ use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use candle_core::DType;
-
 use crate::config::{MatmulKernels, Settings, WeightDtype};
 use crate::engine::request::{ModeSpec, UpperSpec};
 use crate::engine::{BatchConfig, Engine, EngineConfig, Limits, Validator};
@@ -71,9 +69,10 @@ pub fn build_state_with(
     let opts = LoadOptions {
         revision: s.revision.clone(),
         dtype: match s.dtype {
-            WeightDtype::F32 => DType::F32,
-            WeightDtype::F16 => DType::F16,
-            WeightDtype::Bf16 => DType::BF16,
+            WeightDtype::F32 => model::WeightDtype::F32,
+            WeightDtype::F16 => model::WeightDtype::F16,
+            WeightDtype::Bf16 => model::WeightDtype::Bf16,
+            WeightDtype::Int8 => model::WeightDtype::Int8,
         },
         device: device()?,
         skinny_kernels: s.matmul == MatmulKernels::Auto,

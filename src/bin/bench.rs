@@ -21,7 +21,7 @@ struct Args {
     /// Where the random checkpoint is written (once) and cached
     #[arg(long, default_value = "bench-data/gpt-neo-125m-multiexit-random")]
     data: PathBuf,
-    /// Weight dtypes to serve, comma-separated (f32, f16, bf16)
+    /// Weight dtypes to serve, comma-separated (f32, f16, bf16, int8)
     #[arg(long, default_value = "f32,f16", value_delimiter = ',')]
     dtype: Vec<String>,
     /// Prompt length in tokens
@@ -83,6 +83,7 @@ fn main() {
     for dtype in &args.dtype {
         let weight_bytes = match dtype.as_str() {
             "f32" => f32_bytes,
+            "int8" => f32_bytes / 4,
             _ => f32_bytes / 2,
         };
         runs.push(run_server_bench(
@@ -353,7 +354,7 @@ fn print_table(r: &Value) {
     }
 }
 
-/// Times one vocabulary head (50257 x 768) at batch 1 and 16 in the layouts and dtypes the
+/// Times one vocabulary head (50257 x 768) at batch 1 to 64 in the layouts and dtypes the
 /// model can use, to choose kernels per batch size.
 fn kernels() {
     use candle_core::{DType, Device, Tensor};
@@ -388,6 +389,14 @@ fn kernels() {
                 "      -   ".to_string()
             };
             println!("{dt:?} batch {b:>2}: candle x·Wᵀ {xw:7.2} ms   candle W·xᵀ {wx:7.2} ms   skinny {skinny}");
+        }
+    }
+    if skinny_matmul::supports_int8() {
+        let packed = skinny_matmul::PackedWeight::pack_int8(&w).unwrap();
+        for b in [1usize, 4, 16, 64] {
+            let x = Tensor::randn(0f32, 1.0, (b, h), &dev).unwrap();
+            let ms = time(&|| packed.xwt(&x).unwrap());
+            println!("int8 batch {b:>2}: skinny {ms:7.2} ms (per-row scales, x rounded to int16)");
         }
     }
 }

@@ -8,6 +8,8 @@ pub struct CpuFeatures {
     pub avx512: bool,
     /// AVX-512 BF16 (+BW): the `vdpbf16ps` bfloat16 panel kernel.
     pub avx512_bf16: bool,
+    /// AVX-512 VNNI (+BW): the int8 panel kernel (`vpdpwssd`).
+    pub avx512_vnni: bool,
     /// AMX-BF16 tiles, with the kernel's permission to use them granted to this process.
     pub amx_bf16: bool,
 }
@@ -23,9 +25,13 @@ fn probe() -> CpuFeatures {
     let avx512_bf16 = avx512
         && std::arch::is_x86_feature_detected!("avx512bf16")
         && std::arch::is_x86_feature_detected!("avx512bw");
+    let avx512_vnni = avx512
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512bw");
     CpuFeatures {
         avx512,
         avx512_bf16,
+        avx512_vnni,
         amx_bf16: amx_bf16(),
     }
 }

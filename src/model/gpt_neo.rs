@@ -20,6 +20,39 @@ use super::kv_cache::KvCache;
 use super::mode::Head;
 use super::skinny_matmul::{self, PackedWeight};
 
+/// How the projection and vocabulary matrices are stored and multiplied. Norms, position
+/// embeddings, biases and activations stay float32 in every case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// Exact parity with the reference.
+    F32,
+    F16,
+    /// With a bfloat16 KV cache.
+    Bf16,
+    /// Symmetric int8 with one float32 scale per output row, multiplied by the skinny
+    /// kernels (x86-64 with AVX-512 VNNI only) with activations rounded to int16; with a
+    /// bfloat16 KV cache.
+    Int8,
+}
+
+impl WeightDtype {
+    /// The dtype the matrices are read into (int8 is quantized from float32 while packing).
+    pub fn load_dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 | WeightDtype::Int8 => DType::F32,
+            WeightDtype::F16 => DType::F16,
+            WeightDtype::Bf16 => DType::BF16,
+        }
+    }
+
+    fn kv_dtype(self) -> DType {
+        match self {
+            WeightDtype::Bf16 | WeightDtype::Int8 => DType::BF16,
+            WeightDtype::F32 | WeightDtype::F16 => DType::F32,
+        }
+    }
+}
+
 /// A matmul weight `(out, in)`: packed for the skinny AVX-512 kernels on CPUs that have them
 /// (unless `--matmul candle`), else a plain tensor for candle's matmul (GPU, other CPUs).
 enum Weight {
@@ -28,8 +61,18 @@ enum Weight {
 }
 
 impl Weight {
-    fn new(w: Tensor, skinny: bool) -> candle_core::Result<Self> {
-        if skinny && w.device().is_cpu() && skinny_matmul::supported(w.dtype()) {
+    /// `w` as read (in `spec.dtype.load_dtype()`), packed or quantized as `spec` says.
+    fn new(w: Tensor, spec: WeightSpec) -> candle_core::Result<Self> {
+        let cpu_kernels = spec.skinny && w.device().is_cpu();
+        if spec.dtype == WeightDtype::Int8 {
+            if !(cpu_kernels && skinny_matmul::supports_int8()) {
+                candle_core::bail!(
+                    "int8 weights need the skinny CPU kernels: an x86-64 CPU with AVX-512 \
+                     VNNI, and --matmul auto"
+                );
+            }
+            Ok(Weight::Packed(PackedWeight::pack_int8(&w)?))
+        } else if cpu_kernels && skinny_matmul::supported(w.dtype()) {
             Ok(Weight::Packed(PackedWeight::pack(&w)?))
         } else {
             Ok(Weight::Plain(w))
@@ -60,7 +103,7 @@ impl Weight {
 /// How projection weights are stored and multiplied.
 #[derive(Debug, Clone, Copy)]
 struct WeightSpec {
-    dtype: DType,
+    dtype: WeightDtype,
     skinny: bool,
 }
 
@@ -78,14 +121,16 @@ impl Proj {
         vb: VarBuilder,
         wdtype: WeightSpec,
     ) -> candle_core::Result<Self> {
-        let weight = vb.to_dtype(wdtype.dtype).get((out_dim, in_dim), "weight")?;
+        let weight = vb
+            .to_dtype(wdtype.dtype.load_dtype())
+            .get((out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
         Ok(Self {
-            weight: Weight::new(weight, wdtype.skinny)?,
+            weight: Weight::new(weight, wdtype)?,
             bias,
         })
     }
@@ -102,10 +147,14 @@ impl Proj {
     ) -> candle_core::Result<Self> {
         let parts = names
             .iter()
-            .map(|n| vb.pp(*n).to_dtype(w.dtype).get((out_dim, in_dim), "weight"))
+            .map(|n| {
+                vb.pp(*n)
+                    .to_dtype(w.dtype.load_dtype())
+                    .get((out_dim, in_dim), "weight")
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            weight: Weight::new(Tensor::cat(&parts, 0)?, w.skinny)?,
+            weight: Weight::new(Tensor::cat(&parts, 0)?, w)?,
             bias: None,
         })
     }
@@ -451,8 +500,8 @@ pub struct MultiExitGptNeo {
     /// `(layer, weight (vocab, hidden))`, ascending by layer.
     exit_heads: Vec<(usize, Weight)>,
     device: Device,
-    /// bfloat16 caches for bfloat16 weights (half the memory per token, and the values are
-    /// no less exact than the weights that made them); float32 otherwise.
+    /// bfloat16 caches for bfloat16 and int8 weights (half the memory per token, and the
+    /// values are no less exact than the weights that made them); float32 otherwise.
     kv_dtype: DType,
     pub stats: ForwardStats,
 }
@@ -469,10 +518,15 @@ impl MultiExitGptNeo {
     /// Builds the model from a float32 `VarBuilder` rooted at the checkpoint's top level;
     /// projection and vocabulary weights are kept in `wdtype`, multiplied by the skinny CPU
     /// kernels when `skinny` (and the CPU has them).
-    pub fn new(cfg: GptNeoConfig, vb: VarBuilder, wdtype: DType, skinny: bool) -> Result<Self> {
+    pub fn new(
+        cfg: GptNeoConfig,
+        vb: VarBuilder,
+        wdtype: WeightDtype,
+        skinny: bool,
+    ) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let t = vb.pp("transformer");
-        let vw = vb.to_dtype(wdtype);
+        let vw = vb.to_dtype(wdtype.load_dtype());
         let spec = WeightSpec {
             dtype: wdtype,
             skinny,
@@ -483,12 +537,12 @@ impl MultiExitGptNeo {
             vw.get((v, h), "transformer.wte.weight"),
         )?;
         let device = wte.device().clone();
-        let wte = named("transformer.wte.weight", Weight::new(wte, skinny))?;
+        let wte = named("transformer.wte.weight", Weight::new(wte, spec))?;
         // The vocabulary-sized matrices load first, while little else is resident: each
         // passes through a transient copy (read, pack) that then counts the least.
         let weight = |name: &str| -> Result<Weight> {
             let w = named(name, vw.get((v, h), name))?;
-            named(name, Weight::new(w, skinny))
+            named(name, Weight::new(w, spec))
         };
         let lm_head = if vb.contains_tensor("lm_head.weight") {
             Some(weight("lm_head.weight")?)
@@ -521,11 +575,7 @@ impl MultiExitGptNeo {
         )?;
         Ok(Self {
             device,
-            kv_dtype: if wdtype == DType::BF16 {
-                DType::BF16
-            } else {
-                DType::F32
-            },
+            kv_dtype: wdtype.kv_dtype(),
             cfg,
             wte,
             wpe,

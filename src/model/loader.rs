@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use super::config::GptNeoConfig;
 use super::error::{ModelError, Result};
-use super::gpt_neo::MultiExitGptNeo;
+use super::gpt_neo::{MultiExitGptNeo, WeightDtype};
 use super::safetensors_file::SafetensorsFiles;
 use super::source::{self, ModelFiles, WeightFiles};
 use super::tokenizer::TextTokenizer;
@@ -14,9 +14,9 @@ use super::tokenizer::TextTokenizer;
 pub struct LoadOptions {
     /// Hub revision (branch, tag, commit or `refs/pr/N`); ignored for local folders.
     pub revision: Option<String>,
-    /// Dtype of the matmul weights (projections and vocabulary heads). Norms, embeddings'
-    /// positions, biases and attention stay float32; stored float16/bfloat16 is upcast.
-    pub dtype: DType,
+    /// How the matmul weights (projections and vocabulary heads) are kept. Norms, position
+    /// embeddings, biases and attention stay float32; stored float16/bfloat16 is upcast.
+    pub dtype: WeightDtype,
     pub device: Device,
     /// Use the skinny AVX-512 matmul kernels where the CPU has them (else candle's gemm).
     pub skinny_kernels: bool,
@@ -26,7 +26,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             revision: None,
-            dtype: DType::F32,
+            dtype: WeightDtype::F32,
             device: Device::Cpu,
             skinny_kernels: true,
         }
@@ -53,9 +53,8 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> 
             DType::F32,
             opts.device.clone(),
         ),
-        WeightFiles::Pth(path) => {
-            VarBuilder::from_pth(path, opts.dtype, &opts.device).map_err(|e| file_error(path, e))?
-        }
+        WeightFiles::Pth(path) => VarBuilder::from_pth(path, opts.dtype.load_dtype(), &opts.device)
+            .map_err(|e| file_error(path, e))?,
     };
     let model = MultiExitGptNeo::new(cfg, vb, opts.dtype, opts.skinny_kernels)?;
     let tokenizer = TextTokenizer::from_files(&files.tokenizer)?;

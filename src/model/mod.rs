@@ -18,7 +18,7 @@ pub mod tokenizer;
 
 pub use config::GptNeoConfig;
 pub use error::{ModelError, Result};
-pub use gpt_neo::{MultiExitGptNeo, SeqStep};
+pub use gpt_neo::{MultiExitGptNeo, SeqStep, WeightDtype};
 pub use kv_cache::KvCache;
 pub use loader::{load, LoadOptions, LoadedModel};
 pub use mode::{ContrastParams, Head, Mode, Upper};

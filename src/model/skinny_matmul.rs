@@ -33,6 +33,11 @@ pub fn supported(dtype: DType) -> bool {
     }
 }
 
+/// Whether this CPU runs the int8 kernel (AVX-512 VNNI).
+pub fn supports_int8() -> bool {
+    cpu_features::get().avx512_vnni
+}
+
 /// bfloat16 panels hold `k` as pairs, padded to whole AMX tiles (16 pairs = 64 bytes a row);
 /// the zero padding adds nothing to the dot products.
 const PAIRS_BLOCK: usize = 16;
@@ -56,6 +61,8 @@ pub struct PackedWeight {
     packed: Tensor,
     n: usize,
     k: usize,
+    /// Int8 panels: each output column's scale (`panels * 16`, zero past `n`).
+    scales: Option<Vec<f32>>,
 }
 
 impl PackedWeight {
@@ -100,7 +107,46 @@ impl PackedWeight {
             }
             other => candle_core::bail!("cannot pack {other:?} weights"),
         };
-        Ok(Self { packed, n, k })
+        Ok(Self {
+            packed,
+            n,
+            k,
+            scales: None,
+        })
+    }
+
+    /// Quantizes float32 `w` `(n, k)` to int8 with one scale per output row (symmetric:
+    /// w ≈ scale · q, q in -127..=127), in pair panels `[panel][k/2][16][2]`. The kernel
+    /// multiplies q exactly by x quantized per row to int16 (AVX-512 VNNI `vpdpwssd`), so
+    /// the result is x · (scale q)ᵀ up to x's 16-bit rounding.
+    pub fn pack_int8(w: &Tensor) -> candle_core::Result<Self> {
+        let (n, k) = w.dims2()?;
+        let panels = n.div_ceil(PANEL);
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("packing needs CPU weights");
+        };
+        let src = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * k];
+        let kp = k.div_ceil(2);
+        let mut dst = vec![0u8; panels * kp * PANEL * 2];
+        let mut scales = vec![0f32; panels * PANEL];
+        for (row, chunk) in src.chunks_exact(k).enumerate() {
+            let (p, lane) = (row / PANEL, row % PANEL);
+            let peak = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = if peak > 0.0 { peak / 127.0 } else { 1.0 };
+            scales[row] = scale;
+            for (kk, &v) in chunk.iter().enumerate() {
+                let q = (v / scale).round().clamp(-127.0, 127.0) as i8;
+                dst[((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2] = q as u8;
+            }
+        }
+        Ok(Self {
+            packed: Tensor::from_vec(dst, panels * kp * PANEL * 2, &candle_core::Device::Cpu)?,
+            n,
+            k,
+            scales: Some(scales),
+        })
     }
 
     /// Rows `ids` of the original `(n, k)` matrix, as float32 `(ids, k)` (the embedding lookup
@@ -129,7 +175,14 @@ impl PackedWeight {
                         w[start + ((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2].to_f32()
                     }))
                 }
-                _ => candle_core::bail!("packed weights are f32 or bf16"),
+                CpuStorage::U8(w) => {
+                    let (kp, scale) = (k.div_ceil(2), self.scales.as_ref().map_or(1.0, |s| s[id]));
+                    out.extend((0..k).map(|kk| {
+                        let q = w[start + ((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2] as i8;
+                        q as f32 * scale
+                    }))
+                }
+                _ => candle_core::bail!("packed weights are f32, bf16 or int8"),
             }
         }
         Tensor::from_vec(out, (ids.len(), k), &candle_core::Device::Cpu)
@@ -149,21 +202,23 @@ impl PackedWeight {
                 n: self.n,
                 k: self.k,
                 amx,
+                scales: self.scales.as_deref(),
             },
         )
     }
 }
 
-struct XwtOp {
+struct XwtOp<'a> {
     n: usize,
     k: usize,
     amx: bool,
+    scales: Option<&'a [f32]>,
 }
 
 /// Panels per parallel task: enough work to amortise scheduling, enough tasks to balance.
 const PANELS_PER_TASK: usize = 12;
 
-impl CustomOp2 for XwtOp {
+impl CustomOp2 for XwtOp<'_> {
     fn name(&self) -> &'static str {
         "packed-xwt"
     }
@@ -199,6 +254,24 @@ impl CustomOp2 for XwtOp {
                     kernels::f32_panels(&ops, p, cols, dst)
                 });
             }
+            CpuStorage::U8(w) => {
+                let Some(w_scales) = self.scales else {
+                    candle_core::bail!("packed-xwt: int8 weights without scales");
+                };
+                let (xq, x_scales) = int16_pairs(x, m, k);
+                // SAFETY: i8 and u8 have the same size and alignment; the bytes are i8 bits.
+                let w: &[i8] =
+                    unsafe { std::slice::from_raw_parts(w[w0..w1].as_ptr() as *const i8, w1 - w0) };
+                let ops = Operands {
+                    x: &xq,
+                    m,
+                    k: k.div_ceil(2),
+                    w,
+                };
+                run(&mut out, m, n, panels, |p, cols, dst| {
+                    kernels::int8_panels(&ops, (&x_scales, w_scales), p, cols, dst)
+                });
+            }
             CpuStorage::BF16(w) => {
                 let amx = self.amx;
                 // AMX multiplies blocks of up to 16 rows: more rows are padded to whole blocks.
@@ -222,10 +295,29 @@ impl CustomOp2 for XwtOp {
                     kernels::bf16_panels(&ops, amx, p, cols, dst)
                 });
             }
-            _ => candle_core::bail!("packed-xwt: weights must be f32 or bf16"),
+            _ => candle_core::bail!("packed-xwt: weights must be f32, bf16 or int8"),
         }
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
+}
+
+/// x `(m, k)` quantized per row to int16 (scale = max |x| / 32767, error below 2e-5 of the
+/// row's largest value), as pairs `(m, ceil(k/2))` of u32 with element 2j in the low half;
+/// returns the pairs and the row scales.
+fn int16_pairs(x: &[f32], m: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
+    let kp = k.div_ceil(2);
+    let mut pairs = vec![0u32; m * kp];
+    let mut scales = vec![0f32; m];
+    for (i, row) in x.chunks_exact(k).take(m).enumerate() {
+        let peak = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = if peak > 0.0 { peak / 32767.0 } else { 1.0 };
+        scales[i] = scale;
+        let q = |v: f32| (v / scale).round() as i16 as u16 as u32;
+        for (j, pair) in row.chunks(2).enumerate() {
+            pairs[i * kp + j] = q(pair[0]) | pair.get(1).map_or(0, |&v| q(v) << 16);
+        }
+    }
+    (pairs, scales)
 }
 
 /// Splits the panels into tasks; a task fills a `(m, cols)` block that is then copied into
@@ -300,6 +392,21 @@ mod kernels {
         unsafe { f32_panels_avx512(ops, panels, cols, dst) }
     }
 
+    /// As `f32_panels` from int8 pair panels and x as int16 pairs, then scaled by each
+    /// row's `x_scales` and each column's `w_scales`.
+    pub fn int8_panels(
+        ops: &Operands<u32, i8>,
+        scales: (&[f32], &[f32]),
+        panels: Range<usize>,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        let (x_scales, w_scales) = scales;
+        assert!(x_scales.len() >= ops.m && w_scales.len() >= panels.end * PANEL);
+        // SAFETY: `supports_int8()` checked avx512f/bw/vnni before weights were packed.
+        unsafe { int8_panels_avx512(ops, x_scales, w_scales, panels, cols, dst) }
+    }
+
     /// As `f32_panels` with bfloat16 pairs of x and panels of W, on AMX tiles or not.
     pub fn bf16_panels(
         ops: &Operands<u32, u16>,
@@ -328,31 +435,56 @@ mod kernels {
         }
     }
 
+    /// Calls `$tile::<[generic args,] R, V>` with the tile shape as const generics.
+    /// Stores a register tile: rows `row..` of `dst (m, cols)`, from panel `panel` of the task.
+    #[inline(always)]
+    unsafe fn store_tile<const R: usize, const V: usize>(
+        acc: &[[__m512; V]; R],
+        row: usize,
+        panel: usize,
+        cols: usize,
+        dst: *mut f32,
+    ) {
+        for (r, accs) in acc.iter().enumerate() {
+            for (v, a) in accs.iter().enumerate() {
+                let col = (panel + v) * PANEL;
+                if col < cols {
+                    store(dst.add((row + r) * cols + col), cols - col, *a);
+                }
+            }
+        }
+    }
+
     macro_rules! dispatch {
-        ($tile:ident, $mr:expr, $nv:expr, ($($arg:expr),*)) => {
+        ($tile:ident [$($g:ty),*], $mr:expr, $nv:expr, ($($arg:expr),*)) => {
             match ($mr, $nv) {
-                (8, 3) => $tile::<8, 3>($($arg),*), (8, 2) => $tile::<8, 2>($($arg),*), (8, 1) => $tile::<8, 1>($($arg),*),
-                (7, 3) => $tile::<7, 3>($($arg),*), (7, 2) => $tile::<7, 2>($($arg),*), (7, 1) => $tile::<7, 1>($($arg),*),
-                (6, 3) => $tile::<6, 3>($($arg),*), (6, 2) => $tile::<6, 2>($($arg),*), (6, 1) => $tile::<6, 1>($($arg),*),
-                (5, 3) => $tile::<5, 3>($($arg),*), (5, 2) => $tile::<5, 2>($($arg),*), (5, 1) => $tile::<5, 1>($($arg),*),
-                (4, 3) => $tile::<4, 3>($($arg),*), (4, 2) => $tile::<4, 2>($($arg),*), (4, 1) => $tile::<4, 1>($($arg),*),
-                (3, 3) => $tile::<3, 3>($($arg),*), (3, 2) => $tile::<3, 2>($($arg),*), (3, 1) => $tile::<3, 1>($($arg),*),
-                (2, 3) => $tile::<2, 3>($($arg),*), (2, 2) => $tile::<2, 2>($($arg),*), (2, 1) => $tile::<2, 1>($($arg),*),
-                (1, 3) => $tile::<1, 3>($($arg),*), (1, 2) => $tile::<1, 2>($($arg),*), _ => $tile::<1, 1>($($arg),*),
+                (8, 3) => $tile::<$($g,)* 8, 3>($($arg),*), (8, 2) => $tile::<$($g,)* 8, 2>($($arg),*), (8, 1) => $tile::<$($g,)* 8, 1>($($arg),*),
+                (7, 3) => $tile::<$($g,)* 7, 3>($($arg),*), (7, 2) => $tile::<$($g,)* 7, 2>($($arg),*), (7, 1) => $tile::<$($g,)* 7, 1>($($arg),*),
+                (6, 3) => $tile::<$($g,)* 6, 3>($($arg),*), (6, 2) => $tile::<$($g,)* 6, 2>($($arg),*), (6, 1) => $tile::<$($g,)* 6, 1>($($arg),*),
+                (5, 3) => $tile::<$($g,)* 5, 3>($($arg),*), (5, 2) => $tile::<$($g,)* 5, 2>($($arg),*), (5, 1) => $tile::<$($g,)* 5, 1>($($arg),*),
+                (4, 3) => $tile::<$($g,)* 4, 3>($($arg),*), (4, 2) => $tile::<$($g,)* 4, 2>($($arg),*), (4, 1) => $tile::<$($g,)* 4, 1>($($arg),*),
+                (3, 3) => $tile::<$($g,)* 3, 3>($($arg),*), (3, 2) => $tile::<$($g,)* 3, 2>($($arg),*), (3, 1) => $tile::<$($g,)* 3, 1>($($arg),*),
+                (2, 3) => $tile::<$($g,)* 2, 3>($($arg),*), (2, 2) => $tile::<$($g,)* 2, 2>($($arg),*), (2, 1) => $tile::<$($g,)* 2, 1>($($arg),*),
+                (1, 3) => $tile::<$($g,)* 1, 3>($($arg),*), (1, 2) => $tile::<$($g,)* 1, 2>($($arg),*), _ => $tile::<$($g,)* 1, 1>($($arg),*),
             }
         };
     }
 
     /// Walks the register tiles of a task: up to `NV` panels at a time, each against all rows
-    /// of x in blocks of `MR` (the panels stay in L2 while the rows go by).
+    /// of x in blocks of up to `max_rows` (the panels stay in L2 while the rows go by).
     #[inline(always)]
-    fn drive(m: usize, panels: &Range<usize>, mut tile: impl FnMut(usize, usize, usize, usize)) {
+    fn drive(
+        m: usize,
+        max_rows: usize,
+        panels: &Range<usize>,
+        mut tile: impl FnMut(usize, usize, usize, usize),
+    ) {
         let mut p = panels.start;
         while p < panels.end {
             let nv = (panels.end - p).min(NV);
             let mut row = 0;
             while row < m {
-                let mr = (m - row).min(MR);
+                let mr = (m - row).min(max_rows);
                 tile(mr, nv, row, p);
                 row += mr;
             }
@@ -388,14 +520,7 @@ mod kernels {
                 }
             }
         }
-        for (r, accs) in acc.iter().enumerate() {
-            for (v, a) in accs.iter().enumerate() {
-                let col = (p + v - p0) * PANEL;
-                if col < cols {
-                    store(dst.add((row + r) * cols + col), cols - col, *a);
-                }
-            }
-        }
+        store_tile(&acc, row, p - p0, cols, dst);
     }
 
     #[target_feature(enable = "avx512f")]
@@ -407,12 +532,88 @@ mod kernels {
     ) {
         let (m, k) = (ops.m, ops.k);
         let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
-        drive(m, &panels, |mr, nv, row, p| {
+        drive(m, MR, &panels, |mr, nv, row, p| {
             dispatch!(
-                tile_f32,
+                tile_f32[],
                 mr,
                 nv,
                 (xp, k, wp, row, p, panels.start, cols, dp)
+            )
+        });
+    }
+
+    /// Rows per int8 register tile: each accumulator has an int32 twin for the current block.
+    const MR_INT8: usize = 4;
+    /// k-pairs summed in int32 before a block is added to the float32 accumulators: each
+    /// `vpdpwssd` adds at most 2 * 127 * 32767 per lane, so 128 of them stay below 2^31.
+    const INT_BLOCK: usize = 128;
+
+    /// As `tile_f32` for int8 pair panels `[panel][kp][16][2]` and x as int16 pairs, with
+    /// `vpdpwssd` (two exact products per lane); scaled per row and column at the end.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile_int8<const R: usize, const V: usize>(
+        x: *const u32,
+        kp: usize,
+        w: *const i8,
+        (x_scales, w_scales): (*const f32, *const f32),
+        row: usize,
+        p: usize,
+        p0: usize,
+        cols: usize,
+        dst: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let panel = |v: usize| w.add((p + v) * kp * PANEL * 2);
+        for j0 in (0..kp).step_by(INT_BLOCK) {
+            let mut sums = [[_mm512_setzero_si512(); V]; R];
+            for j in j0..(j0 + INT_BLOCK).min(kp) {
+                let mut wv = [_mm512_setzero_si512(); V];
+                for (v, slot) in wv.iter_mut().enumerate() {
+                    let bytes = _mm256_loadu_si256(panel(v).add(j * PANEL * 2) as *const __m256i);
+                    *slot = _mm512_cvtepi8_epi16(bytes);
+                }
+                for (r, rs) in sums.iter_mut().enumerate() {
+                    let xb = _mm512_set1_epi32(*x.add((row + r) * kp + j) as i32);
+                    for (v, s) in rs.iter_mut().enumerate() {
+                        *s = _mm512_dpwssd_epi32(*s, xb, wv[v]);
+                    }
+                }
+            }
+            for (accs, rs) in acc.iter_mut().zip(&sums) {
+                for (a, s) in accs.iter_mut().zip(rs) {
+                    *a = _mm512_add_ps(*a, _mm512_cvtepi32_ps(*s));
+                }
+            }
+        }
+        for (r, accs) in acc.iter_mut().enumerate() {
+            let xs = _mm512_set1_ps(*x_scales.add(row + r));
+            for (v, a) in accs.iter_mut().enumerate() {
+                let ws = _mm512_loadu_ps(w_scales.add((p + v) * PANEL));
+                *a = _mm512_mul_ps(_mm512_mul_ps(*a, xs), ws);
+            }
+        }
+        store_tile(&acc, row, p - p0, cols, dst);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn int8_panels_avx512(
+        ops: &Operands<u32, i8>,
+        x_scales: &[f32],
+        w_scales: &[f32],
+        panels: Range<usize>,
+        cols: usize,
+        dst: &mut [f32],
+    ) {
+        let (m, kp) = (ops.m, ops.k);
+        let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
+        let scales = (x_scales.as_ptr(), w_scales.as_ptr());
+        drive(m, MR_INT8, &panels, |mr, nv, row, p| {
+            dispatch!(
+                tile_int8[],
+                mr,
+                nv,
+                (xp, kp, wp, scales, row, p, panels.start, cols, dp)
             )
         });
     }
@@ -447,14 +648,7 @@ mod kernels {
                 }
             }
         }
-        for (r, accs) in acc.iter().enumerate() {
-            for (v, a) in accs.iter().enumerate() {
-                let col = (p + v - p0) * PANEL;
-                if col < cols {
-                    store(dst.add((row + r) * cols + col), cols - col, *a);
-                }
-            }
-        }
+        store_tile(&acc, row, p - p0, cols, dst);
     }
 
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
@@ -466,9 +660,9 @@ mod kernels {
     ) {
         let (m, kp) = (ops.m, ops.k);
         let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
-        drive(m, &panels, |mr, nv, row, p| {
+        drive(m, MR, &panels, |mr, nv, row, p| {
             dispatch!(
-                tile_bf16,
+                tile_bf16[],
                 mr,
                 nv,
                 (xp, kp, wp, row, p, panels.start, cols, dp)
@@ -487,6 +681,15 @@ mod kernels {
     }
     pub fn f32_panels(_: &Operands<f32, f32>, _: Range<usize>, _: usize, _: &mut [f32]) {
         unreachable!("supported() is false off x86-64")
+    }
+    pub fn int8_panels(
+        _: &Operands<u32, i8>,
+        _: (&[f32], &[f32]),
+        _: Range<usize>,
+        _: usize,
+        _: &mut [f32],
+    ) {
+        unreachable!("supports_int8() is false off x86-64")
     }
     pub fn bf16_panels(_: &Operands<u32, u16>, _: bool, _: Range<usize>, _: usize, _: &mut [f32]) {
         unreachable!("supported() is false off x86-64")
@@ -530,6 +733,50 @@ mod tests {
                 let in_batch = got.narrow(0, m - 1, 1)?;
                 assert_eq!(alone.to_vec2::<f32>()?, in_batch.to_vec2::<f32>()?);
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn int8_panels_multiply_the_dequantized_weights() -> candle_core::Result<()> {
+        if !supports_int8() {
+            return Ok(());
+        }
+        // k = 600 spans several int32 blocks of 128 pairs
+        for (m, n, k) in [(1, 37, 19), (9, 100, 33), (17, 16, 8), (6, 50, 600)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+            let packed = PackedWeight::pack_int8(&w)?;
+            let ids: Vec<u32> = (0..n as u32).collect();
+            let dequantized = packed.gather_rows(&ids)?;
+            // within half a step (peak/254) of the original weights
+            let err = (&dequantized - &w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let peak = w.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                err <= peak / 254.0 * 1.001,
+                "{m}x{n}x{k}: quantization error {err}"
+            );
+            // the kernel sees x rounded to int16 per row: the same product, summed exactly
+            let (pairs, scales) = int16_pairs(&x.flatten_all()?.to_vec1::<f32>()?, m, k);
+            let kp = k.div_ceil(2);
+            let xq: Vec<f32> = (0..m * k)
+                .map(|i| {
+                    let (row, col) = (i / k, i % k);
+                    let half = pairs[row * kp + col / 2] >> (16 * (col % 2));
+                    half as u16 as i16 as f32 * scales[row]
+                })
+                .collect();
+            let want = Tensor::from_vec(xq, (m, k), &Device::Cpu)?.matmul(&dequantized.t()?)?;
+            let got = packed.xwt(&x)?;
+            let diff = (want - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "{m}x{n}x{k}: {diff}");
+            let close = (x.matmul(&dequantized.t()?)? - &got)?.abs()?.max_all()?;
+            assert!(close.to_scalar::<f32>()? < 1e-2, "{m}x{n}x{k}: x rounding");
+            let alone = packed.xwt(&x.narrow(0, m - 1, 1)?)?;
+            assert_eq!(
+                alone.to_vec2::<f32>()?,
+                got.narrow(0, m - 1, 1)?.to_vec2::<f32>()?
+            );
         }
         Ok(())
     }
