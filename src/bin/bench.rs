@@ -1,6 +1,6 @@
 //! Benchmark through the real HTTP server on a GPT-Neo-125M-shaped random checkpoint.
 //!
-//!   cargo run --release --bin bench -- [--dtype f32,f16] [--reference-python PY]
+//!   cargo run --release --bin bench -- [--dtype f32,bf16,int8] [--reference-python PY]
 //!   cargo run --release --bin bench -- --kernels     (vocabulary-head matmul variants)
 //!
 //! Writes the checkpoint once under --data, starts `exitserve` (next to this binary) per
@@ -22,7 +22,7 @@ struct Args {
     #[arg(long, default_value = "bench-data/gpt-neo-125m-multiexit-random")]
     data: PathBuf,
     /// Weight dtypes to serve, comma-separated (f32, f16, bf16, int8)
-    #[arg(long, default_value = "f32,f16", value_delimiter = ',')]
+    #[arg(long, default_value = "f32,bf16,int8", value_delimiter = ',')]
     dtype: Vec<String>,
     /// Prompt length in tokens
     #[arg(long, default_value_t = 32)]
