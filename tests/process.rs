@@ -132,6 +132,23 @@ fn startup_faults_are_one_clear_line_and_exit_1() {
     ]);
     assert_eq!(code, 1);
     assert!(stderr.contains("available exits: [1, 2, 4]"), "{stderr}");
+    // int8 exists only on our CPU kernels: asking for it without them is a startup error
+    let (code, stderr) = run_to_exit(&[
+        "--dtype",
+        "int8",
+        "--matmul",
+        "candle",
+        "--model",
+        fixture_dir(FIXTURE).to_str().unwrap(),
+        "--port",
+        "0",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("int8 weights need the skinny CPU kernels"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
     let (code, stderr) = run_to_exit(&["--max-batch-size", "zero"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("--max-batch-size"), "{stderr}");

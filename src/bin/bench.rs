@@ -198,17 +198,21 @@ fn run_server_bench(
     for (_, mode) in MODES {
         client::stream_completion(&server.addr, path, &body(prompt, 4, mode)).expect("warm-up");
     }
+    // Best of ROUNDS single-stream runs on an idle server, the modes interleaved round by
+    // round, so that a slow spell of a shared machine does not fall on one mode only.
+    const ROUNDS: usize = 5;
+    let mut runs: Vec<Vec<client::StreamTiming>> = MODES.iter().map(|_| Vec::new()).collect();
+    for _ in 0..ROUNDS {
+        for ((_, mode), timings) in MODES.iter().zip(runs.iter_mut()) {
+            let t = client::stream_completion(&server.addr, path, &body(prompt, args.new, mode))
+                .expect("request");
+            timings.push(t);
+        }
+    }
     let mut single = serde_json::Map::new();
-    for (name, mode) in MODES {
-        // best of 3 single-stream runs on an idle server
-        let runs: Vec<client::StreamTiming> = (0..3)
-            .map(|_| {
-                client::stream_completion(&server.addr, path, &body(prompt, args.new, mode))
-                    .expect("request")
-            })
-            .collect();
-        let tps = runs.iter().map(|r| r.decode_tps()).fold(0.0, f64::max);
-        let ttft = runs
+    for ((name, _), timings) in MODES.iter().zip(&runs) {
+        let tps = timings.iter().map(|r| r.decode_tps()).fold(0.0, f64::max);
+        let ttft = timings
             .iter()
             .map(|r| r.ttft_s())
             .fold(f64::INFINITY, f64::min);
@@ -217,7 +221,7 @@ fn run_server_bench(
             ttft * 1e3
         );
         single.insert(
-            name.into(),
+            (*name).into(),
             json!({"decode_tok_s": tps, "ttft_ms": ttft * 1e3}),
         );
     }

@@ -19,7 +19,7 @@ use super::request::{Event, FinishReason, Usage};
 use super::sampling::Sampler;
 use super::sequence::{token_logprob, Outcome, RequestState, Sequence, SharedRequest};
 use super::Submission;
-use crate::model::{Mode, MultiExitGptNeo, SeqStep, TextTokenizer};
+use crate::model::{Head, Mode, MultiExitGptNeo, SeqStep, TextTokenizer};
 
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
@@ -30,6 +30,28 @@ pub struct BatchConfig {
     /// Fault injection for tests: a step that feeds this token id panics inside the forward.
     #[doc(hidden)]
     pub panic_on_token: Option<u32>,
+}
+
+/// The inputs of one step, in `running` order over the sequences that take part.
+#[derive(Default)]
+struct StepPlan {
+    /// Indices into `running`.
+    members: Vec<usize>,
+    tokens: Vec<Vec<u32>>,
+    /// Prompt tokens fed (0 for a decoding sequence).
+    prompt_taken: Vec<usize>,
+    heads: Vec<Vec<Head>>,
+    depths: Vec<usize>,
+    all_positions: Vec<bool>,
+}
+
+/// A sequence whose next token can be chosen: the logits of its mode's heads.
+struct Ready {
+    index: usize,
+    mode: Mode,
+    logits: Vec<Vec<f32>>,
+    /// Its first generated token (the prompt just finished).
+    first_token: bool,
 }
 
 pub struct Batcher {
@@ -172,9 +194,10 @@ impl Batcher {
             .store(self.running.len() as i64, Ordering::Relaxed);
     }
 
+    /// One model step for every running sequence: plan its input, run the forward, score
+    /// the sequences that reached a next token, sample and emit.
     fn step(&mut self) {
         let t_start = Instant::now();
-        let t_prep;
         self.drop_abandoned();
         self.metrics
             .batch_size
@@ -182,157 +205,21 @@ impl Batcher {
         if self.running.is_empty() {
             return;
         }
-        // What each sequence feeds this step: a prompt chunk under the budget, or one token.
-        let mut budget = self.cfg.max_prefill_tokens;
-        let mut inputs: Vec<Option<(usize, usize)>> = Vec::with_capacity(self.running.len());
-        for s in &self.running {
-            if s.in_prefill() {
-                let remaining = s.prompt.len() - s.prefilled;
-                let take = remaining.min(budget);
-                budget -= take;
-                inputs.push((take > 0).then_some((s.prefilled, take)));
-            } else {
-                inputs.push(Some((0, 0)));
-            }
-        }
-        let echo_logprobs: Vec<bool> = self
-            .running
-            .iter()
-            .map(|s| {
-                let r = s.request.borrow();
-                r.req.echo && r.req.logprobs.is_some()
-            })
-            .collect();
-        let mut tokens: Vec<Vec<u32>> = Vec::new();
-        let mut members: Vec<usize> = Vec::new();
-        let mut head_lists = Vec::new();
-        let mut depths = Vec::new();
-        let mut all_positions = Vec::new();
-        for (i, (s, input)) in self.running.iter().zip(&inputs).enumerate() {
-            let Some((start, take)) = *input else {
-                continue;
-            };
-            let r = s.request.borrow();
-            let (toks, last_chunk) = if take == 0 {
-                (
-                    vec![s.next_input.expect("decoding sequences have a token")],
-                    true,
-                )
-            } else {
-                (
-                    s.prompt[start..start + take].to_vec(),
-                    start + take == s.prompt.len(),
-                )
-            };
-            tokens.push(toks);
-            members.push(i);
-            head_lists.push(if last_chunk || echo_logprobs[i] {
-                r.heads.clone()
-            } else {
-                Vec::new()
-            });
-            depths.push(r.depth);
-            all_positions.push(take > 0 && echo_logprobs[i]);
-        }
-        let model = Arc::clone(&self.model);
-        let result = {
-            let mut caches: Vec<&mut crate::model::KvCache> = Vec::new();
-            let mut member_iter = members.iter().peekable();
-            for (i, s) in self.running.iter_mut().enumerate() {
-                if member_iter.peek() == Some(&&i) {
-                    member_iter.next();
-                    caches.push(&mut s.cache);
-                }
-            }
-            let mut steps: Vec<SeqStep> = caches
-                .into_iter()
-                .enumerate()
-                .map(|(k, cache)| SeqStep {
-                    tokens: &tokens[k],
-                    cache,
-                    depth: depths[k],
-                    heads: &head_lists[k],
-                    all_positions: all_positions[k],
-                })
-                .collect();
-            let poison = self.cfg.panic_on_token;
-            t_prep = Instant::now();
-            catch_unwind(AssertUnwindSafe(|| {
-                if let Some(t) = poison.filter(|t| tokens.iter().any(|s| s.contains(t))) {
-                    panic!("injected fault: token {t}");
-                }
-                model.forward(&mut steps)
-            }))
+        let plan = self.plan();
+        let t_prep = Instant::now();
+        let outputs = match self.forward(&plan) {
+            Ok(o) => o,
+            Err(message) => return self.fail_batch(&plan.members, message),
         };
-        self.metrics.model_steps.fetch_add(1, Ordering::Relaxed);
-        let outputs = match result {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => return self.fail_batch(&members, format!("forward failed: {e}")),
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                return self.fail_batch(&members, format!("model thread panicked: {msg}"));
-            }
-        };
-        // Prompt bookkeeping, then the heads at each sequence's last position: the logits
-        // of its next token (none for a sequence still in the middle of its prefill).
-        let mut outputs = outputs;
-        let mut ready: Vec<(usize, Mode, Vec<Vec<f32>>, bool)> = Vec::with_capacity(members.len());
-        for (k, &i) in members.iter().enumerate() {
-            let take = inputs[i].map_or(0, |(_, t)| t);
-            let logits = std::mem::take(&mut outputs[k]);
-            if take > 0 {
-                let seq = &mut self.running[i];
-                self.metrics
-                    .prompt_tokens
-                    .fetch_add(take as u64, Ordering::Relaxed);
-                let start = seq.prefilled;
-                seq.prefilled += take;
-                if all_positions[k] {
-                    record_prompt_logprobs(seq, start, take, &logits, &self.tokenizer);
-                }
-                if seq.in_prefill() {
-                    continue;
-                }
-            }
-            if logits.is_empty() || logits[0].is_empty() {
-                continue;
-            }
-            let last: Vec<Vec<f32>> = logits
-                .into_iter()
-                .map(|mut rows| rows.pop().unwrap_or_default())
-                .collect();
-            let mode = self.running[i].request.borrow().req.mode;
-            ready.push((i, mode, last, take > 0));
-        }
+        let ready = self.take_prompt_progress(&plan, outputs);
+        let t_forward = Instant::now();
         // The vocabulary-sized scoring (log-softmax, contrast) of the sequences is independent:
         // spread it over the cores.
-        let t_forward = Instant::now();
-        let scored: Vec<Vec<f32>> = ready
-            .par_iter()
-            .map(|(_, mode, last, _)| mode.scores(last))
-            .collect();
+        let scored: Vec<Vec<f32>> = ready.par_iter().map(|r| r.mode.scores(&r.logits)).collect();
         let t_scored = Instant::now();
-        let mut forked = Vec::new();
-        for ((i, _, _, was_prefill), scores) in ready.into_iter().zip(scored) {
-            if was_prefill {
-                forked.extend(self.fork_followers(i, &scores));
-                self.send_prompt_event(i);
-            }
-            self.sample_and_emit(i, &scores);
-        }
-        for (seq, scores) in forked {
-            self.running.push(seq);
-            let idx = self.running.len() - 1;
-            self.send_prompt_event(idx);
-            self.sample_and_emit(idx, &scores);
-        }
-        self.running.retain(|s| !s.finished);
+        self.emit(ready, scored);
         tracing::debug!(
-            batch = members.len(),
+            batch = plan.members.len(),
             prep_us = (t_prep - t_start).as_micros() as u64,
             forward_us = (t_forward - t_prep).as_micros() as u64,
             score_us = (t_scored - t_forward).as_micros() as u64,
@@ -344,7 +231,148 @@ impl Batcher {
             .store(self.running.len() as i64, Ordering::Relaxed);
     }
 
-    /// Creates the other candidates of a prompt from the leader's prefilled cache.
+    /// What each running sequence feeds this step: a prompt chunk under the prefill budget,
+    /// or its one new token.
+    fn plan(&self) -> StepPlan {
+        let mut budget = self.cfg.max_prefill_tokens;
+        let mut plan = StepPlan::default();
+        for (i, s) in self.running.iter().enumerate() {
+            let r = s.request.borrow();
+            let echo_logprobs = r.req.echo && r.req.logprobs.is_some();
+            let (tokens, take, last_chunk) = if s.in_prefill() {
+                let take = (s.prompt.len() - s.prefilled).min(budget);
+                if take == 0 {
+                    continue; // the budget is spent: this prompt waits a step
+                }
+                budget -= take;
+                let chunk = s.prompt[s.prefilled..s.prefilled + take].to_vec();
+                (chunk, take, s.prefilled + take == s.prompt.len())
+            } else {
+                let next = s.next_input.expect("decoding sequences have a token");
+                (vec![next], 0, true)
+            };
+            plan.members.push(i);
+            plan.tokens.push(tokens);
+            plan.prompt_taken.push(take);
+            // Heads at the last position once the prompt is in; at every prompt position for
+            // echo with logprobs.
+            plan.heads.push(if last_chunk || echo_logprobs {
+                r.heads.clone()
+            } else {
+                Vec::new()
+            });
+            plan.depths.push(r.depth);
+            plan.all_positions.push(take > 0 && echo_logprobs);
+        }
+        plan
+    }
+
+    /// Runs the planned forward; a model error or panic comes back as the message to fail
+    /// the batch with (the engine goes on).
+    fn forward(&mut self, plan: &StepPlan) -> Result<Vec<Vec<Vec<Vec<f32>>>>, String> {
+        let model = Arc::clone(&self.model);
+        let mut caches: Vec<&mut crate::model::KvCache> = Vec::with_capacity(plan.members.len());
+        let mut members = plan.members.iter().peekable();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if members.peek() == Some(&&i) {
+                members.next();
+                caches.push(&mut s.cache);
+            }
+        }
+        let mut steps: Vec<SeqStep> = caches
+            .into_iter()
+            .enumerate()
+            .map(|(k, cache)| SeqStep {
+                tokens: &plan.tokens[k],
+                cache,
+                depth: plan.depths[k],
+                heads: &plan.heads[k],
+                all_positions: plan.all_positions[k],
+            })
+            .collect();
+        let poison = self.cfg.panic_on_token;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(t) = poison.filter(|t| plan.tokens.iter().any(|s| s.contains(t))) {
+                panic!("injected fault: token {t}");
+            }
+            model.forward(&mut steps)
+        }));
+        self.metrics.model_steps.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(Ok(outputs)) => Ok(outputs),
+            Ok(Err(e)) => Err(format!("forward failed: {e}")),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(format!("model thread panicked: {msg}"))
+            }
+        }
+    }
+
+    /// Prompt bookkeeping (progress, prompt logprobs), then the heads at each sequence's last
+    /// position: the logits of its next token (none for a sequence still in its prefill).
+    fn take_prompt_progress(
+        &mut self,
+        plan: &StepPlan,
+        mut outputs: Vec<Vec<Vec<Vec<f32>>>>,
+    ) -> Vec<Ready> {
+        let mut ready = Vec::with_capacity(plan.members.len());
+        for (k, &i) in plan.members.iter().enumerate() {
+            let take = plan.prompt_taken[k];
+            let logits = std::mem::take(&mut outputs[k]);
+            if take > 0 {
+                let seq = &mut self.running[i];
+                self.metrics
+                    .prompt_tokens
+                    .fetch_add(take as u64, Ordering::Relaxed);
+                let start = seq.prefilled;
+                seq.prefilled += take;
+                if plan.all_positions[k] {
+                    record_prompt_logprobs(seq, start, take, &logits, &self.tokenizer);
+                }
+                if seq.in_prefill() {
+                    continue;
+                }
+            }
+            if logits.is_empty() || logits[0].is_empty() {
+                continue;
+            }
+            ready.push(Ready {
+                index: i,
+                mode: self.running[i].request.borrow().req.mode,
+                logits: logits
+                    .into_iter()
+                    .map(|mut rows| rows.pop().unwrap_or_default())
+                    .collect(),
+                first_token: take > 0,
+            });
+        }
+        ready
+    }
+
+    /// Samples and emits each ready sequence's token; a sequence that just finished its
+    /// prompt first forks its `n`/`best_of` followers, which share its prompt and scores.
+    fn emit(&mut self, ready: Vec<Ready>, scored: Vec<Vec<f32>>) {
+        let mut forked = Vec::new();
+        for (r, scores) in ready.into_iter().zip(scored) {
+            if r.first_token {
+                forked.extend(self.fork_followers(r.index, &scores));
+                self.send_prompt_event(r.index);
+            }
+            self.sample_and_emit(r.index, &scores);
+        }
+        for (seq, scores) in forked {
+            self.running.push(seq);
+            let idx = self.running.len() - 1;
+            self.send_prompt_event(idx);
+            self.sample_and_emit(idx, &scores);
+        }
+        self.running.retain(|s| !s.finished);
+    }
+
     fn fork_followers(&mut self, i: usize, scores: &[f32]) -> Vec<(Sequence, Vec<f32>)> {
         let forks = std::mem::take(&mut self.running[i].forks);
         let mut out = Vec::with_capacity(forks.len());
