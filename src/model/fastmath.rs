@@ -39,9 +39,9 @@ fn avx512() -> bool {
 /// Compiles a function twice, for AVX-512 (chosen at run time when the CPU has it) and for
 /// the baseline target, so that its autovectorised loops use 16 lanes where they can.
 macro_rules! multiversion {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) -> $ret {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
             fn imp($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
@@ -111,6 +111,101 @@ multiversion! {
             let t = exp_neg(-2.0 * u.abs());
             let th = ((1.0 - t) / (1.0 + t)).copysign(u);
             *o = 0.5 * x * (1.0 + th);
+        }
+    }
+}
+
+/// The plausible set of a contrast step as a mask over the vocabulary: token i is in it when
+/// log p_u(i) >= `threshold`; log p_l(i) = lower(i) - `lse_lower`. The passes below work on
+/// the whole vocabulary with the mask as a select (vectorised, no index list).
+#[derive(Debug, Clone, Copy)]
+pub struct PlausibleSet {
+    pub threshold: f32,
+    pub lse_lower: f32,
+}
+
+impl PlausibleSet {
+    /// max over the set of log p_u - log p_l (-inf for an empty set).
+    pub fn max_diff(&self, lp_u: &[f32], lower: &[f32]) -> f32 {
+        contrast_max_diff(lp_u, lower, self.threshold, self.lse_lower)
+    }
+
+    /// Over the set: (Σ e^(log p_u - log p_l - diff_max), Σ e^(log p_u - max_lp)).
+    pub fn sums(&self, lp_u: &[f32], lower: &[f32], diff_max: f32, max_lp: f32) -> (f32, f32) {
+        contrast_sums(
+            lp_u,
+            lower,
+            self.threshold,
+            self.lse_lower,
+            diff_max,
+            max_lp,
+        )
+    }
+
+    /// q in place of log p_u: log p_u - log p_l - offset + log_mass in the set, log p_u
+    /// outside.
+    pub fn write_q(&self, lp_u: &mut [f32], lower: &[f32], offset: f32, log_mass: f32) {
+        contrast_write_q(
+            lp_u,
+            lower,
+            self.threshold,
+            self.lse_lower,
+            offset,
+            log_mass,
+        )
+    }
+}
+
+multiversion! {
+    fn contrast_max_diff(lp_u: &[f32], lower: &[f32], t: f32, lse_l: f32) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let (u, l) = (lp_u.chunks_exact(16), lower.chunks_exact(16));
+        let tail = u.remainder().iter().zip(l.remainder()).fold(f32::NEG_INFINITY, |m, (&u, &l)| {
+            if u >= t { m.max(u - (l - lse_l)) } else { m }
+        });
+        for (uc, lc) in u.zip(l) {
+            for ((m, &u), &l) in lanes.iter_mut().zip(uc).zip(lc) {
+                let d = u - (l - lse_l);
+                *m = if u >= t { m.max(d) } else { *m };
+            }
+        }
+        lanes.iter().fold(tail, |a, &b| a.max(b))
+    }
+}
+
+multiversion! {
+    fn contrast_sums(lp_u: &[f32], lower: &[f32], t: f32, lse_l: f32, diff_max: f32, max_lp: f32) -> (f32, f32) {
+        // min(0) keeps exp_neg in its domain for tokens outside the set (their terms are
+        // dropped by the select).
+        let term = |u: f32, l: f32| {
+            let d = exp_neg((u - (l - lse_l) - diff_max).min(0.0));
+            let m = exp_neg((u - max_lp).min(0.0));
+            if u >= t { (d, m) } else { (0.0, 0.0) }
+        };
+        let (mut ds, mut ms) = ([0f32; 16], [0f32; 16]);
+        let (u, l) = (lp_u.chunks_exact(16), lower.chunks_exact(16));
+        let (mut d_tail, mut m_tail) = (0f32, 0f32);
+        for (&u, &l) in u.remainder().iter().zip(l.remainder()) {
+            let (d, m) = term(u, l);
+            d_tail += d;
+            m_tail += m;
+        }
+        for (uc, lc) in u.zip(l) {
+            for (((dl, ml), &u), &l) in ds.iter_mut().zip(ms.iter_mut()).zip(uc).zip(lc) {
+                let (d, m) = term(u, l);
+                *dl += d;
+                *ml += m;
+            }
+        }
+        (ds.iter().sum::<f32>() + d_tail, ms.iter().sum::<f32>() + m_tail)
+    }
+}
+
+multiversion! {
+    fn contrast_write_q(lp_u: &mut [f32], lower: &[f32], t: f32, lse_l: f32, offset: f32, log_mass: f32) -> () {
+        for (u, &l) in lp_u.iter_mut().zip(lower) {
+            let q = (*u - (l - lse_l)) - offset + log_mass;
+            *u = if *u >= t { q } else { *u };
         }
     }
 }

@@ -111,32 +111,30 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
 /// log p_u - log p_l rescaled to H's upper mass; outside H, q = p_u. Log-probs come from
 /// log-softmax, so q stays finite where the reference's log(softmax) gives NaN.
 pub fn contrast_log_q(upper: &[f32], lower: &[f32], c: &ContrastParams) -> Vec<f32> {
-    let lp_u = log_softmax(upper);
-    let lp_l = log_softmax(lower);
+    let mut q = log_softmax(upper);
+    let max_l = fastmath::max(lower);
+    let lse_l = max_l + fastmath::sum_exp(lower, max_l).ln();
     // Compared in log space: p_u >= t  <=>  log p_u >= log t (exp is monotonic).
-    let max_lp = fastmath::max(&lp_u);
-    let k = c.minimum_candidates.clamp(1, lp_u.len());
+    let max_lp = fastmath::max(&q);
+    let k = c.minimum_candidates.clamp(1, q.len());
     let kth_lp = if k == 1 {
         max_lp
     } else {
-        let mut sorted = lp_u.clone();
+        let mut sorted = q.clone();
         let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         *kth
     };
-    let log_threshold = (c.alpha.ln() + max_lp).min(kth_lp);
-    let in_set: Vec<usize> = (0..lp_u.len())
-        .filter(|&i| lp_u[i] >= log_threshold)
-        .collect();
-
-    let diffs: Vec<f32> = in_set.iter().map(|&i| lp_u[i] - lp_l[i]).collect();
-    let diff_max = fastmath::max(&diffs);
-    let offset = diff_max + fastmath::sum_exp(&diffs, diff_max).ln();
-    let set_lp: Vec<f32> = in_set.iter().map(|&i| lp_u[i]).collect();
-    let log_mass = max_lp + fastmath::sum_exp(&set_lp, max_lp).ln();
-    let mut q = lp_u;
-    for (&i, d) in in_set.iter().zip(diffs) {
-        q[i] = d - offset + log_mass;
-    }
+    let set = fastmath::PlausibleSet {
+        threshold: (c.alpha.ln() + max_lp).min(kth_lp),
+        lse_lower: lse_l,
+    };
+    // Three vectorised passes over the vocabulary, the set as a mask: the largest
+    // log p_u - log p_l in the set, then both normalisers, then q in place.
+    let diff_max = set.max_diff(&q, lower);
+    let (diff_sum, mass_sum) = set.sums(&q, lower, diff_max, max_lp);
+    let offset = diff_max + diff_sum.ln();
+    let log_mass = max_lp + mass_sum.ln();
+    set.write_q(&mut q, lower, offset, log_mass);
     q
 }
 
@@ -165,6 +163,63 @@ mod tests {
         // token 2 wins: the lower head finds it implausible.
         let best = (0..4).max_by(|&a, &b| q[a].total_cmp(&q[b])).unwrap();
         assert_eq!(best, 2);
+    }
+
+    /// The contrast as REFERENCE.md states it, step by step (what `contrast_log_q` fuses).
+    fn contrast_plain(upper: &[f32], lower: &[f32], c: &ContrastParams) -> Vec<f64> {
+        let lsm = |x: &[f32]| {
+            let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            x.iter().map(|&v| v as f64 - lse).collect::<Vec<f64>>()
+        };
+        let (lp_u, lp_l) = (lsm(upper), lsm(lower));
+        let mut sorted = lp_u.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let k = c.minimum_candidates.clamp(1, lp_u.len());
+        let t = ((c.alpha as f64).ln() + sorted[0]).min(sorted[k - 1]);
+        let set: Vec<usize> = (0..lp_u.len()).filter(|&i| lp_u[i] >= t).collect();
+        let lse = |v: Vec<f64>| {
+            let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+        };
+        let offset = lse(set.iter().map(|&i| lp_u[i] - lp_l[i]).collect());
+        let log_mass = lse(set.iter().map(|&i| lp_u[i]).collect());
+        let mut q = lp_u.clone();
+        for &i in &set {
+            q[i] = lp_u[i] - lp_l[i] - offset + log_mass;
+        }
+        q
+    }
+
+    #[test]
+    fn fused_contrast_matches_the_stepwise_formula() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut rand = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for (n, spread, alpha, k) in [
+            (1000, 8.0, 0.1, 1),
+            (50257, 1.0, 0.1, 1), // flat: half the vocabulary plausible
+            (777, 30.0, 0.5, 5),  // peaked, a wider candidate floor
+            (64, 4.0, 0.0, 1),    // alpha 0: every token plausible
+        ] {
+            let upper: Vec<f32> = (0..n).map(|_| rand() * spread).collect();
+            let lower: Vec<f32> = (0..n).map(|_| rand() * spread).collect();
+            let c = ContrastParams {
+                upper: Upper::Original,
+                lower: 1,
+                alpha,
+                minimum_candidates: k,
+            };
+            let got = contrast_log_q(&upper, &lower, &c);
+            let want = contrast_plain(&upper, &lower, &c);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() < 1e-4, "n {n} token {i}: {g} vs {w}");
+            }
+        }
     }
 
     #[test]
