@@ -14,7 +14,11 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 #[inline(always)]
 pub fn exp_neg(x: f32) -> f32 {
     let xc = x.max(-87.0);
-    let n = ((xc * LOG2_E) + ROUND_MAGIC) - ROUND_MAGIC;
+    let t = (xc * LOG2_E) + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    // n as an integer, read from t's mantissa (t = 1.5 * 2^23 + n): integer ops only, where
+    // a float-to-int `as` cast (saturating) kept these loops from vectorising.
+    let ni = t.to_bits() as i32 - ROUND_MAGIC.to_bits() as i32;
     let r = xc - n * LN2_HI - n * LN2_LO; // |r| <= ln(2)/2
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -23,7 +27,7 @@ pub fn exp_neg(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
     if x < -87.0 {
         0.0
     } else {
