@@ -169,8 +169,9 @@ multiversion! {
         });
         for (uc, lc) in u.zip(l) {
             for ((m, &u), &l) in lanes.iter_mut().zip(uc).zip(lc) {
-                let d = u - (l - lse_l);
-                *m = if u >= t { m.max(d) } else { *m };
+                // select, then max: the form that vectorises
+                let d = if u >= t { u - (l - lse_l) } else { f32::NEG_INFINITY };
+                *m = m.max(d);
             }
         }
         lanes.iter().fold(tail, |a, &b| a.max(b))
@@ -235,17 +236,31 @@ impl KvElem for half::bf16 {
     }
 }
 
-/// One head of one query: `out = softmax(q·keysᵀ) · values`, `keys` and `values` being
-/// `scores.len()` rows of `q.len()`. No 1/sqrt(d) scaling: GPT-Neo does not scale.
+/// The sum of 16 lanes as a tree (vector adds of halves), not 15 dependent scalar adds.
 #[inline(always)]
-fn attend_head<T: KvElem>(
+fn sum16(mut v: [f32; 16]) -> f32 {
+    for half in [8, 4, 2, 1] {
+        for i in 0..half {
+            v[i] += v[i + half];
+        }
+    }
+    v[0]
+}
+
+/// One head of one query: `out = softmax(q·keysᵀ) · values`, `keys` and `values` being
+/// `scores.len()` rows of `q.len()`. No 1/sqrt(d) scaling: GPT-Neo does not scale. `D` is
+/// the head size when known at compile time (0: `q.len()`), so the common sizes get fully
+/// unrolled 16-lane loops.
+#[inline(always)]
+fn attend_head<T: KvElem, const D: usize>(
     q: &[f32],
     keys: &[T],
     values: &[T],
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let d = q.len();
+    let d = if D == 0 { q.len() } else { D };
+    let (q, out) = (&q[..d], &mut out[..d]);
     for (s, key) in scores.iter_mut().zip(keys.chunks_exact(d)) {
         let mut lanes = [0f32; 16];
         let (qc, kc) = (q.chunks_exact(16), key.chunks_exact(16));
@@ -260,7 +275,7 @@ fn attend_head<T: KvElem>(
                 *l += a * b.to_f32();
             }
         }
-        *s = lanes.iter().sum::<f32>() + tail;
+        *s = sum16(lanes) + tail;
     }
     let m = max(scores);
     for s in scores.iter_mut() {
@@ -276,17 +291,33 @@ fn attend_head<T: KvElem>(
     }
 }
 
+/// `attend_head` with the head size fixed for 64 and 128 (GPT-Neo 125M; 1.3B and 2.7B).
+#[inline(always)]
+fn attend_head_sized<T: KvElem>(
+    q: &[f32],
+    keys: &[T],
+    values: &[T],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    match q.len() {
+        64 => attend_head::<T, 64>(q, keys, values, scores, out),
+        128 => attend_head::<T, 128>(q, keys, values, scores, out),
+        _ => attend_head::<T, 0>(q, keys, values, scores, out),
+    }
+}
+
 multiversion! {
     /// Single-query attention of one head on a float32 cache (see `attend_head`).
     pub fn attend_head_f32(q: &[f32], keys: &[f32], values: &[f32], scores: &mut [f32], out: &mut [f32]) -> () {
-        attend_head(q, keys, values, scores, out)
+        attend_head_sized(q, keys, values, scores, out)
     }
 }
 
 multiversion! {
     /// Single-query attention of one head on a bfloat16 cache (see `attend_head`).
     pub fn attend_head_bf16(q: &[f32], keys: &[half::bf16], values: &[half::bf16], scores: &mut [f32], out: &mut [f32]) -> () {
-        attend_head(q, keys, values, scores, out)
+        attend_head_sized(q, keys, values, scores, out)
     }
 }
 
@@ -353,37 +384,39 @@ mod tests {
 
     #[test]
     fn single_query_attention_matches_the_formula() {
-        let (d, n) = (20, 7); // d not a multiple of the 16 lanes
-        let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
-        let keys: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.11).cos()).collect();
-        let values: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.05).sin()).collect();
-        let logits: Vec<f64> = (0..n)
-            .map(|j| (0..d).map(|i| q[i] as f64 * keys[j * d + i] as f64).sum())
-            .collect();
-        let top = logits.iter().cloned().fold(f64::MIN, f64::max);
-        let total: f64 = logits.iter().map(|l| (l - top).exp()).sum();
-        let want: Vec<f64> = (0..d)
-            .map(|i| {
-                (0..n)
-                    .map(|j| (logits[j] - top).exp() / total * values[j * d + i] as f64)
-                    .sum()
-            })
-            .collect();
-        let (mut scores, mut out) = (vec![0f32; n], vec![0f32; d]);
-        attend_head_f32(&q, &keys, &values, &mut scores, &mut out);
-        for (g, w) in out.iter().zip(&want) {
-            assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+        // 20: not a multiple of the 16 lanes; 64 and 128: the unrolled sizes
+        for (d, n) in [(20, 7), (64, 33), (128, 5)] {
+            let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+            let keys: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.11).cos()).collect();
+            let values: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.05).sin()).collect();
+            let logits: Vec<f64> = (0..n)
+                .map(|j| (0..d).map(|i| q[i] as f64 * keys[j * d + i] as f64).sum())
+                .collect();
+            let top = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let total: f64 = logits.iter().map(|l| (l - top).exp()).sum();
+            let want: Vec<f64> = (0..d)
+                .map(|i| {
+                    (0..n)
+                        .map(|j| (logits[j] - top).exp() / total * values[j * d + i] as f64)
+                        .sum()
+                })
+                .collect();
+            let (mut scores, mut out) = (vec![0f32; n], vec![0f32; d]);
+            attend_head_f32(&q, &keys, &values, &mut scores, &mut out);
+            for (g, w) in out.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w}");
+            }
+            // bfloat16 caches widen exactly: the same inputs rounded to bf16 give the f32 result
+            let (kb, vb): (Vec<half::bf16>, Vec<half::bf16>) = (
+                keys.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+                values.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+            );
+            let widen = |v: &[half::bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+            let mut out_f32 = vec![0f32; d];
+            attend_head_f32(&q, &widen(&kb), &widen(&vb), &mut scores, &mut out_f32);
+            attend_head_bf16(&q, &kb, &vb, &mut scores, &mut out);
+            assert_eq!(out, out_f32);
         }
-        // bfloat16 caches widen exactly: the same inputs rounded to bf16 give the f32 result
-        let (kb, vb): (Vec<half::bf16>, Vec<half::bf16>) = (
-            keys.iter().map(|&x| half::bf16::from_f32(x)).collect(),
-            values.iter().map(|&x| half::bf16::from_f32(x)).collect(),
-        );
-        let widen = |v: &[half::bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
-        let mut out_f32 = vec![0f32; d];
-        attend_head_f32(&q, &widen(&kb), &widen(&vb), &mut scores, &mut out_f32);
-        attend_head_bf16(&q, &kb, &vb, &mut scores, &mut out);
-        assert_eq!(out, out_f32);
     }
 
     #[test]
