@@ -46,6 +46,45 @@ fn bf16_pairs(k: usize) -> usize {
     k.div_ceil(2).next_multiple_of(PAIRS_BLOCK)
 }
 
+/// Where element `kk` of row `lane` of panel `p` lies in pair panels `[panel][kp][16][2]`
+/// (bfloat16 and int8).
+fn pair_slot(p: usize, kp: usize, lane: usize, kk: usize) -> usize {
+    ((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2
+}
+
+/// The scale of symmetric quantization of `row` to `levels` either side of zero (1 for an
+/// all-zero row).
+fn symmetric_scale(row: &[f32], levels: f32) -> f32 {
+    let peak = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if peak > 0.0 {
+        peak / levels
+    } else {
+        1.0
+    }
+}
+
+/// `row` as pairs of 16-bit codes `q(v)` in u32s, element 2j in the low half (a missing last
+/// element is 0); `out` has room for `ceil(row.len() / 2)` pairs.
+fn pair_row(row: &[f32], out: &mut [u32], q: impl Fn(f32) -> u16) {
+    for (o, pair) in out.iter_mut().zip(row.chunks(2)) {
+        *o = q(pair[0]) as u32 | pair.get(1).map_or(0, |&v| (q(v) as u32) << 16);
+    }
+}
+
+/// x `(m, k)` as bfloat16 pairs `(rows, kp)` (rounded to nearest even), zero beyond `m`
+/// rows and `k` columns.
+fn to_bf16_pairs(x: &[f32], m: usize, k: usize, rows: usize, kp: usize) -> Vec<u32> {
+    let round = |v: f32| {
+        let b = v.to_bits();
+        (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+    };
+    let mut out = vec![0u32; rows * kp];
+    for (row, dst) in x.chunks_exact(k).take(m).zip(out.chunks_exact_mut(kp)) {
+        pair_row(row, dst, round);
+    }
+    out
+}
+
 /// One product's operands: `m` rows of x, each `k` elements long (float32, or bfloat16 pairs
 /// with `k` the padded pair count), and W's packed panels.
 pub(crate) struct Operands<'a, X, W> {
@@ -100,7 +139,7 @@ impl PackedWeight {
                 for (row, chunk) in src.chunks_exact(k).enumerate() {
                     let (p, lane) = (row / PANEL, row % PANEL);
                     for (kk, &v) in chunk.iter().enumerate() {
-                        dst[((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2] = v;
+                        dst[pair_slot(p, kp, lane, kk)] = v;
                     }
                 }
                 Tensor::from_vec(dst, panels * kp * PANEL * 2, &candle_core::Device::Cpu)?
@@ -133,12 +172,11 @@ impl PackedWeight {
         let mut scales = vec![0f32; panels * PANEL];
         for (row, chunk) in src.chunks_exact(k).enumerate() {
             let (p, lane) = (row / PANEL, row % PANEL);
-            let peak = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = if peak > 0.0 { peak / 127.0 } else { 1.0 };
+            let scale = symmetric_scale(chunk, 127.0);
             scales[row] = scale;
             for (kk, &v) in chunk.iter().enumerate() {
                 let q = (v / scale).round().clamp(-127.0, 127.0) as i8;
-                dst[((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2] = q as u8;
+                dst[pair_slot(p, kp, lane, kk)] = q as u8;
             }
         }
         Ok(Self {
@@ -171,16 +209,13 @@ impl PackedWeight {
                 }
                 CpuStorage::BF16(w) => {
                     let kp = bf16_pairs(k);
-                    out.extend((0..k).map(|kk| {
-                        w[start + ((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2].to_f32()
-                    }))
+                    out.extend((0..k).map(|kk| w[start + pair_slot(p, kp, lane, kk)].to_f32()))
                 }
                 CpuStorage::U8(w) => {
                     let (kp, scale) = (k.div_ceil(2), self.scales.as_ref().map_or(1.0, |s| s[id]));
-                    out.extend((0..k).map(|kk| {
-                        let q = w[start + ((p * kp + kk / 2) * PANEL + lane) * 2 + kk % 2] as i8;
-                        q as f32 * scale
-                    }))
+                    out.extend(
+                        (0..k).map(|kk| w[start + pair_slot(p, kp, lane, kk)] as i8 as f32 * scale),
+                    )
                 }
                 _ => candle_core::bail!("packed weights are f32, bf16 or int8"),
             }
@@ -280,7 +315,7 @@ impl CustomOp2 for XwtOp<'_> {
                 } else {
                     m
                 };
-                let xb = kernels::to_bf16_pairs(x, m, k, rows, bf16_pairs(k));
+                let xb = to_bf16_pairs(x, m, k, rows, bf16_pairs(k));
                 // SAFETY: half::bf16 is a transparent u16.
                 let w: &[u16] = unsafe {
                     std::slice::from_raw_parts(w[w0..w1].as_ptr() as *const u16, w1 - w0)
@@ -318,14 +353,15 @@ fn int16_pairs(x: &[f32], m: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
     let levels = x_levels(k) as f32;
     let mut pairs = vec![0u32; m * kp];
     let mut scales = vec![0f32; m];
-    for (i, row) in x.chunks_exact(k).take(m).enumerate() {
-        let peak = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let scale = if peak > 0.0 { peak / levels } else { 1.0 };
-        scales[i] = scale;
-        let q = |v: f32| (v / scale).round() as i16 as u16 as u32;
-        for (j, pair) in row.chunks(2).enumerate() {
-            pairs[i * kp + j] = q(pair[0]) | pair.get(1).map_or(0, |&v| q(v) << 16);
-        }
+    for ((row, dst), scale) in x
+        .chunks_exact(k)
+        .take(m)
+        .zip(pairs.chunks_exact_mut(kp))
+        .zip(scales.iter_mut())
+    {
+        *scale = symmetric_scale(row, levels);
+        let s = *scale;
+        pair_row(row, dst, |v| (v / s).round() as i16 as u16);
     }
     (pairs, scales)
 }
@@ -368,28 +404,6 @@ mod kernels {
     /// Rows of x per register tile and panels per tile (8 x 3 accumulators of 16 lanes).
     const MR: usize = 8;
     const NV: usize = 3;
-
-    /// x `(m, k)` as bfloat16 pairs `(rows, kp)` of u32 (element 2j in the low half), zero
-    /// beyond `m` rows and `k` columns.
-    pub fn to_bf16_pairs(x: &[f32], m: usize, k: usize, rows: usize, kp: usize) -> Vec<u32> {
-        let round = |v: f32| {
-            let b = v.to_bits();
-            (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
-        };
-        let mut out = vec![0u32; rows * kp];
-        for i in 0..m {
-            for j in 0..k.div_ceil(2) {
-                let lo = round(x[i * k + 2 * j]);
-                let hi = if 2 * j + 1 < k {
-                    round(x[i * k + 2 * j + 1])
-                } else {
-                    0
-                };
-                out[i * kp + j] = lo as u32 | ((hi as u32) << 16);
-            }
-        }
-        out
-    }
 
     /// `dst (m, cols) = x (m, k) · W[panels]ᵀ` from float32 panels.
     pub fn f32_panels(
@@ -445,7 +459,6 @@ mod kernels {
         }
     }
 
-    /// Calls `$tile::<[generic args,] R, V>` with the tile shape as const generics.
     /// Stores a register tile: rows `row..` of `dst (m, cols)`, from panel `panel` of the task.
     #[inline(always)]
     unsafe fn store_tile<const R: usize, const V: usize>(
@@ -465,36 +478,32 @@ mod kernels {
         }
     }
 
+    /// Calls `$tile::<R, V>` with the tile shape as const generics.
     macro_rules! dispatch {
-        ($tile:ident [$($g:ty),*], $mr:expr, $nv:expr, ($($arg:expr),*)) => {
+        ($tile:ident, $mr:expr, $nv:expr, ($($arg:expr),*)) => {
             match ($mr, $nv) {
-                (8, 3) => $tile::<$($g,)* 8, 3>($($arg),*), (8, 2) => $tile::<$($g,)* 8, 2>($($arg),*), (8, 1) => $tile::<$($g,)* 8, 1>($($arg),*),
-                (7, 3) => $tile::<$($g,)* 7, 3>($($arg),*), (7, 2) => $tile::<$($g,)* 7, 2>($($arg),*), (7, 1) => $tile::<$($g,)* 7, 1>($($arg),*),
-                (6, 3) => $tile::<$($g,)* 6, 3>($($arg),*), (6, 2) => $tile::<$($g,)* 6, 2>($($arg),*), (6, 1) => $tile::<$($g,)* 6, 1>($($arg),*),
-                (5, 3) => $tile::<$($g,)* 5, 3>($($arg),*), (5, 2) => $tile::<$($g,)* 5, 2>($($arg),*), (5, 1) => $tile::<$($g,)* 5, 1>($($arg),*),
-                (4, 3) => $tile::<$($g,)* 4, 3>($($arg),*), (4, 2) => $tile::<$($g,)* 4, 2>($($arg),*), (4, 1) => $tile::<$($g,)* 4, 1>($($arg),*),
-                (3, 3) => $tile::<$($g,)* 3, 3>($($arg),*), (3, 2) => $tile::<$($g,)* 3, 2>($($arg),*), (3, 1) => $tile::<$($g,)* 3, 1>($($arg),*),
-                (2, 3) => $tile::<$($g,)* 2, 3>($($arg),*), (2, 2) => $tile::<$($g,)* 2, 2>($($arg),*), (2, 1) => $tile::<$($g,)* 2, 1>($($arg),*),
-                (1, 3) => $tile::<$($g,)* 1, 3>($($arg),*), (1, 2) => $tile::<$($g,)* 1, 2>($($arg),*), _ => $tile::<$($g,)* 1, 1>($($arg),*),
+                (8, 3) => $tile::<8, 3>($($arg),*), (8, 2) => $tile::<8, 2>($($arg),*), (8, 1) => $tile::<8, 1>($($arg),*),
+                (7, 3) => $tile::<7, 3>($($arg),*), (7, 2) => $tile::<7, 2>($($arg),*), (7, 1) => $tile::<7, 1>($($arg),*),
+                (6, 3) => $tile::<6, 3>($($arg),*), (6, 2) => $tile::<6, 2>($($arg),*), (6, 1) => $tile::<6, 1>($($arg),*),
+                (5, 3) => $tile::<5, 3>($($arg),*), (5, 2) => $tile::<5, 2>($($arg),*), (5, 1) => $tile::<5, 1>($($arg),*),
+                (4, 3) => $tile::<4, 3>($($arg),*), (4, 2) => $tile::<4, 2>($($arg),*), (4, 1) => $tile::<4, 1>($($arg),*),
+                (3, 3) => $tile::<3, 3>($($arg),*), (3, 2) => $tile::<3, 2>($($arg),*), (3, 1) => $tile::<3, 1>($($arg),*),
+                (2, 3) => $tile::<2, 3>($($arg),*), (2, 2) => $tile::<2, 2>($($arg),*), (2, 1) => $tile::<2, 1>($($arg),*),
+                (1, 3) => $tile::<1, 3>($($arg),*), (1, 2) => $tile::<1, 2>($($arg),*), _ => $tile::<1, 1>($($arg),*),
             }
         };
     }
 
     /// Walks the register tiles of a task: up to `NV` panels at a time, each against all rows
-    /// of x in blocks of up to `max_rows` (the panels stay in L2 while the rows go by).
+    /// of x in blocks of `MR` (the panels stay in L2 while the rows go by).
     #[inline(always)]
-    fn drive(
-        m: usize,
-        max_rows: usize,
-        panels: &Range<usize>,
-        mut tile: impl FnMut(usize, usize, usize, usize),
-    ) {
+    fn drive(m: usize, panels: &Range<usize>, mut tile: impl FnMut(usize, usize, usize, usize)) {
         let mut p = panels.start;
         while p < panels.end {
             let nv = (panels.end - p).min(NV);
             let mut row = 0;
             while row < m {
-                let mr = (m - row).min(max_rows);
+                let mr = (m - row).min(MR);
                 tile(mr, nv, row, p);
                 row += mr;
             }
@@ -542,9 +551,9 @@ mod kernels {
     ) {
         let (m, k) = (ops.m, ops.k);
         let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
-        drive(m, MR, &panels, |mr, nv, row, p| {
+        drive(m, &panels, |mr, nv, row, p| {
             dispatch!(
-                tile_f32[],
+                tile_f32,
                 mr,
                 nv,
                 (xp, k, wp, row, p, panels.start, cols, dp)
@@ -606,9 +615,9 @@ mod kernels {
         let (m, kp) = (ops.m, ops.k);
         let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
         let scales = (x_scales.as_ptr(), w_scales.as_ptr());
-        drive(m, MR, &panels, |mr, nv, row, p| {
+        drive(m, &panels, |mr, nv, row, p| {
             dispatch!(
-                tile_int8[],
+                tile_int8,
                 mr,
                 nv,
                 (xp, kp, wp, scales, row, p, panels.start, cols, dp)
@@ -658,9 +667,9 @@ mod kernels {
     ) {
         let (m, kp) = (ops.m, ops.k);
         let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
-        drive(m, MR, &panels, |mr, nv, row, p| {
+        drive(m, &panels, |mr, nv, row, p| {
             dispatch!(
-                tile_bf16[],
+                tile_bf16,
                 mr,
                 nv,
                 (xp, kp, wp, row, p, panels.start, cols, dp)
@@ -674,9 +683,6 @@ mod kernels {
     use super::Operands;
     use std::ops::Range;
 
-    pub fn to_bf16_pairs(_: &[f32], _: usize, _: usize, _: usize, _: usize) -> Vec<u32> {
-        unreachable!("supported() is false off x86-64")
-    }
     pub fn f32_panels(_: &Operands<f32, f32>, _: Range<usize>, _: usize, _: &mut [f32]) {
         unreachable!("supported() is false off x86-64")
     }
