@@ -100,10 +100,14 @@ impl Mode {
     }
 }
 
+/// (max, log Σ e^x) of `xs`: the shift and the normaliser of a log-softmax.
+fn log_sum_exp(xs: &[f32]) -> (f32, f32) {
+    let max = fastmath::max(xs);
+    (max, max + fastmath::sum_exp(xs, max).ln())
+}
+
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = fastmath::max(logits);
-    let lse = max + fastmath::sum_exp(logits, max).ln();
-    fastmath::sub(logits, lse)
+    fastmath::sub(logits, log_sum_exp(logits).1)
 }
 
 /// Autocontrastive log q (REFERENCE.md): the plausible set H keeps the tokens with
@@ -111,11 +115,12 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
 /// log p_u - log p_l rescaled to H's upper mass; outside H, q = p_u. Log-probs come from
 /// log-softmax, so q stays finite where the reference's log(softmax) gives NaN.
 pub fn contrast_log_q(upper: &[f32], lower: &[f32], c: &ContrastParams) -> Vec<f32> {
-    let mut q = log_softmax(upper);
-    let max_l = fastmath::max(lower);
-    let lse_l = max_l + fastmath::sum_exp(lower, max_l).ln();
-    // Compared in log space: p_u >= t  <=>  log p_u >= log t (exp is monotonic).
-    let max_lp = fastmath::max(&q);
+    let (max_u, lse_u) = log_sum_exp(upper);
+    let mut q = fastmath::sub(upper, lse_u);
+    let (_, lse_l) = log_sum_exp(lower);
+    // Compared in log space: p_u >= t  <=>  log p_u >= log t (exp is monotonic). Rounding
+    // keeps the order of x - lse, so the largest log p_u is max_u - lse_u, to the bit.
+    let max_lp = max_u - lse_u;
     let k = c.minimum_candidates.clamp(1, q.len());
     let kth_lp = if k == 1 {
         max_lp
