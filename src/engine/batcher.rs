@@ -151,10 +151,10 @@ impl Batcher {
             return;
         }
         if Instant::now() >= req.deadline {
+            self.metrics.request_finished("timeout", mode_label);
             let _ = tx.send(Event::Error(EngineError::Timeout {
                 seconds: (req.deadline - arrived).as_secs_f64(),
             }));
-            self.metrics.request_finished("timeout", mode_label);
             return;
         }
         self.metrics.queue_wait.observe(arrived.elapsed());
@@ -462,16 +462,20 @@ impl Batcher {
         let mut r = seq.request.borrow_mut();
         r.unfinished -= 1;
         if r.unfinished == 0 {
-            let _ = r.tx.send(Event::Done { usage: r.usage });
             self.metrics.e2e_latency.observe(r.arrived.elapsed());
             self.metrics.request_finished("ok", r.mode_label);
-            let _e = r.span.enter();
-            tracing::info!(
-                prompt_tokens = r.usage.prompt_tokens,
-                completion_tokens = r.usage.completion_tokens,
-                ms = r.arrived.elapsed().as_millis() as u64,
-                "completed"
-            );
+            {
+                let _e = r.span.enter();
+                tracing::info!(
+                    prompt_tokens = r.usage.prompt_tokens,
+                    completion_tokens = r.usage.completion_tokens,
+                    ms = r.arrived.elapsed().as_millis() as u64,
+                    "completed"
+                );
+            }
+            // Last: once the client has its answer, a shutdown may end the process at once,
+            // and the log line and metrics above must not be lost with it.
+            let _ = r.tx.send(Event::Done { usage: r.usage });
         }
     }
 
@@ -484,10 +488,10 @@ impl Batcher {
             if now >= r.req.deadline {
                 if r.unfinished > 0 {
                     r.unfinished = 0;
+                    metrics.request_finished("timeout", r.mode_label);
                     let _ = r.tx.send(Event::Error(EngineError::Timeout {
                         seconds: (r.req.deadline - r.arrived).as_secs_f64(),
                     }));
-                    metrics.request_finished("timeout", r.mode_label);
                 }
                 return false;
             }
@@ -510,9 +514,9 @@ impl Batcher {
             let mut r = self.running[i].request.borrow_mut();
             if r.unfinished > 0 {
                 r.unfinished = 0;
+                self.metrics.request_finished("error", r.mode_label);
                 let _ =
                     r.tx.send(Event::Error(EngineError::Internal(message.clone())));
-                self.metrics.request_finished("error", r.mode_label);
             }
         }
         self.running.retain(|s| s.request.borrow().unfinished > 0);
