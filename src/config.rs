@@ -66,6 +66,14 @@ pub struct Args {
     /// Prompt tokens prefilled per step across the batch; longer prompts are chunked [default: 512]
     #[arg(long, env = "EXITSERVE_MAX_PREFILL_TOKENS")]
     pub max_prefill_tokens: Option<usize>,
+    /// KV-cache positions reserved across the batch (prompt + max_tokens of every sequence,
+    /// each n/best_of copy counted) [default: half the memory available at start, over the
+    /// model's KV bytes per position]
+    #[arg(long, env = "EXITSERVE_MAX_BATCH_TOTAL_TOKENS")]
+    pub max_batch_total_tokens: Option<usize>,
+    /// Prompts x best_of of one request [default: 64]
+    #[arg(long, env = "EXITSERVE_MAX_SEQUENCES_PER_REQUEST")]
+    pub max_sequences_per_request: Option<usize>,
     /// Requests waiting for a batch slot before new ones get 429 [default: 256]
     #[arg(long, env = "EXITSERVE_MAX_QUEUED_REQUESTS")]
     pub max_queued_requests: Option<usize>,
@@ -75,6 +83,36 @@ pub struct Args {
     /// Largest `n` / `best_of` [default: 8]
     #[arg(long, env = "EXITSERVE_MAX_BEST_OF")]
     pub max_best_of: Option<usize>,
+    /// Most `stop` sequences in one request [default: 16]
+    #[arg(long, env = "EXITSERVE_MAX_STOP_SEQUENCES")]
+    pub max_stop_sequences: Option<usize>,
+    /// Longest `stop` sequence in characters [default: 256]
+    #[arg(long, env = "EXITSERVE_MAX_STOP_LENGTH")]
+    pub max_stop_length: Option<usize>,
+    /// Most `logit_bias` entries in one request [default: 300]
+    #[arg(long, env = "EXITSERVE_MAX_LOGIT_BIAS")]
+    pub max_logit_bias: Option<usize>,
+    /// Requests parsed and tokenized at once; the others wait with their raw bodies
+    /// [default: the number of CPUs]
+    #[arg(long, env = "EXITSERVE_VALIDATION_WORKERS")]
+    pub validation_workers: Option<usize>,
+    /// Events buffered per choice for a stream whose client reads slowly; past it the
+    /// stream's sequences pause until the client reads [default: 64]
+    #[arg(long, env = "EXITSERVE_STREAM_BUFFER_EVENTS")]
+    pub stream_buffer_events: Option<usize>,
+    /// Open client connections; at the cap idle ones are closed and new ones wait
+    /// [default: 1024, at most the open-files limit less 64]
+    #[arg(long, env = "EXITSERVE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has to send a whole request head once it starts one [default: 10]
+    #[arg(long, env = "EXITSERVE_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: Option<f64>,
+    /// Seconds a client has to send a whole request body (408 past it) [default: 30]
+    #[arg(long, env = "EXITSERVE_BODY_READ_TIMEOUT")]
+    pub body_read_timeout: Option<f64>,
+    /// Seconds an idle keep-alive connection stays open [default: 60]
+    #[arg(long, env = "EXITSERVE_KEEP_ALIVE_TIMEOUT")]
+    pub keep_alive_timeout: Option<f64>,
     /// Seconds a request may wait and run before it fails [default: 300]
     #[arg(long, env = "EXITSERVE_REQUEST_TIMEOUT")]
     pub request_timeout: Option<f64>,
@@ -98,7 +136,8 @@ pub struct Args {
     /// Log format [default: text]
     #[arg(long, env = "EXITSERVE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM [default: 30]
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM; a second signal exits
+    /// at once [default: 30]
     #[arg(long, env = "EXITSERVE_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<f64>,
 }
@@ -114,9 +153,20 @@ pub struct Settings {
     pub default_mode: String,
     pub max_batch_size: usize,
     pub max_prefill_tokens: usize,
+    pub max_batch_total_tokens: Option<usize>,
+    pub max_sequences_per_request: usize,
     pub max_queued_requests: usize,
     pub max_input_tokens: Option<usize>,
     pub max_best_of: usize,
+    pub max_stop_sequences: usize,
+    pub max_stop_length: usize,
+    pub max_logit_bias: usize,
+    pub validation_workers: usize,
+    pub stream_buffer_events: usize,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub keep_alive_timeout: Duration,
     pub request_timeout: Duration,
     pub api_key: Option<String>,
     pub cors_allow_origins: Vec<String>,
@@ -188,12 +238,44 @@ impl Settings {
                 "max-prefill-tokens",
                 pick!(max_prefill_tokens).unwrap_or(512),
             )?,
+            max_batch_total_tokens: pick!(max_batch_total_tokens)
+                .map(|v| positive("max-batch-total-tokens", v))
+                .transpose()?,
+            max_sequences_per_request: positive(
+                "max-sequences-per-request",
+                pick!(max_sequences_per_request).unwrap_or(64),
+            )?,
             max_queued_requests: positive(
                 "max-queued-requests",
                 pick!(max_queued_requests).unwrap_or(256),
             )?,
             max_input_tokens: pick!(max_input_tokens),
             max_best_of: positive("max-best-of", pick!(max_best_of).unwrap_or(8))?,
+            max_stop_sequences: pick!(max_stop_sequences).unwrap_or(16),
+            max_stop_length: positive("max-stop-length", pick!(max_stop_length).unwrap_or(256))?,
+            max_logit_bias: pick!(max_logit_bias).unwrap_or(300),
+            validation_workers: positive(
+                "validation-workers",
+                pick!(validation_workers)
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            )?,
+            stream_buffer_events: positive(
+                "stream-buffer-events",
+                pick!(stream_buffer_events).unwrap_or(64),
+            )?,
+            max_connections: positive("max-connections", pick!(max_connections).unwrap_or(1024))?,
+            header_read_timeout: secs(
+                "header-read-timeout",
+                pick!(header_read_timeout).unwrap_or(10.0),
+            )?,
+            body_read_timeout: secs(
+                "body-read-timeout",
+                pick!(body_read_timeout).unwrap_or(30.0),
+            )?,
+            keep_alive_timeout: secs(
+                "keep-alive-timeout",
+                pick!(keep_alive_timeout).unwrap_or(60.0),
+            )?,
             request_timeout: secs("request-timeout", pick!(request_timeout).unwrap_or(300.0))?,
             api_key: pick!(api_key).filter(|k| !k.is_empty()),
             cors_allow_origins: pick!(cors_allow_origin).unwrap_or_default(),

@@ -1,13 +1,15 @@
 //! Start-up: load the model, start the engine, build the router, serve until a signal.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{MatmulKernels, Settings, WeightDtype};
 use crate::engine::request::{ModeSpec, UpperSpec};
+use crate::engine::scheduler::Budget;
 use crate::engine::{BatchConfig, Engine, EngineConfig, Limits, Validator};
-use crate::http::{self, AppState};
+use crate::http::serve::{self, ConnectionLimits};
+use crate::http::{self, shutdown, AppState, Shutdown};
 use crate::model::{self, LoadOptions};
 
 /// A start-up failure: printed as one line, exit code 1.
@@ -56,14 +58,24 @@ pub fn parse_mode_flag(s: &str) -> Result<ModeSpec, String> {
 }
 
 /// Loads the model and starts the engine; returns the app state for the router.
-pub fn build_state(s: &Settings) -> Result<Arc<AppState>, StartupError> {
-    build_state_with(s, |_| {})
+pub fn build_state(s: &Settings, shutdown: Shutdown) -> Result<Arc<AppState>, StartupError> {
+    build_state_with(s, shutdown, |_| {})
+}
+
+/// The connection limits of `s` (before they are fitted to the open-files limit).
+pub fn connection_limits(s: &Settings) -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: s.max_connections,
+        header_read_timeout: s.header_read_timeout,
+        keep_alive_timeout: s.keep_alive_timeout,
+    }
 }
 
 /// As [`build_state`], with a last say on the engine configuration (tests use it for fault
 /// injection).
 pub fn build_state_with(
     s: &Settings,
+    shutdown: Shutdown,
     tune: impl FnOnce(&mut EngineConfig),
 ) -> Result<Arc<AppState>, StartupError> {
     let opts = LoadOptions {
@@ -77,9 +89,29 @@ pub fn build_state_with(
         device: device()?,
         skinny_kernels: s.matmul == MatmulKernels::Auto,
     };
+    if !s.cors_allow_origins.is_empty() {
+        // Checked here, so that a bad origin fails start-up; the router builds the layer.
+        let _ = http::cors_origins(&s.cors_allow_origins).map_err(StartupError::Config)?;
+    }
     let loaded = model::load(&s.model, &opts)?;
     let cfg = loaded.model.config().clone();
     let max_positions = cfg.max_position_embeddings;
+    let budget = Budget {
+        max_sequences: s.max_batch_size,
+        max_tokens: s.max_batch_total_tokens.unwrap_or_else(|| {
+            default_kv_budget(
+                loaded.model.kv_bytes_per_token(),
+                max_positions,
+                s.max_batch_size,
+            )
+        }),
+        max_prefill_tokens: s.max_prefill_tokens,
+    };
+    tracing::info!(
+        max_batch_total_tokens = budget.max_tokens,
+        kv_bytes_per_token = loaded.model.kv_bytes_per_token(),
+        "KV-cache budget"
+    );
     let mut limits = Limits {
         max_input_tokens: s
             .max_input_tokens
@@ -92,6 +124,12 @@ pub fn build_state_with(
         num_layers: cfg.num_layers,
         default_mode: model::Mode::Original,
         request_timeout: s.request_timeout,
+        budget,
+        max_sequences_per_request: s.max_sequences_per_request,
+        max_stop_sequences: s.max_stop_sequences,
+        max_stop_length: s.max_stop_length,
+        max_logit_bias: s.max_logit_bias,
+        max_token_bytes: loaded.tokenizer.max_token_bytes(),
     };
     let spec = parse_mode_flag(&s.default_mode).map_err(StartupError::Config)?;
     // Resolve the default mode with the same rules as a request's `multi_exit`.
@@ -106,20 +144,62 @@ pub fn build_state_with(
         .map_err(|_| StartupError::Config("tokenizer still shared".into()))?;
     let mut engine_cfg = EngineConfig {
         batch: BatchConfig {
-            max_batch_size: s.max_batch_size,
-            max_prefill_tokens: s.max_prefill_tokens,
+            budget,
             eos_token_id: eos,
-            panic_on_token: None,
+            fault: None,
         },
         max_queued_requests: s.max_queued_requests,
+        validation_workers: s.validation_workers,
+        stream_buffer_events: s.stream_buffer_events,
     };
     tune(&mut engine_cfg);
     let engine = Engine::start(loaded.model, tokenizer, limits, engine_cfg)?;
     let mut state = AppState::new(engine, s.served_model_name.clone());
     state.api_key = s.api_key.clone();
     state.max_body_bytes = s.max_body_bytes;
+    state.body_read_timeout = s.body_read_timeout;
     state.cors_allow_origins = s.cors_allow_origins.clone();
+    state.shutdown = shutdown;
     Ok(Arc::new(state))
+}
+
+/// Half of the memory available now (after the weights loaded), in KV positions; never more
+/// than a full batch of full-context sequences needs.
+fn default_kv_budget(kv_bytes_per_token: usize, max_positions: usize, max_batch: usize) -> usize {
+    let ceiling = max_positions.saturating_mul(max_batch);
+    let Some(available) = available_memory_bytes() else {
+        return ceiling;
+    };
+    let tokens = (available / 2 / kv_bytes_per_token.max(1) as u64) as usize;
+    if tokens < max_positions {
+        tracing::warn!(
+            tokens,
+            max_positions,
+            "little memory: the KV budget holds less than one full-context sequence"
+        );
+    }
+    tokens.clamp(1, ceiling.max(1))
+}
+
+/// `MemAvailable`, or what the cgroup (v2) still allows when that is less.
+fn available_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let mut available = kib * 1024;
+    let read = |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{f}")).ok();
+    if let (Some(max), Some(current)) = (read("memory.max"), read("memory.current")) {
+        if let (Ok(max), Ok(current)) = (max.trim().parse::<u64>(), current.trim().parse::<u64>()) {
+            available = available.min(max.saturating_sub(current));
+        }
+    }
+    Some(available)
 }
 
 #[cfg(feature = "cuda")]
@@ -133,8 +213,24 @@ fn device() -> Result<candle_core::Device, StartupError> {
 }
 
 /// Binds first (a taken port fails before the model loads), then loads and serves until
-/// SIGINT/SIGTERM; requests in flight get `shutdown_grace` to finish.
+/// SIGINT/SIGTERM. Then: no new connections, idle ones close, requests in flight get
+/// `shutdown_grace` to finish; at its end every open response ends with an error (a stream
+/// with an error event and `[DONE]`). A second signal exits at once.
 pub async fn run(s: Settings) -> Result<(), StartupError> {
+    let nofile = serve::raise_open_files_limit();
+    let max_connections = match nofile {
+        Some(n) if (s.max_connections as u64).saturating_add(64) > n => {
+            let capped = n.saturating_sub(64).max(1) as usize;
+            tracing::warn!(
+                requested = s.max_connections,
+                capped,
+                open_files_limit = n,
+                "--max-connections lowered to fit the open-files limit"
+            );
+            capped
+        }
+        _ => s.max_connections,
+    };
     let addr = format!("{}:{}", s.host, s.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -145,7 +241,9 @@ pub async fn run(s: Settings) -> Result<(), StartupError> {
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(model = %s.model, "loading model");
     let settings = s.clone();
-    let state = tokio::task::spawn_blocking(move || build_state(&settings))
+    let (trigger, shutdown) = shutdown::channel();
+    let for_state = shutdown.clone();
+    let state = tokio::task::spawn_blocking(move || build_state(&settings, for_state))
         .await
         .map_err(|e| StartupError::Config(format!("loader crashed: {e}")))??;
     let limits = state.engine.validator().limits();
@@ -153,32 +251,49 @@ pub async fn run(s: Settings) -> Result<(), StartupError> {
         %local,
         served_model_name = %state.served_model_name,
         exits = ?limits.exit_layers,
+        max_connections,
         "listening"
     );
+    let metrics = state.engine.metrics_handle();
     let app = http::router(state);
-    let grace = s.shutdown_grace;
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
-    let mut serving = tokio::spawn(server.into_future());
-    // The server stops accepting on the signal; this copy of it starts the grace period.
+    let conn_limits = ConnectionLimits {
+        max_connections,
+        ..connection_limits(&s)
+    };
+    let mut serving = tokio::spawn(serve::serve(listener, app, conn_limits, metrics, shutdown));
     tokio::select! {
         r = &mut serving => return joined(r),
         _ = shutdown_signal() => {}
     }
+    let grace = s.shutdown_grace;
     tracing::info!(
         grace_s = grace.as_secs_f64(),
-        "shutting down; letting requests in flight finish"
+        "shutting down; letting requests in flight finish (a second signal exits at once)"
     );
-    match tokio::time::timeout(grace, serving).await {
-        Ok(r) => joined(r),
-        Err(_) => {
-            tracing::warn!("grace period over; exiting with requests still running");
-            Ok(())
+    trigger.drain();
+    tokio::select! {
+        r = &mut serving => return joined(r),
+        _ = tokio::time::sleep(grace) => {}
+        _ = shutdown_signal() => {
+            tracing::warn!("second signal; exiting now");
+            return Ok(());
         }
+    }
+    tracing::warn!("grace period over; ending the requests still running");
+    trigger.cut();
+    // The ended responses need a moment to reach their clients.
+    tokio::select! {
+        r = &mut serving => joined(r),
+        _ = tokio::time::sleep(CUT_FLUSH) => Ok(()),
+        _ = shutdown_signal() => Ok(()),
     }
 }
 
-fn joined(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), StartupError> {
-    r.map_err(std::io::Error::other)?.map_err(StartupError::Io)
+/// How long the last words of cut responses get to be written.
+const CUT_FLUSH: Duration = Duration::from_secs(2);
+
+fn joined(r: Result<(), tokio::task::JoinError>) -> Result<(), StartupError> {
+    r.map_err(|e| StartupError::Io(std::io::Error::other(e)))
 }
 
 async fn shutdown_signal() {

@@ -5,6 +5,7 @@ mod common;
 use common::client::{get, post, post_stream};
 use common::server::TestServer;
 use common::{multi_exit, reference, MODEL};
+use exitserve::engine::{Fault, Phase};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -12,7 +13,12 @@ const POISON: u32 = 666;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_the_model_fails_only_its_batch_and_the_engine_goes_on() {
-    let server = TestServer::start_with(&[], |cfg| cfg.batch.panic_on_token = Some(POISON));
+    let server = TestServer::start_with(&[], |cfg| {
+        cfg.batch.fault = Some(Fault {
+            phase: Phase::Forward,
+            token: POISON,
+        })
+    });
     let url = server.url("/v1/completions");
     let case = reference().cases[0].clone();
     let good = json!({"model": MODEL, "prompt": case.prompt, "max_tokens": 24, "temperature": 0,

@@ -1,9 +1,15 @@
-//! The model thread: continuous batching. New requests join between decode steps, their
-//! prefill chunked under a token budget; finished, stopped and abandoned sequences leave at
-//! once. Every sequence carries its own mode, so one step serves original, exit and contrast
-//! requests together.
+//! The model thread: continuous batching. New requests join between decode steps under the
+//! scheduler's budget, their prefill chunked; finished, stopped and abandoned sequences leave
+//! at once. Every sequence carries its own mode, so one step serves original, exit and
+//! contrast requests together.
+//!
+//! Fault containment: each phase of a step (admission, planning, forward, scoring, sampling,
+//! emission, forks) runs under `catch_unwind` at the finest grain it has, so a panic or an
+//! error fails only the requests it touches; the forward, which runs the batch as one, fails
+//! the step's members. The engine goes on.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -15,21 +21,41 @@ use tokio::sync::mpsc;
 
 use super::error::EngineError;
 use super::metrics::Metrics;
-use super::request::{Event, FinishReason, Usage};
+use super::request::{events_per_step, Event, FinishReason, Usage};
 use super::sampling::Sampler;
+use super::scheduler::{self, Budget, Demand, SeqView};
 use super::sequence::{token_logprob, Outcome, RequestState, Sequence, SharedRequest};
 use super::Submission;
 use crate::model::{Head, Mode, MultiExitGptNeo, SeqStep, TextTokenizer};
 
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
-    pub max_batch_size: usize,
-    /// Prompt tokens prefilled per step, across sequences (a long prompt is chunked).
-    pub max_prefill_tokens: usize,
+    pub budget: Budget,
     pub eos_token_id: Option<u32>,
-    /// Fault injection for tests: a step that feeds this token id panics inside the forward.
+    /// Fault injection for tests.
     #[doc(hidden)]
-    pub panic_on_token: Option<u32>,
+    pub fault: Option<Fault>,
+}
+
+/// The phases of the batcher's work, as named by fault injection and in error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The step's own bookkeeping, around the phases below.
+    Step,
+    Admit,
+    Plan,
+    Forward,
+    Score,
+    Sample,
+    Emit,
+    Fork,
+}
+
+/// Test hook: panic in `phase` while handling a sequence whose prompt holds `token`.
+#[derive(Debug, Clone, Copy)]
+pub struct Fault {
+    pub phase: Phase,
+    pub token: u32,
 }
 
 /// The inputs of one step, in `running` order over the sequences that take part.
@@ -54,6 +80,14 @@ struct Ready {
     first_token: bool,
 }
 
+/// A request taken from the queue whose prompts have not all joined the batch yet.
+struct Pending {
+    state: SharedRequest,
+    /// `(prompt index, tokens)`, in order.
+    prompts: VecDeque<(usize, Rc<Vec<u32>>)>,
+    started: bool,
+}
+
 pub struct Batcher {
     model: Arc<MultiExitGptNeo>,
     tokenizer: Arc<TextTokenizer>,
@@ -61,8 +95,8 @@ pub struct Batcher {
     cfg: BatchConfig,
     metrics: Arc<Metrics>,
     running: Vec<Sequence>,
-    /// A request taken from the queue that did not fit yet.
-    held: Option<Submission>,
+    /// The request at the head of the queue, waiting for room in the budget.
+    held: Option<Pending>,
 }
 
 pub fn mode_label(mode: &Mode) -> &'static str {
@@ -70,6 +104,42 @@ pub fn mode_label(mode: &Mode) -> &'static str {
         Mode::Original => "original",
         Mode::Exit(_) => "exit",
         Mode::Contrast(_) => "contrast",
+    }
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs `f`; a panic comes back as an error message naming `phase`.
+fn contained<T>(phase: Phase, f: impl FnOnce() -> T) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f))
+        .map_err(|p| format!("{phase:?} phase panicked: {}", panic_message(&*p)))
+}
+
+/// Ends a request that has not finished: its sequences leave the batch at the next sweep.
+fn end_request(
+    metrics: &Metrics,
+    r: &mut RequestState,
+    status: &'static str,
+    event: Option<EngineError>,
+) {
+    if r.unfinished == 0 {
+        return;
+    }
+    r.unfinished = 0;
+    metrics.request_finished(status, r.mode_label);
+    if status == "cancelled" {
+        metrics.cancellations.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(e) = event {
+        // A full channel: the client stopped reading; its own deadline reports the end.
+        let _ = r.tx.try_send(Event::Error(e));
     }
 }
 
@@ -81,6 +151,9 @@ impl Batcher {
         cfg: BatchConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
+        metrics
+            .kv_tokens_limit
+            .store(cfg.budget.max_tokens as i64, Ordering::Relaxed);
         Self {
             model,
             tokenizer,
@@ -101,97 +174,233 @@ impl Batcher {
             if self.running.is_empty() {
                 continue;
             }
-            self.step();
+            if let Err(message) = contained(Phase::Step, || self.step()) {
+                // Not one of the contained phases: the batch's own bookkeeping failed. Fail
+                // everything running rather than trust it.
+                tracing::error!(%message, "engine step failed; failing the batch");
+                let all: Vec<usize> = (0..self.running.len()).collect();
+                self.fail_members(&all, message);
+                self.sweep();
+            }
         }
         tracing::info!("engine stopped");
     }
 
-    /// Pulls requests into the batch; blocks only when idle. Returns false when closed and idle.
-    fn admit(&mut self) -> bool {
-        loop {
-            let sub = match self.held.take() {
-                Some(s) => s,
-                None if self.running.is_empty() => match self.rx.blocking_recv() {
-                    Some(s) => s,
-                    None => return false,
-                },
-                None => match self.rx.try_recv() {
-                    Ok(s) => s,
-                    Err(_) => return true,
-                },
-            };
-            let slots = sub.req.prompts.len() * sub.req.best_of;
-            let prefill_pending: usize = self
-                .running
-                .iter()
-                .map(|s| s.prompt.len() - s.prefilled)
-                .sum();
-            let fits = self.running.len() + slots <= self.cfg.max_batch_size
-                && prefill_pending < self.cfg.max_prefill_tokens;
-            if !fits && !self.running.is_empty() {
-                self.held = Some(sub);
-                return true;
+    fn inject(&self, phase: Phase, prompt: &[u32]) {
+        if let Some(f) = self.cfg.fault {
+            if f.phase == phase && prompt.contains(&f.token) {
+                panic!("injected fault in {phase:?}");
             }
-            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            self.start(sub);
         }
     }
 
-    fn start(&mut self, sub: Submission) {
+    /// KV tokens and sequences reserved by the running batch (forks not yet made included).
+    fn reserved(&self) -> Demand {
+        self.running.iter().fold(Demand::default(), |d, s| {
+            let copies = 1 + s.forks.len();
+            Demand {
+                sequences: d.sequences + copies,
+                tokens: d.tokens + copies * s.reserved,
+            }
+        })
+    }
+
+    fn publish_load(&self) {
+        let reserved = self.reserved();
+        self.metrics
+            .batch_size
+            .store(self.running.len() as i64, Ordering::Relaxed);
+        self.metrics
+            .batch_size_peak
+            .fetch_max(reserved.sequences as i64, Ordering::Relaxed);
+        self.metrics
+            .kv_tokens_reserved
+            .store(reserved.tokens as i64, Ordering::Relaxed);
+    }
+
+    /// Pulls requests into the batch while the budget allows; blocks only when idle. Returns
+    /// false when the queue is closed and the batch is idle.
+    fn admit(&mut self) -> bool {
+        loop {
+            if self.held.is_none() {
+                let sub = if self.running.is_empty() {
+                    match self.rx.blocking_recv() {
+                        Some(s) => s,
+                        None => return false,
+                    }
+                } else {
+                    match self.rx.try_recv() {
+                        Ok(s) => s,
+                        Err(_) => return true,
+                    }
+                };
+                self.held = Some(self.pending(sub));
+            }
+            match contained(Phase::Admit, || self.admit_held()) {
+                Ok(true) => continue,
+                Ok(false) => return true,
+                Err(message) => {
+                    tracing::error!(%message, "admission failed; failing its request");
+                    if let Some(p) = self.held.take() {
+                        self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                        let mut r = p.state.borrow_mut();
+                        end_request(
+                            &self.metrics,
+                            &mut r,
+                            "error",
+                            Some(EngineError::Internal(message)),
+                        );
+                    }
+                    self.sweep();
+                }
+            }
+        }
+    }
+
+    fn pending(&self, sub: Submission) -> Pending {
         let Submission {
             req,
             tx,
             span,
             arrived,
         } = sub;
-        let mode_label = mode_label(&req.mode);
-        if tx.is_closed() {
-            self.metrics.cancellations.fetch_add(1, Ordering::Relaxed);
-            self.metrics.request_finished("cancelled", mode_label);
-            return;
-        }
-        if Instant::now() >= req.deadline {
-            self.metrics.request_finished("timeout", mode_label);
-            let _ = tx.send(Event::Error(EngineError::Timeout {
-                seconds: (req.deadline - arrived).as_secs_f64(),
-            }));
-            return;
-        }
-        self.metrics.queue_wait.observe(arrived.elapsed());
         let n_layers = self.model.config().num_layers;
-        let best_of = req.best_of;
-        let prompts = req.prompts.clone();
-        let state: SharedRequest = Rc::new(RefCell::new(RequestState {
+        let prompts = req
+            .prompts
+            .iter()
+            .cloned()
+            .map(Rc::new)
+            .enumerate()
+            .collect();
+        let state = Rc::new(RefCell::new(RequestState {
             heads: req.mode.heads(),
             depth: req.mode.depth(n_layers),
-            unfinished: prompts.len() * best_of,
+            unfinished: req.prompts.len() * req.best_of,
             usage: Usage {
                 prompt_tokens: req.prompt_tokens(),
                 completion_tokens: 0,
             },
+            mode_label: mode_label(&req.mode),
             req,
             tx,
-            mode_label,
             arrived,
             first_token_at: None,
             span,
         }));
-        for (p, prompt) in prompts.into_iter().enumerate() {
-            let first = p * best_of;
-            let sampling = state.borrow().req.sampling.clone();
-            let mut seq = Sequence::new(
-                state.clone(),
-                first,
-                Rc::new(prompt),
-                self.model.new_cache(),
-                Sampler::new(sampling, first as u64),
-            );
-            seq.forks = (first + 1..first + best_of).collect();
-            self.running.push(seq);
+        Pending {
+            state,
+            prompts,
+            started: false,
         }
-        self.metrics
-            .batch_size
-            .store(self.running.len() as i64, Ordering::Relaxed);
+    }
+
+    /// Starts as many of the held request's prompts as fit. True when the request is fully
+    /// admitted (or ended) and the next one may be looked at.
+    fn admit_held(&mut self) -> bool {
+        let Some(p) = self.held.as_mut() else {
+            return true;
+        };
+        let state = Rc::clone(&p.state);
+        let (closed, expired) = {
+            let r = state.borrow();
+            (r.tx.is_closed(), Instant::now() >= r.req.deadline)
+        };
+        if closed || expired || state.borrow().unfinished == 0 {
+            self.held = None;
+            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            let mut r = state.borrow_mut();
+            if closed {
+                end_request(&self.metrics, &mut r, "cancelled", None);
+            } else if expired {
+                let seconds = (r.req.deadline - r.arrived).as_secs_f64();
+                end_request(
+                    &self.metrics,
+                    &mut r,
+                    "timeout",
+                    Some(EngineError::Timeout { seconds }),
+                );
+            }
+            drop(r);
+            self.sweep();
+            return true;
+        }
+        let (max_tokens, best_of) = {
+            let r = state.borrow();
+            (r.req.max_tokens, r.req.best_of)
+        };
+        let demands: Vec<Demand> = p
+            .prompts
+            .iter()
+            .map(|(_, t)| {
+                Demand::of_prompt(t.len(), max_tokens, best_of).unwrap_or(Demand {
+                    sequences: usize::MAX,
+                    tokens: usize::MAX,
+                })
+            })
+            .collect();
+        let take = scheduler::admit_in_order(&self.cfg.budget, self.reserved(), &demands);
+        if take == 0 && self.running.is_empty() {
+            // Validation refuses what can never fit; this is a budget changed under us.
+            self.held = None;
+            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            end_request(
+                &self.metrics,
+                &mut state.borrow_mut(),
+                "invalid",
+                Some(EngineError::invalid(
+                    "max_tokens",
+                    "this request cannot fit the server's batch budget",
+                )),
+            );
+            return true;
+        }
+        let Some(p) = self.held.as_mut() else {
+            return true;
+        };
+        if take > 0 && !p.started {
+            p.started = true;
+            self.metrics
+                .queue_wait
+                .observe(state.borrow().arrived.elapsed());
+        }
+        let groups: Vec<(usize, Rc<Vec<u32>>)> = p.prompts.drain(..take).collect();
+        let done = p.prompts.is_empty();
+        for (index, prompt) in groups {
+            self.inject(Phase::Admit, &prompt);
+            self.start_group(&state, index, prompt, max_tokens, best_of);
+        }
+        // Only now: a panic above leaves the request held, to be failed by `admit`.
+        if done {
+            self.held = None;
+            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.publish_load();
+        done
+    }
+
+    /// One prompt of a request joins the batch: its first sequence, with its `best_of - 1`
+    /// followers to fork once the prompt is in (they share its prefill).
+    fn start_group(
+        &mut self,
+        state: &SharedRequest,
+        index: usize,
+        prompt: Rc<Vec<u32>>,
+        max_tokens: usize,
+        best_of: usize,
+    ) {
+        let first = index * best_of;
+        let sampling = state.borrow().req.sampling.clone();
+        let reserved = prompt.len() + max_tokens;
+        let mut seq = Sequence::new(
+            state.clone(),
+            first,
+            prompt,
+            self.model.new_cache_for(reserved),
+            Sampler::new(sampling, first as u64),
+        );
+        seq.reserved = reserved;
+        seq.forks = (first + 1..first + best_of).collect();
+        self.running.push(seq);
     }
 
     /// One model step for every running sequence: plan its input, run the forward, score
@@ -199,25 +408,31 @@ impl Batcher {
     fn step(&mut self) {
         let t_start = Instant::now();
         self.drop_abandoned();
-        self.metrics
-            .batch_size
-            .store(self.running.len() as i64, Ordering::Relaxed);
+        self.publish_load();
         if self.running.is_empty() {
             return;
         }
         let plan = self.plan();
+        if plan.members.is_empty() {
+            // Every client is behind on reading: wait for one instead of spinning.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            return self.sweep();
+        }
         let t_prep = Instant::now();
         let outputs = match self.forward(&plan) {
             Ok(o) => o,
-            Err(message) => return self.fail_batch(&plan.members, message),
+            Err(message) => {
+                tracing::error!(%message, "model step failed; failing its requests");
+                self.fail_members(&plan.members, message);
+                return self.sweep();
+            }
         };
         let ready = self.take_prompt_progress(&plan, outputs);
         let t_forward = Instant::now();
-        // The vocabulary-sized scoring (log-softmax, contrast) of the sequences is independent:
-        // spread it over the cores.
-        let scored: Vec<Vec<f32>> = ready.par_iter().map(|r| r.mode.scores(&r.logits)).collect();
+        let scored = self.score(&ready);
         let t_scored = Instant::now();
         self.emit(ready, scored);
+        self.sweep();
         tracing::debug!(
             batch = plan.members.len(),
             prep_us = (t_prep - t_start).as_micros() as u64,
@@ -226,49 +441,74 @@ impl Batcher {
             emit_us = t_scored.elapsed().as_micros() as u64,
             "step"
         );
-        self.metrics
-            .batch_size
-            .store(self.running.len() as i64, Ordering::Relaxed);
+    }
+
+    /// Removes the sequences that finished or whose request ended.
+    fn sweep(&mut self) {
+        self.running.retain(|s| s.is_live());
+        self.publish_load();
     }
 
     /// What each running sequence feeds this step: a prompt chunk under the prefill budget,
-    /// or its one new token.
-    fn plan(&self) -> StepPlan {
-        let mut budget = self.cfg.max_prefill_tokens;
-        let mut plan = StepPlan::default();
-        for (i, s) in self.running.iter().enumerate() {
-            let r = s.request.borrow();
-            let echo_logprobs = r.req.echo && r.req.logprobs.is_some();
-            let (tokens, take, last_chunk) = if s.in_prefill() {
-                let take = (s.prompt.len() - s.prefilled).min(budget);
-                if take == 0 {
-                    continue; // the budget is spent: this prompt waits a step
+    /// or its one new token. A stream whose client has not read its events sits out.
+    fn plan(&mut self) -> StepPlan {
+        let views: Vec<SeqView> = self
+            .running
+            .iter()
+            .map(|s| {
+                let r = s.request.borrow();
+                SeqView {
+                    prompt_left: s.prompt.len() - s.prefilled,
+                    can_emit: r.tx.capacity() >= events_per_step(r.unfinished),
                 }
-                budget -= take;
-                let chunk = s.prompt[s.prefilled..s.prefilled + take].to_vec();
-                (chunk, take, s.prefilled + take == s.prompt.len())
-            } else {
-                let next = s.next_input.expect("decoding sequences have a token");
-                (vec![next], 0, true)
-            };
-            plan.members.push(i);
-            plan.tokens.push(tokens);
-            plan.prompt_taken.push(take);
-            // Heads at the last position once the prompt is in; at every prompt position for
-            // echo with logprobs.
-            plan.heads.push(if last_chunk || echo_logprobs {
-                r.heads.clone()
-            } else {
-                Vec::new()
+            })
+            .collect();
+        let paused = views.iter().filter(|v| !v.can_emit).count();
+        self.metrics
+            .paused_sequences
+            .store(paused as i64, Ordering::Relaxed);
+        let slots = scheduler::plan_step(self.cfg.budget.max_prefill_tokens, &views);
+        let mut plan = StepPlan::default();
+        for slot in slots {
+            let s = &self.running[slot.index];
+            let planned = contained(Phase::Plan, || {
+                self.inject(Phase::Plan, &s.prompt);
+                let r = s.request.borrow();
+                let echo_logprobs = r.req.echo && r.req.logprobs.is_some();
+                let take = slot.prompt_take;
+                let (tokens, last_chunk) = if take > 0 {
+                    let chunk = s.prompt[s.prefilled..s.prefilled + take].to_vec();
+                    (chunk, s.prefilled + take == s.prompt.len())
+                } else {
+                    let next = s.next_input.expect("decoding sequences have a token");
+                    (vec![next], true)
+                };
+                // Heads at the last position once the prompt is in; at every prompt
+                // position for echo with logprobs.
+                let heads = if last_chunk || echo_logprobs {
+                    r.heads.clone()
+                } else {
+                    Vec::new()
+                };
+                (tokens, heads, r.depth, take > 0 && echo_logprobs)
             });
-            plan.depths.push(r.depth);
-            plan.all_positions.push(take > 0 && echo_logprobs);
+            match planned {
+                Ok((tokens, heads, depth, all_positions)) => {
+                    plan.members.push(slot.index);
+                    plan.tokens.push(tokens);
+                    plan.prompt_taken.push(slot.prompt_take);
+                    plan.heads.push(heads);
+                    plan.depths.push(depth);
+                    plan.all_positions.push(all_positions);
+                }
+                Err(message) => self.fail_members(&[slot.index], message),
+            }
         }
         plan
     }
 
     /// Runs the planned forward; a model error or panic comes back as the message to fail
-    /// the batch with (the engine goes on).
+    /// the step's members with (the engine goes on).
     fn forward(&mut self, plan: &StepPlan) -> Result<Vec<Vec<Vec<Vec<f32>>>>, String> {
         let model = Arc::clone(&self.model);
         let mut caches: Vec<&mut crate::model::KvCache> = Vec::with_capacity(plan.members.len());
@@ -290,25 +530,18 @@ impl Batcher {
                 all_positions: plan.all_positions[k],
             })
             .collect();
-        let poison = self.cfg.panic_on_token;
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            if let Some(t) = poison.filter(|t| plan.tokens.iter().any(|s| s.contains(t))) {
-                panic!("injected fault: token {t}");
+        let fault = self.cfg.fault.filter(|f| f.phase == Phase::Forward);
+        let result = contained(Phase::Forward, || {
+            if let Some(f) = fault.filter(|f| plan.tokens.iter().any(|t| t.contains(&f.token))) {
+                panic!("injected fault: token {}", f.token);
             }
             model.forward(&mut steps)
-        }));
+        });
         self.metrics.model_steps.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(Ok(outputs)) => Ok(outputs),
             Ok(Err(e)) => Err(format!("forward failed: {e}")),
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(format!("model thread panicked: {msg}"))
-            }
+            Err(message) => Err(message),
         }
     }
 
@@ -321,70 +554,130 @@ impl Batcher {
     ) -> Vec<Ready> {
         let mut ready = Vec::with_capacity(plan.members.len());
         for (k, &i) in plan.members.iter().enumerate() {
-            let take = plan.prompt_taken[k];
             let logits = std::mem::take(&mut outputs[k]);
-            if take > 0 {
-                let seq = &mut self.running[i];
-                self.metrics
-                    .prompt_tokens
-                    .fetch_add(take as u64, Ordering::Relaxed);
-                let start = seq.prefilled;
-                seq.prefilled += take;
-                if plan.all_positions[k] {
-                    record_prompt_logprobs(seq, start, take, &logits, &self.tokenizer);
+            let take = plan.prompt_taken[k];
+            let all_positions = plan.all_positions[k];
+            let (metrics, tokenizer) = (&self.metrics, &self.tokenizer);
+            let seq = &mut self.running[i];
+            let progress = contained(Phase::Plan, || {
+                if take > 0 {
+                    metrics
+                        .prompt_tokens
+                        .fetch_add(take as u64, Ordering::Relaxed);
+                    let start = seq.prefilled;
+                    seq.prefilled += take;
+                    if all_positions {
+                        record_prompt_logprobs(seq, start, take, &logits, tokenizer);
+                    }
+                    if seq.in_prefill() {
+                        return None;
+                    }
                 }
-                if seq.in_prefill() {
-                    continue;
+                if logits.is_empty() || logits[0].is_empty() {
+                    return None;
                 }
-            }
-            if logits.is_empty() || logits[0].is_empty() {
-                continue;
-            }
-            ready.push(Ready {
-                index: i,
-                mode: self.running[i].request.borrow().req.mode,
-                logits: logits
-                    .into_iter()
-                    .map(|mut rows| rows.pop().unwrap_or_default())
-                    .collect(),
-                first_token: take > 0,
+                Some(Ready {
+                    index: i,
+                    mode: seq.request.borrow().req.mode,
+                    logits: logits
+                        .into_iter()
+                        .map(|mut rows| rows.pop().unwrap_or_default())
+                        .collect(),
+                    first_token: take > 0,
+                })
             });
+            match progress {
+                Ok(Some(r)) => ready.push(r),
+                Ok(None) => {}
+                Err(message) => self.fail_members(&[i], message),
+            }
         }
         ready
     }
 
-    /// Samples and emits each ready sequence's token; a sequence that just finished its
-    /// prompt first forks its `n`/`best_of` followers, which share its prompt and scores.
-    fn emit(&mut self, ready: Vec<Ready>, scored: Vec<Vec<f32>>) {
-        let mut forked = Vec::new();
-        for (r, scores) in ready.into_iter().zip(scored) {
-            if r.first_token {
-                forked.extend(self.fork_followers(r.index, &scores));
-                self.send_prompt_event(r.index);
-            }
-            self.sample_and_emit(r.index, &scores);
-        }
-        for (seq, scores) in forked {
-            self.running.push(seq);
-            let idx = self.running.len() - 1;
-            self.send_prompt_event(idx);
-            self.sample_and_emit(idx, &scores);
-        }
-        self.running.retain(|s| !s.finished);
+    /// The vocabulary-sized scoring (log-softmax, contrast) of each ready sequence, spread
+    /// over the cores; a panic fails only its own sequence's request.
+    fn score(&self, ready: &[Ready]) -> Vec<Result<Vec<f32>, String>> {
+        let fault = self.cfg.fault.filter(|f| f.phase == Phase::Score);
+        let prompts: Vec<&[u32]> = ready
+            .iter()
+            .map(|r| &self.running[r.index].prompt[..])
+            .collect();
+        ready
+            .par_iter()
+            .zip(prompts)
+            .map(|(r, prompt)| {
+                contained(Phase::Score, || {
+                    if fault.is_some_and(|f| prompt.contains(&f.token)) {
+                        panic!("injected fault in Score");
+                    }
+                    r.mode.scores(&r.logits)
+                })
+            })
+            .collect()
     }
 
-    fn fork_followers(&mut self, i: usize, scores: &[f32]) -> Vec<(Sequence, Vec<f32>)> {
+    /// Samples and emits each ready sequence's token; a sequence that just finished its
+    /// prompt first forks its `n`/`best_of` followers, which share its prompt and scores.
+    fn emit(&mut self, ready: Vec<Ready>, scored: Vec<Result<Vec<f32>, String>>) {
+        let mut forked = Vec::new();
+        for (r, scores) in ready.into_iter().zip(scored) {
+            let scores = match scores {
+                Ok(s) => s,
+                Err(message) => {
+                    self.fail_members(&[r.index], message);
+                    continue;
+                }
+            };
+            if !self.running[r.index].is_live() {
+                continue;
+            }
+            let result = contained(Phase::Emit, || {
+                let mut followers = Vec::new();
+                if r.first_token {
+                    followers = self.fork_followers(r.index, &scores)?;
+                    self.send_prompt_event(r.index);
+                }
+                self.sample_and_emit(r.index, &scores);
+                Ok::<_, String>(followers)
+            });
+            match result {
+                Ok(Ok(followers)) => forked.extend(followers),
+                Ok(Err(message)) | Err(message) => self.fail_members(&[r.index], message),
+            }
+        }
+        for (seq, scores) in forked {
+            if !seq.is_live() {
+                continue;
+            }
+            self.running.push(seq);
+            let idx = self.running.len() - 1;
+            let result = contained(Phase::Emit, || {
+                self.send_prompt_event(idx);
+                self.sample_and_emit(idx, &scores);
+            });
+            if let Err(message) = result {
+                self.fail_members(&[idx], message);
+            }
+        }
+    }
+
+    /// The leader's followers, each with its own copy of the prompt's cache. A failed copy
+    /// fails the request (its followers could never run).
+    fn fork_followers(
+        &mut self,
+        i: usize,
+        scores: &[f32],
+    ) -> Result<Vec<(Sequence, Vec<f32>)>, String> {
         let forks = std::mem::take(&mut self.running[i].forks);
         let mut out = Vec::with_capacity(forks.len());
         for candidate in forks {
             let leader = &self.running[i];
-            let cache = match leader.cache.fork() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "forking a cache failed");
-                    continue;
-                }
-            };
+            self.inject(Phase::Fork, &leader.prompt);
+            let cache = leader
+                .cache
+                .fork()
+                .map_err(|e| format!("forking the cache of a `best_of` candidate failed: {e}"))?;
             let sampling = leader.request.borrow().req.sampling.clone();
             let mut seq = Sequence::new(
                 leader.request.clone(),
@@ -394,10 +687,11 @@ impl Batcher {
                 Sampler::new(sampling, candidate as u64),
             );
             seq.prefilled = leader.prefilled;
+            seq.reserved = leader.reserved;
             seq.prompt_logprobs = leader.prompt_logprobs.clone();
             out.push((seq, scores.to_vec()));
         }
-        out
+        Ok(out)
     }
 
     fn send_prompt_event(&self, i: usize) {
@@ -427,6 +721,7 @@ impl Batcher {
             return self.finish(i, FinishReason::Length);
         }
         let now = Instant::now();
+        self.inject(Phase::Sample, &self.running[i].prompt);
         let seq = &mut self.running[i];
         let id = seq.sampler.choose(scores);
         {
@@ -444,6 +739,11 @@ impl Batcher {
         self.metrics
             .generated_tokens
             .fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = self.cfg.fault {
+            if f.phase == Phase::Emit && seq.prompt.contains(&f.token) {
+                panic!("injected fault in Emit");
+            }
+        }
         if let Outcome::Finished(reason) =
             seq.accept(id, scores, &self.tokenizer, self.cfg.eos_token_id)
         {
@@ -475,54 +775,46 @@ impl Batcher {
             }
             // Last: once the client has its answer, a shutdown may end the process at once,
             // and the log line and metrics above must not be lost with it.
-            let _ = r.tx.send(Event::Done { usage: r.usage });
+            let _ = r.tx.try_send(Event::Done { usage: r.usage });
         }
     }
 
-    /// Drops sequences whose client left or whose deadline passed (freeing their slots).
+    /// Ends requests whose client left or whose deadline passed (freeing their slots).
     fn drop_abandoned(&mut self) {
         let now = Instant::now();
-        let metrics = &self.metrics;
-        self.running.retain(|s| {
+        for s in &self.running {
             let mut r = s.request.borrow_mut();
-            if now >= r.req.deadline {
-                if r.unfinished > 0 {
-                    r.unfinished = 0;
-                    metrics.request_finished("timeout", r.mode_label);
-                    let _ = r.tx.send(Event::Error(EngineError::Timeout {
-                        seconds: (r.req.deadline - r.arrived).as_secs_f64(),
-                    }));
-                }
-                return false;
+            if r.unfinished == 0 {
+                continue;
             }
             if r.tx.is_closed() {
-                if r.unfinished > 0 {
-                    r.unfinished = 0;
-                    metrics.cancellations.fetch_add(1, Ordering::Relaxed);
-                    metrics.request_finished("cancelled", r.mode_label);
-                }
-                return false;
-            }
-            r.unfinished > 0
-        });
-    }
-
-    /// A failed step fails only the requests in it; the engine goes on.
-    fn fail_batch(&mut self, members: &[usize], message: String) {
-        tracing::error!(%message, "model step failed; failing its requests");
-        for &i in members {
-            let mut r = self.running[i].request.borrow_mut();
-            if r.unfinished > 0 {
-                r.unfinished = 0;
-                self.metrics.request_finished("error", r.mode_label);
-                let _ =
-                    r.tx.send(Event::Error(EngineError::Internal(message.clone())));
+                end_request(&self.metrics, &mut r, "cancelled", None);
+            } else if now >= r.req.deadline {
+                let seconds = (r.req.deadline - r.arrived).as_secs_f64();
+                end_request(
+                    &self.metrics,
+                    &mut r,
+                    "timeout",
+                    Some(EngineError::Timeout { seconds }),
+                );
             }
         }
-        self.running.retain(|s| s.request.borrow().unfinished > 0);
-        self.metrics
-            .batch_size
-            .store(self.running.len() as i64, Ordering::Relaxed);
+        self.sweep();
+    }
+
+    /// Fails the requests of the sequences at `members` (indices into `running`); they leave
+    /// at the next sweep.
+    fn fail_members(&mut self, members: &[usize], message: String) {
+        tracing::error!(%message, "failing the requests of {} sequences", members.len());
+        for &i in members {
+            let mut r = self.running[i].request.borrow_mut();
+            end_request(
+                &self.metrics,
+                &mut r,
+                "error",
+                Some(EngineError::Internal(message.clone())),
+            );
+        }
     }
 }
 

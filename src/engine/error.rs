@@ -17,6 +17,9 @@ pub enum EngineError {
     /// 408-style timeout, reported as 503 per `--request-timeout`.
     #[error("request timed out after {seconds:.1} s (--request-timeout)")]
     Timeout { seconds: f64 },
+    /// 503: the server's shutdown grace period ended before the request did.
+    #[error("the server is shutting down")]
+    ShuttingDown,
     /// 503: the engine is shutting down or has stopped.
     #[error("the engine is not running")]
     Unavailable,

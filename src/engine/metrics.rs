@@ -61,6 +61,15 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     pub queue_depth: AtomicI64,
     pub batch_size: AtomicI64,
+    /// The most sequences ever reserved at once (forks not yet made included).
+    pub batch_size_peak: AtomicI64,
+    pub kv_tokens_reserved: AtomicI64,
+    pub kv_tokens_limit: AtomicI64,
+    pub paused_sequences: AtomicI64,
+    /// Open client connections (set by the listener).
+    pub open_connections: AtomicI64,
+    /// Connections closed by the server for idleness or a slow request head.
+    pub connections_timed_out: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub cancellations: AtomicU64,
@@ -78,6 +87,12 @@ impl Default for Metrics {
             requests: Mutex::new(BTreeMap::new()),
             queue_depth: AtomicI64::new(0),
             batch_size: AtomicI64::new(0),
+            batch_size_peak: AtomicI64::new(0),
+            kv_tokens_reserved: AtomicI64::new(0),
+            kv_tokens_limit: AtomicI64::new(0),
+            paused_sequences: AtomicI64::new(0),
+            open_connections: AtomicI64::new(0),
+            connections_timed_out: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             cancellations: AtomicU64::new(0),
@@ -134,6 +149,23 @@ impl Metrics {
             "Sequences in the running batch.",
             "gauge",
             self.batch_size.load(Ordering::Relaxed).to_string(),
+        );
+        let iload = |a: &AtomicI64| a.load(Ordering::Relaxed).to_string();
+        for (name, help, v) in [
+            ("exitserve_batch_size_peak", "Most sequences reserved in the batch at once since start (every n/best_of copy counted).", &self.batch_size_peak),
+            ("exitserve_kv_tokens_reserved", "KV-cache positions reserved by the running batch (prompt + max_tokens per sequence).", &self.kv_tokens_reserved),
+            ("exitserve_kv_tokens_limit", "The KV-cache position budget (--max-batch-total-tokens).", &self.kv_tokens_limit),
+            ("exitserve_paused_sequences", "Sequences sitting out because their client has not read its stream.", &self.paused_sequences),
+            ("exitserve_open_connections", "Open client connections.", &self.open_connections),
+        ] {
+            gauge(&mut out, name, help, "gauge", iload(v));
+        }
+        gauge(
+            &mut out,
+            "exitserve_connections_timed_out_total",
+            "Connections closed for idleness or a request head that came too slowly.",
+            "counter",
+            load(&self.connections_timed_out),
         );
         gauge(
             &mut out,

@@ -1,21 +1,24 @@
 //! Between HTTP and the model: validation, the request queue, the batcher thread, sampling
 //! and metrics. The async side only ever sees [`Engine`], a cheap `Clone` handle.
+#![forbid(unsafe_code)]
 
 pub mod batcher;
 pub mod error;
 pub mod metrics;
 pub mod request;
 pub mod sampling;
+pub mod scheduler;
 pub mod sequence;
+pub mod stop;
 pub mod validate;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-pub use batcher::{mode_label, BatchConfig};
+pub use batcher::{mode_label, BatchConfig, Fault, Phase};
 pub use error::EngineError;
 pub use metrics::Metrics;
 pub use request::{
@@ -24,6 +27,9 @@ pub use request::{
 pub use validate::{Limits, Validator};
 
 use crate::model::{MultiExitGptNeo, TextTokenizer};
+
+/// The exit status when the engine thread fails beyond containment.
+pub const ENGINE_FAILURE_EXIT_CODE: i32 = 70;
 
 /// A request on its way to the batcher, with its own response channel and span.
 pub struct Submission {
@@ -37,13 +43,23 @@ pub struct Submission {
 pub struct EngineConfig {
     pub batch: BatchConfig,
     pub max_queued_requests: usize,
+    /// Requests parsed and tokenized at once (`--validation-workers`).
+    pub validation_workers: usize,
+    /// Events buffered per choice for a client that reads slowly (`--stream-buffer-events`).
+    pub stream_buffer_events: usize,
 }
+
+/// Leave to parse and validate one request: the CPU and memory that parsing and tokenizing
+/// take are bounded by the number of these, whatever the number of connections.
+pub struct ValidationSlot(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// Handle to the engine: validates, enqueues, reports health and metrics.
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::Sender<Submission>,
     validator: Validator,
+    validation: Arc<Semaphore>,
+    stream_buffer_events: usize,
     metrics: Arc<Metrics>,
     model: Arc<MultiExitGptNeo>,
     thread: Arc<std::thread::JoinHandle<()>>,
@@ -61,6 +77,10 @@ impl Engine {
         let tokenizer = Arc::new(tokenizer);
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel(cfg.max_queued_requests.max(1));
+        let (validation, stream_buffer_events) = (
+            Arc::new(Semaphore::new(cfg.validation_workers.max(1))),
+            cfg.stream_buffer_events.max(1),
+        );
         let (m, t, b) = (
             Arc::clone(&model),
             Arc::clone(&tokenizer),
@@ -75,10 +95,21 @@ impl Engine {
         // The batcher's state is single-threaded (Rc): it is built on the model thread.
         let thread = std::thread::Builder::new()
             .name("exitserve-model".into())
-            .spawn(move || pool.install(|| batcher::Batcher::new(m, t, rx, cfg.batch, b).run()))?;
+            .spawn(move || {
+                let run = || pool.install(|| batcher::Batcher::new(m, t, rx, cfg.batch, b).run());
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+                    // Every phase is contained; reaching here means the engine's state is
+                    // lost. Exit non-zero so that a supervisor restarts the server, rather
+                    // than answer 503 forever.
+                    tracing::error!("the engine thread failed; exiting");
+                    std::process::exit(ENGINE_FAILURE_EXIT_CODE);
+                }
+            })?;
         Ok(Self {
             tx,
             validator: Validator::new(limits, tokenizer),
+            validation,
+            stream_buffer_events,
             metrics,
             model,
             thread: Arc::new(thread),
@@ -93,16 +124,37 @@ impl Engine {
         &self.metrics
     }
 
+    pub fn metrics_handle(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
     /// True while the model thread runs.
     pub fn is_alive(&self) -> bool {
         !self.thread.is_finished() && !self.tx.is_closed()
     }
 
-    /// Validates on a blocking thread (tokenization is CPU work).
-    pub async fn validate(&self, req: GenerateRequest) -> Result<ValidRequest, EngineError> {
+    /// Waits for a validation slot, up to `deadline`.
+    pub async fn validation_slot(&self, deadline: Instant) -> Result<ValidationSlot, EngineError> {
+        let acquire = Arc::clone(&self.validation).acquire_owned();
+        match tokio::time::timeout_at(deadline.into(), acquire).await {
+            Ok(Ok(permit)) => Ok(ValidationSlot(permit)),
+            Ok(Err(_)) => Err(EngineError::Unavailable),
+            Err(_) => Err(EngineError::Timeout {
+                seconds: self.validator.limits().request_timeout.as_secs_f64(),
+            }),
+        }
+    }
+
+    /// Validates on a blocking thread (tokenization is CPU work), under a validation slot.
+    pub async fn validate(
+        &self,
+        req: GenerateRequest,
+        deadline: Instant,
+        _slot: &ValidationSlot,
+    ) -> Result<ValidRequest, EngineError> {
         let v = self.validator.clone();
         let mode = req.mode.clone();
-        let res = tokio::task::spawn_blocking(move || v.validate(req))
+        let res = tokio::task::spawn_blocking(move || v.validate(req, deadline))
             .await
             .map_err(|e| EngineError::Internal(format!("validation task failed: {e}")))?;
         if res.is_err() {
@@ -123,7 +175,10 @@ impl Engine {
         req: ValidRequest,
         span: tracing::Span,
     ) -> Result<EventReceiver, EngineError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let sequences = req.prompts.len() * req.best_of;
+        let (tx, rx) = mpsc::channel(
+            self.stream_buffer_events * sequences + request::events_per_step(sequences),
+        );
         let label = mode_label(&req.mode);
         let sub = Submission {
             req,

@@ -1,9 +1,11 @@
 //! What the engine accepts (a validated request) and what it sends back (events).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::stop::StopSet;
 use crate::model::Mode;
 
 /// A prompt as sent by the client, before tokenization.
@@ -85,7 +87,7 @@ pub struct ValidRequest {
     pub n: usize,
     /// Candidates generated per prompt (>= n); the n with the best total logprob are returned.
     pub best_of: usize,
-    pub stop: Vec<String>,
+    pub stop: Arc<StopSet>,
     /// Top alternatives reported per token (None = no logprobs).
     pub logprobs: Option<usize>,
     pub echo: bool,
@@ -159,5 +161,13 @@ pub enum Event {
     Error(super::EngineError),
 }
 
-pub type EventSender = mpsc::UnboundedSender<Event>;
-pub type EventReceiver = mpsc::UnboundedReceiver<Event>;
+/// Bounded: a client that stops reading fills its own channel, which pauses its sequences
+/// (the batcher sends only while there is room), instead of growing the server's memory.
+pub type EventSender = mpsc::Sender<Event>;
+pub type EventReceiver = mpsc::Receiver<Event>;
+
+/// The most events one step can send for a request with `sequences` unfinished sequences
+/// (a prompt, a token and an end each, and the request's done).
+pub fn events_per_step(sequences: usize) -> usize {
+    3 * sequences + 1
+}

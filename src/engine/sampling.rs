@@ -71,51 +71,81 @@ impl Sampler {
         self.sample(scores)
     }
 
+    /// Samples from `softmax(scores / temperature)`, restricted to the top-k and then to the
+    /// nucleus. Both restrictions are partial selections (expected O(vocab)), never a sort of
+    /// the whole vocabulary.
     fn sample(&mut self, scores: &[f32]) -> u32 {
         let p = &self.params;
-        let mut cands: Vec<(u32, f32)> = scores
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.is_finite())
-            .map(|(i, &s)| (i as u32, s / p.temperature))
+        let mut cands: Vec<u32> = (0..scores.len() as u32)
+            .filter(|&i| scores[i as usize].is_finite())
             .collect();
         if cands.is_empty() {
             return argmax(scores);
         }
-        let by_score = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // Best first; ties to the lower id, so the chosen sets are deterministic.
+        let better = |a: &u32, b: &u32| {
+            scores[*b as usize]
+                .total_cmp(&scores[*a as usize])
+                .then(a.cmp(b))
+        };
         if p.top_k > 0 && p.top_k < cands.len() {
-            cands.select_nth_unstable_by(p.top_k - 1, by_score);
+            cands.select_nth_unstable_by(p.top_k - 1, better);
             cands.truncate(p.top_k);
         }
-        // Sorting (the costly part over a whole vocabulary) is only needed for top-p.
-        if p.top_p < 1.0 || p.top_k > 0 {
-            cands.sort_unstable_by(by_score);
-        }
-        let max = cands.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-        let mut weights: Vec<f64> = cands.iter().map(|c| exp_neg(c.1 - max) as f64).collect();
+        let max = cands
+            .iter()
+            .map(|&i| scores[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let weight = |i: u32| exp_neg((scores[i as usize] - max) / p.temperature) as f64;
         if p.top_p < 1.0 {
-            let total: f64 = weights.iter().sum();
-            let mut acc = 0.0;
-            let mut keep = weights.len();
-            for (i, w) in weights.iter().enumerate() {
-                acc += w / total;
-                if acc >= p.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            weights.truncate(keep);
+            let total: f64 = cands.iter().map(|&i| weight(i)).sum();
+            let keep = nucleus(&mut cands, total * p.top_p as f64, weight, better);
+            cands.truncate(keep);
         }
+        let weights: Vec<f64> = cands.iter().map(|&i| weight(i)).collect();
         let total: f64 = weights.iter().sum();
         let mut r = self.rng.random::<f64>() * total;
-        for (i, w) in weights.iter().enumerate() {
+        for (&id, w) in cands.iter().zip(&weights) {
             if r < *w {
-                return cands[i].0;
+                return id;
             }
             r -= w;
         }
-        cands[weights.len() - 1].0
+        cands[cands.len() - 1]
     }
+}
+
+/// Reorders `cands` so that its first `m` entries are the smallest best-first set whose
+/// weight reaches `target`, and returns `m` (at least 1). Quickselect on the cumulative
+/// weight: each round partitions around a middle element and keeps only the side that holds
+/// the boundary, so the work is O(len) on average.
+fn nucleus(
+    cands: &mut [u32],
+    target: f64,
+    weight: impl Fn(u32) -> f64,
+    better: impl Fn(&u32, &u32) -> std::cmp::Ordering + Copy,
+) -> usize {
+    let (mut lo, mut hi, mut need) = (0, cands.len(), target);
+    while hi - lo > 32 {
+        let mid = lo + (hi - lo) / 2;
+        cands[lo..hi].select_nth_unstable_by(mid - lo, better);
+        let upper: f64 = cands[lo..=mid].iter().map(|&i| weight(i)).sum();
+        if upper >= need {
+            hi = mid + 1;
+        } else {
+            need -= upper;
+            lo = mid + 1;
+        }
+    }
+    cands[lo..hi].sort_unstable_by(better);
+    let mut acc = 0.0;
+    for (k, &i) in cands[lo..hi].iter().enumerate() {
+        acc += weight(i);
+        if acc >= need {
+            return lo + k + 1;
+        }
+    }
+    hi.max(1)
 }
 
 /// First index of the maximum (as torch.argmax): greedy decoding.
@@ -181,6 +211,49 @@ mod tests {
         assert_eq!(a, run());
         assert!(a.iter().all(|&t| t < 2));
         assert!(a.contains(&0) && a.contains(&1));
+    }
+
+    #[test]
+    fn nucleus_is_the_smallest_best_first_set_reaching_the_mass() {
+        // weights 1..=200 in shuffled order; the nucleus of the top mass is a suffix of 1..=200
+        let mut ids: Vec<u32> = (0..200).map(|i| (i * 73) % 200).collect();
+        let weight = |i: u32| (i + 1) as f64;
+        let better = |a: &u32, b: &u32| b.cmp(a);
+        let total: f64 = (1..=200).map(f64::from).sum();
+        for frac in [0.01, 0.3, 0.5, 0.9, 0.999, 1.0] {
+            let target = total * frac;
+            let m = nucleus(&mut ids, target, weight, better);
+            // by hand: take the heaviest until the mass reaches the target
+            let (mut acc, mut want) = (0.0, 0);
+            for w in (1..=200).rev() {
+                acc += w as f64;
+                want += 1;
+                if acc >= target {
+                    break;
+                }
+            }
+            assert_eq!(m, want, "{frac}");
+            let mut kept: Vec<u32> = ids[..m].to_vec();
+            kept.sort_unstable();
+            assert_eq!(kept, (200 - m as u32..200).collect::<Vec<_>>(), "{frac}");
+        }
+    }
+
+    #[test]
+    fn top_p_samples_only_inside_the_nucleus() {
+        // p(0) = 0.6, p(1) = 0.3, the rest share 0.1: top_p 0.85 keeps exactly {0, 1}
+        let mut scores = vec![0.6f32.ln(), 0.3f32.ln()];
+        scores.extend(std::iter::repeat_n((0.1f32 / 998.0).ln(), 998));
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_p: 0.85,
+                ..params(1.0)
+            },
+            1,
+        );
+        let picks: Vec<u32> = (0..300).map(|_| s.choose(&scores)).collect();
+        assert!(picks.iter().all(|&t| t < 2), "{picks:?}");
+        assert!(picks.contains(&0) && picks.contains(&1));
     }
 
     #[test]

@@ -4,8 +4,11 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Instant;
 
+use tokio::sync::mpsc;
+
 use super::request::{Event, EventSender, FinishReason, TokenLogprob, Usage, ValidRequest};
 use super::sampling::Sampler;
+use super::stop::StopMatcher;
 use crate::model::{Head, IncrementalDecoder, KvCache, TextTokenizer};
 
 /// State shared by the candidates of one request (model thread only).
@@ -33,11 +36,12 @@ pub struct Sequence {
     /// The token to feed at the next decode step.
     pub next_input: Option<u32>,
     pub generated: usize,
+    /// KV positions reserved for it: its prompt plus `max_tokens`.
+    pub reserved: usize,
     pub cache: KvCache,
     pub sampler: Sampler,
     decoder: IncrementalDecoder,
-    /// Text not yet sent: it may be the start of a stop sequence.
-    pending: String,
+    stops: StopMatcher,
     pub cumulative_logprob: f64,
     /// Candidates to fork from this one once its prefill is done (best_of/n share one prefill).
     pub forks: Vec<usize>,
@@ -60,6 +64,7 @@ impl Sequence {
         cache: KvCache,
         sampler: Sampler,
     ) -> Self {
+        let stops = StopMatcher::new(request.borrow().req.stop.clone());
         Self {
             request,
             candidate,
@@ -67,10 +72,11 @@ impl Sequence {
             prefilled: 0,
             next_input: None,
             generated: 0,
+            reserved: 0,
             cache,
             sampler,
             decoder: IncrementalDecoder::default(),
-            pending: String::new(),
+            stops,
             cumulative_logprob: 0.0,
             forks: Vec::new(),
             prompt_logprobs: Vec::new(),
@@ -83,9 +89,17 @@ impl Sequence {
         self.prefilled < self.prompt.len()
     }
 
+    /// Still running: not finished, and its request has not ended.
+    pub fn is_live(&self) -> bool {
+        !self.finished && self.request.borrow().unfinished > 0
+    }
+
     pub fn send(&self, event: Event) {
-        // A closed channel means the client left; the batcher drops the sequence next step.
-        let _ = self.request.borrow().tx.send(event);
+        // Closed: the client left, and the batcher drops the sequence next step. Full cannot
+        // happen: a sequence takes part in a step only while its channel has room for it.
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.request.borrow().tx.try_send(event) {
+            tracing::warn!("event channel full; an event was dropped");
+        }
     }
 
     /// Takes the token chosen from `scores`, sends its event and says whether to stop.
@@ -96,16 +110,10 @@ impl Sequence {
         tok: &TextTokenizer,
         eos: Option<u32>,
     ) -> Outcome {
-        // A handle of our own, so the request can stay borrowed while `self` changes
-        // (no per-token copy of the stop sequences).
-        let request = Rc::clone(&self.request);
-        let r = request.borrow();
-        let (max_tokens, stops, logprobs, ignore_eos) = (
-            r.req.max_tokens,
-            &r.req.stop,
-            r.req.logprobs,
-            r.req.ignore_eos,
-        );
+        let (max_tokens, logprobs, ignore_eos) = {
+            let r = self.request.borrow();
+            (r.req.max_tokens, r.req.logprobs, r.req.ignore_eos)
+        };
         self.generated += 1;
         self.sampler.observe(id);
         self.cumulative_logprob += scores[id as usize] as f64;
@@ -115,7 +123,7 @@ impl Sequence {
         let mut stopped = false;
         if !is_eos {
             let delta = self.decoder.push(tok, id).unwrap_or_default();
-            (text, stopped) = self.take_text(&delta, stops);
+            (text, stopped) = self.stops.push(&delta);
         }
         let mut finish = if is_eos || stopped {
             Some(FinishReason::Stop)
@@ -128,12 +136,12 @@ impl Sequence {
             // The end: bytes held back for UTF-8 and a stop prefix that never completed are
             // final text (a stop sequence may still complete within them).
             let rest = self.decoder.flush(tok).unwrap_or_default();
-            let (emit, hit) = self.take_text(&rest, stops);
+            let (emit, hit) = self.stops.push(&rest);
             text.push_str(&emit);
             if hit {
                 finish = Some(FinishReason::Stop);
             } else {
-                text.push_str(&std::mem::take(&mut self.pending));
+                text.push_str(&self.stops.take_held());
             }
         }
         self.send(Event::Token {
@@ -147,36 +155,6 @@ impl Sequence {
             Some(reason) => Outcome::Finished(reason),
             None => Outcome::Continue,
         }
-    }
-
-    /// Appends `delta` to the held text; returns the text safe to send and whether a stop
-    /// sequence was hit (the stop and what follows are dropped).
-    fn take_text(&mut self, delta: &str, stops: &[String]) -> (String, bool) {
-        self.pending.push_str(delta);
-        if stops.is_empty() {
-            return (std::mem::take(&mut self.pending), false);
-        }
-        if let Some(pos) = stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
-            let emit = self.pending[..pos].to_string();
-            self.pending.clear();
-            return (emit, true);
-        }
-        // Hold back the longest suffix that could still grow into a stop sequence.
-        let hold = stops
-            .iter()
-            .flat_map(|s| {
-                (1..s.len()).filter(|&k| s.is_char_boundary(k) && self.pending.ends_with(&s[..k]))
-            })
-            .max()
-            .unwrap_or(0);
-        let cut = self.pending.len() - hold;
-        let emit = self.pending[..cut].to_string();
-        self.pending.drain(..cut);
-        (emit, false)
     }
 }
 

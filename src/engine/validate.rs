@@ -8,6 +8,8 @@ use super::error::EngineError;
 use super::request::{
     GenerateRequest, ModeSpec, PromptInput, SamplingParams, UpperSpec, ValidRequest,
 };
+use super::scheduler::{self, Budget, Demand, Refusal};
+use super::stop::StopSet;
 use crate::model::mode::{DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES};
 use crate::model::{ContrastParams, Mode, TextTokenizer, Upper};
 
@@ -22,10 +24,22 @@ pub struct Limits {
     pub exit_layers: Vec<usize>,
     pub num_layers: usize,
     pub default_mode: Mode,
+    /// How long a request may take, from its first byte to its last (`--request-timeout`).
     pub request_timeout: Duration,
+    /// What the running batch may hold: a prompt that could never fit is refused here.
+    pub budget: Budget,
+    /// Prompts x `best_of` of one request (`--max-sequences-per-request`).
+    pub max_sequences_per_request: usize,
+    pub max_stop_sequences: usize,
+    /// Longest stop sequence, in characters.
+    pub max_stop_length: usize,
+    /// Entries of `logit_bias` (each is applied at every token).
+    pub max_logit_bias: usize,
+    /// Bytes of the longest vocabulary token: a text of more than `max_input_tokens` times
+    /// this many bytes cannot fit and is refused without tokenizing it.
+    pub max_token_bytes: usize,
 }
 
-pub const MAX_STOP_SEQUENCES: usize = 4;
 pub const MAX_LOGPROBS: i64 = 5;
 pub const DEFAULT_MAX_TOKENS: i64 = 16;
 
@@ -75,8 +89,13 @@ impl Validator {
         &self.tokenizer
     }
 
-    /// Checks `req` and tokenizes its prompts (CPU work: call off the async runtime for big prompts).
-    pub fn validate(&self, req: GenerateRequest) -> Result<ValidRequest, EngineError> {
+    /// Checks `req` and tokenizes its prompts (CPU work: call off the async runtime for big
+    /// prompts). Cheap checks come first, so an oversized request costs no tokenization.
+    pub fn validate(
+        &self,
+        req: GenerateRequest,
+        deadline: Instant,
+    ) -> Result<ValidRequest, EngineError> {
         let l = &*self.limits;
         let mode = match &req.mode {
             None => l.default_mode,
@@ -149,17 +168,16 @@ impl Validator {
                 ))
             }
         };
-        if req.stop.len() > MAX_STOP_SEQUENCES {
+        self.stops(&req.stop)?;
+        if req.logit_bias.len() > l.max_logit_bias {
             return Err(invalid(
-                "stop",
+                "logit_bias",
                 format!(
-                    "`stop` takes at most {MAX_STOP_SEQUENCES} sequences, got {}",
-                    req.stop.len()
+                    "`logit_bias` takes at most {} entries (--max-logit-bias), got {}",
+                    l.max_logit_bias,
+                    req.logit_bias.len()
                 ),
             ));
-        }
-        if req.stop.iter().any(String::is_empty) {
-            return Err(invalid("stop", "`stop` sequences must not be empty"));
         }
         let mut logit_bias = Vec::with_capacity(req.logit_bias.len());
         for (key, bias) in &req.logit_bias {
@@ -185,7 +203,6 @@ impl Validator {
             logit_bias.push((id, *bias as f32));
         }
 
-        let prompts = self.prompts(&req.prompts)?;
         let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
         let min_tokens = if req.echo { 0 } else { 1 };
         if max_tokens < min_tokens {
@@ -194,20 +211,66 @@ impl Validator {
                 format!("`max_tokens` must be at least {min_tokens}, got {max_tokens}"),
             ));
         }
+        // Before any sum: a huge `max_tokens` must not wrap around.
+        if max_tokens >= l.max_positions as i64 {
+            return Err(EngineError::ContextLength {
+                message: format!(
+                    "this model's maximum context length is {} tokens; `max_tokens` is {max_tokens}, which leaves no room for a prompt",
+                    l.max_positions
+                ),
+            });
+        }
+        let max_tokens = max_tokens as usize;
+        let fan_out = req.prompts.len().saturating_mul(best_of as usize);
+        if fan_out > l.max_sequences_per_request {
+            return Err(invalid(
+                if req.prompts.len() > l.max_sequences_per_request { "prompt" } else { "best_of" },
+                format!(
+                    "this request asks for {} prompts x `best_of` {best_of} = {fan_out} sequences, more than --max-sequences-per-request {}",
+                    req.prompts.len(),
+                    l.max_sequences_per_request
+                ),
+            ));
+        }
+        let prompts = self.prompts(&req.prompts)?;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        if longest as i64 + max_tokens > l.max_positions as i64 {
+        if longest + max_tokens > l.max_positions {
             return Err(EngineError::ContextLength {
                 message: format!(
                     "this model's maximum context length is {} tokens; the prompt has {longest} tokens and `max_tokens` is {max_tokens} ({} in all)",
                     l.max_positions,
-                    longest as i64 + max_tokens
+                    longest + max_tokens
                 ),
             });
+        }
+        let copies_param = if req.best_of.is_some() {
+            "best_of"
+        } else {
+            "n"
+        };
+        for p in &prompts {
+            let demand = Demand::of_prompt(p.len(), max_tokens, best_of as usize)
+                .ok_or_else(|| invalid("max_tokens", "`max_tokens` is too large"))?;
+            match scheduler::fits_alone(&l.budget, demand) {
+                Ok(()) => {}
+                Err(Refusal::Sequences { need, limit }) => {
+                    return Err(invalid(
+                        copies_param,
+                        format!("each prompt runs as {need} sequences (`{copies_param}`), more than the batch holds (--max-batch-size {limit})"),
+                    ))
+                }
+                Err(Refusal::Tokens { need, limit }) => {
+                    return Err(invalid(
+                        "max_tokens",
+                        format!("a prompt of {} tokens with `max_tokens` {max_tokens} x {best_of} sequences needs {need} KV-cache tokens, more than the server's budget (--max-batch-total-tokens {limit})", p.len()),
+                    ))
+                }
+            }
         }
         Ok(ValidRequest {
             prompts,
             mode,
-            max_tokens: max_tokens as usize,
+            max_tokens,
             sampling: SamplingParams {
                 temperature,
                 top_p,
@@ -220,12 +283,43 @@ impl Validator {
             },
             n: n as usize,
             best_of: best_of as usize,
-            stop: req.stop,
+            stop: Arc::new(StopSet::new(&req.stop)),
             logprobs,
             echo: req.echo,
             ignore_eos: req.ignore_eos,
-            deadline: Instant::now() + l.request_timeout,
+            deadline,
         })
+    }
+
+    fn stops(&self, stops: &[String]) -> Result<(), EngineError> {
+        let l = &*self.limits;
+        if stops.len() > l.max_stop_sequences {
+            return Err(invalid(
+                "stop",
+                format!(
+                    "`stop` takes at most {} sequences (--max-stop-sequences), got {}",
+                    l.max_stop_sequences,
+                    stops.len()
+                ),
+            ));
+        }
+        for s in stops {
+            if s.is_empty() {
+                return Err(invalid("stop", "`stop` sequences must not be empty"));
+            }
+            // A cheap bound first: characters never outnumber bytes.
+            if s.len() > l.max_stop_length && s.chars().count() > l.max_stop_length {
+                return Err(invalid(
+                    "stop",
+                    format!(
+                        "each `stop` sequence may have at most {} characters (--max-stop-length), got {}",
+                        l.max_stop_length,
+                        s.chars().count()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn prompts(&self, inputs: &[PromptInput]) -> Result<Vec<Vec<u32>>, EngineError> {
@@ -233,13 +327,34 @@ impl Validator {
         if inputs.is_empty() {
             return Err(invalid("prompt", "`prompt` must not be an empty list"));
         }
+        let too_long = |n: String| {
+            invalid(
+                "prompt",
+                format!(
+                    "`prompt` has {n} tokens, more than --max-input-tokens {}",
+                    l.max_input_tokens
+                ),
+            )
+        };
         let mut out = Vec::with_capacity(inputs.len());
         for p in inputs {
             let ids = match p {
-                PromptInput::Text(text) => self
-                    .tokenizer
-                    .encode(text)
-                    .map_err(|e| invalid("prompt", format!("cannot tokenize `prompt`: {e}")))?,
+                PromptInput::Text(text) => {
+                    // Every token covers at most `max_token_bytes` bytes.
+                    let at_least = text.len().div_ceil(l.max_token_bytes.max(1));
+                    if at_least > l.max_input_tokens {
+                        return Err(too_long(format!(
+                            "at least {at_least} ({} bytes)",
+                            text.len()
+                        )));
+                    }
+                    self.tokenizer
+                        .encode(text)
+                        .map_err(|e| invalid("prompt", format!("cannot tokenize `prompt`: {e}")))?
+                }
+                PromptInput::Tokens(ids) if ids.len() > l.max_input_tokens => {
+                    return Err(too_long(ids.len().to_string()))
+                }
                 PromptInput::Tokens(ids) => ids
                     .iter()
                     .map(|&id| {
@@ -262,14 +377,7 @@ impl Validator {
                 return Err(invalid("prompt", "`prompt` must not be empty"));
             }
             if ids.len() > l.max_input_tokens {
-                return Err(invalid(
-                    "prompt",
-                    format!(
-                        "`prompt` has {} tokens, more than --max-input-tokens {}",
-                        ids.len(),
-                        l.max_input_tokens
-                    ),
-                ));
+                return Err(too_long(ids.len().to_string()));
             }
             out.push(ids);
         }

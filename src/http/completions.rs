@@ -12,7 +12,8 @@ use axum::Json;
 use futures_util::stream::{self, Stream};
 
 use super::error::ApiError;
-use super::json::OpenAiJson;
+use super::json::{self, JsonBody};
+use super::shutdown::Shutdown;
 use super::wire::{
     ChoiceOut, CompletionOut, CompletionRequest, LogprobsOut, MultiExitOut, UsageOut,
 };
@@ -31,8 +32,10 @@ struct Meta {
     logprobs: bool,
     return_token_ids: bool,
     include_usage: bool,
+    stream: bool,
     deadline: Instant,
     timeout_secs: f64,
+    shutdown: Shutdown,
 }
 
 impl Meta {
@@ -113,15 +116,19 @@ impl ChoiceAcc {
             }
             Event::Done { .. } | Event::Error(_) => {}
         }
-        self.text.push_str(&text);
         self.offset += text.chars().count();
-        self.token_ids.extend(&ids);
-        self.logprobs.tokens.extend(delta.tokens.iter().cloned());
-        self.logprobs.token_logprobs.extend(&delta.token_logprobs);
-        self.logprobs
-            .top_logprobs
-            .extend(delta.top_logprobs.iter().cloned());
-        self.logprobs.text_offset.extend(&delta.text_offset);
+        // A stream sends each delta once: keeping them all would hold a whole completion
+        // per choice for nothing.
+        if !meta.stream {
+            self.text.push_str(&text);
+            self.token_ids.extend(&ids);
+            self.logprobs.tokens.extend(delta.tokens.iter().cloned());
+            self.logprobs.token_logprobs.extend(&delta.token_logprobs);
+            self.logprobs
+                .top_logprobs
+                .extend(delta.top_logprobs.iter().cloned());
+            self.logprobs.text_offset.extend(&delta.text_offset);
+        }
         let prompt_token_ids =
             (meta.return_token_ids && !self.sent_prompt_ids).then(|| prompt_ids.to_vec());
         self.sent_prompt_ids = true;
@@ -159,21 +166,31 @@ fn candidate_of(event: &Event) -> Option<usize> {
     }
 }
 
-/// The next event, or a timeout error once the request's deadline passes (also while it
-/// still waits in the queue).
+/// The next event; a timeout error once the request's deadline passes (also while it still
+/// waits in the queue); a shutdown error when the server's grace period ends.
 async fn next_event(rx: &mut EventReceiver, meta: &Meta) -> Option<Event> {
-    match tokio::time::timeout_at(meta.deadline.into(), rx.recv()).await {
-        Ok(ev) => ev,
-        Err(_) => Some(Event::Error(EngineError::Timeout {
-            seconds: meta.timeout_secs,
-        })),
+    tokio::select! {
+        r = tokio::time::timeout_at(meta.deadline.into(), rx.recv()) => match r {
+            Ok(ev) => ev,
+            Err(_) => Some(Event::Error(EngineError::Timeout {
+                seconds: meta.timeout_secs,
+            })),
+        },
+        _ = meta.shutdown.cut() => Some(Event::Error(EngineError::ShuttingDown)),
     }
 }
 
 pub async fn create_completion(
     State(app): State<Arc<AppState>>,
-    OpenAiJson(req): OpenAiJson<CompletionRequest>,
+    body: JsonBody,
 ) -> Result<Response, ApiError> {
+    let limits = app.engine.validator().limits();
+    let deadline = body.arrived + limits.request_timeout;
+    // Parsing and tokenizing take memory and CPU in proportion to the body: only a bounded
+    // number of requests do them at once; the others wait here with their bytes.
+    let slot = app.engine.validation_slot(deadline).await?;
+    let req: CompletionRequest = json::parse(&body.bytes)?;
+    drop(body);
     if req.model != app.served_model_name {
         return Err(ApiError::ModelNotFound {
             requested: req.model,
@@ -183,7 +200,8 @@ pub async fn create_completion(
     let return_token_ids = req.return_token_ids.unwrap_or(false);
     let gen = req.into_generate()?;
     let (stream, include_usage) = (gen.stream, gen.include_usage);
-    let valid = app.engine.validate(gen).await?;
+    let valid = app.engine.validate(gen, deadline, &slot).await?;
+    drop(slot);
     let meta = Meta {
         id: format!("cmpl-{}", app.next_id()),
         created: SystemTime::now()
@@ -197,13 +215,10 @@ pub async fn create_completion(
         logprobs: valid.logprobs.is_some(),
         return_token_ids,
         include_usage,
+        stream,
         deadline: valid.deadline,
-        timeout_secs: app
-            .engine
-            .validator()
-            .limits()
-            .request_timeout
-            .as_secs_f64(),
+        timeout_secs: limits.request_timeout.as_secs_f64(),
+        shutdown: app.shutdown.clone(),
     };
     let span = tracing::info_span!("completion", id = %meta.id, mode = meta.multi_exit.mode);
     let rx = app.engine.submit(valid, span)?;
@@ -260,12 +275,25 @@ fn sse_stream(rx: EventReceiver, meta: Meta) -> impl Stream<Item = Result<SseEve
         let event = next_event(&mut rx, &meta).await;
         let data = |v: serde_json::Value| Ok(SseEvent::default().data(v.to_string()));
         let done = || Ok(SseEvent::default().data("[DONE]"));
+        // A chunk that cannot be serialised ends the stream with an error event, never
+        // with `data: null`.
+        let chunk_data = |chunk: &CompletionOut| match serde_json::to_value(chunk) {
+            Ok(v) => vec![data(v)],
+            Err(e) => {
+                let err = ApiError::Internal(format!("cannot serialise a chunk: {e}"));
+                tracing::error!(error = ?err, "stream failed");
+                vec![data(err.body()), done()]
+            }
+        };
         match event {
             Some(Event::Done { usage }) => {
                 let mut out = Vec::new();
                 if meta.include_usage {
                     let chunk = meta.envelope(vec![], Some(Some(usage.into())));
-                    out.push(data(serde_json::to_value(chunk).unwrap_or_default()));
+                    out = chunk_data(&chunk);
+                    if out.len() > 1 {
+                        return Some((out, None));
+                    }
                 }
                 out.push(done());
                 Some((out, None))
@@ -288,8 +316,9 @@ fn sse_stream(rx: EventReceiver, meta: Meta) -> impl Stream<Item = Result<SseEve
                 // Streaming requires best_of = n, so candidate numbers are choice indexes.
                 choice.index = c;
                 let chunk = meta.envelope(vec![choice], meta.include_usage.then_some(None));
-                let out = vec![data(serde_json::to_value(chunk).unwrap_or_default())];
-                Some((out, Some((rx, meta, accs))))
+                let out = chunk_data(&chunk);
+                let next = (out.len() == 1).then_some((rx, meta, accs));
+                Some((out, next))
             }
         }
     });

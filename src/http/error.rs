@@ -27,6 +27,9 @@ pub enum ApiError {
     /// 405: the route exists with another method.
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    /// 408: the body did not arrive in time (`--body-read-timeout`).
+    #[error("the request body did not arrive within {seconds} s (--body-read-timeout)")]
+    BodyTimeout { seconds: f64 },
     /// 413: body over the limit.
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
@@ -53,12 +56,21 @@ impl ApiError {
         }
     }
 
+    /// 503 while the server drains or when its grace period ends.
+    pub fn shutting_down() -> Self {
+        ApiError::Unavailable {
+            message: "the server is shutting down".into(),
+            code: "shutting_down",
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) | ApiError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -82,6 +94,9 @@ impl ApiError {
             ),
             ApiError::MethodNotAllowed => {
                 ("invalid_request_error", None, Some("method_not_allowed"))
+            }
+            ApiError::BodyTimeout { .. } => {
+                ("invalid_request_error", None, Some("request_timeout"))
             }
             ApiError::PayloadTooLarge { .. } => {
                 ("invalid_request_error", None, Some("payload_too_large"))
@@ -117,6 +132,7 @@ impl From<EngineError> for ApiError {
                 message: e.to_string(),
                 code: "request_timeout",
             },
+            EngineError::ShuttingDown => ApiError::shutting_down(),
             EngineError::Unavailable => ApiError::Unavailable {
                 message: e.to_string(),
                 code: "service_unavailable",

@@ -1,19 +1,44 @@
 //! A JSON body extractor whose every rejection is an OpenAI error naming the field.
 
+use std::time::{Duration, Instant};
+
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::shutdown::Shutdown;
 
-pub struct OpenAiJson<T>(pub T);
+/// A JSON request body, read in full under the body policy, not yet parsed: parsing waits
+/// for a validation slot (see `Engine::validation_slot`), so that the memory it takes is
+/// bounded by the number of slots rather than of connections.
+pub struct JsonBody {
+    pub bytes: Vec<u8>,
+    /// When the handler started reading it: the request's clock starts here.
+    pub arrived: Instant,
+}
 
-/// Set by the router from `--max-body-bytes`, read back for the 413 message.
-#[derive(Clone, Copy)]
-pub struct BodyLimit(pub usize);
+/// Set by the router from the configuration.
+#[derive(Clone)]
+pub struct BodyPolicy {
+    /// `--max-body-bytes` (413 above).
+    pub limit: usize,
+    /// `--body-read-timeout`, capped by `--request-timeout` (408 past it).
+    pub read_timeout: Duration,
+    /// A body still arriving when the server starts to drain is refused (503).
+    pub shutdown: Shutdown,
+}
 
-const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+impl Default for BodyPolicy {
+    fn default() -> Self {
+        Self {
+            limit: 1 << 20,
+            read_timeout: Duration::from_secs(30),
+            shutdown: Shutdown::never(),
+        }
+    }
+}
 
 /// Reads the body up to `limit` bytes. An oversized body is still read (and dropped) up to
 /// `DRAIN_FACTOR` times the limit, so that an ordinary client that sends it all receives the
@@ -39,10 +64,11 @@ async fn read_limited(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
     Ok(buf)
 }
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OpenAiJson<T> {
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let arrived = Instant::now();
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -55,12 +81,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OpenAiJson<T> {
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let limit = req
+        let policy = req
             .extensions()
-            .get::<BodyLimit>()
-            .map_or(DEFAULT_BODY_LIMIT, |l| l.0);
-        let bytes = read_limited(req, limit).await?;
-        parse(&bytes).map(OpenAiJson)
+            .get::<BodyPolicy>()
+            .cloned()
+            .unwrap_or_default();
+        let read = tokio::time::timeout(policy.read_timeout, read_limited(req, policy.limit));
+        let bytes = tokio::select! {
+            r = read => r.map_err(|_| ApiError::BodyTimeout {
+                seconds: policy.read_timeout.as_secs_f64(),
+            })??,
+            _ = policy.shutdown.draining() => return Err(ApiError::shutting_down()),
+        };
+        Ok(JsonBody { bytes, arrived })
     }
 }
 

@@ -1,15 +1,21 @@
-//! axum only: routes, OpenAI wire types, errors, SSE. Never touches a tensor.
+//! axum and hyper only: routes, OpenAI wire types, errors, SSE, and the connections they
+//! arrive on. Never touches a tensor.
+#![forbid(unsafe_code)]
 
 pub mod completions;
 pub mod error;
 pub mod json;
+pub mod serve;
+pub mod shutdown;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,6 +25,7 @@ use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 pub use error::ApiError;
+pub use shutdown::Shutdown;
 
 use crate::engine::Engine;
 
@@ -29,7 +36,9 @@ pub struct AppState {
     pub served_model_name: String,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
     pub cors_allow_origins: Vec<String>,
+    pub shutdown: Shutdown,
     pub created: u64,
     counter: AtomicU64,
 }
@@ -41,7 +50,9 @@ impl AppState {
             served_model_name,
             api_key: None,
             max_body_bytes: 1 << 20,
+            body_read_timeout: Duration::from_secs(30),
             cors_allow_origins: Vec::new(),
+            shutdown: Shutdown::never(),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -57,7 +68,13 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.max_body_bytes;
+    let policy = json::BodyPolicy {
+        limit: state.max_body_bytes,
+        read_timeout: state
+            .body_read_timeout
+            .min(state.engine.validator().limits().request_timeout),
+        shutdown: state.shutdown.clone(),
+    };
     let mut app = Router::new()
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/models", get(list_models))
@@ -73,22 +90,53 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         // The JSON extractor enforces the limit itself, with an OpenAI-shaped 413.
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::Extension(json::BodyLimit(limit)));
+        .layer(axum::Extension(policy));
     if !state.cors_allow_origins.is_empty() {
-        let origins: Vec<HeaderValue> = state
-            .cors_allow_origins
-            .iter()
-            .filter_map(|o| HeaderValue::from_str(o).ok())
-            .collect();
-        app = app.layer(
-            CorsLayer::new()
-                .allow_origin(AllowOrigin::list(origins))
-                .allow_methods([Method::GET, Method::POST])
-                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
-        );
+        match cors_origins(&state.cors_allow_origins) {
+            Ok(origins) => {
+                app = app.layer(
+                    CorsLayer::new()
+                        .allow_origin(origins)
+                        .allow_methods([Method::GET, Method::POST])
+                        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+                )
+            }
+            // Start-up checks the origins with this same function first.
+            Err(e) => tracing::error!(error = %e, "CORS disabled"),
+        }
     }
-    app.layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state)
+    // Spans name the method and path only: query strings may carry secrets.
+    let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        tracing::debug_span!("http", method = %req.method(), path = %req.uri().path())
+    });
+    app.layer(trace).with_state(state)
+}
+
+/// `--cors-allow-origin` values as tower-http's list: `*`, or origins such as
+/// `https://example.com:8443` (a scheme and a host, no path). Anything else is an error, so a
+/// typo fails at start-up instead of silently allowing nothing.
+pub fn cors_origins(origins: &[String]) -> Result<AllowOrigin, String> {
+    if origins.iter().any(|o| o == "*") {
+        return Ok(AllowOrigin::any());
+    }
+    let mut values = Vec::with_capacity(origins.len());
+    for o in origins {
+        let bad = |why: &str| format!("--cors-allow-origin `{o}`: {why}");
+        let uri: Uri = o
+            .parse()
+            .map_err(|_| bad("not an origin such as https://example.com"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(bad("an origin is http:// or https:// and a host"));
+        }
+        if o.trim_start_matches(uri.scheme_str().unwrap_or_default())
+            .trim_start_matches("://")
+            .contains('/')
+        {
+            return Err(bad("an origin has no path, not even a trailing `/`"));
+        }
+        values.push(HeaderValue::from_str(o).map_err(|_| bad("not a valid header value"))?);
+    }
+    Ok(AllowOrigin::list(values))
 }
 
 /// With `--api-key`, every route but `/health` needs `Authorization: Bearer <key>`.
@@ -99,12 +147,14 @@ async fn require_api_key(State(app): State<Arc<AppState>>, req: Request, next: N
     if req.uri().path() == "/health" || req.method() == Method::OPTIONS {
         return next.run(req).await;
     }
+    // The scheme name is case-insensitive (RFC 9110 section 11.1); the key is not.
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, key)| key.trim());
     if bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
         next.run(req).await
     } else {

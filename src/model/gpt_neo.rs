@@ -592,11 +592,22 @@ impl MultiExitGptNeo {
     }
 
     pub fn new_cache(&self) -> KvCache {
+        self.new_cache_for(self.cfg.max_position_embeddings)
+    }
+
+    /// A cache that never grows past `positions` (what the sequence reserved), so that the
+    /// engine's KV-token budget bounds the memory actually allocated.
+    pub fn new_cache_for(&self, positions: usize) -> KvCache {
         KvCache::new(
             self.cfg.num_layers,
-            self.cfg.max_position_embeddings,
+            positions.min(self.cfg.max_position_embeddings),
             self.kv_dtype,
         )
+    }
+
+    /// Bytes one cached position takes in every layer (keys and values).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_layers * self.cfg.hidden_size * self.kv_dtype.size_in_bytes()
     }
 
     fn head_weight(&self, head: Head) -> Result<&Weight> {

@@ -5,6 +5,7 @@ use candle_nn::VarBuilder;
 
 use super::config::GptNeoConfig;
 use super::error::{ModelError, Result};
+use super::finite_weights::FiniteWeights;
 use super::gpt_neo::{MultiExitGptNeo, WeightDtype};
 use super::safetensors_file::SafetensorsFiles;
 use super::source::{self, ModelFiles, WeightFiles};
@@ -49,12 +50,19 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> 
     let cfg = GptNeoConfig::from_file(&files.config)?;
     let vb = match &files.weights {
         WeightFiles::Safetensors(paths) => VarBuilder::from_backend(
-            Box::new(SafetensorsFiles::open(paths)?),
+            Box::new(FiniteWeights(Box::new(SafetensorsFiles::open(paths)?))),
             DType::F32,
             opts.device.clone(),
         ),
-        WeightFiles::Pth(path) => VarBuilder::from_pth(path, opts.dtype.load_dtype(), &opts.device)
-            .map_err(|e| file_error(path, e))?,
+        WeightFiles::Pth(path) => {
+            let pth = candle_core::pickle::PthTensors::new(path, None)
+                .map_err(|e| file_error(path, e))?;
+            VarBuilder::from_backend(
+                Box::new(FiniteWeights(Box::new(pth))),
+                opts.dtype.load_dtype(),
+                opts.device.clone(),
+            )
+        }
     };
     let model = MultiExitGptNeo::new(cfg, vb, opts.dtype, opts.skinny_kernels)?;
     let tokenizer = TextTokenizer::from_files(&files.tokenizer)?;

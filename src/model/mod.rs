@@ -7,6 +7,7 @@ pub mod config;
 pub mod cpu_features;
 pub mod error;
 pub mod fastmath;
+pub mod finite_weights;
 pub mod gpt_neo;
 pub mod kv_cache;
 pub mod loader;

@@ -45,10 +45,24 @@ impl TextTokenizer {
         self.inner.decode(ids, false).map_err(tok_err)
     }
 
+    /// Bytes of text the longest token stands for (a lone byte of a multi-byte character
+    /// decodes to U+FFFD, 3 bytes: an over-estimate, the safe side for a bound).
+    pub fn max_token_bytes(&self) -> usize {
+        (0..self.inner.get_vocab_size(true) as u32)
+            .filter_map(|id| self.decode(&[id]).ok())
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 }
+
+/// A UTF-8 character has at most 4 bytes, so byte-level BPE completes one within 4 tokens.
+const MAX_HELD_IDS: usize = 4;
 
 /// Turns a growing list of ids into text deltas that never split a UTF-8 character: a token
 /// that ends inside a multi-byte character is held back until the character is complete.
@@ -68,8 +82,11 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        // Held ids are at most one character's bytes; more means the model produced invalid
+        // UTF-8, which is emitted (as U+FFFD) rather than re-decoded at every later token.
+        let stuck = self.ids.len() - self.read_offset > MAX_HELD_IDS;
         if full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
+            && (stuck || !full.ends_with('\u{FFFD}'))
             && full.is_char_boundary(prefix.len())
         {
             let delta = full[prefix.len()..].to_string();

@@ -4,13 +4,16 @@ use std::sync::Arc;
 
 use clap::Parser;
 use exitserve::config::{Args, Settings};
+use exitserve::http::serve::serve;
+use exitserve::http::shutdown::{self, ShutdownTrigger};
 use exitserve::http::{self, AppState};
-use exitserve::server::build_state_with;
+use exitserve::server::{build_state_with, connection_limits};
 
+/// Served by the same listener code as the binary (connection limits and timeouts included).
 pub struct TestServer {
     pub base: String,
     pub state: Arc<AppState>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: Option<ShutdownTrigger>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -30,12 +33,14 @@ impl TestServer {
         argv.extend_from_slice(flags);
         let settings =
             Settings::resolve(Args::try_parse_from(argv).unwrap(), Args::default()).unwrap();
-        let state = build_state_with(&settings, tune).expect("fixture loads");
+        let (trigger, watch) = shutdown::channel();
+        let state = build_state_with(&settings, watch.clone(), tune).expect("fixture loads");
         let app = http::router(state.clone());
+        let limits = connection_limits(&settings);
+        let metrics = state.engine.metrics_handle();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -44,18 +49,13 @@ impl TestServer {
                 .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = rx.await;
-                    })
-                    .await
-                    .unwrap();
+                serve(listener, app, limits, metrics, watch).await;
             });
         });
         Self {
             base,
             state,
-            shutdown: Some(tx),
+            shutdown: Some(trigger),
             thread: Some(thread),
         }
     }
@@ -89,8 +89,8 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+        if let Some(trigger) = self.shutdown.take() {
+            trigger.cut();
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();

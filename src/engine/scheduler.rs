@@ -1,0 +1,246 @@
+//! Admission and step planning as pure functions over plain numbers: the batcher carries out
+//! what these decide. Nothing here touches a channel, a tensor or a clock.
+//!
+//! The memory bound is a KV-token budget, as TGI's `max_batch_total_tokens`: every sequence
+//! reserves its whole prompt plus `max_tokens` when it is admitted (each `n`/`best_of` copy
+//! included, before it is forked), so the caches of the running batch can never outgrow it.
+
+/// What the running batch may hold (from the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Sequences decoded together, every `n`/`best_of` copy counted (`--max-batch-size`).
+    pub max_sequences: usize,
+    /// KV positions reserved across the batch (`--max-batch-total-tokens`).
+    pub max_tokens: usize,
+    /// Prompt tokens fed per step across the batch (`--max-prefill-tokens`).
+    pub max_prefill_tokens: usize,
+}
+
+/// What one prompt of a request reserves once admitted: all its copies, each for its prompt
+/// and its longest completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Demand {
+    pub sequences: usize,
+    pub tokens: usize,
+}
+
+impl Demand {
+    /// `copies` sequences of `prompt_len + max_tokens` positions; `None` on overflow.
+    pub fn of_prompt(prompt_len: usize, max_tokens: usize, copies: usize) -> Option<Self> {
+        let per_sequence = prompt_len.checked_add(max_tokens)?;
+        Some(Self {
+            sequences: copies,
+            tokens: per_sequence.checked_mul(copies)?,
+        })
+    }
+
+    fn plus(self, other: Demand) -> Demand {
+        Demand {
+            sequences: self.sequences.saturating_add(other.sequences),
+            tokens: self.tokens.saturating_add(other.tokens),
+        }
+    }
+}
+
+/// Why a prompt can never run, whatever else is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Sequences { need: usize, limit: usize },
+    Tokens { need: usize, limit: usize },
+}
+
+/// Checks that `demand` fits the budget of an empty batch.
+pub fn fits_alone(budget: &Budget, demand: Demand) -> Result<(), Refusal> {
+    if demand.sequences > budget.max_sequences {
+        return Err(Refusal::Sequences {
+            need: demand.sequences,
+            limit: budget.max_sequences,
+        });
+    }
+    if demand.tokens > budget.max_tokens {
+        return Err(Refusal::Tokens {
+            need: demand.tokens,
+            limit: budget.max_tokens,
+        });
+    }
+    Ok(())
+}
+
+/// How many of `waiting` (prompt groups in arrival order) join a batch that already reserves
+/// `reserved`. Strictly first come, first served: a group that does not fit yet stops the
+/// ones behind it, so a large request is never starved by a stream of small ones.
+pub fn admit_in_order(budget: &Budget, reserved: Demand, waiting: &[Demand]) -> usize {
+    let mut total = reserved;
+    for (i, d) in waiting.iter().enumerate() {
+        let next = total.plus(*d);
+        if next.sequences > budget.max_sequences || next.tokens > budget.max_tokens {
+            return i;
+        }
+        total = next;
+    }
+    waiting.len()
+}
+
+/// One running sequence as the planner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqView {
+    /// Prompt tokens not yet in its cache (0 once it decodes).
+    pub prompt_left: usize,
+    /// False while its client has not read what it was sent (a paused stream).
+    pub can_emit: bool,
+}
+
+/// What one sequence feeds this step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// Index into the running sequences.
+    pub index: usize,
+    /// Prompt tokens fed (a chunk of the prompt), or 0: the sequence decodes one token.
+    pub prompt_take: usize,
+}
+
+/// Plans one step: every decoding sequence feeds its token; prompts are fed in order, chunked
+/// under the prefill budget. A sequence whose client stopped reading sits out.
+pub fn plan_step(max_prefill_tokens: usize, seqs: &[SeqView]) -> Vec<Slot> {
+    let mut budget = max_prefill_tokens;
+    let mut plan = Vec::with_capacity(seqs.len());
+    for (index, s) in seqs.iter().enumerate() {
+        if !s.can_emit {
+            continue;
+        }
+        if s.prompt_left == 0 {
+            plan.push(Slot {
+                index,
+                prompt_take: 0,
+            });
+            continue;
+        }
+        let take = s.prompt_left.min(budget);
+        if take == 0 {
+            continue; // the prefill budget is spent: this prompt waits a step
+        }
+        budget -= take;
+        plan.push(Slot {
+            index,
+            prompt_take: take,
+        });
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: Budget = Budget {
+        max_sequences: 8,
+        max_tokens: 1000,
+        max_prefill_tokens: 100,
+    };
+
+    fn d(sequences: usize, tokens: usize) -> Demand {
+        Demand { sequences, tokens }
+    }
+
+    #[test]
+    fn demand_counts_every_copy_and_refuses_overflow() {
+        assert_eq!(Demand::of_prompt(10, 90, 4), Some(d(4, 400)));
+        assert_eq!(Demand::of_prompt(usize::MAX, 1, 1), None);
+        assert_eq!(Demand::of_prompt(usize::MAX / 2, 1, 3), None);
+    }
+
+    #[test]
+    fn a_prompt_that_can_never_fit_is_refused_with_both_numbers() {
+        assert_eq!(fits_alone(&BUDGET, d(8, 1000)), Ok(()));
+        assert_eq!(
+            fits_alone(&BUDGET, d(9, 10)),
+            Err(Refusal::Sequences { need: 9, limit: 8 })
+        );
+        assert_eq!(
+            fits_alone(&BUDGET, d(1, 1001)),
+            Err(Refusal::Tokens {
+                need: 1001,
+                limit: 1000
+            })
+        );
+    }
+
+    #[test]
+    fn admission_stops_at_either_edge_exactly() {
+        // tokens: 600 + 400 = 1000 fits, one more token does not
+        assert_eq!(admit_in_order(&BUDGET, d(1, 600), &[d(1, 400)]), 1);
+        assert_eq!(admit_in_order(&BUDGET, d(1, 601), &[d(1, 400)]), 0);
+        // sequences: copies count before they exist (7 + 1 fits, 7 + 2 does not)
+        assert_eq!(admit_in_order(&BUDGET, d(7, 0), &[d(1, 1)]), 1);
+        assert_eq!(admit_in_order(&BUDGET, d(7, 0), &[d(2, 1)]), 0);
+        // an empty batch takes whatever fits alone
+        assert_eq!(admit_in_order(&BUDGET, d(0, 0), &[d(8, 1000)]), 1);
+    }
+
+    #[test]
+    fn admission_is_first_come_first_served() {
+        // the second group does not fit; the small third one must not overtake it
+        let waiting = [d(2, 200), d(4, 900), d(1, 10)];
+        assert_eq!(admit_in_order(&BUDGET, d(0, 0), &waiting), 1);
+        assert_eq!(admit_in_order(&BUDGET, d(0, 0), &[]), 0);
+        // groups of one request are admitted together as far as they fit
+        let groups = [d(2, 100); 5];
+        assert_eq!(admit_in_order(&BUDGET, d(3, 0), &groups), 2);
+    }
+
+    #[test]
+    fn prefill_is_chunked_in_order_and_decodes_always_run() {
+        let seqs = [
+            SeqView {
+                prompt_left: 0,
+                can_emit: true,
+            },
+            SeqView {
+                prompt_left: 70,
+                can_emit: true,
+            },
+            SeqView {
+                prompt_left: 50,
+                can_emit: true,
+            },
+            SeqView {
+                prompt_left: 20,
+                can_emit: true,
+            },
+            SeqView {
+                prompt_left: 0,
+                can_emit: true,
+            },
+        ];
+        let plan = plan_step(100, &seqs);
+        let got: Vec<(usize, usize)> = plan.iter().map(|s| (s.index, s.prompt_take)).collect();
+        // 70 + 30 of the 50: the budget is spent; the 20-token prompt waits; decodes run
+        assert_eq!(got, vec![(0, 0), (1, 70), (2, 30), (4, 0)]);
+    }
+
+    #[test]
+    fn a_paused_sequence_sits_out_and_leaves_its_budget() {
+        let seqs = [
+            SeqView {
+                prompt_left: 80,
+                can_emit: false,
+            },
+            SeqView {
+                prompt_left: 0,
+                can_emit: false,
+            },
+            SeqView {
+                prompt_left: 90,
+                can_emit: true,
+            },
+        ];
+        let plan = plan_step(100, &seqs);
+        assert_eq!(
+            plan,
+            vec![Slot {
+                index: 2,
+                prompt_take: 90
+            }]
+        );
+    }
+}

@@ -1,0 +1,335 @@
+//! The accept loop and the life of each connection, on hyper directly: `axum::serve` has no
+//! connection cap and no timeouts, so idle and slow clients could hold sockets forever.
+//!
+//! - At most `max_connections` are open; at the cap the loop stops accepting and asks idle
+//!   connections (no request in flight, no request head started) to close at once, so idle
+//!   sockets can never lock everyone out.
+//! - A connection with no request in flight closes after `keep_alive_timeout`; once the first
+//!   byte of a request head arrives, the whole head must follow within `header_read_timeout`.
+//!   Bodies have their own timeout in the JSON extractor; the request timeout covers the rest.
+//! - On drain, idle connections close and busy ones finish their response, then close.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+use super::shutdown::Shutdown;
+use crate::engine::Metrics;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+}
+
+/// What the watchdog of one connection knows about it.
+struct ConnState {
+    opened: Instant,
+    /// Requests whose response body is still being sent.
+    in_flight: AtomicUsize,
+    /// Milliseconds since `opened` when the last request ended (0 = at open).
+    idle_since_ms: AtomicU64,
+    /// Milliseconds since `opened`, plus one, when the first byte of the next request head
+    /// arrived; 0 = none yet.
+    head_started_ms: AtomicU64,
+    changed: Notify,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.opened + Duration::from_millis(ms)
+    }
+
+    fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_started_ms.load(Ordering::Acquire) == 0
+        {
+            self.head_started_ms
+                .store(self.now_ms() + 1, Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started_ms.store(0, Ordering::Release);
+    }
+
+    fn request_ended(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle_since_ms.store(self.now_ms(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Idle: nothing in flight and no request head begun.
+    fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_started_ms.load(Ordering::Acquire) == 0
+    }
+
+    /// When this connection is to be closed if nothing changes; None while a request runs.
+    fn deadline(&self, limits: &ConnectionLimits) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        match self.head_started_ms.load(Ordering::Acquire) {
+            0 => Some(
+                self.at(self.idle_since_ms.load(Ordering::Acquire)) + limits.keep_alive_timeout,
+            ),
+            started => Some(self.at(started - 1) + limits.header_read_timeout),
+        }
+    }
+}
+
+/// The socket, telling its connection's state when bytes arrive.
+struct WatchedIo {
+    inner: TcpStream,
+    state: Arc<ConnState>,
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.bytes_read();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Marks its request ended when hyper drops the response body (sent, or the client left).
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+/// A response body that carries its request's in-flight mark.
+struct TrackedBody {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` drains and every connection has closed.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let pressure = Arc::new(Notify::new());
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let slot = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(s) => s,
+            Err(_) => {
+                // At the cap: idle connections give way, and the loop waits for a slot.
+                pressure.notify_waiters();
+                tokio::select! {
+                    s = Arc::clone(&slots).acquire_owned() => match s {
+                        Ok(s) => s,
+                        Err(_) => break,
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    _ = shutdown.draining() => break,
+                }
+            }
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: not fatal.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.draining() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let (app, metrics, pressure, shutdown) = (
+            app.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&pressure),
+            shutdown.clone(),
+        );
+        connections.spawn(async move {
+            metrics.open_connections.fetch_add(1, Ordering::Relaxed);
+            serve_connection(stream, app, limits, &metrics, &pressure, shutdown).await;
+            metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+        });
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    limits: ConnectionLimits,
+    metrics: &Metrics,
+    pressure: &Notify,
+    shutdown: Shutdown,
+) {
+    let state = Arc::new(ConnState::new());
+    let io = TokioIo::new(WatchedIo {
+        inner: stream,
+        state: Arc::clone(&state),
+    });
+    let svc_state = Arc::clone(&state);
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (app, state) = (app.clone(), Arc::clone(&svc_state));
+        state.request_started();
+        let in_flight = InFlight(state);
+        async move {
+            let resp: Response = app
+                .oneshot(Request::from(req.map(Body::new)))
+                .await
+                .unwrap_or_else(|never| match never {});
+            Ok::<_, std::convert::Infallible>(resp.map(|inner| {
+                Body::new(TrackedBody {
+                    inner,
+                    _in_flight: in_flight,
+                })
+            }))
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let mut drained = false;
+    loop {
+        let deadline = state.deadline(&limits);
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = sleep => {
+                if state.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
+                    metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                    return; // dropping the connection closes the socket
+                }
+            }
+            _ = state.changed.notified() => {}
+            _ = pressure.notified() => {
+                if state.is_idle() {
+                    return;
+                }
+            }
+            _ = shutdown.draining(), if !drained => {
+                drained = true;
+                if state.in_flight.load(Ordering::Acquire) == 0 {
+                    return; // idle or a half-sent head: nothing to finish
+                }
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, so that `max_connections` sockets
+/// fit; returns the limit now in force (None where unknown).
+pub fn raise_open_files_limit() -> Option<u64> {
+    rlimit::increase_nofile_limit(u64::MAX).ok()
+}
