@@ -143,6 +143,24 @@ fn end_request(
     }
 }
 
+/// Ends `r` if its client left (cancelled) or its deadline passed (timeout).
+fn end_if_abandoned(metrics: &Metrics, r: &mut RequestState, now: Instant) {
+    if r.unfinished == 0 {
+        return;
+    }
+    if r.tx.is_closed() {
+        end_request(metrics, r, "cancelled", None);
+    } else if now >= r.req.deadline {
+        let seconds = (r.req.deadline - r.arrived).as_secs_f64();
+        end_request(
+            metrics,
+            r,
+            "timeout",
+            Some(EngineError::Timeout { seconds }),
+        );
+    }
+}
+
 impl Batcher {
     pub fn new(
         model: Arc<MultiExitGptNeo>,
@@ -216,6 +234,9 @@ impl Batcher {
         self.metrics
             .kv_tokens_reserved
             .store(reserved.tokens as i64, Ordering::Relaxed);
+        self.metrics
+            .kv_tokens_reserved_peak
+            .fetch_max(reserved.tokens as i64, Ordering::Relaxed);
     }
 
     /// Pulls requests into the batch while the budget allows; blocks only when idle. Returns
@@ -301,26 +322,14 @@ impl Batcher {
             return true;
         };
         let state = Rc::clone(&p.state);
-        let (closed, expired) = {
-            let r = state.borrow();
-            (r.tx.is_closed(), Instant::now() >= r.req.deadline)
+        let over = {
+            let mut r = state.borrow_mut();
+            end_if_abandoned(&self.metrics, &mut r, Instant::now());
+            r.unfinished == 0
         };
-        if closed || expired || state.borrow().unfinished == 0 {
+        if over {
             self.held = None;
             self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            let mut r = state.borrow_mut();
-            if closed {
-                end_request(&self.metrics, &mut r, "cancelled", None);
-            } else if expired {
-                let seconds = (r.req.deadline - r.arrived).as_secs_f64();
-                end_request(
-                    &self.metrics,
-                    &mut r,
-                    "timeout",
-                    Some(EngineError::Timeout { seconds }),
-                );
-            }
-            drop(r);
             self.sweep();
             return true;
         }
@@ -783,21 +792,7 @@ impl Batcher {
     fn drop_abandoned(&mut self) {
         let now = Instant::now();
         for s in &self.running {
-            let mut r = s.request.borrow_mut();
-            if r.unfinished == 0 {
-                continue;
-            }
-            if r.tx.is_closed() {
-                end_request(&self.metrics, &mut r, "cancelled", None);
-            } else if now >= r.req.deadline {
-                let seconds = (r.req.deadline - r.arrived).as_secs_f64();
-                end_request(
-                    &self.metrics,
-                    &mut r,
-                    "timeout",
-                    Some(EngineError::Timeout { seconds }),
-                );
-            }
+            end_if_abandoned(&self.metrics, &mut s.request.borrow_mut(), now);
         }
         self.sweep();
     }

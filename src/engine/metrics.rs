@@ -64,6 +64,8 @@ pub struct Metrics {
     /// The most sequences ever reserved at once (forks not yet made included).
     pub batch_size_peak: AtomicI64,
     pub kv_tokens_reserved: AtomicI64,
+    /// The most KV positions ever reserved at once.
+    pub kv_tokens_reserved_peak: AtomicI64,
     pub kv_tokens_limit: AtomicI64,
     pub paused_sequences: AtomicI64,
     /// Open client connections (set by the listener).
@@ -89,6 +91,7 @@ impl Default for Metrics {
             batch_size: AtomicI64::new(0),
             batch_size_peak: AtomicI64::new(0),
             kv_tokens_reserved: AtomicI64::new(0),
+            kv_tokens_reserved_peak: AtomicI64::new(0),
             kv_tokens_limit: AtomicI64::new(0),
             paused_sequences: AtomicI64::new(0),
             open_connections: AtomicI64::new(0),
@@ -154,6 +157,7 @@ impl Metrics {
         for (name, help, v) in [
             ("exitserve_batch_size_peak", "Most sequences reserved in the batch at once since start (every n/best_of copy counted).", &self.batch_size_peak),
             ("exitserve_kv_tokens_reserved", "KV-cache positions reserved by the running batch (prompt + max_tokens per sequence).", &self.kv_tokens_reserved),
+            ("exitserve_kv_tokens_reserved_peak", "Most KV-cache positions reserved at once since start.", &self.kv_tokens_reserved_peak),
             ("exitserve_kv_tokens_limit", "The KV-cache position budget (--max-batch-total-tokens).", &self.kv_tokens_limit),
             ("exitserve_paused_sequences", "Sequences sitting out because their client has not read its stream.", &self.paused_sequences),
             ("exitserve_open_connections", "Open client connections.", &self.open_connections),

@@ -60,6 +60,13 @@ impl TestServer {
         }
     }
 
+    /// Ends the grace period now: every open response ends with a shutdown error.
+    pub fn cut(&self) {
+        if let Some(t) = &self.shutdown {
+            t.cut();
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
