@@ -116,6 +116,28 @@ fn startup_faults_are_one_clear_line_and_exit_1() {
     .unwrap();
     expect_startup_error(&d, "transformer.wpe.weight");
 
+    // a NaN in a weight matrix: refused at start-up, naming the tensor
+    let d = scratch("nan", FIXTURE);
+    let path = d.join("model.safetensors");
+    let mut st = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&st[8..8 + header_len]).unwrap();
+    let name = "transformer.h.1.mlp.c_fc.weight";
+    assert_eq!(header[name]["dtype"], "F16");
+    let at = 8 + header_len + header[name]["data_offsets"][0].as_u64().unwrap() as usize + 2 * 5;
+    st[at..at + 2].copy_from_slice(&0x7E00u16.to_le_bytes()); // a float16 NaN
+    std::fs::write(&path, st).unwrap();
+    expect_startup_error(&d, &format!("tensor `{name}` holds a non-finite value (NaN) at flat index 5"));
+
+    let (code, stderr) = run_to_exit(&[
+        "--model",
+        fixture_dir(FIXTURE).to_str().unwrap(),
+        "--cors-allow-origin",
+        "https://app.example/",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--cors-allow-origin `https://app.example/`"), "{stderr}");
+
     let (code, stderr) = run_to_exit(&["--model", "/nonexistent/folder", "--port", "0"]);
     assert_eq!(code, 1);
     assert!(
@@ -180,10 +202,15 @@ fn free_port() -> u16 {
 }
 
 fn spawn(port: u16, extra: &[&str]) -> Child {
+    spawn_model(&fixture_dir(FIXTURE), port, extra, Stdio::piped())
+}
+
+/// Starts the binary on `model` and waits until it is healthy.
+fn spawn_model(model: &Path, port: u16, extra: &[&str], stderr: Stdio) -> Child {
     let child = Command::new(BIN)
         .args([
             "--model",
-            fixture_dir(FIXTURE).to_str().unwrap(),
+            model.to_str().unwrap(),
             "--port",
             &port.to_string(),
         ])
@@ -191,7 +218,7 @@ fn spawn(port: u16, extra: &[&str]) -> Child {
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let start = Instant::now();
@@ -242,6 +269,13 @@ fn sigterm_lets_requests_in_flight_finish_and_logs_hold_no_prompts() {
         .build()
         .unwrap();
     let (status, body) = rt.block_on(async {
+        // query strings may carry secrets: debug logs name the path only
+        let r = reqwest::get(format!(
+            "http://127.0.0.1:{port}/v1/models?api_key=query-secret-123"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200);
         let url = format!("http://127.0.0.1:{port}/v1/completions");
         let req = tokio::spawn(async move {
             let r = reqwest::Client::new()
@@ -275,6 +309,8 @@ fn sigterm_lets_requests_in_flight_finish_and_logs_hold_no_prompts() {
         .read_to_string(&mut logs)
         .unwrap();
     assert!(logs.contains("completed"), "{logs}");
+    assert!(logs.contains("/v1/models"), "debug logs name the path");
+    assert!(!logs.contains("query-secret-123"), "a query string leaked:\n{logs}");
     assert!(
         !logs.contains(secret),
         "the prompt leaked into the logs:\n{logs}"
@@ -307,4 +343,199 @@ fn the_grace_period_bounds_shutdown() {
     let code = child.wait().unwrap();
     assert!(code.success());
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+/// A random GPT-Neo checkpoint big enough that a long completion takes seconds on two cores
+/// (hidden 128, a 50257-token vocabulary, 2048 positions), written once per build folder.
+fn slow_model() -> PathBuf {
+    use exitserve::bench::checkpoint::{ensure, Shape};
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("slow-gpt-neo-multiexit");
+    let shape = Shape {
+        vocab: 50257,
+        hidden: 128,
+        layers: 4,
+        heads: 4,
+        positions: 2048,
+        window: 256,
+        exits: vec![2, 4],
+    };
+    ensure(&dir, &shape, &fixture_dir(FIXTURE)).unwrap();
+    dir
+}
+
+fn post_raw(port: u16, body: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).unwrap();
+    s
+}
+
+/// Reads from `s` until `needle` has arrived (or the connection ends); returns all read.
+fn read_until(s: &mut std::net::TcpStream, needle: &str) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+const LONG_STREAM: &str = r#"{"model":"slow-gpt-neo-multiexit","prompt":"x","max_tokens":2000,"n":4,"ignore_eos":true,"stream":true}"#;
+
+#[test]
+fn grace_expiry_ends_open_streams_with_an_error_event_and_done() {
+    let model = slow_model();
+    let port = free_port();
+    let mut child = spawn_model(&model, port, &["--shutdown-grace", "0.5"], Stdio::null());
+    let mut s = post_raw(port, LONG_STREAM);
+    let first = read_until(&mut s, "\"text\"");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    sigterm(&child);
+    let rest = read_until(&mut s, "[DONE]");
+    let events: Vec<&str> = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let n = events.len();
+    assert!(n >= 2, "{rest}");
+    assert_eq!(events[n - 1], "[DONE]");
+    let last: serde_json::Value = serde_json::from_str(events[n - 2]).unwrap();
+    assert_eq!(last["error"]["code"], "shutting_down", "{last}");
+    assert!(
+        !rest.contains("\"finish_reason\":\"length\""),
+        "the stream was to be cut, not finished"
+    );
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let model = slow_model();
+    let port = free_port();
+    let mut child = spawn_model(&model, port, &["--shutdown-grace", "120"], Stdio::null());
+    let mut s = post_raw(port, LONG_STREAM);
+    read_until(&mut s, "\"text\"");
+    sigterm(&child);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "the first signal waits for the stream");
+    let t = Instant::now();
+    sigterm(&child);
+    let code = child.wait().unwrap();
+    assert!(code.success(), "{code:?}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_half_sent_request_does_not_hold_shutdown() {
+    use std::io::Write;
+    let port = free_port();
+    let mut child = spawn(port, &["--shutdown-grace", "120"]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{{\"model\":").unwrap();
+    // and a head that never ends
+    let mut h = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(h, "GET /health HTTP/1.1\r\nhost: x\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    sigterm(&child);
+    let resp = read_until(&mut s, "}}");
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert!(resp.contains("shutting_down"), "{resp}");
+    assert!(child.wait().unwrap().success());
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+}
+
+#[test]
+fn logs_that_cannot_be_written_never_stop_the_server() {
+    // every log line fails with ENOSPC
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let port = free_port();
+    let mut child = spawn_model(&fixture_dir(FIXTURE), port, &[], Stdio::from(full));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let url = format!("http://127.0.0.1:{port}/v1/completions");
+        for stream in [false, true, false] {
+            let r = reqwest::Client::new()
+                .post(&url)
+                .json(&serde_json::json!({"model": "tiny-gpt-neo-multiexit", "prompt": "hello",
+                    "max_tokens": 8, "stream": stream, "n": 2}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let text = r.text().await.unwrap();
+            assert!(!text.contains("\"error\""), "{text}");
+        }
+        // an error path logs too
+        let r = reqwest::Client::new()
+            .post(&url)
+            .json(&serde_json::json!({"model": "nope", "prompt": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        let r = reqwest::get(format!("http://127.0.0.1:{port}/health")).await.unwrap();
+        assert_eq!(r.status(), 200);
+    });
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn concurrent_megabyte_prompts_leave_memory_bounded() {
+    let port = free_port();
+    let mut child = spawn(port, &["--max-body-bytes", "2000000"]);
+    let before = peak_rss_kib(child.id());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let url = format!("http://127.0.0.1:{port}/v1/completions");
+        let text = "many words of a prompt ".repeat(1 << 16); // 1.5 MB
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (url, text) = (url.clone(), text.clone());
+                tokio::spawn(async move {
+                    reqwest::Client::new()
+                        .post(&url)
+                        .json(&serde_json::json!({"model": "tiny-gpt-neo-multiexit", "prompt": text}))
+                        .send()
+                        .await
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 400);
+        }
+    });
+    let growth_mib = (peak_rss_kib(child.id()) - before) / 1024;
+    // 32 bodies of 1.5 MB are ~50 MB; tokenizing them all at once took gigabytes
+    assert!(growth_mib < 400, "peak RSS grew by {growth_mib} MiB");
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
 }
