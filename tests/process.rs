@@ -127,7 +127,10 @@ fn startup_faults_are_one_clear_line_and_exit_1() {
     let at = 8 + header_len + header[name]["data_offsets"][0].as_u64().unwrap() as usize + 2 * 5;
     st[at..at + 2].copy_from_slice(&0x7E00u16.to_le_bytes()); // a float16 NaN
     std::fs::write(&path, st).unwrap();
-    expect_startup_error(&d, &format!("tensor `{name}` holds a non-finite value (NaN) at flat index 5"));
+    expect_startup_error(
+        &d,
+        &format!("tensor `{name}` holds a non-finite value (NaN) at flat index 5"),
+    );
 
     let (code, stderr) = run_to_exit(&[
         "--model",
@@ -136,7 +139,10 @@ fn startup_faults_are_one_clear_line_and_exit_1() {
         "https://app.example/",
     ]);
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("--cors-allow-origin `https://app.example/`"), "{stderr}");
+    assert!(
+        stderr.contains("--cors-allow-origin `https://app.example/`"),
+        "{stderr}"
+    );
 
     let (code, stderr) = run_to_exit(&["--model", "/nonexistent/folder", "--port", "0"]);
     assert_eq!(code, 1);
@@ -310,7 +316,10 @@ fn sigterm_lets_requests_in_flight_finish_and_logs_hold_no_prompts() {
         .unwrap();
     assert!(logs.contains("completed"), "{logs}");
     assert!(logs.contains("/v1/models"), "debug logs name the path");
-    assert!(!logs.contains("query-secret-123"), "a query string leaked:\n{logs}");
+    assert!(
+        !logs.contains("query-secret-123"),
+        "a query string leaked:\n{logs}"
+    );
     assert!(
         !logs.contains(secret),
         "the prompt leaked into the logs:\n{logs}"
@@ -421,7 +430,10 @@ fn a_second_signal_exits_at_once() {
     read_until(&mut s, "\"text\"");
     sigterm(&child);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(child.try_wait().unwrap().is_none(), "the first signal waits for the stream");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first signal waits for the stream"
+    );
     let t = Instant::now();
     sigterm(&child);
     let code = child.wait().unwrap();
@@ -452,7 +464,10 @@ fn a_half_sent_request_does_not_hold_shutdown() {
 #[test]
 fn logs_that_cannot_be_written_never_stop_the_server() {
     // every log line fails with ENOSPC
-    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
     let port = free_port();
     let mut child = spawn_model(&fixture_dir(FIXTURE), port, &[], Stdio::from(full));
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -464,8 +479,10 @@ fn logs_that_cannot_be_written_never_stop_the_server() {
         for stream in [false, true, false] {
             let r = reqwest::Client::new()
                 .post(&url)
-                .json(&serde_json::json!({"model": "tiny-gpt-neo-multiexit", "prompt": "hello",
-                    "max_tokens": 8, "stream": stream, "n": 2}))
+                .json(
+                    &serde_json::json!({"model": "tiny-gpt-neo-multiexit", "prompt": "hello",
+                    "max_tokens": 8, "stream": stream, "n": 2}),
+                )
                 .send()
                 .await
                 .unwrap();
@@ -481,7 +498,9 @@ fn logs_that_cannot_be_written_never_stop_the_server() {
             .await
             .unwrap();
         assert_eq!(r.status(), 404);
-        let r = reqwest::get(format!("http://127.0.0.1:{port}/health")).await.unwrap();
+        let r = reqwest::get(format!("http://127.0.0.1:{port}/health"))
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     });
     sigterm(&child);
@@ -520,7 +539,9 @@ fn concurrent_megabyte_prompts_leave_memory_bounded() {
                 tokio::spawn(async move {
                     reqwest::Client::new()
                         .post(&url)
-                        .json(&serde_json::json!({"model": "tiny-gpt-neo-multiexit", "prompt": text}))
+                        .json(
+                            &serde_json::json!({"model": "tiny-gpt-neo-multiexit", "prompt": text}),
+                        )
                         .send()
                         .await
                         .unwrap()

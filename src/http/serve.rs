@@ -1,9 +1,9 @@
 //! The accept loop and the life of each connection, on hyper directly: `axum::serve` has no
 //! connection cap and no timeouts, so idle and slow clients could hold sockets forever.
 //!
-//! - At most `max_connections` are open; at the cap the loop stops accepting and asks idle
-//!   connections (no request in flight, no request head started) to close at once, so idle
-//!   sockets can never lock everyone out.
+//! - At most `max_connections` are served; a connection accepted at the cap waits for a slot
+//!   (the others wait in the listen backlog) and asks idle connections (no request in flight,
+//!   no request head started) to close at once, so idle sockets can never lock everyone out.
 //! - A connection with no request in flight closes after `keep_alive_timeout`; once the first
 //!   byte of a request head arrives, the whole head must follow within `header_read_timeout`.
 //!   Bodies have their own timeout in the JSON extractor; the request timeout covers the rest.
@@ -209,21 +209,6 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let slot = match Arc::clone(&slots).try_acquire_owned() {
-            Ok(s) => s,
-            Err(_) => {
-                // At the cap: idle connections give way, and the loop waits for a slot.
-                pressure.notify_waiters();
-                tokio::select! {
-                    s = Arc::clone(&slots).acquire_owned() => match s {
-                        Ok(s) => s,
-                        Err(_) => break,
-                    },
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                    _ = shutdown.draining() => break,
-                }
-            }
-        };
         let stream = tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => stream,
@@ -236,6 +221,20 @@ pub async fn serve(
             },
             _ = shutdown.draining() => break,
         };
+        // At the cap, the connection just accepted waits for a slot, and idle connections
+        // are asked to give way (again every 100 ms, in case one became idle meanwhile).
+        let slot = loop {
+            if let Ok(s) = Arc::clone(&slots).try_acquire_owned() {
+                break Some(s);
+            }
+            pressure.notify_waiters();
+            tokio::select! {
+                s = Arc::clone(&slots).acquire_owned() => break s.ok(),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.draining() => break None,
+            }
+        };
+        let Some(slot) = slot else { break };
         let _ = stream.set_nodelay(true);
         let (app, metrics, pressure, shutdown) = (
             app.clone(),

@@ -3,6 +3,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 
@@ -17,12 +18,26 @@ def free_port():
         return s.getsockname()[1]
 
 
+class Server:
+    def __init__(self, port, process):
+        self.port = port
+        self.pid = process.pid
+        self.base = f"http://127.0.0.1:{port}"
+
+
 @contextlib.contextmanager
-def running(binary, *extra):
-    """Yields the port of a healthy server; on exit sends SIGTERM and requires exit code 0."""
+def running_server(binary, *extra):
+    """Yields a healthy `Server`; on exit sends SIGTERM and requires exit code 0. Its log goes
+    to a file (a pipe nobody reads would fill and block the server's writes)."""
     port = free_port()
+    log = tempfile.TemporaryFile()
     server = subprocess.Popen([binary, "--model", FIXTURE, "--port", str(port), "--log-format", "json", *extra],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              stdout=subprocess.DEVNULL, stderr=log)
+
+    def tail():
+        log.seek(0)
+        return log.read().decode(errors="replace")[-3000:]
+
     try:
         deadline = time.time() + 60
         while True:
@@ -33,9 +48,9 @@ def running(binary, *extra):
             except OSError:
                 pass
             if server.poll() is not None or time.time() > deadline:
-                raise SystemExit("server did not start: " + server.stderr.read().decode())
+                raise SystemExit("server did not start: " + tail())
             time.sleep(0.2)
-        yield port
+        yield Server(port, server)
     finally:
         server.terminate()
         try:
@@ -44,4 +59,11 @@ def running(binary, *extra):
             server.kill()
             raise SystemExit("server did not shut down on SIGTERM")
         if code != 0:
-            raise SystemExit(f"server exited with {code} on SIGTERM: " + server.stderr.read().decode()[-2000:])
+            raise SystemExit(f"server exited with {code} on SIGTERM: " + tail())
+
+
+@contextlib.contextmanager
+def running(binary, *extra):
+    """As `running_server`, yielding the port."""
+    with running_server(binary, *extra) as s:
+        yield s.port

@@ -1,0 +1,184 @@
+"""A bounded soak: 16 clients for 60 s against a real exitserve on the tiny fixture, mixed
+modes, streamed and not, with random disconnects and low limits so that the budget, the queue
+bound and the pauses all act.
+
+Usage: python tests/e2e/soak.py BINARY [SECONDS]
+Fails on any 5xx or error event, if queue depth or batch size do not return to 0, or if the
+server's resident memory grew by 10 % or more between the end of the warm-up and the end.
+"""
+import json
+import random
+import sys
+import threading
+import time
+
+import httpx
+
+from server import MODEL, running_server
+
+CLIENTS = 16
+MODES = [
+    {"mode": "original"},
+    {"mode": "exit", "layer": 1},
+    {"mode": "exit", "layer": 2},
+    {"mode": "contrast", "upper": 4, "lower": 1},
+    {"mode": "contrast", "upper": "original", "lower": 2, "alpha": 0.2},
+]
+WORDS = "the a tale of exits and layers early late contrast model token stream".split()
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def metric(base, name):
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise RuntimeError(f"no metric {name}")
+
+
+class Tally:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = {}
+        self.failures = []
+
+    def add(self, key, failure=None):
+        with self.lock:
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if failure:
+                self.failures.append(failure)
+
+
+def one_request(client, base, rng, tally):
+    stream = rng.random() < 0.5
+    body = {
+        "model": MODEL,
+        "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))),
+        "max_tokens": rng.randint(1, 80),
+        "temperature": rng.choice([0, 0.7, 1.0]),
+        "multi_exit": rng.choice(MODES),
+        "stream": stream,
+    }
+    if rng.random() < 0.3:
+        body["n"] = rng.randint(1, 3)
+    if rng.random() < 0.3:
+        body["logprobs"] = rng.randint(0, 5)
+    if rng.random() < 0.2:
+        body["stop"] = [rng.choice(WORDS), "\n\n"]
+    if rng.random() < 0.1 and not stream:
+        body.update(echo=True, logprobs=1, max_tokens=rng.randint(0, 4))
+    disconnect = rng.random() < 0.2
+    url = f"{base}/v1/completions"
+    try:
+        if stream:
+            with client.stream("POST", url, json=body, timeout=120) as r:
+                if r.status_code != 200:
+                    r.read()
+                    return check_status(r.status_code, r.text, tally)
+                seen = 0
+                text = ""
+                for line in r.iter_lines():
+                    text += line + "\n"
+                    seen += 1
+                    if disconnect and seen >= rng.randint(1, 6):
+                        tally.add("disconnected")
+                        return  # closing the response drops the connection mid-stream
+                if '"error"' in text:
+                    tally.add("error-event", f"stream error: {text[-500:]}")
+                elif "data: [DONE]" not in text:
+                    tally.add("truncated", f"stream ended without [DONE]: {text[-300:]}")
+                else:
+                    tally.add("200")
+        else:
+            timeout = rng.uniform(0.01, 0.2) if disconnect else 120
+            try:
+                r = client.post(url, json=body, timeout=timeout)
+            except httpx.TimeoutException:
+                tally.add("disconnected")
+                return
+            check_status(r.status_code, r.text, tally)
+    except httpx.TransportError as e:
+        tally.add("transport", f"transport error: {e!r}")
+
+
+def check_status(status, text, tally):
+    if status == 200 or status == 429:
+        tally.add(str(status))
+        if status == 429:
+            time.sleep(0.05)  # as a client honouring Retry-After would, briefly
+    elif status >= 500:
+        tally.add(str(status), f"{status}: {text[:300]}")
+    else:
+        tally.add(str(status), f"unexpected {status}: {text[:300]}")
+
+
+def client_loop(base, seed, until, tally):
+    rng = random.Random(seed)
+    with httpx.Client() as client:
+        while time.time() < until:
+            one_request(client, base, rng, tally)
+
+
+def main():
+    binary = sys.argv[1]
+    seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 60.0
+    limits = ["--max-batch-size", "8", "--max-queued-requests", "6", "--max-batch-total-tokens", "1200",
+              "--stream-buffer-events", "4"]
+    with running_server(binary, *limits) as server:
+        tally = Tally()
+        start = time.time()
+        until = start + seconds
+        threads = [threading.Thread(target=client_loop, args=(server.base, i, until, tally)) for i in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        time.sleep(min(10.0, seconds / 4))
+        warm = rss_kib(server.pid)
+        for t in threads:
+            t.join()
+        # the engine notices the last disconnects at its next step
+        settle = time.time() + 15
+        while time.time() < settle:
+            if metric(server.base, "exitserve_queue_depth") == 0 and metric(server.base, "exitserve_batch_size") == 0:
+                break
+            time.sleep(0.2)
+        end = rss_kib(server.pid)
+        queue, batch = metric(server.base, "exitserve_queue_depth"), metric(server.base, "exitserve_batch_size")
+        kv = metric(server.base, "exitserve_kv_tokens_reserved")
+        peak_batch = metric(server.base, "exitserve_batch_size_peak")
+        peak_kv = metric(server.base, "exitserve_kv_tokens_reserved_peak")
+        summary = {
+            "seconds": round(time.time() - start, 1),
+            "results": tally.counts,
+            "rss_kib_after_warmup": warm,
+            "rss_kib_end": end,
+            "rss_growth_pct": round(100.0 * (end - warm) / warm, 2),
+            "queue_depth_end": queue,
+            "batch_size_end": batch,
+            "kv_tokens_reserved_end": kv,
+            "batch_size_peak": peak_batch,
+            "kv_tokens_reserved_peak": peak_kv,
+        }
+        print("soak:", json.dumps(summary))
+        problems = list(tally.failures[:10])
+        if queue != 0 or batch != 0 or kv != 0:
+            problems.append(f"did not drain: queue {queue}, batch {batch}, kv {kv}")
+        if peak_batch > 8 or peak_kv > 1200:
+            problems.append(f"limits overshot: batch {peak_batch} > 8 or kv {peak_kv} > 1200")
+        if end >= warm * 1.10:
+            problems.append(f"RSS grew {summary['rss_growth_pct']} % (>= 10 %)")
+        if tally.counts.get("200", 0) < 100:
+            problems.append("too few successful requests for a soak")
+        if problems:
+            raise SystemExit("soak failed:\n" + "\n".join(problems))
+    print("soak: passed")
+
+
+if __name__ == "__main__":
+    main()
