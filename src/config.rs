@@ -60,6 +60,12 @@ pub struct Args {
     /// or `original`) [default: original]
     #[arg(long, env = "EXITSERVE_DEFAULT_MODE")]
     pub default_mode: Option<String>,
+    /// A named mode, served as model id `NAME:<preset>`: `PRESET=MODE` with MODE as in
+    /// --default-mode, plus `,alpha=A` and `,minimum_candidates=K` for contrast (e.g.
+    /// `acd-strong=contrast:12,4,alpha=0.05`); repeat for more (`;` between them in the
+    /// variable)
+    #[arg(long, env = "EXITSERVE_MODE_PRESET", value_delimiter = ';')]
+    pub mode_preset: Option<Vec<String>>,
     /// Sequences decoded together in one batch [default: 32]
     #[arg(long, env = "EXITSERVE_MAX_BATCH_SIZE")]
     pub max_batch_size: Option<usize>,
@@ -151,6 +157,7 @@ pub struct Settings {
     pub host: String,
     pub port: u16,
     pub default_mode: String,
+    pub mode_presets: Vec<String>,
     pub max_batch_size: usize,
     pub max_prefill_tokens: usize,
     pub max_batch_total_tokens: Option<usize>,
@@ -233,6 +240,7 @@ impl Settings {
             host: pick!(host).unwrap_or_else(|| "127.0.0.1".into()),
             port: pick!(port).unwrap_or(8080),
             default_mode: pick!(default_mode).unwrap_or_else(|| "original".into()),
+            mode_presets: pick!(mode_preset).unwrap_or_default(),
             max_batch_size: positive("max-batch-size", pick!(max_batch_size).unwrap_or(32))?,
             max_prefill_tokens: positive(
                 "max-prefill-tokens",

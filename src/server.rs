@@ -28,9 +28,12 @@ pub enum StartupError {
     Io(#[from] std::io::Error),
 }
 
-/// `original`, `exit:L`, `contrast:U,L` -> the mode object a request would send.
+/// `original`, `exit:L`, `contrast:U,L[,alpha=A][,minimum_candidates=K]` -> the mode
+/// object a request would send.
 pub fn parse_mode_flag(s: &str) -> Result<ModeSpec, String> {
-    let bad = || format!("--default-mode `{s}`: expected original, exit:L or contrast:U,L");
+    let bad = || {
+        format!("mode `{s}`: expected original, exit:L or contrast:U,L[,alpha=A][,minimum_candidates=K]")
+    };
     let num = |v: &str| v.trim().parse::<i64>().map_err(|_| bad());
     if s == "original" {
         return Ok(ModeSpec::Original);
@@ -40,20 +43,26 @@ pub fn parse_mode_flag(s: &str) -> Result<ModeSpec, String> {
             layer: Some(num(l)?),
         });
     }
-    let (u, l) = s
-        .strip_prefix("contrast:")
-        .and_then(|r| r.split_once(','))
-        .ok_or_else(bad)?;
+    let mut parts = s.strip_prefix("contrast:").ok_or_else(bad)?.split(',');
+    let (u, l) = (parts.next().ok_or_else(bad)?, parts.next().ok_or_else(bad)?);
     let upper = if u.trim() == "original" {
         UpperSpec::Original
     } else {
         UpperSpec::Layer(num(u)?)
     };
+    let (mut alpha, mut minimum_candidates) = (None, None);
+    for p in parts {
+        match p.trim().split_once('=') {
+            Some(("alpha", v)) => alpha = Some(v.trim().parse::<f64>().map_err(|_| bad())?),
+            Some(("minimum_candidates", v)) => minimum_candidates = Some(num(v)?),
+            _ => return Err(bad()),
+        }
+    }
     Ok(ModeSpec::Contrast {
         upper: Some(upper),
         lower: Some(num(l)?),
-        alpha: None,
-        minimum_candidates: None,
+        alpha,
+        minimum_candidates,
     })
 }
 
@@ -131,7 +140,8 @@ pub fn build_state_with(
         max_logit_bias: s.max_logit_bias,
         max_token_bytes: loaded.tokenizer.max_token_bytes(),
     };
-    let spec = parse_mode_flag(&s.default_mode).map_err(StartupError::Config)?;
+    let spec = parse_mode_flag(&s.default_mode)
+        .map_err(|e| StartupError::Config(format!("--default-mode: {e}")))?;
     // Resolve the default mode with the same rules as a request's `multi_exit`.
     let tokenizer = Arc::new(loaded.tokenizer);
     limits.default_mode = Validator::new(limits.clone(), Arc::clone(&tokenizer))
@@ -154,7 +164,23 @@ pub fn build_state_with(
     };
     tune(&mut engine_cfg);
     let engine = Engine::start(loaded.model, tokenizer, limits, engine_cfg)?;
+    let mut presets = Vec::with_capacity(s.mode_presets.len());
+    for p in &s.mode_presets {
+        let (name, mode) = p.split_once('=').ok_or_else(|| {
+            StartupError::Config(format!("--mode-preset `{p}`: expected NAME=MODE"))
+        })?;
+        let spec = parse_mode_flag(mode.trim())
+            .map_err(|e| StartupError::Config(format!("--mode-preset `{name}`: {e}")))?;
+        presets.push((name.trim().to_string(), spec));
+    }
+    let models = http::models::ModelIds::new(
+        s.served_model_name.clone(),
+        engine.validator().clone(),
+        &presets,
+    )
+    .map_err(StartupError::Config)?;
     let mut state = AppState::new(engine, s.served_model_name.clone());
+    state.models = models;
     state.api_key = s.api_key.clone();
     state.max_body_bytes = s.max_body_bytes;
     state.body_read_timeout = s.body_read_timeout;

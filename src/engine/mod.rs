@@ -60,6 +60,7 @@ pub struct Engine {
     validator: Validator,
     validation: Arc<Semaphore>,
     stream_buffer_events: usize,
+    eos_token_id: Option<u32>,
     metrics: Arc<Metrics>,
     model: Arc<MultiExitGptNeo>,
     thread: Arc<std::thread::JoinHandle<()>>,
@@ -77,6 +78,7 @@ impl Engine {
         let tokenizer = Arc::new(tokenizer);
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel(cfg.max_queued_requests.max(1));
+        let eos_token_id = cfg.batch.eos_token_id;
         let (validation, stream_buffer_events) = (
             Arc::new(Semaphore::new(cfg.validation_workers.max(1))),
             cfg.stream_buffer_events.max(1),
@@ -110,6 +112,7 @@ impl Engine {
             validator: Validator::new(limits, tokenizer),
             validation,
             stream_buffer_events,
+            eos_token_id,
             metrics,
             model,
             thread: Arc::new(thread),
@@ -203,6 +206,59 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Tokenizes `text` off the async runtime, under a validation slot; with `strs`, also
+    /// each token's text.
+    pub async fn tokenize(
+        &self,
+        text: String,
+        strs: bool,
+        _slot: &ValidationSlot,
+    ) -> Result<(Vec<u32>, Option<Vec<String>>), EngineError> {
+        let tok = Arc::clone(self.validator.tokenizer());
+        tokio::task::spawn_blocking(move || {
+            let ids = tok.encode(&text).map_err(|e| {
+                EngineError::invalid("prompt", format!("cannot tokenize `prompt`: {e}"))
+            })?;
+            let texts = strs.then(|| {
+                ids.iter()
+                    .map(|&id| tok.decode(&[id]).unwrap_or_default())
+                    .collect()
+            });
+            Ok((ids, texts))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("tokenizer task failed: {e}")))?
+    }
+
+    /// The text of `ids`, each checked to be in the vocabulary.
+    pub fn detokenize(&self, ids: &[i64]) -> Result<String, EngineError> {
+        let vocab = self.validator.limits().vocab_size;
+        let ids = ids
+            .iter()
+            .map(|&id| {
+                u32::try_from(id)
+                    .ok()
+                    .filter(|&i| (i as usize) < vocab)
+                    .ok_or_else(|| {
+                        EngineError::invalid(
+                            "tokens",
+                            format!("`tokens` must be token ids in [0, {vocab}), got {id}"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<u32>, _>>()?;
+        self.validator
+            .tokenizer()
+            .decode(&ids)
+            .map_err(|e| EngineError::Internal(format!("cannot decode: {e}")))
+    }
+
+    /// The end-of-text token's text, if the model has one.
+    pub fn eos_token(&self) -> Option<String> {
+        self.eos_token_id
+            .and_then(|id| self.validator.tokenizer().decode(&[id]).ok())
     }
 
     /// Prometheus text of every engine metric.

@@ -20,6 +20,9 @@ pub enum PromptInput {
 pub struct GenerateRequest {
     pub prompts: Vec<PromptInput>,
     pub mode: Option<ModeSpec>,
+    /// The mode named by the request's model id (`NAME:exit-6`); `mode`, when also given,
+    /// must agree with it.
+    pub named_mode: Option<Mode>,
     pub max_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,

@@ -97,9 +97,19 @@ impl Validator {
         deadline: Instant,
     ) -> Result<ValidRequest, EngineError> {
         let l = &*self.limits;
-        let mode = match &req.mode {
-            None => l.default_mode,
-            Some(spec) => self.mode(spec)?,
+        let mode = match (&req.mode, req.named_mode) {
+            (None, None) => l.default_mode,
+            (Some(spec), None) => self.mode(spec)?,
+            (None, Some(named)) => named,
+            (Some(spec), Some(named)) => {
+                if self.mode(spec)? != named {
+                    return Err(invalid(
+                        "multi_exit",
+                        "`multi_exit` asks for another mode than the one named by `model`; send one of them",
+                    ));
+                }
+                named
+            }
         };
         let temperature = range_f("temperature", req.temperature, 1.0, 0.0, 2.0, false)?;
         let top_p = range_f("top_p", req.top_p, 1.0, 0.0, 1.0, true)?;

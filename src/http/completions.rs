@@ -191,14 +191,11 @@ pub async fn create_completion(
     let slot = app.engine.validation_slot(deadline).await?;
     let req: CompletionRequest = json::parse(&body.bytes)?;
     drop(body);
-    if req.model != app.served_model_name {
-        return Err(ApiError::ModelNotFound {
-            requested: req.model,
-            served: app.served_model_name.clone(),
-        });
-    }
+    let named_mode = app.models.resolve(&req.model)?;
+    let model = req.model.clone();
     let return_token_ids = req.return_token_ids.unwrap_or(false);
-    let gen = req.into_generate()?;
+    let mut gen = req.into_generate()?;
+    gen.named_mode = named_mode;
     let (stream, include_usage) = (gen.stream, gen.include_usage);
     let valid = app.engine.validate(gen, deadline, &slot).await?;
     drop(slot);
@@ -207,7 +204,7 @@ pub async fn create_completion(
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        model: app.served_model_name.clone(),
+        model,
         multi_exit: MultiExitOut::from(&valid.mode),
         prompts: valid.prompts.clone(),
         n: valid.n,

@@ -21,8 +21,9 @@ pub enum ApiError {
     /// 404: unknown route.
     #[error("{0}")]
     NotFound(String),
-    /// 404: the `model` field names a model this server does not serve.
-    #[error("the model `{requested}` does not exist; this server serves `{served}`")]
+    /// 404: the `model` field names a model this server does not serve; `served` lists the
+    /// accepted forms.
+    #[error("the model `{requested}` does not exist; this server serves {served}")]
     ModelNotFound { requested: String, served: String },
     /// 405: the route exists with another method.
     #[error("method not allowed on this route")]

@@ -5,8 +5,10 @@
 pub mod completions;
 pub mod error;
 pub mod json;
+pub mod models;
 pub mod serve;
 pub mod shutdown;
+pub mod tokenize;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +36,8 @@ pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
 pub struct AppState {
     pub engine: Engine,
     pub served_model_name: String,
+    /// The ids clients may send in `model` (the name, and the name with a mode).
+    pub models: models::ModelIds,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub body_read_timeout: Duration,
@@ -44,10 +48,15 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// With no mode presets; see [`models::ModelIds::new`] for them.
     pub fn new(engine: Engine, served_model_name: String) -> Self {
+        let models =
+            models::ModelIds::new(served_model_name.clone(), engine.validator().clone(), &[])
+                .expect("no presets, nothing to refuse");
         Self {
             engine,
             served_model_name,
+            models,
             api_key: None,
             max_body_bytes: 1 << 20,
             body_read_timeout: Duration::from_secs(30),
@@ -79,6 +88,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::tokenizer_info))
         .route("/metrics", get(metrics))
         .route("/openapi.yaml", get(openapi))
         .route("/health", get(health))
@@ -162,36 +174,40 @@ async fn require_api_key(State(app): State<Arc<AppState>>, req: Request, next: N
     }
 }
 
-fn model_card(app: &AppState) -> serde_json::Value {
+fn model_card(app: &AppState, id: &str, mode: Option<&crate::model::Mode>) -> serde_json::Value {
     let limits = app.engine.validator().limits();
     json!({
-        "id": app.served_model_name,
+        "id": id,
         "object": "model",
         "created": app.created,
         "owned_by": "exitserve",
+        "root": app.served_model_name,
         "exit_layers": limits.exit_layers,
         "num_layers": limits.num_layers,
         "max_model_len": limits.max_positions,
         "modes": ["original", "exit", "contrast"],
         "default_mode": wire::MultiExitOut::from(&limits.default_mode),
+        "multi_exit": wire::MultiExitOut::from(mode.unwrap_or(&limits.default_mode)),
     })
 }
 
 async fn list_models(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(json!({"object": "list", "data": [model_card(&app)]}))
+    let data: Vec<serde_json::Value> = app
+        .models
+        .listed()
+        .iter()
+        .map(|(id, mode)| model_card(&app, id, mode.as_ref()))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
+/// Answers for every valid id, listed or not.
 async fn get_model(
     State(app): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if id != app.served_model_name {
-        return Err(ApiError::ModelNotFound {
-            requested: id,
-            served: app.served_model_name.clone(),
-        });
-    }
-    Ok(Json(model_card(&app)))
+    let mode = app.models.resolve(&id)?;
+    Ok(Json(model_card(&app, &id, mode.as_ref())))
 }
 
 async fn health(State(app): State<Arc<AppState>>) -> Response {

@@ -145,6 +145,7 @@ impl CompletionRequest {
         Ok(GenerateRequest {
             prompts,
             mode,
+            named_mode: None,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
             top_p: self.top_p,
@@ -182,7 +183,9 @@ pub struct MultiExitOut {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lower: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub alpha: Option<f32>,
+    /// The f32 alpha's shortest decimal (0.1, not 0.10000000149011612, wherever the value
+    /// passes through a `serde_json::Value`).
+    pub alpha: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub minimum_candidates: Option<usize>,
 }
@@ -206,7 +209,7 @@ impl From<&Mode> for MultiExitOut {
                     Upper::Exit(l) => serde_json::json!(l),
                 });
                 out.lower = Some(c.lower);
-                out.alpha = Some(c.alpha);
+                out.alpha = c.alpha.to_string().parse().ok();
                 out.minimum_candidates = Some(c.minimum_candidates);
             }
         }

@@ -1,0 +1,188 @@
+//! The model ids this server answers to. `NAME` is the served model in the server's default
+//! mode; `NAME:original`, `NAME:exit-L` and `NAME:contrast-U-L` (`U` a layer or `original`)
+//! pick a mode, as do the operator's presets (`NAME:<preset>`). A client that can only set
+//! `model` (lm-eval, LangChain, any plain OpenAI client) can so choose any mode.
+
+use crate::engine::request::{ModeSpec, UpperSpec};
+use crate::engine::Validator;
+use crate::model::{Mode, Upper};
+
+use super::error::ApiError;
+
+pub struct ModelIds {
+    pub base: String,
+    validator: Validator,
+    /// `(name, mode)` of the operator's presets, resolved at start-up.
+    presets: Vec<(String, Mode)>,
+}
+
+/// The suffix naming `mode` (`original`, `exit-L`, `contrast-U-L`), when defaults suffice.
+fn suffix_of(mode: &Mode) -> Option<String> {
+    Some(match mode {
+        Mode::Original => "original".into(),
+        Mode::Exit(l) => format!("exit-{l}"),
+        Mode::Contrast(c) => {
+            let default = Mode::Contrast(crate::model::ContrastParams {
+                alpha: crate::model::mode::DEFAULT_ALPHA,
+                minimum_candidates: crate::model::mode::DEFAULT_MINIMUM_CANDIDATES,
+                ..*c
+            });
+            if *mode != default {
+                return None;
+            }
+            match c.upper {
+                Upper::Original => format!("contrast-original-{}", c.lower),
+                Upper::Exit(u) => format!("contrast-{u}-{}", c.lower),
+            }
+        }
+    })
+}
+
+/// A built-in suffix as the `multi_exit` object it stands for.
+fn parse_suffix(suffix: &str) -> Option<ModeSpec> {
+    let num = |s: &str| s.parse::<i64>().ok();
+    if suffix == "original" {
+        return Some(ModeSpec::Original);
+    }
+    if let Some(l) = suffix.strip_prefix("exit-") {
+        return Some(ModeSpec::Exit {
+            layer: Some(num(l)?),
+        });
+    }
+    let (u, l) = suffix.strip_prefix("contrast-")?.split_once('-')?;
+    let upper = if u == "original" {
+        UpperSpec::Original
+    } else {
+        UpperSpec::Layer(num(u)?)
+    };
+    Some(ModeSpec::Contrast {
+        upper: Some(upper),
+        lower: Some(num(l)?),
+        alpha: None,
+        minimum_candidates: None,
+    })
+}
+
+impl ModelIds {
+    /// `presets`: `(name, mode)`; a name must be lowercase letters, digits, `-` or `_`, and
+    /// must not read as a built-in suffix.
+    pub fn new(
+        base: String,
+        validator: Validator,
+        presets: &[(String, ModeSpec)],
+    ) -> Result<Self, String> {
+        let mut resolved = Vec::with_capacity(presets.len());
+        for (name, spec) in presets {
+            let ok_chars = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            if !ok_chars
+                || parse_suffix(name).is_some()
+                || name.starts_with("exit-")
+                || name.starts_with("contrast-")
+            {
+                return Err(format!(
+                    "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and not a built-in mode (original, exit-L, contrast-U-L)"
+                ));
+            }
+            if resolved.iter().any(|(n, _)| n == name) {
+                return Err(format!("--mode-preset `{name}` is given twice"));
+            }
+            let mode = validator
+                .mode(spec)
+                .map_err(|e| format!("--mode-preset `{name}`: {e}"))?;
+            resolved.push((name.clone(), mode));
+        }
+        Ok(Self {
+            base,
+            validator,
+            presets: resolved,
+        })
+    }
+
+    /// The mode an id names: None for the bare name (the request's `multi_exit`, else the
+    /// server's default). Unknown ids are 404 with the forms this server accepts.
+    pub fn resolve(&self, id: &str) -> Result<Option<Mode>, ApiError> {
+        if id == self.base {
+            return Ok(None);
+        }
+        let not_found = || ApiError::ModelNotFound {
+            requested: id.to_string(),
+            served: self.forms(),
+        };
+        let suffix = id
+            .strip_prefix(self.base.as_str())
+            .and_then(|r| r.strip_prefix(':'))
+            .ok_or_else(not_found)?;
+        if let Some((_, mode)) = self.presets.iter().find(|(n, _)| n == suffix) {
+            return Ok(Some(*mode));
+        }
+        let spec = parse_suffix(suffix).ok_or_else(not_found)?;
+        self.validator
+            .mode(&spec)
+            .map(Some)
+            .map_err(|_| not_found())
+    }
+
+    /// Every id worth listing, with its mode (None: the default mode of the bare name).
+    pub fn listed(&self) -> Vec<(String, Option<Mode>)> {
+        let limits = self.validator.limits();
+        let exits = &limits.exit_layers;
+        let top = exits.iter().copied().max();
+        let mut modes = vec![Mode::Original];
+        modes.extend(exits.iter().map(|&l| Mode::Exit(l)));
+        let contrast = |upper, lower| {
+            Mode::Contrast(crate::model::ContrastParams {
+                upper,
+                lower,
+                alpha: crate::model::mode::DEFAULT_ALPHA,
+                minimum_candidates: crate::model::mode::DEFAULT_MINIMUM_CANDIDATES,
+            })
+        };
+        if let Some(top) = top {
+            modes.extend(
+                exits
+                    .iter()
+                    .filter(|&&l| l < top)
+                    .map(|&l| contrast(Upper::Exit(top), l)),
+            );
+        }
+        modes.extend(
+            exits
+                .iter()
+                .filter(|&&l| l < limits.num_layers)
+                .map(|&l| contrast(Upper::Original, l)),
+        );
+        let mut out = vec![(self.base.clone(), None)];
+        for m in modes {
+            if let Some(s) = suffix_of(&m) {
+                out.push((format!("{}:{s}", self.base), Some(m)));
+            }
+        }
+        out.extend(
+            self.presets
+                .iter()
+                .map(|(n, m)| (format!("{}:{n}", self.base), Some(*m))),
+        );
+        out
+    }
+
+    /// The accepted forms, for a 404's message.
+    fn forms(&self) -> String {
+        let exits = &self.validator.limits().exit_layers;
+        let b = &self.base;
+        let mut s = format!(
+            "`{b}`, `{b}:original`, `{b}:exit-L` or `{b}:contrast-U-L` (L an exit layer {exits:?}, U a higher exit or `original`)"
+        );
+        if !self.presets.is_empty() {
+            let names: Vec<String> = self
+                .presets
+                .iter()
+                .map(|(n, _)| format!("`{b}:{n}`"))
+                .collect();
+            s.push_str(&format!(", or a preset: {}", names.join(", ")));
+        }
+        s
+    }
+}
