@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 /// The model-id suffix of a fixture mode string (`exit:2` -> `exit-2`, `contrast:4,1` ->
 /// `contrast-4-1`).
 fn suffix(mode: &str) -> String {
-    mode.replace(':', "-").replace(',', "-")
+    mode.replace([':', ','], "-")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -137,9 +137,12 @@ async fn every_documented_route_answers_as_documented() {
     assert_eq!(
         documented,
         vec![
+            "/detokenize",
             "/health",
             "/metrics",
             "/openapi.yaml",
+            "/tokenize",
+            "/tokenizer_info",
             "/v1/completions",
             "/v1/models",
             "/v1/models/{model}"
@@ -170,6 +173,19 @@ async fn every_documented_route_answers_as_documented() {
             };
             check(&root, schema, &value, path).unwrap();
         }
+    }
+    // the tokenizer's POST routes
+    for (path, body) in [
+        (
+            "/tokenize",
+            json!({"prompt": "Hello world", "return_token_strs": true}),
+        ),
+        ("/detokenize", json!({"tokens": [15496, 995]})),
+    ] {
+        let (status, value) = post(&server.url(path), &body).await;
+        assert_eq!(status, 200, "{path}");
+        let schema = response_schema(&root, path, "post", status, "application/json");
+        check(&root, schema, &value, path).unwrap();
     }
     // unknown model on the item route: documented 404
     let (status, body) = get(&server.url("/v1/models/nope")).await;
