@@ -1,0 +1,111 @@
+"""The real lm-eval (`local-completions`) against a real exitserve on the tiny fixture, offline.
+
+Usage: python tests/e2e/lm_eval_e2e.py BINARY
+Runs the two local tasks in tests/lm_eval (multiple choice; generate_until with five stops)
+with `tokenizer_backend=huggingface` (the fixture folder) and `remote` (the server's
+/tokenize), in the original mode and in a contrast mode chosen by model id, then checks:
+- every logged loglikelihood equals the reference implementation's, per mode
+  (tests/fixtures/tiny-gpt-neo-multiexit.scoring.json), and `is_greedy` with it;
+- every generation equals the reference greedy text cut at the first stop sequence.
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from server import FIXTURE, MODEL, ROOT, running_server
+
+SCORING = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt-neo-multiexit.scoring.json")
+REFERENCE = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt-neo-multiexit.reference.json")
+TASKS = os.path.join(ROOT, "tests", "lm_eval")
+STOPS = [" pet", "anten", " accredited", "\n\n", "Christianity"]
+# mode of the scoring/reference files -> the model id suffix that selects it
+MODES = {"original": "", "contrast:4,1": ":contrast-4-1"}
+TOLERANCE = 2e-3
+
+
+def run_lm_eval(port, model_id, backend, out):
+    args = {
+        "model": model_id,
+        "base_url": f"http://127.0.0.1:{port}/v1/completions",
+        "tokenizer_backend": backend,
+        "num_concurrent": 2,
+        "max_retries": 1,
+        "tokenized_requests": True,
+    }
+    if backend == "huggingface":
+        args["tokenizer"] = FIXTURE
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions",
+           "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
+           "--tasks", "exitserve_mc,exitserve_gen", "--include_path", TASKS,
+           "--log_samples", "--output_path", out, "--batch_size", "1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OPENAI_API_KEY="unused", TOKENIZERS_PARALLELISM="false")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise SystemExit(f"lm_eval failed ({model_id}, {backend}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+
+
+def samples(out, task):
+    files = glob.glob(os.path.join(out, "**", f"samples_{task}_*.jsonl"), recursive=True)
+    if len(files) != 1:
+        raise SystemExit(f"expected one samples file for {task} in {out}, found {files}")
+    with open(files[0]) as f:
+        return [json.loads(line) for line in f]
+
+
+def check_loglikelihoods(rows, mode):
+    with open(SCORING) as f:
+        want = {(x["context"], x["continuation"]): x for x in json.load(f)["loglikelihood"] if x["mode"] == mode}
+    checked = 0
+    for row in rows:
+        # `arguments`: {"gen_args_i": {"arg_0": context, "arg_1": continuation}}; `resps`:
+        # one [[loglikelihood, is_greedy]] per argument (logged as strings)
+        for i, resp in enumerate(row["resps"]):
+            args = row["arguments"][f"gen_args_{i}"]
+            ctx, cont = args["arg_0"], args["arg_1"]
+            got_ll, got_greedy = float(resp[0][0]), resp[0][1] in (True, "True")
+            ref = want[(ctx, cont)]
+            if abs(got_ll - ref["loglikelihood"]) > TOLERANCE:
+                raise SystemExit(f"{mode} {ctx!r}+{cont!r}: loglikelihood {got_ll} != reference {ref['loglikelihood']}")
+            if bool(got_greedy) != ref["is_greedy"]:
+                raise SystemExit(f"{mode} {ctx!r}+{cont!r}: is_greedy {got_greedy} != {ref['is_greedy']}")
+            checked += 1
+    if checked != len(want):
+        raise SystemExit(f"{mode}: checked {checked} loglikelihoods, the reference has {len(want)}")
+    return checked
+
+
+def check_generations(rows, mode):
+    with open(REFERENCE) as f:
+        greedy = {c["prompt"]: c["greedy_text"] for c in json.load(f)["cases"] if c["mode"] == mode}
+    for row in rows:
+        prompt = row["doc"]["prompt"]
+        text = greedy[prompt]
+        cut = min([text.find(s) for s in STOPS if s in text], default=len(text))
+        got = row["resps"][0][0]
+        if got != text[:cut]:
+            raise SystemExit(f"{mode} {prompt!r}: generated {got!r}, the reference gives {text[:cut]!r}")
+    if len(rows) != len(greedy):
+        raise SystemExit(f"{mode}: {len(rows)} generations for {len(greedy)} prompts")
+    return len(rows)
+
+
+def main():
+    binary = sys.argv[1]
+    with running_server(binary) as server:
+        for mode, suffix in MODES.items():
+            for backend in ("huggingface", "remote"):
+                with tempfile.TemporaryDirectory() as out:
+                    run_lm_eval(server.port, MODEL + suffix, backend, out)
+                    n_ll = check_loglikelihoods(samples(out, "exitserve_mc"), mode)
+                    n_gen = check_generations(samples(out, "exitserve_gen"), mode)
+                    print(f"lm-eval {mode} ({MODEL + suffix}), tokenizer {backend}: "
+                          f"{n_ll} loglikelihoods equal the reference, {n_gen} generations equal it")
+    print("lm-eval e2e: all checks passed")
+
+
+if __name__ == "__main__":
+    main()
