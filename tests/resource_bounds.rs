@@ -264,6 +264,7 @@ async fn a_stream_nobody_reads_pauses_without_losing_events_or_memory() {
             }
             Event::Error(e) => panic!("{e}"),
             Event::Prompt { .. } => {}
+            Event::Inspection { .. } => panic!("not an inspection"),
         }
     }
     assert_eq!((tokens, ends, done), ([100, 100], 2, true));

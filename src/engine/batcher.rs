@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::error::EngineError;
+use super::inspection;
 use super::metrics::Metrics;
 use super::request::{events_per_step, Event, FinishReason, Usage};
 use super::sampling::Sampler;
@@ -115,6 +116,10 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "unknown panic".into())
 }
+
+/// Positions an inspection of every position scores per step: its logits stay resident for
+/// every head, so this bounds that memory (and leaves the prefill budget to others).
+const INSPECT_CHUNK: usize = 32;
 
 /// Runs `f`; a panic comes back as an error message naming `phase`.
 fn contained<T>(phase: Phase, f: impl FnOnce() -> T) -> Result<T, String> {
@@ -286,6 +291,12 @@ impl Batcher {
             arrived,
         } = sub;
         let n_layers = self.model.config().num_layers;
+        let (heads, depth) = if req.inspect.is_some() {
+            let exits = &self.model.config().exit_layers;
+            (inspection::inspected_heads(exits), n_layers)
+        } else {
+            (req.mode.heads(), req.mode.depth(n_layers))
+        };
         let prompts = req
             .prompts
             .iter()
@@ -294,14 +305,18 @@ impl Batcher {
             .enumerate()
             .collect();
         let state = Rc::new(RefCell::new(RequestState {
-            heads: req.mode.heads(),
-            depth: req.mode.depth(n_layers),
+            heads,
+            depth,
             unfinished: req.prompts.len() * req.best_of,
             usage: Usage {
                 prompt_tokens: req.prompt_tokens(),
                 completion_tokens: 0,
             },
-            mode_label: mode_label(&req.mode),
+            mode_label: if req.inspect.is_some() {
+                "inspect"
+            } else {
+                mode_label(&req.mode)
+            },
             req,
             tx,
             arrived,
@@ -466,9 +481,15 @@ impl Batcher {
             .iter()
             .map(|s| {
                 let r = s.request.borrow();
+                let inspect_all = r.req.inspect.is_some_and(|i| i.all_positions);
                 SeqView {
                     prompt_left: s.prompt.len() - s.prefilled,
                     can_emit: r.tx.capacity() >= events_per_step(r.unfinished),
+                    max_chunk: if inspect_all {
+                        INSPECT_CHUNK
+                    } else {
+                        usize::MAX
+                    },
                 }
             })
             .collect();
@@ -483,7 +504,10 @@ impl Batcher {
             let planned = contained(Phase::Plan, || {
                 self.inject(Phase::Plan, &s.prompt);
                 let r = s.request.borrow();
-                let echo_logprobs = r.req.echo && r.req.logprobs.is_some();
+                // Scores at every prompt position: echo with logprobs, or an inspection of
+                // all positions.
+                let echo_logprobs = (r.req.echo && r.req.logprobs.is_some())
+                    || r.req.inspect.is_some_and(|i| i.all_positions);
                 let take = slot.prompt_take;
                 let (tokens, last_chunk) = if take > 0 {
                     let chunk = s.prompt[s.prefilled..s.prefilled + take].to_vec();
@@ -562,8 +586,17 @@ impl Batcher {
         mut outputs: Vec<Vec<Vec<Vec<f32>>>>,
     ) -> Vec<Ready> {
         let mut ready = Vec::with_capacity(plan.members.len());
+        let mut inspected = Vec::new();
         for (k, &i) in plan.members.iter().enumerate() {
             let logits = std::mem::take(&mut outputs[k]);
+            if self.running[i].request.borrow().req.inspect.is_some() {
+                match contained(Phase::Score, || self.record_inspection(i, plan, k, &logits)) {
+                    Ok(true) => inspected.push(i),
+                    Ok(false) => {}
+                    Err(message) => self.fail_members(&[i], message),
+                }
+                continue;
+            }
             let take = plan.prompt_taken[k];
             let all_positions = plan.all_positions[k];
             let (metrics, tokenizer) = (&self.metrics, &self.tokenizer);
@@ -601,7 +634,49 @@ impl Batcher {
                 Err(message) => self.fail_members(&[i], message),
             }
         }
+        for i in inspected {
+            let positions = std::mem::take(&mut self.running[i].inspection);
+            self.running[i].send(Event::Inspection { positions });
+            self.finish(i, FinishReason::Length);
+        }
         ready
+    }
+
+    /// An inspection's progress: the reports of the positions this step scored. True once
+    /// its prompt is in (the reports are complete).
+    fn record_inspection(
+        &mut self,
+        i: usize,
+        plan: &StepPlan,
+        k: usize,
+        logits: &[Vec<Vec<f32>>],
+    ) -> bool {
+        let take = plan.prompt_taken[k];
+        let seq = &mut self.running[i];
+        let start = seq.prefilled;
+        seq.prefilled += take;
+        self.metrics
+            .prompt_tokens
+            .fetch_add(take as u64, Ordering::Relaxed);
+        let (heads, spec) = {
+            let r = seq.request.borrow();
+            (r.heads.clone(), r.req.inspect.expect("an inspection"))
+        };
+        let (first, rows) = if plan.all_positions[k] {
+            (start, take)
+        } else if !seq.in_prefill() {
+            (seq.prompt.len() - 1, 1)
+        } else {
+            (0, 0)
+        };
+        if rows > 0 {
+            let prompt = Rc::clone(&seq.prompt);
+            self.inject(Phase::Score, &prompt);
+            let reports =
+                inspection::reports(&heads, logits, first, rows, &prompt, &spec, &self.tokenizer);
+            self.running[i].inspection.extend(reports);
+        }
+        !self.running[i].in_prefill()
     }
 
     /// The vocabulary-sized scoring (log-softmax, contrast) of each ready sequence, spread

@@ -4,6 +4,7 @@
 
 pub mod batcher;
 pub mod error;
+pub mod inspection;
 pub mod metrics;
 pub mod request;
 pub mod sampling;
@@ -168,6 +169,23 @@ impl Engine {
                 Some(request::ModeSpec::Contrast { .. }) => "contrast",
             };
             self.metrics.request_finished("invalid", label);
+        }
+        res
+    }
+
+    /// Validates an inspection on a blocking thread, under a validation slot.
+    pub async fn validate_inspect(
+        &self,
+        req: request::InspectRequest,
+        deadline: Instant,
+        _slot: &ValidationSlot,
+    ) -> Result<ValidRequest, EngineError> {
+        let v = self.validator.clone();
+        let res = tokio::task::spawn_blocking(move || v.validate_inspect(req, deadline))
+            .await
+            .map_err(|e| EngineError::Internal(format!("validation task failed: {e}")))?;
+        if res.is_err() {
+            self.metrics.request_finished("invalid", "inspect");
         }
         res
     }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::stop::StopSet;
-use crate::model::Mode;
+use crate::model::{ContrastParams, Mode};
 
 /// A prompt as sent by the client, before tokenization.
 #[derive(Debug, Clone)]
@@ -79,6 +79,46 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
 }
 
+/// An inspection (`POST /v1/inspect`), unvalidated.
+#[derive(Debug, Clone, Default)]
+pub struct InspectRequest {
+    pub prompt: Option<PromptInput>,
+    pub top_logprobs: Option<i64>,
+    /// `last` (default) or `all`.
+    pub positions: Option<String>,
+    pub contrast: Option<ModeSpec>,
+    /// The mode named by the model id: a contrast one is reported when `contrast` is absent.
+    pub named_mode: Option<Mode>,
+}
+
+/// What an inspection reports: every head at the last or at every prompt position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InspectSpec {
+    pub top_logprobs: usize,
+    pub all_positions: bool,
+    pub contrast: Option<ContrastParams>,
+}
+
+/// One head at one position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadReport {
+    /// `exit:L`, `original` or `contrast:U,L`.
+    pub head: String,
+    /// `(id, text, logprob)`, best first.
+    pub top: Vec<(u32, String, f32)>,
+    pub entropy: f32,
+    pub next_token_logprob: Option<f32>,
+    pub jsd_to_original: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PositionReport {
+    pub index: usize,
+    pub token_id: u32,
+    pub next_token_id: Option<u32>,
+    pub heads: Vec<HeadReport>,
+}
+
 /// A request the engine can run: every field checked, prompts tokenized.
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
@@ -96,6 +136,8 @@ pub struct ValidRequest {
     pub echo: bool,
     pub ignore_eos: bool,
     pub deadline: Instant,
+    /// An inspection instead of a generation (one prompt, no tokens generated).
+    pub inspect: Option<InspectSpec>,
 }
 
 impl ValidRequest {
@@ -157,6 +199,10 @@ pub enum Event {
         finish_reason: FinishReason,
         /// Sum of the generated tokens' logprobs, for best_of.
         cumulative_logprob: f64,
+    },
+    /// An inspection's result, before its `End`.
+    Inspection {
+        positions: Vec<PositionReport>,
     },
     Done {
         usage: Usage,

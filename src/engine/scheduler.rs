@@ -88,6 +88,9 @@ pub struct SeqView {
     pub prompt_left: usize,
     /// False while its client has not read what it was sent (a paused stream).
     pub can_emit: bool,
+    /// Most prompt tokens it may feed in one step (an inspection of every position keeps
+    /// its chunks small: each position's logits are kept for every head).
+    pub max_chunk: usize,
 }
 
 /// What one sequence feeds this step.
@@ -115,7 +118,7 @@ pub fn plan_step(max_prefill_tokens: usize, seqs: &[SeqView]) -> Vec<Slot> {
             });
             continue;
         }
-        let take = s.prompt_left.min(budget);
+        let take = s.prompt_left.min(budget).min(s.max_chunk);
         if take == 0 {
             continue; // the prefill budget is spent: this prompt waits a step
         }
@@ -194,22 +197,27 @@ mod tests {
             SeqView {
                 prompt_left: 0,
                 can_emit: true,
+                max_chunk: usize::MAX,
             },
             SeqView {
                 prompt_left: 70,
                 can_emit: true,
+                max_chunk: usize::MAX,
             },
             SeqView {
                 prompt_left: 50,
                 can_emit: true,
+                max_chunk: usize::MAX,
             },
             SeqView {
                 prompt_left: 20,
                 can_emit: true,
+                max_chunk: usize::MAX,
             },
             SeqView {
                 prompt_left: 0,
                 can_emit: true,
+                max_chunk: usize::MAX,
             },
         ];
         let plan = plan_step(100, &seqs);
@@ -219,19 +227,41 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_cap_leaves_the_rest_of_the_budget_to_others() {
+        let seqs = [
+            SeqView {
+                prompt_left: 100,
+                can_emit: true,
+                max_chunk: 32,
+            },
+            SeqView {
+                prompt_left: 100,
+                can_emit: true,
+                max_chunk: usize::MAX,
+            },
+        ];
+        let plan = plan_step(100, &seqs);
+        let got: Vec<(usize, usize)> = plan.iter().map(|s| (s.index, s.prompt_take)).collect();
+        assert_eq!(got, vec![(0, 32), (1, 68)]);
+    }
+
+    #[test]
     fn a_paused_sequence_sits_out_and_leaves_its_budget() {
         let seqs = [
             SeqView {
                 prompt_left: 80,
                 can_emit: false,
+                max_chunk: usize::MAX,
             },
             SeqView {
                 prompt_left: 0,
                 can_emit: false,
+                max_chunk: usize::MAX,
             },
             SeqView {
                 prompt_left: 90,
                 can_emit: true,
+                max_chunk: usize::MAX,
             },
         ];
         let plan = plan_step(100, &seqs);

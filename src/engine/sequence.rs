@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::request::{Event, EventSender, FinishReason, TokenLogprob, Usage, ValidRequest};
+use super::request::{
+    Event, EventSender, FinishReason, PositionReport, TokenLogprob, Usage, ValidRequest,
+};
 use super::sampling::Sampler;
 use super::stop::StopMatcher;
 use crate::model::{Head, IncrementalDecoder, KvCache, TextTokenizer};
@@ -47,6 +49,8 @@ pub struct Sequence {
     pub forks: Vec<usize>,
     /// Echo with logprobs: prompt-position scores collected during prefill.
     pub prompt_logprobs: Vec<TokenLogprob>,
+    /// An inspection's reports, collected during prefill.
+    pub inspection: Vec<PositionReport>,
     pub last_token_at: Option<Instant>,
     pub finished: bool,
 }
@@ -80,6 +84,7 @@ impl Sequence {
             cumulative_logprob: 0.0,
             forks: Vec::new(),
             prompt_logprobs: Vec::new(),
+            inspection: Vec::new(),
             last_token_at: None,
             finished: false,
         }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use super::error::EngineError;
 use super::request::{
-    GenerateRequest, ModeSpec, PromptInput, SamplingParams, UpperSpec, ValidRequest,
+    GenerateRequest, InspectRequest, InspectSpec, ModeSpec, PromptInput, SamplingParams, UpperSpec,
+    ValidRequest,
 };
 use super::scheduler::{self, Budget, Demand, Refusal};
 use super::stop::StopSet;
@@ -41,6 +42,8 @@ pub struct Limits {
 }
 
 pub const MAX_LOGPROBS: i64 = 5;
+/// Top tokens an inspection reports per head and position.
+pub const MAX_INSPECT_TOP_LOGPROBS: i64 = 20;
 pub const DEFAULT_MAX_TOKENS: i64 = 16;
 
 #[derive(Clone)]
@@ -51,6 +54,18 @@ pub struct Validator {
 
 fn invalid(param: &str, message: impl Into<String>) -> EngineError {
     EngineError::invalid(param, message)
+}
+
+/// The same error with its parameter path moved from `from` to `to` (a contrast given as
+/// `contrast` rather than `multi_exit`).
+fn rename_param(e: EngineError, from: &str, to: &str) -> EngineError {
+    match e {
+        EngineError::InvalidRequest { param, message } => EngineError::InvalidRequest {
+            param: param.map(|p| p.replacen(from, to, 1)),
+            message: message.replace(&format!("`{from}."), &format!("`{to}.")),
+        },
+        other => other,
+    }
 }
 
 fn range_f(
@@ -298,6 +313,84 @@ impl Validator {
             echo: req.echo,
             ignore_eos: req.ignore_eos,
             deadline,
+            inspect: None,
+        })
+    }
+
+    /// Checks an inspection and tokenizes its prompt: one prompt, prefilled once, every head
+    /// evaluated; the same prompt and budget limits as a completion.
+    pub fn validate_inspect(
+        &self,
+        req: InspectRequest,
+        deadline: Instant,
+    ) -> Result<ValidRequest, EngineError> {
+        let l = &*self.limits;
+        let top = req.top_logprobs.unwrap_or(5);
+        if !(0..=MAX_INSPECT_TOP_LOGPROBS).contains(&top) {
+            return Err(invalid(
+                "top_logprobs",
+                format!("`top_logprobs` must be in [0, {MAX_INSPECT_TOP_LOGPROBS}], got {top}"),
+            ));
+        }
+        let all_positions = match req.positions.as_deref() {
+            None | Some("last") => false,
+            Some("all") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "positions",
+                    format!("`positions` must be \"last\" or \"all\", got {other:?}"),
+                ))
+            }
+        };
+        let contrast = match (&req.contrast, req.named_mode) {
+            (Some(spec), _) => match self
+                .mode(spec)
+                .map_err(|e| rename_param(e, "multi_exit", "contrast"))?
+            {
+                Mode::Contrast(c) => Some(c),
+                _ => return Err(invalid("contrast", "`contrast` must be a contrast mode")),
+            },
+            (None, Some(Mode::Contrast(c))) => Some(c),
+            (None, _) => None,
+        };
+        let prompt = req
+            .prompt
+            .ok_or_else(|| invalid("prompt", "`prompt` is required"))?;
+        let prompt = self.prompts(&[prompt])?.remove(0);
+        let demand = Demand::of_prompt(prompt.len(), 0, 1)
+            .ok_or_else(|| invalid("prompt", "`prompt` is too long"))?;
+        if let Err(Refusal::Tokens { need, limit }) = scheduler::fits_alone(&l.budget, demand) {
+            return Err(invalid(
+                "prompt",
+                format!("the prompt needs {need} KV-cache tokens, more than --max-batch-total-tokens {limit}"),
+            ));
+        }
+        Ok(ValidRequest {
+            prompts: vec![prompt],
+            mode: Mode::Original,
+            max_tokens: 0,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                repetition_penalty: 1.0,
+                logit_bias: Vec::new(),
+                seed: None,
+            },
+            n: 1,
+            best_of: 1,
+            stop: Arc::new(StopSet::default()),
+            logprobs: None,
+            echo: false,
+            ignore_eos: false,
+            deadline,
+            inspect: Some(InspectSpec {
+                top_logprobs: top as usize,
+                all_positions,
+                contrast,
+            }),
         })
     }
 

@@ -114,7 +114,7 @@ impl ChoiceAcc {
                 self.finish_reason = Some(finish_reason.as_str());
                 self.cumulative_logprob = *cumulative_logprob;
             }
-            Event::Done { .. } | Event::Error(_) => {}
+            Event::Done { .. } | Event::Error(_) | Event::Inspection { .. } => {}
         }
         self.offset += text.chars().count();
         // A stream sends each delta once: keeping them all would hold a whole completion
@@ -162,7 +162,7 @@ fn candidate_of(event: &Event) -> Option<usize> {
         Event::Prompt { candidate, .. }
         | Event::Token { candidate, .. }
         | Event::End { candidate, .. } => Some(*candidate),
-        Event::Done { .. } | Event::Error(_) => None,
+        Event::Done { .. } | Event::Error(_) | Event::Inspection { .. } => None,
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod completions;
 pub mod error;
+pub mod inspect;
 pub mod json;
 pub mod models;
 pub mod serve;
@@ -88,6 +89,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route("/v1/inspect", post(inspect::inspect))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/tokenizer_info", get(tokenize::tokenizer_info))

@@ -84,6 +84,34 @@ pub struct CompletionRequest {
     pub multi_exit: Option<MultiExitWire>,
 }
 
+/// A contrast object (`multi_exit`, or an inspection's `contrast`) as the engine's spec;
+/// `upper` may be a layer or "original".
+pub fn contrast_spec(
+    param: &str,
+    upper: Option<UpperWire>,
+    lower: Option<i64>,
+    alpha: Option<f64>,
+    minimum_candidates: Option<i64>,
+) -> Result<ModeSpec, super::ApiError> {
+    let upper = match upper {
+        None => None,
+        Some(UpperWire::Layer(l)) => Some(UpperSpec::Layer(l)),
+        Some(UpperWire::Name(n)) if n == "original" => Some(UpperSpec::Original),
+        Some(UpperWire::Name(n)) => {
+            return Err(super::ApiError::bad(
+                Some(&format!("{param}.upper")),
+                format!("`{param}.upper` must be an exit layer or \"original\", got {n:?}"),
+            ))
+        }
+    };
+    Ok(ModeSpec::Contrast {
+        upper,
+        lower,
+        alpha,
+        minimum_candidates,
+    })
+}
+
 impl CompletionRequest {
     /// Maps the wire fields to the engine's request; range checks happen in the engine.
     pub fn into_generate(self) -> Result<GenerateRequest, super::ApiError> {
@@ -120,27 +148,13 @@ impl CompletionRequest {
                 lower,
                 alpha,
                 minimum_candidates,
-            }) => {
-                let upper = match upper {
-                    None => None,
-                    Some(UpperWire::Layer(l)) => Some(UpperSpec::Layer(l)),
-                    Some(UpperWire::Name(n)) if n == "original" => Some(UpperSpec::Original),
-                    Some(UpperWire::Name(n)) => {
-                        return Err(super::ApiError::bad(
-                            Some("multi_exit.upper"),
-                            format!(
-                            "`multi_exit.upper` must be an exit layer or \"original\", got {n:?}"
-                        ),
-                        ))
-                    }
-                };
-                Some(ModeSpec::Contrast {
-                    upper,
-                    lower,
-                    alpha,
-                    minimum_candidates,
-                })
-            }
+            }) => Some(contrast_spec(
+                "multi_exit",
+                upper,
+                lower,
+                alpha,
+                minimum_candidates,
+            )?),
         };
         Ok(GenerateRequest {
             prompts,

@@ -9,6 +9,7 @@ pub mod error;
 pub mod fastmath;
 pub mod finite_weights;
 pub mod gpt_neo;
+pub mod inspect;
 pub mod kv_cache;
 pub mod loader;
 pub mod mode;

@@ -1,0 +1,137 @@
+//! `POST /v1/inspect`: what every exit head (and the original, and optionally a contrast)
+//! predicts at the last or every prompt position. It runs through the engine's queue and
+//! batches with generation: one prefill, no second model path.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::json::{self, JsonBody};
+use super::wire::{contrast_spec, UpperWire};
+use super::AppState;
+use crate::engine::request::{InspectRequest, PromptInput};
+use crate::engine::{EngineError, Event};
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum InspectPrompt {
+    Text(String),
+    Tokens(Vec<i64>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContrastWire {
+    pub upper: Option<UpperWire>,
+    pub lower: Option<i64>,
+    pub alpha: Option<f64>,
+    pub minimum_candidates: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectWire {
+    pub model: String,
+    pub prompt: Option<InspectPrompt>,
+    pub top_logprobs: Option<i64>,
+    pub positions: Option<String>,
+    pub contrast: Option<ContrastWire>,
+}
+
+pub async fn inspect(
+    State(app): State<Arc<AppState>>,
+    body: JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    let limits = app.engine.validator().limits();
+    let deadline = body.arrived + limits.request_timeout;
+    let slot = app.engine.validation_slot(deadline).await?;
+    let req: InspectWire = json::parse(&body.bytes)?;
+    drop(body);
+    let named_mode = app.models.resolve(&req.model)?;
+    let contrast = match req.contrast {
+        None => None,
+        Some(c) => Some(contrast_spec(
+            "contrast",
+            c.upper,
+            c.lower,
+            c.alpha,
+            c.minimum_candidates,
+        )?),
+    };
+    let inspect = InspectRequest {
+        prompt: req.prompt.map(|p| match p {
+            InspectPrompt::Text(t) => PromptInput::Text(t),
+            InspectPrompt::Tokens(ids) => PromptInput::Tokens(ids),
+        }),
+        top_logprobs: req.top_logprobs,
+        positions: req.positions,
+        contrast,
+        named_mode,
+    };
+    let valid = app
+        .engine
+        .validate_inspect(inspect, deadline, &slot)
+        .await?;
+    drop(slot);
+    let prompt_ids = valid.prompts[0].clone();
+    let span = tracing::info_span!("inspect", id = %app.next_id());
+    let mut rx = app.engine.submit(valid, span)?;
+    let timeout = limits.request_timeout.as_secs_f64();
+    let mut positions = None;
+    loop {
+        let event = tokio::select! {
+            r = tokio::time::timeout_at(deadline.into(), rx.recv()) => match r {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return Err(ApiError::Internal("engine dropped the request".into())),
+                Err(_) => return Err(EngineError::Timeout { seconds: timeout }.into()),
+            },
+            _ = app.shutdown.cut() => return Err(ApiError::shutting_down()),
+        };
+        match event {
+            Event::Inspection { positions: p } => positions = Some(p),
+            Event::Done { .. } => break,
+            Event::Error(e) => return Err(e.into()),
+            _ => {}
+        }
+    }
+    let positions = positions.ok_or_else(|| ApiError::Internal("no inspection".into()))?;
+    let positions: Vec<Value> = positions
+        .into_iter()
+        .map(|p| {
+            let heads: Vec<Value> = p
+                .heads
+                .into_iter()
+                .map(|h| {
+                    let top: Vec<Value> = h
+                        .top
+                        .into_iter()
+                        .map(|(id, token, logprob)| json!({"token_id": id, "token": token, "logprob": logprob}))
+                        .collect();
+                    json!({
+                        "head": h.head,
+                        "top_logprobs": top,
+                        "entropy": h.entropy,
+                        "next_token_logprob": h.next_token_logprob,
+                        "jsd_to_original": h.jsd_to_original,
+                    })
+                })
+                .collect();
+            json!({
+                "index": p.index,
+                "token_id": p.token_id,
+                "next_token_id": p.next_token_id,
+                "heads": heads,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "inspection",
+        "model": req.model,
+        "prompt_token_ids": prompt_ids,
+        "positions": positions,
+    })))
+}
