@@ -144,6 +144,7 @@ async fn every_documented_route_answers_as_documented() {
             "/tokenize",
             "/tokenizer_info",
             "/v1/completions",
+            "/v1/inspect",
             "/v1/models",
             "/v1/models/{model}"
         ]
@@ -181,6 +182,11 @@ async fn every_documented_route_answers_as_documented() {
             json!({"prompt": "Hello world", "return_token_strs": true}),
         ),
         ("/detokenize", json!({"tokens": [15496, 995]})),
+        (
+            "/v1/inspect",
+            json!({"model": MODEL, "prompt": "Hello world", "positions": "all",
+                "contrast": {"upper": 4, "lower": 1}}),
+        ),
     ] {
         let (status, value) = post(&server.url(path), &body).await;
         assert_eq!(status, 200, "{path}");
