@@ -259,6 +259,20 @@ fn cases() -> Vec<(&'static str, Body, u16, &'static str, Option<&'static str>)>
             Some("max_tokens"),
         ),
         (
+            "a model id naming an exit the model lacks",
+            merged(json!({"model": format!("{MODEL}:exit-3")})),
+            404,
+            INV,
+            Some("model"),
+        ),
+        (
+            "a multi_exit disagreeing with the mode of the model id",
+            merged(json!({"model": format!("{MODEL}:exit-1"), "multi_exit": {"mode": "original"}})),
+            400,
+            INV,
+            Some("multi_exit"),
+        ),
+        (
             "more prompts than --max-sequences-per-request",
             merged(json!({"prompt": vec![vec![11]; 65]})),
             400,
