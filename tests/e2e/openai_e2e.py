@@ -35,8 +35,17 @@ def run_checks(port):
     cases = json.load(open(REFERENCE))["cases"]
 
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL], models
+    ids = [m.id for m in models.data]
+    assert ids[0] == MODEL and f"{MODEL}:exit-2" in ids and f"{MODEL}:contrast-4-1" in ids, ids
     assert models.data[0].model_extra["exit_layers"] == [1, 2, 4]
+    assert client.models.retrieve(f"{MODEL}:contrast-original-4").model_extra["multi_exit"]["upper"] == "original"
+
+    # a plain client, without extra_body, picks every mode by model id alone
+    for case in cases:
+        model_id = MODEL + ":" + case["mode"].replace(":", "-").replace(",", "-")
+        resp = client.completions.create(model=model_id, prompt=case["prompt"], max_tokens=24, temperature=0)
+        assert resp.model == model_id
+        assert resp.choices[0].text == case["greedy_text"], model_id
 
     checked = set()
     for case in cases:
