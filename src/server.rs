@@ -98,10 +98,11 @@ pub fn build_state_with(
         device: device()?,
         skinny_kernels: s.matmul == MatmulKernels::Auto,
     };
-    if !s.cors_allow_origins.is_empty() {
-        // Checked here, so that a bad origin fails start-up; the router builds the layer.
-        let _ = http::cors_origins(&s.cors_allow_origins).map_err(StartupError::Config)?;
-    }
+    // Before the model loads: a bad origin fails start-up at once.
+    let cors = (!s.cors_allow_origins.is_empty())
+        .then(|| http::cors_origins(&s.cors_allow_origins))
+        .transpose()
+        .map_err(StartupError::Config)?;
     let loaded = model::load(&s.model, &opts)?;
     let cfg = loaded.model.config().clone();
     let max_positions = cfg.max_position_embeddings;
@@ -184,7 +185,7 @@ pub fn build_state_with(
     state.api_key = s.api_key.clone();
     state.max_body_bytes = s.max_body_bytes;
     state.body_read_timeout = s.body_read_timeout;
-    state.cors_allow_origins = s.cors_allow_origins.clone();
+    state.cors_allow_origins = cors;
     state.shutdown = shutdown;
     Ok(Arc::new(state))
 }

@@ -72,6 +72,16 @@ struct StepPlan {
     all_positions: Vec<bool>,
 }
 
+/// What a step's forward did for one sequence.
+enum Progress {
+    /// Its prompt is not all in yet (or this step produced no logits for it).
+    Prefilling,
+    /// Its next token can be chosen.
+    Ready(Ready),
+    /// An inspection whose reports are complete.
+    Inspected,
+}
+
 /// A sequence whose next token can be chosen: the logits of its mode's heads.
 struct Ready {
     index: usize,
@@ -120,6 +130,16 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// Positions an inspection of every position scores per step: its logits stay resident for
 /// every head, so this bounds that memory (and leaves the prefill budget to others).
 const INSPECT_CHUNK: usize = 32;
+
+/// The test hook: panics when `fault` targets `phase` and `prompt` holds its token. A free
+/// function so that it can be called while a sequence is borrowed.
+fn inject(fault: Option<Fault>, phase: Phase, prompt: &[u32]) {
+    if let Some(f) = fault {
+        if f.phase == phase && prompt.contains(&f.token) {
+            panic!("injected fault in {phase:?}");
+        }
+    }
+}
 
 /// Runs `f`; a panic comes back as an error message naming `phase`.
 fn contained<T>(phase: Phase, f: impl FnOnce() -> T) -> Result<T, String> {
@@ -200,21 +220,12 @@ impl Batcher {
             if let Err(message) = contained(Phase::Step, || self.step()) {
                 // Not one of the contained phases: the batch's own bookkeeping failed. Fail
                 // everything running rather than trust it.
-                tracing::error!(%message, "engine step failed; failing the batch");
                 let all: Vec<usize> = (0..self.running.len()).collect();
                 self.fail_members(&all, message);
                 self.sweep();
             }
         }
         tracing::info!("engine stopped");
-    }
-
-    fn inject(&self, phase: Phase, prompt: &[u32]) {
-        if let Some(f) = self.cfg.fault {
-            if f.phase == phase && prompt.contains(&f.token) {
-                panic!("injected fault in {phase:?}");
-            }
-        }
     }
 
     /// KV tokens and sequences reserved by the running batch (forks not yet made included).
@@ -390,7 +401,7 @@ impl Batcher {
         let groups: Vec<(usize, Rc<Vec<u32>>)> = p.prompts.drain(..take).collect();
         let done = p.prompts.is_empty();
         for (index, prompt) in groups {
-            self.inject(Phase::Admit, &prompt);
+            inject(self.cfg.fault, Phase::Admit, &prompt);
             self.start_group(&state, index, prompt, max_tokens, best_of);
         }
         // Only now: a panic above leaves the request held, to be failed by `admit`.
@@ -432,7 +443,6 @@ impl Batcher {
     fn step(&mut self) {
         let t_start = Instant::now();
         self.drop_abandoned();
-        self.publish_load();
         if self.running.is_empty() {
             return;
         }
@@ -446,7 +456,6 @@ impl Batcher {
         let outputs = match self.forward(&plan) {
             Ok(o) => o,
             Err(message) => {
-                tracing::error!(%message, "model step failed; failing its requests");
                 self.fail_members(&plan.members, message);
                 return self.sweep();
             }
@@ -502,7 +511,7 @@ impl Batcher {
         for slot in slots {
             let s = &self.running[slot.index];
             let planned = contained(Phase::Plan, || {
-                self.inject(Phase::Plan, &s.prompt);
+                inject(self.cfg.fault, Phase::Plan, &s.prompt);
                 let r = s.request.borrow();
                 // Scores at every prompt position: echo with logprobs, or an inspection of
                 // all positions.
@@ -578,8 +587,9 @@ impl Batcher {
         }
     }
 
-    /// Prompt bookkeeping (progress, prompt logprobs), then the heads at each sequence's last
-    /// position: the logits of its next token (none for a sequence still in its prefill).
+    /// Prompt bookkeeping (progress, prompt logprobs, inspection reports), then the heads at
+    /// each sequence's last position: the logits of its next token (none for a sequence
+    /// still in its prefill). A finished inspection sends its reports and ends here.
     fn take_prompt_progress(
         &mut self,
         plan: &StepPlan,
@@ -589,36 +599,35 @@ impl Batcher {
         let mut inspected = Vec::new();
         for (k, &i) in plan.members.iter().enumerate() {
             let logits = std::mem::take(&mut outputs[k]);
-            if self.running[i].request.borrow().req.inspect.is_some() {
-                match contained(Phase::Score, || self.record_inspection(i, plan, k, &logits)) {
-                    Ok(true) => inspected.push(i),
-                    Ok(false) => {}
-                    Err(message) => self.fail_members(&[i], message),
-                }
-                continue;
-            }
             let take = plan.prompt_taken[k];
             let all_positions = plan.all_positions[k];
-            let (metrics, tokenizer) = (&self.metrics, &self.tokenizer);
+            let (metrics, tokenizer, fault) = (&self.metrics, &self.tokenizer, self.cfg.fault);
             let seq = &mut self.running[i];
             let progress = contained(Phase::Plan, || {
+                let start = seq.prefilled;
                 if take > 0 {
                     metrics
                         .prompt_tokens
                         .fetch_add(take as u64, Ordering::Relaxed);
-                    let start = seq.prefilled;
                     seq.prefilled += take;
-                    if all_positions {
-                        record_prompt_logprobs(seq, start, take, &logits, tokenizer);
-                    }
-                    if seq.in_prefill() {
-                        return None;
-                    }
                 }
-                if logits.is_empty() || logits[0].is_empty() {
-                    return None;
+                let inspect = seq.request.borrow().req.inspect;
+                if let Some(spec) = inspect {
+                    inject(fault, Phase::Score, &seq.prompt);
+                    record_inspection(seq, &spec, start, take, all_positions, &logits, tokenizer);
+                    return if seq.in_prefill() {
+                        Progress::Prefilling
+                    } else {
+                        Progress::Inspected
+                    };
                 }
-                Some(Ready {
+                if take > 0 && all_positions {
+                    record_prompt_logprobs(seq, start, take, &logits, tokenizer);
+                }
+                if seq.in_prefill() || logits.is_empty() || logits[0].is_empty() {
+                    return Progress::Prefilling;
+                }
+                Progress::Ready(Ready {
                     index: i,
                     mode: seq.request.borrow().req.mode,
                     logits: logits
@@ -629,8 +638,9 @@ impl Batcher {
                 })
             });
             match progress {
-                Ok(Some(r)) => ready.push(r),
-                Ok(None) => {}
+                Ok(Progress::Ready(r)) => ready.push(r),
+                Ok(Progress::Inspected) => inspected.push(i),
+                Ok(Progress::Prefilling) => {}
                 Err(message) => self.fail_members(&[i], message),
             }
         }
@@ -642,47 +652,10 @@ impl Batcher {
         ready
     }
 
-    /// An inspection's progress: the reports of the positions this step scored. True once
-    /// its prompt is in (the reports are complete).
-    fn record_inspection(
-        &mut self,
-        i: usize,
-        plan: &StepPlan,
-        k: usize,
-        logits: &[Vec<Vec<f32>>],
-    ) -> bool {
-        let take = plan.prompt_taken[k];
-        let seq = &mut self.running[i];
-        let start = seq.prefilled;
-        seq.prefilled += take;
-        self.metrics
-            .prompt_tokens
-            .fetch_add(take as u64, Ordering::Relaxed);
-        let (heads, spec) = {
-            let r = seq.request.borrow();
-            (r.heads.clone(), r.req.inspect.expect("an inspection"))
-        };
-        let (first, rows) = if plan.all_positions[k] {
-            (start, take)
-        } else if !seq.in_prefill() {
-            (seq.prompt.len() - 1, 1)
-        } else {
-            (0, 0)
-        };
-        if rows > 0 {
-            let prompt = Rc::clone(&seq.prompt);
-            self.inject(Phase::Score, &prompt);
-            let reports =
-                inspection::reports(&heads, logits, first, rows, &prompt, &spec, &self.tokenizer);
-            self.running[i].inspection.extend(reports);
-        }
-        !self.running[i].in_prefill()
-    }
-
     /// The vocabulary-sized scoring (log-softmax, contrast) of each ready sequence, spread
     /// over the cores; a panic fails only its own sequence's request.
     fn score(&self, ready: &[Ready]) -> Vec<Result<Vec<f32>, String>> {
-        let fault = self.cfg.fault.filter(|f| f.phase == Phase::Score);
+        let fault = self.cfg.fault;
         let prompts: Vec<&[u32]> = ready
             .iter()
             .map(|r| &self.running[r.index].prompt[..])
@@ -692,9 +665,7 @@ impl Batcher {
             .zip(prompts)
             .map(|(r, prompt)| {
                 contained(Phase::Score, || {
-                    if fault.is_some_and(|f| prompt.contains(&f.token)) {
-                        panic!("injected fault in Score");
-                    }
+                    inject(fault, Phase::Score, prompt);
                     r.mode.scores(&r.logits)
                 })
             })
@@ -757,7 +728,7 @@ impl Batcher {
         let mut out = Vec::with_capacity(forks.len());
         for candidate in forks {
             let leader = &self.running[i];
-            self.inject(Phase::Fork, &leader.prompt);
+            inject(self.cfg.fault, Phase::Fork, &leader.prompt);
             let cache = leader
                 .cache
                 .fork()
@@ -805,7 +776,7 @@ impl Batcher {
             return self.finish(i, FinishReason::Length);
         }
         let now = Instant::now();
-        self.inject(Phase::Sample, &self.running[i].prompt);
+        inject(self.cfg.fault, Phase::Sample, &self.running[i].prompt);
         let seq = &mut self.running[i];
         let id = seq.sampler.choose(scores);
         {
@@ -823,11 +794,7 @@ impl Batcher {
         self.metrics
             .generated_tokens
             .fetch_add(1, Ordering::Relaxed);
-        if let Some(f) = self.cfg.fault {
-            if f.phase == Phase::Emit && seq.prompt.contains(&f.token) {
-                panic!("injected fault in Emit");
-            }
-        }
+        inject(self.cfg.fault, Phase::Emit, &seq.prompt);
         if let Outcome::Finished(reason) =
             seq.accept(id, scores, &self.tokenizer, self.cfg.eos_token_id)
         {
@@ -886,6 +853,32 @@ impl Batcher {
             );
         }
     }
+}
+
+/// An inspection's reports for the positions this step scored: every position of the chunk
+/// (`all_positions`), or the last prompt position once the prompt is in.
+fn record_inspection(
+    seq: &mut Sequence,
+    spec: &super::request::InspectSpec,
+    start: usize,
+    take: usize,
+    all_positions: bool,
+    logits: &[Vec<Vec<f32>>],
+    tok: &TextTokenizer,
+) {
+    let (first, rows) = if all_positions {
+        (start, take)
+    } else if !seq.in_prefill() {
+        (seq.prompt.len() - 1, 1)
+    } else {
+        return;
+    };
+    if rows == 0 {
+        return;
+    }
+    let heads = seq.request.borrow().heads.clone();
+    let reports = inspection::reports(&heads, logits, first, rows, &seq.prompt, spec, tok);
+    seq.inspection.extend(reports);
 }
 
 /// Stores the logprob of each prompt token that follows a position of this chunk.

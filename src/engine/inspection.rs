@@ -5,8 +5,8 @@ use rayon::prelude::*;
 
 use super::request::{HeadReport, InspectSpec, PositionReport};
 use crate::model::inspect::{head_stats, jensen_shannon};
-use crate::model::mode::log_softmax;
-use crate::model::{Head, Mode, TextTokenizer, Upper};
+use crate::model::mode::{contrast_log_q, log_softmax};
+use crate::model::{Head, TextTokenizer, Upper};
 
 /// Every head an inspection evaluates: the exits in ascending order, then the original.
 pub fn inspected_heads(exits: &[usize]) -> Vec<Head> {
@@ -60,7 +60,7 @@ pub fn reports(
                 .collect();
             let q;
             if let Some((c, Some(u), Some(l), name)) = &contrast {
-                q = Mode::Contrast(*c).scores(&[logits[*u][row].clone(), logits[*l][row].clone()]);
+                q = contrast_log_q(&logits[*u][row], &logits[*l][row], c);
                 named.push((name.clone(), &q[..]));
             }
             let reference = &logps[original];

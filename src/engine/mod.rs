@@ -156,21 +156,16 @@ impl Engine {
         deadline: Instant,
         _slot: &ValidationSlot,
     ) -> Result<ValidRequest, EngineError> {
-        let v = self.validator.clone();
-        let mode = req.mode.clone();
-        let res = tokio::task::spawn_blocking(move || v.validate(req, deadline))
+        // Counted under the mode it asked for (by its model id, else `multi_exit`).
+        let label = match (&req.named_mode, &req.mode) {
+            (Some(named), _) => mode_label(named),
+            (None, None) => mode_label(&self.validator.limits().default_mode),
+            (None, Some(request::ModeSpec::Original)) => "original",
+            (None, Some(request::ModeSpec::Exit { .. })) => "exit",
+            (None, Some(request::ModeSpec::Contrast { .. })) => "contrast",
+        };
+        self.off_runtime(label, move |v| v.validate(req, deadline))
             .await
-            .map_err(|e| EngineError::Internal(format!("validation task failed: {e}")))?;
-        if res.is_err() {
-            let label = match mode {
-                None => mode_label(&self.validator.limits().default_mode),
-                Some(request::ModeSpec::Original) => "original",
-                Some(request::ModeSpec::Exit { .. }) => "exit",
-                Some(request::ModeSpec::Contrast { .. }) => "contrast",
-            };
-            self.metrics.request_finished("invalid", label);
-        }
-        res
     }
 
     /// Validates an inspection on a blocking thread, under a validation slot.
@@ -180,12 +175,22 @@ impl Engine {
         deadline: Instant,
         _slot: &ValidationSlot,
     ) -> Result<ValidRequest, EngineError> {
+        self.off_runtime("inspect", move |v| v.validate_inspect(req, deadline))
+            .await
+    }
+
+    /// Runs a validation on a blocking thread; a refusal is counted as `invalid` under `label`.
+    async fn off_runtime(
+        &self,
+        label: &'static str,
+        validate: impl FnOnce(&Validator) -> Result<ValidRequest, EngineError> + Send + 'static,
+    ) -> Result<ValidRequest, EngineError> {
         let v = self.validator.clone();
-        let res = tokio::task::spawn_blocking(move || v.validate_inspect(req, deadline))
+        let res = tokio::task::spawn_blocking(move || validate(&v))
             .await
             .map_err(|e| EngineError::Internal(format!("validation task failed: {e}")))?;
         if res.is_err() {
-            self.metrics.request_finished("invalid", "inspect");
+            self.metrics.request_finished("invalid", label);
         }
         res
     }

@@ -274,23 +274,13 @@ impl Validator {
             "n"
         };
         for p in &prompts {
-            let demand = Demand::of_prompt(p.len(), max_tokens, best_of as usize)
-                .ok_or_else(|| invalid("max_tokens", "`max_tokens` is too large"))?;
-            match scheduler::fits_alone(&l.budget, demand) {
-                Ok(()) => {}
-                Err(Refusal::Sequences { need, limit }) => {
-                    return Err(invalid(
-                        copies_param,
-                        format!("each prompt runs as {need} sequences (`{copies_param}`), more than the batch holds (--max-batch-size {limit})"),
-                    ))
-                }
-                Err(Refusal::Tokens { need, limit }) => {
-                    return Err(invalid(
-                        "max_tokens",
-                        format!("a prompt of {} tokens with `max_tokens` {max_tokens} x {best_of} sequences needs {need} KV-cache tokens, more than the server's budget (--max-batch-total-tokens {limit})", p.len()),
-                    ))
-                }
-            }
+            self.fits_alone(
+                p.len(),
+                max_tokens,
+                best_of as usize,
+                copies_param,
+                "max_tokens",
+            )?;
         }
         Ok(ValidRequest {
             prompts,
@@ -324,7 +314,6 @@ impl Validator {
         req: InspectRequest,
         deadline: Instant,
     ) -> Result<ValidRequest, EngineError> {
-        let l = &*self.limits;
         let top = req.top_logprobs.unwrap_or(5);
         if !(0..=MAX_INSPECT_TOP_LOGPROBS).contains(&top) {
             return Err(invalid(
@@ -357,14 +346,7 @@ impl Validator {
             .prompt
             .ok_or_else(|| invalid("prompt", "`prompt` is required"))?;
         let prompt = self.prompts(&[prompt])?.remove(0);
-        let demand = Demand::of_prompt(prompt.len(), 0, 1)
-            .ok_or_else(|| invalid("prompt", "`prompt` is too long"))?;
-        if let Err(Refusal::Tokens { need, limit }) = scheduler::fits_alone(&l.budget, demand) {
-            return Err(invalid(
-                "prompt",
-                format!("the prompt needs {need} KV-cache tokens, more than --max-batch-total-tokens {limit}"),
-            ));
-        }
+        self.fits_alone(prompt.len(), 0, 1, "n", "prompt")?;
         Ok(ValidRequest {
             prompts: vec![prompt],
             mode: Mode::Original,
@@ -392,6 +374,31 @@ impl Validator {
                 contrast,
             }),
         })
+    }
+
+    /// Refuses a prompt whose `copies` sequences of `prompt_len + max_tokens` positions could
+    /// never fit the batch budget, naming `copies_param` or `tokens_param` and both numbers.
+    fn fits_alone(
+        &self,
+        prompt_len: usize,
+        max_tokens: usize,
+        copies: usize,
+        copies_param: &str,
+        tokens_param: &str,
+    ) -> Result<(), EngineError> {
+        let demand = Demand::of_prompt(prompt_len, max_tokens, copies)
+            .ok_or_else(|| invalid(tokens_param, format!("`{tokens_param}` is too large")))?;
+        match scheduler::fits_alone(&self.limits.budget, demand) {
+            Ok(()) => Ok(()),
+            Err(Refusal::Sequences { need, limit }) => Err(invalid(
+                copies_param,
+                format!("each prompt runs as {need} sequences (`{copies_param}`), more than the batch holds (--max-batch-size {limit})"),
+            )),
+            Err(Refusal::Tokens { need, limit }) => Err(invalid(
+                tokens_param,
+                format!("a prompt of {prompt_len} tokens with `max_tokens` {max_tokens} x {copies} sequences needs {need} KV-cache tokens, more than the server's budget (--max-batch-total-tokens {limit})"),
+            )),
+        }
     }
 
     fn stops(&self, stops: &[String]) -> Result<(), EngineError> {

@@ -12,7 +12,7 @@ use axum::Json;
 use futures_util::stream::{self, Stream};
 
 use super::error::ApiError;
-use super::json::{self, JsonBody};
+use super::json::{JsonBody, Parsed};
 use super::shutdown::Shutdown;
 use super::wire::{
     ChoiceOut, CompletionOut, CompletionRequest, LogprobsOut, MultiExitOut, UsageOut,
@@ -168,15 +168,21 @@ fn candidate_of(event: &Event) -> Option<usize> {
 
 /// The next event; a timeout error once the request's deadline passes (also while it still
 /// waits in the queue); a shutdown error when the server's grace period ends.
-async fn next_event(rx: &mut EventReceiver, meta: &Meta) -> Option<Event> {
+/// `timeout_secs` is what the timeout error reports (`--request-timeout`).
+pub(super) async fn next_event(
+    rx: &mut EventReceiver,
+    deadline: Instant,
+    timeout_secs: f64,
+    shutdown: &Shutdown,
+) -> Option<Event> {
     tokio::select! {
-        r = tokio::time::timeout_at(meta.deadline.into(), rx.recv()) => match r {
+        r = tokio::time::timeout_at(deadline.into(), rx.recv()) => match r {
             Ok(ev) => ev,
             Err(_) => Some(Event::Error(EngineError::Timeout {
-                seconds: meta.timeout_secs,
+                seconds: timeout_secs,
             })),
         },
-        _ = meta.shutdown.cut() => Some(Event::Error(EngineError::ShuttingDown)),
+        _ = shutdown.cut() => Some(Event::Error(EngineError::ShuttingDown)),
     }
 }
 
@@ -185,12 +191,11 @@ pub async fn create_completion(
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     let limits = app.engine.validator().limits();
-    let deadline = body.arrived + limits.request_timeout;
-    // Parsing and tokenizing take memory and CPU in proportion to the body: only a bounded
-    // number of requests do them at once; the others wait here with their bytes.
-    let slot = app.engine.validation_slot(deadline).await?;
-    let req: CompletionRequest = json::parse(&body.bytes)?;
-    drop(body);
+    let Parsed {
+        req,
+        slot,
+        deadline,
+    } = body.parse_in_slot::<CompletionRequest>(&app.engine).await?;
     let named_mode = app.models.resolve(&req.model)?;
     let model = req.model.clone();
     let return_token_ids = req.return_token_ids.unwrap_or(false);
@@ -232,7 +237,9 @@ async fn collect(mut rx: EventReceiver, meta: Meta) -> Result<CompletionOut, Api
     let total = meta.prompts.len() * meta.best_of;
     let mut accs: Vec<ChoiceAcc> = (0..total).map(|_| ChoiceAcc::default()).collect();
     let usage = loop {
-        let Some(event) = next_event(&mut rx, &meta).await else {
+        let Some(event) =
+            next_event(&mut rx, meta.deadline, meta.timeout_secs, &meta.shutdown).await
+        else {
             return Err(ApiError::Internal("engine dropped the request".into()));
         };
         match event {
@@ -269,7 +276,7 @@ fn sse_stream(rx: EventReceiver, meta: Meta) -> impl Stream<Item = Result<SseEve
     let state = Some((rx, meta, accs));
     let chunks = stream::unfold(state, |state| async move {
         let (mut rx, meta, mut accs) = state?;
-        let event = next_event(&mut rx, &meta).await;
+        let event = next_event(&mut rx, meta.deadline, meta.timeout_secs, &meta.shutdown).await;
         let data = |v: serde_json::Value| Ok(SseEvent::default().data(v.to_string()));
         let done = || Ok(SseEvent::default().data("[DONE]"));
         // A chunk that cannot be serialised ends the stream with an error event, never

@@ -9,12 +9,13 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::completions::next_event;
 use super::error::ApiError;
-use super::json::{self, JsonBody};
+use super::json::{JsonBody, Parsed};
 use super::wire::{contrast_spec, UpperWire};
 use super::AppState;
 use crate::engine::request::{InspectRequest, PromptInput};
-use crate::engine::{EngineError, Event};
+use crate::engine::Event;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -47,10 +48,11 @@ pub async fn inspect(
     body: JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     let limits = app.engine.validator().limits();
-    let deadline = body.arrived + limits.request_timeout;
-    let slot = app.engine.validation_slot(deadline).await?;
-    let req: InspectWire = json::parse(&body.bytes)?;
-    drop(body);
+    let Parsed {
+        req,
+        slot,
+        deadline,
+    } = body.parse_in_slot::<InspectWire>(&app.engine).await?;
     let named_mode = app.models.resolve(&req.model)?;
     let contrast = match req.contrast {
         None => None,
@@ -83,19 +85,12 @@ pub async fn inspect(
     let timeout = limits.request_timeout.as_secs_f64();
     let mut positions = None;
     loop {
-        let event = tokio::select! {
-            r = tokio::time::timeout_at(deadline.into(), rx.recv()) => match r {
-                Ok(Some(ev)) => ev,
-                Ok(None) => return Err(ApiError::Internal("engine dropped the request".into())),
-                Err(_) => return Err(EngineError::Timeout { seconds: timeout }.into()),
-            },
-            _ = app.shutdown.cut() => return Err(ApiError::shutting_down()),
-        };
-        match event {
-            Event::Inspection { positions: p } => positions = Some(p),
-            Event::Done { .. } => break,
-            Event::Error(e) => return Err(e.into()),
-            _ => {}
+        match next_event(&mut rx, deadline, timeout, &app.shutdown).await {
+            Some(Event::Inspection { positions: p }) => positions = Some(p),
+            Some(Event::Done { .. }) => break,
+            Some(Event::Error(e)) => return Err(e.into()),
+            Some(_) => {}
+            None => return Err(ApiError::Internal("engine dropped the request".into())),
         }
     }
     let positions = positions.ok_or_else(|| ApiError::Internal("no inspection".into()))?;

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::shutdown::Shutdown;
+use crate::engine::{Engine, ValidationSlot};
 
 /// A JSON request body, read in full under the body policy, not yet parsed: parsing waits
 /// for a validation slot (see `Engine::validation_slot`), so that the memory it takes is
@@ -17,6 +18,34 @@ pub struct JsonBody {
     pub bytes: Vec<u8>,
     /// When the handler started reading it: the request's clock starts here.
     pub arrived: Instant,
+}
+
+/// A parsed body, with the validation slot it was parsed under (hold it while validating)
+/// and the request's deadline.
+pub struct Parsed<T> {
+    pub req: T,
+    pub slot: ValidationSlot,
+    pub deadline: Instant,
+}
+
+impl JsonBody {
+    /// Waits for a validation slot (up to the request's deadline, `--request-timeout` from
+    /// its arrival), then parses; the raw bytes are freed once parsed. Parsing and
+    /// tokenizing take memory and CPU in proportion to the body: only a bounded number of
+    /// requests do them at once, the others wait here with their bytes.
+    pub async fn parse_in_slot<T: DeserializeOwned>(
+        self,
+        engine: &Engine,
+    ) -> Result<Parsed<T>, ApiError> {
+        let deadline = self.arrived + engine.validator().limits().request_timeout;
+        let slot = engine.validation_slot(deadline).await?;
+        let req = parse(&self.bytes)?;
+        Ok(Parsed {
+            req,
+            slot,
+            deadline,
+        })
+    }
 }
 
 /// Set by the router from the configuration.

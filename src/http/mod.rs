@@ -42,7 +42,9 @@ pub struct AppState {
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub body_read_timeout: Duration,
-    pub cors_allow_origins: Vec<String>,
+    /// The CORS origins allowed (`--cors-allow-origin`, checked by [`cors_origins`]); None:
+    /// no CORS headers at all.
+    pub cors_allow_origins: Option<AllowOrigin>,
     pub shutdown: Shutdown,
     pub created: u64,
     counter: AtomicU64,
@@ -61,7 +63,7 @@ impl AppState {
             api_key: None,
             max_body_bytes: 1 << 20,
             body_read_timeout: Duration::from_secs(30),
-            cors_allow_origins: Vec::new(),
+            cors_allow_origins: None,
             shutdown: Shutdown::never(),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -105,19 +107,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         // The JSON extractor enforces the limit itself, with an OpenAI-shaped 413.
         .layer(DefaultBodyLimit::disable())
         .layer(axum::Extension(policy));
-    if !state.cors_allow_origins.is_empty() {
-        match cors_origins(&state.cors_allow_origins) {
-            Ok(origins) => {
-                app = app.layer(
-                    CorsLayer::new()
-                        .allow_origin(origins)
-                        .allow_methods([Method::GET, Method::POST])
-                        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
-                )
-            }
-            // Start-up checks the origins with this same function first.
-            Err(e) => tracing::error!(error = %e, "CORS disabled"),
-        }
+    if let Some(origins) = state.cors_allow_origins.clone() {
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
     }
     // Spans name the method and path only: query strings may carry secrets.
     let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &Request| {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::ApiError;
-use super::json::{self, JsonBody};
+use super::json::{self, JsonBody, Parsed};
 use super::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -55,10 +55,7 @@ pub async fn tokenize(
     body: JsonBody,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let limits = app.engine.validator().limits();
-    let deadline = body.arrived + limits.request_timeout;
-    let slot = app.engine.validation_slot(deadline).await?;
-    let req: TokenizeRequest = json::parse(&body.bytes)?;
-    drop(body);
+    let Parsed { req, slot, .. } = body.parse_in_slot::<TokenizeRequest>(&app.engine).await?;
     check_model(&app, req.model.as_deref())?;
     let strs = req.return_token_strs.unwrap_or(false);
     let (tokens, token_strs) = app.engine.tokenize(req.prompt, strs, &slot).await?;
