@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
@@ -21,13 +22,12 @@ pub enum MatmulKernels {
     Candle,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WeightDtype {
-    F32,
-    F16,
-    Bf16,
-    Int8,
+pub use crate::model::WeightDtype;
+
+/// `--dtype`'s parser: the model's own names (one `WeightDtype` for the CLI and the model).
+fn dtype_parser() -> impl TypedValueParser<Value = WeightDtype> {
+    clap::builder::PossibleValuesParser::new(WeightDtype::ALL.map(|(name, _)| name))
+        .map(|name| name.parse::<WeightDtype>().expect("a listed name"))
 }
 
 /// OpenAI-compatible server for multi-exit language models: early exit and autocontrastive
@@ -133,7 +133,7 @@ pub struct Args {
     pub max_body_bytes: Option<usize>,
     /// Weight dtype: f32 (exact parity), or bf16/int8 (AVX-512 CPUs) or f16 for speed
     /// [default: f32]
-    #[arg(long, env = "EXITSERVE_DTYPE", value_enum)]
+    #[arg(long, env = "EXITSERVE_DTYPE", value_parser = dtype_parser())]
     pub dtype: Option<WeightDtype>,
     /// CPU matmul kernels: `auto` (the skinny AVX-512 kernels where available) or `candle`
     /// (candle's gemm everywhere) [default: auto]

@@ -7,5 +7,6 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod kernels;
 pub mod model;
 pub mod server;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{MatmulKernels, Settings, WeightDtype};
+use crate::config::{MatmulKernels, Settings};
 use crate::engine::request::{ModeSpec, UpperSpec};
 use crate::engine::scheduler::Budget;
 use crate::engine::{BatchConfig, Engine, EngineConfig, Limits, Validator};
@@ -89,12 +89,7 @@ pub fn build_state_with(
 ) -> Result<Arc<AppState>, StartupError> {
     let opts = LoadOptions {
         revision: s.revision.clone(),
-        dtype: match s.dtype {
-            WeightDtype::F32 => model::WeightDtype::F32,
-            WeightDtype::F16 => model::WeightDtype::F16,
-            WeightDtype::Bf16 => model::WeightDtype::Bf16,
-            WeightDtype::Int8 => model::WeightDtype::Int8,
-        },
+        dtype: s.dtype,
         device: device()?,
         skinny_kernels: s.matmul == MatmulKernels::Auto,
     };

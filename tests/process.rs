@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixture_dir, FIXTURE, FIXTURE_BIN};
+use common::{fixture_dir, free_port, FIXTURE, FIXTURE_BIN};
 
 const BIN: &str = env!("CARGO_BIN_EXE_exitserve");
 
@@ -182,6 +182,74 @@ fn startup_faults_are_one_clear_line_and_exit_1() {
     assert!(stderr.contains("--max-batch-size"), "{stderr}");
 }
 
+/// Rewrites the JSON header of `dir`'s model.safetensors with `edit` (which must keep its
+/// length, so the data offsets stay valid).
+fn edit_safetensors_header(dir: &Path, edit: impl Fn(&str) -> String) {
+    let path = dir.join("model.safetensors");
+    let mut st = std::fs::read(&path).unwrap();
+    let len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(st[8..8 + len].to_vec()).unwrap();
+    let edited = edit(&header);
+    assert_ne!(edited, header, "the edit applies");
+    assert_eq!(edited.len(), len);
+    st[8..8 + len].copy_from_slice(edited.as_bytes());
+    std::fs::write(&path, st).unwrap();
+}
+
+#[test]
+fn gpt2_startup_faults_are_one_clear_line_and_exit_1() {
+    let gpt2 = common::GPT2.name;
+    let edit_config = |d: &Path, from: &str, to: &str| {
+        let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+        assert!(cfg.contains(from), "{from}");
+        std::fs::write(d.join("config.json"), cfg.replace(from, to)).unwrap();
+    };
+
+    // a Conv1D weight stored the nn.Linear way round, (out, in) instead of (in, out)
+    let d = scratch("gpt2-conv1d", gpt2);
+    edit_safetensors_header(&d, |h| {
+        let key = "\"transformer.h.0.attn.c_attn.weight\":{\"dtype\":\"F16\",\"shape\":[32,96]";
+        assert!(h.contains(key), "{h}");
+        h.replace(key, &key.replace("[32,96]", "[96,32]"))
+    });
+    expect_startup_error(&d, "transformer.h.0.attn.c_attn.weight");
+
+    let d = scratch("gpt2-no-c-attn", gpt2);
+    edit_safetensors_header(&d, |h| {
+        h.replace(
+            "transformer.h.3.attn.c_attn.weight",
+            "transformer.h.3.attn.c_attX.weight",
+        )
+    });
+    expect_startup_error(&d, "transformer.h.3.attn.c_attn.weight");
+
+    let d = scratch("gpt2-exit", gpt2);
+    edit_config(&d, "    6\n  ],", "    8\n  ],");
+    expect_startup_error(
+        &d,
+        "field `lm_head_layer_indices`: exit layer 8 is outside 1..=6",
+    );
+
+    let d = scratch("gpt2-scale", gpt2);
+    edit_config(
+        &d,
+        "\"scale_attn_by_inverse_layer_idx\": false",
+        "\"scale_attn_by_inverse_layer_idx\": true",
+    );
+    expect_startup_error(
+        &d,
+        "field `scale_attn_by_inverse_layer_idx`: true is not supported",
+    );
+
+    let d = scratch("gpt2-upcast", gpt2);
+    edit_config(
+        &d,
+        "\"reorder_and_upcast_attn\": false",
+        "\"reorder_and_upcast_attn\": true",
+    );
+    expect_startup_error(&d, "field `reorder_and_upcast_attn`: true is not supported");
+}
+
 #[test]
 fn a_taken_port_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -197,14 +265,6 @@ fn a_taken_port_is_a_clear_error() {
         stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
         "{stderr}"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn spawn(port: u16, extra: &[&str]) -> Child {
@@ -357,9 +417,10 @@ fn the_grace_period_bounds_shutdown() {
 /// A random GPT-Neo checkpoint big enough that a long completion takes seconds on two cores
 /// (hidden 128, a 50257-token vocabulary, 2048 positions), written once per build folder.
 fn slow_model() -> PathBuf {
-    use exitserve::bench::checkpoint::{ensure, Shape};
+    use exitserve::bench::checkpoint::{ensure, Arch, Shape};
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("slow-gpt-neo-multiexit");
     let shape = Shape {
+        arch: Arch::GptNeo,
         vocab: 50257,
         hidden: 128,
         layers: 4,

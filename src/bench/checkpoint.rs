@@ -1,32 +1,66 @@
-//! Writes a multi-exit GPT-Neo checkpoint with seeded random weights in the real format
-//! (`config.json` + float32 `model.safetensors`, no `lm_head.weight`, exit heads under
-//! `name_to_lm_exit_head`), so the benchmark needs no download.
+//! Writes a multi-exit checkpoint (GPT-Neo or GPT-2) with seeded random weights in the real
+//! format (`config.json` + float32 `model.safetensors`, no `lm_head.weight`, exit heads under
+//! `name_to_lm_exit_head`, GPT-2's projections as `Conv1D` `(in, out)`), so the benchmark
+//! needs no download.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-/// The shape of `EleutherAI/gpt-neo-125m` with exits at 2, 4, ..., 12.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    /// `EleutherAI/gpt-neo-125m` with exits at 2, 4, ..., 12 (1.43 GB in f32).
+    #[value(name = "gpt_neo")]
+    GptNeo,
+    /// `gpt2-medium` with exits at 2, 4, ..., 24 (3.9 GB in f32).
+    #[value(name = "gpt2")]
+    Gpt2,
+}
+
 pub struct Shape {
+    pub arch: Arch,
     pub vocab: usize,
     pub hidden: usize,
     pub layers: usize,
     pub heads: usize,
     pub positions: usize,
+    /// GPT-Neo's local attention window.
     pub window: usize,
     pub exits: Vec<usize>,
 }
 
 impl Shape {
-    pub fn gpt_neo_125m() -> Self {
-        Self {
-            vocab: 50257,
-            hidden: 768,
-            layers: 12,
-            heads: 12,
-            positions: 2048,
-            window: 256,
-            exits: vec![2, 4, 6, 8, 10, 12],
+    pub fn of(arch: Arch) -> Self {
+        match arch {
+            Arch::GptNeo => Self {
+                arch,
+                vocab: 50257,
+                hidden: 768,
+                layers: 12,
+                heads: 12,
+                positions: 2048,
+                window: 256,
+                exits: (1..=6).map(|i| 2 * i).collect(),
+            },
+            Arch::Gpt2 => Self {
+                arch,
+                vocab: 50257,
+                hidden: 1024,
+                layers: 24,
+                heads: 16,
+                positions: 1024,
+                window: 0,
+                exits: (1..=12).map(|i| 2 * i).collect(),
+            },
         }
+    }
+
+    /// The exit nearest half depth (the contrast's lower layer, as in the reference bench).
+    pub fn half_exit(&self) -> usize {
+        *self
+            .exits
+            .iter()
+            .min_by_key(|&&e| (2 * e).abs_diff(self.layers))
+            .expect("exits")
     }
 
     /// (name, shape, init) of every stored tensor, in file order.
@@ -50,31 +84,30 @@ impl Shape {
                 t.push((format!("{p}.{ln}.weight"), vec![h], Init::One));
                 t.push((format!("{p}.{ln}.bias"), vec![h], Init::Zero));
             }
-            for proj in ["q_proj", "k_proj", "v_proj"] {
-                t.push((
-                    format!("{p}.attn.attention.{proj}.weight"),
-                    vec![h, h],
-                    Init::Normal,
-                ));
+            let mut proj = |name: String, shape: Vec<usize>, bias: Option<usize>| {
+                t.push((format!("{name}.weight"), shape, Init::Normal));
+                if let Some(b) = bias {
+                    t.push((format!("{name}.bias"), vec![b], Init::Zero));
+                }
+            };
+            match self.arch {
+                // nn.Linear: (out, in)
+                Arch::GptNeo => {
+                    for qkv in ["q_proj", "k_proj", "v_proj"] {
+                        proj(format!("{p}.attn.attention.{qkv}"), vec![h, h], None);
+                    }
+                    proj(format!("{p}.attn.attention.out_proj"), vec![h, h], Some(h));
+                    proj(format!("{p}.mlp.c_fc"), vec![4 * h, h], Some(4 * h));
+                    proj(format!("{p}.mlp.c_proj"), vec![h, 4 * h], Some(h));
+                }
+                // Conv1D: (in, out)
+                Arch::Gpt2 => {
+                    proj(format!("{p}.attn.c_attn"), vec![h, 3 * h], Some(3 * h));
+                    proj(format!("{p}.attn.c_proj"), vec![h, h], Some(h));
+                    proj(format!("{p}.mlp.c_fc"), vec![h, 4 * h], Some(4 * h));
+                    proj(format!("{p}.mlp.c_proj"), vec![4 * h, h], Some(h));
+                }
             }
-            t.push((
-                format!("{p}.attn.attention.out_proj.weight"),
-                vec![h, h],
-                Init::Normal,
-            ));
-            t.push((
-                format!("{p}.attn.attention.out_proj.bias"),
-                vec![h],
-                Init::Zero,
-            ));
-            t.push((format!("{p}.mlp.c_fc.weight"), vec![4 * h, h], Init::Normal));
-            t.push((format!("{p}.mlp.c_fc.bias"), vec![4 * h], Init::Zero));
-            t.push((
-                format!("{p}.mlp.c_proj.weight"),
-                vec![h, 4 * h],
-                Init::Normal,
-            ));
-            t.push((format!("{p}.mlp.c_proj.bias"), vec![h], Init::Zero));
         }
         t.push(("transformer.ln_f.weight".to_string(), vec![h], Init::One));
         t.push(("transformer.ln_f.bias".to_string(), vec![h], Init::Zero));
@@ -89,31 +122,53 @@ impl Shape {
     }
 
     fn config_json(&self) -> String {
-        serde_json::json!({
-            "model_type": "gpt_neo",
-            "architectures": ["MultiHeadGPTNeo"],
+        let exits: Vec<_> = self.exits.iter().rev().collect();
+        let common = serde_json::json!({
             "activation_function": "gelu_new",
-            "attention_types": [[["global", "local"], self.layers / 2]],
-            "attention_dropout": 0.0,
-            "embed_dropout": 0.0,
-            "resid_dropout": 0.0,
             "bos_token_id": 50256,
             "eos_token_id": 50256,
-            "hidden_size": self.hidden,
             "initializer_range": 0.02,
-            "intermediate_size": null,
             "layer_norm_epsilon": 1e-5,
-            "lm_head_layer_indices": self.exits.iter().rev().collect::<Vec<_>>(),
-            "max_position_embeddings": self.positions,
-            "num_heads": self.heads,
-            "num_layers": self.layers,
+            "lm_head_layer_indices": exits,
             "output_hidden_states": true,
             "torch_dtype": "float32",
             "use_cache": true,
             "vocab_size": self.vocab,
-            "window_size": self.window,
-        })
-        .to_string()
+        });
+        let own = match self.arch {
+            Arch::GptNeo => serde_json::json!({
+                "model_type": "gpt_neo",
+                "architectures": ["MultiHeadGPTNeo"],
+                "attention_types": [[["global", "local"], self.layers / 2]],
+                "attention_dropout": 0.0,
+                "embed_dropout": 0.0,
+                "resid_dropout": 0.0,
+                "hidden_size": self.hidden,
+                "intermediate_size": null,
+                "max_position_embeddings": self.positions,
+                "num_heads": self.heads,
+                "num_layers": self.layers,
+                "window_size": self.window,
+            }),
+            Arch::Gpt2 => serde_json::json!({
+                "model_type": "gpt2",
+                "architectures": ["MultiHeadGPT2"],
+                "attn_pdrop": 0.0,
+                "embd_pdrop": 0.0,
+                "resid_pdrop": 0.0,
+                "n_embd": self.hidden,
+                "n_head": self.heads,
+                "n_inner": null,
+                "n_layer": self.layers,
+                "n_positions": self.positions,
+                "scale_attn_weights": true,
+                "scale_attn_by_inverse_layer_idx": false,
+                "reorder_and_upcast_attn": false,
+            }),
+        };
+        let mut all = common.as_object().cloned().expect("an object");
+        all.extend(own.as_object().cloned().expect("an object"));
+        serde_json::Value::Object(all).to_string()
     }
 }
 

@@ -1,6 +1,7 @@
-//! Benchmark through the real HTTP server on a GPT-Neo-125M-shaped random checkpoint.
+//! Benchmark through the real HTTP server on a random checkpoint shaped like GPT-Neo-125M
+//! (`--arch gpt_neo`, the default) or GPT-2 medium (`--arch gpt2`).
 //!
-//!   cargo run --release --bin bench -- [--dtype f32,bf16,int8] [--reference-python PY]
+//!   cargo run --release --bin bench -- [--arch gpt2] [--dtype f32,bf16,int8] [--reference-python PY]
 //!   cargo run --release --bin bench -- --kernels     (vocabulary-head matmul variants)
 //!
 //! Writes the checkpoint once under --data, starts `exitserve` (next to this binary) per
@@ -12,15 +13,20 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use exitserve::bench::checkpoint::{Arch, Shape};
 use exitserve::bench::{checkpoint, client, peak_rss_bytes};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(about = "exitserve benchmark (real HTTP server, GPT-Neo-125M-shaped random weights)")]
+#[command(about = "exitserve benchmark (real HTTP server, random weights of a released shape)")]
 struct Args {
+    /// The checkpoint's shape: GPT-Neo-125M or GPT-2 medium, with their released exits
+    #[arg(long, value_enum, default_value = "gpt_neo")]
+    arch: Arch,
     /// Where the random checkpoint is written (once) and cached
-    #[arg(long, default_value = "bench-data/gpt-neo-125m-multiexit-random")]
-    data: PathBuf,
+    /// [default: bench-data/{gpt-neo-125m,gpt2-medium}-multiexit-random]
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Weight dtypes to serve, comma-separated (f32, f16, bf16, int8)
     #[arg(long, default_value = "f32,bf16,int8", value_delimiter = ',')]
     dtype: Vec<String>,
@@ -39,34 +45,51 @@ struct Args {
     /// The reference benchmark script
     #[arg(long, default_value = "../shared/bench/ref_bench.py")]
     reference_script: PathBuf,
-    /// JSON results file
-    #[arg(long, default_value = "bench-results.json")]
-    out: PathBuf,
+    /// JSON results file [default: bench-results.json, bench-results-gpt2.json for gpt2]
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Only time vocabulary-head matmul variants (no server)
     #[arg(long)]
     kernels: bool,
 }
 
-const MODES: [(&str, &str); 3] = [
-    ("original", r#"{"mode":"original"}"#),
-    ("exit 6", r#"{"mode":"exit","layer":6}"#),
-    (
-        "contrast 12/6",
-        r#"{"mode":"contrast","upper":12,"lower":6}"#,
-    ),
-];
+/// (name, `multi_exit` JSON) of the modes timed: the original head, the exit at half depth,
+/// and the top exit contrasted with it (12/6 on GPT-Neo-125M, 24/12 on GPT-2 medium).
+fn modes(shape: &Shape) -> Vec<(String, String)> {
+    let (top, half) = (shape.layers, shape.half_exit());
+    vec![
+        ("original".into(), r#"{"mode":"original"}"#.into()),
+        (
+            format!("exit {half}"),
+            format!(r#"{{"mode":"exit","layer":{half}}}"#),
+        ),
+        (
+            format!("contrast {top}/{half}"),
+            format!(r#"{{"mode":"contrast","upper":{top},"lower":{half}}}"#),
+        ),
+    ]
+}
 
 fn main() {
-    let args = Args::parse();
+    let mut args = Args::parse();
     if args.kernels {
         return kernels();
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let shape = checkpoint::Shape::gpt_neo_125m();
-    eprintln!("checkpoint: {}", args.data.display());
+    let shape = Shape::of(args.arch);
+    let (data, out) = match args.arch {
+        Arch::GptNeo => ("gpt-neo-125m", "bench-results.json"),
+        Arch::Gpt2 => ("gpt2-medium", "bench-results-gpt2.json"),
+    };
+    let data = args
+        .data
+        .get_or_insert_with(|| format!("bench-data/{data}-multiexit-random").into())
+        .clone();
+    args.out.get_or_insert_with(|| out.into());
+    eprintln!("checkpoint: {}", data.display());
     let t = Instant::now();
     let f32_bytes = checkpoint::ensure(
-        &args.data,
+        &data,
         &shape,
         &root.join("tests/fixtures/tiny-gpt-neo-multiexit"),
     )
@@ -78,6 +101,7 @@ fn main() {
     );
     let server_bin = std::env::current_exe().unwrap().with_file_name("exitserve");
     let prompt = prompt_ids(args.prompt_len);
+    let modes = modes(&shape);
 
     let mut runs = Vec::new();
     for dtype in &args.dtype {
@@ -89,7 +113,7 @@ fn main() {
         runs.push(run_server_bench(
             &server_bin,
             &args,
-            dtype,
+            (dtype, &modes),
             &prompt,
             weight_bytes,
         ));
@@ -100,14 +124,18 @@ fn main() {
         .map(|py| run_reference(py, &args));
     let report = json!({
         "machine": machine(),
+        "arch": format!("{:?}", args.arch),
+        "layers": shape.layers,
+        "hidden": shape.hidden,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new,
         "runs": runs,
         "reference": reference,
     });
-    print_table(&report);
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
-    eprintln!("wrote {}", args.out.display());
+    print_table(&report, &modes);
+    let out = args.out.as_ref().expect("set above");
+    std::fs::write(out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    eprintln!("wrote {}", out.display());
 }
 
 fn prompt_ids(n: usize) -> Vec<u32> {
@@ -187,30 +215,30 @@ fn body(prompt: &[u32], new: usize, mode: &str) -> String {
 fn run_server_bench(
     bin: &Path,
     args: &Args,
-    dtype: &str,
+    (dtype, modes): (&str, &[(String, String)]),
     prompt: &[u32],
     weight_bytes: u64,
 ) -> Value {
     eprintln!("dtype {dtype}:");
-    let server = Server::start(bin, &args.data, dtype);
+    let server = Server::start(bin, args.data.as_ref().expect("set in main"), dtype);
     let path = "/v1/completions";
     // warm-up: every mode once
-    for (_, mode) in MODES {
+    for (_, mode) in modes {
         client::stream_completion(&server.addr, path, &body(prompt, 4, mode)).expect("warm-up");
     }
     // Best of ROUNDS single-stream runs on an idle server, the modes interleaved round by
     // round, so that a slow spell of a shared machine does not fall on one mode only.
     const ROUNDS: usize = 5;
-    let mut runs: Vec<Vec<client::StreamTiming>> = MODES.iter().map(|_| Vec::new()).collect();
+    let mut runs: Vec<Vec<client::StreamTiming>> = modes.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
-        for ((_, mode), timings) in MODES.iter().zip(runs.iter_mut()) {
+        for ((_, mode), timings) in modes.iter().zip(runs.iter_mut()) {
             let t = client::stream_completion(&server.addr, path, &body(prompt, args.new, mode))
                 .expect("request");
             timings.push(t);
         }
     }
     let mut single = serde_json::Map::new();
-    for ((name, _), timings) in MODES.iter().zip(&runs) {
+    for ((name, _), timings) in modes.iter().zip(&runs) {
         let tps = timings.iter().map(|r| r.decode_tps()).fold(0.0, f64::max);
         let ttft = timings
             .iter()
@@ -221,12 +249,12 @@ fn run_server_bench(
             ttft * 1e3
         );
         single.insert(
-            (*name).into(),
+            name.clone(),
             json!({"decode_tok_s": tps, "ttft_ms": ttft * 1e3}),
         );
     }
     let mut aggregate = serde_json::Map::new();
-    for (name, mode) in MODES {
+    for (name, mode) in modes {
         let mut levels = serde_json::Map::new();
         for &c in &args.concurrency {
             let start = Instant::now();
@@ -247,7 +275,7 @@ fn run_server_bench(
             eprintln!("  {name:>14} x{c:<2}: {tps:7.1} tok/s aggregate");
             levels.insert(c.to_string(), json!(tps));
         }
-        aggregate.insert(name.into(), Value::Object(levels));
+        aggregate.insert(name.clone(), Value::Object(levels));
     }
     let rss = peak_rss_bytes(server.child.id()).unwrap_or(0);
     json!({
@@ -270,7 +298,7 @@ fn run_reference(python: &Path, args: &Args) -> Value {
         eprintln!("reference {key} ...");
         let res = Command::new(python)
             .arg(&args.reference_script)
-            .arg(&args.data)
+            .arg(args.data.as_ref().expect("set in main"))
             .args([
                 "--batch",
                 &batch.to_string(),
@@ -310,7 +338,7 @@ fn machine() -> String {
     format!("{cpu}, {threads} threads")
 }
 
-fn print_table(r: &Value) {
+fn print_table(r: &Value, modes: &[(String, String)]) {
     println!(
         "\nexitserve benchmark on {} (prompt {} tokens, {} new, greedy)",
         r["machine"].as_str().unwrap_or(""),
@@ -322,7 +350,7 @@ fn print_table(r: &Value) {
         "dtype", "mode", "decode tok/s", "TTFT ms", "x1 tok/s", "x4 tok/s", "x16 tok/s"
     );
     for run in r["runs"].as_array().unwrap() {
-        for (name, _) in MODES {
+        for (name, _) in modes {
             let s = &run["single_stream"][name];
             let a = &run["aggregate_tok_s"][name];
             let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
@@ -362,7 +390,7 @@ fn print_table(r: &Value) {
 /// model can use, to choose kernels per batch size.
 fn kernels() {
     use candle_core::{DType, Device, Tensor};
-    use exitserve::model::skinny_matmul;
+    use exitserve::kernels::skinny_matmul;
     let dev = Device::Cpu;
     println!("rayon threads: {}", rayon::current_num_threads());
     let (v, h) = (50257usize, 768usize);

@@ -27,7 +27,7 @@ use super::sampling::Sampler;
 use super::scheduler::{self, Budget, Demand, SeqView};
 use super::sequence::{token_logprob, Outcome, RequestState, Sequence, SharedRequest};
 use super::Submission;
-use crate::model::{Head, Mode, MultiExitGptNeo, SeqStep, TextTokenizer};
+use crate::model::{Head, Logits, Mode, MultiExitModel, SeqStep, StepLogits, TextTokenizer};
 
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
@@ -100,7 +100,7 @@ struct Pending {
 }
 
 pub struct Batcher {
-    model: Arc<MultiExitGptNeo>,
+    model: Arc<MultiExitModel>,
     tokenizer: Arc<TextTokenizer>,
     rx: mpsc::Receiver<Submission>,
     cfg: BatchConfig,
@@ -188,7 +188,7 @@ fn end_if_abandoned(metrics: &Metrics, r: &mut RequestState, now: Instant) {
 
 impl Batcher {
     pub fn new(
-        model: Arc<MultiExitGptNeo>,
+        model: Arc<MultiExitModel>,
         tokenizer: Arc<TextTokenizer>,
         rx: mpsc::Receiver<Submission>,
         cfg: BatchConfig,
@@ -551,7 +551,7 @@ impl Batcher {
 
     /// Runs the planned forward; a model error or panic comes back as the message to fail
     /// the step's members with (the engine goes on).
-    fn forward(&mut self, plan: &StepPlan) -> Result<Vec<Vec<Vec<Vec<f32>>>>, String> {
+    fn forward(&mut self, plan: &StepPlan) -> Result<StepLogits, String> {
         let model = Arc::clone(&self.model);
         let mut caches: Vec<&mut crate::model::KvCache> = Vec::with_capacity(plan.members.len());
         let mut members = plan.members.iter().peekable();
@@ -590,15 +590,10 @@ impl Batcher {
     /// Prompt bookkeeping (progress, prompt logprobs, inspection reports), then the heads at
     /// each sequence's last position: the logits of its next token (none for a sequence
     /// still in its prefill). A finished inspection sends its reports and ends here.
-    fn take_prompt_progress(
-        &mut self,
-        plan: &StepPlan,
-        mut outputs: Vec<Vec<Vec<Vec<f32>>>>,
-    ) -> Vec<Ready> {
+    fn take_prompt_progress(&mut self, plan: &StepPlan, outputs: StepLogits) -> Vec<Ready> {
         let mut ready = Vec::with_capacity(plan.members.len());
         let mut inspected = Vec::new();
-        for (k, &i) in plan.members.iter().enumerate() {
-            let logits = std::mem::take(&mut outputs[k]);
+        for ((k, &i), logits) in plan.members.iter().enumerate().zip(outputs.into_per_seq()) {
             let take = plan.prompt_taken[k];
             let all_positions = plan.all_positions[k];
             let (metrics, tokenizer, fault) = (&self.metrics, &self.tokenizer, self.cfg.fault);
@@ -624,16 +619,13 @@ impl Batcher {
                 if take > 0 && all_positions {
                     record_prompt_logprobs(seq, start, take, &logits, tokenizer);
                 }
-                if seq.in_prefill() || logits.is_empty() || logits[0].is_empty() {
+                if seq.in_prefill() || logits.first().is_none_or(Logits::is_empty) {
                     return Progress::Prefilling;
                 }
                 Progress::Ready(Ready {
                     index: i,
                     mode: seq.request.borrow().req.mode,
-                    logits: logits
-                        .into_iter()
-                        .map(|mut rows| rows.pop().unwrap_or_default())
-                        .collect(),
+                    logits: logits.into_iter().map(Logits::into_last).collect(),
                     first_token: take > 0,
                 })
             });
@@ -666,7 +658,8 @@ impl Batcher {
             .map(|(r, prompt)| {
                 contained(Phase::Score, || {
                     inject(fault, Phase::Score, prompt);
-                    r.mode.scores(&r.logits)
+                    let rows: Vec<&[f32]> = r.logits.iter().map(Vec::as_slice).collect();
+                    r.mode.scores(&rows)
                 })
             })
             .collect()
@@ -863,7 +856,7 @@ fn record_inspection(
     start: usize,
     take: usize,
     all_positions: bool,
-    logits: &[Vec<Vec<f32>>],
+    logits: &[Logits],
     tok: &TextTokenizer,
 ) {
     let (first, rows) = if all_positions {
@@ -886,7 +879,7 @@ fn record_prompt_logprobs(
     seq: &mut Sequence,
     start: usize,
     take: usize,
-    logits: &[Vec<Vec<f32>>],
+    logits: &[Logits],
     tok: &TextTokenizer,
 ) {
     let (mode, k) = {
@@ -898,7 +891,7 @@ fn record_prompt_logprobs(
         if next >= seq.prompt.len() {
             break;
         }
-        let heads: Vec<Vec<f32>> = logits.iter().map(|h| h[row].clone()).collect();
+        let heads: Vec<&[f32]> = logits.iter().map(|h| h.row(row)).collect();
         let scores = mode.scores(&heads);
         seq.prompt_logprobs
             .push(token_logprob(seq.prompt[next], &scores, k, tok));

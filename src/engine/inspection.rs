@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::request::{HeadReport, InspectSpec, PositionReport};
 use crate::model::inspect::{head_stats, jensen_shannon};
 use crate::model::mode::{contrast_log_q, log_softmax};
-use crate::model::{Head, TextTokenizer, Upper};
+use crate::model::{Head, Logits, TextTokenizer, Upper};
 
 /// Every head an inspection evaluates: the exits in ascending order, then the original.
 pub fn inspected_heads(exits: &[usize]) -> Vec<Head> {
@@ -26,7 +26,7 @@ fn head_name(h: Head) -> String {
 /// holds, per head of `heads`, one row of logits per position.
 pub fn reports(
     heads: &[Head],
-    logits: &[Vec<Vec<f32>>],
+    logits: &[Logits],
     first: usize,
     rows: usize,
     prompt: &[u32],
@@ -52,7 +52,7 @@ pub fn reports(
         .map(|row| {
             let index = first + row;
             let next = prompt.get(index + 1).copied();
-            let logps: Vec<Vec<f32>> = logits.iter().map(|h| log_softmax(&h[row])).collect();
+            let logps: Vec<Vec<f32>> = logits.iter().map(|h| log_softmax(h.row(row))).collect();
             let mut named: Vec<(String, &[f32])> = heads
                 .iter()
                 .zip(&logps)
@@ -60,7 +60,7 @@ pub fn reports(
                 .collect();
             let q;
             if let Some((c, Some(u), Some(l), name)) = &contrast {
-                q = contrast_log_q(&logits[*u][row], &logits[*l][row], c);
+                q = contrast_log_q(logits[*u].row(row), logits[*l].row(row), c);
                 named.push((name.clone(), &q[..]));
             }
             let reference = &logps[original];

@@ -27,7 +27,7 @@ pub use request::{
 };
 pub use validate::{Limits, Validator};
 
-use crate::model::{MultiExitGptNeo, TextTokenizer};
+use crate::model::{MultiExitModel, TextTokenizer};
 
 /// The exit status when the engine thread fails beyond containment.
 pub const ENGINE_FAILURE_EXIT_CODE: i32 = 70;
@@ -63,14 +63,14 @@ pub struct Engine {
     stream_buffer_events: usize,
     eos_token_id: Option<u32>,
     metrics: Arc<Metrics>,
-    model: Arc<MultiExitGptNeo>,
+    model: Arc<MultiExitModel>,
     thread: Arc<std::thread::JoinHandle<()>>,
 }
 
 impl Engine {
     /// Spawns the model thread, which owns the forward passes; the async runtime never runs one.
     pub fn start(
-        model: MultiExitGptNeo,
+        model: MultiExitModel,
         tokenizer: TextTokenizer,
         limits: Limits,
         cfg: EngineConfig,

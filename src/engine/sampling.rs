@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::request::SamplingParams;
-use crate::model::fastmath::exp_neg;
+use crate::kernels::fastmath::exp_neg;
 
 pub struct Sampler {
     params: SamplingParams,

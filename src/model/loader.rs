@@ -3,13 +3,14 @@
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::config::GptNeoConfig;
+use super::config::ModelConfig;
 use super::error::{ModelError, Result};
 use super::finite_weights::FiniteWeights;
-use super::gpt_neo::{MultiExitGptNeo, WeightDtype};
+use super::multi_exit::MultiExitModel;
 use super::safetensors_file::SafetensorsFiles;
 use super::source::{self, ModelFiles, WeightFiles};
 use super::tokenizer::TextTokenizer;
+use super::weights::WeightDtype;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -35,7 +36,7 @@ impl Default for LoadOptions {
 }
 
 pub struct LoadedModel {
-    pub model: MultiExitGptNeo,
+    pub model: MultiExitModel,
     pub tokenizer: TextTokenizer,
     pub files: ModelFiles,
 }
@@ -47,7 +48,7 @@ pub fn load(model: &str, opts: &LoadOptions) -> Result<LoadedModel> {
 }
 
 pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> {
-    let cfg = GptNeoConfig::from_file(&files.config)?;
+    let cfg = ModelConfig::from_file(&files.config)?;
     let vb = match &files.weights {
         WeightFiles::Safetensors(paths) => VarBuilder::from_backend(
             Box::new(FiniteWeights(Box::new(SafetensorsFiles::open(paths)?))),
@@ -64,7 +65,7 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> 
             )
         }
     };
-    let model = MultiExitGptNeo::new(cfg, vb, opts.dtype, opts.skinny_kernels)?;
+    let model = MultiExitModel::new(cfg, vb, opts.dtype, opts.skinny_kernels)?;
     let tokenizer = TextTokenizer::from_files(&files.tokenizer)?;
     Ok(LoadedModel {
         model,

@@ -1,27 +1,39 @@
-//! The multi-exit GPT-Neo in candle: configuration, checkpoint files, weights, forward with
-//! KV caches, exit heads and the contrast math. No async runtime and no HTTP in here.
+//! The multi-exit model in candle: configuration, checkpoint files, weights, the forward with
+//! KV caches, exit heads and the contrast math. No async runtime and no HTTP in here, and no
+//! `unsafe`: the hand-written kernels are in `crate::kernels`.
+//!
+//! - `arch/`: what differs per architecture (GPT-Neo, GPT-2): config names, weight layout.
+//! - `multi_exit.rs` (the model), `block.rs`, `attention.rs`, `weights.rs` (dtypes, packed
+//!   projections), `step.rs` (a step's packed batch and its logits), `kv_cache.rs`: shared.
+//! - `source.rs`, `safetensors_file.rs`, `finite_weights.rs`, `loader.rs`: checkpoint files.
+//! - `mode.rs` (heads, modes, the contrast), `inspect.rs`, `tokenizer.rs`.
 
-#[cfg(target_arch = "x86_64")]
-mod amx;
+#![forbid(unsafe_code)]
+
+pub mod arch;
+mod attention;
+mod block;
 pub mod config;
-pub mod cpu_features;
 pub mod error;
-pub mod fastmath;
 pub mod finite_weights;
-pub mod gpt_neo;
 pub mod inspect;
 pub mod kv_cache;
 pub mod loader;
 pub mod mode;
+pub mod multi_exit;
 pub mod safetensors_file;
-pub mod skinny_matmul;
 pub mod source;
+pub mod step;
 pub mod tokenizer;
+pub mod weights;
 
-pub use config::GptNeoConfig;
+pub use arch::Architecture;
+pub use config::ModelConfig;
 pub use error::{ModelError, Result};
-pub use gpt_neo::{MultiExitGptNeo, SeqStep, WeightDtype};
 pub use kv_cache::KvCache;
 pub use loader::{load, LoadOptions, LoadedModel};
 pub use mode::{ContrastParams, Head, Mode, Upper};
+pub use multi_exit::MultiExitModel;
+pub use step::{Logits, SeqStep, StepLogits};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
+pub use weights::WeightDtype;

@@ -2,7 +2,7 @@
 //! log-distribution that is sampled from (autocontrastive decoding, Gera et al. 2023).
 
 use super::error::{ModelError, Result};
-use super::fastmath;
+use crate::kernels::fastmath;
 
 /// A vocabulary head evaluated on `ln_f` of a block's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,10 +92,10 @@ impl Mode {
 
     /// The next-token log-distribution from the logits of [`Mode::heads`]: log-softmax for a
     /// single head, log q for contrast.
-    pub fn scores(&self, logits: &[Vec<f32>]) -> Vec<f32> {
+    pub fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
         match self {
-            Mode::Original | Mode::Exit(_) => log_softmax(&logits[0]),
-            Mode::Contrast(c) => contrast_log_q(&logits[0], &logits[1], c),
+            Mode::Original | Mode::Exit(_) => log_softmax(logits[0]),
+            Mode::Contrast(c) => contrast_log_q(logits[0], logits[1], c),
         }
     }
 }

@@ -152,17 +152,13 @@ impl SafetensorsFiles {
 }
 
 /// Reads an entry's bytes into a `Vec<T>` (little-endian files, as safetensors are).
-fn read_typed<T: Copy + Default>(
+fn read_typed<T: bytemuck::Pod>(
     e: &Entry,
     read: impl Fn(&mut [u8]) -> candle_core::Result<()>,
 ) -> candle_core::Result<Vec<T>> {
     let len = (e.end - e.start) as usize / std::mem::size_of::<T>();
-    let mut v = vec![T::default(); len];
-    // SAFETY: T is a plain number type (f32, f16, bf16): any bytes are a valid value.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, len * std::mem::size_of::<T>())
-    };
-    read(bytes)?;
+    let mut v = vec![T::zeroed(); len];
+    read(bytemuck::cast_slice_mut(&mut v))?;
     Ok(v)
 }
 

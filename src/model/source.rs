@@ -225,16 +225,53 @@ fn resolve_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
         .build()
         .map_err(|e| ModelError::Hub(e.to_string()))?;
     let api_repo = api.repo(repo);
-    let info = api_repo
-        .info()
-        .map_err(|e| ModelError::Hub(format!("{origin}: {e}")))?;
-    let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    // `blobs=true` makes the hub list each file's size, to check every download against.
+    let info: serde_json::Value = api_repo
+        .info_request()
+        .query("blobs", "true")
+        .call()
+        .map_err(|e| ModelError::Hub(format!("{origin}: {e}")))?
+        .into_json()
+        .map_err(|e| ModelError::Hub(format!("{origin}: repo info: {e}")))?;
+    let siblings = info["siblings"].as_array().cloned().unwrap_or_default();
+    let names: Vec<String> = siblings
+        .iter()
+        .filter_map(|s| s["rfilename"].as_str().map(str::to_string))
+        .collect();
+    let size_of = |name: &str| {
+        siblings
+            .iter()
+            .find(|s| s["rfilename"] == name)
+            .and_then(|s| s["size"].as_u64())
+    };
     let plan = FilePlan::choose(&names, &origin)?;
     plan.resolve(|name| {
-        api_repo
+        let path = api_repo
             .get(name)
-            .map_err(|e| ModelError::Hub(format!("{origin}: downloading `{name}`: {e}")))
+            .map_err(|e| ModelError::Hub(format!("{origin}: downloading `{name}`: {e}")))?;
+        match size_of(name) {
+            Some(size) => {
+                verified(path, size).map_err(|m| ModelError::Hub(format!("{origin}: `{name}` {m}")))
+            }
+            None => Ok(path),
+        }
     })
+}
+
+/// `path` (a cache entry) if it holds `size` bytes; else the entry (pointer and blob) is
+/// removed, so that no later start, online or offline, reads a truncated file.
+fn verified(path: PathBuf, size: u64) -> std::result::Result<PathBuf, String> {
+    let got = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
+    if got == size {
+        return Ok(path);
+    }
+    if let Ok(blob) = std::fs::canonicalize(&path) {
+        let _ = std::fs::remove_file(blob);
+    }
+    let _ = std::fs::remove_file(&path);
+    Err(format!(
+        "arrived with {got} of its {size} bytes; removed from the cache, start again to download it"
+    ))
 }
 
 #[cfg(test)]

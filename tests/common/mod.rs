@@ -2,12 +2,22 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod hub;
 pub mod server;
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+/// A port nothing listens on (for a server to bind, or as a dead endpoint).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -17,6 +27,64 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 
 pub const FIXTURE: &str = "tiny-gpt-neo-multiexit";
 pub const FIXTURE_BIN: &str = "tiny-gpt-neo-multiexit-bin";
+
+/// A tiny checkpoint of one architecture in both formats, with the reference's outputs.
+#[derive(Debug, Clone, Copy)]
+pub struct Fixture {
+    /// safetensors + tokenizer.json; also the served model id.
+    pub name: &'static str,
+    /// The same weights as a legacy `pytorch_model.bin`, with vocab.json + merges.txt only.
+    pub bin: &'static str,
+}
+
+pub const NEO: Fixture = Fixture {
+    name: FIXTURE,
+    bin: FIXTURE_BIN,
+};
+
+pub const GPT2: Fixture = Fixture {
+    name: "tiny-gpt2-multiexit",
+    bin: "tiny-gpt2-multiexit-bin",
+};
+
+/// Every architecture served.
+pub const ARCHS: [Fixture; 2] = [NEO, GPT2];
+
+impl Fixture {
+    pub fn dir(&self) -> PathBuf {
+        fixture_dir(self.name)
+    }
+
+    pub fn bin_dir(&self) -> PathBuf {
+        fixture_dir(self.bin)
+    }
+
+    pub fn reference(&self) -> Reference {
+        read_json(&format!("{}.reference.json", self.name))
+    }
+
+    /// Per-mode echo logprobs and loglikelihoods computed by the reference.
+    pub fn scoring(&self) -> Value {
+        read_json(&format!("{}.scoring.json", self.name))
+    }
+
+    /// The fixture's modes, in the reference's order of first appearance.
+    pub fn modes(&self) -> Vec<String> {
+        let mut modes: Vec<String> = Vec::new();
+        for c in self.reference().cases {
+            if !modes.contains(&c.mode) {
+                modes.push(c.mode);
+            }
+        }
+        modes
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(file: &str) -> T {
+    let path = fixture_dir(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"))
+}
 
 #[derive(Deserialize, Debug, Clone)]
 pub struct Case {
@@ -48,10 +116,9 @@ pub struct Reference {
     pub logit_checksums: Checksums,
 }
 
+/// The GPT-Neo fixture's reference outputs.
 pub fn reference() -> Reference {
-    let path = fixture_dir("tiny-gpt-neo-multiexit.reference.json");
-    let text = std::fs::read_to_string(&path).expect("reference fixture");
-    serde_json::from_str(&text).expect("reference JSON")
+    NEO.reference()
 }
 
 /// The served id of the fixture model.
@@ -80,8 +147,13 @@ pub fn multi_exit(mode: &str) -> Value {
 
 /// A greedy request reproducing a fixture case, with token ids in the response.
 pub fn greedy_body(case: &Case) -> Value {
+    greedy_body_for(MODEL, case)
+}
+
+/// `greedy_body` for the model served as `model`.
+pub fn greedy_body_for(model: &str, case: &Case) -> Value {
     json!({
-        "model": MODEL,
+        "model": model,
         "prompt": case.prompt,
         "max_tokens": case.greedy_ids.len(),
         "temperature": 0,

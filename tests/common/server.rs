@@ -23,13 +23,23 @@ impl TestServer {
         Self::start_with(flags, |_| {})
     }
 
+    /// Starts the checkpoint in `dir` with extra command-line flags.
+    pub fn start_model(dir: &std::path::Path, flags: &[&str]) -> Self {
+        let mut argv = vec!["--model", dir.to_str().unwrap()];
+        argv.extend_from_slice(flags);
+        Self::start_with(&argv, |_| {})
+    }
+
     /// As `start`, adjusting the engine configuration (fault injection).
     pub fn start_with(
         flags: &[&str],
         tune: impl FnOnce(&mut exitserve::engine::EngineConfig),
     ) -> Self {
         let model = super::fixture_dir(super::FIXTURE);
-        let mut argv = vec!["exitserve", "--model", model.to_str().unwrap()];
+        let mut argv = vec!["exitserve"];
+        if !flags.contains(&"--model") {
+            argv.extend(["--model", model.to_str().unwrap()]);
+        }
         argv.extend_from_slice(flags);
         let settings =
             Settings::resolve(Args::try_parse_from(argv).unwrap(), Args::default()).unwrap();

@@ -94,6 +94,28 @@ pub(crate) struct Operands<'a, X, W> {
     pub w: &'a [W],
 }
 
+impl<X, W> Operands<'_, X, W> {
+    /// Panics unless x holds `m` rows of `k`, W holds `panels` (each `w_per_panel` elements)
+    /// and `dst` a `(m, cols)` block of those panels' columns: the kernels index by pointer.
+    pub fn assert_extents(
+        &self,
+        w_per_panel: usize,
+        panels: &std::ops::Range<usize>,
+        cols: usize,
+        dst: &[f32],
+    ) {
+        assert!(self.x.len() >= self.m * self.k, "x shorter than m x k");
+        assert!(
+            self.w.len() >= panels.end * w_per_panel,
+            "W shorter than its panels"
+        );
+        assert!(
+            cols <= panels.len() * PANEL && dst.len() >= self.m * cols,
+            "dst smaller than m x cols"
+        );
+    }
+}
+
 /// A weight `(n, k)` repacked into panels; the tensor holds the packed elements.
 #[derive(Debug, Clone)]
 pub struct PackedWeight {
@@ -105,8 +127,12 @@ pub struct PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs `w` `(n, k)` (float32 or bfloat16, on the CPU).
+    /// Packs `w` `(n, k)` (float32 or bfloat16, on the CPU); refuses a dtype this CPU has
+    /// no kernel for, so that a packed weight is proof the kernel may run.
     pub fn pack(w: &Tensor) -> candle_core::Result<Self> {
+        if !supported(w.dtype()) {
+            candle_core::bail!("this CPU has no packed kernel for {:?} weights", w.dtype());
+        }
         let (n, k) = w.dims2()?;
         let panels = n.div_ceil(PANEL);
         let w = w.contiguous()?;
@@ -159,6 +185,9 @@ impl PackedWeight {
     /// multiplies q exactly by x quantized per row to int16 (AVX-512 VNNI `vpdpwssd`), so
     /// the result is x · (scale q)ᵀ up to x's 16-bit rounding.
     pub fn pack_int8(w: &Tensor) -> candle_core::Result<Self> {
+        if !supports_int8() {
+            candle_core::bail!("int8 weights need AVX-512 VNNI, which this CPU lacks");
+        }
         let (n, k) = w.dims2()?;
         let panels = n.div_ceil(PANEL);
         let w = w.to_dtype(DType::F32)?.contiguous()?;
@@ -412,7 +441,9 @@ mod kernels {
         cols: usize,
         dst: &mut [f32],
     ) {
-        // SAFETY: `supported(F32)` checked avx512f before weights were packed for this path.
+        ops.assert_extents(ops.k * PANEL, &panels, cols, dst);
+        // SAFETY: `PackedWeight::pack` checked avx512f before there were f32 panels; the
+        // extents are asserted above.
         unsafe { f32_panels_avx512(ops, panels, cols, dst) }
     }
 
@@ -426,8 +457,10 @@ mod kernels {
         dst: &mut [f32],
     ) {
         let (x_scales, w_scales) = scales;
+        ops.assert_extents(ops.k * PANEL * 2, &panels, cols, dst);
         assert!(x_scales.len() >= ops.m && w_scales.len() >= panels.end * PANEL);
-        // SAFETY: `supports_int8()` checked avx512f/bw/vnni before weights were packed.
+        // SAFETY: `PackedWeight::pack_int8` checked avx512f/bw/vnni before there were int8
+        // panels; the extents are asserted above.
         unsafe { int8_panels_avx512(ops, x_scales, w_scales, panels, cols, dst) }
     }
 
@@ -439,12 +472,14 @@ mod kernels {
         cols: usize,
         dst: &mut [f32],
     ) {
+        ops.assert_extents(ops.k * PANEL * 2, &panels, cols, dst);
         if amx {
             // SAFETY: the caller asks for AMX only when `cpu_features` found AMX-BF16 and got
             // the tile permission; the kernel asserts the extents it reads and writes.
-            unsafe { crate::model::amx::bf16_panels_amx(ops, panels, cols, dst) }
+            unsafe { crate::kernels::amx::bf16_panels_amx(ops, panels, cols, dst) }
         } else {
-            // SAFETY: `supported(BF16)` checked avx512f/bf16/bw before weights were packed.
+            // SAFETY: `PackedWeight::pack` checked avx512f/bf16/bw (or AMX, which implies
+            // them) before there were bf16 panels; the extents are asserted above.
             unsafe { bf16_panels_avx512(ops, panels, cols, dst) }
         }
     }

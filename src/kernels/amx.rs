@@ -8,7 +8,7 @@
 use std::arch::asm;
 use std::ops::Range;
 
-use crate::model::skinny_matmul::{Operands, PANEL};
+use super::skinny_matmul::{Operands, PANEL};
 
 /// Panels per pass: one accumulator tile each.
 const GROUP: usize = 4;

@@ -1,0 +1,13 @@
+//! Every `unsafe` line of the project lives here: the hand-written SIMD and AMX kernels, the
+//! CPU feature probe that guards them, and the byte views of plain number buffers.
+//!
+//! Each public entry is safe to call on any CPU: the packed matmul is only reachable through
+//! `PackedWeight::pack*`, which refuse a CPU without the instructions; the vectorised loops
+//! check the CPU themselves and fall back to portable code; the kernels assert the extents of
+//! the operands they read and write. `model`, `engine` and `http` forbid `unsafe` outright.
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
+pub mod cpu_features;
+pub mod fastmath;
+pub mod skinny_matmul;

@@ -1,0 +1,221 @@
+//! Causal self-attention over a packed batch, shared by the architectures: each sequence
+//! attends to its own KV cache. What differs per architecture is a parameter: the scaling of
+//! the scores (GPT-2 divides by sqrt(head_dim), GPT-Neo does not) and the reach of each layer
+//! (GPT-Neo's local layers see a window).
+
+use candle_core::{DType, Device, Module, Tensor};
+use rayon::prelude::*;
+
+use super::config::AttentionKind;
+use super::step::Segment;
+use super::weights::Proj;
+use crate::kernels::fastmath;
+
+pub(super) struct SelfAttention {
+    /// `q_proj`, `k_proj` and `v_proj` stacked into one `(3 hidden, hidden)` weight: one
+    /// matmul (one pass over x, one parallel dispatch) instead of three.
+    qkv: Proj,
+    out_proj: Proj,
+    kind: AttentionKind,
+    num_heads: usize,
+    head_dim: usize,
+    /// Multiplies q (so the scores) by this; None: scores unscaled.
+    scale: Option<f64>,
+}
+
+impl SelfAttention {
+    /// `qkv`: the q, k and v projections stacked along the output, `(3 hidden, hidden)`.
+    pub fn new(
+        qkv: Proj,
+        out_proj: Proj,
+        kind: AttentionKind,
+        num_heads: usize,
+        head_dim: usize,
+        scaled: bool,
+    ) -> Self {
+        Self {
+            qkv,
+            out_proj,
+            kind,
+            num_heads,
+            head_dim,
+            scale: scaled.then(|| 1.0 / (head_dim as f64).sqrt()),
+        }
+    }
+
+    /// `x`: `(rows, hidden)` packed as described by `segments`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        segments: &mut [Segment<'_>],
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.num_heads * self.head_dim;
+        let qkv = self.qkv.forward(x)?; // (rows, 3 hidden)
+        let q = qkv.narrow(1, 0, h)?;
+        // Scaling q scales every score: (q s) kᵀ = s (q kᵀ), one pass over the rows.
+        let q = match self.scale {
+            Some(s) => q.affine(s, 0.0)?,
+            None => q,
+        };
+        let k = qkv.narrow(1, h, h)?;
+        let v = qkv.narrow(1, 2 * h, h)?;
+        // Sequences attend to their own caches independently: spread them over the cores.
+        let mut outs = segments
+            .par_iter_mut()
+            .map(|seg| self.attend_one(&q, &k, &v, seg, layer))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        self.out_proj.forward(&out)
+    }
+
+    fn split_heads(&self, t: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        // (len, hidden) -> (len, heads, head_dim) -> (heads, len, head_dim)
+        t.narrow(0, start, len)?
+            .reshape((len, self.num_heads, self.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()
+    }
+
+    /// The oldest key a step starting at position `offset` reads: a local layer's first query
+    /// sees keys after `offset - window`, and older keys are masked for every query of the
+    /// step, so they are not read at all.
+    fn first_key(&self, offset: usize) -> usize {
+        match self.kind {
+            AttentionKind::Global => 0,
+            AttentionKind::Local { window } => (offset + 1).saturating_sub(window),
+        }
+    }
+
+    fn attend_one(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seg: &mut Segment<'_>,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (start, len) = (seg.start, seg.len);
+        if len == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
+            return self.attend_one_token_cpu(q, k, v, seg, layer);
+        }
+        let offset = seg.cache.len();
+        let q = self.split_heads(q, start, len)?;
+        let (keys, values) = seg.cache.append(
+            layer,
+            &self.split_heads(k, start, len)?,
+            &self.split_heads(v, start, len)?,
+        )?;
+        let total = offset + len;
+        let first_key = self.first_key(offset);
+        // (heads, klen, head_dim), as float32
+        let keys = keys
+            .narrow(1, first_key, total - first_key)?
+            .to_dtype(DType::F32)?;
+        let values = values
+            .narrow(1, first_key, total - first_key)?
+            .to_dtype(DType::F32)?;
+        // q carries the scale, if any.
+        let mut scores = q.matmul(&keys.t()?)?; // (heads, len, klen)
+        if len > 1 {
+            let mask = self.mask(offset, len, first_key, total, q.device())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        // (heads, len, head_dim) -> (len, heads, head_dim) -> (len, hidden)
+        probs
+            .matmul(&values)?
+            .transpose(0, 1)?
+            .reshape((len, self.num_heads * self.head_dim))
+    }
+
+    /// The decode step of one sequence on the CPU: the same computation as the tensor path,
+    /// done on the raw rows and cache buffers, because at one query the ~20 small tensor ops
+    /// per layer cost more than the arithmetic.
+    fn attend_one_token_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seg: &mut Segment<'_>,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (heads, hd) = (self.num_heads, self.head_dim);
+        let row = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            // (1, hidden) of this sequence -> (heads, 1, head_dim): the same memory order
+            t.narrow(0, seg.start, 1)?.flatten_all()?.to_vec1::<f32>()
+        };
+        let q = row(q)?;
+        let offset = seg.cache.len();
+        let (keys, values) = seg.cache.append(
+            layer,
+            &Tensor::from_vec(row(k)?, (heads, 1, hd), &Device::Cpu)?,
+            &Tensor::from_vec(row(v)?, (heads, 1, hd), &Device::Cpu)?,
+        )?;
+        let total = offset + 1;
+        let first_key = self.first_key(offset);
+        let (k_store, k_layout) = keys.storage_and_layout();
+        let (v_store, v_layout) = values.storage_and_layout();
+        // (heads, capacity, head_dim) buffers: a head's keys first_key..total are contiguous
+        let span = |layout: &candle_core::Layout, h: usize| {
+            let start = layout.start_offset() + h * layout.stride()[0] + first_key * hd;
+            start..start + (total - first_key) * hd
+        };
+        let mut out = vec![0f32; heads * hd];
+        let mut scores = vec![0f32; total - first_key];
+        let heads_out = out.chunks_exact_mut(hd).zip(q.chunks_exact(hd)).enumerate();
+        match (&*k_store, &*v_store) {
+            (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) => match keys.dtype() {
+                DType::BF16 => {
+                    let (kb, vb) = (kc.as_slice::<half::bf16>()?, vc.as_slice::<half::bf16>()?);
+                    for (h, (oh, qh)) in heads_out {
+                        let (keys, values) = (&kb[span(k_layout, h)], &vb[span(v_layout, h)]);
+                        fastmath::attend_head_bf16(qh, keys, values, &mut scores, oh);
+                    }
+                }
+                _ => {
+                    let (kb, vb) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+                    for (h, (oh, qh)) in heads_out {
+                        let (keys, values) = (&kb[span(k_layout, h)], &vb[span(v_layout, h)]);
+                        fastmath::attend_head_f32(qh, keys, values, &mut scores, oh);
+                    }
+                }
+            },
+            _ => candle_core::bail!("CPU attention on non-CPU caches"),
+        }
+        Tensor::from_vec(out, (1, heads * hd), &Device::Cpu)
+    }
+
+    /// `(len, klen)`: 0 where query `offset+i` may see key `first_key+j`, -inf elsewhere
+    /// (causal, and within the window on local layers).
+    fn mask(
+        &self,
+        offset: usize,
+        len: usize,
+        first_key: usize,
+        total: usize,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let klen = total - first_key;
+        let mut m = vec![0f32; len * klen];
+        for i in 0..len {
+            let p = offset + i;
+            for j in 0..klen {
+                let key = first_key + j;
+                let visible = key <= p
+                    && match self.kind {
+                        AttentionKind::Global => true,
+                        AttentionKind::Local { window } => p - key < window,
+                    };
+                if !visible {
+                    m[i * klen + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Tensor::from_vec(m, (len, klen), device)
+    }
+}

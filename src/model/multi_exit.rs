@@ -1,0 +1,352 @@
+//! The multi-exit model, whatever its architecture: token and position embeddings, the
+//! blocks, the shared final norm `ln_f`, the original head and the exit heads, and the forward
+//! step over a packed batch.
+//!
+//! The forward works on a *packed* batch: the new tokens of every sequence are concatenated
+//! into one `(tokens, hidden)` matrix, so the dense layers run once for the whole batch while
+//! attention runs per sequence against its own cache (no padding, so a sequence computes the
+//! same values alone or in any batch). Sequences are ordered by depth, deepest first: the rows
+//! still needed at a layer are a prefix, and a sequence decoding from exit L is dropped from the
+//! matrix after block L.
+
+use std::sync::atomic::Ordering;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+
+use super::block::Block;
+use super::config::ModelConfig;
+use super::error::{ModelError, Result};
+use super::kv_cache::KvCache;
+use super::mode::Head;
+use super::step::{ForwardStats, Logits, Packed, Segment, SeqStep, StepLogits};
+use super::weights::{Weight, WeightDtype, WeightSpec};
+
+pub struct MultiExitModel {
+    cfg: ModelConfig,
+    /// `(vocab, hidden)`: the token embedding, and the original head when tied.
+    wte: Weight,
+    wpe: Tensor, // (positions, hidden)
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    /// `lm_head.weight` when the checkpoint has one; None = tied to `wte` (as on the hub).
+    lm_head: Option<Weight>, // (vocab, hidden)
+    /// `(layer, weight (vocab, hidden))`, ascending by layer.
+    exit_heads: Vec<(usize, Weight)>,
+    device: Device,
+    /// See `WeightDtype::kv_dtype`.
+    kv_dtype: DType,
+    pub stats: ForwardStats,
+}
+
+/// Maps candle's loading errors (missing tensor, shape mismatch) to one naming the tensor.
+fn named<T>(name: &str, r: candle_core::Result<T>) -> Result<T> {
+    r.map_err(|e| ModelError::Tensor {
+        name: name.to_string(),
+        message: e.to_string().lines().next().unwrap_or_default().to_string(),
+    })
+}
+
+impl MultiExitModel {
+    /// Builds the model from a float32 `VarBuilder` rooted at the checkpoint's top level;
+    /// projection and vocabulary weights are kept in `wdtype`, multiplied by the skinny CPU
+    /// kernels when `skinny` (and the CPU has them).
+    pub fn new(
+        cfg: ModelConfig,
+        vb: VarBuilder,
+        wdtype: WeightDtype,
+        skinny: bool,
+    ) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let t = vb.pp("transformer");
+        let vw = vb.to_dtype(wdtype.load_dtype());
+        let spec = WeightSpec {
+            dtype: wdtype,
+            skinny,
+        };
+        // One copy of wte serves as the embedding and as the tied original head.
+        let wte = named(
+            "transformer.wte.weight",
+            vw.get((v, h), "transformer.wte.weight"),
+        )?;
+        let device = wte.device().clone();
+        let wte = named("transformer.wte.weight", Weight::new(wte, spec))?;
+        // The vocabulary-sized matrices load first, while little else is resident: each
+        // passes through a transient copy (read, pack) that then counts the least.
+        let weight = |name: &str| -> Result<Weight> {
+            let w = named(name, vw.get((v, h), name))?;
+            named(name, Weight::new(w, spec))
+        };
+        let lm_head = if vb.contains_tensor("lm_head.weight") {
+            Some(weight("lm_head.weight")?)
+        } else {
+            None
+        };
+        let exit_heads = cfg
+            .exit_layers
+            .iter()
+            .map(|&l| {
+                Ok((
+                    l,
+                    weight(&format!("name_to_lm_exit_head.lm_head_{l}.weight"))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let wpe = named(
+            "transformer.wpe.weight",
+            t.get((cfg.max_position_embeddings, h), "wpe.weight"),
+        )?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| {
+                let name = format!("transformer.h.{i}");
+                named(&name, Block::new(&cfg, i, t.pp(format!("h.{i}")), spec))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = named(
+            "transformer.ln_f",
+            layer_norm(h, cfg.layer_norm_epsilon, t.pp("ln_f")),
+        )?;
+        Ok(Self {
+            device,
+            kv_dtype: wdtype.kv_dtype(),
+            cfg,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            exit_heads,
+            stats: ForwardStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        self.new_cache_for(self.cfg.max_position_embeddings)
+    }
+
+    /// A cache that never grows past `positions` (what the sequence reserved), so that the
+    /// engine's KV-token budget bounds the memory actually allocated.
+    pub fn new_cache_for(&self, positions: usize) -> KvCache {
+        KvCache::new(
+            self.cfg.num_layers,
+            positions.min(self.cfg.max_position_embeddings),
+            self.kv_dtype,
+        )
+    }
+
+    /// Bytes one cached position takes in every layer (keys and values).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_layers * self.cfg.hidden_size * self.kv_dtype.size_in_bytes()
+    }
+
+    fn head_weight(&self, head: Head) -> Result<&Weight> {
+        match head {
+            Head::Original => Ok(self.lm_head.as_ref().unwrap_or(&self.wte)),
+            Head::Exit(layer) => self
+                .exit_heads
+                .iter()
+                .find(|(l, _)| *l == layer)
+                .map(|(_, w)| w)
+                .ok_or_else(|| ModelError::NotAnExit {
+                    layer,
+                    available: self.cfg.exit_layers.clone(),
+                }),
+        }
+    }
+
+    /// Runs one step for a batch of sequences, appending to their caches. Returns, per
+    /// sequence and per head of `SeqStep::heads` (in that order), the logits
+    /// at its last new position, or at every new position with `all_positions`.
+    pub fn forward(&self, steps: &mut [SeqStep<'_>]) -> Result<StepLogits> {
+        for s in steps.iter() {
+            self.check_step(s)?;
+        }
+        // Deepest first, so the rows still needed at each layer are a prefix.
+        let mut order: Vec<usize> = (0..steps.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(steps[i].depth));
+
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut starts = Vec::with_capacity(order.len());
+        for &i in &order {
+            let s = &steps[i];
+            starts.push(ids.len());
+            let offset = s.cache.len() as u32;
+            ids.extend_from_slice(s.tokens);
+            positions.extend((0..s.tokens.len() as u32).map(|p| offset + p));
+        }
+        let total_rows = ids.len();
+        let mut outputs = StepLogits {
+            per_seq: steps
+                .iter()
+                .map(|s| vec![Logits::default(); s.heads.len()])
+                .collect(),
+        };
+        if total_rows == 0 {
+            return Ok(outputs);
+        }
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        // (rows, hidden)
+        let tokens = self.wte.rows(&ids, &self.device)?;
+        let mut x = (tokens + self.wpe.index_select(&positions, 0)?)?;
+
+        let max_depth = order.first().map_or(0, |&i| steps[i].depth);
+        let depths: Vec<usize> = order.iter().map(|&i| steps[i].depth).collect();
+        let lens: Vec<usize> = order.iter().map(|&i| steps[i].tokens.len()).collect();
+        let heads: Vec<Vec<Head>> = order.iter().map(|&i| steps[i].heads.to_vec()).collect();
+        let all_positions: Vec<bool> = order.iter().map(|&i| steps[i].all_positions).collect();
+        {
+            // Segments borrow the caches in packed order.
+            let mut by_index: Vec<Option<&mut KvCache>> =
+                steps.iter_mut().map(|s| Some(&mut *s.cache)).collect();
+            let mut segments: Vec<Segment<'_>> = order
+                .iter()
+                .enumerate()
+                .map(|(slot, &i)| Segment {
+                    start: starts[slot],
+                    len: lens[slot],
+                    cache: by_index[i].take().expect("each index once"),
+                })
+                .collect();
+            for layer in 0..max_depth {
+                let active = depths.iter().take_while(|&&d| d > layer).count();
+                let rows = starts.get(active).copied().unwrap_or(total_rows);
+                if rows < x.dim(0)? {
+                    x = x.narrow(0, 0, rows)?;
+                }
+                x = self.blocks[layer].forward(&x, &mut segments[..active], layer)?;
+                self.stats
+                    .block_evals
+                    .fetch_add(active as u64, Ordering::Relaxed);
+                let packed = Packed {
+                    starts: &starts,
+                    lens: &lens,
+                    heads: &heads[..active],
+                    all_positions: &all_positions,
+                    order: &order,
+                };
+                self.eval_heads(layer + 1, &x, &packed, &mut outputs.per_seq)?;
+            }
+            for seg in segments.iter_mut() {
+                seg.cache.advance(seg.len);
+            }
+        }
+        Ok(outputs)
+    }
+
+    fn check_step(&self, s: &SeqStep<'_>) -> Result<()> {
+        let n = self.cfg.num_layers;
+        let bad = |m: String| ModelError::Tensor {
+            name: "(step)".into(),
+            message: m,
+        };
+        if s.depth == 0 || s.depth > n {
+            return Err(bad(format!("depth {} outside 1..={n}", s.depth)));
+        }
+        if let Some(h) = s.heads.iter().find(|h| h.layer(n) > s.depth) {
+            return Err(bad(format!("head {h:?} lies above depth {}", s.depth)));
+        }
+        let end = s.cache.len() + s.tokens.len();
+        if end > self.cfg.max_position_embeddings {
+            return Err(bad(format!(
+                "{end} positions exceed max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if let Some(&t) = s
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.cfg.vocab_size)
+        {
+            return Err(bad(format!(
+                "token id {t} >= vocab size {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Evaluates, after block `layer`, every head reading that layer, batched over the
+    /// sequences that want it, on their last rows only (or all rows with `all_positions`).
+    fn eval_heads(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        p: &Packed<'_>,
+        outputs: &mut [Vec<Logits>],
+    ) -> Result<()> {
+        let n_layers = self.cfg.num_layers;
+        let mut wanted: Vec<Head> = Vec::new();
+        for hs in p.heads {
+            for &h in hs {
+                if h.layer(n_layers) == layer && !wanted.contains(&h) {
+                    wanted.push(h);
+                }
+            }
+        }
+        for head in wanted {
+            // (slot in packed order, index into that sequence's head list, rows wanted)
+            let mut users: Vec<(usize, usize, usize)> = Vec::new();
+            let mut rows: Vec<u32> = Vec::new();
+            for (slot, hs) in p.heads.iter().enumerate() {
+                for (k, _) in hs.iter().enumerate().filter(|(_, &h)| h == head) {
+                    let end = p.starts[slot] + p.lens[slot];
+                    let first = if p.all_positions[slot] {
+                        p.starts[slot]
+                    } else {
+                        end - 1
+                    };
+                    rows.extend(first as u32..end as u32);
+                    users.push((slot, k, end - first));
+                }
+            }
+            let rows_t = Tensor::new(rows.as_slice(), &self.device)?;
+            // (rows, hidden) -> (rows, vocab)
+            let hidden = self.ln_f.forward(&x.index_select(&rows_t, 0)?)?;
+            let vocab = self.cfg.vocab_size;
+            let logits = self.head_weight(head)?.xwt(&hidden)?;
+            let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+            if let [(slot, k, _)] = users[..] {
+                // the common case, one user: hand the buffer over without a copy
+                outputs[p.order[slot]][k] = Logits::new(vocab, logits);
+                continue;
+            }
+            let mut rows = logits.chunks_exact(vocab);
+            for (slot, k, count) in users {
+                let data = rows.by_ref().take(count).flatten().copied().collect();
+                outputs[p.order[slot]][k] = Logits::new(vocab, data);
+            }
+        }
+        Ok(())
+    }
+
+    /// Raw logits of every head at the last position of `tokens` (fresh cache): used to
+    /// check the loaded weights against reference checksums.
+    pub fn all_head_logits(&self, tokens: &[u32]) -> Result<Vec<(Head, Vec<f32>)>> {
+        let mut cache = self.new_cache();
+        let mut heads: Vec<Head> = self
+            .cfg
+            .exit_layers
+            .iter()
+            .map(|&l| Head::Exit(l))
+            .collect();
+        heads.push(Head::Original);
+        let mut step = [SeqStep {
+            tokens,
+            cache: &mut cache,
+            depth: self.cfg.num_layers,
+            heads: &heads,
+            all_positions: false,
+        }];
+        let out = self.forward(&mut step)?.into_per_seq().remove(0);
+        Ok(heads
+            .into_iter()
+            .zip(out)
+            .map(|(h, logits)| (h, logits.into_last()))
+            .collect())
+    }
+}

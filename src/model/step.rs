@@ -1,0 +1,106 @@
+//! One forward step of a batch: what each sequence brings (`SeqStep`), how their rows are
+//! packed into one matrix (`Segment`, `Packed`), and what comes back (`StepLogits`).
+
+use std::sync::atomic::AtomicU64;
+
+use super::kv_cache::KvCache;
+use super::mode::Head;
+
+/// One sequence's part of a forward step.
+pub struct SeqStep<'a> {
+    /// New tokens: a prompt chunk, or the one token sampled last step.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Blocks to run (the mode's depth); the cache of layers above stays empty.
+    pub depth: usize,
+    /// Heads wanted at the last new position; empty in the middle of a chunked prefill.
+    pub heads: &'a [Head],
+    /// Evaluate the heads at every new position, not just the last (prompt logprobs).
+    pub all_positions: bool,
+}
+
+/// A sequence's rows in the packed matrix, with its cache.
+pub(super) struct Segment<'s> {
+    pub start: usize,
+    pub len: usize,
+    pub cache: &'s mut KvCache,
+}
+
+/// The packed layout of a step, in depth order (deepest first).
+pub(super) struct Packed<'p> {
+    pub starts: &'p [usize],
+    pub lens: &'p [usize],
+    pub heads: &'p [Vec<Head>],
+    pub all_positions: &'p [bool],
+    /// Packed slot -> index of the sequence in the caller's step list.
+    pub order: &'p [usize],
+}
+
+/// Counters used by tests and metrics to check the work skipped by early exits.
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    /// Block evaluations, counted once per sequence per block.
+    pub block_evals: AtomicU64,
+}
+
+/// One head's logits for one sequence in a step: `rows` positions of `vocab` floats each
+/// (one row, the last new position, unless the step asked for all positions).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Logits {
+    vocab: usize,
+    data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn new(vocab: usize, data: Vec<f32>) -> Self {
+        debug_assert!(vocab > 0 && data.len().is_multiple_of(vocab));
+        Self { vocab, data }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.data.len().checked_div(self.vocab).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// The last position's row (the next token's logits).
+    pub fn last(&self) -> Option<&[f32]> {
+        self.rows().checked_sub(1).map(|i| self.row(i))
+    }
+
+    pub fn iter_rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.data.chunks_exact(self.vocab.max(1))
+    }
+
+    /// The last row, owned (the next token's logits).
+    pub fn into_last(mut self) -> Vec<f32> {
+        let n = self.data.len();
+        self.data.drain(..n.saturating_sub(self.vocab));
+        self.data
+    }
+}
+
+/// What a forward step returns: per sequence (in the order of the step list), per head of
+/// its `SeqStep::heads` (in that order), the logits.
+#[derive(Debug, Default)]
+pub struct StepLogits {
+    pub(super) per_seq: Vec<Vec<Logits>>,
+}
+
+impl StepLogits {
+    /// Sequence `seq`'s logits, one entry per head it asked for.
+    pub fn seq(&self, seq: usize) -> &[Logits] {
+        &self.per_seq[seq]
+    }
+
+    /// Hands over every sequence's head logits.
+    pub fn into_per_seq(self) -> Vec<Vec<Logits>> {
+        self.per_seq
+    }
+}

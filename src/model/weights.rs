@@ -1,0 +1,226 @@
+//! How matmul weights are stored and multiplied, and the projection layers built on them.
+//! Architectures differ in how a checkpoint stores a projection (`nn.Linear` `(out, in)` or
+//! GPT-2's `Conv1D` `(in, out)`), not in how it is multiplied: both become a [`Proj`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::kernels::skinny_matmul::{self, PackedWeight};
+
+/// How the projection and vocabulary matrices are stored and multiplied. Norms, position
+/// embeddings, biases and activations stay float32 in every case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    /// Exact parity with the reference.
+    F32,
+    F16,
+    /// With a bfloat16 KV cache.
+    Bf16,
+    /// Symmetric int8 with one float32 scale per output row, multiplied by the skinny
+    /// kernels (x86-64 with AVX-512 VNNI only) with activations rounded to int16; with a
+    /// bfloat16 KV cache.
+    Int8,
+}
+
+impl WeightDtype {
+    /// Every dtype, by the name `--dtype` takes.
+    pub const ALL: [(&'static str, WeightDtype); 4] = [
+        ("f32", WeightDtype::F32),
+        ("f16", WeightDtype::F16),
+        ("bf16", WeightDtype::Bf16),
+        ("int8", WeightDtype::Int8),
+    ];
+
+    /// The dtype the matrices are read into (int8 is quantized from float32 while packing).
+    pub fn load_dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 | WeightDtype::Int8 => DType::F32,
+            WeightDtype::F16 => DType::F16,
+            WeightDtype::Bf16 => DType::BF16,
+        }
+    }
+
+    /// bfloat16 caches for bfloat16 and int8 weights (half the memory per token, and the
+    /// values are no less exact than the weights that made them); float32 otherwise.
+    pub fn kv_dtype(self) -> DType {
+        match self {
+            WeightDtype::Bf16 | WeightDtype::Int8 => DType::BF16,
+            WeightDtype::F32 | WeightDtype::F16 => DType::F32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, d)| *d == self)
+            .map(|(n, _)| *n)
+            .expect("every dtype is listed")
+    }
+}
+
+impl FromStr for WeightDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(s))
+            .map(|(_, d)| *d)
+            .ok_or_else(|| format!("unknown dtype `{s}` (f32, f16, bf16 or int8)"))
+    }
+}
+
+impl fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How projection weights are stored and multiplied.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightSpec {
+    pub dtype: WeightDtype,
+    /// Use the skinny CPU kernels where the CPU has them (else candle's matmul).
+    pub skinny: bool,
+}
+
+/// A matmul weight `(out, in)`: packed for the skinny AVX-512 kernels on CPUs that have them
+/// (unless `--matmul candle`), else a plain tensor for candle's matmul (GPU, other CPUs).
+pub enum Weight {
+    Plain(Tensor),
+    Packed(PackedWeight),
+}
+
+impl Weight {
+    /// `w` as read (in `spec.dtype.load_dtype()`), packed or quantized as `spec` says.
+    pub fn new(w: Tensor, spec: WeightSpec) -> candle_core::Result<Self> {
+        let cpu_kernels = spec.skinny && w.device().is_cpu();
+        if spec.dtype == WeightDtype::Int8 {
+            if !(cpu_kernels && skinny_matmul::supports_int8()) {
+                candle_core::bail!(
+                    "int8 weights need the skinny CPU kernels: an x86-64 CPU with AVX-512 \
+                     VNNI, and --matmul auto"
+                );
+            }
+            Ok(Weight::Packed(PackedWeight::pack_int8(&w)?))
+        } else if cpu_kernels && skinny_matmul::supported(w.dtype()) {
+            Ok(Weight::Packed(PackedWeight::pack(&w)?))
+        } else {
+            Ok(Weight::Plain(w))
+        }
+    }
+
+    /// `x Wᵀ` for float32 `x`; a reduced-precision plain weight gets `x` cast to its dtype and
+    /// the result back as float32.
+    pub fn xwt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Packed(p) => p.xwt(x),
+            Weight::Plain(w) if w.dtype() == x.dtype() => x.matmul(&w.t()?),
+            Weight::Plain(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32),
+        }
+    }
+
+    /// Rows `ids` as float32 (embedding lookup).
+    pub fn rows(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Packed(p) => p.gather_rows(ids),
+            Weight::Plain(w) => w
+                .index_select(&Tensor::new(ids, device)?, 0)?
+                .to_dtype(DType::F32),
+        }
+    }
+}
+
+/// A projection `y = x Wᵀ (+ b)`; the bias stays float32.
+pub struct Proj {
+    weight: Weight,
+    bias: Option<Tensor>,
+}
+
+impl Proj {
+    /// An `nn.Linear`: `weight` stored `(out, in)`.
+    pub fn linear(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+        spec: WeightSpec,
+    ) -> candle_core::Result<Self> {
+        let weight = vb
+            .to_dtype(spec.dtype.load_dtype())
+            .get((out_dim, in_dim), "weight")?;
+        Self::with_bias(weight, bias, out_dim, &vb, spec)
+    }
+
+    /// GPT-2's `Conv1D`: `weight` stored `(in, out)`, transposed once here
+    /// (`transformers/pytorch_utils.py`).
+    pub fn conv1d(
+        in_dim: usize,
+        out_dim: usize,
+        vb: VarBuilder,
+        spec: WeightSpec,
+    ) -> candle_core::Result<Self> {
+        let weight = vb
+            .to_dtype(spec.dtype.load_dtype())
+            .get((in_dim, out_dim), "weight")?
+            .t()?
+            .contiguous()?; // (out, in)
+        Self::with_bias(weight, true, out_dim, &vb, spec)
+    }
+
+    /// Bias-free `nn.Linear` projections `names` (each `(out, in)`) stacked along the output
+    /// dimension: one matmul (one pass over x, one parallel dispatch) instead of several.
+    pub fn stacked_linear(
+        in_dim: usize,
+        out_dim: usize,
+        names: &[&str],
+        vb: &VarBuilder,
+        spec: WeightSpec,
+    ) -> candle_core::Result<Self> {
+        let parts = names
+            .iter()
+            .map(|n| {
+                vb.pp(*n)
+                    .to_dtype(spec.dtype.load_dtype())
+                    .get((out_dim, in_dim), "weight")
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            weight: Weight::new(Tensor::cat(&parts, 0)?, spec)?,
+            bias: None,
+        })
+    }
+
+    fn with_bias(
+        weight: Tensor,
+        bias: bool,
+        out_dim: usize,
+        vb: &VarBuilder,
+        spec: WeightSpec,
+    ) -> candle_core::Result<Self> {
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight: Weight::new(weight, spec)?,
+            bias,
+        })
+    }
+}
+
+impl Module for Proj {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.weight.xwt(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
