@@ -1,11 +1,13 @@
-"""The real lm-eval (`local-completions`) against a real exitserve on the tiny fixture, offline.
+"""The real lm-eval (`local-completions`) against a real exitserve on the tiny fixtures of
+both architectures, offline.
 
 Usage: python tests/e2e/lm_eval_e2e.py BINARY
 Runs the two local tasks in tests/lm_eval (multiple choice; generate_until with five stops)
-with `tokenizer_backend=huggingface` (the fixture folder) and `remote` (the server's
-/tokenize), in the original mode and in a contrast mode chosen by model id, then checks:
+in the original mode and in a contrast mode chosen by model id: on GPT-Neo with
+`tokenizer_backend=huggingface` (the fixture folder) and `remote` (the server's /tokenize),
+on GPT-2 with `huggingface`. Then checks:
 - every logged loglikelihood equals the reference implementation's, per mode
-  (tests/fixtures/tiny-gpt-neo-multiexit.scoring.json), and `is_greedy` with it;
+  (tests/fixtures/<fixture>.scoring.json), and `is_greedy` with it;
 - every generation equals the reference greedy text cut at the first stop sequence.
 """
 import glob
@@ -15,18 +17,23 @@ import subprocess
 import sys
 import tempfile
 
-from server import FIXTURE, MODEL, ROOT, running_server
+from server import FIXTURE, GPT2_FIXTURE, GPT2_MODEL, MODEL, ROOT, running_server
 
-SCORING = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt-neo-multiexit.scoring.json")
-REFERENCE = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt-neo-multiexit.reference.json")
 TASKS = os.path.join(ROOT, "tests", "lm_eval")
 STOPS = [" pet", "anten", " accredited", "\n\n", "Christianity"]
-# mode of the scoring/reference files -> the model id suffix that selects it
-MODES = {"original": "", "contrast:4,1": ":contrast-4-1"}
+# (fixture folder, served id, {mode of the scoring/reference files: model-id suffix}, backends)
+RUNS = [
+    (FIXTURE, MODEL, {"original": "", "contrast:4,1": ":contrast-4-1"}, ("huggingface", "remote")),
+    (GPT2_FIXTURE, GPT2_MODEL, {"original": "", "contrast:6,2": ":contrast-6-2"}, ("huggingface",)),
+]
 TOLERANCE = 2e-3
 
 
-def run_lm_eval(port, model_id, backend, out):
+def fixture_file(fixture, kind):
+    return f"{fixture}.{kind}.json"
+
+
+def run_lm_eval(port, model_id, backend, out, fixture):
     args = {
         "model": model_id,
         "base_url": f"http://127.0.0.1:{port}/v1/completions",
@@ -36,7 +43,7 @@ def run_lm_eval(port, model_id, backend, out):
         "tokenized_requests": True,
     }
     if backend == "huggingface":
-        args["tokenizer"] = FIXTURE
+        args["tokenizer"] = fixture
     cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions",
            "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
            "--tasks", "exitserve_mc,exitserve_gen", "--include_path", TASKS,
@@ -56,8 +63,8 @@ def samples(out, task):
         return [json.loads(line) for line in f]
 
 
-def check_loglikelihoods(rows, mode):
-    with open(SCORING) as f:
+def check_loglikelihoods(rows, mode, fixture):
+    with open(fixture_file(fixture, "scoring")) as f:
         want = {(x["context"], x["continuation"]): x for x in json.load(f)["loglikelihood"] if x["mode"] == mode}
     checked = 0
     for row in rows:
@@ -78,8 +85,8 @@ def check_loglikelihoods(rows, mode):
     return checked
 
 
-def check_generations(rows, mode):
-    with open(REFERENCE) as f:
+def check_generations(rows, mode, fixture):
+    with open(fixture_file(fixture, "reference")) as f:
         greedy = {c["prompt"]: c["greedy_text"] for c in json.load(f)["cases"] if c["mode"] == mode}
     for row in rows:
         prompt = row["doc"]["prompt"]
@@ -95,15 +102,16 @@ def check_generations(rows, mode):
 
 def main():
     binary = sys.argv[1]
-    with running_server(binary) as server:
-        for mode, suffix in MODES.items():
-            for backend in ("huggingface", "remote"):
-                with tempfile.TemporaryDirectory() as out:
-                    run_lm_eval(server.port, MODEL + suffix, backend, out)
-                    n_ll = check_loglikelihoods(samples(out, "exitserve_mc"), mode)
-                    n_gen = check_generations(samples(out, "exitserve_gen"), mode)
-                    print(f"lm-eval {mode} ({MODEL + suffix}), tokenizer {backend}: "
-                          f"{n_ll} loglikelihoods equal the reference, {n_gen} generations equal it")
+    for fixture, model, modes, backends in RUNS:
+        with running_server(binary, fixture=fixture) as server:
+            for mode, suffix in modes.items():
+                for backend in backends:
+                    with tempfile.TemporaryDirectory() as out:
+                        run_lm_eval(server.port, model + suffix, backend, out, fixture)
+                        n_ll = check_loglikelihoods(samples(out, "exitserve_mc"), mode, fixture)
+                        n_gen = check_generations(samples(out, "exitserve_gen"), mode, fixture)
+                        print(f"lm-eval {mode} ({model + suffix}), tokenizer {backend}: "
+                              f"{n_ll} loglikelihoods equal the reference, {n_gen} generations equal it")
     print("lm-eval e2e: all checks passed")
 
 

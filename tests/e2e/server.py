@@ -10,6 +10,8 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt-neo-multiexit")
 MODEL = "tiny-gpt-neo-multiexit"
+GPT2_FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt2-multiexit")
+GPT2_MODEL = "tiny-gpt2-multiexit"
 
 
 def free_port():
@@ -26,12 +28,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(binary, *extra):
+def running_server(binary, *extra, fixture=FIXTURE):
     """Yields a healthy `Server`; on exit sends SIGTERM and requires exit code 0. Its log goes
     to a file (a pipe nobody reads would fill and block the server's writes)."""
     port = free_port()
     log = tempfile.TemporaryFile()
-    server = subprocess.Popen([binary, "--model", FIXTURE, "--port", str(port), "--log-format", "json", *extra],
+    server = subprocess.Popen([binary, "--model", fixture, "--port", str(port), "--log-format", "json", *extra],
                               stdout=subprocess.DEVNULL, stderr=log)
 
     def tail():
