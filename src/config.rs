@@ -131,11 +131,11 @@ pub struct Args {
     /// Largest request body in bytes [default: 1048576]
     #[arg(long, env = "EXITSERVE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Weight dtype: f32 (exact parity), or bf16/int8 (AVX-512 CPUs) or f16 for speed
+    /// Weight dtype: f32 (exact parity), or bf16/int8 (x86-64 with AVX2 or AVX-512) or f16 for speed
     /// [default: f32]
     #[arg(long, env = "EXITSERVE_DTYPE", value_parser = dtype_parser())]
     pub dtype: Option<WeightDtype>,
-    /// CPU matmul kernels: `auto` (the skinny AVX-512 kernels where available) or `candle`
+    /// CPU matmul kernels: `auto` (the skinny AVX2/AVX-512/AMX kernels where available) or `candle`
     /// (candle's gemm everywhere) [default: auto]
     #[arg(long, env = "EXITSERVE_MATMUL", value_enum)]
     pub matmul: Option<MatmulKernels>,

@@ -1,4 +1,4 @@
-//! Support for the `bench` binary: a GPT-Neo-125M-shaped random checkpoint, a minimal HTTP
+//! Support for the `bench` binary: a random checkpoint of a released shape, a minimal HTTP
 //! client for streaming completions, and process memory readings. Not used by the server.
 
 pub mod checkpoint;

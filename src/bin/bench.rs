@@ -165,9 +165,11 @@ struct Server {
 }
 
 impl Server {
-    fn start(bin: &Path, model: &Path, dtype: &str) -> Self {
+    /// The server on `model` once healthy, or why it exited (e.g. int8 on a CPU without
+    /// AVX-512 VNNI: a start-up error, printed on stderr).
+    fn start(bin: &Path, model: &Path, dtype: &str) -> Result<Self, String> {
         let port = free_port();
-        let child = Command::new(bin)
+        let mut child = Command::new(bin)
             .args([
                 "--model",
                 model.to_str().unwrap(),
@@ -185,6 +187,11 @@ impl Server {
         let addr = format!("127.0.0.1:{port}");
         let start = Instant::now();
         while client::get_status(&addr, "/health").ok() != Some(200) {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return Err(format!(
+                    "exitserve --dtype {dtype} exited at start ({status})"
+                ));
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(300),
                 "server did not become healthy"
@@ -192,7 +199,7 @@ impl Server {
             std::thread::sleep(Duration::from_millis(100));
         }
         eprintln!("  server up in {:.1} s", start.elapsed().as_secs_f64());
-        Self { child, addr }
+        Ok(Self { child, addr })
     }
 }
 
@@ -220,7 +227,13 @@ fn run_server_bench(
     weight_bytes: u64,
 ) -> Value {
     eprintln!("dtype {dtype}:");
-    let server = Server::start(bin, args.data.as_ref().expect("set in main"), dtype);
+    let server = match Server::start(bin, args.data.as_ref().expect("set in main"), dtype) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("  {why}: not measured");
+            return json!({"dtype": dtype, "not_measured": why});
+        }
+    };
     let path = "/v1/completions";
     // warm-up: every mode once
     for (_, mode) in modes {
@@ -350,6 +363,10 @@ fn print_table(r: &Value, modes: &[(String, String)]) {
         "dtype", "mode", "decode tok/s", "TTFT ms", "x1 tok/s", "x4 tok/s", "x16 tok/s"
     );
     for run in r["runs"].as_array().unwrap() {
+        if let Some(why) = run["not_measured"].as_str() {
+            println!("{:<8} not measured: {why}", run["dtype"].as_str().unwrap());
+            continue;
+        }
         for (name, _) in modes {
             let s = &run["single_stream"][name];
             let a = &run["aggregate_tok_s"][name];

@@ -4,6 +4,8 @@ use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuFeatures {
+    /// AVX2 and FMA: the 8-lane panel kernels (`super::avx2`) on CPUs without AVX-512.
+    pub avx2_fma: bool,
     /// AVX-512F: the vectorised loops and the float32 panel kernel.
     pub avx512: bool,
     /// AVX-512 BF16 (+BW): the `vdpbf16ps` bfloat16 panel kernel.
@@ -29,6 +31,8 @@ fn probe() -> CpuFeatures {
         && std::arch::is_x86_feature_detected!("avx512vnni")
         && std::arch::is_x86_feature_detected!("avx512bw");
     CpuFeatures {
+        avx2_fma: std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"),
         avx512,
         avx512_bf16,
         avx512_vnni,

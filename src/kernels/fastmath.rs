@@ -40,8 +40,15 @@ fn avx512() -> bool {
     super::cpu_features::get().avx512
 }
 
-/// Compiles a function twice, for AVX-512 (chosen at run time when the CPU has it) and for
-/// the baseline target, so that its autovectorised loops use 16 lanes where they can.
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    super::cpu_features::get().avx2_fma
+}
+
+/// Compiles a function three times, for AVX-512, for AVX2 (chosen at run time when the CPU
+/// has them) and for the baseline target, so that its autovectorised loops use 16 or 8 lanes
+/// where they can. Rust never contracts a * b + c into an FMA by itself, and the sums run in
+/// explicit lanes, so the three give the same bits.
 macro_rules! multiversion {
     ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$doc])*
@@ -54,9 +61,17 @@ macro_rules! multiversion {
                 unsafe fn wide($($arg: $ty),*) -> $ret {
                     imp($($arg),*)
                 }
+                #[target_feature(enable = "avx2")]
+                unsafe fn mid($($arg: $ty),*) -> $ret {
+                    imp($($arg),*)
+                }
                 if avx512() {
                     // SAFETY: the CPU has AVX-512 (checked above).
                     return unsafe { wide($($arg),*) };
+                }
+                if avx2() {
+                    // SAFETY: the CPU has AVX2 (checked above).
+                    return unsafe { mid($($arg),*) };
                 }
             }
             imp($($arg),*)
@@ -248,9 +263,9 @@ fn sum16(mut v: [f32; 16]) -> f32 {
 }
 
 /// One head of one query: `out = softmax(q·keysᵀ) · values`, `keys` and `values` being
-/// `scores.len()` rows of `q.len()`. No 1/sqrt(d) scaling: GPT-Neo does not scale. `D` is
-/// the head size when known at compile time (0: `q.len()`), so the common sizes get fully
-/// unrolled 16-lane loops.
+/// `scores.len()` rows of `q.len()`. Unscaled: a model that scales its scores (GPT-2) passes q
+/// scaled. `D` is the head size when known at compile time (0: `q.len()`), so the common
+/// sizes get fully unrolled 16-lane loops.
 #[inline(always)]
 fn attend_head<T: KvElem, const D: usize>(
     q: &[f32],
@@ -291,7 +306,7 @@ fn attend_head<T: KvElem, const D: usize>(
     }
 }
 
-/// `attend_head` with the head size fixed for 64 and 128 (GPT-Neo 125M; 1.3B and 2.7B).
+/// `attend_head` with the head size fixed for 64 and 128 (GPT-Neo 125M and GPT-2 medium: 64).
 #[inline(always)]
 fn attend_head_sized<T: KvElem>(
     q: &[f32],

@@ -8,6 +8,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod cpu_features;
 pub mod fastmath;
 pub mod skinny_matmul;

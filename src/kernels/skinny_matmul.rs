@@ -1,5 +1,5 @@
 //! `y = x Wᵀ` for the few rows of a decode step (and the prompt rows of a prefill) on x86-64
-//! CPUs with AVX-512.
+//! CPUs with AVX-512 (here) or AVX2 + FMA (`super::avx2`, the same layouts in 8 lanes).
 //!
 //! candle's gemm is tuned for large square-ish products: at 1 to 32 rows it leaves much of
 //! the memory bandwidth (batch 1) or of the FMA throughput (batched) unused. Here `W` is packed
@@ -23,19 +23,62 @@ use super::cpu_features;
 /// Output columns per panel (one 512-bit vector of f32).
 pub const PANEL: usize = 16;
 
+/// What the panels hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    F32,
+    Bf16,
+    Int8,
+}
+
+/// The instruction set a panel product runs on; one of `Isa::available(kind)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX2 + FMA, 8 lanes (`super::avx2`).
+    Avx2,
+    /// AVX-512: FMA for f32, `vdpbf16ps` for bf16, VNNI `vpdpwssd` for int8.
+    Avx512,
+    /// AMX `tdpbf16ps` tiles (bf16 only).
+    Amx,
+}
+
+impl Isa {
+    /// The instruction sets this CPU has for `kind`, fastest first.
+    pub fn available(kind: Kind) -> Vec<Isa> {
+        let cpu = cpu_features::get();
+        let avx512 = match kind {
+            Kind::F32 => cpu.avx512,
+            Kind::Bf16 => cpu.avx512_bf16,
+            Kind::Int8 => cpu.avx512_vnni,
+        };
+        [
+            (Isa::Amx, kind == Kind::Bf16 && cpu.amx_bf16),
+            (Isa::Avx512, avx512),
+            (Isa::Avx2, cpu.avx2_fma),
+        ]
+        .into_iter()
+        .filter(|c| c.1)
+        .map(|c| c.0)
+        .collect()
+    }
+
+    fn best(kind: Kind) -> Option<Isa> {
+        Self::available(kind).first().copied()
+    }
+}
+
 /// Whether this CPU runs the kernels for weights of `dtype`.
 pub fn supported(dtype: DType) -> bool {
-    let cpu = cpu_features::get();
     match dtype {
-        DType::F32 => cpu.avx512,
-        DType::BF16 => cpu.amx_bf16 || cpu.avx512_bf16,
+        DType::F32 => Isa::best(Kind::F32).is_some(),
+        DType::BF16 => Isa::best(Kind::Bf16).is_some(),
         _ => false,
     }
 }
 
-/// Whether this CPU runs the int8 kernel (AVX-512 VNNI).
+/// Whether this CPU runs the int8 kernel (AVX-512 VNNI or AVX2).
 pub fn supports_int8() -> bool {
-    cpu_features::get().avx512_vnni
+    Isa::best(Kind::Int8).is_some()
 }
 
 /// bfloat16 panels hold `k` as pairs, padded to whole AMX tiles (16 pairs = 64 bytes a row);
@@ -186,7 +229,7 @@ impl PackedWeight {
     /// the result is x · (scale q)ᵀ up to x's 16-bit rounding.
     pub fn pack_int8(w: &Tensor) -> candle_core::Result<Self> {
         if !supports_int8() {
-            candle_core::bail!("int8 weights need AVX-512 VNNI, which this CPU lacks");
+            candle_core::bail!("int8 weights need AVX2 or AVX-512 VNNI, which this CPU lacks");
         }
         let (n, k) = w.dims2()?;
         let panels = n.div_ceil(PANEL);
@@ -252,20 +295,29 @@ impl PackedWeight {
         Tensor::from_vec(out, (ids.len(), k), &candle_core::Device::Cpu)
     }
 
-    /// `x (m, k)` float32 -> `(m, n)` float32.
-    pub fn xwt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.xwt_on(x, cpu_features::get().amx_bf16)
+    fn kind(&self) -> Kind {
+        match (self.packed.dtype(), &self.scales) {
+            (DType::BF16, _) => Kind::Bf16,
+            (_, Some(_)) => Kind::Int8,
+            _ => Kind::F32,
+        }
     }
 
-    /// `xwt` with bfloat16 weights multiplied on AMX tiles or not (one choice per process:
-    /// the two give slightly different bits).
-    fn xwt_on(&self, x: &Tensor, amx: bool) -> candle_core::Result<Tensor> {
+    /// `x (m, k)` float32 -> `(m, n)` float32, on the fastest instruction set this CPU has
+    /// for the weights (one choice per process: they may differ in the last bits).
+    pub fn xwt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let isa = Isa::best(self.kind()).expect("packing checked the CPU");
+        self.xwt_on(x, isa)
+    }
+
+    /// `xwt` on `isa`, one of `Isa::available(self.kind())`.
+    fn xwt_on(&self, x: &Tensor, isa: Isa) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op2_no_bwd(
             &self.packed,
             &XwtOp {
                 n: self.n,
                 k: self.k,
-                amx,
+                isa,
                 scales: self.scales.as_deref(),
             },
         )
@@ -275,7 +327,7 @@ impl PackedWeight {
 struct XwtOp<'a> {
     n: usize,
     k: usize,
-    amx: bool,
+    isa: Isa,
     scales: Option<&'a [f32]>,
 }
 
@@ -314,8 +366,9 @@ impl CustomOp2 for XwtOp<'_> {
                     k,
                     w: &w[w0..w1],
                 };
+                let isa = self.isa;
                 run(&mut out, m, n, panels, |p, cols, dst| {
-                    kernels::f32_panels(&ops, p, cols, dst)
+                    kernels::f32_panels(&ops, isa, p, cols, dst)
                 });
             }
             CpuStorage::U8(w) => {
@@ -332,14 +385,15 @@ impl CustomOp2 for XwtOp<'_> {
                     k: k.div_ceil(2),
                     w,
                 };
+                let isa = self.isa;
                 run(&mut out, m, n, panels, |p, cols, dst| {
-                    kernels::int8_panels(&ops, (&x_scales, w_scales), p, cols, dst)
+                    kernels::int8_panels(&ops, isa, (&x_scales, w_scales), p, cols, dst)
                 });
             }
             CpuStorage::BF16(w) => {
-                let amx = self.amx;
+                let isa = self.isa;
                 // AMX multiplies blocks of up to 16 rows: more rows are padded to whole blocks.
-                let rows = if amx && m > 16 {
+                let rows = if isa == Isa::Amx && m > 16 {
                     m.next_multiple_of(16)
                 } else {
                     m
@@ -356,7 +410,7 @@ impl CustomOp2 for XwtOp<'_> {
                     w,
                 };
                 run(&mut out, m, n, panels, |p, cols, dst| {
-                    kernels::bf16_panels(&ops, amx, p, cols, dst)
+                    kernels::bf16_panels(&ops, isa, p, cols, dst)
                 });
             }
             _ => candle_core::bail!("packed-xwt: weights must be f32, bf16 or int8"),
@@ -428,7 +482,15 @@ mod kernels {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Operands, PANEL};
+    use super::{Isa, Kind, Operands, PANEL};
+
+    /// Panics unless the CPU has `isa` for `kind`: the kernels below are only sound there.
+    fn check(isa: Isa, kind: Kind) {
+        assert!(
+            Isa::available(kind).contains(&isa),
+            "{isa:?} kernels for {kind:?} on a CPU without them"
+        );
+    }
 
     /// Rows of x per register tile and panels per tile (8 x 3 accumulators of 16 lanes).
     const MR: usize = 8;
@@ -437,20 +499,27 @@ mod kernels {
     /// `dst (m, cols) = x (m, k) · W[panels]ᵀ` from float32 panels.
     pub fn f32_panels(
         ops: &Operands<f32, f32>,
+        isa: Isa,
         panels: Range<usize>,
         cols: usize,
         dst: &mut [f32],
     ) {
         ops.assert_extents(ops.k * PANEL, &panels, cols, dst);
-        // SAFETY: `PackedWeight::pack` checked avx512f before there were f32 panels; the
-        // extents are asserted above.
-        unsafe { f32_panels_avx512(ops, panels, cols, dst) }
+        check(isa, Kind::F32);
+        // SAFETY: the CPU has `isa` (checked above) and the extents are asserted above.
+        unsafe {
+            match isa {
+                Isa::Avx512 => f32_panels_avx512(ops, panels, cols, dst),
+                _ => crate::kernels::avx2::f32_panels(ops, panels, cols, dst),
+            }
+        }
     }
 
     /// As `f32_panels` from int8 pair panels and x as int16 pairs, then scaled by each
     /// row's `x_scales` and each column's `w_scales`.
     pub fn int8_panels(
         ops: &Operands<u32, i8>,
+        isa: Isa,
         scales: (&[f32], &[f32]),
         panels: Range<usize>,
         cols: usize,
@@ -459,28 +528,34 @@ mod kernels {
         let (x_scales, w_scales) = scales;
         ops.assert_extents(ops.k * PANEL * 2, &panels, cols, dst);
         assert!(x_scales.len() >= ops.m && w_scales.len() >= panels.end * PANEL);
-        // SAFETY: `PackedWeight::pack_int8` checked avx512f/bw/vnni before there were int8
-        // panels; the extents are asserted above.
-        unsafe { int8_panels_avx512(ops, x_scales, w_scales, panels, cols, dst) }
+        check(isa, Kind::Int8);
+        // SAFETY: the CPU has `isa` (checked above) and the extents are asserted above.
+        unsafe {
+            match isa {
+                Isa::Avx512 => int8_panels_avx512(ops, x_scales, w_scales, panels, cols, dst),
+                _ => crate::kernels::avx2::int8_panels(ops, scales, panels, cols, dst),
+            }
+        }
     }
 
     /// As `f32_panels` with bfloat16 pairs of x and panels of W, on AMX tiles or not.
     pub fn bf16_panels(
         ops: &Operands<u32, u16>,
-        amx: bool,
+        isa: Isa,
         panels: Range<usize>,
         cols: usize,
         dst: &mut [f32],
     ) {
         ops.assert_extents(ops.k * PANEL * 2, &panels, cols, dst);
-        if amx {
-            // SAFETY: the caller asks for AMX only when `cpu_features` found AMX-BF16 and got
-            // the tile permission; the kernel asserts the extents it reads and writes.
-            unsafe { crate::kernels::amx::bf16_panels_amx(ops, panels, cols, dst) }
-        } else {
-            // SAFETY: `PackedWeight::pack` checked avx512f/bf16/bw (or AMX, which implies
-            // them) before there were bf16 panels; the extents are asserted above.
-            unsafe { bf16_panels_avx512(ops, panels, cols, dst) }
+        check(isa, Kind::Bf16);
+        // SAFETY: the CPU has `isa` (checked above: AMX also means the tile permission was
+        // granted); the extents are asserted above (and again by the AMX kernel).
+        unsafe {
+            match isa {
+                Isa::Amx => crate::kernels::amx::bf16_panels_amx(ops, panels, cols, dst),
+                Isa::Avx512 => bf16_panels_avx512(ops, panels, cols, dst),
+                Isa::Avx2 => crate::kernels::avx2::bf16_panels(ops, panels, cols, dst),
+            }
         }
     }
 
@@ -715,14 +790,15 @@ mod kernels {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernels {
-    use super::Operands;
+    use super::{Isa, Operands};
     use std::ops::Range;
 
-    pub fn f32_panels(_: &Operands<f32, f32>, _: Range<usize>, _: usize, _: &mut [f32]) {
+    pub fn f32_panels(_: &Operands<f32, f32>, _: Isa, _: Range<usize>, _: usize, _: &mut [f32]) {
         unreachable!("supported() is false off x86-64")
     }
     pub fn int8_panels(
         _: &Operands<u32, i8>,
+        _: Isa,
         _: (&[f32], &[f32]),
         _: Range<usize>,
         _: usize,
@@ -730,7 +806,7 @@ mod kernels {
     ) {
         unreachable!("supports_int8() is false off x86-64")
     }
-    pub fn bf16_panels(_: &Operands<u32, u16>, _: bool, _: Range<usize>, _: usize, _: &mut [f32]) {
+    pub fn bf16_panels(_: &Operands<u32, u16>, _: Isa, _: Range<usize>, _: usize, _: &mut [f32]) {
         unreachable!("supported() is false off x86-64")
     }
 }
@@ -742,13 +818,10 @@ mod tests {
 
     #[test]
     fn packed_kernels_match_a_plain_matmul_for_every_tile_shape() -> candle_core::Result<()> {
-        let cpu = cpu_features::get();
-        let kernels = [
-            (DType::F32, cpu.avx512, false),
-            (DType::BF16, cpu.avx512_bf16, false),
-            (DType::BF16, cpu.amx_bf16, true),
-        ];
-        for (dtype, _, amx) in kernels.into_iter().filter(|k| k.1) {
+        let kernels = [(DType::F32, Kind::F32), (DType::BF16, Kind::Bf16)]
+            .into_iter()
+            .flat_map(|(d, k)| Isa::available(k).into_iter().map(move |isa| (d, isa)));
+        for (dtype, isa) in kernels {
             // odd sizes exercise the partial panels, row tiles and blocks, and the k padding
             for (m, n, k) in [
                 (1, 37, 19),
@@ -764,11 +837,11 @@ mod tests {
                     .to_dtype(DType::F32)?
                     .matmul(&w.to_dtype(DType::F32)?.t()?)?;
                 let packed = PackedWeight::pack(&w)?;
-                let got = packed.xwt_on(&x, amx)?;
+                let got = packed.xwt_on(&x, isa)?;
                 let diff = (want - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 1e-3, "{dtype:?} amx {amx} {m}x{n}x{k}: {diff}");
+                assert!(diff < 1e-3, "{dtype:?} {isa:?} {m}x{n}x{k}: {diff}");
                 // a row alone gives the same bits as within the batch
-                let alone = packed.xwt_on(&x.narrow(0, m - 1, 1)?, amx)?;
+                let alone = packed.xwt_on(&x.narrow(0, m - 1, 1)?, isa)?;
                 let in_batch = got.narrow(0, m - 1, 1)?;
                 assert_eq!(alone.to_vec2::<f32>()?, in_batch.to_vec2::<f32>()?);
             }
@@ -822,22 +895,28 @@ mod tests {
                 })
                 .collect();
             let want = Tensor::from_vec(xq, (m, k), &Device::Cpu)?.matmul(&dequantized.t()?)?;
-            let got = packed.xwt(&x)?;
-            let diff = (want - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-4, "{m}x{n}x{k}: {diff}");
-            // and the rounding of x costs little against the size of the sums
-            let exact = x.matmul(&dequantized.t()?)?;
-            let close = (&exact - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            let size = exact.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(
-                close < 1e-3 * size,
-                "{m}x{n}x{k}: x rounding {close} of {size}"
-            );
-            let alone = packed.xwt(&x.narrow(0, m - 1, 1)?)?;
-            assert_eq!(
-                alone.to_vec2::<f32>()?,
-                got.narrow(0, m - 1, 1)?.to_vec2::<f32>()?
-            );
+            let mut results = Vec::new();
+            for isa in Isa::available(Kind::Int8) {
+                let got = packed.xwt_on(&x, isa)?;
+                let diff = (&want - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-4, "{isa:?} {m}x{n}x{k}: {diff}");
+                // and the rounding of x costs little against the size of the sums
+                let exact = x.matmul(&dequantized.t()?)?;
+                let close = (&exact - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let size = exact.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    close < 1e-3 * size,
+                    "{isa:?} {m}x{n}x{k}: x rounding {close} of {size}"
+                );
+                let alone = packed.xwt_on(&x.narrow(0, m - 1, 1)?, isa)?;
+                assert_eq!(
+                    alone.to_vec2::<f32>()?,
+                    got.narrow(0, m - 1, 1)?.to_vec2::<f32>()?
+                );
+                results.push(got.to_vec2::<f32>()?);
+            }
+            // exact integer sums: every instruction set gives the same bits
+            assert!(results.windows(2).all(|w| w[0] == w[1]));
         }
         Ok(())
     }

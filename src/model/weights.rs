@@ -22,8 +22,8 @@ pub enum WeightDtype {
     /// With a bfloat16 KV cache.
     Bf16,
     /// Symmetric int8 with one float32 scale per output row, multiplied by the skinny
-    /// kernels (x86-64 with AVX-512 VNNI only) with activations rounded to int16; with a
-    /// bfloat16 KV cache.
+    /// kernels (x86-64 with AVX2 or AVX-512 VNNI only) with activations rounded to int16;
+    /// with a bfloat16 KV cache.
     Int8,
 }
 
@@ -89,7 +89,7 @@ pub struct WeightSpec {
     pub skinny: bool,
 }
 
-/// A matmul weight `(out, in)`: packed for the skinny AVX-512 kernels on CPUs that have them
+/// A matmul weight `(out, in)`: packed for the skinny AVX2/AVX-512 kernels on CPUs that have them
 /// (unless `--matmul candle`), else a plain tensor for candle's matmul (GPU, other CPUs).
 pub enum Weight {
     Plain(Tensor),
@@ -103,8 +103,8 @@ impl Weight {
         if spec.dtype == WeightDtype::Int8 {
             if !(cpu_kernels && skinny_matmul::supports_int8()) {
                 candle_core::bail!(
-                    "int8 weights need the skinny CPU kernels: an x86-64 CPU with AVX-512 \
-                     VNNI, and --matmul auto"
+                    "int8 weights need the skinny CPU kernels: an x86-64 CPU with AVX2 or \
+                     AVX-512 VNNI, and --matmul auto"
                 );
             }
             Ok(Weight::Packed(PackedWeight::pack_int8(&w)?))
