@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use exitserve::config::{LogFormat, Settings};
 
 fn main() -> ExitCode {
+    exitserve::kernels::allocator::keep_large_buffers_off_the_heap();
     let settings = match Settings::load() {
         Ok(s) => s,
         Err(e) => {

@@ -1,11 +1,12 @@
 //! Every `unsafe` line of the project lives here: the hand-written SIMD and AMX kernels, the
-//! CPU feature probe that guards them, and the byte views of plain number buffers.
+//! CPU feature probe that guards them, and the allocator tuning (`allocator.rs`).
 //!
 //! Each public entry is safe to call on any CPU: the packed matmul is only reachable through
 //! `PackedWeight::pack*`, which refuse a CPU without the instructions; the vectorised loops
 //! check the CPU themselves and fall back to portable code; the kernels assert the extents of
 //! the operands they read and write. `model`, `engine` and `http` forbid `unsafe` outright.
 
+pub mod allocator;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]

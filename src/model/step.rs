@@ -74,10 +74,6 @@ impl Logits {
         self.rows().checked_sub(1).map(|i| self.row(i))
     }
 
-    pub fn iter_rows(&self) -> impl Iterator<Item = &[f32]> {
-        self.data.chunks_exact(self.vocab.max(1))
-    }
-
     /// The last row, owned (the next token's logits).
     pub fn into_last(mut self) -> Vec<f32> {
         let n = self.data.len();
@@ -102,5 +98,23 @@ impl StepLogits {
     /// Hands over every sequence's head logits.
     pub fn into_per_seq(self) -> Vec<Vec<Logits>> {
         self.per_seq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logits_rows_and_the_last_row() {
+        let l = Logits::new(3, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(l.rows(), 2);
+        assert_eq!(l.row(0), &[1.0, 2.0, 3.0]);
+        assert_eq!(l.last(), Some(&[4.0, 5.0, 6.0][..]));
+        assert_eq!(l.into_last(), vec![4.0, 5.0, 6.0]);
+        let none = Logits::default();
+        assert!(none.is_empty());
+        assert_eq!((none.rows(), none.last()), (0, None));
+        assert!(none.into_last().is_empty());
     }
 }
