@@ -43,8 +43,9 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
-    /// The instruction sets this CPU has for `kind`, fastest first.
-    pub fn available(kind: Kind) -> Vec<Isa> {
+    /// The instruction sets this CPU has for `kind`, fastest first (no allocation: it runs
+    /// on every product).
+    pub fn available(kind: Kind) -> impl Iterator<Item = Isa> {
         let cpu = cpu_features::get();
         let avx512 = match kind {
             Kind::F32 => cpu.avx512,
@@ -59,11 +60,10 @@ impl Isa {
         .into_iter()
         .filter(|c| c.1)
         .map(|c| c.0)
-        .collect()
     }
 
     fn best(kind: Kind) -> Option<Isa> {
-        Self::available(kind).first().copied()
+        Self::available(kind).next()
     }
 }
 
@@ -487,7 +487,7 @@ mod kernels {
     /// Panics unless the CPU has `isa` for `kind`: the kernels below are only sound there.
     fn check(isa: Isa, kind: Kind) {
         assert!(
-            Isa::available(kind).contains(&isa),
+            Isa::available(kind).any(|i| i == isa),
             "{isa:?} kernels for {kind:?} on a CPU without them"
         );
     }
@@ -820,7 +820,7 @@ mod tests {
     fn packed_kernels_match_a_plain_matmul_for_every_tile_shape() -> candle_core::Result<()> {
         let kernels = [(DType::F32, Kind::F32), (DType::BF16, Kind::Bf16)]
             .into_iter()
-            .flat_map(|(d, k)| Isa::available(k).into_iter().map(move |isa| (d, isa)));
+            .flat_map(|(d, k)| Isa::available(k).map(move |isa| (d, isa)));
         for (dtype, isa) in kernels {
             // odd sizes exercise the partial panels, row tiles and blocks, and the k padding
             for (m, n, k) in [

@@ -52,14 +52,6 @@ impl Architecture {
             .join(" and ")
     }
 
-    pub fn model_type(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, a)| *a == self)
-            .map(|(n, _)| *n)
-            .expect("every architecture is listed")
-    }
-
     pub(super) fn parse_config(self, fields: &Fields<'_>) -> Result<ModelConfig> {
         match self {
             Architecture::GptNeo => gpt_neo::config(fields),
