@@ -324,7 +324,7 @@ async fn models_health_metrics_and_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_key_guards_every_route_but_health() {
+async fn api_key_guards_every_route_but_health_and_the_playground_assets() {
     let server = TestServer::start(&["--api-key", "sekret"]);
     let client = reqwest::Client::new();
     for path in ["/v1/models", "/metrics", "/openapi.yaml"] {
@@ -363,4 +363,28 @@ async fn api_key_guards_every_route_but_health() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    // The page and its assets carry no data: a browser loads them before a key is typed.
+    for (path, ctype, needle) in [
+        ("/", "text/html; charset=utf-8", "<textarea id=\"prompt\""),
+        (
+            "/playground.js",
+            "text/javascript; charset=utf-8",
+            "/v1/completions",
+        ),
+        ("/playground.css", "text/css; charset=utf-8", ".completion"),
+    ] {
+        let r = client.get(server.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["content-type"], ctype);
+        assert!(r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("connect-src 'self'"));
+        assert!(r.text().await.unwrap().contains(needle), "{path}");
+    }
+    // Only those: any other path still needs the key.
+    for path in ["/index.html", "/playground.json", "//"] {
+        let r = client.get(server.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
 }

@@ -137,10 +137,13 @@ async fn every_documented_route_answers_as_documented() {
     assert_eq!(
         documented,
         vec![
+            "/",
             "/detokenize",
             "/health",
             "/metrics",
             "/openapi.yaml",
+            "/playground.css",
+            "/playground.js",
             "/tokenize",
             "/tokenizer_info",
             "/v1/completions",

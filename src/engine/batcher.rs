@@ -9,10 +9,9 @@
 //! the step's members. The engine goes on.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -160,7 +159,7 @@ fn end_request(
     r.unfinished = 0;
     metrics.request_finished(status, r.mode_label);
     if status == "cancelled" {
-        metrics.cancellations.fetch_add(1, Ordering::Relaxed);
+        metrics.cancellations.increment(1);
     }
     if let Some(e) = event {
         // A full channel: the client stopped reading; its own deadline reports the end.
@@ -194,9 +193,7 @@ impl Batcher {
         cfg: BatchConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        metrics
-            .kv_tokens_limit
-            .store(cfg.budget.max_tokens as i64, Ordering::Relaxed);
+        metrics.set_kv_tokens_limit(cfg.budget.max_tokens);
         Self {
             model,
             tokenizer,
@@ -217,6 +214,7 @@ impl Batcher {
             if self.running.is_empty() {
                 continue;
             }
+            self.metrics.upkeep();
             if let Err(message) = contained(Phase::Step, || self.step()) {
                 // Not one of the contained phases: the batch's own bookkeeping failed. Fail
                 // everything running rather than trust it.
@@ -241,18 +239,17 @@ impl Batcher {
 
     fn publish_load(&self) {
         let reserved = self.reserved();
-        self.metrics
-            .batch_size
-            .store(self.running.len() as i64, Ordering::Relaxed);
+        let requests: HashSet<*const RefCell<RequestState>> = self
+            .running
+            .iter()
+            .map(|s| Rc::as_ptr(&s.request))
+            .collect();
+        self.metrics.requests_running.set(requests.len() as f64);
+        self.metrics.batch_size.set(self.running.len() as f64);
         self.metrics
             .batch_size_peak
-            .fetch_max(reserved.sequences as i64, Ordering::Relaxed);
-        self.metrics
-            .kv_tokens_reserved
-            .store(reserved.tokens as i64, Ordering::Relaxed);
-        self.metrics
-            .kv_tokens_reserved_peak
-            .fetch_max(reserved.tokens as i64, Ordering::Relaxed);
+            .offer(reserved.sequences as i64);
+        self.metrics.set_kv_tokens_reserved(reserved.tokens);
     }
 
     /// Pulls requests into the batch while the budget allows; blocks only when idle. Returns
@@ -279,7 +276,7 @@ impl Batcher {
                 Err(message) => {
                     tracing::error!(%message, "admission failed; failing its request");
                     if let Some(p) = self.held.take() {
-                        self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                        self.metrics.queue_depth.decrement(1.0);
                         let mut r = p.state.borrow_mut();
                         end_request(
                             &self.metrics,
@@ -355,7 +352,7 @@ impl Batcher {
         };
         if over {
             self.held = None;
-            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.queue_depth.decrement(1.0);
             self.sweep();
             return true;
         }
@@ -377,7 +374,7 @@ impl Batcher {
         if take == 0 && self.running.is_empty() {
             // Validation refuses what can never fit; this is a budget changed under us.
             self.held = None;
-            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.queue_depth.decrement(1.0);
             end_request(
                 &self.metrics,
                 &mut state.borrow_mut(),
@@ -396,7 +393,7 @@ impl Batcher {
             p.started = true;
             self.metrics
                 .queue_wait
-                .observe(state.borrow().arrived.elapsed());
+                .record(state.borrow().arrived.elapsed());
         }
         let groups: Vec<(usize, Rc<Vec<u32>>)> = p.prompts.drain(..take).collect();
         let done = p.prompts.is_empty();
@@ -407,7 +404,7 @@ impl Batcher {
         // Only now: a panic above leaves the request held, to be failed by `admit`.
         if done {
             self.held = None;
-            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.queue_depth.decrement(1.0);
         }
         self.publish_load();
         done
@@ -503,9 +500,7 @@ impl Batcher {
             })
             .collect();
         let paused = views.iter().filter(|v| !v.can_emit).count();
-        self.metrics
-            .paused_sequences
-            .store(paused as i64, Ordering::Relaxed);
+        self.metrics.paused_sequences.set(paused as f64);
         let slots = scheduler::plan_step(self.cfg.budget.max_prefill_tokens, &views);
         let mut plan = StepPlan::default();
         for slot in slots {
@@ -579,7 +574,7 @@ impl Batcher {
             }
             model.forward(&mut steps)
         });
-        self.metrics.model_steps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.model_steps.increment(1);
         match result {
             Ok(Ok(outputs)) => Ok(outputs),
             Ok(Err(e)) => Err(format!("forward failed: {e}")),
@@ -601,9 +596,7 @@ impl Batcher {
             let progress = contained(Phase::Plan, || {
                 let start = seq.prefilled;
                 if take > 0 {
-                    metrics
-                        .prompt_tokens
-                        .fetch_add(take as u64, Ordering::Relaxed);
+                    metrics.prompt_tokens.increment(take as u64);
                     seq.prefilled += take;
                 }
                 let inspect = seq.request.borrow().req.inspect;
@@ -777,16 +770,14 @@ impl Batcher {
             r.usage.completion_tokens += 1;
             if r.first_token_at.is_none() {
                 r.first_token_at = Some(now);
-                self.metrics.time_to_first_token.observe(now - r.arrived);
+                self.metrics.time_to_first_token.record(now - r.arrived);
             }
         }
         if let Some(prev) = seq.last_token_at {
-            self.metrics.inter_token_latency.observe(now - prev);
+            self.metrics.inter_token_latency.record(now - prev);
         }
         seq.last_token_at = Some(now);
-        self.metrics
-            .generated_tokens
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.generated_tokens.increment(1);
         inject(self.cfg.fault, Phase::Emit, &seq.prompt);
         if let Outcome::Finished(reason) =
             seq.accept(id, scores, &self.tokenizer, self.cfg.eos_token_id)
@@ -806,7 +797,7 @@ impl Batcher {
         let mut r = seq.request.borrow_mut();
         r.unfinished -= 1;
         if r.unfinished == 0 {
-            self.metrics.e2e_latency.observe(r.arrived.elapsed());
+            self.metrics.e2e_latency.record(r.arrived.elapsed());
             self.metrics.request_finished("ok", r.mode_label);
             {
                 let _e = r.span.enter();

@@ -1,82 +1,151 @@
-//! Prometheus metrics, rendered by hand in the text exposition format (no extra dependency).
+//! Prometheus metrics through the ecosystem's crates: `metrics` handles, recorded into this
+//! engine's own `metrics-exporter-prometheus` recorder and rendered by it.
+//!
+//! The recorder is per engine, not the process-wide global one, so that several engines in one
+//! process (the tests run many) never mix their counts. Every metric is registered once here
+//! and kept as a handle; recording is then a relaxed atomic operation, as before.
+//!
+//! The load gauges read by load-aware routers (the Gateway API Inference Extension's endpoint
+//! picker, llm-d) are `exitserve_queue_depth` (waiting requests), `exitserve_requests_running`
+//! and `exitserve_kv_cache_usage_ratio` (0..1); the README's "Deploying" maps them.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
 
-/// A cumulative histogram with fixed bucket bounds in seconds.
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
+/// How often histogram samples are folded into their buckets: until then the exporter keeps
+/// every raw sample, which on a server nobody scrapes would grow without bound.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The names every engine exports, with their type: the Kubernetes manifests' metric
+/// references are checked against this list (tests/deploy.rs).
+pub const EXPORTED: &[(&str, &str)] = &[
+    ("exitserve_requests_total", "counter"),
+    ("exitserve_queue_depth", "gauge"),
+    ("exitserve_requests_running", "gauge"),
+    ("exitserve_batch_size", "gauge"),
+    ("exitserve_batch_size_peak", "gauge"),
+    ("exitserve_kv_tokens_reserved", "gauge"),
+    ("exitserve_kv_tokens_reserved_peak", "gauge"),
+    ("exitserve_kv_tokens_limit", "gauge"),
+    ("exitserve_kv_cache_usage_ratio", "gauge"),
+    ("exitserve_paused_sequences", "gauge"),
+    ("exitserve_open_connections", "gauge"),
+    ("exitserve_connections_timed_out_total", "counter"),
+    ("exitserve_prompt_tokens_total", "counter"),
+    ("exitserve_generated_tokens_total", "counter"),
+    ("exitserve_cancellations_total", "counter"),
+    ("exitserve_rejections_total", "counter"),
+    ("exitserve_model_steps_total", "counter"),
+    ("exitserve_block_evaluations_total", "counter"),
+    ("exitserve_time_to_first_token_seconds", "histogram"),
+    ("exitserve_inter_token_latency_seconds", "histogram"),
+    ("exitserve_request_duration_seconds", "histogram"),
+    ("exitserve_queue_wait_seconds", "histogram"),
+];
+
+/// A gauge that only ever rises to the largest value offered.
+pub struct Peak {
+    max: AtomicI64,
+    gauge: Gauge,
+}
+
+impl Peak {
+    pub fn offer(&self, v: i64) {
+        let before = self.max.fetch_max(v, Ordering::Relaxed);
+        if v > before {
+            self.gauge.set(v as f64);
+        }
+    }
+}
+
+/// Registers metrics with help text in one recorder.
+struct Registry<'a>(&'a PrometheusRecorder);
+
+const METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+impl Registry<'_> {
+    fn counter(&self, name: &'static str, help: &'static str) -> Counter {
+        self.describe(name, help, |r, k, h| r.describe_counter(k, None, h));
+        self.0
+            .register_counter(&Key::from_static_name(name), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, help: &'static str) -> Gauge {
+        self.describe(name, help, |r, k, h| r.describe_gauge(k, None, h));
+        let g = self
+            .0
+            .register_gauge(&Key::from_static_name(name), &METADATA);
+        // Registered at 0, so the exposition lists it before its first change.
+        g.set(0.0);
+        g
+    }
+
+    fn peak(&self, name: &'static str, help: &'static str) -> Peak {
+        Peak {
+            max: AtomicI64::new(0),
+            gauge: self.gauge(name, help),
         }
     }
 
-    pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            if s <= *b {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+    fn histogram(&self, name: &'static str, help: &'static str) -> Histogram {
+        self.describe(name, help, |r, k, h| r.describe_histogram(k, None, h));
+        self.0
+            .register_histogram(&Key::from_static_name(name), &METADATA)
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    fn describe(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        f: impl Fn(&PrometheusRecorder, KeyName, SharedString),
+    ) {
+        debug_assert!(
+            EXPORTED.iter().any(|(n, _)| *n == name),
+            "{name} not listed"
+        );
+        f(
+            self.0,
+            KeyName::from_const_str(name),
+            SharedString::const_str(help),
+        );
     }
 }
 
 pub struct Metrics {
-    /// (status, mode) -> finished requests.
-    requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    pub queue_depth: AtomicI64,
-    pub batch_size: AtomicI64,
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    last_upkeep: std::sync::Mutex<Instant>,
+    /// Requests waiting for a batch slot.
+    pub queue_depth: Gauge,
+    pub requests_running: Gauge,
+    pub batch_size: Gauge,
     /// The most sequences ever reserved at once (forks not yet made included).
-    pub batch_size_peak: AtomicI64,
-    pub kv_tokens_reserved: AtomicI64,
+    pub batch_size_peak: Peak,
+    pub kv_tokens_reserved: Gauge,
     /// The most KV positions ever reserved at once.
-    pub kv_tokens_reserved_peak: AtomicI64,
-    pub kv_tokens_limit: AtomicI64,
-    pub paused_sequences: AtomicI64,
+    pub kv_tokens_reserved_peak: Peak,
+    kv_tokens_limit: Gauge,
+    kv_limit: AtomicI64,
+    kv_cache_usage: Gauge,
+    pub paused_sequences: Gauge,
     /// Open client connections (set by the listener).
-    pub open_connections: AtomicI64,
+    pub open_connections: Gauge,
     /// Connections closed by the server for idleness or a slow request head.
-    pub connections_timed_out: AtomicU64,
-    pub prompt_tokens: AtomicU64,
-    pub generated_tokens: AtomicU64,
-    pub cancellations: AtomicU64,
-    pub rejections: AtomicU64,
-    pub model_steps: AtomicU64,
+    pub connections_timed_out: Counter,
+    pub prompt_tokens: Counter,
+    pub generated_tokens: Counter,
+    pub cancellations: Counter,
+    pub rejections: Counter,
+    pub model_steps: Counter,
+    block_evaluations: Counter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub e2e_latency: Histogram,
@@ -85,148 +154,208 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        let r = Registry(&recorder);
+        r.describe(
+            "exitserve_requests_total",
+            "Finished requests by status and decoding mode.",
+            |r, k, h| r.describe_counter(k, None, h),
+        );
         Self {
-            requests: Mutex::new(BTreeMap::new()),
-            queue_depth: AtomicI64::new(0),
-            batch_size: AtomicI64::new(0),
-            batch_size_peak: AtomicI64::new(0),
-            kv_tokens_reserved: AtomicI64::new(0),
-            kv_tokens_reserved_peak: AtomicI64::new(0),
-            kv_tokens_limit: AtomicI64::new(0),
-            paused_sequences: AtomicI64::new(0),
-            open_connections: AtomicI64::new(0),
-            connections_timed_out: AtomicU64::new(0),
-            prompt_tokens: AtomicU64::new(0),
-            generated_tokens: AtomicU64::new(0),
-            cancellations: AtomicU64::new(0),
-            rejections: AtomicU64::new(0),
-            model_steps: AtomicU64::new(0),
-            time_to_first_token: Histogram::new(LATENCY_BUCKETS),
-            inter_token_latency: Histogram::new(LATENCY_BUCKETS),
-            e2e_latency: Histogram::new(LATENCY_BUCKETS),
-            queue_wait: Histogram::new(LATENCY_BUCKETS),
+            handle: recorder.handle(),
+            last_upkeep: std::sync::Mutex::new(Instant::now()),
+            queue_depth: r.gauge("exitserve_queue_depth", "Requests waiting for a batch slot."),
+            requests_running: r.gauge(
+                "exitserve_requests_running",
+                "Requests with a sequence in the running batch (completions and inspections).",
+            ),
+            batch_size: r.gauge("exitserve_batch_size", "Sequences in the running batch."),
+            batch_size_peak: r.peak(
+                "exitserve_batch_size_peak",
+                "Most sequences reserved in the batch at once since start (every n/best_of copy counted).",
+            ),
+            kv_tokens_reserved: r.gauge(
+                "exitserve_kv_tokens_reserved",
+                "KV-cache positions reserved by the running batch (prompt + max_tokens per sequence).",
+            ),
+            kv_tokens_reserved_peak: r.peak(
+                "exitserve_kv_tokens_reserved_peak",
+                "Most KV-cache positions reserved at once since start.",
+            ),
+            kv_tokens_limit: r.gauge(
+                "exitserve_kv_tokens_limit",
+                "The KV-cache position budget (--max-batch-total-tokens).",
+            ),
+            kv_limit: AtomicI64::new(0),
+            kv_cache_usage: r.gauge(
+                "exitserve_kv_cache_usage_ratio",
+                "KV-cache positions reserved over the budget, 0..1.",
+            ),
+            paused_sequences: r.gauge(
+                "exitserve_paused_sequences",
+                "Sequences sitting out because their client has not read its stream.",
+            ),
+            open_connections: r.gauge("exitserve_open_connections", "Open client connections."),
+            connections_timed_out: r.counter(
+                "exitserve_connections_timed_out_total",
+                "Connections closed for idleness or a request head that came too slowly.",
+            ),
+            prompt_tokens: r.counter("exitserve_prompt_tokens_total", "Prompt tokens prefilled."),
+            generated_tokens: r.counter("exitserve_generated_tokens_total", "Tokens generated."),
+            cancellations: r.counter(
+                "exitserve_cancellations_total",
+                "Requests dropped because the client went away.",
+            ),
+            rejections: r.counter(
+                "exitserve_rejections_total",
+                "Requests refused with 429 (queue full).",
+            ),
+            model_steps: r.counter("exitserve_model_steps_total", "Batched forward passes."),
+            block_evaluations: r.counter(
+                "exitserve_block_evaluations_total",
+                "Transformer block evaluations, one per sequence per block (early exits skip the blocks above them).",
+            ),
+            time_to_first_token: r.histogram(
+                "exitserve_time_to_first_token_seconds",
+                "Time from arrival to the first generated token.",
+            ),
+            inter_token_latency: r.histogram(
+                "exitserve_inter_token_latency_seconds",
+                "Time between consecutive tokens of a sequence.",
+            ),
+            e2e_latency: r.histogram(
+                "exitserve_request_duration_seconds",
+                "Time from arrival to the last token.",
+            ),
+            queue_wait: r.histogram(
+                "exitserve_queue_wait_seconds",
+                "Time from arrival to admission into the batch.",
+            ),
+            recorder,
         }
     }
 }
 
 impl Metrics {
     pub fn request_finished(&self, status: &'static str, mode: &'static str) {
-        let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry((status, mode)).or_default() += 1;
+        let key = Key::from_parts(
+            "exitserve_requests_total",
+            vec![Label::new("status", status), Label::new("mode", mode)],
+        );
+        self.recorder.register_counter(&key, &METADATA).increment(1);
     }
 
-    pub fn render(&self, block_evals: u64) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP exitserve_requests_total Finished requests by status and decoding mode.\n# TYPE exitserve_requests_total counter"
-        );
-        for ((status, mode), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "exitserve_requests_total{{status=\"{status}\",mode=\"{mode}\"}} {n}"
-            );
-        }
-        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
+    pub fn set_kv_tokens_limit(&self, limit: usize) {
+        self.kv_limit.store(limit as i64, Ordering::Relaxed);
+        self.kv_tokens_limit.set(limit as f64);
+    }
+
+    /// The reserved KV positions, and their share of the budget.
+    pub fn set_kv_tokens_reserved(&self, reserved: usize) {
+        self.kv_tokens_reserved.set(reserved as f64);
+        self.kv_tokens_reserved_peak.offer(reserved as i64);
+        let limit = self.kv_limit.load(Ordering::Relaxed);
+        let ratio = if limit > 0 {
+            (reserved as f64 / limit as f64).min(1.0)
+        } else {
+            0.0
         };
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        gauge(
-            &mut out,
-            "exitserve_queue_depth",
-            "Requests waiting for a batch slot.",
-            "gauge",
-            self.queue_depth.load(Ordering::Relaxed).to_string(),
-        );
-        gauge(
-            &mut out,
-            "exitserve_batch_size",
-            "Sequences in the running batch.",
-            "gauge",
-            self.batch_size.load(Ordering::Relaxed).to_string(),
-        );
-        let iload = |a: &AtomicI64| a.load(Ordering::Relaxed).to_string();
-        for (name, help, v) in [
-            ("exitserve_batch_size_peak", "Most sequences reserved in the batch at once since start (every n/best_of copy counted).", &self.batch_size_peak),
-            ("exitserve_kv_tokens_reserved", "KV-cache positions reserved by the running batch (prompt + max_tokens per sequence).", &self.kv_tokens_reserved),
-            ("exitserve_kv_tokens_reserved_peak", "Most KV-cache positions reserved at once since start.", &self.kv_tokens_reserved_peak),
-            ("exitserve_kv_tokens_limit", "The KV-cache position budget (--max-batch-total-tokens).", &self.kv_tokens_limit),
-            ("exitserve_paused_sequences", "Sequences sitting out because their client has not read its stream.", &self.paused_sequences),
-            ("exitserve_open_connections", "Open client connections.", &self.open_connections),
-        ] {
-            gauge(&mut out, name, help, "gauge", iload(v));
+        self.kv_cache_usage.set(ratio);
+    }
+
+    /// Folds histogram samples into buckets when [`UPKEEP_EVERY`] has passed; the batcher
+    /// (the only thread that records histograms) calls it once a step.
+    pub fn upkeep(&self) {
+        let mut last = self.last_upkeep.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() >= UPKEEP_EVERY {
+            *last = Instant::now();
+            drop(last);
+            self.handle.run_upkeep();
         }
-        gauge(
-            &mut out,
-            "exitserve_connections_timed_out_total",
-            "Connections closed for idleness or a request head that came too slowly.",
-            "counter",
-            load(&self.connections_timed_out),
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, block_evals: u64) -> String {
+        self.block_evaluations.absolute(block_evals);
+        self.handle.render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, line_start: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start))
+            .map(|v| v.trim().to_string())
+    }
+
+    #[test]
+    fn every_listed_metric_is_exported_with_its_type_before_any_traffic() {
+        let m = Metrics::default();
+        m.request_finished("ok", "original");
+        let text = m.render(0);
+        for (name, kind) in EXPORTED {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} {kind}\n{text}"
+            );
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}\n{text}");
+        }
+    }
+
+    #[test]
+    fn values_and_labels_render() {
+        let m = Metrics::default();
+        m.set_kv_tokens_limit(200);
+        m.set_kv_tokens_reserved(50);
+        m.set_kv_tokens_reserved(20);
+        m.queue_depth.increment(3.0);
+        m.queue_depth.decrement(1.0);
+        m.request_finished("error", "contrast");
+        m.request_finished("error", "contrast");
+        m.time_to_first_token.record(Duration::from_millis(30));
+        let text = m.render(7);
+        assert_eq!(
+            value(&text, "exitserve_kv_cache_usage_ratio ").as_deref(),
+            Some("0.1")
         );
-        gauge(
-            &mut out,
-            "exitserve_prompt_tokens_total",
-            "Prompt tokens prefilled.",
-            "counter",
-            load(&self.prompt_tokens),
+        assert_eq!(
+            value(&text, "exitserve_kv_tokens_reserved_peak ").as_deref(),
+            Some("50")
         );
-        gauge(
-            &mut out,
-            "exitserve_generated_tokens_total",
-            "Tokens generated.",
-            "counter",
-            load(&self.generated_tokens),
+        assert_eq!(value(&text, "exitserve_queue_depth ").as_deref(), Some("2"));
+        assert_eq!(
+            value(&text, "exitserve_block_evaluations_total ").as_deref(),
+            Some("7")
         );
-        gauge(
-            &mut out,
-            "exitserve_cancellations_total",
-            "Requests dropped because the client went away.",
-            "counter",
-            load(&self.cancellations),
+        assert_eq!(
+            value(
+                &text,
+                "exitserve_requests_total{status=\"error\",mode=\"contrast\"} "
+            )
+            .as_deref(),
+            Some("2")
         );
-        gauge(
-            &mut out,
-            "exitserve_rejections_total",
-            "Requests refused with 429 (queue full).",
-            "counter",
-            load(&self.rejections),
+        assert_eq!(
+            value(
+                &text,
+                "exitserve_time_to_first_token_seconds_bucket{le=\"0.05\"} "
+            )
+            .as_deref(),
+            Some("1")
         );
-        gauge(
-            &mut out,
-            "exitserve_model_steps_total",
-            "Batched forward passes.",
-            "counter",
-            load(&self.model_steps),
+        assert_eq!(
+            value(
+                &text,
+                "exitserve_time_to_first_token_seconds_bucket{le=\"0.025\"} "
+            )
+            .as_deref(),
+            Some("0")
         );
-        gauge(&mut out, "exitserve_block_evaluations_total", "Transformer block evaluations, one per sequence per block (early exits skip the blocks above them).", "counter", block_evals.to_string());
-        self.time_to_first_token.render(
-            &mut out,
-            "exitserve_time_to_first_token_seconds",
-            "Time from arrival to the first generated token.",
-        );
-        self.inter_token_latency.render(
-            &mut out,
-            "exitserve_inter_token_latency_seconds",
-            "Time between consecutive tokens of a sequence.",
-        );
-        self.e2e_latency.render(
-            &mut out,
-            "exitserve_request_duration_seconds",
-            "Time from arrival to the last token.",
-        );
-        self.queue_wait.render(
-            &mut out,
-            "exitserve_queue_wait_seconds",
-            "Time from arrival to admission into the batch.",
-        );
-        out
     }
 }

@@ -212,14 +212,14 @@ impl Engine {
             span,
             arrived: Instant::now(),
         };
-        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        self.metrics.queue_depth.increment(1.0);
         match self.tx.try_send(sub) {
             Ok(()) => Ok(rx),
             Err(e) => {
-                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.queue_depth.decrement(1.0);
                 match e {
                     mpsc::error::TrySendError::Full(_) => {
-                        self.metrics.rejections.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.rejections.increment(1);
                         self.metrics.request_finished("rejected", label);
                         Err(EngineError::Overloaded {
                             queued: self.tx.max_capacity(),

@@ -7,6 +7,7 @@ pub mod error;
 pub mod inspect;
 pub mod json;
 pub mod models;
+pub mod playground;
 pub mod serve;
 pub mod shutdown;
 pub mod tokenize;
@@ -98,6 +99,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.yaml", get(openapi))
         .route("/health", get(health))
+        .route("/", get(playground::index))
+        .route("/playground.js", get(playground::script))
+        .route("/playground.css", get(playground::style))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -149,12 +153,16 @@ pub fn cors_origins(origins: &[String]) -> Result<AllowOrigin, String> {
     Ok(AllowOrigin::list(values))
 }
 
-/// With `--api-key`, every route but `/health` needs `Authorization: Bearer <key>`.
+/// With `--api-key`, every route but `/health` and the playground's static assets needs `Authorization: Bearer <key>`.
 async fn require_api_key(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let Some(key) = app.api_key.as_deref() else {
         return next.run(req).await;
     };
-    if req.uri().path() == "/health" || req.method() == Method::OPTIONS {
+    let path = req.uri().path();
+    if path == "/health"
+        || playground::PUBLIC_PATHS.contains(&path)
+        || req.method() == Method::OPTIONS
+    {
         return next.run(req).await;
     }
     // The scheme name is case-insensitive (RFC 9110 section 11.1); the key is not.

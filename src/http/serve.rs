@@ -243,9 +243,9 @@ pub async fn serve(
             shutdown.clone(),
         );
         connections.spawn(async move {
-            metrics.open_connections.fetch_add(1, Ordering::Relaxed);
+            metrics.open_connections.increment(1.0);
             serve_connection(stream, app, limits, &metrics, &pressure, shutdown).await;
-            metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+            metrics.open_connections.decrement(1.0);
             drop(slot);
         });
     }
@@ -306,7 +306,7 @@ async fn serve_connection(
             }
             _ = sleep => {
                 if state.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
-                    metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                    metrics.connections_timed_out.increment(1);
                     return; // dropping the connection closes the socket
                 }
             }

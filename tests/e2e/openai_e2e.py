@@ -10,18 +10,9 @@ import sys
 
 import openai
 
-from server import MODEL, ROOT, running
+from server import MODEL, ROOT, multi_exit, running
 
 REFERENCE = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt-neo-multiexit.reference.json")
-
-
-def multi_exit(mode):
-    if mode == "original":
-        return {"mode": "original"}
-    if mode.startswith("exit:"):
-        return {"mode": "exit", "layer": int(mode[5:])}
-    upper, lower = mode[len("contrast:"):].split(",")
-    return {"mode": "contrast", "upper": upper if upper == "original" else int(upper), "lower": int(lower)}
 
 
 def main():

@@ -14,6 +14,17 @@ GPT2_FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt2-multiexit")
 GPT2_MODEL = "tiny-gpt2-multiexit"
 
 
+def multi_exit(mode, **extra):
+    """The `multi_exit` object of a mode written `original`, `exit:L` or `contrast:U,L`."""
+    if mode == "original":
+        return {"mode": "original"}
+    if mode.startswith("exit:"):
+        return {"mode": "exit", "layer": int(mode[5:])}
+    upper, lower = mode[len("contrast:"):].split(",")
+    return {"mode": "contrast", "upper": upper if upper == "original" else int(upper),
+            "lower": int(lower), **extra}
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
