@@ -61,9 +61,10 @@ pub struct Args {
     #[arg(long, env = "EXITSERVE_DEFAULT_MODE")]
     pub default_mode: Option<String>,
     /// A named mode, served as model id `NAME:<preset>`: `PRESET=MODE` with MODE as in
-    /// --default-mode, plus `,alpha=A` and `,minimum_candidates=K` for contrast (e.g.
-    /// `acd-strong=contrast:12,4,alpha=0.05`); repeat for more (`;` between them in the
-    /// variable)
+    /// --default-mode, plus `,alpha=A` and `,minimum_candidates=K` for contrast and
+    /// `,draft_layer=L[,max_draft_tokens=K]` for self-speculative decoding (e.g.
+    /// `acd-strong=contrast:12,4,alpha=0.05`, `fast=original,draft_layer=4`); repeat for
+    /// more (`;` between them in the variable)
     #[arg(long, env = "EXITSERVE_MODE_PRESET", value_delimiter = ';')]
     pub mode_preset: Option<Vec<String>>,
     /// Sequences decoded together in one batch [default: 32]
@@ -146,6 +147,15 @@ pub struct Args {
     /// at once [default: 30]
     #[arg(long, env = "EXITSERVE_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<f64>,
+    /// Self-speculative decoding for every request that does not ask for it: this exit layer
+    /// drafts, the request's mode verifies (modes that decode at or below it are left alone)
+    /// [default: off]
+    #[arg(long, env = "EXITSERVE_SPECULATIVE_DRAFT_LAYER")]
+    pub speculative_draft_layer: Option<usize>,
+    /// Most tokens drafted per round, 1..=16 (the round adapts below it), for the default
+    /// above and for requests whose `speculative` leaves it out [default: 4]
+    #[arg(long, env = "EXITSERVE_SPECULATIVE_MAX_DRAFT_TOKENS")]
+    pub speculative_max_draft_tokens: Option<usize>,
 }
 
 /// Every setting resolved.
@@ -182,6 +192,8 @@ pub struct Settings {
     pub matmul: MatmulKernels,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    pub speculative_draft_layer: Option<usize>,
+    pub speculative_max_draft_tokens: usize,
 }
 
 pub const DEFAULT_MODEL: &str = "IBM/gpt-neo-125m-multiexit";
@@ -292,6 +304,17 @@ impl Settings {
             matmul: pick!(matmul).unwrap_or(MatmulKernels::Auto),
             log_format: pick!(log_format).unwrap_or(LogFormat::Text),
             shutdown_grace: secs("shutdown-grace", pick!(shutdown_grace).unwrap_or(30.0))?,
+            speculative_draft_layer: pick!(speculative_draft_layer),
+            speculative_max_draft_tokens: {
+                let k = pick!(speculative_max_draft_tokens).unwrap_or(4);
+                if !(1..=crate::engine::speculative::MAX_DRAFT_TOKENS).contains(&k) {
+                    return Err(format!(
+                        "--speculative-max-draft-tokens must be in 1..={}, got {k}",
+                        crate::engine::speculative::MAX_DRAFT_TOKENS
+                    ));
+                }
+                k
+            },
             model,
         })
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{MatmulKernels, Settings};
-use crate::engine::request::{ModeSpec, UpperSpec};
+use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec, UpperSpec};
 use crate::engine::scheduler::Budget;
 use crate::engine::{BatchConfig, Engine, EngineConfig, Limits, Validator};
 use crate::http::serve::{self, ConnectionLimits};
@@ -64,6 +64,28 @@ pub fn parse_mode_flag(s: &str) -> Result<ModeSpec, String> {
         alpha,
         minimum_candidates,
     })
+}
+
+/// A `--mode-preset` value's mode and, when it carries `,draft_layer=L` and/or
+/// `,max_draft_tokens=K`, its self-speculative decoding.
+pub fn parse_preset(s: &str) -> Result<(ModeSpec, Option<SpeculativeRequest>), String> {
+    let mut mode = Vec::new();
+    let mut spec: Option<SpeculativeRequest> = None;
+    for part in s.split(',') {
+        let num = |v: &str| {
+            v.trim()
+                .parse::<i64>()
+                .map_err(|_| format!("`{part}`: expected a whole number"))
+        };
+        match part.trim().split_once('=') {
+            Some(("draft_layer", v)) => spec.get_or_insert_default().draft_layer = Some(num(v)?),
+            Some(("max_draft_tokens", v)) => {
+                spec.get_or_insert_default().max_draft_tokens = Some(num(v)?)
+            }
+            _ => mode.push(part),
+        }
+    }
+    Ok((parse_mode_flag(&mode.join(","))?, spec))
 }
 
 /// Loads the model and starts the engine; returns the app state for the router.
@@ -135,7 +157,21 @@ pub fn build_state_with(
         max_stop_length: s.max_stop_length,
         max_logit_bias: s.max_logit_bias,
         max_token_bytes: loaded.tokenizer.max_token_bytes(),
+        speculative_default: None,
+        speculative_max_draft_tokens: s.speculative_max_draft_tokens,
     };
+    if let Some(layer) = s.speculative_draft_layer {
+        if !cfg.exit_layers.contains(&layer) {
+            return Err(StartupError::Config(format!(
+                "--speculative-draft-layer {layer}: not an exit layer of this model ({:?})",
+                cfg.exit_layers
+            )));
+        }
+        limits.speculative_default = Some(SpeculativeSpec {
+            draft_layer: layer,
+            max_draft_tokens: s.speculative_max_draft_tokens,
+        });
+    }
     let spec = parse_mode_flag(&s.default_mode)
         .map_err(|e| StartupError::Config(format!("--default-mode: {e}")))?;
     // Resolve the default mode with the same rules as a request's `multi_exit`.
@@ -165,9 +201,9 @@ pub fn build_state_with(
         let (name, mode) = p.split_once('=').ok_or_else(|| {
             StartupError::Config(format!("--mode-preset `{p}`: expected NAME=MODE"))
         })?;
-        let spec = parse_mode_flag(mode.trim())
+        let (spec, speculative) = parse_preset(mode.trim())
             .map_err(|e| StartupError::Config(format!("--mode-preset `{name}`: {e}")))?;
-        presets.push((name.trim().to_string(), spec));
+        presets.push((name.trim().to_string(), spec, speculative));
     }
     let models = http::models::ModelIds::new(
         s.served_model_name.clone(),

@@ -16,6 +16,17 @@ pub enum Arch {
     Gpt2,
 }
 
+/// How a checkpoint departs from plain random weights, for the speculative benchmark: the
+/// blocks from `quiet_from` (0-based) up add their residual outputs scaled by `upper_scale`,
+/// so the hidden state there stays close to the top's, and every exit head is a copy of the
+/// token embedding (the tied original head). `upper_scale` then sets how often an exit at or
+/// above `quiet_from` predicts what the original head predicts: 0 always, larger less often.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Agreement {
+    pub quiet_from: usize,
+    pub upper_scale: f32,
+}
+
 pub struct Shape {
     pub arch: Arch,
     pub vocab: usize,
@@ -64,7 +75,7 @@ impl Shape {
     }
 
     /// (name, shape, init) of every stored tensor, in file order.
-    fn tensors(&self) -> Vec<(String, Vec<usize>, Init)> {
+    fn tensors(&self, agreement: Option<Agreement>) -> Vec<(String, Vec<usize>, Init)> {
         let (h, v) = (self.hidden, self.vocab);
         let mut t = vec![
             (
@@ -84,8 +95,18 @@ impl Shape {
                 t.push((format!("{p}.{ln}.weight"), vec![h], Init::One));
                 t.push((format!("{p}.{ln}.bias"), vec![h], Init::Zero));
             }
+            // The projections that write into the residual stream.
+            let residual = match agreement {
+                Some(a) if i >= a.quiet_from => Init::Scaled(a.upper_scale),
+                _ => Init::Normal,
+            };
             let mut proj = |name: String, shape: Vec<usize>, bias: Option<usize>| {
-                t.push((format!("{name}.weight"), shape, Init::Normal));
+                let init = if name.ends_with("out_proj") || name.ends_with("c_proj") {
+                    residual
+                } else {
+                    Init::Normal
+                };
+                t.push((format!("{name}.weight"), shape, init));
                 if let Some(b) = bias {
                     t.push((format!("{name}.bias"), vec![b], Init::Zero));
                 }
@@ -115,7 +136,11 @@ impl Shape {
             t.push((
                 format!("name_to_lm_exit_head.lm_head_{l}.weight"),
                 vec![v, h],
-                Init::Normal,
+                if agreement.is_some() {
+                    Init::Embedding
+                } else {
+                    Init::Normal
+                },
             ));
         }
         t
@@ -175,9 +200,15 @@ impl Shape {
 #[derive(Clone, Copy)]
 enum Init {
     Normal,
+    /// Normal, times this.
+    Scaled(f32),
+    /// The token embedding's values again (it is the first tensor drawn).
+    Embedding,
     One,
     Zero,
 }
+
+const SEED: u64 = 0x005E_ED0F_E817;
 
 /// xorshift64*: fast, seeded, good enough for random weights.
 struct Rng(u64);
@@ -201,7 +232,17 @@ impl Rng {
 /// Writes the checkpoint into `dir` unless it is already complete; returns its weight bytes.
 /// Tokenizer files are copied from `tokenizer_from`.
 pub fn ensure(dir: &Path, shape: &Shape, tokenizer_from: &Path) -> std::io::Result<u64> {
-    let tensors = shape.tensors();
+    ensure_variant(dir, shape, tokenizer_from, None)
+}
+
+/// As [`ensure`], with exits made to agree with the original head (see [`Agreement`]).
+pub fn ensure_variant(
+    dir: &Path,
+    shape: &Shape,
+    tokenizer_from: &Path,
+    agreement: Option<Agreement>,
+) -> std::io::Result<u64> {
+    let tensors = shape.tensors(agreement);
     let data_bytes: u64 = tensors
         .iter()
         .map(|(_, s, _)| s.iter().product::<usize>() as u64 * 4)
@@ -244,13 +285,16 @@ pub fn ensure(dir: &Path, shape: &Shape, tokenizer_from: &Path) -> std::io::Resu
     let mut out = BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp)?);
     out.write_all(&(head.len() as u64).to_le_bytes())?;
     out.write_all(&head)?;
-    let mut rng = Rng(0x005E_ED0F_E817);
+    let mut rng = Rng(SEED);
     let mut buf: Vec<u8> = Vec::with_capacity(1 << 22);
     for (_, s, init) in &tensors {
         let n: usize = s.iter().product();
+        let mut replay = Rng(SEED);
         for _ in 0..n {
             let x = match init {
                 Init::Normal => rng.normal(),
+                Init::Scaled(f) => rng.normal() * f,
+                Init::Embedding => replay.normal(),
                 Init::One => 1.0,
                 Init::Zero => 0.0,
             };

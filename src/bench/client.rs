@@ -9,6 +9,8 @@ use std::time::Instant;
 pub struct StreamTiming {
     pub sent: Instant,
     pub events: Vec<Instant>,
+    /// The last event's JSON (the usage, with `stream_options.include_usage`).
+    pub last_data: String,
 }
 
 impl StreamTiming {
@@ -67,6 +69,7 @@ pub fn stream_completion(addr: &str, path: &str, body: &str) -> std::io::Result<
     }
     let mut events = Vec::new();
     let mut pending = String::new();
+    let mut last_data = String::new();
     let mut on_bytes = |bytes: &[u8], events: &mut Vec<Instant>| {
         pending.push_str(&String::from_utf8_lossy(bytes));
         while let Some(end) = pending.find("\n\n") {
@@ -77,6 +80,7 @@ pub fn stream_completion(addr: &str, path: &str, body: &str) -> std::io::Result<
                 }
                 if data != "[DONE]" {
                     events.push(Instant::now());
+                    last_data = data.to_string();
                 }
             }
         }
@@ -102,7 +106,11 @@ pub fn stream_completion(addr: &str, path: &str, body: &str) -> std::io::Result<
         r.read_to_end(&mut rest)?;
         on_bytes(&rest, &mut events)?;
     }
-    Ok(StreamTiming { sent, events })
+    Ok(StreamTiming {
+        sent,
+        events,
+        last_data,
+    })
 }
 
 /// GET returning the status code (used for /health).

@@ -51,6 +51,24 @@ struct Args {
     /// Only time vocabulary-head matmul variants (no server)
     #[arg(long)]
     kernels: bool,
+    /// Only time self-speculative decoding: speedup against acceptance rate, on variants of
+    /// the checkpoint whose exits agree with the original head at controlled rates
+    /// (written once under --data with an `-agree-S` suffix); results in
+    /// bench-results-speculative.json
+    #[arg(long)]
+    speculative: bool,
+    /// The variants' upper-block scales (0: the exits always agree; larger, less often)
+    #[arg(long, default_value = "0,0.5,1,2", value_delimiter = ',')]
+    spec_scales: Vec<f32>,
+    /// Draft layers timed (the variants quiet the blocks above the lowest)
+    #[arg(long, default_value = "4,6,8", value_delimiter = ',')]
+    spec_draft_layers: Vec<usize>,
+    /// `max_draft_tokens` values timed
+    #[arg(long, default_value = "2,4,8", value_delimiter = ',')]
+    spec_draft_tokens: Vec<usize>,
+    /// Concurrent streams timed for speculation
+    #[arg(long, default_value = "1,4", value_delimiter = ',')]
+    spec_streams: Vec<usize>,
 }
 
 /// (name, `multi_exit` JSON) of the modes timed: the original head, the exit at half depth,
@@ -101,6 +119,13 @@ fn main() {
     );
     let server_bin = std::env::current_exe().unwrap().with_file_name("exitserve");
     let prompt = prompt_ids(args.prompt_len);
+    if args.speculative {
+        let report = speculative_bench(&args, &shape, root, &server_bin, &prompt);
+        let out = "bench-results-speculative.json";
+        std::fs::write(out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        eprintln!("wrote {out}");
+        return;
+    }
     let modes = modes(&shape);
 
     let mut runs = Vec::new();
@@ -448,4 +473,128 @@ fn kernels() {
             println!("int8 batch {b:>2}: skinny {ms:7.2} ms (per-row scales, x rounded to int16)");
         }
     }
+}
+
+/// Greedy decoding of the original head, plain or drafting from `draft = (layer, k)`: the
+/// aggregate tok/s of `streams` concurrent requests (best of two rounds), and the share of
+/// drafted tokens accepted.
+fn speculative_run(
+    server: &Server,
+    prompt: &[u32],
+    new: usize,
+    draft: Option<(usize, usize)>,
+    streams: usize,
+) -> (f64, f64) {
+    let speculative = draft.map_or(String::new(), |(l, k)| {
+        format!(r#","speculative":{{"draft_layer":{l},"max_draft_tokens":{k}}}"#)
+    });
+    let body = format!(
+        r#"{{"model":"bench","prompt":{},"max_tokens":{new},"temperature":0,"ignore_eos":true,"stream":true,"stream_options":{{"include_usage":true}}{speculative}}}"#,
+        serde_json::to_string(prompt).unwrap()
+    );
+    let path = "/v1/completions";
+    let mut best: f64 = 0.0;
+    let (mut drafted, mut accepted) = (0.0, 0.0);
+    for _ in 0..2 {
+        let timings: Vec<client::StreamTiming> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..streams)
+                .map(|_| s.spawn(|| client::stream_completion(&server.addr, path, &body)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().expect("request"))
+                .collect()
+        });
+        // Decode rate after the first token (the prefill's), over all streams.
+        let first = timings
+            .iter()
+            .filter_map(|t| t.events.first())
+            .min()
+            .copied();
+        let last = timings
+            .iter()
+            .filter_map(|t| t.events.last())
+            .max()
+            .copied();
+        if let (Some(a), Some(b)) = (first, last) {
+            best = best.max((streams * (new - 1)) as f64 / (b - a).as_secs_f64());
+        }
+        for t in &timings {
+            let usage: Value = serde_json::from_str(&t.last_data).unwrap_or_default();
+            drafted += usage["usage"]["speculative"]["drafted"]
+                .as_f64()
+                .unwrap_or(0.0);
+            accepted += usage["usage"]["speculative"]["accepted"]
+                .as_f64()
+                .unwrap_or(0.0);
+        }
+    }
+    let rate = if drafted > 0.0 {
+        accepted / drafted
+    } else {
+        0.0
+    };
+    (best, rate)
+}
+
+/// Self-speculative decoding on checkpoint variants whose exits agree with the original
+/// head at controlled rates: per variant and dtype, plain decoding and every draft layer x
+/// `max_draft_tokens`, at each stream count.
+fn speculative_bench(args: &Args, shape: &Shape, root: &Path, bin: &Path, prompt: &[u32]) -> Value {
+    let data = args.data.as_ref().expect("set in main");
+    let quiet_from = *args.spec_draft_layers.iter().min().expect("draft layers");
+    let mut variants = Vec::new();
+    for &scale in &args.spec_scales {
+        let dir = PathBuf::from(format!("{}-agree-{scale}", data.display()));
+        eprintln!("variant {}", dir.display());
+        checkpoint::ensure_variant(
+            &dir,
+            shape,
+            &root.join("tests/fixtures/tiny-gpt-neo-multiexit"),
+            Some(checkpoint::Agreement {
+                quiet_from,
+                upper_scale: scale,
+            }),
+        )
+        .expect("write the variant");
+        for dtype in &args.dtype {
+            let server = match Server::start(bin, &dir, dtype) {
+                Ok(s) => s,
+                Err(why) => {
+                    eprintln!("  {why}: not measured");
+                    continue;
+                }
+            };
+            speculative_run(&server, prompt, 8, Some((quiet_from, 2)), 1); // warm-up
+            let mut rows = Vec::new();
+            for &streams in &args.spec_streams {
+                let (plain, _) = speculative_run(&server, prompt, args.new, None, streams);
+                eprintln!("  {dtype} x{streams} plain: {plain:.1} tok/s");
+                for &layer in &args.spec_draft_layers {
+                    for &k in &args.spec_draft_tokens {
+                        let (tps, rate) =
+                            speculative_run(&server, prompt, args.new, Some((layer, k)), streams);
+                        eprintln!(
+                            "  {dtype} x{streams} draft {layer} k {k}: {tps:.1} tok/s ({:.2}x), acceptance {:.0} %",
+                            tps / plain,
+                            rate * 100.0
+                        );
+                        rows.push(json!({"streams": streams, "draft_layer": layer,
+                            "max_draft_tokens": k, "tok_s": tps, "plain_tok_s": plain,
+                            "speedup": tps / plain, "acceptance": rate}));
+                    }
+                }
+            }
+            variants.push(json!({"upper_scale": scale, "dtype": dtype, "runs": rows}));
+        }
+    }
+    json!({
+        "machine": machine(),
+        "arch": format!("{:?}", args.arch),
+        "layers": shape.layers,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new,
+        "quiet_from": quiet_from,
+        "variants": variants,
+    })
 }

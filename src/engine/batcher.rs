@@ -21,10 +21,11 @@ use tokio::sync::mpsc;
 use super::error::EngineError;
 use super::inspection;
 use super::metrics::Metrics;
-use super::request::{events_per_step, Event, FinishReason, Usage};
+use super::request::{events_per_step, Event, FinishReason, SpeculativeUsage, Usage};
 use super::sampling::Sampler;
 use super::scheduler::{self, Budget, Demand, SeqView};
 use super::sequence::{token_logprob, Outcome, RequestState, Sequence, SharedRequest};
+use super::speculative::{SpecInput, Verdict};
 use super::Submission;
 use crate::model::{Head, Logits, Mode, MultiExitModel, SeqStep, StepLogits, TextTokenizer};
 
@@ -69,6 +70,18 @@ struct StepPlan {
     heads: Vec<Vec<Head>>,
     depths: Vec<usize>,
     all_positions: Vec<bool>,
+    kinds: Vec<StepKind>,
+}
+
+/// What a decoding sequence does in a step (a prompt chunk is `Next`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepKind {
+    /// Its next token, from its mode's heads at the last position.
+    Next,
+    /// A draft token, from the draft exit (self-speculative decoding).
+    Draft,
+    /// The verifying pass over a round's drafts: the mode's heads at every position.
+    Verify,
 }
 
 /// What a step's forward did for one sequence.
@@ -81,13 +94,34 @@ enum Progress {
     Inspected,
 }
 
-/// A sequence whose next token can be chosen: the logits of its mode's heads.
+/// A sequence whose next token (or draft, or verified drafts) can be chosen: the logits of
+/// the heads it asked for.
 struct Ready {
     index: usize,
+    /// The mode scored: the request's, or the draft exit's.
     mode: Mode,
-    logits: Vec<Vec<f32>>,
+    logits: Vec<Logits>,
+    kind: StepKind,
     /// Its first generated token (the prompt just finished).
     first_token: bool,
+}
+
+impl Ready {
+    /// The log-distributions to choose from: at the last position, or at every verified one.
+    fn scores(&self) -> Vec<Vec<f32>> {
+        let rows = match self.kind {
+            StepKind::Verify => 0..self.logits.first().map_or(0, Logits::rows),
+            _ => {
+                let n = self.logits.first().map_or(0, Logits::rows);
+                n.saturating_sub(1)..n
+            }
+        };
+        rows.map(|row| {
+            let heads: Vec<&[f32]> = self.logits.iter().map(|h| h.row(row)).collect();
+            self.mode.scores(&heads)
+        })
+        .collect()
+    }
 }
 
 /// A request taken from the queue whose prompts have not all joined the batch yet.
@@ -319,6 +353,7 @@ impl Batcher {
             usage: Usage {
                 prompt_tokens: req.prompt_tokens(),
                 completion_tokens: 0,
+                speculative: req.speculative.map(|_| SpeculativeUsage::default()),
             },
             mode_label: if req.inspect.is_some() {
                 "inspect"
@@ -490,7 +525,8 @@ impl Batcher {
                 let inspect_all = r.req.inspect.is_some_and(|i| i.all_positions);
                 SeqView {
                     prompt_left: s.prompt.len() - s.prefilled,
-                    can_emit: r.tx.capacity() >= events_per_step(r.unfinished),
+                    can_emit: r.tx.capacity()
+                        >= events_per_step(r.unfinished, r.req.tokens_per_step()),
                     max_chunk: if inspect_all {
                         INSPECT_CHUNK
                     } else {
@@ -503,23 +539,26 @@ impl Batcher {
         self.metrics.paused_sequences.set(paused as f64);
         let slots = scheduler::plan_step(self.cfg.budget.max_prefill_tokens, &views);
         let mut plan = StepPlan::default();
+        let fault = self.cfg.fault;
         for slot in slots {
-            let s = &self.running[slot.index];
+            let s = &mut self.running[slot.index];
             let planned = contained(Phase::Plan, || {
-                inject(self.cfg.fault, Phase::Plan, &s.prompt);
+                inject(fault, Phase::Plan, &s.prompt);
                 let r = s.request.borrow();
                 // Scores at every prompt position: echo with logprobs, or an inspection of
                 // all positions.
                 let echo_logprobs = (r.req.echo && r.req.logprobs.is_some())
                     || r.req.inspect.is_some_and(|i| i.all_positions);
                 let take = slot.prompt_take;
-                let (tokens, last_chunk) = if take > 0 {
-                    let chunk = s.prompt[s.prefilled..s.prefilled + take].to_vec();
-                    (chunk, s.prefilled + take == s.prompt.len())
-                } else {
+                if take == 0 {
                     let next = s.next_input.expect("decoding sequences have a token");
-                    (vec![next], true)
-                };
+                    let remaining = r.req.max_tokens - s.generated;
+                    let (heads, depth) = (r.heads.clone(), r.depth);
+                    drop(r);
+                    return decode_input(s, next, remaining, heads, depth);
+                }
+                let chunk = s.prompt[s.prefilled..s.prefilled + take].to_vec();
+                let last_chunk = s.prefilled + take == s.prompt.len();
                 // Heads at the last position once the prompt is in; at every prompt
                 // position for echo with logprobs.
                 let heads = if last_chunk || echo_logprobs {
@@ -527,16 +566,17 @@ impl Batcher {
                 } else {
                     Vec::new()
                 };
-                (tokens, heads, r.depth, take > 0 && echo_logprobs)
+                (chunk, heads, r.depth, echo_logprobs, StepKind::Next)
             });
             match planned {
-                Ok((tokens, heads, depth, all_positions)) => {
+                Ok((tokens, heads, depth, all_positions, kind)) => {
                     plan.members.push(slot.index);
                     plan.tokens.push(tokens);
                     plan.prompt_taken.push(slot.prompt_take);
                     plan.heads.push(heads);
                     plan.depths.push(depth);
                     plan.all_positions.push(all_positions);
+                    plan.kinds.push(kind);
                 }
                 Err(message) => self.fail_members(&[slot.index], message),
             }
@@ -615,10 +655,16 @@ impl Batcher {
                 if seq.in_prefill() || logits.first().is_none_or(Logits::is_empty) {
                     return Progress::Prefilling;
                 }
+                let kind = plan.kinds[k];
+                let mode = match (kind, &seq.spec) {
+                    (StepKind::Draft, Some(spec)) => Mode::Exit(spec.spec.draft_layer),
+                    _ => seq.request.borrow().req.mode,
+                };
                 Progress::Ready(Ready {
                     index: i,
-                    mode: seq.request.borrow().req.mode,
-                    logits: logits.into_iter().map(Logits::into_last).collect(),
+                    mode,
+                    logits,
+                    kind,
                     first_token: take > 0,
                 })
             });
@@ -639,7 +685,7 @@ impl Batcher {
 
     /// The vocabulary-sized scoring (log-softmax, contrast) of each ready sequence, spread
     /// over the cores; a panic fails only its own sequence's request.
-    fn score(&self, ready: &[Ready]) -> Vec<Result<Vec<f32>, String>> {
+    fn score(&self, ready: &[Ready]) -> Vec<Result<Vec<Vec<f32>>, String>> {
         let fault = self.cfg.fault;
         let prompts: Vec<&[u32]> = ready
             .iter()
@@ -651,8 +697,7 @@ impl Batcher {
             .map(|(r, prompt)| {
                 contained(Phase::Score, || {
                     inject(fault, Phase::Score, prompt);
-                    let rows: Vec<&[f32]> = r.logits.iter().map(Vec::as_slice).collect();
-                    r.mode.scores(&rows)
+                    r.scores()
                 })
             })
             .collect()
@@ -660,10 +705,10 @@ impl Batcher {
 
     /// Samples and emits each ready sequence's token; a sequence that just finished its
     /// prompt first forks its `n`/`best_of` followers, which share its prompt and scores.
-    fn emit(&mut self, ready: Vec<Ready>, scored: Vec<Result<Vec<f32>, String>>) {
+    fn emit(&mut self, ready: Vec<Ready>, scored: Vec<Result<Vec<Vec<f32>>, String>>) {
         let mut forked = Vec::new();
-        for (r, scores) in ready.into_iter().zip(scored) {
-            let scores = match scores {
+        for (r, rows) in ready.into_iter().zip(scored) {
+            let mut rows = match rows {
                 Ok(s) => s,
                 Err(message) => {
                     self.fail_members(&[r.index], message);
@@ -673,6 +718,15 @@ impl Batcher {
             if !self.running[r.index].is_live() {
                 continue;
             }
+            if r.kind != StepKind::Next {
+                if let Err(message) =
+                    contained(Phase::Emit, || self.speculate(r.index, r.kind, rows))
+                {
+                    self.fail_members(&[r.index], message);
+                }
+                continue;
+            }
+            let scores = rows.pop().unwrap_or_default();
             let result = contained(Phase::Emit, || {
                 let mut followers = Vec::new();
                 if r.first_token {
@@ -761,10 +815,57 @@ impl Batcher {
             // echo with max_tokens 0: the prompt was only scored.
             return self.finish(i, FinishReason::Length);
         }
-        let now = Instant::now();
+        inject(self.cfg.fault, Phase::Sample, &self.running[i].prompt);
+        let id = self.running[i].sampler.choose(scores);
+        self.emit_token(i, id, scores);
+    }
+
+    /// A draft step's draft token, or a verifying step's verdicts: the drafts that stand
+    /// and the token after them are emitted, and the cache keeps what was accepted.
+    fn speculate(&mut self, i: usize, kind: StepKind, rows: Vec<Vec<f32>>) {
         inject(self.cfg.fault, Phase::Sample, &self.running[i].prompt);
         let seq = &mut self.running[i];
-        let id = seq.sampler.choose(scores);
+        let Some(spec) = seq.spec.as_mut() else {
+            return;
+        };
+        if kind == StepKind::Draft {
+            return spec.draft(&rows[0], &mut seq.sampler);
+        }
+        let drafted = spec.drafts().len();
+        let mut accepted = 0;
+        for (row, scores) in rows.iter().enumerate() {
+            let seq = &mut self.running[i];
+            let spec = seq.spec.as_ref().expect("checked above");
+            let (id, stands) = if row < drafted {
+                match spec.verdict(row, scores, &mut seq.sampler) {
+                    Verdict::Accept(d) => (d, true),
+                    Verdict::Replace(t) => (t, false),
+                }
+            } else {
+                (seq.sampler.choose(scores), false)
+            };
+            accepted += usize::from(stands);
+            if self.emit_token(i, id, scores) || !stands {
+                break;
+            }
+        }
+        let seq = &mut self.running[i];
+        let spec = seq.spec.as_mut().expect("checked above");
+        let keep = spec.finish_round(accepted);
+        seq.cache.truncate(keep);
+        self.metrics.speculative_drafted.increment(drafted as u64);
+        self.metrics.speculative_accepted.increment(accepted as u64);
+        let mut r = seq.request.borrow_mut();
+        if let Some(u) = r.usage.speculative.as_mut() {
+            u.drafted += drafted;
+            u.accepted += accepted;
+        }
+    }
+
+    /// Emits token `id` chosen from `scores`; returns whether the sequence finished.
+    fn emit_token(&mut self, i: usize, id: u32, scores: &[f32]) -> bool {
+        let now = Instant::now();
+        let seq = &mut self.running[i];
         {
             let mut r = seq.request.borrow_mut();
             r.usage.completion_tokens += 1;
@@ -783,7 +884,9 @@ impl Batcher {
             seq.accept(id, scores, &self.tokenizer, self.cfg.eos_token_id)
         {
             self.finish(i, reason);
+            return true;
         }
+        false
     }
 
     fn finish(&mut self, i: usize, reason: FinishReason) {
@@ -804,6 +907,8 @@ impl Batcher {
                 tracing::info!(
                     prompt_tokens = r.usage.prompt_tokens,
                     completion_tokens = r.usage.completion_tokens,
+                    drafted = r.usage.speculative.map(|u| u.drafted),
+                    accepted = r.usage.speculative.map(|u| u.accepted),
                     ms = r.arrived.elapsed().as_millis() as u64,
                     "completed"
                 );
@@ -886,5 +991,38 @@ fn record_prompt_logprobs(
         let scores = mode.scores(&heads);
         seq.prompt_logprobs
             .push(token_logprob(seq.prompt[next], &scores, k, tok));
+    }
+}
+
+/// A decoding sequence's input for this step: its next token through its mode, or, when it
+/// speculates, a draft step at the draft exit or the verifying pass over the round's drafts
+/// (its cache rolled back to where the round began).
+fn decode_input(
+    s: &mut Sequence,
+    next: u32,
+    remaining: usize,
+    heads: Vec<Head>,
+    depth: usize,
+) -> (Vec<u32>, Vec<Head>, usize, bool, StepKind) {
+    let input = match s.spec.as_mut() {
+        Some(spec) => spec.next_input(next, s.cache.len(), remaining),
+        None => SpecInput::Plain,
+    };
+    match input {
+        SpecInput::Plain => (vec![next], heads, depth, false, StepKind::Next),
+        SpecInput::Draft(token) => {
+            let layer = s.spec.as_ref().map_or(depth, |sp| sp.spec.draft_layer);
+            (
+                vec![token],
+                vec![Head::Exit(layer)],
+                layer,
+                false,
+                StepKind::Draft,
+            )
+        }
+        SpecInput::Verify { tokens, base_len } => {
+            s.cache.truncate(base_len);
+            (tokens, heads, depth, true, StepKind::Verify)
+        }
     }
 }

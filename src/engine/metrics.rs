@@ -44,6 +44,8 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_rejections_total", "counter"),
     ("exitserve_model_steps_total", "counter"),
     ("exitserve_block_evaluations_total", "counter"),
+    ("exitserve_speculative_drafted_tokens_total", "counter"),
+    ("exitserve_speculative_accepted_tokens_total", "counter"),
     ("exitserve_time_to_first_token_seconds", "histogram"),
     ("exitserve_inter_token_latency_seconds", "histogram"),
     ("exitserve_request_duration_seconds", "histogram"),
@@ -146,6 +148,8 @@ pub struct Metrics {
     pub rejections: Counter,
     pub model_steps: Counter,
     block_evaluations: Counter,
+    pub speculative_drafted: Counter,
+    pub speculative_accepted: Counter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub e2e_latency: Histogram,
@@ -217,6 +221,14 @@ impl Default for Metrics {
             block_evaluations: r.counter(
                 "exitserve_block_evaluations_total",
                 "Transformer block evaluations, one per sequence per block (early exits skip the blocks above them).",
+            ),
+            speculative_drafted: r.counter(
+                "exitserve_speculative_drafted_tokens_total",
+                "Tokens drafted from a low exit by self-speculative decoding.",
+            ),
+            speculative_accepted: r.counter(
+                "exitserve_speculative_accepted_tokens_total",
+                "Drafted tokens the verifying pass accepted.",
             ),
             time_to_first_token: r.histogram(
                 "exitserve_time_to_first_token_seconds",

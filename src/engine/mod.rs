@@ -10,6 +10,7 @@ pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+pub mod speculative;
 pub mod stop;
 pub mod validate;
 
@@ -203,7 +204,8 @@ impl Engine {
     ) -> Result<EventReceiver, EngineError> {
         let sequences = req.prompts.len() * req.best_of;
         let (tx, rx) = mpsc::channel(
-            self.stream_buffer_events * sequences + request::events_per_step(sequences),
+            self.stream_buffer_events * sequences
+                + request::events_per_step(sequences, req.tokens_per_step()),
         );
         let label = mode_label(&req.mode);
         let sub = Submission {

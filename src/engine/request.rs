@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+pub use super::speculative::SpeculativeSpec;
 use super::stop::StopSet;
 use crate::model::{ContrastParams, Mode};
 
@@ -41,6 +42,15 @@ pub struct GenerateRequest {
     pub logit_bias: Vec<(String, f64)>,
     pub return_token_ids: bool,
     pub ignore_eos: bool,
+    /// The `speculative` object (None: the server's default, if any).
+    pub speculative: Option<SpeculativeRequest>,
+}
+
+/// The `speculative` object, unvalidated.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpeculativeRequest {
+    pub draft_layer: Option<i64>,
+    pub max_draft_tokens: Option<i64>,
 }
 
 /// The `multi_exit` object, unvalidated.
@@ -77,6 +87,23 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     pub logit_bias: Vec<(u32, f32)>,
     pub seed: Option<u64>,
+}
+
+#[cfg(test)]
+impl SamplingParams {
+    /// No bias, penalties or truncation: plain softmax sampling at `temperature`.
+    pub(crate) fn plain(temperature: f32, seed: u64) -> Self {
+        Self {
+            temperature,
+            top_p: 1.0,
+            top_k: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: vec![],
+            seed: Some(seed),
+        }
+    }
 }
 
 /// An inspection (`POST /v1/inspect`), unvalidated.
@@ -138,6 +165,8 @@ pub struct ValidRequest {
     pub deadline: Instant,
     /// An inspection instead of a generation (one prompt, no tokens generated).
     pub inspect: Option<InspectSpec>,
+    /// Self-speculative decoding (drafts from a low exit, verified by the mode).
+    pub speculative: Option<SpeculativeSpec>,
 }
 
 impl ValidRequest {
@@ -175,6 +204,14 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Self-speculative decoding: tokens drafted and accepted (None: not used).
+    pub speculative: Option<SpeculativeUsage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SpeculativeUsage {
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 /// What the engine streams back for one request. `candidate` numbers the sequences of the
@@ -216,7 +253,15 @@ pub type EventSender = mpsc::Sender<Event>;
 pub type EventReceiver = mpsc::Receiver<Event>;
 
 /// The most events one step can send for a request with `sequences` unfinished sequences
-/// (a prompt, a token and an end each, and the request's done).
-pub fn events_per_step(sequences: usize) -> usize {
-    3 * sequences + 1
+/// that emit up to `tokens` tokens each (a prompt, the tokens and an end each, and the
+/// request's done).
+pub fn events_per_step(sequences: usize, tokens: usize) -> usize {
+    (2 + tokens) * sequences + 1
+}
+
+impl ValidRequest {
+    /// The most tokens one step can emit per sequence: a verified draft and one more.
+    pub fn tokens_per_step(&self) -> usize {
+        self.speculative.map_or(1, |s| s.max_draft_tokens + 1)
+    }
 }

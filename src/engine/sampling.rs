@@ -1,5 +1,6 @@
 //! Per-sequence token choice: logit bias, penalties, temperature, top-k, top-p, seeded RNG.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use rand::rngs::StdRng;
@@ -36,51 +37,95 @@ impl Sampler {
 
     /// Picks the next token from `scores`, the mode's log-distribution.
     pub fn choose(&mut self, scores: &[f32]) -> u32 {
+        let scores = self.edited(scores);
+        if self.params.temperature == 0.0 {
+            return argmax(&scores);
+        }
+        let dist = self.distribution_of_edited(&scores);
+        self.draw(&dist)
+    }
+
+    /// Greedy decoding (temperature 0): every choice is the best edited score.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0
+    }
+
+    /// What [`Sampler::choose`] would pick from, as weights: `scores` after the logit bias
+    /// and penalties, tempered and restricted to the top-k and the nucleus. Greedy: the one
+    /// best token.
+    pub fn distribution(&self, scores: &[f32]) -> Dist {
+        let scores = self.edited(scores);
+        if self.params.temperature == 0.0 {
+            return Dist {
+                ids: vec![argmax(&scores)],
+                weights: vec![1.0],
+                total: 1.0,
+            };
+        }
+        self.distribution_of_edited(&scores)
+    }
+
+    /// A uniform number in [0, 1) from the sequence's RNG.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// Samples from a distribution.
+    pub fn draw(&mut self, dist: &Dist) -> u32 {
+        let mut r = self.rng.random::<f64>() * dist.total;
+        for (&id, w) in dist.ids.iter().zip(&dist.weights) {
+            if r < *w {
+                return id;
+            }
+            r -= w;
+        }
+        dist.ids[dist.ids.len() - 1]
+    }
+
+    /// `scores` with the logit bias and the penalties applied (borrowed when there are none).
+    fn edited<'s>(&self, scores: &'s [f32]) -> Cow<'s, [f32]> {
         let p = &self.params;
         let needs_edit = !p.logit_bias.is_empty()
             || (!self.counts.is_empty()
                 && (p.presence_penalty != 0.0
                     || p.frequency_penalty != 0.0
                     || p.repetition_penalty != 1.0));
-        let edited;
-        let scores = if needs_edit {
-            let mut s = scores.to_vec();
-            for &(id, bias) in &p.logit_bias {
-                s[id as usize] += bias;
-            }
-            for (&id, &count) in &self.counts {
-                let x = &mut s[id as usize];
-                // HF's repetition penalty: push the score away from likely.
-                if p.repetition_penalty != 1.0 {
-                    *x = if *x > 0.0 {
-                        *x / p.repetition_penalty
-                    } else {
-                        *x * p.repetition_penalty
-                    };
-                }
-                *x -= p.frequency_penalty * count as f32 + p.presence_penalty;
-            }
-            edited = s;
-            &edited[..]
-        } else {
-            scores
-        };
-        if p.temperature == 0.0 {
-            return argmax(scores);
+        if !needs_edit {
+            return Cow::Borrowed(scores);
         }
-        self.sample(scores)
+        let mut s = scores.to_vec();
+        for &(id, bias) in &p.logit_bias {
+            s[id as usize] += bias;
+        }
+        for (&id, &count) in &self.counts {
+            let x = &mut s[id as usize];
+            // HF's repetition penalty: push the score away from likely.
+            if p.repetition_penalty != 1.0 {
+                *x = if *x > 0.0 {
+                    *x / p.repetition_penalty
+                } else {
+                    *x * p.repetition_penalty
+                };
+            }
+            *x -= p.frequency_penalty * count as f32 + p.presence_penalty;
+        }
+        Cow::Owned(s)
     }
 
-    /// Samples from `softmax(scores / temperature)`, restricted to the top-k and then to the
-    /// nucleus. Both restrictions are partial selections (expected O(vocab)), never a sort of
-    /// the whole vocabulary.
-    fn sample(&mut self, scores: &[f32]) -> u32 {
+    /// The weights of `softmax(scores / temperature)`, restricted to the top-k and then to
+    /// the nucleus. Both restrictions are partial selections (expected O(vocab)), never a
+    /// sort of the whole vocabulary.
+    fn distribution_of_edited(&self, scores: &[f32]) -> Dist {
         let p = &self.params;
         let mut cands: Vec<u32> = (0..scores.len() as u32)
             .filter(|&i| scores[i as usize].is_finite())
             .collect();
         if cands.is_empty() {
-            return argmax(scores);
+            return Dist {
+                ids: vec![argmax(scores)],
+                weights: vec![1.0],
+                total: 1.0,
+            };
         }
         // Best first; ties to the lower id, so the chosen sets are deterministic.
         let better = |a: &u32, b: &u32| {
@@ -103,15 +148,30 @@ impl Sampler {
             cands.truncate(keep);
         }
         let weights: Vec<f64> = cands.iter().map(|&i| weight(i)).collect();
-        let total: f64 = weights.iter().sum();
-        let mut r = self.rng.random::<f64>() * total;
-        for (&id, w) in cands.iter().zip(&weights) {
-            if r < *w {
-                return id;
-            }
-            r -= w;
+        let total = weights.iter().sum();
+        Dist {
+            ids: cands,
+            weights,
+            total,
         }
-        cands[cands.len() - 1]
+    }
+}
+
+/// A distribution over a few token ids: unnormalised weights and their sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dist {
+    pub ids: Vec<u32>,
+    pub weights: Vec<f64>,
+    pub total: f64,
+}
+
+impl Dist {
+    /// The probability of `id` (0 outside the support).
+    pub fn prob(&self, id: u32) -> f64 {
+        self.ids
+            .iter()
+            .position(|&i| i == id)
+            .map_or(0.0, |k| self.weights[k] / self.total)
     }
 }
 
@@ -176,16 +236,7 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_p: 1.0,
-            top_k: 0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            repetition_penalty: 1.0,
-            logit_bias: vec![],
-            seed: Some(7),
-        }
+        SamplingParams::plain(temperature, 7)
     }
 
     #[test]

@@ -10,6 +10,7 @@ use super::request::{
     Event, EventSender, FinishReason, PositionReport, TokenLogprob, Usage, ValidRequest,
 };
 use super::sampling::Sampler;
+use super::speculative::Speculation;
 use super::stop::StopMatcher;
 use crate::model::{Head, IncrementalDecoder, KvCache, TextTokenizer};
 
@@ -53,6 +54,8 @@ pub struct Sequence {
     pub inspection: Vec<PositionReport>,
     pub last_token_at: Option<Instant>,
     pub finished: bool,
+    /// Self-speculative decoding state, when the request asked for it.
+    pub spec: Option<Speculation>,
 }
 
 pub enum Outcome {
@@ -69,6 +72,7 @@ impl Sequence {
         sampler: Sampler,
     ) -> Self {
         let stops = StopMatcher::new(request.borrow().req.stop.clone());
+        let spec = request.borrow().req.speculative.map(Speculation::new);
         Self {
             request,
             candidate,
@@ -87,6 +91,7 @@ impl Sequence {
             inspection: Vec::new(),
             last_token_at: None,
             finished: false,
+            spec,
         }
     }
 

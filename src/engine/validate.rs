@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use super::error::EngineError;
 use super::request::{
-    GenerateRequest, InspectRequest, InspectSpec, ModeSpec, PromptInput, SamplingParams, UpperSpec,
-    ValidRequest,
+    GenerateRequest, InspectRequest, InspectSpec, ModeSpec, PromptInput, SamplingParams,
+    SpeculativeRequest, SpeculativeSpec, UpperSpec, ValidRequest,
 };
 use super::scheduler::{self, Budget, Demand, Refusal};
+use super::speculative::MAX_DRAFT_TOKENS;
 use super::stop::StopSet;
 use crate::model::mode::{DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES};
 use crate::model::{ContrastParams, Mode, TextTokenizer, Upper};
@@ -39,6 +40,11 @@ pub struct Limits {
     /// Bytes of the longest vocabulary token: a text of more than `max_input_tokens` times
     /// this many bytes cannot fit and is refused without tokenizing it.
     pub max_token_bytes: usize,
+    /// Self-speculative decoding for requests that do not ask (`--speculative-draft-layer`),
+    /// where their mode decodes above the draft layer.
+    pub speculative_default: Option<SpeculativeSpec>,
+    /// `max_draft_tokens` when a request's `speculative` object leaves it out.
+    pub speculative_max_draft_tokens: usize,
 }
 
 pub const MAX_LOGPROBS: i64 = 5;
@@ -246,6 +252,7 @@ impl Validator {
             });
         }
         let max_tokens = max_tokens as usize;
+        let speculative = self.speculative(req.speculative, &mode)?;
         let fan_out = req.prompts.len().saturating_mul(best_of as usize);
         if fan_out > l.max_sequences_per_request {
             return Err(invalid(
@@ -304,6 +311,7 @@ impl Validator {
             ignore_eos: req.ignore_eos,
             deadline,
             inspect: None,
+            speculative,
         })
     }
 
@@ -373,7 +381,70 @@ impl Validator {
                 all_positions,
                 contrast,
             }),
+            speculative: None,
         })
+    }
+
+    /// The request's `speculative` object checked against `mode`; without one, the server's
+    /// default where the mode decodes above its draft layer.
+    pub fn speculative(
+        &self,
+        req: Option<SpeculativeRequest>,
+        mode: &Mode,
+    ) -> Result<Option<SpeculativeSpec>, EngineError> {
+        let l = &*self.limits;
+        let depth = mode.depth(l.num_layers);
+        let Some(req) = req else {
+            return Ok(l.speculative_default.filter(|s| s.draft_layer < depth));
+        };
+        let param = "speculative.draft_layer";
+        let layer = match req.draft_layer {
+            Some(layer) => layer,
+            // The server's draft layer, else the highest exit at or below half the depth.
+            None => l
+                .speculative_default
+                .map(|s| s.draft_layer)
+                .filter(|&d| d < depth)
+                .or_else(|| l.exit_layers.iter().copied().filter(|&e| 2 * e <= depth).max())
+                .ok_or_else(|| {
+                    invalid(
+                        param,
+                        format!("`{param}` is needed: no exit lies at or below half of this mode's depth ({depth})"),
+                    )
+                })? as i64,
+        };
+        if layer < 0 || !l.exit_layers.contains(&(layer as usize)) {
+            return Err(invalid(
+                param,
+                format!(
+                    "`{param}` must be one of the exit layers {:?}, got {layer}",
+                    l.exit_layers
+                ),
+            ));
+        }
+        if layer as usize >= depth {
+            return Err(invalid(
+                param,
+                format!(
+                    "`{param}` ({layer}) must lie below the layer this mode decodes from ({depth}): the draft is verified by the mode's own distribution"
+                ),
+            ));
+        }
+        let k = req
+            .max_draft_tokens
+            .unwrap_or(l.speculative_max_draft_tokens as i64);
+        if !(1..=MAX_DRAFT_TOKENS as i64).contains(&k) {
+            return Err(invalid(
+                "speculative.max_draft_tokens",
+                format!(
+                    "`speculative.max_draft_tokens` must be in [1, {MAX_DRAFT_TOKENS}], got {k}"
+                ),
+            ));
+        }
+        Ok(Some(SpeculativeSpec {
+            draft_layer: layer as usize,
+            max_draft_tokens: k as usize,
+        }))
     }
 
     /// Refuses a prompt whose `copies` sequences of `prompt_len + max_tokens` positions could

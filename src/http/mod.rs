@@ -182,7 +182,7 @@ async fn require_api_key(State(app): State<Arc<AppState>>, req: Request, next: N
 
 fn model_card(app: &AppState, id: &str, mode: Option<&crate::model::Mode>) -> serde_json::Value {
     let limits = app.engine.validator().limits();
-    json!({
+    let mut card = json!({
         "id": id,
         "object": "model",
         "created": app.created,
@@ -194,7 +194,15 @@ fn model_card(app: &AppState, id: &str, mode: Option<&crate::model::Mode>) -> se
         "modes": ["original", "exit", "contrast"],
         "default_mode": wire::MultiExitOut::from(&limits.default_mode),
         "multi_exit": wire::MultiExitOut::from(mode.unwrap_or(&limits.default_mode)),
-    })
+    });
+    // A preset that decodes speculatively says so.
+    if let Some(s) = app.models.speculative(id) {
+        card["speculative"] = json!({
+            "draft_layer": s.draft_layer,
+            "max_draft_tokens": s.max_draft_tokens,
+        });
+    }
+    card
 }
 
 async fn list_models(State(app): State<Arc<AppState>>) -> Json<serde_json::Value> {

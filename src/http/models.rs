@@ -3,7 +3,7 @@
 //! pick a mode, as do the operator's presets (`NAME:<preset>`). A client that can only set
 //! `model` (lm-eval, LangChain, any plain OpenAI client) can so choose any mode.
 
-use crate::engine::request::{ModeSpec, UpperSpec};
+use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec, UpperSpec};
 use crate::engine::Validator;
 use crate::model::{Mode, Upper};
 
@@ -12,8 +12,15 @@ use super::error::ApiError;
 pub struct ModelIds {
     pub base: String,
     validator: Validator,
-    /// `(name, mode)` of the operator's presets, resolved at start-up.
-    presets: Vec<(String, Mode)>,
+    /// The operator's presets, resolved at start-up.
+    presets: Vec<Preset>,
+}
+
+/// A named mode, with the self-speculative decoding it implies (if any).
+struct Preset {
+    name: String,
+    mode: Mode,
+    speculative: Option<SpeculativeSpec>,
 }
 
 /// The suffix naming `mode` (`original`, `exit-L`, `contrast-U-L`), when defaults suffice.
@@ -64,15 +71,15 @@ fn parse_suffix(suffix: &str) -> Option<ModeSpec> {
 }
 
 impl ModelIds {
-    /// `presets`: `(name, mode)`; a name must be lowercase letters, digits, `-` or `_`, and
-    /// must not read as a built-in suffix.
+    /// `presets`: `(name, mode, speculative)`; a name must be lowercase letters, digits, `-`
+    /// or `_`, and must not read as a built-in suffix.
     pub fn new(
         base: String,
         validator: Validator,
-        presets: &[(String, ModeSpec)],
+        presets: &[(String, ModeSpec, Option<SpeculativeRequest>)],
     ) -> Result<Self, String> {
-        let mut resolved = Vec::with_capacity(presets.len());
-        for (name, spec) in presets {
+        let mut resolved: Vec<Preset> = Vec::with_capacity(presets.len());
+        for (name, spec, speculative) in presets {
             let ok_chars = !name.is_empty()
                 && name
                     .chars()
@@ -86,13 +93,23 @@ impl ModelIds {
                     "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and not a built-in mode (original, exit-L, contrast-U-L)"
                 ));
             }
-            if resolved.iter().any(|(n, _)| n == name) {
+            if resolved.iter().any(|p| p.name == *name) {
                 return Err(format!("--mode-preset `{name}` is given twice"));
             }
             let mode = validator
                 .mode(spec)
                 .map_err(|e| format!("--mode-preset `{name}`: {e}"))?;
-            resolved.push((name.clone(), mode));
+            let speculative = match speculative {
+                None => None,
+                Some(req) => validator
+                    .speculative(Some(*req), &mode)
+                    .map_err(|e| format!("--mode-preset `{name}`: {e}"))?,
+            };
+            resolved.push(Preset {
+                name: name.clone(),
+                mode,
+                speculative,
+            });
         }
         Ok(Self {
             base,
@@ -115,8 +132,8 @@ impl ModelIds {
             .strip_prefix(self.base.as_str())
             .and_then(|r| r.strip_prefix(':'))
             .ok_or_else(not_found)?;
-        if let Some((_, mode)) = self.presets.iter().find(|(n, _)| n == suffix) {
-            return Ok(Some(*mode));
+        if let Some(p) = self.presets.iter().find(|p| p.name == suffix) {
+            return Ok(Some(p.mode));
         }
         let spec = parse_suffix(suffix).ok_or_else(not_found)?;
         self.validator
@@ -163,9 +180,18 @@ impl ModelIds {
         out.extend(
             self.presets
                 .iter()
-                .map(|(n, m)| (format!("{}:{n}", self.base), Some(*m))),
+                .map(|p| (format!("{}:{}", self.base, p.name), Some(p.mode))),
         );
         out
+    }
+
+    /// The self-speculative decoding a preset id implies (None for every other id).
+    pub fn speculative(&self, id: &str) -> Option<SpeculativeSpec> {
+        let suffix = id.strip_prefix(self.base.as_str())?.strip_prefix(':')?;
+        self.presets
+            .iter()
+            .find(|p| p.name == suffix)
+            .and_then(|p| p.speculative)
     }
 
     /// The accepted forms, for a 404's message.
@@ -179,7 +205,7 @@ impl ModelIds {
             let names: Vec<String> = self
                 .presets
                 .iter()
-                .map(|(n, _)| format!("`{b}:{n}`"))
+                .map(|p| format!("`{b}:{}`", p.name))
                 .collect();
             s.push_str(&format!(", or a preset: {}", names.join(", ")));
         }

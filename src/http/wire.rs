@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::request::{ModeSpec, PromptInput, UpperSpec};
+use crate::engine::request::{ModeSpec, PromptInput, SpeculativeRequest, UpperSpec};
 use crate::engine::GenerateRequest;
 use crate::model::{Mode, Upper};
 
@@ -82,6 +82,15 @@ pub struct CompletionRequest {
     pub return_token_ids: Option<bool>,
     pub ignore_eos: Option<bool>,
     pub multi_exit: Option<MultiExitWire>,
+    pub speculative: Option<SpeculativeWire>,
+}
+
+/// The `speculative` extension: self-speculative decoding from an exit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculativeWire {
+    pub draft_layer: Option<i64>,
+    pub max_draft_tokens: Option<i64>,
 }
 
 /// A contrast object (`multi_exit`, or an inspection's `contrast`) as the engine's spec;
@@ -182,6 +191,10 @@ impl CompletionRequest {
             logit_bias: self.logit_bias.unwrap_or_default().into_iter().collect(),
             return_token_ids: self.return_token_ids.unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            speculative: self.speculative.map(|s| SpeculativeRequest {
+                draft_layer: s.draft_layer,
+                max_draft_tokens: s.max_draft_tokens,
+            }),
         })
     }
 }
@@ -256,6 +269,14 @@ pub struct UsageOut {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<SpeculativeUsageOut>,
+}
+
+#[derive(Debug, Serialize, Clone, Copy)]
+pub struct SpeculativeUsageOut {
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 impl From<crate::engine::Usage> for UsageOut {
@@ -264,6 +285,10 @@ impl From<crate::engine::Usage> for UsageOut {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
+            speculative: u.speculative.map(|s| SpeculativeUsageOut {
+                drafted: s.drafted,
+                accepted: s.accepted,
+            }),
         }
     }
 }

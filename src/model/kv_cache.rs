@@ -73,6 +73,13 @@ impl KvCache {
         self.len += n;
     }
 
+    /// Forgets the positions from `len` on (drafts that were rejected); the next appends
+    /// overwrite their rows.
+    pub fn truncate(&mut self, len: usize) {
+        debug_assert!(len <= self.len, "truncate to {len} > {}", self.len);
+        self.len = self.len.min(len);
+    }
+
     /// A deep copy (the buffers are written in place, so clones must not share storage).
     pub fn fork(&self) -> Result<Self> {
         let copy = |t: &Option<Tensor>| t.as_ref().map(|t| t.copy()).transpose();

@@ -1,0 +1,338 @@
+//! Self-speculative decoding: the trunk up to a low exit drafts a few tokens, one pass of the
+//! request's own mode over the drafted positions verifies them, and the output is the one
+//! decoding without drafts would give (greedy: token for token; sampling: the same
+//! distribution, by the speculative-sampling rule of Leviathan et al. / Chen et al. 2023).
+//!
+//! A round, for a sequence whose last token `t0` is not yet in its cache:
+//! 1. draft: `k` steps at the draft layer's depth feed `t0, d1, …, d(k-1)` and choose
+//!    `d1 … dk` from the exit head (the cache's lower layers fill as they go);
+//! 2. verify: the cache is rolled back to where the round began and `t0, d1 … dk` go through
+//!    the mode's depth in one multi-token step, which gives the target distribution at each;
+//! 3. accept `d(i+1)` against row `i` until the first rejection, which emits a corrected token
+//!    instead; when all `k` pass, row `k` gives one more. The cache keeps `t0` and the
+//!    accepted drafts.
+//!
+//! The draft length adapts: it grows after a fully accepted round and halves after a
+//! rejection; after a round that accepted nothing, drafting pauses for a number of plain steps
+//! that doubles while it keeps failing (up to [`MAX_PAUSE`]), so a useless draft layer costs
+//! a few percent, not a slowdown.
+
+use super::sampling::{Dist, Sampler};
+
+/// The largest `max_draft_tokens` a request may ask for.
+pub const MAX_DRAFT_TOKENS: usize = 16;
+/// The longest pause (plain steps) after rounds that accepted nothing.
+pub const MAX_PAUSE: usize = 64;
+
+/// What a request asked for: the exit that drafts and the most tokens it drafts per round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpeculativeSpec {
+    pub draft_layer: usize,
+    pub max_draft_tokens: usize,
+}
+
+/// What a speculative sequence feeds at its next decoding step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecInput {
+    /// A plain step (drafting paused, or too few tokens left to draft).
+    Plain,
+    /// A draft step at the draft layer's depth, feeding this token.
+    Draft(u32),
+    /// The verifying step: these tokens (`t0` and the drafts), rolled back to `base_len`.
+    Verify { tokens: Vec<u32>, base_len: usize },
+}
+
+/// The verdict on one verified position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The draft token stands.
+    Accept(u32),
+    /// The draft was rejected: this token replaces it and ends the round.
+    Replace(u32),
+}
+
+/// A sequence's speculation state.
+#[derive(Debug, Clone)]
+pub struct Speculation {
+    pub spec: SpeculativeSpec,
+    /// The draft length of the next round (adaptive), 1..=max_draft_tokens.
+    k: usize,
+    /// Plain steps left before the next round.
+    paused: usize,
+    /// The pause after the next round that accepts nothing.
+    next_pause: usize,
+    /// The round in progress: the cache length and token it began with, its length, and the
+    /// drafts (with the distributions they were drawn from, when sampling).
+    round: Option<Round>,
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Round {
+    base_len: usize,
+    t0: u32,
+    len: usize,
+    drafts: Vec<u32>,
+    dists: Vec<Dist>,
+}
+
+impl Speculation {
+    pub fn new(spec: SpeculativeSpec) -> Self {
+        Self {
+            spec,
+            k: spec.max_draft_tokens.min(4),
+            paused: 0,
+            next_pause: 2,
+            round: None,
+            drafted: 0,
+            accepted: 0,
+        }
+    }
+
+    /// The input of the next step, for a decoding sequence whose next token is `next`, whose
+    /// cache holds `cache_len` positions and which may still generate `remaining` tokens.
+    /// Drafts never go past what the sequence may still emit (so the verifying step stays
+    /// within the positions it reserved).
+    pub fn next_input(&mut self, next: u32, cache_len: usize, remaining: usize) -> SpecInput {
+        if let Some(r) = &self.round {
+            return if r.drafts.len() < r.len {
+                SpecInput::Draft(*r.drafts.last().unwrap_or(&r.t0))
+            } else {
+                let mut tokens = Vec::with_capacity(r.len + 1);
+                tokens.push(r.t0);
+                tokens.extend(&r.drafts);
+                SpecInput::Verify {
+                    tokens,
+                    base_len: r.base_len,
+                }
+            };
+        }
+        if self.paused > 0 {
+            self.paused -= 1;
+            return SpecInput::Plain;
+        }
+        let len = self.k.min(remaining.saturating_sub(1));
+        if len == 0 {
+            return SpecInput::Plain;
+        }
+        self.round = Some(Round {
+            base_len: cache_len,
+            t0: next,
+            len,
+            drafts: Vec::with_capacity(len),
+            dists: Vec::with_capacity(len),
+        });
+        SpecInput::Draft(next)
+    }
+
+    /// Chooses the next draft token from the draft head's log-distribution `scores`, the way
+    /// the sequence's sampler would (greedy: its best token; else a draw, whose distribution
+    /// is kept for the verdict).
+    pub fn draft(&mut self, scores: &[f32], sampler: &mut Sampler) {
+        let round = self.round.as_mut().expect("drafting inside a round");
+        let dist = sampler.distribution(scores);
+        let token = if sampler.is_greedy() {
+            dist.ids[0]
+        } else {
+            sampler.draw(&dist)
+        };
+        round.drafts.push(token);
+        round.dists.push(dist);
+    }
+
+    /// The drafts of the round being verified.
+    pub fn drafts(&self) -> &[u32] {
+        self.round.as_ref().map_or(&[], |r| &r.drafts)
+    }
+
+    /// The verdict on draft `i` given the target log-distribution `scores` at the position
+    /// before it: accept with probability min(1, p/q), else draw from (p - q)+ normalised.
+    /// `sampler` must have observed the tokens accepted before (penalties see them).
+    pub fn verdict(&self, i: usize, scores: &[f32], sampler: &mut Sampler) -> Verdict {
+        let round = self.round.as_ref().expect("verifying inside a round");
+        let (d, q) = (round.drafts[i], &round.dists[i]);
+        let p = sampler.distribution(scores);
+        if sampler.is_greedy() {
+            return if p.ids[0] == d {
+                Verdict::Accept(d)
+            } else {
+                Verdict::Replace(p.ids[0])
+            };
+        }
+        let (pd, qd) = (p.prob(d), q.prob(d));
+        if sampler.uniform() * qd < pd {
+            return Verdict::Accept(d);
+        }
+        Verdict::Replace(sampler.draw(&residual(&p, q)))
+    }
+
+    /// Ends the round after `accepted` of its drafts stood; returns the cache length to roll
+    /// back to (`t0` and the accepted drafts).
+    pub fn finish_round(&mut self, accepted: usize) -> usize {
+        let round = self.round.take().expect("a round to finish");
+        self.drafted += round.len;
+        self.accepted += accepted;
+        let max = self.spec.max_draft_tokens;
+        if accepted == round.len {
+            self.k = (self.k + 1).min(max);
+            self.next_pause = 2;
+        } else if accepted == 0 {
+            self.k = 1;
+            self.paused = self.next_pause;
+            self.next_pause = (self.next_pause * 2).min(MAX_PAUSE);
+        } else {
+            self.k = accepted.max(1);
+            self.next_pause = 2;
+        }
+        round.base_len + 1 + accepted
+    }
+
+    /// Whether a round is in progress (its steps are drafts or the verify).
+    pub fn in_round(&self) -> bool {
+        self.round.is_some()
+    }
+}
+
+/// `max(0, p - q)`, as weights over p's support (where it is positive); p itself when p = q.
+fn residual(p: &Dist, q: &Dist) -> Dist {
+    let mut ids = Vec::with_capacity(p.ids.len());
+    let mut weights = Vec::with_capacity(p.ids.len());
+    for (&id, &w) in p.ids.iter().zip(&p.weights) {
+        let r = w / p.total - q.prob(id);
+        if r > 0.0 {
+            ids.push(id);
+            weights.push(r);
+        }
+    }
+    let total: f64 = weights.iter().sum();
+    if ids.is_empty() || total <= 0.0 {
+        return p.clone();
+    }
+    Dist {
+        ids,
+        weights,
+        total,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::request::SamplingParams;
+
+    fn sampler(temperature: f32, seed: u64) -> Sampler {
+        Sampler::new(SamplingParams::plain(temperature, seed), 0)
+    }
+
+    fn spec(k: usize) -> Speculation {
+        Speculation::new(SpeculativeSpec {
+            draft_layer: 2,
+            max_draft_tokens: k,
+        })
+    }
+
+    fn ln(p: &[f32]) -> Vec<f32> {
+        p.iter().map(|x| x.ln()).collect()
+    }
+
+    #[test]
+    fn a_round_drafts_then_verifies_and_rolls_back_to_the_accepted() {
+        let mut s = spec(3);
+        let mut g = sampler(0.0, 1);
+        assert_eq!(s.next_input(7, 10, 100), SpecInput::Draft(7));
+        s.draft(&ln(&[0.1, 0.7, 0.2]), &mut g);
+        assert_eq!(s.next_input(7, 11, 100), SpecInput::Draft(1));
+        s.draft(&ln(&[0.6, 0.2, 0.2]), &mut g);
+        assert_eq!(s.next_input(7, 12, 100), SpecInput::Draft(0));
+        s.draft(&ln(&[0.1, 0.1, 0.8]), &mut g);
+        assert_eq!(
+            s.next_input(7, 13, 100),
+            SpecInput::Verify {
+                tokens: vec![7, 1, 0, 2],
+                base_len: 10
+            }
+        );
+        assert_eq!(s.drafts(), &[1, 0, 2]);
+        // the target agrees on the first draft and not on the second
+        assert_eq!(
+            s.verdict(0, &ln(&[0.2, 0.5, 0.3]), &mut g),
+            Verdict::Accept(1)
+        );
+        assert_eq!(
+            s.verdict(1, &ln(&[0.2, 0.5, 0.3]), &mut g),
+            Verdict::Replace(1)
+        );
+        assert_eq!(s.finish_round(1), 10 + 1 + 1);
+        assert_eq!((s.drafted, s.accepted), (3, 1));
+    }
+
+    #[test]
+    fn drafts_stop_short_of_the_last_token_allowed() {
+        let mut s = spec(8);
+        assert_eq!(s.next_input(5, 3, 1), SpecInput::Plain);
+        assert_eq!(s.next_input(5, 3, 3), SpecInput::Draft(5));
+        let mut g = sampler(0.0, 1);
+        s.draft(&ln(&[0.5, 0.5]), &mut g);
+        s.draft(&ln(&[0.5, 0.5]), &mut g);
+        assert!(
+            matches!(s.next_input(5, 5, 3), SpecInput::Verify { ref tokens, .. } if tokens.len() == 3)
+        );
+    }
+
+    #[test]
+    fn the_draft_length_adapts_and_failures_pause_drafting() {
+        let mut s = spec(6);
+        let mut g = sampler(0.0, 1);
+        let mut round = |s: &mut Speculation, accepted: usize| {
+            loop {
+                match s.next_input(1, 0, 1000) {
+                    SpecInput::Draft(_) => s.draft(&ln(&[0.5, 0.5]), &mut g),
+                    SpecInput::Verify { .. } => break,
+                    SpecInput::Plain => panic!("expected a round"),
+                }
+            }
+            let len = s.drafts().len();
+            s.finish_round(accepted.min(len));
+            len
+        };
+        assert_eq!(round(&mut s, 99), 4);
+        assert_eq!(round(&mut s, 99), 5);
+        assert_eq!(round(&mut s, 2), 6);
+        assert_eq!(round(&mut s, 0), 2);
+        // nothing accepted: 2 plain steps, then a 1-token round; again nothing: 4 plain steps
+        for pause in [2, 4, 8] {
+            for _ in 0..pause {
+                assert_eq!(s.next_input(1, 0, 1000), SpecInput::Plain);
+            }
+            assert_eq!(round(&mut s, 0), 1);
+        }
+    }
+
+    /// Speculative sampling is exact: the emitted token follows p whatever q is. Checked on
+    /// the closed form: P(emit x) = q(x) min(1, p/q) + P(reject) r(x).
+    #[test]
+    fn the_residual_rule_gives_back_the_target_distribution() {
+        let d = |w: &[f64]| Dist {
+            ids: (0..w.len() as u32).collect(),
+            weights: w.to_vec(),
+            total: w.iter().sum(),
+        };
+        let p = d(&[0.5, 0.3, 0.2, 0.0]);
+        let q = d(&[0.1, 0.6, 0.1, 0.2]);
+        let r = residual(&p, &q);
+        let reject: f64 = (0..4u32)
+            .map(|x| q.prob(x) * (1.0 - (p.prob(x) / q.prob(x)).min(1.0)))
+            .sum();
+        for x in 0..4u32 {
+            let accept = q.prob(x) * (p.prob(x) / q.prob(x)).min(1.0);
+            let emitted = accept + reject * r.prob(x);
+            assert!(
+                (emitted - p.prob(x)).abs() < 1e-12,
+                "{x}: {emitted} vs {}",
+                p.prob(x)
+            );
+        }
+        assert_eq!(residual(&p, &p), p);
+    }
+}
