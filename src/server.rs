@@ -82,6 +82,13 @@ pub fn parse_preset(s: &str) -> Result<(ModeSpec, Option<SpeculativeRequest>), S
             Some(("max_draft_tokens", v)) => {
                 spec.get_or_insert_default().max_draft_tokens = Some(num(v)?)
             }
+            Some(("adaptive", v)) => {
+                let v = v
+                    .trim()
+                    .parse::<bool>()
+                    .map_err(|_| format!("`{part}`: expected true or false"))?;
+                spec.get_or_insert_default().adaptive = Some(v)
+            }
             _ => mode.push(part),
         }
     }
@@ -170,6 +177,7 @@ pub fn build_state_with(
         limits.speculative_default = Some(SpeculativeSpec {
             draft_layer: layer,
             max_draft_tokens: s.speculative_max_draft_tokens,
+            adaptive: true,
         });
     }
     let spec = parse_mode_flag(&s.default_mode)

@@ -68,7 +68,7 @@ fn speculative_body(f: Fixture, case: &Case, k: u32) -> Option<Value> {
         return None;
     }
     let mut body = greedy_body_for(f.name, case);
-    body["speculative"] = json!({"draft_layer": draft, "max_draft_tokens": k});
+    body["speculative"] = json!({"draft_layer": draft, "max_draft_tokens": k, "adaptive": false});
     Some(body)
 }
 
@@ -168,7 +168,8 @@ async fn greedy_speculation_with_accepted_drafts_equals_plain_decoding() {
                     "temperature": 0, "return_token_ids": true, "logit_bias": favoured_bias(),
                     "multi_exit": common::multi_exit(&case.mode), "logprobs": 2});
                 let mut spec = plain.clone();
-                spec["speculative"] = json!({"draft_layer": draft, "max_draft_tokens": k});
+                spec["speculative"] =
+                    json!({"draft_layer": draft, "max_draft_tokens": k, "adaptive": false});
                 let url = url.clone();
                 tasks.push(tokio::spawn(async move {
                     let (a, b) = tokio::join!(post(&url, &plain), post(&url, &spec));
@@ -257,7 +258,7 @@ async fn the_server_default_speculates_where_the_mode_allows() {
 async fn a_preset_can_decode_speculatively() {
     let server = TestServer::start(&[
         "--mode-preset",
-        "fast=original,draft_layer=1,max_draft_tokens=3",
+        "fast=original,draft_layer=1,max_draft_tokens=3,adaptive=false",
         "--mode-preset",
         "acd-fast=contrast:4,2,alpha=0.2,draft_layer=1",
     ]);
@@ -265,12 +266,12 @@ async fn a_preset_can_decode_speculatively() {
     let (_, card) = common::client::get(&server.url(&format!("/v1/models/{MODEL}:fast"))).await;
     assert_eq!(
         card["speculative"],
-        json!({"draft_layer": 1, "max_draft_tokens": 3})
+        json!({"draft_layer": 1, "max_draft_tokens": 3, "adaptive": false})
     );
     let (_, card) = common::client::get(&server.url(&format!("/v1/models/{MODEL}:acd-fast"))).await;
     assert_eq!(
         card["speculative"],
-        json!({"draft_layer": 1, "max_draft_tokens": 4})
+        json!({"draft_layer": 1, "max_draft_tokens": 4, "adaptive": true})
     );
     assert_eq!(card["multi_exit"]["alpha"], json!(0.2));
     for case in common::reference()
@@ -399,7 +400,8 @@ async fn seeded_speculative_sampling_follows_the_target_distribution() {
     for seed in 0..64 {
         let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 1.0,
             "top_k": 3, "logit_bias": favoured_bias(), "n": 64, "seed": seed,
-            "return_token_ids": true, "speculative": {"draft_layer": 1, "max_draft_tokens": 2}});
+            "return_token_ids": true,
+            "speculative": {"draft_layer": 1, "max_draft_tokens": 2, "adaptive": false}});
         let (status, out) = post(&url, &body).await;
         assert_eq!(status, 200, "{out}");
         for choice in out["choices"].as_array().unwrap() {
@@ -456,4 +458,32 @@ async fn seeded_speculative_sampling_follows_the_target_distribution() {
     // The 0.1 % critical value of chi-square, for 2 to 6 degrees of freedom.
     let critical = [13.82, 16.27, 18.47, 20.52, 22.46][df - 2];
     assert!(chi2 < critical, "chi2 {chi2:.2} with {df} df: {pairs:?}");
+}
+
+/// On the tiny fixtures a draft step reads nearly what a full step reads (the vocabulary
+/// head is most of the weights), so the adaptive policy never finds a round worth drafting:
+/// the output is the plain one and nothing is drafted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adaptive_policy_declines_drafts_that_cannot_pay() {
+    let server = TestServer::start(&[]);
+    let url = server.url("/v1/completions");
+    for case in common::reference()
+        .cases
+        .iter()
+        .filter(|c| c.mode == "original")
+    {
+        let mut body = greedy_body_for(MODEL, case);
+        body["speculative"] = json!({"draft_layer": 1, "max_draft_tokens": 8});
+        let (status, out) = post(&url, &body).await;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(ids(&out["choices"][0]["token_ids"]), case.greedy_ids);
+        assert_eq!(
+            out["usage"]["speculative"],
+            json!({"drafted": 0, "accepted": 0})
+        );
+    }
+    assert_eq!(
+        server.metric("exitserve_speculative_drafted_tokens_total"),
+        0.0
+    );
 }

@@ -25,7 +25,7 @@ use super::request::{events_per_step, Event, FinishReason, SpeculativeUsage, Usa
 use super::sampling::Sampler;
 use super::scheduler::{self, Budget, Demand, SeqView};
 use super::sequence::{token_logprob, Outcome, RequestState, Sequence, SharedRequest};
-use super::speculative::{SpecInput, Verdict};
+use super::speculative::{draft_cost, SpecInput, Verdict};
 use super::Submission;
 use crate::model::{Head, Logits, Mode, MultiExitModel, SeqStep, StepLogits, TextTokenizer};
 
@@ -346,6 +346,16 @@ impl Batcher {
             .map(Rc::new)
             .enumerate()
             .collect();
+        let cfg = self.model.config();
+        let draft_cost = req.speculative.map_or(1.0, |s| {
+            draft_cost(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                s.draft_layer,
+                depth,
+                heads.len(),
+            )
+        });
         let state = Rc::new(RefCell::new(RequestState {
             heads,
             depth,
@@ -365,6 +375,7 @@ impl Batcher {
             arrived,
             first_token_at: None,
             span,
+            draft_cost,
         }));
         Pending {
             state,

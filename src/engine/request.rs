@@ -51,6 +51,7 @@ pub struct GenerateRequest {
 pub struct SpeculativeRequest {
     pub draft_layer: Option<i64>,
     pub max_draft_tokens: Option<i64>,
+    pub adaptive: Option<bool>,
 }
 
 /// The `multi_exit` object, unvalidated.

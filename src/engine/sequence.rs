@@ -26,6 +26,8 @@ pub struct RequestState {
     pub usage: Usage,
     pub first_token_at: Option<Instant>,
     pub span: tracing::Span,
+    /// A draft step's cost against a full step (self-speculative decoding).
+    pub draft_cost: f64,
 }
 
 pub type SharedRequest = Rc<RefCell<RequestState>>;
@@ -72,7 +74,10 @@ impl Sequence {
         sampler: Sampler,
     ) -> Self {
         let stops = StopMatcher::new(request.borrow().req.stop.clone());
-        let spec = request.borrow().req.speculative.map(Speculation::new);
+        let spec = {
+            let r = request.borrow();
+            r.req.speculative.map(|s| Speculation::new(s, r.draft_cost))
+        };
         Self {
             request,
             candidate,

@@ -12,23 +12,63 @@
 //!    instead; when all `k` pass, row `k` gives one more. The cache keeps `t0` and the
 //!    accepted drafts.
 //!
-//! The draft length adapts: it grows after a fully accepted round and halves after a
-//! rejection; after a round that accepted nothing, drafting pauses for a number of plain steps
-//! that doubles while it keeps failing (up to [`MAX_PAUSE`]), so a useless draft layer costs
-//! a few percent, not a slowdown.
+//! The draft length adapts to what pays. Each sequence keeps an estimate of the chance that a
+//! draft stands (from the verdicts so far) and knows what a draft step costs against a full
+//! step ([`draft_cost`], from the weights each reads); before each round it picks the length
+//! that yields the most tokens per unit of work. When no length beats plain decoding, it
+//! decodes plainly for a while (a pause that doubles, up to [`MAX_PAUSE`] steps, while the
+//! one-token probes after it keep failing), so a draft layer that rarely agrees costs a few
+//! percent, not a slowdown.
 
 use super::sampling::{Dist, Sampler};
 
 /// The largest `max_draft_tokens` a request may ask for.
 pub const MAX_DRAFT_TOKENS: usize = 16;
-/// The longest pause (plain steps) after rounds that accepted nothing.
-pub const MAX_PAUSE: usize = 64;
+/// The longest pause (plain steps) while drafting does not pay.
+pub const MAX_PAUSE: usize = 128;
+/// The first pause.
+const FIRST_PAUSE: usize = 4;
+/// The acceptance estimate before any verdict: optimistic, since the client asked.
+const PRIOR_ACCEPTANCE: f64 = 0.8;
+/// Weight of each verdict in the acceptance estimate (an exponential moving average).
+const VERDICT_WEIGHT: f64 = 0.15;
+/// What one extra verified position adds to a verifying pass, in full steps.
+const VERIFY_ROW_COST: f64 = 0.06;
+/// A step's fixed cost (scheduling, scoring, sampling), in weights read per step.
+const STEP_OVERHEAD: f64 = 0.1;
+
+/// What a draft step costs against a full step of the mode: the weights each reads (blocks
+/// of `12 h²`, vocabulary heads of `V h`) plus a fixed per-step part.
+pub fn draft_cost(
+    hidden: usize,
+    vocab: usize,
+    draft_layer: usize,
+    depth: usize,
+    mode_heads: usize,
+) -> f64 {
+    let block = 12.0 * (hidden * hidden) as f64;
+    let head = (vocab * hidden) as f64;
+    let full = depth as f64 * block + mode_heads as f64 * head;
+    let draft = draft_layer as f64 * block + head;
+    (draft + STEP_OVERHEAD * full) / (full + STEP_OVERHEAD * full)
+}
+
+/// Expected tokens per unit of work of a round of `k` drafts, each standing with
+/// probability `a`, a draft step costing `c` full steps: the accepted drafts and the token
+/// after them, over k drafts and one verifying pass of k + 1 positions.
+fn efficiency(k: usize, a: f64, c: f64) -> f64 {
+    let tokens: f64 = (0..=k).map(|i| a.powi(i as i32)).sum();
+    tokens / (k as f64 * c + 1.0 + k as f64 * VERIFY_ROW_COST)
+}
 
 /// What a request asked for: the exit that drafts and the most tokens it drafts per round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpeculativeSpec {
     pub draft_layer: usize,
     pub max_draft_tokens: usize,
+    /// Choose each round's length by what pays (else always `max_draft_tokens`: for
+    /// measuring an exit's acceptance, or on models where no draft pays).
+    pub adaptive: bool,
 }
 
 /// What a speculative sequence feeds at its next decoding step.
@@ -55,12 +95,16 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct Speculation {
     pub spec: SpeculativeSpec,
-    /// The draft length of the next round (adaptive), 1..=max_draft_tokens.
-    k: usize,
+    /// A draft step's cost in full steps ([`draft_cost`]).
+    cost: f64,
+    /// The estimated chance that a draft stands.
+    acceptance: f64,
     /// Plain steps left before the next round.
     paused: usize,
-    /// The pause after the next round that accepts nothing.
+    /// The next pause, should drafting still not pay.
     next_pause: usize,
+    /// The next round is a one-token probe after a pause.
+    probing: bool,
     /// The round in progress: the cache length and token it began with, its length, and the
     /// drafts (with the distributions they were drawn from, when sampling).
     round: Option<Round>,
@@ -78,16 +122,29 @@ struct Round {
 }
 
 impl Speculation {
-    pub fn new(spec: SpeculativeSpec) -> Self {
+    /// `cost`: a draft step against a full step of the mode ([`draft_cost`]).
+    pub fn new(spec: SpeculativeSpec, cost: f64) -> Self {
         Self {
             spec,
-            k: spec.max_draft_tokens.min(4),
+            cost,
+            acceptance: PRIOR_ACCEPTANCE,
             paused: 0,
-            next_pause: 2,
+            next_pause: FIRST_PAUSE,
+            probing: false,
             round: None,
             drafted: 0,
             accepted: 0,
         }
+    }
+
+    /// The round length that yields the most tokens per unit of work, if any beats plain
+    /// decoding.
+    fn best_length(&self) -> Option<usize> {
+        (1..=self.spec.max_draft_tokens)
+            .map(|k| (k, efficiency(k, self.acceptance, self.cost)))
+            .filter(|&(_, e)| e > 1.0)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(k, _)| k)
     }
 
     /// The input of the next step, for a decoding sequence whose next token is `next`, whose
@@ -112,7 +169,26 @@ impl Speculation {
             self.paused -= 1;
             return SpecInput::Plain;
         }
-        let len = self.k.min(remaining.saturating_sub(1));
+        let k = if !self.spec.adaptive {
+            self.spec.max_draft_tokens
+        } else if efficiency(self.spec.max_draft_tokens, 1.0, self.cost) <= 1.0 {
+            // Not even drafts that always stand would pay (the draft reads nearly what the
+            // full pass reads): never draft.
+            return SpecInput::Plain;
+        } else if self.probing {
+            1
+        } else {
+            match self.best_length() {
+                Some(k) => k,
+                None => {
+                    // Even the prior does not pay: this step is the pause's first.
+                    self.pause();
+                    self.paused -= 1;
+                    return SpecInput::Plain;
+                }
+            }
+        };
+        let len = k.min(remaining.saturating_sub(1));
         if len == 0 {
             return SpecInput::Plain;
         }
@@ -173,19 +249,25 @@ impl Speculation {
         let round = self.round.take().expect("a round to finish");
         self.drafted += round.len;
         self.accepted += accepted;
-        let max = self.spec.max_draft_tokens;
-        if accepted == round.len {
-            self.k = (self.k + 1).min(max);
-            self.next_pause = 2;
-        } else if accepted == 0 {
-            self.k = 1;
-            self.paused = self.next_pause;
-            self.next_pause = (self.next_pause * 2).min(MAX_PAUSE);
+        // The verdicts: `accepted` stood, then one fell (unless all stood).
+        let fell = usize::from(accepted < round.len);
+        for stood in std::iter::repeat_n(1.0, accepted).chain(std::iter::repeat_n(0.0, fell)) {
+            self.acceptance += VERDICT_WEIGHT * (stood - self.acceptance);
+        }
+        if !self.spec.adaptive || self.best_length().is_some() {
+            self.next_pause = FIRST_PAUSE;
+            self.probing = false;
         } else {
-            self.k = accepted.max(1);
-            self.next_pause = 2;
+            self.pause();
         }
         round.base_len + 1 + accepted
+    }
+
+    /// Plain steps for a while, then a one-token probe; the next pause is twice as long.
+    fn pause(&mut self) {
+        self.paused = self.next_pause;
+        self.next_pause = (self.next_pause * 2).min(MAX_PAUSE);
+        self.probing = true;
     }
 
     /// Whether a round is in progress (its steps are drafts or the verify).
@@ -225,11 +307,15 @@ mod tests {
         Sampler::new(SamplingParams::plain(temperature, seed), 0)
     }
 
-    fn spec(k: usize) -> Speculation {
-        Speculation::new(SpeculativeSpec {
-            draft_layer: 2,
-            max_draft_tokens: k,
-        })
+    fn spec(k: usize, cost: f64) -> Speculation {
+        Speculation::new(
+            SpeculativeSpec {
+                draft_layer: 2,
+                max_draft_tokens: k,
+                adaptive: true,
+            },
+            cost,
+        )
     }
 
     fn ln(p: &[f32]) -> Vec<f32> {
@@ -238,7 +324,7 @@ mod tests {
 
     #[test]
     fn a_round_drafts_then_verifies_and_rolls_back_to_the_accepted() {
-        let mut s = spec(3);
+        let mut s = spec(3, 0.2);
         let mut g = sampler(0.0, 1);
         assert_eq!(s.next_input(7, 10, 100), SpecInput::Draft(7));
         s.draft(&ln(&[0.1, 0.7, 0.2]), &mut g);
@@ -269,7 +355,7 @@ mod tests {
 
     #[test]
     fn drafts_stop_short_of_the_last_token_allowed() {
-        let mut s = spec(8);
+        let mut s = spec(8, 0.2);
         assert_eq!(s.next_input(5, 3, 1), SpecInput::Plain);
         assert_eq!(s.next_input(5, 3, 3), SpecInput::Draft(5));
         let mut g = sampler(0.0, 1);
@@ -280,33 +366,63 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_draft_length_adapts_and_failures_pause_drafting() {
-        let mut s = spec(6);
+    /// Runs one round whose first `accepted` drafts stand; returns its length (0: a plain
+    /// step instead).
+    fn round(s: &mut Speculation, accepted: usize) -> usize {
         let mut g = sampler(0.0, 1);
-        let mut round = |s: &mut Speculation, accepted: usize| {
-            loop {
-                match s.next_input(1, 0, 1000) {
-                    SpecInput::Draft(_) => s.draft(&ln(&[0.5, 0.5]), &mut g),
-                    SpecInput::Verify { .. } => break,
-                    SpecInput::Plain => panic!("expected a round"),
-                }
+        loop {
+            match s.next_input(1, 0, 1000) {
+                SpecInput::Draft(_) => s.draft(&ln(&[0.5, 0.5]), &mut g),
+                SpecInput::Verify { .. } => break,
+                SpecInput::Plain => return 0,
             }
-            let len = s.drafts().len();
-            s.finish_round(accepted.min(len));
-            len
-        };
-        assert_eq!(round(&mut s, 99), 4);
-        assert_eq!(round(&mut s, 99), 5);
-        assert_eq!(round(&mut s, 2), 6);
-        assert_eq!(round(&mut s, 0), 2);
-        // nothing accepted: 2 plain steps, then a 1-token round; again nothing: 4 plain steps
-        for pause in [2, 4, 8] {
-            for _ in 0..pause {
-                assert_eq!(s.next_input(1, 0, 1000), SpecInput::Plain);
-            }
-            assert_eq!(round(&mut s, 0), 1);
         }
+        let len = s.drafts().len();
+        s.finish_round(accepted.min(len));
+        len
+    }
+
+    #[test]
+    fn the_length_follows_what_pays_and_failing_drafts_pause() {
+        // Cheap drafts that always stand: the longest rounds allowed.
+        let mut s = spec(6, 0.1);
+        let lengths: Vec<usize> = (0..6).map(|_| round(&mut s, 99)).collect();
+        assert!(lengths.windows(2).all(|w| w[0] <= w[1]), "{lengths:?}");
+        assert_eq!(lengths[5], 6, "{lengths:?}");
+        // A draft as dear as 0.54 of a step (GPT-Neo-125M, exit 4): only short rounds pay
+        // even at the prior, and after a run of rejections none does.
+        let mut s = spec(6, 0.54);
+        assert!(round(&mut s, 99) <= 2);
+        let mut lengths = Vec::new();
+        for _ in 0..40 {
+            lengths.push(round(&mut s, 0));
+        }
+        // plain steps come: pauses of 4, 8, 16, ... with one-token probes between
+        let first_plain = lengths.iter().position(|&l| l == 0).expect("a pause");
+        let tail = &lengths[first_plain..];
+        let runs: Vec<usize> = tail
+            .split(|&l| l != 0)
+            .map(|r| r.len())
+            .filter(|&n| n > 0)
+            .collect();
+        assert!(runs.len() >= 3, "{lengths:?}");
+        assert_eq!(&runs[..3], &[4, 8, 16], "{lengths:?}");
+        assert!(tail.iter().all(|&l| l <= 1), "{lengths:?}");
+    }
+
+    #[test]
+    fn the_cost_model_matches_the_shapes() {
+        // GPT-Neo-125M: exit 4 against the original head reads about half the weights.
+        let c = draft_cost(768, 50257, 4, 12, 1);
+        assert!((0.5..0.6).contains(&c), "{c}");
+        // GPT-2 medium, exit 4 of 24: about a third.
+        let c = draft_cost(1024, 50257, 4, 24, 1);
+        assert!((0.3..0.4).contains(&c), "{c}");
+        assert!(efficiency(4, 1.0, 0.3) > efficiency(1, 1.0, 0.3));
+        assert!(efficiency(1, 0.3, 0.54) < 1.0);
+        // a draft as dear as the full pass never drafts, not even to probe
+        let mut s = spec(8, 0.98);
+        assert!((0..100).all(|_| round(&mut s, 99) == 0));
     }
 
     /// Speculative sampling is exact: the emitted token follows p whatever q is. Checked on

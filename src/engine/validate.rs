@@ -444,6 +444,7 @@ impl Validator {
         Ok(Some(SpeculativeSpec {
             draft_layer: layer as usize,
             max_draft_tokens: k as usize,
+            adaptive: req.adaptive.unwrap_or(true),
         }))
     }
 

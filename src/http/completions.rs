@@ -207,6 +207,7 @@ pub async fn create_completion(
         gen.speculative = app.models.speculative(&model).map(|s| SpeculativeRequest {
             draft_layer: Some(s.draft_layer as i64),
             max_draft_tokens: Some(s.max_draft_tokens as i64),
+            adaptive: Some(s.adaptive),
         });
     }
     let (stream, include_usage) = (gen.stream, gen.include_usage);

@@ -200,6 +200,7 @@ fn model_card(app: &AppState, id: &str, mode: Option<&crate::model::Mode>) -> se
         card["speculative"] = json!({
             "draft_layer": s.draft_layer,
             "max_draft_tokens": s.max_draft_tokens,
+            "adaptive": s.adaptive,
         });
     }
     card

@@ -91,6 +91,7 @@ pub struct CompletionRequest {
 pub struct SpeculativeWire {
     pub draft_layer: Option<i64>,
     pub max_draft_tokens: Option<i64>,
+    pub adaptive: Option<bool>,
 }
 
 /// A contrast object (`multi_exit`, or an inspection's `contrast`) as the engine's spec;
@@ -194,6 +195,7 @@ impl CompletionRequest {
             speculative: self.speculative.map(|s| SpeculativeRequest {
                 draft_layer: s.draft_layer,
                 max_draft_tokens: s.max_draft_tokens,
+                adaptive: s.adaptive,
             }),
         })
     }
