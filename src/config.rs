@@ -156,6 +156,10 @@ pub struct Args {
     /// above and for requests whose `speculative` leaves it out [default: 4]
     #[arg(long, env = "EXITSERVE_SPECULATIVE_MAX_DRAFT_TOKENS")]
     pub speculative_max_draft_tokens: Option<usize>,
+    /// Speculative sequences draft only while at most this many sequences decode; in a
+    /// bigger batch they decode plainly (a batch already shares each weight read) [default: 1]
+    #[arg(long, env = "EXITSERVE_SPECULATIVE_MAX_BATCH_SIZE")]
+    pub speculative_max_batch_size: Option<usize>,
 }
 
 /// Every setting resolved.
@@ -194,6 +198,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub speculative_draft_layer: Option<usize>,
     pub speculative_max_draft_tokens: usize,
+    pub speculative_max_batch_size: usize,
 }
 
 pub const DEFAULT_MODEL: &str = "IBM/gpt-neo-125m-multiexit";
@@ -305,6 +310,7 @@ impl Settings {
             log_format: pick!(log_format).unwrap_or(LogFormat::Text),
             shutdown_grace: secs("shutdown-grace", pick!(shutdown_grace).unwrap_or(30.0))?,
             speculative_draft_layer: pick!(speculative_draft_layer),
+            speculative_max_batch_size: pick!(speculative_max_batch_size).unwrap_or(1),
             speculative_max_draft_tokens: {
                 let k = pick!(speculative_max_draft_tokens).unwrap_or(4);
                 if !(1..=crate::engine::speculative::MAX_DRAFT_TOKENS).contains(&k) {

@@ -197,6 +197,7 @@ pub fn build_state_with(
             budget,
             eos_token_id: eos,
             fault: None,
+            speculative_max_batch: s.speculative_max_batch_size,
         },
         max_queued_requests: s.max_queued_requests,
         validation_workers: s.validation_workers,

@@ -75,13 +75,21 @@ fn speculative_body(f: Fixture, case: &Case, k: u32) -> Option<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_speculation_is_token_for_token_the_plain_decoding_alone_and_batched() {
     for f in ARCHS {
-        let server = TestServer::start_model(&f.dir(), &["--max-batch-size", "128"]);
+        let server = TestServer::start_model(
+            &f.dir(),
+            &[
+                "--max-batch-size",
+                "128",
+                "--speculative-max-batch-size",
+                "128",
+            ],
+        );
         let url = server.url("/v1/completions");
         let cases = f.reference().cases;
         let mut checked = 0;
         // alone, with several draft lengths
         for case in &cases {
-            for k in [1, 3, 8] {
+            for k in [1, 4] {
                 let Some(body) = speculative_body(f, case, k) else {
                     continue;
                 };
@@ -103,7 +111,7 @@ async fn greedy_speculation_is_token_for_token_the_plain_decoding_alone_and_batc
                 checked += 1;
             }
         }
-        assert!(checked >= 3 * 36, "{} {checked}", f.name);
+        assert!(checked >= 2 * 36, "{} {checked}", f.name);
         // batched: every case speculative and plain at once
         let tasks: Vec<_> = cases
             .iter()
@@ -153,7 +161,15 @@ fn favoured_bias() -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_speculation_with_accepted_drafts_equals_plain_decoding() {
     for f in ARCHS {
-        let server = TestServer::start_model(&f.dir(), &["--max-batch-size", "64"]);
+        let server = TestServer::start_model(
+            &f.dir(),
+            &[
+                "--max-batch-size",
+                "64",
+                "--speculative-max-batch-size",
+                "64",
+            ],
+        );
         let url = server.url("/v1/completions");
         let draft = f.exits()[0];
         let mut tasks = Vec::new();
@@ -393,7 +409,14 @@ async fn bad_speculative_values_are_refused_naming_the_field() {
 /// logprobs, from echo scoring without speculation). Fixed seeds: the verdict cannot flake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_speculative_sampling_follows_the_target_distribution() {
-    let server = TestServer::start(&["--max-best-of", "64", "--max-batch-size", "64"]);
+    let server = TestServer::start(&[
+        "--max-best-of",
+        "64",
+        "--max-batch-size",
+        "64",
+        "--speculative-max-batch-size",
+        "64",
+    ]);
     let url = server.url("/v1/completions");
     let prompt: Vec<u32> = common::reference().cases[0].prompt_ids.clone();
     let mut pairs: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
@@ -485,5 +508,34 @@ async fn the_adaptive_policy_declines_drafts_that_cannot_pay() {
     assert_eq!(
         server.metric("exitserve_speculative_drafted_tokens_total"),
         0.0
+    );
+}
+
+/// In a batch bigger than `--speculative-max-batch-size` (default 1) speculative sequences
+/// decode plainly: here two at once draft nothing, alone each drafts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drafting_waits_for_a_small_batch() {
+    let server = TestServer::start(&[]);
+    let url = server.url("/v1/completions");
+    let case = common::reference()
+        .cases
+        .iter()
+        .find(|c| c.mode == "original")
+        .unwrap()
+        .clone();
+    let mut body = greedy_body_for(MODEL, &case);
+    body["n"] = json!(2);
+    body["speculative"] = json!({"draft_layer": 1, "adaptive": false});
+    let (status, out) = post(&url, &body).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["usage"]["speculative"]["drafted"], 0, "{out}");
+    for choice in out["choices"].as_array().unwrap() {
+        assert_eq!(ids(&choice["token_ids"]), case.greedy_ids);
+    }
+    body["n"] = json!(1);
+    let (_, out) = post(&url, &body).await;
+    assert!(
+        out["usage"]["speculative"]["drafted"].as_u64().unwrap() > 0,
+        "{out}"
     );
 }

@@ -3,6 +3,7 @@
 //!
 //!   cargo run --release --bin bench -- [--arch gpt2] [--dtype f32,bf16,int8] [--reference-python PY]
 //!   cargo run --release --bin bench -- --kernels     (vocabulary-head matmul variants)
+//!   cargo run --release --bin bench -- --speculative (self-speculative decoding vs acceptance)
 //!
 //! Writes the checkpoint once under --data, starts `exitserve` (next to this binary) per
 //! dtype, measures single-stream decode speed and time to first token per mode, aggregate
@@ -45,7 +46,8 @@ struct Args {
     /// The reference benchmark script
     #[arg(long, default_value = "../shared/bench/ref_bench.py")]
     reference_script: PathBuf,
-    /// JSON results file [default: bench-results.json, bench-results-gpt2.json for gpt2]
+    /// JSON results file [default: bench-results.json, bench-results-gpt2.json for gpt2,
+    /// bench-results-speculative.json with --speculative]
     #[arg(long)]
     out: Option<PathBuf>,
     /// Only time vocabulary-head matmul variants (no server)
@@ -103,7 +105,9 @@ fn main() {
         .data
         .get_or_insert_with(|| format!("bench-data/{data}-multiexit-random").into())
         .clone();
-    args.out.get_or_insert_with(|| out.into());
+    if !args.speculative {
+        args.out.get_or_insert_with(|| out.into());
+    }
     eprintln!("checkpoint: {}", data.display());
     let t = Instant::now();
     let f32_bytes = checkpoint::ensure(
@@ -121,9 +125,12 @@ fn main() {
     let prompt = prompt_ids(args.prompt_len);
     if args.speculative {
         let report = speculative_bench(&args, &shape, root, &server_bin, &prompt);
-        let out = "bench-results-speculative.json";
-        std::fs::write(out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
-        eprintln!("wrote {out}");
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| "bench-results-speculative.json".into());
+        std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        eprintln!("wrote {}", out.display());
         return;
     }
     let modes = modes(&shape);
@@ -475,18 +482,20 @@ fn kernels() {
     }
 }
 
-/// Greedy decoding of the original head, plain or drafting from `draft = (layer, k)`: the
-/// aggregate tok/s of `streams` concurrent requests (best of two rounds), and the share of
-/// drafted tokens accepted.
+/// Greedy decoding of the original head, plain or drafting from `draft = (layer, k,
+/// adaptive)`: the aggregate tok/s of `streams` concurrent requests (best of two rounds),
+/// and the share of drafted tokens accepted.
 fn speculative_run(
     server: &Server,
     prompt: &[u32],
     new: usize,
-    draft: Option<(usize, usize)>,
+    draft: Option<(usize, usize, bool)>,
     streams: usize,
 ) -> (f64, f64) {
-    let speculative = draft.map_or(String::new(), |(l, k)| {
-        format!(r#","speculative":{{"draft_layer":{l},"max_draft_tokens":{k}}}"#)
+    let speculative = draft.map_or(String::new(), |(l, k, adaptive)| {
+        format!(
+            r#","speculative":{{"draft_layer":{l},"max_draft_tokens":{k},"adaptive":{adaptive}}}"#
+        )
     });
     let body = format!(
         r#"{{"model":"bench","prompt":{},"max_tokens":{new},"temperature":0,"ignore_eos":true,"stream":true,"stream_options":{{"include_usage":true}}{speculative}}}"#,
@@ -565,23 +574,28 @@ fn speculative_bench(args: &Args, shape: &Shape, root: &Path, bin: &Path, prompt
                     continue;
                 }
             };
-            speculative_run(&server, prompt, 8, Some((quiet_from, 2)), 1); // warm-up
+            speculative_run(&server, prompt, 8, Some((quiet_from, 2, false)), 1); // warm-up
             let mut rows = Vec::new();
             for &streams in &args.spec_streams {
                 let (plain, _) = speculative_run(&server, prompt, args.new, None, streams);
                 eprintln!("  {dtype} x{streams} plain: {plain:.1} tok/s");
+                let longest = *args.spec_draft_tokens.iter().max().expect("draft tokens");
                 for &layer in &args.spec_draft_layers {
-                    for &k in &args.spec_draft_tokens {
+                    // Fixed lengths (the raw curve), then the adaptive policy up to the longest.
+                    let fixed = args.spec_draft_tokens.iter().map(|&k| (k, false));
+                    for (k, adaptive) in fixed.chain([(longest, true)]) {
+                        let draft = Some((layer, k, adaptive));
                         let (tps, rate) =
-                            speculative_run(&server, prompt, args.new, Some((layer, k)), streams);
+                            speculative_run(&server, prompt, args.new, draft, streams);
+                        let how = if adaptive { "adaptive up to" } else { "k" };
                         eprintln!(
-                            "  {dtype} x{streams} draft {layer} k {k}: {tps:.1} tok/s ({:.2}x), acceptance {:.0} %",
+                            "  {dtype} x{streams} draft {layer} {how} {k}: {tps:.1} tok/s ({:.2}x), acceptance {:.0} %",
                             tps / plain,
                             rate * 100.0
                         );
                         rows.push(json!({"streams": streams, "draft_layer": layer,
-                            "max_draft_tokens": k, "tok_s": tps, "plain_tok_s": plain,
-                            "speedup": tps / plain, "acceptance": rate}));
+                            "max_draft_tokens": k, "adaptive": adaptive, "tok_s": tps,
+                            "plain_tok_s": plain, "speedup": tps / plain, "acceptance": rate}));
                     }
                 }
             }

@@ -33,6 +33,10 @@ use crate::model::{Head, Logits, Mode, MultiExitModel, SeqStep, StepLogits, Text
 pub struct BatchConfig {
     pub budget: Budget,
     pub eos_token_id: Option<u32>,
+    /// Speculative sequences start draft rounds only while at most this many sequences
+    /// decode (`--speculative-max-batch-size`): a batch already shares each weight read, and
+    /// drafts then add work, not speed.
+    pub speculative_max_batch: usize,
     /// Fault injection for tests.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -549,6 +553,8 @@ impl Batcher {
         let paused = views.iter().filter(|v| !v.can_emit).count();
         self.metrics.paused_sequences.set(paused as f64);
         let slots = scheduler::plan_step(self.cfg.budget.max_prefill_tokens, &views);
+        let decoding = slots.iter().filter(|s| s.prompt_take == 0).count();
+        let may_draft = decoding <= self.cfg.speculative_max_batch;
         let mut plan = StepPlan::default();
         let fault = self.cfg.fault;
         for slot in slots {
@@ -566,7 +572,7 @@ impl Batcher {
                     let remaining = r.req.max_tokens - s.generated;
                     let (heads, depth) = (r.heads.clone(), r.depth);
                     drop(r);
-                    return decode_input(s, next, remaining, heads, depth);
+                    return decode_input(s, next, remaining, may_draft, (heads, depth));
                 }
                 let chunk = s.prompt[s.prefilled..s.prefilled + take].to_vec();
                 let last_chunk = s.prefilled + take == s.prompt.len();
@@ -1012,12 +1018,14 @@ fn decode_input(
     s: &mut Sequence,
     next: u32,
     remaining: usize,
-    heads: Vec<Head>,
-    depth: usize,
+    may_draft: bool,
+    (heads, depth): (Vec<Head>, usize),
 ) -> (Vec<u32>, Vec<Head>, usize, bool, StepKind) {
     let input = match s.spec.as_mut() {
-        Some(spec) => spec.next_input(next, s.cache.len(), remaining),
-        None => SpecInput::Plain,
+        Some(spec) if may_draft || spec.in_round() => {
+            spec.next_input(next, s.cache.len(), remaining)
+        }
+        _ => SpecInput::Plain,
     };
     match input {
         SpecInput::Plain => (vec![next], heads, depth, false, StepKind::Next),

@@ -15,7 +15,8 @@
 //! The draft length adapts to what pays. Each sequence keeps an estimate of the chance that a
 //! draft stands (from the verdicts so far) and knows what a draft step costs against a full
 //! step ([`draft_cost`], from the weights each reads); before each round it picks the length
-//! that yields the most tokens per unit of work. When no length beats plain decoding, it
+//! that yields the most tokens per unit of work, starting with a one-token probe. When no
+//! length beats plain decoding, it
 //! decodes plainly for a while (a pause that doubles, up to [`MAX_PAUSE`] steps, while the
 //! one-token probes after it keep failing), so a draft layer that rarely agrees costs a few
 //! percent, not a slowdown.
@@ -130,7 +131,9 @@ impl Speculation {
             acceptance: PRIOR_ACCEPTANCE,
             paused: 0,
             next_pause: FIRST_PAUSE,
-            probing: false,
+            // The first round is a one-token probe: a draft layer that does not agree costs
+            // one wasted draft before the first pause, not a long round.
+            probing: true,
             round: None,
             drafted: 0,
             accepted: 0,
@@ -318,13 +321,20 @@ mod tests {
         )
     }
 
+    /// Rounds of exactly `k` drafts (`adaptive: false`).
+    fn fixed(k: usize) -> Speculation {
+        let mut s = spec(k, 0.2);
+        s.spec.adaptive = false;
+        s
+    }
+
     fn ln(p: &[f32]) -> Vec<f32> {
         p.iter().map(|x| x.ln()).collect()
     }
 
     #[test]
     fn a_round_drafts_then_verifies_and_rolls_back_to_the_accepted() {
-        let mut s = spec(3, 0.2);
+        let mut s = fixed(3);
         let mut g = sampler(0.0, 1);
         assert_eq!(s.next_input(7, 10, 100), SpecInput::Draft(7));
         s.draft(&ln(&[0.1, 0.7, 0.2]), &mut g);
@@ -355,7 +365,7 @@ mod tests {
 
     #[test]
     fn drafts_stop_short_of_the_last_token_allowed() {
-        let mut s = spec(8, 0.2);
+        let mut s = fixed(8);
         assert_eq!(s.next_input(5, 3, 1), SpecInput::Plain);
         assert_eq!(s.next_input(5, 3, 3), SpecInput::Draft(5));
         let mut g = sampler(0.0, 1);
@@ -389,9 +399,10 @@ mod tests {
         let lengths: Vec<usize> = (0..6).map(|_| round(&mut s, 99)).collect();
         assert!(lengths.windows(2).all(|w| w[0] <= w[1]), "{lengths:?}");
         assert_eq!(lengths[5], 6, "{lengths:?}");
-        // A draft as dear as 0.54 of a step (GPT-Neo-125M, exit 4): only short rounds pay
-        // even at the prior, and after a run of rejections none does.
+        // A draft as dear as 0.54 of a step (GPT-Neo-125M, exit 4): a one-token probe first,
+        // only short rounds pay even then, and after a run of rejections none does.
         let mut s = spec(6, 0.54);
+        assert_eq!(round(&mut s, 99), 1);
         assert!(round(&mut s, 99) <= 2);
         let mut lengths = Vec::new();
         for _ in 0..40 {
