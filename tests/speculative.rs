@@ -193,9 +193,13 @@ async fn greedy_speculation_with_accepted_drafts_equals_plain_decoding() {
                 }));
             }
         }
+        let mut usage = (0.0, 0.0);
         for t in tasks {
             let ((s1, plain), (s2, spec), body) = t.await.unwrap();
             assert_eq!((s1, s2), (200, 200), "{plain} {spec}");
+            let u = &spec["usage"]["speculative"];
+            usage.0 += u["drafted"].as_f64().unwrap();
+            usage.1 += u["accepted"].as_f64().unwrap();
             assert_eq!(
                 spec["choices"][0]["token_ids"], plain["choices"][0]["token_ids"],
                 "{body}"
@@ -228,6 +232,8 @@ async fn greedy_speculation_with_accepted_drafts_equals_plain_decoding() {
             "{}: {accepted}/{drafted}",
             f.name
         );
+        // every round is in its request's usage, the last one included
+        assert_eq!(usage, (drafted, accepted), "{}", f.name);
     }
 }
 

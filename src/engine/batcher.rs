@@ -849,6 +849,16 @@ impl Batcher {
             return spec.draft(&rows[0], &mut seq.sampler);
         }
         let drafted = spec.drafts().len();
+        // The usage counts go in before the tokens: the last token may end the request,
+        // and its usage is sent with it.
+        let count = |seq: &Sequence, drafted: usize, accepted: usize| {
+            if let Some(u) = seq.request.borrow_mut().usage.speculative.as_mut() {
+                u.drafted += drafted;
+                u.accepted += accepted;
+            }
+        };
+        count(seq, drafted, 0);
+        self.metrics.speculative_drafted.increment(drafted as u64);
         let mut accepted = 0;
         for (row, scores) in rows.iter().enumerate() {
             let seq = &mut self.running[i];
@@ -861,7 +871,11 @@ impl Batcher {
             } else {
                 (seq.sampler.choose(scores), false)
             };
-            accepted += usize::from(stands);
+            if stands {
+                accepted += 1;
+                count(seq, 0, 1);
+                self.metrics.speculative_accepted.increment(1);
+            }
             if self.emit_token(i, id, scores) || !stands {
                 break;
             }
@@ -870,13 +884,6 @@ impl Batcher {
         let spec = seq.spec.as_mut().expect("checked above");
         let keep = spec.finish_round(accepted);
         seq.cache.truncate(keep);
-        self.metrics.speculative_drafted.increment(drafted as u64);
-        self.metrics.speculative_accepted.increment(accepted as u64);
-        let mut r = seq.request.borrow_mut();
-        if let Some(u) = r.usage.speculative.as_mut() {
-            u.drafted += drafted;
-            u.accepted += accepted;
-        }
     }
 
     /// Emits token `id` chosen from `scores`; returns whether the sequence finished.
