@@ -280,11 +280,18 @@ impl Speculation {
 }
 
 /// `max(0, p - q)`, as weights over p's support (where it is positive); p itself when p = q.
+/// Linear in the supports (both may be the whole vocabulary).
 fn residual(p: &Dist, q: &Dist) -> Dist {
+    let q_of: std::collections::HashMap<u32, f64> = q
+        .ids
+        .iter()
+        .zip(&q.weights)
+        .map(|(&id, &w)| (id, w / q.total))
+        .collect();
     let mut ids = Vec::with_capacity(p.ids.len());
     let mut weights = Vec::with_capacity(p.ids.len());
     for (&id, &w) in p.ids.iter().zip(&p.weights) {
-        let r = w / p.total - q.prob(id);
+        let r = w / p.total - q_of.get(&id).copied().unwrap_or(0.0);
         if r > 0.0 {
             ids.push(id);
             weights.push(r);
