@@ -12,58 +12,42 @@ use common::client::post;
 use common::server::TestServer;
 use common::{greedy_body_for, ids, Case, Fixture, ARCHS, MODEL};
 use exitserve::config::{Args, Settings};
+use exitserve::model::ModelConfig;
 use exitserve::server::build_state_with;
 use serde_json::{json, Value};
 
+/// The fixture's configuration, through the server's own reader.
+fn config(f: Fixture) -> ModelConfig {
+    ModelConfig::from_file(&f.dir().join("config.json")).unwrap()
+}
+
 /// The layer the mode decodes from.
 fn depth(f: Fixture, mode: &str) -> u32 {
-    let layers = |s: &str| -> Vec<u32> {
-        s.split(',')
+    let top = config(f).num_layers as u32;
+    match mode.split_once(':') {
+        None => top,
+        Some((_, layers)) => layers
+            .split(',')
             .map(|l| {
                 if l == "original" {
-                    f.layers()
+                    top
                 } else {
                     l.parse().unwrap()
                 }
             })
-            .collect()
-    };
-    match mode.split_once(':') {
-        None => f.layers(),
-        Some((_, rest)) => layers(rest).into_iter().max().unwrap(),
+            .max()
+            .unwrap(),
     }
 }
 
-trait Layers {
-    fn layers(&self) -> u32;
-    fn exits(&self) -> Vec<u32>;
-}
-
-impl Layers for Fixture {
-    fn layers(&self) -> u32 {
-        let cfg: Value =
-            serde_json::from_str(&std::fs::read_to_string(self.dir().join("config.json")).unwrap())
-                .unwrap();
-        cfg.get("num_layers")
-            .or_else(|| cfg.get("n_layer"))
-            .unwrap()
-            .as_u64()
-            .unwrap() as u32
-    }
-
-    fn exits(&self) -> Vec<u32> {
-        let cfg: Value =
-            serde_json::from_str(&std::fs::read_to_string(self.dir().join("config.json")).unwrap())
-                .unwrap();
-        let mut exits = ids(&cfg["lm_head_layer_indices"]);
-        exits.sort_unstable();
-        exits
-    }
+/// The lowest exit: the draft layer these tests use.
+fn lowest_exit(f: Fixture) -> u32 {
+    config(f).exit_layers[0] as u32
 }
 
 /// The case's greedy request, drafting from the lowest exit (None: the mode decodes at it).
 fn speculative_body(f: Fixture, case: &Case, k: u32) -> Option<Value> {
-    let draft = f.exits()[0];
+    let draft = lowest_exit(f);
     if draft >= depth(f, &case.mode) {
         return None;
     }
@@ -171,7 +155,7 @@ async fn greedy_speculation_with_accepted_drafts_equals_plain_decoding() {
             ],
         );
         let url = server.url("/v1/completions");
-        let draft = f.exits()[0];
+        let draft = lowest_exit(f);
         let mut tasks = Vec::new();
         for case in f
             .reference()

@@ -120,11 +120,8 @@ impl Ready {
                 n.saturating_sub(1)..n
             }
         };
-        rows.map(|row| {
-            let heads: Vec<&[f32]> = self.logits.iter().map(|h| h.row(row)).collect();
-            self.mode.scores(&heads)
-        })
-        .collect()
+        rows.map(|row| self.mode.scores_at(&self.logits, row))
+            .collect()
     }
 }
 
@@ -1011,8 +1008,7 @@ fn record_prompt_logprobs(
         if next >= seq.prompt.len() {
             break;
         }
-        let heads: Vec<&[f32]> = logits.iter().map(|h| h.row(row)).collect();
-        let scores = mode.scores(&heads);
+        let scores = mode.scores_at(logits, row);
         seq.prompt_logprobs
             .push(token_logprob(seq.prompt[next], &scores, k, tok));
     }

@@ -109,8 +109,6 @@ pub struct Speculation {
     /// The round in progress: the cache length and token it began with, its length, and the
     /// drafts (with the distributions they were drawn from, when sampling).
     round: Option<Round>,
-    pub drafted: usize,
-    pub accepted: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -135,8 +133,6 @@ impl Speculation {
             // one wasted draft before the first pause, not a long round.
             probing: true,
             round: None,
-            drafted: 0,
-            accepted: 0,
         }
     }
 
@@ -250,8 +246,6 @@ impl Speculation {
     /// back to (`t0` and the accepted drafts).
     pub fn finish_round(&mut self, accepted: usize) -> usize {
         let round = self.round.take().expect("a round to finish");
-        self.drafted += round.len;
-        self.accepted += accepted;
         // The verdicts: `accepted` stood, then one fell (unless all stood).
         let fell = usize::from(accepted < round.len);
         for stood in std::iter::repeat_n(1.0, accepted).chain(std::iter::repeat_n(0.0, fell)) {
@@ -367,7 +361,7 @@ mod tests {
             Verdict::Replace(1)
         );
         assert_eq!(s.finish_round(1), 10 + 1 + 1);
-        assert_eq!((s.drafted, s.accepted), (3, 1));
+        assert!(!s.in_round() && s.drafts().is_empty());
     }
 
     #[test]

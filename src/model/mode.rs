@@ -90,6 +90,12 @@ impl Mode {
         Ok(())
     }
 
+    /// [`Mode::scores`] at position `row` of a step's logits (one entry per head).
+    pub fn scores_at(&self, logits: &[super::Logits], row: usize) -> Vec<f32> {
+        let heads: Vec<&[f32]> = logits.iter().map(|h| h.row(row)).collect();
+        self.scores(&heads)
+    }
+
     /// The next-token log-distribution from the logits of [`Mode::heads`]: log-softmax for a
     /// single head, log q for contrast.
     pub fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
