@@ -3,6 +3,8 @@
 
 pub mod checkpoint;
 pub mod client;
+pub mod cost;
+pub mod limits;
 
 /// Peak resident set (VmHWM) of a process, in bytes (Linux).
 pub fn peak_rss_bytes(pid: u32) -> Option<u64> {

@@ -4,10 +4,16 @@
 //!   cargo run --release --bin bench -- [--arch gpt2] [--dtype f32,bf16,int8] [--reference-python PY]
 //!   cargo run --release --bin bench -- --kernels     (vocabulary-head matmul variants)
 //!   cargo run --release --bin bench -- --speculative (self-speculative decoding vs acceptance)
+//!   cargo run --release --bin bench -- --limits      (this machine's bandwidth and peaks only)
+//!   cargo run --release --bin bench -- --arch gpt2 --peer-llama-server PATH   (llama.cpp too,
+//!                                                    built by bench/peer/llama_cpp.sh)
 //!
 //! Writes the checkpoint once under --data, starts `exitserve` (next to this binary) per
-//! dtype, measures single-stream decode speed and time to first token per mode, aggregate
-//! throughput at 1/4/16 concurrent streams, peak RSS; prints a table and writes JSON.
+//! dtype, measures single-stream decode speed and time to first token (the bench's prompt and a
+//! 512-token one) per mode, aggregate throughput at 1/4/16 concurrent streams, the scoring
+//! workload (512-token echo prompts), peak RSS; measures the machine's read bandwidth and
+//! multiply-add peaks in the same run and gives each speed as a share of its bound; prints a
+//! table and writes JSON.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use exitserve::bench::checkpoint::{Arch, Shape};
-use exitserve::bench::{checkpoint, client, peak_rss_bytes};
+use exitserve::bench::cost::{self, ModeWork};
+use exitserve::bench::{checkpoint, client, limits, peak_rss_bytes};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -53,6 +60,9 @@ struct Args {
     /// Only time vocabulary-head matmul variants (no server)
     #[arg(long)]
     kernels: bool,
+    /// Only measure this machine's limits (read bandwidth, multiply-add peaks) and print them
+    #[arg(long)]
+    limits: bool,
     /// Only time self-speculative decoding: speedup against acceptance rate, on variants of
     /// the checkpoint whose exits agree with the original head at controlled rates
     /// (written once under --data with an `-agree-S` suffix); results in
@@ -71,21 +81,51 @@ struct Args {
     /// Concurrent streams timed for speculation
     #[arg(long, default_value = "1,4", value_delimiter = ',')]
     spec_streams: Vec<usize>,
+    /// Scoring workload (lm-eval loglikelihood): this many prompts with `echo`, `logprobs: 1`,
+    /// `max_tokens: 1`, 4 at a time (0: skip)
+    #[arg(long, default_value_t = 16)]
+    scoring_prompts: usize,
+    /// Tokens per scoring prompt
+    #[arg(long, default_value_t = 512)]
+    scoring_len: usize,
+    /// llama.cpp's llama-server (bench/peer/llama_cpp.sh builds it): time it on the same
+    /// weights (the GPT-2 shape, exits stripped, as GGUF f32 / bf16 / q8_0) in the same run
+    #[arg(long)]
+    peer_llama_server: Option<PathBuf>,
+    /// Where bench/peer/llama_cpp.sh wrote gpt2-medium-{f32,bf16,q8_0}.gguf
+    #[arg(long, default_value = "bench-data/llama.cpp")]
+    peer_gguf: PathBuf,
 }
 
-/// (name, `multi_exit` JSON) of the modes timed: the original head, the exit at half depth,
-/// and the top exit contrasted with it (12/6 on GPT-Neo-125M, 24/12 on GPT-2 medium).
-fn modes(shape: &Shape) -> Vec<(String, String)> {
+/// A mode timed: its name, its `multi_exit` JSON and the work a token takes in it.
+struct BenchMode {
+    name: String,
+    json: String,
+    work: ModeWork,
+}
+
+/// The modes timed: the original head, the exit at half depth, and the top exit contrasted
+/// with it (12/6 on GPT-Neo-125M, 24/12 on GPT-2 medium).
+fn modes(shape: &Shape) -> Vec<BenchMode> {
     let (top, half) = (shape.layers, shape.half_exit());
+    let mode = |name: String, json: String, layers, heads| BenchMode {
+        name,
+        json,
+        work: ModeWork { layers, heads },
+    };
     vec![
-        ("original".into(), r#"{"mode":"original"}"#.into()),
-        (
+        mode("original".into(), r#"{"mode":"original"}"#.into(), top, 1),
+        mode(
             format!("exit {half}"),
             format!(r#"{{"mode":"exit","layer":{half}}}"#),
+            half,
+            1,
         ),
-        (
+        mode(
             format!("contrast {top}/{half}"),
             format!(r#"{{"mode":"contrast","upper":{top},"lower":{half}}}"#),
+            top,
+            2,
         ),
     ]
 }
@@ -94,6 +134,14 @@ fn main() {
     let mut args = Args::parse();
     if args.kernels {
         return kernels();
+    }
+    if args.limits {
+        let limits = limits::Limits::measure();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&limits.to_json()).unwrap()
+        );
+        return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let shape = Shape::of(args.arch);
@@ -122,7 +170,7 @@ fn main() {
         f32_bytes as f64 / 1e9
     );
     let server_bin = std::env::current_exe().unwrap().with_file_name("exitserve");
-    let prompt = prompt_ids(args.prompt_len);
+    let prompt = prompt_ids(args.prompt_len, 0);
     if args.speculative {
         let report = speculative_bench(&args, &shape, root, &server_bin, &prompt);
         let out = args
@@ -133,7 +181,19 @@ fn main() {
         eprintln!("wrote {}", out.display());
         return;
     }
+    if args.peer_llama_server.is_some() && args.arch != Arch::Gpt2 {
+        eprintln!("--peer-llama-server needs --arch gpt2 (llama.cpp has no GPT-Neo)");
+        std::process::exit(2);
+    }
     let modes = modes(&shape);
+    eprintln!("machine limits ...");
+    let limits = limits::Limits::measure();
+    eprintln!("  {}", limits.summary());
+    let bench = Bench {
+        args: &args,
+        shape: &shape,
+        limits: &limits,
+    };
 
     let mut runs = Vec::new();
     for dtype in &args.dtype {
@@ -142,27 +202,72 @@ fn main() {
             "int8" => f32_bytes / 4,
             _ => f32_bytes / 2,
         };
-        runs.push(run_server_bench(
-            &server_bin,
-            &args,
-            (dtype, &modes),
-            &prompt,
-            weight_bytes,
-        ));
+        eprintln!("exitserve {dtype}:");
+        let run = match Server::exitserve(&server_bin, &data, dtype) {
+            Ok(server) => {
+                let mut run = bench.serve(&server, dtype, &modes);
+                if args.scoring_prompts > 0 {
+                    run["scoring"] = bench.scoring(&server, dtype, &modes);
+                }
+                let rss = peak_rss_bytes(server.child.id()).unwrap_or(0);
+                run["peak_rss_bytes"] = json!(rss);
+                run["weight_bytes"] = json!(weight_bytes);
+                run["rss_over_weights"] = json!(rss as f64 / weight_bytes as f64);
+                run
+            }
+            Err(why) => {
+                eprintln!("  {why}: not measured");
+                json!({"dtype": dtype, "not_measured": why})
+            }
+        };
+        runs.push(run);
     }
+    let peer = args.peer_llama_server.as_ref().map(|bin| {
+        // the original head, as a plain OpenAI request
+        let original = [BenchMode {
+            json: String::new(),
+            name: modes[0].name.clone(),
+            work: modes[0].work,
+        }];
+        let mut peer_runs = Vec::new();
+        for (quant, ours) in [("f32", "f32"), ("bf16", "bf16"), ("q8_0", "int8")] {
+            let gguf = args.peer_gguf.join(format!("gpt2-medium-{quant}.gguf"));
+            eprintln!("llama-server {quant} ({}):", gguf.display());
+            match Server::llama_server(bin, &gguf) {
+                Ok(server) => {
+                    let mut run = bench.serve(&server, quant, &original);
+                    run["compared_with"] = json!(ours);
+                    run["peak_rss_bytes"] = json!(peak_rss_bytes(server.child.id()).unwrap_or(0));
+                    peer_runs.push(run);
+                }
+                Err(why) => {
+                    eprintln!("  {why}: not measured");
+                    peer_runs.push(json!({"dtype": quant, "not_measured": why}));
+                }
+            }
+        }
+        json!({"server": "llama.cpp llama-server", "binary": bin, "runs": peer_runs})
+    });
     let reference = args
         .reference_python
         .as_ref()
         .map(|py| run_reference(py, &args));
+    let reference_scoring = match (&args.reference_python, args.scoring_prompts) {
+        (Some(py), n) if n > 0 => Some(run_reference_scoring(py, &args)),
+        _ => None,
+    };
     let report = json!({
         "machine": machine(),
+        "limits": limits.to_json(),
         "arch": format!("{:?}", args.arch),
         "layers": shape.layers,
         "hidden": shape.hidden,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new,
         "runs": runs,
+        "peer": peer,
         "reference": reference,
+        "reference_scoring": reference_scoring,
     });
     print_table(&report, &modes);
     let out = args.out.as_ref().expect("set above");
@@ -170,9 +275,10 @@ fn main() {
     eprintln!("wrote {}", out.display());
 }
 
-fn prompt_ids(n: usize) -> Vec<u32> {
-    // deterministic ids in 1000..40000 (like the reference benchmark's prompts)
-    let mut x = 0x9E37_79B9u64;
+/// `n` deterministic token ids in 1000..40000 (like the reference benchmark's prompts); each
+/// `seed` a different prompt, so no server can answer from a cached prefix.
+fn prompt_ids(n: usize, seed: u64) -> Vec<u32> {
+    let mut x = 0x9E37_79B9u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
     (0..n)
         .map(|_| {
             x = x
@@ -197,36 +303,55 @@ struct Server {
 }
 
 impl Server {
-    /// The server on `model` once healthy, or why it exited (e.g. int8 on a CPU without
-    /// AVX-512 VNNI: a start-up error, printed on stderr).
-    fn start(bin: &Path, model: &Path, dtype: &str) -> Result<Self, String> {
+    /// exitserve on `model` (e.g. int8 on a CPU without the kernels exits at start).
+    fn exitserve(bin: &Path, model: &Path, dtype: &str) -> Result<Self, String> {
         let port = free_port();
-        let mut child = Command::new(bin)
-            .args([
-                "--model",
-                model.to_str().unwrap(),
-                "--port",
-                &port.to_string(),
-                "--dtype",
-                dtype,
-            ])
+        let mut cmd = Command::new(bin);
+        cmd.args(["--model", model.to_str().unwrap(), "--dtype", dtype])
+            .args(["--port", &port.to_string()])
             .args(["--max-batch-size", "32", "--served-model-name", "bench"])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn");
+        Self::start(cmd, port, &format!("exitserve --dtype {dtype}"))
+    }
+
+    /// llama.cpp's server on `gguf`, set up as a user serving many clients would: 16
+    /// parallel slots (continuous batching is its default), the bench's context per slot,
+    /// as many threads as exitserve uses (every core).
+    fn llama_server(bin: &Path, gguf: &Path) -> Result<Self, String> {
+        if !gguf.exists() {
+            return Err(format!(
+                "no {} (run bench/peer/llama_cpp.sh)",
+                gguf.display()
+            ));
+        }
+        let port = free_port();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut cmd = Command::new(bin);
+        cmd.args(["-m", gguf.to_str().unwrap(), "--port", &port.to_string()])
+            .args(["--parallel", "16", "--ctx-size", &(16 * 1024).to_string()])
+            .args(["--threads", &threads.to_string()])
+            .args(["--threads-batch", &threads.to_string()])
+            .stderr(Stdio::null());
+        Self::start(cmd, port, "llama-server")
+    }
+
+    /// Starts `cmd` listening on `port` and waits until its /health answers 200, or says
+    /// why it exited.
+    fn start(mut cmd: Command, port: u16, what: &str) -> Result<Self, String> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
-            .expect("start exitserve (build it with --release first)");
+            .map_err(|e| format!("start {what}: {e} (build it with --release first)"))?;
         let addr = format!("127.0.0.1:{port}");
         let start = Instant::now();
         while client::get_status(&addr, "/health").ok() != Some(200) {
             if let Some(status) = child.try_wait().expect("wait") {
-                return Err(format!(
-                    "exitserve --dtype {dtype} exited at start ({status})"
-                ));
+                return Err(format!("{what} exited at start ({status})"));
             }
             assert!(
                 start.elapsed() < Duration::from_secs(300),
-                "server did not become healthy"
+                "{what} did not become healthy"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -244,93 +369,193 @@ impl Drop for Server {
     }
 }
 
-fn body(prompt: &[u32], new: usize, mode: &str) -> String {
+/// A streamed greedy completion of `new` tokens (EOS ignored); `mode` is the `multi_exit`
+/// object, None for a plain OpenAI request (the peer's).
+fn body(prompt: &[u32], new: usize, mode: Option<&str>) -> String {
+    let multi_exit = mode.map_or(String::new(), |m| format!(r#","multi_exit":{m}"#));
     format!(
-        r#"{{"model":"bench","prompt":{},"max_tokens":{new},"temperature":0,"ignore_eos":true,"stream":true,"multi_exit":{mode}}}"#,
+        r#"{{"model":"bench","prompt":{},"max_tokens":{new},"temperature":0,"ignore_eos":true,"stream":true{multi_exit}}}"#,
         serde_json::to_string(prompt).unwrap()
     )
 }
 
-fn run_server_bench(
-    bin: &Path,
-    args: &Args,
-    (dtype, modes): (&str, &[(String, String)]),
-    prompt: &[u32],
-    weight_bytes: u64,
-) -> Value {
-    eprintln!("dtype {dtype}:");
-    let server = match Server::start(bin, args.data.as_ref().expect("set in main"), dtype) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("  {why}: not measured");
-            return json!({"dtype": dtype, "not_measured": why});
+/// What every measurement of one bench run shares.
+struct Bench<'a> {
+    args: &'a Args,
+    shape: &'a Shape,
+    limits: &'a limits::Limits,
+}
+
+/// Runs `f(i)` for `i` in `0..n` on `n` threads at once; their results in order.
+fn concurrently<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = (0..n).map(|i| s.spawn(move || f(i))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+impl Bench<'_> {
+    /// Single-stream decode and TTFT (the bench's prompt and a 512-token one) per mode, and
+    /// aggregate throughput at each concurrency; each figure also as a share of its bound.
+    /// `dtype` names the weights (exitserve's f32/bf16/int8, llama.cpp's f32/bf16/q8_0); a
+    /// mode whose JSON is empty is sent without `multi_exit` (the peer's).
+    fn serve(&self, server: &Server, dtype: &str, modes: &[BenchMode]) -> Value {
+        let (args, path) = (self.args, "/v1/completions");
+        fn json_of(m: &BenchMode) -> Option<&str> {
+            (!m.json.is_empty()).then_some(m.json.as_str())
         }
-    };
-    let path = "/v1/completions";
-    // warm-up: every mode once
-    for (_, mode) in modes {
-        client::stream_completion(&server.addr, path, &body(prompt, 4, mode)).expect("warm-up");
-    }
-    // Best of ROUNDS single-stream runs on an idle server, the modes interleaved round by
-    // round, so that a slow spell of a shared machine does not fall on one mode only.
-    const ROUNDS: usize = 5;
-    let mut runs: Vec<Vec<client::StreamTiming>> = modes.iter().map(|_| Vec::new()).collect();
-    for _ in 0..ROUNDS {
-        for ((_, mode), timings) in modes.iter().zip(runs.iter_mut()) {
-            let t = client::stream_completion(&server.addr, path, &body(prompt, args.new, mode))
-                .expect("request");
-            timings.push(t);
+        let run = |prompt: &[u32], new: usize, m: &BenchMode| {
+            client::stream_completion(&server.addr, path, &body(prompt, new, json_of(m)))
+                .expect("request")
+        };
+        for m in modes {
+            run(&prompt_ids(args.prompt_len, 1), 4, m); // warm-up
         }
+        // Best of ROUNDS on an idle server, the modes interleaved round by round, so that a
+        // slow spell of a shared machine does not fall on one mode only; a new prompt each
+        // time (no prefix cache can help).
+        const ROUNDS: usize = 5;
+        let mut seed = 100;
+        let mut next_prompt = |len| {
+            seed += 1;
+            prompt_ids(len, seed)
+        };
+        let mut decode = vec![0f64; modes.len()];
+        let mut ttft = vec![f64::INFINITY; modes.len()];
+        let mut ttft_long = vec![f64::INFINITY; modes.len()];
+        for round in 0..ROUNDS {
+            for (i, m) in modes.iter().enumerate() {
+                let t = run(&next_prompt(args.prompt_len), args.new, m);
+                decode[i] = decode[i].max(t.decode_tps());
+                ttft[i] = ttft[i].min(t.ttft_s());
+                if round < 3 {
+                    let t = run(&next_prompt(512), 2, m);
+                    ttft_long[i] = ttft_long[i].min(t.ttft_s());
+                }
+            }
+        }
+        let ctx = (args.prompt_len + args.new / 2) as f64;
+        let bandwidth = self.limits.read_bytes_per_s;
+        let compute = self.limits.peak_for(dtype);
+        let mut single = serde_json::Map::new();
+        let mut aggregate = serde_json::Map::new();
+        for (i, m) in modes.iter().enumerate() {
+            let bytes = cost::bytes_per_token(self.shape, m.work, dtype, ctx);
+            let flops = cost::flops_per_token(self.shape, m.work, ctx);
+            let pct_bw = 100.0 * decode[i] * bytes / bandwidth;
+            eprintln!(
+                "  {:>15}: {:7.1} tok/s decode ({pct_bw:.0} % of the bandwidth bound), TTFT {:.1} ms, 512-token prompt {:.1} ms",
+                m.name,
+                decode[i],
+                ttft[i] * 1e3,
+                ttft_long[i] * 1e3
+            );
+            single.insert(
+                m.name.clone(),
+                json!({"decode_tok_s": decode[i], "ttft_ms": ttft[i] * 1e3,
+                    "ttft_512_ms": ttft_long[i] * 1e3, "bytes_per_token": bytes,
+                    "pct_bandwidth_bound": pct_bw}),
+            );
+            let mut levels = serde_json::Map::new();
+            for &c in &args.concurrency {
+                let prompts: Vec<Vec<u32>> = (0..c).map(|_| next_prompt(args.prompt_len)).collect();
+                let start = Instant::now();
+                concurrently(c, |j| run(&prompts[j], args.new, m));
+                let tps = (c * args.new) as f64 / start.elapsed().as_secs_f64();
+                let pct = compute.map(|peak| 100.0 * tps * flops / peak);
+                eprintln!(
+                    "  {:>15} x{c:<2}: {tps:7.1} tok/s aggregate ({} of the compute bound)",
+                    m.name,
+                    pct.map_or("-".into(), |p| format!("{p:.1} %"))
+                );
+                levels.insert(
+                    c.to_string(),
+                    json!({"tok_s": tps, "flops_per_token": flops, "pct_compute_bound": pct}),
+                );
+            }
+            aggregate.insert(m.name.clone(), Value::Object(levels));
+        }
+        json!({"dtype": dtype, "single_stream": single, "aggregate": aggregate})
     }
-    let mut single = serde_json::Map::new();
-    for ((name, _), timings) in modes.iter().zip(&runs) {
-        let tps = timings.iter().map(|r| r.decode_tps()).fold(0.0, f64::max);
-        let ttft = timings
-            .iter()
-            .map(|r| r.ttft_s())
-            .fold(f64::INFINITY, f64::min);
-        eprintln!(
-            "  {name:>14}: {tps:7.1} tok/s decode, TTFT {:.1} ms",
-            ttft * 1e3
-        );
-        single.insert(
-            name.clone(),
-            json!({"decode_tok_s": tps, "ttft_ms": ttft * 1e3}),
-        );
-    }
-    let mut aggregate = serde_json::Map::new();
-    for (name, mode) in modes {
-        let mut levels = serde_json::Map::new();
-        for &c in &args.concurrency {
+
+    /// The lm-eval loglikelihood workload: `scoring_prompts` requests of `scoring_len`
+    /// token ids with `echo`, `logprobs: 1`, `max_tokens: 1`, 4 at a time, per mode: prompt
+    /// tokens scored per second, and as a share of the compute bound.
+    fn scoring(&self, server: &Server, dtype: &str, modes: &[BenchMode]) -> Value {
+        let (n, len) = (self.args.scoring_prompts, self.args.scoring_len);
+        let prompts = scoring_prompts(n, len);
+        let mut out = serde_json::Map::new();
+        for m in modes {
+            let body = |p: &[u32]| {
+                format!(
+                    r#"{{"model":"bench","prompt":{},"max_tokens":1,"echo":true,"logprobs":1,"temperature":0,"stream":true,"multi_exit":{}}}"#,
+                    serde_json::to_string(p).unwrap(),
+                    m.json
+                )
+            };
+            let path = "/v1/completions";
+            client::stream_completion(&server.addr, path, &body(&prompts[0])).expect("warm-up");
             let start = Instant::now();
-            let b = body(prompt, args.new, mode);
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..c)
-                    .map(|_| {
-                        s.spawn(|| {
-                            client::stream_completion(&server.addr, path, &b).expect("request")
-                        })
-                    })
-                    .collect();
-                for h in handles {
-                    h.join().unwrap();
+            concurrently(4, |j| {
+                for p in prompts.iter().skip(j).step_by(4) {
+                    client::stream_completion(&server.addr, path, &body(p)).expect("scoring");
                 }
             });
-            let tps = (c * args.new) as f64 / start.elapsed().as_secs_f64();
-            eprintln!("  {name:>14} x{c:<2}: {tps:7.1} tok/s aggregate");
-            levels.insert(c.to_string(), json!(tps));
+            let tps = (n * len) as f64 / start.elapsed().as_secs_f64();
+            let flops = cost::flops_per_token(self.shape, m.work, len as f64 / 2.0);
+            let pct = self.limits.peak_for(dtype).map(|p| 100.0 * tps * flops / p);
+            eprintln!(
+                "  {:>15} scoring: {tps:7.1} prompt tok/s ({} of the compute bound)",
+                m.name,
+                pct.map_or("-".into(), |p| format!("{p:.1} %"))
+            );
+            out.insert(
+                m.name.clone(),
+                json!({"prompt_tok_s": tps, "pct_compute_bound": pct}),
+            );
         }
-        aggregate.insert(name.clone(), Value::Object(levels));
+        Value::Object(out)
     }
-    let rss = peak_rss_bytes(server.child.id()).unwrap_or(0);
-    json!({
-        "dtype": dtype,
-        "single_stream": single,
-        "aggregate_tok_s": aggregate,
-        "peak_rss_bytes": rss,
-        "weight_bytes": weight_bytes,
-        "rss_over_weights": rss as f64 / weight_bytes as f64,
-    })
+}
+
+/// The scoring workload's prompts (the same for exitserve and the reference).
+fn scoring_prompts(n: usize, len: usize) -> Vec<Vec<u32>> {
+    (0..n).map(|i| prompt_ids(len, 10_000 + i as u64)).collect()
+}
+
+/// The reference's prompt tokens/s on the scoring workload (bench/ref_scoring.py), original
+/// head and the contrast, in float32.
+fn run_reference_scoring(python: &Path, args: &Args) -> Value {
+    let file = std::env::temp_dir().join(format!("exitserve-scoring-{}.json", std::process::id()));
+    let prompts = scoring_prompts(args.scoring_prompts, args.scoring_len);
+    std::fs::write(&file, serde_json::to_string(&prompts).unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/ref_scoring.py");
+    let mut out = serde_json::Map::new();
+    for mode in ["original", "contrast"] {
+        eprintln!("reference scoring {mode} ...");
+        let res = Command::new(python)
+            .arg(&script)
+            .arg(args.data.as_ref().expect("set in main"))
+            .args(["--prompts", file.to_str().unwrap(), "--mode", mode])
+            .env("OMP_NUM_THREADS", "2")
+            .output()
+            .expect("run the reference");
+        let text = String::from_utf8_lossy(&res.stdout);
+        match text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        {
+            Some(v) => {
+                eprintln!("  {v}");
+                out.insert(mode.into(), v);
+            }
+            None => eprintln!("  failed: {}", String::from_utf8_lossy(&res.stderr)),
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+    Value::Object(out)
 }
 
 fn run_reference(python: &Path, args: &Args) -> Value {
@@ -383,53 +608,90 @@ fn machine() -> String {
     format!("{cpu}, {threads} threads")
 }
 
-fn print_table(r: &Value, modes: &[(String, String)]) {
+fn print_table(r: &Value, modes: &[BenchMode]) {
     println!(
-        "\nexitserve benchmark on {} (prompt {} tokens, {} new, greedy)",
+        "\nexitserve benchmark on {} (prompt {} tokens, {} new, greedy)\nlimits: {}",
         r["machine"].as_str().unwrap_or(""),
         r["prompt_len"],
-        r["new_tokens"]
+        r["new_tokens"],
+        r["limits"]["summary"].as_str().unwrap_or("")
     );
     println!(
-        "{:<8} {:<15} {:>12} {:>10} {:>10} {:>10} {:>10}",
-        "dtype", "mode", "decode tok/s", "TTFT ms", "x1 tok/s", "x4 tok/s", "x16 tok/s"
+        "{:<13} {:<15} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "server dtype",
+        "mode",
+        "decode",
+        "% bw",
+        "TTFT ms",
+        "TTFT512",
+        "x1",
+        "x4",
+        "x16",
+        "% flops"
     );
-    for run in r["runs"].as_array().unwrap() {
+    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+    let f0 = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.0}"));
+    let mut rows: Vec<(String, &Value)> = r["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| ("exitserve".to_string(), run))
+        .collect();
+    if let Some(peer) = r["peer"]["runs"].as_array() {
+        rows.extend(peer.iter().map(|run| ("llama.cpp".to_string(), run)));
+    }
+    for (server, run) in rows {
+        let dtype = run["dtype"].as_str().unwrap_or("");
+        let label = format!("{server} {dtype}");
         if let Some(why) = run["not_measured"].as_str() {
-            println!("{:<8} not measured: {why}", run["dtype"].as_str().unwrap());
+            println!("{label:<13} not measured: {why}");
             continue;
         }
-        for (name, _) in modes {
-            let s = &run["single_stream"][name];
-            let a = &run["aggregate_tok_s"][name];
-            let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+        for m in modes {
+            let s = &run["single_stream"][&m.name];
+            if s.is_null() {
+                continue;
+            }
+            let a = &run["aggregate"][&m.name];
             println!(
-                "{:<8} {:<15} {:>12} {:>10} {:>10} {:>10} {:>10}",
-                run["dtype"].as_str().unwrap(),
-                name,
+                "{label:<13} {:<15} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+                m.name,
                 f(&s["decode_tok_s"]),
+                f0(&s["pct_bandwidth_bound"]),
                 f(&s["ttft_ms"]),
-                f(&a["1"]),
-                f(&a["4"]),
-                f(&a["16"])
+                f(&s["ttft_512_ms"]),
+                f(&a["1"]["tok_s"]),
+                f(&a["4"]["tok_s"]),
+                f(&a["16"]["tok_s"]),
+                f(&a["16"]["pct_compute_bound"])
             );
+            let sc = &run["scoring"][&m.name];
+            if !sc.is_null() {
+                println!(
+                    "{label:<13} {:<15} scoring {} prompt tok/s ({} % of the compute bound)",
+                    m.name,
+                    f(&sc["prompt_tok_s"]),
+                    f(&sc["pct_compute_bound"])
+                );
+            }
         }
-        println!(
-            "{:<8} peak RSS {:.2} GB = {:.2} x weights ({:.2} GB)",
-            run["dtype"].as_str().unwrap(),
-            run["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1e9,
-            run["rss_over_weights"].as_f64().unwrap_or(0.0),
-            run["weight_bytes"].as_f64().unwrap_or(0.0) / 1e9
-        );
+        if let Some(rss) = run["peak_rss_bytes"].as_f64() {
+            println!("{label:<13} peak RSS {:.2} GB", rss / 1e9);
+        }
     }
     if let Some(refs) = r["reference"].as_object() {
         for (k, v) in refs {
             println!(
                 "reference {k}: {:.2} tok/s",
-                v["tokens_per_s"]
-                    .as_f64()
-                    .or_else(|| v["tok_s"].as_f64())
-                    .unwrap_or(f64::NAN)
+                v["tokens_per_s"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    if let Some(refs) = r["reference_scoring"].as_object() {
+        for (k, v) in refs {
+            println!(
+                "reference scoring {k}: {:.1} prompt tok/s",
+                v["prompt_tok_s"].as_f64().unwrap_or(f64::NAN)
             );
         }
     }
@@ -453,28 +715,27 @@ fn kernels() {
         }
         t.elapsed().as_secs_f64() * 1e3 / n as f64
     };
-    for dt in [DType::F32, DType::F16, DType::BF16] {
+    for dt in [DType::F32, DType::BF16] {
         let wd = w.to_dtype(dt).unwrap();
-        for b in [1usize, 4, 16, 64] {
-            let x = Tensor::randn(0f32, 1.0, (b, h), &dev)
-                .unwrap()
-                .to_dtype(dt)
-                .unwrap();
-            let xw = time(&|| x.matmul(&wd.t().unwrap()).unwrap());
-            let wx = time(&|| wd.matmul(&x.t().unwrap()).unwrap());
-            let skinny = if skinny_matmul::supported(dt) {
-                let xf = x.to_dtype(DType::F32).unwrap();
-                let packed = skinny_matmul::PackedWeight::pack(&wd).unwrap();
-                format!("{:7.2} ms", time(&|| packed.xwt(&xf).unwrap()))
+        let packed = skinny_matmul::PackedWeight::pack(&wd).ok();
+        // 1 and 16: decode; 5 and 9: speculative verification of 4 and 8 drafts; 64: prefill
+        for b in [1usize, 2, 4, 5, 9, 16, 64] {
+            let x = Tensor::randn(0f32, 1.0, (b, h), &dev).unwrap();
+            // candle has no fast bf16 matmul on CPUs without AVX-512 BF16: f32 only
+            let candle = if dt == DType::F32 {
+                format!("{:7.2} ms", time(&|| x.matmul(&wd.t().unwrap()).unwrap()))
             } else {
                 "      -   ".to_string()
             };
-            println!("{dt:?} batch {b:>2}: candle x·Wᵀ {xw:7.2} ms   candle W·xᵀ {wx:7.2} ms   skinny {skinny}");
+            let skinny = packed.as_ref().map_or("      -   ".to_string(), |p| {
+                format!("{:7.2} ms", time(&|| p.xwt(&x).unwrap()))
+            });
+            println!("{dt:?} batch {b:>2}: candle x·Wᵀ {candle}   skinny {skinny}");
         }
     }
     if skinny_matmul::supports_int8() {
         let packed = skinny_matmul::PackedWeight::pack_int8(&w).unwrap();
-        for b in [1usize, 4, 16, 64] {
+        for b in [1usize, 2, 4, 5, 9, 16, 64] {
             let x = Tensor::randn(0f32, 1.0, (b, h), &dev).unwrap();
             let ms = time(&|| packed.xwt(&x).unwrap());
             println!("int8 batch {b:>2}: skinny {ms:7.2} ms (per-row scales, x rounded to int16)");
@@ -567,7 +828,7 @@ fn speculative_bench(args: &Args, shape: &Shape, root: &Path, bin: &Path, prompt
         )
         .expect("write the variant");
         for dtype in &args.dtype {
-            let server = match Server::start(bin, &dir, dtype) {
+            let server = match Server::exitserve(bin, &dir, dtype) {
                 Ok(s) => s,
                 Err(why) => {
                     eprintln!("  {why}: not measured");

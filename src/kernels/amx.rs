@@ -46,6 +46,39 @@ impl TileConfig {
     }
 }
 
+/// Multiply-adds of `iters` rounds of four `tdpbf16ps` on register-resident tiles (zeros):
+/// the instruction's issue rate, for the bench's compute bound (`super::peak`).
+///
+/// # Safety
+/// The CPU has AMX-BF16 and the process has the tile permission (`cpu_features`).
+pub unsafe fn tdpbf16ps_loop(iters: u64) -> u64 {
+    let config = TileConfig::new(TILE_ROWS);
+    asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "tilezero tmm4",
+        "tilezero tmm5",
+        "tilezero tmm6",
+        "tilezero tmm7",
+        options(nostack, nomem)
+    );
+    for _ in 0..iters {
+        // four independent accumulators, as in the panel product
+        asm!(
+            "tdpbf16ps tmm0, tmm4, tmm5",
+            "tdpbf16ps tmm1, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm4, tmm7",
+            "tdpbf16ps tmm3, tmm5, tmm6",
+            options(nostack, nomem)
+        );
+    }
+    asm!("tilerelease", options(nostack, nomem));
+    iters * 4 * (TILE_ROWS * PANEL * TILE_PAIRS * 2) as u64
+}
+
 /// `dst (m, cols) = x · W[panels]ᵀ` with x as bfloat16 pairs `(rows, kp)` (`ops.k` = kp, a
 /// multiple of 16), where `rows` is `m` up to 16 and `m` rounded up to a multiple of 16
 /// beyond (zero rows). Each output is accumulated in the same order whatever `m`, so a row gets

@@ -19,9 +19,12 @@ use std::ops::Range;
 
 use super::skinny_matmul::{Operands, PANEL};
 
-/// Rows of x per register tile: 4 rows x 2 halves = 8 accumulators, plus two of W and one
-/// broadcast, within the 16 ymm registers.
-const MR: usize = 4;
+/// Rows of x per register tile, at most: 6 rows x 2 halves = 12 accumulators, plus two of W
+/// and one broadcast, within the 16 ymm registers (f32 and int8); the bf16 tile also holds the
+/// widened pairs, so it takes 4 rows at most. An FMA's latency (4-5 cycles) times the two FMA
+/// units needs at least 8 accumulators in flight: 4 to 6 rows keep both units busy.
+const MR_F32: usize = 6;
+const MR_BF16: usize = 4;
 
 /// Stores the 8 lanes of `acc` at `dst`, the first `valid` of them only.
 #[inline(always)]
@@ -54,20 +57,25 @@ unsafe fn store_tile<const R: usize>(
     }
 }
 
-/// Calls `$tile::<R>` for each block of up to `MR` rows of each panel of the task.
+/// Calls `$tile::<R>` for each block of rows of each panel of the task: `m` rows split into
+/// the fewest blocks of at most `$mr`, as even as can be (7 rows: 4 + 3, not 6 + 1, whose
+/// one-row tile would wait on FMA latency as long as a full one).
 macro_rules! drive {
-    ($m:expr, $panels:expr, $tile:ident, ($($arg:expr),*)) => {
+    ($m:expr, $mr:expr, $panels:expr, $tile:ident, ($($arg:expr),*)) => {
+        let blocks = $m.div_ceil($mr);
         for p in $panels.clone() {
             let mut row = 0;
-            while row < $m {
-                let mr = ($m - row).min(MR);
-                match mr {
+            for b in 0..blocks {
+                let rows = ($m - row).div_ceil(blocks - b);
+                match rows {
+                    6 => $tile::<6>($($arg,)* row, p),
+                    5 => $tile::<5>($($arg,)* row, p),
                     4 => $tile::<4>($($arg,)* row, p),
                     3 => $tile::<3>($($arg,)* row, p),
                     2 => $tile::<2>($($arg,)* row, p),
                     _ => $tile::<1>($($arg,)* row, p),
                 }
-                row += mr;
+                row += rows;
             }
         }
     };
@@ -91,7 +99,7 @@ pub unsafe fn f32_panels(
         dst.as_mut_ptr(),
         panels.start,
     );
-    drive!(m, panels, tile_f32, (x, k, w, p0, cols, d));
+    drive!(m, MR_F32, panels, tile_f32, (x, k, w, p0, cols, d));
 }
 
 // A register tile needs the operands' raw pointers and extents; a struct would only rename them.
@@ -140,7 +148,7 @@ pub unsafe fn bf16_panels(
         dst.as_mut_ptr(),
         panels.start,
     );
-    drive!(m, panels, tile_bf16, (x, kp, w, p0, cols, d));
+    drive!(m, MR_BF16, panels, tile_bf16, (x, kp, w, p0, cols, d));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -198,7 +206,13 @@ pub unsafe fn int8_panels(
         panels.start,
     );
     let scales = (x_scales.as_ptr(), w_scales.as_ptr());
-    drive!(m, panels, tile_int8, (x, kp, w, scales, p0, cols, d));
+    drive!(
+        m,
+        MR_F32,
+        panels,
+        tile_int8,
+        (x, kp, w, scales, p0, cols, d)
+    );
 }
 
 #[allow(clippy::too_many_arguments)]

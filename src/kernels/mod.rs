@@ -13,4 +13,5 @@ mod amx;
 mod avx2;
 pub mod cpu_features;
 pub mod fastmath;
+pub mod peak;
 pub mod skinny_matmul;

@@ -825,8 +825,13 @@ mod tests {
             // odd sizes exercise the partial panels, row tiles and blocks, and the k padding
             for (m, n, k) in [
                 (1, 37, 19),
+                (2, 20, 16),
                 (3, 50, 64),
+                (5, 33, 40),
+                (6, 48, 24),
+                (7, 17, 9),
                 (9, 100, 33),
+                (13, 64, 31),
                 (17, 16, 8),
                 (35, 90, 70),
             ] {
@@ -841,9 +846,11 @@ mod tests {
                 let diff = (want - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(diff < 1e-3, "{dtype:?} {isa:?} {m}x{n}x{k}: {diff}");
                 // a row alone gives the same bits as within the batch
-                let alone = packed.xwt_on(&x.narrow(0, m - 1, 1)?, isa)?;
-                let in_batch = got.narrow(0, m - 1, 1)?;
-                assert_eq!(alone.to_vec2::<f32>()?, in_batch.to_vec2::<f32>()?);
+                for row in [0, m / 2, m - 1] {
+                    let alone = packed.xwt_on(&x.narrow(0, row, 1)?, isa)?;
+                    let in_batch = got.narrow(0, row, 1)?;
+                    assert_eq!(alone.to_vec2::<f32>()?, in_batch.to_vec2::<f32>()?);
+                }
             }
         }
         Ok(())
@@ -867,6 +874,8 @@ mod tests {
         // k = 600 and 3000 get fewer x levels than 32767 (int32 range)
         for (m, n, k) in [
             (1, 37, 19),
+            (5, 24, 40),
+            (7, 40, 21),
             (9, 100, 33),
             (17, 16, 8),
             (6, 50, 600),
