@@ -59,7 +59,8 @@ unsafe fn store_tile<const R: usize>(
 
 /// Calls `$tile::<R>` for each block of rows of each panel of the task: `m` rows split into
 /// the fewest blocks of at most `$mr`, as even as can be (7 rows: 4 + 3, not 6 + 1, whose
-/// one-row tile would wait on FMA latency as long as a full one).
+/// one-row tile would wait on FMA latency as long as a full one). Which rows share a tile
+/// changes no output: each accumulates in k order in its own lanes.
 macro_rules! drive {
     ($m:expr, $mr:expr, $panels:expr, $tile:ident, ($($arg:expr),*)) => {
         let blocks = $m.div_ceil($mr);

@@ -834,6 +834,8 @@ mod tests {
                 (13, 64, 31),
                 (17, 16, 8),
                 (35, 90, 70),
+                // long rows
+                (40, 20, 3000),
             ] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
                 let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?.to_dtype(dtype)?;
