@@ -534,24 +534,12 @@ fn run_reference_scoring(python: &Path, args: &Args) -> Value {
     let mut out = serde_json::Map::new();
     for mode in ["original", "contrast"] {
         eprintln!("reference scoring {mode} ...");
-        let res = Command::new(python)
-            .arg(&script)
+        let mut cmd = Command::new(python);
+        cmd.arg(&script)
             .arg(args.data.as_ref().expect("set in main"))
-            .args(["--prompts", file.to_str().unwrap(), "--mode", mode])
-            .env("OMP_NUM_THREADS", "2")
-            .output()
-            .expect("run the reference");
-        let text = String::from_utf8_lossy(&res.stdout);
-        match text
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        {
-            Some(v) => {
-                eprintln!("  {v}");
-                out.insert(mode.into(), v);
-            }
-            None => eprintln!("  failed: {}", String::from_utf8_lossy(&res.stderr)),
+            .args(["--prompts", file.to_str().unwrap(), "--mode", mode]);
+        if let Some(v) = reference_json(cmd) {
+            out.insert(mode.into(), v);
         }
     }
     let _ = std::fs::remove_file(&file);
@@ -566,8 +554,8 @@ fn run_reference(python: &Path, args: &Args) -> Value {
         ("original_b1", "original", 1),
     ] {
         eprintln!("reference {key} ...");
-        let res = Command::new(python)
-            .arg(&args.reference_script)
+        let mut cmd = Command::new(python);
+        cmd.arg(&args.reference_script)
             .arg(args.data.as_ref().expect("set in main"))
             .args([
                 "--batch",
@@ -575,24 +563,30 @@ fn run_reference(python: &Path, args: &Args) -> Value {
                 "--new",
                 &args.new.to_string(),
             ])
-            .args(["--prompt-len", &args.prompt_len.to_string(), "--mode", mode])
-            .env("OMP_NUM_THREADS", "2")
-            .output()
-            .expect("run the reference");
-        let text = String::from_utf8_lossy(&res.stdout);
-        let parsed = text
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<Value>(l).ok());
-        match parsed {
-            Some(v) => {
-                eprintln!("  {v}");
-                out.insert(key.into(), v);
-            }
-            None => eprintln!("  failed: {}", String::from_utf8_lossy(&res.stderr)),
+            .args(["--prompt-len", &args.prompt_len.to_string(), "--mode", mode]);
+        if let Some(v) = reference_json(cmd) {
+            out.insert(key.into(), v);
         }
     }
     Value::Object(out)
+}
+
+/// Runs a reference script on 2 threads and returns the JSON line it prints last (printed
+/// here too), or None, with its stderr printed, when it printed none.
+fn reference_json(mut cmd: Command) -> Option<Value> {
+    let res = cmd
+        .env("OMP_NUM_THREADS", "2")
+        .output()
+        .expect("run the reference");
+    let parsed = String::from_utf8_lossy(&res.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok());
+    match &parsed {
+        Some(v) => eprintln!("  {v}"),
+        None => eprintln!("  failed: {}", String::from_utf8_lossy(&res.stderr)),
+    }
+    parsed
 }
 
 fn machine() -> String {
@@ -766,14 +760,8 @@ fn speculative_run(
     let mut best: f64 = 0.0;
     let (mut drafted, mut accepted) = (0.0, 0.0);
     for _ in 0..2 {
-        let timings: Vec<client::StreamTiming> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..streams)
-                .map(|_| s.spawn(|| client::stream_completion(&server.addr, path, &body)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap().expect("request"))
-                .collect()
+        let timings = concurrently(streams, |_| {
+            client::stream_completion(&server.addr, path, &body).expect("request")
         });
         // Decode rate after the first token (the prefill's), over all streams.
         let first = timings

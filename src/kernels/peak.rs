@@ -15,8 +15,6 @@
 
 use std::hint::black_box;
 
-use super::cpu_features;
-
 /// Operations per second of one instruction loop on one thread, and what it ran.
 #[derive(Debug, Clone, Copy)]
 pub struct Rate {
@@ -24,32 +22,32 @@ pub struct Rate {
     pub instruction: &'static str,
 }
 
-/// The multiply-add instruction the panel kernels use for `kind` ("f32", "bf16", "int8") on
-/// this CPU (the choice `skinny_matmul::Isa::available` makes), and a loop of it on the calling
-/// thread: `iters` iterations in, operations done out.
+/// A loop of one multiply-add instruction on the calling thread: `iters` iterations in,
+/// operations done out.
 type Loop = fn(u64) -> f64;
 
+/// The instruction the panel kernels use for `kind` ("f32", "bf16", "int8") on this CPU, as
+/// `skinny_matmul::Isa::available` chooses it, and its loop.
 fn loop_for(kind: &str) -> Option<(&'static str, Loop)> {
     #[cfg(target_arch = "x86_64")]
     {
-        let cpu = cpu_features::get();
-        let f32_fma: Option<(&'static str, Loop)> = if cpu.avx512 {
-            Some(("vfmadd231ps zmm", x86::f32_avx512))
-        } else if cpu.avx2_fma {
-            Some(("vfmadd231ps ymm", x86::f32_avx2))
-        } else {
-            None
+        use super::skinny_matmul::{Isa, Kind};
+        let kind = match kind {
+            "f32" => Kind::F32,
+            "bf16" => Kind::Bf16,
+            "int8" => Kind::Int8,
+            _ => return None,
         };
-        match kind {
-            "f32" => f32_fma,
-            "bf16" if cpu.amx_bf16 => Some(("tdpbf16ps (AMX)", x86::bf16_amx)),
-            "bf16" if cpu.avx512_bf16 => Some(("vdpbf16ps zmm", x86::bf16_avx512)),
+        let chosen: (&'static str, Loop) = match (kind, Isa::available(kind).next()?) {
+            (_, Isa::Amx) => ("tdpbf16ps (AMX)", x86::bf16_amx),
+            (Kind::F32, Isa::Avx512) => ("vfmadd231ps zmm", x86::f32_avx512),
+            (Kind::Bf16, Isa::Avx512) => ("vdpbf16ps zmm", x86::bf16_avx512),
+            (Kind::Int8, Isa::Avx512) => ("vpdpwssd zmm", x86::int8_vnni),
             // the AVX2 bf16 kernel widens to f32 and multiplies with 256-bit FMA
-            "bf16" if cpu.avx2_fma => Some(("vfmadd231ps ymm", x86::f32_avx2)),
-            "int8" if cpu.avx512_vnni => Some(("vpdpwssd zmm", x86::int8_vnni)),
-            "int8" if cpu.avx2_fma => Some(("vpmaddwd+vpaddd ymm", x86::int8_avx2)),
-            _ => None,
-        }
+            (Kind::F32 | Kind::Bf16, Isa::Avx2) => ("vfmadd231ps ymm", x86::f32_avx2),
+            (Kind::Int8, Isa::Avx2) => ("vpmaddwd+vpaddd ymm", x86::int8_avx2),
+        };
+        Some(chosen)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
