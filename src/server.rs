@@ -127,7 +127,16 @@ pub fn build_state_with(
         .then(|| http::cors_origins(&s.cors_allow_origins))
         .transpose()
         .map_err(StartupError::Config)?;
-    let loaded = model::load(&s.model, &opts)?;
+    let mut loaded = model::load(&s.model, &opts)?;
+    let copies = loaded.model.set_draft_weights(s.speculative_draft_weights);
+    let exits = loaded.model.config().exit_layers.clone();
+    if let Some(layer) = s
+        .speculative_draft_layer
+        .filter(|l| copies && exits.contains(l))
+    {
+        // The default draft layer's copies now, before the KV budget counts free memory.
+        loaded.model.prepare_draft(layer)?;
+    }
     let cfg = loaded.model.config().clone();
     let max_positions = cfg.max_position_embeddings;
     let budget = Budget {

@@ -70,6 +70,7 @@ fn greedy_batch(
                 depth: mode.depth(n_layers),
                 heads,
                 all_positions: false,
+                draft: false,
             })
             .collect();
         let logits = m.model.forward(&mut batch).unwrap();
@@ -351,6 +352,7 @@ fn teacher_forced_logits(
             depth,
             heads: &[Head::Original],
             all_positions: false,
+            draft: false,
         }];
         let logits = m
             .model
@@ -420,6 +422,68 @@ fn reduced_precision_weights_stay_close_to_float32() -> TestResult {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Logits of `head` after `tokens` on a fresh cache, through the draft copies or not.
+fn exit_logits(m: &LoadedModel, tokens: &[u32], layer: usize, draft: bool) -> Vec<f32> {
+    let mut cache = m.model.new_cache();
+    let mut step = [SeqStep {
+        tokens,
+        cache: &mut cache,
+        depth: layer,
+        heads: &[Head::Exit(layer)],
+        all_positions: false,
+        draft,
+    }];
+    let out = m.model.forward(&mut step).unwrap().into_per_seq().remove(0);
+    out.into_iter().next().unwrap().into_last()
+}
+
+#[test]
+fn drafts_read_int8_copies_close_to_the_weights_and_leave_the_model_exact() -> TestResult {
+    assert!(
+        exitserve::kernels::skinny_matmul::supports_int8(),
+        "the int8 kernels need AVX2 or AVX-512 VNNI: every x86-64 machine this project runs on"
+    );
+    for f in ARCHS {
+        let mut m = load_dir(&f.dir());
+        let ids = m.tokenizer.encode("The capital of France is")?;
+        let layer = m.model.config().exit_layers[0];
+        let before = exit_logits(&m, &ids, layer, false);
+        // without copies a draft reads the model's own weights
+        assert_eq!(exit_logits(&m, &ids, layer, true), before);
+        assert!(m.model.set_draft_weights(model::DraftWeights::Int8));
+        m.model.prepare_draft(layer)?;
+        let draft = exit_logits(&m, &ids, layer, true);
+        let worst = draft
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 0.25 && worst > 0.0,
+            "{} draft vs exit: {worst}",
+            f.name
+        );
+        // the model's own passes are untouched by the copies
+        assert_eq!(exit_logits(&m, &ids, layer, false), before);
+        assert_eq!(
+            m.model.all_head_logits(&ids)?,
+            load_dir(&f.dir()).model.all_head_logits(&ids)?
+        );
+        // int8 weights are their own draft copies; `model` turns copies off
+        assert!(!m.model.set_draft_weights(model::DraftWeights::Model));
+        assert_eq!(m.model.draft_read_cost(), 1.0);
+        let mut int8 = model::load(
+            f.dir().to_str().unwrap(),
+            &LoadOptions {
+                dtype: model::WeightDtype::Int8,
+                ..LoadOptions::default()
+            },
+        )?;
+        assert!(!int8.model.set_draft_weights(model::DraftWeights::Int8));
     }
     Ok(())
 }

@@ -58,7 +58,8 @@ fn speculative_body(f: Fixture, case: &Case, k: u32) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_speculation_is_token_for_token_the_plain_decoding_alone_and_batched() {
-    for f in ARCHS {
+    // Drafts reading int8 copies of the draft layers (the default) and the model's own.
+    for (f, draft_weights) in ARCHS.into_iter().flat_map(|f| [(f, "int8"), (f, "model")]) {
         let server = TestServer::start_model(
             &f.dir(),
             &[
@@ -66,6 +67,8 @@ async fn greedy_speculation_is_token_for_token_the_plain_decoding_alone_and_batc
                 "128",
                 "--speculative-max-batch-size",
                 "128",
+                "--speculative-draft-weights",
+                draft_weights,
             ],
         );
         let url = server.url("/v1/completions");
@@ -82,7 +85,7 @@ async fn greedy_speculation_is_token_for_token_the_plain_decoding_alone_and_batc
                 assert_eq!(
                     ids(&out["choices"][0]["token_ids"]),
                     case.greedy_ids,
-                    "{} {} k={k} {:?}",
+                    "{} {draft_weights} {} k={k} {:?}",
                     f.name,
                     case.mode,
                     case.prompt
@@ -119,7 +122,7 @@ async fn greedy_speculation_is_token_for_token_the_plain_decoding_alone_and_batc
             assert_eq!(
                 ids(&out["choices"][0]["token_ids"]),
                 case.greedy_ids,
-                "batched {} {}",
+                "batched {} {draft_weights} {}",
                 f.name,
                 case.mode
             );
@@ -473,12 +476,12 @@ async fn seeded_speculative_sampling_follows_the_target_distribution() {
     assert!(chi2 < critical, "chi2 {chi2:.2} with {df} df: {pairs:?}");
 }
 
-/// On the tiny fixtures a draft step reads nearly what a full step reads (the vocabulary
-/// head is most of the weights), so the adaptive policy never finds a round worth drafting:
-/// the output is the plain one and nothing is drafted.
+/// On the tiny fixtures a draft step that reads the model's own weights reads nearly what a
+/// full step reads (the vocabulary head is most of the weights), so the adaptive policy never
+/// finds a round worth drafting: the output is the plain one and nothing is drafted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_adaptive_policy_declines_drafts_that_cannot_pay() {
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(&["--speculative-draft-weights", "model"]);
     let url = server.url("/v1/completions");
     for case in common::reference()
         .cases

@@ -81,6 +81,9 @@ struct Args {
     /// Concurrent streams timed for speculation
     #[arg(long, default_value = "1,4", value_delimiter = ',')]
     spec_streams: Vec<usize>,
+    /// What drafts read (`--speculative-draft-weights`), each timed
+    #[arg(long, default_value = "int8,model", value_delimiter = ',')]
+    spec_draft_weights: Vec<String>,
     /// Scoring workload (lm-eval loglikelihood): this many prompts with `echo`, `logprobs: 1`,
     /// `max_tokens: 1`, 4 at a time (0: skip)
     #[arg(long, default_value_t = 16)]
@@ -305,13 +308,28 @@ struct Server {
 impl Server {
     /// exitserve on `model` (e.g. int8 on a CPU without the kernels exits at start).
     fn exitserve(bin: &Path, model: &Path, dtype: &str) -> Result<Self, String> {
+        Self::exitserve_with(bin, model, dtype, &[])
+    }
+
+    /// exitserve with `flags` besides the bench's own.
+    fn exitserve_with(
+        bin: &Path,
+        model: &Path,
+        dtype: &str,
+        flags: &[&str],
+    ) -> Result<Self, String> {
         let port = free_port();
         let mut cmd = Command::new(bin);
         cmd.args(["--model", model.to_str().unwrap(), "--dtype", dtype])
             .args(["--port", &port.to_string()])
             .args(["--max-batch-size", "32", "--served-model-name", "bench"])
+            .args(flags)
             .env("RUST_LOG", "warn");
-        Self::start(cmd, port, &format!("exitserve --dtype {dtype}"))
+        Self::start(
+            cmd,
+            port,
+            &format!("exitserve --dtype {dtype} {}", flags.join(" ")),
+        )
     }
 
     /// llama.cpp's server on `gguf`, set up as a user serving many clients would: 16
@@ -815,15 +833,30 @@ fn speculative_bench(args: &Args, shape: &Shape, root: &Path, bin: &Path, prompt
             }),
         )
         .expect("write the variant");
-        for dtype in &args.dtype {
-            let server = match Server::exitserve(bin, &dir, dtype) {
+        let runs = args.dtype.iter().flat_map(|d| {
+            args.spec_draft_weights
+                .iter()
+                .map(move |w| (d.as_str(), w.as_str()))
+        });
+        for (dtype, draft_weights) in runs {
+            // Drafting at every stream count timed (the server's default drafts alone only).
+            let flags = [
+                "--speculative-draft-weights",
+                draft_weights,
+                "--speculative-max-batch-size",
+                "64",
+            ];
+            let server = match Server::exitserve_with(bin, &dir, dtype, &flags) {
                 Ok(s) => s,
                 Err(why) => {
                     eprintln!("  {why}: not measured");
                     continue;
                 }
             };
-            speculative_run(&server, prompt, 8, Some((quiet_from, 2, false)), 1); // warm-up
+            // Warm-up, which also makes each draft layer's copies.
+            for &layer in &args.spec_draft_layers {
+                speculative_run(&server, prompt, 8, Some((layer, 2, false)), 1);
+            }
             let mut rows = Vec::new();
             for &streams in &args.spec_streams {
                 let (plain, _) = speculative_run(&server, prompt, args.new, None, streams);
@@ -838,7 +871,7 @@ fn speculative_bench(args: &Args, shape: &Shape, root: &Path, bin: &Path, prompt
                             speculative_run(&server, prompt, args.new, draft, streams);
                         let how = if adaptive { "adaptive up to" } else { "k" };
                         eprintln!(
-                            "  {dtype} x{streams} draft {layer} {how} {k}: {tps:.1} tok/s ({:.2}x), acceptance {:.0} %",
+                            "  {dtype} x{streams} draft {layer} ({draft_weights}) {how} {k}: {tps:.1} tok/s ({:.2}x), acceptance {:.0} %",
                             tps / plain,
                             rate * 100.0
                         );
@@ -848,7 +881,8 @@ fn speculative_bench(args: &Args, shape: &Shape, root: &Path, bin: &Path, prompt
                     }
                 }
             }
-            variants.push(json!({"upper_scale": scale, "dtype": dtype, "runs": rows}));
+            variants.push(json!({"upper_scale": scale, "dtype": dtype,
+                "draft_weights": draft_weights, "runs": rows}));
         }
     }
     json!({

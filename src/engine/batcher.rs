@@ -355,6 +355,7 @@ impl Batcher {
                 s.draft_layer,
                 depth,
                 heads.len(),
+                self.model.draft_read_cost(),
             )
         });
         let state = Rc::new(RefCell::new(RequestState {
@@ -619,6 +620,7 @@ impl Batcher {
                 depth: plan.depths[k],
                 heads: &plan.heads[k],
                 all_positions: plan.all_positions[k],
+                draft: plan.kinds[k] == StepKind::Draft,
             })
             .collect();
         let fault = self.cfg.fault.filter(|f| f.phase == Phase::Forward);

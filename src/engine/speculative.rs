@@ -39,18 +39,21 @@ const VERIFY_ROW_COST: f64 = 0.06;
 const STEP_OVERHEAD: f64 = 0.1;
 
 /// What a draft step costs against a full step of the mode: the weights each reads (blocks
-/// of `12 h²`, vocabulary heads of `V h`) plus a fixed per-step part.
+/// of `12 h²`, vocabulary heads of `V h`), a draft's weighed by `read_cost` (the time per
+/// weight of the copies drafts read against the model's own: `MultiExitModel::draft_read_cost`),
+/// plus a fixed per-step part.
 pub fn draft_cost(
     hidden: usize,
     vocab: usize,
     draft_layer: usize,
     depth: usize,
     mode_heads: usize,
+    read_cost: f64,
 ) -> f64 {
     let block = 12.0 * (hidden * hidden) as f64;
     let head = (vocab * hidden) as f64;
     let full = depth as f64 * block + mode_heads as f64 * head;
-    let draft = draft_layer as f64 * block + head;
+    let draft = read_cost * (draft_layer as f64 * block + head);
     (draft + STEP_OVERHEAD * full) / (full + STEP_OVERHEAD * full)
 }
 
@@ -425,10 +428,10 @@ mod tests {
     #[test]
     fn the_cost_model_matches_the_shapes() {
         // GPT-Neo-125M: exit 4 against the original head reads about half the weights.
-        let c = draft_cost(768, 50257, 4, 12, 1);
+        let c = draft_cost(768, 50257, 4, 12, 1, 1.0);
         assert!((0.5..0.6).contains(&c), "{c}");
         // GPT-2 medium, exit 4 of 24: about a third.
-        let c = draft_cost(1024, 50257, 4, 24, 1);
+        let c = draft_cost(1024, 50257, 4, 24, 1, 1.0);
         assert!((0.3..0.4).contains(&c), "{c}");
         assert!(efficiency(4, 1.0, 0.3) > efficiency(1, 1.0, 0.3));
         assert!(efficiency(1, 0.3, 0.54) < 1.0);

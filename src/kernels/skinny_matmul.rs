@@ -295,6 +295,21 @@ impl PackedWeight {
         Tensor::from_vec(out, (ids.len(), k), &candle_core::Device::Cpu)
     }
 
+    /// Whether the panels are int8 (multiplied by the int8 kernels).
+    pub fn is_int8(&self) -> bool {
+        self.kind() == Kind::Int8
+    }
+
+    /// The same weight quantized to int8 (per-row scales, as [`Self::pack_int8`]): the cheap
+    /// copy a draft reads in self-speculative decoding. An int8 weight is its own copy.
+    pub fn to_int8(&self) -> candle_core::Result<Self> {
+        if self.is_int8() {
+            return Ok(self.clone());
+        }
+        let ids: Vec<u32> = (0..self.n as u32).collect();
+        Self::pack_int8(&self.gather_rows(&ids)?)
+    }
+
     fn kind(&self) -> Kind {
         match (self.packed.dtype(), &self.scales) {
             (DType::BF16, _) => Kind::Bf16,

@@ -43,6 +43,18 @@ impl SelfAttention {
         }
     }
 
+    /// The same attention with int8 copies of its projections (a draft's copy).
+    pub fn int8_copy(&self) -> candle_core::Result<Self> {
+        Ok(Self {
+            qkv: self.qkv.int8_copy()?,
+            out_proj: self.out_proj.int8_copy()?,
+            kind: self.kind,
+            num_heads: self.num_heads,
+            head_dim: self.head_dim,
+            scale: self.scale,
+        })
+    }
+
     /// `x`: `(rows, hidden)` packed as described by `segments`.
     pub fn forward(
         &self,

@@ -75,6 +75,20 @@ impl Block {
         })
     }
 
+    /// The block with int8 copies of its projections: what a draft reads (`DraftWeights`).
+    pub fn int8_copy(&self) -> candle_core::Result<Self> {
+        Ok(Self {
+            ln_1: self.ln_1.clone(),
+            attn: self.attn.int8_copy()?,
+            ln_2: self.ln_2.clone(),
+            mlp: Mlp {
+                c_fc: self.mlp.c_fc.int8_copy()?,
+                c_proj: self.mlp.c_proj.int8_copy()?,
+                activation: self.mlp.activation,
+            },
+        })
+    }
+
     pub fn forward(
         &self,
         x: &Tensor,

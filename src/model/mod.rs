@@ -36,4 +36,4 @@ pub use mode::{ContrastParams, Head, Mode, Upper};
 pub use multi_exit::MultiExitModel;
 pub use step::{Logits, SeqStep, StepLogits};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
-pub use weights::WeightDtype;
+pub use weights::{DraftWeights, WeightDtype};

@@ -10,6 +10,7 @@
 //! matrix after block L.
 
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
@@ -20,7 +21,7 @@ use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::mode::Head;
 use super::step::{ForwardStats, Logits, Packed, Segment, SeqStep, StepLogits};
-use super::weights::{Weight, WeightDtype, WeightSpec};
+use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
 
 pub struct MultiExitModel {
     cfg: ModelConfig,
@@ -36,7 +37,27 @@ pub struct MultiExitModel {
     device: Device,
     /// See `WeightDtype::kv_dtype`.
     kv_dtype: DType,
+    wdtype: WeightDtype,
+    /// What drafts read, when not the model's own weights.
+    drafts: Option<DraftCopies>,
     pub stats: ForwardStats,
+}
+
+/// Int8 copies of the blocks and exit heads drafts read (`DraftWeights::Int8`), each made the
+/// first time a draft needs it, so only the layers requests draft from take memory.
+struct DraftCopies {
+    blocks: Vec<OnceLock<Block>>,
+    /// Parallel to `MultiExitModel::exit_heads`.
+    exit_heads: Vec<OnceLock<Weight>>,
+}
+
+/// The value in `cell`, made by `make` the first time (the engine's one thread makes it).
+fn once<T>(cell: &OnceLock<T>, make: impl FnOnce() -> candle_core::Result<T>) -> Result<&T> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let v = named("(draft copy)", make())?;
+    Ok(cell.get_or_init(|| v))
 }
 
 /// Maps candle's loading errors (missing tensor, shape mismatch) to one naming the tensor.
@@ -109,6 +130,8 @@ impl MultiExitModel {
         Ok(Self {
             device,
             kv_dtype: wdtype.kv_dtype(),
+            wdtype,
+            drafts: None,
             cfg,
             wte,
             wpe,
@@ -122,6 +145,50 @@ impl MultiExitModel {
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// Chooses what drafts read. Int8 copies need weights packed in f32 or bf16 for the CPU
+    /// kernels (and a CPU with int8 kernels); elsewhere drafts read the model's own weights.
+    /// Returns whether drafts now read copies.
+    pub fn set_draft_weights(&mut self, choice: DraftWeights) -> bool {
+        let copyable = match &self.wte {
+            Weight::Packed(p) => !p.is_int8() && crate::kernels::skinny_matmul::supports_int8(),
+            Weight::Plain(_) => false,
+        };
+        self.drafts = (choice == DraftWeights::Int8 && copyable).then(|| DraftCopies {
+            blocks: (0..self.cfg.num_layers).map(|_| OnceLock::new()).collect(),
+            exit_heads: self.exit_heads.iter().map(|_| OnceLock::new()).collect(),
+        });
+        self.drafts.is_some()
+    }
+
+    /// The time a draft spends per weight it reads, against the time the model's own weights
+    /// take: 1 when drafts read the model's weights.
+    pub fn draft_read_cost(&self) -> f64 {
+        match self.drafts {
+            Some(_) => WeightDtype::Int8.decode_cost() / self.wdtype.decode_cost(),
+            None => 1.0,
+        }
+    }
+
+    /// Makes the draft copies drafting from exit `layer` reads now (else its first draft
+    /// does): the blocks below it and its head.
+    pub fn prepare_draft(&self, layer: usize) -> Result<()> {
+        if self.drafts.is_some() {
+            for l in 0..layer.min(self.cfg.num_layers) {
+                self.block(l, true)?;
+            }
+            self.head_weight(Head::Exit(layer), true)?;
+        }
+        Ok(())
+    }
+
+    /// Block `layer`, or its draft copy for a draft pass.
+    fn block(&self, layer: usize, draft: bool) -> Result<&Block> {
+        match (&self.drafts, draft) {
+            (Some(d), true) => once(&d.blocks[layer], || self.blocks[layer].int8_copy()),
+            _ => Ok(&self.blocks[layer]),
+        }
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -143,18 +210,27 @@ impl MultiExitModel {
         2 * self.cfg.num_layers * self.cfg.hidden_size * self.kv_dtype.size_in_bytes()
     }
 
-    fn head_weight(&self, head: Head) -> Result<&Weight> {
+    /// A head's weight, or for a draft pass the draft copy of an exit head.
+    fn head_weight(&self, head: Head, draft: bool) -> Result<&Weight> {
         match head {
             Head::Original => Ok(self.lm_head.as_ref().unwrap_or(&self.wte)),
-            Head::Exit(layer) => self
-                .exit_heads
-                .iter()
-                .find(|(l, _)| *l == layer)
-                .map(|(_, w)| w)
-                .ok_or_else(|| ModelError::NotAnExit {
-                    layer,
-                    available: self.cfg.exit_layers.clone(),
-                }),
+            Head::Exit(layer) => {
+                let i = self
+                    .exit_heads
+                    .iter()
+                    .position(|(l, _)| *l == layer)
+                    .ok_or_else(|| ModelError::NotAnExit {
+                        layer,
+                        available: self.cfg.exit_layers.clone(),
+                    })?;
+                let own = &self.exit_heads[i].1;
+                match (&self.drafts, draft) {
+                    (Some(d), true) => once(&d.exit_heads[i], || {
+                        own.int8_copy().map(|c| c.expect("copyable weights"))
+                    }),
+                    _ => Ok(own),
+                }
+            }
         }
     }
 
@@ -165,8 +241,33 @@ impl MultiExitModel {
         for s in steps.iter() {
             self.check_step(s)?;
         }
+        let mut outputs = StepLogits {
+            per_seq: steps
+                .iter()
+                .map(|s| vec![Logits::default(); s.heads.len()])
+                .collect(),
+        };
+        // Drafts that read copies of their own make a pass of their own.
+        let (drafts, rest): (Vec<usize>, Vec<usize>) =
+            (0..steps.len()).partition(|&i| steps[i].draft && self.drafts.is_some());
+        for (group, draft) in [(drafts, true), (rest, false)] {
+            if !group.is_empty() {
+                self.forward_pass(steps, group, draft, &mut outputs)?;
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// One pass over the blocks for the steps `order` (indices into `steps`), reading the
+    /// draft copies when `draft`.
+    fn forward_pass(
+        &self,
+        steps: &mut [SeqStep<'_>],
+        mut order: Vec<usize>,
+        draft: bool,
+        outputs: &mut StepLogits,
+    ) -> Result<()> {
         // Deepest first, so the rows still needed at each layer are a prefix.
-        let mut order: Vec<usize> = (0..steps.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(steps[i].depth));
 
         let mut ids = Vec::new();
@@ -180,14 +281,8 @@ impl MultiExitModel {
             positions.extend((0..s.tokens.len() as u32).map(|p| offset + p));
         }
         let total_rows = ids.len();
-        let mut outputs = StepLogits {
-            per_seq: steps
-                .iter()
-                .map(|s| vec![Logits::default(); s.heads.len()])
-                .collect(),
-        };
         if total_rows == 0 {
-            return Ok(outputs);
+            return Ok(());
         }
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         // (rows, hidden)
@@ -218,7 +313,9 @@ impl MultiExitModel {
                 if rows < x.dim(0)? {
                     x = x.narrow(0, 0, rows)?;
                 }
-                x = self.blocks[layer].forward(&x, &mut segments[..active], layer)?;
+                x = self
+                    .block(layer, draft)?
+                    .forward(&x, &mut segments[..active], layer)?;
                 self.stats
                     .block_evals
                     .fetch_add(active as u64, Ordering::Relaxed);
@@ -229,13 +326,13 @@ impl MultiExitModel {
                     all_positions: &all_positions,
                     order: &order,
                 };
-                self.eval_heads(layer + 1, &x, &packed, &mut outputs.per_seq)?;
+                self.eval_heads(layer + 1, &x, &packed, draft, &mut outputs.per_seq)?;
             }
             for seg in segments.iter_mut() {
                 seg.cache.advance(seg.len);
             }
         }
-        Ok(outputs)
+        Ok(())
     }
 
     fn check_step(&self, s: &SeqStep<'_>) -> Result<()> {
@@ -277,6 +374,7 @@ impl MultiExitModel {
         layer: usize,
         x: &Tensor,
         p: &Packed<'_>,
+        draft: bool,
         outputs: &mut [Vec<Logits>],
     ) -> Result<()> {
         let n_layers = self.cfg.num_layers;
@@ -308,7 +406,7 @@ impl MultiExitModel {
             // (rows, hidden) -> (rows, vocab)
             let hidden = self.ln_f.forward(&x.index_select(&rows_t, 0)?)?;
             let vocab = self.cfg.vocab_size;
-            let logits = self.head_weight(head)?.xwt(&hidden)?;
+            let logits = self.head_weight(head, draft)?.xwt(&hidden)?;
             let logits = logits.flatten_all()?.to_vec1::<f32>()?;
             if let [(slot, k, _)] = users[..] {
                 // the common case, one user: hand the buffer over without a copy
@@ -341,6 +439,7 @@ impl MultiExitModel {
             depth: self.cfg.num_layers,
             heads: &heads,
             all_positions: false,
+            draft: false,
         }];
         let out = self.forward(&mut step)?.into_per_seq().remove(0);
         Ok(heads

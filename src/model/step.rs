@@ -17,6 +17,9 @@ pub struct SeqStep<'a> {
     pub heads: &'a [Head],
     /// Evaluate the heads at every new position, not just the last (prompt logprobs).
     pub all_positions: bool,
+    /// A draft of self-speculative decoding: it may read the draft copies of the weights
+    /// (`DraftWeights`).
+    pub draft: bool,
 }
 
 /// A sequence's rows in the packed matrix, with its cache.

@@ -54,6 +54,18 @@ impl WeightDtype {
         }
     }
 
+    /// Single-stream decoding time per weight against float32, as measured with the
+    /// README's bench (GPT-2 medium shape: bf16 0.59 and int8 0.37 on AVX2; 0.54 and 0.36 on
+    /// AVX-512): what weighs a draft's int8 copies in the speculative cost model. float16
+    /// runs on candle's matmul, taken as no faster than float32.
+    pub fn decode_cost(self) -> f64 {
+        match self {
+            WeightDtype::F32 | WeightDtype::F16 => 1.0,
+            WeightDtype::Bf16 => 0.57,
+            WeightDtype::Int8 => 0.37,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         Self::ALL
             .iter()
@@ -63,14 +75,18 @@ impl WeightDtype {
     }
 }
 
+/// The value named `name` (any case) in a `(name, value)` list.
+fn by_name<T: Copy>(all: &[(&str, T)], name: &str) -> Option<T> {
+    all.iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| *v)
+}
+
 impl FromStr for WeightDtype {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(s))
-            .map(|(_, d)| *d)
+        by_name(&Self::ALL, s)
             .ok_or_else(|| format!("unknown dtype `{s}` (f32, f16, bf16 or int8)"))
     }
 }
@@ -78,6 +94,34 @@ impl FromStr for WeightDtype {
 impl fmt::Display for WeightDtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// What the drafts of self-speculative decoding read. A draft only proposes tokens (the
+/// verifying pass recomputes every position with the model's own weights and overwrites the
+/// draft's cache entries), so a cheaper copy of the draft layers keeps the output exact and
+/// only moves the acceptance rate a little.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DraftWeights {
+    /// Int8 copies of the blocks below the draft layer and of its exit head, made the first
+    /// time a draft needs them (a quarter of their float32 size): where the weights are
+    /// packed for the CPU kernels in f32 or bf16; else the model's own weights.
+    Int8,
+    /// The model's own weights.
+    Model,
+}
+
+impl DraftWeights {
+    pub const ALL: [(&'static str, DraftWeights); 2] =
+        [("int8", DraftWeights::Int8), ("model", DraftWeights::Model)];
+}
+
+impl FromStr for DraftWeights {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        by_name(&Self::ALL, s).ok_or_else(|| format!("unknown draft weights `{s}` (int8 or model)"))
     }
 }
 
@@ -91,6 +135,7 @@ pub struct WeightSpec {
 
 /// A matmul weight `(out, in)`: packed for the skinny AVX2/AVX-512 kernels on CPUs that have them
 /// (unless `--matmul candle`), else a plain tensor for candle's matmul (GPU, other CPUs).
+#[derive(Clone)]
 pub enum Weight {
     Plain(Tensor),
     Packed(PackedWeight),
@@ -125,6 +170,15 @@ impl Weight {
         }
     }
 
+    /// An int8 copy (see [`DraftWeights`]), for packed float weights; None for plain weights
+    /// (no int8 kernel runs them) and int8 weights (their own copy).
+    pub fn int8_copy(&self) -> candle_core::Result<Option<Weight>> {
+        match self {
+            Weight::Packed(p) if !p.is_int8() => Ok(Some(Weight::Packed(p.to_int8()?))),
+            _ => Ok(None),
+        }
+    }
+
     /// Rows `ids` as float32 (embedding lookup).
     pub fn rows(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
         match self {
@@ -137,6 +191,7 @@ impl Weight {
 }
 
 /// A projection `y = x Wᵀ (+ b)`; the bias stays float32.
+#[derive(Clone)]
 pub struct Proj {
     weight: Weight,
     bias: Option<Tensor>,
@@ -193,6 +248,18 @@ impl Proj {
         Ok(Self {
             weight: Weight::new(Tensor::cat(&parts, 0)?, spec)?,
             bias: None,
+        })
+    }
+
+    /// The projection with an int8 copy of its weight where [`Weight::int8_copy`] makes one
+    /// (else the same weight, shared).
+    pub fn int8_copy(&self) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: self
+                .weight
+                .int8_copy()?
+                .unwrap_or_else(|| self.weight.clone()),
+            bias: self.bias.clone(),
         })
     }
 
