@@ -25,7 +25,7 @@ use super::request::{events_per_step, Event, FinishReason, SpeculativeUsage, Usa
 use super::sampling::Sampler;
 use super::scheduler::{self, Budget, Demand, SeqView};
 use super::sequence::{token_logprob, Outcome, RequestState, Sequence, SharedRequest};
-use super::speculative::{draft_cost, SpecInput, Verdict};
+use super::speculative::{draft_cost, SpecInput, Timed, Verdict};
 use super::Submission;
 use crate::model::{Head, Logits, Mode, MultiExitModel, SeqStep, StepLogits, TextTokenizer};
 
@@ -348,6 +348,12 @@ impl Batcher {
             .enumerate()
             .collect();
         let cfg = self.model.config();
+        if let Some(s) = req.speculative {
+            // The draft copies now, not inside a timed step.
+            if let Err(e) = self.model.prepare_draft(s.draft_layer) {
+                tracing::error!(error = %e, layer = s.draft_layer, "cannot make the draft copies");
+            }
+        }
         let draft_cost = req.speculative.map_or(1.0, |s| {
             draft_cost(
                 cfg.hidden_size,
@@ -510,6 +516,7 @@ impl Batcher {
         let scored = self.score(&ready);
         let t_scored = Instant::now();
         self.emit(ready, scored);
+        self.time_speculation(&plan, t_prep.elapsed().as_secs_f64());
         self.sweep();
         tracing::debug!(
             batch = plan.members.len(),
@@ -519,6 +526,23 @@ impl Batcher {
             emit_us = t_scored.elapsed().as_micros() as u64,
             "step"
         );
+    }
+
+    /// A speculative sequence that decoded alone learns what its step cost (the policy's
+    /// costs; see `speculative.rs`).
+    fn time_speculation(&mut self, plan: &StepPlan, seconds: f64) {
+        let ([i], [0], [kind]) = (&plan.members[..], &plan.prompt_taken[..], &plan.kinds[..])
+        else {
+            return;
+        };
+        let positions = plan.tokens[0].len();
+        if let Some(spec) = self.running[*i].spec.as_mut() {
+            spec.observe(match kind {
+                StepKind::Next => Timed::Plain(seconds),
+                StepKind::Draft => Timed::Draft(seconds),
+                StepKind::Verify => Timed::Verify { positions, seconds },
+            });
+        }
     }
 
     /// Removes the sequences that finished or whose request ended.
@@ -915,6 +939,16 @@ impl Batcher {
     fn finish(&mut self, i: usize, reason: FinishReason) {
         let seq = &mut self.running[i];
         seq.finished = true;
+        if let Some(spec) = &seq.spec {
+            let (acceptance, draft_cost, verify_row_cost) = spec.estimates();
+            let _e = seq.request.borrow().span.clone().entered();
+            tracing::debug!(
+                acceptance,
+                draft_cost,
+                verify_row_cost,
+                "speculation estimates"
+            );
+        }
         seq.send(Event::End {
             candidate: seq.candidate,
             finish_reason: reason,

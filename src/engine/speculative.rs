@@ -13,9 +13,12 @@
 //!    accepted drafts.
 //!
 //! The draft length adapts to what pays. Each sequence keeps an estimate of the chance that a
-//! draft stands (from the verdicts so far) and knows what a draft step costs against a full
-//! step ([`draft_cost`], from the weights each reads); before each round it picks the length
-//! that yields the most tokens per unit of work, starting with a one-token probe. When no
+//! draft stands (from the verdicts so far) and of what a draft step and each extra verified
+//! position cost against a plain step: first from the weights each reads ([`draft_cost`]),
+//! then from the wall time of its own steps whenever it decodes alone (its first decoding
+//! step is a plain one, to time it), so the policy holds on any CPU and dtype (a bf16 verify
+//! on AVX2 is compute-bound, on AMX it is not). Before each round it picks the length that
+//! yields the most tokens per unit of work, starting with a one-token probe. When no
 //! length beats plain decoding, it
 //! decodes plainly for a while (a pause that doubles, up to [`MAX_PAUSE`] steps, while the
 //! one-token probes after it keep failing), so a draft layer that rarely agrees costs a few
@@ -58,11 +61,46 @@ pub fn draft_cost(
 }
 
 /// Expected tokens per unit of work of a round of `k` drafts, each standing with
-/// probability `a`, a draft step costing `c` full steps: the accepted drafts and the token
-/// after them, over k drafts and one verifying pass of k + 1 positions.
-fn efficiency(k: usize, a: f64, c: f64) -> f64 {
+/// probability `a`, a draft step costing `c` plain steps and each verified position past the
+/// first `v`: the accepted drafts and the token after them, over k drafts and one verifying
+/// pass of k + 1 positions.
+fn efficiency(k: usize, a: f64, c: f64, v: f64) -> f64 {
     let tokens: f64 = (0..=k).map(|i| a.powi(i as i32)).sum();
-    tokens / (k as f64 * c + 1.0 + k as f64 * VERIFY_ROW_COST)
+    tokens / (k as f64 * c + 1.0 + k as f64 * v)
+}
+
+/// Weight of each timed step in the cost estimates.
+const TIMING_WEIGHT: f64 = 0.2;
+
+/// A step this sequence ran alone, timed (forward, scoring and emission).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Timed {
+    Plain(f64),
+    Draft(f64),
+    /// A verifying pass over this many positions.
+    Verify {
+        positions: usize,
+        seconds: f64,
+    },
+}
+
+/// Moving averages of the sequence's own step times, in seconds.
+#[derive(Debug, Clone, Default)]
+struct StepTimes {
+    plain: Option<f64>,
+    draft: Option<f64>,
+    /// A verified position past the first, in plain steps.
+    verify_row: Option<f64>,
+}
+
+/// `estimate` moved towards `sample`; a sample over 3x the estimate (a stall: page cache,
+/// another process) counts as 3x.
+fn average(estimate: Option<f64>, sample: f64) -> Option<f64> {
+    Some(match estimate {
+        None => sample,
+        Some(e) if e > 0.0 => e + TIMING_WEIGHT * (sample.min(3.0 * e) - e),
+        Some(e) => e + TIMING_WEIGHT * (sample - e),
+    })
 }
 
 /// What a request asked for: the exit that drafts and the most tokens it drafts per round.
@@ -99,8 +137,9 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct Speculation {
     pub spec: SpeculativeSpec,
-    /// A draft step's cost in full steps ([`draft_cost`]).
+    /// A draft step's cost in full steps from the weights read ([`draft_cost`]), until timed.
     cost: f64,
+    times: StepTimes,
     /// The estimated chance that a draft stands.
     acceptance: f64,
     /// Plain steps left before the next round.
@@ -129,8 +168,10 @@ impl Speculation {
         Self {
             spec,
             cost,
+            times: StepTimes::default(),
             acceptance: PRIOR_ACCEPTANCE,
-            paused: 0,
+            // The first decoding step is plain, to time one.
+            paused: usize::from(spec.adaptive),
             next_pause: FIRST_PAUSE,
             // The first round is a one-token probe: a draft layer that does not agree costs
             // one wasted draft before the first pause, not a long round.
@@ -142,8 +183,9 @@ impl Speculation {
     /// The round length that yields the most tokens per unit of work, if any beats plain
     /// decoding.
     fn best_length(&self) -> Option<usize> {
+        let (c, v) = (self.draft_cost(), self.verify_row_cost());
         (1..=self.spec.max_draft_tokens)
-            .map(|k| (k, efficiency(k, self.acceptance, self.cost)))
+            .map(|k| (k, efficiency(k, self.acceptance, c, v)))
             .filter(|&(_, e)| e > 1.0)
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(k, _)| k)
@@ -173,7 +215,13 @@ impl Speculation {
         }
         let k = if !self.spec.adaptive {
             self.spec.max_draft_tokens
-        } else if efficiency(self.spec.max_draft_tokens, 1.0, self.cost) <= 1.0 {
+        } else if efficiency(
+            self.spec.max_draft_tokens,
+            1.0,
+            self.draft_cost(),
+            self.verify_row_cost(),
+        ) <= 1.0
+        {
             // Not even drafts that always stand would pay (the draft reads nearly what the
             // full pass reads): never draft.
             return SpecInput::Plain;
@@ -270,6 +318,40 @@ impl Speculation {
         self.probing = true;
     }
 
+    /// A draft step against a plain one: timed when both have been, else from the weights.
+    fn draft_cost(&self) -> f64 {
+        match (self.times.draft, self.times.plain) {
+            (Some(d), Some(p)) if p > 0.0 => d / p,
+            _ => self.cost,
+        }
+    }
+
+    /// A verified position past the first, in plain steps: timed, else [`VERIFY_ROW_COST`].
+    fn verify_row_cost(&self) -> f64 {
+        self.times.verify_row.unwrap_or(VERIFY_ROW_COST)
+    }
+
+    /// What the policy believes now (for the debug log): the chance a draft stands, a draft
+    /// step's cost and a verified position's, in plain steps.
+    pub fn estimates(&self) -> (f64, f64, f64) {
+        (self.acceptance, self.draft_cost(), self.verify_row_cost())
+    }
+
+    /// Takes the wall time of a step this sequence ran alone into the cost estimates.
+    pub fn observe(&mut self, step: Timed) {
+        let t = &mut self.times;
+        match step {
+            Timed::Plain(s) => t.plain = average(t.plain, s),
+            Timed::Draft(s) => t.draft = average(t.draft, s),
+            Timed::Verify { positions, seconds } => {
+                if let (Some(p), true) = (t.plain, positions > 1) {
+                    let row = ((seconds / p - 1.0) / (positions - 1) as f64).max(0.0);
+                    t.verify_row = average(t.verify_row, row);
+                }
+            }
+        }
+    }
+
     /// Whether a round is in progress (its steps are drafts or the verify).
     pub fn in_round(&self) -> bool {
         self.round.is_some()
@@ -327,9 +409,14 @@ mod tests {
 
     /// Rounds of exactly `k` drafts (`adaptive: false`).
     fn fixed(k: usize) -> Speculation {
-        let mut s = spec(k, 0.2);
-        s.spec.adaptive = false;
-        s
+        Speculation::new(
+            SpeculativeSpec {
+                draft_layer: 2,
+                max_draft_tokens: k,
+                adaptive: false,
+            },
+            0.2,
+        )
     }
 
     fn ln(p: &[f32]) -> Vec<f32> {
@@ -398,14 +485,17 @@ mod tests {
 
     #[test]
     fn the_length_follows_what_pays_and_failing_drafts_pause() {
-        // Cheap drafts that always stand: the longest rounds allowed.
+        // Cheap drafts that always stand: the longest rounds allowed (after one plain step,
+        // timed).
         let mut s = spec(6, 0.1);
+        assert_eq!(round(&mut s, 99), 0);
         let lengths: Vec<usize> = (0..6).map(|_| round(&mut s, 99)).collect();
         assert!(lengths.windows(2).all(|w| w[0] <= w[1]), "{lengths:?}");
         assert_eq!(lengths[5], 6, "{lengths:?}");
         // A draft as dear as 0.54 of a step (GPT-Neo-125M, exit 4): a one-token probe first,
         // only short rounds pay even then, and after a run of rejections none does.
         let mut s = spec(6, 0.54);
+        assert_eq!(round(&mut s, 99), 0);
         assert_eq!(round(&mut s, 99), 1);
         assert!(round(&mut s, 99) <= 2);
         let mut lengths = Vec::new();
@@ -433,11 +523,39 @@ mod tests {
         // GPT-2 medium, exit 4 of 24: about a third.
         let c = draft_cost(1024, 50257, 4, 24, 1, 1.0);
         assert!((0.3..0.4).contains(&c), "{c}");
-        assert!(efficiency(4, 1.0, 0.3) > efficiency(1, 1.0, 0.3));
-        assert!(efficiency(1, 0.3, 0.54) < 1.0);
+        let v = VERIFY_ROW_COST;
+        assert!(efficiency(4, 1.0, 0.3, v) > efficiency(1, 1.0, 0.3, v));
+        assert!(efficiency(1, 0.3, 0.54, v) < 1.0);
         // a draft as dear as the full pass never drafts, not even to probe
         let mut s = spec(8, 0.98);
         assert!((0..100).all(|_| round(&mut s, 99) == 0));
+    }
+
+    /// Up to 8 drafts costing `cost` by the weights, then timed: a plain step of 10 ms, a
+    /// draft of `draft` s, a verifying pass of `(positions, seconds)`.
+    fn timed(cost: f64, draft: f64, (positions, seconds): (usize, f64)) -> Speculation {
+        let mut s = spec(8, cost);
+        s.observe(Timed::Plain(0.010));
+        s.observe(Timed::Draft(draft));
+        s.observe(Timed::Verify { positions, seconds });
+        s
+    }
+
+    #[test]
+    fn timed_steps_override_the_weights_estimate() {
+        // The weights say drafts are cheap; the clock says a draft takes 95 % of a plain step
+        // and each verified position 20 % more: no round pays, the sequence decodes plainly.
+        let mut s = timed(0.1, 0.0095, (3, 0.014));
+        assert!((s.draft_cost() - 0.95).abs() < 1e-9);
+        assert!((s.verify_row_cost() - 0.2).abs() < 1e-9);
+        assert!((0..50).all(|_| round(&mut s, 99) == 0));
+        // and the other way: a draft the weights call dear but the clock calls cheap
+        let mut s = timed(0.9, 0.001, (5, 0.010));
+        let lengths: Vec<usize> = (0..6).map(|_| round(&mut s, 99)).collect();
+        assert_eq!(lengths.last(), Some(&8), "{lengths:?}");
+        // a stall counts as three times the estimate, not more
+        s.observe(Timed::Plain(10.0));
+        assert!((s.times.plain.unwrap() - 0.014).abs() < 1e-9);
     }
 
     /// Speculative sampling is exact: the emitted token follows p whatever q is. Checked on
