@@ -2,6 +2,11 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use exitserve::config::{LogFormat, Settings};
+use exitserve::kernels::allocator::HugePageBuffers;
+
+/// Large short-lived buffers on huge pages (see `kernels/allocator.rs`).
+#[global_allocator]
+static ALLOCATOR: HugePageBuffers = HugePageBuffers;
 
 fn main() -> ExitCode {
     exitserve::kernels::allocator::keep_large_buffers_off_the_heap();
