@@ -92,8 +92,16 @@ def one_request(client, base, rng, tally):
                     if disconnect and seen >= rng.randint(1, 6):
                         tally.add("disconnected")
                         return  # closing the response drops the connection mid-stream
-                if '"error"' in text:
-                    tally.add("error-event", f"stream error: {text[-500:]}")
+                # An error event has "error" at its top level; generated text and top
+                # logprobs may well contain the word.
+                events = [
+                    json.loads(line[len("data: "):])
+                    for line in text.splitlines()
+                    if line.startswith("data: {")
+                ]
+                errors = [e for e in events if "error" in e]
+                if errors:
+                    tally.add("error-event", f"stream error: {json.dumps(errors[0])[:500]}")
                 elif "data: [DONE]" not in text:
                     tally.add("truncated", f"stream ended without [DONE]: {text[-300:]}")
                 else:
