@@ -859,19 +859,20 @@ fn speculative_bench(args: &Args, shape: &Shape, root: &Path, bin: &Path, prompt
             }
             let mut rows = Vec::new();
             for &streams in &args.spec_streams {
-                let (plain, _) = speculative_run(&server, prompt, args.new, None, streams);
-                eprintln!("  {dtype} x{streams} plain: {plain:.1} tok/s");
                 let longest = *args.spec_draft_tokens.iter().max().expect("draft tokens");
                 for &layer in &args.spec_draft_layers {
                     // Fixed lengths (the raw curve), then the adaptive policy up to the longest.
                     let fixed = args.spec_draft_tokens.iter().map(|&k| (k, false));
                     for (k, adaptive) in fixed.chain([(longest, true)]) {
+                        // Plain decoding right before each run: on a shared machine the
+                        // speed drifts, and a pair measured together cancels most of it.
+                        let (plain, _) = speculative_run(&server, prompt, args.new, None, streams);
                         let draft = Some((layer, k, adaptive));
                         let (tps, rate) =
                             speculative_run(&server, prompt, args.new, draft, streams);
                         let how = if adaptive { "adaptive up to" } else { "k" };
                         eprintln!(
-                            "  {dtype} x{streams} draft {layer} ({draft_weights}) {how} {k}: {tps:.1} tok/s ({:.2}x), acceptance {:.0} %",
+                            "  {dtype} x{streams} draft {layer} ({draft_weights}) {how} {k}: {tps:.1} tok/s against {plain:.1} plain ({:.2}x), acceptance {:.0} %",
                             tps / plain,
                             rate * 100.0
                         );
