@@ -24,16 +24,17 @@ pub enum MatmulKernels {
 
 pub use crate::model::{DraftWeights, WeightDtype};
 
-/// `--dtype`'s parser: the model's own names (one `WeightDtype` for the CLI and the model).
-fn dtype_parser() -> impl TypedValueParser<Value = WeightDtype> {
-    clap::builder::PossibleValuesParser::new(WeightDtype::ALL.map(|(name, _)| name))
-        .map(|name| name.parse::<WeightDtype>().expect("a listed name"))
-}
-
-/// `--speculative-draft-weights`'s parser, likewise.
-fn draft_weights_parser() -> impl TypedValueParser<Value = DraftWeights> {
-    clap::builder::PossibleValuesParser::new(DraftWeights::ALL.map(|(name, _)| name))
-        .map(|name| name.parse::<DraftWeights>().expect("a listed name"))
+/// A parser for one of the model's named choices (`--dtype`, `--speculative-draft-weights`):
+/// the model's own names, one list for the CLI and the model.
+fn listed<T: Copy + Send + Sync + 'static, const N: usize>(
+    all: [(&'static str, T); N],
+) -> impl TypedValueParser<Value = T> {
+    clap::builder::PossibleValuesParser::new(all.map(|(name, _)| name)).map(move |name| {
+        all.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+            .expect("a listed name")
+    })
 }
 
 /// OpenAI-compatible server for multi-exit language models: early exit and autocontrastive
@@ -140,7 +141,7 @@ pub struct Args {
     pub max_body_bytes: Option<usize>,
     /// Weight dtype: f32 (exact parity), or bf16/int8 (x86-64 with AVX2 or AVX-512) or f16 for speed
     /// [default: f32]
-    #[arg(long, env = "EXITSERVE_DTYPE", value_parser = dtype_parser())]
+    #[arg(long, env = "EXITSERVE_DTYPE", value_parser = listed(WeightDtype::ALL))]
     pub dtype: Option<WeightDtype>,
     /// CPU matmul kernels: `auto` (the skinny AVX2/AVX-512/AMX kernels where available) or `candle`
     /// (candle's gemm everywhere) [default: auto]
@@ -169,7 +170,7 @@ pub struct Args {
     /// What drafts read: int8 copies of the draft layers and exit head (made when a layer
     /// first drafts; output unchanged, drafts ~2.7x cheaper than f32), or the model's own
     /// weights. Int8 copies need f32/bf16 weights on the CPU kernels [default: int8]
-    #[arg(long, env = "EXITSERVE_SPECULATIVE_DRAFT_WEIGHTS", value_parser = draft_weights_parser())]
+    #[arg(long, env = "EXITSERVE_SPECULATIVE_DRAFT_WEIGHTS", value_parser = listed(DraftWeights::ALL))]
     pub speculative_draft_weights: Option<DraftWeights>,
 }
 
