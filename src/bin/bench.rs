@@ -136,7 +136,8 @@ fn modes(shape: &Shape) -> Vec<BenchMode> {
 fn main() {
     let mut args = Args::parse();
     if args.kernels {
-        return kernels();
+        kernels();
+        return block_products(&Shape::of(args.arch), args.scoring_len);
     }
     if args.limits {
         let limits = limits::Limits::measure();
@@ -751,6 +752,62 @@ fn kernels() {
             let x = Tensor::randn(0f32, 1.0, (b, h), &dev).unwrap();
             let ms = time(&|| packed.xwt(&x).unwrap());
             println!("int8 batch {b:>2}: skinny {ms:7.2} ms (per-row scales, x rounded to int16)");
+        }
+    }
+}
+
+/// Times the products of one block (attention in and out, MLP up and down) of `shape` at
+/// decode (1 and 16 rows) and prefill (`prompt` rows) sizes, per dtype, as GFLOPS and as a
+/// share of this machine's multiply-add peak for that dtype (measured here, all threads).
+fn block_products(shape: &Shape, prompt: usize) {
+    use candle_core::{DType, Device, Tensor};
+    use exitserve::kernels::{peak, skinny_matmul::PackedWeight};
+    let dev = Device::Cpu;
+    let threads = rayon::current_num_threads();
+    let h = shape.hidden;
+    let products = [
+        ("qkv", 3 * h, h),
+        ("attn out", h, h),
+        ("mlp up", 4 * h, h),
+        ("mlp down", h, 4 * h),
+    ];
+    for kind in ["f32", "bf16", "int8"] {
+        let Some(rate) = peak::multiply_add_rate(kind, threads, 0.3, 3) else {
+            println!("{kind}: no kernel on this CPU");
+            continue;
+        };
+        println!(
+            "{kind}: peak {:.0} GFLOPS ({}, {threads} threads)",
+            rate.ops_per_s / 1e9,
+            rate.instruction
+        );
+        for (name, n, k) in products {
+            let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
+            let packed = match kind {
+                "f32" => PackedWeight::pack(&w),
+                "bf16" => PackedWeight::pack(&w.to_dtype(DType::BF16).unwrap()),
+                _ => PackedWeight::pack_int8(&w),
+            }
+            .unwrap();
+            let mut line = format!("  {name:>8} {n:>5}x{k:<5}");
+            for m in [1usize, 16, prompt] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                // the fastest of the runs: this machine's other tenants only ever slow it
+                let (mut s, mut runs, t) = (f64::MAX, 0u32, Instant::now());
+                while runs < 5 || t.elapsed() < Duration::from_millis(400) {
+                    let one = Instant::now();
+                    packed.xwt(&x).unwrap();
+                    s = s.min(one.elapsed().as_secs_f64());
+                    runs += 1;
+                }
+                let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
+                let share = 100.0 * gflops * 1e9 / rate.ops_per_s;
+                line += &format!(
+                    "   m={m:<4} {:7.2} ms {gflops:6.1} GFLOPS {share:4.1} %",
+                    s * 1e3
+                );
+            }
+            println!("{line}");
         }
     }
 }
