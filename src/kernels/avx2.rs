@@ -12,12 +12,13 @@
 //!   and adds each pair exactly in int32, the AVX-512 VNNI kernel's arithmetic, so the two
 //!   give identical results.
 //!
-//! Cache blocking, for prompts (measured: `bench --kernels`, 512 rows of GPT-2 medium's
-//! products, 38-53 % of the FMA peak unblocked): x is copied once per product with each
-//! register tile's rows interleaved (`[k][rows]`: one sequential stream, where rows `k`
-//! floats apart, 4 KiB or 16 KiB for these models, fell in the same L1 set and evicted the
-//! panel); from `BLOCKED_ROWS` rows on, k is cut into slices whose panel part fits L1 and the
-//! rows into groups that fit L2, and a tile's sums are stored and reloaded between slices.
+//! Cache blocking, for prompts and batches (measured on a Zen 3 VM, alternating builds: a
+//! 512-token GPT-2 medium f32 prompt 3.6-4.1 s against 3.7-5.2 s before): x is copied once per
+//! product with each register tile's rows interleaved (`[k][rows]`: one sequential stream,
+//! where rows `k` floats apart, 4 KiB or 16 KiB for these models, share one L1 set with the
+//! panel); from `BLOCKED_ROWS` rows on (more than one tile), k is cut into slices whose panel
+//! part fits L1 and the rows into groups that fit L2, and a tile's sums are stored and
+//! reloaded between slices.
 //! Results go straight into the product's output (`OutBlock`), no per-task copy.
 //!
 //! Every output is accumulated in k order in one lane whatever the number of rows and the
@@ -37,9 +38,10 @@ use super::skinny_matmul::{run, OutBlock, PANEL};
 const MR_F32: usize = 6;
 const MR_BF16: usize = 4;
 
-/// From this many rows (prompts, batched verification) the product is cache-blocked; below
-/// it (decode) each panel streams from memory once, in one piece.
-const BLOCKED_ROWS: usize = 32;
+/// From this many rows (more than one register tile: prompts, batched decode, verification)
+/// the product is cache-blocked; below it (one tile) each panel streams from memory once, in
+/// one piece, with nothing to reuse.
+const BLOCKED_ROWS: usize = 7;
 /// Bytes of one panel's k-slice: half of a 32 KiB L1, the rest for the tile's rows of x.
 const SLICE_BYTES: usize = 16 << 10;
 /// Bytes of x per row group: a quarter of a 512 KiB L2 (Zen 3; 1-2 MiB on Intel).
@@ -104,20 +106,21 @@ fn interleave<T: Copy + Default>(x: &[T], m: usize, steps: usize, e: usize, mr: 
 
 /// Walks a task's tiles: for each k-slice, each group of row tiles, each panel, each tile of
 /// the group (the panel's slice stays in L1 while the group's rows go by, the group's rows in
-/// L2 while the panels go by); calls `tile(r0, rows, panel, slice)`.
+/// L2 while the panels go by); calls `tile(r0, rows, panel, slice, first)`, `first` for the
+/// group's first tile on this panel and slice.
 fn drive(
     tiles: &[(usize, usize)],
     steps: usize,
     b: Blocking,
     panels: &Range<usize>,
-    mut tile: impl FnMut(usize, usize, usize, Range<usize>),
+    mut tile: impl FnMut(usize, usize, usize, Range<usize>, bool),
 ) {
     for s0 in (0..steps.max(1)).step_by(b.kc) {
         let slice = s0..(s0 + b.kc).min(steps);
         for group in tiles.chunks(b.group.max(1)) {
             for p in panels.clone() {
-                for &(r0, rows) in group {
-                    tile(r0, rows, p, slice.clone());
+                for (i, &(r0, rows)) in group.iter().enumerate() {
+                    tile(r0, rows, p, slice.clone(), i == 0);
                 }
             }
         }
@@ -125,18 +128,28 @@ fn drive(
 }
 
 /// Runs a product of `m` rows by `n` columns in parallel tasks (`run`), walking each task's
-/// tiles (`drive`): `tile(r0, rows, panel, k-slice, where its sums go)`.
+/// tiles (`drive`): `tile(r0, rows, panel, k-slice, where its sums go, next)`, `next` the
+/// task's next panel for the first of several tiles that share this one (see `tile_f32`).
 fn for_each_tile(
     out: &mut [f32],
     (m, n, mr): (usize, usize, usize),
     steps: usize,
     b: Blocking,
-    tile: impl Fn(usize, usize, usize, Range<usize>, Dst) + Sync,
+    tile: impl Fn(usize, usize, usize, Range<usize>, Dst, Option<usize>) + Sync,
 ) {
     let tiles = row_tiles(m, mr);
+    let shared = tiles.len() > 1;
     run(out, m, n, n.div_ceil(PANEL), |task, block| {
-        drive(&tiles, steps, b, &task, |r0, rows, p, slice| {
-            tile(r0, rows, p, slice, Dst::of(&block, r0, p - task.start))
+        drive(&tiles, steps, b, &task, |r0, rows, p, slice, first| {
+            let next = (shared && first && p + 1 < task.end).then_some(p + 1);
+            tile(
+                r0,
+                rows,
+                p,
+                slice,
+                Dst::of(&block, r0, p - task.start),
+                next,
+            )
         });
     });
 }
@@ -230,24 +243,44 @@ pub fn f32_product(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut
     let xt = interleave(x, m, k, 1, MR_F32);
     let b = Blocking::of(m, k, PANEL * 4, 4, MR_F32);
     let (xp, wp) = (xt.as_ptr() as usize, w.as_ptr() as usize);
-    for_each_tile(out, (m, n, MR_F32), k, b, |r0, rows, p, slice, dst| {
-        let x = (xp as *const f32).wrapping_add(r0 * k);
-        let w = (wp as *const f32).wrapping_add(p * k * PANEL);
-        // SAFETY: the CPU has AVX2 + FMA (checked above); the tile reads rows r0..r0+rows
-        // of x and panel p < panels of W, both asserted in range above, and writes its rows
-        // and the panel's columns of its task's output block.
-        unsafe { dispatch!(rows, tile_f32, (x, w, slice, dst)) }
-    });
+    for_each_tile(
+        out,
+        (m, n, MR_F32),
+        k,
+        b,
+        |r0, rows, p, slice, dst, next| {
+            let x = (xp as *const f32).wrapping_add(r0 * k);
+            let w = (wp as *const f32).wrapping_add(p * k * PANEL);
+            let next = next.map(|q| (wp as *const f32).wrapping_add(q * k * PANEL));
+            // SAFETY: the CPU has AVX2 + FMA (checked above); the tile reads rows r0..r0+rows
+            // of x and panels p and `next` < panels of W, asserted in range above, and writes its
+            // rows and the panel's columns of its task's output block.
+            unsafe { dispatch!(rows, tile_f32, (x, w, slice, dst, next)) }
+        },
+    );
 }
 
+/// With `next`, the tile also prefetches that panel's part of the slice, one line per k: when
+/// several tiles share a panel, only the first waits on memory, and without this the memory
+/// idled while the others computed (batched decode, 16 rows of GPT-2 medium f32: a step's
+/// forward took 220 ms at the median, 195 ms with it; the weights alone need ~70 ms).
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_f32<const R: usize>(x: *const f32, w: *const f32, slice: Range<usize>, dst: Dst) {
+unsafe fn tile_f32<const R: usize>(
+    x: *const f32,
+    w: *const f32,
+    slice: Range<usize>,
+    dst: Dst,
+    next: Option<*const f32>,
+) {
     let mut acc = if slice.start == 0 {
         [[_mm256_setzero_ps(); 2]; R]
     } else {
         dst.load::<R>()
     };
     for kk in slice {
+        if let Some(next) = next {
+            _mm_prefetch::<_MM_HINT_T0>(next.add(kk * PANEL) as *const i8);
+        }
         let w0 = _mm256_loadu_ps(w.add(kk * PANEL));
         let w1 = _mm256_loadu_ps(w.add(kk * PANEL + 8));
         for (r, a) in acc.iter_mut().enumerate() {
@@ -278,7 +311,7 @@ pub fn bf16_product(xb: &[u32], m: usize, kp: usize, w: &[u16], n: usize, out: &
     let xt = interleave(&widened, m, kp, 2, MR_BF16);
     let b = Blocking::of(m, kp, PANEL * 4, 8, MR_BF16);
     let (xp, wp) = (xt.as_ptr() as usize, w.as_ptr() as usize);
-    for_each_tile(out, (m, n, MR_BF16), kp, b, |r0, rows, p, slice, dst| {
+    for_each_tile(out, (m, n, MR_BF16), kp, b, |r0, rows, p, slice, dst, _| {
         let x = (xp as *const f32).wrapping_add(r0 * kp * 2);
         let w = (wp as *const u16).wrapping_add(p * kp * PANEL * 2);
         // SAFETY: as in `f32_product`.
@@ -330,7 +363,7 @@ pub fn int8_product(
     let b = Blocking::of(m, kp, PANEL * 2, 4, MR_F32);
     let (xp, wp) = (xt.as_ptr() as usize, w.as_ptr() as usize);
     let scales = (x_scales.as_ptr() as usize, w_scales.as_ptr() as usize);
-    for_each_tile(out, (m, n, MR_F32), kp, b, |r0, rows, p, slice, dst| {
+    for_each_tile(out, (m, n, MR_F32), kp, b, |r0, rows, p, slice, dst, _| {
         let x = (xp as *const u32).wrapping_add(r0 * kp);
         let w = (wp as *const i8).wrapping_add(p * kp * PANEL * 2);
         let xs = (scales.0 as *const f32).wrapping_add(r0);
