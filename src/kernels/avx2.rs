@@ -29,7 +29,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::cpu_features;
-use super::skinny_matmul::{run, OutBlock, PANEL};
+use super::skinny_matmul::{run, Operands, OutBlock, PANEL};
 
 /// Rows of x per register tile, at most: 6 rows x 2 halves = 12 accumulators, plus two of W
 /// and one broadcast, within the 16 ymm registers (f32 and int8); the bf16 tile also holds the
@@ -238,10 +238,10 @@ fn check_cpu() {
 }
 
 /// `out (m, n) = x (m, k) · Wᵀ` from float32 panels `[panel][k][16]`.
-pub fn f32_product(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+pub fn f32_product(ops: &Operands<f32, f32>, n: usize, out: &mut [f32]) {
     check_cpu();
-    let panels = n.div_ceil(PANEL);
-    assert!(x.len() >= m * k && w.len() >= panels * k * PANEL && out.len() >= m * n);
+    let (x, m, k, w) = (ops.x, ops.m, ops.k, ops.w);
+    ops.assert_extents(k * PANEL, &(0..n.div_ceil(PANEL)), n, out);
     let xt = interleave(x, m, k, 1, MR_F32);
     let b = Blocking::of(m, k, PANEL * 4, 4, MR_F32);
     let (xp, wp) = (xt.as_ptr() as usize, w.as_ptr() as usize);
@@ -296,10 +296,10 @@ unsafe fn tile_f32<const R: usize>(
 
 /// `out (m, n) = x · Wᵀ` from bfloat16 pair panels `[panel][kp][16][2]`, with `xb` x rounded
 /// to bfloat16 as pairs `(m, kp)` (element 2j in the low half, zero past k).
-pub fn bf16_product(xb: &[u32], m: usize, kp: usize, w: &[u16], n: usize, out: &mut [f32]) {
+pub fn bf16_product(ops: &Operands<u32, u16>, n: usize, out: &mut [f32]) {
     check_cpu();
-    let panels = n.div_ceil(PANEL);
-    assert!(xb.len() >= m * kp && w.len() >= panels * kp * PANEL * 2 && out.len() >= m * n);
+    let (xb, m, kp, w) = (ops.x, ops.m, ops.k, ops.w);
+    ops.assert_extents(kp * PANEL * 2, &(0..n.div_ceil(PANEL)), n, out);
     // widened once here, not per tile and panel: a broadcast from memory costs no shuffle
     let widened: Vec<f32> = xb[..m * kp]
         .iter()
@@ -349,18 +349,16 @@ unsafe fn tile_bf16<const R: usize>(x: *const f32, w: *const u16, slice: Range<u
 /// `out (m, n) = x · Wᵀ` from int8 pair panels `[panel][kp][16][2]` and `xq` x as int16
 /// pairs `(m, kp)`, scaled by each row's `x_scales` and each column's `w_scales` at the end.
 pub fn int8_product(
-    (xq, x_scales): (&[u32], &[f32]),
-    m: usize,
-    kp: usize,
-    (w, w_scales): (&[i8], &[f32]),
+    ops: &Operands<u32, i8>,
+    (x_scales, w_scales): (&[f32], &[f32]),
     n: usize,
     out: &mut [f32],
 ) {
     check_cpu();
+    let (xq, m, kp, w) = (ops.x, ops.m, ops.k, ops.w);
     let panels = n.div_ceil(PANEL);
-    assert!(xq.len() >= m * kp && x_scales.len() >= m);
-    assert!(w.len() >= panels * kp * PANEL * 2 && w_scales.len() >= panels * PANEL);
-    assert!(out.len() >= m * n);
+    ops.assert_extents(kp * PANEL * 2, &(0..panels), n, out);
+    assert!(x_scales.len() >= m && w_scales.len() >= panels * PANEL);
     let xt = interleave(xq, m, kp, 1, MR_F32);
     let b = Blocking::of(m, kp, PANEL * 2, 4, MR_F32);
     let (xp, wp) = (xt.as_ptr() as usize, w.as_ptr() as usize);

@@ -560,7 +560,7 @@ mod kernels {
     /// `out (m, n) = x · Wᵀ` from float32 panels, on `isa`.
     pub fn f32_product(ops: &Operands<f32, f32>, isa: Isa, n: usize, out: &mut [f32]) {
         match isa {
-            Isa::Avx2 => avx2::f32_product(ops.x, ops.m, ops.k, ops.w, n, out),
+            Isa::Avx2 => avx2::f32_product(ops, n, out),
             _ => run_dense(out, ops.m, n, n.div_ceil(PANEL), |p, cols, dst| {
                 f32_panels(ops, isa, p, cols, dst)
             }),
@@ -576,9 +576,7 @@ mod kernels {
         out: &mut [f32],
     ) {
         match isa {
-            Isa::Avx2 => {
-                avx2::int8_product((ops.x, scales.0), ops.m, ops.k, (ops.w, scales.1), n, out)
-            }
+            Isa::Avx2 => avx2::int8_product(ops, scales, n, out),
             _ => run_dense(out, ops.m, n, n.div_ceil(PANEL), |p, cols, dst| {
                 int8_panels(ops, isa, scales, p, cols, dst)
             }),
@@ -588,7 +586,7 @@ mod kernels {
     /// `out (m, n) = x · Wᵀ` from bfloat16 pair panels and x as bfloat16 pairs, on `isa`.
     pub fn bf16_product(ops: &Operands<u32, u16>, isa: Isa, n: usize, out: &mut [f32]) {
         match isa {
-            Isa::Avx2 => avx2::bf16_product(ops.x, ops.m, ops.k, ops.w, n, out),
+            Isa::Avx2 => avx2::bf16_product(ops, n, out),
             _ => run_dense(out, ops.m, n, n.div_ceil(PANEL), |p, cols, dst| {
                 bf16_panels(ops, isa, p, cols, dst)
             }),
@@ -943,8 +941,8 @@ mod tests {
                 (13, 64, 31),
                 (17, 16, 8),
                 (35, 90, 70),
-                // long rows; from 32 rows on, cache-blocked (AVX2): several k-slices, and
-                // several row groups
+                // long rows; from 7 rows on (more than one register tile), cache-blocked
+                // on AVX2: several k-slices, and several row groups
                 (40, 20, 3000),
                 (150, 40, 700),
             ] {
