@@ -114,6 +114,31 @@ multiversion! {
 }
 
 multiversion! {
+    /// `xs` replaced by softmax(xs), as single-query attention weighs its keys: e^(x - max)
+    /// over their sum.
+    pub fn softmax_in_place(xs: &mut [f32]) -> () {
+        let m = max(xs);
+        let mut lanes = [0f32; 16];
+        let mut chunks = xs.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for (l, x) in lanes.iter_mut().zip(c) {
+                *x = exp_neg(*x - m);
+                *l += *x;
+            }
+        }
+        let mut total = sum16(lanes);
+        for x in chunks.into_remainder() {
+            *x = exp_neg(*x - m);
+            total += *x;
+        }
+        let inv = 1.0 / total;
+        for x in xs.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+multiversion! {
     /// `xs[i] - c` into a new vector (log-softmax's last pass).
     pub fn sub(xs: &[f32], c: f32) -> Vec<f32> {
         xs.iter().map(|&x| x - c).collect()
@@ -233,12 +258,23 @@ multiversion! {
 /// An element of a KV cache buffer.
 pub trait KvElem: Copy {
     fn to_f32(self) -> f32;
+
+    /// The elements as float32: `src` itself where it is float32, else widened into `scratch`.
+    fn as_f32<'a>(src: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.clear();
+        scratch.extend(src.iter().map(|&x| x.to_f32()));
+        scratch
+    }
 }
 
 impl KvElem for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+
+    fn as_f32<'a>(src: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        src
     }
 }
 

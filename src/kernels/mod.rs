@@ -11,6 +11,7 @@ pub mod allocator;
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+pub mod causal_attention;
 pub mod cpu_features;
 pub mod fastmath;
 pub mod peak;

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::config::AttentionKind;
 use super::step::Segment;
 use super::weights::Proj;
+use crate::kernels::causal_attention::{causal_attention, CachedKv, Queries, Span};
 use crate::kernels::fastmath;
 
 pub(super) struct SelfAttention {
@@ -93,6 +94,23 @@ impl SelfAttention {
             .contiguous()
     }
 
+    /// Writes the step's keys and values `(rows, hidden)` into the segment's cache; returns
+    /// the cached ones `(heads, positions, head_dim)`.
+    fn cache_step(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        seg: &mut Segment<'_>,
+        layer: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (start, len) = (seg.start, seg.len);
+        seg.cache.append(
+            layer,
+            &self.split_heads(k, start, len)?,
+            &self.split_heads(v, start, len)?,
+        )
+    }
+
     /// The oldest key a step starting at position `offset` reads: a local layer's first query
     /// sees keys after `offset - window`, and older keys are masked for every query of the
     /// step, so they are not read at all.
@@ -112,16 +130,16 @@ impl SelfAttention {
         layer: usize,
     ) -> candle_core::Result<Tensor> {
         let (start, len) = (seg.start, seg.len);
-        if len == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
-            return self.attend_one_token_cpu(q, k, v, seg, layer);
+        if q.device().is_cpu() && q.dtype() == DType::F32 {
+            return if len == 1 {
+                self.attend_one_token_cpu(q, k, v, seg, layer)
+            } else {
+                self.attend_many_cpu(q, k, v, seg, layer)
+            };
         }
         let offset = seg.cache.len();
         let q = self.split_heads(q, start, len)?;
-        let (keys, values) = seg.cache.append(
-            layer,
-            &self.split_heads(k, start, len)?,
-            &self.split_heads(v, start, len)?,
-        )?;
+        let (keys, values) = self.cache_step(k, v, seg, layer)?;
         let total = offset + len;
         let first_key = self.first_key(offset);
         // (heads, klen, head_dim), as float32
@@ -200,6 +218,78 @@ impl SelfAttention {
             _ => candle_core::bail!("CPU attention on non-CPU caches"),
         }
         Tensor::from_vec(out, (1, heads * hd), &Device::Cpu)
+    }
+
+    /// Several queries of one sequence on the CPU (a prompt, drafts being verified): the fused
+    /// causal kernel on the cache buffers, without the tensor path's `(heads, len, klen)`
+    /// scores, mask and probabilities.
+    fn attend_many_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seg: &mut Segment<'_>,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (start, len) = (seg.start, seg.len);
+        let (heads, hd) = (self.num_heads, self.head_dim);
+        let offset = seg.cache.len();
+        let (keys, values) = self.cache_step(k, v, seg, layer)?;
+        // q: rows of `heads * hd` floats, at the stride of the packed (q, k, v) rows when it
+        // is a view of them
+        let q = q.narrow(0, start, len)?;
+        let q = match q.stride() {
+            [_, 1] => q,
+            _ => q.contiguous()?,
+        };
+        let (q_store, q_layout) = q.storage_and_layout();
+        let (k_store, k_layout) = keys.storage_and_layout();
+        let (v_store, v_layout) = values.storage_and_layout();
+        let head_stride = k_layout.stride()[0];
+        if v_layout.stride()[0] != head_stride || k_layout.stride()[1..] != [hd, 1] {
+            candle_core::bail!("cache buffers of unexpected layout");
+        }
+        let span = Span {
+            heads,
+            head_dim: hd,
+            offset,
+            len,
+            first_visible: |p| self.first_key(p),
+        };
+        let mut out = vec![0f32; len * heads * hd];
+        match (&*q_store, &*k_store, &*v_store) {
+            (
+                candle_core::Storage::Cpu(qc),
+                candle_core::Storage::Cpu(kc),
+                candle_core::Storage::Cpu(vc),
+            ) => {
+                let queries = Queries {
+                    data: &qc.as_slice::<f32>()?[q_layout.start_offset()..],
+                    row_stride: q_layout.stride()[0],
+                };
+                let (k0, v0) = (k_layout.start_offset(), v_layout.start_offset());
+                match keys.dtype() {
+                    DType::BF16 => {
+                        let kv = CachedKv {
+                            keys: &kc.as_slice::<half::bf16>()?[k0..],
+                            values: &vc.as_slice::<half::bf16>()?[v0..],
+                            head_stride,
+                        };
+                        causal_attention(queries, kv, span, &mut out)
+                    }
+                    _ => {
+                        let kv = CachedKv {
+                            keys: &kc.as_slice::<f32>()?[k0..],
+                            values: &vc.as_slice::<f32>()?[v0..],
+                            head_stride,
+                        };
+                        causal_attention(queries, kv, span, &mut out)
+                    }
+                }
+            }
+            _ => candle_core::bail!("CPU attention on non-CPU tensors"),
+        }
+        Tensor::from_vec(out, (len, heads * hd), &Device::Cpu)
     }
 
     /// `(len, klen)`: 0 where query `offset+i` may see key `first_key+j`, -inf elsewhere
