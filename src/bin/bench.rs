@@ -199,7 +199,16 @@ fn main() {
         limits: &limits,
     };
 
+    // The peer serves the original head, as a plain OpenAI request; each of its runs follows
+    // exitserve's run at the matching precision, minutes apart rather than a whole run apart,
+    // because a shared machine's speed drifts.
+    let original = [BenchMode {
+        json: String::new(),
+        name: modes[0].name.clone(),
+        work: modes[0].work,
+    }];
     let mut runs = Vec::new();
+    let mut peer_runs = Vec::new();
     for dtype in &args.dtype {
         let weight_bytes = match dtype.as_str() {
             "f32" => f32_bytes,
@@ -225,33 +234,34 @@ fn main() {
             }
         };
         runs.push(run);
-    }
-    let peer = args.peer_llama_server.as_ref().map(|bin| {
-        // the original head, as a plain OpenAI request
-        let original = [BenchMode {
-            json: String::new(),
-            name: modes[0].name.clone(),
-            work: modes[0].work,
-        }];
-        let mut peer_runs = Vec::new();
-        for (quant, ours) in [("f32", "f32"), ("bf16", "bf16"), ("q8_0", "int8")] {
-            let gguf = args.peer_gguf.join(format!("gpt2-medium-{quant}.gguf"));
-            eprintln!("llama-server {quant} ({}):", gguf.display());
-            match Server::llama_server(bin, &gguf) {
-                Ok(server) => {
-                    let mut run = bench.serve(&server, quant, &original);
-                    run["compared_with"] = json!(ours);
-                    run["peak_rss_bytes"] = json!(peak_rss_bytes(server.child.id()).unwrap_or(0));
-                    peer_runs.push(run);
-                }
-                Err(why) => {
-                    eprintln!("  {why}: not measured");
-                    peer_runs.push(json!({"dtype": quant, "not_measured": why}));
-                }
+        let Some(bin) = &args.peer_llama_server else {
+            continue;
+        };
+        // the GGUF precisions bench/peer/llama_cpp.sh writes
+        let quant = match dtype.as_str() {
+            "int8" => "q8_0",
+            "f32" | "bf16" => dtype,
+            _ => continue,
+        };
+        let gguf = args.peer_gguf.join(format!("gpt2-medium-{quant}.gguf"));
+        eprintln!("llama-server {quant} ({}):", gguf.display());
+        match Server::llama_server(bin, &gguf) {
+            Ok(server) => {
+                let mut run = bench.serve(&server, quant, &original);
+                run["compared_with"] = json!(dtype);
+                run["peak_rss_bytes"] = json!(peak_rss_bytes(server.child.id()).unwrap_or(0));
+                peer_runs.push(run);
+            }
+            Err(why) => {
+                eprintln!("  {why}: not measured");
+                peer_runs.push(json!({"dtype": quant, "not_measured": why}));
             }
         }
-        json!({"server": "llama.cpp llama-server", "binary": bin, "runs": peer_runs})
-    });
+    }
+    let peer = args
+        .peer_llama_server
+        .as_ref()
+        .map(|bin| json!({"server": "llama.cpp llama-server", "binary": bin, "runs": peer_runs}));
     let reference = args
         .reference_python
         .as_ref()
