@@ -10,7 +10,8 @@
 //! few hundred KiB, and a block reads only keys some of its queries see (the causal triangle
 //! up to the block's diagonal; on a local layer, the window). The products are the `gemm`
 //! crate's (candle's own matmul), so only the softmax differs from the tensor path: it is the
-//! decode step's (`fastmath::exp_neg`), which makes prompt and decode attention agree.
+//! decode step's (`fastmath::softmax_in_place`, with the vectorised `exp_neg`), so prompt and
+//! decode attention weigh their keys the same way.
 
 use rayon::prelude::*;
 

@@ -114,8 +114,8 @@ multiversion! {
 }
 
 multiversion! {
-    /// `xs` replaced by softmax(xs), as single-query attention weighs its keys: e^(x - max)
-    /// over their sum.
+    /// `xs` replaced by softmax(xs), the weights attention gives its keys (one query's, and
+    /// each row of a prompt's): e^(x - max) over their sum.
     pub fn softmax_in_place(xs: &mut [f32]) -> () {
         let m = max(xs);
         let mut lanes = [0f32; 16];
@@ -328,14 +328,9 @@ fn attend_head<T: KvElem, const D: usize>(
         }
         *s = sum16(lanes) + tail;
     }
-    let m = max(scores);
-    for s in scores.iter_mut() {
-        *s = exp_neg(*s - m);
-    }
-    let inv = 1.0 / scores.iter().sum::<f32>();
+    softmax_in_place(scores);
     out.fill(0.0);
-    for (&p, value) in scores.iter().zip(values.chunks_exact(d)) {
-        let w = p * inv;
+    for (&w, value) in scores.iter().zip(values.chunks_exact(d)) {
         for (o, &v) in out.iter_mut().zip(value) {
             *o += w * v.to_f32();
         }
