@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{MatmulKernels, Settings};
-use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec, UpperSpec};
+use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec};
 use crate::engine::scheduler::Budget;
 use crate::engine::{BatchConfig, Engine, EngineConfig, Limits, Validator};
 use crate::http::serve::{self, ConnectionLimits};
@@ -26,44 +26,6 @@ pub enum StartupError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
-}
-
-/// `original`, `exit:L`, `contrast:U,L[,alpha=A][,minimum_candidates=K]` -> the mode
-/// object a request would send.
-pub fn parse_mode_flag(s: &str) -> Result<ModeSpec, String> {
-    let bad = || {
-        format!("mode `{s}`: expected original, exit:L or contrast:U,L[,alpha=A][,minimum_candidates=K]")
-    };
-    let num = |v: &str| v.trim().parse::<i64>().map_err(|_| bad());
-    if s == "original" {
-        return Ok(ModeSpec::Original);
-    }
-    if let Some(l) = s.strip_prefix("exit:") {
-        return Ok(ModeSpec::Exit {
-            layer: Some(num(l)?),
-        });
-    }
-    let mut parts = s.strip_prefix("contrast:").ok_or_else(bad)?.split(',');
-    let (u, l) = (parts.next().ok_or_else(bad)?, parts.next().ok_or_else(bad)?);
-    let upper = if u.trim() == "original" {
-        UpperSpec::Original
-    } else {
-        UpperSpec::Layer(num(u)?)
-    };
-    let (mut alpha, mut minimum_candidates) = (None, None);
-    for p in parts {
-        match p.trim().split_once('=') {
-            Some(("alpha", v)) => alpha = Some(v.trim().parse::<f64>().map_err(|_| bad())?),
-            Some(("minimum_candidates", v)) => minimum_candidates = Some(num(v)?),
-            _ => return Err(bad()),
-        }
-    }
-    Ok(ModeSpec::Contrast {
-        upper: Some(upper),
-        lower: Some(num(l)?),
-        alpha,
-        minimum_candidates,
-    })
 }
 
 /// A `--mode-preset` value's mode and, when it carries `,draft_layer=L` and/or
@@ -92,7 +54,8 @@ pub fn parse_preset(s: &str) -> Result<(ModeSpec, Option<SpeculativeRequest>), S
             _ => mode.push(part),
         }
     }
-    Ok((parse_mode_flag(&mode.join(","))?, spec))
+    let mode: model::Mode = mode.join(",").parse().map_err(|e| format!("{e}"))?;
+    Ok((mode.into(), spec))
 }
 
 /// Loads the model and starts the engine; returns the app state for the router.
@@ -189,8 +152,11 @@ pub fn build_state_with(
             adaptive: true,
         });
     }
-    let spec = parse_mode_flag(&s.default_mode)
-        .map_err(|e| StartupError::Config(format!("--default-mode: {e}")))?;
+    let spec: ModeSpec = s
+        .default_mode
+        .parse::<model::Mode>()
+        .map_err(|e| StartupError::Config(format!("--default-mode: {e}")))?
+        .into();
     // Resolve the default mode with the same rules as a request's `multi_exit`.
     let tokenizer = Arc::new(loaded.tokenizer);
     limits.default_mode = Validator::new(limits.clone(), Arc::clone(&tokenizer))
@@ -205,6 +171,7 @@ pub fn build_state_with(
         batch: BatchConfig {
             budget,
             eos_token_id: eos,
+            #[cfg(feature = "fault-injection")]
             fault: None,
             speculative_max_batch: s.speculative_max_batch_size,
         },

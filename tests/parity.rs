@@ -382,7 +382,7 @@ fn reduced_precision_weights_stay_close_to_float32() -> TestResult {
             (model::WeightDtype::Int8, 0.25),
         ] {
             if dtype == model::WeightDtype::Int8
-                && !exitserve::kernels::skinny_matmul::supports_int8()
+                && !exitserve::kernels::matmul::supports_int8()
             {
                 // int8 runs on the AVX-512 VNNI kernel only (a start-up error elsewhere,
                 // tested in tests/process.rs)
@@ -444,7 +444,7 @@ fn exit_logits(m: &LoadedModel, tokens: &[u32], layer: usize, draft: bool) -> Ve
 #[test]
 fn drafts_read_int8_copies_close_to_the_weights_and_leave_the_model_exact() -> TestResult {
     assert!(
-        exitserve::kernels::skinny_matmul::supports_int8(),
+        exitserve::kernels::matmul::supports_int8(),
         "the int8 kernels need AVX2 or AVX-512 VNNI: every x86-64 machine this project runs on"
     );
     for f in ARCHS {

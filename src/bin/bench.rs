@@ -724,7 +724,7 @@ fn print_table(r: &Value, modes: &[BenchMode]) {
 /// model can use, to choose kernels per batch size.
 fn kernels() {
     use candle_core::{DType, Device, Tensor};
-    use exitserve::kernels::skinny_matmul;
+    use exitserve::kernels::matmul;
     let dev = Device::Cpu;
     println!("rayon threads: {}", rayon::current_num_threads());
     let (v, h) = (50257usize, 768usize);
@@ -740,7 +740,7 @@ fn kernels() {
     };
     for dt in [DType::F32, DType::BF16] {
         let wd = w.to_dtype(dt).unwrap();
-        let packed = skinny_matmul::PackedWeight::pack(&wd).ok();
+        let packed = matmul::PackedWeight::pack(&wd).ok();
         // 1 and 16: decode; 5 and 9: speculative verification of 4 and 8 drafts; 64: prefill
         for b in [1usize, 2, 4, 5, 9, 16, 64] {
             let x = Tensor::randn(0f32, 1.0, (b, h), &dev).unwrap();
@@ -756,8 +756,8 @@ fn kernels() {
             println!("{dt:?} batch {b:>2}: candle x·Wᵀ {candle}   skinny {skinny}");
         }
     }
-    if skinny_matmul::supports_int8() {
-        let packed = skinny_matmul::PackedWeight::pack_int8(&w).unwrap();
+    if matmul::supports_int8() {
+        let packed = matmul::PackedWeight::pack_int8(&w).unwrap();
         for b in [1usize, 2, 4, 5, 9, 16, 64] {
             let x = Tensor::randn(0f32, 1.0, (b, h), &dev).unwrap();
             let ms = time(&|| packed.xwt(&x).unwrap());
@@ -771,7 +771,7 @@ fn kernels() {
 /// share of this machine's multiply-add peak for that dtype (measured here, all threads).
 fn block_products(shape: &Shape, prompt: usize) {
     use candle_core::{DType, Device, Tensor};
-    use exitserve::kernels::{peak, skinny_matmul::PackedWeight};
+    use exitserve::kernels::{matmul::PackedWeight, peak};
     let dev = Device::Cpu;
     let threads = rayon::current_num_threads();
     let h = shape.hidden;

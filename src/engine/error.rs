@@ -1,16 +1,12 @@
 //! Engine errors. The HTTP layer maps each variant to a status once (`http::error`).
 
+use super::validate::ValidationError;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    /// 400: a field is out of range or inconsistent; `param` names it.
-    #[error("{message}")]
-    InvalidRequest {
-        param: Option<String>,
-        message: String,
-    },
-    /// 400: prompt plus `max_tokens` exceed the model's positions.
-    #[error("{message}")]
-    ContextLength { message: String },
+    /// 400: a field is out of range or inconsistent; the error names it.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
     /// 429: the queue is full.
     #[error("the server is at capacity ({queued} requests queued); retry later")]
     Overloaded { queued: usize },
@@ -26,13 +22,4 @@ pub enum EngineError {
     /// 500: the model failed; details are logged, not returned.
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-impl EngineError {
-    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        EngineError::InvalidRequest {
-            param: Some(param.to_string()),
-            message: message.into(),
-        }
-    }
 }

@@ -6,20 +6,13 @@ use rayon::prelude::*;
 use super::request::{HeadReport, InspectSpec, PositionReport};
 use crate::model::inspect::{head_stats, jensen_shannon};
 use crate::model::mode::{contrast_log_q, log_softmax};
-use crate::model::{Head, Logits, TextTokenizer, Upper};
+use crate::model::{Head, Logits, TextTokenizer};
 
 /// Every head an inspection evaluates: the exits in ascending order, then the original.
 pub fn inspected_heads(exits: &[usize]) -> Vec<Head> {
     let mut heads: Vec<Head> = exits.iter().map(|&l| Head::Exit(l)).collect();
     heads.push(Head::Original);
     heads
-}
-
-fn head_name(h: Head) -> String {
-    match h {
-        Head::Original => "original".into(),
-        Head::Exit(l) => format!("exit:{l}"),
-    }
 }
 
 /// Reports for `rows` consecutive positions starting at prompt position `first`; `logits`
@@ -36,15 +29,12 @@ pub fn reports(
     let index_of = |h: Head| heads.iter().position(|&x| x == h);
     let original = index_of(Head::Original).expect("inspections evaluate the original head");
     let contrast = spec.contrast.map(|c| {
-        let upper = match c.upper {
-            Upper::Original => Head::Original,
-            Upper::Exit(l) => Head::Exit(l),
-        };
-        let name = match c.upper {
-            Upper::Original => format!("contrast:original,{}", c.lower),
-            Upper::Exit(u) => format!("contrast:{u},{}", c.lower),
-        };
-        (c, index_of(upper), index_of(Head::Exit(c.lower)), name)
+        (
+            c,
+            index_of(c.upper.into()),
+            index_of(Head::Exit(c.lower)),
+            c.to_string(),
+        )
     });
     let text = |id: u32| tok.decode(&[id]).unwrap_or_default();
     (0..rows)
@@ -56,7 +46,7 @@ pub fn reports(
             let mut named: Vec<(String, &[f32])> = heads
                 .iter()
                 .zip(&logps)
-                .map(|(&h, lp)| (head_name(h), &lp[..]))
+                .map(|(&h, lp)| (h.to_string(), &lp[..]))
                 .collect();
             let q;
             if let Some((c, Some(u), Some(l), name)) = &contrast {

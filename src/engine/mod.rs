@@ -20,26 +20,19 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-pub use batcher::{mode_label, BatchConfig, Fault, Phase};
+pub use batcher::{BatchConfig, Fault, Phase};
 pub use error::EngineError;
 pub use metrics::Metrics;
 pub use request::{
-    Event, EventReceiver, FinishReason, GenerateRequest, TokenLogprob, Usage, ValidRequest,
+    Event, EventReceiver, FinishReason, GenerateRequest, Submission, TokenLogprob, Usage,
+    ValidRequest,
 };
-pub use validate::{Limits, Validator};
+pub use validate::{Limits, ValidationError, Validator};
 
 use crate::model::{MultiExitModel, TextTokenizer};
 
 /// The exit status when the engine thread fails beyond containment.
 pub const ENGINE_FAILURE_EXIT_CODE: i32 = 70;
-
-/// A request on its way to the batcher, with its own response channel and span.
-pub struct Submission {
-    pub req: ValidRequest,
-    pub tx: request::EventSender,
-    pub span: tracing::Span,
-    pub arrived: Instant,
-}
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -159,13 +152,13 @@ impl Engine {
     ) -> Result<ValidRequest, EngineError> {
         // Counted under the mode it asked for (by its model id, else `multi_exit`).
         let label = match (&req.named_mode, &req.mode) {
-            (Some(named), _) => mode_label(named),
-            (None, None) => mode_label(&self.validator.limits().default_mode),
+            (Some(named), _) => named.label(),
+            (None, None) => self.validator.limits().default_mode.label(),
             (None, Some(request::ModeSpec::Original)) => "original",
             (None, Some(request::ModeSpec::Exit { .. })) => "exit",
             (None, Some(request::ModeSpec::Contrast { .. })) => "contrast",
         };
-        self.off_runtime(label, move |v| v.validate(req, deadline))
+        self.off_runtime(label, move |v| Ok(v.validate(req, deadline)?))
             .await
     }
 
@@ -176,7 +169,7 @@ impl Engine {
         deadline: Instant,
         _slot: &ValidationSlot,
     ) -> Result<ValidRequest, EngineError> {
-        self.off_runtime("inspect", move |v| v.validate_inspect(req, deadline))
+        self.off_runtime("inspect", move |v| Ok(v.validate_inspect(req, deadline)?))
             .await
     }
 
@@ -207,7 +200,7 @@ impl Engine {
             self.stream_buffer_events * sequences
                 + request::events_per_step(sequences, req.tokens_per_step()),
         );
-        let label = mode_label(&req.mode);
+        let label = req.mode.label();
         let sub = Submission {
             req,
             tx,
@@ -243,9 +236,9 @@ impl Engine {
     ) -> Result<(Vec<u32>, Option<Vec<String>>), EngineError> {
         let tok = Arc::clone(self.validator.tokenizer());
         tokio::task::spawn_blocking(move || {
-            let ids = tok.encode(&text).map_err(|e| {
-                EngineError::invalid("prompt", format!("cannot tokenize `prompt`: {e}"))
-            })?;
+            let ids = tok
+                .encode(&text)
+                .map_err(|e| ValidationError::Untokenizable(e.to_string()))?;
             let texts = strs.then(|| {
                 ids.iter()
                     .map(|&id| tok.decode(&[id]).unwrap_or_default())
@@ -266,12 +259,7 @@ impl Engine {
                 u32::try_from(id)
                     .ok()
                     .filter(|&i| (i as usize) < vocab)
-                    .ok_or_else(|| {
-                        EngineError::invalid(
-                            "tokens",
-                            format!("`tokens` must be token ids in [0, {vocab}), got {id}"),
-                        )
-                    })
+                    .ok_or(ValidationError::TokenId { vocab, got: id })
             })
             .collect::<Result<Vec<u32>, _>>()?;
         self.validator

@@ -5,9 +5,26 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-pub use super::speculative::SpeculativeSpec;
 use super::stop::StopSet;
-use crate::model::{ContrastParams, Mode};
+use crate::model::{ContrastParams, Mode, Upper};
+
+/// What a request asked for: the exit that drafts and the most tokens it drafts per round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpeculativeSpec {
+    pub draft_layer: usize,
+    pub max_draft_tokens: usize,
+    /// Choose each round's length by what pays (else always `max_draft_tokens`: for
+    /// measuring an exit's acceptance, or on models where no draft pays).
+    pub adaptive: bool,
+}
+
+/// A request on its way to the batcher, with its own response channel and span.
+pub struct Submission {
+    pub req: ValidRequest,
+    pub tx: EventSender,
+    pub span: tracing::Span,
+    pub arrived: Instant,
+}
 
 /// A prompt as sent by the client, before tokenization.
 #[derive(Debug, Clone)]
@@ -75,6 +92,27 @@ pub enum UpperSpec {
     Layer(i64),
 }
 
+impl From<Mode> for ModeSpec {
+    /// A mode parsed from text (a flag, a model id), to be validated as a request's would be.
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::Original => ModeSpec::Original,
+            Mode::Exit(l) => ModeSpec::Exit {
+                layer: Some(l as i64),
+            },
+            Mode::Contrast(c) => ModeSpec::Contrast {
+                upper: Some(match c.upper {
+                    Upper::Original => UpperSpec::Original,
+                    Upper::Exit(l) => UpperSpec::Layer(l as i64),
+                }),
+                lower: Some(c.lower as i64),
+                alpha: Some(c.alpha as f64),
+                minimum_candidates: Some(c.minimum_candidates as i64),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
     /// 0 = greedy.
@@ -90,19 +128,28 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
 }
 
-#[cfg(test)]
 impl SamplingParams {
-    /// No bias, penalties or truncation: plain softmax sampling at `temperature`.
-    pub(crate) fn plain(temperature: f32, seed: u64) -> Self {
+    /// Greedy, with no bias, penalties or truncation.
+    pub fn greedy() -> Self {
         Self {
-            temperature,
+            temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
             logit_bias: vec![],
+            seed: None,
+        }
+    }
+
+    /// No bias, penalties or truncation: plain softmax sampling at `temperature`.
+    #[cfg(test)]
+    pub(crate) fn plain(temperature: f32, seed: u64) -> Self {
+        Self {
+            temperature,
             seed: Some(seed),
+            ..Self::greedy()
         }
     }
 }

@@ -24,6 +24,7 @@
 //! one-token probes after it keep failing), so a draft layer that rarely agrees costs a few
 //! percent, not a slowdown.
 
+use super::request::SpeculativeSpec;
 use super::sampling::{Dist, Sampler};
 
 /// The largest `max_draft_tokens` a request may ask for.
@@ -101,16 +102,6 @@ fn average(estimate: Option<f64>, sample: f64) -> Option<f64> {
         Some(e) if e > 0.0 => e + TIMING_WEIGHT * (sample.min(3.0 * e) - e),
         Some(e) => e + TIMING_WEIGHT * (sample - e),
     })
-}
-
-/// What a request asked for: the exit that drafts and the most tokens it drafts per round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpeculativeSpec {
-    pub draft_layer: usize,
-    pub max_draft_tokens: usize,
-    /// Choose each round's length by what pays (else always `max_draft_tokens`: for
-    /// measuring an exit's acceptance, or on models where no draft pays).
-    pub adaptive: bool,
 }
 
 /// What a speculative sequence feeds at its next decoding step.

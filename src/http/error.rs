@@ -118,15 +118,10 @@ impl ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::InvalidRequest { param, message } => ApiError::BadRequest {
-                message,
-                param,
-                code: None,
-            },
-            EngineError::ContextLength { message } => ApiError::BadRequest {
-                message,
-                param: Some("max_tokens".into()),
-                code: Some("context_length_exceeded"),
+            EngineError::Invalid(v) => ApiError::BadRequest {
+                message: v.to_string(),
+                param: Some(v.param()),
+                code: v.code(),
             },
             EngineError::Overloaded { .. } => ApiError::Overloaded(e.to_string()),
             EngineError::Timeout { .. } => ApiError::Unavailable {

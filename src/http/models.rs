@@ -3,7 +3,7 @@
 //! pick a mode, as do the operator's presets (`NAME:<preset>`). A client that can only set
 //! `model` (lm-eval, LangChain, any plain OpenAI client) can so choose any mode.
 
-use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec, UpperSpec};
+use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec};
 use crate::engine::Validator;
 use crate::model::{Mode, Upper};
 
@@ -23,53 +23,6 @@ struct Preset {
     speculative: Option<SpeculativeSpec>,
 }
 
-/// The suffix naming `mode` (`original`, `exit-L`, `contrast-U-L`), when defaults suffice.
-fn suffix_of(mode: &Mode) -> Option<String> {
-    Some(match mode {
-        Mode::Original => "original".into(),
-        Mode::Exit(l) => format!("exit-{l}"),
-        Mode::Contrast(c) => {
-            let default = Mode::Contrast(crate::model::ContrastParams {
-                alpha: crate::model::mode::DEFAULT_ALPHA,
-                minimum_candidates: crate::model::mode::DEFAULT_MINIMUM_CANDIDATES,
-                ..*c
-            });
-            if *mode != default {
-                return None;
-            }
-            match c.upper {
-                Upper::Original => format!("contrast-original-{}", c.lower),
-                Upper::Exit(u) => format!("contrast-{u}-{}", c.lower),
-            }
-        }
-    })
-}
-
-/// A built-in suffix as the `multi_exit` object it stands for.
-fn parse_suffix(suffix: &str) -> Option<ModeSpec> {
-    let num = |s: &str| s.parse::<i64>().ok();
-    if suffix == "original" {
-        return Some(ModeSpec::Original);
-    }
-    if let Some(l) = suffix.strip_prefix("exit-") {
-        return Some(ModeSpec::Exit {
-            layer: Some(num(l)?),
-        });
-    }
-    let (u, l) = suffix.strip_prefix("contrast-")?.split_once('-')?;
-    let upper = if u == "original" {
-        UpperSpec::Original
-    } else {
-        UpperSpec::Layer(num(u)?)
-    };
-    Some(ModeSpec::Contrast {
-        upper: Some(upper),
-        lower: Some(num(l)?),
-        alpha: None,
-        minimum_candidates: None,
-    })
-}
-
 impl ModelIds {
     /// `presets`: `(name, mode, speculative)`; a name must be lowercase letters, digits, `-`
     /// or `_`, and must not read as a built-in suffix.
@@ -84,11 +37,7 @@ impl ModelIds {
                 && name
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-            if !ok_chars
-                || parse_suffix(name).is_some()
-                || name.starts_with("exit-")
-                || name.starts_with("contrast-")
-            {
+            if !ok_chars || Mode::is_reserved_id_suffix(name) {
                 return Err(format!(
                     "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and not a built-in mode (original, exit-L, contrast-U-L)"
                 ));
@@ -135,9 +84,9 @@ impl ModelIds {
         if let Some(p) = self.presets.iter().find(|p| p.name == suffix) {
             return Ok(Some(p.mode));
         }
-        let spec = parse_suffix(suffix).ok_or_else(not_found)?;
+        let mode = Mode::from_id_suffix(suffix).ok_or_else(not_found)?;
         self.validator
-            .mode(&spec)
+            .mode(&mode.into())
             .map(Some)
             .map_err(|_| not_found())
     }
@@ -173,7 +122,7 @@ impl ModelIds {
         );
         let mut out = vec![(self.base.clone(), None)];
         for m in modes {
-            if let Some(s) = suffix_of(&m) {
+            if let Some(s) = m.id_suffix() {
                 out.push((format!("{}:{s}", self.base), Some(m)));
             }
         }

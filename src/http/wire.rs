@@ -222,7 +222,7 @@ pub struct MultiExitOut {
 impl From<&Mode> for MultiExitOut {
     fn from(m: &Mode) -> Self {
         let mut out = MultiExitOut {
-            mode: crate::engine::mode_label(m),
+            mode: m.label(),
             layer: None,
             upper: None,
             lower: None,

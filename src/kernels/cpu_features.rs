@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuFeatures {
-    /// AVX2 and FMA: the 8-lane panel kernels (`super::avx2`) on CPUs without AVX-512.
+    /// AVX2 and FMA: the 8-lane panel kernels (`matmul/avx2.rs`) on CPUs without AVX-512.
     pub avx2_fma: bool,
     /// AVX-512F: the vectorised loops and the float32 panel kernel.
     pub avx512: bool,

@@ -7,12 +7,8 @@
 //! the operands they read and write. `model`, `engine` and `http` forbid `unsafe` outright.
 
 pub mod allocator;
-#[cfg(target_arch = "x86_64")]
-mod amx;
-#[cfg(target_arch = "x86_64")]
-mod avx2;
 pub mod causal_attention;
 pub mod cpu_features;
 pub mod fastmath;
+pub mod matmul;
 pub mod peak;
-pub mod skinny_matmul;

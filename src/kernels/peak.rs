@@ -27,11 +27,11 @@ pub struct Rate {
 type Loop = fn(u64) -> f64;
 
 /// The instruction the panel kernels use for `kind` ("f32", "bf16", "int8") on this CPU, as
-/// `skinny_matmul::Isa::available` chooses it, and its loop.
+/// `matmul::Isa::available` chooses it, and its loop.
 fn loop_for(kind: &str) -> Option<(&'static str, Loop)> {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::skinny_matmul::{Isa, Kind};
+        use super::matmul::{Isa, Kind};
         let kind = match kind {
             "f32" => Kind::F32,
             "bf16" => Kind::Bf16,
@@ -222,7 +222,7 @@ mod x86 {
     pub fn bf16_amx(iters: u64) -> f64 {
         assert!(cpu_features::get().amx_bf16);
         // SAFETY: the CPU has AMX-BF16 and the process the tile permission (asserted).
-        let products = unsafe { super::super::amx::tdpbf16ps_loop(iters) };
+        let products = unsafe { super::super::matmul::tdpbf16ps_loop(iters) };
         (products * 2) as f64
     }
 }

@@ -1,7 +1,9 @@
 //! Decoding modes: which heads a sequence needs, and how their logits become the
 //! log-distribution that is sampled from (autocontrastive decoding, Gera et al. 2023).
 
-use super::error::{ModelError, Result};
+use std::fmt;
+use std::str::FromStr;
+
 use crate::kernels::fastmath;
 
 /// A vocabulary head evaluated on `ln_f` of a block's output.
@@ -30,6 +32,15 @@ pub enum Upper {
     Exit(usize),
 }
 
+impl From<Upper> for Head {
+    fn from(u: Upper) -> Self {
+        match u {
+            Upper::Original => Head::Original,
+            Upper::Exit(l) => Head::Exit(l),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ContrastParams {
     pub upper: Upper,
@@ -51,18 +62,21 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode's kind, as metrics label it: `original`, `exit` or `contrast`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Mode::Original => "original",
+            Mode::Exit(_) => "exit",
+            Mode::Contrast(_) => "contrast",
+        }
+    }
+
     /// The heads to evaluate, in the order [`Mode::scores`] expects their logits.
     pub fn heads(&self) -> Vec<Head> {
         match *self {
             Mode::Original => vec![Head::Original],
             Mode::Exit(l) => vec![Head::Exit(l)],
-            Mode::Contrast(c) => {
-                let upper = match c.upper {
-                    Upper::Original => Head::Original,
-                    Upper::Exit(l) => Head::Exit(l),
-                };
-                vec![upper, Head::Exit(c.lower)]
-            }
+            Mode::Contrast(c) => vec![c.upper.into(), Head::Exit(c.lower)],
         }
     }
 
@@ -73,21 +87,6 @@ impl Mode {
             .map(|h| h.layer(num_layers))
             .max()
             .unwrap_or(num_layers)
-    }
-
-    /// Checks every layer against the model's exits.
-    pub fn validate(&self, exits: &[usize]) -> Result<()> {
-        for head in self.heads() {
-            if let Head::Exit(layer) = head {
-                if !exits.contains(&layer) {
-                    return Err(ModelError::NotAnExit {
-                        layer,
-                        available: exits.to_vec(),
-                    });
-                }
-            }
-        }
-        Ok(())
     }
 
     /// [`Mode::scores`] at position `row` of a step's logits (one entry per head).
@@ -103,6 +102,153 @@ impl Mode {
             Mode::Original | Mode::Exit(_) => log_softmax(logits[0]),
             Mode::Contrast(c) => contrast_log_q(logits[0], logits[1], c),
         }
+    }
+}
+
+// The text forms of a mode, each with one printer and one parser here:
+// - the flag form (`--default-mode`, `--mode-preset`): `original`, `exit:L`,
+//   `contrast:U,L[,alpha=A][,minimum_candidates=K]` (`U` a layer or `original`);
+// - the model-id suffix (`NAME:exit-L`, `NAME:contrast-U-L`), for default contrast parameters;
+// - the metrics label ([`Mode::label`]) and the inspection's head names (`exit:L`,
+//   `contrast:U,L`).
+// Parsing checks the syntax only; whether a layer is an exit is the validator's question.
+
+impl fmt::Display for Upper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Upper::Original => f.write_str("original"),
+            Upper::Exit(l) => write!(f, "{l}"),
+        }
+    }
+}
+
+impl fmt::Display for Head {
+    /// `original` or `exit:L`, as inspections name the heads.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Head::Original => f.write_str("original"),
+            Head::Exit(l) => write!(f, "exit:{l}"),
+        }
+    }
+}
+
+impl fmt::Display for ContrastParams {
+    /// `contrast:U,L`: the pair of heads contrasted, as inspections name the contrast.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "contrast:{},{}", self.upper, self.lower)
+    }
+}
+
+impl ContrastParams {
+    /// Whether alpha and the candidate floor are the defaults.
+    fn has_default_params(&self) -> bool {
+        self.alpha == DEFAULT_ALPHA && self.minimum_candidates == DEFAULT_MINIMUM_CANDIDATES
+    }
+}
+
+impl fmt::Display for Mode {
+    /// The flag form: `original`, `exit:L`, `contrast:U,L` plus the parameters that are not
+    /// the defaults.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mode::Original => f.write_str("original"),
+            Mode::Exit(l) => write!(f, "exit:{l}"),
+            Mode::Contrast(c) => {
+                write!(f, "{c}")?;
+                if c.alpha != DEFAULT_ALPHA {
+                    write!(f, ",alpha={}", c.alpha)?;
+                }
+                if c.minimum_candidates != DEFAULT_MINIMUM_CANDIDATES {
+                    write!(f, ",minimum_candidates={}", c.minimum_candidates)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A mode's text that does not parse; the message names the accepted forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mode `{0}`: expected original, exit:L or contrast:U,L[,alpha=A][,minimum_candidates=K]")]
+pub struct ModeSyntaxError(pub String);
+
+impl FromStr for Mode {
+    type Err = ModeSyntaxError;
+
+    /// The flag form, as [`Mode`]'s `Display` prints it (parameters in any order).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ModeSyntaxError(s.to_string());
+        if s == "original" {
+            return Ok(Mode::Original);
+        }
+        if let Some(l) = s.strip_prefix("exit:") {
+            return Ok(Mode::Exit(l.trim().parse().map_err(|_| bad())?));
+        }
+        let mut parts = s.strip_prefix("contrast:").ok_or_else(bad)?.split(',');
+        let (u, l) = (parts.next().ok_or_else(bad)?, parts.next().ok_or_else(bad)?);
+        let mut c = ContrastParams {
+            upper: parse_upper(u.trim()).ok_or_else(bad)?,
+            lower: l.trim().parse().map_err(|_| bad())?,
+            alpha: DEFAULT_ALPHA,
+            minimum_candidates: DEFAULT_MINIMUM_CANDIDATES,
+        };
+        for p in parts {
+            match p.trim().split_once('=') {
+                Some(("alpha", v)) => c.alpha = v.trim().parse().map_err(|_| bad())?,
+                Some(("minimum_candidates", v)) => {
+                    c.minimum_candidates = v.trim().parse().map_err(|_| bad())?
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(Mode::Contrast(c))
+    }
+}
+
+fn parse_upper(s: &str) -> Option<Upper> {
+    match s {
+        "original" => Some(Upper::Original),
+        _ => s.parse().ok().map(Upper::Exit),
+    }
+}
+
+impl Mode {
+    /// The model-id suffix naming this mode (`original`, `exit-L`, `contrast-U-L`); None for
+    /// a contrast with other than the default parameters, which has no id of its own.
+    pub fn id_suffix(&self) -> Option<String> {
+        match self {
+            Mode::Original => Some("original".into()),
+            Mode::Exit(l) => Some(format!("exit-{l}")),
+            Mode::Contrast(c) if c.has_default_params() => {
+                Some(format!("contrast-{}-{}", c.upper, c.lower))
+            }
+            Mode::Contrast(_) => None,
+        }
+    }
+
+    /// The mode a model-id suffix names, in its canonical spelling only (`exit-6`, never
+    /// `exit-06` or `exit-+6`: an id names one mode and a mode has one id).
+    pub fn from_id_suffix(suffix: &str) -> Option<Mode> {
+        let mode = if suffix == "original" {
+            Mode::Original
+        } else if let Some(l) = suffix.strip_prefix("exit-") {
+            Mode::Exit(l.parse().ok()?)
+        } else {
+            let (u, l) = suffix.strip_prefix("contrast-")?.split_once('-')?;
+            Mode::Contrast(ContrastParams {
+                upper: parse_upper(u)?,
+                lower: l.parse().ok()?,
+                alpha: DEFAULT_ALPHA,
+                minimum_candidates: DEFAULT_MINIMUM_CANDIDATES,
+            })
+        };
+        (mode.id_suffix().as_deref() == Some(suffix)).then_some(mode)
+    }
+
+    /// Whether `name` reads as a built-in model-id suffix, valid or not (`exit-99`,
+    /// `contrast-x`): such names cannot be presets.
+    pub fn is_reserved_id_suffix(name: &str) -> bool {
+        name == "original" || name.starts_with("exit-") || name.starts_with("contrast-")
     }
 }
 
@@ -255,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn depth_and_validation() {
+    fn depth() {
         let m = Mode::Contrast(ContrastParams {
             upper: Upper::Exit(4),
             lower: 2,
@@ -264,11 +410,83 @@ mod tests {
         });
         assert_eq!(m.depth(12), 4);
         assert_eq!(Mode::Original.depth(12), 12);
-        assert!(m.validate(&[2, 4]).is_ok());
-        let e = Mode::Exit(3).validate(&[2, 4]).unwrap_err().to_string();
+    }
+
+    #[test]
+    fn every_text_form_round_trips() {
+        let contrast = |upper, lower, alpha, minimum_candidates| {
+            Mode::Contrast(ContrastParams {
+                upper,
+                lower,
+                alpha,
+                minimum_candidates,
+            })
+        };
+        for (mode, flag, suffix) in [
+            (Mode::Original, "original", Some("original")),
+            (Mode::Exit(6), "exit:6", Some("exit-6")),
+            (
+                contrast(Upper::Exit(12), 6, DEFAULT_ALPHA, 1),
+                "contrast:12,6",
+                Some("contrast-12-6"),
+            ),
+            (
+                contrast(Upper::Original, 2, DEFAULT_ALPHA, 1),
+                "contrast:original,2",
+                Some("contrast-original-2"),
+            ),
+            (
+                contrast(Upper::Exit(4), 1, 0.05, 3),
+                "contrast:4,1,alpha=0.05,minimum_candidates=3",
+                None,
+            ),
+        ] {
+            assert_eq!(mode.to_string(), flag);
+            assert_eq!(flag.parse::<Mode>(), Ok(mode));
+            assert_eq!(mode.id_suffix().as_deref(), suffix);
+            if let Some(s) = suffix {
+                assert_eq!(Mode::from_id_suffix(s), Some(mode));
+                assert!(Mode::is_reserved_id_suffix(s));
+            }
+        }
         assert_eq!(
-            e,
-            "layer 3 is not an exit of this model; available exits: [2, 4]"
+            "contrast:4, 1, minimum_candidates=2 ,alpha=0.5".parse::<Mode>(),
+            Ok(contrast(Upper::Exit(4), 1, 0.5, 2))
         );
+        assert_eq!(Head::Exit(2).to_string(), "exit:2");
+        assert_eq!(Head::Original.to_string(), "original");
+        assert_eq!(Mode::Exit(2).label(), "exit");
+    }
+
+    #[test]
+    fn malformed_text_is_refused() {
+        for bad in [
+            "",
+            "exit",
+            "exit:",
+            "exit:-1",
+            "contrast:4",
+            "contrast:4,x",
+            "contrast:4,1,beta=2",
+            "Original",
+        ] {
+            let e = bad.parse::<Mode>().unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("mode `{bad}`: expected original, exit:L or contrast:U,L[,alpha=A][,minimum_candidates=K]")
+            );
+        }
+        // Model ids: only the canonical spelling of each mode.
+        for bad in [
+            "exit-01",
+            "exit-+1",
+            "exit- 1",
+            "contrast-4",
+            "contrast-04-1",
+            "contrast-original",
+            "exit:1",
+        ] {
+            assert_eq!(Mode::from_id_suffix(bad), None, "{bad}");
+        }
     }
 }

@@ -152,7 +152,7 @@ impl MultiExitModel {
     /// Returns whether drafts now read copies.
     pub fn set_draft_weights(&mut self, choice: DraftWeights) -> bool {
         let copyable = match &self.wte {
-            Weight::Packed(p) => !p.is_int8() && crate::kernels::skinny_matmul::supports_int8(),
+            Weight::Packed(p) => !p.is_int8() && crate::kernels::matmul::supports_int8(),
             Weight::Plain(_) => false,
         };
         self.drafts = (choice == DraftWeights::Int8 && copyable).then(|| DraftCopies {

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::kernels::skinny_matmul::{self, PackedWeight};
+use crate::kernels::matmul::{self, PackedWeight};
 
 /// How the projection and vocabulary matrices are stored and multiplied. Norms, position
 /// embeddings, biases and activations stay float32 in every case.
@@ -146,14 +146,14 @@ impl Weight {
     pub fn new(w: Tensor, spec: WeightSpec) -> candle_core::Result<Self> {
         let cpu_kernels = spec.skinny && w.device().is_cpu();
         if spec.dtype == WeightDtype::Int8 {
-            if !(cpu_kernels && skinny_matmul::supports_int8()) {
+            if !(cpu_kernels && matmul::supports_int8()) {
                 candle_core::bail!(
                     "int8 weights need the skinny CPU kernels: an x86-64 CPU with AVX2 or \
                      AVX-512 VNNI, and --matmul auto"
                 );
             }
             Ok(Weight::Packed(PackedWeight::pack_int8(&w)?))
-        } else if cpu_kernels && skinny_matmul::supported(w.dtype()) {
+        } else if cpu_kernels && matmul::supported(w.dtype()) {
             Ok(Weight::Packed(PackedWeight::pack(&w)?))
         } else {
             Ok(Weight::Plain(w))

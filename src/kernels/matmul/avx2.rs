@@ -28,8 +28,8 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::cpu_features;
-use super::skinny_matmul::{run, Operands, OutBlock, PANEL};
+use super::panels::{run, Operands, OutBlock, PANEL};
+use crate::kernels::cpu_features;
 
 /// Rows of x per register tile, at most: 6 rows x 2 halves = 12 accumulators, plus two of W
 /// and one broadcast, within the 16 ymm registers (f32 and int8); the bf16 tile also holds the

@@ -8,7 +8,8 @@
 use std::arch::asm;
 use std::ops::Range;
 
-use super::skinny_matmul::{Operands, PANEL};
+use super::panels::{run_dense, Operands, PANEL};
+use crate::kernels::cpu_features;
 
 /// Panels per pass: one accumulator tile each.
 const GROUP: usize = 4;
@@ -79,6 +80,20 @@ pub unsafe fn tdpbf16ps_loop(iters: u64) -> u64 {
     iters * 4 * (TILE_ROWS * PANEL * TILE_PAIRS * 2) as u64
 }
 
+/// `out (m, n) = x · Wᵀ` from bfloat16 pair panels and x as bfloat16 pairs, on AMX tiles.
+pub fn bf16_product(ops: &Operands<u32, u16>, n: usize, out: &mut [f32]) {
+    run_dense(out, ops.m, n, n.div_ceil(PANEL), |panels, cols, dst| {
+        ops.assert_extents(ops.k * PANEL * 2, &panels, cols, dst);
+        assert!(
+            cpu_features::get().amx_bf16,
+            "AMX kernels on a CPU (or a process) without AMX-BF16"
+        );
+        // SAFETY: the CPU has AMX-BF16 and the process the tile permission (`amx_bf16` means
+        // both); the extents are asserted above (and again by the kernel).
+        unsafe { bf16_panels_amx(ops, panels, cols, dst) }
+    })
+}
+
 /// `dst (m, cols) = x · W[panels]ᵀ` with x as bfloat16 pairs `(rows, kp)` (`ops.k` = kp, a
 /// multiple of 16), where `rows` is `m` up to 16 and `m` rounded up to a multiple of 16
 /// beyond (zero rows). Each output is accumulated in the same order whatever `m`, so a row gets
@@ -86,7 +101,7 @@ pub unsafe fn tdpbf16ps_loop(iters: u64) -> u64 {
 ///
 /// # Safety
 /// The CPU has AMX-BF16 and the process has the tile permission (`cpu_features`).
-pub unsafe fn bf16_panels_amx(
+unsafe fn bf16_panels_amx(
     ops: &Operands<u32, u16>,
     panels: Range<usize>,
     cols: usize,

@@ -1,0 +1,227 @@
+//! Admission: requests come off the queue into the batch while the scheduler's budget allows;
+//! a request that does not fit waits at the head of the queue (first come, first served).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::Instant;
+
+use super::fault::inject;
+use super::{contained, end_if_abandoned, end_request, Batcher, Phase};
+use crate::engine::error::EngineError;
+use crate::engine::inspection;
+use crate::engine::request::{SpeculativeUsage, Submission, Usage};
+use crate::engine::sampling::Sampler;
+use crate::engine::scheduler::{self, Demand};
+use crate::engine::sequence::{RequestState, Sequence, SharedRequest};
+use crate::engine::speculative::draft_cost;
+use crate::engine::validate::ValidationError;
+
+/// A request taken from the queue whose prompts have not all joined the batch yet.
+pub(super) struct Pending {
+    state: SharedRequest,
+    /// `(prompt index, tokens)`, in order.
+    prompts: VecDeque<(usize, Rc<Vec<u32>>)>,
+    started: bool,
+}
+
+impl Batcher {
+    /// Pulls requests into the batch while the budget allows; blocks only when idle. Returns
+    /// false when the queue is closed and the batch is idle.
+    pub(super) fn admit(&mut self) -> bool {
+        loop {
+            if self.held.is_none() {
+                let sub = if self.running.is_empty() {
+                    match self.rx.blocking_recv() {
+                        Some(s) => s,
+                        None => return false,
+                    }
+                } else {
+                    match self.rx.try_recv() {
+                        Ok(s) => s,
+                        Err(_) => return true,
+                    }
+                };
+                self.held = Some(self.pending(sub));
+            }
+            match contained(Phase::Admit, || self.admit_held()) {
+                Ok(true) => continue,
+                Ok(false) => return true,
+                Err(message) => {
+                    tracing::error!(%message, "admission failed; failing its request");
+                    if let Some(p) = self.held.take() {
+                        self.metrics.queue_depth.decrement(1.0);
+                        let mut r = p.state.borrow_mut();
+                        end_request(
+                            &self.metrics,
+                            &mut r,
+                            "error",
+                            Some(EngineError::Internal(message)),
+                        );
+                    }
+                    self.sweep();
+                }
+            }
+        }
+    }
+
+    fn pending(&self, sub: Submission) -> Pending {
+        let Submission {
+            req,
+            tx,
+            span,
+            arrived,
+        } = sub;
+        let n_layers = self.model.config().num_layers;
+        let (heads, depth) = if req.inspect.is_some() {
+            let exits = &self.model.config().exit_layers;
+            (inspection::inspected_heads(exits), n_layers)
+        } else {
+            (req.mode.heads(), req.mode.depth(n_layers))
+        };
+        let prompts = req
+            .prompts
+            .iter()
+            .cloned()
+            .map(Rc::new)
+            .enumerate()
+            .collect();
+        let cfg = self.model.config();
+        if let Some(s) = req.speculative {
+            // The draft copies now, not inside a timed step.
+            if let Err(e) = self.model.prepare_draft(s.draft_layer) {
+                tracing::error!(error = %e, layer = s.draft_layer, "cannot make the draft copies");
+            }
+        }
+        let draft_cost = req.speculative.map_or(1.0, |s| {
+            draft_cost(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                s.draft_layer,
+                depth,
+                heads.len(),
+                self.model.draft_read_cost(),
+            )
+        });
+        let state = Rc::new(RefCell::new(RequestState {
+            heads,
+            depth,
+            unfinished: req.prompts.len() * req.best_of,
+            usage: Usage {
+                prompt_tokens: req.prompt_tokens(),
+                completion_tokens: 0,
+                speculative: req.speculative.map(|_| SpeculativeUsage::default()),
+            },
+            mode_label: if req.inspect.is_some() {
+                "inspect"
+            } else {
+                req.mode.label()
+            },
+            req,
+            tx,
+            arrived,
+            first_token_at: None,
+            span,
+            draft_cost,
+        }));
+        Pending {
+            state,
+            prompts,
+            started: false,
+        }
+    }
+
+    /// Starts as many of the held request's prompts as fit. True when the request is fully
+    /// admitted (or ended) and the next one may be looked at.
+    fn admit_held(&mut self) -> bool {
+        let Some(p) = self.held.as_mut() else {
+            return true;
+        };
+        let state = Rc::clone(&p.state);
+        let over = {
+            let mut r = state.borrow_mut();
+            end_if_abandoned(&self.metrics, &mut r, Instant::now());
+            r.unfinished == 0
+        };
+        if over {
+            self.held = None;
+            self.metrics.queue_depth.decrement(1.0);
+            self.sweep();
+            return true;
+        }
+        let (max_tokens, best_of) = {
+            let r = state.borrow();
+            (r.req.max_tokens, r.req.best_of)
+        };
+        let demands: Vec<Demand> = p
+            .prompts
+            .iter()
+            .map(|(_, t)| {
+                Demand::of_prompt(t.len(), max_tokens, best_of).unwrap_or(Demand {
+                    sequences: usize::MAX,
+                    tokens: usize::MAX,
+                })
+            })
+            .collect();
+        let take = scheduler::admit_in_order(&self.cfg.budget, self.reserved(), &demands);
+        if take == 0 && self.running.is_empty() {
+            // Validation refuses what can never fit; this is a budget changed under us.
+            self.held = None;
+            self.metrics.queue_depth.decrement(1.0);
+            end_request(
+                &self.metrics,
+                &mut state.borrow_mut(),
+                "invalid",
+                Some(ValidationError::BudgetChanged.into()),
+            );
+            return true;
+        }
+        let Some(p) = self.held.as_mut() else {
+            return true;
+        };
+        if take > 0 && !p.started {
+            p.started = true;
+            self.metrics
+                .queue_wait
+                .record(state.borrow().arrived.elapsed());
+        }
+        let groups: Vec<(usize, Rc<Vec<u32>>)> = p.prompts.drain(..take).collect();
+        let done = p.prompts.is_empty();
+        for (index, prompt) in groups {
+            inject(self.cfg.fault(), Phase::Admit, &prompt);
+            self.start_group(&state, index, prompt, max_tokens, best_of);
+        }
+        // Only now: a panic above leaves the request held, to be failed by `admit`.
+        if done {
+            self.held = None;
+            self.metrics.queue_depth.decrement(1.0);
+        }
+        self.publish_load();
+        done
+    }
+
+    /// One prompt of a request joins the batch: its first sequence, with its `best_of - 1`
+    /// followers to fork once the prompt is in (they share its prefill).
+    fn start_group(
+        &mut self,
+        state: &SharedRequest,
+        index: usize,
+        prompt: Rc<Vec<u32>>,
+        max_tokens: usize,
+        best_of: usize,
+    ) {
+        let first = index * best_of;
+        let sampling = state.borrow().req.sampling.clone();
+        let reserved = prompt.len() + max_tokens;
+        let mut seq = Sequence::new(
+            state.clone(),
+            first,
+            prompt,
+            self.model.new_cache_for(reserved),
+            Sampler::new(sampling, first as u64),
+        );
+        seq.reserved = reserved;
+        seq.forks = (first + 1..first + best_of).collect();
+        self.running.push(seq);
+    }
+}

@@ -1,0 +1,198 @@
+//! Choosing and sending tokens: sampling, the `n`/`best_of` followers forked from a prompt's
+//! leader, the echoed prompt, and the end of a sequence and of its request.
+
+use std::time::Instant;
+
+use super::fault::inject;
+use super::plan::StepKind;
+use super::progress::{Ready, Scored};
+use super::{contained, Batcher, Phase};
+use crate::engine::request::{Event, FinishReason};
+use crate::engine::sampling::Sampler;
+use crate::engine::sequence::{Outcome, Sequence};
+
+impl Batcher {
+    /// Samples and emits each ready sequence's token; a sequence that just finished its
+    /// prompt first forks its `n`/`best_of` followers, which share its prompt and scores.
+    pub(super) fn emit(&mut self, ready: Vec<Ready>, scored: Scored) {
+        let mut forked = Vec::new();
+        for (r, rows) in ready.into_iter().zip(scored) {
+            let mut rows = match rows {
+                Ok(s) => s,
+                Err(message) => {
+                    self.fail_members(&[r.index], message);
+                    continue;
+                }
+            };
+            if !self.running[r.index].is_live() {
+                continue;
+            }
+            if r.kind != StepKind::Next {
+                if let Err(message) =
+                    contained(Phase::Emit, || self.speculate(r.index, r.kind, rows))
+                {
+                    self.fail_members(&[r.index], message);
+                }
+                continue;
+            }
+            let scores = rows.pop().unwrap_or_default();
+            let result = contained(Phase::Emit, || {
+                let mut followers = Vec::new();
+                if r.first_token {
+                    followers = self.fork_followers(r.index, &scores)?;
+                    self.send_prompt_event(r.index);
+                }
+                self.sample_and_emit(r.index, &scores);
+                Ok::<_, String>(followers)
+            });
+            match result {
+                Ok(Ok(followers)) => forked.extend(followers),
+                Ok(Err(message)) | Err(message) => self.fail_members(&[r.index], message),
+            }
+        }
+        for (seq, scores) in forked {
+            if !seq.is_live() {
+                continue;
+            }
+            self.running.push(seq);
+            let idx = self.running.len() - 1;
+            let result = contained(Phase::Emit, || {
+                self.send_prompt_event(idx);
+                self.sample_and_emit(idx, &scores);
+            });
+            if let Err(message) = result {
+                self.fail_members(&[idx], message);
+            }
+        }
+    }
+
+    /// The leader's followers, each with its own copy of the prompt's cache. A failed copy
+    /// fails the request (its followers could never run).
+    fn fork_followers(
+        &mut self,
+        i: usize,
+        scores: &[f32],
+    ) -> Result<Vec<(Sequence, Vec<f32>)>, String> {
+        let forks = std::mem::take(&mut self.running[i].forks);
+        let mut out = Vec::with_capacity(forks.len());
+        for candidate in forks {
+            let leader = &self.running[i];
+            inject(self.cfg.fault(), Phase::Fork, &leader.prompt);
+            let cache = leader
+                .cache
+                .fork()
+                .map_err(|e| format!("forking the cache of a `best_of` candidate failed: {e}"))?;
+            let sampling = leader.request.borrow().req.sampling.clone();
+            let mut seq = Sequence::new(
+                leader.request.clone(),
+                candidate,
+                leader.prompt.clone(),
+                cache,
+                Sampler::new(sampling, candidate as u64),
+            );
+            seq.prefilled = leader.prefilled;
+            seq.reserved = leader.reserved;
+            seq.prompt_logprobs = leader.prompt_logprobs.clone();
+            out.push((seq, scores.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn send_prompt_event(&self, i: usize) {
+        let seq = &self.running[i];
+        let echo = seq.request.borrow().req.echo;
+        if !echo {
+            return;
+        }
+        let mut tokens = Vec::with_capacity(seq.prompt.len());
+        for (p, &id) in seq.prompt.iter().enumerate() {
+            let text = self.tokenizer.decode(&[id]).unwrap_or_default();
+            let lp = p
+                .checked_sub(1)
+                .and_then(|q| seq.prompt_logprobs.get(q).cloned());
+            tokens.push((id, text, lp));
+        }
+        seq.send(Event::Prompt {
+            candidate: seq.candidate,
+            text: self.tokenizer.decode(&seq.prompt).unwrap_or_default(),
+            tokens,
+        });
+    }
+
+    fn sample_and_emit(&mut self, i: usize, scores: &[f32]) {
+        if self.running[i].request.borrow().req.max_tokens == 0 {
+            // echo with max_tokens 0: the prompt was only scored.
+            return self.finish(i, FinishReason::Length);
+        }
+        inject(self.cfg.fault(), Phase::Sample, &self.running[i].prompt);
+        let id = self.running[i].sampler.choose(scores);
+        self.emit_token(i, id, scores);
+    }
+
+    /// Emits token `id` chosen from `scores`; returns whether the sequence finished.
+    pub(super) fn emit_token(&mut self, i: usize, id: u32, scores: &[f32]) -> bool {
+        let now = Instant::now();
+        let seq = &mut self.running[i];
+        {
+            let mut r = seq.request.borrow_mut();
+            r.usage.completion_tokens += 1;
+            if r.first_token_at.is_none() {
+                r.first_token_at = Some(now);
+                self.metrics.time_to_first_token.record(now - r.arrived);
+            }
+        }
+        if let Some(prev) = seq.last_token_at {
+            self.metrics.inter_token_latency.record(now - prev);
+        }
+        seq.last_token_at = Some(now);
+        self.metrics.generated_tokens.increment(1);
+        inject(self.cfg.fault(), Phase::Emit, &seq.prompt);
+        if let Outcome::Finished(reason) =
+            seq.accept(id, scores, &self.tokenizer, self.cfg.eos_token_id)
+        {
+            self.finish(i, reason);
+            return true;
+        }
+        false
+    }
+
+    pub(super) fn finish(&mut self, i: usize, reason: FinishReason) {
+        let seq = &mut self.running[i];
+        seq.finished = true;
+        if let Some(spec) = &seq.spec {
+            let (acceptance, draft_cost, verify_row_cost) = spec.estimates();
+            let _e = seq.request.borrow().span.clone().entered();
+            tracing::debug!(
+                acceptance,
+                draft_cost,
+                verify_row_cost,
+                "speculation estimates"
+            );
+        }
+        seq.send(Event::End {
+            candidate: seq.candidate,
+            finish_reason: reason,
+            cumulative_logprob: seq.cumulative_logprob,
+        });
+        let mut r = seq.request.borrow_mut();
+        r.unfinished -= 1;
+        if r.unfinished == 0 {
+            self.metrics.e2e_latency.record(r.arrived.elapsed());
+            self.metrics.request_finished("ok", r.mode_label);
+            {
+                let _e = r.span.enter();
+                tracing::info!(
+                    prompt_tokens = r.usage.prompt_tokens,
+                    completion_tokens = r.usage.completion_tokens,
+                    drafted = r.usage.speculative.map(|u| u.drafted),
+                    accepted = r.usage.speculative.map(|u| u.accepted),
+                    ms = r.arrived.elapsed().as_millis() as u64,
+                    "completed"
+                );
+            }
+            // Last: once the client has its answer, a shutdown may end the process at once,
+            // and the log line and metrics above must not be lost with it.
+            let _ = r.tx.try_send(Event::Done { usage: r.usage });
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Planning a step: what each running sequence feeds the forward (a prompt chunk under the
+//! prefill budget, its next token, a draft or a verifying pass), as one [`RowPlan`] per row.
+//! The budget arithmetic itself is the pure scheduler's (`engine/scheduler.rs`).
+
+use super::fault::inject;
+use super::{contained, Batcher, Phase};
+use crate::engine::request::events_per_step;
+use crate::engine::scheduler::{self, SeqView};
+use crate::engine::sequence::Sequence;
+use crate::engine::speculative::SpecInput;
+use crate::model::Head;
+
+/// Positions an inspection of every position scores per step: its logits stay resident for
+/// every head, so this bounds that memory (and leaves the prefill budget to others).
+const INSPECT_CHUNK: usize = 32;
+
+/// What a decoding sequence does in a step (a prompt chunk is `Next`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StepKind {
+    /// Its next token, from its mode's heads at the last position.
+    Next,
+    /// A draft token, from the draft exit (self-speculative decoding).
+    Draft,
+    /// The verifying pass over a round's drafts: the mode's heads at every position.
+    Verify,
+}
+
+/// One sequence's part in a step.
+pub(super) struct RowPlan {
+    /// Its index in `running`.
+    pub index: usize,
+    /// The tokens fed: a prompt chunk, the next token, a draft or the drafts to verify.
+    pub tokens: Vec<u32>,
+    /// Prompt tokens fed (0 for a decoding sequence).
+    pub prompt_taken: usize,
+    /// The heads evaluated (none for a prompt chunk that is neither last nor scored).
+    pub heads: Vec<Head>,
+    /// Blocks run.
+    pub depth: usize,
+    /// Heads at every position fed, not only the last.
+    pub all_positions: bool,
+    pub kind: StepKind,
+}
+
+/// The inputs of one step, in `running` order over the sequences that take part.
+pub(super) struct StepPlan {
+    pub rows: Vec<RowPlan>,
+}
+
+impl StepPlan {
+    /// The members' indices into `running`.
+    pub fn members(&self) -> Vec<usize> {
+        self.rows.iter().map(|r| r.index).collect()
+    }
+}
+
+impl Batcher {
+    /// What each running sequence feeds this step: a prompt chunk under the prefill budget,
+    /// or its one new token. A stream whose client has not read its events sits out.
+    pub(super) fn plan(&mut self) -> StepPlan {
+        let views: Vec<SeqView> = self
+            .running
+            .iter()
+            .map(|s| {
+                let r = s.request.borrow();
+                let inspect_all = r.req.inspect.is_some_and(|i| i.all_positions);
+                SeqView {
+                    prompt_left: s.prompt.len() - s.prefilled,
+                    can_emit: r.tx.capacity()
+                        >= events_per_step(r.unfinished, r.req.tokens_per_step()),
+                    max_chunk: if inspect_all {
+                        INSPECT_CHUNK
+                    } else {
+                        usize::MAX
+                    },
+                }
+            })
+            .collect();
+        let paused = views.iter().filter(|v| !v.can_emit).count();
+        self.metrics.paused_sequences.set(paused as f64);
+        let slots = scheduler::plan_step(self.cfg.budget.max_prefill_tokens, &views);
+        let decoding = slots.iter().filter(|s| s.prompt_take == 0).count();
+        let may_draft = decoding <= self.cfg.speculative_max_batch;
+        let mut rows = Vec::with_capacity(slots.len());
+        let fault = self.cfg.fault();
+        for slot in slots {
+            let s = &mut self.running[slot.index];
+            let planned = contained(Phase::Plan, || {
+                inject(fault, Phase::Plan, &s.prompt);
+                if slot.prompt_take == 0 {
+                    decode_row(s, slot.index, may_draft)
+                } else {
+                    prompt_row(s, slot.index, slot.prompt_take)
+                }
+            });
+            match planned {
+                Ok(row) => rows.push(row),
+                Err(message) => self.fail_members(&[slot.index], message),
+            }
+        }
+        StepPlan { rows }
+    }
+}
+
+/// A prefilling sequence's next `take` prompt tokens.
+fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
+    let r = s.request.borrow();
+    // Scores at every prompt position: echo with logprobs, or an inspection of all positions.
+    let all_positions =
+        (r.req.echo && r.req.logprobs.is_some()) || r.req.inspect.is_some_and(|i| i.all_positions);
+    let last_chunk = s.prefilled + take == s.prompt.len();
+    RowPlan {
+        index,
+        tokens: s.prompt[s.prefilled..s.prefilled + take].to_vec(),
+        prompt_taken: take,
+        // Heads at the last position once the prompt is in; at every prompt position for
+        // echo with logprobs.
+        heads: if last_chunk || all_positions {
+            r.heads.clone()
+        } else {
+            Vec::new()
+        },
+        depth: r.depth,
+        all_positions,
+        kind: StepKind::Next,
+    }
+}
+
+/// A decoding sequence's input for this step: its next token through its mode, or, when it
+/// speculates, a draft step at the draft exit or the verifying pass over the round's drafts
+/// (its cache rolled back to where the round began).
+fn decode_row(s: &mut Sequence, index: usize, may_draft: bool) -> RowPlan {
+    let next = s.next_input.expect("decoding sequences have a token");
+    let (remaining, heads, depth) = {
+        let r = s.request.borrow();
+        (r.req.max_tokens - s.generated, r.heads.clone(), r.depth)
+    };
+    let input = match s.spec.as_mut() {
+        Some(spec) if may_draft || spec.in_round() => {
+            spec.next_input(next, s.cache.len(), remaining)
+        }
+        _ => SpecInput::Plain,
+    };
+    let row = |tokens, heads, depth, all_positions, kind| RowPlan {
+        index,
+        tokens,
+        prompt_taken: 0,
+        heads,
+        depth,
+        all_positions,
+        kind,
+    };
+    match input {
+        SpecInput::Plain => row(vec![next], heads, depth, false, StepKind::Next),
+        SpecInput::Draft(token) => {
+            let layer = s.spec.as_ref().map_or(depth, |sp| sp.spec.draft_layer);
+            row(
+                vec![token],
+                vec![Head::Exit(layer)],
+                layer,
+                false,
+                StepKind::Draft,
+            )
+        }
+        SpecInput::Verify { tokens, base_len } => {
+            s.cache.truncate(base_len);
+            row(tokens, heads, depth, true, StepKind::Verify)
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! After the forward: prompt bookkeeping (progress, echo logprobs, inspection reports) and the
+//! scoring of every sequence that reached its next token (or draft, or verified drafts).
+
+use rayon::prelude::*;
+
+use super::fault::inject;
+use super::plan::{StepKind, StepPlan};
+use super::{contained, Batcher, Phase};
+use crate::engine::inspection;
+use crate::engine::request::{Event, FinishReason, InspectSpec};
+use crate::engine::sequence::{token_logprob, Sequence};
+use crate::model::{Logits, Mode, StepLogits, TextTokenizer};
+
+/// What a step's forward did for one sequence.
+enum Progress {
+    /// Its prompt is not all in yet (or this step produced no logits for it).
+    Prefilling,
+    /// Its next token can be chosen.
+    Ready(Ready),
+    /// An inspection whose reports are complete.
+    Inspected,
+}
+
+/// A sequence whose next token (or draft, or verified drafts) can be chosen: the logits of
+/// the heads it asked for.
+pub(super) struct Ready {
+    pub index: usize,
+    /// The mode scored: the request's, or the draft exit's.
+    mode: Mode,
+    logits: Vec<Logits>,
+    pub kind: StepKind,
+    /// Its first generated token (the prompt just finished).
+    pub first_token: bool,
+}
+
+impl Ready {
+    /// The log-distributions to choose from: at the last position, or at every verified one.
+    fn scores(&self) -> Vec<Vec<f32>> {
+        let rows = match self.kind {
+            StepKind::Verify => 0..self.logits.first().map_or(0, Logits::rows),
+            _ => {
+                let n = self.logits.first().map_or(0, Logits::rows);
+                n.saturating_sub(1)..n
+            }
+        };
+        rows.map(|row| self.mode.scores_at(&self.logits, row))
+            .collect()
+    }
+}
+
+/// Each ready sequence's log-distributions, or the message its failure left.
+pub(super) type Scored = Vec<Result<Vec<Vec<f32>>, String>>;
+
+impl Batcher {
+    /// Prompt bookkeeping (progress, prompt logprobs, inspection reports), then the heads at
+    /// each sequence's last position: the logits of its next token (none for a sequence
+    /// still in its prefill). A finished inspection sends its reports and ends here.
+    pub(super) fn take_prompt_progress(
+        &mut self,
+        plan: &StepPlan,
+        outputs: StepLogits,
+    ) -> Vec<Ready> {
+        let mut ready = Vec::with_capacity(plan.rows.len());
+        let mut inspected = Vec::new();
+        for (row, logits) in plan.rows.iter().zip(outputs.into_per_seq()) {
+            let (i, take, all_positions) = (row.index, row.prompt_taken, row.all_positions);
+            let (metrics, tokenizer, fault) = (&self.metrics, &self.tokenizer, self.cfg.fault());
+            let seq = &mut self.running[i];
+            let progress = contained(Phase::Plan, || {
+                let start = seq.prefilled;
+                if take > 0 {
+                    metrics.prompt_tokens.increment(take as u64);
+                    seq.prefilled += take;
+                }
+                let inspect = seq.request.borrow().req.inspect;
+                if let Some(spec) = inspect {
+                    inject(fault, Phase::Score, &seq.prompt);
+                    record_inspection(seq, &spec, start, take, all_positions, &logits, tokenizer);
+                    return if seq.in_prefill() {
+                        Progress::Prefilling
+                    } else {
+                        Progress::Inspected
+                    };
+                }
+                if take > 0 && all_positions {
+                    record_prompt_logprobs(seq, start, take, &logits, tokenizer);
+                }
+                if seq.in_prefill() || logits.first().is_none_or(Logits::is_empty) {
+                    return Progress::Prefilling;
+                }
+                let kind = row.kind;
+                let mode = match (kind, &seq.spec) {
+                    (StepKind::Draft, Some(spec)) => Mode::Exit(spec.spec.draft_layer),
+                    _ => seq.request.borrow().req.mode,
+                };
+                Progress::Ready(Ready {
+                    index: i,
+                    mode,
+                    logits,
+                    kind,
+                    first_token: take > 0,
+                })
+            });
+            match progress {
+                Ok(Progress::Ready(r)) => ready.push(r),
+                Ok(Progress::Inspected) => inspected.push(i),
+                Ok(Progress::Prefilling) => {}
+                Err(message) => self.fail_members(&[i], message),
+            }
+        }
+        for i in inspected {
+            let positions = std::mem::take(&mut self.running[i].inspection);
+            self.running[i].send(Event::Inspection { positions });
+            self.finish(i, FinishReason::Length);
+        }
+        ready
+    }
+
+    /// The vocabulary-sized scoring (log-softmax, contrast) of each ready sequence, spread
+    /// over the cores; a panic fails only its own sequence's request.
+    pub(super) fn score(&self, ready: &[Ready]) -> Scored {
+        let fault = self.cfg.fault();
+        let prompts: Vec<&[u32]> = ready
+            .iter()
+            .map(|r| &self.running[r.index].prompt[..])
+            .collect();
+        ready
+            .par_iter()
+            .zip(prompts)
+            .map(|(r, prompt)| {
+                contained(Phase::Score, || {
+                    inject(fault, Phase::Score, prompt);
+                    r.scores()
+                })
+            })
+            .collect()
+    }
+}
+
+/// An inspection's reports for the positions this step scored: every position of the chunk
+/// (`all_positions`), or the last prompt position once the prompt is in.
+fn record_inspection(
+    seq: &mut Sequence,
+    spec: &InspectSpec,
+    start: usize,
+    take: usize,
+    all_positions: bool,
+    logits: &[Logits],
+    tok: &TextTokenizer,
+) {
+    let (first, rows) = if all_positions {
+        (start, take)
+    } else if !seq.in_prefill() {
+        (seq.prompt.len() - 1, 1)
+    } else {
+        return;
+    };
+    if rows == 0 {
+        return;
+    }
+    let heads = seq.request.borrow().heads.clone();
+    let reports = inspection::reports(&heads, logits, first, rows, &seq.prompt, spec, tok);
+    seq.inspection.extend(reports);
+}
+
+/// Stores the logprob of each prompt token that follows a position of this chunk.
+fn record_prompt_logprobs(
+    seq: &mut Sequence,
+    start: usize,
+    take: usize,
+    logits: &[Logits],
+    tok: &TextTokenizer,
+) {
+    let (mode, k) = {
+        let r = seq.request.borrow();
+        (r.req.mode, r.req.logprobs.unwrap_or(0))
+    };
+    for row in 0..take {
+        let next = start + row + 1;
+        if next >= seq.prompt.len() {
+            break;
+        }
+        let scores = mode.scores_at(logits, row);
+        seq.prompt_logprobs
+            .push(token_logprob(seq.prompt[next], &scores, k, tok));
+    }
+}

@@ -1,0 +1,229 @@
+//! Turns a [`GenerateRequest`] into a [`ValidRequest`], once. Each concern has its file:
+//! `sampling.rs` (temperature, penalties, `logit_bias`, `n`/`best_of`, `logprobs`),
+//! `mode.rs` (`multi_exit` and `speculative`), `prompt.rs` (prompts, stops, the batch budget);
+//! every refusal is a [`ValidationError`] naming its field and limit (`error.rs`).
+
+mod error;
+mod mode;
+mod prompt;
+mod sampling;
+#[cfg(test)]
+mod tests;
+
+pub use error::ValidationError;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::request::{
+    GenerateRequest, InspectRequest, InspectSpec, SamplingParams, SpeculativeSpec, ValidRequest,
+};
+use super::scheduler::Budget;
+use super::stop::StopSet;
+use crate::model::{Mode, TextTokenizer};
+
+/// Limits a request is checked against (from the configuration and the model).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_input_tokens: usize,
+    /// Upper bound of `n` and `best_of`.
+    pub max_best_of: usize,
+    pub max_positions: usize,
+    pub vocab_size: usize,
+    pub exit_layers: Vec<usize>,
+    pub num_layers: usize,
+    pub default_mode: Mode,
+    /// How long a request may take, from its first byte to its last (`--request-timeout`).
+    pub request_timeout: Duration,
+    /// What the running batch may hold: a prompt that could never fit is refused here.
+    pub budget: Budget,
+    /// Prompts x `best_of` of one request (`--max-sequences-per-request`).
+    pub max_sequences_per_request: usize,
+    pub max_stop_sequences: usize,
+    /// Longest stop sequence, in characters.
+    pub max_stop_length: usize,
+    /// Entries of `logit_bias` (each is applied at every token).
+    pub max_logit_bias: usize,
+    /// Bytes of the longest vocabulary token: a text of more than `max_input_tokens` times
+    /// this many bytes cannot fit and is refused without tokenizing it.
+    pub max_token_bytes: usize,
+    /// Self-speculative decoding for requests that do not ask (`--speculative-draft-layer`),
+    /// where their mode decodes above the draft layer.
+    pub speculative_default: Option<SpeculativeSpec>,
+    /// `max_draft_tokens` when a request's `speculative` object leaves it out.
+    pub speculative_max_draft_tokens: usize,
+}
+
+pub const MAX_LOGPROBS: i64 = 5;
+/// Top tokens an inspection reports per head and position.
+pub const MAX_INSPECT_TOP_LOGPROBS: i64 = 20;
+pub const DEFAULT_MAX_TOKENS: i64 = 16;
+
+#[derive(Clone)]
+pub struct Validator {
+    limits: Arc<Limits>,
+    tokenizer: Arc<TextTokenizer>,
+}
+
+/// A count that must lie in `[lo, hi]`.
+fn count_in(param: &str, got: i64, lo: i64, hi: i64) -> Result<i64, ValidationError> {
+    if (lo..=hi).contains(&got) {
+        Ok(got)
+    } else {
+        Err(ValidationError::CountOutOfRange {
+            param: param.into(),
+            lo,
+            hi,
+            got,
+        })
+    }
+}
+
+impl Validator {
+    pub fn new(limits: Limits, tokenizer: Arc<TextTokenizer>) -> Self {
+        Self {
+            limits: Arc::new(limits),
+            tokenizer,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn tokenizer(&self) -> &Arc<TextTokenizer> {
+        &self.tokenizer
+    }
+
+    /// Checks `req` and tokenizes its prompts (CPU work: call off the async runtime for big
+    /// prompts). Cheap checks come first, so an oversized request costs no tokenization.
+    pub fn validate(
+        &self,
+        req: GenerateRequest,
+        deadline: Instant,
+    ) -> Result<ValidRequest, ValidationError> {
+        let l = &*self.limits;
+        let mode = self.request_mode(req.mode.as_ref(), req.named_mode)?;
+        let mut sampling = self.sampling(&req)?;
+        let (n, best_of) = self.copies(&req)?;
+        let logprobs = req
+            .logprobs
+            .map(|k| count_in("logprobs", k, 0, MAX_LOGPROBS))
+            .transpose()?
+            .map(|k| k as usize);
+        self.stops(&req.stop)?;
+        sampling.logit_bias = self.logit_bias(&req.logit_bias)?;
+        let max_tokens = self.max_tokens(&req)?;
+        let speculative = self.speculative(req.speculative, &mode)?;
+        if req.prompts.len().saturating_mul(best_of) > l.max_sequences_per_request {
+            return Err(ValidationError::TooManySequences {
+                prompts: req.prompts.len(),
+                best_of,
+                max: l.max_sequences_per_request,
+            });
+        }
+        let prompts = self.prompts(&req.prompts)?;
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if longest + max_tokens > l.max_positions {
+            return Err(ValidationError::ContextExceeded {
+                max_positions: l.max_positions,
+                prompt: longest,
+                max_tokens,
+            });
+        }
+        let copies_param = if req.best_of.is_some() {
+            "best_of"
+        } else {
+            "n"
+        };
+        for p in &prompts {
+            self.fits_alone(p.len(), max_tokens, best_of, copies_param, "max_tokens")?;
+        }
+        Ok(ValidRequest {
+            prompts,
+            mode,
+            max_tokens,
+            sampling,
+            n,
+            best_of,
+            stop: Arc::new(StopSet::new(&req.stop)),
+            logprobs,
+            echo: req.echo,
+            ignore_eos: req.ignore_eos,
+            deadline,
+            inspect: None,
+            speculative,
+        })
+    }
+
+    /// `max_tokens` (default [`DEFAULT_MAX_TOKENS`]): at least 1 (0 with `echo`), and short
+    /// of the context, checked before any sum so that a huge value cannot wrap around.
+    fn max_tokens(&self, req: &GenerateRequest) -> Result<usize, ValidationError> {
+        let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        let min = if req.echo { 0 } else { 1 };
+        if max_tokens < min {
+            return Err(ValidationError::MaxTokensTooSmall {
+                min,
+                got: max_tokens,
+            });
+        }
+        let max_positions = self.limits.max_positions;
+        if max_tokens >= max_positions as i64 {
+            return Err(ValidationError::MaxTokensFillContext {
+                max_positions,
+                max_tokens,
+            });
+        }
+        Ok(max_tokens as usize)
+    }
+
+    /// Checks an inspection and tokenizes its prompt: one prompt, prefilled once, every head
+    /// evaluated; the same prompt and budget limits as a completion.
+    pub fn validate_inspect(
+        &self,
+        req: InspectRequest,
+        deadline: Instant,
+    ) -> Result<ValidRequest, ValidationError> {
+        let top = count_in(
+            "top_logprobs",
+            req.top_logprobs.unwrap_or(5),
+            0,
+            MAX_INSPECT_TOP_LOGPROBS,
+        )?;
+        let all_positions = match req.positions.as_deref() {
+            None | Some("last") => false,
+            Some("all") => true,
+            Some(other) => return Err(ValidationError::Positions(other.into())),
+        };
+        let contrast = match (&req.contrast, req.named_mode) {
+            (Some(spec), _) => match self.mode_in("contrast", spec)? {
+                Mode::Contrast(c) => Some(c),
+                _ => return Err(ValidationError::NotAContrast),
+            },
+            (None, Some(Mode::Contrast(c))) => Some(c),
+            (None, _) => None,
+        };
+        let prompt = req.prompt.ok_or(ValidationError::PromptRequired)?;
+        let prompt = self.prompts(&[prompt])?.remove(0);
+        self.fits_alone(prompt.len(), 0, 1, "n", "prompt")?;
+        Ok(ValidRequest {
+            prompts: vec![prompt],
+            mode: Mode::Original,
+            max_tokens: 0,
+            sampling: SamplingParams::greedy(),
+            n: 1,
+            best_of: 1,
+            stop: Arc::new(StopSet::default()),
+            logprobs: None,
+            echo: false,
+            ignore_eos: false,
+            deadline,
+            inspect: Some(InspectSpec {
+                top_logprobs: top as usize,
+                all_positions,
+                contrast,
+            }),
+            speculative: None,
+        })
+    }
+}

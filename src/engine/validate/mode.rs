@@ -1,0 +1,165 @@
+//! The decoding mode (`multi_exit`, or the one a model id names) and self-speculative
+//! decoding (`speculative`), against the model's exits and depth.
+
+use super::sampling::in_range;
+use super::{count_in, ValidationError, Validator};
+use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec, UpperSpec};
+use crate::engine::speculative::MAX_DRAFT_TOKENS;
+use crate::model::mode::{DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES};
+use crate::model::{ContrastParams, Mode, Upper};
+
+impl Validator {
+    /// The mode a request decodes with: its `multi_exit`, the one its model id names (the
+    /// two must agree when both are given), else the server's default.
+    pub(super) fn request_mode(
+        &self,
+        spec: Option<&ModeSpec>,
+        named: Option<Mode>,
+    ) -> Result<Mode, ValidationError> {
+        Ok(match (spec, named) {
+            (None, None) => self.limits.default_mode,
+            (Some(spec), None) => self.mode(spec)?,
+            (None, Some(named)) => named,
+            (Some(spec), Some(named)) => {
+                if self.mode(spec)? != named {
+                    return Err(ValidationError::ModeConflict);
+                }
+                named
+            }
+        })
+    }
+
+    /// Resolves a `multi_exit` object against the model's exits.
+    pub fn mode(&self, spec: &ModeSpec) -> Result<Mode, ValidationError> {
+        self.mode_in("multi_exit", spec)
+    }
+
+    /// Resolves a mode object sent as the field `object` (`multi_exit`, or an inspection's
+    /// `contrast`), whose name its errors carry.
+    pub(super) fn mode_in(
+        &self,
+        object: &'static str,
+        spec: &ModeSpec,
+    ) -> Result<Mode, ValidationError> {
+        let exits = &self.limits.exit_layers;
+        let layer = |field: &'static str, v: Option<i64>| -> Result<usize, ValidationError> {
+            let v = v.ok_or_else(|| ValidationError::LayerRequired {
+                object,
+                field,
+                exits: exits.clone(),
+            })?;
+            usize::try_from(v)
+                .ok()
+                .filter(|l| exits.contains(l))
+                .ok_or_else(|| ValidationError::NotAnExit {
+                    object,
+                    field,
+                    got: v,
+                    exits: exits.clone(),
+                })
+        };
+        Ok(match spec {
+            ModeSpec::Original => Mode::Original,
+            ModeSpec::Exit { layer: l } => Mode::Exit(layer("layer", *l)?),
+            ModeSpec::Contrast {
+                upper,
+                lower,
+                alpha,
+                minimum_candidates,
+            } => {
+                let lower = layer("lower", *lower)?;
+                let upper = match upper {
+                    None => {
+                        return Err(ValidationError::UpperRequired {
+                            object,
+                            exits: exits.clone(),
+                        })
+                    }
+                    Some(UpperSpec::Original) => Upper::Original,
+                    Some(UpperSpec::Layer(u)) => {
+                        let upper = layer("upper", Some(*u))?;
+                        if upper <= lower {
+                            return Err(ValidationError::UpperNotAbove {
+                                object,
+                                upper,
+                                lower,
+                            });
+                        }
+                        Upper::Exit(upper)
+                    }
+                };
+                let alpha = in_range(
+                    &format!("{object}.alpha"),
+                    *alpha,
+                    DEFAULT_ALPHA as f64,
+                    (0.0, 1.0),
+                    true,
+                )?;
+                let k = count_in(
+                    &format!("{object}.minimum_candidates"),
+                    minimum_candidates.unwrap_or(DEFAULT_MINIMUM_CANDIDATES as i64),
+                    1,
+                    self.limits.vocab_size as i64,
+                )?;
+                Mode::Contrast(ContrastParams {
+                    upper,
+                    lower,
+                    alpha,
+                    minimum_candidates: k as usize,
+                })
+            }
+        })
+    }
+
+    /// The request's `speculative` object checked against `mode`; without one, the server's
+    /// default where the mode decodes above its draft layer.
+    pub fn speculative(
+        &self,
+        req: Option<SpeculativeRequest>,
+        mode: &Mode,
+    ) -> Result<Option<SpeculativeSpec>, ValidationError> {
+        let l = &*self.limits;
+        let depth = mode.depth(l.num_layers);
+        let Some(req) = req else {
+            return Ok(l.speculative_default.filter(|s| s.draft_layer < depth));
+        };
+        let layer = match req.draft_layer {
+            Some(layer) => layer,
+            // The server's draft layer, else the highest exit at or below half the depth.
+            None => l
+                .speculative_default
+                .map(|s| s.draft_layer)
+                .filter(|&d| d < depth)
+                .or_else(|| {
+                    l.exit_layers
+                        .iter()
+                        .copied()
+                        .filter(|&e| 2 * e <= depth)
+                        .max()
+                })
+                .ok_or(ValidationError::DraftLayerNeeded { depth })? as i64,
+        };
+        if layer < 0 || !l.exit_layers.contains(&(layer as usize)) {
+            return Err(ValidationError::DraftLayerNotAnExit {
+                got: layer,
+                exits: l.exit_layers.clone(),
+            });
+        }
+        let layer = layer as usize;
+        if layer >= depth {
+            return Err(ValidationError::DraftLayerTooDeep { layer, depth });
+        }
+        let k = count_in(
+            "speculative.max_draft_tokens",
+            req.max_draft_tokens
+                .unwrap_or(l.speculative_max_draft_tokens as i64),
+            1,
+            MAX_DRAFT_TOKENS as i64,
+        )?;
+        Ok(Some(SpeculativeSpec {
+            draft_layer: layer,
+            max_draft_tokens: k as usize,
+            adaptive: req.adaptive.unwrap_or(true),
+        }))
+    }
+}

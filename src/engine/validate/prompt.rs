@@ -1,0 +1,114 @@
+//! Prompts (text or token ids, tokenized here), stop sequences, and whether a prompt could
+//! ever fit the batch budget.
+
+use super::{ValidationError, Validator};
+use crate::engine::request::PromptInput;
+use crate::engine::scheduler::{self, Demand, Refusal};
+
+impl Validator {
+    /// Refuses a prompt whose `copies` sequences of `prompt_len + max_tokens` positions could
+    /// never fit the batch budget, naming `copies_param` or `tokens_param` and both numbers.
+    pub(super) fn fits_alone(
+        &self,
+        prompt_len: usize,
+        max_tokens: usize,
+        copies: usize,
+        copies_param: &'static str,
+        tokens_param: &'static str,
+    ) -> Result<(), ValidationError> {
+        let demand = Demand::of_prompt(prompt_len, max_tokens, copies)
+            .ok_or(ValidationError::TooLarge(tokens_param))?;
+        match scheduler::fits_alone(&self.limits.budget, demand) {
+            Ok(()) => Ok(()),
+            Err(Refusal::Sequences { need, limit }) => Err(ValidationError::BatchSequences {
+                param: copies_param,
+                need,
+                limit,
+            }),
+            Err(Refusal::Tokens { need, limit }) => Err(ValidationError::BatchTokens {
+                param: tokens_param,
+                prompt: prompt_len,
+                max_tokens,
+                copies,
+                need,
+                limit,
+            }),
+        }
+    }
+
+    /// At most `--max-stop-sequences`, none empty, each at most `--max-stop-length` chars.
+    pub(super) fn stops(&self, stops: &[String]) -> Result<(), ValidationError> {
+        let l = &*self.limits;
+        if stops.len() > l.max_stop_sequences {
+            return Err(ValidationError::TooManyStops {
+                max: l.max_stop_sequences,
+                got: stops.len(),
+            });
+        }
+        for s in stops {
+            if s.is_empty() {
+                return Err(ValidationError::EmptyStop);
+            }
+            // A cheap bound first: characters never outnumber bytes.
+            if s.len() > l.max_stop_length && s.chars().count() > l.max_stop_length {
+                return Err(ValidationError::StopTooLong {
+                    max: l.max_stop_length,
+                    got: s.chars().count(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Each prompt as token ids, at most `--max-input-tokens` of them; a text that cannot
+    /// fit is refused from its length alone, before it is tokenized.
+    pub(super) fn prompts(&self, inputs: &[PromptInput]) -> Result<Vec<Vec<u32>>, ValidationError> {
+        let l = &*self.limits;
+        if inputs.is_empty() {
+            return Err(ValidationError::EmptyPromptList);
+        }
+        let too_long = |tokens, bytes| ValidationError::PromptTooLong {
+            tokens,
+            bytes,
+            max: l.max_input_tokens,
+        };
+        let mut out = Vec::with_capacity(inputs.len());
+        for p in inputs {
+            let ids = match p {
+                PromptInput::Text(text) => {
+                    // Every token covers at most `max_token_bytes` bytes.
+                    let at_least = text.len().div_ceil(l.max_token_bytes.max(1));
+                    if at_least > l.max_input_tokens {
+                        return Err(too_long(at_least, Some(text.len())));
+                    }
+                    self.tokenizer
+                        .encode(text)
+                        .map_err(|e| ValidationError::Untokenizable(e.to_string()))?
+                }
+                PromptInput::Tokens(ids) if ids.len() > l.max_input_tokens => {
+                    return Err(too_long(ids.len(), None))
+                }
+                PromptInput::Tokens(ids) => ids
+                    .iter()
+                    .map(|&id| {
+                        u32::try_from(id)
+                            .ok()
+                            .filter(|&id| (id as usize) < l.vocab_size)
+                            .ok_or(ValidationError::PromptTokenId {
+                                vocab: l.vocab_size,
+                                got: id,
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            if ids.is_empty() {
+                return Err(ValidationError::EmptyPrompt);
+            }
+            if ids.len() > l.max_input_tokens {
+                return Err(too_long(ids.len(), None));
+            }
+            out.push(ids);
+        }
+        Ok(out)
+    }
+}

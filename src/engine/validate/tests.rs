@@ -1,0 +1,499 @@
+//! Every rule, without a server: each refusal's field and exact message.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Limits, ValidationError, Validator};
+use crate::engine::request::{
+    GenerateRequest, InspectRequest, ModeSpec, PromptInput, SpeculativeRequest, SpeculativeSpec,
+    UpperSpec,
+};
+use crate::engine::scheduler::Budget;
+use crate::model::source::TokenizerFiles;
+use crate::model::{ContrastParams, Mode, TextTokenizer, Upper};
+
+const VOCAB: usize = 50257;
+
+fn validator() -> Validator {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny-gpt-neo-multiexit/tokenizer.json");
+    let tok = TextTokenizer::from_files(&TokenizerFiles::Json(dir)).expect("fixture tokenizer");
+    Validator::new(
+        Limits {
+            max_input_tokens: 64,
+            max_best_of: 4,
+            max_positions: 128,
+            vocab_size: VOCAB,
+            exit_layers: vec![1, 2, 4],
+            num_layers: 4,
+            default_mode: Mode::Original,
+            request_timeout: Duration::from_secs(60),
+            budget: Budget {
+                max_sequences: 3,
+                max_tokens: 100,
+                max_prefill_tokens: 64,
+            },
+            max_sequences_per_request: 8,
+            max_stop_sequences: 2,
+            max_stop_length: 5,
+            max_logit_bias: 2,
+            max_token_bytes: 8,
+            speculative_default: None,
+            speculative_max_draft_tokens: 4,
+        },
+        Arc::new(tok),
+    )
+}
+
+fn request() -> GenerateRequest {
+    GenerateRequest {
+        prompts: vec![PromptInput::Tokens(vec![1, 2, 3])],
+        ..Default::default()
+    }
+}
+
+fn refusal(req: GenerateRequest) -> (String, String) {
+    let e = validator()
+        .validate(req, Instant::now())
+        .expect_err("refused");
+    (e.param(), e.to_string())
+}
+
+/// Checks that `edit` applied to a valid request is refused on `param` with `message`.
+#[track_caller]
+fn refused(edit: impl FnOnce(&mut GenerateRequest), param: &str, message: &str) {
+    let mut req = request();
+    edit(&mut req);
+    assert_eq!(refusal(req), (param.to_string(), message.to_string()));
+}
+
+fn contrast(upper: Option<UpperSpec>, lower: Option<i64>) -> ModeSpec {
+    ModeSpec::Contrast {
+        upper,
+        lower,
+        alpha: None,
+        minimum_candidates: None,
+    }
+}
+
+#[test]
+fn a_valid_request_gets_its_defaults() {
+    let v = validator().validate(request(), Instant::now()).unwrap();
+    assert_eq!(v.prompts, vec![vec![1, 2, 3]]);
+    assert_eq!(v.mode, Mode::Original);
+    assert_eq!((v.max_tokens, v.n, v.best_of), (16, 1, 1));
+    assert_eq!(v.sampling.temperature, 1.0);
+    assert_eq!(v.logprobs, None);
+    assert_eq!(v.speculative, None);
+}
+
+#[test]
+fn sampling_ranges() {
+    refused(
+        |r| r.temperature = Some(2.5),
+        "temperature",
+        "`temperature` must be in [0, 2], got 2.5",
+    );
+    refused(
+        |r| r.temperature = Some(f64::NAN),
+        "temperature",
+        "`temperature` must be in [0, 2], got NaN",
+    );
+    refused(
+        |r| r.top_p = Some(0.0),
+        "top_p",
+        "`top_p` must be in (0, 1], got 0",
+    );
+    refused(
+        |r| r.presence_penalty = Some(-3.0),
+        "presence_penalty",
+        "`presence_penalty` must be in [-2, 2], got -3",
+    );
+    refused(
+        |r| r.frequency_penalty = Some(2.1),
+        "frequency_penalty",
+        "`frequency_penalty` must be in [-2, 2], got 2.1",
+    );
+    refused(
+        |r| r.repetition_penalty = Some(0.0),
+        "repetition_penalty",
+        "`repetition_penalty` must be in (0, 10], got 0",
+    );
+    refused(
+        |r| r.top_k = Some(-2),
+        "top_k",
+        "`top_k` must be -1, 0 (disabled) or positive, got -2",
+    );
+    refused(
+        |r| r.logprobs = Some(6),
+        "logprobs",
+        "`logprobs` must be in [0, 5], got 6",
+    );
+}
+
+#[test]
+fn candidates() {
+    refused(|r| r.n = Some(0), "n", "`n` must be in [1, 4], got 0");
+    refused(|r| r.n = Some(5), "n", "`n` must be in [1, 4], got 5");
+    refused(
+        |r| (r.n, r.best_of) = (Some(2), Some(1)),
+        "best_of",
+        "`best_of` must be in [n = 2, 4], got 1",
+    );
+    refused(
+        |r| (r.best_of, r.stream) = (Some(2), true),
+        "best_of",
+        "`best_of` > 1 cannot be used with `stream`",
+    );
+    refused(
+        |r| {
+            r.prompts = vec![PromptInput::Tokens(vec![1]); 3];
+            r.best_of = Some(3);
+        },
+        "best_of",
+        "this request asks for 3 prompts x `best_of` 3 = 9 sequences, more than --max-sequences-per-request 8",
+    );
+    refused(
+        |r| r.prompts = vec![PromptInput::Tokens(vec![1]); 9],
+        "prompt",
+        "this request asks for 9 prompts x `best_of` 1 = 9 sequences, more than --max-sequences-per-request 8",
+    );
+}
+
+#[test]
+fn stops_and_logit_bias() {
+    refused(
+        |r| r.stop = vec!["a".into(), "b".into(), "c".into()],
+        "stop",
+        "`stop` takes at most 2 sequences (--max-stop-sequences), got 3",
+    );
+    refused(
+        |r| r.stop = vec![String::new()],
+        "stop",
+        "`stop` sequences must not be empty",
+    );
+    refused(
+        |r| r.stop = vec!["ééééé!".into()],
+        "stop",
+        "each `stop` sequence may have at most 5 characters (--max-stop-length), got 6",
+    );
+    refused(
+        |r| r.logit_bias = vec![("1".into(), 1.0); 3],
+        "logit_bias",
+        "`logit_bias` takes at most 2 entries (--max-logit-bias), got 3",
+    );
+    refused(
+        |r| r.logit_bias = vec![("50257".into(), 1.0)],
+        "logit_bias",
+        "`logit_bias` keys must be token ids in [0, 50257), got \"50257\"",
+    );
+    refused(
+        |r| r.logit_bias = vec![("7".into(), -101.0)],
+        "logit_bias",
+        "`logit_bias` values must be in [-100, 100], got -101 for 7",
+    );
+}
+
+#[test]
+fn lengths_and_the_budget() {
+    refused(
+        |r| r.max_tokens = Some(0),
+        "max_tokens",
+        "`max_tokens` must be at least 1, got 0",
+    );
+    refused(
+        |r| (r.max_tokens, r.echo) = (Some(-1), true),
+        "max_tokens",
+        "`max_tokens` must be at least 0, got -1",
+    );
+    refused(
+        |r| r.max_tokens = Some(i64::MAX),
+        "max_tokens",
+        &format!("this model's maximum context length is 128 tokens; `max_tokens` is {}, which leaves no room for a prompt", i64::MAX),
+    );
+    refused(
+        |r| {
+            r.prompts = vec![PromptInput::Tokens(vec![1; 60])];
+            r.max_tokens = Some(100);
+        },
+        "max_tokens",
+        "this model's maximum context length is 128 tokens; the prompt has 60 tokens and `max_tokens` is 100 (160 in all)",
+    );
+    refused(
+        |r| (r.n, r.best_of) = (Some(1), Some(4)),
+        "best_of",
+        "each prompt runs as 4 sequences (`best_of`), more than the batch holds (--max-batch-size 3)",
+    );
+    refused(
+        |r| r.n = Some(4),
+        "n",
+        "each prompt runs as 4 sequences (`n`), more than the batch holds (--max-batch-size 3)",
+    );
+    refused(
+        |r| {
+            r.prompts = vec![PromptInput::Tokens(vec![1; 60])];
+            r.max_tokens = Some(50);
+        },
+        "max_tokens",
+        "a prompt of 60 tokens with `max_tokens` 50 x 1 sequences needs 110 KV-cache tokens, more than the server's budget (--max-batch-total-tokens 100)",
+    );
+}
+
+#[test]
+fn prompts() {
+    refused(
+        |r| r.prompts.clear(),
+        "prompt",
+        "`prompt` must not be an empty list",
+    );
+    refused(
+        |r| r.prompts = vec![PromptInput::Text(String::new())],
+        "prompt",
+        "`prompt` must not be empty",
+    );
+    refused(
+        |r| r.prompts = vec![PromptInput::Tokens(vec![1, -1])],
+        "prompt",
+        "token ids in `prompt` must be in [0, 50257), got -1",
+    );
+    refused(
+        |r| r.prompts = vec![PromptInput::Tokens(vec![50257])],
+        "prompt",
+        "token ids in `prompt` must be in [0, 50257), got 50257",
+    );
+    refused(
+        |r| r.prompts = vec![PromptInput::Tokens(vec![1; 65])],
+        "prompt",
+        "`prompt` has 65 tokens, more than --max-input-tokens 64",
+    );
+    // Refused from its length alone: 8 bytes at most per token.
+    refused(
+        |r| r.prompts = vec![PromptInput::Text("x".repeat(513))],
+        "prompt",
+        "`prompt` has at least 65 (513 bytes) tokens, more than --max-input-tokens 64",
+    );
+    // Short enough in bytes, too long once tokenized (" a" is one token each).
+    refused(
+        |r| r.prompts = vec![PromptInput::Text(" a".repeat(65))],
+        "prompt",
+        "`prompt` has 65 tokens, more than --max-input-tokens 64",
+    );
+    let v = validator();
+    let ok = v
+        .validate(
+            GenerateRequest {
+                prompts: vec![PromptInput::Text("Hello world".into())],
+                ..request()
+            },
+            Instant::now(),
+        )
+        .unwrap();
+    assert_eq!(ok.prompts, vec![vec![15496, 995]]);
+}
+
+#[test]
+fn modes() {
+    let v = validator();
+    let mode = |spec: ModeSpec| v.mode(&spec).map_err(|e| (e.param(), e.to_string()));
+    let err = |p: &str, m: &str| Err((p.to_string(), m.to_string()));
+    assert_eq!(mode(ModeSpec::Exit { layer: Some(2) }), Ok(Mode::Exit(2)));
+    assert_eq!(
+        mode(ModeSpec::Exit { layer: None }),
+        err(
+            "multi_exit.layer",
+            "`multi_exit.layer` is required; available exits: [1, 2, 4]"
+        )
+    );
+    assert_eq!(
+        mode(ModeSpec::Exit { layer: Some(3) }),
+        err(
+            "multi_exit.layer",
+            "`multi_exit.layer` = 3 is not an exit layer of this model; available exits: [1, 2, 4]"
+        )
+    );
+    assert_eq!(
+        mode(ModeSpec::Exit { layer: Some(-1) }),
+        err("multi_exit.layer", "`multi_exit.layer` = -1 is not an exit layer of this model; available exits: [1, 2, 4]")
+    );
+    assert_eq!(
+        mode(contrast(Some(UpperSpec::Original), Some(1))),
+        Ok(Mode::Contrast(ContrastParams {
+            upper: Upper::Original,
+            lower: 1,
+            alpha: 0.1,
+            minimum_candidates: 1,
+        }))
+    );
+    assert_eq!(
+        mode(contrast(None, Some(1))),
+        err(
+            "multi_exit.upper",
+            "`multi_exit.upper` is required: an exit layer [1, 2, 4] or \"original\""
+        )
+    );
+    assert_eq!(
+        mode(contrast(Some(UpperSpec::Layer(2)), None)),
+        err(
+            "multi_exit.lower",
+            "`multi_exit.lower` is required; available exits: [1, 2, 4]"
+        )
+    );
+    assert_eq!(
+        mode(contrast(Some(UpperSpec::Layer(2)), Some(4))),
+        err(
+            "multi_exit.upper",
+            "`multi_exit.upper` (2) must be above `multi_exit.lower` (4)"
+        )
+    );
+    assert_eq!(
+        mode(ModeSpec::Contrast {
+            upper: Some(UpperSpec::Layer(4)),
+            lower: Some(1),
+            alpha: Some(0.0),
+            minimum_candidates: None
+        }),
+        err(
+            "multi_exit.alpha",
+            "`multi_exit.alpha` must be in (0, 1], got 0"
+        )
+    );
+    assert_eq!(
+        mode(ModeSpec::Contrast {
+            upper: Some(UpperSpec::Layer(4)),
+            lower: Some(1),
+            alpha: None,
+            minimum_candidates: Some(0)
+        }),
+        err(
+            "multi_exit.minimum_candidates",
+            "`multi_exit.minimum_candidates` must be in [1, 50257], got 0"
+        )
+    );
+    // A mode named by the model id and a contradicting `multi_exit`.
+    refused(
+        |r| {
+            r.named_mode = Some(Mode::Exit(1));
+            r.mode = Some(ModeSpec::Exit { layer: Some(2) });
+        },
+        "multi_exit",
+        "`multi_exit` asks for another mode than the one named by `model`; send one of them",
+    );
+    // A mode parsed from text validates as the same object would.
+    assert_eq!(
+        v.mode(&"exit:4".parse::<Mode>().unwrap().into()),
+        Ok(Mode::Exit(4))
+    );
+    assert!(v.mode(&"exit:3".parse::<Mode>().unwrap().into()).is_err());
+}
+
+#[test]
+fn speculation() {
+    let v = validator();
+    let spec = |layer: Option<i64>, k: Option<i64>, mode: Mode| {
+        v.speculative(
+            Some(SpeculativeRequest {
+                draft_layer: layer,
+                max_draft_tokens: k,
+                adaptive: None,
+            }),
+            &mode,
+        )
+        .map_err(|e| (e.param(), e.to_string()))
+    };
+    let err = |p: &str, m: &str| Err((p.to_string(), m.to_string()));
+    assert_eq!(
+        spec(None, None, Mode::Original),
+        Ok(Some(SpeculativeSpec {
+            draft_layer: 2,
+            max_draft_tokens: 4,
+            adaptive: true
+        }))
+    );
+    assert_eq!(
+        spec(None, None, Mode::Exit(1)),
+        err("speculative.draft_layer", "`speculative.draft_layer` is needed: no exit lies at or below half of this mode's depth (1)")
+    );
+    assert_eq!(
+        spec(Some(3), None, Mode::Original),
+        err(
+            "speculative.draft_layer",
+            "`speculative.draft_layer` must be one of the exit layers [1, 2, 4], got 3"
+        )
+    );
+    assert_eq!(
+        spec(Some(2), None, Mode::Exit(2)),
+        err("speculative.draft_layer", "`speculative.draft_layer` (2) must lie below the layer this mode decodes from (2): the draft is verified by the mode's own distribution")
+    );
+    assert_eq!(
+        spec(Some(1), Some(17), Mode::Original),
+        err(
+            "speculative.max_draft_tokens",
+            "`speculative.max_draft_tokens` must be in [1, 16], got 17"
+        )
+    );
+    assert_eq!(v.speculative(None, &Mode::Original), Ok(None));
+}
+
+#[test]
+fn inspections() {
+    let v = validator();
+    let inspect = |edit: &dyn Fn(&mut InspectRequest)| {
+        let mut req = InspectRequest {
+            prompt: Some(PromptInput::Tokens(vec![1, 2])),
+            ..Default::default()
+        };
+        edit(&mut req);
+        v.validate_inspect(req, Instant::now())
+            .map(|r| r.inspect.unwrap())
+            .map_err(|e| (e.param(), e.to_string()))
+    };
+    let err = |p: &str, m: &str| Err((p.to_string(), m.to_string()));
+    let ok = inspect(&|_| {}).unwrap();
+    assert_eq!(
+        (ok.top_logprobs, ok.all_positions, ok.contrast),
+        (5, false, None)
+    );
+    assert_eq!(
+        inspect(&|r| r.top_logprobs = Some(21)),
+        err("top_logprobs", "`top_logprobs` must be in [0, 20], got 21")
+    );
+    assert_eq!(
+        inspect(&|r| r.positions = Some("some".into())),
+        err(
+            "positions",
+            "`positions` must be \"last\" or \"all\", got \"some\""
+        )
+    );
+    assert_eq!(
+        inspect(&|r| r.prompt = None),
+        err("prompt", "`prompt` is required")
+    );
+    assert_eq!(
+        inspect(&|r| r.contrast = Some(ModeSpec::Original)),
+        err("contrast", "`contrast` must be a contrast mode")
+    );
+    // A contrast object's errors name the `contrast` field.
+    assert_eq!(
+        inspect(&|r| r.contrast = Some(contrast(Some(UpperSpec::Layer(4)), Some(3)))),
+        err(
+            "contrast.lower",
+            "`contrast.lower` = 3 is not an exit layer of this model; available exits: [1, 2, 4]"
+        )
+    );
+    assert_eq!(
+        inspect(&|r| r.contrast = Some(contrast(Some(UpperSpec::Layer(1)), Some(2)))),
+        err(
+            "contrast.upper",
+            "`contrast.upper` (1) must be above `contrast.lower` (2)"
+        )
+    );
+}
+
+#[test]
+fn context_errors_carry_their_code() {
+    let mut req = request();
+    req.max_tokens = Some(200);
+    let e = validator().validate(req, Instant::now()).unwrap_err();
+    assert_eq!(e.code(), Some("context_length_exceeded"));
+    assert_eq!(ValidationError::EmptyStop.code(), None);
+}
