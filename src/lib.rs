@@ -4,8 +4,6 @@
 //! wires them up. Every `unsafe` line lives in [`kernels`], the one module allowed it.
 #![deny(unsafe_code)]
 
-#[doc(hidden)]
-pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod http;

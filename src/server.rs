@@ -93,12 +93,16 @@ pub fn build_state_with(
     let mut loaded = model::load(&s.model, &opts)?;
     let copies = loaded.model.set_draft_weights(s.speculative_draft_weights);
     let exits = loaded.model.config().exit_layers.clone();
-    if let Some(layer) = s
-        .speculative_draft_layer
-        .filter(|l| copies && exits.contains(l))
-    {
-        // The default draft layer's copies now, before the KV budget counts free memory.
-        loaded.model.prepare_draft(layer)?;
+    if let Some(layer) = s.speculative_draft_layer {
+        if !exits.contains(&layer) {
+            return Err(StartupError::Config(format!(
+                "--speculative-draft-layer {layer}: not an exit layer of this model ({exits:?})"
+            )));
+        }
+        if copies {
+            // The default draft layer's copies now, before the KV budget counts free memory.
+            loaded.model.prepare_draft(layer)?;
+        }
     }
     let cfg = loaded.model.config().clone();
     let max_positions = cfg.max_position_embeddings;
@@ -139,19 +143,11 @@ pub fn build_state_with(
         speculative_default: None,
         speculative_max_draft_tokens: s.speculative_max_draft_tokens,
     };
-    if let Some(layer) = s.speculative_draft_layer {
-        if !cfg.exit_layers.contains(&layer) {
-            return Err(StartupError::Config(format!(
-                "--speculative-draft-layer {layer}: not an exit layer of this model ({:?})",
-                cfg.exit_layers
-            )));
-        }
-        limits.speculative_default = Some(SpeculativeSpec {
-            draft_layer: layer,
-            max_draft_tokens: s.speculative_max_draft_tokens,
-            adaptive: true,
-        });
-    }
+    limits.speculative_default = s.speculative_draft_layer.map(|layer| SpeculativeSpec {
+        draft_layer: layer,
+        max_draft_tokens: s.speculative_max_draft_tokens,
+        adaptive: true,
+    });
     let spec: ModeSpec = s
         .default_mode
         .parse::<model::Mode>()

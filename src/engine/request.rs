@@ -61,6 +61,9 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// The `speculative` object (None: the server's default, if any).
     pub speculative: Option<SpeculativeRequest>,
+    /// The speculation a preset model id implies, validated with the preset: used when the
+    /// request has no `speculative` object of its own.
+    pub named_speculative: Option<SpeculativeSpec>,
 }
 
 /// The `speculative` object, unvalidated.

@@ -26,6 +26,7 @@
 
 use super::request::SpeculativeSpec;
 use super::sampling::{Dist, Sampler};
+use crate::model::cost::weight_macs;
 
 /// The largest `max_draft_tokens` a request may ask for.
 pub const MAX_DRAFT_TOKENS: usize = 16;
@@ -54,10 +55,8 @@ pub fn draft_cost(
     mode_heads: usize,
     read_cost: f64,
 ) -> f64 {
-    let block = 12.0 * (hidden * hidden) as f64;
-    let head = (vocab * hidden) as f64;
-    let full = depth as f64 * block + mode_heads as f64 * head;
-    let draft = read_cost * (draft_layer as f64 * block + head);
+    let full = weight_macs(hidden, vocab, depth, mode_heads);
+    let draft = read_cost * weight_macs(hidden, vocab, draft_layer, 1);
     (draft + STEP_OVERHEAD * full) / (full + STEP_OVERHEAD * full)
 }
 

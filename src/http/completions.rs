@@ -18,7 +18,6 @@ use super::wire::{
     ChoiceOut, CompletionOut, CompletionRequest, LogprobsOut, MultiExitOut, UsageOut,
 };
 use super::AppState;
-use crate::engine::request::SpeculativeRequest;
 use crate::engine::{EngineError, Event, EventReceiver, TokenLogprob};
 
 /// What every response of one request shares.
@@ -202,14 +201,7 @@ pub async fn create_completion(
     let return_token_ids = req.return_token_ids.unwrap_or(false);
     let mut gen = req.into_generate()?;
     gen.named_mode = named_mode;
-    // A preset's speculation, unless the request brings its own `speculative`.
-    if gen.speculative.is_none() {
-        gen.speculative = app.models.speculative(&model).map(|s| SpeculativeRequest {
-            draft_layer: Some(s.draft_layer as i64),
-            max_draft_tokens: Some(s.max_draft_tokens as i64),
-            adaptive: Some(s.adaptive),
-        });
-    }
+    gen.named_speculative = app.models.speculative(&model);
     let (stream, include_usage) = (gen.stream, gen.include_usage);
     let valid = app.engine.validate(gen, deadline, &slot).await?;
     drop(slot);

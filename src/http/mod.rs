@@ -102,6 +102,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(playground::index))
         .route("/playground.js", get(playground::script))
         .route("/playground.css", get(playground::style))
+        .route("/favicon.svg", get(playground::icon))
+        .route("/favicon.ico", get(playground::icon))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

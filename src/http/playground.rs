@@ -8,9 +8,16 @@ use axum::response::{IntoResponse, Response};
 const INDEX_HTML: &str = include_str!("playground/index.html");
 const SCRIPT_JS: &str = include_str!("playground/playground.js");
 const STYLE_CSS: &str = include_str!("playground/playground.css");
+const ICON_SVG: &str = include_str!("playground/favicon.svg");
 
 /// The paths served without an API key: static assets that carry no data.
-pub const PUBLIC_PATHS: &[&str] = &["/", "/playground.js", "/playground.css"];
+pub const PUBLIC_PATHS: &[&str] = &[
+    "/",
+    "/playground.js",
+    "/playground.css",
+    "/favicon.svg",
+    "/favicon.ico",
+];
 
 /// Same-origin scripts, styles and requests only; no framing.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
@@ -40,4 +47,10 @@ pub async fn script() -> Response {
 
 pub async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE_CSS)
+}
+
+/// The page's icon, also at `/favicon.ico`, which browsers and tools ask for on their own
+/// (an SVG there too: every current browser takes it by its content type).
+pub async fn icon() -> Response {
+    asset("image/svg+xml", ICON_SVG)
 }

@@ -55,10 +55,6 @@ impl Shutdown {
         channel().1
     }
 
-    pub fn is_draining(&self) -> bool {
-        *self.drain.borrow()
-    }
-
     pub async fn draining(&self) {
         until_true(self.drain.clone()).await
     }

@@ -197,6 +197,7 @@ impl CompletionRequest {
                 max_draft_tokens: s.max_draft_tokens,
                 adaptive: s.adaptive,
             }),
+            named_speculative: None,
         })
     }
 }

@@ -11,4 +11,3 @@ pub mod causal_attention;
 pub mod cpu_features;
 pub mod fastmath;
 pub mod matmul;
-pub mod peak;

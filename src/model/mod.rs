@@ -14,6 +14,7 @@ pub mod arch;
 mod attention;
 mod block;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod finite_weights;
 pub mod inspect;

@@ -421,31 +421,4 @@ impl MultiExitModel {
         }
         Ok(())
     }
-
-    /// Raw logits of every head at the last position of `tokens` (fresh cache): used to
-    /// check the loaded weights against reference checksums.
-    pub fn all_head_logits(&self, tokens: &[u32]) -> Result<Vec<(Head, Vec<f32>)>> {
-        let mut cache = self.new_cache();
-        let mut heads: Vec<Head> = self
-            .cfg
-            .exit_layers
-            .iter()
-            .map(|&l| Head::Exit(l))
-            .collect();
-        heads.push(Head::Original);
-        let mut step = [SeqStep {
-            tokens,
-            cache: &mut cache,
-            depth: self.cfg.num_layers,
-            heads: &heads,
-            all_positions: false,
-            draft: false,
-        }];
-        let out = self.forward(&mut step)?.into_per_seq().remove(0);
-        Ok(heads
-            .into_iter()
-            .zip(out)
-            .map(|(h, logits)| (h, logits.into_last()))
-            .collect())
-    }
 }

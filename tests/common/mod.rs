@@ -170,3 +170,30 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// Raw logits of every head (the exits, then the original) at the last position of `tokens`,
+/// from a fresh cache: to check loaded weights against the reference's checksums.
+pub fn all_head_logits(
+    model: &exitserve::model::MultiExitModel,
+    tokens: &[u32],
+) -> exitserve::model::Result<Vec<(exitserve::model::Head, Vec<f32>)>> {
+    use exitserve::model::{Head, SeqStep};
+    let mut cache = model.new_cache();
+    let cfg = model.config();
+    let mut heads: Vec<Head> = cfg.exit_layers.iter().map(|&l| Head::Exit(l)).collect();
+    heads.push(Head::Original);
+    let mut step = [SeqStep {
+        tokens,
+        cache: &mut cache,
+        depth: cfg.num_layers,
+        heads: &heads,
+        all_positions: false,
+        draft: false,
+    }];
+    let out = model.forward(&mut step)?.into_per_seq().remove(0);
+    Ok(heads
+        .into_iter()
+        .zip(out)
+        .map(|(h, logits)| (h, logits.into_last()))
+        .collect())
+}

@@ -41,8 +41,7 @@ impl TestServer {
             argv.extend(["--model", model.to_str().unwrap()]);
         }
         argv.extend_from_slice(flags);
-        let settings =
-            Settings::resolve(Args::try_parse_from(argv).unwrap(), Args::default()).unwrap();
+        let settings = Settings::resolve(Args::try_parse_from(argv).unwrap()).unwrap();
         let (trigger, watch) = shutdown::channel();
         let state = build_state_with(&settings, watch.clone(), tune).expect("fixture loads");
         let app = http::router(state.clone());

@@ -114,7 +114,10 @@ impl Validator {
         self.stops(&req.stop)?;
         sampling.logit_bias = self.logit_bias(&req.logit_bias)?;
         let max_tokens = self.max_tokens(&req)?;
-        let speculative = self.speculative(req.speculative, &mode)?;
+        let speculative = match (req.speculative, req.named_speculative) {
+            (None, Some(named)) => Some(named),
+            (asked, _) => self.speculative(asked, &mode)?,
+        };
         if req.prompts.len().saturating_mul(best_of) > l.max_sequences_per_request {
             return Err(ValidationError::TooManySequences {
                 prompts: req.prompts.len(),

@@ -9,7 +9,7 @@ use candle_core::DType;
 
 /// What the panels hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum Kind {
     F32,
     Bf16,
     Int8,
@@ -17,7 +17,7 @@ pub(crate) enum Kind {
 
 /// The instruction set a panel product runs on; one of `Isa::available(kind)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Isa {
+pub enum Isa {
     /// AVX2 + FMA, 8 lanes (`avx2.rs`).
     Avx2,
     /// AVX-512: FMA for f32, `vdpbf16ps` for bf16, VNNI `vpdpwssd` for int8.

@@ -38,6 +38,6 @@ mod weight;
 #[cfg(target_arch = "x86_64")]
 pub use amx::tdpbf16ps_loop;
 pub use isa::{supported, supports_int8};
-pub(crate) use isa::{Isa, Kind};
+pub use isa::{Isa, Kind};
 pub use panels::PANEL;
 pub use weight::PackedWeight;

@@ -5,7 +5,7 @@
 //! the Kubernetes schema; the custom resources (PodMonitor, ScaledObject), which that schema
 //! does not cover, are checked here.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -206,7 +206,7 @@ fn container_flags_parse_and_match_the_port() {
                 .map(|a| a.as_str().unwrap().to_string()),
         );
         let args = Args::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-        let settings = Settings::resolve(args, Args::default()).unwrap();
+        let settings = Settings::resolve(args).unwrap();
         assert_eq!(u64::from(settings.port), http_port, "{argv:?}");
         assert_eq!(
             settings.host, "0.0.0.0",

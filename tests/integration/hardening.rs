@@ -1,6 +1,6 @@
 //! Faults and overload: a panicking model step, disconnects in bulk, floods of streams, CORS.
 
-mod common;
+use crate::common;
 
 use common::client::{get, post, post_stream};
 use common::server::TestServer;

@@ -2,7 +2,7 @@
 //! with low limits: the attack gets its 4xx, stays inside its budget, or fails alone, and the
 //! server goes on serving everyone else.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -456,7 +456,7 @@ fn bad_cors_origins_fail_at_startup_and_a_wildcard_is_allowed() {
             "--cors-allow-origin",
             origin,
         ];
-        let s = Settings::resolve(Args::try_parse_from(argv).unwrap(), Args::default()).unwrap();
+        let s = Settings::resolve(Args::try_parse_from(argv).unwrap()).unwrap();
         let r = exitserve::server::build_state(&s, exitserve::http::Shutdown::never());
         match (r, ok) {
             (Ok(_), true) => {}

@@ -5,7 +5,7 @@
 //! cache alone with `HF_HUB_OFFLINE=1`, and an interrupted download ends in one error line and
 //! leaves no corrupt cache entry.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,7 +1,7 @@
 //! `POST /v1/inspect`: every head's prediction at the prompt's positions, equal to the
 //! reference implementation's scores for each mode.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

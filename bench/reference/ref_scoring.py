@@ -1,7 +1,7 @@
 """The reference's scoring throughput, for `bench`: the lm-eval loglikelihood workload (prompt
 logprobs of 512-token prompts, what `echo` + `logprobs` + `max_tokens: 1` asks exitserve) as a
 transformers forward over the same prompts in batches of 4, through the reference
-implementation (autocontrastive-gen), in the venv of ../shared/bench/setup_ref.sh.
+implementation (autocontrastive-gen), in the venv of bench/reference/setup_ref.sh.
 
 Usage: python ref_scoring.py MODEL_DIR --prompts FILE.json [--batch 4] [--mode original|contrast]
 FILE.json: a list of token-id lists, all of one length. Prints one JSON line.

@@ -6,7 +6,7 @@
 //! Biases, layer norms, embedding rows and the softmax are left out: under 0.5 % of either
 //! figure for these shapes.
 
-use super::checkpoint::{Arch, Shape};
+use crate::checkpoint::{Arch, Shape};
 
 /// The weight matrices and heads a mode runs: the trunk's first `layers` blocks and `heads`
 /// vocabulary heads (the original head or an exit: 1; a contrast: 2).
@@ -28,11 +28,9 @@ pub fn bytes_per_weight(dtype: &str) -> (f64, f64) {
     }
 }
 
-/// Multiply-adds of the weight matrices per token: the blocks' attention (4 h²) and MLP
-/// (8 h²) projections, and each head's vocabulary x hidden.
+/// Multiply-adds of the weight matrices per token (the model layer's cost model).
 pub fn weight_macs(shape: &Shape, work: ModeWork) -> f64 {
-    let h = shape.hidden as f64;
-    work.layers as f64 * 12.0 * h * h + work.heads as f64 * shape.vocab as f64 * h
+    exitserve::model::cost::weight_macs(shape.hidden, shape.vocab, work.layers, work.heads)
 }
 
 /// Context positions a token attends to in block `layer` at position `ctx` (GPT-Neo's local

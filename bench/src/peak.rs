@@ -31,7 +31,7 @@ type Loop = fn(u64) -> f64;
 fn loop_for(kind: &str) -> Option<(&'static str, Loop)> {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::matmul::{Isa, Kind};
+        use exitserve::kernels::matmul::{Isa, Kind};
         let kind = match kind {
             "f32" => Kind::F32,
             "bf16" => Kind::Bf16,
@@ -86,7 +86,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::hint::black_box;
 
-    use super::super::cpu_features;
+    use exitserve::kernels::cpu_features;
 
     /// Independent accumulators per loop: more than latency x issue width (4-5 cycles x 2
     /// units) and within the 16 (AVX2) or 32 (AVX-512) vector registers with the operands.
@@ -222,7 +222,7 @@ mod x86 {
     pub fn bf16_amx(iters: u64) -> f64 {
         assert!(cpu_features::get().amx_bf16);
         // SAFETY: the CPU has AMX-BF16 and the process the tile permission (asserted).
-        let products = unsafe { super::super::matmul::tdpbf16ps_loop(iters) };
+        let products = unsafe { exitserve::kernels::matmul::tdpbf16ps_loop(iters) };
         (products * 2) as f64
     }
 }

@@ -1,6 +1,6 @@
 //! Every bad request gets a precise 4xx in the OpenAI error shape, and the server stays healthy.
 
-mod common;
+use crate::common;
 
 use common::server::TestServer;
 use common::MODEL;

@@ -1,6 +1,6 @@
 //! The OpenAI-style API on a real server (127.0.0.1, random port) with the fixture model.
 
-mod common;
+use crate::common;
 
 use common::client::{get, post, post_stream};
 use common::server::TestServer;
@@ -372,6 +372,8 @@ async fn api_key_guards_every_route_but_health_and_the_playground_assets() {
             "/v1/completions",
         ),
         ("/playground.css", "text/css; charset=utf-8", ".completion"),
+        ("/favicon.svg", "image/svg+xml", "<svg"),
+        ("/favicon.ico", "image/svg+xml", "<svg"),
     ] {
         let r = client.get(server.url(path)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");

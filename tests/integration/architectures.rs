@@ -2,7 +2,7 @@
 //! reference cases at once by model id (mixed-mode batching, presets), streaming, echo
 //! scoring equal to the reference's `.scoring.json`, and `/v1/inspect`.
 
-mod common;
+use crate::common;
 
 use common::client::{get, post, post_stream};
 use common::server::TestServer;

@@ -3,7 +3,7 @@
 //! sampling that follows the mode's exact distribution (chi-square against the distribution
 //! the server reports for the same context); the server default; bad values refused.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
@@ -311,7 +311,7 @@ fn start_error(flags: &[&str]) -> String {
     let dir = common::fixture_dir(common::FIXTURE);
     let mut argv = vec!["exitserve", "--model", dir.to_str().unwrap()];
     argv.extend_from_slice(flags);
-    let settings = Settings::resolve(Args::try_parse_from(argv).unwrap(), Args::default()).unwrap();
+    let settings = Settings::resolve(Args::try_parse_from(argv).unwrap()).unwrap();
     let (_trigger, watch) = exitserve::http::shutdown::channel();
     build_state_with(&settings, watch, |_| {})
         .err()
@@ -388,7 +388,7 @@ async fn bad_speculative_values_are_refused_naming_the_field() {
         "{err}"
     );
     let argv = ["exitserve", "--speculative-max-draft-tokens", "17"];
-    let err = Settings::resolve(Args::try_parse_from(argv).unwrap(), Args::default()).unwrap_err();
+    let err = Settings::resolve(Args::try_parse_from(argv).unwrap()).unwrap_err();
     assert_eq!(
         err,
         "--speculative-max-draft-tokens must be in 1..=16, got 17"

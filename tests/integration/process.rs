@@ -1,7 +1,7 @@
 //! The real binary: start-up faults are one clear line and exit code 1; SIGTERM lets requests
 //! in flight finish; prompts never reach the logs.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -417,7 +417,7 @@ fn the_grace_period_bounds_shutdown() {
 /// A random GPT-Neo checkpoint big enough that a long completion takes seconds on two cores
 /// (hidden 128, a 50257-token vocabulary, 2048 positions), written once per build folder.
 fn slow_model() -> PathBuf {
-    use exitserve::bench::checkpoint::{ensure, Arch, Shape};
+    use crate::checkpoint::{ensure, Arch, Shape};
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("slow-gpt-neo-multiexit");
     let shape = Shape {
         arch: Arch::GptNeo,

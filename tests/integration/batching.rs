@@ -2,7 +2,7 @@
 //! disconnects free their slots, floods get 429 and the server recovers, early exits skip
 //! the upper layers.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

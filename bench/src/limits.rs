@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::kernels::peak::{self, Rate};
+use crate::peak::{self, Rate};
 
 pub struct Limits {
     pub threads: usize,

@@ -2,11 +2,11 @@
 //! architectures (GPT-Neo, GPT-2): every mode, both checkpoint formats, single and batched,
 //! with our kernels and with candle's matmul, in every dtype.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
-use common::{Case, Fixture, ARCHS, FIXTURE};
+use common::{all_head_logits, Case, Fixture, ARCHS, FIXTURE};
 use exitserve::model::{
     self, ContrastParams, Head, LoadOptions, LoadedModel, Mode, SeqStep, Upper,
 };
@@ -175,7 +175,7 @@ fn logit_checksums_match() -> TestResult {
         let name = dir.display();
         let m = load_dir(&dir);
         let ids = m.tokenizer.encode(&r.logit_checksums.prompt)?;
-        for (head, logits) in m.model.all_head_logits(&ids)? {
+        for (head, logits) in all_head_logits(&m.model, &ids)? {
             let key = match head {
                 Head::Original => "original".to_string(),
                 Head::Exit(l) => l.to_string(),
@@ -302,8 +302,8 @@ fn sharded_safetensors_load_to_the_same_logits() -> TestResult {
     let sharded = model::load(dir.to_str().unwrap(), &LoadOptions::default())?;
     let single = load_dir(&src);
     let ids = single.tokenizer.encode("sharded weights")?;
-    let a = single.model.all_head_logits(&ids)?;
-    let b = sharded.model.all_head_logits(&ids)?;
+    let a = all_head_logits(&single.model, &ids)?;
+    let b = all_head_logits(&sharded.model, &ids)?;
     assert_eq!(a, b);
     std::fs::remove_dir_all(&dir)?;
     Ok(())
@@ -373,7 +373,7 @@ fn reduced_precision_weights_stay_close_to_float32() -> TestResult {
         let dir = f.dir();
         let f32m = load_dir(&dir);
         let ids = f32m.tokenizer.encode("The capital of France is")?;
-        let want = f32m.model.all_head_logits(&ids)?;
+        let want = all_head_logits(&f32m.model, &ids)?;
         let forced = [464, 3139, 286, 4881, 318, 6342, 13, 198];
         let want_decode = teacher_forced_logits(&f32m, &ids, &forced)?;
         for (dtype, tolerance) in [
@@ -381,9 +381,7 @@ fn reduced_precision_weights_stay_close_to_float32() -> TestResult {
             (model::WeightDtype::Bf16, 0.1),
             (model::WeightDtype::Int8, 0.25),
         ] {
-            if dtype == model::WeightDtype::Int8
-                && !exitserve::kernels::matmul::supports_int8()
-            {
+            if dtype == model::WeightDtype::Int8 && !exitserve::kernels::matmul::supports_int8() {
                 // int8 runs on the AVX-512 VNNI kernel only (a start-up error elsewhere,
                 // tested in tests/process.rs)
                 eprintln!("int8 skipped: this CPU has no AVX-512 VNNI");
@@ -402,7 +400,10 @@ fn reduced_precision_weights_stay_close_to_float32() -> TestResult {
                     .map(|(x, y)| (x - y).abs())
                     .fold(0f32, f32::max)
             };
-            for ((h1, a), (h2, b)) in want.iter().zip(reduced.model.all_head_logits(&ids)?.iter()) {
+            for ((h1, a), (h2, b)) in want
+                .iter()
+                .zip(all_head_logits(&reduced.model, &ids)?.iter())
+            {
                 assert_eq!(h1, h2);
                 let worst = worst(a, b);
                 assert!(
@@ -470,8 +471,8 @@ fn drafts_read_int8_copies_close_to_the_weights_and_leave_the_model_exact() -> T
         // the model's own passes are untouched by the copies
         assert_eq!(exit_logits(&m, &ids, layer, false), before);
         assert_eq!(
-            m.model.all_head_logits(&ids)?,
-            load_dir(&f.dir()).model.all_head_logits(&ids)?
+            all_head_logits(&m.model, &ids)?,
+            all_head_logits(&load_dir(&f.dir()).model, &ids)?
         );
         // int8 weights are their own draft copies; `model` turns copies off
         assert!(!m.model.set_draft_weights(model::DraftWeights::Model));

@@ -1,7 +1,7 @@
 //! What evaluation harnesses and plain OpenAI clients need: modes chosen by model id (with
 //! operator presets), and vLLM's tokenizer routes, as lm-eval's `remote` backend calls them.
 
-mod common;
+use crate::common;
 
 use common::client::{get, post};
 use common::server::TestServer;
@@ -158,7 +158,7 @@ fn bad_presets_fail_at_startup() {
             "--mode-preset",
             preset,
         ];
-        let s = Settings::resolve(Args::try_parse_from(argv).unwrap(), Args::default()).unwrap();
+        let s = Settings::resolve(Args::try_parse_from(argv).unwrap()).unwrap();
         let e = exitserve::server::build_state(&s, exitserve::http::Shutdown::never())
             .err()
             .unwrap_or_else(|| panic!("{preset} accepted"))

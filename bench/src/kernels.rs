@@ -1,0 +1,109 @@
+//! Kernel timings without a server: one vocabulary head in every layout and dtype the model
+//! can use, and one block's products against this machine's multiply-add peak.
+
+use std::time::{Duration, Instant};
+
+use crate::checkpoint::Shape;
+use crate::peak;
+
+/// Times one vocabulary head (50257 x 768) at batch 1 to 64 in the layouts and dtypes the
+/// model can use, to choose kernels per batch size.
+pub fn kernels() {
+    use candle_core::{DType, Device, Tensor};
+    use exitserve::kernels::matmul;
+    let dev = Device::Cpu;
+    println!("rayon threads: {}", rayon::current_num_threads());
+    let (v, h) = (50257usize, 768usize);
+    let w = Tensor::randn(0f32, 0.02, (v, h), &dev).unwrap();
+    let time = |f: &dyn Fn() -> Tensor| {
+        f();
+        let t = Instant::now();
+        let n = 10;
+        for _ in 0..n {
+            f();
+        }
+        t.elapsed().as_secs_f64() * 1e3 / n as f64
+    };
+    for dt in [DType::F32, DType::BF16] {
+        let wd = w.to_dtype(dt).unwrap();
+        let packed = matmul::PackedWeight::pack(&wd).ok();
+        // 1 and 16: decode; 5 and 9: speculative verification of 4 and 8 drafts; 64: prefill
+        for b in [1usize, 2, 4, 5, 9, 16, 64] {
+            let x = Tensor::randn(0f32, 1.0, (b, h), &dev).unwrap();
+            // candle has no fast bf16 matmul on CPUs without AVX-512 BF16: f32 only
+            let candle = if dt == DType::F32 {
+                format!("{:7.2} ms", time(&|| x.matmul(&wd.t().unwrap()).unwrap()))
+            } else {
+                "      -   ".to_string()
+            };
+            let skinny = packed.as_ref().map_or("      -   ".to_string(), |p| {
+                format!("{:7.2} ms", time(&|| p.xwt(&x).unwrap()))
+            });
+            println!("{dt:?} batch {b:>2}: candle x·Wᵀ {candle}   skinny {skinny}");
+        }
+    }
+    if matmul::supports_int8() {
+        let packed = matmul::PackedWeight::pack_int8(&w).unwrap();
+        for b in [1usize, 2, 4, 5, 9, 16, 64] {
+            let x = Tensor::randn(0f32, 1.0, (b, h), &dev).unwrap();
+            let ms = time(&|| packed.xwt(&x).unwrap());
+            println!("int8 batch {b:>2}: skinny {ms:7.2} ms (per-row scales, x rounded to int16)");
+        }
+    }
+}
+
+/// Times the products of one block (attention in and out, MLP up and down) of `shape` at
+/// decode (1 and 16 rows) and prefill (`prompt` rows) sizes, per dtype, as GFLOPS and as a
+/// share of this machine's multiply-add peak for that dtype (measured here, all threads).
+pub fn block_products(shape: &Shape, prompt: usize) {
+    use candle_core::{DType, Device, Tensor};
+    use exitserve::kernels::matmul::PackedWeight;
+    let dev = Device::Cpu;
+    let threads = rayon::current_num_threads();
+    let h = shape.hidden;
+    let products = [
+        ("qkv", 3 * h, h),
+        ("attn out", h, h),
+        ("mlp up", 4 * h, h),
+        ("mlp down", h, 4 * h),
+    ];
+    for kind in ["f32", "bf16", "int8"] {
+        let Some(rate) = peak::multiply_add_rate(kind, threads, 0.3, 3) else {
+            println!("{kind}: no kernel on this CPU");
+            continue;
+        };
+        println!(
+            "{kind}: peak {:.0} GFLOPS ({}, {threads} threads)",
+            rate.ops_per_s / 1e9,
+            rate.instruction
+        );
+        for (name, n, k) in products {
+            let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
+            let packed = match kind {
+                "f32" => PackedWeight::pack(&w),
+                "bf16" => PackedWeight::pack(&w.to_dtype(DType::BF16).unwrap()),
+                _ => PackedWeight::pack_int8(&w),
+            }
+            .unwrap();
+            let mut line = format!("  {name:>8} {n:>5}x{k:<5}");
+            for m in [1usize, 16, prompt] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                // the fastest of the runs: this machine's other tenants only ever slow it
+                let (mut s, mut runs, t) = (f64::MAX, 0u32, Instant::now());
+                while runs < 5 || t.elapsed() < Duration::from_millis(400) {
+                    let one = Instant::now();
+                    packed.xwt(&x).unwrap();
+                    s = s.min(one.elapsed().as_secs_f64());
+                    runs += 1;
+                }
+                let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
+                let share = 100.0 * gflops * 1e9 / rate.ops_per_s;
+                line += &format!(
+                    "   m={m:<4} {:7.2} ms {gflops:6.1} GFLOPS {share:4.1} %",
+                    s * 1e3
+                );
+            }
+            println!("{line}");
+        }
+    }
+}

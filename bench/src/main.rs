@@ -1,0 +1,276 @@
+//! exitserve's benchmark, through the real HTTP server, on a random checkpoint shaped like
+//! GPT-Neo-125M (`--arch gpt_neo`, the default) or GPT-2 medium (`--arch gpt2`).
+//!
+//!   cargo build --release --bins && target/release/bench [--arch gpt2] [--dtype f32,bf16,int8]
+//!   target/release/bench --kernels      (vocabulary-head and block products, no server)
+//!   target/release/bench --speculative  (self-speculative decoding against acceptance)
+//!   target/release/bench --limits       (this machine's bandwidth and peaks only)
+//!   target/release/bench --arch gpt2 --peer-llama-server PATH   (llama.cpp too, built by
+//!                                                    bench/peer/llama_cpp.sh)
+//!
+//! Writes the checkpoint once under --data, starts `exitserve` (next to this binary) per
+//! dtype, measures single-stream decode speed and time to first token (the bench's prompt and a
+//! 512-token one) per mode, aggregate throughput at 1/4/16 concurrent streams, the scoring
+//! workload (512-token echo prompts), peak RSS; measures the machine's read bandwidth and
+//! multiply-add peaks in the same run and gives each speed as a share of its bound; prints a
+//! table and writes the results under `bench/results/`.
+//!
+//! The files: `servers.rs` (the processes), `client.rs` (HTTP), `workloads.rs` and
+//! `speculative.rs` (what is timed), `reference.rs` (the Python reference), `kernels.rs`
+//! (products without a server), `report.rs` (table and results file), `checkpoint.rs` (the
+//! random checkpoints), `limits.rs` + `peak.rs` (the machine's bounds), `cost.rs` (each mode's
+//! bytes and FLOPs per token).
+
+mod checkpoint;
+mod client;
+mod cost;
+mod kernels;
+mod limits;
+mod peak;
+mod reference;
+mod report;
+mod servers;
+mod speculative;
+mod workloads;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Parser;
+use serde_json::json;
+
+use checkpoint::{Arch, Shape};
+use servers::Server;
+use workloads::{modes, prompt_ids, Bench, BenchMode};
+
+#[derive(Parser)]
+#[command(about = "exitserve benchmark (real HTTP server, random weights of a released shape)")]
+pub struct Args {
+    /// The checkpoint's shape: GPT-Neo-125M or GPT-2 medium, with their released exits
+    #[arg(long, value_enum, default_value = "gpt_neo")]
+    pub arch: Arch,
+    /// Where the random checkpoint is written (once) and cached
+    /// [default: bench-data/{gpt-neo-125m,gpt2-medium}-multiexit-random]
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Weight dtypes to serve, comma-separated (f32, f16, bf16, int8)
+    #[arg(long, default_value = "f32,bf16,int8", value_delimiter = ',')]
+    pub dtype: Vec<String>,
+    /// Prompt length in tokens
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// New tokens per request (greedy)
+    #[arg(long, default_value_t = 64)]
+    pub new: usize,
+    /// Concurrency levels for aggregate throughput
+    #[arg(long, default_value = "1,4,16", value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// Python of the reference stack (bench/reference/setup_ref.sh) to time it in the same run
+    #[arg(long)]
+    pub reference_python: Option<PathBuf>,
+    /// The reference benchmark script [default: bench/reference/ref_bench.py]
+    #[arg(long)]
+    pub reference_script: Option<PathBuf>,
+    /// JSON results file [default: bench/results/DATE-MACHINE-SHAPE.json, `-speculative`
+    /// added with --speculative; never an existing file]
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Only time vocabulary-head matmul variants (no server)
+    #[arg(long)]
+    pub kernels: bool,
+    /// Only measure this machine's limits (read bandwidth, multiply-add peaks) and print them
+    #[arg(long)]
+    pub limits: bool,
+    /// Only time self-speculative decoding: speedup against acceptance rate, on variants of
+    /// the checkpoint whose exits agree with the original head at controlled rates
+    /// (written once under --data with an `-agree-S` suffix)
+    #[arg(long)]
+    pub speculative: bool,
+    /// The variants' upper-block scales (0: the exits always agree; larger, less often)
+    #[arg(long, default_value = "0,0.5,1,2", value_delimiter = ',')]
+    pub spec_scales: Vec<f32>,
+    /// Draft layers timed (the variants quiet the blocks above the lowest)
+    #[arg(long, default_value = "4,6,8", value_delimiter = ',')]
+    pub spec_draft_layers: Vec<usize>,
+    /// `max_draft_tokens` values timed
+    #[arg(long, default_value = "2,4,8", value_delimiter = ',')]
+    pub spec_draft_tokens: Vec<usize>,
+    /// Concurrent streams timed for speculation
+    #[arg(long, default_value = "1,4", value_delimiter = ',')]
+    pub spec_streams: Vec<usize>,
+    /// What drafts read (`--speculative-draft-weights`), each timed
+    #[arg(long, default_value = "int8,model", value_delimiter = ',')]
+    pub spec_draft_weights: Vec<String>,
+    /// Scoring workload (lm-eval loglikelihood): this many prompts with `echo`, `logprobs: 1`,
+    /// `max_tokens: 1`, 4 at a time (0: skip)
+    #[arg(long, default_value_t = 16)]
+    pub scoring_prompts: usize,
+    /// Tokens per scoring prompt
+    #[arg(long, default_value_t = 512)]
+    pub scoring_len: usize,
+    /// llama.cpp's llama-server (bench/peer/llama_cpp.sh builds it): time it on the same
+    /// weights (the GPT-2 shape, exits stripped, as GGUF f32 / bf16 / q8_0) in the same run
+    #[arg(long)]
+    pub peer_llama_server: Option<PathBuf>,
+    /// Where bench/peer/llama_cpp.sh wrote gpt2-medium-{f32,bf16,q8_0}.gguf
+    #[arg(long, default_value = "bench-data/llama.cpp")]
+    pub peer_gguf: PathBuf,
+}
+
+fn main() {
+    let mut args = Args::parse();
+    if args.kernels {
+        kernels::kernels();
+        return kernels::block_products(&Shape::of(args.arch), args.scoring_len);
+    }
+    if args.limits {
+        let limits = limits::Limits::measure();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&limits.to_json()).unwrap()
+        );
+        return;
+    }
+    // The repository: the fixtures' tokenizer goes into the random checkpoints.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ is inside the repository");
+    let shape = Shape::of(args.arch);
+    let name = match args.arch {
+        Arch::GptNeo => "gpt-neo-125m",
+        Arch::Gpt2 => "gpt2-medium",
+    };
+    let data = args
+        .data
+        .get_or_insert_with(|| format!("bench-data/{name}-multiexit-random").into())
+        .clone();
+    let out = args.out.clone().unwrap_or_else(|| {
+        report::results_path(&if args.speculative {
+            format!("{name}-speculative")
+        } else {
+            name.to_string()
+        })
+    });
+    eprintln!("checkpoint: {}", data.display());
+    let t = Instant::now();
+    let f32_bytes = checkpoint::ensure(
+        &data,
+        &shape,
+        &root.join("tests/fixtures/tiny-gpt-neo-multiexit"),
+    )
+    .expect("write the benchmark checkpoint");
+    eprintln!(
+        "  ready in {:.1} s ({:.2} GB of float32 weights)",
+        t.elapsed().as_secs_f64(),
+        f32_bytes as f64 / 1e9
+    );
+    let server_bin = std::env::current_exe().unwrap().with_file_name("exitserve");
+    let prompt = prompt_ids(args.prompt_len, 0);
+    if args.speculative {
+        let report = speculative::speculative_bench(&args, &shape, root, &server_bin, &prompt);
+        std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        eprintln!("wrote {}", out.display());
+        return;
+    }
+    if args.peer_llama_server.is_some() && args.arch != Arch::Gpt2 {
+        eprintln!("--peer-llama-server needs --arch gpt2 (llama.cpp has no GPT-Neo)");
+        std::process::exit(2);
+    }
+    let modes = modes(&shape);
+    eprintln!("machine limits ...");
+    let limits = limits::Limits::measure();
+    eprintln!("  {}", limits.summary());
+    let bench = Bench {
+        args: &args,
+        shape: &shape,
+        limits: &limits,
+    };
+
+    // The peer serves the original head, as a plain OpenAI request; each of its runs follows
+    // exitserve's run at the matching precision, minutes apart rather than a whole run apart,
+    // because a shared machine's speed drifts.
+    let original = [BenchMode {
+        json: String::new(),
+        name: modes[0].name.clone(),
+        work: modes[0].work,
+    }];
+    let mut runs = Vec::new();
+    let mut peer_runs = Vec::new();
+    for dtype in &args.dtype {
+        let weight_bytes = match dtype.as_str() {
+            "f32" => f32_bytes,
+            "int8" => f32_bytes / 4,
+            _ => f32_bytes / 2,
+        };
+        eprintln!("exitserve {dtype}:");
+        let run = match Server::exitserve(&server_bin, &data, dtype) {
+            Ok(server) => {
+                let mut run = bench.serve(&server, dtype, &modes);
+                if args.scoring_prompts > 0 {
+                    run["scoring"] = bench.scoring(&server, dtype, &modes);
+                }
+                let rss = server.peak_rss_bytes().unwrap_or(0);
+                run["peak_rss_bytes"] = json!(rss);
+                run["weight_bytes"] = json!(weight_bytes);
+                run["rss_over_weights"] = json!(rss as f64 / weight_bytes as f64);
+                run
+            }
+            Err(why) => {
+                eprintln!("  {why}: not measured");
+                json!({"dtype": dtype, "not_measured": why})
+            }
+        };
+        runs.push(run);
+        let Some(bin) = &args.peer_llama_server else {
+            continue;
+        };
+        // the GGUF precisions bench/peer/llama_cpp.sh writes
+        let quant = match dtype.as_str() {
+            "int8" => "q8_0",
+            "f32" | "bf16" => dtype,
+            _ => continue,
+        };
+        let gguf = args.peer_gguf.join(format!("gpt2-medium-{quant}.gguf"));
+        eprintln!("llama-server {quant} ({}):", gguf.display());
+        match Server::llama_server(bin, &gguf) {
+            Ok(server) => {
+                let mut run = bench.serve(&server, quant, &original);
+                run["compared_with"] = json!(dtype);
+                run["peak_rss_bytes"] = json!(server.peak_rss_bytes().unwrap_or(0));
+                peer_runs.push(run);
+            }
+            Err(why) => {
+                eprintln!("  {why}: not measured");
+                peer_runs.push(json!({"dtype": quant, "not_measured": why}));
+            }
+        }
+    }
+    let peer = args
+        .peer_llama_server
+        .as_ref()
+        .map(|bin| json!({"server": "llama.cpp llama-server", "binary": bin, "runs": peer_runs}));
+    let reference = args
+        .reference_python
+        .as_ref()
+        .map(|py| reference::run_reference(py, &args));
+    let reference_scoring = match (&args.reference_python, args.scoring_prompts) {
+        (Some(py), n) if n > 0 => Some(reference::run_reference_scoring(py, &args)),
+        _ => None,
+    };
+    let report = json!({
+        "machine": report::machine(),
+        "limits": limits.to_json(),
+        "arch": format!("{:?}", args.arch),
+        "layers": shape.layers,
+        "hidden": shape.hidden,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new,
+        "runs": runs,
+        "peer": peer,
+        "reference": reference,
+        "reference_scoring": reference_scoring,
+    });
+    report::print_table(&report, &modes);
+    std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    eprintln!("wrote {}", out.display());
+}

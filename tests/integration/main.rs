@@ -1,0 +1,25 @@
+//! The integration tests, in one binary: each test binary links all of candle, so one binary
+//! instead of fourteen builds and links faster and takes a fraction of the disk. Each file is
+//! a concern; `tests/common` holds what they share (fixtures, the test server, clients).
+
+#[path = "../common/mod.rs"]
+mod common;
+// The bench's random-checkpoint writer, for a model big enough to be slow (`process.rs`).
+#[allow(dead_code)]
+#[path = "../../bench/src/checkpoint.rs"]
+mod checkpoint;
+
+mod architectures;
+mod bad_input;
+mod batching;
+mod deploy;
+mod evaluation;
+mod hardening;
+mod http_api;
+mod hub;
+mod inspect;
+mod openapi;
+mod parity;
+mod process;
+mod resource_bounds;
+mod speculative;
