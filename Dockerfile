@@ -5,6 +5,9 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace's other member, the benchmark: cargo reads every member to build one.
+COPY bench/Cargo.toml ./bench/
+COPY bench/src ./bench/src
 COPY openapi.yaml ./
 COPY config ./config
 RUN cargo build --release --locked --bin exitserve

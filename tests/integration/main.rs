@@ -13,6 +13,7 @@ mod architectures;
 mod bad_input;
 mod batching;
 mod deploy;
+mod docs;
 mod evaluation;
 mod hardening;
 mod http_api;
