@@ -154,9 +154,7 @@ impl Engine {
         let label = match (&req.named_mode, &req.mode) {
             (Some(named), _) => named.label(),
             (None, None) => self.validator.limits().default_mode.label(),
-            (None, Some(request::ModeSpec::Original)) => "original",
-            (None, Some(request::ModeSpec::Exit { .. })) => "exit",
-            (None, Some(request::ModeSpec::Contrast { .. })) => "contrast",
+            (None, Some(spec)) => spec.label(),
         };
         self.off_runtime(label, move |v| Ok(v.validate(req, deadline)?))
             .await

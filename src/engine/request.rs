@@ -95,6 +95,17 @@ pub enum UpperSpec {
     Layer(i64),
 }
 
+impl ModeSpec {
+    /// The kind of mode asked for, as [`Mode::label`] names it.
+    pub fn label(&self) -> &'static str {
+        Mode::LABELS[match self {
+            ModeSpec::Original => 0,
+            ModeSpec::Exit { .. } => 1,
+            ModeSpec::Contrast { .. } => 2,
+        }]
+    }
+}
+
 impl From<Mode> for ModeSpec {
     /// A mode parsed from text (a flag, a model id), to be validated as a request's would be.
     fn from(mode: Mode) -> Self {

@@ -62,13 +62,16 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The mode's kind, as metrics label it: `original`, `exit` or `contrast`.
+    /// Every kind of mode, as `multi_exit.mode` names it and metrics label it.
+    pub const LABELS: [&'static str; 3] = ["original", "exit", "contrast"];
+
+    /// The mode's kind: one of [`Mode::LABELS`].
     pub fn label(&self) -> &'static str {
-        match self {
-            Mode::Original => "original",
-            Mode::Exit(_) => "exit",
-            Mode::Contrast(_) => "contrast",
-        }
+        Self::LABELS[match self {
+            Mode::Original => 0,
+            Mode::Exit(_) => 1,
+            Mode::Contrast(_) => 2,
+        }]
     }
 
     /// The heads to evaluate, in the order [`Mode::scores`] expects their logits.
