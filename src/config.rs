@@ -109,6 +109,10 @@ pub struct Args {
     /// Most `logit_bias` entries in one request
     #[arg(long, env = "EXITSERVE_MAX_LOGIT_BIAS", default_value_t = 300)]
     pub max_logit_bias: usize,
+    /// Prompt positions one `/v1/inspect` request with `"positions": "all"` may inspect (each
+    /// evaluates every head; the step's prefill budget charges it so)
+    #[arg(long, env = "EXITSERVE_MAX_INSPECT_POSITIONS", default_value_t = 256)]
+    pub max_inspect_positions: usize,
     /// Requests parsed and tokenized at once; the others wait with their raw bodies
     /// [default: the number of CPUs]
     #[arg(long, env = "EXITSERVE_VALIDATION_WORKERS")]
@@ -130,6 +134,10 @@ pub struct Args {
     /// Seconds an idle keep-alive connection stays open
     #[arg(long, env = "EXITSERVE_KEEP_ALIVE_TIMEOUT", default_value_t = 60.0)]
     pub keep_alive_timeout: f64,
+    /// Seconds a response's output may wait on a client that reads none of it before the
+    /// connection is closed (a slow reader that keeps reading gets its response whole)
+    #[arg(long, env = "EXITSERVE_WRITE_STALL_TIMEOUT", default_value_t = 30.0)]
+    pub write_stall_timeout: f64,
     /// Seconds a request may wait and run before it fails
     #[arg(long, env = "EXITSERVE_REQUEST_TIMEOUT", default_value_t = 300.0)]
     pub request_timeout: f64,
@@ -222,12 +230,14 @@ pub struct Settings {
     pub max_stop_sequences: usize,
     pub max_stop_length: usize,
     pub max_logit_bias: usize,
+    pub max_inspect_positions: usize,
     pub validation_workers: usize,
     pub stream_buffer_events: usize,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub keep_alive_timeout: Duration,
+    pub write_stall_timeout: Duration,
     pub request_timeout: Duration,
     pub api_key: Option<String>,
     pub cors_allow_origins: Vec<String>,
@@ -345,6 +355,7 @@ impl Settings {
             max_stop_sequences: a.max_stop_sequences,
             max_stop_length: positive("max-stop-length", a.max_stop_length)?,
             max_logit_bias: a.max_logit_bias,
+            max_inspect_positions: positive("max-inspect-positions", a.max_inspect_positions)?,
             validation_workers: positive(
                 "validation-workers",
                 a.validation_workers
@@ -355,6 +366,7 @@ impl Settings {
             header_read_timeout: secs("header-read-timeout", a.header_read_timeout)?,
             body_read_timeout: secs("body-read-timeout", a.body_read_timeout)?,
             keep_alive_timeout: secs("keep-alive-timeout", a.keep_alive_timeout)?,
+            write_stall_timeout: secs("write-stall-timeout", a.write_stall_timeout)?,
             request_timeout: secs("request-timeout", a.request_timeout)?,
             api_key: a.api_key.filter(|k| !k.is_empty()),
             cors_allow_origins: a.cors_allow_origin.unwrap_or_default(),

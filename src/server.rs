@@ -69,6 +69,7 @@ pub fn connection_limits(s: &Settings) -> ConnectionLimits {
         max_connections: s.max_connections,
         header_read_timeout: s.header_read_timeout,
         keep_alive_timeout: s.keep_alive_timeout,
+        write_stall_timeout: s.write_stall_timeout,
     }
 }
 
@@ -139,6 +140,7 @@ pub fn build_state_with(
         max_stop_sequences: s.max_stop_sequences,
         max_stop_length: s.max_stop_length,
         max_logit_bias: s.max_logit_bias,
+        max_inspect_positions: s.max_inspect_positions,
         max_token_bytes: loaded.tokenizer.max_token_bytes(),
         speculative_default: None,
         speculative_max_draft_tokens: s.speculative_max_draft_tokens,

@@ -178,9 +178,7 @@ impl Engine {
         validate: impl FnOnce(&Validator) -> Result<ValidRequest, EngineError> + Send + 'static,
     ) -> Result<ValidRequest, EngineError> {
         let v = self.validator.clone();
-        let res = tokio::task::spawn_blocking(move || validate(&v))
-            .await
-            .map_err(|e| EngineError::Internal(format!("validation task failed: {e}")))?;
+        let res = self.blocking("validation", move || validate(&v)).await;
         if res.is_err() {
             self.metrics.request_finished("invalid", label);
         }
@@ -225,18 +223,38 @@ impl Engine {
     }
 
     /// Tokenizes `text` off the async runtime, under a validation slot; with `strs`, also
-    /// each token's text.
+    /// each token's text. A text that cannot fit the context is refused from its length
+    /// alone, before any tokenizing.
     pub async fn tokenize(
         &self,
         text: String,
         strs: bool,
         _slot: &ValidationSlot,
     ) -> Result<(Vec<u32>, Option<Vec<String>>), EngineError> {
+        let limits = self.validator.limits();
+        let max = limits.max_positions;
+        let at_least = text.len().div_ceil(limits.max_token_bytes.max(1));
+        if at_least > max {
+            return Err(ValidationError::TokenizeTooLong {
+                tokens: at_least,
+                bytes: Some(text.len()),
+                max,
+            }
+            .into());
+        }
         let tok = Arc::clone(self.validator.tokenizer());
-        tokio::task::spawn_blocking(move || {
+        self.blocking("tokenizer", move || {
             let ids = tok
                 .encode(&text)
                 .map_err(|e| ValidationError::Untokenizable(e.to_string()))?;
+            if ids.len() > max {
+                return Err(ValidationError::TokenizeTooLong {
+                    tokens: ids.len(),
+                    bytes: None,
+                    max,
+                }
+                .into());
+            }
             let texts = strs.then(|| {
                 ids.iter()
                     .map(|&id| tok.decode(&[id]).unwrap_or_default())
@@ -245,12 +263,24 @@ impl Engine {
             Ok((ids, texts))
         })
         .await
-        .map_err(|e| EngineError::Internal(format!("tokenizer task failed: {e}")))?
     }
 
-    /// The text of `ids`, each checked to be in the vocabulary.
-    pub fn detokenize(&self, ids: &[i64]) -> Result<String, EngineError> {
-        let vocab = self.validator.limits().vocab_size;
+    /// The text of `ids` (at most the context length of them, each in the vocabulary), off
+    /// the async runtime, under a validation slot.
+    pub async fn detokenize(
+        &self,
+        ids: Vec<i64>,
+        _slot: &ValidationSlot,
+    ) -> Result<String, EngineError> {
+        let limits = self.validator.limits();
+        let (vocab, max) = (limits.vocab_size, limits.max_positions);
+        if ids.len() > max {
+            return Err(ValidationError::DetokenizeTooLong {
+                got: ids.len(),
+                max,
+            }
+            .into());
+        }
         let ids = ids
             .iter()
             .map(|&id| {
@@ -260,10 +290,23 @@ impl Engine {
                     .ok_or(ValidationError::TokenId { vocab, got: id })
             })
             .collect::<Result<Vec<u32>, _>>()?;
-        self.validator
-            .tokenizer()
-            .decode(&ids)
-            .map_err(|e| EngineError::Internal(format!("cannot decode: {e}")))
+        let tok = Arc::clone(self.validator.tokenizer());
+        self.blocking("tokenizer", move || {
+            tok.decode(&ids)
+                .map_err(|e| EngineError::Internal(format!("cannot decode: {e}")))
+        })
+        .await
+    }
+
+    /// Runs CPU work on a blocking thread; a panic there is an internal error naming `what`.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &str,
+        work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| EngineError::Internal(format!("{what} task failed: {e}")))?
     }
 
     /// The end-of-text token's text, if the model has one.

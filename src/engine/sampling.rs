@@ -3,21 +3,26 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
 use super::request::SamplingParams;
 use crate::kernels::fastmath::exp_neg;
 
+/// Chooses one sequence's tokens. The random number behind the token at position `t` of a
+/// completion is a function of (seed, choice, `t`) alone, not of how many numbers were drawn
+/// before: a seeded request gives the same text alone or batched, and with self-speculative
+/// decoding or without (a draft is drawn with the number of its position, and stands when it
+/// is the token the mode draws with that same number).
 pub struct Sampler {
     params: SamplingParams,
-    rng: StdRng,
+    /// The request's seed (or a fresh one) mixed with the choice's index.
+    seed: u64,
+    /// Tokens generated so far: the position of the next one.
+    position: u64,
     /// Occurrences of each generated token, for presence/frequency/repetition penalties.
     counts: HashMap<u32, u32>,
 }
 
 impl Sampler {
-    /// `stream` separates the choices of one request: each gets its own reproducible RNG.
+    /// `stream` separates the choices of one request: each draws its own numbers.
     pub fn new(params: SamplingParams, stream: u64) -> Self {
         let seed = match params.seed {
             Some(s) => s ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -25,61 +30,50 @@ impl Sampler {
         };
         Self {
             params,
-            rng: StdRng::seed_from_u64(seed),
+            seed,
+            position: 0,
             counts: HashMap::new(),
         }
     }
 
-    /// Records a token the sequence produced (penalties apply to generated tokens).
+    /// Records a token the sequence produced (penalties apply to generated tokens); the
+    /// next choice is the next position's.
     pub fn observe(&mut self, id: u32) {
         *self.counts.entry(id).or_default() += 1;
+        self.position += 1;
     }
 
     /// Picks the next token from `scores`, the mode's log-distribution.
-    pub fn choose(&mut self, scores: &[f32]) -> u32 {
+    pub fn choose(&self, scores: &[f32]) -> u32 {
+        self.choose_ahead(scores, 0)
+    }
+
+    /// The token this sampler would pick from `scores` `ahead` positions after the next one
+    /// (a draft's, within a speculative round; penalties as they stand now).
+    pub fn choose_ahead(&self, scores: &[f32], ahead: usize) -> u32 {
         let scores = self.edited(scores);
         if self.params.temperature == 0.0 {
             return argmax(&scores);
         }
         let dist = self.distribution_of_edited(&scores);
-        self.draw(&dist)
+        dist.pick(self.uniform_at(self.position + ahead as u64))
+    }
+
+    /// The uniform number in [0, 1) of position `t`: SplitMix64 of (seed, t), a counter-based
+    /// generator (the numbers of a position never depend on the draws before it).
+    fn uniform_at(&self, t: u64) -> f64 {
+        let mut z = self
+            .seed
+            .wrapping_add(t.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Greedy decoding (temperature 0): every choice is the best edited score.
     pub fn is_greedy(&self) -> bool {
         self.params.temperature == 0.0
-    }
-
-    /// What [`Sampler::choose`] would pick from, as weights: `scores` after the logit bias
-    /// and penalties, tempered and restricted to the top-k and the nucleus. Greedy: the one
-    /// best token.
-    pub fn distribution(&self, scores: &[f32]) -> Dist {
-        let scores = self.edited(scores);
-        if self.params.temperature == 0.0 {
-            return Dist {
-                ids: vec![argmax(&scores)],
-                weights: vec![1.0],
-                total: 1.0,
-            };
-        }
-        self.distribution_of_edited(&scores)
-    }
-
-    /// A uniform number in [0, 1) from the sequence's RNG.
-    pub fn uniform(&mut self) -> f64 {
-        self.rng.random::<f64>()
-    }
-
-    /// Samples from a distribution.
-    pub fn draw(&mut self, dist: &Dist) -> u32 {
-        let mut r = self.rng.random::<f64>() * dist.total;
-        for (&id, w) in dist.ids.iter().zip(&dist.weights) {
-            if r < *w {
-                return id;
-            }
-            r -= w;
-        }
-        dist.ids[dist.ids.len() - 1]
     }
 
     /// `scores` with the logit bias and the penalties applied (borrowed when there are none).
@@ -166,12 +160,16 @@ pub struct Dist {
 }
 
 impl Dist {
-    /// The probability of `id` (0 outside the support).
-    pub fn prob(&self, id: u32) -> f64 {
-        self.ids
-            .iter()
-            .position(|&i| i == id)
-            .map_or(0.0, |k| self.weights[k] / self.total)
+    /// The token at `u` (in [0, 1)) of the distribution's cumulative weight, in its order.
+    pub fn pick(&self, u: f64) -> u32 {
+        let mut r = u * self.total;
+        for (&id, w) in self.ids.iter().zip(&self.weights) {
+            if r < *w {
+                return id;
+            }
+            r -= w;
+        }
+        self.ids[self.ids.len() - 1]
     }
 }
 
@@ -241,7 +239,7 @@ mod tests {
 
     #[test]
     fn greedy_takes_first_maximum() {
-        let mut s = Sampler::new(params(0.0), 0);
+        let s = Sampler::new(params(0.0), 0);
         assert_eq!(s.choose(&[0.1, 0.5, 0.5, -1.0]), 1);
     }
 
@@ -256,7 +254,13 @@ mod tests {
                 },
                 3,
             );
-            (0..50).map(|_| s.choose(&scores)).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| {
+                    let t = s.choose(&scores);
+                    s.observe(t);
+                    t
+                })
+                .collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run());
@@ -302,14 +306,20 @@ mod tests {
             },
             1,
         );
-        let picks: Vec<u32> = (0..300).map(|_| s.choose(&scores)).collect();
+        let picks: Vec<u32> = (0..300)
+            .map(|_| {
+                let t = s.choose(&scores);
+                s.observe(t);
+                t
+            })
+            .collect();
         assert!(picks.iter().all(|&t| t < 2), "{picks:?}");
         assert!(picks.contains(&0) && picks.contains(&1));
     }
 
     #[test]
     fn logit_bias_and_penalties_move_the_choice() {
-        let mut s = Sampler::new(
+        let s = Sampler::new(
             SamplingParams {
                 logit_bias: vec![(2, 100.0)],
                 ..params(0.0)
@@ -326,5 +336,26 @@ mod tests {
         );
         s.observe(0);
         assert_eq!(s.choose(&[-1.0, -1.5, -4.0]), 1);
+    }
+
+    /// A position's token depends on (seed, choice, position) only: looking ahead gives
+    /// what the later choice gives, whatever was drawn in between.
+    #[test]
+    fn a_position_draws_the_same_number_however_it_is_reached() {
+        let scores = [-1.0f32, -1.1, -1.2, -1.3];
+        let mut a = Sampler::new(params(1.0), 5);
+        let ahead: Vec<u32> = (0..20).map(|k| a.choose_ahead(&scores, k)).collect();
+        let mut plain = Vec::new();
+        for _ in 0..20 {
+            let t = a.choose(&scores);
+            plain.push(t);
+            a.observe(t);
+        }
+        assert_eq!(ahead, plain);
+        assert!(plain.iter().any(|&t| t != plain[0]));
+        // another choice of the same request draws other numbers
+        let b = Sampler::new(params(1.0), 6);
+        let other: Vec<u32> = (0..20).map(|k| b.choose_ahead(&scores, k)).collect();
+        assert_ne!(other, plain);
     }
 }

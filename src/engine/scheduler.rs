@@ -91,6 +91,10 @@ pub struct SeqView {
     /// Most prompt tokens it may feed in one step (an inspection of every position keeps
     /// its chunks small: each position's logits are kept for every head).
     pub max_chunk: usize,
+    /// What one of its prompt tokens costs of the prefill budget: 1, or more where each
+    /// position also evaluates vocabulary heads (an inspection of every position: 1 + heads),
+    /// so that such work cannot crowd out the others' prefill.
+    pub cost_per_token: usize,
 }
 
 /// What one sequence feeds this step.
@@ -118,11 +122,17 @@ pub fn plan_step(max_prefill_tokens: usize, seqs: &[SeqView]) -> Vec<Slot> {
             });
             continue;
         }
-        let take = s.prompt_left.min(budget).min(s.max_chunk);
+        let cost = s.cost_per_token.max(1);
+        let mut take = s.prompt_left.min(budget / cost).min(s.max_chunk);
+        if take == 0 && budget == max_prefill_tokens {
+            // A position dearer than the whole budget still goes, alone, when nothing else
+            // has spent any: else it would never run.
+            take = 1;
+        }
         if take == 0 {
             continue; // the prefill budget is spent: this prompt waits a step
         }
-        budget -= take;
+        budget = budget.saturating_sub(take * cost);
         plan.push(Slot {
             index,
             prompt_take: take,
@@ -198,26 +208,31 @@ mod tests {
                 prompt_left: 0,
                 can_emit: true,
                 max_chunk: usize::MAX,
+                cost_per_token: 1,
             },
             SeqView {
                 prompt_left: 70,
                 can_emit: true,
                 max_chunk: usize::MAX,
+                cost_per_token: 1,
             },
             SeqView {
                 prompt_left: 50,
                 can_emit: true,
                 max_chunk: usize::MAX,
+                cost_per_token: 1,
             },
             SeqView {
                 prompt_left: 20,
                 can_emit: true,
                 max_chunk: usize::MAX,
+                cost_per_token: 1,
             },
             SeqView {
                 prompt_left: 0,
                 can_emit: true,
                 max_chunk: usize::MAX,
+                cost_per_token: 1,
             },
         ];
         let plan = plan_step(100, &seqs);
@@ -233,11 +248,13 @@ mod tests {
                 prompt_left: 100,
                 can_emit: true,
                 max_chunk: 32,
+                cost_per_token: 1,
             },
             SeqView {
                 prompt_left: 100,
                 can_emit: true,
                 max_chunk: usize::MAX,
+                cost_per_token: 1,
             },
         ];
         let plan = plan_step(100, &seqs);
@@ -252,16 +269,19 @@ mod tests {
                 prompt_left: 80,
                 can_emit: false,
                 max_chunk: usize::MAX,
+                cost_per_token: 1,
             },
             SeqView {
                 prompt_left: 0,
                 can_emit: false,
                 max_chunk: usize::MAX,
+                cost_per_token: 1,
             },
             SeqView {
                 prompt_left: 90,
                 can_emit: true,
                 max_chunk: usize::MAX,
+                cost_per_token: 1,
             },
         ];
         let plan = plan_step(100, &seqs);
@@ -272,5 +292,45 @@ mod tests {
                 prompt_take: 90
             }]
         );
+    }
+
+    #[test]
+    fn positions_that_evaluate_every_head_are_charged_for_them() {
+        let seqs = [
+            SeqView {
+                prompt_left: 100,
+                can_emit: true,
+                max_chunk: 32,
+                cost_per_token: 9,
+            },
+            SeqView {
+                prompt_left: 100,
+                can_emit: true,
+                max_chunk: usize::MAX,
+                cost_per_token: 1,
+            },
+            SeqView {
+                prompt_left: 5,
+                can_emit: true,
+                max_chunk: usize::MAX,
+                cost_per_token: 1,
+            },
+        ];
+        let plan = plan_step(100, &seqs);
+        let got: Vec<(usize, usize)> = plan.iter().map(|s| (s.index, s.prompt_take)).collect();
+        // 11 inspected positions take 99 of the 100; one token is left for the next prompt
+        assert_eq!(got, vec![(0, 11), (1, 1)]);
+        // dearer than the whole budget: one position, alone
+        let alone = [SeqView {
+            cost_per_token: 500,
+            ..seqs[0]
+        }];
+        assert_eq!(plan_step(100, &alone)[0].prompt_take, 1);
+        let behind = [seqs[1], alone[0]];
+        let got: Vec<(usize, usize)> = plan_step(100, &behind)
+            .iter()
+            .map(|s| (s.index, s.prompt_take))
+            .collect();
+        assert_eq!(got, vec![(0, 100)]);
     }
 }

@@ -1,7 +1,10 @@
 //! Self-speculative decoding: the trunk up to a low exit drafts a few tokens, one pass of the
 //! request's own mode over the drafted positions verifies them, and the output is the one
-//! decoding without drafts would give (greedy: token for token; sampling: the same
-//! distribution, by the speculative-sampling rule of Leviathan et al. / Chen et al. 2023).
+//! decoding without drafts would give, token for token, greedy or sampled: a draft is drawn
+//! with the random number of its position (`sampling.rs`) and stands when it is the token the
+//! mode draws there with that same number. (Leviathan et al.'s rejection rule accepts more
+//! drafts when sampling, but keeps only the distribution, not the text of a seeded request:
+//! that text would then depend on whether the batch let the sequence draft.)
 //!
 //! A round, for a sequence whose last token `t0` is not yet in its cache:
 //! 1. draft: `k` steps at the draft layer's depth feed `t0, d1, …, d(k-1)` and choose
@@ -25,7 +28,7 @@
 //! percent, not a slowdown.
 
 use super::request::SpeculativeSpec;
-use super::sampling::{Dist, Sampler};
+use super::sampling::Sampler;
 use crate::model::cost::weight_macs;
 
 /// The largest `max_draft_tokens` a request may ask for.
@@ -139,7 +142,7 @@ pub struct Speculation {
     /// The next round is a one-token probe after a pause.
     probing: bool,
     /// The round in progress: the cache length and token it began with, its length, and the
-    /// drafts (with the distributions they were drawn from, when sampling).
+    /// drafts.
     round: Option<Round>,
 }
 
@@ -149,7 +152,6 @@ struct Round {
     t0: u32,
     len: usize,
     drafts: Vec<u32>,
-    dists: Vec<Dist>,
 }
 
 impl Speculation {
@@ -237,24 +239,17 @@ impl Speculation {
             t0: next,
             len,
             drafts: Vec::with_capacity(len),
-            dists: Vec::with_capacity(len),
         });
         SpecInput::Draft(next)
     }
 
     /// Chooses the next draft token from the draft head's log-distribution `scores`, the way
-    /// the sequence's sampler would (greedy: its best token; else a draw, whose distribution
-    /// is kept for the verdict).
-    pub fn draft(&mut self, scores: &[f32], sampler: &mut Sampler) {
+    /// the sequence's sampler chooses the token at that position (greedy: its best token;
+    /// else a draw with that position's random number).
+    pub fn draft(&mut self, scores: &[f32], sampler: &Sampler) {
         let round = self.round.as_mut().expect("drafting inside a round");
-        let dist = sampler.distribution(scores);
-        let token = if sampler.is_greedy() {
-            dist.ids[0]
-        } else {
-            sampler.draw(&dist)
-        };
+        let token = sampler.choose_ahead(scores, round.drafts.len());
         round.drafts.push(token);
-        round.dists.push(dist);
     }
 
     /// The drafts of the round being verified.
@@ -263,24 +258,18 @@ impl Speculation {
     }
 
     /// The verdict on draft `i` given the target log-distribution `scores` at the position
-    /// before it: accept with probability min(1, p/q), else draw from (p - q)+ normalised.
-    /// `sampler` must have observed the tokens accepted before (penalties see them).
-    pub fn verdict(&self, i: usize, scores: &[f32], sampler: &mut Sampler) -> Verdict {
+    /// before it: it stands when it is the token the mode chooses there (greedy: its best
+    /// token; sampling: its draw with the same random number the draft was drawn with), else
+    /// that token replaces it. The text is then the one decoding without drafts gives, token
+    /// for token. `sampler` must have observed the tokens accepted before (penalties and the
+    /// position see them).
+    pub fn verdict(&self, i: usize, scores: &[f32], sampler: &Sampler) -> Verdict {
         let round = self.round.as_ref().expect("verifying inside a round");
-        let (d, q) = (round.drafts[i], &round.dists[i]);
-        let p = sampler.distribution(scores);
-        if sampler.is_greedy() {
-            return if p.ids[0] == d {
-                Verdict::Accept(d)
-            } else {
-                Verdict::Replace(p.ids[0])
-            };
+        let d = round.drafts[i];
+        match sampler.choose(scores) {
+            t if t == d => Verdict::Accept(d),
+            t => Verdict::Replace(t),
         }
-        let (pd, qd) = (p.prob(d), q.prob(d));
-        if sampler.uniform() * qd < pd {
-            return Verdict::Accept(d);
-        }
-        Verdict::Replace(sampler.draw(&residual(&p, q)))
     }
 
     /// Ends the round after `accepted` of its drafts stood; returns the cache length to roll
@@ -348,35 +337,6 @@ impl Speculation {
     }
 }
 
-/// `max(0, p - q)`, as weights over p's support (where it is positive); p itself when p = q.
-/// Linear in the supports (both may be the whole vocabulary).
-fn residual(p: &Dist, q: &Dist) -> Dist {
-    let q_of: std::collections::HashMap<u32, f64> = q
-        .ids
-        .iter()
-        .zip(&q.weights)
-        .map(|(&id, &w)| (id, w / q.total))
-        .collect();
-    let mut ids = Vec::with_capacity(p.ids.len());
-    let mut weights = Vec::with_capacity(p.ids.len());
-    for (&id, &w) in p.ids.iter().zip(&p.weights) {
-        let r = w / p.total - q_of.get(&id).copied().unwrap_or(0.0);
-        if r > 0.0 {
-            ids.push(id);
-            weights.push(r);
-        }
-    }
-    let total: f64 = weights.iter().sum();
-    if ids.is_empty() || total <= 0.0 {
-        return p.clone();
-    }
-    Dist {
-        ids,
-        weights,
-        total,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,13 +376,13 @@ mod tests {
     #[test]
     fn a_round_drafts_then_verifies_and_rolls_back_to_the_accepted() {
         let mut s = fixed(3);
-        let mut g = sampler(0.0, 1);
+        let g = sampler(0.0, 1);
         assert_eq!(s.next_input(7, 10, 100), SpecInput::Draft(7));
-        s.draft(&ln(&[0.1, 0.7, 0.2]), &mut g);
+        s.draft(&ln(&[0.1, 0.7, 0.2]), &g);
         assert_eq!(s.next_input(7, 11, 100), SpecInput::Draft(1));
-        s.draft(&ln(&[0.6, 0.2, 0.2]), &mut g);
+        s.draft(&ln(&[0.6, 0.2, 0.2]), &g);
         assert_eq!(s.next_input(7, 12, 100), SpecInput::Draft(0));
-        s.draft(&ln(&[0.1, 0.1, 0.8]), &mut g);
+        s.draft(&ln(&[0.1, 0.1, 0.8]), &g);
         assert_eq!(
             s.next_input(7, 13, 100),
             SpecInput::Verify {
@@ -432,14 +392,8 @@ mod tests {
         );
         assert_eq!(s.drafts(), &[1, 0, 2]);
         // the target agrees on the first draft and not on the second
-        assert_eq!(
-            s.verdict(0, &ln(&[0.2, 0.5, 0.3]), &mut g),
-            Verdict::Accept(1)
-        );
-        assert_eq!(
-            s.verdict(1, &ln(&[0.2, 0.5, 0.3]), &mut g),
-            Verdict::Replace(1)
-        );
+        assert_eq!(s.verdict(0, &ln(&[0.2, 0.5, 0.3]), &g), Verdict::Accept(1));
+        assert_eq!(s.verdict(1, &ln(&[0.2, 0.5, 0.3]), &g), Verdict::Replace(1));
         assert_eq!(s.finish_round(1), 10 + 1 + 1);
         assert!(!s.in_round() && s.drafts().is_empty());
     }
@@ -449,9 +403,9 @@ mod tests {
         let mut s = fixed(8);
         assert_eq!(s.next_input(5, 3, 1), SpecInput::Plain);
         assert_eq!(s.next_input(5, 3, 3), SpecInput::Draft(5));
-        let mut g = sampler(0.0, 1);
-        s.draft(&ln(&[0.5, 0.5]), &mut g);
-        s.draft(&ln(&[0.5, 0.5]), &mut g);
+        let g = sampler(0.0, 1);
+        s.draft(&ln(&[0.5, 0.5]), &g);
+        s.draft(&ln(&[0.5, 0.5]), &g);
         assert!(
             matches!(s.next_input(5, 5, 3), SpecInput::Verify { ref tokens, .. } if tokens.len() == 3)
         );
@@ -460,10 +414,10 @@ mod tests {
     /// Runs one round whose first `accepted` drafts stand; returns its length (0: a plain
     /// step instead).
     fn round(s: &mut Speculation, accepted: usize) -> usize {
-        let mut g = sampler(0.0, 1);
+        let g = sampler(0.0, 1);
         loop {
             match s.next_input(1, 0, 1000) {
-                SpecInput::Draft(_) => s.draft(&ln(&[0.5, 0.5]), &mut g),
+                SpecInput::Draft(_) => s.draft(&ln(&[0.5, 0.5]), &g),
                 SpecInput::Verify { .. } => break,
                 SpecInput::Plain => return 0,
             }
@@ -548,30 +502,59 @@ mod tests {
         assert!((s.times.plain.unwrap() - 0.014).abs() < 1e-9);
     }
 
-    /// Speculative sampling is exact: the emitted token follows p whatever q is. Checked on
-    /// the closed form: P(emit x) = q(x) min(1, p/q) + P(reject) r(x).
+    /// Sampled, a round emits the tokens plain sampling emits at the same positions, whatever
+    /// the draft head proposes: drafts stand only where they are those tokens.
     #[test]
-    fn the_residual_rule_gives_back_the_target_distribution() {
-        let d = |w: &[f64]| Dist {
-            ids: (0..w.len() as u32).collect(),
-            weights: w.to_vec(),
-            total: w.iter().sum(),
-        };
-        let p = d(&[0.5, 0.3, 0.2, 0.0]);
-        let q = d(&[0.1, 0.6, 0.1, 0.2]);
-        let r = residual(&p, &q);
-        let reject: f64 = (0..4u32)
-            .map(|x| q.prob(x) * (1.0 - (p.prob(x) / q.prob(x)).min(1.0)))
-            .sum();
-        for x in 0..4u32 {
-            let accept = q.prob(x) * (p.prob(x) / q.prob(x)).min(1.0);
-            let emitted = accept + reject * r.prob(x);
-            assert!(
-                (emitted - p.prob(x)).abs() < 1e-12,
-                "{x}: {emitted} vs {}",
-                p.prob(x)
-            );
+    fn sampled_rounds_emit_what_plain_sampling_emits() {
+        let target = ln(&[0.4, 0.3, 0.2, 0.1]);
+        let draft = ln(&[0.1, 0.2, 0.3, 0.4]);
+        let mut plain = sampler(1.0, 9);
+        let want: Vec<u32> = (0..40)
+            .map(|_| {
+                let t = plain.choose(&target);
+                plain.observe(t);
+                t
+            })
+            .collect();
+        let (mut g, mut s) = (sampler(1.0, 9), fixed(3));
+        let (mut got, mut drafted, mut accepted) = (Vec::new(), 0, 0);
+        while got.len() < 40 {
+            loop {
+                match s.next_input(0, 0, 1000) {
+                    SpecInput::Draft(_) => s.draft(&draft, &g),
+                    SpecInput::Verify { .. } => break,
+                    SpecInput::Plain => unreachable!("fixed rounds always draft"),
+                }
+            }
+            let n = s.drafts().len();
+            let mut stood = 0;
+            for i in 0..n {
+                let v = s.verdict(i, &target, &g);
+                let t = match v {
+                    Verdict::Accept(d) => d,
+                    Verdict::Replace(t) => t,
+                };
+                got.push(t);
+                g.observe(t);
+                if v != Verdict::Accept(t) {
+                    break;
+                }
+                stood += 1;
+            }
+            if stood == n {
+                let t = g.choose(&target);
+                got.push(t);
+                g.observe(t);
+            }
+            drafted += n;
+            accepted += stood;
+            s.finish_round(stood);
         }
-        assert_eq!(residual(&p, &p), p);
+        got.truncate(40);
+        assert_eq!(got, want);
+        assert!(
+            0 < accepted && accepted < drafted,
+            "{accepted} of {drafted}"
+        );
     }
 }

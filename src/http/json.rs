@@ -69,11 +69,25 @@ impl Default for BodyPolicy {
     }
 }
 
+/// How much of an oversized body is read and dropped, in multiples of the limit.
+const DRAIN_FACTOR: usize = 32;
+
+/// Reads and drops up to `most` bytes of the body, keeping none.
+async fn drain(req: Request, most: usize) {
+    let mut body = req.into_body().into_data_stream();
+    let mut seen = 0usize;
+    while let Some(Ok(chunk)) = body.next().await {
+        seen += chunk.len();
+        if seen > most {
+            break;
+        }
+    }
+}
+
 /// Reads the body up to `limit` bytes. An oversized body is still read (and dropped) up to
 /// `DRAIN_FACTOR` times the limit, so that an ordinary client that sends it all receives the
 /// 413 instead of a broken pipe; beyond that the connection is simply dropped.
 async fn read_limited(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
-    const DRAIN_FACTOR: usize = 32;
     let mut body = req.into_body().into_data_stream();
     let mut buf = Vec::new();
     let mut seen = 0usize;
@@ -115,6 +129,24 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
             .get::<BodyPolicy>()
             .cloned()
             .unwrap_or_default();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > policy.limit as u64) {
+            // Refused before any byte is read: a client that asked `Expect: 100-continue`
+            // never gets its go-ahead (hyper sends it only when the body is read); one that
+            // sends anyway has what it sends drained in the background, so that it reads
+            // the 413 rather than a broken pipe.
+            if !expects_continue(&req) {
+                let most = policy.limit.saturating_mul(DRAIN_FACTOR);
+                tokio::spawn(tokio::time::timeout(policy.read_timeout, drain(req, most)));
+            }
+            return Err(ApiError::PayloadTooLarge {
+                limit: policy.limit,
+            });
+        }
         let read = tokio::time::timeout(policy.read_timeout, read_limited(req, policy.limit));
         let bytes = tokio::select! {
             r = read => r.map_err(|_| ApiError::BodyTimeout {
@@ -124,6 +156,13 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         };
         Ok(JsonBody { bytes, arrived })
     }
+}
+
+fn expects_continue(req: &Request) -> bool {
+    req.headers()
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
 /// Parses `bytes` as a JSON object into `T`, naming the failing field (`param`) as a dotted path.

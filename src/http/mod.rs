@@ -193,6 +193,7 @@ fn model_card(app: &AppState, id: &str, mode: Option<&crate::model::Mode>) -> se
         "exit_layers": limits.exit_layers,
         "num_layers": limits.num_layers,
         "max_model_len": limits.max_positions,
+        "max_inspect_positions": limits.max_inspect_positions,
         "modes": crate::model::Mode::LABELS,
         "default_mode": wire::MultiExitOut::from(&limits.default_mode),
         "multi_exit": wire::MultiExitOut::from(mode.unwrap_or(&limits.default_mode)),

@@ -7,10 +7,13 @@
 //! - A connection with no request in flight closes after `keep_alive_timeout`; once the first
 //!   byte of a request head arrives, the whole head must follow within `header_read_timeout`.
 //!   Bodies have their own timeout in the JSON extractor; the request timeout covers the rest.
+//! - A response is in flight until its last byte is written, not only until hyper has taken
+//!   its body: a slow reader of a large response is not cut by the keep-alive timeout. A
+//!   reader that takes nothing for `write_stall_timeout` while output waits is cut.
 //! - On drain, idle connections close and busy ones finish their response, then close.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -34,6 +37,8 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub keep_alive_timeout: Duration,
+    /// How long output may wait on a client that reads nothing (`--write-stall-timeout`).
+    pub write_stall_timeout: Duration,
 }
 
 /// What the watchdog of one connection knows about it.
@@ -46,6 +51,10 @@ struct ConnState {
     /// Milliseconds since `opened`, plus one, when the first byte of the next request head
     /// arrived; 0 = none yet.
     head_started_ms: AtomicU64,
+    /// Output is waiting for the client to read (the socket's last write would block).
+    write_blocked: AtomicBool,
+    /// Milliseconds since `opened` when the socket last took output.
+    wrote_ms: AtomicU64,
     changed: Notify,
 }
 
@@ -56,6 +65,8 @@ impl ConnState {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
+            wrote_ms: AtomicU64::new(0),
             changed: Notify::new(),
         }
     }
@@ -90,9 +101,26 @@ impl ConnState {
         }
     }
 
-    /// Idle: nothing in flight and no request head begun.
+    /// A write to the socket: `took` bytes, or none because it would block.
+    fn wrote(&self, took: bool) {
+        let now = self.now_ms();
+        if took {
+            self.wrote_ms.store(now, Ordering::Release);
+        }
+        let was_blocked = self.write_blocked.swap(!took, Ordering::AcqRel);
+        if was_blocked == took {
+            if took && self.in_flight.load(Ordering::Acquire) == 0 {
+                // The last response's end went out: the connection is idle from now.
+                self.idle_since_ms.store(now, Ordering::Release);
+            }
+            self.changed.notify_one();
+        }
+    }
+
+    /// Idle: nothing in flight, no output waiting and no request head begun.
     fn is_idle(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
+            && !self.write_blocked.load(Ordering::Acquire)
             && self.head_started_ms.load(Ordering::Acquire) == 0
     }
 
@@ -100,6 +128,12 @@ impl ConnState {
     fn deadline(&self, limits: &ConnectionLimits) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
+        }
+        if self.write_blocked.load(Ordering::Acquire) {
+            // The last response's end still waits on the client: it must keep reading.
+            return Some(
+                self.at(self.wrote_ms.load(Ordering::Acquire)) + limits.write_stall_timeout,
+            );
         }
         match self.head_started_ms.load(Ordering::Acquire) {
             0 => Some(
@@ -137,7 +171,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.state.wrote(!r.is_pending());
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -153,7 +189,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.state.wrote(!r.is_pending());
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -318,7 +356,9 @@ async fn serve_connection(
             }
             _ = shutdown.draining(), if !drained => {
                 drained = true;
-                if state.in_flight.load(Ordering::Acquire) == 0 {
+                if state.in_flight.load(Ordering::Acquire) == 0
+                    && !state.write_blocked.load(Ordering::Acquire)
+                {
                     return; // idle or a half-sent head: nothing to finish
                 }
                 conn.as_mut().graceful_shutdown();
@@ -331,4 +371,40 @@ async fn serve_connection(
 /// fit; returns the limit now in force (None where unknown).
 pub fn raise_open_files_limit() -> Option<u64> {
     rlimit::increase_nofile_limit(u64::MAX).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ConnectionLimits = ConnectionLimits {
+        max_connections: 1,
+        header_read_timeout: Duration::from_secs(10),
+        keep_alive_timeout: Duration::from_secs(1),
+        write_stall_timeout: Duration::from_secs(30),
+    };
+
+    /// A response hyper has taken whole but the client has not read is still in flight: the
+    /// keep-alive timeout (1 s here) does not apply until its end is written, only the stall
+    /// timeout (30 s) while nothing is.
+    #[test]
+    fn output_waiting_on_the_client_keeps_the_connection_busy() {
+        let c = ConnState::new();
+        assert!(c.is_idle());
+        c.request_started();
+        assert_eq!(c.deadline(&LIMITS), None);
+        c.wrote(true);
+        c.wrote(false); // the socket is full
+        c.request_ended(); // hyper took the last of the body
+        assert!(!c.is_idle());
+        let stall = c.deadline(&LIMITS).unwrap();
+        assert!(
+            stall >= Instant::now() + Duration::from_secs(29),
+            "{stall:?}"
+        );
+        c.wrote(true); // the end went out
+        assert!(c.is_idle());
+        let idle = c.deadline(&LIMITS).unwrap();
+        assert!(idle <= Instant::now() + Duration::from_secs(1), "{idle:?}");
+    }
 }

@@ -1,6 +1,8 @@
 //! vLLM's tokenizer routes at the server root, as lm-eval's `tokenizer_backend=remote` and
 //! other clients call them: `POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info`.
-//! Tokenizing is CPU work on a body of up to `--max-body-bytes`: it takes a validation slot.
+//! Tokenizing is CPU work on a body of up to `--max-body-bytes`: it takes a validation slot,
+//! runs off the async runtime, and is bounded by the context length (a longer text or id list
+//! is refused before any work).
 
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::ApiError;
-use super::json::{self, JsonBody, Parsed};
+use super::json::{JsonBody, Parsed};
 use super::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -71,9 +73,9 @@ pub async fn detokenize(
     State(app): State<Arc<AppState>>,
     body: JsonBody,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let req: DetokenizeRequest = json::parse(&body.bytes)?;
+    let Parsed { req, slot, .. } = body.parse_in_slot::<DetokenizeRequest>(&app.engine).await?;
     check_model(&app, req.model.as_deref())?;
-    let prompt = app.engine.detokenize(&req.tokens)?;
+    let prompt = app.engine.detokenize(req.tokens, &slot).await?;
     Ok(Json(json!({ "prompt": prompt })))
 }
 

@@ -472,3 +472,157 @@ fn bad_cors_origins_fail_at_startup_and_a_wildcard_is_allowed() {
         }
     }
 }
+
+/// `/detokenize` and `/tokenize` are bounded by the context length (before any work where the
+/// length alone tells), and `/v1/inspect` of every position by `--max-inspect-positions`:
+/// 174,000 ids once made a 22 MB response each, and one inspection of 2,047 positions ran for
+/// 39 s beside everyone's completions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_routes_and_inspections_are_bounded() {
+    let server = TestServer::start(&["--max-inspect-positions", "8"]);
+    let detokenize = server.url("/detokenize");
+    let (status, body) = post(&detokenize, &json!({"tokens": vec![15496; 257]})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "tokens");
+    assert_eq!(
+        body["error"]["message"],
+        "`tokens` has 257 ids, more than this model's context length (256)"
+    );
+    let (status, body) = post(&detokenize, &json!({"tokens": vec![15496; 256]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["prompt"], json!("Hello".repeat(256)));
+
+    let tokenize = server.url("/tokenize");
+    let (status, body) = post(&tokenize, &json!({"prompt": "a".repeat(600_000)})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "prompt");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("`prompt` has at least ")
+            && message
+                .ends_with("(600000 bytes) tokens, more than this model's context length (256)"),
+        "{message}"
+    );
+    let (status, body) = post(&tokenize, &json!({"prompt": " a".repeat(257)})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "`prompt` has 257 tokens, more than this model's context length (256)"
+    );
+    let (status, body) = post(&tokenize, &json!({"prompt": " a".repeat(256)})).await;
+    assert_eq!((status, body["count"].clone()), (200, json!(256)));
+
+    let inspect = server.url("/v1/inspect");
+    let prompt: Vec<u32> = (1..=9).collect();
+    let (status, body) = post(
+        &inspect,
+        &json!({"model": MODEL, "prompt": prompt, "positions": "all"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "positions");
+    let (status, body) = post(
+        &inspect,
+        &json!({"model": MODEL, "prompt": &prompt[..8], "positions": "all"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["positions"].as_array().unwrap().len(), 8);
+    // the last position of the long prompt is one position
+    let (status, _) = post(&inspect, &json!({"model": MODEL, "prompt": prompt})).await;
+    assert_eq!(status, 200);
+    let (status, card) = get(&server.url(&format!("/v1/models/{MODEL}"))).await;
+    assert_eq!(
+        (status, card["max_inspect_positions"].clone()),
+        (200, json!(8))
+    );
+}
+
+/// A body declared larger than `--max-body-bytes` is refused at once, from its
+/// `Content-Length`: no `100 Continue` to a client that asks for one, and no wait for bytes
+/// that would only be dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_content_length_gets_413_before_the_body() {
+    let server = TestServer::start(&[]);
+    for expect in ["Expect: 100-continue\r\n", ""] {
+        let mut s = connect(&server);
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10485760\r\n{expect}\r\n"
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("payload_too_large") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 413"), "{expect:?}: {text}");
+        assert!(!text.contains("100 Continue"), "{expect:?}: {text}");
+    }
+    assert_eq!(get(&server.url("/health")).await.0, 200);
+}
+
+/// Opens a connection whose receive buffer is small, so that a large response waits in the
+/// server rather than in the kernel, and sends `POST path` with `body`.
+async fn small_window_post(server: &TestServer, path: &str, body: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = server.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    s
+}
+
+/// A large response reaches a client that reads it slowly, whole: the request counts as in
+/// flight until the last byte is written (the keep-alive timeout once cut a 22 MB body read at
+/// 300 KB/s after 16.75 MB; on loopback the kernel's own buffers, up to 4 MB, may hide that,
+/// so `http::serve`'s unit test checks the bookkeeping itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_gets_its_response_whole() {
+    use tokio::io::AsyncReadExt;
+    let server = TestServer::start(&[
+        "--keep-alive-timeout",
+        "1",
+        "--max-inspect-positions",
+        "256",
+    ]);
+    // every position of a 255-token prompt, 20 alternatives per head: over a megabyte
+    let prompt: Vec<u32> = (100..355).collect();
+    let body = json!({"model": MODEL, "prompt": prompt, "positions": "all", "top_logprobs": 20})
+        .to_string();
+    let mut s = small_window_post(&server, "/v1/inspect", &body).await;
+    let (mut got, mut buf) = (Vec::new(), vec![0u8; 32 << 10]);
+    let mut first = None;
+    loop {
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        first.get_or_insert_with(Instant::now);
+        got.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = String::from_utf8(got).unwrap();
+    let (head, json_body) = text.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(json_body.len() > 1 << 20, "{}", json_body.len());
+    let v: Value = serde_json::from_str(json_body).expect("the whole body");
+    assert_eq!(v["positions"].as_array().unwrap().len(), 255);
+    let reading = first.unwrap().elapsed();
+    assert!(
+        reading > Duration::from_secs(1),
+        "read slowly enough to outlast the keep-alive timeout: {reading:?}"
+    );
+    assert_eq!(get(&server.url("/health")).await.0, 200);
+}

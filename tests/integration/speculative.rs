@@ -532,3 +532,54 @@ async fn drafting_waits_for_a_small_batch() {
         "{out}"
     );
 }
+
+/// A seeded request's text is a function of its seed: the random number behind each token is
+/// its position's, so drafting (which switches off under load) and batching change nothing.
+/// It used to: the same seeded request gave five texts in five tries beside other traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_request_gives_one_text_alone_batched_and_speculative() {
+    let server = TestServer::start(&["--speculative-max-batch-size", "64"]);
+    let url = server.url("/v1/completions");
+    let prompt = common::reference().cases[0].prompt_ids.clone();
+    let body = |speculative: Option<Value>| {
+        let mut b = json!({"model": MODEL, "prompt": prompt, "max_tokens": 24,
+            "temperature": 1.0, "seed": 1234, "n": 2, "ignore_eos": true,
+            "return_token_ids": true});
+        if let Some(s) = speculative {
+            b["speculative"] = s;
+        }
+        b
+    };
+    let texts = |out: &Value| -> Vec<Vec<u32>> {
+        out["choices"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{out}"))
+            .iter()
+            .map(|c| ids(&c["token_ids"]))
+            .collect()
+    };
+    let (status, plain) = post(&url, &body(None)).await;
+    assert_eq!(status, 200, "{plain}");
+    let want = texts(&plain);
+    assert_ne!(want[0], want[1], "each choice draws its own numbers");
+    let drafts = json!({"draft_layer": 1, "max_draft_tokens": 3, "adaptive": false});
+    let (_, alone) = post(&url, &body(Some(drafts.clone()))).await;
+    assert_eq!(texts(&alone), want, "with drafts, alone");
+    let crowd: Vec<Value> = (0..6u32)
+        .map(|i| {
+            json!({"model": MODEL, "prompt": [11, 12, 13 + i], "max_tokens": 24,
+                "temperature": 1.0})
+        })
+        .collect();
+    let crowd: Vec<_> = crowd.iter().map(|b| post(&url, b)).collect();
+    let with_drafts = body(Some(drafts));
+    let without = body(None);
+    let (a, b, _) = tokio::join!(
+        post(&url, &with_drafts),
+        post(&url, &without),
+        futures_util::future::join_all(crowd)
+    );
+    assert_eq!(texts(&a.1), want, "with drafts, batched");
+    assert_eq!(texts(&b.1), want, "plain, batched");
+    assert!(server.metric("exitserve_speculative_drafted_tokens_total") > 0.0);
+}

@@ -73,6 +73,10 @@ impl Batcher {
                     } else {
                         usize::MAX
                     },
+                    // An inspected position evaluates every head: a vocabulary product and
+                    // its softmax, entropy, divergence and top-k passes each, on the released
+                    // shapes up to about a token's pass through the trunk: counted as one.
+                    cost_per_token: if inspect_all { 1 + r.heads.len() } else { 1 },
                 }
             })
             .collect();

@@ -18,7 +18,7 @@ impl Batcher {
             return;
         };
         if kind == StepKind::Draft {
-            return spec.draft(&rows[0], &mut seq.sampler);
+            return spec.draft(&rows[0], &seq.sampler);
         }
         let drafted = spec.drafts().len();
         // The usage counts go in before the tokens: the last token may end the request,
@@ -36,7 +36,7 @@ impl Batcher {
             let seq = &mut self.running[i];
             let spec = seq.spec.as_ref().expect("checked above");
             let (id, stands) = if row < drafted {
-                match spec.verdict(row, scores, &mut seq.sampler) {
+                match spec.verdict(row, scores, &seq.sampler) {
                     Verdict::Accept(d) => (d, true),
                     Verdict::Replace(t) => (t, false),
                 }

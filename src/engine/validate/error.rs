@@ -102,6 +102,19 @@ pub enum ValidationError {
         bytes: Option<usize>,
         max: usize,
     },
+    /// `/tokenize`: the context length bounds what is worth counting.
+    #[error("`prompt` has {} tokens, more than this model's context length ({max})", match bytes {
+        Some(b) => format!("at least {tokens} ({b} bytes)"),
+        None => tokens.to_string(),
+    })]
+    TokenizeTooLong {
+        tokens: usize,
+        bytes: Option<usize>,
+        max: usize,
+    },
+    /// `/detokenize`: no sequence of this model is longer than its context.
+    #[error("`tokens` has {got} ids, more than this model's context length ({max})")]
+    DetokenizeTooLong { got: usize, max: usize },
     #[error("cannot tokenize `prompt`: {0}")]
     Untokenizable(String),
     #[error("token ids in `prompt` must be in [0, {vocab}), got {got}")]
@@ -110,8 +123,14 @@ pub enum ValidationError {
     TokenId { vocab: usize, got: i64 },
     #[error("`positions` must be \"last\" or \"all\", got {0:?}")]
     Positions(String),
+    #[error("`positions`: \"all\" inspects every prompt position, at most {max} (--max-inspect-positions); the prompt has {got}: send a shorter prompt or \"last\"")]
+    TooManyInspectedPositions { got: usize, max: usize },
     #[error("`contrast` must be a contrast mode")]
     NotAContrast,
+    #[error(
+        "`contrast` asks for another contrast than the one named by `model`; send one of them"
+    )]
+    ContrastConflict,
     /// `object`: the mode object, `multi_exit` (or an inspection's `contrast`).
     #[error("`{object}.{field}` is required; available exits: {exits:?}")]
     LayerRequired {
@@ -175,10 +194,11 @@ impl ValidationError {
             | EmptyPrompt
             | PromptTooLong { .. }
             | Untokenizable(_)
+            | TokenizeTooLong { .. }
             | PromptTokenId { .. } => "prompt".into(),
-            TokenId { .. } => "tokens".into(),
-            Positions(_) => "positions".into(),
-            NotAContrast => "contrast".into(),
+            TokenId { .. } | DetokenizeTooLong { .. } => "tokens".into(),
+            Positions(_) | TooManyInspectedPositions { .. } => "positions".into(),
+            NotAContrast | ContrastConflict => "contrast".into(),
             LayerRequired { object, field, .. } | NotAnExit { object, field, .. } => {
                 format!("{object}.{field}")
             }

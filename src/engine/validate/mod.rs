@@ -44,6 +44,8 @@ pub struct Limits {
     pub max_stop_length: usize,
     /// Entries of `logit_bias` (each is applied at every token).
     pub max_logit_bias: usize,
+    /// Prompt positions an inspection of every position may have (`--max-inspect-positions`).
+    pub max_inspect_positions: usize,
     /// Bytes of the longest vocabulary token: a text of more than `max_input_tokens` times
     /// this many bytes cannot fit and is refused without tokenizing it.
     pub max_token_bytes: usize,
@@ -199,8 +201,11 @@ impl Validator {
             Some(other) => return Err(ValidationError::Positions(other.into())),
         };
         let contrast = match (&req.contrast, req.named_mode) {
-            (Some(spec), _) => match self.mode_in("contrast", spec)? {
-                Mode::Contrast(c) => Some(c),
+            (Some(spec), named) => match (self.mode_in("contrast", spec)?, named) {
+                (Mode::Contrast(c), Some(Mode::Contrast(n))) if c != n => {
+                    return Err(ValidationError::ContrastConflict)
+                }
+                (Mode::Contrast(c), _) => Some(c),
                 _ => return Err(ValidationError::NotAContrast),
             },
             (None, Some(Mode::Contrast(c))) => Some(c),
@@ -208,6 +213,13 @@ impl Validator {
         };
         let prompt = req.prompt.ok_or(ValidationError::PromptRequired)?;
         let prompt = self.prompts(&[prompt])?.remove(0);
+        let max = self.limits.max_inspect_positions;
+        if all_positions && prompt.len() > max {
+            return Err(ValidationError::TooManyInspectedPositions {
+                got: prompt.len(),
+                max,
+            });
+        }
         self.fits_alone(prompt.len(), 0, 1, "n", "prompt")?;
         Ok(ValidRequest {
             prompts: vec![prompt],

@@ -37,6 +37,7 @@ fn validator() -> Validator {
             max_stop_sequences: 2,
             max_stop_length: 5,
             max_logit_bias: 2,
+            max_inspect_positions: 3,
             max_token_bytes: 8,
             speculative_default: None,
             speculative_max_draft_tokens: 4,
@@ -472,6 +473,23 @@ fn inspections() {
         inspect(&|r| r.contrast = Some(ModeSpec::Original)),
         err("contrast", "`contrast` must be a contrast mode")
     );
+    // A contrast model id and a contrast object that disagree (they may agree).
+    let named = "contrast:4,1".parse::<Mode>().ok();
+    assert_eq!(
+        inspect(&|r| {
+            r.named_mode = named;
+            r.contrast = Some(contrast(Some(UpperSpec::Layer(4)), Some(2)));
+        }),
+        err(
+            "contrast",
+            "`contrast` asks for another contrast than the one named by `model`; send one of them"
+        )
+    );
+    assert!(inspect(&|r| {
+        r.named_mode = named;
+        r.contrast = Some(contrast(Some(UpperSpec::Layer(4)), Some(1)));
+    })
+    .is_ok());
     // A contrast object's errors name the `contrast` field.
     assert_eq!(
         inspect(&|r| r.contrast = Some(contrast(Some(UpperSpec::Layer(4)), Some(3)))),

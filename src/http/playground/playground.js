@@ -251,7 +251,9 @@ async function drawLayers(common, modes, signal) {
   try {
     const tok = await (await post("/tokenize", { model: common.model, prompt: common.prompt, return_token_strs: true }, signal)).json();
     const contrast = modes.find((m) => m.kind === "contrast");
-    const req = { model: common.model, prompt: tok.tokens, positions: "all", top_logprobs: 3 };
+    // Every position up to the server's cap (the rest of a longer prompt is not inspected).
+    const shown = tok.tokens.slice(0, state.card.max_inspect_positions);
+    const req = { model: common.model, prompt: shown, positions: "all", top_logprobs: 3 };
     if (contrast) req.contrast = modeBody(contrast);
     if (req.contrast) delete req.contrast.mode;
     const insp = await (await post("/v1/inspect", req, signal)).json();
