@@ -125,6 +125,14 @@ pub struct Args {
     /// the open-files limit less 64)
     #[arg(long, env = "EXITSERVE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// Open connections one client address may hold; more are closed at once (behind a proxy
+    /// or gateway its address is every client's: raise this to --max-connections there)
+    #[arg(
+        long,
+        env = "EXITSERVE_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 256
+    )]
+    pub max_connections_per_peer: usize,
     /// Seconds a client has to send a whole request head once it starts one
     #[arg(long, env = "EXITSERVE_HEADER_READ_TIMEOUT", default_value_t = 10.0)]
     pub header_read_timeout: f64,
@@ -234,6 +242,7 @@ pub struct Settings {
     pub validation_workers: usize,
     pub stream_buffer_events: usize,
     pub max_connections: usize,
+    pub max_connections_per_peer: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub keep_alive_timeout: Duration,
@@ -363,6 +372,10 @@ impl Settings {
             )?,
             stream_buffer_events: positive("stream-buffer-events", a.stream_buffer_events)?,
             max_connections: positive("max-connections", a.max_connections)?,
+            max_connections_per_peer: positive(
+                "max-connections-per-peer",
+                a.max_connections_per_peer,
+            )?,
             header_read_timeout: secs("header-read-timeout", a.header_read_timeout)?,
             body_read_timeout: secs("body-read-timeout", a.body_read_timeout)?,
             keep_alive_timeout: secs("keep-alive-timeout", a.keep_alive_timeout)?,

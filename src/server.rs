@@ -70,6 +70,7 @@ pub fn connection_limits(s: &Settings) -> ConnectionLimits {
         header_read_timeout: s.header_read_timeout,
         keep_alive_timeout: s.keep_alive_timeout,
         write_stall_timeout: s.write_stall_timeout,
+        max_connections_per_peer: s.max_connections_per_peer,
     }
 }
 

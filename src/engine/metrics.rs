@@ -38,6 +38,7 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_paused_sequences", "gauge"),
     ("exitserve_open_connections", "gauge"),
     ("exitserve_connections_timed_out_total", "counter"),
+    ("exitserve_connections_refused_total", "counter"),
     ("exitserve_prompt_tokens_total", "counter"),
     ("exitserve_generated_tokens_total", "counter"),
     ("exitserve_cancellations_total", "counter"),
@@ -142,6 +143,8 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// Connections closed by the server for idleness or a slow request head.
     pub connections_timed_out: Counter,
+    /// Connections closed at once: their peer held `--max-connections-per-peer` already.
+    pub connections_refused: Counter,
     pub prompt_tokens: Counter,
     pub generated_tokens: Counter,
     pub cancellations: Counter,
@@ -206,6 +209,10 @@ impl Default for Metrics {
             connections_timed_out: r.counter(
                 "exitserve_connections_timed_out_total",
                 "Connections closed for idleness or a request head that came too slowly.",
+            ),
+            connections_refused: r.counter(
+                "exitserve_connections_refused_total",
+                "Connections closed at once: their client address held --max-connections-per-peer.",
             ),
             prompt_tokens: r.counter("exitserve_prompt_tokens_total", "Prompt tokens prefilled."),
             generated_tokens: r.counter("exitserve_generated_tokens_total", "Tokens generated."),

@@ -156,8 +156,21 @@ impl Engine {
             (None, None) => self.validator.limits().default_mode.label(),
             (None, Some(spec)) => spec.label(),
         };
-        self.off_runtime(label, move |v| Ok(v.validate(req, deadline)?))
-            .await
+        let valid = self
+            .off_runtime(label, move |v| Ok(v.validate(req, deadline)?))
+            .await?;
+        if let Some(s) = valid.speculative {
+            // The draft layer's int8 copies, here rather than on the model thread: the first
+            // request that drafts from a layer waits for them, the running streams do not.
+            let model = Arc::clone(&self.model);
+            self.blocking("draft copies", move || {
+                model.prepare_draft(s.draft_layer).map_err(|e| {
+                    EngineError::Internal(format!("cannot make the draft copies: {e}"))
+                })
+            })
+            .await?;
+        }
+        Ok(valid)
     }
 
     /// Validates an inspection on a blocking thread, under a validation slot.

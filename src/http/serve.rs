@@ -1,6 +1,8 @@
 //! The accept loop and the life of each connection, on hyper directly: `axum::serve` has no
 //! connection cap and no timeouts, so idle and slow clients could hold sockets forever.
 //!
+//! - One client address holds at most `max_connections_per_peer` of them: a connection over
+//!   that is closed at once, before it takes a slot, so one peer cannot lock everyone out.
 //! - At most `max_connections` are served; a connection accepted at the cap waits for a slot
 //!   (the others wait in the listen backlog) and asks idle connections (no request in flight,
 //!   no request head started) to close at once, so idle sockets can never lock everyone out.
@@ -12,6 +14,8 @@
 //!   reader that takes nothing for `write_stall_timeout` while output waits is cut.
 //! - On drain, idle connections close and busy ones finish their response, then close.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -39,6 +43,46 @@ pub struct ConnectionLimits {
     pub keep_alive_timeout: Duration,
     /// How long output may wait on a client that reads nothing (`--write-stall-timeout`).
     pub write_stall_timeout: Duration,
+    /// Open connections one client address may hold (`--max-connections-per-peer`).
+    pub max_connections_per_peer: usize,
+}
+
+/// Open connections per client address.
+#[derive(Default)]
+struct Peers(std::sync::Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection's place in its peer's count, given back when dropped.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    ip: IpAddr,
+}
+
+impl Peers {
+    /// A place for a connection from `ip`, unless it already holds `cap`.
+    fn enter(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<PeerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// What the watchdog of one connection knows about it.
@@ -243,13 +287,14 @@ pub async fn serve(
     shutdown: Shutdown,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let peers = Arc::new(Peers::default());
     let pressure = Arc::new(Notify::new());
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors or a connection reset before accept: not fatal.
                     tracing::warn!(error = %e, "accept failed");
@@ -258,6 +303,10 @@ pub async fn serve(
                 }
             },
             _ = shutdown.draining() => break,
+        };
+        let Some(peer) = peers.enter(peer.ip(), limits.max_connections_per_peer.max(1)) else {
+            metrics.connections_refused.increment(1);
+            continue; // dropping the stream closes it
         };
         // At the cap, the connection just accepted waits for a slot, and idle connections
         // are asked to give way (again every 100 ms, in case one became idle meanwhile).
@@ -284,7 +333,7 @@ pub async fn serve(
             metrics.open_connections.increment(1.0);
             serve_connection(stream, app, limits, &metrics, &pressure, shutdown).await;
             metrics.open_connections.decrement(1.0);
-            drop(slot);
+            drop((slot, peer));
         });
     }
     drop(listener);
@@ -382,6 +431,7 @@ mod tests {
         header_read_timeout: Duration::from_secs(10),
         keep_alive_timeout: Duration::from_secs(1),
         write_stall_timeout: Duration::from_secs(30),
+        max_connections_per_peer: 1,
     };
 
     /// A response hyper has taken whole but the client has not read is still in flight: the
@@ -406,5 +456,22 @@ mod tests {
         assert!(c.is_idle());
         let idle = c.deadline(&LIMITS).unwrap();
         assert!(idle <= Instant::now() + Duration::from_secs(1), "{idle:?}");
+    }
+
+    #[test]
+    fn a_peer_holds_at_most_its_cap_and_gets_its_places_back() {
+        let peers = Arc::new(Peers::default());
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let first = peers.enter(a, 2).unwrap();
+        let second = peers.enter(a, 2).unwrap();
+        assert!(peers.enter(a, 2).is_none());
+        assert!(
+            peers.enter(b, 2).is_some(),
+            "another peer is not counted with it"
+        );
+        drop(first);
+        let third = peers.enter(a, 2).unwrap();
+        drop((second, third));
+        assert!(peers.0.lock().unwrap().is_empty());
     }
 }

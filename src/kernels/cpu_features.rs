@@ -16,9 +16,27 @@ pub struct CpuFeatures {
     pub amx_bf16: bool,
 }
 
+/// The instruction sets the kernels may use: what the CPU has, capped by
+/// `EXITSERVE_MAX_ISA` (`avx2`: no AVX-512 or AMX; `avx512`: no AMX), so that every path a
+/// CPU has can be run and compared on it (as PyTorch's `ATEN_CPU_CAPABILITY` does).
 pub fn get() -> CpuFeatures {
     static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
-    *FEATURES.get_or_init(probe)
+    *FEATURES.get_or_init(|| capped(probe(), std::env::var("EXITSERVE_MAX_ISA").ok().as_deref()))
+}
+
+/// `cpu` without the instruction sets above `max` (None or an unknown name: all of them).
+fn capped(cpu: CpuFeatures, max: Option<&str>) -> CpuFeatures {
+    match max {
+        Some("avx2") => CpuFeatures {
+            avx2_fma: cpu.avx2_fma,
+            ..CpuFeatures::default()
+        },
+        Some("avx512") => CpuFeatures {
+            amx_bf16: false,
+            ..cpu
+        },
+        _ => cpu,
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -74,4 +92,26 @@ fn amx_bf16() -> bool {
 #[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
 fn amx_bf16() -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_removes_what_lies_above_it() {
+        let all = CpuFeatures {
+            avx2_fma: true,
+            avx512: true,
+            avx512_bf16: true,
+            avx512_vnni: true,
+            amx_bf16: true,
+        };
+        let avx2 = capped(all, Some("avx2"));
+        assert!(avx2.avx2_fma && !avx2.avx512 && !avx2.avx512_bf16 && !avx2.avx512_vnni);
+        assert!(!avx2.amx_bf16);
+        let avx512 = capped(all, Some("avx512"));
+        assert!(avx512.avx512_bf16 && avx512.avx512_vnni && !avx512.amx_bf16);
+        assert!(capped(all, None).amx_bf16 && capped(all, Some("any")).amx_bf16);
+    }
 }

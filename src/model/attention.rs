@@ -12,6 +12,12 @@ use super::weights::Proj;
 use crate::kernels::causal_attention::{causal_attention, CachedKv, Queries, Span};
 use crate::kernels::fastmath;
 
+/// Steps of at most this many queries of a sequence attend query by query, as a decode step
+/// does (`attend_each_cpu`), so that a verify pass of self-speculative decoding (its drafts
+/// and the token before them: the engine drafts at most `EXACT_ROWS - 1`) gives each position
+/// the decode step's numbers exactly; longer chunks (prompts) take the fused kernel.
+pub const EXACT_ROWS: usize = 17;
+
 pub(super) struct SelfAttention {
     /// `q_proj`, `k_proj` and `v_proj` stacked into one `(3 hidden, hidden)` weight: one
     /// matmul (one pass over x, one parallel dispatch) instead of three.
@@ -133,6 +139,8 @@ impl SelfAttention {
         if q.device().is_cpu() && q.dtype() == DType::F32 {
             return if len == 1 {
                 self.attend_one_token_cpu(q, k, v, seg, layer)
+            } else if len <= EXACT_ROWS {
+                self.attend_each_cpu(q, k, v, seg, layer)
             } else {
                 self.attend_many_cpu(q, k, v, seg, layer)
             };
@@ -186,8 +194,58 @@ impl SelfAttention {
             &Tensor::from_vec(row(k)?, (heads, 1, hd), &Device::Cpu)?,
             &Tensor::from_vec(row(v)?, (heads, 1, hd), &Device::Cpu)?,
         )?;
-        let total = offset + 1;
-        let first_key = self.first_key(offset);
+        let mut out = vec![0f32; heads * hd];
+        self.attend_row(&q, (&keys, &values), offset, &mut Vec::new(), &mut out)?;
+        Tensor::from_vec(out, (1, heads * hd), &Device::Cpu)
+    }
+
+    /// A few queries of one sequence (the drafts being verified, a short prompt chunk), each
+    /// computed as the decode step computes its one query: the verify pass of self-speculative
+    /// decoding then gives every position the numbers a plain step would, to the bit (the
+    /// fused kernel's products sum in another order, and bf16's rounding of the activations
+    /// turns that last-bit difference into different tokens).
+    fn attend_each_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seg: &mut Segment<'_>,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (start, len) = (seg.start, seg.len);
+        let width = self.num_heads * self.head_dim;
+        // (len, hidden) rows of this sequence
+        let q = q
+            .narrow(0, start, len)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let offset = seg.cache.len();
+        let (keys, values) = self.cache_step(k, v, seg, layer)?;
+        let mut out = vec![0f32; len * width];
+        let mut scores = Vec::new();
+        for (i, (qi, oi)) in q
+            .chunks_exact(width)
+            .zip(out.chunks_exact_mut(width))
+            .enumerate()
+        {
+            self.attend_row(qi, (&keys, &values), offset + i, &mut scores, oi)?;
+        }
+        Tensor::from_vec(out, (len, width), &Device::Cpu)
+    }
+
+    /// Query row `q` (every head's) at position `p` attending the cached keys and values
+    /// `(heads, capacity, head_dim)` it sees, into `out`: the decode step's arithmetic.
+    fn attend_row(
+        &self,
+        q: &[f32],
+        (keys, values): (&Tensor, &Tensor),
+        p: usize,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let hd = self.head_dim;
+        let (total, first_key) = (p + 1, self.first_key(p));
         let (k_store, k_layout) = keys.storage_and_layout();
         let (v_store, v_layout) = values.storage_and_layout();
         // (heads, capacity, head_dim) buffers: a head's keys first_key..total are contiguous
@@ -195,8 +253,7 @@ impl SelfAttention {
             let start = layout.start_offset() + h * layout.stride()[0] + first_key * hd;
             start..start + (total - first_key) * hd
         };
-        let mut out = vec![0f32; heads * hd];
-        let mut scores = vec![0f32; total - first_key];
+        scores.resize(total - first_key, 0.0);
         let heads_out = out.chunks_exact_mut(hd).zip(q.chunks_exact(hd)).enumerate();
         match (&*k_store, &*v_store) {
             (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) => match keys.dtype() {
@@ -204,20 +261,20 @@ impl SelfAttention {
                     let (kb, vb) = (kc.as_slice::<half::bf16>()?, vc.as_slice::<half::bf16>()?);
                     for (h, (oh, qh)) in heads_out {
                         let (keys, values) = (&kb[span(k_layout, h)], &vb[span(v_layout, h)]);
-                        fastmath::attend_head_bf16(qh, keys, values, &mut scores, oh);
+                        fastmath::attend_head_bf16(qh, keys, values, scores, oh);
                     }
                 }
                 _ => {
                     let (kb, vb) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
                     for (h, (oh, qh)) in heads_out {
                         let (keys, values) = (&kb[span(k_layout, h)], &vb[span(v_layout, h)]);
-                        fastmath::attend_head_f32(qh, keys, values, &mut scores, oh);
+                        fastmath::attend_head_f32(qh, keys, values, scores, oh);
                     }
                 }
             },
             _ => candle_core::bail!("CPU attention on non-CPU caches"),
         }
-        Tensor::from_vec(out, (1, heads * hd), &Device::Cpu)
+        Ok(())
     }
 
     /// Several queries of one sequence on the CPU (a prompt, drafts being verified): the fused

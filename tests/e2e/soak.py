@@ -1,6 +1,7 @@
 """A bounded soak: 16 clients for 60 s against a real exitserve on the tiny fixture, mixed
 modes, streamed and not, with random disconnects and low limits so that the budget, the queue
-bound and the pauses all act.
+bound and the pauses all act; a share of the traffic goes to /tokenize, /detokenize and
+/v1/inspect, some of it over their bounds.
 
 Usage: python tests/e2e/soak.py BINARY [SECONDS]
 Fails on any 5xx or error event, if queue depth or batch size do not return to 0, or if the
@@ -58,7 +59,40 @@ class Tally:
                 self.failures.append(failure)
 
 
+def side_request(client, base, rng, tally):
+    """The routes beside completions: /tokenize, /detokenize, /v1/inspect; some over their
+    bounds on purpose (those must be a 400)."""
+    kind = rng.choice(["tokenize", "detokenize", "inspect"])
+    over = rng.random() < 0.25
+    if kind == "tokenize":
+        words = 300 if over else rng.randint(1, 60)
+        path, body = "/tokenize", {"prompt": " ".join(rng.choice(WORDS) for _ in range(words)),
+                                   "return_token_strs": rng.random() < 0.5}
+    elif kind == "detokenize":
+        n = 257 if over else rng.randint(1, 200)
+        path, body = "/detokenize", {"tokens": [rng.randint(0, 50000) for _ in range(n)]}
+    else:
+        n = 257 if over else rng.randint(1, 40)
+        path, body = "/v1/inspect", {"model": MODEL, "prompt": [rng.randint(1, 50000) for _ in range(n)],
+                                     "positions": rng.choice(["last", "all"]),
+                                     "top_logprobs": rng.randint(0, 20)}
+        if body["positions"] == "last" and over:
+            body["prompt"] = body["prompt"][:256]
+            over = False
+    try:
+        r = client.post(f"{base}{path}", json=body, timeout=120)
+    except httpx.TransportError as e:
+        tally.add("transport", f"transport error: {e!r}")
+        return
+    if over and r.status_code == 400:
+        tally.add(f"{kind}-400")
+    else:
+        check_status(r.status_code, r.text, tally)
+
+
 def one_request(client, base, rng, tally):
+    if rng.random() < 0.15:
+        return side_request(client, base, rng, tally)
     stream = rng.random() < 0.5
     body = {
         "model": MODEL,

@@ -626,3 +626,28 @@ async fn a_slow_reader_gets_its_response_whole() {
     );
     assert_eq!(get(&server.url("/health")).await.0, 200);
 }
+
+/// One peer cannot hold every connection slot: past `--max-connections-per-peer` its new
+/// connections are closed at once (it once held all 1,024 with half-sent heads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_holds_at_most_its_share_of_connections() {
+    let server = TestServer::start(&["--max-connections-per-peer", "2"]);
+    let mut held: Vec<TcpStream> = (0..2).map(|_| connect(&server)).collect();
+    for s in &mut held {
+        s.write_all(b"POST /v1/completions HTTP/1.1\r\n").unwrap(); // a head, half sent
+    }
+    server
+        .wait_for_metric("exitserve_open_connections", 2.0)
+        .await;
+    let mut third = connect(&server);
+    assert!(
+        closed_by_server(&mut third, Duration::from_secs(5)),
+        "a third connection from the same peer stayed open"
+    );
+    assert_eq!(server.metric("exitserve_connections_refused_total"), 1.0);
+    held.pop();
+    server
+        .wait_for_metric("exitserve_open_connections", 1.0)
+        .await;
+    assert_eq!(get(&server.url("/health")).await.0, 200);
+}

@@ -583,3 +583,76 @@ async fn a_seeded_request_gives_one_text_alone_batched_and_speculative() {
     assert_eq!(texts(&b.1), want, "plain, batched");
     assert!(server.metric("exitserve_speculative_drafted_tokens_total") > 0.0);
 }
+
+/// In every dtype, greedy speculation is token for token what the same server decodes without
+/// drafts (not the reference: bf16 and int8 round), alone and with every case at once: the
+/// verifying pass computes each position with the numbers a plain decode step would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_speculation_equals_plain_decoding_in_every_dtype() {
+    for (f, dtype) in ARCHS
+        .into_iter()
+        .flat_map(|f| ["f32", "bf16", "int8"].map(|d| (f, d)))
+    {
+        if dtype == "int8" && !exitserve::kernels::matmul::supports_int8() {
+            continue;
+        }
+        let server = TestServer::start_model(
+            &f.dir(),
+            &[
+                "--dtype",
+                dtype,
+                "--max-batch-size",
+                "128",
+                "--speculative-max-batch-size",
+                "128",
+            ],
+        );
+        let url = server.url("/v1/completions");
+        let cases = f.reference().cases;
+        let mut pairs = Vec::new();
+        for case in &cases {
+            let Some(mut fast) = speculative_body(f, case, 3) else {
+                continue;
+            };
+            fast["logprobs"] = json!(1);
+            let mut plain = fast.clone();
+            plain.as_object_mut().unwrap().remove("speculative");
+            let (status, want) = post(&url, &plain).await;
+            assert_eq!(status, 200, "{want}");
+            // the tokens and, to the bit, their logprobs
+            let want = (
+                ids(&want["choices"][0]["token_ids"]),
+                want["choices"][0]["logprobs"]["token_logprobs"].clone(),
+            );
+            let (status, got) = post(&url, &fast).await;
+            assert_eq!(status, 200, "{got}");
+            let got = (
+                ids(&got["choices"][0]["token_ids"]),
+                got["choices"][0]["logprobs"]["token_logprobs"].clone(),
+            );
+            assert_eq!(got, want, "{} {dtype} {} alone", f.name, case.mode);
+            pairs.push((fast, want));
+        }
+        assert!(pairs.len() >= 30, "{} {}", f.name, pairs.len());
+        let tasks: Vec<_> = pairs
+            .iter()
+            .map(|(body, _)| {
+                let (url, body) = (url.clone(), body.clone());
+                tokio::spawn(async move { post(&url, &body).await })
+            })
+            .collect();
+        for (t, (body, want)) in tasks.into_iter().zip(&pairs) {
+            let (status, out) = t.await.unwrap();
+            assert_eq!(status, 200, "{out}");
+            let got = (
+                ids(&out["choices"][0]["token_ids"]),
+                out["choices"][0]["logprobs"]["token_logprobs"].clone(),
+            );
+            assert_eq!(
+                &got, want,
+                "{} {dtype} batched {}",
+                f.name, body["multi_exit"]
+            );
+        }
+    }
+}

@@ -88,7 +88,8 @@ impl Batcher {
             .collect();
         let cfg = self.model.config();
         if let Some(s) = req.speculative {
-            // The draft copies now, not inside a timed step.
+            // Made at validation (`Engine::validate`), off this thread; a request submitted
+            // without it gets them here, before any timed step.
             if let Err(e) = self.model.prepare_draft(s.draft_layer) {
                 tracing::error!(error = %e, layer = s.draft_layer, "cannot make the draft copies");
             }
