@@ -6,6 +6,7 @@ pub mod batcher;
 pub mod error;
 pub mod inspection;
 pub mod metrics;
+pub mod queue;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
@@ -30,6 +31,7 @@ pub use request::{
 pub use validate::{Limits, ValidationError, Validator};
 
 use crate::model::{MultiExitModel, TextTokenizer};
+use queue::QueuePlaces;
 
 /// The exit status when the engine thread fails beyond containment.
 pub const ENGINE_FAILURE_EXIT_CODE: i32 = 70;
@@ -52,6 +54,8 @@ pub struct ValidationSlot(#[allow(dead_code)] OwnedSemaphorePermit);
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::Sender<Submission>,
+    /// `--max-queued-requests` places, shared with the batcher.
+    queue: Arc<QueuePlaces>,
     validator: Validator,
     validation: Arc<Semaphore>,
     stream_buffer_events: usize,
@@ -73,6 +77,8 @@ impl Engine {
         let tokenizer = Arc::new(tokenizer);
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel(cfg.max_queued_requests.max(1));
+        let queue = Arc::new(QueuePlaces::new(cfg.max_queued_requests));
+        let places = Arc::clone(&queue);
         let eos_token_id = cfg.batch.eos_token_id;
         let (validation, stream_buffer_events) = (
             Arc::new(Semaphore::new(cfg.validation_workers.max(1))),
@@ -93,7 +99,9 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("exitserve-model".into())
             .spawn(move || {
-                let run = || pool.install(|| batcher::Batcher::new(m, t, rx, cfg.batch, b).run());
+                let run = || {
+                    pool.install(|| batcher::Batcher::new(m, t, (rx, places), cfg.batch, b).run())
+                };
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
                     // Every phase is contained; reaching here means the engine's state is
                     // lost. Exit non-zero so that a supervisor restarts the server, rather
@@ -104,6 +112,7 @@ impl Engine {
             })?;
         Ok(Self {
             tx,
+            queue,
             validator: Validator::new(limits, tokenizer),
             validation,
             stream_buffer_events,
@@ -216,23 +225,21 @@ impl Engine {
             span,
             arrived: Instant::now(),
         };
-        self.metrics.queue_depth.increment(1.0);
-        match self.tx.try_send(sub) {
-            Ok(()) => Ok(rx),
-            Err(e) => {
-                self.metrics.queue_depth.decrement(1.0);
-                match e {
-                    mpsc::error::TrySendError::Full(_) => {
-                        self.metrics.rejections.increment(1);
-                        self.metrics.request_finished("rejected", label);
-                        Err(EngineError::Overloaded {
-                            queued: self.tx.max_capacity(),
-                        })
-                    }
-                    mpsc::error::TrySendError::Closed(_) => Err(EngineError::Unavailable),
-                }
-            }
+        if !self.queue.take() {
+            self.metrics.rejections.increment(1);
+            self.metrics.request_finished("rejected", label);
+            return Err(EngineError::Overloaded {
+                queued: self.queue.max(),
+            });
         }
+        self.metrics.queue_depth.increment(1.0);
+        // The channel holds at most as many as there are places: it is never full here.
+        if self.tx.try_send(sub).is_err() {
+            self.metrics.queue_depth.decrement(1.0);
+            self.queue.give_back();
+            return Err(EngineError::Unavailable);
+        }
+        Ok(rx)
     }
 
     /// Tokenizes `text` off the async runtime, under a validation slot; with `strs`, also

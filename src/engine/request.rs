@@ -64,6 +64,8 @@ pub struct GenerateRequest {
     /// The speculation a preset model id implies, validated with the preset: used when the
     /// request has no `speculative` object of its own.
     pub named_speculative: Option<SpeculativeSpec>,
+    /// Admission order (vLLM's field): lower first; unvalidated.
+    pub priority: Option<i64>,
 }
 
 /// The `speculative` object, unvalidated.
@@ -229,6 +231,8 @@ pub struct ValidRequest {
     pub inspect: Option<InspectSpec>,
     /// Self-speculative decoding (drafts from a low exit, verified by the mode).
     pub speculative: Option<SpeculativeSpec>,
+    /// Admission order: lower first, arrival order among equals.
+    pub priority: i32,
 }
 
 impl ValidRequest {

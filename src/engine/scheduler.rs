@@ -81,6 +81,12 @@ pub fn admit_in_order(budget: &Budget, reserved: Demand, waiting: &[Demand]) -> 
     waiting.len()
 }
 
+/// Which waiting request to admit next: the lowest `priority` (vLLM's convention), first come
+/// first served among equals. `waiting`: `(priority, arrival order)` of each.
+pub fn next_in_queue(waiting: &[(i32, u64)]) -> Option<usize> {
+    (0..waiting.len()).min_by_key(|&i| waiting[i])
+}
+
 /// One running sequence as the planner sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqView {
@@ -332,5 +338,13 @@ mod tests {
             .map(|s| (s.index, s.prompt_take))
             .collect();
         assert_eq!(got, vec![(0, 100)]);
+    }
+
+    #[test]
+    fn the_lowest_priority_value_goes_first_then_the_earliest() {
+        assert_eq!(next_in_queue(&[]), None);
+        assert_eq!(next_in_queue(&[(0, 5), (0, 3), (0, 9)]), Some(1));
+        assert_eq!(next_in_queue(&[(0, 1), (-1, 7), (3, 0)]), Some(1));
+        assert_eq!(next_in_queue(&[(2, 1), (2, 0)]), Some(1));
     }
 }

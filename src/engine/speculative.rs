@@ -31,9 +31,8 @@ use super::request::SpeculativeSpec;
 use super::sampling::Sampler;
 use crate::model::cost::weight_macs;
 
-/// The largest `max_draft_tokens` a request may ask for: a verify pass of that many drafts
-/// and the token before them stays within the rows the model attends exactly as decode steps.
-pub const MAX_DRAFT_TOKENS: usize = crate::model::EXACT_ROWS - 1;
+/// The largest `max_draft_tokens` a request may ask for.
+pub const MAX_DRAFT_TOKENS: usize = 16;
 /// The longest pause (plain steps) while drafting does not pay.
 pub const MAX_PAUSE: usize = 128;
 /// The first pause.

@@ -83,6 +83,8 @@ pub struct CompletionRequest {
     pub ignore_eos: Option<bool>,
     pub multi_exit: Option<MultiExitWire>,
     pub speculative: Option<SpeculativeWire>,
+    /// vLLM's admission order: lower first (default 0).
+    pub priority: Option<i64>,
 }
 
 /// The `speculative` extension: self-speculative decoding from an exit.
@@ -198,6 +200,7 @@ impl CompletionRequest {
                 adaptive: s.adaptive,
             }),
             named_speculative: None,
+            priority: self.priority,
         })
     }
 }

@@ -12,12 +12,6 @@ use super::weights::Proj;
 use crate::kernels::causal_attention::{causal_attention, CachedKv, Queries, Span};
 use crate::kernels::fastmath;
 
-/// Steps of at most this many queries of a sequence attend query by query, as a decode step
-/// does (`attend_each_cpu`), so that a verify pass of self-speculative decoding (its drafts
-/// and the token before them: the engine drafts at most `EXACT_ROWS - 1`) gives each position
-/// the decode step's numbers exactly; longer chunks (prompts) take the fused kernel.
-pub const EXACT_ROWS: usize = 17;
-
 pub(super) struct SelfAttention {
     /// `q_proj`, `k_proj` and `v_proj` stacked into one `(3 hidden, hidden)` weight: one
     /// matmul (one pass over x, one parallel dispatch) instead of three.
@@ -139,7 +133,7 @@ impl SelfAttention {
         if q.device().is_cpu() && q.dtype() == DType::F32 {
             return if len == 1 {
                 self.attend_one_token_cpu(q, k, v, seg, layer)
-            } else if len <= EXACT_ROWS {
+            } else if seg.per_query {
                 self.attend_each_cpu(q, k, v, seg, layer)
             } else {
                 self.attend_many_cpu(q, k, v, seg, layer)
@@ -199,11 +193,11 @@ impl SelfAttention {
         Tensor::from_vec(out, (1, heads * hd), &Device::Cpu)
     }
 
-    /// A few queries of one sequence (the drafts being verified, a short prompt chunk), each
-    /// computed as the decode step computes its one query: the verify pass of self-speculative
-    /// decoding then gives every position the numbers a plain step would, to the bit (the
-    /// fused kernel's products sum in another order, and bf16's rounding of the activations
-    /// turns that last-bit difference into different tokens).
+    /// The queries of a verifying pass (the drafts and the token before them), each computed
+    /// as the decode step computes its one query: every position gets the numbers a plain
+    /// step would, to the bit (the fused kernel's products sum in another order, and bf16's
+    /// rounding of the activations turns that last-bit difference into other tokens). Prompts
+    /// keep the fused kernel, whatever their chunking.
     fn attend_each_cpu(
         &self,
         q: &Tensor,

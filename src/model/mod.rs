@@ -29,7 +29,6 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use arch::Architecture;
-pub use attention::EXACT_ROWS;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;

@@ -294,6 +294,7 @@ impl MultiExitModel {
         let lens: Vec<usize> = order.iter().map(|&i| steps[i].tokens.len()).collect();
         let heads: Vec<Vec<Head>> = order.iter().map(|&i| steps[i].heads.to_vec()).collect();
         let all_positions: Vec<bool> = order.iter().map(|&i| steps[i].all_positions).collect();
+        let verify: Vec<bool> = order.iter().map(|&i| steps[i].verify).collect();
         {
             // Segments borrow the caches in packed order.
             let mut by_index: Vec<Option<&mut KvCache>> =
@@ -305,6 +306,7 @@ impl MultiExitModel {
                     start: starts[slot],
                     len: lens[slot],
                     cache: by_index[i].take().expect("each index once"),
+                    per_query: verify[slot],
                 })
                 .collect();
             for layer in 0..max_depth {

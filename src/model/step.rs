@@ -20,6 +20,10 @@ pub struct SeqStep<'a> {
     /// A draft of self-speculative decoding: it may read the draft copies of the weights
     /// (`DraftWeights`).
     pub draft: bool,
+    /// The verifying pass of self-speculative decoding: each of its positions is computed
+    /// as a decode step computes its one position (attention query by query), so that the
+    /// verdicts see exactly the numbers decoding without drafts would.
+    pub verify: bool,
 }
 
 /// A sequence's rows in the packed matrix, with its cache.
@@ -27,6 +31,8 @@ pub(super) struct Segment<'s> {
     pub start: usize,
     pub len: usize,
     pub cache: &'s mut KvCache,
+    /// Attend query by query, as decode steps do (a verifying pass: `SeqStep::verify`).
+    pub per_query: bool,
 }
 
 /// The packed layout of a step, in depth order (deepest first).

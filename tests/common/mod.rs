@@ -189,6 +189,7 @@ pub fn all_head_logits(
         heads: &heads,
         all_positions: false,
         draft: false,
+        verify: false,
     }];
     let out = model.forward(&mut step)?.into_per_seq().remove(0);
     Ok(heads

@@ -546,6 +546,20 @@ fn cases() -> Vec<(&'static str, Body, u16, &'static str, Option<&'static str>)>
             Some("multi_exit.alpha"),
         ),
         (
+            "priority out of range",
+            merged(json!({"priority": 1001})),
+            400,
+            INV,
+            Some("priority"),
+        ),
+        (
+            "priority not a number",
+            merged(json!({"priority": "high"})),
+            400,
+            INV,
+            Some("priority"),
+        ),
+        (
             "contrast minimum_candidates zero",
             merged(contrast(json!({"minimum_candidates": 0}))),
             400,

@@ -217,3 +217,47 @@ async fn request_timeout_ends_long_requests_with_a_clear_error() {
         .contains("--request-timeout"));
     server.wait_for_metric("exitserve_batch_size", 0.0).await;
 }
+
+/// Waiting requests join the batch by `priority` (lower first), in arrival order among
+/// equals: with the one batch slot held by a long request, requests sent with priorities 5,
+/// -5 and 0, in that order, run -5, 0, 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_join_by_priority_then_arrival() {
+    let server = TestServer::start(&["--max-batch-size", "1"]);
+    let url = server.url("/v1/completions");
+    let long = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            post(
+                &url,
+                &json!({"model": MODEL, "prompt": [11], "max_tokens": 200, "ignore_eos": true}),
+            )
+            .await
+        })
+    };
+    server.wait_for_metric("exitserve_batch_size", 1.0).await;
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, priority) in [5, -5, 0].into_iter().enumerate() {
+        let (url, order) = (url.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let (status, body) = post(
+                &url,
+                &json!({"model": MODEL, "prompt": [12], "max_tokens": 2,
+                    "priority": priority}),
+            )
+            .await;
+            order.lock().unwrap().push(priority);
+            (status, body)
+        }));
+        server
+            .wait_for_metric("exitserve_queue_depth", (i + 1) as f64)
+            .await;
+    }
+    assert_eq!(long.await.unwrap().0, 200);
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(*order.lock().unwrap(), vec![-5, 0, 5]);
+}

@@ -71,6 +71,7 @@ fn greedy_batch(
                 heads,
                 all_positions: false,
                 draft: false,
+                verify: false,
             })
             .collect();
         let logits = m.model.forward(&mut batch).unwrap();
@@ -353,6 +354,7 @@ fn teacher_forced_logits(
             heads: &[Head::Original],
             all_positions: false,
             draft: false,
+            verify: false,
         }];
         let logits = m
             .model
@@ -437,6 +439,7 @@ fn exit_logits(m: &LoadedModel, tokens: &[u32], layer: usize, draft: bool) -> Ve
         heads: &[Head::Exit(layer)],
         all_positions: false,
         draft,
+        verify: false,
     }];
     let out = m.model.forward(&mut step).unwrap().into_per_seq().remove(0);
     out.into_iter().next().unwrap().into_last()

@@ -605,6 +605,10 @@ async fn greedy_speculation_equals_plain_decoding_in_every_dtype() {
                 "128",
                 "--speculative-max-batch-size",
                 "128",
+                // Every prompt in one chunk, batched or not: the fused prompt kernel's last
+                // bits depend on where a prompt is cut.
+                "--max-prefill-tokens",
+                "4096",
             ],
         );
         let url = server.url("/v1/completions");

@@ -23,6 +23,9 @@ pub(super) struct Pending {
     /// `(prompt index, tokens)`, in order.
     prompts: VecDeque<(usize, Rc<Vec<u32>>)>,
     started: bool,
+    /// The request's `priority` (lower first) and its arrival order.
+    priority: i32,
+    seq: u64,
 }
 
 impl Batcher {
@@ -30,19 +33,16 @@ impl Batcher {
     /// false when the queue is closed and the batch is idle.
     pub(super) fn admit(&mut self) -> bool {
         loop {
+            if !self.receive() {
+                return false;
+            }
             if self.held.is_none() {
-                let sub = if self.running.is_empty() {
-                    match self.rx.blocking_recv() {
-                        Some(s) => s,
-                        None => return false,
-                    }
-                } else {
-                    match self.rx.try_recv() {
-                        Ok(s) => s,
-                        Err(_) => return true,
-                    }
+                let order: Vec<(i32, u64)> =
+                    self.waiting.iter().map(|p| (p.priority, p.seq)).collect();
+                let Some(next) = scheduler::next_in_queue(&order) else {
+                    return true;
                 };
-                self.held = Some(self.pending(sub));
+                self.held = Some(self.waiting.remove(next));
             }
             match contained(Phase::Admit, || self.admit_held()) {
                 Ok(true) => continue,
@@ -50,7 +50,7 @@ impl Batcher {
                 Err(message) => {
                     tracing::error!(%message, "admission failed; failing its request");
                     if let Some(p) = self.held.take() {
-                        self.metrics.queue_depth.decrement(1.0);
+                        self.dequeued();
                         let mut r = p.state.borrow_mut();
                         end_request(
                             &self.metrics,
@@ -65,13 +65,47 @@ impl Batcher {
         }
     }
 
-    fn pending(&self, sub: Submission) -> Pending {
+    /// Takes every submission queued into `waiting` (blocking while there is nothing at all
+    /// to do). A held request that has not started goes back among them, so that one of
+    /// higher priority that came since can pass it. False when the queue is closed and
+    /// nothing is left.
+    fn receive(&mut self) -> bool {
+        if self.running.is_empty() && self.waiting.is_empty() && self.held.is_none() {
+            match self.rx.blocking_recv() {
+                Some(sub) => self.enqueue(sub),
+                None => return false,
+            }
+        }
+        while let Ok(sub) = self.rx.try_recv() {
+            self.enqueue(sub);
+        }
+        if self.held.as_ref().is_some_and(|p| !p.started) && !self.waiting.is_empty() {
+            let p = self.held.take().expect("checked");
+            self.waiting.push(p);
+        }
+        true
+    }
+
+    fn enqueue(&mut self, sub: Submission) {
+        let p = self.pending(sub);
+        self.waiting.push(p);
+    }
+
+    /// A request left the queue (admitted or ended): its place goes back.
+    fn dequeued(&self) {
+        self.metrics.queue_depth.decrement(1.0);
+        self.queue.give_back();
+    }
+
+    fn pending(&mut self, sub: Submission) -> Pending {
         let Submission {
             req,
             tx,
             span,
             arrived,
         } = sub;
+        let (priority, seq) = (req.priority, self.received);
+        self.received += 1;
         let n_layers = self.model.config().num_layers;
         let (heads, depth) = if req.inspect.is_some() {
             let exits = &self.model.config().exit_layers;
@@ -129,6 +163,8 @@ impl Batcher {
             state,
             prompts,
             started: false,
+            priority,
+            seq,
         }
     }
 
@@ -146,7 +182,7 @@ impl Batcher {
         };
         if over {
             self.held = None;
-            self.metrics.queue_depth.decrement(1.0);
+            self.dequeued();
             self.sweep();
             return true;
         }
@@ -168,7 +204,7 @@ impl Batcher {
         if take == 0 && self.running.is_empty() {
             // Validation refuses what can never fit; this is a budget changed under us.
             self.held = None;
-            self.metrics.queue_depth.decrement(1.0);
+            self.dequeued();
             end_request(
                 &self.metrics,
                 &mut state.borrow_mut(),
@@ -195,7 +231,7 @@ impl Batcher {
         // Only now: a panic above leaves the request held, to be failed by `admit`.
         if done {
             self.held = None;
-            self.metrics.queue_depth.decrement(1.0);
+            self.dequeued();
         }
         self.publish_load();
         done

@@ -34,6 +34,7 @@ pub use fault::{Fault, Phase};
 
 use super::error::EngineError;
 use super::metrics::Metrics;
+use super::queue::QueuePlaces;
 use super::request::{Event, Submission};
 use super::scheduler::{Budget, Demand};
 use super::sequence::{RequestState, Sequence};
@@ -74,8 +75,15 @@ pub struct Batcher {
     cfg: BatchConfig,
     metrics: Arc<Metrics>,
     running: Vec<Sequence>,
-    /// The request at the head of the queue, waiting for room in the budget.
+    /// Requests received and not yet admitted, in arrival order (the next is chosen by
+    /// priority: `admit.rs`).
+    waiting: Vec<Pending>,
+    /// The request being admitted, waiting for room in the budget.
     held: Option<Pending>,
+    /// `--max-queued-requests` places, given back as requests are admitted.
+    queue: Arc<QueuePlaces>,
+    /// Requests received so far (their arrival order).
+    received: u64,
 }
 
 /// The message of a caught panic.
@@ -136,7 +144,7 @@ impl Batcher {
     pub fn new(
         model: Arc<MultiExitModel>,
         tokenizer: Arc<TextTokenizer>,
-        rx: mpsc::Receiver<Submission>,
+        (rx, queue): (mpsc::Receiver<Submission>, Arc<QueuePlaces>),
         cfg: BatchConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -148,7 +156,10 @@ impl Batcher {
             cfg,
             metrics,
             running: Vec::new(),
+            waiting: Vec::new(),
             held: None,
+            queue,
+            received: 0,
         }
     }
 
@@ -260,6 +271,7 @@ impl Batcher {
                 heads: &row.heads,
                 all_positions: row.all_positions,
                 draft: row.kind == StepKind::Draft,
+                verify: row.kind == StepKind::Verify,
             })
             .collect();
         let fault = self.cfg.fault();

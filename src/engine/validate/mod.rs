@@ -60,6 +60,8 @@ pub const MAX_LOGPROBS: i64 = 5;
 /// Top tokens an inspection reports per head and position.
 pub const MAX_INSPECT_TOP_LOGPROBS: i64 = 20;
 pub const DEFAULT_MAX_TOKENS: i64 = 16;
+/// `priority` lies in `[-MAX_PRIORITY, MAX_PRIORITY]`.
+pub const MAX_PRIORITY: i64 = 1000;
 
 #[derive(Clone)]
 pub struct Validator {
@@ -106,6 +108,12 @@ impl Validator {
     ) -> Result<ValidRequest, ValidationError> {
         let l = &*self.limits;
         let mode = self.request_mode(req.mode.as_ref(), req.named_mode)?;
+        let priority = count_in(
+            "priority",
+            req.priority.unwrap_or(0),
+            -MAX_PRIORITY,
+            MAX_PRIORITY,
+        )? as i32;
         let mut sampling = self.sampling(&req)?;
         let (n, best_of) = self.copies(&req)?;
         let logprobs = req
@@ -158,6 +166,7 @@ impl Validator {
             deadline,
             inspect: None,
             speculative,
+            priority,
         })
     }
 
@@ -239,6 +248,7 @@ impl Validator {
                 contrast,
             }),
             speculative: None,
+            priority: 0,
         })
     }
 }
