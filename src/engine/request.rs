@@ -61,6 +61,8 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// The `speculative` object (None: the server's default, if any).
     pub speculative: Option<SpeculativeRequest>,
+    /// `"speculative": false`: no drafts, whatever the server's default or a preset's.
+    pub no_speculation: bool,
     /// The speculation a preset model id implies, validated with the preset: used when the
     /// request has no `speculative` object of its own.
     pub named_speculative: Option<SpeculativeSpec>,

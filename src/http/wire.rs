@@ -82,7 +82,7 @@ pub struct CompletionRequest {
     pub return_token_ids: Option<bool>,
     pub ignore_eos: Option<bool>,
     pub multi_exit: Option<MultiExitWire>,
-    pub speculative: Option<SpeculativeWire>,
+    pub speculative: Option<SpeculativeField>,
     /// vLLM's admission order: lower first (default 0).
     pub priority: Option<i64>,
 }
@@ -94,6 +94,31 @@ pub struct SpeculativeWire {
     pub draft_layer: Option<i64>,
     pub max_draft_tokens: Option<i64>,
     pub adaptive: Option<bool>,
+}
+
+/// `speculative` as sent: an object, `true` (the defaults) or `false` (no drafts, whatever
+/// the server's default or the model id's preset).
+#[derive(Debug)]
+pub enum SpeculativeField {
+    Off,
+    On(SpeculativeWire),
+}
+
+impl<'de> Deserialize<'de> for SpeculativeField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Bool(false) => Ok(SpeculativeField::Off),
+            serde_json::Value::Bool(true) => Ok(SpeculativeField::On(SpeculativeWire {
+                draft_layer: None,
+                max_draft_tokens: None,
+                adaptive: None,
+            })),
+            // The object's own errors (an unknown field, a wrong type), as they are.
+            other => SpeculativeWire::deserialize(other)
+                .map(SpeculativeField::On)
+                .map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// A contrast object (`multi_exit`, or an inspection's `contrast`) as the engine's spec;
@@ -194,11 +219,15 @@ impl CompletionRequest {
             logit_bias: self.logit_bias.unwrap_or_default().into_iter().collect(),
             return_token_ids: self.return_token_ids.unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
-            speculative: self.speculative.map(|s| SpeculativeRequest {
-                draft_layer: s.draft_layer,
-                max_draft_tokens: s.max_draft_tokens,
-                adaptive: s.adaptive,
-            }),
+            no_speculation: matches!(self.speculative, Some(SpeculativeField::Off)),
+            speculative: match self.speculative {
+                Some(SpeculativeField::On(s)) => Some(SpeculativeRequest {
+                    draft_layer: s.draft_layer,
+                    max_draft_tokens: s.max_draft_tokens,
+                    adaptive: s.adaptive,
+                }),
+                _ => None,
+            },
             named_speculative: None,
             priority: self.priority,
         })

@@ -261,6 +261,28 @@ async fn the_server_default_speculates_where_the_mode_allows() {
     let (status, out) = post(&url, &body).await;
     assert_eq!(status, 200, "{out}");
     assert_eq!(ids(&out["choices"][0]["token_ids"]), case.greedy_ids);
+    // or opt out: `false` whatever the server's default (`null` is the default)
+    let reference = common::reference();
+    let case = reference
+        .cases
+        .iter()
+        .find(|c| c.mode == "original")
+        .unwrap();
+    let mut body = greedy_body_for(MODEL, case);
+    body["speculative"] = json!(false);
+    let drafted = server.metric("exitserve_speculative_drafted_tokens_total");
+    let (status, out) = post(&url, &body).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(ids(&out["choices"][0]["token_ids"]), case.greedy_ids);
+    assert!(out["usage"]["speculative"].is_null(), "{out}");
+    assert_eq!(
+        server.metric("exitserve_speculative_drafted_tokens_total"),
+        drafted
+    );
+    body["speculative"] = json!(true);
+    let (status, out) = post(&url, &body).await;
+    assert_eq!(status, 200, "{out}");
+    assert!(out["usage"]["speculative"].is_object(), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

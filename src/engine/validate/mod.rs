@@ -125,6 +125,7 @@ impl Validator {
         sampling.logit_bias = self.logit_bias(&req.logit_bias)?;
         let max_tokens = self.max_tokens(&req)?;
         let speculative = match (req.speculative, req.named_speculative) {
+            _ if req.no_speculation => None,
             (None, Some(named)) => Some(named),
             (asked, _) => self.speculative(asked, &mode)?,
         };
