@@ -261,3 +261,38 @@ async fn waiting_requests_join_by_priority_then_arrival() {
     }
     assert_eq!(*order.lock().unwrap(), vec![-5, 0, 5]);
 }
+
+/// A waiting request whose client leaves gives back its queue place while it waits, not only
+/// once its turn comes: here it waits behind one of higher priority, itself waiting for the
+/// one batch slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_whose_client_left_leaves_the_queue() {
+    let server = TestServer::start(&["--max-batch-size", "1"]);
+    let url = server.url("/v1/completions");
+    let send = |body: Value| {
+        let url = url.clone();
+        tokio::spawn(async move { post(&url, &body).await })
+    };
+    let long = send(json!({"model": MODEL, "prompt": [11], "max_tokens": 250, "ignore_eos": true}));
+    server.wait_for_metric("exitserve_batch_size", 1.0).await;
+    let patient = send(json!({"model": MODEL, "prompt": [12], "max_tokens": 2, "priority": -10}));
+    server.wait_for_metric("exitserve_queue_depth", 1.0).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(&url)
+        .json(&json!({"model": MODEL, "prompt": [13], "max_tokens": 2, "priority": 10}))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up first");
+    server.wait_for_metric("exitserve_queue_depth", 1.0).await;
+    assert_eq!(
+        server.metric("exitserve_batch_size"),
+        1.0,
+        "the long request still runs"
+    );
+    assert_eq!(long.await.unwrap().0, 200);
+    assert_eq!(patient.await.unwrap().0, 200);
+}

@@ -79,6 +79,18 @@ impl Batcher {
         while let Ok(sub) = self.rx.try_recv() {
             self.enqueue(sub);
         }
+        // Requests whose client left or whose deadline passed while they waited end now, and
+        // give back their places (one of low priority may wait long).
+        let now = Instant::now();
+        let before = self.waiting.len();
+        self.waiting.retain(|p| {
+            let mut r = p.state.borrow_mut();
+            end_if_abandoned(&self.metrics, &mut r, now);
+            r.unfinished > 0
+        });
+        for _ in self.waiting.len()..before {
+            self.dequeued();
+        }
         if self.held.as_ref().is_some_and(|p| !p.started) && !self.waiting.is_empty() {
             let p = self.held.take().expect("checked");
             self.waiting.push(p);
