@@ -230,7 +230,7 @@ async fn waiting_requests_join_by_priority_then_arrival() {
         tokio::spawn(async move {
             post(
                 &url,
-                &json!({"model": MODEL, "prompt": [11], "max_tokens": 200, "ignore_eos": true}),
+                &json!({"model": MODEL, "prompt": [11], "max_tokens": 250, "ignore_eos": true}),
             )
             .await
         })
@@ -243,7 +243,8 @@ async fn waiting_requests_join_by_priority_then_arrival() {
         tasks.push(tokio::spawn(async move {
             let (status, body) = post(
                 &url,
-                &json!({"model": MODEL, "prompt": [12], "max_tokens": 2,
+                // long enough that the order they finish in cannot be a client's jitter
+                &json!({"model": MODEL, "prompt": [12], "max_tokens": 64, "ignore_eos": true,
                     "priority": priority}),
             )
             .await;
