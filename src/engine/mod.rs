@@ -253,7 +253,7 @@ impl Engine {
     ) -> Result<(Vec<u32>, Option<Vec<String>>), EngineError> {
         let limits = self.validator.limits();
         let max = limits.max_positions;
-        let at_least = text.len().div_ceil(limits.max_token_bytes.max(1));
+        let at_least = self.validator.tokens_at_least(&text);
         if at_least > max {
             return Err(ValidationError::TokenizeTooLong {
                 tokens: at_least,
@@ -304,9 +304,8 @@ impl Engine {
         let ids = ids
             .iter()
             .map(|&id| {
-                u32::try_from(id)
-                    .ok()
-                    .filter(|&i| (i as usize) < vocab)
+                self.validator
+                    .token_id(id)
                     .ok_or(ValidationError::TokenId { vocab, got: id })
             })
             .collect::<Result<Vec<u32>, _>>()?;

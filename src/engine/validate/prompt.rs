@@ -6,6 +6,19 @@ use crate::engine::request::PromptInput;
 use crate::engine::scheduler::{self, Demand, Refusal};
 
 impl Validator {
+    /// The fewest tokens `text` can have: each covers at most the longest token's bytes, so
+    /// a text is refused from its length alone, before it is tokenized.
+    pub fn tokens_at_least(&self, text: &str) -> usize {
+        text.len().div_ceil(self.limits.max_token_bytes.max(1))
+    }
+
+    /// `id` as a token of the vocabulary, if it is one.
+    pub fn token_id(&self, id: i64) -> Option<u32> {
+        u32::try_from(id)
+            .ok()
+            .filter(|&i| (i as usize) < self.limits.vocab_size)
+    }
+
     /// Refuses a prompt whose `copies` sequences of `prompt_len + max_tokens` positions could
     /// never fit the batch budget, naming `copies_param` or `tokens_param` and both numbers.
     pub(super) fn fits_alone(
@@ -76,8 +89,7 @@ impl Validator {
         for p in inputs {
             let ids = match p {
                 PromptInput::Text(text) => {
-                    // Every token covers at most `max_token_bytes` bytes.
-                    let at_least = text.len().div_ceil(l.max_token_bytes.max(1));
+                    let at_least = self.tokens_at_least(text);
                     if at_least > l.max_input_tokens {
                         return Err(too_long(at_least, Some(text.len())));
                     }
@@ -91,13 +103,10 @@ impl Validator {
                 PromptInput::Tokens(ids) => ids
                     .iter()
                     .map(|&id| {
-                        u32::try_from(id)
-                            .ok()
-                            .filter(|&id| (id as usize) < l.vocab_size)
-                            .ok_or(ValidationError::PromptTokenId {
-                                vocab: l.vocab_size,
-                                got: id,
-                            })
+                        self.token_id(id).ok_or(ValidationError::PromptTokenId {
+                            vocab: l.vocab_size,
+                            got: id,
+                        })
                     })
                     .collect::<Result<Vec<_>, _>>()?,
             };
