@@ -10,13 +10,22 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// A port nothing listens on (for a server to bind, or as a dead endpoint).
+/// A port nothing listens on (for a server to bind, or as a dead endpoint), below the
+/// kernel's ephemeral range (32768 and up on Linux): the ports handed out for `bind(0)` (other
+/// tests' servers, in this same process) and for outgoing connections never collide with it
+/// between this check and the server's own bind. Each process walks its own stretch.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(97) % SPAN;
+    loop {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn fixture_dir(name: &str) -> PathBuf {
