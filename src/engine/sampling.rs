@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use super::request::SamplingParams;
-use crate::kernels::fastmath::exp_neg;
+use crate::kernels::fastmath::{self, exp_neg};
 
 /// Chooses one sequence's tokens. The random number behind the token at position `t` of a
 /// completion is a function of (seed, choice, `t`) alone, not of how many numbers were drawn
@@ -55,8 +55,12 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return argmax(&scores);
         }
-        let dist = self.distribution_of_edited(&scores);
-        dist.pick(self.uniform_at(self.position + ahead as u64))
+        let u = self.uniform_at(self.position + ahead as u64);
+        let p = &self.params;
+        if (p.top_k == 0 || p.top_k >= scores.len()) && p.top_p >= 1.0 {
+            return pick_from_softmax(&scores, p.temperature, u);
+        }
+        self.distribution_of_edited(&scores).pick(u)
     }
 
     /// The uniform number in [0, 1) of position `t`: SplitMix64 of (seed, t), a counter-based
@@ -173,6 +177,32 @@ impl Dist {
     }
 }
 
+/// What `distribution_of_edited(scores).pick(u)` gives when neither top-k nor top-p
+/// restricts the draw, bit for bit (the same weights, summed and scanned in the same order),
+/// without its candidate list or its f64 weights: the whole vocabulary's weights in one
+/// vectorised pass, the common case of every sampled step.
+fn pick_from_softmax(scores: &[f32], temperature: f32, u: f64) -> u32 {
+    let Some(last) = scores.iter().rposition(|s| s.is_finite()) else {
+        return argmax(scores);
+    };
+    let max = scores
+        .iter()
+        .filter(|s| s.is_finite())
+        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut weights = vec![0f32; scores.len()];
+    fastmath::temperature_weights(scores, max, temperature, &mut weights);
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
+    let mut r = u * total;
+    for (id, &w) in weights.iter().enumerate() {
+        let w = w as f64;
+        if r < w {
+            return id as u32;
+        }
+        r -= w;
+    }
+    last as u32
+}
+
 /// Reorders `cands` so that its first `m` entries are the smallest best-first set whose
 /// weight reaches `target`, and returns `m` (at least 1). Quickselect on the cumulative
 /// weight: each round partitions around a middle element and keeps only the side that holds
@@ -266,6 +296,34 @@ mod tests {
         assert_eq!(a, run());
         assert!(a.iter().all(|&t| t < 2));
         assert!(a.contains(&0) && a.contains(&1));
+    }
+
+    #[test]
+    fn the_whole_vocabulary_draw_is_the_general_one_bit_for_bit() {
+        // scores over a vocabulary-sized row with masked (-inf) and NaN entries; the draw at
+        // many points of [0, 1), the ends included, at several temperatures
+        let mut scores: Vec<f32> = (0..50_257u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 20_000) as f32 / -1000.0)
+            .collect();
+        scores[17] = f32::NEG_INFINITY;
+        scores[50_256] = f32::NEG_INFINITY;
+        scores[4_000] = f32::NAN;
+        scores[123] = 3.5;
+        for temperature in [0.3f32, 0.7, 1.0, 1.9] {
+            let s = Sampler::new(params(temperature), 0);
+            let dist = s.distribution_of_edited(&scores);
+            for k in 0..=400 {
+                let u = (k as f64 / 400.0).min(1.0 - f64::EPSILON);
+                assert_eq!(
+                    pick_from_softmax(&scores, temperature, u),
+                    dist.pick(u),
+                    "temperature {temperature}, u {u}"
+                );
+            }
+        }
+        // nothing finite: the first maximum, as greedy
+        let none = [f32::NEG_INFINITY, f32::NAN];
+        assert_eq!(pick_from_softmax(&none, 1.0, 0.5), argmax(&none));
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct RequestState {
     pub arrived: Instant,
     pub unfinished: usize,
     pub usage: Usage,
+    /// When its first prompt joined the batch (the end of its queue wait).
+    pub admitted_at: Option<Instant>,
     pub first_token_at: Option<Instant>,
     pub span: tracing::Span,
     /// A draft step's cost against a full step (self-speculative decoding).

@@ -114,6 +114,18 @@ multiversion! {
 }
 
 multiversion! {
+    /// `out[i]` = e^((scores[i] - max) / temperature), the unnormalised weight sampling gives
+    /// token i (`max` the largest finite score); 0 for a non-finite score, which is never
+    /// drawn.
+    pub fn temperature_weights(scores: &[f32], max: f32, temperature: f32, out: &mut [f32]) -> () {
+        for (w, &s) in out.iter_mut().zip(scores) {
+            let e = exp_neg((s - max) / temperature);
+            *w = if s.is_finite() { e } else { 0.0 };
+        }
+    }
+}
+
+multiversion! {
     /// `xs` replaced by softmax(xs), the weights attention gives its keys (one query's, and
     /// each row of a prompt's): e^(x - max) over their sum.
     pub fn softmax_in_place(xs: &mut [f32]) -> () {

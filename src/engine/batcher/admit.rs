@@ -167,6 +167,7 @@ impl Batcher {
             req,
             tx,
             arrived,
+            admitted_at: None,
             first_token_at: None,
             span,
             draft_cost,
@@ -230,9 +231,9 @@ impl Batcher {
         };
         if take > 0 && !p.started {
             p.started = true;
-            self.metrics
-                .queue_wait
-                .record(state.borrow().arrived.elapsed());
+            let mut r = state.borrow_mut();
+            r.admitted_at = Some(Instant::now());
+            self.metrics.queue_wait.record(r.arrived.elapsed());
         }
         let groups: Vec<(usize, Rc<Vec<u32>>)> = p.prompts.drain(..take).collect();
         let done = p.prompts.is_empty();

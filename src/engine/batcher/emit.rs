@@ -187,6 +187,8 @@ impl Batcher {
                     drafted = r.usage.speculative.map(|u| u.drafted),
                     accepted = r.usage.speculative.map(|u| u.accepted),
                     ms = r.arrived.elapsed().as_millis() as u64,
+                    queued_ms = since(r.arrived, r.admitted_at),
+                    first_token_ms = since(r.arrived, r.first_token_at),
                     "completed"
                 );
             }
@@ -195,4 +197,9 @@ impl Batcher {
             let _ = r.tx.try_send(Event::Done { usage: r.usage });
         }
     }
+}
+
+/// Milliseconds from `from` to `to`, when `to` happened.
+fn since(from: Instant, to: Option<Instant>) -> Option<u64> {
+    to.map(|t| t.duration_since(from).as_millis() as u64)
 }

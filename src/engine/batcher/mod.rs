@@ -241,6 +241,12 @@ impl Batcher {
         self.sweep();
         tracing::debug!(
             batch = plan.rows.len(),
+            prefill = plan.rows.iter().map(|r| r.prompt_taken).sum::<usize>(),
+            scored = plan
+                .rows
+                .iter()
+                .map(|r| r.heads.len() * if r.all_positions { r.tokens.len() } else { 1 })
+                .sum::<usize>(),
             prep_us = (t_prep - t_start).as_micros() as u64,
             forward_us = (t_forward - t_prep).as_micros() as u64,
             score_us = (t_scored - t_forward).as_micros() as u64,
