@@ -91,6 +91,17 @@ pub struct Args {
         default_value_t = 64
     )]
     pub max_sequences_per_request: usize,
+    /// Queue order among requests of equal `priority`: each is due this many milliseconds
+    /// after its arrival per KV position it reserves (prompt + max_tokens, every copy), and
+    /// the earliest due is admitted first: short requests pass long ones that arrived at
+    /// about the same time, a long one waits at most its own slack longer. 0: first come,
+    /// first served
+    #[arg(
+        long,
+        env = "EXITSERVE_QUEUE_SLACK_PER_TOKEN_MS",
+        default_value_t = 1.0
+    )]
+    pub queue_slack_per_token_ms: f64,
     /// Requests waiting for a batch slot before new ones get 429
     #[arg(long, env = "EXITSERVE_MAX_QUEUED_REQUESTS", default_value_t = 256)]
     pub max_queued_requests: usize,
@@ -232,6 +243,7 @@ pub struct Settings {
     pub max_prefill_tokens: usize,
     pub max_batch_total_tokens: Option<usize>,
     pub max_sequences_per_request: usize,
+    pub queue_slack_per_token: Duration,
     pub max_queued_requests: usize,
     pub max_input_tokens: Option<usize>,
     pub max_best_of: usize,
@@ -358,6 +370,13 @@ impl Settings {
                 "max-sequences-per-request",
                 a.max_sequences_per_request,
             )?,
+            queue_slack_per_token: Duration::try_from_secs_f64(a.queue_slack_per_token_ms / 1e3)
+                .map_err(|_| {
+                    format!(
+                        "--queue-slack-per-token-ms must be a number of milliseconds >= 0, got {}",
+                        a.queue_slack_per_token_ms
+                    )
+                })?,
             max_queued_requests: positive("max-queued-requests", a.max_queued_requests)?,
             max_input_tokens: a.max_input_tokens,
             max_best_of: positive("max-best-of", a.max_best_of)?,

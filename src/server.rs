@@ -173,6 +173,7 @@ pub fn build_state_with(
             #[cfg(feature = "fault-injection")]
             fault: None,
             speculative_max_batch: s.speculative_max_batch_size,
+            queue_slack_per_token: s.queue_slack_per_token,
         },
         max_queued_requests: s.max_queued_requests,
         validation_workers: s.validation_workers,

@@ -5,6 +5,8 @@
 //! reserves its whole prompt plus `max_tokens` when it is admitted (each `n`/`best_of` copy
 //! included, before it is forked), so the caches of the running batch can never outgrow it.
 
+use std::time::{Duration, Instant};
+
 /// What the running batch may hold (from the configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
@@ -81,9 +83,31 @@ pub fn admit_in_order(budget: &Budget, reserved: Demand, waiting: &[Demand]) -> 
     waiting.len()
 }
 
-/// Which waiting request to admit next: the lowest `priority` (vLLM's convention), first come
-/// first served among equals. `waiting`: `(priority, arrival order)` of each.
-pub fn next_in_queue(waiting: &[(i32, u64)]) -> Option<usize> {
+/// A waiting request as the queue orders it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QueueKey {
+    /// The request's `priority`: lower goes first (vLLM's convention), whatever else.
+    pub priority: i32,
+    /// Its arrival plus a slack for its size (see [`due`]): among equal priorities, the
+    /// earliest due goes first.
+    pub due: Instant,
+    /// Arrival order: the earlier of two equally due.
+    pub seq: u64,
+}
+
+/// When a request of `tokens` KV positions (every prompt and copy, with its completion) that
+/// arrived at `arrived` is due: `slack_per_token` per position later. Earliest due first is
+/// shortest first among requests that arrived close together (a short request does not
+/// queue behind long ones), while a long request waits at most its own slack longer than
+/// first come, first served would make it: each arrival after `arrived + slack` is due
+/// after it. A zero slack is first come, first served.
+pub fn due(arrived: Instant, tokens: usize, slack_per_token: Duration) -> Instant {
+    let slack = slack_per_token.saturating_mul(u32::try_from(tokens).unwrap_or(u32::MAX));
+    arrived.checked_add(slack).unwrap_or(arrived)
+}
+
+/// Which waiting request to admit next: the least [`QueueKey`].
+pub fn next_in_queue(waiting: &[QueueKey]) -> Option<usize> {
     (0..waiting.len()).min_by_key(|&i| waiting[i])
 }
 
@@ -341,10 +365,43 @@ mod tests {
     }
 
     #[test]
-    fn the_lowest_priority_value_goes_first_then_the_earliest() {
+    fn the_lowest_priority_value_goes_first_then_the_earliest_due() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let key = |priority, due_ms, seq| QueueKey {
+            priority,
+            due: t0 + ms(due_ms),
+            seq,
+        };
         assert_eq!(next_in_queue(&[]), None);
-        assert_eq!(next_in_queue(&[(0, 5), (0, 3), (0, 9)]), Some(1));
-        assert_eq!(next_in_queue(&[(0, 1), (-1, 7), (3, 0)]), Some(1));
-        assert_eq!(next_in_queue(&[(2, 1), (2, 0)]), Some(1));
+        assert_eq!(
+            next_in_queue(&[key(0, 5, 0), key(0, 3, 1), key(0, 9, 2)]),
+            Some(1)
+        );
+        // priority first, however late its due
+        assert_eq!(
+            next_in_queue(&[key(0, 1, 0), key(-1, 70, 1), key(3, 0, 2)]),
+            Some(1)
+        );
+        // equally due: arrival order
+        assert_eq!(next_in_queue(&[key(2, 4, 1), key(2, 4, 0)]), Some(1));
+    }
+
+    #[test]
+    fn a_short_request_passes_a_long_one_only_within_the_long_ones_slack() {
+        let t0 = Instant::now();
+        let slack = Duration::from_millis(1);
+        let long = due(t0, 400, slack); // arrived first, 400 positions: due at 400 ms
+                                        // a 20-position request arriving 100 ms later is due at 120 ms: it goes first
+        let short = due(t0 + Duration::from_millis(100), 20, slack);
+        assert!(short < long);
+        // one arriving after the long one's slack ran out is due after it
+        let late = due(t0 + Duration::from_millis(390), 20, slack);
+        assert!(late > long);
+        // no slack: first come, first served whatever the sizes
+        let zero = Duration::ZERO;
+        assert!(due(t0, 400, zero) < due(t0 + Duration::from_millis(1), 1, zero));
+        // sizes beyond u32 saturate instead of wrapping
+        assert!(due(t0, usize::MAX, slack) > due(t0, 400, slack));
     }
 }

@@ -22,8 +22,9 @@
 //!   then stays at 128 KiB: every step's free of its heap-sized buffers (a row's logits,
 //!   sampling candidates) gave the top of the heap back with `madvise`/`munmap` and the next
 //!   step faulted it in again, page by page. Under the soak's load on the tiny fixture that
-//!   was 27 % of the server's CPU (`perf`, AMD EPYC Zen 4); a 32 MiB trim threshold keeps that
+//!   was 27 % of the server's CPU (`perf`, AMD EPYC Zen 4); a 4 MiB trim threshold keeps that
 //!   much free heap top resident: 31k -> 41k tokens generated in 30 s, steps p50 6.7 -> 5.1 ms.
+//!   (32 MiB was no faster and let the soak's resident floor climb 7 %; 4 MiB: 2 %.)
 //!
 //! Measured on that prefill (f32, 512 tokens, 4 runs each, two alternations): 4.8-6.4 s
 //! before, 3.8-5.0 s with huge-page buffers; echo scoring of 512 tokens 6.4-7.3 s -> 5.1-5.9 s;
@@ -38,7 +39,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 const MMAP_THRESHOLD: usize = 256 * 1024;
 
 /// Free memory at the top of the heap kept for reuse rather than given back at each free.
-const TRIM_THRESHOLD: usize = 32 << 20;
+const TRIM_THRESHOLD: usize = 4 << 20;
 
 /// Buffers of at least this size get a huge-page mapping of their own.
 pub const HUGE_PAGE_BUFFER: usize = 1 << 20;

@@ -218,6 +218,21 @@ async fn request_timeout_ends_long_requests_with_a_clear_error() {
     server.wait_for_metric("exitserve_batch_size", 0.0).await;
 }
 
+/// Starts a long request on a `--max-batch-size 1` server and returns once it holds the
+/// slot; its answer is the handle's.
+async fn hold_the_one_slot(server: &TestServer) -> tokio::task::JoinHandle<(u16, Value)> {
+    let url = server.url("/v1/completions");
+    let long = tokio::spawn(async move {
+        post(
+            &url,
+            &json!({"model": MODEL, "prompt": [11], "max_tokens": 250, "ignore_eos": true}),
+        )
+        .await
+    });
+    server.wait_for_metric("exitserve_batch_size", 1.0).await;
+    long
+}
+
 /// Waiting requests join the batch by `priority` (lower first), in arrival order among
 /// equals: with the one batch slot held by a long request, requests sent with priorities 5,
 /// -5 and 0, in that order, run -5, 0, 5.
@@ -225,17 +240,7 @@ async fn request_timeout_ends_long_requests_with_a_clear_error() {
 async fn waiting_requests_join_by_priority_then_arrival() {
     let server = TestServer::start(&["--max-batch-size", "1"]);
     let url = server.url("/v1/completions");
-    let long = {
-        let url = url.clone();
-        tokio::spawn(async move {
-            post(
-                &url,
-                &json!({"model": MODEL, "prompt": [11], "max_tokens": 250, "ignore_eos": true}),
-            )
-            .await
-        })
-    };
-    server.wait_for_metric("exitserve_batch_size", 1.0).await;
+    let long = hold_the_one_slot(&server).await;
     let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for (i, priority) in [5, -5, 0].into_iter().enumerate() {
@@ -261,6 +266,46 @@ async fn waiting_requests_join_by_priority_then_arrival() {
         assert_eq!(status, 200, "{body}");
     }
     assert_eq!(*order.lock().unwrap(), vec![-5, 0, 5]);
+}
+
+/// Among equal priorities the queue admits the earliest due, a request's arrival plus
+/// `--queue-slack-per-token-ms` per position it reserves: a short request sent just after a
+/// long one, both waiting for the one batch slot, runs first; with no slack the long one
+/// (first come) does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_requests_pass_long_ones_within_the_long_ones_slack() {
+    for (slack, first) in [("10", "short"), ("0", "long")] {
+        let server =
+            TestServer::start(&["--max-batch-size", "1", "--queue-slack-per-token-ms", slack]);
+        let url = server.url("/v1/completions");
+        let holder = hold_the_one_slot(&server).await;
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // the long one first: due 10 ms x 201 positions after it arrived; the short one
+        // is due 10 ms x 5 after its own arrival, long before
+        for (i, (name, max_tokens)) in [("long", 200), ("short", 4)].into_iter().enumerate() {
+            let (url, order) = (url.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let (status, body) = post(
+                    &url,
+                    &json!({"model": MODEL, "prompt": [12], "max_tokens": max_tokens,
+                        "ignore_eos": true}),
+                )
+                .await;
+                order.lock().unwrap().push(name);
+                (status, body)
+            }));
+            server
+                .wait_for_metric("exitserve_queue_depth", (i + 1) as f64)
+                .await;
+        }
+        assert_eq!(holder.await.unwrap().0, 200);
+        for t in tasks {
+            let (status, body) = t.await.unwrap();
+            assert_eq!(status, 200, "{body}");
+        }
+        assert_eq!(order.lock().unwrap()[0], first, "slack {slack}");
+    }
 }
 
 /// A waiting request whose client leaves gives back its queue place while it waits, not only

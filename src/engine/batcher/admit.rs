@@ -1,5 +1,6 @@
-//! Admission: requests come off the queue into the batch while the scheduler's budget allows;
-//! a request that does not fit waits at the head of the queue (first come, first served).
+//! Admission: requests come off the queue into the batch while the scheduler's budget allows,
+//! in the queue's order (priority, then size-weighted arrival: `scheduler::due`); the next
+//! request that does not fit yet waits at the head, so that it cannot be starved.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -12,7 +13,7 @@ use crate::engine::error::EngineError;
 use crate::engine::inspection;
 use crate::engine::request::{SpeculativeUsage, Submission, Usage};
 use crate::engine::sampling::Sampler;
-use crate::engine::scheduler::{self, Demand};
+use crate::engine::scheduler::{self, Demand, QueueKey};
 use crate::engine::sequence::{RequestState, Sequence, SharedRequest};
 use crate::engine::speculative::draft_cost;
 use crate::engine::validate::ValidationError;
@@ -23,9 +24,8 @@ pub(super) struct Pending {
     /// `(prompt index, tokens)`, in order.
     prompts: VecDeque<(usize, Rc<Vec<u32>>)>,
     started: bool,
-    /// The request's `priority` (lower first) and its arrival order.
-    priority: i32,
-    seq: u64,
+    /// Its place in the queue: priority, then due (size-weighted arrival), then arrival.
+    key: QueueKey,
 }
 
 impl Batcher {
@@ -37,8 +37,7 @@ impl Batcher {
                 return false;
             }
             if self.held.is_none() {
-                let order: Vec<(i32, u64)> =
-                    self.waiting.iter().map(|p| (p.priority, p.seq)).collect();
+                let order: Vec<QueueKey> = self.waiting.iter().map(|p| p.key).collect();
                 let Some(next) = scheduler::next_in_queue(&order) else {
                     return true;
                 };
@@ -116,7 +115,17 @@ impl Batcher {
             span,
             arrived,
         } = sub;
-        let (priority, seq) = (req.priority, self.received);
+        let tokens = req
+            .prompts
+            .iter()
+            .map(|p| p.len().saturating_add(req.max_tokens))
+            .fold(0usize, usize::saturating_add)
+            .saturating_mul(req.best_of);
+        let key = QueueKey {
+            priority: req.priority,
+            due: scheduler::due(arrived, tokens, self.cfg.queue_slack_per_token),
+            seq: self.received,
+        };
         self.received += 1;
         let n_layers = self.model.config().num_layers;
         let (heads, depth) = if req.inspect.is_some() {
@@ -176,8 +185,7 @@ impl Batcher {
             state,
             prompts,
             started: false,
-            priority,
-            seq,
+            key,
         }
     }
 

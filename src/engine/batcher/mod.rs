@@ -26,7 +26,7 @@ use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -52,6 +52,9 @@ pub struct BatchConfig {
     /// decode (`--speculative-max-batch-size`): a batch already shares each weight read, and
     /// drafts then add work, not speed.
     pub speculative_max_batch: usize,
+    /// Queue order among equal priorities: a request is due this much later per KV position
+    /// it reserves (`--queue-slack-per-token-ms`; zero: first come, first served).
+    pub queue_slack_per_token: Duration,
     /// Fault injection for tests.
     #[cfg(feature = "fault-injection")]
     #[doc(hidden)]

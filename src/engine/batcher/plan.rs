@@ -8,6 +8,7 @@ use crate::engine::request::events_per_step;
 use crate::engine::scheduler::{self, SeqView};
 use crate::engine::sequence::Sequence;
 use crate::engine::speculative::SpecInput;
+use crate::model::cost::scored_position_cost;
 use crate::model::Head;
 
 /// Positions an inspection of every position scores per step: its logits stay resident for
@@ -58,12 +59,17 @@ impl Batcher {
     /// What each running sequence feeds this step: a prompt chunk under the prefill budget,
     /// or its one new token. A stream whose client has not read its events sits out.
     pub(super) fn plan(&mut self) -> StepPlan {
+        let (hidden, vocab) = {
+            let c = self.model.config();
+            (c.hidden_size, c.vocab_size)
+        };
         let views: Vec<SeqView> = self
             .running
             .iter()
             .map(|s| {
                 let r = s.request.borrow();
                 let inspect_all = r.req.inspect.is_some_and(|i| i.all_positions);
+                let scored = inspect_all || (r.req.echo && r.req.logprobs.is_some());
                 SeqView {
                     prompt_left: s.prompt.len() - s.prefilled,
                     can_emit: r.tx.capacity()
@@ -73,10 +79,14 @@ impl Batcher {
                     } else {
                         usize::MAX
                     },
-                    // An inspected position evaluates every head: a vocabulary product and
-                    // its softmax, entropy, divergence and top-k passes each, on the released
-                    // shapes up to about a token's pass through the trunk: counted as one.
-                    cost_per_token: if inspect_all { 1 + r.heads.len() } else { 1 },
+                    // A position scored at every head (echo with logprobs, an inspection of
+                    // every position) is charged its vocabulary work, so that such prompts
+                    // cannot make one step long for every sequence in it.
+                    cost_per_token: if scored {
+                        scored_position_cost(hidden, vocab, r.depth, r.heads.len())
+                    } else {
+                        1
+                    },
                 }
             })
             .collect();
