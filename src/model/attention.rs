@@ -131,9 +131,7 @@ impl SelfAttention {
     ) -> candle_core::Result<Tensor> {
         let (start, len) = (seg.start, seg.len);
         if q.device().is_cpu() && q.dtype() == DType::F32 {
-            return if len == 1 {
-                self.attend_one_token_cpu(q, k, v, seg, layer)
-            } else if seg.per_query {
+            return if len == 1 || seg.per_query {
                 self.attend_each_cpu(q, k, v, seg, layer)
             } else {
                 self.attend_many_cpu(q, k, v, seg, layer)
@@ -165,39 +163,13 @@ impl SelfAttention {
             .reshape((len, self.num_heads * self.head_dim))
     }
 
-    /// The decode step of one sequence on the CPU: the same computation as the tensor path,
-    /// done on the raw rows and cache buffers, because at one query the ~20 small tensor ops
-    /// per layer cost more than the arithmetic.
-    fn attend_one_token_cpu(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        seg: &mut Segment<'_>,
-        layer: usize,
-    ) -> candle_core::Result<Tensor> {
-        let (heads, hd) = (self.num_heads, self.head_dim);
-        let row = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-            // (1, hidden) of this sequence -> (heads, 1, head_dim): the same memory order
-            t.narrow(0, seg.start, 1)?.flatten_all()?.to_vec1::<f32>()
-        };
-        let q = row(q)?;
-        let offset = seg.cache.len();
-        let (keys, values) = seg.cache.append(
-            layer,
-            &Tensor::from_vec(row(k)?, (heads, 1, hd), &Device::Cpu)?,
-            &Tensor::from_vec(row(v)?, (heads, 1, hd), &Device::Cpu)?,
-        )?;
-        let mut out = vec![0f32; heads * hd];
-        self.attend_row(&q, (&keys, &values), offset, &mut Vec::new(), &mut out)?;
-        Tensor::from_vec(out, (1, heads * hd), &Device::Cpu)
-    }
-
-    /// The queries of a verifying pass (the drafts and the token before them), each computed
-    /// as the decode step computes its one query: every position gets the numbers a plain
-    /// step would, to the bit (the fused kernel's products sum in another order, and bf16's
-    /// rounding of the activations turns that last-bit difference into other tokens). Prompts
-    /// keep the fused kernel, whatever their chunking.
+    /// One sequence's queries on the CPU, each computed as a decode step computes its one
+    /// query, on the raw rows and cache buffers: at one query the ~20 small tensor ops per
+    /// layer of the tensor path cost more than the arithmetic. A verifying pass (the drafts
+    /// and the token before them) comes this way too, so that every position gets the numbers
+    /// a plain step would, to the bit (the fused kernel's products sum in another order, and
+    /// bf16's rounding of the activations turns that last-bit difference into other tokens).
+    /// Prompts keep the fused kernel, whatever their chunking.
     fn attend_each_cpu(
         &self,
         q: &Tensor,
