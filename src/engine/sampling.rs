@@ -166,15 +166,22 @@ pub struct Dist {
 impl Dist {
     /// The token at `u` (in [0, 1)) of the distribution's cumulative weight, in its order.
     pub fn pick(&self, u: f64) -> u32 {
-        let mut r = u * self.total;
-        for (&id, w) in self.ids.iter().zip(&self.weights) {
-            if r < *w {
-                return id;
-            }
-            r -= w;
-        }
-        self.ids[self.ids.len() - 1]
+        let weighted = self.ids.iter().copied().zip(self.weights.iter().copied());
+        pick_cumulative(u * self.total, weighted).unwrap_or(self.ids[self.ids.len() - 1])
     }
+}
+
+/// The first id whose cumulative weight passes `r`, scanning `weighted` in order; none when
+/// rounding left `r` at or past the total. The one scan of every draw, so that both ways of
+/// computing the weights pick alike.
+fn pick_cumulative(mut r: f64, weighted: impl Iterator<Item = (u32, f64)>) -> Option<u32> {
+    for (id, w) in weighted {
+        if r < w {
+            return Some(id);
+        }
+        r -= w;
+    }
+    None
 }
 
 /// What `distribution_of_edited(scores).pick(u)` gives when neither top-k nor top-p
@@ -192,15 +199,8 @@ fn pick_from_softmax(scores: &[f32], temperature: f32, u: f64) -> u32 {
     let mut weights = vec![0f32; scores.len()];
     fastmath::temperature_weights(scores, max, temperature, &mut weights);
     let total: f64 = weights.iter().map(|&w| w as f64).sum();
-    let mut r = u * total;
-    for (id, &w) in weights.iter().enumerate() {
-        let w = w as f64;
-        if r < w {
-            return id as u32;
-        }
-        r -= w;
-    }
-    last as u32
+    let weighted = (0u32..).zip(weights.iter().map(|&w| w as f64));
+    pick_cumulative(u * total, weighted).unwrap_or(last as u32)
 }
 
 /// Reorders `cands` so that its first `m` entries are the smallest best-first set whose
