@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use axum::body::BodyDataStream;
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
 use futures_util::StreamExt;
@@ -74,35 +75,43 @@ const DRAIN_FACTOR: usize = 32;
 
 /// Reads and drops up to `most` bytes of the body, keeping none.
 async fn drain(req: Request, most: usize) {
-    let mut body = req.into_body().into_data_stream();
-    let mut seen = 0usize;
-    while let Some(Ok(chunk)) = body.next().await {
-        seen += chunk.len();
-        if seen > most {
-            break;
+    let _ = drain_rest(&mut req.into_body().into_data_stream(), 0, most).await;
+}
+
+/// Reads and drops what is left of `body` while no more than `most` bytes have come (`seen`
+/// already have); the first read error, if one comes first.
+async fn drain_rest(
+    body: &mut BodyDataStream,
+    mut seen: usize,
+    most: usize,
+) -> Result<(), axum::Error> {
+    while seen <= most {
+        match body.next().await {
+            Some(chunk) => seen += chunk?.len(),
+            None => break,
         }
     }
+    Ok(())
 }
 
 /// Reads the body up to `limit` bytes. An oversized body is still read (and dropped) up to
 /// `DRAIN_FACTOR` times the limit, so that an ordinary client that sends it all receives the
 /// 413 instead of a broken pipe; beyond that the connection is simply dropped.
 async fn read_limited(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let unreadable =
+        |e: axum::Error| ApiError::bad(None, format!("cannot read the request body: {e}"));
     let mut body = req.into_body().into_data_stream();
     let mut buf = Vec::new();
-    let mut seen = 0usize;
     while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad(None, format!("cannot read the request body: {e}")))?;
-        seen += chunk.len();
-        if seen <= limit {
-            buf.extend_from_slice(&chunk);
-        } else if seen > limit.saturating_mul(DRAIN_FACTOR) {
-            break;
+        let chunk = chunk.map_err(unreadable)?;
+        if buf.len() + chunk.len() > limit {
+            let seen = buf.len() + chunk.len();
+            drain_rest(&mut body, seen, limit.saturating_mul(DRAIN_FACTOR))
+                .await
+                .map_err(unreadable)?;
+            return Err(ApiError::PayloadTooLarge { limit });
         }
-    }
-    if seen > limit {
-        return Err(ApiError::PayloadTooLarge { limit });
+        buf.extend_from_slice(&chunk);
     }
     Ok(buf)
 }
