@@ -241,6 +241,12 @@ impl ValidRequest {
     pub fn prompt_tokens(&self) -> usize {
         self.prompts.iter().map(Vec::len).sum()
     }
+
+    /// Whether its heads are evaluated at every prompt position, not only the last: echo
+    /// with logprobs, or an inspection of all positions.
+    pub fn scores_every_prompt_position(&self) -> bool {
+        (self.echo && self.logprobs.is_some()) || self.inspect.is_some_and(|i| i.all_positions)
+    }
 }
 
 /// One token's log-probability and its best alternatives, in the decoded distribution.

@@ -36,7 +36,8 @@ impl Demand {
         })
     }
 
-    fn plus(self, other: Demand) -> Demand {
+    /// Both together (saturating).
+    pub fn plus(self, other: Demand) -> Demand {
         Demand {
             sequences: self.sequences.saturating_add(other.sequences),
             tokens: self.tokens.saturating_add(other.tokens),
@@ -122,8 +123,9 @@ pub struct SeqView {
     /// its chunks small: each position's logits are kept for every head).
     pub max_chunk: usize,
     /// What one of its prompt tokens costs of the prefill budget: 1, or more where each
-    /// position also evaluates vocabulary heads (an inspection of every position: 1 + heads),
-    /// so that such work cannot crowd out the others' prefill.
+    /// position also evaluates vocabulary heads (echo with logprobs, an inspection of every
+    /// position: `model::cost::scored_position_cost`), so that such work cannot crowd out the
+    /// others' prefill.
     pub cost_per_token: usize,
 }
 
@@ -181,6 +183,27 @@ mod tests {
         max_prefill_tokens: 100,
     };
 
+    /// A sequence that may emit, with no chunk cap, whose prompt tokens cost 1.
+    const PLAIN: SeqView = SeqView {
+        prompt_left: 0,
+        can_emit: true,
+        max_chunk: usize::MAX,
+        cost_per_token: 1,
+    };
+
+    /// A plain sequence with `left` prompt tokens to feed.
+    fn prompt(left: usize) -> SeqView {
+        SeqView {
+            prompt_left: left,
+            ..PLAIN
+        }
+    }
+
+    /// A plan as `(index, prompt tokens fed)`.
+    fn takes(plan: &[Slot]) -> Vec<(usize, usize)> {
+        plan.iter().map(|s| (s.index, s.prompt_take)).collect()
+    }
+
     fn d(sequences: usize, tokens: usize) -> Demand {
         Demand { sequences, tokens }
     }
@@ -233,40 +256,8 @@ mod tests {
 
     #[test]
     fn prefill_is_chunked_in_order_and_decodes_always_run() {
-        let seqs = [
-            SeqView {
-                prompt_left: 0,
-                can_emit: true,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
-            },
-            SeqView {
-                prompt_left: 70,
-                can_emit: true,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
-            },
-            SeqView {
-                prompt_left: 50,
-                can_emit: true,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
-            },
-            SeqView {
-                prompt_left: 20,
-                can_emit: true,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
-            },
-            SeqView {
-                prompt_left: 0,
-                can_emit: true,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
-            },
-        ];
-        let plan = plan_step(100, &seqs);
-        let got: Vec<(usize, usize)> = plan.iter().map(|s| (s.index, s.prompt_take)).collect();
+        let seqs = [PLAIN, prompt(70), prompt(50), prompt(20), PLAIN];
+        let got = takes(&plan_step(100, &seqs));
         // 70 + 30 of the 50: the budget is spent; the 20-token prompt waits; decodes run
         assert_eq!(got, vec![(0, 0), (1, 70), (2, 30), (4, 0)]);
     }
@@ -275,20 +266,12 @@ mod tests {
     fn a_chunk_cap_leaves_the_rest_of_the_budget_to_others() {
         let seqs = [
             SeqView {
-                prompt_left: 100,
-                can_emit: true,
                 max_chunk: 32,
-                cost_per_token: 1,
+                ..prompt(100)
             },
-            SeqView {
-                prompt_left: 100,
-                can_emit: true,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
-            },
+            prompt(100),
         ];
-        let plan = plan_step(100, &seqs);
-        let got: Vec<(usize, usize)> = plan.iter().map(|s| (s.index, s.prompt_take)).collect();
+        let got = takes(&plan_step(100, &seqs));
         assert_eq!(got, vec![(0, 32), (1, 68)]);
     }
 
@@ -296,23 +279,14 @@ mod tests {
     fn a_paused_sequence_sits_out_and_leaves_its_budget() {
         let seqs = [
             SeqView {
-                prompt_left: 80,
                 can_emit: false,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
+                ..prompt(80)
             },
             SeqView {
-                prompt_left: 0,
                 can_emit: false,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
+                ..PLAIN
             },
-            SeqView {
-                prompt_left: 90,
-                can_emit: true,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
-            },
+            prompt(90),
         ];
         let plan = plan_step(100, &seqs);
         assert_eq!(
@@ -328,26 +302,14 @@ mod tests {
     fn positions_that_evaluate_every_head_are_charged_for_them() {
         let seqs = [
             SeqView {
-                prompt_left: 100,
-                can_emit: true,
                 max_chunk: 32,
                 cost_per_token: 9,
+                ..prompt(100)
             },
-            SeqView {
-                prompt_left: 100,
-                can_emit: true,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
-            },
-            SeqView {
-                prompt_left: 5,
-                can_emit: true,
-                max_chunk: usize::MAX,
-                cost_per_token: 1,
-            },
+            prompt(100),
+            prompt(5),
         ];
-        let plan = plan_step(100, &seqs);
-        let got: Vec<(usize, usize)> = plan.iter().map(|s| (s.index, s.prompt_take)).collect();
+        let got = takes(&plan_step(100, &seqs));
         // 11 inspected positions take 99 of the 100; one token is left for the next prompt
         assert_eq!(got, vec![(0, 11), (1, 1)]);
         // dearer than the whole budget: one position, alone
@@ -357,10 +319,7 @@ mod tests {
         }];
         assert_eq!(plan_step(100, &alone)[0].prompt_take, 1);
         let behind = [seqs[1], alone[0]];
-        let got: Vec<(usize, usize)> = plan_step(100, &behind)
-            .iter()
-            .map(|s| (s.index, s.prompt_take))
-            .collect();
+        let got = takes(&plan_step(100, &behind));
         assert_eq!(got, vec![(0, 100)]);
     }
 
@@ -391,8 +350,9 @@ mod tests {
     fn a_short_request_passes_a_long_one_only_within_the_long_ones_slack() {
         let t0 = Instant::now();
         let slack = Duration::from_millis(1);
-        let long = due(t0, 400, slack); // arrived first, 400 positions: due at 400 ms
-                                        // a 20-position request arriving 100 ms later is due at 120 ms: it goes first
+        // arrived first, 400 positions: due at 400 ms
+        let long = due(t0, 400, slack);
+        // a 20-position request arriving 100 ms later is due at 120 ms: it goes first
         let short = due(t0 + Duration::from_millis(100), 20, slack);
         assert!(short < long);
         // one arriving after the long one's slack ran out is due after it

@@ -118,9 +118,9 @@ impl Batcher {
         let tokens = req
             .prompts
             .iter()
-            .map(|p| p.len().saturating_add(req.max_tokens))
-            .fold(0usize, usize::saturating_add)
-            .saturating_mul(req.best_of);
+            .map(|p| demand(p.len(), req.max_tokens, req.best_of))
+            .fold(Demand::default(), Demand::plus)
+            .tokens;
         let key = QueueKey {
             priority: req.priority,
             due: scheduler::due(arrived, tokens, self.cfg.queue_slack_per_token),
@@ -214,12 +214,7 @@ impl Batcher {
         let demands: Vec<Demand> = p
             .prompts
             .iter()
-            .map(|(_, t)| {
-                Demand::of_prompt(t.len(), max_tokens, best_of).unwrap_or(Demand {
-                    sequences: usize::MAX,
-                    tokens: usize::MAX,
-                })
-            })
+            .map(|(_, t)| demand(t.len(), max_tokens, best_of))
             .collect();
         let take = scheduler::admit_in_order(&self.cfg.budget, self.reserved(), &demands);
         if take == 0 && self.running.is_empty() {
@@ -282,4 +277,13 @@ impl Batcher {
         seq.forks = (first + 1..first + best_of).collect();
         self.running.push(seq);
     }
+}
+
+/// What one prompt of a request reserves once admitted (`Demand::of_prompt`); one whose
+/// count overflows, more than any budget holds.
+fn demand(prompt_len: usize, max_tokens: usize, best_of: usize) -> Demand {
+    Demand::of_prompt(prompt_len, max_tokens, best_of).unwrap_or(Demand {
+        sequences: usize::MAX,
+        tokens: usize::MAX,
+    })
 }

@@ -69,7 +69,6 @@ impl Batcher {
             .map(|s| {
                 let r = s.request.borrow();
                 let inspect_all = r.req.inspect.is_some_and(|i| i.all_positions);
-                let scored = inspect_all || (r.req.echo && r.req.logprobs.is_some());
                 SeqView {
                     prompt_left: s.prompt.len() - s.prefilled,
                     can_emit: r.tx.capacity()
@@ -82,7 +81,7 @@ impl Batcher {
                     // A position scored at every head (echo with logprobs, an inspection of
                     // every position) is charged its vocabulary work, so that such prompts
                     // cannot make one step long for every sequence in it.
-                    cost_per_token: if scored {
+                    cost_per_token: if r.req.scores_every_prompt_position() {
                         scored_position_cost(hidden, vocab, r.depth, r.heads.len())
                     } else {
                         1
@@ -119,9 +118,7 @@ impl Batcher {
 /// A prefilling sequence's next `take` prompt tokens.
 fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
     let r = s.request.borrow();
-    // Scores at every prompt position: echo with logprobs, or an inspection of all positions.
-    let all_positions =
-        (r.req.echo && r.req.logprobs.is_some()) || r.req.inspect.is_some_and(|i| i.all_positions);
+    let all_positions = r.req.scores_every_prompt_position();
     let last_chunk = s.prefilled + take == s.prompt.len();
     RowPlan {
         index,
