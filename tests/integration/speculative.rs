@@ -646,16 +646,10 @@ async fn greedy_speculation_equals_plain_decoding_in_every_dtype() {
             let (status, want) = post(&url, &plain).await;
             assert_eq!(status, 200, "{want}");
             // the tokens and, to the bit, their logprobs
-            let want = (
-                ids(&want["choices"][0]["token_ids"]),
-                want["choices"][0]["logprobs"]["token_logprobs"].clone(),
-            );
+            let want = tokens_and_logprobs(&want);
             let (status, got) = post(&url, &fast).await;
             assert_eq!(status, 200, "{got}");
-            let got = (
-                ids(&got["choices"][0]["token_ids"]),
-                got["choices"][0]["logprobs"]["token_logprobs"].clone(),
-            );
+            let got = tokens_and_logprobs(&got);
             assert_eq!(got, want, "{} {dtype} {} alone", f.name, case.mode);
             pairs.push((fast, want));
         }
@@ -670,10 +664,7 @@ async fn greedy_speculation_equals_plain_decoding_in_every_dtype() {
         for (t, (body, want)) in tasks.into_iter().zip(&pairs) {
             let (status, out) = t.await.unwrap();
             assert_eq!(status, 200, "{out}");
-            let got = (
-                ids(&out["choices"][0]["token_ids"]),
-                out["choices"][0]["logprobs"]["token_logprobs"].clone(),
-            );
+            let got = tokens_and_logprobs(&out);
             assert_eq!(
                 &got, want,
                 "{} {dtype} batched {}",
@@ -681,4 +672,12 @@ async fn greedy_speculation_equals_plain_decoding_in_every_dtype() {
             );
         }
     }
+}
+
+/// The first choice's tokens and their logprobs, as compared to the bit.
+fn tokens_and_logprobs(out: &Value) -> (Vec<u32>, Value) {
+    (
+        ids(&out["choices"][0]["token_ids"]),
+        out["choices"][0]["logprobs"]["token_logprobs"].clone(),
+    )
 }
