@@ -23,6 +23,16 @@ pub enum MatmulKernels {
     Candle,
 }
 
+/// Which attention path runs on the CPU (every other device takes the batched one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttentionPath {
+    /// The CPU's fused kernels over per-sequence caches.
+    Auto,
+    /// A GPU's path: the whole batch in tensor ops over a paged cache (slower on the CPU;
+    /// there to check the GPU's arithmetic where no GPU is).
+    Batched,
+}
+
 pub use crate::model::{DraftWeights, WeightDtype};
 
 /// A parser for one of the model's named choices (`--dtype`, `--speculative-draft-weights`):
@@ -176,6 +186,10 @@ pub struct Args {
     /// (candle's gemm everywhere)
     #[arg(long, env = "EXITSERVE_MATMUL", value_enum, default_value = "auto")]
     pub matmul: MatmulKernels,
+    /// Attention on the CPU: `auto` (the fused CPU kernels) or `batched` (the GPU's path: the
+    /// whole batch in tensor ops over a paged cache; slower here, for checking it)
+    #[arg(long, env = "EXITSERVE_ATTENTION", value_enum, default_value = "auto")]
+    pub attention: AttentionPath,
     /// Log format
     #[arg(long, env = "EXITSERVE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -265,6 +279,7 @@ pub struct Settings {
     pub max_body_bytes: usize,
     pub dtype: WeightDtype,
     pub matmul: MatmulKernels,
+    pub attention: AttentionPath,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
     pub speculative_draft_layer: Option<usize>,
@@ -405,6 +420,7 @@ impl Settings {
             max_body_bytes: positive("max-body-bytes", a.max_body_bytes)?,
             dtype: a.dtype,
             matmul: a.matmul,
+            attention: a.attention,
             log_format: a.log_format,
             shutdown_grace: secs("shutdown-grace", a.shutdown_grace)?,
             speculative_draft_layer: a.speculative_draft_layer,

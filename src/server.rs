@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{MatmulKernels, Settings};
+use crate::config::{AttentionPath, MatmulKernels, Settings};
 use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec};
 use crate::engine::scheduler::Budget;
 use crate::engine::{BatchConfig, Engine, EngineConfig, Limits, Validator};
@@ -86,6 +86,7 @@ pub fn build_state_with(
         dtype: s.dtype,
         device: device()?,
         skinny_kernels: s.matmul == MatmulKernels::Auto,
+        batched_attention: s.attention == AttentionPath::Batched,
     };
     // Before the model loads: a bad origin fails start-up at once.
     let cors = (!s.cors_allow_origins.is_empty())

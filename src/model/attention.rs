@@ -6,6 +6,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use rayon::prelude::*;
 
+use super::batched_attention as batched;
 use super::config::AttentionKind;
 use super::step::Segment;
 use super::weights::Proj;
@@ -73,6 +74,13 @@ impl SelfAttention {
         };
         let k = qkv.narrow(1, h, h)?;
         let v = qkv.narrow(1, 2 * h, h)?;
+        if segments
+            .first()
+            .is_some_and(|s| s.cache.paged_blocks().is_some())
+        {
+            let out = batched::attend(self.geometry(), &q, &k, &v, segments, layer)?;
+            return self.out_proj.forward(&out);
+        }
         // Sequences attend to their own caches independently: spread them over the cores.
         let mut outs = segments
             .par_iter_mut()
@@ -84,6 +92,17 @@ impl SelfAttention {
             Tensor::cat(&outs, 0)?
         };
         self.out_proj.forward(&out)
+    }
+
+    fn geometry(&self) -> batched::Geometry {
+        batched::Geometry {
+            heads: self.num_heads,
+            head_dim: self.head_dim,
+            window: match self.kind {
+                AttentionKind::Global => None,
+                AttentionKind::Local { window } => Some(window),
+            },
+        }
     }
 
     fn split_heads(&self, t: &Tensor, start: usize, len: usize) -> candle_core::Result<Tensor> {
@@ -129,38 +148,14 @@ impl SelfAttention {
         seg: &mut Segment<'_>,
         layer: usize,
     ) -> candle_core::Result<Tensor> {
-        let (start, len) = (seg.start, seg.len);
-        if q.device().is_cpu() && q.dtype() == DType::F32 {
-            return if len == 1 || seg.per_query {
-                self.attend_each_cpu(q, k, v, seg, layer)
-            } else {
-                self.attend_many_cpu(q, k, v, seg, layer)
-            };
+        if !(q.device().is_cpu() && q.dtype() == DType::F32) {
+            candle_core::bail!("the CPU attention kernels need float32 queries on the CPU");
         }
-        let offset = seg.cache.len();
-        let q = self.split_heads(q, start, len)?;
-        let (keys, values) = self.cache_step(k, v, seg, layer)?;
-        let total = offset + len;
-        let first_key = self.first_key(offset);
-        // (heads, klen, head_dim), as float32
-        let keys = keys
-            .narrow(1, first_key, total - first_key)?
-            .to_dtype(DType::F32)?;
-        let values = values
-            .narrow(1, first_key, total - first_key)?
-            .to_dtype(DType::F32)?;
-        // q carries the scale, if any.
-        let mut scores = q.matmul(&keys.t()?)?; // (heads, len, klen)
-        if len > 1 {
-            let mask = self.mask(offset, len, first_key, total, q.device())?;
-            scores = scores.broadcast_add(&mask)?;
+        if seg.len == 1 || seg.per_query {
+            self.attend_each_cpu(q, k, v, seg, layer)
+        } else {
+            self.attend_many_cpu(q, k, v, seg, layer)
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        // (heads, len, head_dim) -> (len, heads, head_dim) -> (len, hidden)
-        probs
-            .matmul(&values)?
-            .transpose(0, 1)?
-            .reshape((len, self.num_heads * self.head_dim))
     }
 
     /// One sequence's queries on the CPU, each computed as a decode step computes its one
@@ -313,34 +308,5 @@ impl SelfAttention {
             _ => candle_core::bail!("CPU attention on non-CPU tensors"),
         }
         Tensor::from_vec(out, (len, heads * hd), &Device::Cpu)
-    }
-
-    /// `(len, klen)`: 0 where query `offset+i` may see key `first_key+j`, -inf elsewhere
-    /// (causal, and within the window on local layers).
-    fn mask(
-        &self,
-        offset: usize,
-        len: usize,
-        first_key: usize,
-        total: usize,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let klen = total - first_key;
-        let mut m = vec![0f32; len * klen];
-        for i in 0..len {
-            let p = offset + i;
-            for j in 0..klen {
-                let key = first_key + j;
-                let visible = key <= p
-                    && match self.kind {
-                        AttentionKind::Global => true,
-                        AttentionKind::Local { window } => p - key < window,
-                    };
-                if !visible {
-                    m[i * klen + j] = f32::NEG_INFINITY;
-                }
-            }
-        }
-        Tensor::from_vec(m, (len, klen), device)
     }
 }

@@ -1,6 +1,12 @@
-//! Per-sequence key/value cache, one preallocated buffer per layer written in place.
+//! Per-sequence key/value cache. Two stores: on the CPU's own attention kernels, one buffer
+//! per layer written in place (`(heads, capacity, head_dim)`, what the kernels read); on the
+//! batched attention path, whole blocks of the model's shared pool (`kv_pool.rs`).
+
+use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor};
+
+use super::kv_pool::{self, KvPool};
 
 /// Keys and values of one layer: `(heads, capacity, head_dim)` buffers, the first `len` rows valid.
 #[derive(Debug, Default)]
@@ -9,18 +15,52 @@ struct LayerKv {
     v: Option<Tensor>,
 }
 
-/// The cache of one sequence. Only the layers the sequence runs through are filled: a sequence
-/// decoding from exit L never touches the layers above L.
-#[derive(Debug)]
+/// The cache of one sequence.
 pub struct KvCache {
-    layers: Vec<LayerKv>,
+    store: Store,
     /// Positions cached (the same in every layer the sequence uses).
     len: usize,
     /// Upper bound on positions (the model's `max_position_embeddings`).
     max_len: usize,
-    /// Element type of the buffers: float32, or bfloat16 to halve the cache of a model served
-    /// in bfloat16 (keys and values are rounded when written, read back as float32).
-    dtype: DType,
+}
+
+enum Store {
+    /// Own buffers. Only the layers the sequence runs through are filled: a sequence decoding
+    /// from exit L never touches the layers above L.
+    Buffers {
+        layers: Vec<LayerKv>,
+        /// Element type of the buffers: float32, or bfloat16 to halve the cache of a model
+        /// served in bfloat16 (keys and values are rounded when written, read back as float32).
+        dtype: DType,
+    },
+    Paged(PagedBlocks),
+}
+
+/// Blocks of a pool, given back when the cache goes.
+pub(super) struct PagedBlocks {
+    pub pool: Arc<KvPool>,
+    /// Block `i` holds positions `i·BLOCK ..`, in every layer.
+    pub blocks: Vec<u32>,
+}
+
+impl Drop for PagedBlocks {
+    fn drop(&mut self) {
+        self.pool.release(&self.blocks);
+    }
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let store = match &self.store {
+            Store::Buffers { dtype, .. } => format!("buffers of {dtype:?}"),
+            Store::Paged(p) => format!("{} pool blocks", p.blocks.len()),
+        };
+        f.debug_struct("KvCache")
+            .field("len", &self.len)
+            .field("max_len", &self.max_len)
+            .field("store", &store)
+            .finish()
+    }
 }
 
 /// Initial capacity, and the unit capacities are rounded to.
@@ -38,13 +78,49 @@ fn grown_capacity(capacity: usize, end: usize, max_len: usize) -> usize {
 }
 
 impl KvCache {
+    /// A cache with buffers of its own, for the CPU's attention kernels.
     pub fn new(num_layers: usize, max_len: usize, dtype: DType) -> Self {
         Self {
-            layers: (0..num_layers).map(|_| LayerKv::default()).collect(),
+            store: Store::Buffers {
+                layers: (0..num_layers).map(|_| LayerKv::default()).collect(),
+                dtype,
+            },
             len: 0,
             max_len,
-            dtype,
         }
+    }
+
+    /// A cache in blocks of `pool` (the batched attention path).
+    pub(super) fn paged(pool: Arc<KvPool>, max_len: usize) -> Self {
+        Self {
+            store: Store::Paged(PagedBlocks {
+                pool,
+                blocks: Vec::new(),
+            }),
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// The pool blocks, for a paged cache.
+    pub(super) fn paged_blocks(&self) -> Option<&PagedBlocks> {
+        match &self.store {
+            Store::Paged(p) => Some(p),
+            Store::Buffers { .. } => None,
+        }
+    }
+
+    /// Makes room for positions up to `end` before a step writes them (a paged cache takes
+    /// its blocks now, so that no layer of the step allocates; buffers grow as written).
+    pub(super) fn reserve(&mut self, end: usize) -> Result<()> {
+        if let Store::Paged(p) = &mut self.store {
+            let need = end.div_ceil(kv_pool::BLOCK);
+            if need > p.blocks.len() {
+                let more = p.pool.allocate(need - p.blocks.len())?;
+                p.blocks.extend(more);
+            }
+        }
+        Ok(())
     }
 
     /// Positions already cached: the absolute position of the next token.
@@ -58,11 +134,16 @@ impl KvCache {
 
     /// Writes `k`, `v` `(heads, n, head_dim)` for `layer` at positions `len..len+n` and returns
     /// the cached keys and values `(heads, len+n, head_dim)` (views of the buffers).
+    /// Buffers only: the batched path writes the pool (`attention.rs`).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = k.dim(1)?;
         let end = self.len + n;
-        let (max_len, dtype) = (self.max_len, self.dtype);
-        let slot = &mut self.layers[layer];
+        let max_len = self.max_len;
+        let Store::Buffers { layers, dtype } = &mut self.store else {
+            candle_core::bail!("append on a paged cache");
+        };
+        let dtype = *dtype;
+        let slot = &mut layers[layer];
         let keys = grow_and_write(&mut slot.k, &k.to_dtype(dtype)?, self.len, end, max_len)?;
         let values = grow_and_write(&mut slot.v, &v.to_dtype(dtype)?, self.len, end, max_len)?;
         Ok((keys, values))
@@ -80,23 +161,39 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    /// A deep copy (the buffers are written in place, so clones must not share storage).
+    /// A deep copy (caches are written in place, so copies must not share storage).
     pub fn fork(&self) -> Result<Self> {
         let copy = |t: &Option<Tensor>| t.as_ref().map(|t| t.copy()).transpose();
-        Ok(Self {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| {
-                    Ok(LayerKv {
-                        k: copy(&l.k)?,
-                        v: copy(&l.v)?,
+        let store = match &self.store {
+            Store::Buffers { layers, dtype } => Store::Buffers {
+                layers: layers
+                    .iter()
+                    .map(|l| {
+                        Ok(LayerKv {
+                            k: copy(&l.k)?,
+                            v: copy(&l.v)?,
+                        })
                     })
-                })
-                .collect::<Result<_>>()?,
+                    .collect::<Result<_>>()?,
+                dtype: *dtype,
+            },
+            Store::Paged(p) => {
+                let blocks = p.pool.allocate(p.blocks.len())?;
+                let copy = PagedBlocks {
+                    pool: p.pool.clone(),
+                    blocks,
+                };
+                let rows = |b: &[u32]| -> Vec<u32> {
+                    (0..self.len).map(|i| kv_pool::row_of(b, i)).collect()
+                };
+                p.pool.copy_rows(&rows(&p.blocks), &rows(&copy.blocks))?;
+                Store::Paged(copy)
+            }
+        };
+        Ok(Self {
+            store,
             len: self.len,
             max_len: self.max_len,
-            dtype: self.dtype,
         })
     }
 }
@@ -157,6 +254,28 @@ mod tests {
                 assert_eq!(values.dims(), &[1, (step + 1) * n, 1]);
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn paged_caches_take_whole_blocks_fork_by_copy_and_give_them_back() -> Result<()> {
+        let pool = KvPool::new(1, 2, DType::F32, Device::Cpu);
+        let mut a = KvCache::paged(pool.clone(), 100);
+        a.reserve(kv_pool::BLOCK + 1)?;
+        assert_eq!(a.paged_blocks().unwrap().blocks.len(), 2);
+        let (k, _) = pool.layer(0)?;
+        let row = kv_pool::row_of(&a.paged_blocks().unwrap().blocks, 3);
+        let src = Tensor::new(&[[7f32, 8.]], &Device::Cpu)?;
+        k.scatter_set(&kv_pool::row_index(&[row], 2, &Device::Cpu)?, &src, 0)?;
+        a.advance(4);
+        let b = a.fork()?;
+        let (k, _) = pool.layer(0)?;
+        let copied = kv_pool::row_of(&b.paged_blocks().unwrap().blocks, 3);
+        assert_ne!(copied, row);
+        assert_eq!(k.get(copied as usize)?.to_vec1::<f32>()?, [7., 8.]);
+        let (total, free) = pool.usage();
+        drop((a, b));
+        assert_eq!(pool.usage(), (total, free + 4));
         Ok(())
     }
 }

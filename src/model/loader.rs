@@ -22,6 +22,9 @@ pub struct LoadOptions {
     pub device: Device,
     /// Use the skinny AVX-512 matmul kernels where the CPU has them (else candle's gemm).
     pub skinny_kernels: bool,
+    /// Attention on the CPU takes the batched path over a paged cache (every other device's
+    /// path) instead of the CPU kernels.
+    pub batched_attention: bool,
 }
 
 impl Default for LoadOptions {
@@ -31,6 +34,7 @@ impl Default for LoadOptions {
             dtype: WeightDtype::F32,
             device: Device::Cpu,
             skinny_kernels: true,
+            batched_attention: false,
         }
     }
 }
@@ -65,7 +69,13 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> 
             )
         }
     };
-    let model = MultiExitModel::new(cfg, vb, opts.dtype, opts.skinny_kernels)?;
+    let model = MultiExitModel::new(
+        cfg,
+        vb,
+        opts.dtype,
+        opts.skinny_kernels,
+        opts.batched_attention,
+    )?;
     let tokenizer = TextTokenizer::from_files(&files.tokenizer)?;
     Ok(LoadedModel {
         model,

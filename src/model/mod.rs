@@ -3,8 +3,10 @@
 //! `unsafe`: the hand-written kernels are in `crate::kernels`.
 //!
 //! - `arch/`: what differs per architecture (GPT-Neo, GPT-2): config names, weight layout.
-//! - `multi_exit.rs` (the model), `block.rs`, `attention.rs`, `weights.rs` (dtypes, packed
-//!   projections), `step.rs` (a step's packed batch and its logits), `kv_cache.rs`: shared.
+//! - `multi_exit.rs` (the model), `block.rs`, `attention.rs` (the CPU kernels' path),
+//!   `batched_attention.rs` (every other device's, over the paged `kv_pool.rs`), `weights.rs`
+//!   (dtypes, packed projections), `step.rs` (a step's packed batch and its logits),
+//!   `kv_cache.rs` (a sequence's cache, in either store): shared.
 //! - `source.rs`, `safetensors_file.rs`, `finite_weights.rs`, `loader.rs`: checkpoint files.
 //! - `mode.rs` (heads, modes, the contrast), `inspect.rs`, `tokenizer.rs`.
 
@@ -12,6 +14,7 @@
 
 pub mod arch;
 mod attention;
+mod batched_attention;
 mod block;
 pub mod config;
 pub mod cost;
@@ -19,6 +22,7 @@ pub mod error;
 pub mod finite_weights;
 pub mod inspect;
 pub mod kv_cache;
+mod kv_pool;
 pub mod loader;
 pub mod mode;
 pub mod multi_exit;

@@ -10,7 +10,7 @@
 //! matrix after block L.
 
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
@@ -19,6 +19,7 @@ use super::block::Block;
 use super::config::ModelConfig;
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
+use super::kv_pool::KvPool;
 use super::mode::Head;
 use super::step::{ForwardStats, Logits, Packed, Segment, SeqStep, StepLogits};
 use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
@@ -40,6 +41,9 @@ pub struct MultiExitModel {
     wdtype: WeightDtype,
     /// What drafts read, when not the model's own weights.
     drafts: Option<DraftCopies>,
+    /// The paged store of the batched attention path; None: the CPU's attention kernels on
+    /// per-sequence buffers.
+    kv_pool: Option<Arc<KvPool>>,
     pub stats: ForwardStats,
 }
 
@@ -71,12 +75,14 @@ fn named<T>(name: &str, r: candle_core::Result<T>) -> Result<T> {
 impl MultiExitModel {
     /// Builds the model from a float32 `VarBuilder` rooted at the checkpoint's top level;
     /// projection and vocabulary weights are kept in `wdtype`, multiplied by the skinny CPU
-    /// kernels when `skinny` (and the CPU has them).
+    /// kernels when `skinny` (and the CPU has them). Attention takes the batched path on a
+    /// paged cache off the CPU, and on the CPU when `batched_attention`.
     pub fn new(
         cfg: ModelConfig,
         vb: VarBuilder,
         wdtype: WeightDtype,
         skinny: bool,
+        batched_attention: bool,
     ) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let t = vb.pp("transformer");
@@ -127,8 +133,11 @@ impl MultiExitModel {
             "transformer.ln_f",
             layer_norm(h, cfg.layer_norm_epsilon, t.pp("ln_f")),
         )?;
+        let kv_pool = (batched_attention || !device.is_cpu())
+            .then(|| KvPool::new(cfg.num_layers, h, wdtype.kv_dtype(), device.clone()));
         Ok(Self {
             device,
+            kv_pool,
             kv_dtype: wdtype.kv_dtype(),
             wdtype,
             drafts: None,
@@ -198,11 +207,16 @@ impl MultiExitModel {
     /// A cache that never grows past `positions` (what the sequence reserved), so that the
     /// engine's KV-token budget bounds the memory actually allocated.
     pub fn new_cache_for(&self, positions: usize) -> KvCache {
-        KvCache::new(
-            self.cfg.num_layers,
-            positions.min(self.cfg.max_position_embeddings),
-            self.kv_dtype,
-        )
+        let max_len = positions.min(self.cfg.max_position_embeddings);
+        match &self.kv_pool {
+            Some(pool) => KvCache::paged(pool.clone(), max_len),
+            None => KvCache::new(self.cfg.num_layers, max_len, self.kv_dtype),
+        }
+    }
+
+    /// The paged pool's blocks and free blocks, when attention takes the batched path.
+    pub fn kv_pool_usage(&self) -> Option<(usize, usize)> {
+        self.kv_pool.as_ref().map(|p| p.usage())
     }
 
     /// Bytes one cached position takes in every layer (keys and values).
@@ -283,6 +297,10 @@ impl MultiExitModel {
         let total_rows = ids.len();
         if total_rows == 0 {
             return Ok(());
+        }
+        for &i in &order {
+            let s = &mut steps[i];
+            s.cache.reserve(s.cache.len() + s.tokens.len())?;
         }
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         // (rows, hidden)

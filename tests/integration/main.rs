@@ -1,5 +1,5 @@
 //! The integration tests, in one binary: each test binary links all of candle, so one binary
-//! instead of fourteen builds and links faster and takes a fraction of the disk. Each file is
+//! instead of fifteen builds and links faster and takes a fraction of the disk. Each file is
 //! a concern; `tests/common` holds what they share (fixtures, the test server, clients).
 
 #[path = "../common/mod.rs"]
@@ -15,6 +15,7 @@ mod batching;
 mod deploy;
 mod docs;
 mod evaluation;
+mod gpu_path;
 mod hardening;
 mod http_api;
 mod hub;

@@ -1,6 +1,7 @@
 //! Parity with the reference implementation on the tiny fixture checkpoints of both
 //! architectures (GPT-Neo, GPT-2): every mode, both checkpoint formats, single and batched,
-//! with our kernels and with candle's matmul, in every dtype.
+//! with our kernels and with candle's matmul, with the CPU's attention kernels and with the
+//! batched attention path a GPU takes, in every dtype.
 
 use crate::common;
 
@@ -8,7 +9,7 @@ use std::path::Path;
 
 use common::{all_head_logits, Case, Fixture, ARCHS, FIXTURE};
 use exitserve::model::{
-    self, ContrastParams, Head, LoadOptions, LoadedModel, Mode, SeqStep, Upper,
+    self, ContrastParams, Head, LoadOptions, LoadedModel, Logits, Mode, SeqStep, Upper,
 };
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -159,6 +160,136 @@ fn candle_gemm_path_matches_reference_in_every_mode() {
     };
     for f in ARCHS {
         check_all_cases_alone(f, &model::load(f.dir().to_str().unwrap(), &opts).unwrap());
+    }
+}
+
+/// The path a GPU takes, on the CPU: candle's matmul, batched attention over a paged cache.
+fn gpu_path(dtype: model::WeightDtype) -> LoadOptions {
+    LoadOptions {
+        dtype,
+        skinny_kernels: false,
+        batched_attention: true,
+        ..LoadOptions::default()
+    }
+}
+
+#[test]
+fn batched_attention_path_matches_reference_in_every_mode_alone_and_batched() {
+    for f in ARCHS {
+        let m = model::load(
+            f.dir().to_str().unwrap(),
+            &gpu_path(model::WeightDtype::F32),
+        )
+        .unwrap();
+        check_all_cases_alone(f, &m);
+        let r = f.reference();
+        let batch: Vec<(Mode, Vec<u32>)> = r
+            .cases
+            .iter()
+            .map(|c| (parse_mode(&c.mode), c.prompt_ids.clone()))
+            .collect();
+        for (case, (ids, scores)) in r.cases.iter().zip(&greedy_batch(&m, &batch, 24)) {
+            check_case(case, ids, scores);
+        }
+        let (blocks, free) = m.model.kv_pool_usage().expect("a paged cache");
+        assert_eq!(free, blocks, "every block back once the caches are gone");
+    }
+}
+
+/// Every logits row of a schedule that mixes what a step can hold: prompts in chunks, decode
+/// steps, sequences leaving at an exit, prompt logprobs at every position, a forked cache.
+fn mixed_schedule(m: &LoadedModel) -> Vec<Vec<Logits>> {
+    let n = m.model.config().num_layers;
+    let exit = m.model.config().exit_layers[0];
+    let mut caches: Vec<_> = (0..4).map(|_| m.model.new_cache()).collect();
+    let prompts: [&[u32]; 4] = [
+        &[464, 3139, 286, 4881, 318, 6342, 13, 198, 40, 11, 5, 99, 7],
+        &[1, 2, 3],
+        &[50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150, 160],
+        &[9, 8, 7, 6, 5, 4, 3],
+    ];
+    let depths = [n, n, exit, n];
+    let heads = [
+        vec![Head::Original],
+        vec![Head::Original, Head::Exit(exit)],
+        vec![Head::Exit(exit)],
+        vec![Head::Exit(exit), Head::Original],
+    ];
+    let mut out = Vec::new();
+    let mut run = |caches: &mut [model::KvCache], inputs: &[&[u32]], all: [bool; 4]| {
+        let mut batch: Vec<SeqStep> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| !inputs[*i].is_empty())
+            .map(|(i, cache)| SeqStep {
+                tokens: inputs[i],
+                cache,
+                depth: depths[i],
+                heads: &heads[i],
+                all_positions: all[i],
+                draft: false,
+                verify: false,
+            })
+            .collect();
+        out.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
+    };
+    // prompt chunks of different lengths, one sequence still waiting
+    run(
+        &mut caches,
+        &[&prompts[0][..5], prompts[1], &prompts[2][..7], &[]],
+        [false, true, false, false],
+    );
+    run(
+        &mut caches,
+        &[&prompts[0][5..], &[17], &prompts[2][7..], prompts[3]],
+        [true, false, false, true],
+    );
+    let fork = caches[1].fork().unwrap();
+    caches.push(fork);
+    for step in 0..9u32 {
+        let t = [[300 + step], [400 + step], [500 + step], [600 + step]];
+        run(&mut caches[..4], &[&t[0], &t[1], &t[2], &t[3]], [false; 4]);
+    }
+    // the fork goes on from where its original was when copied
+    run(
+        &mut caches[4..],
+        &[&[17, 18, 19]],
+        [true, false, false, false],
+    );
+    out
+}
+
+#[test]
+fn batched_attention_equals_the_cpu_kernels_on_a_mixed_schedule() {
+    for f in ARCHS {
+        for (dtype, tolerance) in [
+            (model::WeightDtype::F32, 1e-4),
+            (model::WeightDtype::Bf16, 5e-2),
+        ] {
+            let path = |batched_attention| LoadOptions {
+                batched_attention,
+                ..gpu_path(dtype)
+            };
+            let load = |o| model::load(f.dir().to_str().unwrap(), &o).unwrap();
+            let want = mixed_schedule(&load(path(false)));
+            let got = mixed_schedule(&load(path(true)));
+            assert_eq!(want.len(), got.len());
+            let mut rows = 0;
+            for (w, g) in want.iter().flatten().zip(got.iter().flatten()) {
+                assert_eq!(w.rows(), g.rows());
+                for r in 0..w.rows() {
+                    let worst = w
+                        .row(r)
+                        .iter()
+                        .zip(g.row(r))
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(worst < tolerance, "{} {dtype:?}: {worst}", f.name);
+                    rows += 1;
+                }
+            }
+            assert!(rows > 50, "{rows} rows compared");
+        }
     }
 }
 

@@ -1,0 +1,183 @@
+//! The paged key/value store of the batched attention path (every device but the CPU's own
+//! kernels): per layer one keys and one values matrix of `(blocks × BLOCK, hidden)` rows, shared
+//! by every sequence of the model. A sequence owns whole blocks (its `KvCache` lists them), so
+//! the keys of any set of sequences are one `index_select` away and a step's new keys and
+//! values are written with one scatter per layer, however many sequences the step holds.
+//!
+//! Blocks are handed out from a free list; when it runs dry the matrices grow (doubling), which
+//! copies them once. Nothing shrinks: the engine's KV budget bounds what sequences reserve, so
+//! the pool stays within the budget plus a block of slack per sequence.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Positions per block: small enough that a short sequence wastes little, large enough that
+/// block tables stay short.
+pub const BLOCK: usize = 16;
+
+/// Blocks the pool starts with.
+const FIRST_BLOCKS: usize = 64;
+
+pub struct KvPool {
+    layers: usize,
+    width: usize,
+    dtype: DType,
+    device: Device,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    /// Per layer `(blocks × BLOCK, width)`; empty until the first allocation.
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    blocks: usize,
+    free: Vec<u32>,
+}
+
+impl KvPool {
+    /// A pool for `layers` layers of `width` (= hidden) floats per position, stored as `dtype`.
+    pub fn new(layers: usize, width: usize, dtype: DType, device: Device) -> Arc<Self> {
+        Arc::new(Self {
+            layers,
+            width,
+            dtype,
+            device,
+            inner: Mutex::new(Inner {
+                keys: Vec::new(),
+                values: Vec::new(),
+                blocks: 0,
+                free: Vec::new(),
+            }),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind: keep using it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `n` free blocks, growing the pool if it has fewer.
+    pub fn allocate(&self, n: usize) -> Result<Vec<u32>> {
+        let mut inner = self.lock();
+        if inner.free.len() < n {
+            let want = inner.blocks + n - inner.free.len();
+            let blocks = want.max(2 * inner.blocks).max(FIRST_BLOCKS);
+            self.grow(&mut inner, blocks)?;
+        }
+        let at = inner.free.len() - n;
+        Ok(inner.free.split_off(at))
+    }
+
+    fn grow(&self, inner: &mut Inner, blocks: usize) -> Result<()> {
+        let rows = blocks * BLOCK;
+        let grown = |old: Option<&Tensor>| -> Result<Tensor> {
+            let fresh = Tensor::zeros((rows, self.width), self.dtype, &self.device)?;
+            if let Some(old) = old {
+                fresh.slice_set(old, 0, 0)?;
+            }
+            Ok(fresh)
+        };
+        let keys = (0..self.layers)
+            .map(|l| grown(inner.keys.get(l)))
+            .collect::<Result<Vec<_>>>()?;
+        let values = (0..self.layers)
+            .map(|l| grown(inner.values.get(l)))
+            .collect::<Result<Vec<_>>>()?;
+        // Highest first, so that allocations pop the lowest blocks.
+        inner
+            .free
+            .extend((inner.blocks as u32..blocks as u32).rev());
+        (inner.keys, inner.values, inner.blocks) = (keys, values, blocks);
+        Ok(())
+    }
+
+    pub fn release(&self, blocks: &[u32]) {
+        self.lock().free.extend_from_slice(blocks);
+    }
+
+    /// Layer `layer`'s keys and values matrices (handles to the pool's storage: writes
+    /// through them land in the pool).
+    pub fn layer(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        let inner = self.lock();
+        match (inner.keys.get(layer), inner.values.get(layer)) {
+            (Some(k), Some(v)) => Ok((k.clone(), v.clone())),
+            _ => candle_core::bail!("the KV pool holds no blocks yet"),
+        }
+    }
+
+    /// Copies rows `from` onto rows `to` in every layer (a fork's copy of a cache).
+    pub fn copy_rows(&self, from: &[u32], to: &[u32]) -> Result<()> {
+        if from.is_empty() {
+            return Ok(());
+        }
+        let from = Tensor::new(from, &self.device)?;
+        let to = row_index(to, self.width, &self.device)?;
+        let inner = self.lock();
+        for m in inner.keys.iter().chain(&inner.values) {
+            m.scatter_set(&to, &m.index_select(&from, 0)?, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Blocks in the pool and blocks free (tests, metrics).
+    pub fn usage(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.blocks, inner.free.len())
+    }
+}
+
+/// The row of position `p` of a cache whose blocks are `blocks`.
+pub fn row_of(blocks: &[u32], p: usize) -> u32 {
+    blocks[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32
+}
+
+/// A scatter index writing source row i to pool row `rows[i]`: `(rows, width)`, each row's
+/// number repeated across its columns (what `scatter_set` along dim 0 reads).
+pub fn row_index(rows: &[u32], width: usize, device: &Device) -> Result<Tensor> {
+    Tensor::new(rows, device)?
+        .reshape((rows.len(), 1))?
+        .broadcast_as((rows.len(), width))?
+        .contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_reused_and_the_pool_grows_keeping_what_it_holds() -> Result<()> {
+        let pool = KvPool::new(2, 3, DType::F32, Device::Cpu);
+        let a = pool.allocate(2)?;
+        assert_eq!(a.len(), 2);
+        assert_eq!(pool.usage(), (FIRST_BLOCKS, FIRST_BLOCKS - 2));
+        // write a row of layer 1's values, then grow past the first blocks
+        let (_, v) = pool.layer(1)?;
+        let row = row_of(&a, 5);
+        v.scatter_set(
+            &row_index(&[row], 3, &Device::Cpu)?,
+            &Tensor::new(&[[1f32, 2., 3.]], &Device::Cpu)?,
+            0,
+        )?;
+        let b = pool.allocate(FIRST_BLOCKS)?;
+        assert!(b.iter().all(|x| !a.contains(x)));
+        assert_eq!(pool.usage(), (2 * FIRST_BLOCKS, FIRST_BLOCKS - 2));
+        let (_, v) = pool.layer(1)?;
+        assert_eq!(v.get(row as usize)?.to_vec1::<f32>()?, [1., 2., 3.]);
+        // a copy lands in every layer; released blocks come back
+        pool.copy_rows(&[row], &[row_of(&b, 0)])?;
+        let (_, v) = pool.layer(1)?;
+        assert_eq!(
+            v.get(row_of(&b, 0) as usize)?.to_vec1::<f32>()?,
+            [1., 2., 3.]
+        );
+        pool.release(&a);
+        pool.release(&b);
+        assert_eq!(pool.usage(), (2 * FIRST_BLOCKS, 2 * FIRST_BLOCKS));
+        Ok(())
+    }
+}
