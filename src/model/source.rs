@@ -318,10 +318,15 @@ mod tests {
         let st = resolve_local(&root.join("tiny-gpt-neo-multiexit"))?;
         assert!(matches!(st.weights, WeightFiles::Safetensors(ref v) if v.len() == 1));
         assert!(matches!(st.tokenizer, TokenizerFiles::Json(_)));
-        let bin = resolve(
-            root.join("tiny-gpt-neo-multiexit-bin").to_str().unwrap(),
-            None,
-        )?;
+        // the legacy layout (the fixture's .bin is rebuilt by the integration tests; the file
+        // plan only looks at names)
+        let dir = std::env::temp_dir().join(format!("exitserve-legacy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [CONFIG_FILE, PTH, VOCAB, MERGES] {
+            std::fs::write(dir.join(name), b"").unwrap();
+        }
+        let bin = resolve(dir.to_str().unwrap(), None)?;
+        std::fs::remove_dir_all(&dir).ok();
         assert!(matches!(bin.weights, WeightFiles::Pth(_)));
         assert!(matches!(bin.tokenizer, TokenizerFiles::VocabMerges { .. }));
         Ok(())

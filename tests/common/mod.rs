@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod hub;
+pub mod pth;
 pub mod server;
 
 use std::path::PathBuf;
@@ -64,8 +65,11 @@ impl Fixture {
         fixture_dir(self.name)
     }
 
+    /// The legacy-format folder, its `pytorch_model.bin` rebuilt if missing (`pth.rs`).
     pub fn bin_dir(&self) -> PathBuf {
-        fixture_dir(self.bin)
+        let dir = fixture_dir(self.bin);
+        pth::ensure(&dir);
+        dir
     }
 
     pub fn reference(&self) -> Reference {

@@ -17,7 +17,11 @@ fn scratch(name: &str, from: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("exitserve-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture_dir(from)).unwrap() {
+    let src = fixture_dir(from);
+    if src.join("pytorch_model.bin.recipe.json").exists() {
+        common::pth::ensure(&src);
+    }
+    for entry in std::fs::read_dir(src).unwrap() {
         let p = entry.unwrap().path();
         std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
     }
