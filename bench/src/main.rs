@@ -117,6 +117,20 @@ pub struct Args {
     pub peer_gguf: PathBuf,
 }
 
+/// The repository the bench reads (fixtures, reference scripts) and writes results into:
+/// `EXITSERVE_REPO`, else where this bench was built (a binary carried to another machine,
+/// as the GPU check does, names the copy it runs in).
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("EXITSERVE_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("bench/ is inside the repository")
+                .to_path_buf()
+        })
+}
+
 fn main() {
     let mut args = Args::parse();
     if args.kernels {
@@ -132,9 +146,7 @@ fn main() {
         return;
     }
     // The repository: the fixtures' tokenizer goes into the random checkpoints.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("bench/ is inside the repository");
+    let root = &repo_root();
     let shape = Shape::of(args.arch);
     let name = match args.arch {
         Arch::GptNeo => "gpt-neo-125m",
@@ -203,7 +215,10 @@ fn main() {
             _ => f32_bytes / 2,
         };
         eprintln!("exitserve {dtype}:");
-        let run = match Server::exitserve(&server_bin, &data, dtype) {
+        // room in the batch for the most concurrent streams timed
+        let batch = args.concurrency.iter().copied().max().unwrap_or(1).max(32);
+        let flags = ["--max-batch-size", &batch.to_string()];
+        let run = match Server::exitserve_with(&server_bin, &data, dtype, &flags) {
             Ok(server) => {
                 let mut run = bench.serve(&server, dtype, &modes);
                 if args.scoring_prompts > 0 {

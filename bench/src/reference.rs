@@ -15,7 +15,7 @@ pub fn run_reference_scoring(python: &Path, args: &Args) -> Value {
     let file = std::env::temp_dir().join(format!("exitserve-scoring-{}.json", std::process::id()));
     let prompts = scoring_prompts(args.scoring_prompts, args.scoring_len);
     std::fs::write(&file, serde_json::to_string(&prompts).unwrap()).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("reference/ref_scoring.py");
+    let script = crate::repo_root().join("bench/reference/ref_scoring.py");
     let mut out = serde_json::Map::new();
     for mode in ["original", "contrast"] {
         eprintln!("reference scoring {mode} ...");
@@ -42,7 +42,7 @@ pub fn run_reference(python: &Path, args: &Args) -> Value {
     ] {
         eprintln!("reference {key} ...");
         let mut cmd = Command::new(python);
-        let default_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("reference/ref_bench.py");
+        let default_script = crate::repo_root().join("bench/reference/ref_bench.py");
         cmd.arg(args.reference_script.as_ref().unwrap_or(&default_script))
             .arg(args.data.as_ref().expect("set in main"))
             .args([

@@ -1,7 +1,7 @@
 //! The report: the machine's name, the printed table, and the results file, written under
 //! `bench/results/DATE-MACHINE-SHAPE[-WHAT].json` and never overwritten.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::Value;
 
@@ -112,7 +112,7 @@ pub fn print_table(r: &Value, modes: &[BenchMode]) {
 /// `results/DATE-MACHINE-NAME.json` beside this crate (DATE in UTC, MACHINE the CPU's name and
 /// thread count); a name already taken gets `-2`, `-3`, ... : results are never overwritten.
 pub fn results_path(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    let dir = crate::repo_root().join("bench/results");
     let stem = format!("{}-{}-{name}", today(), slug(&machine()));
     (1..)
         .map(|i| match i {

@@ -22,12 +22,8 @@ fn free_port() -> u16 {
 }
 
 impl Server {
-    /// exitserve on `model` (e.g. int8 on a CPU without the kernels exits at start).
-    pub fn exitserve(bin: &Path, model: &Path, dtype: &str) -> Result<Self, String> {
-        Self::exitserve_with(bin, model, dtype, &[])
-    }
-
-    /// exitserve with `flags` besides the bench's own.
+    /// exitserve on `model` with `flags` besides the bench's own (e.g. int8 on a CPU without
+    /// the kernels exits at start).
     pub fn exitserve_with(
         bin: &Path,
         model: &Path,
@@ -36,9 +32,12 @@ impl Server {
     ) -> Result<Self, String> {
         let port = free_port();
         let mut cmd = Command::new(bin);
+        if !flags.contains(&"--max-batch-size") {
+            cmd.args(["--max-batch-size", "32"]);
+        }
         cmd.args(["--model", model.to_str().unwrap(), "--dtype", dtype])
             .args(["--port", &port.to_string()])
-            .args(["--max-batch-size", "32", "--served-model-name", "bench"])
+            .args(["--served-model-name", "bench"])
             .args(flags)
             .env("RUST_LOG", "warn");
         Self::start(

@@ -1,0 +1,91 @@
+"""Parity of a server binary with the reference on one tiny fixture, through HTTP: every
+reference case (prompt x mode) greedily, one at a time and then all at once, greedy ids
+compared with the reference's and first-step top-5 logprobs within 1e-3. Standard library
+only (it runs on the GPU machine, which has no network). Prints one JSON line per pass.
+
+    python3 bench/gpu/parity.py SERVER_BINARY tests/fixtures/tiny-gpt2-multiexit --dtype bf16
+"""
+import argparse, concurrent.futures, json, os, socket, subprocess, sys, time, urllib.request
+
+ap = argparse.ArgumentParser()
+ap.add_argument("server")
+ap.add_argument("fixture")
+ap.add_argument("--dtype", default="f32")
+ap.add_argument("--flags", default="", help="more server flags, space-separated")
+a = ap.parse_args()
+
+name = os.path.basename(a.fixture.rstrip("/"))
+reference = json.load(open(a.fixture.rstrip("/") + ".reference.json"))
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+proc = subprocess.Popen([a.server, "--model", a.fixture, "--dtype", a.dtype, "--port", str(port),
+                         "--max-batch-size", "128", *a.flags.split()],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+base = f"http://127.0.0.1:{port}"
+
+
+def post(body, route="/v1/completions"):
+    req = urllib.request.Request(base + route, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)
+
+
+texts = {}  # token id -> its text, the key of `top_logprobs`
+
+
+def text(tid):
+    if tid not in texts:
+        texts[tid] = post({"tokens": [tid]}, "/detokenize")["prompt"]
+    return texts[tid]
+
+
+def multi_exit(mode):
+    if mode == "original":
+        return {"mode": "original"}
+    if mode.startswith("exit:"):
+        return {"mode": "exit", "layer": int(mode[5:])}
+    upper, lower = mode[len("contrast:"):].split(",")
+    return {"mode": "contrast", "upper": upper if upper == "original" else int(upper),
+            "lower": int(lower)}
+
+
+def run(case):
+    out = post({"model": name, "prompt": case["prompt_ids"], "max_tokens": len(case["greedy_ids"]),
+                "temperature": 0, "ignore_eos": True, "return_token_ids": True, "logprobs": 5,
+                "multi_exit": multi_exit(case["mode"])})
+    choice = out["choices"][0]
+    same_ids = choice["token_ids"] == case["greedy_ids"]
+    # first step: the reference's top-5 (token id, score) against the response's top logprobs
+    # (keyed by token text; a token missing from them counts as a difference of 1)
+    top = choice["logprobs"]["top_logprobs"][0] or {}
+    worst = max(abs(top[text(t)] - want) if text(t) in top else 1.0 for t, want in case["top5"][0])
+    return same_ids, worst
+
+
+try:
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                sys.exit(f"server did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+    cases = reference["cases"]
+    for label in ["alone", "all_at_once"]:
+        t = time.time()
+        if label == "alone":
+            results = [run(c) for c in cases]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+                results = list(pool.map(run, cases))
+        print(json.dumps({"fixture": name, "dtype": a.dtype, "flags": a.flags, "pass": label,
+                          "cases": len(cases), "greedy_equal": sum(r[0] for r in results),
+                          "worst_top5_logprob_diff": round(max(r[1] for r in results), 6),
+                          "seconds": round(time.time() - t, 2)}), flush=True)
+finally:
+    proc.terminate()
+    proc.wait(timeout=30)
