@@ -135,6 +135,7 @@ pub fn build_state_with(
         vocab_size: cfg.vocab_size,
         exit_layers: cfg.exit_layers.clone(),
         num_layers: cfg.num_layers,
+        tied_head: loaded.model.has_tied_head(),
         default_mode: model::Mode::Original,
         request_timeout: s.request_timeout,
         budget,

@@ -6,6 +6,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::stop::StopSet;
+use crate::model::mode::DolaLayers;
 use crate::model::{ContrastParams, Mode, Upper};
 
 /// What a request asked for: the exit that drafts and the most tokens it drafts per round.
@@ -91,6 +92,18 @@ pub enum ModeSpec {
         alpha: Option<f64>,
         minimum_candidates: Option<i64>,
     },
+    Dola {
+        layers: Option<DolaLayersSpec>,
+        premature: Option<String>,
+        relative_top: Option<f64>,
+    },
+}
+
+/// DoLa's `layers`, unvalidated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DolaLayersSpec {
+    Named(String),
+    List(Vec<i64>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +119,7 @@ impl ModeSpec {
             ModeSpec::Original => 0,
             ModeSpec::Exit { .. } => 1,
             ModeSpec::Contrast { .. } => 2,
+            ModeSpec::Dola { .. } => 3,
         }]
     }
 }
@@ -126,6 +140,17 @@ impl From<Mode> for ModeSpec {
                 lower: Some(c.lower as i64),
                 alpha: Some(c.alpha as f64),
                 minimum_candidates: Some(c.minimum_candidates as i64),
+            },
+            Mode::Dola(d) => ModeSpec::Dola {
+                layers: Some(match d.layers {
+                    DolaLayers::Low => DolaLayersSpec::Named("low".into()),
+                    DolaLayers::High => DolaLayersSpec::Named("high".into()),
+                    DolaLayers::List(l) => {
+                        DolaLayersSpec::List(l.iter().map(|l| l as i64).collect())
+                    }
+                }),
+                premature: Some(d.premature.name().into()),
+                relative_top: Some(d.relative_top as f64),
             },
         }
     }

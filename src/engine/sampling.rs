@@ -1,7 +1,7 @@
 //! Per-sequence token choice: logit bias, penalties, temperature, top-k, top-p, seeded RNG.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::request::SamplingParams;
 use crate::kernels::fastmath::{self, exp_neg};
@@ -17,8 +17,11 @@ pub struct Sampler {
     seed: u64,
     /// Tokens generated so far: the position of the next one.
     position: u64,
-    /// Occurrences of each generated token, for presence/frequency/repetition penalties.
+    /// Occurrences of each generated token, for the presence and frequency penalties.
     counts: HashMap<u32, u32>,
+    /// Every token of the prompt and of the text generated so far: what the repetition
+    /// penalty pushes down (as transformers and vLLM do); empty when it is off.
+    repeated: HashSet<u32>,
 }
 
 impl Sampler {
@@ -33,13 +36,24 @@ impl Sampler {
             seed,
             position: 0,
             counts: HashMap::new(),
+            repeated: HashSet::new(),
         }
     }
 
-    /// Records a token the sequence produced (penalties apply to generated tokens); the
-    /// next choice is the next position's.
+    /// The prompt the sequence continues: its tokens count for the repetition penalty.
+    pub fn with_prompt(mut self, prompt: &[u32]) -> Self {
+        if self.params.repetition_penalty != 1.0 {
+            self.repeated.extend(prompt);
+        }
+        self
+    }
+
+    /// Records a token the sequence produced; the next choice is the next position's.
     pub fn observe(&mut self, id: u32) {
         *self.counts.entry(id).or_default() += 1;
+        if self.params.repetition_penalty != 1.0 {
+            self.repeated.insert(id);
+        }
         self.position += 1;
     }
 
@@ -63,6 +77,17 @@ impl Sampler {
         self.distribution_of_edited(&scores).pick(u)
     }
 
+    /// What a token chosen from `scores` is reported with: the log-distribution it is drawn
+    /// from before temperature, top-k and top-p, i.e. the mode's scores after the logit bias
+    /// and the penalties, normalised (`scores` itself when nothing edits them and they are
+    /// already the mode's log-distribution).
+    pub fn reported<'s>(&self, scores: &'s [f32], scores_are_logprobs: bool) -> Cow<'s, [f32]> {
+        match self.edited(scores) {
+            Cow::Borrowed(s) if scores_are_logprobs => Cow::Borrowed(s),
+            edited => Cow::Owned(crate::model::mode::log_softmax(&edited)),
+        }
+    }
+
     /// The uniform number in [0, 1) of position `t`: SplitMix64 of (seed, t), a counter-based
     /// generator (the numbers of a position never depend on the draws before it).
     fn uniform_at(&self, t: u64) -> f64 {
@@ -84,28 +109,30 @@ impl Sampler {
     fn edited<'s>(&self, scores: &'s [f32]) -> Cow<'s, [f32]> {
         let p = &self.params;
         let needs_edit = !p.logit_bias.is_empty()
+            || !self.repeated.is_empty()
             || (!self.counts.is_empty()
-                && (p.presence_penalty != 0.0
-                    || p.frequency_penalty != 0.0
-                    || p.repetition_penalty != 1.0));
+                && (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0));
         if !needs_edit {
             return Cow::Borrowed(scores);
         }
         let mut s = scores.to_vec();
+        // vLLM's order: the bias, then the penalties.
         for &(id, bias) in &p.logit_bias {
             s[id as usize] += bias;
         }
-        for (&id, &count) in &self.counts {
+        // HF's repetition penalty: push the score away from likely.
+        for &id in &self.repeated {
             let x = &mut s[id as usize];
-            // HF's repetition penalty: push the score away from likely.
-            if p.repetition_penalty != 1.0 {
-                *x = if *x > 0.0 {
-                    *x / p.repetition_penalty
-                } else {
-                    *x * p.repetition_penalty
-                };
+            *x = if *x > 0.0 {
+                *x / p.repetition_penalty
+            } else {
+                *x * p.repetition_penalty
+            };
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&id, &count) in &self.counts {
+                s[id as usize] -= p.frequency_penalty * count as f32 + p.presence_penalty;
             }
-            *x -= p.frequency_penalty * count as f32 + p.presence_penalty;
         }
         Cow::Owned(s)
     }

@@ -127,14 +127,22 @@ impl Sequence {
         tok: &TextTokenizer,
         eos: Option<u32>,
     ) -> Outcome {
-        let (max_tokens, logprobs, ignore_eos) = {
+        let (max_tokens, logprobs, ignore_eos, normalized) = {
             let r = self.request.borrow();
-            (r.req.max_tokens, r.req.logprobs, r.req.ignore_eos)
+            let normalized = r.req.mode.scores_are_logprobs();
+            (
+                r.req.max_tokens,
+                r.req.logprobs,
+                r.req.ignore_eos,
+                normalized,
+            )
         };
+        // before the token joins what the penalties see
+        let reported = self.sampler.reported(scores, normalized);
         self.generated += 1;
         self.sampler.observe(id);
-        self.cumulative_logprob += scores[id as usize] as f64;
-        let logprob = logprobs.map(|k| token_logprob(id, scores, k, tok));
+        self.cumulative_logprob += reported[id as usize] as f64;
+        let logprob = logprobs.map(|k| token_logprob(id, &reported, k, tok));
         let is_eos = !ignore_eos && Some(id) == eos;
         let mut text = String::new();
         let mut stopped = false;
@@ -175,11 +183,13 @@ impl Sequence {
     }
 }
 
-/// The chosen token's logprob and the `k` best alternatives in `scores`.
+/// The chosen token's logprob and the `k` best alternatives in `scores` (a log-distribution;
+/// tokens it rules out, at -inf, are no alternatives).
 pub fn token_logprob(id: u32, scores: &[f32], k: usize, tok: &TextTokenizer) -> TokenLogprob {
     let text = |id: u32| tok.decode(&[id]).unwrap_or_default();
     let top = top_k(scores, k)
         .into_iter()
+        .filter(|&i| scores[i as usize].is_finite())
         .map(|i| (i, text(i), scores[i as usize]))
         .collect();
     TokenLogprob {

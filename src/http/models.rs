@@ -1,10 +1,11 @@
 //! The model ids this server answers to. `NAME` is the served model in the server's default
-//! mode; `NAME:original`, `NAME:exit-L` and `NAME:contrast-U-L` (`U` a layer or `original`)
-//! pick a mode, as do the operator's presets (`NAME:<preset>`). A client that can only set
+//! mode; `NAME:original`, `NAME:exit-L`, `NAME:contrast-U-L` (`U` a layer or `original`) and
+//! `NAME:dola-low`, `NAME:dola-high`, `NAME:dola-L-L-...` pick a mode, as do the operator's presets (`NAME:<preset>`). A client that can only set
 //! `model` (lm-eval, LangChain, any plain OpenAI client) can so choose any mode.
 
 use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec};
 use crate::engine::Validator;
+use crate::model::mode::{DolaLayers, DolaParams, Layers};
 use crate::model::{Mode, Upper};
 
 use super::error::ApiError;
@@ -39,7 +40,7 @@ impl ModelIds {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
             if !ok_chars || Mode::is_reserved_id_suffix(name) {
                 return Err(format!(
-                    "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and not a built-in mode (original, exit-L, contrast-U-L)"
+                    "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and not a built-in mode (original, exit-L, contrast-U-L, dola-...)"
                 ));
             }
             if resolved.iter().any(|p| p.name == *name) {
@@ -120,6 +121,20 @@ impl ModelIds {
                 .filter(|&&l| l < limits.num_layers)
                 .map(|&l| contrast(Upper::Original, l)),
         );
+        // DoLa: the lower and upper halves, and every exit below the top, where they are exits
+        let below_top: Vec<usize> = exits
+            .iter()
+            .copied()
+            .filter(|&l| l < limits.num_layers)
+            .collect();
+        let mut dola = vec![DolaLayers::Low, DolaLayers::High];
+        if let Some(set) = Layers::from_list(below_top).filter(|s| !s.is_empty()) {
+            dola.push(DolaLayers::List(set));
+        }
+        modes.extend(dola.into_iter().filter_map(|layers| {
+            let asked = Mode::Dola(DolaParams::new(layers));
+            self.validator.mode(&asked.into()).ok()
+        }));
         let mut out = vec![(self.base.clone(), None)];
         for m in modes {
             if let Some(s) = m.id_suffix() {
@@ -148,7 +163,7 @@ impl ModelIds {
         let exits = &self.validator.limits().exit_layers;
         let b = &self.base;
         let mut s = format!(
-            "`{b}`, `{b}:original`, `{b}:exit-L` or `{b}:contrast-U-L` (L an exit layer {exits:?}, U a higher exit or `original`)"
+            "`{b}`, `{b}:original`, `{b}:exit-L`, `{b}:contrast-U-L` (L an exit layer {exits:?}, U a higher exit or `original`) or `{b}:dola-low`, `{b}:dola-high`, `{b}:dola-L-L` (DoLa over those exits)"
         );
         if !self.presets.is_empty() {
             let names: Vec<String> = self

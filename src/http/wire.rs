@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::request::{ModeSpec, PromptInput, SpeculativeRequest, UpperSpec};
+use crate::engine::request::{
+    DolaLayersSpec, ModeSpec, PromptInput, SpeculativeRequest, UpperSpec,
+};
 use crate::engine::GenerateRequest;
 use crate::model::{Mode, Upper};
 
@@ -53,6 +55,32 @@ pub enum MultiExitWire {
         alpha: Option<f64>,
         minimum_candidates: Option<i64>,
     },
+    Dola {
+        /// `"low"`, `"high"` or a list of layers (read in `dola_layers`, so that anything
+        /// else gets an error naming the field).
+        layers: Option<serde_json::Value>,
+        premature: Option<String>,
+        relative_top: Option<f64>,
+    },
+}
+
+/// DoLa's `layers` as sent: a name or a list of layer numbers.
+fn dola_layers(v: serde_json::Value) -> Result<DolaLayersSpec, super::ApiError> {
+    let list =
+        |a: &Vec<serde_json::Value>| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>();
+    match &v {
+        serde_json::Value::String(n) => Some(DolaLayersSpec::Named(n.clone())),
+        serde_json::Value::Array(a) => list(a).map(DolaLayersSpec::List),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        super::ApiError::bad(
+            Some("multi_exit.layers"),
+            format!(
+                "`multi_exit.layers` must be \"low\", \"high\" or a list of layer numbers, got {v}"
+            ),
+        )
+    })
 }
 
 /// Unknown fields are rejected (400 naming the field), as OpenAI does.
@@ -192,6 +220,15 @@ impl CompletionRequest {
                 alpha,
                 minimum_candidates,
             )?),
+            Some(MultiExitWire::Dola {
+                layers,
+                premature,
+                relative_top,
+            }) => Some(ModeSpec::Dola {
+                layers: layers.map(dola_layers).transpose()?,
+                premature,
+                relative_top,
+            }),
         };
         Ok(GenerateRequest {
             prompts,
@@ -250,6 +287,13 @@ pub struct MultiExitOut {
     pub alpha: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub minimum_candidates: Option<usize>,
+    /// DoLa: the candidate layers, resolved (what "low" or "high" meant for this model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<usize>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub premature: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relative_top: Option<f64>,
 }
 
 impl From<&Mode> for MultiExitOut {
@@ -261,6 +305,9 @@ impl From<&Mode> for MultiExitOut {
             lower: None,
             alpha: None,
             minimum_candidates: None,
+            layers: None,
+            premature: None,
+            relative_top: None,
         };
         match *m {
             Mode::Original => {}
@@ -273,6 +320,11 @@ impl From<&Mode> for MultiExitOut {
                 out.lower = Some(c.lower);
                 out.alpha = c.alpha.to_string().parse().ok();
                 out.minimum_candidates = Some(c.minimum_candidates);
+            }
+            Mode::Dola(d) => {
+                out.layers = Some(d.candidates.iter().collect());
+                out.premature = Some(d.premature.name());
+                out.relative_top = d.relative_top.to_string().parse().ok();
             }
         }
         out

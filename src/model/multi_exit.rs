@@ -224,10 +224,15 @@ impl MultiExitModel {
         2 * self.cfg.num_layers * self.cfg.hidden_size * self.kv_dtype.size_in_bytes()
     }
 
+    /// Whether the original head is the token embedding (no `lm_head.weight` of its own).
+    pub fn has_tied_head(&self) -> bool {
+        self.lm_head.is_none()
+    }
+
     /// A head's weight, or for a draft pass the draft copy of an exit head.
     fn head_weight(&self, head: Head, draft: bool) -> Result<&Weight> {
         match head {
-            Head::Original => Ok(self.lm_head.as_ref().unwrap_or(&self.wte)),
+            Head::Original | Head::LmHeadAt(_) => Ok(self.lm_head.as_ref().unwrap_or(&self.wte)),
             Head::Exit(layer) => {
                 let i = self
                     .exit_heads
@@ -327,6 +332,15 @@ impl MultiExitModel {
                     per_query: verify[slot],
                 })
                 .collect();
+            let packed = Packed {
+                starts: &starts,
+                lens: &lens,
+                heads: &heads,
+                all_positions: &all_positions,
+                order: &order,
+            };
+            // heads on the embeddings' output (DoLa's layer 0)
+            self.eval_heads(0, &x, &packed, draft, &mut outputs.per_seq)?;
             for layer in 0..max_depth {
                 let active = depths.iter().take_while(|&&d| d > layer).count();
                 let rows = starts.get(active).copied().unwrap_or(total_rows);
@@ -423,8 +437,12 @@ impl MultiExitModel {
                 }
             }
             let rows_t = Tensor::new(rows.as_slice(), &self.device)?;
-            // (rows, hidden) -> (rows, vocab)
-            let hidden = self.ln_f.forward(&x.index_select(&rows_t, 0)?)?;
+            // (rows, hidden) -> (rows, vocab); the final norm except on a block's raw output
+            let hidden = x.index_select(&rows_t, 0)?;
+            let hidden = match head {
+                Head::LmHeadAt(_) => hidden,
+                _ => self.ln_f.forward(&hidden)?,
+            };
             let vocab = self.cfg.vocab_size;
             let logits = self.head_weight(head, draft)?.xwt(&hidden)?;
             let logits = logits.flatten_all()?.to_vec1::<f32>()?;

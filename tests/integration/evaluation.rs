@@ -65,13 +65,16 @@ async fn model_ids_are_listed_resolved_and_refused_clearly() {
         ":contrast-4-2",
         ":contrast-original-1",
         ":contrast-original-2",
+        ":dola-low",
+        ":dola-high",
+        ":dola-1-2",
         ":acd-strong",
     ]
     .iter()
     .map(|s| format!("{MODEL}{s}"))
     .collect();
     assert_eq!(ids, want);
-    let preset = &list["data"][9]["multi_exit"];
+    let preset = &list["data"][12]["multi_exit"];
     assert_eq!(
         preset,
         &json!({"mode": "contrast", "upper": 4, "lower": 1, "alpha": 0.05, "minimum_candidates": 1})
@@ -80,7 +83,17 @@ async fn model_ids_are_listed_resolved_and_refused_clearly() {
     let (status, card) = get(&server.url(&format!("/v1/models/{MODEL}:contrast-original-4"))).await;
     assert_eq!(status, 200, "{card}");
     assert_eq!(card["multi_exit"]["upper"], "original");
+    // DoLa's ids name their layers as asked; the card says what they resolved to
+    let (status, card) = get(&server.url(&format!("/v1/models/{MODEL}:dola-high"))).await;
+    assert_eq!(status, 200, "{card}");
+    assert_eq!(
+        card["multi_exit"],
+        json!({"mode": "dola", "layers": [2], "premature": "exits", "relative_top": 0.1})
+    );
     for bad in [
+        format!("{MODEL}:dola-3"),
+        format!("{MODEL}:dola-2-1"),
+        format!("{MODEL}:dola-middle"),
         format!("{MODEL}:exit-3"),
         format!("{MODEL}:contrast-1-4"),
         format!("{MODEL}:contrast-4"),

@@ -1,5 +1,5 @@
 //! The integration tests, in one binary: each test binary links all of candle, so one binary
-//! instead of fifteen builds and links faster and takes a fraction of the disk. Each file is
+//! instead of sixteen builds and links faster and takes a fraction of the disk. Each file is
 //! a concern; `tests/common` holds what they share (fixtures, the test server, clients).
 
 #[path = "../common/mod.rs"]
@@ -25,3 +25,4 @@ mod parity;
 mod process;
 mod resource_bounds;
 mod speculative;
+mod strategies;

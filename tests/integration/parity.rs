@@ -311,6 +311,7 @@ fn logit_checksums_match() -> TestResult {
             let key = match head {
                 Head::Original => "original".to_string(),
                 Head::Exit(l) => l.to_string(),
+                Head::LmHeadAt(_) => unreachable!("all_head_logits reads the trained heads"),
             };
             let want = &r.logit_checksums.last_position[&key];
             let sum: f64 = logits.iter().map(|&x| x as f64).sum();

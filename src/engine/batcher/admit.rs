@@ -266,12 +266,13 @@ impl Batcher {
         let first = index * best_of;
         let sampling = state.borrow().req.sampling.clone();
         let reserved = prompt.len() + max_tokens;
+        let sampler = Sampler::new(sampling, first as u64).with_prompt(&prompt);
         let mut seq = Sequence::new(
             state.clone(),
             first,
             prompt,
             self.model.new_cache_for(reserved),
-            Sampler::new(sampling, first as u64),
+            sampler,
         );
         seq.reserved = reserved;
         seq.forks = (first + 1..first + best_of).collect();

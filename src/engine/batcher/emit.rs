@@ -88,7 +88,7 @@ impl Batcher {
                 candidate,
                 leader.prompt.clone(),
                 cache,
-                Sampler::new(sampling, candidate as u64),
+                Sampler::new(sampling, candidate as u64).with_prompt(&leader.prompt),
             );
             seq.prefilled = leader.prefilled;
             seq.reserved = leader.reserved;

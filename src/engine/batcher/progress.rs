@@ -181,7 +181,11 @@ fn record_prompt_logprobs(
             break;
         }
         let scores = mode.scores_at(logits, row);
-        seq.prompt_logprobs
-            .push(token_logprob(seq.prompt[next], &scores, k, tok));
+        seq.prompt_logprobs.push(token_logprob(
+            seq.prompt[next],
+            &mode.logprobs(&scores),
+            k,
+            tok,
+        ));
     }
 }

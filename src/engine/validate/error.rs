@@ -147,6 +147,15 @@ pub enum ValidationError {
         got: i64,
         exits: Vec<usize>,
     },
+    #[error("`{object}.layers` must be \"low\", \"high\" or a list of layers, got {got}")]
+    DolaLayers { object: &'static str, got: String },
+    #[error("`{object}.layers` leaves no premature layer below the top ({num_layers}): name layers from 0 (the embeddings) to {}", num_layers - 1)]
+    DolaNoCandidates {
+        object: &'static str,
+        num_layers: usize,
+    },
+    #[error("`{object}.premature` must be \"exits\" or \"lm_head\", got {got:?}")]
+    Premature { object: &'static str, got: String },
     #[error("`{object}.upper` is required: an exit layer {exits:?} or \"original\"")]
     UpperRequired {
         object: &'static str,
@@ -205,6 +214,10 @@ impl ValidationError {
             UpperRequired { object, .. } | UpperNotAbove { object, .. } => {
                 format!("{object}.upper")
             }
+            DolaLayers { object, .. } | DolaNoCandidates { object, .. } => {
+                format!("{object}.layers")
+            }
+            Premature { object, .. } => format!("{object}.premature"),
             DraftLayerNeeded { .. } | DraftLayerNotAnExit { .. } | DraftLayerTooDeep { .. } => {
                 "speculative.draft_layer".into()
             }

@@ -32,6 +32,9 @@ pub struct Limits {
     pub vocab_size: usize,
     pub exit_layers: Vec<usize>,
     pub num_layers: usize,
+    /// The original head is the token embedding (DoLa's "low" then skips layer 0, as
+    /// transformers does).
+    pub tied_head: bool,
     pub default_mode: Mode,
     /// How long a request may take, from its first byte to its last (`--request-timeout`).
     pub request_timeout: Duration,

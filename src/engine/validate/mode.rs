@@ -3,9 +3,14 @@
 
 use super::sampling::in_range;
 use super::{count_in, ValidationError, Validator};
-use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec, UpperSpec};
+use crate::engine::request::{
+    DolaLayersSpec, ModeSpec, SpeculativeRequest, SpeculativeSpec, UpperSpec,
+};
 use crate::engine::speculative::MAX_DRAFT_TOKENS;
-use crate::model::mode::{DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES};
+use crate::model::mode::dola::DEFAULT_RELATIVE_TOP;
+use crate::model::mode::{
+    DolaLayers, DolaParams, Layers, Premature, DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES,
+};
 use crate::model::{ContrastParams, Mode, Upper};
 
 impl Validator {
@@ -108,7 +113,89 @@ impl Validator {
                     minimum_candidates: k as usize,
                 })
             }
+            ModeSpec::Dola {
+                layers,
+                premature,
+                relative_top,
+            } => Mode::Dola(self.dola(object, layers.as_ref(), premature, *relative_top)?),
         })
+    }
+
+    /// DoLa's parameters, its candidates resolved against the model ("high" when `layers` is
+    /// left out).
+    fn dola(
+        &self,
+        object: &'static str,
+        layers: Option<&DolaLayersSpec>,
+        premature: &Option<String>,
+        relative_top: Option<f64>,
+    ) -> Result<DolaParams, ValidationError> {
+        let l = &*self.limits;
+        let bad_layers = |got: String| ValidationError::DolaLayers { object, got };
+        let layers = match layers {
+            None => DolaLayers::High,
+            Some(DolaLayersSpec::Named(n)) => match n.as_str() {
+                "low" => DolaLayers::Low,
+                "high" => DolaLayers::High,
+                _ => return Err(bad_layers(format!("{n:?}"))),
+            },
+            Some(DolaLayersSpec::List(v)) => {
+                if let Some(&bad) = v.iter().find(|&&x| x < 0) {
+                    return Err(bad_layers(format!("a negative layer ({bad})")));
+                }
+                // Layers at or above the top are dropped (transformers' rule).
+                let below: Vec<usize> = v
+                    .iter()
+                    .map(|&x| x as u64)
+                    .filter(|&x| x < l.num_layers as u64)
+                    .map(|x| x as usize)
+                    .collect();
+                DolaLayers::List(
+                    Layers::from_list(below)
+                        .ok_or_else(|| bad_layers("a layer past 127".into()))?,
+                )
+            }
+        };
+        let premature = match premature.as_deref() {
+            None | Some("exits") => Premature::Exits,
+            Some("lm_head") => Premature::LmHead,
+            Some(other) => {
+                return Err(ValidationError::Premature {
+                    object,
+                    got: other.into(),
+                })
+            }
+        };
+        let relative_top = in_range(
+            &format!("{object}.relative_top"),
+            relative_top,
+            DEFAULT_RELATIVE_TOP as f64,
+            (0.0, 1.0),
+            true,
+        )?;
+        let p = DolaParams {
+            premature,
+            relative_top,
+            ..DolaParams::new(layers)
+        }
+        .resolve(l.num_layers, l.tied_head);
+        if p.candidates.is_empty() {
+            return Err(ValidationError::DolaNoCandidates {
+                object,
+                num_layers: l.num_layers,
+            });
+        }
+        if premature == Premature::Exits {
+            if let Some(layer) = p.candidates.iter().find(|c| !l.exit_layers.contains(c)) {
+                return Err(ValidationError::NotAnExit {
+                    object,
+                    field: "layers",
+                    got: layer as i64,
+                    exits: l.exit_layers.clone(),
+                });
+            }
+        }
+        Ok(p)
     }
 
     /// The request's `speculative` object checked against `mode`; without one, the server's

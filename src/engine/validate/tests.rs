@@ -26,6 +26,7 @@ fn validator() -> Validator {
             vocab_size: VOCAB,
             exit_layers: vec![1, 2, 4],
             num_layers: 4,
+            tied_head: true,
             default_mode: Mode::Original,
             request_timeout: Duration::from_secs(60),
             budget: Budget {

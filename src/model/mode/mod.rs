@@ -1,18 +1,25 @@
 //! Decoding modes: which heads a sequence needs, and how their logits become the
-//! log-distribution that is sampled from (autocontrastive decoding, Gera et al. 2023).
+//! log-distribution that is sampled from (autocontrastive decoding, Gera et al. 2023; DoLa in
+//! `dola.rs`).
+
+pub mod dola;
 
 use std::fmt;
 use std::str::FromStr;
 
 use crate::kernels::fastmath;
+pub use dola::{DolaLayers, DolaParams, Layers, Premature};
 
-/// A vocabulary head evaluated on `ln_f` of a block's output.
+/// A vocabulary head evaluated on a block's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Head {
-    /// The tied `lm_head` on the top layer.
+    /// The tied `lm_head` on `ln_f` of the top layer.
     Original,
-    /// The exit head trained on the output of block `layer` (1-based).
+    /// The exit head trained on `ln_f` of the output of block `layer` (1-based).
     Exit(usize),
+    /// The original head on the raw output of block `layer` (no `ln_f`; 0 = the embeddings'
+    /// output): how transformers' DoLa reads a premature layer.
+    LmHeadAt(usize),
 }
 
 impl Head {
@@ -20,7 +27,7 @@ impl Head {
     pub fn layer(self, num_layers: usize) -> usize {
         match self {
             Head::Original => num_layers,
-            Head::Exit(l) => l,
+            Head::Exit(l) | Head::LmHeadAt(l) => l,
         }
     }
 }
@@ -59,11 +66,12 @@ pub enum Mode {
     Original,
     Exit(usize),
     Contrast(ContrastParams),
+    Dola(DolaParams),
 }
 
 impl Mode {
     /// Every kind of mode, as `multi_exit.mode` names it and metrics label it.
-    pub const LABELS: [&'static str; 3] = ["original", "exit", "contrast"];
+    pub const LABELS: [&'static str; 4] = ["original", "exit", "contrast", "dola"];
 
     /// The mode's kind: one of [`Mode::LABELS`].
     pub fn label(&self) -> &'static str {
@@ -71,6 +79,7 @@ impl Mode {
             Mode::Original => 0,
             Mode::Exit(_) => 1,
             Mode::Contrast(_) => 2,
+            Mode::Dola(_) => 3,
         }]
     }
 
@@ -80,6 +89,12 @@ impl Mode {
             Mode::Original => vec![Head::Original],
             Mode::Exit(l) => vec![Head::Exit(l)],
             Mode::Contrast(c) => vec![c.upper.into(), Head::Exit(c.lower)],
+            Mode::Dola(d) => std::iter::once(Head::Original)
+                .chain(d.candidates.iter().map(|l| match d.premature {
+                    Premature::Exits => Head::Exit(l),
+                    Premature::LmHead => Head::LmHeadAt(l),
+                }))
+                .collect(),
         }
     }
 
@@ -98,12 +113,29 @@ impl Mode {
         self.scores(&heads)
     }
 
-    /// The next-token log-distribution from the logits of [`Mode::heads`]: log-softmax for a
-    /// single head, log q for contrast.
+    /// The mode's scores from the logits of [`Mode::heads`]: the next-token log-distribution
+    /// (log-softmax for a single head, log q for contrast), or for DoLa its contrast logits,
+    /// unnormalised, because transformers' processors (the repetition penalty) edit those.
+    /// [`Mode::logprobs`] turns either into the log-distribution.
     pub fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
         match self {
             Mode::Original | Mode::Exit(_) => log_softmax(logits[0]),
             Mode::Contrast(c) => contrast_log_q(logits[0], logits[1], c),
+            Mode::Dola(d) => dola::dola_logits(logits[0], &logits[1..], d.relative_top).0,
+        }
+    }
+
+    /// Whether [`Mode::scores`] are the log-distribution itself (else its logits).
+    pub fn scores_are_logprobs(&self) -> bool {
+        !matches!(self, Mode::Dola(_))
+    }
+
+    /// The log-distribution of `scores` (this mode's): themselves, or their log-softmax.
+    pub fn logprobs<'s>(&self, scores: &'s [f32]) -> std::borrow::Cow<'s, [f32]> {
+        if self.scores_are_logprobs() {
+            std::borrow::Cow::Borrowed(scores)
+        } else {
+            std::borrow::Cow::Owned(log_softmax(scores))
         }
     }
 }
@@ -126,11 +158,12 @@ impl fmt::Display for Upper {
 }
 
 impl fmt::Display for Head {
-    /// `original` or `exit:L`, as inspections name the heads.
+    /// `original`, `exit:L` or `lm_head:L`, as inspections name the heads.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Head::Original => f.write_str("original"),
             Head::Exit(l) => write!(f, "exit:{l}"),
+            Head::LmHeadAt(l) => write!(f, "lm_head:{l}"),
         }
     }
 }
@@ -166,13 +199,17 @@ impl fmt::Display for Mode {
                 }
                 Ok(())
             }
+            Mode::Dola(d) => write!(f, "{d}"),
         }
     }
 }
 
 /// A mode's text that does not parse; the message names the accepted forms.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("mode `{0}`: expected original, exit:L or contrast:U,L[,alpha=A][,minimum_candidates=K]")]
+#[error(
+    "mode `{0}`: expected original, exit:L, contrast:U,L[,alpha=A][,minimum_candidates=K] or \
+     dola:LAYERS[,premature=exits|lm_head][,relative_top=R] (LAYERS: low, high or L-L-...)"
+)]
 pub struct ModeSyntaxError(pub String);
 
 impl FromStr for Mode {
@@ -186,6 +223,9 @@ impl FromStr for Mode {
         }
         if let Some(l) = s.strip_prefix("exit:") {
             return Ok(Mode::Exit(l.trim().parse().map_err(|_| bad())?));
+        }
+        if let Some(rest) = s.strip_prefix("dola:") {
+            return dola::parse_flag(rest).map(Mode::Dola).ok_or_else(bad);
         }
         let mut parts = s.strip_prefix("contrast:").ok_or_else(bad)?.split(',');
         let (u, l) = (parts.next().ok_or_else(bad)?, parts.next().ok_or_else(bad)?);
@@ -216,8 +256,9 @@ fn parse_upper(s: &str) -> Option<Upper> {
 }
 
 impl Mode {
-    /// The model-id suffix naming this mode (`original`, `exit-L`, `contrast-U-L`); None for
-    /// a contrast with other than the default parameters, which has no id of its own.
+    /// The model-id suffix naming this mode (`original`, `exit-L`, `contrast-U-L`,
+    /// `dola-low`, `dola-L-L`); None for a mode with other than the default parameters, which
+    /// has no id of its own.
     pub fn id_suffix(&self) -> Option<String> {
         match self {
             Mode::Original => Some("original".into()),
@@ -226,6 +267,7 @@ impl Mode {
                 Some(format!("contrast-{}-{}", c.upper, c.lower))
             }
             Mode::Contrast(_) => None,
+            Mode::Dola(d) => dola::id_suffix(d),
         }
     }
 
@@ -236,6 +278,8 @@ impl Mode {
             Mode::Original
         } else if let Some(l) = suffix.strip_prefix("exit-") {
             Mode::Exit(l.parse().ok()?)
+        } else if suffix.starts_with("dola-") {
+            Mode::Dola(dola::from_id_suffix(suffix)?)
         } else {
             let (u, l) = suffix.strip_prefix("contrast-")?.split_once('-')?;
             Mode::Contrast(ContrastParams {
@@ -251,7 +295,10 @@ impl Mode {
     /// Whether `name` reads as a built-in model-id suffix, valid or not (`exit-99`,
     /// `contrast-x`): such names cannot be presets.
     pub fn is_reserved_id_suffix(name: &str) -> bool {
-        name == "original" || name.starts_with("exit-") || name.starts_with("contrast-")
+        name == "original"
+            || ["exit-", "contrast-", "dola-"]
+                .iter()
+                .any(|p| name.starts_with(p))
     }
 }
 
@@ -474,9 +521,11 @@ mod tests {
             "Original",
         ] {
             let e = bad.parse::<Mode>().unwrap_err().to_string();
-            assert_eq!(
-                e,
-                format!("mode `{bad}`: expected original, exit:L or contrast:U,L[,alpha=A][,minimum_candidates=K]")
+            assert!(
+                e.starts_with(&format!(
+                    "mode `{bad}`: expected original, exit:L, contrast:U,L"
+                )),
+                "{e}"
             );
         }
         // Model ids: only the canonical spelling of each mode.

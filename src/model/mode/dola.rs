@@ -1,0 +1,340 @@
+//! DoLa, decoding by contrasting layers (Chuang et al., ICLR 2024), as transformers 4.46.3
+//! computes it (`_dola_select_contrast`, `_relative_top_filter`): per token, the premature
+//! candidate whose distribution differs most from the mature one (the original head) is
+//! chosen, and the next-token logits are `log p_mature - log p_premature` on the tokens the
+//! mature head finds plausible (`log p >= max log p + log relative_top`), -inf elsewhere.
+//!
+//! A candidate's distribution is its trained exit head (`premature: exits`, the default, what
+//! a multi-exit model is for) or the original head applied to the block's raw output without
+//! the final norm (`premature: lm_head`, what transformers does, for comparison with the DoLa
+//! literature). Transformers averages the divergence over its batch before choosing; here each
+//! sequence chooses for itself, which equals transformers at batch size 1.
+
+use std::fmt;
+
+/// A set of layers (0..128; 0 = the embeddings' output), ascending: kept as bits so that a
+/// mode stays `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Layers(u128);
+
+impl Layers {
+    /// Layers above this cannot be named.
+    pub const LIMIT: usize = 128;
+
+    /// None when a layer is at or past [`Layers::LIMIT`].
+    pub fn from_list(layers: impl IntoIterator<Item = usize>) -> Option<Self> {
+        let mut bits = 0u128;
+        for l in layers {
+            if l >= Self::LIMIT {
+                return None;
+            }
+            bits |= 1 << l;
+        }
+        Some(Self(bits))
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = usize> {
+        (0..Self::LIMIT).filter(move |&l| self.0 & (1 << l) != 0)
+    }
+
+    pub fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl fmt::Display for Layers {
+    /// `2-4-6`, the form model ids and flags use.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.iter().map(|l| l.to_string()).collect();
+        f.write_str(&parts.join("-"))
+    }
+}
+
+/// The candidate premature layers as asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DolaLayers {
+    /// The lower half of the layers, every other one (transformers' rule).
+    Low,
+    /// The upper half, every other one.
+    High,
+    /// These layers (those below the top are kept).
+    List(Layers),
+}
+
+/// Where a candidate's distribution comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Premature {
+    /// Its trained exit head (every candidate must be an exit).
+    Exits,
+    /// The original head on the block's raw output, no final norm (transformers' DoLa).
+    LmHead,
+}
+
+impl Premature {
+    pub const NAMES: [(&'static str, Premature); 2] =
+        [("exits", Premature::Exits), ("lm_head", Premature::LmHead)];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Premature::Exits => "exits",
+            Premature::LmHead => "lm_head",
+        }
+    }
+}
+
+pub const DEFAULT_RELATIVE_TOP: f32 = 0.1;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DolaParams {
+    pub layers: DolaLayers,
+    pub premature: Premature,
+    /// The plausibility threshold, relative to the mature head's top probability, in (0, 1].
+    pub relative_top: f32,
+    /// `layers` resolved against the model (`DolaParams::resolve`); empty until then.
+    pub candidates: Layers,
+}
+
+impl DolaParams {
+    /// As `layers` asks, with the defaults, unresolved.
+    pub fn new(layers: DolaLayers) -> Self {
+        Self {
+            layers,
+            premature: Premature::Exits,
+            relative_top: DEFAULT_RELATIVE_TOP,
+            candidates: Layers::default(),
+        }
+    }
+
+    /// The candidates for a model of `num_layers` blocks, `tied` when its original head is
+    /// the token embedding (transformers' rule: "low" is range(start, N/2, 2) and "high"
+    /// range(N/2, N, 2) up to 40 layers, range(start, 20, 2) and range(N-20, N, 2) above;
+    /// start 2 when tied and N > 2, 1 when tied and N == 2, else 0; a list keeps the layers
+    /// below N).
+    pub fn resolve(mut self, num_layers: usize, tied: bool) -> Self {
+        let n = num_layers;
+        let start = match (tied, n) {
+            (false, _) => 0,
+            (true, n) if n > 2 => 2,
+            (true, 2) => 1,
+            (true, _) => 0,
+        };
+        let range = |from: usize, to: usize| Layers::from_list((from..to).step_by(2));
+        self.candidates = match self.layers {
+            DolaLayers::Low if start == n / 2 => Layers::from_list([start]),
+            DolaLayers::Low if n <= 40 => range(start, n / 2),
+            DolaLayers::Low => range(start, 20),
+            DolaLayers::High if n <= 40 => range(n / 2, n),
+            DolaLayers::High => range(n - 20, n),
+            DolaLayers::List(l) => Layers::from_list(l.iter().filter(|&l| l < n)),
+        }
+        .unwrap_or_default();
+        self
+    }
+
+    fn has_default_params(&self) -> bool {
+        self.premature == Premature::Exits && self.relative_top == DEFAULT_RELATIVE_TOP
+    }
+}
+
+impl fmt::Display for DolaLayers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DolaLayers::Low => f.write_str("low"),
+            DolaLayers::High => f.write_str("high"),
+            DolaLayers::List(l) => write!(f, "{l}"),
+        }
+    }
+}
+
+impl fmt::Display for DolaParams {
+    /// The flag form: `dola:low`, `dola:2-4-6`, plus the parameters that are not defaults.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dola:{}", self.layers)?;
+        if self.premature != Premature::Exits {
+            write!(f, ",premature={}", self.premature.name())?;
+        }
+        if self.relative_top != DEFAULT_RELATIVE_TOP {
+            write!(f, ",relative_top={}", self.relative_top)?;
+        }
+        Ok(())
+    }
+}
+
+/// `low`, `high` or `L-L-...` (canonical numbers only, ascending, no repeats: one spelling
+/// per set).
+pub fn parse_layers(s: &str) -> Option<DolaLayers> {
+    match s {
+        "low" => Some(DolaLayers::Low),
+        "high" => Some(DolaLayers::High),
+        _ => {
+            let nums: Vec<usize> = s
+                .split('-')
+                .map(|p| p.parse().ok().filter(|n: &usize| n.to_string() == p))
+                .collect::<Option<_>>()?;
+            let set = Layers::from_list(nums.iter().copied())?;
+            (nums.windows(2).all(|w| w[0] < w[1]) && !nums.is_empty())
+                .then_some(DolaLayers::List(set))
+        }
+    }
+}
+
+/// The flag form's parameters after `dola:LAYERS`.
+pub fn parse_flag(rest: &str) -> Option<DolaParams> {
+    let mut parts = rest.split(',');
+    let mut p = DolaParams::new(parse_layers(parts.next()?.trim())?);
+    for part in parts {
+        match part.trim().split_once('=') {
+            Some(("premature", v)) => {
+                p.premature = Premature::NAMES
+                    .iter()
+                    .find(|(n, _)| *n == v.trim())
+                    .map(|(_, x)| *x)?
+            }
+            Some(("relative_top", v)) => p.relative_top = v.trim().parse().ok()?,
+            _ => return None,
+        }
+    }
+    Some(p)
+}
+
+/// The model-id suffix (`dola-low`, `dola-2-4-6`), for default parameters only.
+pub fn id_suffix(p: &DolaParams) -> Option<String> {
+    p.has_default_params().then(|| format!("dola-{}", p.layers))
+}
+
+pub fn from_id_suffix(suffix: &str) -> Option<DolaParams> {
+    Some(DolaParams::new(parse_layers(
+        suffix.strip_prefix("dola-")?,
+    )?))
+}
+
+/// The DoLa logits from the mature head's logits and each candidate's, and the index of the
+/// candidate chosen: `log_softmax(mature) - log_softmax(premature)` where the mature head
+/// keeps the token, -inf elsewhere.
+pub fn dola_logits(mature: &[f32], candidates: &[&[f32]], relative_top: f32) -> (Vec<f32>, usize) {
+    let lp_mature = super::log_softmax(mature);
+    let chosen = if candidates.len() == 1 {
+        0
+    } else {
+        // transformers' divergence: 0.5 (KL(M || P_mature) + KL(M || P_premature)), M their
+        // average (F.kl_div(input, target) is target · (log target - input)); the first
+        // largest wins, as torch's argmax
+        let mut best = (0, f64::NEG_INFINITY);
+        for (i, c) in candidates.iter().enumerate() {
+            let lp = super::log_softmax(c);
+            let mut d = 0.0f64;
+            for (&a, &b) in lp_mature.iter().zip(&lp) {
+                let (a, b) = (a as f64, b as f64);
+                let m = 0.5 * (a.exp() + b.exp());
+                if m > 0.0 {
+                    d += m * (2.0 * m.ln() - a - b);
+                }
+            }
+            if d > best.1 {
+                best = (i, d);
+            }
+        }
+        best.0
+    };
+    let lp_premature = super::log_softmax(candidates[chosen]);
+    let max = lp_mature.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // at least the top token is kept (relative_top <= 1)
+    let threshold = max + relative_top.ln();
+    let logits = lp_mature
+        .iter()
+        .zip(&lp_premature)
+        .map(|(&m, &p)| {
+            if m < threshold {
+                f32::NEG_INFINITY
+            } else {
+                m - p
+            }
+        })
+        .collect();
+    (logits, chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transformers_layer_rule() {
+        let cands = |layers, n, tied| {
+            DolaParams::new(layers)
+                .resolve(n, tied)
+                .candidates
+                .iter()
+                .collect::<Vec<_>>()
+        };
+        use DolaLayers::*;
+        assert_eq!(cands(Low, 12, true), [2, 4]);
+        assert_eq!(cands(High, 12, true), [6, 8, 10]);
+        assert_eq!(cands(Low, 24, true), [2, 4, 6, 8, 10]);
+        assert_eq!(cands(High, 24, true), [12, 14, 16, 18, 20, 22]);
+        assert_eq!(cands(Low, 4, true), [2], "start == N/2");
+        assert_eq!(cands(High, 6, true), [3, 5]);
+        assert_eq!(cands(Low, 12, false), [0, 2, 4]);
+        assert_eq!(cands(Low, 2, true), [1]);
+        assert_eq!(cands(Low, 48, true), (2..20).step_by(2).collect::<Vec<_>>());
+        assert_eq!(
+            cands(High, 48, true),
+            (28..48).step_by(2).collect::<Vec<_>>()
+        );
+        let list = List(Layers::from_list([1, 2, 7]).unwrap());
+        assert_eq!(cands(list, 4, true), [1, 2], "layers at or above N dropped");
+    }
+
+    #[test]
+    fn text_forms_round_trip_and_refuse_other_spellings() {
+        for (flag, suffix) in [
+            ("dola:low", Some("dola-low")),
+            ("dola:high", Some("dola-high")),
+            ("dola:2-4-6", Some("dola-2-4-6")),
+            ("dola:low,premature=lm_head", None),
+            ("dola:1,relative_top=0.5", None),
+        ] {
+            let p = parse_flag(flag.strip_prefix("dola:").unwrap()).unwrap();
+            assert_eq!(p.to_string(), flag);
+            assert_eq!(id_suffix(&p).as_deref(), suffix);
+            if let Some(s) = suffix {
+                assert_eq!(from_id_suffix(s), Some(p));
+            }
+        }
+        for bad in [
+            "dola-4-2",
+            "dola-2-2",
+            "dola-02",
+            "dola-",
+            "dola-x",
+            "dola-2--4",
+        ] {
+            assert_eq!(from_id_suffix(bad), None, "{bad}");
+        }
+        assert_eq!(parse_flag("low,beta=1"), None);
+    }
+
+    #[test]
+    fn keeps_the_plausible_tokens_and_picks_the_most_divergent_candidate() {
+        let mature = [4.0, 3.5, 0.0, -2.0];
+        let same = mature; // no divergence: never chosen over a different one
+        let other = [0.0, 3.0, 0.0, 0.0];
+        let (logits, chosen) = dola_logits(&mature, &[&same, &other], 0.1);
+        assert_eq!(chosen, 1);
+        // p(2), p(3) < 0.1 max p: filtered
+        assert!(logits[2] == f32::NEG_INFINITY && logits[3] == f32::NEG_INFINITY);
+        let (lm, lo) = (
+            super::super::log_softmax(&mature),
+            super::super::log_softmax(&other),
+        );
+        assert!((logits[0] - (lm[0] - lo[0])).abs() < 1e-6);
+        // token 1 is what the premature layer already believed: token 0 wins the contrast
+        assert!(logits[0] > logits[1]);
+        // one candidate: no choice to make
+        assert_eq!(dola_logits(&mature, &[&same], 0.1).1, 0);
+    }
+}

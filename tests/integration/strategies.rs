@@ -1,0 +1,161 @@
+//! Decoding strategies across layers, through the real server, against the references in
+//! `tests/fixtures/*.dola.json` (transformers 4.46.3's DoLa for `premature: lm_head`, its
+//! `_dola_select_contrast` over the exit heads for `exits`): greedy ids and first-step top-5
+//! logprobs, each case alone and all cases in one batch, on both architectures.
+
+use crate::common;
+
+use common::client::post;
+use common::server::TestServer;
+use common::{ids, Fixture, ARCHS};
+use exitserve::model::source;
+use exitserve::model::TextTokenizer;
+use serde_json::{json, Value};
+
+fn dola_reference(f: Fixture) -> Value {
+    let path = common::fixture_dir(&format!("{}.dola.json", f.name));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The request the reference case describes.
+fn dola_body(f: Fixture, case: &Value) -> Value {
+    json!({
+        "model": f.name,
+        "prompt": case["prompt_ids"],
+        "max_tokens": case["greedy_ids"].as_array().unwrap().len(),
+        "temperature": 0,
+        "ignore_eos": true,
+        "logprobs": 5,
+        "return_token_ids": true,
+        "repetition_penalty": case["repetition_penalty"],
+        "multi_exit": {"mode": "dola", "layers": case["layers"], "premature": case["premature"]},
+    })
+}
+
+fn check(f: Fixture, tok: &TextTokenizer, case: &Value, out: &Value) {
+    let label = format!(
+        "{} {:?} {} {} rp {}",
+        f.name, case["prompt"], case["premature"], case["layers"], case["repetition_penalty"]
+    );
+    let choice = &out["choices"][0];
+    assert_eq!(
+        ids(&choice["token_ids"]),
+        ids(&case["greedy_ids"]),
+        "{label}: {out}"
+    );
+    let top = &choice["logprobs"]["top_logprobs"][0];
+    for pair in case["top5"].as_array().unwrap() {
+        let id = pair[0].as_u64().unwrap() as u32;
+        let want = pair[1].as_f64().unwrap();
+        let text = tok.decode(&[id]).unwrap();
+        let got = top[&text]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{label}: {text:?} not in the top 5 {top}"));
+        assert!(
+            (got - want).abs() < 1e-3,
+            "{label} {text:?}: {got} vs {want}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dola_equals_the_reference_alone_and_in_one_batch() {
+    for f in ARCHS {
+        let reference = dola_reference(f);
+        let cases = reference["cases"].as_array().unwrap().clone();
+        assert_eq!(cases.len(), 20);
+        let tok = TextTokenizer::from_files(
+            &source::resolve(f.dir().to_str().unwrap(), None)
+                .unwrap()
+                .tokenizer,
+        )
+        .unwrap();
+        let server = TestServer::start_model(&f.dir(), &["--max-batch-size", "64"]);
+        let url = server.url("/v1/completions");
+        for case in &cases {
+            let (status, out) = post(&url, &dola_body(f, case)).await;
+            assert_eq!(status, 200, "{out}");
+            check(f, &tok, case, &out);
+        }
+        let tasks: Vec<_> = cases
+            .iter()
+            .map(|case| {
+                let (url, body) = (url.clone(), dola_body(f, case));
+                tokio::spawn(async move { post(&url, &body).await })
+            })
+            .collect();
+        for (case, t) in cases.iter().zip(tasks) {
+            let (status, out) = t.await.unwrap();
+            assert_eq!(status, 200, "{out}");
+            check(f, &tok, case, &out);
+        }
+    }
+}
+
+/// What else DoLa goes through, on both architectures: self-speculative decoding (the verify
+/// uses DoLa's distribution: the greedy text is the plain one), echo scoring (each position's
+/// logprob is DoLa's, the same as when that token was generated), streaming, and seeded
+/// sampling with `n` = 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dola_with_speculation_echo_streaming_and_sampling() {
+    for f in ARCHS {
+        let reference = dola_reference(f);
+        let draft = reference["exits"][0].as_u64().unwrap();
+        let server = TestServer::start_model(&f.dir(), &[]);
+        let url = server.url("/v1/completions");
+        for case in reference["cases"].as_array().unwrap() {
+            let mut body = dola_body(f, case);
+            body["speculative"] =
+                json!({"draft_layer": draft, "max_draft_tokens": 3, "adaptive": false});
+            let (status, out) = post(&url, &body).await;
+            assert_eq!(status, 200, "{out}");
+            assert_eq!(
+                ids(&out["choices"][0]["token_ids"]),
+                ids(&case["greedy_ids"]),
+                "speculative {} {case}",
+                f.name
+            );
+            if case["repetition_penalty"] != json!(1.0) {
+                continue;
+            }
+            // echo of prompt + generated text: the generated positions score as generated
+            let generated = &out["choices"][0]["logprobs"]["token_logprobs"];
+            let mut full = ids(&case["prompt_ids"]);
+            full.extend(ids(&case["greedy_ids"]));
+            let mut echo = dola_body(f, case);
+            echo["prompt"] = json!(full);
+            echo["echo"] = json!(true);
+            echo["max_tokens"] = json!(0);
+            let (status, scored) = post(&url, &echo).await;
+            assert_eq!(status, 200, "{scored}");
+            let lps = scored["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .unwrap();
+            let tail = &lps[lps.len() - generated.as_array().unwrap().len()..];
+            for (e, g) in tail.iter().zip(generated.as_array().unwrap()) {
+                let (e, g) = (e.as_f64().unwrap(), g.as_f64().unwrap());
+                assert!((e - g).abs() < 1e-4, "{} echo {e} vs generated {g}", f.name);
+            }
+        }
+        let case = &reference["cases"][0];
+        let mut body = dola_body(f, case);
+        body["stream"] = json!(true);
+        let (status, _, events) = common::client::post_stream(&url, &body).await;
+        assert_eq!(status, 200);
+        let streamed: Vec<u32> = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["token_ids"].as_array().cloned())
+            .flatten()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(streamed, ids(&case["greedy_ids"]), "{} streamed", f.name);
+        let mut body = dola_body(f, case);
+        body["temperature"] = json!(1.0);
+        body["seed"] = json!(7);
+        body["n"] = json!(2);
+        let (status, a) = post(&url, &body).await;
+        let (_, b) = post(&url, &body).await;
+        assert_eq!(status, 200, "{a}");
+        assert_eq!(a["choices"], b["choices"], "seeded sampling repeats");
+    }
+}
