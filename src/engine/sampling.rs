@@ -423,6 +423,37 @@ mod tests {
         assert_eq!(s.choose(&[-1.0, -1.5, -4.0]), 1);
     }
 
+    /// The repetition penalty pushes down the prompt's tokens as well as generated ones
+    /// (transformers, vLLM); presence and frequency count generated tokens only (OpenAI).
+    #[test]
+    fn the_repetition_penalty_counts_the_prompt_and_openai_penalties_do_not() {
+        let scores = [2.0f32, 1.8, -1.0];
+        let repetition = SamplingParams {
+            repetition_penalty: 1.5,
+            ..params(0.0)
+        };
+        let s = Sampler::new(repetition.clone(), 0).with_prompt(&[0, 0, 2]);
+        assert_eq!(s.choose(&scores), 1, "2.0 / 1.5 < 1.8");
+        let reported = s.reported(&scores, false);
+        assert!((reported[0] - reported[1]).abs() > 0.1 && reported[1] > reported[0]);
+        let total: f32 = reported.iter().map(|x| x.exp()).sum();
+        assert!(
+            (total - 1.0).abs() < 1e-5,
+            "reported as a distribution: {total}"
+        );
+        let presence = SamplingParams {
+            presence_penalty: 2.0,
+            ..params(0.0)
+        };
+        let mut s = Sampler::new(presence, 0).with_prompt(&[0]);
+        assert_eq!(s.choose(&scores), 0, "the prompt does not count");
+        s.observe(0);
+        assert_eq!(s.choose(&scores), 1);
+        // nothing to edit: reported as given
+        let plain = Sampler::new(params(0.0), 0).with_prompt(&[0]);
+        assert!(matches!(plain.reported(&scores, true), Cow::Borrowed(_)));
+    }
+
     /// A position's token depends on (seed, choice, position) only: looking ahead gives
     /// what the later choice gives, whatever was drawn in between.
     #[test]

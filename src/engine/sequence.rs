@@ -141,7 +141,7 @@ impl Sequence {
         let reported = self.sampler.reported(scores, normalized);
         self.generated += 1;
         self.sampler.observe(id);
-        self.cumulative_logprob += reported[id as usize] as f64;
+        self.cumulative_logprob += reported[id as usize].max(MIN_LOGPROB) as f64;
         let logprob = logprobs.map(|k| token_logprob(id, &reported, k, tok));
         let is_eos = !ignore_eos && Some(id) == eos;
         let mut text = String::new();
@@ -183,6 +183,11 @@ impl Sequence {
     }
 }
 
+/// What a token the distribution rules out (-inf: DoLa's filtered tokens, scored in a prompt)
+/// is reported with, as vLLM does: JSON has no infinity, and a client summing loglikelihoods
+/// gets a number that says "impossible".
+pub const MIN_LOGPROB: f32 = -9999.0;
+
 /// The chosen token's logprob and the `k` best alternatives in `scores` (a log-distribution;
 /// tokens it rules out, at -inf, are no alternatives).
 pub fn token_logprob(id: u32, scores: &[f32], k: usize, tok: &TextTokenizer) -> TokenLogprob {
@@ -195,7 +200,7 @@ pub fn token_logprob(id: u32, scores: &[f32], k: usize, tok: &TextTokenizer) -> 
     TokenLogprob {
         id,
         text: text(id),
-        logprob: scores[id as usize],
+        logprob: scores[id as usize].max(MIN_LOGPROB),
         top,
     }
 }

@@ -9,6 +9,9 @@ on GPT-2 with `huggingface`. Then checks:
 - every logged loglikelihood equals the reference implementation's, per mode
   (tests/fixtures/<fixture>.scoring.json), and `is_greedy` with it;
 - every generation equals the reference greedy text cut at the first stop sequence.
+Then one DoLa run by model id (`:dola-1-2` on GPT-Neo): each generation begins with the DoLa
+reference's greedy text (tests/fixtures/<fixture>.dola.json, 8 tokens) cut at the first stop,
+and every loglikelihood is a number (a token DoLa rules out scores -9999, never null).
 """
 import glob
 import json
@@ -100,8 +103,36 @@ def check_generations(rows, mode, fixture):
     return len(rows)
 
 
+def check_dola(out, fixture):
+    with open(fixture_file(fixture, "dola")) as f:
+        greedy = {c["prompt"]: c["greedy_text"] for c in json.load(f)["cases"]
+                  if c["premature"] == "exits" and c["layers"] == [1, 2] and c["repetition_penalty"] == 1.0}
+    checked = 0
+    for row in samples(out, "exitserve_gen"):
+        text = greedy.get(row["doc"]["prompt"])
+        if text is None:
+            continue
+        cut = min([text.find(s) for s in STOPS if s in text], default=None)
+        got = row["resps"][0][0]
+        ok = got == text[:cut] if cut is not None else got.startswith(text)
+        if not ok:
+            raise SystemExit(f"dola {row['doc']['prompt']!r}: generated {got!r}, the reference begins {text!r}")
+        checked += 1
+    if checked != len(greedy):
+        raise SystemExit(f"dola: checked {checked} generations, the reference has {len(greedy)}")
+    lls = [float(r[0][0]) for row in samples(out, "exitserve_mc") for r in row["resps"]]
+    if not lls or not all(-9999.0 * 64 <= x <= 0.0 for x in lls):
+        raise SystemExit(f"dola loglikelihoods: {lls}")
+    return checked, len(lls)
+
+
 def main():
     binary = sys.argv[1]
+    with running_server(binary, fixture=FIXTURE) as server, tempfile.TemporaryDirectory() as out:
+        run_lm_eval(server.port, MODEL + ":dola-1-2", "remote", out, FIXTURE)
+        n_gen, n_ll = check_dola(out, FIXTURE)
+        print(f"lm-eval dola ({MODEL}:dola-1-2): {n_gen} generations begin with the reference's, "
+              f"{n_ll} loglikelihoods are numbers")
     for fixture, model, modes, backends in RUNS:
         with running_server(binary, fixture=fixture) as server:
             for mode, suffix in modes.items():

@@ -137,7 +137,25 @@ async fn dola_with_speculation_echo_streaming_and_sampling() {
                 assert!((e - g).abs() < 1e-4, "{} echo {e} vs generated {g}", f.name);
             }
         }
+        // a narrow plausible set: prompt tokens outside it are impossible, -9999 (not null)
         let case = &reference["cases"][0];
+        let mut echo = dola_body(f, case);
+        echo["prompt"] = json!(ids(&case["prompt_ids"]).repeat(3));
+        echo["echo"] = json!(true);
+        echo["max_tokens"] = json!(0);
+        echo["multi_exit"]["relative_top"] = json!(0.9);
+        let (status, scored) = post(&url, &echo).await;
+        assert_eq!(status, 200, "{scored}");
+        let lps = scored["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap();
+        assert!(
+            lps[1..]
+                .iter()
+                .all(|x| x.as_f64().is_some_and(|x| x >= -9999.0)),
+            "{scored}"
+        );
+        assert!(lps.iter().any(|x| x.as_f64() == Some(-9999.0)), "{scored}");
         let mut body = dola_body(f, case);
         body["stream"] = json!(true);
         let (status, _, events) = common::client::post_stream(&url, &body).await;
