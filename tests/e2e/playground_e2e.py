@@ -3,7 +3,7 @@
 Usage: python tests/e2e/playground_e2e.py BINARY [SCREENSHOT_DIR]
 For both fixtures (GPT-Neo, and GPT-2 behind an API key typed into the page): loads `/`, runs
 the three default modes and checks each column's streamed text equals the same request's
-non-stream completion, that hovering a token shows its logprobs, that the layer view has a row
+non-stream completion (then DoLa, picked in a mode menu), that hovering a token shows its logprobs, that the layer view has a row
 per head and a column per prompt token; then that a bad parameter and an overload (429) are
 shown in the columns. Saves screenshots (the first is the README's) in SCREENSHOT_DIR
 (default target/).
@@ -104,6 +104,27 @@ def check_layers(driver, base, model, headers, card):
     assert len(cells) == tok["count"], (len(cells), tok["count"])
 
 
+def check_dola(driver, base, model, headers, card):
+    """Mode 3 switched to DoLa in its menu (over every exit below the top): its column equals
+    the API's DoLa completion."""
+    driver.execute_script(
+        "const s = document.querySelector('#mode-pickers .picker:nth-child(3) select');"
+        "s.value = 'dola'; s.dispatchEvent(new Event('change'));")
+    run_page(driver)
+    column = driver.find_elements(By.CSS_SELECTOR, "[data-mode]")[2]
+    below = [l for l in card["exit_layers"] if l < card["num_layers"]]
+    assert column.get_attribute("data-mode") == "dola:" + "-".join(map(str, below))
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 32, "temperature": 0, "top_p": 1,
+            "logprobs": 5, "multi_exit": {"mode": "dola", "layers": below, "premature": "exits"}}
+    r = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    want, got = r.json()["choices"][0]["text"], text_of(driver, column)
+    assert want and got == want, f"dola: page {got!r} != api {want!r}"
+    driver.execute_script(
+        "const s = document.querySelector('#mode-pickers .picker:nth-child(3) select');"
+        "s.value = 'contrast'; s.dispatchEvent(new Event('change'));")
+
+
 def check_console_clean(driver):
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, f"the page logged errors: {errors}"
@@ -168,12 +189,13 @@ def exercise(driver, binary, fixture, model, shots, key=None):
         columns = check_columns_match_api(driver, server.base, model, headers, card)
         check_hover(driver, columns)
         check_layers(driver, server.base, model, headers, card)
+        check_dola(driver, server.base, model, headers, card)
         if not key:
             # Before the errors this test provokes on purpose (a 400, a 429; the 401 above).
             check_console_clean(driver)
         driver.save_screenshot(os.path.join(shots, f"playground-{model}.png"))
         check_errors(driver)
-    print(f"playground e2e: {model}: three modes equal the API, hover, layer view, clean console, 400 shown")
+    print(f"playground e2e: {model}: three modes and DoLa equal the API, hover, layer view, clean console, 400 shown")
 
 
 def main():

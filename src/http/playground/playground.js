@@ -68,10 +68,13 @@ async function* sseEvents(resp) {
 
 // ---- modes --------------------------------------------------------------------------------
 
-/** The `data-mode` value: original, exit:L or contrast:U,L. */
+/** The `data-mode` value: original, exit:L, contrast:U,L or dola:LAYERS (the flag forms). */
 function modeKey(m) {
   if (m.kind === "exit") return `exit:${m.layer}`;
   if (m.kind === "contrast") return `contrast:${m.upper},${m.lower}`;
+  if (m.kind === "dola") {
+    return `dola:${m.layers}` + (m.premature === "lm_head" ? ",premature=lm_head" : "");
+  }
   return "original";
 }
 
@@ -82,19 +85,34 @@ function modeBody(m) {
     const upper = m.upper === "original" ? "original" : Number(m.upper);
     return { mode: "contrast", upper, lower: m.lower, alpha: m.alpha };
   }
+  if (m.kind === "dola") {
+    const layers = m.layers === "low" || m.layers === "high" ? m.layers : m.layers.split("-").map(Number);
+    return { mode: "dola", layers, premature: m.premature };
+  }
   return { mode: "original" };
 }
 
-function defaultModes(card) {
+/** Every exit below the top: DoLa's widest set of trained premature layers. */
+function exitsBelowTop(card) {
+  return card.exit_layers.filter((l) => l < card.num_layers).join("-");
+}
+
+/** The mode each kind starts as when picked. */
+function defaultMode(card, kind) {
   const exits = card.exit_layers;
   const half = exits.filter((l) => l <= card.num_layers / 2).pop() ?? exits[0];
   const top = exits[exits.length - 1];
   const upper = top === card.num_layers && top > half ? top : "original";
-  return [
-    { kind: "original" },
-    { kind: "exit", layer: half },
-    { kind: "contrast", upper, lower: half, alpha: 0.1 },
-  ];
+  switch (kind) {
+    case "exit": return { kind, layer: half };
+    case "contrast": return { kind, upper, lower: half, alpha: 0.1 };
+    case "dola": return { kind, layers: exitsBelowTop(card) || "high", premature: "exits" };
+    default: return { kind };
+  }
+}
+
+function defaultModes(card) {
+  return ["original", "exit", "contrast"].map((kind) => defaultMode(card, kind));
 }
 
 function el(tag, attrs = {}, ...children) {
@@ -124,8 +142,8 @@ function drawPickers() {
   const layers = card.exit_layers.map((l) => [l, `exit ${l}`]);
   state.modes.forEach((m, i) => {
     const p = el("div", { class: "picker" }, el("span", { class: "slot", textContent: `Mode ${i + 1}` }));
-    p.append(select([["off", "off"], ["original", "original"], ["exit", "early exit"], ["contrast", "contrast"]],
-      m.kind, (v) => { state.modes[i] = { ...defaultModes(card)[v === "exit" ? 1 : 2], kind: v }; drawPickers(); }));
+    p.append(select([["off", "off"], ["original", "original"], ["exit", "early exit"], ["contrast", "contrast"],
+      ["dola", "DoLa"]], m.kind, (v) => { state.modes[i] = defaultMode(card, v); drawPickers(); }));
     if (m.kind === "exit") {
       p.append(el("label", {}, "layer ", select(layers, m.layer, (v) => { m.layer = Number(v); })));
     }
@@ -136,6 +154,14 @@ function drawPickers() {
       const alpha = el("input", { type: "number", min: 0, max: 1, step: 0.05, value: m.alpha });
       alpha.addEventListener("change", () => { m.alpha = Number(alpha.value); });
       p.append(el("label", {}, "alpha ", alpha));
+    }
+    if (m.kind === "dola") {
+      const below = exitsBelowTop(card);
+      const sets = [["high", "upper half"], ["low", "lower half"]];
+      if (below) sets.push([below, `exits ${below.replaceAll("-", ", ")}`]);
+      p.append(el("label", {}, "premature ", select(sets, m.layers, (v) => { m.layers = v; })));
+      p.append(el("label", {}, "heads ", select([["exits", "trained exits"], ["lm_head", "top head"]],
+        m.premature, (v) => { m.premature = v; })));
     }
     box.append(p);
   });
