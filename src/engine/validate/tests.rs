@@ -293,6 +293,78 @@ fn prompts() {
     assert_eq!(ok.prompts, vec![vec![15496, 995]]);
 }
 
+/// DoLa's layers resolved against the test model (4 layers, exits 1, 2 and 4, tied head).
+#[test]
+fn dola_modes() {
+    use crate::engine::request::DolaLayersSpec;
+    use crate::model::mode::{DolaLayers, DolaParams, Layers, Premature};
+    let v = validator();
+    let dola = |layers: Option<DolaLayersSpec>, premature: Option<&str>, rt: Option<f64>| {
+        v.mode(&ModeSpec::Dola {
+            layers,
+            premature: premature.map(String::from),
+            relative_top: rt,
+        })
+        .map(|m| match m {
+            Mode::Dola(d) => (d.candidates.iter().collect::<Vec<_>>(), d.premature),
+            other => panic!("{other:?}"),
+        })
+        .map_err(|e| (e.param(), e.to_string()))
+    };
+    let named = |n: &str| Some(DolaLayersSpec::Named(n.into()));
+    let list = |l: &[i64]| Some(DolaLayersSpec::List(l.to_vec()));
+    // N = 4, tied: start 2 = N/2, so "low" is [2]; "high" is range(2, 4, 2)
+    assert_eq!(
+        dola(named("low"), None, None),
+        Ok((vec![2], Premature::Exits))
+    );
+    assert_eq!(
+        dola(None, None, None),
+        Ok((vec![2], Premature::Exits)),
+        "high by default"
+    );
+    assert_eq!(
+        dola(list(&[2, 1, 2, 7]), None, None),
+        Ok((vec![1, 2], Premature::Exits))
+    );
+    assert_eq!(
+        dola(list(&[0, 3]), Some("lm_head"), None),
+        Ok((vec![0, 3], Premature::LmHead)),
+        "any layer through the top head, the embeddings too"
+    );
+    let param = |r: Result<_, (String, String)>| r.unwrap_err().0;
+    assert_eq!(param(dola(list(&[3]), None, None)), "multi_exit.layers");
+    assert_eq!(param(dola(list(&[]), None, None)), "multi_exit.layers");
+    assert_eq!(param(dola(list(&[4, 5]), None, None)), "multi_exit.layers");
+    assert_eq!(param(dola(named("mid"), None, None)), "multi_exit.layers");
+    assert_eq!(
+        param(dola(list(&[1]), Some("x"), None)),
+        "multi_exit.premature"
+    );
+    assert_eq!(
+        param(dola(list(&[1]), None, Some(0.0))),
+        "multi_exit.relative_top"
+    );
+    assert_eq!(
+        param(dola(list(&[1]), None, Some(f64::NAN))),
+        "multi_exit.relative_top"
+    );
+    // a mode parsed from text validates as the request's would
+    let parsed: Mode = "dola:1-2,relative_top=0.5".parse().unwrap();
+    let Mode::Dola(p) = v.mode(&parsed.into()).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        p,
+        DolaParams {
+            layers: DolaLayers::List(Layers::from_list([1, 2]).unwrap()),
+            premature: Premature::Exits,
+            relative_top: 0.5,
+            candidates: Layers::from_list([1, 2]).unwrap(),
+        }
+    );
+}
+
 #[test]
 fn modes() {
     let v = validator();

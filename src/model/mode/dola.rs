@@ -217,6 +217,10 @@ pub fn from_id_suffix(suffix: &str) -> Option<DolaParams> {
 /// keeps the token, -inf elsewhere.
 pub fn dola_logits(mature: &[f32], candidates: &[&[f32]], relative_top: f32) -> (Vec<f32>, usize) {
     let lp_mature = super::log_softmax(mature);
+    if candidates.is_empty() {
+        // validation never lets this through; the mature head alone, rather than a panic
+        return (lp_mature, 0);
+    }
     let chosen = if candidates.len() == 1 {
         0
     } else {
