@@ -6,8 +6,8 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::stop::StopSet;
-use crate::model::mode::DolaLayers;
-use crate::model::{ContrastParams, Mode, Upper};
+use crate::model::mode::{DolaLayers, DolaParams, Premature};
+use crate::model::{ContrastParams, Head, Mode, Upper};
 
 /// What a request asked for: the exit that drafts and the most tokens it drafts per round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,7 +205,11 @@ pub struct InspectRequest {
     /// `last` (default) or `all`.
     pub positions: Option<String>,
     pub contrast: Option<ModeSpec>,
-    /// The mode named by the model id: a contrast one is reported when `contrast` is absent.
+    /// DoLa's parameters (a `multi_exit` DoLa object without `mode`): reported as a head of
+    /// its own, with the premature layer each position chose.
+    pub dola: Option<ModeSpec>,
+    /// The mode named by the model id: a contrast or DoLa one is reported when the request
+    /// names none.
     pub named_mode: Option<Mode>,
 }
 
@@ -215,18 +219,34 @@ pub struct InspectSpec {
     pub top_logprobs: usize,
     pub all_positions: bool,
     pub contrast: Option<ContrastParams>,
+    pub dola: Option<DolaParams>,
+}
+
+impl InspectSpec {
+    /// Every head the inspection evaluates: the exits in ascending order, the original, then
+    /// the top head on raw block outputs that a DoLa with `premature: lm_head` reads.
+    pub fn heads(&self, exits: &[usize]) -> Vec<Head> {
+        let mut heads: Vec<Head> = exits.iter().map(|&l| Head::Exit(l)).collect();
+        heads.push(Head::Original);
+        if let Some(d) = self.dola.filter(|d| d.premature == Premature::LmHead) {
+            heads.extend(d.candidates.iter().map(Head::LmHeadAt));
+        }
+        heads
+    }
 }
 
 /// One head at one position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadReport {
-    /// `exit:L`, `original` or `contrast:U,L`.
+    /// `exit:L`, `original`, `lm_head:L`, `contrast:U,L` or `dola:...`.
     pub head: String,
     /// `(id, text, logprob)`, best first.
     pub top: Vec<(u32, String, f32)>,
     pub entropy: f32,
     pub next_token_logprob: Option<f32>,
     pub jsd_to_original: f32,
+    /// DoLa's head: the premature layer this position chose.
+    pub premature_layer: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::completions::next_event;
 use super::error::ApiError;
 use super::json::{JsonBody, Parsed};
-use super::wire::{contrast_spec, UpperWire};
+use super::wire::{contrast_spec, dola_spec, UpperWire};
 use super::AppState;
 use crate::engine::request::{InspectRequest, PromptInput};
 use crate::engine::Event;
@@ -41,6 +41,16 @@ pub struct InspectWire {
     pub top_logprobs: Option<i64>,
     pub positions: Option<String>,
     pub contrast: Option<ContrastWire>,
+    pub dola: Option<DolaWire>,
+}
+
+/// A DoLa head to report: `multi_exit`'s DoLa fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DolaWire {
+    pub layers: Option<Value>,
+    pub premature: Option<String>,
+    pub relative_top: Option<f64>,
 }
 
 pub async fn inspect(
@@ -64,6 +74,10 @@ pub async fn inspect(
             c.minimum_candidates,
         )?),
     };
+    let dola = req
+        .dola
+        .map(|d| dola_spec("dola", d.layers, d.premature, d.relative_top))
+        .transpose()?;
     let inspect = InspectRequest {
         prompt: req.prompt.map(|p| match p {
             InspectPrompt::Text(t) => PromptInput::Text(t),
@@ -72,6 +86,7 @@ pub async fn inspect(
         top_logprobs: req.top_logprobs,
         positions: req.positions,
         contrast,
+        dola,
         named_mode,
     };
     let valid = app
@@ -106,13 +121,17 @@ pub async fn inspect(
                         .into_iter()
                         .map(|(id, token, logprob)| json!({"token_id": id, "token": token, "logprob": logprob}))
                         .collect();
-                    json!({
+                    let mut head = json!({
                         "head": h.head,
                         "top_logprobs": top,
                         "entropy": h.entropy,
                         "next_token_logprob": h.next_token_logprob,
                         "jsd_to_original": h.jsd_to_original,
-                    })
+                    });
+                    if let Some(l) = h.premature_layer {
+                        head["premature_layer"] = json!(l);
+                    }
+                    head
                 })
                 .collect();
             json!({

@@ -64,8 +64,23 @@ pub enum MultiExitWire {
     },
 }
 
+/// A DoLa object's fields (`object`: `multi_exit`, or an inspection's `dola`) as the engine
+/// validates them.
+pub fn dola_spec(
+    object: &str,
+    layers: Option<serde_json::Value>,
+    premature: Option<String>,
+    relative_top: Option<f64>,
+) -> Result<ModeSpec, super::ApiError> {
+    Ok(ModeSpec::Dola {
+        layers: layers.map(|l| dola_layers(object, l)).transpose()?,
+        premature,
+        relative_top,
+    })
+}
+
 /// DoLa's `layers` as sent: a name or a list of layer numbers.
-fn dola_layers(v: serde_json::Value) -> Result<DolaLayersSpec, super::ApiError> {
+fn dola_layers(object: &str, v: serde_json::Value) -> Result<DolaLayersSpec, super::ApiError> {
     let list =
         |a: &Vec<serde_json::Value>| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>();
     match &v {
@@ -75,9 +90,9 @@ fn dola_layers(v: serde_json::Value) -> Result<DolaLayersSpec, super::ApiError> 
     }
     .ok_or_else(|| {
         super::ApiError::bad(
-            Some("multi_exit.layers"),
+            Some(&format!("{object}.layers")),
             format!(
-                "`multi_exit.layers` must be \"low\", \"high\" or a list of layer numbers, got {v}"
+                "`{object}.layers` must be \"low\", \"high\" or a list of layer numbers, got {v}"
             ),
         )
     })
@@ -224,11 +239,7 @@ impl CompletionRequest {
                 layers,
                 premature,
                 relative_top,
-            }) => Some(ModeSpec::Dola {
-                layers: layers.map(dola_layers).transpose()?,
-                premature,
-                relative_top,
-            }),
+            }) => Some(dola_spec("multi_exit", layers, premature, relative_top)?),
         };
         Ok(GenerateRequest {
             prompts,

@@ -177,3 +177,75 @@ async fn dola_with_speculation_echo_streaming_and_sampling() {
         assert_eq!(a["choices"], b["choices"], "seeded sampling repeats");
     }
 }
+
+/// `/v1/inspect` with a DoLa head: at the last prompt position its best token is the
+/// reference's first greedy token and the premature layer it chose is the reference's first
+/// choice (`premature_layers`, `exits` cases); every position reports its choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspection_reports_dola_and_the_layer_each_position_chose() {
+    for f in ARCHS {
+        let reference = dola_reference(f);
+        let server = TestServer::start_model(&f.dir(), &[]);
+        let url = server.url("/v1/inspect");
+        let mut checked = 0;
+        for case in reference["cases"].as_array().unwrap() {
+            if case["repetition_penalty"] != json!(1.0) {
+                continue;
+            }
+            let body = json!({"model": f.name, "prompt": case["prompt_ids"], "positions": "all",
+                "top_logprobs": 1,
+                "dola": {"layers": case["layers"], "premature": case["premature"]}});
+            let (status, out) = post(&url, &body).await;
+            assert_eq!(status, 200, "{out}");
+            let positions = out["positions"].as_array().unwrap();
+            assert_eq!(
+                positions.len(),
+                case["prompt_ids"].as_array().unwrap().len()
+            );
+            let dola_head = |p: &Value| -> Value {
+                p["heads"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|h| h["head"].as_str().unwrap().starts_with("dola:"))
+                    .cloned()
+                    .unwrap_or_else(|| panic!("no DoLa head in {p}"))
+            };
+            for p in positions {
+                assert!(dola_head(p)["premature_layer"].is_u64(), "{p}");
+            }
+            let last = dola_head(positions.last().unwrap());
+            assert_eq!(
+                last["top_logprobs"][0]["token_id"], case["greedy_ids"][0],
+                "{} {case}",
+                f.name
+            );
+            if case["premature"] == "exits" {
+                assert_eq!(
+                    last["premature_layer"], case["premature_layers"][0],
+                    "{case}"
+                );
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 12, "{}", f.name);
+        // named by the model id
+        let body = json!({"model": format!("{}:dola-low", f.name), "prompt": "Hello there"});
+        let (status, out) = post(&url, &body).await;
+        assert_eq!(status, 200, "{out}");
+        let heads = &out["positions"][0]["heads"];
+        assert!(
+            heads
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h["head"] == "dola:low"),
+            "{heads}"
+        );
+        // a bad DoLa object names its field
+        let body = json!({"model": f.name, "prompt": "x", "dola": {"layers": "middle"}});
+        let (status, out) = post(&url, &body).await;
+        assert_eq!(status, 400, "{out}");
+        assert_eq!(out["error"]["param"], "dola.layers");
+    }
+}

@@ -10,7 +10,6 @@ use std::time::Instant;
 use super::fault::inject;
 use super::{contained, end_if_abandoned, end_request, Batcher, Phase};
 use crate::engine::error::EngineError;
-use crate::engine::inspection;
 use crate::engine::request::{SpeculativeUsage, Submission, Usage};
 use crate::engine::sampling::Sampler;
 use crate::engine::scheduler::{self, Demand, QueueKey};
@@ -128,9 +127,8 @@ impl Batcher {
         };
         self.received += 1;
         let n_layers = self.model.config().num_layers;
-        let (heads, depth) = if req.inspect.is_some() {
-            let exits = &self.model.config().exit_layers;
-            (inspection::inspected_heads(exits), n_layers)
+        let (heads, depth) = if let Some(spec) = &req.inspect {
+            (spec.heads(&self.model.config().exit_layers), n_layers)
         } else {
             (req.mode.heads(), req.mode.depth(n_layers))
         };

@@ -224,6 +224,14 @@ impl Validator {
             (None, Some(Mode::Contrast(c))) => Some(c),
             (None, _) => None,
         };
+        let dola = match (&req.dola, req.named_mode) {
+            (Some(spec), _) => match self.mode_in("dola", spec)? {
+                Mode::Dola(d) => Some(d),
+                _ => unreachable!("the wire makes a DoLa spec of `dola`"),
+            },
+            (None, Some(Mode::Dola(d))) => Some(d),
+            (None, _) => None,
+        };
         let prompt = req.prompt.ok_or(ValidationError::PromptRequired)?;
         let prompt = self.prompts(&[prompt])?.remove(0);
         let max = self.limits.max_inspect_positions;
@@ -250,6 +258,7 @@ impl Validator {
                 top_logprobs: top as usize,
                 all_positions,
                 contrast,
+                dola,
             }),
             speculative: None,
             priority: 0,
