@@ -8,7 +8,7 @@
 //!   (dtypes, packed projections), `step.rs` (a step's packed batch and its logits),
 //!   `kv_cache.rs` (a sequence's cache, in either store): shared.
 //! - `source.rs`, `safetensors_file.rs`, `finite_weights.rs`, `loader.rs`: checkpoint files.
-//! - `mode/` (heads, modes, the contrast; `dola.rs`), `inspect.rs`, `tokenizer.rs`.
+//! - `mode/` (heads and modes; `contrast.rs`, `dola.rs`), `inspect.rs`, `tokenizer.rs`.
 
 #![forbid(unsafe_code)]
 

@@ -1,0 +1,257 @@
+//! Autocontrastive decoding (Gera et al., ACL 2023): an upper head (an exit or the original)
+//! contrasted with a lower exit inside the upper head's plausible set. Its parameters, text
+//! forms and arithmetic.
+
+use std::fmt;
+
+use super::{log_sum_exp, Head};
+use crate::kernels::fastmath;
+
+/// Upper side of a contrast: an exit layer or the original head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upper {
+    Original,
+    Exit(usize),
+}
+
+impl From<Upper> for Head {
+    fn from(u: Upper) -> Self {
+        match u {
+            Upper::Original => Head::Original,
+            Upper::Exit(l) => Head::Exit(l),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ContrastParams {
+    pub upper: Upper,
+    pub lower: usize,
+    /// Plausibility threshold relative to the upper head's top probability.
+    pub alpha: f32,
+    /// Tokens always kept in the plausible set (the k most likely of the upper head).
+    pub minimum_candidates: usize,
+}
+
+pub const DEFAULT_ALPHA: f32 = 0.1;
+pub const DEFAULT_MINIMUM_CANDIDATES: usize = 1;
+
+impl fmt::Display for Upper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Upper::Original => f.write_str("original"),
+            Upper::Exit(l) => write!(f, "{l}"),
+        }
+    }
+}
+
+impl fmt::Display for ContrastParams {
+    /// `contrast:U,L`: the pair of heads contrasted, as inspections name the contrast.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "contrast:{},{}", self.upper, self.lower)
+    }
+}
+
+impl ContrastParams {
+    /// Whether alpha and the candidate floor are the defaults.
+    fn has_default_params(&self) -> bool {
+        self.alpha == DEFAULT_ALPHA && self.minimum_candidates == DEFAULT_MINIMUM_CANDIDATES
+    }
+}
+
+fn parse_upper(s: &str) -> Option<Upper> {
+    match s {
+        "original" => Some(Upper::Original),
+        _ => s.parse().ok().map(Upper::Exit),
+    }
+}
+
+/// The flag form: `contrast:U,L` plus the parameters that are not the defaults.
+pub fn write_flag(c: &ContrastParams, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    write!(f, "{c}")?;
+    if c.alpha != DEFAULT_ALPHA {
+        write!(f, ",alpha={}", c.alpha)?;
+    }
+    if c.minimum_candidates != DEFAULT_MINIMUM_CANDIDATES {
+        write!(f, ",minimum_candidates={}", c.minimum_candidates)?;
+    }
+    Ok(())
+}
+
+/// The flag form after `contrast:`: `U,L[,alpha=A][,minimum_candidates=K]`, parameters in
+/// any order.
+pub fn parse_flag(rest: &str) -> Option<ContrastParams> {
+    let mut parts = rest.split(',');
+    let (u, l) = (parts.next()?, parts.next()?);
+    let mut c = ContrastParams {
+        upper: parse_upper(u.trim())?,
+        lower: l.trim().parse().ok()?,
+        alpha: DEFAULT_ALPHA,
+        minimum_candidates: DEFAULT_MINIMUM_CANDIDATES,
+    };
+    for p in parts {
+        match p.trim().split_once('=') {
+            Some(("alpha", v)) => c.alpha = v.trim().parse().ok()?,
+            Some(("minimum_candidates", v)) => c.minimum_candidates = v.trim().parse().ok()?,
+            _ => return None,
+        }
+    }
+    Some(c)
+}
+
+/// The model-id suffix (`contrast-U-L`), for default parameters only.
+pub fn id_suffix(c: &ContrastParams) -> Option<String> {
+    c.has_default_params()
+        .then(|| format!("contrast-{}-{}", c.upper, c.lower))
+}
+
+/// What `contrast-U-L` names (the caller checks the spelling is canonical).
+pub fn from_id_suffix(suffix: &str) -> Option<ContrastParams> {
+    let (u, l) = suffix.strip_prefix("contrast-")?.split_once('-')?;
+    Some(ContrastParams {
+        upper: parse_upper(u)?,
+        lower: l.parse().ok()?,
+        alpha: DEFAULT_ALPHA,
+        minimum_candidates: DEFAULT_MINIMUM_CANDIDATES,
+    })
+}
+
+/// Autocontrastive log q (REFERENCE.md): the plausible set H keeps the tokens with
+/// p_u >= min(alpha * max p_u, k-th largest p_u); inside H, q is the softmax of
+/// log p_u - log p_l rescaled to H's upper mass; outside H, q = p_u. Log-probs come from
+/// log-softmax, so q stays finite where the reference's log(softmax) gives NaN.
+pub fn contrast_log_q(upper: &[f32], lower: &[f32], c: &ContrastParams) -> Vec<f32> {
+    let (max_u, lse_u) = log_sum_exp(upper);
+    let mut q = fastmath::sub(upper, lse_u);
+    let (_, lse_l) = log_sum_exp(lower);
+    // Compared in log space: p_u >= t  <=>  log p_u >= log t (exp is monotonic). Rounding
+    // keeps the order of x - lse, so the largest log p_u is max_u - lse_u, to the bit.
+    let max_lp = max_u - lse_u;
+    let k = c.minimum_candidates.clamp(1, q.len());
+    let kth_lp = if k == 1 {
+        max_lp
+    } else {
+        let mut sorted = q.clone();
+        let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        *kth
+    };
+    let set = fastmath::PlausibleSet {
+        threshold: (c.alpha.ln() + max_lp).min(kth_lp),
+        lse_lower: lse_l,
+    };
+    // Three vectorised passes over the vocabulary, the set as a mask: the largest
+    // log p_u - log p_l in the set, then both normalisers, then q in place.
+    let diff_max = set.max_diff(&q, lower);
+    let (diff_sum, mass_sum) = set.sums(&q, lower, diff_max, max_lp);
+    let offset = diff_max + diff_sum.ln();
+    let log_mass = max_lp + mass_sum.ln();
+    set.write_q(&mut q, lower, offset, log_mass);
+    q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::log_softmax;
+    use super::*;
+
+    #[test]
+    fn contrast_is_a_normalised_distribution_and_finite() {
+        // lower head gives token 2 probability ~0: the reference would produce NaN there.
+        let upper = vec![2.0, 1.5, 1.9, -3.0];
+        let lower = vec![1.0, 0.0, -200.0, 0.0];
+        let c = ContrastParams {
+            upper: Upper::Original,
+            lower: 1,
+            alpha: 0.1,
+            minimum_candidates: 1,
+        };
+        let q = contrast_log_q(&upper, &lower, &c);
+        assert!(q.iter().all(|x| x.is_finite()));
+        let total: f32 = q.iter().map(|x| x.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        // token 3 is below alpha * max p_u: it keeps the upper probability.
+        let lp_u = log_softmax(&upper);
+        assert!((q[3] - lp_u[3]).abs() < 1e-6);
+        // token 2 wins: the lower head finds it implausible.
+        let best = (0..4).max_by(|&a, &b| q[a].total_cmp(&q[b])).unwrap();
+        assert_eq!(best, 2);
+    }
+
+    /// The contrast as REFERENCE.md states it, step by step (what `contrast_log_q` fuses).
+    fn contrast_plain(upper: &[f32], lower: &[f32], c: &ContrastParams) -> Vec<f64> {
+        let lsm = |x: &[f32]| {
+            let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            x.iter().map(|&v| v as f64 - lse).collect::<Vec<f64>>()
+        };
+        let (lp_u, lp_l) = (lsm(upper), lsm(lower));
+        let mut sorted = lp_u.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let k = c.minimum_candidates.clamp(1, lp_u.len());
+        let t = ((c.alpha as f64).ln() + sorted[0]).min(sorted[k - 1]);
+        let set: Vec<usize> = (0..lp_u.len()).filter(|&i| lp_u[i] >= t).collect();
+        let lse = |v: Vec<f64>| {
+            let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+        };
+        let offset = lse(set.iter().map(|&i| lp_u[i] - lp_l[i]).collect());
+        let log_mass = lse(set.iter().map(|&i| lp_u[i]).collect());
+        let mut q = lp_u.clone();
+        for &i in &set {
+            q[i] = lp_u[i] - lp_l[i] - offset + log_mass;
+        }
+        q
+    }
+
+    #[test]
+    fn fused_contrast_matches_the_stepwise_formula() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut rand = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for (n, spread, alpha, k) in [
+            (1000, 8.0, 0.1, 1),
+            (50257, 1.0, 0.1, 1), // flat: half the vocabulary plausible
+            (777, 30.0, 0.5, 5),  // peaked, a wider candidate floor
+            (64, 4.0, 0.0, 1),    // alpha 0: every token plausible
+        ] {
+            let upper: Vec<f32> = (0..n).map(|_| rand() * spread).collect();
+            let lower: Vec<f32> = (0..n).map(|_| rand() * spread).collect();
+            let c = ContrastParams {
+                upper: Upper::Original,
+                lower: 1,
+                alpha,
+                minimum_candidates: k,
+            };
+            let got = contrast_log_q(&upper, &lower, &c);
+            let want = contrast_plain(&upper, &lower, &c);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() < 1e-4, "n {n} token {i}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn minimum_candidates_widens_the_set() {
+        let upper = vec![10.0, 0.0, -1.0];
+        let lower = vec![10.0, -5.0, 0.0];
+        let narrow = ContrastParams {
+            upper: Upper::Exit(2),
+            lower: 1,
+            alpha: 0.1,
+            minimum_candidates: 1,
+        };
+        // with one candidate only token 0 is plausible and keeps its own probability.
+        let q = contrast_log_q(&upper, &lower, &narrow);
+        assert!((q[0] - log_softmax(&upper)[0]).abs() < 1e-6);
+        let wide = ContrastParams {
+            minimum_candidates: 2,
+            ..narrow
+        };
+        let q = contrast_log_q(&upper, &lower, &wide);
+        assert!(q[1] > q[0]);
+    }
+}
