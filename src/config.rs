@@ -91,8 +91,8 @@ pub struct Args {
     #[arg(long, env = "EXITSERVE_MAX_PREFILL_TOKENS", default_value_t = 512)]
     pub max_prefill_tokens: usize,
     /// KV-cache positions reserved across the batch (prompt + max_tokens of every sequence,
-    /// each n/best_of copy counted) [default: half the memory available at start, over the
-    /// model's KV bytes per position]
+    /// each n/best_of copy counted) [default: half the memory available at start (the GPU's
+    /// on a GPU), over the model's KV bytes per position]
     #[arg(long, env = "EXITSERVE_MAX_BATCH_TOTAL_TOKENS")]
     pub max_batch_total_tokens: Option<usize>,
     /// Prompts x best_of of one request

@@ -113,6 +113,7 @@ pub fn build_state_with(
         max_sequences: s.max_batch_size,
         max_tokens: s.max_batch_total_tokens.unwrap_or_else(|| {
             default_kv_budget(
+                kv_memory_bytes(loaded.model.device()),
                 loaded.model.kv_bytes_per_token(),
                 max_positions,
                 s.max_batch_size,
@@ -120,6 +121,9 @@ pub fn build_state_with(
         }),
         max_prefill_tokens: s.max_prefill_tokens,
     };
+    loaded
+        .model
+        .limit_kv_pool(budget.max_tokens, budget.max_sequences);
     tracing::info!(
         max_batch_total_tokens = budget.max_tokens,
         kv_bytes_per_token = loaded.model.kv_bytes_per_token(),
@@ -208,11 +212,16 @@ pub fn build_state_with(
     Ok(Arc::new(state))
 }
 
-/// Half of the memory available now (after the weights loaded), in KV positions; never more
-/// than a full batch of full-context sequences needs.
-fn default_kv_budget(kv_bytes_per_token: usize, max_positions: usize, max_batch: usize) -> usize {
+/// Half of `available` (the memory free now, after the weights loaded), in KV positions;
+/// never more than a full batch of full-context sequences needs.
+fn default_kv_budget(
+    available: Option<u64>,
+    kv_bytes_per_token: usize,
+    max_positions: usize,
+    max_batch: usize,
+) -> usize {
     let ceiling = max_positions.saturating_mul(max_batch);
-    let Some(available) = available_memory_bytes() else {
+    let Some(available) = available else {
         return ceiling;
     };
     let tokens = (available / 2 / kv_bytes_per_token.max(1) as u64) as usize;
@@ -224,6 +233,23 @@ fn default_kv_budget(kv_bytes_per_token: usize, max_positions: usize, max_batch:
         );
     }
     tokens.clamp(1, ceiling.max(1))
+}
+
+/// The memory the KV cache would take: the GPU's free memory when the model runs on one
+/// (its caches live there), else the host's.
+fn kv_memory_bytes(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        return match d.cuda_stream().context().mem_get_info() {
+            Ok((free, _total)) => Some(free as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the GPU's free memory");
+                None
+            }
+        };
+    }
+    let _ = device;
+    available_memory_bytes()
 }
 
 /// `MemAvailable`, or what the cgroup (v2) still allows when that is less.

@@ -27,12 +27,18 @@ pub struct KvPool {
     inner: Mutex<Inner>,
 }
 
+/// How far doubling may take the pool: beyond it, the pool grows only by what is asked.
+struct Growth {
+    soft_limit_blocks: Option<usize>,
+}
+
 struct Inner {
     /// Per layer `(blocks × BLOCK, width)`; empty until the first allocation.
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
     blocks: usize,
     free: Vec<u32>,
+    growth: Growth,
 }
 
 impl KvPool {
@@ -48,8 +54,18 @@ impl KvPool {
                 values: Vec::new(),
                 blocks: 0,
                 free: Vec::new(),
+                growth: Growth {
+                    soft_limit_blocks: None,
+                },
             }),
         })
+    }
+
+    /// Doubling stops at `positions` (the engine's KV budget, in positions, plus a partly
+    /// filled block per sequence): the pool never holds much more than the budget lets
+    /// sequences reserve, however the doubling falls.
+    pub fn limit_growth(&self, positions: usize, sequences: usize) {
+        self.lock().growth.soft_limit_blocks = Some(positions.div_ceil(BLOCK) + sequences);
     }
 
     pub fn dtype(&self) -> DType {
@@ -66,8 +82,12 @@ impl KvPool {
         let mut inner = self.lock();
         if inner.free.len() < n {
             let want = inner.blocks + n - inner.free.len();
-            let blocks = want.max(2 * inner.blocks).max(FIRST_BLOCKS);
-            self.grow(&mut inner, blocks)?;
+            let doubled = (2 * inner.blocks).max(FIRST_BLOCKS);
+            let doubled = match inner.growth.soft_limit_blocks {
+                Some(limit) => doubled.min(limit),
+                None => doubled,
+            };
+            self.grow(&mut inner, want.max(doubled))?;
         }
         let at = inner.free.len() - n;
         Ok(inner.free.split_off(at))
@@ -178,6 +198,26 @@ mod tests {
         pool.release(&a);
         pool.release(&b);
         assert_eq!(pool.usage(), (2 * FIRST_BLOCKS, 2 * FIRST_BLOCKS));
+        Ok(())
+    }
+
+    #[test]
+    fn doubling_stops_at_the_budget_but_a_need_is_always_met() -> Result<()> {
+        let pool = KvPool::new(1, 2, DType::F32, Device::Cpu);
+        pool.limit_growth(FIRST_BLOCKS * BLOCK + 1, 9); // 65 + 9 blocks
+        let _a = pool.allocate(FIRST_BLOCKS)?;
+        let _b = pool.allocate(1)?;
+        assert_eq!(
+            pool.usage().0,
+            FIRST_BLOCKS + 10,
+            "not doubled past the budget"
+        );
+        let _c = pool.allocate(20)?;
+        assert_eq!(
+            pool.usage().0,
+            FIRST_BLOCKS + 1 + 20,
+            "what is asked, past it"
+        );
         Ok(())
     }
 }

@@ -214,6 +214,17 @@ impl MultiExitModel {
         }
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bounds the paged pool's doubling by the engine's KV budget (`kv_pool.rs`).
+    pub fn limit_kv_pool(&self, positions: usize, sequences: usize) {
+        if let Some(pool) = &self.kv_pool {
+            pool.limit_growth(positions, sequences);
+        }
+    }
+
     /// The paged pool's blocks and free blocks, when attention takes the batched path.
     pub fn kv_pool_usage(&self) -> Option<(usize, usize)> {
         self.kv_pool.as_ref().map(|p| p.usage())
