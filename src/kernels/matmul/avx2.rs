@@ -12,14 +12,11 @@
 //!   and adds each pair exactly in int32, the AVX-512 VNNI kernel's arithmetic, so the two
 //!   give identical results.
 //!
-//! Cache blocking, for prompts and batches (measured on a Zen 3 VM, alternating builds: a
-//! 512-token GPT-2 medium f32 prompt 3.6-4.1 s against 3.7-5.2 s before): x is copied once per
-//! product with each register tile's rows interleaved (`[k][rows]`: one sequential stream,
-//! where rows `k` floats apart, 4 KiB or 16 KiB for these models, share one L1 set with the
-//! panel); from `BLOCKED_ROWS` rows on (more than one tile), k is cut into slices whose panel
-//! part fits L1 and the rows into groups that fit L2, and a tile's sums are stored and
-//! reloaded between slices.
-//! Results go straight into the product's output (`OutBlock`), no per-task copy.
+//! Cache blocking, for prompts and batches (`blocking.rs`, measured here first: on a Zen 3 VM,
+//! alternating builds, a 512-token GPT-2 medium f32 prompt took 3.6-4.1 s against 3.7-5.2 s
+//! before): x interleaved per register tile, k-slices of a panel in L1, row groups in L2, and
+//! the next panel prefetched while several tiles share one. Results go straight into the
+//! product's output (`OutBlock`), no per-task copy.
 //!
 //! Every output is accumulated in k order in one lane whatever the number of rows and the
 //! blocking (a reloaded sum continues the same chain of FMAs, int8 sums stay int32 until the
@@ -28,7 +25,8 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::panels::{run, Operands, OutBlock, PANEL};
+use super::blocking::{for_each_tile, interleave, Blocking, Caches, Dst, Tile};
+use super::panels::{Operands, PANEL};
 use crate::kernels::cpu_features;
 
 /// Rows of x per register tile, at most: 6 rows x 2 halves = 12 accumulators, plus two of W
@@ -40,121 +38,12 @@ use crate::kernels::cpu_features;
 const MR_F32: usize = 6;
 const MR_BF16: usize = 5;
 
-/// From this many rows (more than one register tile: prompts, batched decode, verification)
-/// the product is cache-blocked; below it (one tile) each panel streams from memory once, in
-/// one piece, with nothing to reuse.
-const BLOCKED_ROWS: usize = 7;
-/// Bytes of one panel's k-slice: half of a 32 KiB L1, the rest for the tile's rows of x.
-const SLICE_BYTES: usize = 16 << 10;
-/// Bytes of x per row group: a quarter of a 512 KiB L2 (Zen 3; 1-2 MiB on Intel).
-const GROUP_BYTES: usize = 128 << 10;
-
-/// How a product is cut: k-slices of `kc` steps (a step: one k of f32, one pair of bf16 or
-/// int8) and groups of at most `group` register tiles.
-#[derive(Clone, Copy)]
-struct Blocking {
-    kc: usize,
-    group: usize,
-}
-
-impl Blocking {
-    fn of(m: usize, steps: usize, w_step_bytes: usize, x_step_bytes: usize, mr: usize) -> Self {
-        if m < BLOCKED_ROWS {
-            return Self {
-                kc: steps.max(1),
-                group: usize::MAX,
-            };
-        }
-        let kc = (SLICE_BYTES / w_step_bytes).clamp(1, steps.max(1));
-        let rows = (GROUP_BYTES / (kc * x_step_bytes)).max(mr);
-        Self {
-            kc,
-            group: rows / mr,
-        }
-    }
-}
-
-/// The register tiles of `m` rows: the fewest of at most `mr` rows, as even as can be (7
-/// rows: 4 + 3, not 6 + 1, whose one-row tile would wait on FMA latency as long as a full
-/// one), as (first row, rows). Which rows share a tile changes no output.
-fn row_tiles(m: usize, mr: usize) -> Vec<(usize, usize)> {
-    let tiles = m.div_ceil(mr);
-    let mut row = 0;
-    (0..tiles)
-        .map(|t| {
-            let rows = (m - row).div_ceil(tiles - t);
-            row += rows;
-            (row - rows, rows)
-        })
-        .collect()
-}
-
-/// x `(m, steps * e)` with each tile's rows interleaved: the tile at row `r0` of `rows`
-/// holds `[step][row][e]` from `r0 * steps * e` on.
-fn interleave<T: Copy + Default>(x: &[T], m: usize, steps: usize, e: usize, mr: usize) -> Vec<T> {
-    let width = steps * e;
-    let mut out = vec![T::default(); m * width];
-    for (r0, rows) in row_tiles(m, mr) {
-        let tile = &mut out[r0 * width..(r0 + rows) * width];
-        for r in 0..rows {
-            let src = &x[(r0 + r) * width..(r0 + r + 1) * width];
-            for (s, vals) in src.chunks_exact(e).enumerate() {
-                tile[(s * rows + r) * e..][..e].copy_from_slice(vals);
-            }
-        }
-    }
-    out
-}
-
-/// Walks a task's tiles: for each k-slice, each group of row tiles, each panel, each tile of
-/// the group (the panel's slice stays in L1 while the group's rows go by, the group's rows in
-/// L2 while the panels go by); calls `tile(r0, rows, panel, slice, first)`, `first` for the
-/// group's first tile on this panel and slice.
-fn drive(
-    tiles: &[(usize, usize)],
-    steps: usize,
-    b: Blocking,
-    panels: &Range<usize>,
-    mut tile: impl FnMut(usize, usize, usize, Range<usize>, bool),
-) {
-    for s0 in (0..steps.max(1)).step_by(b.kc) {
-        let slice = s0..(s0 + b.kc).min(steps);
-        for group in tiles.chunks(b.group.max(1)) {
-            for p in panels.clone() {
-                for (i, &(r0, rows)) in group.iter().enumerate() {
-                    tile(r0, rows, p, slice.clone(), i == 0);
-                }
-            }
-        }
-    }
-}
-
-/// Runs a product of `m` rows by `n` columns in parallel tasks (`run`), walking each task's
-/// tiles (`drive`): `tile(r0, rows, panel, k-slice, where its sums go, next)`, `next` the
-/// task's next panel for the first of several tiles that share this one (see `tile_f32`).
-fn for_each_tile(
-    out: &mut [f32],
-    (m, n, mr): (usize, usize, usize),
-    steps: usize,
-    b: Blocking,
-    tile: impl Fn(usize, usize, usize, Range<usize>, Dst, Option<usize>) + Sync,
-) {
-    let tiles = row_tiles(m, mr);
-    let shared = tiles.len() > 1;
-    run(out, m, n, n.div_ceil(PANEL), |task, block| {
-        drive(&tiles, steps, b, &task, |r0, rows, p, slice, first| {
-            let next = (shared && first && p + 1 < task.end).then_some(p + 1);
-            tile(
-                r0,
-                rows,
-                p,
-                slice,
-                Dst::of(&block, r0, p - task.start),
-                next,
-            )
-        });
-    });
-}
+/// Half of a 32 KiB L1 per k-slice of a panel, a quarter of a 512 KiB L2 per row group (Zen 3;
+/// 1-2 MiB on Intel).
+const CACHES: Caches = Caches {
+    slice_bytes: 16 << 10,
+    group_bytes: 128 << 10,
+};
 
 /// Calls `$tile::<R>(args)` with the tile's row count as a const generic.
 macro_rules! dispatch {
@@ -170,61 +59,36 @@ macro_rules! dispatch {
     };
 }
 
-/// Where one tile's sums go: row 0, column 0 of the tile in the output, the row stride, and
-/// how many of the panel's 16 columns exist (the last panel of a weight may be partial).
-#[derive(Clone, Copy)]
-struct Dst {
-    at: *mut f32,
-    ld: usize,
-    valid: usize,
-}
-
-impl Dst {
-    fn of(out: &OutBlock, r0: usize, panel_in_task: usize) -> Self {
-        let col = panel_in_task * PANEL;
-        Self {
-            // SAFETY (of later writes): r0 < m and col < cols, inside the block
-            at: out.as_mut_ptr().wrapping_add(r0 * out.ld() + col),
-            ld: out.ld(),
-            valid: out.cols() - col,
-        }
-    }
-
-    /// The valid lanes of half `h` (0 or 1) of the panel.
-    fn lanes(&self, h: usize) -> usize {
-        self.valid.saturating_sub(h * 8).min(8)
-    }
-
-    #[inline(always)]
-    unsafe fn load<const R: usize>(&self) -> [[__m256; 2]; R] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for (r, halves) in acc.iter_mut().enumerate() {
-            for (h, a) in halves.iter_mut().enumerate() {
-                let (src, n) = (self.at.add(r * self.ld + h * 8), self.lanes(h));
-                if n == 8 {
-                    *a = _mm256_loadu_ps(src);
-                } else if n > 0 {
-                    let mut lanes = [0f32; 8];
-                    std::ptr::copy_nonoverlapping(src, lanes.as_mut_ptr(), n);
-                    *a = _mm256_loadu_ps(lanes.as_ptr());
-                }
+/// A tile's sums, `R` rows of one panel as two 8-lane halves, from where they wait.
+#[inline(always)]
+unsafe fn load<const R: usize>(dst: &Dst) -> [[__m256; 2]; R] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for (r, halves) in acc.iter_mut().enumerate() {
+        for (h, a) in halves.iter_mut().enumerate() {
+            let (src, n) = (dst.at.add(r * dst.ld + h * 8), dst.lanes(h, 8));
+            if n == 8 {
+                *a = _mm256_loadu_ps(src);
+            } else if n > 0 {
+                let mut lanes = [0f32; 8];
+                std::ptr::copy_nonoverlapping(src, lanes.as_mut_ptr(), n);
+                *a = _mm256_loadu_ps(lanes.as_ptr());
             }
         }
-        acc
     }
+    acc
+}
 
-    #[inline(always)]
-    unsafe fn store<const R: usize>(&self, acc: &[[__m256; 2]; R]) {
-        for (r, halves) in acc.iter().enumerate() {
-            for (h, a) in halves.iter().enumerate() {
-                let (dst, n) = (self.at.add(r * self.ld + h * 8), self.lanes(h));
-                if n == 8 {
-                    _mm256_storeu_ps(dst, *a);
-                } else if n > 0 {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-                    std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n);
-                }
+#[inline(always)]
+unsafe fn store<const R: usize>(dst: &Dst, acc: &[[__m256; 2]; R]) {
+    for (r, halves) in acc.iter().enumerate() {
+        for (h, a) in halves.iter().enumerate() {
+            let (at, n) = (dst.at.add(r * dst.ld + h * 8), dst.lanes(h, 8));
+            if n == 8 {
+                _mm256_storeu_ps(at, *a);
+            } else if n > 0 {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), at, n);
             }
         }
     }
@@ -243,23 +107,19 @@ pub fn f32_product(ops: &Operands<f32, f32>, n: usize, out: &mut [f32]) {
     let (x, m, k, w) = (ops.x, ops.m, ops.k, ops.w);
     ops.assert_extents(k * PANEL, &(0..n.div_ceil(PANEL)), n, out);
     let xt = interleave(x, m, k, 1, MR_F32);
-    let b = Blocking::of(m, k, PANEL * 4, 4, MR_F32);
+    let b = Blocking::of(m, k, (PANEL * 4, 4), MR_F32, CACHES);
     let (xp, wp) = (xt.as_ptr() as usize, w.as_ptr() as usize);
-    for_each_tile(
-        out,
-        (m, n, MR_F32),
-        k,
-        b,
-        |r0, rows, p, slice, dst, next| {
-            let x = (xp as *const f32).wrapping_add(r0 * k);
-            let w = (wp as *const f32).wrapping_add(p * k * PANEL);
-            let next = next.map(|q| (wp as *const f32).wrapping_add(q * k * PANEL));
-            // SAFETY: the CPU has AVX2 + FMA (checked above); the tile reads rows r0..r0+rows
-            // of x and panels p and `next` < panels of W, asserted in range above, and writes its
-            // rows and the panel's columns of its task's output block.
-            unsafe { dispatch!(rows, tile_f32, (x, w, slice, dst, next)) }
-        },
-    );
+    for_each_tile(out, (m, n, MR_F32, 1), k, b, |t: Tile| {
+        let x = (xp as *const f32).wrapping_add(t.r0 * k);
+        let w = (wp as *const f32).wrapping_add(t.p * k * PANEL);
+        let next = t
+            .next
+            .map(|q| (wp as *const f32).wrapping_add(q * k * PANEL));
+        // SAFETY: the CPU has AVX2 + FMA (checked above); the tile reads rows r0..r0+rows
+        // of x and panels p and `next` < panels of W, asserted in range above, and writes its
+        // rows and the panel's columns of its task's output block.
+        unsafe { dispatch!(t.rows, tile_f32, (x, w, t.slice, t.dst, next)) }
+    });
 }
 
 /// With `next`, the tile also prefetches that panel's part of the slice, one line per k: when
@@ -277,7 +137,7 @@ unsafe fn tile_f32<const R: usize>(
     let mut acc = if slice.start == 0 {
         [[_mm256_setzero_ps(); 2]; R]
     } else {
-        dst.load::<R>()
+        load::<R>(&dst)
     };
     for kk in slice {
         if let Some(next) = next {
@@ -291,7 +151,7 @@ unsafe fn tile_f32<const R: usize>(
             a[1] = _mm256_fmadd_ps(xb, w1, a[1]);
         }
     }
-    dst.store(&acc);
+    store(&dst, &acc);
 }
 
 /// `out (m, n) = x · Wᵀ` from bfloat16 pair panels `[panel][kp][16][2]`, with `xb` x rounded
@@ -311,13 +171,13 @@ pub fn bf16_product(ops: &Operands<u32, u16>, n: usize, out: &mut [f32]) {
         })
         .collect();
     let xt = interleave(&widened, m, kp, 2, MR_BF16);
-    let b = Blocking::of(m, kp, PANEL * 4, 8, MR_BF16);
+    let b = Blocking::of(m, kp, (PANEL * 4, 8), MR_BF16, CACHES);
     let (xp, wp) = (xt.as_ptr() as usize, w.as_ptr() as usize);
-    for_each_tile(out, (m, n, MR_BF16), kp, b, |r0, rows, p, slice, dst, _| {
-        let x = (xp as *const f32).wrapping_add(r0 * kp * 2);
-        let w = (wp as *const u16).wrapping_add(p * kp * PANEL * 2);
+    for_each_tile(out, (m, n, MR_BF16, 1), kp, b, |t: Tile| {
+        let x = (xp as *const f32).wrapping_add(t.r0 * kp * 2);
+        let w = (wp as *const u16).wrapping_add(t.p * kp * PANEL * 2);
         // SAFETY: as in `f32_product`.
-        unsafe { dispatch!(rows, tile_bf16, (x, w, slice, dst)) }
+        unsafe { dispatch!(t.rows, tile_bf16, (x, w, t.slice, t.dst)) }
     });
 }
 
@@ -327,7 +187,7 @@ unsafe fn tile_bf16<const R: usize>(x: *const f32, w: *const u16, slice: Range<u
     let mut acc = if slice.start == 0 {
         [[_mm256_setzero_ps(); 2]; R]
     } else {
-        dst.load::<R>()
+        load::<R>(&dst)
     };
     for j in slice {
         // 16 columns x (w[2j], w[2j+1]) as u32 pairs: the even k in the low half
@@ -343,7 +203,7 @@ unsafe fn tile_bf16<const R: usize>(x: *const f32, w: *const u16, slice: Range<u
             }
         }
     }
-    dst.store(&acc);
+    store(&dst, &acc);
 }
 
 /// `out (m, n) = x · Wᵀ` from int8 pair panels `[panel][kp][16][2]` and `xq` x as int16
@@ -360,17 +220,17 @@ pub fn int8_product(
     ops.assert_extents(kp * PANEL * 2, &(0..panels), n, out);
     assert!(x_scales.len() >= m && w_scales.len() >= panels * PANEL);
     let xt = interleave(xq, m, kp, 1, MR_F32);
-    let b = Blocking::of(m, kp, PANEL * 2, 4, MR_F32);
+    let b = Blocking::of(m, kp, (PANEL * 2, 4), MR_F32, CACHES);
     let (xp, wp) = (xt.as_ptr() as usize, w.as_ptr() as usize);
     let scales = (x_scales.as_ptr() as usize, w_scales.as_ptr() as usize);
-    for_each_tile(out, (m, n, MR_F32), kp, b, |r0, rows, p, slice, dst, _| {
-        let x = (xp as *const u32).wrapping_add(r0 * kp);
-        let w = (wp as *const i8).wrapping_add(p * kp * PANEL * 2);
-        let xs = (scales.0 as *const f32).wrapping_add(r0);
-        let ws = (scales.1 as *const f32).wrapping_add(p * PANEL);
-        let last = slice.end == kp;
+    for_each_tile(out, (m, n, MR_F32, 1), kp, b, |t: Tile| {
+        let x = (xp as *const u32).wrapping_add(t.r0 * kp);
+        let w = (wp as *const i8).wrapping_add(t.p * kp * PANEL * 2);
+        let xs = (scales.0 as *const f32).wrapping_add(t.r0);
+        let ws = (scales.1 as *const f32).wrapping_add(t.p * PANEL);
+        let last = t.slice.end == kp;
         // SAFETY: as in `f32_product`; the scales cover the rows and panels (asserted).
-        unsafe { dispatch!(rows, tile_int8, (x, w, (xs, ws), slice, last, dst)) }
+        unsafe { dispatch!(t.rows, tile_int8, (x, w, (xs, ws), t.slice, last, t.dst)) }
     });
 }
 
@@ -387,7 +247,7 @@ unsafe fn tile_int8<const R: usize>(
 ) {
     let mut sums = [[_mm256_setzero_si256(); 2]; R];
     if slice.start > 0 {
-        let bits = dst.load::<R>();
+        let bits = load::<R>(&dst);
         for (s, b) in sums.iter_mut().zip(&bits) {
             *s = b.map(|v| _mm256_castps_si256(v));
         }
@@ -419,5 +279,5 @@ unsafe fn tile_int8<const R: usize>(
             a[h] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[h]), xs), ws);
         }
     }
-    dst.store(&acc);
+    store(&dst, &acc);
 }

@@ -1,201 +1,260 @@
 //! The AVX-512 panel products: FMA for float32, `vdpbf16ps` for bfloat16 pairs, VNNI
 //! `vpdpwssd` for int8 panels against x as int16 pairs. A register tile of up to 8 rows x 48
-//! columns (3 panels) accumulates with one broadcast of x and three vector loads of W per k.
+//! columns (three panels, 24 accumulators) takes one broadcast of x per row and three vector
+//! loads of W per k step; the sums go straight into the product's output, and while several
+//! row tiles share a unit of panels the first prefetches the next unit into L2.
+//!
+//! Not cache-blocked, unlike AVX2: on a Xeon with 48 KiB L1 and 2 MiB L2 (Emerald Rapids, in
+//! one process alternating with this layout) the AVX2 blocking (x interleaved per tile,
+//! k-slices in L1, row groups in L2) made 16- and 512-row products 5-40 % slower in f32 and
+//! int8, in tiles of 8 x 3 and 12 x 2 alike: the unit's panels stay in L2 while the row tiles
+//! go by, and that L2 feeds the FMAs.
+//!
+//! Every output is accumulated in k order in one lane whatever the number of rows, so a
+//! sequence gets bit-identical results alone or in any batch.
 
 use std::arch::x86_64::*;
-use std::ops::Range;
 
-use super::panels::{run_dense, Operands, PANEL};
+use super::blocking::{for_each_tile, Blocking, Dst, Tile};
+use super::panels::{Operands, PANEL};
 use crate::kernels::cpu_features;
 
-/// `out (m, n) = x · Wᵀ` from float32 panels.
-pub fn f32_product(ops: &Operands<f32, f32>, n: usize, out: &mut [f32]) {
-    run_dense(out, ops.m, n, n.div_ceil(PANEL), |panels, cols, dst| {
-        ops.assert_extents(ops.k * PANEL, &panels, cols, dst);
-        assert!(
-            cpu_features::get().avx512,
-            "AVX-512 kernels on a CPU without AVX-512"
-        );
-        // SAFETY: the CPU has AVX-512 (checked above) and the extents are asserted above.
-        unsafe { f32_panels_avx512(ops, panels, cols, dst) }
-    })
+/// Rows of x per register tile, at most, and panels per tile: 8 x 3 = 24 accumulators of the
+/// 32 zmm registers, three of W, the broadcasts folded into the multiply-adds.
+const MR: usize = 8;
+const WIDTH: usize = 3;
+
+fn check(has: bool, what: &str) {
+    assert!(has, "AVX-512 {what} kernels on a CPU without them");
 }
 
-/// `out (m, n) = x · Wᵀ` from int8 pair panels and x as int16 pairs, scaled by each row's
-/// `x_scales` and each column's `w_scales`.
+/// `out (m, n) = x · Wᵀ` from float32 panels `[panel][k][16]`.
+pub fn f32_product(ops: &Operands<f32, f32>, n: usize, out: &mut [f32]) {
+    check(cpu_features::get().avx512, "F");
+    let (x, m, k, w) = (ops.x, ops.m, ops.k, ops.w);
+    ops.assert_extents(k * PANEL, &(0..n.div_ceil(PANEL)), n, out);
+    let b = Blocking::none(k);
+    let (xp, wp) = (x.as_ptr() as usize, w.as_ptr() as usize);
+    for_each_tile(out, (m, n, MR, WIDTH), k, b, |t: Tile| {
+        let x = (xp as *const f32).wrapping_add(t.r0 * k);
+        let w = (wp as *const f32).wrapping_add(t.p * k * PANEL);
+        let next = t
+            .next
+            .map(|q| (wp as *const f32).wrapping_add(q * k * PANEL));
+        let panel = k * PANEL;
+        // SAFETY: the CPU has AVX-512F (checked above); the tile reads rows r0..r0+rows of x
+        // and its panels (and `next`'s) of W, asserted in range above, and writes its rows and
+        // panels' columns of its task's output block.
+        unsafe {
+            dispatch!(
+                t.rows,
+                t.panels,
+                tile_f32,
+                ((x, k), (w, panel), t.slice, t.dst, next)
+            )
+        }
+    });
+}
+
+/// `out (m, n) = x · Wᵀ` from bfloat16 pair panels `[panel][kp][16][2]` and x as bfloat16
+/// pairs `(m, kp)` (`vdpbf16ps`).
+pub fn bf16_product(ops: &Operands<u32, u16>, n: usize, out: &mut [f32]) {
+    check(cpu_features::get().avx512_bf16, "BF16");
+    let (xb, m, kp, w) = (ops.x, ops.m, ops.k, ops.w);
+    ops.assert_extents(kp * PANEL * 2, &(0..n.div_ceil(PANEL)), n, out);
+    let b = Blocking::none(kp);
+    let (xp, wp) = (xb.as_ptr() as usize, w.as_ptr() as usize);
+    for_each_tile(out, (m, n, MR, WIDTH), kp, b, |t: Tile| {
+        let x = (xp as *const u32).wrapping_add(t.r0 * kp);
+        let w = (wp as *const u16).wrapping_add(t.p * kp * PANEL * 2);
+        let next = t
+            .next
+            .map(|q| (wp as *const u16).wrapping_add(q * kp * PANEL * 2));
+        let panel = kp * PANEL * 2;
+        // SAFETY: as in `f32_product`, with AVX-512 BF16.
+        unsafe {
+            dispatch!(
+                t.rows,
+                t.panels,
+                tile_bf16,
+                ((x, kp), (w, panel), t.slice, t.dst, next)
+            )
+        }
+    });
+}
+
+/// `out (m, n) = x · Wᵀ` from int8 pair panels `[panel][kp][16][2]` and x as int16 pairs
+/// `(m, kp)`, scaled by each row's `x_scales` and each column's `w_scales` at the end.
 pub fn int8_product(
     ops: &Operands<u32, i8>,
     (x_scales, w_scales): (&[f32], &[f32]),
     n: usize,
     out: &mut [f32],
 ) {
-    run_dense(out, ops.m, n, n.div_ceil(PANEL), |panels, cols, dst| {
-        ops.assert_extents(ops.k * PANEL * 2, &panels, cols, dst);
-        assert!(x_scales.len() >= ops.m && w_scales.len() >= panels.end * PANEL);
-        assert!(
-            cpu_features::get().avx512_vnni,
-            "AVX-512 VNNI kernels on a CPU without them"
-        );
-        // SAFETY: the CPU has AVX-512 VNNI (checked above) and the extents are asserted above.
-        unsafe { int8_panels_avx512(ops, x_scales, w_scales, panels, cols, dst) }
-    })
+    check(cpu_features::get().avx512_vnni, "VNNI");
+    let (xq, m, kp, w) = (ops.x, ops.m, ops.k, ops.w);
+    let panels = n.div_ceil(PANEL);
+    ops.assert_extents(kp * PANEL * 2, &(0..panels), n, out);
+    assert!(x_scales.len() >= m && w_scales.len() >= panels * PANEL);
+    let b = Blocking::none(kp);
+    let (xp, wp) = (xq.as_ptr() as usize, w.as_ptr() as usize);
+    let scales = (x_scales.as_ptr() as usize, w_scales.as_ptr() as usize);
+    for_each_tile(out, (m, n, MR, WIDTH), kp, b, |t: Tile| {
+        let x = (xp as *const u32).wrapping_add(t.r0 * kp);
+        let w = (wp as *const i8).wrapping_add(t.p * kp * PANEL * 2);
+        let next = t
+            .next
+            .map(|q| (wp as *const i8).wrapping_add(q * kp * PANEL * 2));
+        let xs = (scales.0 as *const f32).wrapping_add(t.r0);
+        let ws = (scales.1 as *const f32).wrapping_add(t.p * PANEL);
+        let panel = kp * PANEL * 2;
+        // SAFETY: as in `f32_product`, with AVX-512 VNNI; the scales cover the rows and
+        // panels (asserted).
+        unsafe {
+            dispatch!(
+                t.rows,
+                t.panels,
+                tile_int8,
+                ((x, kp), (w, panel), (xs, ws), t.slice, t.dst, next)
+            )
+        }
+    });
 }
 
-/// `out (m, n) = x · Wᵀ` from bfloat16 pair panels and x as bfloat16 pairs (`vdpbf16ps`).
-pub fn bf16_product(ops: &Operands<u32, u16>, n: usize, out: &mut [f32]) {
-    run_dense(out, ops.m, n, n.div_ceil(PANEL), |panels, cols, dst| {
-        ops.assert_extents(ops.k * PANEL * 2, &panels, cols, dst);
-        assert!(
-            cpu_features::get().avx512_bf16,
-            "AVX-512 BF16 kernels on a CPU without them"
-        );
-        // SAFETY: the CPU has AVX-512 BF16 (checked above) and the extents are asserted above.
-        unsafe { bf16_panels_avx512(ops, panels, cols, dst) }
-    })
+/// Calls `$tile::<R, V>(args)` with the tile's rows and panels as const generics.
+macro_rules! dispatch {
+    ($rows:expr, $panels:expr, $tile:ident, $args:tt) => {
+        match $panels {
+            3 => dispatch!(@rows $rows, 3, $tile, $args),
+            2 => dispatch!(@rows $rows, 2, $tile, $args),
+            _ => dispatch!(@rows $rows, 1, $tile, $args),
+        }
+    };
+    (@rows $rows:expr, $v:literal, $tile:ident, ($($arg:expr),*)) => {
+        match $rows {
+            8 => $tile::<8, $v>($($arg),*),
+            7 => $tile::<7, $v>($($arg),*),
+            6 => $tile::<6, $v>($($arg),*),
+            5 => $tile::<5, $v>($($arg),*),
+            4 => $tile::<4, $v>($($arg),*),
+            3 => $tile::<3, $v>($($arg),*),
+            2 => $tile::<2, $v>($($arg),*),
+            _ => $tile::<1, $v>($($arg),*),
+        }
+    };
 }
+use dispatch;
 
-/// Rows of x per register tile and panels per tile (8 x 3 accumulators of 16 lanes).
-const MR: usize = 8;
-const NV: usize = 3;
-
-/// Stores `acc` to `dst[row][col..col+16]`, masked to the valid columns.
+/// The mask of a vector's valid lanes.
 #[inline(always)]
-unsafe fn store(dst: *mut f32, valid: usize, acc: __m512) {
-    if valid >= PANEL {
-        _mm512_storeu_ps(dst, acc);
-    } else {
-        _mm512_mask_storeu_ps(dst, ((1u32 << valid) - 1) as __mmask16, acc);
-    }
+fn mask(lanes: usize) -> __mmask16 {
+    ((1u32 << lanes) - 1) as __mmask16
 }
 
-/// Stores a register tile: rows `row..` of `dst (m, cols)`, from panel `panel` of the task.
 #[inline(always)]
-unsafe fn store_tile<const R: usize, const V: usize>(
-    acc: &[[__m512; V]; R],
-    row: usize,
-    panel: usize,
-    cols: usize,
-    dst: *mut f32,
-) {
+unsafe fn store<const R: usize, const V: usize>(dst: &Dst, acc: &[[__m512; V]; R]) {
     for (r, accs) in acc.iter().enumerate() {
         for (v, a) in accs.iter().enumerate() {
-            let col = (panel + v) * PANEL;
-            if col < cols {
-                store(dst.add((row + r) * cols + col), cols - col, *a);
+            let (at, n) = (dst.at.add(r * dst.ld + v * PANEL), dst.lanes(v, PANEL));
+            if n == PANEL {
+                _mm512_storeu_ps(at, *a);
+            } else if n > 0 {
+                _mm512_mask_storeu_ps(at, mask(n), *a);
             }
         }
     }
 }
 
-/// Calls `$tile::<R, V>` with the tile shape as const generics.
-macro_rules! dispatch {
-    ($tile:ident, $mr:expr, $nv:expr, ($($arg:expr),*)) => {
-        match ($mr, $nv) {
-            (8, 3) => $tile::<8, 3>($($arg),*), (8, 2) => $tile::<8, 2>($($arg),*), (8, 1) => $tile::<8, 1>($($arg),*),
-            (7, 3) => $tile::<7, 3>($($arg),*), (7, 2) => $tile::<7, 2>($($arg),*), (7, 1) => $tile::<7, 1>($($arg),*),
-            (6, 3) => $tile::<6, 3>($($arg),*), (6, 2) => $tile::<6, 2>($($arg),*), (6, 1) => $tile::<6, 1>($($arg),*),
-            (5, 3) => $tile::<5, 3>($($arg),*), (5, 2) => $tile::<5, 2>($($arg),*), (5, 1) => $tile::<5, 1>($($arg),*),
-            (4, 3) => $tile::<4, 3>($($arg),*), (4, 2) => $tile::<4, 2>($($arg),*), (4, 1) => $tile::<4, 1>($($arg),*),
-            (3, 3) => $tile::<3, 3>($($arg),*), (3, 2) => $tile::<3, 2>($($arg),*), (3, 1) => $tile::<3, 1>($($arg),*),
-            (2, 3) => $tile::<2, 3>($($arg),*), (2, 2) => $tile::<2, 2>($($arg),*), (2, 1) => $tile::<2, 1>($($arg),*),
-            (1, 3) => $tile::<1, 3>($($arg),*), (1, 2) => $tile::<1, 2>($($arg),*), _ => $tile::<1, 1>($($arg),*),
-        }
-    };
-}
-
-/// Walks the register tiles of a task: up to `NV` panels at a time, each against all rows
-/// of x in blocks of `MR` (the panels stay in L2 while the rows go by).
+/// Prefetches one line of each of the next unit's `V` panels at `offset` elements in.
 #[inline(always)]
-fn drive(m: usize, panels: &Range<usize>, mut tile: impl FnMut(usize, usize, usize, usize)) {
-    let mut p = panels.start;
-    while p < panels.end {
-        let nv = (panels.end - p).min(NV);
-        let mut row = 0;
-        while row < m {
-            let mr = (m - row).min(MR);
-            tile(mr, nv, row, p);
-            row += mr;
+unsafe fn prefetch<T, const V: usize>(next: Option<*const T>, panel: usize, offset: usize) {
+    if let Some(next) = next {
+        for v in 0..V {
+            _mm_prefetch::<_MM_HINT_T1>(next.add(v * panel + offset) as *const i8);
         }
-        p += nv;
     }
 }
 
-/// One register tile: rows `row..row+R` of x by panels `p..p+V`.
-// A register tile needs the operands' raw pointers and extents; a struct would only rename them.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
+/// One register tile of float32: x rows `ldx` apart, `V` panels `panel` floats apart. With
+/// `next`, it prefetches that unit's part of the k range into L2 (into L1 it evicted the
+/// panels the other tiles were about to read: 5-7 % slower at 16 rows).
+#[target_feature(enable = "avx512f")]
 unsafe fn tile_f32<const R: usize, const V: usize>(
-    x: *const f32,
-    k: usize,
-    w: *const f32,
-    row: usize,
-    p: usize,
-    p0: usize,
-    cols: usize,
-    dst: *mut f32,
+    (x, ldx): (*const f32, usize),
+    (w, panel): (*const f32, usize),
+    slice: std::ops::Range<usize>,
+    dst: Dst,
+    next: Option<*const f32>,
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    let panel = |v: usize| w.add((p + v) * k * PANEL);
-    for kk in 0..k {
+    for kk in slice {
+        prefetch::<f32, V>(next, panel, kk * PANEL);
         let mut wv = [_mm512_setzero_ps(); V];
         for (v, slot) in wv.iter_mut().enumerate() {
-            *slot = _mm512_loadu_ps(panel(v).add(kk * PANEL));
+            *slot = _mm512_loadu_ps(w.add(v * panel + kk * PANEL));
         }
         for (r, accs) in acc.iter_mut().enumerate() {
-            let xb = _mm512_set1_ps(*x.add((row + r) * k + kk));
+            let xb = _mm512_set1_ps(*x.add(r * ldx + kk));
             for (v, a) in accs.iter_mut().enumerate() {
                 *a = _mm512_fmadd_ps(xb, wv[v], *a);
             }
         }
     }
-    store_tile(&acc, row, p - p0, cols, dst);
+    store(&dst, &acc);
 }
 
-#[target_feature(enable = "avx512f")]
-unsafe fn f32_panels_avx512(
-    ops: &Operands<f32, f32>,
-    panels: Range<usize>,
-    cols: usize,
-    dst: &mut [f32],
+/// One register tile of bfloat16 pairs (`vdpbf16ps`): x pairs rows `ldx` apart.
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+unsafe fn tile_bf16<const R: usize, const V: usize>(
+    (x, ldx): (*const u32, usize),
+    (w, panel): (*const u16, usize),
+    slice: std::ops::Range<usize>,
+    dst: Dst,
+    next: Option<*const u16>,
 ) {
-    let (m, k) = (ops.m, ops.k);
-    let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
-    drive(m, &panels, |mr, nv, row, p| {
-        dispatch!(
-            tile_f32,
-            mr,
-            nv,
-            (xp, k, wp, row, p, panels.start, cols, dp)
-        )
-    });
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    for j in slice {
+        prefetch::<u16, V>(next, panel, j * PANEL * 2);
+        let mut wv = [_mm512_castsi512_ps(_mm512_setzero_si512()); V];
+        for (v, slot) in wv.iter_mut().enumerate() {
+            *slot = _mm512_loadu_ps(w.add(v * panel + j * PANEL * 2) as *const f32);
+        }
+        for (r, accs) in acc.iter_mut().enumerate() {
+            let xb = _mm512_castsi512_ps(_mm512_set1_epi32(*x.add(r * ldx + j) as i32));
+            for (v, a) in accs.iter_mut().enumerate() {
+                *a = _mm512_dpbf16_ps(
+                    *a,
+                    std::mem::transmute::<__m512, __m512bh>(xb),
+                    std::mem::transmute::<__m512, __m512bh>(wv[v]),
+                );
+            }
+        }
+    }
+    store(&dst, &acc);
 }
 
-/// As `tile_f32` for int8 pair panels `[panel][kp][16][2]` and x as int16 pairs, with
-/// `vpdpwssd` (two exact products per lane, summed exactly in int32: `x_levels` keeps
-/// the sums in range); scaled per row and column at the end.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
+/// One register tile of int8 pairs against x as int16 pairs (`vpdpwssd`: two exact products
+/// per lane, summed exactly in int32; `x_levels` keeps the sums in range), scaled per row and
+/// column at the end.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_int8<const R: usize, const V: usize>(
-    x: *const u32,
-    kp: usize,
-    w: *const i8,
+    (x, ldx): (*const u32, usize),
+    (w, panel): (*const i8, usize),
     (x_scales, w_scales): (*const f32, *const f32),
-    row: usize,
-    p: usize,
-    p0: usize,
-    cols: usize,
-    dst: *mut f32,
+    slice: std::ops::Range<usize>,
+    dst: Dst,
+    next: Option<*const i8>,
 ) {
     let mut sums = [[_mm512_setzero_si512(); V]; R];
-    let panel = |v: usize| w.add((p + v) * kp * PANEL * 2);
-    for j in 0..kp {
+    for j in slice {
+        prefetch::<i8, V>(next, panel, j * PANEL * 2);
         let mut wv = [_mm512_setzero_si512(); V];
         for (v, slot) in wv.iter_mut().enumerate() {
-            let bytes = _mm256_loadu_si256(panel(v).add(j * PANEL * 2) as *const __m256i);
+            let bytes = _mm256_loadu_si256(w.add(v * panel + j * PANEL * 2) as *const __m256i);
             *slot = _mm512_cvtepi8_epi16(bytes);
         }
         for (r, rs) in sums.iter_mut().enumerate() {
-            let xb = _mm512_set1_epi32(*x.add((row + r) * kp + j) as i32);
+            let xb = _mm512_set1_epi32(*x.add(r * ldx + j) as i32);
             for (v, s) in rs.iter_mut().enumerate() {
                 *s = _mm512_dpwssd_epi32(*s, xb, wv[v]);
             }
@@ -203,85 +262,12 @@ unsafe fn tile_int8<const R: usize, const V: usize>(
     }
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     for (r, (accs, rs)) in acc.iter_mut().zip(&sums).enumerate() {
-        let xs = _mm512_set1_ps(*x_scales.add(row + r));
+        let xs = _mm512_set1_ps(*x_scales.add(r));
         for (v, (a, s)) in accs.iter_mut().zip(rs).enumerate() {
-            let ws = _mm512_loadu_ps(w_scales.add((p + v) * PANEL));
+            // lanes past the weight's columns read scales of its zero padding: stored nowhere
+            let ws = _mm512_loadu_ps(w_scales.add(v * PANEL));
             *a = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(*s), xs), ws);
         }
     }
-    store_tile(&acc, row, p - p0, cols, dst);
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn int8_panels_avx512(
-    ops: &Operands<u32, i8>,
-    x_scales: &[f32],
-    w_scales: &[f32],
-    panels: Range<usize>,
-    cols: usize,
-    dst: &mut [f32],
-) {
-    let (m, kp) = (ops.m, ops.k);
-    let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
-    let scales = (x_scales.as_ptr(), w_scales.as_ptr());
-    drive(m, &panels, |mr, nv, row, p| {
-        dispatch!(
-            tile_int8,
-            mr,
-            nv,
-            (xp, kp, wp, scales, row, p, panels.start, cols, dp)
-        )
-    });
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn tile_bf16<const R: usize, const V: usize>(
-    x: *const u32,
-    kp: usize,
-    w: *const u16,
-    row: usize,
-    p: usize,
-    p0: usize,
-    cols: usize,
-    dst: *mut f32,
-) {
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
-    let panel = |v: usize| w.add((p + v) * kp * PANEL * 2);
-    for j in 0..kp {
-        let mut wv: [__m512bh; V] =
-            [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); V];
-        for (v, slot) in wv.iter_mut().enumerate() {
-            *slot = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                panel(v).add(j * PANEL * 2) as *const __m512i,
-            ));
-        }
-        for (r, accs) in acc.iter_mut().enumerate() {
-            let pair = *x.add((row + r) * kp + j) as i32;
-            let xb = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair));
-            for (v, a) in accs.iter_mut().enumerate() {
-                *a = _mm512_dpbf16_ps(*a, xb, wv[v]);
-            }
-        }
-    }
-    store_tile(&acc, row, p - p0, cols, dst);
-}
-
-#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
-unsafe fn bf16_panels_avx512(
-    ops: &Operands<u32, u16>,
-    panels: Range<usize>,
-    cols: usize,
-    dst: &mut [f32],
-) {
-    let (m, kp) = (ops.m, ops.k);
-    let (xp, wp, dp) = (ops.x.as_ptr(), ops.w.as_ptr(), dst.as_mut_ptr());
-    drive(m, &panels, |mr, nv, row, p| {
-        dispatch!(
-            tile_bf16,
-            mr,
-            nv,
-            (xp, kp, wp, row, p, panels.start, cols, dp)
-        )
-    });
+    store(&dst, &acc);
 }

@@ -49,6 +49,16 @@ impl Isa {
     pub fn best(kind: Kind) -> Option<Isa> {
         Self::available(kind).next()
     }
+
+    /// Rows x and the output must hold for a product of `m` rows: AMX multiplies whole blocks
+    /// of 16 rows beyond 16 (the caller pads x with zero rows and drops the extra outputs).
+    pub(crate) fn padded_rows(self, m: usize) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => amx::padded_rows(m),
+            _ => m,
+        }
+    }
 }
 
 /// Whether this CPU runs the kernels for weights of `dtype`.

@@ -17,8 +17,9 @@
 //! gets bit-identical results alone or in any batch.
 //!
 //! The files, after candle-core's per-ISA `cpu/` folder: `panels.rs` the layouts, operands and
-//! task splitter every instruction set shares; one file per instruction set (`avx2.rs`,
-//! `avx512.rs`, `amx.rs`), each importing only `panels.rs` (and the CPU probe); `isa.rs` the
+//! task splitter every instruction set shares; `blocking.rs` the cache blocking the vector
+//! kernels share; one file per instruction set (`avx2.rs`, `avx512.rs`, `amx.rs`), each
+//! importing only those two (and the CPU probe); `isa.rs` the
 //! choice among them and the dispatch; `weight.rs` the packed weight the model layer uses.
 //! Elsewhere (another architecture, a CPU without AVX2) nothing packs, and the model layer
 //! multiplies with candle's own matmul: that is the portable fallback.
@@ -29,6 +30,8 @@ mod amx;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod blocking;
 mod isa;
 mod panels;
 #[cfg(test)]

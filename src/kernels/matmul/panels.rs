@@ -128,7 +128,6 @@ const TASKS_PER_THREAD: usize = 8;
 /// parallel without copies.
 pub(crate) struct OutBlock {
     ptr: *mut f32,
-    m: usize,
     ld: usize,
     cols: usize,
 }
@@ -146,17 +145,6 @@ impl OutBlock {
     pub fn cols(&self) -> usize {
         self.cols
     }
-
-    /// Fills the block from a dense `(m, cols)` one (kernels that write their own block).
-    fn copy_from(&mut self, dense: &[f32]) {
-        assert!(dense.len() >= self.m * self.cols);
-        for (i, row) in dense.chunks_exact(self.cols).take(self.m).enumerate() {
-            // SAFETY: `run` made the block inside `out`: row i < m, `cols` columns from col0
-            unsafe {
-                std::ptr::copy_nonoverlapping(row.as_ptr(), self.ptr.add(i * self.ld), self.cols)
-            };
-        }
-    }
 }
 
 /// A pointer the tasks of one `run` share; each writes only its own columns through it.
@@ -170,18 +158,20 @@ impl SharedOut {
     }
 }
 
-/// Splits the panels into tasks run in parallel; each task fills its columns of `out (m, n)`
-/// through its `OutBlock`.
+/// Splits the panels into tasks run in parallel, each a whole number of the kernel's units of
+/// `unit` panels (its register tile's width) where the weight allows; each task fills its
+/// columns of `out (m, n)` through its `OutBlock`.
 pub(crate) fn run(
     out: &mut [f32],
-    m: usize,
-    n: usize,
-    panels: usize,
+    (m, n): (usize, usize),
+    (panels, unit): (usize, usize),
     task: impl Fn(std::ops::Range<usize>, OutBlock) + Sync,
 ) {
     assert!(out.len() >= m * n && n <= panels * PANEL);
-    let per_task =
-        (panels / (TASKS_PER_THREAD * rayon::current_num_threads())).clamp(1, PANELS_PER_TASK);
+    // a task of 3 panels in units of 2 would run every other tile at half width
+    let per_task = (panels / (TASKS_PER_THREAD * rayon::current_num_threads()))
+        .clamp(1, PANELS_PER_TASK)
+        .next_multiple_of(unit);
     let tasks = panels.div_ceil(per_task);
     let base = SharedOut(out.as_mut_ptr());
     (0..tasks).into_par_iter().for_each(|t| {
@@ -190,25 +180,9 @@ pub(crate) fn run(
         let cols = (p.end * PANEL).min(n) - col0;
         let block = OutBlock {
             ptr: base.at(col0),
-            m,
             ld: n,
             cols,
         };
         task(p, block)
-    });
-}
-
-/// Runs a kernel that fills a dense `(m, cols)` block of its own, then copies it into place.
-pub(crate) fn run_dense(
-    out: &mut [f32],
-    m: usize,
-    n: usize,
-    panels: usize,
-    kernel: impl Fn(std::ops::Range<usize>, usize, &mut [f32]) + Sync,
-) {
-    run(out, m, n, panels, |p, mut block| {
-        let mut dense = vec![0f32; m * block.cols()];
-        kernel(p, block.cols(), &mut dense);
-        block.copy_from(&dense);
     });
 }

@@ -28,6 +28,10 @@ fn packed_kernels_match_a_plain_matmul_for_every_tile_shape() -> candle_core::Re
             // on AVX2: several k-slices, and several row groups
             (40, 20, 3000),
             (150, 40, 700),
+            // AMX: several 16-row blocks over k-slices of whole 4-panel groups, and a partial
+            // last panel and row block
+            (40, 70, 600),
+            (33, 100, 1100),
         ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?.to_dtype(dtype)?;

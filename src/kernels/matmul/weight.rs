@@ -217,7 +217,9 @@ impl CustomOp2 for XwtOp<'_> {
             candle_core::bail!("packed-xwt: operands must be contiguous");
         };
         let x = &s1.as_slice::<f32>()?[x0..x1];
-        let mut out = vec![0f32; m * n];
+        // the output has the rows the kernel writes; the padding is dropped at the end
+        let rows = self.isa.padded_rows(m);
+        let mut out = vec![0f32; rows * n];
         match s2 {
             CpuStorage::F32(w) => {
                 let ops = Operands {
@@ -245,13 +247,6 @@ impl CustomOp2 for XwtOp<'_> {
                 isa::int8_product(&ops, self.isa, (&x_scales, w_scales), n, &mut out);
             }
             CpuStorage::BF16(w) => {
-                let isa = self.isa;
-                // AMX multiplies blocks of up to 16 rows: more rows are padded to whole blocks.
-                let rows = if isa == Isa::Amx && m > 16 {
-                    m.next_multiple_of(16)
-                } else {
-                    m
-                };
                 let xb = to_bf16_pairs(x, m, k, rows, bf16_pairs(k));
                 // SAFETY: half::bf16 is a transparent u16.
                 let w: &[u16] = unsafe {
@@ -263,10 +258,11 @@ impl CustomOp2 for XwtOp<'_> {
                     k: bf16_pairs(k),
                     w,
                 };
-                isa::bf16_product(&ops, isa, n, &mut out);
+                isa::bf16_product(&ops, self.isa, n, &mut out);
             }
             _ => candle_core::bail!("packed-xwt: weights must be f32, bf16 or int8"),
         }
+        out.truncate(m * n);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
