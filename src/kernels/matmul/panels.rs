@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use crate::kernels::fastmath;
+
 /// Output columns per panel (one 512-bit vector of f32).
 pub const PANEL: usize = 16;
 
@@ -110,8 +112,10 @@ pub(crate) fn int16_pairs(x: &[f32], m: usize, k: usize) -> (Vec<u32>, Vec<f32>)
         .zip(scales.iter_mut())
     {
         *scale = symmetric_scale(row, levels);
-        let s = *scale;
-        pair_row(row, dst, |v| (v / s).round() as i16 as u16);
+        // pairs of int16 in u32s, element 2j in the low half: the row's int16s as they lie in
+        // memory (little-endian), the odd row's last high half left zero
+        let halves: &mut [i16] = bytemuck::cast_slice_mut(dst);
+        fastmath::quantize_i16(row, *scale, &mut halves[..row.len()]);
     }
     (pairs, scales)
 }
