@@ -1,10 +1,11 @@
-//! Cache blocking for the vector kernels (AVX2 and AVX-512), shared: how a product of many
-//! rows is cut into register tiles, k-slices and row groups, x interleaved per tile, and the
-//! walk over a task's tiles. Each instruction set supplies its register tile and how it loads
-//! and stores its sums (`Dst` says where they go).
+//! The walk over a product's register tiles for the vector kernels (AVX2 and AVX-512), and
+//! the cache blocking AVX2 uses on it: how a product of many rows is cut into register tiles,
+//! k-slices and row groups, with x interleaved per tile. Each instruction set supplies its
+//! register tile and how it stores its sums (`Dst` says where they go). AVX-512 walks its
+//! tiles unblocked (`Blocking::none`): blocking measured slower there (`avx512.rs`).
 //!
 //! A register tile is `rows` rows of x by one unit of `width` panels (AVX2: one panel as two
-//! 8-lane halves; AVX-512: two panels). x is copied once per product with each tile's rows
+//! 8-lane halves; AVX-512: three panels). On AVX2 x is copied once per product with each tile's rows
 //! interleaved (`[k][rows]`: one sequential stream, where rows `k` floats apart, 3-16 KiB for
 //! these models, share an L1 set with the panel); from more than one tile of rows on, k is cut
 //! into slices whose panel part fits L1 and the rows into groups that fit L2, and a tile's sums
