@@ -73,12 +73,13 @@ pub struct Args {
     #[arg(long, env = "EXITSERVE_PORT", default_value_t = 8080)]
     pub port: u16,
     /// Mode of requests without `multi_exit`: `original`, `exit:L`, `contrast:U,L` (U a layer
-    /// or `original`), `dola:LAYERS` (`low`, `high` or `L-L-...`)
+    /// or `original`), `dola:LAYERS` (`low`, `high` or `L-L-...`), `sled`
     #[arg(long, env = "EXITSERVE_DEFAULT_MODE", default_value = "original")]
     pub default_mode: String,
     /// A named mode, served as model id `NAME:<preset>`: `PRESET=MODE` with MODE as in
     /// --default-mode, plus `,alpha=A` and `,minimum_candidates=K` for contrast,
-    /// `,premature=lm_head` and `,relative_top=R` for DoLa, and
+    /// `,premature=lm_head` and `,relative_top=R` for DoLa, `sled:KEY=V,...` (premature,
+    /// evolution_rate, evolution_scale, evolution_lower_bound, alpha) for SLED, and
     /// `,draft_layer=L[,max_draft_tokens=K]` for self-speculative decoding (e.g.
     /// `acd-strong=contrast:12,4,alpha=0.05`, `fast=original,draft_layer=4`); repeat for
     /// more (`;` between them in the variable)

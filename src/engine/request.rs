@@ -97,6 +97,13 @@ pub enum ModeSpec {
         premature: Option<String>,
         relative_top: Option<f64>,
     },
+    Sled {
+        premature: Option<String>,
+        evolution_rate: Option<f64>,
+        evolution_scale: Option<i64>,
+        evolution_lower_bound: Option<f64>,
+        alpha: Option<f64>,
+    },
 }
 
 /// DoLa's `layers`, unvalidated.
@@ -120,6 +127,7 @@ impl ModeSpec {
             ModeSpec::Exit { .. } => 1,
             ModeSpec::Contrast { .. } => 2,
             ModeSpec::Dola { .. } => 3,
+            ModeSpec::Sled { .. } => 4,
         }]
     }
 }
@@ -151,6 +159,13 @@ impl From<Mode> for ModeSpec {
                 }),
                 premature: Some(d.premature.name().into()),
                 relative_top: Some(d.relative_top as f64),
+            },
+            Mode::Sled(p) => ModeSpec::Sled {
+                premature: Some(p.premature.name().into()),
+                evolution_rate: Some(p.evolution_rate as f64),
+                evolution_scale: Some(p.evolution_scale as i64),
+                evolution_lower_bound: Some(p.evolution_lower_bound as f64),
+                alpha: Some(p.alpha as f64),
             },
         }
     }

@@ -62,6 +62,15 @@ pub enum MultiExitWire {
         premature: Option<String>,
         relative_top: Option<f64>,
     },
+    Sled {
+        premature: Option<String>,
+        evolution_rate: Option<f64>,
+        /// A whole number (read in `whole_number`, so that another value gets an error
+        /// naming the field).
+        evolution_scale: Option<serde_json::Value>,
+        evolution_lower_bound: Option<f64>,
+        alpha: Option<f64>,
+    },
 }
 
 /// A DoLa object's fields (`object`: `multi_exit`, or an inspection's `dola`) as the engine
@@ -94,6 +103,16 @@ fn dola_layers(object: &str, v: serde_json::Value) -> Result<DolaLayersSpec, sup
             format!(
                 "`{object}.layers` must be \"low\", \"high\" or a list of layer numbers, got {v}"
             ),
+        )
+    })
+}
+
+/// A field that must hold a whole number, as sent.
+fn whole_number(field: &str, v: serde_json::Value) -> Result<i64, super::ApiError> {
+    v.as_i64().ok_or_else(|| {
+        super::ApiError::bad(
+            Some(field),
+            format!("`{field}` must be a whole number, got {v}"),
         )
     })
 }
@@ -240,6 +259,21 @@ impl CompletionRequest {
                 premature,
                 relative_top,
             }) => Some(dola_spec("multi_exit", layers, premature, relative_top)?),
+            Some(MultiExitWire::Sled {
+                premature,
+                evolution_rate,
+                evolution_scale,
+                evolution_lower_bound,
+                alpha,
+            }) => Some(ModeSpec::Sled {
+                premature,
+                evolution_rate,
+                evolution_scale: evolution_scale
+                    .map(|v| whole_number("multi_exit.evolution_scale", v))
+                    .transpose()?,
+                evolution_lower_bound,
+                alpha,
+            }),
         };
         Ok(GenerateRequest {
             prompts,
@@ -305,6 +339,13 @@ pub struct MultiExitOut {
     pub premature: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relative_top: Option<f64>,
+    /// SLED's parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evolution_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evolution_scale: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evolution_lower_bound: Option<f64>,
 }
 
 impl From<&Mode> for MultiExitOut {
@@ -319,6 +360,9 @@ impl From<&Mode> for MultiExitOut {
             layers: None,
             premature: None,
             relative_top: None,
+            evolution_rate: None,
+            evolution_scale: None,
+            evolution_lower_bound: None,
         };
         match *m {
             Mode::Original => {}
@@ -336,6 +380,15 @@ impl From<&Mode> for MultiExitOut {
                 out.layers = Some(d.candidates.iter().collect());
                 out.premature = Some(d.premature.name());
                 out.relative_top = d.relative_top.to_string().parse().ok();
+            }
+            Mode::Sled(p) => {
+                // the premature layers, resolved (SLED's `layers` is never sent)
+                out.layers = Some(p.candidates.iter().collect());
+                out.premature = Some(p.premature.name());
+                out.evolution_rate = p.evolution_rate.to_string().parse().ok();
+                out.evolution_scale = Some(p.evolution_scale);
+                out.evolution_lower_bound = p.evolution_lower_bound.to_string().parse().ok();
+                out.alpha = p.alpha.to_string().parse().ok();
             }
         }
         out

@@ -104,25 +104,32 @@ def check_layers(driver, base, model, headers, card):
     assert len(cells) == tok["count"], (len(cells), tok["count"])
 
 
-def check_dola(driver, base, model, headers, card):
-    """Mode 3 switched to DoLa in its menu (over every exit below the top): its column equals
-    the API's DoLa completion."""
+def check_strategy(driver, base, model, headers, card, kind, key, multi_exit):
+    """Mode 3 switched to a strategy in its menu (`kind`, over every exit below the top): its
+    column shows `key` and equals the API's completion with `multi_exit`."""
     driver.execute_script(
         "const s = document.querySelector('#mode-pickers .picker:nth-child(3) select');"
-        "s.value = 'dola'; s.dispatchEvent(new Event('change'));")
+        f"s.value = '{kind}'; s.dispatchEvent(new Event('change'));")
     run_page(driver)
     column = driver.find_elements(By.CSS_SELECTOR, "[data-mode]")[2]
-    below = [l for l in card["exit_layers"] if l < card["num_layers"]]
-    assert column.get_attribute("data-mode") == "dola:" + "-".join(map(str, below))
+    assert column.get_attribute("data-mode") == key, column.get_attribute("data-mode")
     body = {"model": model, "prompt": PROMPT, "max_tokens": 32, "temperature": 0, "top_p": 1,
-            "logprobs": 5, "multi_exit": {"mode": "dola", "layers": below, "premature": "exits"}}
+            "logprobs": 5, "multi_exit": multi_exit}
     r = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     want, got = r.json()["choices"][0]["text"], text_of(driver, column)
-    assert want and got == want, f"dola: page {got!r} != api {want!r}"
+    assert want and got == want, f"{kind}: page {got!r} != api {want!r}"
     driver.execute_script(
         "const s = document.querySelector('#mode-pickers .picker:nth-child(3) select');"
         "s.value = 'contrast'; s.dispatchEvent(new Event('change'));")
+
+
+def check_strategies(driver, base, model, headers, card):
+    below = [l for l in card["exit_layers"] if l < card["num_layers"]]
+    check_strategy(driver, base, model, headers, card, "dola", "dola:" + "-".join(map(str, below)),
+                   {"mode": "dola", "layers": below, "premature": "exits"})
+    check_strategy(driver, base, model, headers, card, "sled", "sled",
+                   {"mode": "sled", "premature": "exits"})
 
 
 def check_console_clean(driver):
@@ -189,13 +196,13 @@ def exercise(driver, binary, fixture, model, shots, key=None):
         columns = check_columns_match_api(driver, server.base, model, headers, card)
         check_hover(driver, columns)
         check_layers(driver, server.base, model, headers, card)
-        check_dola(driver, server.base, model, headers, card)
+        check_strategies(driver, server.base, model, headers, card)
         if not key:
             # Before the errors this test provokes on purpose (a 400, a 429; the 401 above).
             check_console_clean(driver)
         driver.save_screenshot(os.path.join(shots, f"playground-{model}.png"))
         check_errors(driver)
-    print(f"playground e2e: {model}: three modes and DoLa equal the API, hover, layer view, clean console, 400 shown")
+    print(f"playground e2e: {model}: three modes, DoLa and SLED equal the API, hover, layer view, clean console, 400 shown")
 
 
 def main():

@@ -68,13 +68,14 @@ async fn model_ids_are_listed_resolved_and_refused_clearly() {
         ":dola-low",
         ":dola-high",
         ":dola-1-2",
+        ":sled",
         ":acd-strong",
     ]
     .iter()
     .map(|s| format!("{MODEL}{s}"))
     .collect();
     assert_eq!(ids, want);
-    let preset = &list["data"][12]["multi_exit"];
+    let preset = &list["data"][13]["multi_exit"];
     assert_eq!(
         preset,
         &json!({"mode": "contrast", "upper": 4, "lower": 1, "alpha": 0.05, "minimum_candidates": 1})

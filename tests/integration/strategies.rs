@@ -1,7 +1,9 @@
 //! Decoding strategies across layers, through the real server, against the references in
 //! `tests/fixtures/*.dola.json` (transformers 4.46.3's DoLa for `premature: lm_head`, its
-//! `_dola_select_contrast` over the exit heads for `exits`): greedy ids and first-step top-5
-//! logprobs, each case alone and all cases in one batch, on both architectures.
+//! `_dola_select_contrast` over the exit heads for `exits`) and `tests/fixtures/*.sled.json`
+//! (the SLED authors' `_sled_select_contrast`, made by `tests/fixtures/sled_reference.py`):
+//! greedy ids and first-step top-5 logprobs, each case alone and all cases in one batch, on
+//! both architectures.
 
 use crate::common;
 
@@ -12,9 +14,23 @@ use exitserve::model::source;
 use exitserve::model::TextTokenizer;
 use serde_json::{json, Value};
 
-fn dola_reference(f: Fixture) -> Value {
-    let path = common::fixture_dir(&format!("{}.dola.json", f.name));
+fn reference(f: Fixture, strategy: &str) -> Value {
+    let path = common::fixture_dir(&format!("{}.{strategy}.json", f.name));
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn dola_reference(f: Fixture) -> Value {
+    reference(f, "dola")
+}
+
+/// The request a SLED reference case describes (its parameters, the premature heads).
+fn sled_body(f: Fixture, case: &Value) -> Value {
+    let mut body = dola_body(f, case);
+    let mut multi_exit = case["params"].clone();
+    multi_exit["mode"] = json!("sled");
+    multi_exit["premature"] = case["premature"].clone();
+    body["multi_exit"] = multi_exit;
+    body
 }
 
 /// The request the reference case describes.
@@ -58,37 +74,101 @@ fn check(f: Fixture, tok: &TextTokenizer, case: &Value, out: &Value) {
     }
 }
 
+fn tokenizer(f: Fixture) -> TextTokenizer {
+    let files = source::resolve(f.dir().to_str().unwrap(), None).unwrap();
+    TextTokenizer::from_files(&files.tokenizer).unwrap()
+}
+
+/// Each `(case, body)` alone, then all of them at once (one batch), each checked against its
+/// reference case.
+async fn check_alone_and_batched(
+    url: &str,
+    f: Fixture,
+    tok: &TextTokenizer,
+    all: &[(Value, Value)],
+) {
+    for (case, body) in all {
+        let (status, out) = post(url, body).await;
+        assert_eq!(status, 200, "{out}");
+        check(f, tok, case, &out);
+    }
+    let tasks: Vec<_> = all
+        .iter()
+        .map(|(_, body)| {
+            let (url, body) = (url.to_string(), body.clone());
+            tokio::spawn(async move { post(&url, &body).await })
+        })
+        .collect();
+    for ((case, _), t) in all.iter().zip(tasks) {
+        let (status, out) = t.await.unwrap();
+        assert_eq!(status, 200, "{out}");
+        check(f, tok, case, &out);
+    }
+}
+
+/// `body` (a reference case's request) decoded self-speculatively from exit `draft`: the
+/// reference's greedy ids (the verify uses the strategy's distribution); and, without a
+/// repetition penalty, echo scoring of prompt + generated text gives the generated positions
+/// the logprobs they were generated with.
+async fn check_speculative_and_echo(url: &str, f: Fixture, case: &Value, body: &Value, draft: u64) {
+    let mut speculative = body.clone();
+    speculative["speculative"] =
+        json!({"draft_layer": draft, "max_draft_tokens": 3, "adaptive": false});
+    let (status, out) = post(url, &speculative).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(
+        ids(&out["choices"][0]["token_ids"]),
+        ids(&case["greedy_ids"]),
+        "speculative {} {case}",
+        f.name
+    );
+    if case["repetition_penalty"] != json!(1.0) {
+        return;
+    }
+    let generated = out["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut full = ids(&case["prompt_ids"]);
+    full.extend(ids(&case["greedy_ids"]));
+    let mut echo = body.clone();
+    echo["prompt"] = json!(full);
+    echo["echo"] = json!(true);
+    echo["max_tokens"] = json!(0);
+    let (status, scored) = post(url, &echo).await;
+    assert_eq!(status, 200, "{scored}");
+    let lps = scored["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap();
+    for (e, g) in lps[lps.len() - generated.len()..].iter().zip(&generated) {
+        let (e, g) = (e.as_f64().unwrap(), g.as_f64().unwrap());
+        assert!((e - g).abs() < 1e-4, "{} echo {e} vs generated {g}", f.name);
+    }
+}
+
+/// The token ids `body` streams.
+async fn streamed_ids(url: &str, body: &Value) -> Vec<u32> {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let (status, _, events) = common::client::post_stream(url, &body).await;
+    assert_eq!(status, 200);
+    events
+        .iter()
+        .filter_map(|e| e["choices"][0]["token_ids"].as_array().cloned())
+        .flatten()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dola_equals_the_reference_alone_and_in_one_batch() {
     for f in ARCHS {
         let reference = dola_reference(f);
-        let cases = reference["cases"].as_array().unwrap().clone();
+        let cases = reference["cases"].as_array().unwrap();
         assert_eq!(cases.len(), 20);
-        let tok = TextTokenizer::from_files(
-            &source::resolve(f.dir().to_str().unwrap(), None)
-                .unwrap()
-                .tokenizer,
-        )
-        .unwrap();
         let server = TestServer::start_model(&f.dir(), &["--max-batch-size", "64"]);
-        let url = server.url("/v1/completions");
-        for case in &cases {
-            let (status, out) = post(&url, &dola_body(f, case)).await;
-            assert_eq!(status, 200, "{out}");
-            check(f, &tok, case, &out);
-        }
-        let tasks: Vec<_> = cases
-            .iter()
-            .map(|case| {
-                let (url, body) = (url.clone(), dola_body(f, case));
-                tokio::spawn(async move { post(&url, &body).await })
-            })
-            .collect();
-        for (case, t) in cases.iter().zip(tasks) {
-            let (status, out) = t.await.unwrap();
-            assert_eq!(status, 200, "{out}");
-            check(f, &tok, case, &out);
-        }
+        let all: Vec<(Value, Value)> = cases.iter().map(|c| (c.clone(), dola_body(f, c))).collect();
+        check_alone_and_batched(&server.url("/v1/completions"), f, &tokenizer(f), &all).await;
     }
 }
 
@@ -104,38 +184,7 @@ async fn dola_with_speculation_echo_streaming_and_sampling() {
         let server = TestServer::start_model(&f.dir(), &[]);
         let url = server.url("/v1/completions");
         for case in reference["cases"].as_array().unwrap() {
-            let mut body = dola_body(f, case);
-            body["speculative"] =
-                json!({"draft_layer": draft, "max_draft_tokens": 3, "adaptive": false});
-            let (status, out) = post(&url, &body).await;
-            assert_eq!(status, 200, "{out}");
-            assert_eq!(
-                ids(&out["choices"][0]["token_ids"]),
-                ids(&case["greedy_ids"]),
-                "speculative {} {case}",
-                f.name
-            );
-            if case["repetition_penalty"] != json!(1.0) {
-                continue;
-            }
-            // echo of prompt + generated text: the generated positions score as generated
-            let generated = &out["choices"][0]["logprobs"]["token_logprobs"];
-            let mut full = ids(&case["prompt_ids"]);
-            full.extend(ids(&case["greedy_ids"]));
-            let mut echo = dola_body(f, case);
-            echo["prompt"] = json!(full);
-            echo["echo"] = json!(true);
-            echo["max_tokens"] = json!(0);
-            let (status, scored) = post(&url, &echo).await;
-            assert_eq!(status, 200, "{scored}");
-            let lps = scored["choices"][0]["logprobs"]["token_logprobs"]
-                .as_array()
-                .unwrap();
-            let tail = &lps[lps.len() - generated.as_array().unwrap().len()..];
-            for (e, g) in tail.iter().zip(generated.as_array().unwrap()) {
-                let (e, g) = (e.as_f64().unwrap(), g.as_f64().unwrap());
-                assert!((e - g).abs() < 1e-4, "{} echo {e} vs generated {g}", f.name);
-            }
+            check_speculative_and_echo(&url, f, case, &dola_body(f, case), draft).await;
         }
         // a narrow plausible set: prompt tokens outside it are impossible, -9999 (not null)
         let case = &reference["cases"][0];
@@ -156,17 +205,12 @@ async fn dola_with_speculation_echo_streaming_and_sampling() {
             "{scored}"
         );
         assert!(lps.iter().any(|x| x.as_f64() == Some(-9999.0)), "{scored}");
-        let mut body = dola_body(f, case);
-        body["stream"] = json!(true);
-        let (status, _, events) = common::client::post_stream(&url, &body).await;
-        assert_eq!(status, 200);
-        let streamed: Vec<u32> = events
-            .iter()
-            .filter_map(|e| e["choices"][0]["token_ids"].as_array().cloned())
-            .flatten()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(streamed, ids(&case["greedy_ids"]), "{} streamed", f.name);
+        assert_eq!(
+            streamed_ids(&url, &dola_body(f, case)).await,
+            ids(&case["greedy_ids"]),
+            "{} streamed",
+            f.name
+        );
         let mut body = dola_body(f, case);
         body["temperature"] = json!(1.0);
         body["seed"] = json!(7);
@@ -247,5 +291,54 @@ async fn inspection_reports_dola_and_the_layer_each_position_chose() {
         let (status, out) = post(&url, &body).await;
         assert_eq!(status, 400, "{out}");
         assert_eq!(out["error"]["param"], "dola.layers");
+    }
+}
+
+/// SLED against the authors' code: every case alone, then all SLED and DoLa cases of the
+/// fixture in one batch; then what else it goes through (self-speculative decoding verifies with
+/// SLED's distribution, echo scores each position as generated, streaming, the model id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_equals_the_authors_code_alone_batched_and_speculative() {
+    for f in ARCHS {
+        let sled = reference(f, "sled");
+        let cases = sled["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 20);
+        let tok = tokenizer(f);
+        let server = TestServer::start_model(&f.dir(), &["--max-batch-size", "64"]);
+        let url = server.url("/v1/completions");
+        let sled_cases: Vec<(Value, Value)> =
+            cases.iter().map(|c| (c.clone(), sled_body(f, c))).collect();
+        let dola = dola_reference(f);
+        let dola_cases = dola["cases"].as_array().unwrap();
+        let mut all = sled_cases.clone();
+        all.extend(dola_cases.iter().map(|c| (c.clone(), dola_body(f, c))));
+        check_alone_and_batched(&url, f, &tok, &all).await;
+
+        let draft = sled["exits"][0].as_u64().unwrap();
+        for (case, body) in &sled_cases {
+            check_speculative_and_echo(&url, f, case, body, draft).await;
+        }
+        // streamed, and by model id (the authors' defaults over the exits)
+        let (case, body) = sled_cases
+            .iter()
+            .find(|(c, _)| {
+                c["premature"] == "exits"
+                    && c["repetition_penalty"] == json!(1.0)
+                    && c["params"]["alpha"] == json!(0.5)
+            })
+            .unwrap();
+        assert_eq!(
+            streamed_ids(&url, body).await,
+            ids(&case["greedy_ids"]),
+            "{} streamed",
+            f.name
+        );
+        let mut by_id = body.clone();
+        by_id["model"] = json!(format!("{}:sled", f.name));
+        by_id.as_object_mut().unwrap().remove("multi_exit");
+        let (status, out) = post(&url, &by_id).await;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(out["multi_exit"]["mode"], "sled", "{out}");
+        check(f, &tok, case, &out);
     }
 }

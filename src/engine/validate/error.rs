@@ -154,6 +154,12 @@ pub enum ValidationError {
         object: &'static str,
         num_layers: usize,
     },
+    #[error("`{object}.premature` = \"{premature}\" leaves SLED no premature layer below the top (exits: {exits:?}); \"lm_head\" reads every block's output")]
+    SledNoCandidates {
+        object: &'static str,
+        premature: &'static str,
+        exits: Vec<usize>,
+    },
     #[error("`{object}.premature` must be \"exits\" or \"lm_head\", got {got:?}")]
     Premature { object: &'static str, got: String },
     #[error("`{object}.upper` is required: an exit layer {exits:?} or \"original\"")]
@@ -217,7 +223,9 @@ impl ValidationError {
             DolaLayers { object, .. } | DolaNoCandidates { object, .. } => {
                 format!("{object}.layers")
             }
-            Premature { object, .. } => format!("{object}.premature"),
+            Premature { object, .. } | SledNoCandidates { object, .. } => {
+                format!("{object}.premature")
+            }
             DraftLayerNeeded { .. } | DraftLayerNotAnExit { .. } | DraftLayerTooDeep { .. } => {
                 "speculative.draft_layer".into()
             }

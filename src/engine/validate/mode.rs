@@ -8,6 +8,10 @@ use crate::engine::request::{
 };
 use crate::engine::speculative::MAX_DRAFT_TOKENS;
 use crate::model::mode::dola::DEFAULT_RELATIVE_TOP;
+use crate::model::mode::sled::{
+    SledParams, DEFAULT_ENTROPY_ALPHA, DEFAULT_EVOLUTION_LOWER_BOUND, DEFAULT_EVOLUTION_RATE,
+    DEFAULT_EVOLUTION_SCALE,
+};
 use crate::model::mode::{
     DolaLayers, DolaParams, Layers, Premature, DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES,
 };
@@ -118,6 +122,56 @@ impl Validator {
                 premature,
                 relative_top,
             } => Mode::Dola(self.dola(object, layers.as_ref(), premature, *relative_top)?),
+            ModeSpec::Sled {
+                premature,
+                evolution_rate,
+                evolution_scale,
+                evolution_lower_bound,
+                alpha,
+            } => {
+                let l = &*self.limits;
+                let field = |name: &str| format!("{object}.{name}");
+                let p = SledParams {
+                    premature: premature_in(object, premature)?,
+                    evolution_rate: in_range(
+                        &field("evolution_rate"),
+                        *evolution_rate,
+                        DEFAULT_EVOLUTION_RATE as f64,
+                        (0.0, 100.0),
+                        false,
+                    )?,
+                    evolution_scale: count_in(
+                        &field("evolution_scale"),
+                        evolution_scale.unwrap_or(DEFAULT_EVOLUTION_SCALE as i64),
+                        1,
+                        l.vocab_size as i64,
+                    )? as usize,
+                    evolution_lower_bound: in_range(
+                        &field("evolution_lower_bound"),
+                        *evolution_lower_bound,
+                        DEFAULT_EVOLUTION_LOWER_BOUND as f64,
+                        (-1e6, 0.0),
+                        false,
+                    )?,
+                    alpha: in_range(
+                        &field("alpha"),
+                        *alpha,
+                        DEFAULT_ENTROPY_ALPHA as f64,
+                        (0.0, 100.0),
+                        false,
+                    )?,
+                    candidates: Default::default(),
+                }
+                .resolve(l.num_layers, &l.exit_layers, l.tied_head);
+                if p.candidates.is_empty() {
+                    return Err(ValidationError::SledNoCandidates {
+                        object,
+                        premature: p.premature.name(),
+                        exits: l.exit_layers.clone(),
+                    });
+                }
+                Mode::Sled(p)
+            }
         })
     }
 
@@ -156,16 +210,7 @@ impl Validator {
                 )
             }
         };
-        let premature = match premature.as_deref() {
-            None | Some("exits") => Premature::Exits,
-            Some("lm_head") => Premature::LmHead,
-            Some(other) => {
-                return Err(ValidationError::Premature {
-                    object,
-                    got: other.into(),
-                })
-            }
-        };
+        let premature = premature_in(object, premature)?;
         let relative_top = in_range(
             &format!("{object}.relative_top"),
             relative_top,
@@ -197,7 +242,24 @@ impl Validator {
         }
         Ok(p)
     }
+}
 
+/// A strategy's `premature` (`exits` when left out).
+fn premature_in(
+    object: &'static str,
+    premature: &Option<String>,
+) -> Result<Premature, ValidationError> {
+    match premature.as_deref() {
+        None | Some("exits") => Ok(Premature::Exits),
+        Some("lm_head") => Ok(Premature::LmHead),
+        Some(other) => Err(ValidationError::Premature {
+            object,
+            got: other.into(),
+        }),
+    }
+}
+
+impl Validator {
     /// The request's `speculative` object checked against `mode`; without one, the server's
     /// default where the mode decodes above its draft layer.
     pub fn speculative(

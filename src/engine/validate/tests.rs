@@ -15,36 +15,40 @@ use crate::model::{ContrastParams, Mode, TextTokenizer, Upper};
 const VOCAB: usize = 50257;
 
 fn validator() -> Validator {
+    validator_with(|_| {})
+}
+
+/// The test validator with `edit` made to its limits.
+fn validator_with(edit: impl FnOnce(&mut Limits)) -> Validator {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tiny-gpt-neo-multiexit/tokenizer.json");
     let tok = TextTokenizer::from_files(&TokenizerFiles::Json(dir)).expect("fixture tokenizer");
-    Validator::new(
-        Limits {
-            max_input_tokens: 64,
-            max_best_of: 4,
-            max_positions: 128,
-            vocab_size: VOCAB,
-            exit_layers: vec![1, 2, 4],
-            num_layers: 4,
-            tied_head: true,
-            default_mode: Mode::Original,
-            request_timeout: Duration::from_secs(60),
-            budget: Budget {
-                max_sequences: 3,
-                max_tokens: 100,
-                max_prefill_tokens: 64,
-            },
-            max_sequences_per_request: 8,
-            max_stop_sequences: 2,
-            max_stop_length: 5,
-            max_logit_bias: 2,
-            max_inspect_positions: 3,
-            max_token_bytes: 8,
-            speculative_default: None,
-            speculative_max_draft_tokens: 4,
+    let mut limits = Limits {
+        max_input_tokens: 64,
+        max_best_of: 4,
+        max_positions: 128,
+        vocab_size: VOCAB,
+        exit_layers: vec![1, 2, 4],
+        num_layers: 4,
+        tied_head: true,
+        default_mode: Mode::Original,
+        request_timeout: Duration::from_secs(60),
+        budget: Budget {
+            max_sequences: 3,
+            max_tokens: 100,
+            max_prefill_tokens: 64,
         },
-        Arc::new(tok),
-    )
+        max_sequences_per_request: 8,
+        max_stop_sequences: 2,
+        max_stop_length: 5,
+        max_logit_bias: 2,
+        max_inspect_positions: 3,
+        max_token_bytes: 8,
+        speculative_default: None,
+        speculative_max_draft_tokens: 4,
+    };
+    edit(&mut limits);
+    Validator::new(limits, Arc::new(tok))
 }
 
 fn request() -> GenerateRequest {
@@ -362,6 +366,79 @@ fn dola_modes() {
             relative_top: 0.5,
             candidates: Layers::from_list([1, 2]).unwrap(),
         }
+    );
+}
+
+/// SLED's premature layers and parameters against the test model (4 layers, exits 1, 2, 4).
+#[test]
+fn sled_modes() {
+    use crate::model::mode::{Premature, SledParams};
+    let sled = |v: &Validator, fields: serde_json::Value| {
+        let f = |k: &str| fields.get(k).and_then(|x| x.as_f64());
+        v.mode(&ModeSpec::Sled {
+            premature: fields
+                .get("premature")
+                .and_then(|x| x.as_str())
+                .map(String::from),
+            evolution_rate: f("evolution_rate"),
+            evolution_scale: fields.get("evolution_scale").and_then(|x| x.as_i64()),
+            evolution_lower_bound: f("evolution_lower_bound"),
+            alpha: f("alpha"),
+        })
+        .map(|m| match m {
+            Mode::Sled(p) => p,
+            other => panic!("{other:?}"),
+        })
+        .map_err(|e| e.param())
+    };
+    let v = validator();
+    let p = sled(&v, serde_json::json!({})).unwrap();
+    assert_eq!(p.candidates.iter().collect::<Vec<_>>(), [1, 2]);
+    assert_eq!((p.premature, p.evolution_scale), (Premature::Exits, 5));
+    let p = sled(&v, serde_json::json!({"premature": "lm_head"})).unwrap();
+    assert_eq!(p.candidates.iter().collect::<Vec<_>>(), [2, 3]);
+    for (fields, param) in [
+        (serde_json::json!({"evolution_scale": 0}), "evolution_scale"),
+        (
+            serde_json::json!({"evolution_scale": VOCAB as i64 + 1}),
+            "evolution_scale",
+        ),
+        (
+            serde_json::json!({"evolution_rate": -1.0}),
+            "evolution_rate",
+        ),
+        (
+            serde_json::json!({"evolution_lower_bound": 1.0}),
+            "evolution_lower_bound",
+        ),
+        (serde_json::json!({"alpha": -0.5}), "alpha"),
+        (serde_json::json!({"premature": "top"}), "premature"),
+    ] {
+        assert_eq!(
+            sled(&v, fields.clone()),
+            Err(format!("multi_exit.{param}")),
+            "{fields}"
+        );
+    }
+    // a model whose only exit is the top: no premature exit, refused naming `premature`
+    let top_only = validator_with(|l| l.exit_layers = vec![4]);
+    assert_eq!(
+        sled(&top_only, serde_json::json!({})),
+        Err("multi_exit.premature".into())
+    );
+    assert!(sled(&top_only, serde_json::json!({"premature": "lm_head"})).is_ok());
+    // the flag form and the model id validate as a request would
+    let parsed: Mode = "sled:evolution_scale=10,alpha=0".parse().unwrap();
+    let Mode::Sled(p) = v.mode(&parsed.into()).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (p.evolution_scale, p.alpha, p.candidates.len()),
+        (10, 0.0, 2)
+    );
+    assert_eq!(
+        Mode::from_id_suffix("sled"),
+        Some(Mode::Sled(SledParams::default()))
     );
 }
 

@@ -68,13 +68,14 @@ async function* sseEvents(resp) {
 
 // ---- modes --------------------------------------------------------------------------------
 
-/** The `data-mode` value: original, exit:L, contrast:U,L or dola:LAYERS (the flag forms). */
+/** The `data-mode` value: original, exit:L, contrast:U,L, dola:LAYERS or sled (the flag forms). */
 function modeKey(m) {
   if (m.kind === "exit") return `exit:${m.layer}`;
   if (m.kind === "contrast") return `contrast:${m.upper},${m.lower}`;
   if (m.kind === "dola") {
     return `dola:${m.layers}` + (m.premature === "lm_head" ? ",premature=lm_head" : "");
   }
+  if (m.kind === "sled") return m.premature === "lm_head" ? "sled:premature=lm_head" : "sled";
   return "original";
 }
 
@@ -89,6 +90,7 @@ function modeBody(m) {
     const layers = m.layers === "low" || m.layers === "high" ? m.layers : m.layers.split("-").map(Number);
     return { mode: "dola", layers, premature: m.premature };
   }
+  if (m.kind === "sled") return { mode: "sled", premature: m.premature };
   return { mode: "original" };
 }
 
@@ -107,6 +109,7 @@ function defaultMode(card, kind) {
     case "exit": return { kind, layer: half };
     case "contrast": return { kind, upper, lower: half, alpha: 0.1 };
     case "dola": return { kind, layers: exitsBelowTop(card) || "high", premature: "exits" };
+    case "sled": return { kind, premature: exitsBelowTop(card) ? "exits" : "lm_head" };
     default: return { kind };
   }
 }
@@ -143,7 +146,7 @@ function drawPickers() {
   state.modes.forEach((m, i) => {
     const p = el("div", { class: "picker" }, el("span", { class: "slot", textContent: `Mode ${i + 1}` }));
     p.append(select([["off", "off"], ["original", "original"], ["exit", "early exit"], ["contrast", "contrast"],
-      ["dola", "DoLa"]], m.kind, (v) => { state.modes[i] = defaultMode(card, v); drawPickers(); }));
+      ["dola", "DoLa"], ["sled", "SLED"]], m.kind, (v) => { state.modes[i] = defaultMode(card, v); drawPickers(); }));
     if (m.kind === "exit") {
       p.append(el("label", {}, "layer ", select(layers, m.layer, (v) => { m.layer = Number(v); })));
     }
@@ -162,6 +165,11 @@ function drawPickers() {
       p.append(el("label", {}, "premature ", select(sets, m.layers, (v) => { m.layers = v; })));
       p.append(el("label", {}, "heads ", select([["exits", "trained exits"], ["lm_head", "top head"]],
         m.premature, (v) => { m.premature = v; })));
+    }
+    if (m.kind === "sled") {
+      const heads = [["lm_head", "top head on every block"]];
+      if (exitsBelowTop(card)) heads.unshift(["exits", "trained exits"]);
+      p.append(el("label", {}, "premature ", select(heads, m.premature, (v) => { m.premature = v; })));
     }
     box.append(p);
   });

@@ -1,9 +1,11 @@
 //! Decoding modes: which heads a sequence needs, and how their logits become what is
 //! sampled from. The original head and one exit are here; each strategy that combines heads
-//! has a file: `contrast.rs` (autocontrastive decoding, Gera et al. 2023), `dola.rs` (DoLa).
+//! has a file: `contrast.rs` (autocontrastive decoding, Gera et al. 2023), `dola.rs` (DoLa),
+//! `sled.rs` (SLED).
 
 pub mod contrast;
 pub mod dola;
+pub mod sled;
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +15,7 @@ pub use contrast::{
     contrast_log_q, ContrastParams, Upper, DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES,
 };
 pub use dola::{DolaLayers, DolaParams, Layers, Premature};
+pub use sled::SledParams;
 
 /// A vocabulary head evaluated on a block's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,11 +45,12 @@ pub enum Mode {
     Exit(usize),
     Contrast(ContrastParams),
     Dola(DolaParams),
+    Sled(SledParams),
 }
 
 impl Mode {
     /// Every kind of mode, as `multi_exit.mode` names it and metrics label it.
-    pub const LABELS: [&'static str; 4] = ["original", "exit", "contrast", "dola"];
+    pub const LABELS: [&'static str; 5] = ["original", "exit", "contrast", "dola", "sled"];
 
     /// The mode's kind: one of [`Mode::LABELS`].
     pub fn label(&self) -> &'static str {
@@ -55,6 +59,7 @@ impl Mode {
             Mode::Exit(_) => 1,
             Mode::Contrast(_) => 2,
             Mode::Dola(_) => 3,
+            Mode::Sled(_) => 4,
         }]
     }
 
@@ -66,6 +71,12 @@ impl Mode {
             Mode::Contrast(c) => vec![c.upper.into(), Head::Exit(c.lower)],
             Mode::Dola(d) => std::iter::once(Head::Original)
                 .chain(d.candidates.iter().map(|l| match d.premature {
+                    Premature::Exits => Head::Exit(l),
+                    Premature::LmHead => Head::LmHeadAt(l),
+                }))
+                .collect(),
+            Mode::Sled(p) => std::iter::once(Head::Original)
+                .chain(p.candidates.iter().map(|l| match p.premature {
                     Premature::Exits => Head::Exit(l),
                     Premature::LmHead => Head::LmHeadAt(l),
                 }))
@@ -89,20 +100,22 @@ impl Mode {
     }
 
     /// The mode's scores from the logits of [`Mode::heads`]: the next-token log-distribution
-    /// (log-softmax for a single head, log q for contrast), or for DoLa its contrast logits,
-    /// unnormalised, because transformers' processors (the repetition penalty) edit those.
+    /// (log-softmax for a single head, log q for contrast), or for DoLa and SLED their
+    /// logits, unnormalised, because transformers' processors (the repetition penalty) edit
+    /// those.
     /// [`Mode::logprobs`] turns either into the log-distribution.
     pub fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
         match self {
             Mode::Original | Mode::Exit(_) => log_softmax(logits[0]),
             Mode::Contrast(c) => contrast_log_q(logits[0], logits[1], c),
             Mode::Dola(d) => dola::dola_logits(logits[0], &logits[1..], d.relative_top).0,
+            Mode::Sled(p) => sled::sled_logits(logits[0], &logits[1..], p),
         }
     }
 
     /// Whether [`Mode::scores`] are the log-distribution itself (else its logits).
     pub fn scores_are_logprobs(&self) -> bool {
-        !matches!(self, Mode::Dola(_))
+        !matches!(self, Mode::Dola(_) | Mode::Sled(_))
     }
 
     /// The log-distribution of `scores` (this mode's): themselves, or their log-softmax.
@@ -143,6 +156,7 @@ impl fmt::Display for Mode {
             Mode::Exit(l) => write!(f, "exit:{l}"),
             Mode::Contrast(c) => contrast::write_flag(c, f),
             Mode::Dola(d) => write!(f, "{d}"),
+            Mode::Sled(p) => write!(f, "{p}"),
         }
     }
 }
@@ -151,7 +165,8 @@ impl fmt::Display for Mode {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "mode `{0}`: expected original, exit:L, contrast:U,L[,alpha=A][,minimum_candidates=K] or \
-     dola:LAYERS[,premature=exits|lm_head][,relative_top=R] (LAYERS: low, high or L-L-...)"
+     dola:LAYERS[,premature=exits|lm_head][,relative_top=R] (LAYERS: low, high or L-L-...) or \
+     sled[:premature=exits|lm_head,evolution_rate=R,evolution_scale=K,evolution_lower_bound=B,alpha=A]"
 )]
 pub struct ModeSyntaxError(pub String);
 
@@ -166,6 +181,12 @@ impl FromStr for Mode {
         }
         if let Some(l) = s.strip_prefix("exit:") {
             return Ok(Mode::Exit(l.trim().parse().map_err(|_| bad())?));
+        }
+        if s == "sled" {
+            return Ok(Mode::Sled(SledParams::default()));
+        }
+        if let Some(rest) = s.strip_prefix("sled:") {
+            return sled::parse_flag(rest).map(Mode::Sled).ok_or_else(bad);
         }
         if let Some(rest) = s.strip_prefix("dola:") {
             return dola::parse_flag(rest).map(Mode::Dola).ok_or_else(bad);
@@ -187,6 +208,7 @@ impl Mode {
             Mode::Exit(l) => Some(format!("exit-{l}")),
             Mode::Contrast(c) => contrast::id_suffix(c),
             Mode::Dola(d) => dola::id_suffix(d),
+            Mode::Sled(p) => sled::id_suffix(p),
         }
     }
 
@@ -197,6 +219,8 @@ impl Mode {
             Mode::Original
         } else if let Some(l) = suffix.strip_prefix("exit-") {
             Mode::Exit(l.parse().ok()?)
+        } else if suffix == "sled" {
+            Mode::Sled(SledParams::default())
         } else if suffix.starts_with("dola-") {
             Mode::Dola(dola::from_id_suffix(suffix)?)
         } else {
@@ -209,7 +233,8 @@ impl Mode {
     /// `contrast-x`): such names cannot be presets.
     pub fn is_reserved_id_suffix(name: &str) -> bool {
         name == "original"
-            || ["exit-", "contrast-", "dola-"]
+            || name == "sled"
+            || ["exit-", "contrast-", "dola-", "sled-"]
                 .iter()
                 .any(|p| name.starts_with(p))
     }
@@ -269,6 +294,16 @@ mod tests {
                 "contrast:4,1,alpha=0.05,minimum_candidates=3",
                 None,
             ),
+            (Mode::Sled(SledParams::default()), "sled", Some("sled")),
+            (
+                Mode::Sled(SledParams {
+                    premature: Premature::LmHead,
+                    evolution_scale: 10,
+                    ..SledParams::default()
+                }),
+                "sled:premature=lm_head,evolution_scale=10",
+                None,
+            ),
         ] {
             assert_eq!(mode.to_string(), flag);
             assert_eq!(flag.parse::<Mode>(), Ok(mode));
@@ -298,6 +333,8 @@ mod tests {
             "contrast:4,x",
             "contrast:4,1,beta=2",
             "Original",
+            "sled:",
+            "sled:beta=1",
         ] {
             let e = bad.parse::<Mode>().unwrap_err().to_string();
             assert!(
@@ -316,6 +353,8 @@ mod tests {
             "contrast-04-1",
             "contrast-original",
             "exit:1",
+            "sled-2",
+            "sled:alpha=0",
         ] {
             assert_eq!(Mode::from_id_suffix(bad), None, "{bad}");
         }

@@ -1,0 +1,322 @@
+//! SLED, self logits evolution decoding (Zhang et al., NeurIPS 2024), as the authors' published
+//! `_sled_select_contrast` computes it (their `custom_generate` release for transformers): one
+//! evolution step (`op_T = 1`) plus that release's entropy term `alpha`.
+//!
+//! Per token: the top `evolution_scale` tokens of the mature (original) head are the
+//! candidates. For each premature layer, the cosine between the divergence of its logits from
+//! the mature ones and each candidate's "gradient" (its softmax minus the candidate's one-hot)
+//! says how strongly that layer points at the candidate; the squared positive cosines,
+//! normalised per layer and weighted by each layer's share, make a latent distribution `δ`.
+//! The final logits move one step against the gradient of the KL toward it:
+//! `f - evolution_rate · (softmax(f) - δ)`, then each candidate loses `alpha` times the entropy
+//! of its logits across the premature layers. Tokens outside the candidates get
+//! `evolution_lower_bound`. With `alpha` = 0 this is the paper's single-step algorithm.
+//!
+//! The premature layers are every exit below the top (`premature: exits`, the default: what a
+//! multi-exit model trained its exits for) or every block from `start` to N-1 read by the
+//! original head without the final norm (`premature: lm_head`, as the authors' code reads a
+//! plain checkpoint; `start` as DoLa's rule: 2 when the head is tied and N > 2).
+
+use std::fmt;
+
+use super::dola::{Layers, Premature};
+
+pub const DEFAULT_EVOLUTION_RATE: f32 = 0.3;
+pub const DEFAULT_EVOLUTION_SCALE: usize = 5;
+pub const DEFAULT_EVOLUTION_LOWER_BOUND: f32 = -10.0;
+pub const DEFAULT_ENTROPY_ALPHA: f32 = 0.5;
+
+/// The defaults are those of the authors' `_sled_select_contrast`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SledParams {
+    pub premature: Premature,
+    /// The step size toward the latent distribution.
+    pub evolution_rate: f32,
+    /// How many of the mature head's top tokens are candidates (top-k).
+    pub evolution_scale: usize,
+    /// The logit every other token gets.
+    pub evolution_lower_bound: f32,
+    /// The weight of the entropy of a candidate's logits across the premature layers.
+    pub alpha: f32,
+    /// The premature layers, resolved against the model (`SledParams::resolve`); empty until.
+    pub candidates: Layers,
+}
+
+impl Default for SledParams {
+    fn default() -> Self {
+        Self {
+            premature: Premature::Exits,
+            evolution_rate: DEFAULT_EVOLUTION_RATE,
+            evolution_scale: DEFAULT_EVOLUTION_SCALE,
+            evolution_lower_bound: DEFAULT_EVOLUTION_LOWER_BOUND,
+            alpha: DEFAULT_ENTROPY_ALPHA,
+            candidates: Layers::default(),
+        }
+    }
+}
+
+impl SledParams {
+    /// The premature layers of a model of `num_layers` blocks with exits `exits`, `tied` when
+    /// its original head is the token embedding.
+    pub fn resolve(mut self, num_layers: usize, exits: &[usize], tied: bool) -> Self {
+        let n = num_layers;
+        self.candidates = match self.premature {
+            Premature::Exits => Layers::from_list(exits.iter().copied().filter(|&e| e < n)),
+            Premature::LmHead => {
+                let start = match (tied, n) {
+                    (false, _) => 0,
+                    (true, n) if n > 2 => 2,
+                    (true, 2) => 1,
+                    (true, _) => 0,
+                };
+                Layers::from_list(start..n)
+            }
+        }
+        .unwrap_or_default();
+        self
+    }
+
+    fn has_default_params(&self) -> bool {
+        let d = Self::default();
+        (
+            self.premature,
+            self.evolution_rate,
+            self.evolution_scale,
+            self.evolution_lower_bound,
+            self.alpha,
+        ) == (
+            d.premature,
+            d.evolution_rate,
+            d.evolution_scale,
+            d.evolution_lower_bound,
+            d.alpha,
+        )
+    }
+}
+
+impl fmt::Display for SledParams {
+    /// The flag form: `sled`, plus `:key=value,...` for the parameters that are not defaults.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = Self::default();
+        let mut parts = Vec::new();
+        if self.premature != d.premature {
+            parts.push(format!("premature={}", self.premature.name()));
+        }
+        if self.evolution_rate != d.evolution_rate {
+            parts.push(format!("evolution_rate={}", self.evolution_rate));
+        }
+        if self.evolution_scale != d.evolution_scale {
+            parts.push(format!("evolution_scale={}", self.evolution_scale));
+        }
+        if self.evolution_lower_bound != d.evolution_lower_bound {
+            parts.push(format!(
+                "evolution_lower_bound={}",
+                self.evolution_lower_bound
+            ));
+        }
+        if self.alpha != d.alpha {
+            parts.push(format!("alpha={}", self.alpha));
+        }
+        f.write_str("sled")?;
+        if !parts.is_empty() {
+            write!(f, ":{}", parts.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// The flag form after `sled:` (`key=value` pairs, any order; `sled` alone has no colon).
+pub fn parse_flag(rest: &str) -> Option<SledParams> {
+    let mut p = SledParams::default();
+    for part in rest.split(',') {
+        let (key, v) = part.trim().split_once('=')?;
+        let v = v.trim();
+        match key.trim() {
+            "premature" => {
+                p.premature = Premature::NAMES
+                    .iter()
+                    .find(|(n, _)| *n == v)
+                    .map(|(_, x)| *x)?
+            }
+            "evolution_rate" => p.evolution_rate = v.parse().ok()?,
+            "evolution_scale" => p.evolution_scale = v.parse().ok()?,
+            "evolution_lower_bound" => p.evolution_lower_bound = v.parse().ok()?,
+            "alpha" => p.alpha = v.parse().ok()?,
+            _ => return None,
+        }
+    }
+    Some(p)
+}
+
+/// The model-id suffix, `sled`, for default parameters only.
+pub fn id_suffix(p: &SledParams) -> Option<String> {
+    p.has_default_params().then(|| "sled".to_string())
+}
+
+/// The next-token logits SLED makes from the mature head's logits and each premature
+/// layer's (the authors' `_sled_select_contrast`, batch size 1).
+pub fn sled_logits(mature: &[f32], premature: &[&[f32]], p: &SledParams) -> Vec<f32> {
+    let vocab = mature.len();
+    let k = p.evolution_scale.clamp(1, vocab.max(1));
+    let p_mature = softmax(mature);
+    // the candidates: the mature head's top k, most probable first (torch.topk)
+    let mut top: Vec<usize> = (0..vocab).collect();
+    let by_prob = |a: &usize, b: &usize| p_mature[*b].total_cmp(&p_mature[*a]).then(a.cmp(b));
+    if k < vocab {
+        top.select_nth_unstable_by(k - 1, by_prob);
+        top.truncate(k);
+    }
+    top.sort_by(by_prob);
+
+    // per layer: the normalised squared positive cosines (weights over the candidates) and
+    // their sum (the layer's share)
+    let mut weights = vec![0.0f64; k];
+    let mut shares = Vec::with_capacity(premature.len());
+    let mut per_layer = Vec::with_capacity(premature.len());
+    for logits in premature {
+        let p_layer = softmax(logits);
+        // divergence d = logits - mature; gradient g_j = p_layer - onehot(top_j):
+        // g·d = p·d - d_j, |g|² = |p|² - 2 p_j + 1
+        let (mut pd, mut pp, mut dd) = (0.0f64, 0.0f64, 0.0f64);
+        for ((&l, &m), &q) in logits.iter().zip(mature).zip(&p_layer) {
+            let (d, q) = (l as f64 - m as f64, q as f64);
+            pd += q * d;
+            pp += q * q;
+            dd += d * d;
+        }
+        let cos2: Vec<f64> = top
+            .iter()
+            .map(|&j| {
+                let d_j = logits[j] as f64 - mature[j] as f64;
+                let q_j = p_layer[j] as f64;
+                let g_norm = (pp - 2.0 * q_j + 1.0).max(0.0).sqrt();
+                // torch's cosine_similarity: x·y / max(|x| |y|, 1e-8)
+                let cos = (pd - d_j) / (g_norm * dd.sqrt()).max(1e-8);
+                cos.max(0.0).powi(2)
+            })
+            .collect();
+        let sum: f64 = cos2.iter().sum();
+        shares.push(sum);
+        per_layer.push(if sum != 0.0 {
+            cos2.iter().map(|c| c / sum).collect()
+        } else {
+            cos2
+        });
+    }
+    let total: f64 = shares.iter().sum();
+    for (share, w) in shares.iter().zip(&per_layer) {
+        let share = if total != 0.0 { share / total } else { *share };
+        for (acc, &x) in weights.iter_mut().zip(w) {
+            *acc += share * x;
+        }
+    }
+
+    let mut out = vec![p.evolution_lower_bound; vocab];
+    let rate = p.evolution_rate as f64;
+    for (i, &j) in top.iter().enumerate() {
+        // one step: f - rate · (softmax(f) + proxy), the proxy gradient being -δ
+        let evolved = mature[j] as f64 - rate * (p_mature[j] as f64 - weights[i]);
+        let entropy = layer_entropy(premature.iter().map(|l| l[j]));
+        out[j] = (evolved - p.alpha as f64 * entropy) as f32;
+    }
+    out
+}
+
+/// The entropy of the softmax across layers of one token's logits, as torch's `Categorical`
+/// computes it (probabilities clamped to [eps, 1 - eps] inside the log).
+fn layer_entropy(logits: impl Iterator<Item = f32> + Clone) -> f64 {
+    let max = logits.clone().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = logits.clone().map(|x| (x as f64 - max).exp()).sum();
+    let eps = f32::EPSILON as f64;
+    -logits
+        .map(|x| {
+            let p = (x as f64 - max).exp() / z;
+            p * p.clamp(eps, 1.0 - eps).ln()
+        })
+        .sum::<f64>()
+}
+
+fn softmax(xs: &[f32]) -> Vec<f32> {
+    let (_, lse) = super::log_sum_exp(xs);
+    xs.iter().map(|&x| (x - lse).exp()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn premature_layers_by_model() {
+        let layers = |premature, n, exits: &[usize], tied| {
+            SledParams {
+                premature,
+                ..SledParams::default()
+            }
+            .resolve(n, exits, tied)
+            .candidates
+            .iter()
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            layers(Premature::Exits, 12, &[2, 4, 6, 8, 10, 12], true),
+            [2, 4, 6, 8, 10]
+        );
+        assert_eq!(layers(Premature::Exits, 4, &[1, 2, 4], true), [1, 2]);
+        assert_eq!(layers(Premature::LmHead, 6, &[2, 4, 6], true), [2, 3, 4, 5]);
+        assert_eq!(layers(Premature::LmHead, 3, &[], false), [0, 1, 2]);
+        assert_eq!(layers(Premature::Exits, 4, &[4], true), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn text_forms_round_trip() {
+        for (flag, suffix) in [
+            ("sled", Some("sled")),
+            ("sled:premature=lm_head", None),
+            (
+                "sled:evolution_rate=2,evolution_scale=10,evolution_lower_bound=-100,alpha=0",
+                None,
+            ),
+        ] {
+            let Ok(super::super::Mode::Sled(p)) = flag.parse() else {
+                panic!("{flag}")
+            };
+            assert_eq!(p.to_string(), flag);
+            assert_eq!(id_suffix(&p).as_deref(), suffix);
+        }
+        assert_eq!(parse_flag("beta=1"), None);
+        assert_eq!(parse_flag("evolution_scale=x"), None);
+        assert_eq!(parse_flag("alpha"), None);
+    }
+
+    #[test]
+    fn follows_the_trend_from_the_premature_layers_to_the_mature_one() {
+        let mature = [3.0f32, 2.9, 0.0, -1.0];
+        // an early layer believed in token 1; the top layer moved toward token 0: the latent
+        // distribution extrapolates that move, so token 0 gains on token 1
+        let early = [0.0f32, 3.0, 0.0, 0.0];
+        let p = SledParams {
+            evolution_scale: 2,
+            alpha: 0.0,
+            evolution_rate: 1.0,
+            ..SledParams::default()
+        };
+        let out = sled_logits(&mature, &[&early], &p);
+        assert_eq!(out[2], p.evolution_lower_bound);
+        assert_eq!(out[3], p.evolution_lower_bound);
+        assert!(out[0] - out[1] > mature[0] - mature[1], "{out:?}");
+        // no evolution: the mature logits on the candidates, less the entropy term
+        let still = SledParams {
+            evolution_rate: 0.0,
+            ..p
+        };
+        let out = sled_logits(&mature, &[&early, &early], &still);
+        assert_eq!(&out[..2], &mature[..2]);
+        // two identical layers: each candidate's entropy across them is ln 2
+        let entropic = SledParams {
+            alpha: 1.0,
+            ..still
+        };
+        let out = sled_logits(&mature, &[&early, &early], &entropic);
+        assert!((out[0] - (3.0 - 2f32.ln())).abs() < 1e-6, "{out:?}");
+    }
+}
