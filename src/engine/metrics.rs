@@ -27,6 +27,7 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// references are checked against this list (tests/deploy.rs).
 pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_requests_total", "counter"),
+    ("exitserve_early_exit_tokens_total", "counter"),
     ("exitserve_queue_depth", "gauge"),
     ("exitserve_requests_running", "gauge"),
     ("exitserve_batch_size", "gauge"),
@@ -171,6 +172,11 @@ impl Default for Metrics {
             "Finished requests by status and decoding mode.",
             |r, k, h| r.describe_counter(k, None, h),
         );
+        r.describe(
+            "exitserve_early_exit_tokens_total",
+            "Tokens generated in early-exit mode, by the layer each left at (or `original`).",
+            |r, k, h| r.describe_counter(k, None, h),
+        );
         Self {
             handle: recorder.handle(),
             last_upkeep: std::sync::Mutex::new(Instant::now()),
@@ -263,6 +269,15 @@ impl Metrics {
         let key = Key::from_parts(
             "exitserve_requests_total",
             vec![Label::new("status", status), Label::new("mode", mode)],
+        );
+        self.recorder.register_counter(&key, &METADATA).increment(1);
+    }
+
+    /// One token of an early-exit mode that left at `layer` (`original`: no exit was confident).
+    pub fn early_exit_token(&self, layer: &str) {
+        let key = Key::from_parts(
+            "exitserve_early_exit_tokens_total",
+            vec![Label::new("layer", layer.to_string())],
         );
         self.recorder.register_counter(&key, &METADATA).increment(1);
     }

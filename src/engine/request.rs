@@ -104,6 +104,11 @@ pub enum ModeSpec {
         evolution_lower_bound: Option<f64>,
         alpha: Option<f64>,
     },
+    EarlyExit {
+        threshold: Option<f64>,
+        measure: Option<String>,
+        decay: Option<f64>,
+    },
 }
 
 /// DoLa's `layers`, unvalidated.
@@ -128,6 +133,7 @@ impl ModeSpec {
             ModeSpec::Contrast { .. } => 2,
             ModeSpec::Dola { .. } => 3,
             ModeSpec::Sled { .. } => 4,
+            ModeSpec::EarlyExit { .. } => 5,
         }]
     }
 }
@@ -166,6 +172,11 @@ impl From<Mode> for ModeSpec {
                 evolution_scale: Some(p.evolution_scale as i64),
                 evolution_lower_bound: Some(p.evolution_lower_bound as f64),
                 alpha: Some(p.alpha as f64),
+            },
+            Mode::EarlyExit(e) => ModeSpec::EarlyExit {
+                threshold: Some(e.threshold as f64),
+                measure: None,
+                decay: e.decay.map(|d| d as f64),
             },
         }
     }
@@ -334,12 +345,15 @@ impl FinishReason {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// Self-speculative decoding: tokens drafted and accepted (None: not used).
     pub speculative: Option<SpeculativeUsage>,
+    /// Early exit: generated tokens by the layer each left at (`"original"`: none was
+    /// confident), over every choice (None: not early exit).
+    pub early_exit: Option<std::collections::BTreeMap<String, usize>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

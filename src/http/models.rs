@@ -40,7 +40,7 @@ impl ModelIds {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
             if !ok_chars || Mode::is_reserved_id_suffix(name) {
                 return Err(format!(
-                    "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and not a built-in mode (original, exit-L, contrast-U-L, dola-..., sled)"
+                    "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and not a built-in mode (original, exit-L, contrast-U-L, dola-..., sled, early-exit-...)"
                 ));
             }
             if resolved.iter().any(|p| p.name == *name) {
@@ -135,12 +135,11 @@ impl ModelIds {
             let asked = Mode::Dola(DolaParams::new(layers));
             self.validator.mode(&asked.into()).ok()
         }));
-        // SLED over the exits below the top, with the authors' parameters
-        modes.extend(
-            self.validator
-                .mode(&Mode::Sled(Default::default()).into())
-                .ok(),
-        );
+        // SLED over the exits below the top, with the authors' parameters; early exit at 0.9
+        let early = Mode::EarlyExit(crate::model::mode::EarlyExitParams::new(0.9));
+        for m in [Mode::Sled(Default::default()), early] {
+            modes.extend(self.validator.mode(&m.into()).ok());
+        }
         let mut out = vec![(self.base.clone(), None)];
         for m in modes {
             if let Some(s) = m.id_suffix() {
@@ -169,7 +168,7 @@ impl ModelIds {
         let exits = &self.validator.limits().exit_layers;
         let b = &self.base;
         let mut s = format!(
-            "`{b}`, `{b}:original`, `{b}:exit-L`, `{b}:contrast-U-L` (L an exit layer {exits:?}, U a higher exit or `original`) or `{b}:dola-low`, `{b}:dola-high`, `{b}:dola-L-L` (DoLa over those exits), `{b}:sled` (SLED over the exits below the top)"
+            "`{b}`, `{b}:original`, `{b}:exit-L`, `{b}:contrast-U-L` (L an exit layer {exits:?}, U a higher exit or `original`) or `{b}:dola-low`, `{b}:dola-high`, `{b}:dola-L-L` (DoLa over those exits), `{b}:sled` (SLED over the exits below the top), `{b}:early-exit-T` (T the confidence threshold, e.g. 0.9)"
         );
         if !self.presets.is_empty() {
             let names: Vec<String> = self

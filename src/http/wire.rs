@@ -71,6 +71,12 @@ pub enum MultiExitWire {
         evolution_lower_bound: Option<f64>,
         alpha: Option<f64>,
     },
+    #[serde(rename = "early_exit")]
+    EarlyExit {
+        threshold: Option<f64>,
+        measure: Option<String>,
+        decay: Option<f64>,
+    },
 }
 
 /// A DoLa object's fields (`object`: `multi_exit`, or an inspection's `dola`) as the engine
@@ -274,6 +280,15 @@ impl CompletionRequest {
                 evolution_lower_bound,
                 alpha,
             }),
+            Some(MultiExitWire::EarlyExit {
+                threshold,
+                measure,
+                decay,
+            }) => Some(ModeSpec::EarlyExit {
+                threshold,
+                measure,
+                decay,
+            }),
         };
         Ok(GenerateRequest {
             prompts,
@@ -346,6 +361,13 @@ pub struct MultiExitOut {
     pub evolution_scale: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evolution_lower_bound: Option<f64>,
+    /// Early exit's parameters (`layers`: the exits a token may leave at).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measure: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decay: Option<f64>,
 }
 
 impl From<&Mode> for MultiExitOut {
@@ -363,6 +385,9 @@ impl From<&Mode> for MultiExitOut {
             evolution_rate: None,
             evolution_scale: None,
             evolution_lower_bound: None,
+            threshold: None,
+            measure: None,
+            decay: None,
         };
         match *m {
             Mode::Original => {}
@@ -390,6 +415,12 @@ impl From<&Mode> for MultiExitOut {
                 out.evolution_lower_bound = p.evolution_lower_bound.to_string().parse().ok();
                 out.alpha = p.alpha.to_string().parse().ok();
             }
+            Mode::EarlyExit(e) => {
+                out.layers = Some(e.exits.iter().collect());
+                out.threshold = e.threshold.to_string().parse().ok();
+                out.measure = Some("softmax_margin");
+                out.decay = e.decay.and_then(|d| d.to_string().parse().ok());
+            }
         }
         out
     }
@@ -415,13 +446,21 @@ pub struct ChoiceOut {
     pub prompt_token_ids: Option<Vec<u32>>,
 }
 
-#[derive(Debug, Serialize, Clone, Copy)]
+#[derive(Debug, Serialize, Clone)]
 pub struct UsageOut {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speculative: Option<SpeculativeUsageOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_exit: Option<EarlyExitUsageOut>,
+}
+
+/// `usage.early_exit`: generated tokens by the layer each left at (keys: layers, `original`).
+#[derive(Debug, Serialize, Clone)]
+pub struct EarlyExitUsageOut {
+    pub tokens_by_layer: BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -440,6 +479,9 @@ impl From<crate::engine::Usage> for UsageOut {
                 drafted: s.drafted,
                 accepted: s.accepted,
             }),
+            early_exit: u
+                .early_exit
+                .map(|tokens_by_layer| EarlyExitUsageOut { tokens_by_layer }),
         }
     }
 }

@@ -94,6 +94,29 @@ impl SelfAttention {
         self.out_proj.forward(&out)
     }
 
+    /// Writes the keys and values of `x` `(rows, hidden)` into the segments' caches without
+    /// attending (the query projection runs too: the three are one stacked weight).
+    pub fn write_kv(
+        &self,
+        x: &Tensor,
+        segments: &mut [Segment<'_>],
+        layer: usize,
+    ) -> candle_core::Result<()> {
+        let h = self.num_heads * self.head_dim;
+        let qkv = self.qkv.forward(x)?;
+        let (k, v) = (qkv.narrow(1, h, h)?, qkv.narrow(1, 2 * h, h)?);
+        if segments
+            .first()
+            .is_some_and(|s| s.cache.paged_blocks().is_some())
+        {
+            return batched::write(&k, &v, segments, layer);
+        }
+        for seg in segments.iter_mut() {
+            self.cache_step(&k, &v, seg, layer)?;
+        }
+        Ok(())
+    }
+
     fn geometry(&self) -> batched::Geometry {
         batched::Geometry {
             heads: self.num_heads,

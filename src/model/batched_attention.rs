@@ -52,44 +52,13 @@ pub(super) fn attend(
     let device = q.device();
     let width = g.heads * g.head_dim;
     let rows = segments.iter().map(|s| s.len).sum::<usize>();
-    let mut members = Vec::with_capacity(segments.len());
-    let mut pool = None;
-    for s in segments.iter() {
-        let Some(p) = s.cache.paged_blocks() else {
-            candle_core::bail!("batched attention over a cache that is not paged");
-        };
-        match &pool {
-            None => pool = Some(p.pool.clone()),
-            Some(first) if !std::sync::Arc::ptr_eq(first, &p.pool) => {
-                candle_core::bail!("one step's caches in two pools")
-            }
-            Some(_) => {}
-        }
-        members.push(Member {
-            start: s.start,
-            len: s.len,
-            offset: s.cache.len(),
-            blocks: &p.blocks,
-        });
-    }
-    let Some(pool) = pool else {
+    let Some((pool, members)) = layout(segments)? else {
         return Tensor::zeros((0, width), q.dtype(), device);
     };
     let (pool_k, pool_v) = pool.layer(layer)?;
     // Gathers read contiguous rows (q is a view of the packed q/k/v projection when unscaled).
     let q = &q.contiguous()?;
-
-    // This step's keys and values into the pool, at each position's row.
-    let written: Vec<u32> = members
-        .iter()
-        .flat_map(|m| (m.offset..m.offset + m.len).map(|p| row_of(m.blocks, p)))
-        .collect();
-    let index = row_index(&written, width, device)?;
-    let kv_dtype = pool.dtype();
-    let rows_k = k.narrow(0, 0, rows)?.to_dtype(kv_dtype)?.contiguous()?;
-    let rows_v = v.narrow(0, 0, rows)?.to_dtype(kv_dtype)?.contiguous()?;
-    pool_k.scatter_set(&index, &rows_k, 0)?;
-    pool_v.scatter_set(&index, &rows_v, 0)?;
+    scatter(&pool, (&pool_k, &pool_v), k, v, &members)?;
 
     // Decode rows together, each longer segment alone.
     let (decode, longer): (Vec<&Member>, Vec<&Member>) = members.iter().partition(|m| m.len == 1);
@@ -116,6 +85,69 @@ pub(super) fn attend(
         inverse[r] = i as u32;
     }
     out.index_select(&Tensor::new(inverse.as_slice(), device)?, 0)
+}
+
+/// The segments' members and their shared pool; None for no segments.
+fn layout<'b>(
+    segments: &'b [Segment<'_>],
+) -> candle_core::Result<Option<(std::sync::Arc<super::kv_pool::KvPool>, Vec<Member<'b>>)>> {
+    let mut members = Vec::with_capacity(segments.len());
+    let mut pool = None;
+    for s in segments {
+        let Some(p) = s.cache.paged_blocks() else {
+            candle_core::bail!("batched attention over a cache that is not paged");
+        };
+        match &pool {
+            None => pool = Some(p.pool.clone()),
+            Some(first) if !std::sync::Arc::ptr_eq(first, &p.pool) => {
+                candle_core::bail!("one step's caches in two pools")
+            }
+            Some(_) => {}
+        }
+        members.push(Member {
+            start: s.start,
+            len: s.len,
+            offset: s.cache.len(),
+            blocks: &p.blocks,
+        });
+    }
+    Ok(pool.map(|p| (p, members)))
+}
+
+/// The step's keys and values `(rows, hidden)` into the pool, at each position's row.
+fn scatter(
+    pool: &super::kv_pool::KvPool,
+    (pool_k, pool_v): (&Tensor, &Tensor),
+    k: &Tensor,
+    v: &Tensor,
+    members: &[Member<'_>],
+) -> candle_core::Result<()> {
+    let rows = members.iter().map(|m| m.len).sum::<usize>();
+    let written: Vec<u32> = members
+        .iter()
+        .flat_map(|m| (m.offset..m.offset + m.len).map(|p| row_of(m.blocks, p)))
+        .collect();
+    let index = row_index(&written, k.dim(1)?, k.device())?;
+    let kv_dtype = pool.dtype();
+    let rows_k = k.narrow(0, 0, rows)?.to_dtype(kv_dtype)?.contiguous()?;
+    let rows_v = v.narrow(0, 0, rows)?.to_dtype(kv_dtype)?.contiguous()?;
+    pool_k.scatter_set(&index, &rows_k, 0)?;
+    pool_v.scatter_set(&index, &rows_v, 0)
+}
+
+/// Writes `k`, `v` `(rows, hidden)` into the segments' caches without attending (the blocks
+/// an early-exited position skipped).
+pub(super) fn write(
+    k: &Tensor,
+    v: &Tensor,
+    segments: &mut [Segment<'_>],
+    layer: usize,
+) -> candle_core::Result<()> {
+    let Some((pool, members)) = layout(segments)? else {
+        return Ok(());
+    };
+    let (pool_k, pool_v) = pool.layer(layer)?;
+    scatter(&pool, (&pool_k, &pool_v), k, v, &members)
 }
 
 /// One group's attention: `(sum of its members' lens, hidden)`, members in order.

@@ -98,4 +98,15 @@ impl Block {
         let h = (x + self.attn.forward(&self.ln_1.forward(x)?, segments, layer)?)?;
         &h + self.mlp.forward(&self.ln_2.forward(&h)?)?
     }
+
+    /// Only the keys and values this block would cache for `x` (CALM's state propagation:
+    /// a position that left at a lower exit enters the blocks above with its hidden state).
+    pub fn propagate_kv(
+        &self,
+        x: &Tensor,
+        segments: &mut [Segment<'_>],
+        layer: usize,
+    ) -> candle_core::Result<()> {
+        self.attn.write_kv(&self.ln_1.forward(x)?, segments, layer)
+    }
 }

@@ -20,7 +20,7 @@ use super::config::ModelConfig;
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::kv_pool::KvPool;
-use super::mode::Head;
+use super::mode::{EarlyExitParams, Head};
 use super::step::{ForwardStats, Logits, Packed, Segment, SeqStep, StepLogits};
 use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
 
@@ -329,53 +329,156 @@ impl MultiExitModel {
         let heads: Vec<Vec<Head>> = order.iter().map(|&i| steps[i].heads.to_vec()).collect();
         let all_positions: Vec<bool> = order.iter().map(|&i| steps[i].all_positions).collect();
         let verify: Vec<bool> = order.iter().map(|&i| steps[i].verify).collect();
+        // Early exit is decided here for decode positions only (see `SeqStep::early_exit`).
+        let early: Vec<Option<EarlyExitParams>> = order
+            .iter()
+            .map(|&i| {
+                let s = &steps[i];
+                s.early_exit
+                    .filter(|_| s.tokens.len() == 1 && !s.all_positions && !s.verify)
+            })
+            .collect();
         {
-            // Segments borrow the caches in packed order.
+            // Segments borrow the caches; slot k is the k-th sequence in packed order.
             let mut by_index: Vec<Option<&mut KvCache>> =
                 steps.iter_mut().map(|s| Some(&mut *s.cache)).collect();
-            let mut segments: Vec<Segment<'_>> = order
+            let mut segments: Vec<Option<Segment<'_>>> = order
                 .iter()
                 .enumerate()
-                .map(|(slot, &i)| Segment {
-                    start: starts[slot],
-                    len: lens[slot],
-                    cache: by_index[i].take().expect("each index once"),
-                    per_query: verify[slot],
+                .map(|(slot, &i)| {
+                    Some(Segment {
+                        start: starts[slot],
+                        len: lens[slot],
+                        cache: by_index[i].take().expect("each index once"),
+                        per_query: verify[slot],
+                    })
                 })
                 .collect();
-            let packed = Packed {
-                starts: &starts,
-                lens: &lens,
-                heads: &heads,
-                all_positions: &all_positions,
-                order: &order,
+            // The slots whose rows `x` holds, in row order (depth order: the ones a block
+            // leaves out are a suffix), and where each one's rows start in `x`.
+            let mut alive: Vec<usize> = (0..order.len()).collect();
+            let mut row_in_x = starts.clone();
+            let view = |alive: &[usize], row_in_x: &[usize]| Rows {
+                slots: alive.to_vec(),
+                starts: alive.iter().map(|&s| row_in_x[s]).collect(),
+                lens: alive.iter().map(|&s| lens[s]).collect(),
+                heads: alive.iter().map(|&s| heads[s].clone()).collect(),
+                all_positions: alive.iter().map(|&s| all_positions[s]).collect(),
             };
             // heads on the embeddings' output (DoLa's layer 0)
-            self.eval_heads(0, &x, &packed, draft, &mut outputs.per_seq)?;
+            let rows = view(&alive, &row_in_x);
+            self.eval_heads(
+                0,
+                &x,
+                &rows.packed(&order).as_packed(),
+                draft,
+                &mut outputs.per_seq,
+            )?;
             for layer in 0..max_depth {
-                let active = depths.iter().take_while(|&&d| d > layer).count();
-                let rows = starts.get(active).copied().unwrap_or(total_rows);
+                alive.retain(|&s| depths[s] > layer);
+                if alive.is_empty() {
+                    break; // every row left at an exit
+                }
+                let rows: usize = alive.iter().map(|&s| lens[s]).sum();
                 if rows < x.dim(0)? {
                     x = x.narrow(0, 0, rows)?;
                 }
-                x = self
-                    .block(layer, draft)?
-                    .forward(&x, &mut segments[..active], layer)?;
+                let mut run = take_segments(&mut segments, &alive, &row_in_x);
+                let out = self.block(layer, draft)?.forward(&x, &mut run, layer);
+                put_back(&mut segments, &alive, run);
+                x = out?;
                 self.stats
                     .block_evals
-                    .fetch_add(active as u64, Ordering::Relaxed);
-                let packed = Packed {
-                    starts: &starts,
-                    lens: &lens,
-                    heads: &heads[..active],
-                    all_positions: &all_positions,
-                    order: &order,
-                };
-                self.eval_heads(layer + 1, &x, &packed, draft, &mut outputs.per_seq)?;
+                    .fetch_add(alive.len() as u64, Ordering::Relaxed);
+                let rows = view(&alive, &row_in_x);
+                self.eval_heads(
+                    layer + 1,
+                    &x,
+                    &rows.packed(&order).as_packed(),
+                    draft,
+                    &mut outputs.per_seq,
+                )?;
+
+                // Early exits: a confident exit ends the token here.
+                let exit = Head::Exit(layer + 1);
+                let exited: Vec<usize> = alive
+                    .iter()
+                    .copied()
+                    .filter(|&s| {
+                        let Some(e) = early[s] else { return false };
+                        let Some(k) = heads[s].iter().position(|&h| h == exit) else {
+                            return false;
+                        };
+                        outputs.per_seq[order[s]][k]
+                            .last()
+                            .is_some_and(|row| e.confident(row))
+                    })
+                    .collect();
+                if exited.is_empty() {
+                    continue;
+                }
+                self.propagate(
+                    &x,
+                    &exited,
+                    (&depths, &lens, &row_in_x),
+                    layer + 1,
+                    draft,
+                    &mut segments,
+                )?;
+                alive.retain(|s| !exited.contains(s));
+                let kept: Vec<u32> = alive
+                    .iter()
+                    .flat_map(|&s| (row_in_x[s]..row_in_x[s] + lens[s]).map(|r| r as u32))
+                    .collect();
+                x = x.index_select(&Tensor::new(kept.as_slice(), &self.device)?, 0)?;
+                let mut next = 0;
+                for &s in &alive {
+                    row_in_x[s] = next;
+                    next += lens[s];
+                }
             }
-            for seg in segments.iter_mut() {
+            for seg in segments.iter_mut().flatten() {
                 seg.cache.advance(seg.len);
             }
+        }
+        Ok(())
+    }
+
+    /// The keys and values the blocks from `from` up to each exited slot's depth cache for
+    /// its position, from its hidden state in `x` (where it left).
+    fn propagate(
+        &self,
+        x: &Tensor,
+        exited: &[usize],
+        (depths, lens, row_in_x): (&[usize], &[usize], &[usize]),
+        from: usize,
+        draft: bool,
+        segments: &mut [Option<Segment<'_>>],
+    ) -> Result<()> {
+        let rows: Vec<u32> = exited
+            .iter()
+            .flat_map(|&s| (row_in_x[s]..row_in_x[s] + lens[s]).map(|r| r as u32))
+            .collect();
+        let mut h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+        let mut starts = vec![0; segments.len()];
+        let mut next = 0;
+        for &s in exited {
+            starts[s] = next;
+            next += lens[s];
+        }
+        let mut going: Vec<usize> = exited.to_vec();
+        let top = exited.iter().map(|&s| depths[s]).max().unwrap_or(0);
+        for block in from..top {
+            // in depth order: the ones that stop below this block are a suffix
+            going.retain(|&s| depths[s] > block);
+            let rows: usize = going.iter().map(|&s| lens[s]).sum();
+            if rows < h.dim(0)? {
+                h = h.narrow(0, 0, rows)?;
+            }
+            let mut run = take_segments(segments, &going, &starts);
+            let r = self.block(block, draft)?.propagate_kv(&h, &mut run, block);
+            put_back(segments, &going, run);
+            r?;
         }
         Ok(())
     }
@@ -469,5 +572,64 @@ impl MultiExitModel {
             }
         }
         Ok(())
+    }
+}
+
+/// The rows a block's output holds, by slot (packed order), for `eval_heads`.
+struct Rows {
+    slots: Vec<usize>,
+    starts: Vec<usize>,
+    lens: Vec<usize>,
+    heads: Vec<Vec<Head>>,
+    all_positions: Vec<bool>,
+}
+
+impl Rows {
+    /// `order`: packed slot -> index in the caller's step list.
+    fn packed<'p>(&'p self, order: &[usize]) -> PackedRows<'p> {
+        PackedRows {
+            order: self.slots.iter().map(|&s| order[s]).collect(),
+            rows: self,
+        }
+    }
+}
+
+/// [`Rows`] with each slot's index in the step list: what [`Packed`] borrows.
+struct PackedRows<'p> {
+    order: Vec<usize>,
+    rows: &'p Rows,
+}
+
+impl PackedRows<'_> {
+    fn as_packed(&self) -> Packed<'_> {
+        Packed {
+            starts: &self.rows.starts,
+            lens: &self.rows.lens,
+            heads: &self.rows.heads,
+            all_positions: &self.rows.all_positions,
+            order: &self.order,
+        }
+    }
+}
+
+/// The segments of `slots`, in that order, each starting at its row in `starts`.
+fn take_segments<'s>(
+    segments: &mut [Option<Segment<'s>>],
+    slots: &[usize],
+    starts: &[usize],
+) -> Vec<Segment<'s>> {
+    slots
+        .iter()
+        .map(|&s| {
+            let mut seg = segments[s].take().expect("a segment runs once per block");
+            seg.start = starts[s];
+            seg
+        })
+        .collect()
+}
+
+fn put_back<'s>(segments: &mut [Option<Segment<'s>>], slots: &[usize], run: Vec<Segment<'s>>) {
+    for (&s, seg) in slots.iter().zip(run) {
+        segments[s] = Some(seg);
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicU64;
 
 use super::kv_cache::KvCache;
-use super::mode::Head;
+use super::mode::{EarlyExitParams, Head};
 
 /// One sequence's part of a forward step.
 pub struct SeqStep<'a> {
@@ -24,6 +24,11 @@ pub struct SeqStep<'a> {
     /// as a decode step computes its one position (attention query by query), so that the
     /// verdicts see exactly the numbers decoding without drafts would.
     pub verify: bool,
+    /// Confidence-based early exit, decided in the step for a decode position (one token,
+    /// heads at its last row): at each exit of `heads` (ascending) whose head is confident,
+    /// the row leaves the step, the heads above stay empty, and the blocks above get its keys
+    /// and values from its hidden state there. Ignored for prompt chunks and verifying passes.
+    pub early_exit: Option<EarlyExitParams>,
 }
 
 /// A sequence's rows in the packed matrix, with its cache.

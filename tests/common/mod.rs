@@ -203,6 +203,7 @@ pub fn all_head_logits(
         all_positions: false,
         draft: false,
         verify: false,
+        early_exit: None,
     }];
     let out = model.forward(&mut step)?.into_per_seq().remove(0);
     Ok(heads

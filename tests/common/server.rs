@@ -88,6 +88,15 @@ impl TestServer {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("metric {name} not found"))
     }
+
+    /// The sum of a labelled metric's samples (`name{...} value` lines).
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        let text = self.state.engine.render_metrics();
+        text.lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+            .filter_map(|r| r.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
 }
 
 impl TestServer {

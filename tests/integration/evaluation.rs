@@ -69,13 +69,14 @@ async fn model_ids_are_listed_resolved_and_refused_clearly() {
         ":dola-high",
         ":dola-1-2",
         ":sled",
+        ":early-exit-0.9",
         ":acd-strong",
     ]
     .iter()
     .map(|s| format!("{MODEL}{s}"))
     .collect();
     assert_eq!(ids, want);
-    let preset = &list["data"][13]["multi_exit"];
+    let preset = &list["data"][14]["multi_exit"];
     assert_eq!(
         preset,
         &json!({"mode": "contrast", "upper": 4, "lower": 1, "alpha": 0.05, "minimum_candidates": 1})

@@ -276,7 +276,7 @@ async fn models_health_metrics_and_errors() {
     assert_eq!(models["data"][0]["exit_layers"], json!([1, 2, 4]));
     assert_eq!(
         models["data"][0]["modes"],
-        json!(["original", "exit", "contrast", "dola", "sled"])
+        json!(["original", "exit", "contrast", "dola", "sled", "early_exit"])
     );
     let (status, health) = get(&server.url("/health")).await;
     assert_eq!((status, health), (200, json!({"status": "ok"})));

@@ -14,6 +14,7 @@ mod bad_input;
 mod batching;
 mod deploy;
 mod docs;
+mod early_exit;
 mod evaluation;
 mod gpu_path;
 mod hardening;

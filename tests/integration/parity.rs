@@ -73,6 +73,7 @@ fn greedy_batch(
                 all_positions: false,
                 draft: false,
                 verify: false,
+                early_exit: None,
             })
             .collect();
         let logits = m.model.forward(&mut batch).unwrap();
@@ -229,6 +230,7 @@ fn mixed_schedule(m: &LoadedModel) -> Vec<Vec<Logits>> {
                 all_positions: all[i],
                 draft: false,
                 verify: false,
+                early_exit: None,
             })
             .collect();
         out.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
@@ -487,6 +489,7 @@ fn teacher_forced_logits(
             all_positions: false,
             draft: false,
             verify: false,
+            early_exit: None,
         }];
         let logits = m
             .model
@@ -572,6 +575,7 @@ fn exit_logits(m: &LoadedModel, tokens: &[u32], layer: usize, draft: bool) -> Ve
         all_positions: false,
         draft,
         verify: false,
+        early_exit: None,
     }];
     let out = m.model.forward(&mut step).unwrap().into_per_seq().remove(0);
     out.into_iter().next().unwrap().into_last()

@@ -165,6 +165,7 @@ impl Batcher {
                 prompt_tokens: req.prompt_tokens(),
                 completion_tokens: 0,
                 speculative: req.speculative.map(|_| SpeculativeUsage::default()),
+                early_exit: req.mode.early_exit().map(|_| Default::default()),
             },
             mode_label: if req.inspect.is_some() {
                 "inspect"

@@ -10,6 +10,7 @@ use super::{contained, Batcher, Phase};
 use crate::engine::request::{Event, FinishReason};
 use crate::engine::sampling::Sampler;
 use crate::engine::sequence::{Outcome, Sequence};
+use crate::model::Head;
 
 impl Batcher {
     /// Samples and emits each ready sequence's token; a sequence that just finished its
@@ -36,13 +37,18 @@ impl Batcher {
                 continue;
             }
             let scores = rows.pop().unwrap_or_default();
+            let head = r.exit_head();
             let result = contained(Phase::Emit, || {
                 let mut followers = Vec::new();
                 if r.first_token {
-                    followers = self.fork_followers(r.index, &scores)?;
+                    followers = self
+                        .fork_followers(r.index, &scores)?
+                        .into_iter()
+                        .map(|(seq, scores)| (seq, scores, head))
+                        .collect();
                     self.send_prompt_event(r.index);
                 }
-                self.sample_and_emit(r.index, &scores);
+                self.sample_and_emit(r.index, &scores, head);
                 Ok::<_, String>(followers)
             });
             match result {
@@ -50,7 +56,7 @@ impl Batcher {
                 Ok(Err(message)) | Err(message) => self.fail_members(&[r.index], message),
             }
         }
-        for (seq, scores) in forked {
+        for (seq, scores, head) in forked {
             if !seq.is_live() {
                 continue;
             }
@@ -58,7 +64,7 @@ impl Batcher {
             let idx = self.running.len() - 1;
             let result = contained(Phase::Emit, || {
                 self.send_prompt_event(idx);
-                self.sample_and_emit(idx, &scores);
+                self.sample_and_emit(idx, &scores, head);
             });
             if let Err(message) = result {
                 self.fail_members(&[idx], message);
@@ -119,13 +125,27 @@ impl Batcher {
         });
     }
 
-    fn sample_and_emit(&mut self, i: usize, scores: &[f32]) {
+    /// `head`: for an early-exit mode, the head the token left at.
+    fn sample_and_emit(&mut self, i: usize, scores: &[f32], head: Option<Head>) {
         if self.running[i].request.borrow().req.max_tokens == 0 {
             // echo with max_tokens 0: the prompt was only scored.
             return self.finish(i, FinishReason::Length);
         }
         inject(self.cfg.fault(), Phase::Sample, &self.running[i].prompt);
         let id = self.running[i].sampler.choose(scores);
+        if let Some(head) = head {
+            let layer = match head {
+                Head::Exit(l) => l.to_string(),
+                _ => "original".to_string(),
+            };
+            self.metrics.early_exit_token(&layer);
+            let mut r = self.running[i].request.borrow_mut();
+            *r.usage
+                .early_exit
+                .get_or_insert_default()
+                .entry(layer)
+                .or_default() += 1;
+        }
         self.emit_token(i, id, scores);
     }
 
@@ -194,7 +214,8 @@ impl Batcher {
             }
             // Last: once the client has its answer, a shutdown may end the process at once,
             // and the log line and metrics above must not be lost with it.
-            let _ = r.tx.try_send(Event::Done { usage: r.usage });
+            let usage = std::mem::take(&mut r.usage);
+            let _ = r.tx.try_send(Event::Done { usage });
         }
     }
 }

@@ -281,6 +281,7 @@ impl Batcher {
                 all_positions: row.all_positions,
                 draft: row.kind == StepKind::Draft,
                 verify: row.kind == StepKind::Verify,
+                early_exit: row.early_exit,
             })
             .collect();
         let fault = self.cfg.fault();

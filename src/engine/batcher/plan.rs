@@ -9,6 +9,7 @@ use crate::engine::scheduler::{self, SeqView};
 use crate::engine::sequence::Sequence;
 use crate::engine::speculative::SpecInput;
 use crate::model::cost::scored_position_cost;
+use crate::model::mode::EarlyExitParams;
 use crate::model::Head;
 
 /// Positions an inspection of every position scores per step: its logits stay resident for
@@ -41,6 +42,9 @@ pub(super) struct RowPlan {
     /// Heads at every position fed, not only the last.
     pub all_positions: bool,
     pub kind: StepKind,
+    /// An early-exit mode's threshold for this token, decided in the forward (decode only:
+    /// prompt positions run every block).
+    pub early_exit: Option<EarlyExitParams>,
 }
 
 /// The inputs of one step, in `running` order over the sequences that take part.
@@ -134,6 +138,7 @@ fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         depth: r.depth,
         all_positions,
         kind: StepKind::Next,
+        early_exit: None,
     }
 }
 
@@ -142,9 +147,15 @@ fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
 /// (its cache rolled back to where the round began).
 fn decode_row(s: &mut Sequence, index: usize, may_draft: bool) -> RowPlan {
     let next = s.next_input.expect("decoding sequences have a token");
-    let (remaining, heads, depth) = {
+    let (remaining, heads, depth, early_exit) = {
         let r = s.request.borrow();
-        (r.req.max_tokens - s.generated, r.heads.clone(), r.depth)
+        let mode = r.req.mode.at_token(s.generated, r.req.max_tokens);
+        (
+            r.req.max_tokens - s.generated,
+            r.heads.clone(),
+            r.depth,
+            mode.early_exit(),
+        )
     };
     let input = match s.spec.as_mut() {
         Some(spec) if may_draft || spec.in_round() => {
@@ -160,9 +171,13 @@ fn decode_row(s: &mut Sequence, index: usize, may_draft: bool) -> RowPlan {
         depth,
         all_positions,
         kind,
+        early_exit: None,
     };
     match input {
-        SpecInput::Plain => row(vec![next], heads, depth, false, StepKind::Next),
+        SpecInput::Plain => RowPlan {
+            early_exit,
+            ..row(vec![next], heads, depth, false, StepKind::Next)
+        },
         SpecInput::Draft(token) => {
             let layer = s.spec.as_ref().map_or(depth, |sp| sp.spec.draft_layer);
             row(

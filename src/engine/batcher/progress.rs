@@ -34,6 +34,14 @@ pub(super) struct Ready {
 }
 
 impl Ready {
+    /// For an early-exit mode's next token: the head it left at.
+    pub fn exit_head(&self) -> Option<crate::model::Head> {
+        let last = self.logits.first().map_or(0, Logits::rows).checked_sub(1)?;
+        (self.kind == StepKind::Next && self.mode.early_exit().is_some())
+            .then(|| self.mode.chosen_head(&self.logits, last))
+            .flatten()
+    }
+
     /// The log-distributions to choose from: at the last position, or at every verified one.
     fn scores(&self) -> Vec<Vec<f32>> {
         let rows = match self.kind {
@@ -91,7 +99,10 @@ impl Batcher {
                 let kind = row.kind;
                 let mode = match (kind, &seq.spec) {
                     (StepKind::Draft, Some(spec)) => Mode::Exit(spec.spec.draft_layer),
-                    _ => seq.request.borrow().req.mode,
+                    _ => {
+                        let r = seq.request.borrow();
+                        r.req.mode.at_token(seq.generated, r.req.max_tokens)
+                    }
                 };
                 Progress::Ready(Ready {
                     index: i,

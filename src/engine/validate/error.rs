@@ -160,6 +160,19 @@ pub enum ValidationError {
         premature: &'static str,
         exits: Vec<usize>,
     },
+    #[error("`{object}.threshold` is required: the softmax margin in [0, 1] at which a token leaves at an exit (1: never)")]
+    ThresholdRequired { object: &'static str },
+    #[error("`{object}.measure` must be \"softmax_margin\", got {got:?}")]
+    Measure { object: &'static str, got: String },
+    #[error(
+        "`{object}.mode`: early exit needs an exit below the top; this model's exits: {exits:?}"
+    )]
+    NoExitBelowTop {
+        object: &'static str,
+        exits: Vec<usize>,
+    },
+    #[error("`speculative` does not combine with early exit: each token already leaves at the first confident exit")]
+    SpeculativeEarlyExit,
     #[error("`{object}.premature` must be \"exits\" or \"lm_head\", got {got:?}")]
     Premature { object: &'static str, got: String },
     #[error("`{object}.upper` is required: an exit layer {exits:?} or \"original\"")]
@@ -226,6 +239,10 @@ impl ValidationError {
             Premature { object, .. } | SledNoCandidates { object, .. } => {
                 format!("{object}.premature")
             }
+            ThresholdRequired { object } => format!("{object}.threshold"),
+            Measure { object, .. } => format!("{object}.measure"),
+            NoExitBelowTop { object, .. } => format!("{object}.mode"),
+            SpeculativeEarlyExit => "speculative".into(),
             DraftLayerNeeded { .. } | DraftLayerNotAnExit { .. } | DraftLayerTooDeep { .. } => {
                 "speculative.draft_layer".into()
             }

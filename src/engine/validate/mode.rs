@@ -8,6 +8,7 @@ use crate::engine::request::{
 };
 use crate::engine::speculative::MAX_DRAFT_TOKENS;
 use crate::model::mode::dola::DEFAULT_RELATIVE_TOP;
+use crate::model::mode::early_exit::EarlyExitParams;
 use crate::model::mode::sled::{
     SledParams, DEFAULT_ENTROPY_ALPHA, DEFAULT_EVOLUTION_LOWER_BOUND, DEFAULT_EVOLUTION_RATE,
     DEFAULT_EVOLUTION_SCALE,
@@ -172,6 +173,50 @@ impl Validator {
                 }
                 Mode::Sled(p)
             }
+            ModeSpec::EarlyExit {
+                threshold,
+                measure,
+                decay,
+            } => {
+                let l = &*self.limits;
+                let threshold = threshold.ok_or(ValidationError::ThresholdRequired { object })?;
+                let threshold = in_range(
+                    &format!("{object}.threshold"),
+                    Some(threshold),
+                    0.0,
+                    (0.0, 1.0),
+                    false,
+                )?;
+                if let Some(m) = measure.as_deref().filter(|&m| m != "softmax_margin") {
+                    return Err(ValidationError::Measure {
+                        object,
+                        got: m.into(),
+                    });
+                }
+                let decay = decay
+                    .map(|d| {
+                        in_range(
+                            &format!("{object}.decay"),
+                            Some(d),
+                            0.0,
+                            (0.0, 100.0),
+                            false,
+                        )
+                    })
+                    .transpose()?;
+                let p = EarlyExitParams {
+                    decay,
+                    ..EarlyExitParams::new(threshold)
+                }
+                .resolve(l.num_layers, &l.exit_layers);
+                if p.exits.is_empty() {
+                    return Err(ValidationError::NoExitBelowTop {
+                        object,
+                        exits: l.exit_layers.clone(),
+                    });
+                }
+                Mode::EarlyExit(p)
+            }
         })
     }
 
@@ -269,6 +314,13 @@ impl Validator {
     ) -> Result<Option<SpeculativeSpec>, ValidationError> {
         let l = &*self.limits;
         let depth = mode.depth(l.num_layers);
+        if mode.early_exit().is_some() {
+            // each token already leaves at its own exit; drafts would be verified in full
+            return match req {
+                Some(_) => Err(ValidationError::SpeculativeEarlyExit),
+                None => Ok(None),
+            };
+        }
         let Some(req) = req else {
             return Ok(l.speculative_default.filter(|s| s.draft_layer < depth));
         };

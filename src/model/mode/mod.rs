@@ -1,10 +1,11 @@
 //! Decoding modes: which heads a sequence needs, and how their logits become what is
 //! sampled from. The original head and one exit are here; each strategy that combines heads
 //! has a file: `contrast.rs` (autocontrastive decoding, Gera et al. 2023), `dola.rs` (DoLa),
-//! `sled.rs` (SLED).
+//! `sled.rs` (SLED), `early_exit.rs` (confidence-based early exit, CALM).
 
 pub mod contrast;
 pub mod dola;
+pub mod early_exit;
 pub mod sled;
 
 use std::fmt;
@@ -15,6 +16,7 @@ pub use contrast::{
     contrast_log_q, ContrastParams, Upper, DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES,
 };
 pub use dola::{DolaLayers, DolaParams, Layers, Premature};
+pub use early_exit::EarlyExitParams;
 pub use sled::SledParams;
 
 /// A vocabulary head evaluated on a block's output.
@@ -46,11 +48,13 @@ pub enum Mode {
     Contrast(ContrastParams),
     Dola(DolaParams),
     Sled(SledParams),
+    EarlyExit(EarlyExitParams),
 }
 
 impl Mode {
     /// Every kind of mode, as `multi_exit.mode` names it and metrics label it.
-    pub const LABELS: [&'static str; 5] = ["original", "exit", "contrast", "dola", "sled"];
+    pub const LABELS: [&'static str; 6] =
+        ["original", "exit", "contrast", "dola", "sled", "early_exit"];
 
     /// The mode's kind: one of [`Mode::LABELS`].
     pub fn label(&self) -> &'static str {
@@ -60,6 +64,7 @@ impl Mode {
             Mode::Contrast(_) => 2,
             Mode::Dola(_) => 3,
             Mode::Sled(_) => 4,
+            Mode::EarlyExit(_) => 5,
         }]
     }
 
@@ -81,6 +86,41 @@ impl Mode {
                     Premature::LmHead => Head::LmHeadAt(l),
                 }))
                 .collect(),
+            // exits ascending, then the original head: `EarlyExitParams::chosen`'s order
+            Mode::EarlyExit(e) => e
+                .exits
+                .iter()
+                .map(Head::Exit)
+                .chain(std::iter::once(Head::Original))
+                .collect(),
+        }
+    }
+
+    /// The mode for the `t`-th generated token of at most `max_tokens`: itself, or for early
+    /// exit with a decaying threshold, that token's threshold.
+    pub fn at_token(self, t: usize, max_tokens: usize) -> Mode {
+        match self {
+            Mode::EarlyExit(e) => Mode::EarlyExit(e.at_token(t, max_tokens)),
+            other => other,
+        }
+    }
+
+    /// The threshold the forward decides early exits with, for an early-exit mode.
+    pub fn early_exit(&self) -> Option<EarlyExitParams> {
+        match *self {
+            Mode::EarlyExit(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The head whose distribution [`Mode::scores`] gives at `row` (early exit: the exit the
+    /// token left at, or the original head); None for a mode that combines heads.
+    pub fn chosen_head(&self, logits: &[super::Logits], row: usize) -> Option<Head> {
+        let heads = self.heads();
+        match self {
+            Mode::Original | Mode::Exit(_) => heads.first().copied(),
+            Mode::EarlyExit(e) => heads.get(e.chosen(&rows_at(logits, row))).copied(),
+            _ => None,
         }
     }
 
@@ -95,8 +135,7 @@ impl Mode {
 
     /// [`Mode::scores`] at position `row` of a step's logits (one entry per head).
     pub fn scores_at(&self, logits: &[super::Logits], row: usize) -> Vec<f32> {
-        let heads: Vec<&[f32]> = logits.iter().map(|h| h.row(row)).collect();
-        self.scores(&heads)
+        self.scores(&rows_at(logits, row))
     }
 
     /// The mode's scores from the logits of [`Mode::heads`]: the next-token log-distribution
@@ -110,6 +149,7 @@ impl Mode {
             Mode::Contrast(c) => contrast_log_q(logits[0], logits[1], c),
             Mode::Dola(d) => dola::dola_logits(logits[0], &logits[1..], d.relative_top).0,
             Mode::Sled(p) => sled::sled_logits(logits[0], &logits[1..], p),
+            Mode::EarlyExit(e) => log_softmax(logits[e.chosen(logits)]),
         }
     }
 
@@ -157,6 +197,7 @@ impl fmt::Display for Mode {
             Mode::Contrast(c) => contrast::write_flag(c, f),
             Mode::Dola(d) => write!(f, "{d}"),
             Mode::Sled(p) => write!(f, "{p}"),
+            Mode::EarlyExit(e) => write!(f, "{e}"),
         }
     }
 }
@@ -166,7 +207,8 @@ impl fmt::Display for Mode {
 #[error(
     "mode `{0}`: expected original, exit:L, contrast:U,L[,alpha=A][,minimum_candidates=K] or \
      dola:LAYERS[,premature=exits|lm_head][,relative_top=R] (LAYERS: low, high or L-L-...) or \
-     sled[:premature=exits|lm_head,evolution_rate=R,evolution_scale=K,evolution_lower_bound=B,alpha=A]"
+     sled[:premature=exits|lm_head,evolution_rate=R,evolution_scale=K,evolution_lower_bound=B,alpha=A] \
+     or early_exit:THRESHOLD[,decay=T]"
 )]
 pub struct ModeSyntaxError(pub String);
 
@@ -187,6 +229,11 @@ impl FromStr for Mode {
         }
         if let Some(rest) = s.strip_prefix("sled:") {
             return sled::parse_flag(rest).map(Mode::Sled).ok_or_else(bad);
+        }
+        if let Some(rest) = s.strip_prefix("early_exit:") {
+            return early_exit::parse_flag(rest)
+                .map(Mode::EarlyExit)
+                .ok_or_else(bad);
         }
         if let Some(rest) = s.strip_prefix("dola:") {
             return dola::parse_flag(rest).map(Mode::Dola).ok_or_else(bad);
@@ -209,6 +256,7 @@ impl Mode {
             Mode::Contrast(c) => contrast::id_suffix(c),
             Mode::Dola(d) => dola::id_suffix(d),
             Mode::Sled(p) => sled::id_suffix(p),
+            Mode::EarlyExit(e) => early_exit::id_suffix(e),
         }
     }
 
@@ -219,6 +267,8 @@ impl Mode {
             Mode::Original
         } else if let Some(l) = suffix.strip_prefix("exit-") {
             Mode::Exit(l.parse().ok()?)
+        } else if suffix.starts_with("early-exit-") {
+            Mode::EarlyExit(early_exit::from_id_suffix(suffix)?)
         } else if suffix == "sled" {
             Mode::Sled(SledParams::default())
         } else if suffix.starts_with("dola-") {
@@ -234,10 +284,19 @@ impl Mode {
     pub fn is_reserved_id_suffix(name: &str) -> bool {
         name == "original"
             || name == "sled"
-            || ["exit-", "contrast-", "dola-", "sled-"]
+            || ["exit-", "contrast-", "dola-", "sled-", "early-exit-"]
                 .iter()
                 .any(|p| name.starts_with(p))
     }
+}
+
+/// Each head's row `row`; empty for a head the step never reached (an early exit's heads above
+/// the exit it left at).
+fn rows_at(logits: &[super::Logits], row: usize) -> Vec<&[f32]> {
+    logits
+        .iter()
+        .map(|h| if h.is_empty() { &[][..] } else { h.row(row) })
+        .collect()
 }
 
 /// (max, log Σ e^x) of `xs`: the shift and the normaliser of a log-softmax.
@@ -295,6 +354,19 @@ mod tests {
                 None,
             ),
             (Mode::Sled(SledParams::default()), "sled", Some("sled")),
+            (
+                Mode::EarlyExit(EarlyExitParams::new(0.9)),
+                "early_exit:0.9",
+                Some("early-exit-0.9"),
+            ),
+            (
+                Mode::EarlyExit(EarlyExitParams {
+                    decay: Some(4.0),
+                    ..EarlyExitParams::new(0.8)
+                }),
+                "early_exit:0.8,decay=4",
+                None,
+            ),
             (
                 Mode::Sled(SledParams {
                     premature: Premature::LmHead,
@@ -355,6 +427,8 @@ mod tests {
             "exit:1",
             "sled-2",
             "sled:alpha=0",
+            "early-exit-0.90",
+            "early-exit-x",
         ] {
             assert_eq!(Mode::from_id_suffix(bad), None, "{bad}");
         }

@@ -1,0 +1,176 @@
+//! Confidence-based early exit (Schuster et al., CALM, NeurIPS 2022): per token, the sequence
+//! runs block by block, and at each exit below the top (lowest first) it takes that exit's
+//! token when the exit is confident enough — its softmax margin (top-1 minus top-2
+//! probability) reaches the threshold λ_t — else goes on, up to the original head.
+//!
+//! A position that left at block L still needs keys and values in the blocks above for the
+//! tokens after it: they are computed from its hidden state at L (CALM's state propagation:
+//! only those blocks' key and value projections run; the model does it in the step). Prompt
+//! positions run every block; the first generated token still takes the first confident exit
+//! at the last prompt position.
+//!
+//! λ_t is λ, or with CALM's decay τ, `clamp(0.9 λ + 0.1 λ e^(-τ t / T), 0, 1)` for the t-th
+//! generated token of at most T. λ = 1 never exits (a margin can round to 1 in float32: no
+//! exit is taken at 1 whatever the margin); λ = 0 always takes the lowest exit.
+
+use std::fmt;
+
+use super::dola::Layers;
+use crate::kernels::fastmath;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EarlyExitParams {
+    /// λ, in [0, 1].
+    pub threshold: f32,
+    /// CALM's decay τ of the threshold over the generated tokens; None: a constant λ.
+    pub decay: Option<f32>,
+    /// The exits below the top, resolved against the model (`EarlyExitParams::resolve`).
+    pub exits: Layers,
+}
+
+impl EarlyExitParams {
+    pub fn new(threshold: f32) -> Self {
+        Self {
+            threshold,
+            decay: None,
+            exits: Layers::default(),
+        }
+    }
+
+    /// The exits that may end a token: every exit below the top of `num_layers` blocks.
+    pub fn resolve(mut self, num_layers: usize, exits: &[usize]) -> Self {
+        self.exits = Layers::from_list(exits.iter().copied().filter(|&e| e < num_layers))
+            .unwrap_or_default();
+        self
+    }
+
+    /// λ_t for the `t`-th generated token of at most `max_tokens`, as a constant threshold.
+    pub fn at_token(self, t: usize, max_tokens: usize) -> Self {
+        let Some(tau) = self.decay else {
+            return self;
+        };
+        let l = self.threshold as f64;
+        let decayed =
+            0.9 * l + 0.1 * l * (-(tau as f64) * t as f64 / max_tokens.max(1) as f64).exp();
+        Self {
+            threshold: decayed.clamp(0.0, 1.0) as f32,
+            decay: None,
+            ..self
+        }
+    }
+
+    /// Whether an exit with these logits is confident enough to end the token.
+    pub fn confident(&self, logits: &[f32]) -> bool {
+        self.threshold < 1.0 && softmax_margin(logits) >= self.threshold
+    }
+
+    /// Which of a token's heads (exits ascending, then the original; a head left empty was
+    /// never reached) gives its distribution: the first confident exit, else the last reached.
+    pub fn chosen(&self, heads: &[&[f32]]) -> usize {
+        let reached = heads.iter().take_while(|h| !h.is_empty()).count();
+        let last = reached.saturating_sub(1);
+        heads[..last]
+            .iter()
+            .position(|h| self.confident(h))
+            .unwrap_or(last)
+    }
+}
+
+/// Top-1 minus top-2 probability of the softmax of `logits`.
+pub fn softmax_margin(logits: &[f32]) -> f32 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in logits {
+        if x > first {
+            second = first;
+            first = x;
+        } else if x > second {
+            second = x;
+        }
+    }
+    let z = fastmath::sum_exp(logits, first);
+    (1.0 - (second - first).exp()) / z
+}
+
+impl fmt::Display for EarlyExitParams {
+    /// The flag form: `early_exit:λ[,decay=τ]`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "early_exit:{}", self.threshold)?;
+        if let Some(tau) = self.decay {
+            write!(f, ",decay={tau}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The flag form after `early_exit:`.
+pub fn parse_flag(rest: &str) -> Option<EarlyExitParams> {
+    let mut parts = rest.split(',');
+    let mut p = EarlyExitParams::new(parts.next()?.trim().parse().ok()?);
+    for part in parts {
+        match part.trim().split_once('=') {
+            Some(("decay", v)) => p.decay = Some(v.trim().parse().ok()?),
+            _ => return None,
+        }
+    }
+    Some(p)
+}
+
+/// The model-id suffix `early-exit-λ` (no decay).
+pub fn id_suffix(p: &EarlyExitParams) -> Option<String> {
+    p.decay
+        .is_none()
+        .then(|| format!("early-exit-{}", p.threshold))
+}
+
+pub fn from_id_suffix(suffix: &str) -> Option<EarlyExitParams> {
+    let l: f32 = suffix.strip_prefix("early-exit-")?.parse().ok()?;
+    Some(EarlyExitParams::new(l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn margin_and_choice() {
+        let sure = [10.0f32, 0.0, 0.0];
+        let torn = [1.0f32, 1.0, 0.0];
+        assert!(softmax_margin(&sure) > 0.99);
+        assert!(softmax_margin(&torn).abs() < 1e-6);
+        let p = EarlyExitParams::new(0.5);
+        assert_eq!(p.chosen(&[&torn, &sure, &torn]), 1);
+        assert_eq!(p.chosen(&[&torn, &torn, &torn]), 2, "the original head");
+        assert_eq!(p.chosen(&[&torn, &sure, &[]]), 1, "left at the second");
+        assert_eq!(EarlyExitParams::new(0.0).chosen(&[&torn, &sure, &sure]), 0);
+        // λ = 1 never exits, even on a margin that rounds to 1
+        let certain = [200.0f32, 0.0, 0.0];
+        assert_eq!(softmax_margin(&certain), 1.0);
+        assert_eq!(EarlyExitParams::new(1.0).chosen(&[&certain, &certain]), 1);
+    }
+
+    #[test]
+    fn decay_lowers_the_threshold_over_the_text() {
+        let p = EarlyExitParams {
+            decay: Some(4.0),
+            ..EarlyExitParams::new(0.8)
+        };
+        let at = |t| p.at_token(t, 16).threshold;
+        assert!((at(0) - 0.8).abs() < 1e-6);
+        assert!(at(8) < at(0) && at(16) < at(8));
+        assert!(at(16) >= 0.72, "0.9 λ at least");
+        assert_eq!(EarlyExitParams::new(0.8).at_token(9, 16).threshold, 0.8);
+    }
+
+    #[test]
+    fn text_forms() {
+        let p = parse_flag("0.9,decay=2").unwrap();
+        assert_eq!((p.threshold, p.decay), (0.9, Some(2.0)));
+        assert_eq!(p.to_string(), "early_exit:0.9,decay=2");
+        assert_eq!(id_suffix(&p), None);
+        let p = EarlyExitParams::new(0.9);
+        assert_eq!(id_suffix(&p).as_deref(), Some("early-exit-0.9"));
+        assert_eq!(from_id_suffix("early-exit-0.9"), Some(p));
+        assert_eq!(parse_flag("x"), None);
+        assert_eq!(parse_flag("0.5,tau=1"), None);
+    }
+}
