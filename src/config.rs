@@ -73,7 +73,8 @@ pub struct Args {
     #[arg(long, env = "EXITSERVE_PORT", default_value_t = 8080)]
     pub port: u16,
     /// Mode of requests without `multi_exit`: `original`, `exit:L`, `contrast:U,L` (U a layer
-    /// or `original`), `dola:LAYERS` (`low`, `high` or `L-L-...`), `sled`
+    /// or `original`), `dola:LAYERS` (`low`, `high` or `L-L-...`), `sled`,
+    /// `early_exit:THRESHOLD[,decay=T]`
     #[arg(long, env = "EXITSERVE_DEFAULT_MODE", default_value = "original")]
     pub default_mode: String,
     /// A named mode, served as model id `NAME:<preset>`: `PRESET=MODE` with MODE as in

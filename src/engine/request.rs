@@ -378,6 +378,8 @@ pub enum Event {
         /// Text that became final with this token (may be empty: held back for UTF-8 or stop).
         text: String,
         logprob: Option<TokenLogprob>,
+        /// Early exit: the layer whose head gave the token (the top layer: the original head).
+        exit_layer: Option<usize>,
     },
     End {
         candidate: usize,

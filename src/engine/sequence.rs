@@ -126,6 +126,7 @@ impl Sequence {
         scores: &[f32],
         tok: &TextTokenizer,
         eos: Option<u32>,
+        exit_layer: Option<usize>,
     ) -> Outcome {
         let (max_tokens, logprobs, ignore_eos, normalized) = {
             let r = self.request.borrow();
@@ -174,6 +175,7 @@ impl Sequence {
             id,
             text,
             logprob,
+            exit_layer,
         });
         self.next_input = Some(id);
         match finish {

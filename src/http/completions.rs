@@ -31,6 +31,8 @@ struct Meta {
     best_of: usize,
     logprobs: bool,
     return_token_ids: bool,
+    /// Early exit: each choice reports the layer of each token.
+    early_exit: bool,
     include_usage: bool,
     stream: bool,
     deadline: Instant,
@@ -57,6 +59,7 @@ impl Meta {
 struct ChoiceAcc {
     text: String,
     token_ids: Vec<u32>,
+    exit_layers: Vec<usize>,
     logprobs: LogprobsOut,
     /// Characters of text so far (OpenAI's `text_offset` counts characters).
     offset: usize,
@@ -77,6 +80,7 @@ impl ChoiceAcc {
         let mut delta = LogprobsOut::default();
         let mut text = String::new();
         let mut ids = Vec::new();
+        let mut layers = Vec::new();
         match event {
             Event::Prompt {
                 text: t, tokens, ..
@@ -95,10 +99,12 @@ impl ChoiceAcc {
                 id,
                 text: t,
                 logprob,
+                exit_layer,
                 ..
             } => {
                 text = t.clone();
                 ids.push(*id);
+                layers.extend(*exit_layer);
                 if let Some(lp) = logprob {
                     delta.tokens.push(lp.text.clone());
                     delta.token_logprobs.push(Some(lp.logprob));
@@ -122,6 +128,7 @@ impl ChoiceAcc {
         if !meta.stream {
             self.text.push_str(&text);
             self.token_ids.extend(&ids);
+            self.exit_layers.extend(&layers);
             self.logprobs.tokens.extend(delta.tokens.iter().cloned());
             self.logprobs.token_logprobs.extend(&delta.token_logprobs);
             self.logprobs
@@ -142,6 +149,7 @@ impl ChoiceAcc {
             },
             token_ids: meta.return_token_ids.then_some(ids),
             prompt_token_ids,
+            exit_layers: meta.early_exit.then_some(layers),
         }
     }
 
@@ -153,6 +161,7 @@ impl ChoiceAcc {
             finish_reason: self.finish_reason,
             token_ids: meta.return_token_ids.then_some(self.token_ids),
             prompt_token_ids: meta.return_token_ids.then(|| prompt_ids.to_vec()),
+            exit_layers: meta.early_exit.then_some(self.exit_layers),
         }
     }
 }
@@ -217,6 +226,7 @@ pub async fn create_completion(
         best_of: valid.best_of,
         logprobs: valid.logprobs.is_some(),
         return_token_ids,
+        early_exit: valid.mode.early_exit().is_some(),
         include_usage,
         stream,
         deadline: valid.deadline,

@@ -444,6 +444,9 @@ pub struct ChoiceOut {
     pub token_ids: Option<Vec<u32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// Early exit: the layer each generated token left at (the top layer: the original head).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_layers: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Serialize, Clone)]

@@ -119,6 +119,9 @@ def check_strategy(driver, base, model, headers, card, kind, key, multi_exit):
     assert r.status_code == 200, r.text
     want, got = r.json()["choices"][0]["text"], text_of(driver, column)
     assert want and got == want, f"{kind}: page {got!r} != api {want!r}"
+    if kind == "early_exit":
+        shaded = column.find_elements(By.CSS_SELECTOR, "span.tok[data-exit-layer]")
+        assert shaded, "early exit: no token shows the layer it left at"
     driver.execute_script(
         "const s = document.querySelector('#mode-pickers .picker:nth-child(3) select');"
         "s.value = 'contrast'; s.dispatchEvent(new Event('change'));")
@@ -130,6 +133,8 @@ def check_strategies(driver, base, model, headers, card):
                    {"mode": "dola", "layers": below, "premature": "exits"})
     check_strategy(driver, base, model, headers, card, "sled", "sled",
                    {"mode": "sled", "premature": "exits"})
+    check_strategy(driver, base, model, headers, card, "early_exit", "early_exit:0.9",
+                   {"mode": "early_exit", "threshold": 0.9})
 
 
 def check_console_clean(driver):
@@ -202,7 +207,7 @@ def exercise(driver, binary, fixture, model, shots, key=None):
             check_console_clean(driver)
         driver.save_screenshot(os.path.join(shots, f"playground-{model}.png"))
         check_errors(driver)
-    print(f"playground e2e: {model}: three modes, DoLa and SLED equal the API, hover, layer view, clean console, 400 shown")
+    print(f"playground e2e: {model}: three modes, DoLa, SLED and early exit equal the API, hover, layer view, clean console, 400 shown")
 
 
 def main():

@@ -104,6 +104,7 @@ async fn early_exit_invariants_batching_and_usage() {
                 by_layer(&never),
                 BTreeMap::from([("original".to_string(), 12)])
             );
+            assert_eq!(never["choices"][0]["exit_layers"], json!(vec![n; 12]));
             let before = evals();
             let always = complete(&url, &body(f, prompt, 12, early(0.0))).await;
             // the blocks above the lowest exit never ran for the generated positions
@@ -119,6 +120,7 @@ async fn early_exit_invariants_batching_and_usage() {
                 by_layer(&always),
                 BTreeMap::from([(lowest.to_string(), 12)])
             );
+            assert_eq!(always["choices"][0]["exit_layers"], json!(vec![lowest; 12]));
             assert_eq!(
                 always["multi_exit"],
                 json!({"mode": "early_exit", "threshold": 0.0, "measure": "softmax_margin", "layers": exits})
@@ -163,6 +165,20 @@ async fn early_exit_invariants_batching_and_usage() {
         for task in tasks {
             together.push(task.await.unwrap());
         }
+        // streamed: the same tokens and layers, chunk by chunk
+        let mut stream = body(f, PROMPTS[0], 16, early(t));
+        stream["stream"] = json!(true);
+        let (status, _, events) = common::client::post_stream(&url, &stream).await;
+        assert_eq!(status, 200);
+        let streamed: Vec<Value> = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["exit_layers"].as_array().cloned())
+            .flatten()
+            .collect();
+        assert_eq!(json!(streamed), alone[0]["choices"][0]["exit_layers"]);
+        let layers = alone[0]["choices"][0]["exit_layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 16);
+        assert!(layers.iter().any(|l| l != &layers[0]), "{t} mixes layers");
         for (a, b) in alone.iter().zip(&together) {
             assert_eq!(
                 a["choices"], b["choices"],

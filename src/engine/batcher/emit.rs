@@ -133,6 +133,7 @@ impl Batcher {
         }
         inject(self.cfg.fault(), Phase::Sample, &self.running[i].prompt);
         let id = self.running[i].sampler.choose(scores);
+        let exit_layer = head.map(|h| h.layer(self.model.config().num_layers));
         if let Some(head) = head {
             let layer = match head {
                 Head::Exit(l) => l.to_string(),
@@ -146,11 +147,18 @@ impl Batcher {
                 .entry(layer)
                 .or_default() += 1;
         }
-        self.emit_token(i, id, scores);
+        self.emit_token(i, id, scores, exit_layer);
     }
 
-    /// Emits token `id` chosen from `scores`; returns whether the sequence finished.
-    pub(super) fn emit_token(&mut self, i: usize, id: u32, scores: &[f32]) -> bool {
+    /// Emits token `id` chosen from `scores` (at `exit_layer`, for early exit); returns whether
+    /// the sequence finished.
+    pub(super) fn emit_token(
+        &mut self,
+        i: usize,
+        id: u32,
+        scores: &[f32],
+        exit_layer: Option<usize>,
+    ) -> bool {
         let now = Instant::now();
         let seq = &mut self.running[i];
         {
@@ -167,9 +175,13 @@ impl Batcher {
         seq.last_token_at = Some(now);
         self.metrics.generated_tokens.increment(1);
         inject(self.cfg.fault(), Phase::Emit, &seq.prompt);
-        if let Outcome::Finished(reason) =
-            seq.accept(id, scores, &self.tokenizer, self.cfg.eos_token_id)
-        {
+        if let Outcome::Finished(reason) = seq.accept(
+            id,
+            scores,
+            &self.tokenizer,
+            self.cfg.eos_token_id,
+            exit_layer,
+        ) {
             self.finish(i, reason);
             return true;
         }

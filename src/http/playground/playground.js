@@ -68,7 +68,7 @@ async function* sseEvents(resp) {
 
 // ---- modes --------------------------------------------------------------------------------
 
-/** The `data-mode` value: original, exit:L, contrast:U,L, dola:LAYERS or sled (the flag forms). */
+/** The `data-mode` value: original, exit:L, contrast:U,L, dola:LAYERS, sled or early_exit:T (the flag forms). */
 function modeKey(m) {
   if (m.kind === "exit") return `exit:${m.layer}`;
   if (m.kind === "contrast") return `contrast:${m.upper},${m.lower}`;
@@ -76,6 +76,7 @@ function modeKey(m) {
     return `dola:${m.layers}` + (m.premature === "lm_head" ? ",premature=lm_head" : "");
   }
   if (m.kind === "sled") return m.premature === "lm_head" ? "sled:premature=lm_head" : "sled";
+  if (m.kind === "early_exit") return `early_exit:${m.threshold}`;
   return "original";
 }
 
@@ -91,6 +92,7 @@ function modeBody(m) {
     return { mode: "dola", layers, premature: m.premature };
   }
   if (m.kind === "sled") return { mode: "sled", premature: m.premature };
+  if (m.kind === "early_exit") return { mode: "early_exit", threshold: m.threshold };
   return { mode: "original" };
 }
 
@@ -110,6 +112,7 @@ function defaultMode(card, kind) {
     case "contrast": return { kind, upper, lower: half, alpha: 0.1 };
     case "dola": return { kind, layers: exitsBelowTop(card) || "high", premature: "exits" };
     case "sled": return { kind, premature: exitsBelowTop(card) ? "exits" : "lm_head" };
+    case "early_exit": return { kind, threshold: 0.9 };
     default: return { kind };
   }
 }
@@ -146,7 +149,7 @@ function drawPickers() {
   state.modes.forEach((m, i) => {
     const p = el("div", { class: "picker" }, el("span", { class: "slot", textContent: `Mode ${i + 1}` }));
     p.append(select([["off", "off"], ["original", "original"], ["exit", "early exit"], ["contrast", "contrast"],
-      ["dola", "DoLa"], ["sled", "SLED"]], m.kind, (v) => { state.modes[i] = defaultMode(card, v); drawPickers(); }));
+      ["dola", "DoLa"], ["sled", "SLED"], ["early_exit", "early exit per token"]], m.kind, (v) => { state.modes[i] = defaultMode(card, v); drawPickers(); }));
     if (m.kind === "exit") {
       p.append(el("label", {}, "layer ", select(layers, m.layer, (v) => { m.layer = Number(v); })));
     }
@@ -170,6 +173,11 @@ function drawPickers() {
       const heads = [["lm_head", "top head on every block"]];
       if (exitsBelowTop(card)) heads.unshift(["exits", "trained exits"]);
       p.append(el("label", {}, "premature ", select(heads, m.premature, (v) => { m.premature = v; })));
+    }
+    if (m.kind === "early_exit") {
+      const t = el("input", { type: "number", min: 0, max: 1, step: 0.05, value: m.threshold });
+      t.addEventListener("change", () => { m.threshold = Number(t.value); });
+      p.append(el("label", {}, "threshold ", t));
     }
     box.append(p);
   });
@@ -236,8 +244,17 @@ async function runColumn(mode, common, view, signal) {
       for (const c of chunk.choices || []) {
         if (c.text) {
           const span = el("span", { class: "tok", textContent: c.text });
-          if (c.logprobs && c.logprobs.tokens.length) {
-            const hover = logprobText(c.logprobs);
+          let exits = "";
+          if (c.exit_layers && c.exit_layers.length) {
+            // early exit: a shade per layer, the darker the earlier the token left
+            const layer = Math.min(...c.exit_layers);
+            span.setAttribute("data-exit-layer", c.exit_layers.join(","));
+            const depth = 1 - layer / state.card.num_layers;
+            span.style.background = `rgba(var(--cell), ${(0.06 + 0.5 * depth).toFixed(3)})`;
+            exits = `left at layer ${c.exit_layers.join(", ")} of ${state.card.num_layers}\n`;
+          }
+          if (exits || (c.logprobs && c.logprobs.tokens.length)) {
+            const hover = exits + (c.logprobs ? logprobText(c.logprobs) : "");
             span.addEventListener("mousemove", (ev) => showTooltip(ev, hover));
             span.addEventListener("mouseleave", hideTooltip);
           }
@@ -251,7 +268,10 @@ async function runColumn(mode, common, view, signal) {
     const secs = (performance.now() - started) / 1000;
     const n = usage ? usage.completion_tokens : tokens;
     const ttft = first === null ? "" : `, first token ${Math.round(first - started)} ms`;
-    view.stats.textContent = `${n} tokens in ${secs.toFixed(2)} s${ttft}, finish: ${finish || "?"}`;
+    const byLayer = usage && usage.early_exit
+      ? `; left at ${Object.entries(usage.early_exit.tokens_by_layer).map(([l, k]) => `${l}: ${k}`).join(", ")}`
+      : "";
+    view.stats.textContent = `${n} tokens in ${secs.toFixed(2)} s${ttft}, finish: ${finish || "?"}${byLayer}`;
   } catch (e) {
     if (e.name === "AbortError") {
       view.stats.textContent = "stopped";
