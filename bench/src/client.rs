@@ -81,6 +81,22 @@ pub fn stream_completion(url: &str, body: &str) -> Result<StreamTiming, String> 
     })
 }
 
+/// POSTs `body` to `url` and returns the JSON answer; a status other than 200 is an error.
+pub fn post_json(url: &str, body: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let resp = client()
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string())
+        .send()
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let text = resp.text().map_err(|e| e.to_string())?;
+    if status != reqwest::StatusCode::OK {
+        return Err(format!("{status} {text}"));
+    }
+    serde_json::from_str(&text).map_err(|e| e.to_string())
+}
+
 /// The status of a GET of `url` (the health probe), or None when nothing answers.
 pub fn get_status(url: &str) -> Option<u16> {
     client().get(url).send().ok().map(|r| r.status().as_u16())

@@ -4,6 +4,7 @@
 //!   cargo build --release --bins && target/release/bench [--arch gpt2] [--dtype f32,bf16,int8]
 //!   target/release/bench --kernels      (vocabulary-head and block products, no server)
 //!   target/release/bench --speculative  (self-speculative decoding against acceptance)
+//!   target/release/bench --early-exit   (early exit: speed and agreement against threshold)
 //!   target/release/bench --limits       (this machine's bandwidth and peaks only)
 //!   target/release/bench --arch gpt2 --peer-llama-server PATH   (llama.cpp too, built by
 //!                                                    bench/peer/llama_cpp.sh)
@@ -24,6 +25,7 @@
 mod checkpoint;
 mod client;
 mod cost;
+mod early_exit;
 mod kernels;
 mod limits;
 mod peak;
@@ -86,6 +88,18 @@ pub struct Args {
     /// (written once under --data with an `-agree-S` suffix)
     #[arg(long)]
     pub speculative: bool,
+    /// Only time confidence-based early exit: speed and agreement with the original head
+    /// against the threshold, on the --spec-scales variants quieted from the lowest exit up
+    /// (written once under --data with an `-agree-S-from-L` suffix); one stream
+    #[arg(long)]
+    pub early_exit: bool,
+    /// Early-exit thresholds timed
+    #[arg(
+        long,
+        default_value = "0,0.001,0.01,0.05,0.1,0.2,0.5,1",
+        value_delimiter = ','
+    )]
+    pub early_exit_thresholds: Vec<f64>,
     /// The variants' upper-block scales (0: the exits always agree; larger, less often)
     #[arg(long, default_value = "0,0.5,1,2", value_delimiter = ',')]
     pub spec_scales: Vec<f32>,
@@ -159,6 +173,8 @@ fn main() {
     let out = args.out.clone().unwrap_or_else(|| {
         report::results_path(&if args.speculative {
             format!("{name}-speculative")
+        } else if args.early_exit {
+            format!("{name}-early-exit")
         } else {
             name.to_string()
         })
@@ -178,6 +194,12 @@ fn main() {
     );
     let server_bin = std::env::current_exe().unwrap().with_file_name("exitserve");
     let prompt = prompt_ids(args.prompt_len, 0);
+    if args.early_exit {
+        let report = early_exit::early_exit_bench(&args, &shape, root, &server_bin, &prompt);
+        std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        eprintln!("wrote {}", out.display());
+        return;
+    }
     if args.speculative {
         let report = speculative::speculative_bench(&args, &shape, root, &server_bin, &prompt);
         std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
