@@ -426,6 +426,9 @@ impl MultiExitModel {
                     &mut segments,
                 )?;
                 alive.retain(|s| !exited.contains(s));
+                if alive.is_empty() {
+                    break;
+                }
                 let kept: Vec<u32> = alive
                     .iter()
                     .flat_map(|&s| (row_in_x[s]..row_in_x[s] + lens[s]).map(|r| r as u32))

@@ -67,6 +67,21 @@ def run_checks(port):
         assert usage.total_tokens == len(case["prompt_ids"]) + 24
     assert len(checked) == 9, checked
 
+    # the strategies across layers through extra_body and by model id: early exit at threshold 1
+    # is the original text, with its usage extension; SLED decodes
+    original = next(c for c in cases if c["mode"] == "original")
+    early = client.completions.create(model=MODEL, prompt=original["prompt"], max_tokens=24, temperature=0,
+                                      extra_body={"multi_exit": {"mode": "early_exit", "threshold": 1.0}})
+    assert early.choices[0].text == original["greedy_text"]
+    assert early.usage.model_extra["early_exit"]["tokens_by_layer"] == {"original": 24}, early.usage
+    assert early.choices[0].model_extra["exit_layers"] == [4] * 24
+    by_id = client.completions.create(model=f"{MODEL}:early-exit-1", prompt=original["prompt"], max_tokens=24,
+                                      temperature=0)
+    assert by_id.choices[0].text == original["greedy_text"]
+    sled = client.completions.create(model=f"{MODEL}:sled", prompt=original["prompt"], max_tokens=8, temperature=0,
+                                     logprobs=2)
+    assert sled.model_extra["multi_exit"]["mode"] == "sled" and len(sled.choices[0].logprobs.tokens) == 8
+
     # sampling with a seed is reproducible; logprobs come back in the OpenAI shape
     a = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8, seed=5, logprobs=2, n=2)
     b = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8, seed=5, logprobs=2, n=2)
