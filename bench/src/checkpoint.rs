@@ -235,6 +235,39 @@ pub fn ensure(dir: &Path, shape: &Shape, tokenizer_from: &Path) -> std::io::Resu
     ensure_variant(dir, shape, tokenizer_from, None)
 }
 
+/// The variants of the checkpoint at `data` quieted from block `quiet_from` up by each of
+/// `scales` (see [`Agreement`]), each written once (when the iterator reaches it) next to it
+/// as `{data}-agree-{scale}` (plus `-from-{quiet_from}` when `name_quiet_from`).
+pub fn agreement_variants<'a>(
+    data: &'a Path,
+    scales: &'a [f32],
+    (shape, root): (&'a Shape, &'a Path),
+    quiet_from: usize,
+    name_quiet_from: bool,
+) -> impl Iterator<Item = (f32, PathBuf)> + 'a {
+    scales.iter().map(move |&upper_scale| {
+        let from = if name_quiet_from {
+            format!("-from-{quiet_from}")
+        } else {
+            String::new()
+        };
+        let dir = PathBuf::from(format!("{}-agree-{upper_scale}{from}", data.display()));
+        eprintln!("variant {}", dir.display());
+        let agreement = Agreement {
+            quiet_from,
+            upper_scale,
+        };
+        ensure_variant(
+            &dir,
+            shape,
+            &root.join("tests/fixtures/tiny-gpt-neo-multiexit"),
+            Some(agreement),
+        )
+        .expect("write the variant");
+        (upper_scale, dir)
+    })
+}
+
 /// As [`ensure`], with exits made to agree with the original head (see [`Agreement`]).
 pub fn ensure_variant(
     dir: &Path,

@@ -49,16 +49,7 @@ fn client() -> &'static Client {
 /// status other than 200 is an error.
 pub fn stream_completion(url: &str, body: &str) -> Result<StreamTiming, String> {
     let sent = Instant::now();
-    let resp = client()
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body.to_string())
-        .send()
-        .map_err(|e| e.to_string())?;
-    let status = resp.status();
-    if status != reqwest::StatusCode::OK {
-        return Err(format!("{status} {}", resp.text().unwrap_or_default()));
-    }
+    let resp = post_ok(url, body)?;
     let mut events = Vec::new();
     let mut last_data = String::new();
     for line in BufReader::new(resp).lines() {
@@ -83,6 +74,14 @@ pub fn stream_completion(url: &str, body: &str) -> Result<StreamTiming, String> 
 
 /// POSTs `body` to `url` and returns the JSON answer; a status other than 200 is an error.
 pub fn post_json(url: &str, body: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let text = post_ok(url, &body.to_string())?
+        .text()
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| e.to_string())
+}
+
+/// POSTs JSON `body` to `url`; a status other than 200 is an error with the answer's text.
+fn post_ok(url: &str, body: &str) -> Result<reqwest::blocking::Response, String> {
     let resp = client()
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -90,11 +89,10 @@ pub fn post_json(url: &str, body: &serde_json::Value) -> Result<serde_json::Valu
         .send()
         .map_err(|e| e.to_string())?;
     let status = resp.status();
-    let text = resp.text().map_err(|e| e.to_string())?;
     if status != reqwest::StatusCode::OK {
-        return Err(format!("{status} {text}"));
+        return Err(format!("{status} {}", resp.text().unwrap_or_default()));
     }
-    serde_json::from_str(&text).map_err(|e| e.to_string())
+    Ok(resp)
 }
 
 /// The status of a GET of `url` (the health probe), or None when nothing answers.

@@ -5,7 +5,7 @@
 //! with the share of its tokens the original head agrees with given the same text (the output
 //! echoed and scored in original mode) and the layers the tokens left at.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Value};
 
@@ -87,22 +87,10 @@ pub fn early_exit_bench(
     let data = args.data.as_ref().expect("set in main");
     let quiet_from = shape.exits[0];
     let mut variants = Vec::new();
-    for &scale in &args.spec_scales {
-        let dir = PathBuf::from(format!(
-            "{}-agree-{scale}-from-{quiet_from}",
-            data.display()
-        ));
-        eprintln!("variant {}", dir.display());
-        checkpoint::ensure_variant(
-            &dir,
-            shape,
-            &root.join("tests/fixtures/tiny-gpt-neo-multiexit"),
-            Some(checkpoint::Agreement {
-                quiet_from,
-                upper_scale: scale,
-            }),
-        )
-        .expect("write the variant");
+    let made = (shape, root);
+    for (scale, dir) in
+        checkpoint::agreement_variants(data, &args.spec_scales, made, quiet_from, true)
+    {
         for dtype in &args.dtype {
             let server = match Server::exitserve_with(bin, &dir, dtype, &[]) {
                 Ok(s) => s,

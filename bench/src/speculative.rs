@@ -2,7 +2,7 @@
 //! the original head at controlled rates, plain decoding timed right before each speculative
 //! run (a shared machine drifts; a pair measured together cancels most of it).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Value};
 
@@ -84,19 +84,10 @@ pub fn speculative_bench(
     let data = args.data.as_ref().expect("set in main");
     let quiet_from = *args.spec_draft_layers.iter().min().expect("draft layers");
     let mut variants = Vec::new();
-    for &scale in &args.spec_scales {
-        let dir = PathBuf::from(format!("{}-agree-{scale}", data.display()));
-        eprintln!("variant {}", dir.display());
-        checkpoint::ensure_variant(
-            &dir,
-            shape,
-            &root.join("tests/fixtures/tiny-gpt-neo-multiexit"),
-            Some(checkpoint::Agreement {
-                quiet_from,
-                upper_scale: scale,
-            }),
-        )
-        .expect("write the variant");
+    let made = (shape, root);
+    for (scale, dir) in
+        checkpoint::agreement_variants(data, &args.spec_scales, made, quiet_from, false)
+    {
         let runs = args.dtype.iter().flat_map(|d| {
             args.spec_draft_weights
                 .iter()
