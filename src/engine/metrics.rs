@@ -331,7 +331,9 @@ mod tests {
     #[test]
     fn every_listed_metric_is_exported_with_its_type_before_any_traffic() {
         let m = Metrics::default();
+        // the labelled families appear with their first sample
         m.request_finished("ok", "original");
+        m.early_exit_token("2");
         let text = m.render(0);
         for (name, kind) in EXPORTED {
             assert!(
