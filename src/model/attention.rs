@@ -13,6 +13,13 @@ use super::weights::Proj;
 use crate::kernels::causal_attention::{causal_attention, CachedKv, Queries, Span};
 use crate::kernels::fastmath;
 
+/// Whether the step's caches are blocks of the paged pool (the batched path).
+fn paged(segments: &[Segment<'_>]) -> bool {
+    segments
+        .first()
+        .is_some_and(|s| s.cache.paged_blocks().is_some())
+}
+
 pub(super) struct SelfAttention {
     /// `q_proj`, `k_proj` and `v_proj` stacked into one `(3 hidden, hidden)` weight: one
     /// matmul (one pass over x, one parallel dispatch) instead of three.
@@ -74,10 +81,7 @@ impl SelfAttention {
         };
         let k = qkv.narrow(1, h, h)?;
         let v = qkv.narrow(1, 2 * h, h)?;
-        if segments
-            .first()
-            .is_some_and(|s| s.cache.paged_blocks().is_some())
-        {
+        if paged(segments) {
             let out = batched::attend(self.geometry(), &q, &k, &v, segments, layer)?;
             return self.out_proj.forward(&out);
         }
@@ -105,10 +109,7 @@ impl SelfAttention {
         let h = self.num_heads * self.head_dim;
         let qkv = self.qkv.forward(x)?;
         let (k, v) = (qkv.narrow(1, h, h)?, qkv.narrow(1, 2 * h, h)?);
-        if segments
-            .first()
-            .is_some_and(|s| s.cache.paged_blocks().is_some())
-        {
+        if paged(segments) {
             return batched::write(&k, &v, segments, layer);
         }
         for seg in segments.iter_mut() {

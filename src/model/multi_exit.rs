@@ -326,7 +326,7 @@ impl MultiExitModel {
         let max_depth = order.first().map_or(0, |&i| steps[i].depth);
         let depths: Vec<usize> = order.iter().map(|&i| steps[i].depth).collect();
         let lens: Vec<usize> = order.iter().map(|&i| steps[i].tokens.len()).collect();
-        let heads: Vec<Vec<Head>> = order.iter().map(|&i| steps[i].heads.to_vec()).collect();
+        let heads: Vec<&[Head]> = order.iter().map(|&i| steps[i].heads).collect();
         let all_positions: Vec<bool> = order.iter().map(|&i| steps[i].all_positions).collect();
         let verify: Vec<bool> = order.iter().map(|&i| steps[i].verify).collect();
         // Early exit is decided here for decode positions only (see `SeqStep::early_exit`).
@@ -358,30 +358,28 @@ impl MultiExitModel {
             // leaves out are a suffix), and where each one's rows start in `x`.
             let mut alive: Vec<usize> = (0..order.len()).collect();
             let mut row_in_x = starts.clone();
+            // What `eval_heads` reads of the alive slots; remade only when they change.
             let view = |alive: &[usize], row_in_x: &[usize]| Rows {
-                slots: alive.to_vec(),
+                order: alive.iter().map(|&s| order[s]).collect(),
                 starts: alive.iter().map(|&s| row_in_x[s]).collect(),
                 lens: alive.iter().map(|&s| lens[s]).collect(),
-                heads: alive.iter().map(|&s| heads[s].clone()).collect(),
+                heads: alive.iter().map(|&s| heads[s]).collect(),
                 all_positions: alive.iter().map(|&s| all_positions[s]).collect(),
             };
+            let mut rows = view(&alive, &row_in_x);
             // heads on the embeddings' output (DoLa's layer 0)
-            let rows = view(&alive, &row_in_x);
-            self.eval_heads(
-                0,
-                &x,
-                &rows.packed(&order).as_packed(),
-                draft,
-                &mut outputs.per_seq,
-            )?;
+            self.eval_heads(0, &x, &rows.packed(), draft, &mut outputs.per_seq)?;
             for layer in 0..max_depth {
                 alive.retain(|&s| depths[s] > layer);
                 if alive.is_empty() {
                     break; // every row left at an exit
                 }
-                let rows: usize = alive.iter().map(|&s| lens[s]).sum();
-                if rows < x.dim(0)? {
-                    x = x.narrow(0, 0, rows)?;
+                if alive.len() < rows.order.len() {
+                    rows = view(&alive, &row_in_x);
+                }
+                let kept: usize = rows.lens.iter().sum();
+                if kept < x.dim(0)? {
+                    x = x.narrow(0, 0, kept)?;
                 }
                 let mut run = take_segments(&mut segments, &alive, &row_in_x);
                 let out = self.block(layer, draft)?.forward(&x, &mut run, layer);
@@ -390,14 +388,7 @@ impl MultiExitModel {
                 self.stats
                     .block_evals
                     .fetch_add(alive.len() as u64, Ordering::Relaxed);
-                let rows = view(&alive, &row_in_x);
-                self.eval_heads(
-                    layer + 1,
-                    &x,
-                    &rows.packed(&order).as_packed(),
-                    draft,
-                    &mut outputs.per_seq,
-                )?;
+                self.eval_heads(layer + 1, &x, &rows.packed(), draft, &mut outputs.per_seq)?;
 
                 // Early exits: a confident exit ends the token here.
                 let exit = Head::Exit(layer + 1);
@@ -429,16 +420,10 @@ impl MultiExitModel {
                 if alive.is_empty() {
                     break;
                 }
-                let kept: Vec<u32> = alive
-                    .iter()
-                    .flat_map(|&s| (row_in_x[s]..row_in_x[s] + lens[s]).map(|r| r as u32))
-                    .collect();
+                let kept = row_ids(&alive, &row_in_x, &lens);
                 x = x.index_select(&Tensor::new(kept.as_slice(), &self.device)?, 0)?;
-                let mut next = 0;
-                for &s in &alive {
-                    row_in_x[s] = next;
-                    next += lens[s];
-                }
+                pack_rows(&alive, &lens, &mut row_in_x);
+                rows = view(&alive, &row_in_x);
             }
             for seg in segments.iter_mut().flatten() {
                 seg.cache.advance(seg.len);
@@ -458,17 +443,10 @@ impl MultiExitModel {
         draft: bool,
         segments: &mut [Option<Segment<'_>>],
     ) -> Result<()> {
-        let rows: Vec<u32> = exited
-            .iter()
-            .flat_map(|&s| (row_in_x[s]..row_in_x[s] + lens[s]).map(|r| r as u32))
-            .collect();
+        let rows = row_ids(exited, row_in_x, lens);
         let mut h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
         let mut starts = vec![0; segments.len()];
-        let mut next = 0;
-        for &s in exited {
-            starts[s] = next;
-            next += lens[s];
-        }
+        pack_rows(exited, lens, &mut starts);
         let mut going: Vec<usize> = exited.to_vec();
         let top = exited.iter().map(|&s| depths[s]).max().unwrap_or(0);
         for block in from..top {
@@ -531,7 +509,7 @@ impl MultiExitModel {
         let n_layers = self.cfg.num_layers;
         let mut wanted: Vec<Head> = Vec::new();
         for hs in p.heads {
-            for &h in hs {
+            for &h in hs.iter() {
                 if h.layer(n_layers) == layer && !wanted.contains(&h) {
                     wanted.push(h);
                 }
@@ -578,40 +556,42 @@ impl MultiExitModel {
     }
 }
 
-/// The rows a block's output holds, by slot (packed order), for `eval_heads`.
-struct Rows {
-    slots: Vec<usize>,
+/// The slots a block's output holds, in row order: what [`Packed`] borrows.
+struct Rows<'h> {
+    /// Each one's index in the caller's step list.
+    order: Vec<usize>,
     starts: Vec<usize>,
     lens: Vec<usize>,
-    heads: Vec<Vec<Head>>,
+    heads: Vec<&'h [Head]>,
     all_positions: Vec<bool>,
 }
 
-impl Rows {
-    /// `order`: packed slot -> index in the caller's step list.
-    fn packed<'p>(&'p self, order: &[usize]) -> PackedRows<'p> {
-        PackedRows {
-            order: self.slots.iter().map(|&s| order[s]).collect(),
-            rows: self,
+impl Rows<'_> {
+    fn packed(&self) -> Packed<'_> {
+        Packed {
+            starts: &self.starts,
+            lens: &self.lens,
+            heads: &self.heads,
+            all_positions: &self.all_positions,
+            order: &self.order,
         }
     }
 }
 
-/// [`Rows`] with each slot's index in the step list: what [`Packed`] borrows.
-struct PackedRows<'p> {
-    order: Vec<usize>,
-    rows: &'p Rows,
+/// The row indices of `slots` (each `lens[s]` rows from `starts[s]`), in that order.
+fn row_ids(slots: &[usize], starts: &[usize], lens: &[usize]) -> Vec<u32> {
+    slots
+        .iter()
+        .flat_map(|&s| (starts[s]..starts[s] + lens[s]).map(|r| r as u32))
+        .collect()
 }
 
-impl PackedRows<'_> {
-    fn as_packed(&self) -> Packed<'_> {
-        Packed {
-            starts: &self.rows.starts,
-            lens: &self.rows.lens,
-            heads: &self.rows.heads,
-            all_positions: &self.rows.all_positions,
-            order: &self.order,
-        }
+/// Sets `starts` of `slots` to where their rows lie once packed together in that order.
+fn pack_rows(slots: &[usize], lens: &[usize], starts: &mut [usize]) {
+    let mut next = 0;
+    for &s in slots {
+        starts[s] = next;
+        next += lens[s];
     }
 }
 

@@ -44,7 +44,7 @@ pub(super) struct Segment<'s> {
 pub(super) struct Packed<'p> {
     pub starts: &'p [usize],
     pub lens: &'p [usize],
-    pub heads: &'p [Vec<Head>],
+    pub heads: &'p [&'p [Head]],
     pub all_positions: &'p [bool],
     /// Packed slot -> index of the sequence in the caller's step list.
     pub order: &'p [usize],

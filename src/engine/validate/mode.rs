@@ -287,24 +287,7 @@ impl Validator {
         }
         Ok(p)
     }
-}
 
-/// A strategy's `premature` (`exits` when left out).
-fn premature_in(
-    object: &'static str,
-    premature: &Option<String>,
-) -> Result<Premature, ValidationError> {
-    match premature.as_deref() {
-        None | Some("exits") => Ok(Premature::Exits),
-        Some("lm_head") => Ok(Premature::LmHead),
-        Some(other) => Err(ValidationError::Premature {
-            object,
-            got: other.into(),
-        }),
-    }
-}
-
-impl Validator {
     /// The request's `speculative` object checked against `mode`; without one, the server's
     /// default where the mode decodes above its draft layer.
     pub fn speculative(
@@ -362,5 +345,20 @@ impl Validator {
             max_draft_tokens: k as usize,
             adaptive: req.adaptive.unwrap_or(true),
         }))
+    }
+}
+
+/// A strategy's `premature` (`exits` when left out).
+fn premature_in(
+    object: &'static str,
+    premature: &Option<String>,
+) -> Result<Premature, ValidationError> {
+    match premature.as_deref() {
+        None | Some("exits") => Ok(Premature::Exits),
+        Some("lm_head") => Ok(Premature::LmHead),
+        Some(other) => Err(ValidationError::Premature {
+            object,
+            got: other.into(),
+        }),
     }
 }
