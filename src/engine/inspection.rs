@@ -7,7 +7,7 @@ use super::request::{HeadReport, InspectSpec, PositionReport};
 use super::sequence::MIN_LOGPROB;
 use crate::model::inspect::{head_stats, jensen_shannon};
 use crate::model::mode::dola::dola_logits;
-use crate::model::mode::{contrast_log_q, log_softmax, Premature};
+use crate::model::mode::{contrast_log_q, log_softmax};
 use crate::model::{Head, Logits, TextTokenizer};
 
 /// Reports for `rows` consecutive positions starting at prompt position `first`; `logits`
@@ -36,13 +36,7 @@ pub fn reports(
         let candidates: Vec<(usize, usize)> = d
             .candidates
             .iter()
-            .filter_map(|l| {
-                let head = match d.premature {
-                    Premature::Exits => Head::Exit(l),
-                    Premature::LmHead => Head::LmHeadAt(l),
-                };
-                index_of(head).map(|i| (l, i))
-            })
+            .filter_map(|l| index_of(d.premature.head(l)).map(|i| (l, i)))
             .collect();
         (d, candidates)
     });

@@ -78,6 +78,14 @@ impl Premature {
     pub const NAMES: [(&'static str, Premature); 2] =
         [("exits", Premature::Exits), ("lm_head", Premature::LmHead)];
 
+    /// The head that reads premature layer `layer`.
+    pub fn head(self, layer: usize) -> super::Head {
+        match self {
+            Premature::Exits => super::Head::Exit(layer),
+            Premature::LmHead => super::Head::LmHeadAt(layer),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Premature::Exits => "exits",
@@ -116,12 +124,7 @@ impl DolaParams {
     /// below N).
     pub fn resolve(mut self, num_layers: usize, tied: bool) -> Self {
         let n = num_layers;
-        let start = match (tied, n) {
-            (false, _) => 0,
-            (true, n) if n > 2 => 2,
-            (true, 2) => 1,
-            (true, _) => 0,
-        };
+        let start = first_premature_layer(n, tied);
         let range = |from: usize, to: usize| Layers::from_list((from..to).step_by(2));
         self.candidates = match self.layers {
             DolaLayers::Low if start == n / 2 => Layers::from_list([start]),
@@ -161,6 +164,18 @@ impl fmt::Display for DolaParams {
             write!(f, ",relative_top={}", self.relative_top)?;
         }
         Ok(())
+    }
+}
+
+/// The lowest layer transformers reads a premature distribution from through the top head:
+/// 2 when the head is the tied embedding and N > 2 (layer 0 would read the embedding back),
+/// 1 when tied and N == 2, else 0.
+pub(super) fn first_premature_layer(num_layers: usize, tied: bool) -> usize {
+    match (tied, num_layers) {
+        (false, _) => 0,
+        (true, n) if n > 2 => 2,
+        (true, 2) => 1,
+        (true, _) => 0,
     }
 }
 

@@ -74,17 +74,18 @@ impl Mode {
             Mode::Original => vec![Head::Original],
             Mode::Exit(l) => vec![Head::Exit(l)],
             Mode::Contrast(c) => vec![c.upper.into(), Head::Exit(c.lower)],
-            Mode::Dola(d) => std::iter::once(Head::Original)
-                .chain(d.candidates.iter().map(|l| match d.premature {
-                    Premature::Exits => Head::Exit(l),
-                    Premature::LmHead => Head::LmHeadAt(l),
-                }))
-                .collect(),
-            Mode::Sled(p) => std::iter::once(Head::Original)
-                .chain(p.candidates.iter().map(|l| match p.premature {
-                    Premature::Exits => Head::Exit(l),
-                    Premature::LmHead => Head::LmHeadAt(l),
-                }))
+            // the mature head, then each premature layer's
+            Mode::Dola(DolaParams {
+                premature,
+                candidates,
+                ..
+            })
+            | Mode::Sled(SledParams {
+                premature,
+                candidates,
+                ..
+            }) => std::iter::once(Head::Original)
+                .chain(candidates.iter().map(|l| premature.head(l)))
                 .collect(),
             // exits ascending, then the original head: `EarlyExitParams::chosen`'s order
             Mode::EarlyExit(e) => e

@@ -62,15 +62,7 @@ impl SledParams {
         let n = num_layers;
         self.candidates = match self.premature {
             Premature::Exits => Layers::from_list(exits.iter().copied().filter(|&e| e < n)),
-            Premature::LmHead => {
-                let start = match (tied, n) {
-                    (false, _) => 0,
-                    (true, n) if n > 2 => 2,
-                    (true, 2) => 1,
-                    (true, _) => 0,
-                };
-                Layers::from_list(start..n)
-            }
+            Premature::LmHead => Layers::from_list(super::dola::first_premature_layer(n, tied)..n),
         }
         .unwrap_or_default();
         self
