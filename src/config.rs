@@ -97,6 +97,15 @@ pub struct Args {
     /// on a GPU), over the model's KV bytes per position]
     #[arg(long, env = "EXITSERVE_MAX_BATCH_TOTAL_TOKENS")]
     pub max_batch_total_tokens: Option<usize>,
+    /// Turn off prefix caching (prompts starting with tokens computed before reuse their keys
+    /// and values; see the README's "Prefix caching")
+    #[arg(long, env = "EXITSERVE_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
+    /// Prompt positions the prefix cache may hold; they count against
+    /// --max-batch-total-tokens, and admission evicts them before a request waits
+    /// [default: the whole KV budget]
+    #[arg(long, env = "EXITSERVE_PREFIX_CACHE_MAX_TOKENS")]
+    pub prefix_cache_max_tokens: Option<usize>,
     /// Prompts x best_of of one request
     #[arg(
         long,
@@ -259,6 +268,8 @@ pub struct Settings {
     pub max_batch_size: usize,
     pub max_prefill_tokens: usize,
     pub max_batch_total_tokens: Option<usize>,
+    /// None: prefix caching off; Some(None): capped by the KV budget alone.
+    pub prefix_cache: Option<Option<usize>>,
     pub max_sequences_per_request: usize,
     pub queue_slack_per_token: Duration,
     pub max_queued_requests: usize,
@@ -384,6 +395,7 @@ impl Settings {
                 .max_batch_total_tokens
                 .map(|v| positive("max-batch-total-tokens", v))
                 .transpose()?,
+            prefix_cache: (!a.no_prefix_cache).then_some(a.prefix_cache_max_tokens),
             max_sequences_per_request: positive(
                 "max-sequences-per-request",
                 a.max_sequences_per_request,

@@ -180,6 +180,9 @@ pub fn build_state_with(
             fault: None,
             speculative_max_batch: s.speculative_max_batch_size,
             queue_slack_per_token: s.queue_slack_per_token,
+            prefix_cache: s
+                .prefix_cache
+                .map(|cap| cap.unwrap_or(budget.max_tokens).min(budget.max_tokens)),
         },
         max_queued_requests: s.max_queued_requests,
         validation_workers: s.validation_workers,

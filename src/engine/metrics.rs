@@ -41,6 +41,9 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_connections_timed_out_total", "counter"),
     ("exitserve_connections_refused_total", "counter"),
     ("exitserve_prompt_tokens_total", "counter"),
+    ("exitserve_prefix_cache_hit_tokens_total", "counter"),
+    ("exitserve_prefix_cache_miss_tokens_total", "counter"),
+    ("exitserve_prefix_cache_tokens", "gauge"),
     ("exitserve_generated_tokens_total", "counter"),
     ("exitserve_cancellations_total", "counter"),
     ("exitserve_rejections_total", "counter"),
@@ -147,6 +150,11 @@ pub struct Metrics {
     /// Connections closed at once: their peer held `--max-connections-per-peer` already.
     pub connections_refused: Counter,
     pub prompt_tokens: Counter,
+    /// Prompt positions taken from the prefix cache, and those of prompts that looked it up
+    /// and computed them.
+    pub prefix_cache_hits: Counter,
+    pub prefix_cache_misses: Counter,
+    pub prefix_cache_tokens: Gauge,
     pub generated_tokens: Counter,
     pub cancellations: Counter,
     pub rejections: Counter,
@@ -221,6 +229,18 @@ impl Default for Metrics {
                 "Connections closed at once: their client address held --max-connections-per-peer.",
             ),
             prompt_tokens: r.counter("exitserve_prompt_tokens_total", "Prompt tokens prefilled."),
+            prefix_cache_hits: r.counter(
+                "exitserve_prefix_cache_hit_tokens_total",
+                "Prompt tokens whose keys and values came from the prefix cache.",
+            ),
+            prefix_cache_misses: r.counter(
+                "exitserve_prefix_cache_miss_tokens_total",
+                "Prompt tokens computed (not found in the prefix cache, or the cache is off).",
+            ),
+            prefix_cache_tokens: r.gauge(
+                "exitserve_prefix_cache_tokens",
+                "Positions held by the prefix cache (they count against --max-batch-total-tokens).",
+            ),
             generated_tokens: r.counter("exitserve_generated_tokens_total", "Tokens generated."),
             cancellations: r.counter(
                 "exitserve_cancellations_total",

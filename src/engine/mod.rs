@@ -6,6 +6,7 @@ pub mod batcher;
 pub mod error;
 pub mod inspection;
 pub mod metrics;
+pub mod prefix_cache;
 pub mod queue;
 pub mod request;
 pub mod sampling;

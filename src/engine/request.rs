@@ -69,6 +69,8 @@ pub struct GenerateRequest {
     pub named_speculative: Option<SpeculativeSpec>,
     /// Admission order (vLLM's field): lower first; unvalidated.
     pub priority: Option<i64>,
+    /// Prefix-cache isolation (vLLM's field); unvalidated.
+    pub cache_salt: Option<String>,
 }
 
 /// The `speculative` object, unvalidated.
@@ -306,6 +308,8 @@ pub struct ValidRequest {
     pub speculative: Option<SpeculativeSpec>,
     /// Admission order: lower first, arrival order among equals.
     pub priority: i32,
+    /// Cached prompts are shared only among requests with the same salt (None is a salt).
+    pub cache_salt: Option<Arc<str>>,
 }
 
 impl ValidRequest {
@@ -348,6 +352,8 @@ impl FinishReason {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     /// Self-speculative decoding: tokens drafted and accepted (None: not used).
     pub speculative: Option<SpeculativeUsage>,

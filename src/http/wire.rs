@@ -153,6 +153,8 @@ pub struct CompletionRequest {
     pub speculative: Option<SpeculativeField>,
     /// vLLM's admission order: lower first (default 0).
     pub priority: Option<i64>,
+    /// vLLM's prefix-cache isolation: only requests with the same salt share cached prompts.
+    pub cache_salt: Option<String>,
 }
 
 /// The `speculative` extension: self-speculative decoding from an exit.
@@ -327,6 +329,7 @@ impl CompletionRequest {
             },
             named_speculative: None,
             priority: self.priority,
+            cache_salt: self.cache_salt,
         })
     }
 }
@@ -454,10 +457,17 @@ pub struct UsageOut {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetailsOut,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speculative: Option<SpeculativeUsageOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub early_exit: Option<EarlyExitUsageOut>,
+}
+
+/// `usage.prompt_tokens_details` (OpenAI's): prompt tokens served by the prefix cache.
+#[derive(Debug, Serialize, Clone, Copy)]
+pub struct PromptTokensDetailsOut {
+    pub cached_tokens: usize,
 }
 
 /// `usage.early_exit`: generated tokens by the layer each left at (keys: layers, `original`).
@@ -478,6 +488,9 @@ impl From<crate::engine::Usage> for UsageOut {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetailsOut {
+                cached_tokens: u.cached_tokens,
+            },
             speculative: u.speculative.map(|s| SpeculativeUsageOut {
                 drafted: s.drafted,
                 accepted: s.accepted,

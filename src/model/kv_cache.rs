@@ -63,6 +63,45 @@ impl std::fmt::Debug for KvCache {
     }
 }
 
+/// Keys and values of a run of positions copied out of a cache (a block of the engine's prefix
+/// cache): per layer from the first, in the layout of the store they came from (`(heads, len,
+/// head_dim)` from buffers, `(len, hidden)` rows from the pool). A copy: the cache they came
+/// from goes on writing in place.
+#[derive(Debug, Clone)]
+pub struct KvRun {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    /// Which axis holds the positions (1 for buffers, 0 for pool rows).
+    axis: usize,
+}
+
+impl KvRun {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Layers held (from the first).
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+/// An owned copy of a view (`contiguous` alone would share a view that already is).
+fn owned(view: &Tensor) -> Result<Tensor> {
+    if view.is_contiguous() {
+        let fresh = Tensor::zeros(view.shape(), view.dtype(), view.device())?;
+        fresh.slice_set(view, 0, 0)?;
+        Ok(fresh)
+    } else {
+        view.contiguous()
+    }
+}
+
 /// Initial capacity, and the unit capacities are rounded to.
 const MIN_CAPACITY: usize = 64;
 
@@ -159,6 +198,95 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         debug_assert!(len <= self.len, "truncate to {len} > {}", self.len);
         self.len = self.len.min(len);
+    }
+
+    /// A copy of positions `start..start+len` of the first `depth` layers (all cached).
+    pub fn export(&self, start: usize, len: usize, depth: usize) -> Result<KvRun> {
+        if start + len > self.len {
+            candle_core::bail!("export of {start}+{len} from a cache of {}", self.len);
+        }
+        let layers = match &self.store {
+            Store::Buffers { layers, .. } => layers[..depth]
+                .iter()
+                .map(|l| match (&l.k, &l.v) {
+                    (Some(k), Some(v)) => {
+                        Ok((owned(&k.narrow(1, start, len)?)?, owned(&v.narrow(1, start, len)?)?))
+                    }
+                    _ => candle_core::bail!("export of a layer the sequence did not run"),
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Store::Paged(p) => {
+                let rows: Vec<u32> = (start..start + len)
+                    .map(|i| kv_pool::row_of(&p.blocks, i))
+                    .collect();
+                (0..depth)
+                    .map(|l| p.pool.read_rows(l, &rows))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let axis = match self.store {
+            Store::Buffers { .. } => 1,
+            Store::Paged(_) => 0,
+        };
+        Ok(KvRun { layers, len, axis })
+    }
+
+    /// Appends the first `len` positions of `runs` (in order; the last may be used in part)
+    /// to the first `depth` layers, as if a step had computed them: the prefix cache's hit.
+    pub fn import(&mut self, runs: &[&KvRun], len: usize, depth: usize) -> Result<()> {
+        let held: usize = runs.iter().map(|r| r.len).sum();
+        if len > held || runs.iter().any(|r| r.depth() < depth) {
+            candle_core::bail!("import of {len} positions at depth {depth} from shorter runs");
+        }
+        let axis = match self.store {
+            Store::Buffers { .. } => 1,
+            Store::Paged(_) => 0,
+        };
+        if runs.iter().any(|r| r.axis != axis) {
+            candle_core::bail!("import of runs from another kind of cache");
+        }
+        // Each layer's keys (0) or values (1) over the runs, cut at `len`.
+        let joined = |layer: usize, which: usize| -> Result<Tensor> {
+            let mut parts = Vec::with_capacity(runs.len());
+            let mut left = len;
+            for r in runs {
+                if left == 0 {
+                    break;
+                }
+                let (k, v) = &r.layers[layer];
+                let t = if which == 0 { k } else { v };
+                let n = left.min(r.len);
+                parts.push(t.narrow(axis, 0, n)?);
+                left -= n;
+            }
+            Tensor::cat(&parts, axis)
+        };
+        let start = self.len;
+        if let Store::Paged(p) = &self.store {
+            let need = (start + len).div_ceil(kv_pool::BLOCK);
+            if need > p.blocks.len() {
+                self.reserve(start + len)?;
+            }
+        }
+        match &mut self.store {
+            Store::Buffers { .. } => {
+                for layer in 0..depth {
+                    let (k, v) = (joined(layer, 0)?, joined(layer, 1)?);
+                    self.append(layer, &k, &v)?;
+                }
+            }
+            Store::Paged(p) => {
+                let rows: Vec<u32> = (start..start + len)
+                    .map(|i| kv_pool::row_of(&p.blocks, i))
+                    .collect();
+                for layer in 0..depth {
+                    p.pool
+                        .write_rows(layer, &rows, &joined(layer, 0)?, &joined(layer, 1)?)?;
+                }
+            }
+        }
+        self.advance(len);
+        Ok(())
     }
 
     /// A deep copy (caches are written in place, so copies must not share storage).
@@ -276,6 +404,55 @@ mod tests {
         let (total, free) = pool.usage();
         drop((a, b));
         assert_eq!(pool.usage(), (total, free + 4));
+        Ok(())
+    }
+
+    #[test]
+    fn exported_runs_import_into_a_fresh_cache_of_either_store() -> Result<()> {
+        let dev = Device::Cpu;
+        // layer l, position p, element e holds 100 l + p + e / 10 (exact in f32)
+        let rows = |layer: usize, from: usize, n: usize| -> Result<Tensor> {
+            let v: Vec<f32> = (from..from + n)
+                .flat_map(|p| (0..2).map(move |e| (100 * layer + p) as f32 + e as f32 / 10.))
+                .collect();
+            Tensor::from_vec(v, (n, 2), &dev)
+        };
+        let pool = KvPool::new(2, 2, DType::F32, dev.clone());
+        for paged in [false, true] {
+            let fresh = || {
+                if paged {
+                    KvCache::paged(pool.clone(), 100)
+                } else {
+                    KvCache::new(2, 100, DType::F32)
+                }
+            };
+            let mut source = fresh();
+            source.reserve(40)?;
+            for layer in 0..2 {
+                let (k, v) = (rows(layer, 0, 40)?, rows(layer, 0, 40)?.affine(2., 0.)?);
+                match source.paged_blocks() {
+                    Some(p) => {
+                        let at: Vec<u32> = (0..40).map(|i| kv_pool::row_of(&p.blocks, i)).collect();
+                        pool.write_rows(layer, &at, &k, &v)?;
+                    }
+                    None => {
+                        // buffers hold (heads = 1, positions, 2)
+                        source.append(layer, &k.unsqueeze(0)?, &v.unsqueeze(0)?)?;
+                    }
+                }
+            }
+            source.advance(40);
+            let runs = [source.export(0, 16, 2)?, source.export(16, 16, 1)?];
+            let mut target = fresh();
+            target.import(&[&runs[0], &runs[1]], 20, 1)?;
+            assert_eq!(target.len(), 20);
+            let got = target.export(0, 20, 1)?;
+            let (k, v) = &got.layers[0];
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(flat(k)?, flat(&rows(0, 0, 20)?)?, "paged: {paged}");
+            assert_eq!(flat(v)?, flat(&rows(0, 0, 20)?.affine(2., 0.)?)?);
+            assert!(target.import(&[&runs[1]], 4, 2).is_err(), "a run too shallow");
+        }
         Ok(())
     }
 }

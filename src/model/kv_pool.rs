@@ -144,6 +144,24 @@ impl KvPool {
         Ok(())
     }
 
+    /// Copies of layer `layer`'s keys and values at `rows`: `(rows, width)` each.
+    pub fn read_rows(&self, layer: usize, rows: &[u32]) -> Result<(Tensor, Tensor)> {
+        let (k, v) = self.layer(layer)?;
+        let index = Tensor::new(rows, &self.device)?;
+        Ok((k.index_select(&index, 0)?, v.index_select(&index, 0)?))
+    }
+
+    /// Writes `k`, `v` `(rows, width)` at layer `layer`'s `rows`.
+    pub fn write_rows(&self, layer: usize, rows: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (pool_k, pool_v) = self.layer(layer)?;
+        let index = row_index(rows, self.width, &self.device)?;
+        pool_k.scatter_set(&index, &k.to_dtype(self.dtype)?.contiguous()?, 0)?;
+        pool_v.scatter_set(&index, &v.to_dtype(self.dtype)?.contiguous()?, 0)
+    }
+
     /// Blocks in the pool and blocks free (tests, metrics).
     pub fn usage(&self) -> (usize, usize) {
         let inner = self.lock();

@@ -35,7 +35,7 @@ pub mod weights;
 pub use arch::Architecture;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvRun};
 pub use loader::{load, LoadOptions, LoadedModel};
 pub use mode::{ContrastParams, Head, Mode, Upper};
 pub use multi_exit::MultiExitModel;

@@ -36,11 +36,19 @@ impl Batcher {
                 return false;
             }
             if self.held.is_none() {
-                let order: Vec<QueueKey> = self.waiting.iter().map(|p| p.key).collect();
+                // A request whose prompt another one's prefill is computing waits for it.
+                let eligible: Vec<usize> = (0..self.waiting.len())
+                    .filter(|&i| {
+                        let p = &self.waiting[i];
+                        let first = p.prompts.front().map_or(&[][..], |(_, t)| &t[..]);
+                        !self.waits_for_prefix(&p.state.borrow(), first)
+                    })
+                    .collect();
+                let order: Vec<QueueKey> = eligible.iter().map(|&i| self.waiting[i].key).collect();
                 let Some(next) = scheduler::next_in_queue(&order) else {
                     return true;
                 };
-                self.held = Some(self.waiting.remove(next));
+                self.held = Some(self.waiting.remove(eligible[next]));
             }
             match contained(Phase::Admit, || self.admit_held()) {
                 Ok(true) => continue,
@@ -163,6 +171,7 @@ impl Batcher {
             unfinished: req.prompts.len() * req.best_of,
             usage: Usage {
                 prompt_tokens: req.prompt_tokens(),
+                cached_tokens: 0,
                 completion_tokens: 0,
                 speculative: req.speculative.map(|_| SpeculativeUsage::default()),
                 early_exit: req.mode.early_exit().map(|_| Default::default()),
@@ -215,7 +224,15 @@ impl Batcher {
             .iter()
             .map(|(_, t)| demand(t.len(), max_tokens, best_of))
             .collect();
-        let take = scheduler::admit_in_order(&self.cfg.budget, self.reserved(), &demands);
+        // Cached prompts count against the budget, and make room before a request waits.
+        let budget = self.cfg.budget;
+        let mut take = scheduler::admit_in_order(&budget, self.reserved_with_cache(), &demands);
+        let without_cache = scheduler::admit_in_order(&budget, self.reserved(), &demands);
+        if without_cache > take {
+            let need = demands[..without_cache].iter().map(|d| d.tokens).sum();
+            self.evict_for(need);
+            take = without_cache;
+        }
         if take == 0 && self.running.is_empty() {
             // Validation refuses what can never fit; this is a budget changed under us.
             self.held = None;
@@ -228,21 +245,33 @@ impl Batcher {
             );
             return true;
         }
-        let Some(p) = self.held.as_mut() else {
+        if self.held.is_none() {
             return true;
-        };
-        if take > 0 && !p.started {
-            p.started = true;
-            let mut r = state.borrow_mut();
-            r.admitted_at = Some(Instant::now());
-            self.metrics.queue_wait.record(r.arrived.elapsed());
         }
-        let groups: Vec<(usize, Rc<Vec<u32>>)> = p.prompts.drain(..take).collect();
-        let done = p.prompts.is_empty();
-        for (index, prompt) in groups {
+        let mut admitted = 0;
+        while admitted < take {
+            let Some((index, prompt)) = self.held.as_ref().and_then(|p| p.prompts.front().cloned())
+            else {
+                break;
+            };
+            // A prompt sharing blocks with one just started (the choices of one question in
+            // one request) waits for them.
+            if self.waits_for_prefix(&state.borrow(), &prompt) {
+                break;
+            }
+            let p = self.held.as_mut().expect("held");
+            p.prompts.pop_front();
+            if !p.started {
+                p.started = true;
+                let mut r = state.borrow_mut();
+                r.admitted_at = Some(Instant::now());
+                self.metrics.queue_wait.record(r.arrived.elapsed());
+            }
             inject(self.cfg.fault(), Phase::Admit, &prompt);
             self.start_group(&state, index, prompt, max_tokens, best_of);
+            admitted += 1;
         }
+        let done = self.held.as_ref().is_none_or(|p| p.prompts.is_empty());
         // Only now: a panic above leaves the request held, to be failed by `admit`.
         if done {
             self.held = None;
@@ -275,6 +304,7 @@ impl Batcher {
         );
         seq.reserved = reserved;
         seq.forks = (first + 1..first + best_of).collect();
+        self.take_cached_prefix(&mut seq);
         self.running.push(seq);
     }
 }

@@ -18,6 +18,7 @@ mod admit;
 mod emit;
 mod fault;
 mod plan;
+mod prefix;
 mod progress;
 mod speculate;
 
@@ -34,6 +35,7 @@ pub use fault::{Fault, Phase};
 
 use super::error::EngineError;
 use super::metrics::Metrics;
+use super::prefix_cache::PrefixCache;
 use super::queue::QueuePlaces;
 use super::request::{Event, Submission};
 use super::scheduler::{Budget, Demand};
@@ -55,6 +57,8 @@ pub struct BatchConfig {
     /// Queue order among equal priorities: a request is due this much later per KV position
     /// it reserves (`--queue-slack-per-token-ms`; zero: first come, first served).
     pub queue_slack_per_token: Duration,
+    /// Prefix caching, and the positions its cache may hold (None: off).
+    pub prefix_cache: Option<usize>,
     /// Fault injection for tests.
     #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
@@ -87,6 +91,8 @@ pub struct Batcher {
     queue: Arc<QueuePlaces>,
     /// Requests received so far (their arrival order).
     received: u64,
+    /// Prompts computed before (None: `--no-prefix-cache`).
+    prefix: Option<PrefixCache>,
 }
 
 /// The message of a caught panic.
@@ -153,6 +159,7 @@ impl Batcher {
     ) -> Self {
         metrics.set_kv_tokens_limit(cfg.budget.max_tokens);
         Self {
+            prefix: cfg.prefix_cache.map(PrefixCache::new),
             model,
             tokenizer,
             rx,

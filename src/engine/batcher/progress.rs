@@ -70,6 +70,7 @@ impl Batcher {
     ) -> Vec<Ready> {
         let mut ready = Vec::with_capacity(plan.rows.len());
         let mut inspected = Vec::new();
+        let mut prefilled = Vec::new();
         for (row, logits) in plan.rows.iter().zip(outputs.into_per_seq()) {
             let (i, take, all_positions) = (row.index, row.prompt_taken, row.all_positions);
             let (metrics, tokenizer, fault) = (&self.metrics, &self.tokenizer, self.cfg.fault());
@@ -112,12 +113,19 @@ impl Batcher {
                     first_token: take > 0,
                 })
             });
+            if progress.is_ok() && take > 0 && !self.running[i].in_prefill() {
+                prefilled.push(i);
+            }
             match progress {
                 Ok(Progress::Ready(r)) => ready.push(r),
                 Ok(Progress::Inspected) => inspected.push(i),
                 Ok(Progress::Prefilling) => {}
                 Err(message) => self.fail_members(&[i], message),
             }
+        }
+        // Before an inspection ends and leaves: its prompt is as good as any.
+        for i in prefilled {
+            self.publish_prefix(i);
         }
         for i in inspected {
             let positions = std::mem::take(&mut self.running[i].inspection);

@@ -86,6 +86,8 @@ pub enum ValidationError {
     /// A request that fit at validation but not the budget it met (changed since).
     #[error("this request cannot fit the server's batch budget")]
     BudgetChanged,
+    #[error("`cache_salt` must have 1 to {max} characters, got {got}")]
+    CacheSalt { got: usize, max: usize },
     #[error("`prompt` is required")]
     PromptRequired,
     #[error("`prompt` must not be an empty list")]
@@ -243,6 +245,7 @@ impl ValidationError {
             Measure { object, .. } => format!("{object}.measure"),
             NoExitBelowTop { object, .. } => format!("{object}.mode"),
             SpeculativeEarlyExit => "speculative".into(),
+            CacheSalt { .. } => "cache_salt".into(),
             DraftLayerNeeded { .. } | DraftLayerNotAnExit { .. } | DraftLayerTooDeep { .. } => {
                 "speculative.draft_layer".into()
             }

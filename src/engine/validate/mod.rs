@@ -65,6 +65,8 @@ pub const MAX_INSPECT_TOP_LOGPROBS: i64 = 20;
 pub const DEFAULT_MAX_TOKENS: i64 = 16;
 /// `priority` lies in `[-MAX_PRIORITY, MAX_PRIORITY]`.
 pub const MAX_PRIORITY: i64 = 1000;
+/// Characters a `cache_salt` may have.
+pub const MAX_CACHE_SALT_LEN: usize = 256;
 
 #[derive(Clone)]
 pub struct Validator {
@@ -171,7 +173,23 @@ impl Validator {
             inspect: None,
             speculative,
             priority,
+            cache_salt: self.cache_salt(req.cache_salt)?,
         })
+    }
+
+    /// `cache_salt`: a non-empty string of at most [`MAX_CACHE_SALT_LEN`] characters.
+    fn cache_salt(&self, salt: Option<String>) -> Result<Option<Arc<str>>, ValidationError> {
+        let Some(salt) = salt else {
+            return Ok(None);
+        };
+        let got = salt.chars().count();
+        if got == 0 || got > MAX_CACHE_SALT_LEN {
+            return Err(ValidationError::CacheSalt {
+                got,
+                max: MAX_CACHE_SALT_LEN,
+            });
+        }
+        Ok(Some(salt.into()))
     }
 
     /// `max_tokens` (default [`DEFAULT_MAX_TOKENS`]): at least 1 (0 with `echo`), and short
@@ -262,6 +280,7 @@ impl Validator {
             }),
             speculative: None,
             priority: 0,
+            cache_salt: None,
         })
     }
 }
