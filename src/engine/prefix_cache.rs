@@ -123,9 +123,9 @@ impl PrefixCache {
                 break;
             };
             let b = &self.blocks[&id];
-            let scored = l.scoring.is_none_or(|(mode, top)| {
-                b.scores.iter().any(|s| s.mode == mode && s.top >= top)
-            });
+            let scored = l
+                .scoring
+                .is_none_or(|(mode, top)| b.scores.iter().any(|s| s.mode == mode && s.top >= top));
             if b.kv.depth() < l.depth || !scored {
                 break;
             }

@@ -209,9 +209,10 @@ impl KvCache {
             Store::Buffers { layers, .. } => layers[..depth]
                 .iter()
                 .map(|l| match (&l.k, &l.v) {
-                    (Some(k), Some(v)) => {
-                        Ok((owned(&k.narrow(1, start, len)?)?, owned(&v.narrow(1, start, len)?)?))
-                    }
+                    (Some(k), Some(v)) => Ok((
+                        owned(&k.narrow(1, start, len)?)?,
+                        owned(&v.narrow(1, start, len)?)?,
+                    )),
                     _ => candle_core::bail!("export of a layer the sequence did not run"),
                 })
                 .collect::<Result<Vec<_>>>()?,
@@ -451,7 +452,10 @@ mod tests {
             let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
             assert_eq!(flat(k)?, flat(&rows(0, 0, 20)?)?, "paged: {paged}");
             assert_eq!(flat(v)?, flat(&rows(0, 0, 20)?.affine(2., 0.)?)?);
-            assert!(target.import(&[&runs[1]], 4, 2).is_err(), "a run too shallow");
+            assert!(
+                target.import(&[&runs[1]], 4, 2).is_err(),
+                "a run too shallow"
+            );
         }
         Ok(())
     }

@@ -553,6 +553,27 @@ fn cases() -> Vec<(&'static str, Body, u16, &'static str, Option<&'static str>)>
             Some("priority"),
         ),
         (
+            "cache_salt not a string",
+            merged(json!({"cache_salt": 5})),
+            400,
+            INV,
+            Some("cache_salt"),
+        ),
+        (
+            "cache_salt empty",
+            merged(json!({"cache_salt": ""})),
+            400,
+            INV,
+            Some("cache_salt"),
+        ),
+        (
+            "cache_salt too long",
+            merged(json!({"cache_salt": "s".repeat(257)})),
+            400,
+            INV,
+            Some("cache_salt"),
+        ),
+        (
             "priority not a number",
             merged(json!({"priority": "high"})),
             400,

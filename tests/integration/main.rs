@@ -23,6 +23,7 @@ mod hub;
 mod inspect;
 mod openapi;
 mod parity;
+mod prefix_cache;
 mod process;
 mod resource_bounds;
 mod speculative;
