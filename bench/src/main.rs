@@ -5,6 +5,8 @@
 //!   target/release/bench --kernels      (vocabulary-head and block products, no server)
 //!   target/release/bench --speculative  (self-speculative decoding against acceptance)
 //!   target/release/bench --early-exit   (early exit: speed and agreement against threshold)
+//!   target/release/bench --prefix-cache (prefix caching on and off: multiple-choice scoring,
+//!                                        the playground's three modes, the loads above)
 //!   target/release/bench --limits       (this machine's bandwidth and peaks only)
 //!   target/release/bench --arch gpt2 --peer-llama-server PATH   (llama.cpp too, built by
 //!                                                    bench/peer/llama_cpp.sh)
@@ -29,6 +31,7 @@ mod early_exit;
 mod kernels;
 mod limits;
 mod peak;
+mod prefix_cache;
 mod reference;
 mod report;
 mod servers;
@@ -93,6 +96,11 @@ pub struct Args {
     /// (written once under --data with an `-agree-S-from-L` suffix); one stream
     #[arg(long)]
     pub early_exit: bool,
+    /// Only time prefix caching: the multiple-choice scoring load (12 contexts of 400 token
+    /// ids, 4 continuations each), the playground's three modes on a 512-token prompt and
+    /// the bench's own loads, each with the cache and with --no-prefix-cache
+    #[arg(long)]
+    pub prefix_cache: bool,
     /// Early-exit thresholds timed
     #[arg(
         long,
@@ -175,6 +183,8 @@ fn main() {
             format!("{name}-speculative")
         } else if args.early_exit {
             format!("{name}-early-exit")
+        } else if args.prefix_cache {
+            format!("{name}-prefix-cache")
         } else {
             name.to_string()
         })
@@ -196,6 +206,12 @@ fn main() {
     let prompt = prompt_ids(args.prompt_len, 0);
     if args.early_exit {
         let report = early_exit::early_exit_bench(&args, &shape, root, &server_bin, &prompt);
+        std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        eprintln!("wrote {}", out.display());
+        return;
+    }
+    if args.prefix_cache {
+        let report = prefix_cache::prefix_cache_bench(&args, &shape, &data, &server_bin);
         std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
         eprintln!("wrote {}", out.display());
         return;

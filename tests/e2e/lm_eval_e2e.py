@@ -2,6 +2,8 @@
 both architectures, offline.
 
 Usage: python tests/e2e/lm_eval_e2e.py BINARY
+       python tests/e2e/lm_eval_e2e.py BINARY --prefix-cache MODEL_DIR [SERVER FLAGS...]
+         (only the prefix-cache comparison below, on another checkpoint: prints the wall times)
 Runs the two local tasks in tests/lm_eval (multiple choice; generate_until with five stops)
 in the original mode and in a contrast mode chosen by model id: on GPT-Neo with
 `tokenizer_backend=huggingface` (the fixture folder) and `remote` (the server's /tokenize),
@@ -12,6 +14,9 @@ on GPT-2 with `huggingface`. Then checks:
 Then one DoLa run by model id (`:dola-1-2` on GPT-Neo): each generation begins with the DoLa
 reference's greedy text (tests/fixtures/<fixture>.dola.json, 8 tokens) cut at the first stop,
 and every loglikelihood is a number (a token DoLa rules out scores -9999, never null).
+Last, the 4-choice task (tests/lm_eval/exitserve_mc4.yaml) against a server with the prefix
+cache and one with `--no-prefix-cache`: the same loglikelihoods (1e-5) and accuracy, the cache
+server reporting hits.
 """
 import glob
 import json
@@ -19,6 +24,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 
 from server import FIXTURE, GPT2_FIXTURE, GPT2_MODEL, MODEL, ROOT, running_server
 
@@ -36,7 +43,7 @@ def fixture_file(fixture, kind):
     return f"{fixture}.{kind}.json"
 
 
-def run_lm_eval(port, model_id, backend, out, fixture):
+def run_lm_eval(port, model_id, backend, out, fixture, tasks="exitserve_mc,exitserve_gen"):
     args = {
         "model": model_id,
         "base_url": f"http://127.0.0.1:{port}/v1/completions",
@@ -49,7 +56,7 @@ def run_lm_eval(port, model_id, backend, out, fixture):
         args["tokenizer"] = fixture
     cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions",
            "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
-           "--tasks", "exitserve_mc,exitserve_gen", "--include_path", TASKS,
+           "--tasks", tasks, "--include_path", TASKS,
            "--log_samples", "--output_path", out, "--batch_size", "1"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                OPENAI_API_KEY="unused", TOKENIZERS_PARALLELISM="false")
@@ -126,8 +133,43 @@ def check_dola(out, fixture):
     return checked, len(lls)
 
 
+def metric(port, name):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise SystemExit(f"no metric {name}")
+
+
+def check_prefix_cache(binary, model_dir, flags=()):
+    """The 4-choice task with the prefix cache and without: the same scores; the wall times."""
+    results, seconds = [], []
+    for cache_flags in ((), ("--no-prefix-cache",)):
+        with running_server(binary, *flags, *cache_flags, fixture=model_dir) as server, \
+                tempfile.TemporaryDirectory() as out:
+            model = json.load(urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v1/models"))["data"][0]["id"]
+            start = time.monotonic()
+            run_lm_eval(server.port, model, "remote", out, model_dir, tasks="exitserve_mc4")
+            seconds.append(time.monotonic() - start)
+            hits = metric(server.port, "exitserve_prefix_cache_hit_tokens_total")
+            if (hits > 0) != (not cache_flags):
+                raise SystemExit(f"prefix cache hits {hits} with flags {cache_flags}")
+            rows = sorted(samples(out, "exitserve_mc4"), key=lambda r: r["doc_id"])
+            results.append([([float(x[0][0]) for x in r["resps"]], r["acc"]) for r in rows])
+    (on, off) = results
+    if len(on) != len(off) or not on:
+        raise SystemExit(f"mc4: {len(on)} vs {len(off)} documents")
+    for (ll_on, acc_on), (ll_off, acc_off) in zip(on, off):
+        if acc_on != acc_off or any(abs(a - b) > 1e-5 for a, b in zip(ll_on, ll_off, strict=True)):
+            raise SystemExit(f"mc4 with the cache {ll_on} (acc {acc_on}) != without {ll_off} (acc {acc_off})")
+    print(f"lm-eval 4-choice task, {len(on)} questions: the same loglikelihoods and accuracy with the "
+          f"prefix cache ({seconds[0]:.1f} s) and without ({seconds[1]:.1f} s): {seconds[1] / seconds[0]:.2f}x")
+
+
 def main():
     binary = sys.argv[1]
+    if len(sys.argv) > 3 and sys.argv[2] == "--prefix-cache":
+        return check_prefix_cache(binary, os.path.abspath(sys.argv[3]), sys.argv[4:])
     with running_server(binary, fixture=FIXTURE) as server, tempfile.TemporaryDirectory() as out:
         run_lm_eval(server.port, MODEL + ":dola-1-2", "remote", out, FIXTURE)
         n_gen, n_ll = check_dola(out, FIXTURE)
@@ -143,6 +185,7 @@ def main():
                         n_gen = check_generations(samples(out, "exitserve_gen"), mode, fixture)
                         print(f"lm-eval {mode} ({model + suffix}), tokenizer {backend}: "
                               f"{n_ll} loglikelihoods equal the reference, {n_gen} generations equal it")
+    check_prefix_cache(binary, FIXTURE)
     print("lm-eval e2e: all checks passed")
 
 

@@ -285,7 +285,8 @@ async fn documented_request_fields_are_exactly_the_accepted_ones() {
         "stop": "zz", "seed": 3, "presence_penalty": 0.1, "frequency_penalty": 0.1,
         "repetition_penalty": 1.1, "logit_bias": {"50": 1.0}, "user": "u",
         "return_token_ids": true, "ignore_eos": true, "multi_exit": {"mode": "original"},
-        "speculative": {"draft_layer": 1, "max_draft_tokens": 2}, "priority": -1
+        "speculative": {"draft_layer": 1, "max_draft_tokens": 2}, "priority": -1,
+        "cache_salt": "tenant-1"
     });
     for key in props.keys() {
         if key == "model" || key == "prompt" {

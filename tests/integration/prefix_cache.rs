@@ -325,7 +325,9 @@ async fn a_full_cache_gives_way_and_its_cap_holds() {
     for out in futures_util::future::join_all(bodies.iter().map(|b| complete(&server, b))).await {
         assert_eq!(out["usage"]["completion_tokens"], 8);
     }
-    server.wait_for_metric("exitserve_kv_tokens_reserved", 0.0).await;
+    server
+        .wait_for_metric("exitserve_kv_tokens_reserved", 0.0)
+        .await;
 
     // --prefix-cache-max-tokens caps it.
     let capped = TestServer::start_model(&f.dir(), &["--prefix-cache-max-tokens", "64"]);

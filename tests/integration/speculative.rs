@@ -628,9 +628,10 @@ async fn greedy_speculation_equals_plain_decoding_in_every_dtype() {
                 "--speculative-max-batch-size",
                 "128",
                 // Every prompt in one chunk, batched or not: the fused prompt kernel's last
-                // bits depend on where a prompt is cut.
+                // bits depend on where a prompt is cut (so does a cached prefix: off here).
                 "--max-prefill-tokens",
                 "4096",
+                "--no-prefix-cache",
             ],
         );
         let url = server.url("/v1/completions");
