@@ -99,7 +99,14 @@ pub struct Args {
     pub max_batch_total_tokens: Option<usize>,
     /// Turn off prefix caching (prompts starting with tokens computed before reuse their keys
     /// and values; see the README's "Prefix caching")
-    #[arg(long, env = "EXITSERVE_NO_PREFIX_CACHE")]
+    #[arg(
+        long,
+        env = "EXITSERVE_NO_PREFIX_CACHE",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     pub no_prefix_cache: bool,
     /// Prompt positions the prefix cache may hold; they count against
     /// --max-batch-total-tokens, and admission evicts them before a request waits
