@@ -61,8 +61,10 @@ impl Batcher {
         self.publish_cache_size();
     }
 
-    /// Whether `prompt` should wait to join: a running sequence still in its prefill will give
-    /// the cache whole blocks of it that the cache does not serve yet.
+    /// Whether `prompt` should wait to join: a running sequence of the same depth, still in its
+    /// prefill, will give the cache whole blocks of it that the cache does not serve yet. (A
+    /// shallower request does not wait for a deeper one: computing its own fewer layers beside
+    /// it gives its first token sooner than waiting for all of the deeper one's.)
     pub(super) fn waits_for_prefix(&self, r: &RequestState, prompt: &[u32]) -> bool {
         let (Some(cache), Some(l)) = (self.prefix.as_ref(), lookup(r, prompt)) else {
             return false;
@@ -78,7 +80,7 @@ impl Batcher {
             }
             let other = s.request.borrow();
             let gives = other.req.cache_salt == r.req.cache_salt
-                && other.depth >= r.depth
+                && other.depth == r.depth
                 && match (scoring(r), scoring(&other)) {
                     (None, _) => true,
                     (Some((mode, top)), Some((m, t))) => mode == m && t >= top,
