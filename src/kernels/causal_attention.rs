@@ -21,6 +21,10 @@ use super::fastmath::{self, KvElem};
 /// block's masked corner (computed, then dropped) stays an eighth of a 512-token prompt's work.
 const QUERY_BLOCK: usize = 64;
 
+/// Rows and keys the products always run with (see the task's comments).
+const MIN_ROWS: usize = 16;
+const MIN_KEYS: usize = 64;
+
 /// The queries: row `i`, head `h` at `data[i * row_stride + h * head_dim..][..head_dim]`
 /// (scaled already where the model scales its scores).
 pub struct Queries<'a> {
@@ -51,6 +55,12 @@ struct Scratch {
     scores: Vec<f32>,
     keys: Vec<f32>,
     values: Vec<f32>,
+    /// A short block's queries and outputs, padded to MIN_ROWS.
+    queries: Vec<f32>,
+    out: Vec<f32>,
+    /// Few keys and values, padded to MIN_KEYS.
+    keys_padded: Vec<f32>,
+    values_padded: Vec<f32>,
 }
 
 /// Writes the attention of every query and head into `out (len, heads * head_dim)`.
@@ -88,17 +98,51 @@ where
             let head = h * kv.head_stride + keys_from * d..h * kv.head_stride + keys_to * d;
             let keys = T::as_f32(&kv.keys[head.clone()], &mut scratch.keys);
             let values = T::as_f32(&kv.values[head], &mut scratch.values);
+            // Fewer than MIN_KEYS keys (a chunk's first queries) run as MIN_KEYS, the extra
+            // ones zero and masked: gemm takes other paths for few columns too.
+            let nr = n.max(MIN_KEYS);
+            let (keys, values) = if nr > n {
+                for (pad, src) in [
+                    (&mut scratch.keys_padded, keys),
+                    (&mut scratch.values_padded, values),
+                ] {
+                    pad.clear();
+                    pad.resize(nr * d, 0.0);
+                    pad[..n * d].copy_from_slice(src);
+                }
+                (&scratch.keys_padded[..], &scratch.values_padded[..])
+            } else {
+                (keys, values)
+            };
+            let n = nr;
+            // A block of fewer than MIN_ROWS queries (a prompt chunk's tail) is multiplied as
+            // MIN_ROWS, its extra rows zero: gemm takes other paths for few rows, whose sums
+            // round differently, and a query must get the same numbers wherever the chunk
+            // around it was cut (prefill budgets, cached prefixes); in bfloat16 that last-bit
+            // difference became other logprobs (up to 9e-3) between two runs of a load.
             let m = rows.len();
-            scratch.scores.resize(m * n, 0.0);
-            let scores = &mut scratch.scores[..m * n];
-            let q_block = &q.data[rows.start * q.row_stride + h * d..];
-            // SAFETY: every extent was asserted above: m rows of q from `q_block` at
-            // `row_stride` (d columns), n keys of d (read transposed), m x n scores.
+            let mr = m.max(MIN_ROWS);
+            let (q_block, q_stride) = if mr > m {
+                scratch.queries.clear();
+                scratch.queries.resize(mr * d, 0.0);
+                for (i, r) in rows.clone().enumerate() {
+                    let at = r * q.row_stride + h * d;
+                    scratch.queries[i * d..][..d].copy_from_slice(&q.data[at..at + d]);
+                }
+                (&scratch.queries[..], d)
+            } else {
+                (&q.data[rows.start * q.row_stride + h * d..], q.row_stride)
+            };
+            scratch.scores.resize(mr * n, 0.0);
+            let scores = &mut scratch.scores[..mr * n];
+            // SAFETY: every extent was asserted above: mr rows of q from `q_block` at
+            // `q_stride` (d columns; the padded copy holds mr rows), n keys of d (read
+            // transposed), mr x n scores.
             unsafe {
                 product(
-                    (m, n, d),
+                    (mr, n, d),
                     (scores.as_mut_ptr(), n),
-                    (q_block.as_ptr(), q.row_stride),
+                    (q_block.as_ptr(), q_stride),
                     (keys.as_ptr(), d, 1),
                 )
             };
@@ -108,6 +152,31 @@ where
                 row[..seen.start].fill(0.0);
                 row[seen.end..].fill(0.0);
                 fastmath::softmax_in_place(&mut row[seen]);
+            }
+            scores[m * n..].fill(0.0);
+            if mr > m {
+                scratch.out.clear();
+                scratch.out.resize(mr * d, 0.0);
+                // SAFETY: mr x n weights, n values of d, into the mr x d scratch.
+                unsafe {
+                    product(
+                        (mr, d, n),
+                        (scratch.out.as_mut_ptr(), d),
+                        (scores.as_ptr(), n),
+                        (values.as_ptr(), 1, d),
+                    )
+                };
+                for (i, r) in rows.clone().enumerate() {
+                    // SAFETY: row r, columns of head h: inside `out` and this task's own.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            scratch.out[i * d..].as_ptr(),
+                            out.at(r * width + h * d),
+                            d,
+                        )
+                    };
+                }
+                return;
             }
             // SAFETY: m x n weights, n values of d; the output rows `rows`, columns of head h
             // (disjoint from every other task's), inside `out` (asserted above).
@@ -308,5 +377,54 @@ mod tests {
         let packed = run((&q_packed, 3 * heads * d), &keys, &values, shape, |_| 0);
         let dense = run((&q, heads * d), &keys, &values, shape, |_| 0);
         assert_eq!(packed, dense);
+    }
+
+    #[test]
+    fn a_query_gets_the_same_bits_wherever_its_chunk_was_cut() {
+        // A prompt computed whole, or in two chunks cut anywhere (a prefill budget, a cached
+        // prefix), gives each query the same numbers: the tails of 1-3 queries included,
+        // which gemm would otherwise multiply on another path.
+        let len = 150;
+        // head sizes of the released models (64) and of the test fixtures (8)
+        for (heads, d, window) in [
+            (2, 64, None),
+            (2, 64, Some(50)),
+            (4, 8, None),
+            (4, 8, Some(20)),
+        ] {
+            let shape = (heads, d, len, 0, len);
+            let q = data(len * heads * d, 7);
+            let keys = data(heads * len * d, 8);
+            let values = data(heads * len * d, 9);
+            let first = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let whole = run((&q, heads * d), &keys, &values, shape, first);
+            let width = heads * d;
+            for cut in 1..len {
+                let head = run(
+                    (&q[..cut * width], width),
+                    &keys,
+                    &values,
+                    (heads, d, len, 0, cut),
+                    first,
+                );
+                let tail = run(
+                    (&q[cut * width..], width),
+                    &keys,
+                    &values,
+                    (heads, d, len, cut, len - cut),
+                    first,
+                );
+                let same =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same(&whole[..cut * width], &head),
+                    "cut {cut} window {window:?}: head"
+                );
+                assert!(
+                    same(&whole[cut * width..], &tail),
+                    "cut {cut} window {window:?}: tail"
+                );
+            }
+        }
     }
 }
