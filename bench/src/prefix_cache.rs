@@ -197,7 +197,7 @@ pub fn prefix_cache_bench(args: &Args, shape: &Shape, data: &Path, bin: &Path) -
         // The bench's own loads (unique prompts: nothing to reuse, so what they show is the
         // cache's cost), the servers alternating twice, each time a fresh one (the loads'
         // prompts repeat from run to run): the better run of each counts.
-        let mut loads = vec![Value::Null, Value::Null];
+        let mut loads = [Value::Null, Value::Null];
         for round in 0..2 {
             for (s, flags) in [&["--no-prefix-cache"][..], &[]].into_iter().enumerate() {
                 eprintln!(
