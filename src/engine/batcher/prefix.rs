@@ -6,6 +6,7 @@
 
 use super::Batcher;
 use crate::engine::prefix_cache::{self, Lookup, Publication, BLOCK};
+use crate::engine::request::events_per_step;
 use crate::engine::scheduler::Demand;
 use crate::engine::sequence::{RequestState, Sequence};
 
@@ -79,7 +80,11 @@ impl Batcher {
                 return false;
             }
             let other = s.request.borrow();
-            let gives = other.req.cache_salt == r.req.cache_salt
+            // a sharer whose client is not reading sits its steps out: nobody waits on it
+            let moving = other.tx.capacity()
+                >= events_per_step(other.unfinished, other.req.tokens_per_step());
+            let gives = moving
+                && other.req.cache_salt == r.req.cache_salt
                 && other.depth == r.depth
                 && match (scoring(r), scoring(&other)) {
                     (None, _) => true,
@@ -148,11 +153,20 @@ impl Batcher {
             logprobs: &seq.prompt_logprobs,
         };
         let depth = r.depth;
+        let start = std::time::Instant::now();
+        let mut exported = 0;
         let published = cache.publish(&p, room, |block| {
+            exported += 1;
             seq.cache.export(block * BLOCK, BLOCK, depth)
         });
-        if let Err(e) = published {
-            tracing::warn!(error = %e, "prompt not given to the prefix cache");
+        match published {
+            Ok(blocks) => tracing::debug!(
+                blocks,
+                exported,
+                us = start.elapsed().as_micros() as u64,
+                "prompt given to the prefix cache"
+            ),
+            Err(e) => tracing::warn!(error = %e, "prompt not given to the prefix cache"),
         }
         self.publish_cache_size();
     }
