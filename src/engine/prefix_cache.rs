@@ -56,6 +56,13 @@ struct Block {
     last_used: u64,
 }
 
+impl Block {
+    /// Its tokens' logprobs in `mode` with at least `top` alternatives, if it has them.
+    fn scores_for(&self, mode: Mode, top: usize) -> Option<&Scores> {
+        self.scores.iter().find(|s| s.mode == mode && s.top >= top)
+    }
+}
+
 /// What a prompt asks of the cache.
 #[derive(Debug, Clone, Copy)]
 pub struct Lookup<'a> {
@@ -125,7 +132,7 @@ impl PrefixCache {
             let b = &self.blocks[&id];
             let scored = l
                 .scoring
-                .is_none_or(|(mode, top)| b.scores.iter().any(|s| s.mode == mode && s.top >= top));
+                .is_none_or(|(mode, top)| b.scores_for(mode, top).is_some());
             if b.kv.depth() < l.depth || !scored {
                 break;
             }
@@ -162,9 +169,7 @@ impl PrefixCache {
             .iter()
             .flat_map(|id| {
                 let s = self.blocks[id]
-                    .scores
-                    .iter()
-                    .find(|s| s.mode == mode && s.top >= top)
+                    .scores_for(mode, top)
                     .expect("the chain serves this scoring");
                 s.logprobs.iter().map(move |lp| TokenLogprob {
                     top: lp.top[..lp.top.len().min(top)].to_vec(),
@@ -241,7 +246,7 @@ impl PrefixCache {
     /// (`logprobs[i]` is prompt token `i + 1`'s).
     fn add_scores(&mut self, id: u64, index: usize, mode: Mode, top: usize, all: &[TokenLogprob]) {
         let b = self.blocks.get_mut(&id).expect("listed");
-        if b.scores.iter().any(|s| s.mode == mode && s.top >= top) {
+        if b.scores_for(mode, top).is_some() {
             return;
         }
         let first = (index * BLOCK).max(1) - 1;

@@ -7,7 +7,8 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::request::{
-    Event, EventSender, FinishReason, PositionReport, TokenLogprob, Usage, ValidRequest,
+    events_per_step, Event, EventSender, FinishReason, PositionReport, TokenLogprob, Usage,
+    ValidRequest,
 };
 use super::sampling::Sampler;
 use super::speculative::Speculation;
@@ -30,6 +31,14 @@ pub struct RequestState {
     pub span: tracing::Span,
     /// A draft step's cost against a full step (self-speculative decoding).
     pub draft_cost: f64,
+}
+
+impl RequestState {
+    /// Whether its client has read enough for one more step's events: a stream nobody reads
+    /// sits its steps out.
+    pub fn can_emit(&self) -> bool {
+        self.tx.capacity() >= events_per_step(self.unfinished, self.req.tokens_per_step())
+    }
 }
 
 pub type SharedRequest = Rc<RefCell<RequestState>>;

@@ -200,6 +200,14 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// The axis of a run's tensors that holds positions in this store's layout.
+    fn position_axis(&self) -> usize {
+        match self.store {
+            Store::Buffers { .. } => 1,
+            Store::Paged(_) => 0,
+        }
+    }
+
     /// A copy of positions `start..start+len` of the first `depth` layers (all cached).
     pub fn export(&self, start: usize, len: usize, depth: usize) -> Result<KvRun> {
         if start + len > self.len {
@@ -225,11 +233,11 @@ impl KvCache {
                     .collect::<Result<Vec<_>>>()?
             }
         };
-        let axis = match self.store {
-            Store::Buffers { .. } => 1,
-            Store::Paged(_) => 0,
-        };
-        Ok(KvRun { layers, len, axis })
+        Ok(KvRun {
+            layers,
+            len,
+            axis: self.position_axis(),
+        })
     }
 
     /// Appends the first `len` positions of `runs` (in order; the last may be used in part)
@@ -239,10 +247,7 @@ impl KvCache {
         if len > held || runs.iter().any(|r| r.depth() < depth) {
             candle_core::bail!("import of {len} positions at depth {depth} from shorter runs");
         }
-        let axis = match self.store {
-            Store::Buffers { .. } => 1,
-            Store::Paged(_) => 0,
-        };
+        let axis = self.position_axis();
         if runs.iter().any(|r| r.axis != axis) {
             candle_core::bail!("import of runs from another kind of cache");
         }
@@ -263,12 +268,7 @@ impl KvCache {
             Tensor::cat(&parts, axis)
         };
         let start = self.len;
-        if let Store::Paged(p) = &self.store {
-            let need = (start + len).div_ceil(kv_pool::BLOCK);
-            if need > p.blocks.len() {
-                self.reserve(start + len)?;
-            }
-        }
+        self.reserve(start + len)?;
         match &mut self.store {
             Store::Buffers { .. } => {
                 for layer in 0..depth {

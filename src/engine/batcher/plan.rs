@@ -4,7 +4,6 @@
 
 use super::fault::inject;
 use super::{contained, Batcher, Phase};
-use crate::engine::request::events_per_step;
 use crate::engine::scheduler::{self, SeqView};
 use crate::engine::sequence::Sequence;
 use crate::engine::speculative::SpecInput;
@@ -75,8 +74,7 @@ impl Batcher {
                 let inspect_all = r.req.inspect.is_some_and(|i| i.all_positions);
                 SeqView {
                     prompt_left: s.prompt.len() - s.prefilled,
-                    can_emit: r.tx.capacity()
-                        >= events_per_step(r.unfinished, r.req.tokens_per_step()),
+                    can_emit: r.can_emit(),
                     max_chunk: if inspect_all {
                         INSPECT_CHUNK
                     } else {

@@ -6,7 +6,6 @@
 
 use super::Batcher;
 use crate::engine::prefix_cache::{self, Lookup, Publication, BLOCK};
-use crate::engine::request::events_per_step;
 use crate::engine::scheduler::Demand;
 use crate::engine::sequence::{RequestState, Sequence};
 
@@ -81,9 +80,7 @@ impl Batcher {
             }
             let other = s.request.borrow();
             // a sharer whose client is not reading sits its steps out: nobody waits on it
-            let moving = other.tx.capacity()
-                >= events_per_step(other.unfinished, other.req.tokens_per_step());
-            let gives = moving
+            let gives = other.can_emit()
                 && other.req.cache_salt == r.req.cache_salt
                 && other.depth == r.depth
                 && match (scoring(r), scoring(&other)) {
