@@ -149,6 +149,16 @@ pub struct Args {
     /// Most `logit_bias` entries in one request
     #[arg(long, env = "EXITSERVE_MAX_LOGIT_BIAS", default_value_t = 300)]
     pub max_logit_bias: usize,
+    /// Chat template for `/v1/chat/completions`: a Jinja file, or the template's text
+    /// [default: the checkpoint's own, if any]
+    #[arg(long, env = "EXITSERVE_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
+    /// Longest structured-output schema, regex, grammar or choice list, in bytes
+    #[arg(long, env = "EXITSERVE_MAX_GRAMMAR_BYTES", default_value_t = 65536)]
+    pub max_grammar_bytes: usize,
+    /// Compiled structured-output grammars kept for reuse (0: none)
+    #[arg(long, env = "EXITSERVE_GRAMMAR_CACHE_SIZE", default_value_t = 64)]
+    pub grammar_cache_size: usize,
     /// Prompt positions one `/v1/inspect` request with `"positions": "all"` may inspect (each
     /// evaluates every head; the step's prefill budget charges it so)
     #[arg(long, env = "EXITSERVE_MAX_INSPECT_POSITIONS", default_value_t = 256)]
@@ -285,6 +295,9 @@ pub struct Settings {
     pub max_stop_sequences: usize,
     pub max_stop_length: usize,
     pub max_logit_bias: usize,
+    pub chat_template: Option<String>,
+    pub max_grammar_bytes: usize,
+    pub grammar_cache_size: usize,
     pub max_inspect_positions: usize,
     pub validation_workers: usize,
     pub stream_buffer_events: usize,
@@ -420,6 +433,9 @@ impl Settings {
             max_stop_sequences: a.max_stop_sequences,
             max_stop_length: positive("max-stop-length", a.max_stop_length)?,
             max_logit_bias: a.max_logit_bias,
+            chat_template: a.chat_template,
+            max_grammar_bytes: positive("max-grammar-bytes", a.max_grammar_bytes)?,
+            grammar_cache_size: a.grammar_cache_size,
             max_inspect_positions: positive("max-inspect-positions", a.max_inspect_positions)?,
             validation_workers: positive(
                 "validation-workers",

@@ -7,10 +7,11 @@ use std::time::Duration;
 use crate::config::{AttentionPath, MatmulKernels, Settings};
 use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec};
 use crate::engine::scheduler::Budget;
+use crate::engine::structured::StructuredConfig;
 use crate::engine::{BatchConfig, Engine, EngineConfig, Limits, Validator};
 use crate::http::serve::{self, ConnectionLimits};
 use crate::http::{self, shutdown, AppState, Shutdown};
-use crate::model::{self, LoadOptions};
+use crate::model::{self, ChatTemplate, LoadOptions};
 
 /// A start-up failure: printed as one line, exit code 1.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +171,17 @@ pub fn build_state_with(
     let eos = cfg
         .eos_token_id
         .or_else(|| tokenizer.token_id("<|endoftext|>"));
+    let chat_template = ChatTemplate::find(
+        s.chat_template.as_deref(),
+        loaded.files.chat_template.as_deref(),
+        loaded.files.tokenizer_config.as_deref(),
+        &eos.and_then(|id| tokenizer.decode(&[id]).ok()).unwrap_or_default(),
+    )?
+    .map(Arc::new);
+    match &chat_template {
+        Some(t) => tracing::info!(origin = %t.origin, "chat template"),
+        None => tracing::info!("no chat template: /v1/chat/completions answers 400 (see --chat-template)"),
+    }
     let tokenizer = Arc::try_unwrap(tokenizer)
         .map_err(|_| StartupError::Config("tokenizer still shared".into()))?;
     let mut engine_cfg = EngineConfig {
@@ -187,6 +199,11 @@ pub fn build_state_with(
         max_queued_requests: s.max_queued_requests,
         validation_workers: s.validation_workers,
         stream_buffer_events: s.stream_buffer_events,
+        chat_template,
+        structured: StructuredConfig {
+            max_grammar_bytes: s.max_grammar_bytes,
+            cache_size: s.grammar_cache_size,
+        },
     };
     tune(&mut engine_cfg);
     let engine = Engine::start(loaded.model, tokenizer, limits, engine_cfg)?;

@@ -14,6 +14,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod speculative;
 pub mod stop;
+pub mod structured;
 pub mod validate;
 
 use std::sync::atomic::Ordering;
@@ -31,7 +32,7 @@ pub use request::{
 };
 pub use validate::{Limits, ValidationError, Validator};
 
-use crate::model::{MultiExitModel, TextTokenizer};
+use crate::model::{ChatTemplate, MultiExitModel, TextTokenizer};
 use queue::QueuePlaces;
 
 /// The exit status when the engine thread fails beyond containment.
@@ -45,6 +46,9 @@ pub struct EngineConfig {
     pub validation_workers: usize,
     /// Events buffered per choice for a client that reads slowly (`--stream-buffer-events`).
     pub stream_buffer_events: usize,
+    /// What renders `/v1/chat/completions` prompts (None: chat requests are refused).
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    pub structured: structured::StructuredConfig,
 }
 
 /// Leave to parse and validate one request: the CPU and memory that parsing and tokenizing
@@ -111,10 +115,21 @@ impl Engine {
                     std::process::exit(ENGINE_FAILURE_EXIT_CODE);
                 }
             })?;
+        let grammars = structured::Grammars::new(
+            Arc::clone(&tokenizer),
+            limits.vocab_size,
+            eos_token_id,
+            cfg.structured,
+        )
+        .inspect_err(|e| tracing::warn!(error = %e, "structured outputs are unavailable"))
+        .ok();
+        let validator = Validator::new(limits, tokenizer)
+            .with_chat_template(cfg.chat_template.clone())
+            .with_grammars(grammars.map(Arc::new));
         Ok(Self {
             tx,
             queue,
-            validator: Validator::new(limits, tokenizer),
+            validator,
             validation,
             stream_buffer_events,
             eos_token_id,

@@ -6,6 +6,8 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::stop::StopSet;
+use super::structured::{Constraint, ConstraintRequest};
+use crate::model::ChatPrompt;
 use crate::model::mode::{DolaLayers, DolaParams, Premature};
 use crate::model::{ContrastParams, Head, Mode, Upper};
 
@@ -32,6 +34,17 @@ pub struct Submission {
 pub enum PromptInput {
     Text(String),
     Tokens(Vec<i64>),
+    /// A conversation, rendered by the chat template.
+    Chat(ChatPrompt),
+}
+
+/// Which API asks for logprobs: completions' `logprobs` (0 to 5 alternatives) or chat's
+/// `top_logprobs` (0 to 20).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogprobsApi {
+    #[default]
+    Completions,
+    Chat,
 }
 
 /// The sampling-related fields of a request, unvalidated (as parsed from the wire).
@@ -43,6 +56,9 @@ pub struct GenerateRequest {
     /// must agree with it.
     pub named_mode: Option<Mode>,
     pub max_tokens: Option<i64>,
+    /// Without `max_tokens`: as many as the context and the KV budget leave (chat's
+    /// default), instead of [`DEFAULT_MAX_TOKENS`](super::validate::DEFAULT_MAX_TOKENS).
+    pub max_tokens_fill: bool,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
@@ -71,6 +87,10 @@ pub struct GenerateRequest {
     pub priority: Option<i64>,
     /// Prefix-cache isolation (vLLM's field); unvalidated.
     pub cache_salt: Option<String>,
+    /// How `logprobs` was asked for (its field and bound).
+    pub logprobs_api: LogprobsApi,
+    /// Structured outputs: what the generated text must match; uncompiled.
+    pub constraint: Option<ConstraintRequest>,
 }
 
 /// The `speculative` object, unvalidated.
@@ -310,6 +330,8 @@ pub struct ValidRequest {
     pub priority: i32,
     /// Cached prompts are shared only among requests with the same salt (None is a salt).
     pub cache_salt: Option<Arc<str>>,
+    /// Structured outputs: the compiled grammar each generated sequence follows.
+    pub constraint: Option<Constraint>,
 }
 
 impl ValidRequest {

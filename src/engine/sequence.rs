@@ -13,6 +13,7 @@ use super::request::{
 use super::sampling::Sampler;
 use super::speculative::Speculation;
 use super::stop::StopMatcher;
+use super::structured::Guide;
 use crate::model::{Head, IncrementalDecoder, KvCache, TextTokenizer};
 
 /// State shared by the candidates of one request (model thread only).
@@ -69,6 +70,8 @@ pub struct Sequence {
     pub finished: bool,
     /// Self-speculative decoding state, when the request asked for it.
     pub spec: Option<Speculation>,
+    /// Structured outputs: where the sequence stands in its grammar.
+    pub guide: Option<Guide>,
 }
 
 pub enum Outcome {
@@ -85,9 +88,12 @@ impl Sequence {
         sampler: Sampler,
     ) -> Self {
         let stops = StopMatcher::new(request.borrow().req.stop.clone());
-        let spec = {
+        let (spec, guide) = {
             let r = request.borrow();
-            r.req.speculative.map(|s| Speculation::new(s, r.draft_cost))
+            (
+                r.req.speculative.map(|s| Speculation::new(s, r.draft_cost)),
+                r.req.constraint.as_ref().map(|c| c.guide()),
+            )
         };
         Self {
             request,
@@ -108,6 +114,7 @@ impl Sequence {
             last_token_at: None,
             finished: false,
             spec,
+            guide,
         }
     }
 
@@ -139,7 +146,8 @@ impl Sequence {
     ) -> Outcome {
         let (max_tokens, logprobs, ignore_eos, normalized) = {
             let r = self.request.borrow();
-            let normalized = r.req.mode.scores_are_logprobs();
+            // A grammar's mask leaves scores that no longer sum to one.
+            let normalized = r.req.mode.scores_are_logprobs() && self.guide.is_none();
             (
                 r.req.max_tokens,
                 r.req.logprobs,
@@ -153,14 +161,16 @@ impl Sequence {
         self.sampler.observe(id);
         self.cumulative_logprob += reported[id as usize].max(MIN_LOGPROB) as f64;
         let logprob = logprobs.map(|k| token_logprob(id, &reported, k, tok));
-        let is_eos = !ignore_eos && Some(id) == eos;
+        // Under a grammar, the end-of-text token is allowed only where the output is complete.
+        let is_eos = Some(id) == eos && (!ignore_eos || self.guide.is_some());
+        let complete = self.guide.as_mut().is_some_and(|g| g.advance(id));
         let mut text = String::new();
         let mut stopped = false;
         if !is_eos {
             let delta = self.decoder.push(tok, id).unwrap_or_default();
             (text, stopped) = self.stops.push(&delta);
         }
-        let mut finish = if is_eos || stopped {
+        let mut finish = if is_eos || stopped || complete {
             Some(FinishReason::Stop)
         } else if self.generated >= max_tokens {
             Some(FinishReason::Length)

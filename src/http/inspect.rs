@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::completions::next_event;
+use super::generation::next_event;
 use super::error::ApiError;
 use super::json::{JsonBody, Parsed};
 use super::wire::{contrast_spec, dola_spec, UpperWire};

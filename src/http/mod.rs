@@ -2,8 +2,10 @@
 //! arrive on. Never touches a tensor.
 #![forbid(unsafe_code)]
 
+pub mod chat;
 pub mod completions;
 pub mod error;
+mod generation;
 pub mod inspect;
 pub mod json;
 pub mod models;
@@ -90,6 +92,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     };
     let mut app = Router::new()
         .route("/v1/completions", post(completions::create_completion))
+        .route("/v1/chat/completions", post(chat::create_chat_completion))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/inspect", post(inspect::inspect))

@@ -23,6 +23,9 @@ pub enum ModelError {
     /// A mode names a layer that has no exit head.
     #[error("layer {layer} is not an exit of this model; available exits: {available:?}")]
     NotAnExit { layer: usize, available: Vec<usize> },
+    /// The chat template does not compile, or `--chat-template` names nothing.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     /// Downloading from the Hugging Face hub failed.
     #[error("hub: {0}")]
     Hub(String),

@@ -8,7 +8,8 @@
 //!   (dtypes, packed projections), `step.rs` (a step's packed batch and its logits),
 //!   `kv_cache.rs` (a sequence's cache, in either store): shared.
 //! - `source.rs`, `safetensors_file.rs`, `finite_weights.rs`, `loader.rs`: checkpoint files.
-//! - `mode/` (heads and modes; `contrast.rs`, `dola.rs`), `inspect.rs`, `tokenizer.rs`.
+//! - `mode/` (heads and modes; `contrast.rs`, `dola.rs`), `inspect.rs`, `tokenizer.rs`,
+//!   `chat_template.rs` (a conversation's prompt text).
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,7 @@ pub mod arch;
 mod attention;
 mod batched_attention;
 mod block;
+pub mod chat_template;
 pub mod config;
 pub mod cost;
 pub mod error;
@@ -33,6 +35,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use arch::Architecture;
+pub use chat_template::{ChatMessage, ChatPrompt, ChatTemplate};
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, KvRun};

@@ -13,6 +13,10 @@ const PTH: &str = "pytorch_model.bin";
 const TOKENIZER_JSON: &str = "tokenizer.json";
 const VOCAB: &str = "vocab.json";
 const MERGES: &str = "merges.txt";
+/// Optional: the chat template (`chat_template`) and the special tokens' texts it may use.
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+/// Optional: a chat template of its own file (newer transformers save it so).
+pub const CHAT_TEMPLATE: &str = "chat_template.jinja";
 
 /// The weight files to read, in the preferred format.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +43,10 @@ pub struct ModelFiles {
     pub config: PathBuf,
     pub weights: WeightFiles,
     pub tokenizer: TokenizerFiles,
+    /// `tokenizer_config.json`, when the checkpoint has one.
+    pub tokenizer_config: Option<PathBuf>,
+    /// `chat_template.jinja`, when the checkpoint has one.
+    pub chat_template: Option<PathBuf>,
 }
 
 /// Which repo-relative files to fetch, before they are resolved to paths.
@@ -49,6 +57,8 @@ pub struct FilePlan {
     pub weights: Vec<String>,
     pub pth: bool,
     pub tokenizer: Vec<String>,
+    /// The optional chat files present ([`TOKENIZER_CONFIG`], [`CHAT_TEMPLATE`]).
+    pub chat: Vec<String>,
 }
 
 impl FilePlan {
@@ -83,11 +93,17 @@ impl FilePlan {
                 "tokenizer ({TOKENIZER_JSON} or {VOCAB} + {MERGES})"
             )));
         };
+        let chat = [TOKENIZER_CONFIG, CHAT_TEMPLATE]
+            .into_iter()
+            .filter(|f| has(f))
+            .map(str::to_string)
+            .collect();
         Ok(Self {
             safetensors_index,
             weights,
             pth,
             tokenizer,
+            chat,
         })
     }
 
@@ -111,10 +127,18 @@ impl FilePlan {
             },
             _ => unreachable!("FilePlan::choose picks one or two tokenizer files"),
         };
+        let mut optional = |name: &str| -> Result<Option<PathBuf>> {
+            match self.chat.iter().any(|c| c == name) {
+                true => fetch(name).map(Some),
+                false => Ok(None),
+            }
+        };
         Ok(ModelFiles {
             config,
             weights,
             tokenizer,
+            tokenizer_config: optional(TOKENIZER_CONFIG)?,
+            chat_template: optional(CHAT_TEMPLATE)?,
         })
     }
 }
@@ -205,6 +229,8 @@ fn resolve_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
             TOKENIZER_JSON,
             VOCAB,
             MERGES,
+            TOKENIZER_CONFIG,
+            CHAT_TEMPLATE,
         ];
         let present: Vec<String> = candidates
             .iter()

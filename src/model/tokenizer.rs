@@ -56,6 +56,12 @@ impl TextTokenizer {
             .max(1)
     }
 
+    /// The tokenizer in `tokenizer.json`'s form (whichever files it was built from).
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        let text = self.inner.to_string(false).map_err(tok_err)?;
+        serde_json::from_str(&text).map_err(tok_err)
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -132,6 +132,18 @@ impl Batcher {
             return self.finish(i, FinishReason::Length);
         }
         inject(self.cfg.fault(), Phase::Sample, &self.running[i].prompt);
+        let masked;
+        let scores = match self.running[i].guide.as_mut() {
+            None => scores,
+            Some(guide) => match guide.masked(scores) {
+                Some(m) => {
+                    masked = m;
+                    &masked
+                }
+                // The grammar allows nothing more: the output ends here.
+                None => return self.finish(i, FinishReason::Stop),
+            },
+        };
         let id = self.running[i].sampler.choose(scores);
         let exit_layer = head.map(|h| h.layer(self.model.config().num_layers));
         if let Some(head) = head {

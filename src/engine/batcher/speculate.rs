@@ -5,6 +5,7 @@
 use super::fault::inject;
 use super::plan::StepKind;
 use super::{Batcher, Phase};
+use crate::engine::request::FinishReason;
 use crate::engine::sequence::Sequence;
 use crate::engine::speculative::Verdict;
 
@@ -18,7 +19,19 @@ impl Batcher {
             return;
         };
         if kind == StepKind::Draft {
-            return spec.draft(&rows[0], &seq.sampler);
+            // Under a grammar, drafts are chosen inside it (and consumed ahead, to be rolled
+            // back before the verification).
+            let Some(guide) = seq.guide.as_mut() else {
+                return spec.draft(&rows[0], &seq.sampler);
+            };
+            spec.draft(&guide.draft_scores(&rows[0]), &seq.sampler);
+            if let Some(&d) = spec.drafts().last() {
+                guide.draft(d);
+            }
+            return;
+        }
+        if let Some(guide) = seq.guide.as_mut() {
+            guide.end_drafts();
         }
         let drafted = spec.drafts().len();
         // The usage counts go in before the tokens: the last token may end the request,
@@ -34,6 +47,21 @@ impl Batcher {
         let mut accepted = 0;
         for (row, scores) in rows.iter().enumerate() {
             let seq = &mut self.running[i];
+            // Each position is verified against the grammar where the accepted tokens left it.
+            let masked;
+            let scores = match seq.guide.as_mut() {
+                None => scores,
+                Some(guide) => match guide.masked(scores) {
+                    Some(m) => {
+                        masked = m;
+                        &masked
+                    }
+                    None => {
+                        self.finish(i, FinishReason::Stop);
+                        break;
+                    }
+                },
+            };
             let spec = seq.spec.as_ref().expect("checked above");
             let (id, stands) = if row < drafted {
                 match spec.verdict(row, scores, &seq.sampler) {

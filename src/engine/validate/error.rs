@@ -188,6 +188,18 @@ pub enum ValidationError {
         upper: usize,
         lower: usize,
     },
+    #[error("this model has no chat template: start the server with --chat-template FILE (config/chat-template-base.jinja is a plain one for base models), or send a prompt to /v1/completions")]
+    NoChatTemplate,
+    #[error("`messages`: {0}")]
+    ChatTemplate(crate::model::chat_template::RenderError),
+    #[error("`messages` render to a prompt of at least {tokens} tokens, more than --max-input-tokens {max}")]
+    MessagesTooLong { tokens: usize, max: usize },
+    #[error("`messages` render to an empty prompt")]
+    EmptyChatPrompt,
+    #[error("`{param}`: {message}")]
+    Grammar { param: String, message: String },
+    #[error("`{param}` has {got} bytes, more than --max-grammar-bytes {max}")]
+    GrammarTooLarge { param: String, got: usize, max: usize },
     #[error("`speculative.draft_layer` is needed: no exit lies at or below half of this mode's depth ({depth})")]
     DraftLayerNeeded { depth: usize },
     #[error("`speculative.draft_layer` must be one of the exit layers {exits:?}, got {got}")]
@@ -246,6 +258,10 @@ impl ValidationError {
             NoExitBelowTop { object, .. } => format!("{object}.mode"),
             SpeculativeEarlyExit => "speculative".into(),
             CacheSalt { .. } => "cache_salt".into(),
+            NoChatTemplate | ChatTemplate(_) | MessagesTooLong { .. } | EmptyChatPrompt => {
+                "messages".into()
+            }
+            Grammar { param, .. } | GrammarTooLarge { param, .. } => param.clone(),
             DraftLayerNeeded { .. } | DraftLayerNotAnExit { .. } | DraftLayerTooDeep { .. } => {
                 "speculative.draft_layer".into()
             }

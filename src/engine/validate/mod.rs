@@ -16,11 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::request::{
-    GenerateRequest, InspectRequest, InspectSpec, SamplingParams, SpeculativeSpec, ValidRequest,
+    GenerateRequest, InspectRequest, InspectSpec, LogprobsApi, SamplingParams, SpeculativeSpec,
+    ValidRequest,
 };
+use super::structured::{Constraint, ConstraintRequest, Grammars};
 use super::scheduler::Budget;
 use super::stop::StopSet;
-use crate::model::{Mode, TextTokenizer};
+use crate::model::{ChatTemplate, Mode, TextTokenizer};
 
 /// Limits a request is checked against (from the configuration and the model).
 #[derive(Debug, Clone)]
@@ -60,6 +62,8 @@ pub struct Limits {
 }
 
 pub const MAX_LOGPROBS: i64 = 5;
+/// Chat's `top_logprobs` bound (OpenAI's).
+pub const MAX_CHAT_TOP_LOGPROBS: i64 = 20;
 /// Top tokens an inspection reports per head and position.
 pub const MAX_INSPECT_TOP_LOGPROBS: i64 = 20;
 pub const DEFAULT_MAX_TOKENS: i64 = 16;
@@ -72,6 +76,10 @@ pub const MAX_CACHE_SALT_LEN: usize = 256;
 pub struct Validator {
     limits: Arc<Limits>,
     tokenizer: Arc<TextTokenizer>,
+    /// Renders chat prompts; None: the model has no chat template.
+    chat_template: Option<Arc<ChatTemplate>>,
+    /// Compiles structured-output constraints; None: the tokenizer cannot be masked.
+    grammars: Option<Arc<Grammars>>,
 }
 
 /// A count that must lie in `[lo, hi]`.
@@ -93,7 +101,23 @@ impl Validator {
         Self {
             limits: Arc::new(limits),
             tokenizer,
+            chat_template: None,
+            grammars: None,
         }
+    }
+
+    pub fn with_chat_template(mut self, template: Option<Arc<ChatTemplate>>) -> Self {
+        self.chat_template = template;
+        self
+    }
+
+    pub fn with_grammars(mut self, grammars: Option<Arc<Grammars>>) -> Self {
+        self.grammars = grammars;
+        self
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -121,9 +145,13 @@ impl Validator {
         )? as i32;
         let mut sampling = self.sampling(&req)?;
         let (n, best_of) = self.copies(&req)?;
+        let (logprobs_param, max_logprobs) = match req.logprobs_api {
+            LogprobsApi::Completions => ("logprobs", MAX_LOGPROBS),
+            LogprobsApi::Chat => ("top_logprobs", MAX_CHAT_TOP_LOGPROBS),
+        };
         let logprobs = req
             .logprobs
-            .map(|k| count_in("logprobs", k, 0, MAX_LOGPROBS))
+            .map(|k| count_in(logprobs_param, k, 0, max_logprobs))
             .transpose()?
             .map(|k| k as usize);
         self.stops(&req.stop)?;
@@ -141,8 +169,17 @@ impl Validator {
                 max: l.max_sequences_per_request,
             });
         }
+        let constraint = req
+            .constraint
+            .as_ref()
+            .map(|c| self.constraint(c))
+            .transpose()?;
         let prompts = self.prompts(&req.prompts)?;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let max_tokens = match req.max_tokens {
+            None if req.max_tokens_fill => self.fill(longest, best_of),
+            _ => max_tokens,
+        };
         if longest + max_tokens > l.max_positions {
             return Err(ValidationError::ContextExceeded {
                 max_positions: l.max_positions,
@@ -174,7 +211,28 @@ impl Validator {
             speculative,
             priority,
             cache_salt: self.cache_salt(req.cache_salt)?,
+            constraint,
         })
+    }
+
+    /// Chat's default `max_tokens`: what the context and the KV budget leave after the
+    /// prompt (at least 1, so that a prompt with no room left gets the context error).
+    fn fill(&self, prompt: usize, copies: usize) -> usize {
+        let l = &*self.limits;
+        let context = l.max_positions.saturating_sub(prompt);
+        let budget = (l.budget.max_tokens / copies.max(1)).saturating_sub(prompt);
+        context.min(budget).max(1)
+    }
+
+    /// Compiles a structured-output constraint (or finds it compiled).
+    fn constraint(&self, c: &ConstraintRequest) -> Result<Constraint, ValidationError> {
+        match &self.grammars {
+            Some(g) => g.compile(c),
+            None => Err(ValidationError::Grammar {
+                param: c.param.clone(),
+                message: "structured outputs are unavailable: this model's tokenizer gives no token bytes to mask".into(),
+            }),
+        }
     }
 
     /// `cache_salt`: a non-empty string of at most [`MAX_CACHE_SALT_LEN`] characters.
@@ -281,6 +339,7 @@ impl Validator {
             speculative: None,
             priority: 0,
             cache_salt: None,
+            constraint: None,
         })
     }
 }

@@ -88,6 +88,34 @@ impl Validator {
         let mut out = Vec::with_capacity(inputs.len());
         for p in inputs {
             let ids = match p {
+                PromptInput::Chat(chat) => {
+                    let template = self
+                        .chat_template
+                        .as_ref()
+                        .ok_or(ValidationError::NoChatTemplate)?;
+                    let text = template.render(chat).map_err(ValidationError::ChatTemplate)?;
+                    let at_least = self.tokens_at_least(&text);
+                    if at_least > l.max_input_tokens {
+                        return Err(ValidationError::MessagesTooLong {
+                            tokens: at_least,
+                            max: l.max_input_tokens,
+                        });
+                    }
+                    let ids = self
+                        .tokenizer
+                        .encode(&text)
+                        .map_err(|e| ValidationError::Untokenizable(e.to_string()))?;
+                    if ids.is_empty() {
+                        return Err(ValidationError::EmptyChatPrompt);
+                    }
+                    if ids.len() > l.max_input_tokens {
+                        return Err(ValidationError::MessagesTooLong {
+                            tokens: ids.len(),
+                            max: l.max_input_tokens,
+                        });
+                    }
+                    ids
+                }
                 PromptInput::Text(text) => {
                     let at_least = self.tokens_at_least(text);
                     if at_least > l.max_input_tokens {

@@ -1,11 +1,16 @@
-//! OpenAI wire types (serde) and their conversion to the engine's request.
+//! OpenAI wire types (serde) and their conversion to the engine's request: the completion
+//! route's and the shared ones here, `chat.rs` (chat completions), `structured.rs`
+//! (`response_format`, `structured_outputs`).
+
+pub mod chat;
+pub mod structured;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::engine::request::{
-    DolaLayersSpec, ModeSpec, PromptInput, SpeculativeRequest, UpperSpec,
+    DolaLayersSpec, LogprobsApi, ModeSpec, PromptInput, SpeculativeRequest, UpperSpec,
 };
 use crate::engine::GenerateRequest;
 use crate::model::{Mode, Upper};
@@ -155,6 +160,8 @@ pub struct CompletionRequest {
     pub priority: Option<i64>,
     /// vLLM's prefix-cache isolation: only requests with the same salt share cached prompts.
     pub cache_salt: Option<String>,
+    pub response_format: Option<structured::ResponseFormat>,
+    pub structured_outputs: Option<structured::StructuredOutputsWire>,
 }
 
 /// The `speculative` extension: self-speculative decoding from an exit.
@@ -219,6 +226,89 @@ pub fn contrast_spec(
     })
 }
 
+/// The `multi_exit` object as the engine's spec.
+pub fn mode_spec(multi_exit: Option<MultiExitWire>) -> Result<Option<ModeSpec>, super::ApiError> {
+    Ok(match multi_exit {
+        None => None,
+        Some(MultiExitWire::Original {}) => Some(ModeSpec::Original),
+        Some(MultiExitWire::Exit { layer }) => Some(ModeSpec::Exit { layer }),
+        Some(MultiExitWire::Contrast {
+            upper,
+            lower,
+            alpha,
+            minimum_candidates,
+        }) => Some(contrast_spec(
+            "multi_exit",
+            upper,
+            lower,
+            alpha,
+            minimum_candidates,
+        )?),
+        Some(MultiExitWire::Dola {
+            layers,
+            premature,
+            relative_top,
+        }) => Some(dola_spec("multi_exit", layers, premature, relative_top)?),
+        Some(MultiExitWire::Sled {
+            premature,
+            evolution_rate,
+            evolution_scale,
+            evolution_lower_bound,
+            alpha,
+        }) => Some(ModeSpec::Sled {
+            premature,
+            evolution_rate,
+            evolution_scale: evolution_scale
+                .map(|v| whole_number("multi_exit.evolution_scale", v))
+                .transpose()?,
+            evolution_lower_bound,
+            alpha,
+        }),
+        Some(MultiExitWire::EarlyExit {
+            threshold,
+            measure,
+            decay,
+        }) => Some(ModeSpec::EarlyExit {
+            threshold,
+            measure,
+            decay,
+        }),
+    })
+}
+
+/// `speculative` as the engine reads it: (`false` sent, the object).
+pub fn speculative_of(s: Option<SpeculativeField>) -> (bool, Option<SpeculativeRequest>) {
+    match s {
+        Some(SpeculativeField::Off) => (true, None),
+        Some(SpeculativeField::On(s)) => (
+            false,
+            Some(SpeculativeRequest {
+                draft_layer: s.draft_layer,
+                max_draft_tokens: s.max_draft_tokens,
+                adaptive: s.adaptive,
+            }),
+        ),
+        None => (false, None),
+    }
+}
+
+/// `stop` as a list.
+pub fn stops(stop: Option<Stop>) -> Vec<String> {
+    match stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    }
+}
+
+/// A response DTO as JSON (our DTOs always serialise; the fallback only keeps a stream going).
+pub fn json_of<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot serialise a response");
+        serde_json::Value::Null
+    })
+}
+
 impl CompletionRequest {
     /// Maps the wire fields to the engine's request; range checks happen in the engine.
     pub fn into_generate(self) -> Result<GenerateRequest, super::ApiError> {
@@ -246,57 +336,15 @@ impl CompletionRequest {
                 "`stream_options` is only allowed with `stream: true`",
             ));
         }
-        let mode = match self.multi_exit {
-            None => None,
-            Some(MultiExitWire::Original {}) => Some(ModeSpec::Original),
-            Some(MultiExitWire::Exit { layer }) => Some(ModeSpec::Exit { layer }),
-            Some(MultiExitWire::Contrast {
-                upper,
-                lower,
-                alpha,
-                minimum_candidates,
-            }) => Some(contrast_spec(
-                "multi_exit",
-                upper,
-                lower,
-                alpha,
-                minimum_candidates,
-            )?),
-            Some(MultiExitWire::Dola {
-                layers,
-                premature,
-                relative_top,
-            }) => Some(dola_spec("multi_exit", layers, premature, relative_top)?),
-            Some(MultiExitWire::Sled {
-                premature,
-                evolution_rate,
-                evolution_scale,
-                evolution_lower_bound,
-                alpha,
-            }) => Some(ModeSpec::Sled {
-                premature,
-                evolution_rate,
-                evolution_scale: evolution_scale
-                    .map(|v| whole_number("multi_exit.evolution_scale", v))
-                    .transpose()?,
-                evolution_lower_bound,
-                alpha,
-            }),
-            Some(MultiExitWire::EarlyExit {
-                threshold,
-                measure,
-                decay,
-            }) => Some(ModeSpec::EarlyExit {
-                threshold,
-                measure,
-                decay,
-            }),
-        };
+        let mode = mode_spec(self.multi_exit)?;
+        let (no_speculation, speculative) = speculative_of(self.speculative);
+        let constraint = structured::constraint_of(self.response_format, self.structured_outputs)?;
         Ok(GenerateRequest {
             prompts,
             mode,
             named_mode: None,
             max_tokens: self.max_tokens,
+            max_tokens_fill: false,
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
@@ -306,11 +354,7 @@ impl CompletionRequest {
             include_usage,
             logprobs: self.logprobs,
             echo: self.echo.unwrap_or(false),
-            stop: match self.stop {
-                None => vec![],
-                Some(Stop::One(s)) => vec![s],
-                Some(Stop::Many(v)) => v,
-            },
+            stop: stops(self.stop),
             seed: self.seed,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
@@ -318,18 +362,13 @@ impl CompletionRequest {
             logit_bias: self.logit_bias.unwrap_or_default().into_iter().collect(),
             return_token_ids: self.return_token_ids.unwrap_or(false),
             ignore_eos: self.ignore_eos.unwrap_or(false),
-            no_speculation: matches!(self.speculative, Some(SpeculativeField::Off)),
-            speculative: match self.speculative {
-                Some(SpeculativeField::On(s)) => Some(SpeculativeRequest {
-                    draft_layer: s.draft_layer,
-                    max_draft_tokens: s.max_draft_tokens,
-                    adaptive: s.adaptive,
-                }),
-                _ => None,
-            },
+            no_speculation,
+            speculative,
             named_speculative: None,
             priority: self.priority,
             cache_salt: self.cache_salt,
+            logprobs_api: LogprobsApi::Completions,
+            constraint,
         })
     }
 }

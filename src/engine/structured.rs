@@ -1,0 +1,360 @@
+//! Structured outputs: a request's JSON schema, regex, choice list or Lark grammar becomes a
+//! token mask at every step, computed by `llguidance` and applied to the mode's final scores
+//! (after contrast, DoLa or SLED; before the logit bias, penalties and sampling), so every mode
+//! is constrained alike.
+//!
+//! The vocabulary reaches llguidance as each token's bytes, read from our own tokenizer
+//! (`llguidance::token_bytes_from_tokenizer_json`): the `toktrie_hf_tokenizers` bridge pins
+//! another major version of `tokenizers`, a second copy of it in the build for one function.
+//!
+//! Bounds: a grammar's text is at most `--max-grammar-bytes`; compiling it and each token's
+//! mask run under llguidance's work limits ([`ParserLimits`]: lexer fuel and Earley items,
+//! tens of milliseconds at most), so a hostile grammar fails or stops instead of stalling the
+//! batch; compiled grammars are kept by content (`--grammar-cache-size`).
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{JsonCompileOptions, Matcher, ParserFactory, TokenParser};
+
+use super::validate::ValidationError;
+use crate::model::TextTokenizer;
+
+/// What a request constrains its output to, as sent (unvalidated).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConstraintSpec {
+    /// Any JSON object (`response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid against a schema.
+    JsonSchema(serde_json::Value),
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A Lark grammar as llguidance reads it (also its EBNF-like extensions).
+    Grammar(String),
+}
+
+/// A constraint and the request field it came from (what a refusal names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConstraintRequest {
+    pub spec: ConstraintSpec,
+    pub param: String,
+}
+
+/// Structured-output settings.
+#[derive(Debug, Clone, Copy)]
+pub struct StructuredConfig {
+    /// Longest schema, regex, grammar or choice list, in bytes (`--max-grammar-bytes`).
+    pub max_grammar_bytes: usize,
+    /// Compiled grammars kept by content (`--grammar-cache-size`; 0: none kept).
+    pub cache_size: usize,
+}
+
+impl Default for StructuredConfig {
+    fn default() -> Self {
+        Self {
+            max_grammar_bytes: 65_536,
+            cache_size: 64,
+        }
+    }
+}
+
+/// The vocabulary as llguidance sees it: each token's bytes, and our tokenizer for text it
+/// must tokenize itself.
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: Arc<TextTokenizer>,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        self.trie.tokenize_with_greedy_fallback(s, |s| {
+            self.tokenizer.encode(s).unwrap_or_default()
+        })
+    }
+}
+
+/// Compiles constraints (one per server; shared by the validation threads).
+pub struct Grammars {
+    factory: ParserFactory,
+    cfg: StructuredConfig,
+    cache: Mutex<GrammarCache>,
+}
+
+#[derive(Default)]
+struct GrammarCache {
+    parsers: HashMap<String, TokenParser>,
+    /// Keys, oldest first.
+    order: VecDeque<String>,
+}
+
+impl std::fmt::Debug for Grammars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grammars").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Grammars {
+    /// The vocabulary of `tokenizer` padded to `vocab_size` (the logits' width), `eos` the
+    /// token that ends a complete output. Fails for a tokenizer that is not byte-level BPE
+    /// or byte-fallback (each token's bytes must be known).
+    pub fn new(
+        tokenizer: Arc<TextTokenizer>,
+        vocab_size: usize,
+        eos: Option<u32>,
+        cfg: StructuredConfig,
+    ) -> Result<Self, String> {
+        let json = tokenizer.to_json().map_err(|e| e.to_string())?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&json)
+            .map_err(|e| format!("the token bytes: {e}"))?;
+        if words.len() > vocab_size {
+            return Err(format!(
+                "the tokenizer has {} tokens, the model's vocabulary {vocab_size}",
+                words.len()
+            ));
+        }
+        // Ids the model scores but the tokenizer lacks: special, never allowed by a grammar.
+        while words.len() < vocab_size {
+            let mut name = format!(".<[{}]>", words.len()).into_bytes();
+            name[0] = TokTrie::SPECIAL_TOKEN_MARKER;
+            words.push(name);
+        }
+        // Without an end-of-text token, one past the vocabulary (never sampled): a complete
+        // output then ends because the grammar allows nothing more.
+        let eos = eos.unwrap_or(vocab_size as u32);
+        let info = TokRxInfo::new(vocab_size as u32, eos.min(vocab_size as u32 - 1));
+        let env: TokEnv = Arc::new(Vocabulary {
+            trie: TokTrie::from(&info, &words),
+            tokenizer,
+        });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        factory.quiet();
+        *factory.limits_mut() = ParserLimits {
+            verbose_errors: false,
+            ..ParserLimits::default()
+        };
+        Ok(Self {
+            factory,
+            cfg,
+            cache: Mutex::new(GrammarCache::default()),
+        })
+    }
+
+    /// Compiles `req` (or finds it compiled): a refusal names the field and says why.
+    pub fn compile(&self, req: &ConstraintRequest) -> Result<Constraint, ValidationError> {
+        let refuse = |message: String| ValidationError::Grammar {
+            param: req.param.clone(),
+            message,
+        };
+        let (key, grammar) = self.grammar(req)?;
+        if let Some(p) = self.cache.lock().expect("not poisoned").parsers.get(&key) {
+            return Ok(Constraint(p.clone()));
+        }
+        // llguidance reports bad input as errors; a panic inside it is contained here too.
+        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.factory.create_parser(grammar)
+        }))
+        .map_err(|_| refuse("the grammar could not be compiled".into()))?
+        .map_err(|e| refuse(brief(&e.to_string())))?;
+        let mut matcher = Matcher::new(Ok(compiled.clone()));
+        if matcher.is_error() || matcher.compute_mask().is_err() {
+            let why = matcher.get_error().unwrap_or_default();
+            return Err(refuse(brief(&why)));
+        }
+        if self.cfg.cache_size > 0 {
+            let mut cache = self.cache.lock().expect("not poisoned");
+            if cache.parsers.len() >= self.cfg.cache_size {
+                if let Some(old) = cache.order.pop_front() {
+                    cache.parsers.remove(&old);
+                }
+            }
+            cache.order.push_back(key.clone());
+            cache.parsers.insert(key, compiled.clone());
+        }
+        Ok(Constraint(compiled))
+    }
+
+    /// The grammar of `req` and its cache key, after the size bound.
+    fn grammar(&self, req: &ConstraintRequest) -> Result<(String, TopLevelGrammar), ValidationError> {
+        let (kind, text) = match &req.spec {
+            ConstraintSpec::JsonObject => ("json_object", String::new()),
+            ConstraintSpec::JsonSchema(s) => ("json_schema", s.to_string()),
+            ConstraintSpec::Regex(r) => ("regex", r.clone()),
+            ConstraintSpec::Choice(c) => ("choice", serde_json::to_string(c).unwrap_or_default()),
+            ConstraintSpec::Grammar(g) => ("grammar", g.clone()),
+        };
+        if text.len() > self.cfg.max_grammar_bytes {
+            return Err(ValidationError::GrammarTooLarge {
+                param: req.param.clone(),
+                got: text.len(),
+                max: self.cfg.max_grammar_bytes,
+            });
+        }
+        let refuse = |message: &str| ValidationError::Grammar {
+            param: req.param.clone(),
+            message: message.into(),
+        };
+        let grammar = match &req.spec {
+            ConstraintSpec::JsonObject => json_grammar(serde_json::json!({"type": "object"})),
+            ConstraintSpec::JsonSchema(s) if !s.is_object() && !s.is_boolean() => {
+                return Err(refuse("a JSON schema is an object (or true/false)"))
+            }
+            ConstraintSpec::JsonSchema(s) => json_grammar(s.clone()),
+            ConstraintSpec::Regex(r) if r.is_empty() => return Err(refuse("the regex is empty")),
+            ConstraintSpec::Regex(r) => TopLevelGrammar::from_regex(r),
+            ConstraintSpec::Choice(c) if c.is_empty() => {
+                return Err(refuse("the list of choices is empty"))
+            }
+            ConstraintSpec::Choice(c) if c.iter().any(String::is_empty) => {
+                return Err(refuse("a choice is an empty string"))
+            }
+            // Lark string literals take JSON's escapes.
+            ConstraintSpec::Choice(c) => TopLevelGrammar::from_lark(format!(
+                "start: {}",
+                c.iter()
+                    .map(|s| serde_json::to_string(s).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            )),
+            ConstraintSpec::Grammar(g) if g.trim().is_empty() => {
+                return Err(refuse("the grammar is empty"))
+            }
+            ConstraintSpec::Grammar(g) => TopLevelGrammar::from_lark(g.clone()),
+        };
+        Ok((format!("{kind}\0{text}"), grammar))
+    }
+}
+
+/// JSON as Python's `json.dumps` writes it (`", "`, `": "`, no other whitespace) unless the
+/// schema says otherwise in llguidance's `x-guidance`: flexible whitespace lets a model pad
+/// its output with spaces and newlines until `max_tokens`.
+fn json_grammar(mut schema: serde_json::Value) -> TopLevelGrammar {
+    if let Some(obj) = schema.as_object_mut() {
+        if !obj.contains_key("x-guidance") {
+            let opts = JsonCompileOptions {
+                item_separator: ", ".into(),
+                key_separator: ": ".into(),
+                whitespace_flexible: false,
+                ..JsonCompileOptions::default()
+            };
+            opts.apply_to(&mut schema);
+        }
+    }
+    TopLevelGrammar::from_json_schema(schema)
+}
+
+/// llguidance's message on one line (its regex errors draw a caret under the pattern), cut
+/// to a readable length.
+fn brief(s: &str) -> String {
+    let one: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one.char_indices().nth(300) {
+        Some((at, _)) => format!("{}...", &one[..at]),
+        None => one,
+    }
+}
+
+/// A compiled constraint: each sequence of the request gets its own [`Guide`] from it.
+#[derive(Clone)]
+pub struct Constraint(TokenParser);
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Constraint")
+    }
+}
+
+impl Constraint {
+    pub fn guide(&self) -> Guide {
+        Guide {
+            matcher: Matcher::new(Ok(self.0.clone())),
+            drafted: 0,
+            off_track: false,
+        }
+    }
+}
+
+/// One sequence's place in its grammar.
+pub struct Guide {
+    matcher: Matcher,
+    /// Draft tokens consumed ahead of their verification (rolled back before it).
+    drafted: usize,
+    /// A draft of this round left the grammar (or met its end): later drafts go unmasked.
+    off_track: bool,
+}
+
+impl Guide {
+    /// `scores` with every token the grammar rules out here at -inf; None when it allows
+    /// none (a dead end, or a grammar that failed: the sequence stops).
+    pub fn masked(&mut self, scores: &[f32]) -> Option<Vec<f32>> {
+        if self.matcher.is_stopped() {
+            return None;
+        }
+        let mask = self.matcher.compute_mask().ok()?;
+        let mut out = scores.to_vec();
+        let mut any = false;
+        mask.iter_entries(|allowed, i| {
+            if let Some(s) = out.get_mut(i) {
+                if allowed {
+                    any |= s.is_finite();
+                } else {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+        });
+        // A mask shorter than the scores (it never is: both are the model's vocabulary).
+        for s in out.iter_mut().skip(mask.len()) {
+            *s = f32::NEG_INFINITY;
+        }
+        any.then_some(out)
+    }
+
+    /// Takes the chosen token; true when the grammar is complete and allows nothing more
+    /// (or cannot go on), so that the output ends here.
+    pub fn advance(&mut self, id: u32) -> bool {
+        self.matcher.consume_token(id).is_err() || self.matcher.is_stopped()
+    }
+
+    /// The scores a draft is chosen from: masked while the drafts stay inside the grammar;
+    /// after a dead end, the draft's own (the verification rejects what the grammar does not
+    /// allow).
+    pub fn draft_scores<'s>(&mut self, scores: &'s [f32]) -> Cow<'s, [f32]> {
+        if !self.off_track {
+            if let Some(m) = self.masked(scores) {
+                return Cow::Owned(m);
+            }
+            self.off_track = true;
+        }
+        Cow::Borrowed(scores)
+    }
+
+    /// Takes a draft chosen from [`Guide::draft_scores`] ahead of its verification.
+    pub fn draft(&mut self, id: u32) {
+        if self.off_track {
+            return;
+        }
+        // Checked first: a refused token would leave the matcher in its error state.
+        if self.matcher.validate_tokens(&[id]).ok() == Some(1)
+            && self.matcher.consume_token(id).is_ok()
+        {
+            self.drafted += 1;
+        } else {
+            self.off_track = true;
+        }
+    }
+
+    /// Back to where the drafts started: the verification advances one token at a time.
+    pub fn end_drafts(&mut self) {
+        if self.drafted > 0 {
+            let _ = self.matcher.rollback(self.drafted);
+        }
+        self.drafted = 0;
+        self.off_track = false;
+    }
+}
