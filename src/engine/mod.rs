@@ -51,6 +51,12 @@ pub struct EngineConfig {
     pub structured: structured::StructuredConfig,
 }
 
+/// What `/tokenize` counts: a text, or a conversation as the chat template renders it.
+pub enum TokenizeInput {
+    Text(String),
+    Chat(crate::model::ChatPrompt),
+}
+
 /// Leave to parse and validate one request: the CPU and memory that parsing and tokenizing
 /// take are bounded by the number of these, whatever the number of connections.
 pub struct ValidationSlot(#[allow(dead_code)] OwnedSemaphorePermit);
@@ -263,10 +269,18 @@ impl Engine {
     /// alone, before any tokenizing.
     pub async fn tokenize(
         &self,
-        text: String,
+        input: TokenizeInput,
         strs: bool,
         _slot: &ValidationSlot,
     ) -> Result<(Vec<u32>, Option<Vec<String>>), EngineError> {
+        let text = match input {
+            TokenizeInput::Text(t) => t,
+            TokenizeInput::Chat(chat) => {
+                let v = self.validator.clone();
+                self.blocking("chat template", move || Ok(v.render_chat(&chat)?))
+                    .await?
+            }
+        };
         let limits = self.validator.limits();
         let max = limits.max_positions;
         let at_least = self.validator.tokens_at_least(&text);

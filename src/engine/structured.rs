@@ -126,10 +126,18 @@ impl Grammars {
             name[0] = TokTrie::SPECIAL_TOKEN_MARKER;
             words.push(name);
         }
-        // Without an end-of-text token, one past the vocabulary (never sampled): a complete
-        // output then ends because the grammar allows nothing more.
-        let eos = eos.unwrap_or(vocab_size as u32);
-        let info = TokRxInfo::new(vocab_size as u32, eos.min(vocab_size as u32 - 1));
+        // Without an end-of-text token, one past the scores (never sampled): a complete output
+        // then ends because the grammar allows nothing more.
+        let eos = match eos {
+            Some(id) => id,
+            None => {
+                let mut name = b".<eos>".to_vec();
+                name[0] = TokTrie::SPECIAL_TOKEN_MARKER;
+                words.push(name);
+                vocab_size as u32
+            }
+        };
+        let info = TokRxInfo::new(words.len() as u32, eos);
         let env: TokEnv = Arc::new(Vocabulary {
             trie: TokTrie::from(&info, &words),
             tokenizer,
@@ -356,5 +364,161 @@ impl Guide {
         }
         self.drafted = 0;
         self.off_track = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::source::TokenizerFiles;
+
+    const VOCAB: usize = 50257;
+    const EOS: u32 = 50256;
+
+    fn tokenizer() -> Arc<TextTokenizer> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-gpt2-multiexit/tokenizer.json");
+        Arc::new(TextTokenizer::from_files(&TokenizerFiles::Json(path)).unwrap())
+    }
+
+    fn grammars(cfg: StructuredConfig) -> Grammars {
+        Grammars::new(tokenizer(), VOCAB, Some(EOS), cfg).unwrap()
+    }
+
+    fn req(spec: ConstraintSpec) -> ConstraintRequest {
+        ConstraintRequest {
+            spec,
+            param: "structured_outputs.x".into(),
+        }
+    }
+
+    /// Greedy decoding of `scores` (a fixed preference order over the vocabulary) under
+    /// `guide`: the text, and whether the grammar completed (`false`: max_tokens).
+    fn decode(guide: &mut Guide, tok: &TextTokenizer, prefer: &[f32], max: usize) -> (String, bool) {
+        let mut ids = Vec::new();
+        for _ in 0..max {
+            let Some(m) = guide.masked(prefer) else {
+                return (tok.decode(&ids).unwrap(), true);
+            };
+            let id = crate::engine::sampling::argmax(&m);
+            if id == EOS {
+                return (tok.decode(&ids).unwrap(), true);
+            }
+            ids.push(id);
+            if guide.advance(id) {
+                return (tok.decode(&ids).unwrap(), true);
+            }
+        }
+        (tok.decode(&ids).unwrap(), false)
+    }
+
+    /// Scores that prefer low token ids (GPT-2's ids start with punctuation and digits).
+    fn prefer_low() -> Vec<f32> {
+        (0..VOCAB).map(|i| -(i as f32) / VOCAB as f32).collect()
+    }
+
+    #[test]
+    fn a_regex_admits_only_its_language_and_ends_when_complete() {
+        let g = grammars(StructuredConfig::default());
+        let c = g.compile(&req(ConstraintSpec::Regex("[0-9]{3}-[a-z]{2}".into()))).unwrap();
+        let tok = tokenizer();
+        let (text, complete) = decode(&mut c.guide(), &tok, &prefer_low(), 20);
+        assert!(complete, "{text}");
+        let b = text.as_bytes();
+        assert_eq!(b.len(), 6, "{text}");
+        assert!(b[..3].iter().all(u8::is_ascii_digit) && b[3] == b'-', "{text}");
+        assert!(b[4..].iter().all(u8::is_ascii_lowercase), "{text}");
+    }
+
+    #[test]
+    fn choices_with_quotes_and_json_schemas_compile_and_constrain() {
+        let g = grammars(StructuredConfig::default());
+        let tok = tokenizer();
+        let choices = vec!["say \"hi\"".to_string(), "b\\c".to_string()];
+        let c = g.compile(&req(ConstraintSpec::Choice(choices.clone()))).unwrap();
+        let (text, complete) = decode(&mut c.guide(), &tok, &prefer_low(), 20);
+        assert!(complete && choices.contains(&text), "{text:?}");
+        let schema = serde_json::json!({"type": "object",
+            "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": {"enum": ["x", "y"]}},
+            "required": ["a", "b"], "additionalProperties": false});
+        let c = g.compile(&req(ConstraintSpec::JsonSchema(schema))).unwrap();
+        let (text, complete) = decode(&mut c.guide(), &tok, &prefer_low(), 40);
+        assert!(complete, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v["a"].as_i64().is_some_and(|a| (0..=9).contains(&a)), "{text}");
+        assert!(v["b"] == "x" || v["b"] == "y", "{text}");
+        // Python's separators, no other whitespace.
+        assert!(text.starts_with("{\"a\": "), "{text}");
+    }
+
+    #[test]
+    fn bad_grammars_are_refused_naming_the_field() {
+        let g = grammars(StructuredConfig {
+            max_grammar_bytes: 64,
+            cache_size: 4,
+        });
+        for spec in [
+            ConstraintSpec::Regex("[a-".into()),
+            ConstraintSpec::Regex(String::new()),
+            ConstraintSpec::Grammar("start: undefined_rule".into()),
+            ConstraintSpec::Choice(vec![]),
+            ConstraintSpec::Choice(vec!["".into()]),
+            ConstraintSpec::JsonSchema(serde_json::json!({"type": "bogus"})),
+            ConstraintSpec::JsonSchema(serde_json::json!(3)),
+        ] {
+            match g.compile(&req(spec.clone())) {
+                Err(ValidationError::Grammar { param, message }) => {
+                    assert_eq!(param, "structured_outputs.x");
+                    assert!(!message.is_empty() && !message.contains('\n'), "{message}");
+                }
+                other => panic!("{spec:?}: {other:?}"),
+            }
+        }
+        let long = ConstraintSpec::Regex("a".repeat(65));
+        assert!(matches!(
+            g.compile(&req(long)),
+            Err(ValidationError::GrammarTooLarge { got: 65, max: 64, .. })
+        ));
+    }
+
+    #[test]
+    fn compiled_grammars_are_kept_by_content_up_to_the_cache_size() {
+        let g = grammars(StructuredConfig {
+            max_grammar_bytes: 1000,
+            cache_size: 2,
+        });
+        for r in ["a+", "b+", "a+", "c+"] {
+            g.compile(&req(ConstraintSpec::Regex(r.into()))).unwrap();
+        }
+        let cache = g.cache.lock().unwrap();
+        assert_eq!(cache.parsers.len(), 2);
+        assert!(cache.parsers.contains_key("regex\0c+"));
+    }
+
+    #[test]
+    fn drafts_run_ahead_inside_the_grammar_and_roll_back() {
+        let g = grammars(StructuredConfig::default());
+        let c = g.compile(&req(ConstraintSpec::Regex("[0-9]{4}".into()))).unwrap();
+        let tok = tokenizer();
+        let prefer = prefer_low();
+        let mut guide = c.guide();
+        let first = guide.masked(&prefer).unwrap();
+        for _ in 0..2 {
+            let s = guide.draft_scores(&prefer).into_owned();
+            let d = crate::engine::sampling::argmax(&s);
+            assert!(tok.decode(&[d]).unwrap().bytes().all(|b| b.is_ascii_digit()));
+            guide.draft(d);
+        }
+        guide.end_drafts();
+        // Back at the start: the same mask as before the drafts.
+        assert_eq!(guide.masked(&prefer).unwrap(), first);
+    }
+
+    #[test]
+    fn without_an_end_of_text_token_a_complete_output_stops_by_itself() {
+        let g = Grammars::new(tokenizer(), VOCAB, None, StructuredConfig::default()).unwrap();
+        let c = g.compile(&req(ConstraintSpec::Choice(vec!["yes".into()]))).unwrap();
+        let (text, complete) = decode(&mut c.guide(), &tokenizer(), &prefer_low(), 10);
+        assert_eq!((text.as_str(), complete), ("yes", true));
     }
 }

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::ApiError;
+use super::wire::chat::{chat_prompt, MessageWire};
+use crate::engine::TokenizeInput;
 use super::json::{JsonBody, Parsed};
 use super::AppState;
 
@@ -19,7 +21,12 @@ use super::AppState;
 #[serde(deny_unknown_fields)]
 pub struct TokenizeRequest {
     pub model: Option<String>,
-    pub prompt: String,
+    /// A text, or (vLLM's other shape) `messages` as the chat template renders them.
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<MessageWire>>,
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// GPT-2's tokenizer adds no special tokens either way; accepted for compatibility.
     #[serde(default)]
     pub add_special_tokens: Option<bool>,
@@ -60,7 +67,22 @@ pub async fn tokenize(
     let Parsed { req, slot, .. } = body.parse_in_slot::<TokenizeRequest>(&app.engine).await?;
     check_model(&app, req.model.as_deref())?;
     let strs = req.return_token_strs.unwrap_or(false);
-    let (tokens, token_strs) = app.engine.tokenize(req.prompt, strs, &slot).await?;
+    let input = match (req.prompt, req.messages) {
+        (Some(p), None) => TokenizeInput::Text(p),
+        (None, Some(m)) => TokenizeInput::Chat(chat_prompt(
+            Some(m),
+            req.add_generation_prompt,
+            req.continue_final_message,
+            req.chat_template_kwargs,
+        )?),
+        _ => {
+            return Err(ApiError::bad(
+                Some("prompt"),
+                "send `prompt` (a text) or `messages` (a conversation), one of them",
+            ))
+        }
+    };
+    let (tokens, token_strs) = app.engine.tokenize(input, strs, &slot).await?;
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
         max_model_len: limits.max_positions,
@@ -92,6 +114,6 @@ pub async fn tokenizer_info(State(app): State<Arc<AppState>>) -> Json<serde_json
         "model_max_length": limits.max_positions,
         "vocab_size": limits.vocab_size,
         "add_bos_token": false,
-        "chat_template": null,
+        "chat_template": app.engine.validator().chat_template_source(),
     }))
 }

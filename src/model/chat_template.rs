@@ -59,6 +59,7 @@ pub struct ChatTemplate {
     eos_token: String,
     /// Where it came from, for the start-up log.
     pub origin: String,
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -93,6 +94,7 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
             origin: origin.to_string(),
+            source: source.to_string(),
         })
     }
 
@@ -134,6 +136,11 @@ impl ChatTemplate {
             return Ok(None);
         };
         Self::new(&source, &bos, &eos, &origin).map(Some)
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The prompt text of `prompt`.

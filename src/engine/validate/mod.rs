@@ -116,8 +116,9 @@ impl Validator {
         self
     }
 
-    pub fn has_chat_template(&self) -> bool {
-        self.chat_template.is_some()
+    /// The chat template's text, if there is one (`/tokenizer_info` reports it).
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.chat_template.as_deref().map(ChatTemplate::source)
     }
 
     pub fn limits(&self) -> &Limits {

@@ -4,12 +4,22 @@
 use super::{ValidationError, Validator};
 use crate::engine::request::PromptInput;
 use crate::engine::scheduler::{self, Demand, Refusal};
+use crate::model::ChatPrompt;
 
 impl Validator {
     /// The fewest tokens `text` can have: each covers at most the longest token's bytes, so
     /// a text is refused from its length alone, before it is tokenized.
     pub fn tokens_at_least(&self, text: &str) -> usize {
         text.len().div_ceil(self.limits.max_token_bytes.max(1))
+    }
+
+    /// The prompt text of a conversation, by the chat template.
+    pub fn render_chat(&self, chat: &ChatPrompt) -> Result<String, ValidationError> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or(ValidationError::NoChatTemplate)?;
+        template.render(chat).map_err(ValidationError::ChatTemplate)
     }
 
     /// `id` as a token of the vocabulary, if it is one.
@@ -89,11 +99,7 @@ impl Validator {
         for p in inputs {
             let ids = match p {
                 PromptInput::Chat(chat) => {
-                    let template = self
-                        .chat_template
-                        .as_ref()
-                        .ok_or(ValidationError::NoChatTemplate)?;
-                    let text = template.render(chat).map_err(ValidationError::ChatTemplate)?;
+                    let text = self.render_chat(chat)?;
                     let at_least = self.tokens_at_least(&text);
                     if at_least > l.max_input_tokens {
                         return Err(ValidationError::MessagesTooLong {

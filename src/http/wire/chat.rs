@@ -143,6 +143,29 @@ fn messages(list: Option<Vec<MessageWire>>) -> Result<Vec<ChatMessage>, ApiError
     Ok(out)
 }
 
+/// A conversation to render, from the fields chat requests and `/tokenize` share.
+pub fn chat_prompt(
+    list: Option<Vec<MessageWire>>,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+    kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Result<ChatPrompt, ApiError> {
+    let messages = messages(list)?;
+    let continue_final = continue_final_message.unwrap_or(false);
+    if continue_final && messages.last().is_some_and(|m| m.role != "assistant") {
+        return Err(bad(
+            "continue_final_message",
+            "`continue_final_message` needs an assistant message last",
+        ));
+    }
+    Ok(ChatPrompt {
+        messages,
+        add_generation_prompt: add_generation_prompt.unwrap_or(true),
+        continue_final_message: continue_final,
+        kwargs: kwargs.unwrap_or_default(),
+    })
+}
+
 impl ChatCompletionRequest {
     /// Maps the wire fields to the engine's request; range checks happen in the engine.
     pub fn into_generate(self) -> Result<GenerateRequest, ApiError> {
@@ -160,14 +183,12 @@ impl ChatCompletionRequest {
                 ));
             }
         }
-        let messages = messages(self.messages)?;
-        let continue_final = self.continue_final_message.unwrap_or(false);
-        if continue_final && messages.last().is_some_and(|m| m.role != "assistant") {
-            return Err(bad(
-                "continue_final_message",
-                "`continue_final_message` needs an assistant message last",
-            ));
-        }
+        let chat = chat_prompt(
+            self.messages,
+            self.add_generation_prompt,
+            self.continue_final_message,
+            self.chat_template_kwargs,
+        )?;
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (Some(a), Some(b)) if a != b => {
                 return Err(bad(
@@ -200,12 +221,7 @@ impl ChatCompletionRequest {
         };
         let (no_speculation, speculative) = speculative_of(self.speculative);
         Ok(GenerateRequest {
-            prompts: vec![PromptInput::Chat(ChatPrompt {
-                messages,
-                add_generation_prompt: self.add_generation_prompt.unwrap_or(true),
-                continue_final_message: continue_final,
-                kwargs: self.chat_template_kwargs.unwrap_or_default(),
-            })],
+            prompts: vec![PromptInput::Chat(chat)],
             mode: mode_spec(self.multi_exit)?,
             named_mode: None,
             max_tokens,
