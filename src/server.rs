@@ -175,12 +175,15 @@ pub fn build_state_with(
         s.chat_template.as_deref(),
         loaded.files.chat_template.as_deref(),
         loaded.files.tokenizer_config.as_deref(),
-        &eos.and_then(|id| tokenizer.decode(&[id]).ok()).unwrap_or_default(),
+        &eos.and_then(|id| tokenizer.decode(&[id]).ok())
+            .unwrap_or_default(),
     )?
     .map(Arc::new);
     match &chat_template {
         Some(t) => tracing::info!(origin = %t.origin, "chat template"),
-        None => tracing::info!("no chat template: /v1/chat/completions answers 400 (see --chat-template)"),
+        None => tracing::info!(
+            "no chat template: /v1/chat/completions answers 400 (see --chat-template)"
+        ),
     }
     let tokenizer = Arc::try_unwrap(tokenizer)
         .map_err(|_| StartupError::Config("tokenizer still shared".into()))?;

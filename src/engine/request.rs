@@ -7,8 +7,8 @@ use tokio::sync::mpsc;
 
 use super::stop::StopSet;
 use super::structured::{Constraint, ConstraintRequest};
-use crate::model::ChatPrompt;
 use crate::model::mode::{DolaLayers, DolaParams, Premature};
+use crate::model::ChatPrompt;
 use crate::model::{ContrastParams, Head, Mode, Upper};
 
 /// What a request asked for: the exit that drafts and the most tokens it drafts per round.

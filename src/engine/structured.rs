@@ -75,9 +75,8 @@ impl TokenizerEnv for Vocabulary {
     }
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        self.trie.tokenize_with_greedy_fallback(s, |s| {
-            self.tokenizer.encode(s).unwrap_or_default()
-        })
+        self.trie
+            .tokenize_with_greedy_fallback(s, |s| self.tokenizer.encode(s).unwrap_or_default())
     }
 }
 
@@ -190,7 +189,10 @@ impl Grammars {
     }
 
     /// The grammar of `req` and its cache key, after the size bound.
-    fn grammar(&self, req: &ConstraintRequest) -> Result<(String, TopLevelGrammar), ValidationError> {
+    fn grammar(
+        &self,
+        req: &ConstraintRequest,
+    ) -> Result<(String, TopLevelGrammar), ValidationError> {
         let (kind, text) = match &req.spec {
             ConstraintSpec::JsonObject => ("json_object", String::new()),
             ConstraintSpec::JsonSchema(s) => ("json_schema", s.to_string()),
@@ -394,7 +396,12 @@ mod tests {
 
     /// Greedy decoding of `scores` (a fixed preference order over the vocabulary) under
     /// `guide`: the text, and whether the grammar completed (`false`: max_tokens).
-    fn decode(guide: &mut Guide, tok: &TextTokenizer, prefer: &[f32], max: usize) -> (String, bool) {
+    fn decode(
+        guide: &mut Guide,
+        tok: &TextTokenizer,
+        prefer: &[f32],
+        max: usize,
+    ) -> (String, bool) {
         let mut ids = Vec::new();
         for _ in 0..max {
             let Some(m) = guide.masked(prefer) else {
@@ -420,13 +427,18 @@ mod tests {
     #[test]
     fn a_regex_admits_only_its_language_and_ends_when_complete() {
         let g = grammars(StructuredConfig::default());
-        let c = g.compile(&req(ConstraintSpec::Regex("[0-9]{3}-[a-z]{2}".into()))).unwrap();
+        let c = g
+            .compile(&req(ConstraintSpec::Regex("[0-9]{3}-[a-z]{2}".into())))
+            .unwrap();
         let tok = tokenizer();
         let (text, complete) = decode(&mut c.guide(), &tok, &prefer_low(), 20);
         assert!(complete, "{text}");
         let b = text.as_bytes();
         assert_eq!(b.len(), 6, "{text}");
-        assert!(b[..3].iter().all(u8::is_ascii_digit) && b[3] == b'-', "{text}");
+        assert!(
+            b[..3].iter().all(u8::is_ascii_digit) && b[3] == b'-',
+            "{text}"
+        );
         assert!(b[4..].iter().all(u8::is_ascii_lowercase), "{text}");
     }
 
@@ -435,7 +447,9 @@ mod tests {
         let g = grammars(StructuredConfig::default());
         let tok = tokenizer();
         let choices = vec!["say \"hi\"".to_string(), "b\\c".to_string()];
-        let c = g.compile(&req(ConstraintSpec::Choice(choices.clone()))).unwrap();
+        let c = g
+            .compile(&req(ConstraintSpec::Choice(choices.clone())))
+            .unwrap();
         let (text, complete) = decode(&mut c.guide(), &tok, &prefer_low(), 20);
         assert!(complete && choices.contains(&text), "{text:?}");
         let schema = serde_json::json!({"type": "object",
@@ -445,7 +459,10 @@ mod tests {
         let (text, complete) = decode(&mut c.guide(), &tok, &prefer_low(), 40);
         assert!(complete, "{text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert!(v["a"].as_i64().is_some_and(|a| (0..=9).contains(&a)), "{text}");
+        assert!(
+            v["a"].as_i64().is_some_and(|a| (0..=9).contains(&a)),
+            "{text}"
+        );
         assert!(v["b"] == "x" || v["b"] == "y", "{text}");
         // Python's separators, no other whitespace.
         assert!(text.starts_with("{\"a\": "), "{text}");
@@ -477,7 +494,11 @@ mod tests {
         let long = ConstraintSpec::Regex("a".repeat(65));
         assert!(matches!(
             g.compile(&req(long)),
-            Err(ValidationError::GrammarTooLarge { got: 65, max: 64, .. })
+            Err(ValidationError::GrammarTooLarge {
+                got: 65,
+                max: 64,
+                ..
+            })
         ));
     }
 
@@ -498,7 +519,9 @@ mod tests {
     #[test]
     fn drafts_run_ahead_inside_the_grammar_and_roll_back() {
         let g = grammars(StructuredConfig::default());
-        let c = g.compile(&req(ConstraintSpec::Regex("[0-9]{4}".into()))).unwrap();
+        let c = g
+            .compile(&req(ConstraintSpec::Regex("[0-9]{4}".into())))
+            .unwrap();
         let tok = tokenizer();
         let prefer = prefer_low();
         let mut guide = c.guide();
@@ -506,7 +529,11 @@ mod tests {
         for _ in 0..2 {
             let s = guide.draft_scores(&prefer).into_owned();
             let d = crate::engine::sampling::argmax(&s);
-            assert!(tok.decode(&[d]).unwrap().bytes().all(|b| b.is_ascii_digit()));
+            assert!(tok
+                .decode(&[d])
+                .unwrap()
+                .bytes()
+                .all(|b| b.is_ascii_digit()));
             guide.draft(d);
         }
         guide.end_drafts();
@@ -517,7 +544,9 @@ mod tests {
     #[test]
     fn without_an_end_of_text_token_a_complete_output_stops_by_itself() {
         let g = Grammars::new(tokenizer(), VOCAB, None, StructuredConfig::default()).unwrap();
-        let c = g.compile(&req(ConstraintSpec::Choice(vec!["yes".into()]))).unwrap();
+        let c = g
+            .compile(&req(ConstraintSpec::Choice(vec!["yes".into()])))
+            .unwrap();
         let (text, complete) = decode(&mut c.guide(), &tokenizer(), &prefer_low(), 10);
         assert_eq!((text.as_str(), complete), ("yes", true));
     }

@@ -129,12 +129,22 @@ impl ChatCompletion {
 }
 
 impl Format for ChatCompletion {
-    fn response(&self, meta: &Meta, choices: Vec<(usize, Delta)>, usage: UsageOut) -> serde_json::Value {
+    fn response(
+        &self,
+        meta: &Meta,
+        choices: Vec<(usize, Delta)>,
+        usage: UsageOut,
+    ) -> serde_json::Value {
         let choices = choices
             .into_iter()
             .map(|(i, d)| Self::choice(meta, i, d, true))
             .collect();
-        json_of(&Self::envelope(meta, "chat.completion", choices, Some(Some(usage))))
+        json_of(&Self::envelope(
+            meta,
+            "chat.completion",
+            choices,
+            Some(Some(usage)),
+        ))
     }
 
     fn chunk(&self, meta: &Meta, index: usize, delta: Delta) -> serde_json::Value {
@@ -148,6 +158,11 @@ impl Format for ChatCompletion {
     }
 
     fn usage_chunk(&self, meta: &Meta, usage: UsageOut) -> serde_json::Value {
-        json_of(&Self::envelope(meta, "chat.completion.chunk", vec![], Some(Some(usage))))
+        json_of(&Self::envelope(
+            meta,
+            "chat.completion.chunk",
+            vec![],
+            Some(Some(usage)),
+        ))
     }
 }

@@ -49,7 +49,11 @@ pub async fn create_completion(
 struct TextCompletion;
 
 impl TextCompletion {
-    fn envelope(meta: &Meta, choices: Vec<ChoiceOut>, usage: Option<Option<UsageOut>>) -> CompletionOut {
+    fn envelope(
+        meta: &Meta,
+        choices: Vec<ChoiceOut>,
+        usage: Option<Option<UsageOut>>,
+    ) -> CompletionOut {
         CompletionOut {
             id: meta.id.clone(),
             object: "text_completion",
@@ -90,7 +94,12 @@ impl TextCompletion {
 }
 
 impl Format for TextCompletion {
-    fn response(&self, meta: &Meta, choices: Vec<(usize, Delta)>, usage: UsageOut) -> serde_json::Value {
+    fn response(
+        &self,
+        meta: &Meta,
+        choices: Vec<(usize, Delta)>,
+        usage: UsageOut,
+    ) -> serde_json::Value {
         let choices = choices
             .into_iter()
             .map(|(i, d)| Self::choice(meta, i, d))
@@ -100,7 +109,11 @@ impl Format for TextCompletion {
 
     fn chunk(&self, meta: &Meta, index: usize, delta: Delta) -> serde_json::Value {
         let choice = Self::choice(meta, index, delta);
-        json_of(&Self::envelope(meta, vec![choice], meta.include_usage.then_some(None)))
+        json_of(&Self::envelope(
+            meta,
+            vec![choice],
+            meta.include_usage.then_some(None),
+        ))
     }
 
     fn usage_chunk(&self, meta: &Meta, usage: UsageOut) -> serde_json::Value {

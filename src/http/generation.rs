@@ -192,7 +192,12 @@ fn candidate_of(event: &Event) -> Option<usize> {
 /// The JSON shapes of one route.
 pub(super) trait Format: Send + 'static {
     /// The whole response: `choices` as `(index, output)`, in order.
-    fn response(&self, meta: &Meta, choices: Vec<(usize, Delta)>, usage: UsageOut) -> serde_json::Value;
+    fn response(
+        &self,
+        meta: &Meta,
+        choices: Vec<(usize, Delta)>,
+        usage: UsageOut,
+    ) -> serde_json::Value;
     /// A stream chunk with one choice's delta.
     fn chunk(&self, meta: &Meta, index: usize, delta: Delta) -> serde_json::Value;
     /// The stream's last chunk, with the usage and no choices.

@@ -9,8 +9,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::generation::next_event;
 use super::error::ApiError;
+use super::generation::next_event;
 use super::json::{JsonBody, Parsed};
 use super::wire::{contrast_spec, dola_spec, UpperWire};
 use super::AppState;

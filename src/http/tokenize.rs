@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::ApiError;
-use super::wire::chat::{chat_prompt, MessageWire};
-use crate::engine::TokenizeInput;
 use super::json::{JsonBody, Parsed};
+use super::wire::chat::{chat_prompt, MessageWire};
 use super::AppState;
+use crate::engine::TokenizeInput;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -84,9 +84,12 @@ impl ChatTemplate {
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_fuel(Some(RENDER_FUEL));
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, REFUSED_MARK).with_source(Refusal(msg)))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, REFUSED_MARK).with_source(Refusal(msg)))
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::ChatTemplate(format!("{origin}: {e:#}")))?;
         Ok(Self {
@@ -119,7 +122,10 @@ impl ChatTemplate {
         let (bos, eos) = (special("bos_token"), special("eos_token"));
         let (source, origin) = if let Some(flag) = flag {
             if Path::new(flag).is_file() {
-                (read_text(Path::new(flag))?, format!("--chat-template {flag}"))
+                (
+                    read_text(Path::new(flag))?,
+                    format!("--chat-template {flag}"),
+                )
             } else if flag.contains("{{") || flag.contains("{%") {
                 (flag.to_string(), "--chat-template (inline)".to_string())
             } else {
@@ -129,7 +135,10 @@ impl ChatTemplate {
             }
         } else if let Some(p) = chat_template_file {
             (read_text(p)?, p.display().to_string())
-        } else if let Some(t) = config.as_ref().and_then(|c| config_template(&c["chat_template"])) {
+        } else if let Some(t) = config
+            .as_ref()
+            .and_then(|c| config_template(&c["chat_template"]))
+        {
             let p = tokenizer_config.expect("config read from it");
             (t, format!("{} (chat_template)", p.display()))
         } else {
@@ -151,14 +160,19 @@ impl ChatTemplate {
             .map_err(|e| RenderError::Failed(e.to_string()))?;
         let mut ctx = prompt.kwargs.clone();
         let mut set = |k: &str, v: serde_json::Value| ctx.insert(k.to_string(), v);
-        set("messages", serde_json::to_value(&prompt.messages).unwrap_or_default());
+        set(
+            "messages",
+            serde_json::to_value(&prompt.messages).unwrap_or_default(),
+        );
         set(
             "add_generation_prompt",
             (prompt.add_generation_prompt && !prompt.continue_final_message).into(),
         );
         set("bos_token", self.bos_token.clone().into());
         set("eos_token", self.eos_token.clone().into());
-        let text = tmpl.render(minijinja::value::Serde(&ctx)).map_err(render_error)?;
+        let text = tmpl
+            .render(minijinja::value::Serde(&ctx))
+            .map_err(render_error)?;
         if !prompt.continue_final_message {
             return Ok(text);
         }
@@ -285,19 +299,28 @@ mod tests {
         };
         assert_eq!(
             chatml().render(&p),
-            Err(RenderError::Refused("a system message must come first".into()))
+            Err(RenderError::Refused(
+                "a system message must come first".into()
+            ))
         );
     }
 
     #[test]
     fn continue_final_message_leaves_the_last_turn_open() {
         let p = ChatPrompt {
-            messages: vec![msg("system", "S"), msg("user", "U"), msg("assistant", "The answer is")],
+            messages: vec![
+                msg("system", "S"),
+                msg("user", "U"),
+                msg("assistant", "The answer is"),
+            ],
             continue_final_message: true,
             add_generation_prompt: true,
             ..Default::default()
         };
-        assert!(chatml().render(&p).unwrap().ends_with("assistant\nThe answer is"));
+        assert!(chatml()
+            .render(&p)
+            .unwrap()
+            .ends_with("assistant\nThe answer is"));
     }
 
     #[test]

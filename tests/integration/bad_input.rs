@@ -768,6 +768,89 @@ fn cases() -> Vec<(&'static str, Body, u16, &'static str, Option<&'static str>)>
             Some("speculative"),
         ),
         (
+            "response_format unknown type",
+            merged(json!({"response_format": {"type": "yaml"}})),
+            400,
+            INV,
+            Some("response_format.type"),
+        ),
+        (
+            "json_schema without name",
+            merged(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}),
+            ),
+            400,
+            INV,
+            Some("response_format.json_schema.name"),
+        ),
+        (
+            "json_schema not a schema",
+            merged(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": [1]}}}),
+            ),
+            400,
+            INV,
+            Some("response_format.json_schema.schema"),
+        ),
+        (
+            "structured_outputs empty",
+            merged(json!({"structured_outputs": {}})),
+            400,
+            INV,
+            Some("structured_outputs"),
+        ),
+        (
+            "structured_outputs two constraints",
+            merged(json!({"structured_outputs": {"regex": "a", "choice": ["b"]}})),
+            400,
+            INV,
+            Some("structured_outputs"),
+        ),
+        (
+            "structured_outputs and response_format",
+            merged(
+                json!({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}),
+            ),
+            400,
+            INV,
+            Some("structured_outputs"),
+        ),
+        (
+            "structured_outputs unknown key",
+            merged(json!({"structured_outputs": {"xml": "a"}})),
+            400,
+            INV,
+            Some("structured_outputs.xml"),
+        ),
+        (
+            "structured_outputs bad regex",
+            merged(json!({"structured_outputs": {"regex": "a{2,1}"}})),
+            400,
+            INV,
+            Some("structured_outputs.regex"),
+        ),
+        (
+            "structured_outputs bad grammar",
+            merged(json!({"structured_outputs": {"grammar": "start: \"a\" ) ("}})),
+            400,
+            INV,
+            Some("structured_outputs.grammar"),
+        ),
+        (
+            "structured_outputs empty choice list",
+            merged(json!({"structured_outputs": {"choice": []}})),
+            400,
+            INV,
+            Some("structured_outputs.choice"),
+        ),
+        (
+            "structured_outputs json not JSON",
+            merged(json!({"structured_outputs": {"json": "{not json"}})),
+            400,
+            INV,
+            Some("structured_outputs.json"),
+        ),
+        (
             "contrast minimum_candidates zero",
             merged(contrast(json!({"minimum_candidates": 0}))),
             400,
@@ -854,7 +937,7 @@ async fn wrong_methods_and_routes_get_json_errors() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
     let r = client
-        .post(server.url("/v1/chat/completions"))
+        .post(server.url("/v1/embeddings"))
         .json(&json!({}))
         .send()
         .await
@@ -864,5 +947,5 @@ async fn wrong_methods_and_routes_get_json_errors() {
     assert!(v["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("/v1/chat/completions"));
+        .contains("/v1/embeddings"));
 }

@@ -199,7 +199,11 @@ pub enum ValidationError {
     #[error("`{param}`: {message}")]
     Grammar { param: String, message: String },
     #[error("`{param}` has {got} bytes, more than --max-grammar-bytes {max}")]
-    GrammarTooLarge { param: String, got: usize, max: usize },
+    GrammarTooLarge {
+        param: String,
+        got: usize,
+        max: usize,
+    },
     #[error("`speculative.draft_layer` is needed: no exit lies at or below half of this mode's depth ({depth})")]
     DraftLayerNeeded { depth: usize },
     #[error("`speculative.draft_layer` must be one of the exit layers {exits:?}, got {got}")]

@@ -19,9 +19,9 @@ use super::request::{
     GenerateRequest, InspectRequest, InspectSpec, LogprobsApi, SamplingParams, SpeculativeSpec,
     ValidRequest,
 };
-use super::structured::{Constraint, ConstraintRequest, Grammars};
 use super::scheduler::Budget;
 use super::stop::StopSet;
+use super::structured::{Constraint, ConstraintRequest, Grammars};
 use crate::model::{ChatTemplate, Mode, TextTokenizer};
 
 /// Limits a request is checked against (from the configuration and the model).

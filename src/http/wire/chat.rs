@@ -73,7 +73,11 @@ fn bad(param: &str, message: impl Into<String>) -> ApiError {
 }
 
 /// A message's text: a string, or the text of its parts joined by newlines (vLLM's way).
-fn content_text(i: usize, role: &str, content: Option<serde_json::Value>) -> Result<String, ApiError> {
+fn content_text(
+    i: usize,
+    role: &str,
+    content: Option<serde_json::Value>,
+) -> Result<String, ApiError> {
     let param = format!("messages[{i}].content");
     match content {
         Some(serde_json::Value::String(s)) => Ok(s),
@@ -211,10 +215,7 @@ impl ChatCompletionRequest {
         }
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, Some(_)) => {
-                return Err(bad(
-                    "top_logprobs",
-                    "`top_logprobs` needs `logprobs: true`",
-                ))
+                return Err(bad("top_logprobs", "`top_logprobs` needs `logprobs: true`"))
             }
             (false, None) => None,
             (true, top) => Some(top.unwrap_or(0)),

@@ -12,17 +12,57 @@ use crate::http::ApiError;
 pub enum ResponseFormat {
     Text {},
     JsonObject {},
-    JsonSchema { json_schema: JsonSchemaWire },
+    /// Read in [`json_schema`]: serde's paths through an internally tagged enum drop the
+    /// `json_schema` step, and a refusal must name the whole field.
+    JsonSchema {
+        json_schema: serde_json::Value,
+    },
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonSchemaWire {
-    pub name: String,
-    pub description: Option<String>,
-    pub schema: Option<serde_json::Value>,
-    /// Always enforced here: the mask admits nothing the schema does not.
-    pub strict: Option<bool>,
+/// `response_format.json_schema`: `name` (OpenAI's rule), `description`, `schema` (none:
+/// any JSON value), `strict` (always enforced here: the mask admits nothing else).
+fn json_schema(v: serde_json::Value) -> Result<serde_json::Value, ApiError> {
+    const AT: &str = "response_format.json_schema";
+    let serde_json::Value::Object(mut o) = v else {
+        return Err(bad(AT, format!("`{AT}` must be an object")));
+    };
+    if let Some(k) = o
+        .keys()
+        .find(|k| !["name", "description", "schema", "strict"].contains(&k.as_str()))
+    {
+        let at = format!("{AT}.{k}");
+        return Err(bad(&at, format!("unknown field `{at}`")));
+    }
+    match o.get("name").and_then(|n| n.as_str()) {
+        Some(n) if valid_name(n) => {}
+        _ => {
+            return Err(bad(
+                &format!("{AT}.name"),
+                format!("`{AT}.name` is required: 1 to 64 letters, digits, `_` or `-`"),
+            ))
+        }
+    }
+    for (k, ok) in [
+        (
+            "description",
+            o.get("description")
+                .is_none_or(|d| d.is_string() || d.is_null()),
+        ),
+        (
+            "strict",
+            o.get("strict")
+                .is_none_or(|d| d.is_boolean() || d.is_null()),
+        ),
+    ] {
+        if !ok {
+            let at = format!("{AT}.{k}");
+            return Err(bad(&at, format!("`{at}` has the wrong type")));
+        }
+    }
+    Ok(match o.remove("schema") {
+        None | Some(serde_json::Value::Null) => serde_json::json!({}),
+        Some(s) => s,
+    })
 }
 
 /// vLLM's `structured_outputs`: exactly one of its constraints.
@@ -61,21 +101,10 @@ pub fn constraint_of(
             spec: ConstraintSpec::JsonObject,
             param: "response_format".into(),
         }),
-        Some(ResponseFormat::JsonSchema { json_schema }) => {
-            if !valid_name(&json_schema.name) {
-                return Err(bad(
-                    "response_format.json_schema.name",
-                    "`response_format.json_schema.name` must be 1 to 64 letters, digits, `_` or `-`",
-                ));
-            }
-            Some(ConstraintRequest {
-                // No schema: any JSON value.
-                spec: ConstraintSpec::JsonSchema(
-                    json_schema.schema.unwrap_or_else(|| serde_json::json!({})),
-                ),
-                param: "response_format.json_schema.schema".into(),
-            })
-        }
+        Some(ResponseFormat::JsonSchema { json_schema: v }) => Some(ConstraintRequest {
+            spec: ConstraintSpec::JsonSchema(json_schema(v)?),
+            param: "response_format.json_schema.schema".into(),
+        }),
     };
     let from_structured = match structured {
         None => None,
