@@ -131,9 +131,10 @@ fn response_schema<'a>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_route_answers_as_documented() {
     let root = spec();
-    let server = TestServer::start(&[]);
+    let server = crate::chat::chat_server();
     let paths = root["paths"].as_object().unwrap();
-    let documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    documented.sort_unstable();
     assert_eq!(
         documented,
         vec![
@@ -148,6 +149,7 @@ async fn every_documented_route_answers_as_documented() {
             "/playground.js",
             "/tokenize",
             "/tokenizer_info",
+            "/v1/chat/completions",
             "/v1/completions",
             "/v1/inspect",
             "/v1/models",
@@ -187,6 +189,10 @@ async fn every_documented_route_answers_as_documented() {
             json!({"prompt": "Hello world", "return_token_strs": true}),
         ),
         ("/detokenize", json!({"tokens": [15496, 995]})),
+        (
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "add_generation_prompt": true}),
+        ),
         (
             "/v1/inspect",
             json!({"model": MODEL, "prompt": "Hello world", "positions": "all",
@@ -286,7 +292,8 @@ async fn documented_request_fields_are_exactly_the_accepted_ones() {
         "repetition_penalty": 1.1, "logit_bias": {"50": 1.0}, "user": "u",
         "return_token_ids": true, "ignore_eos": true, "multi_exit": {"mode": "original"},
         "speculative": {"draft_layer": 1, "max_draft_tokens": 2}, "priority": -1,
-        "cache_salt": "tenant-1"
+        "cache_salt": "tenant-1", "response_format": {"type": "json_object"},
+        "structured_outputs": {"regex": "[a-z]+"}
     });
     for key in props.keys() {
         if key == "model" || key == "prompt" {
@@ -308,6 +315,99 @@ async fn documented_request_fields_are_exactly_the_accepted_ones() {
     let (status, body) = post(
         &url,
         &json!({"model": MODEL, "prompt": "hi", "frobnicate": 1}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], "frobnicate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_responses_chunks_and_errors_match_the_spec() {
+    let root = spec();
+    let server = crate::chat::chat_server();
+    let url = server.url("/v1/chat/completions");
+    let req_schema = &root["components"]["schemas"]["ChatCompletionRequest"];
+    let path = "/v1/chat/completions";
+    let messages = json!([{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]);
+    let requests = [
+        json!({"model": MODEL, "messages": messages, "max_tokens": 4, "temperature": 0}),
+        json!({"model": MODEL, "messages": messages, "max_completion_tokens": 3, "n": 2,
+               "logprobs": true, "top_logprobs": 2, "return_token_ids": true, "seed": 1,
+               "multi_exit": {"mode": "early_exit", "threshold": 0.5}}),
+        json!({"model": MODEL, "messages": messages, "max_tokens": 20, "temperature": 0,
+               "structured_outputs": {"choice": ["yes", "no"]}}),
+    ];
+    for req in &requests {
+        check(&root, req_schema, req, "request").unwrap();
+        let (status, body) = post(&url, req).await;
+        assert_eq!(status, 200, "{body}");
+        check(&root, response_schema(&root, path, "post", 200, "application/json"), &body, "chat")
+            .unwrap();
+        let mut stream_req = req.clone();
+        stream_req["stream"] = json!(true);
+        stream_req["stream_options"] = json!({"include_usage": true});
+        check(&root, req_schema, &stream_req, "stream request").unwrap();
+        let (status, _, events) = post_stream(&url, &stream_req).await;
+        assert_eq!(status, 200);
+        for e in &events[..events.len() - 1] {
+            check(&root, response_schema(&root, path, "post", 200, "application/json"), e, "chunk")
+                .unwrap();
+        }
+    }
+    for req in [
+        json!({"model": MODEL, "messages": []}),
+        json!({"model": MODEL, "messages": messages, "tools": []}),
+        json!({"model": "other", "messages": messages}),
+    ] {
+        let (status, body) = post(&url, &req).await;
+        assert!(status == 400 || status == 404, "{body}");
+        let schema = response_schema(&root, path, "post", status, "application/json");
+        check(&root, schema, &body, "error").unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documented_chat_request_fields_are_exactly_the_accepted_ones() {
+    let root = spec();
+    let server = crate::chat::chat_server();
+    let url = server.url("/v1/chat/completions");
+    let props = root["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+        .as_object()
+        .unwrap();
+    let samples = json!({
+        "max_tokens": 2, "max_completion_tokens": 2, "temperature": 0.5, "top_p": 0.9,
+        "top_k": 3, "n": 1, "stream": false, "stream_options": null, "logprobs": true,
+        "top_logprobs": 1, "stop": "zz", "seed": 3, "presence_penalty": 0.1,
+        "frequency_penalty": 0.1, "repetition_penalty": 1.1, "logit_bias": {"50": 1.0},
+        "user": "u", "response_format": {"type": "text"},
+        "structured_outputs": {"json_object": true}, "tools": null, "tool_choice": null,
+        "functions": null, "function_call": null, "parallel_tool_calls": null,
+        "return_token_ids": true, "ignore_eos": true, "cache_salt": "t", "priority": 1,
+        "multi_exit": {"mode": "exit", "layer": 1}, "speculative": false,
+        "add_generation_prompt": false, "continue_final_message": false,
+        "chat_template_kwargs": {"x": 1}
+    });
+    for key in props.keys() {
+        if key == "model" || key == "messages" {
+            continue;
+        }
+        let value = samples
+            .get(key)
+            .unwrap_or_else(|| panic!("add a sample for documented field `{key}`"));
+        let mut req = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2, key: value});
+        if key == "top_logprobs" {
+            req["logprobs"] = json!(true);
+        }
+        let (status, body) = post(&url, &req).await;
+        assert_eq!(status, 200, "documented field `{key}` refused: {body}");
+    }
+    for key in samples.as_object().unwrap().keys() {
+        assert!(props.contains_key(key), "accepted field `{key}` is not documented");
+    }
+    let (status, body) = post(
+        &url,
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}),
     )
     .await;
     assert_eq!(status, 400);
