@@ -2,23 +2,153 @@
 
 Usage: python tests/e2e/openai_e2e.py BINARY
 Starts BINARY on a free port, checks non-stream and stream completions in every mode against
-the reference fixture ids, models.list, and that errors raise the matching SDK exceptions.
+the reference fixture ids, models.list, and that errors raise the matching SDK exceptions;
+then chat completions (plain, streamed, logprobs, modes through extra_body, structured outputs
+with `response_format` json_schema and the SDK's own `parse` from a pydantic model) and their
+errors, with the shipped base-model template and without any template.
 """
 import json
 import os
 import sys
+from typing import List, Literal
 
 import openai
+import pydantic
 
 from server import MODEL, ROOT, multi_exit, running
 
 REFERENCE = os.path.join(ROOT, "tests", "fixtures", "tiny-gpt-neo-multiexit.reference.json")
+TEMPLATE = os.path.join(ROOT, "config", "chat-template-base.jinja")
 
 
 def main():
-    with running(sys.argv[1]) as port:
+    with running(sys.argv[1], "--chat-template", TEMPLATE) as port:
         run_checks(port)
+        run_chat_checks(port)
+    with running(sys.argv[1]) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        try:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+            raise AssertionError("a chat without a template must fail")
+        except openai.BadRequestError as e:
+            assert e.body["param"] == "messages" and "--chat-template" in e.body["message"], e.body
     print("openai e2e: all checks passed")
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"enum": ["yes", "no", "maybe"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+    },
+    "required": ["answer", "count", "tags"],
+    "additionalProperties": False,
+}
+
+
+def check_schema(text, what):
+    """The output parses and validates against SCHEMA."""
+    v = json.loads(text)
+    assert set(v) == {"answer", "count", "tags"}, (what, text)
+    assert v["answer"] in ("yes", "no", "maybe"), (what, text)
+    assert isinstance(v["count"], int) and 0 <= v["count"] <= 99, (what, text)
+    assert isinstance(v["tags"], list) and len(v["tags"]) <= 3, (what, text)
+    assert all(isinstance(t, str) and len(t) <= 8 for t in v["tags"]), (what, text)
+
+
+class Answer(pydantic.BaseModel):
+    answer: Literal["yes", "no"]
+    count: int = pydantic.Field(ge=0, le=9)
+    tags: List[Literal["a", "b"]] = pydantic.Field(max_length=2)
+
+
+def run_chat_checks(port):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "You answer questions."},
+                {"role": "user", "content": "Is the sky blue?"}]
+    rendered = "You answer questions.\n\nUser: Is the sky blue?\nAssistant:"
+
+    # plain: the completion of the rendered prompt
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    plain = client.completions.create(model=MODEL, prompt=rendered, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == plain.choices[0].text
+    assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
+
+    # streamed deltas reassemble the whole message
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    text, usage, finish, roles = "", None, None, 0
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            roles += c.delta.role == "assistant"
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert text == chat.choices[0].message.content and finish == "length" and roles == 1
+    assert usage.completion_tokens == 12
+
+    # logprobs in the chat shape
+    lp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                        logprobs=True, top_logprobs=2)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
+    assert content[0].top_logprobs[0].token == content[0].token
+    assert "".join(t.token for t in content) == lp.choices[0].message.content
+
+    # modes by extra_body and by model id
+    by_id = client.chat.completions.create(model=f"{MODEL}:exit-2", messages=messages, max_tokens=6, temperature=0)
+    by_body = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                             extra_body={"multi_exit": {"mode": "exit", "layer": 2}})
+    assert by_id.choices[0].message.content == by_body.choices[0].message.content
+    assert by_body.model_extra["multi_exit"] == {"mode": "exit", "layer": 2}
+
+    # structured outputs: json_schema in the original, exit, contrast and DoLa modes
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+    for mode in [{"mode": "original"}, {"mode": "exit", "layer": 1},
+                 {"mode": "contrast", "upper": "original", "lower": 1},
+                 {"mode": "dola", "layers": "low", "premature": "lm_head", "relative_top": 1e-5},
+                 {"mode": "sled", "premature": "lm_head"}]:
+        for seed in (None, 3):
+            out = client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=80, temperature=0 if seed is None else 1, seed=seed,
+                response_format=response_format, extra_body={"multi_exit": mode})
+            assert out.choices[0].finish_reason == "stop", (mode, out)
+            check_schema(out.choices[0].message.content, mode)
+    # streamed, the constrained deltas reassemble valid JSON too
+    text = ""
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=80, temperature=0,
+                                                stream=True, response_format=response_format):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+    check_schema(text, "stream")
+    # the SDK's own structured outputs: a pydantic model in, a parsed instance out
+    parsed = client.chat.completions.parse(model=MODEL, messages=messages, max_tokens=60, temperature=0,
+                                           response_format=Answer)
+    assert isinstance(parsed.choices[0].message.parsed, Answer), parsed
+    # vLLM's structured_outputs through extra_body
+    choice = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                            extra_body={"structured_outputs": {"choice": ["blue", "not blue"]}})
+    assert choice.choices[0].message.content in ("blue", "not blue")
+
+    # errors
+    def expect(exc, **kw):
+        try:
+            client.chat.completions.create(model=MODEL, **kw)
+        except exc as e:
+            return e
+        raise AssertionError(f"expected {exc.__name__} for {kw}")
+
+    e = expect(openai.BadRequestError, messages=messages,
+               response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
+    assert e.body["param"] == "response_format.json_schema.schema", e.body
+    e = expect(openai.BadRequestError, messages=messages, tools=[{"type": "function", "function": {"name": "f"}}])
+    assert e.body["param"] == "tools", e.body
+    e = expect(openai.BadRequestError, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+    assert e.body["param"].startswith("messages[0]"), e.body
 
 
 def run_checks(port):
