@@ -99,3 +99,12 @@ fn post_ok(url: &str, body: &str) -> Result<reqwest::blocking::Response, String>
 pub fn get_status(url: &str) -> Option<u16> {
     client().get(url).send().ok().map(|r| r.status().as_u16())
 }
+
+/// The body of a GET of `url` (e.g. `/metrics`).
+pub fn get_text(url: &str) -> Result<String, String> {
+    client()
+        .get(url)
+        .send()
+        .and_then(|r| r.text())
+        .map_err(|e| e.to_string())
+}

@@ -7,6 +7,7 @@
 //!   target/release/bench --early-exit   (early exit: speed and agreement against threshold)
 //!   target/release/bench --prefix-cache (prefix caching on and off: multiple-choice scoring,
 //!                                        the playground's three modes, the loads above)
+//!   target/release/bench --structured   (structured outputs: a JSON schema against free text)
 //!   target/release/bench --limits       (this machine's bandwidth and peaks only)
 //!   target/release/bench --arch gpt2 --peer-llama-server PATH   (llama.cpp too, built by
 //!                                                    bench/peer/llama_cpp.sh)
@@ -36,6 +37,7 @@ mod reference;
 mod report;
 mod servers;
 mod speculative;
+mod structured;
 mod workloads;
 
 use std::path::{Path, PathBuf};
@@ -101,6 +103,10 @@ pub struct Args {
     /// the bench's own loads, each with the cache and with --no-prefix-cache
     #[arg(long)]
     pub prefix_cache: bool,
+    /// Only time structured outputs: greedy completions constrained by a 10-field JSON schema
+    /// against free ones of the same length, 1 and 16 streams
+    #[arg(long)]
+    pub structured: bool,
     /// Early-exit thresholds timed
     #[arg(
         long,
@@ -185,6 +191,8 @@ fn main() {
             format!("{name}-early-exit")
         } else if args.prefix_cache {
             format!("{name}-prefix-cache")
+        } else if args.structured {
+            format!("{name}-structured")
         } else {
             name.to_string()
         })
@@ -212,6 +220,12 @@ fn main() {
     }
     if args.prefix_cache {
         let report = prefix_cache::prefix_cache_bench(&args, &shape, &data, &server_bin);
+        std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+        eprintln!("wrote {}", out.display());
+        return;
+    }
+    if args.structured {
+        let report = structured::structured_bench(&args, &data, &server_bin);
         std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
         eprintln!("wrote {}", out.display());
         return;

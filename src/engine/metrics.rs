@@ -18,6 +18,11 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, Prometheu
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+/// A structured output's work per token: tens of microseconds usually, llguidance's limits
+/// stop it at tens of milliseconds.
+const GRAMMAR_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_03, 0.000_1, 0.000_3, 0.001, 0.003, 0.01, 0.03, 0.1,
+];
 
 /// How often histogram samples are folded into their buckets: until then the exporter keeps
 /// every raw sample, which on a server nobody scrapes would grow without bound.
@@ -55,6 +60,7 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_inter_token_latency_seconds", "histogram"),
     ("exitserve_request_duration_seconds", "histogram"),
     ("exitserve_queue_wait_seconds", "histogram"),
+    ("exitserve_grammar_step_seconds", "histogram"),
 ];
 
 /// A gauge that only ever rises to the largest value offered.
@@ -166,12 +172,19 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     pub e2e_latency: Histogram,
     pub queue_wait: Histogram,
+    /// A constrained sequence's grammar work for one token (its mask, then its advance).
+    pub grammar_step: Histogram,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets(LATENCY_BUCKETS)
+            .expect("the bucket list is not empty")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("exitserve_grammar_step_seconds".into()),
+                GRAMMAR_BUCKETS,
+            )
             .expect("the bucket list is not empty")
             .build_recorder();
         let r = Registry(&recorder);
@@ -278,6 +291,10 @@ impl Default for Metrics {
             queue_wait: r.histogram(
                 "exitserve_queue_wait_seconds",
                 "Time from arrival to admission into the batch.",
+            ),
+            grammar_step: r.histogram(
+                "exitserve_grammar_step_seconds",
+                "Structured outputs: the grammar's work for one token of a sequence (its token mask and its advance), on the model thread.",
             ),
             recorder,
         }

@@ -15,6 +15,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use llguidance::api::{ParserLimits, TopLevelGrammar};
 use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
@@ -286,6 +287,7 @@ impl Constraint {
             matcher: Matcher::new(Ok(self.0.clone())),
             drafted: 0,
             off_track: false,
+            spent: Duration::ZERO,
         }
     }
 }
@@ -297,12 +299,21 @@ pub struct Guide {
     drafted: usize,
     /// A draft of this round left the grammar (or met its end): later drafts go unmasked.
     off_track: bool,
+    /// Time spent in the grammar since [`Guide::take_spent`] last read it.
+    spent: Duration,
 }
 
 impl Guide {
     /// `scores` with every token the grammar rules out here at -inf; None when it allows
     /// none (a dead end, or a grammar that failed: the sequence stops).
     pub fn masked(&mut self, scores: &[f32]) -> Option<Vec<f32>> {
+        let start = Instant::now();
+        let out = self.mask(scores);
+        self.spent += start.elapsed();
+        out
+    }
+
+    fn mask(&mut self, scores: &[f32]) -> Option<Vec<f32>> {
         if self.matcher.is_stopped() {
             return None;
         }
@@ -328,7 +339,15 @@ impl Guide {
     /// Takes the chosen token; true when the grammar is complete and allows nothing more
     /// (or cannot go on), so that the output ends here.
     pub fn advance(&mut self, id: u32) -> bool {
-        self.matcher.consume_token(id).is_err() || self.matcher.is_stopped()
+        let start = Instant::now();
+        let done = self.matcher.consume_token(id).is_err() || self.matcher.is_stopped();
+        self.spent += start.elapsed();
+        done
+    }
+
+    /// The grammar's time since the last call (for the per-token metric).
+    pub fn take_spent(&mut self) -> Duration {
+        std::mem::take(&mut self.spent)
     }
 
     /// The scores a draft is chosen from: masked while the drafts stay inside the grammar;

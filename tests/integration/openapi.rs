@@ -341,8 +341,13 @@ async fn chat_responses_chunks_and_errors_match_the_spec() {
         check(&root, req_schema, req, "request").unwrap();
         let (status, body) = post(&url, req).await;
         assert_eq!(status, 200, "{body}");
-        check(&root, response_schema(&root, path, "post", 200, "application/json"), &body, "chat")
-            .unwrap();
+        check(
+            &root,
+            response_schema(&root, path, "post", 200, "application/json"),
+            &body,
+            "chat",
+        )
+        .unwrap();
         let mut stream_req = req.clone();
         stream_req["stream"] = json!(true);
         stream_req["stream_options"] = json!({"include_usage": true});
@@ -350,8 +355,13 @@ async fn chat_responses_chunks_and_errors_match_the_spec() {
         let (status, _, events) = post_stream(&url, &stream_req).await;
         assert_eq!(status, 200);
         for e in &events[..events.len() - 1] {
-            check(&root, response_schema(&root, path, "post", 200, "application/json"), e, "chunk")
-                .unwrap();
+            check(
+                &root,
+                response_schema(&root, path, "post", 200, "application/json"),
+                e,
+                "chunk",
+            )
+            .unwrap();
         }
     }
     for req in [
@@ -403,7 +413,10 @@ async fn documented_chat_request_fields_are_exactly_the_accepted_ones() {
         assert_eq!(status, 200, "documented field `{key}` refused: {body}");
     }
     for key in samples.as_object().unwrap().keys() {
-        assert!(props.contains_key(key), "accepted field `{key}` is not documented");
+        assert!(
+            props.contains_key(key),
+            "accepted field `{key}` is not documented"
+        );
     }
     let (status, body) = post(
         &url,

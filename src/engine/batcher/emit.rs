@@ -187,13 +187,19 @@ impl Batcher {
         seq.last_token_at = Some(now);
         self.metrics.generated_tokens.increment(1);
         inject(self.cfg.fault(), Phase::Emit, &seq.prompt);
-        if let Outcome::Finished(reason) = seq.accept(
+        let outcome = seq.accept(
             id,
             scores,
             &self.tokenizer,
             self.cfg.eos_token_id,
             exit_layer,
-        ) {
+        );
+        if let Some(guide) = seq.guide.as_mut() {
+            self.metrics
+                .grammar_step
+                .record(guide.take_spent().as_secs_f64());
+        }
+        if let Outcome::Finished(reason) = outcome {
             self.finish(i, reason);
             return true;
         }
