@@ -288,6 +288,7 @@ impl Constraint {
             drafted: 0,
             off_track: false,
             spent: Duration::ZERO,
+            prepared: None,
         }
     }
 }
@@ -301,12 +302,17 @@ pub struct Guide {
     off_track: bool,
     /// Time spent in the grammar since [`Guide::take_spent`] last read it.
     spent: Duration,
+    /// The next token's masked scores, computed ahead ([`Guide::prepare`]).
+    prepared: Option<Option<Vec<f32>>>,
 }
 
 impl Guide {
     /// `scores` with every token the grammar rules out here at -inf; None when it allows
     /// none (a dead end, or a grammar that failed: the sequence stops).
     pub fn masked(&mut self, scores: &[f32]) -> Option<Vec<f32>> {
+        if let Some(done) = self.prepared.take() {
+            return done;
+        }
         let start = Instant::now();
         let out = self.mask(scores);
         self.spent += start.elapsed();
@@ -318,22 +324,29 @@ impl Guide {
             return None;
         }
         let mask = self.matcher.compute_mask().ok()?;
-        let mut out = scores.to_vec();
+        // Only the allowed tokens are visited (a grammar allows few of the vocabulary).
+        let mut out = vec![f32::NEG_INFINITY; scores.len()];
         let mut any = false;
-        mask.iter_entries(|allowed, i| {
-            if let Some(s) = out.get_mut(i) {
-                if allowed {
-                    any |= s.is_finite();
-                } else {
-                    *s = f32::NEG_INFINITY;
-                }
+        mask.iter_set_entries(|i| {
+            if let Some(&s) = scores.get(i) {
+                out[i] = s;
+                any |= s.is_finite();
             }
         });
-        // A mask shorter than the scores (it never is: both are the model's vocabulary).
-        for s in out.iter_mut().skip(mask.len()) {
-            *s = f32::NEG_INFINITY;
-        }
         any.then_some(out)
+    }
+
+    /// Computes [`Guide::masked`] of `scores` ahead, for the next call (the batcher computes
+    /// a step's masks in parallel, then samples in order). `scores` must be what that call
+    /// gets; [`Guide::forget_prepared`] drops a mask that will not be used.
+    pub fn prepare(&mut self, scores: &[f32]) {
+        self.prepared = None;
+        let m = self.masked(scores);
+        self.prepared = Some(m);
+    }
+
+    pub fn forget_prepared(&mut self) {
+        self.prepared = None;
     }
 
     /// Takes the chosen token; true when the grammar is complete and allows nothing more

@@ -1,6 +1,7 @@
 //! Choosing and sending tokens: sampling, the `n`/`best_of` followers forked from a prompt's
 //! leader, the echoed prompt, and the end of a sequence and of its request.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use super::fault::inject;
@@ -10,12 +11,14 @@ use super::{contained, Batcher, Phase};
 use crate::engine::request::{Event, FinishReason};
 use crate::engine::sampling::Sampler;
 use crate::engine::sequence::{Outcome, Sequence};
+use crate::engine::structured::Guide;
 use crate::model::Head;
 
 impl Batcher {
     /// Samples and emits each ready sequence's token; a sequence that just finished its
     /// prompt first forks its `n`/`best_of` followers, which share its prompt and scores.
     pub(super) fn emit(&mut self, ready: Vec<Ready>, scored: Scored) {
+        self.prepare_masks(&ready, &scored);
         let mut forked = Vec::new();
         for (r, rows) in ready.into_iter().zip(scored) {
             let mut rows = match rows {
@@ -69,6 +72,34 @@ impl Batcher {
             if let Err(message) = result {
                 self.fail_members(&[idx], message);
             }
+        }
+    }
+
+    /// Structured outputs: the token masks of this step's constrained sequences, computed
+    /// at once on the compute pool (each is llguidance's work on one grammar; one after
+    /// another they would add up on the model thread), before sampling takes them in order.
+    fn prepare_masks(&mut self, ready: &[Ready], scored: &Scored) {
+        use rayon::prelude::*;
+        let mut next: HashMap<usize, &[f32]> = HashMap::new();
+        for (r, rows) in ready.iter().zip(scored) {
+            if let (StepKind::Next, Ok(rows)) = (r.kind, rows) {
+                if let Some(last) = rows.last() {
+                    next.insert(r.index, last);
+                }
+            }
+        }
+        let mut jobs: Vec<(&mut Guide, &[f32])> = Vec::new();
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            if let Some(guide) = seq.guide.as_mut() {
+                // Never a mask of an earlier step's scores.
+                guide.forget_prepared();
+                if let Some(&scores) = next.get(&i) {
+                    jobs.push((guide, scores));
+                }
+            }
+        }
+        if jobs.len() > 1 {
+            jobs.par_iter_mut().for_each(|(guide, scores)| guide.prepare(scores));
         }
     }
 
