@@ -302,19 +302,52 @@ pub struct Guide {
     off_track: bool,
     /// Time spent in the grammar since [`Guide::take_spent`] last read it.
     spent: Duration,
-    /// The next token's masked scores, computed ahead ([`Guide::prepare`]).
-    prepared: Option<Option<Vec<f32>>>,
+    /// The next token's constraint, computed ahead ([`Guide::prepare`]).
+    prepared: Option<Constrained>,
+}
+
+/// What the grammar makes of a step's scores.
+#[derive(Debug, PartialEq)]
+pub enum Constrained {
+    /// The greedy choice made without the mask, which the grammar allows: the masked scores'
+    /// greedy choice too (masking only removes tokens), found without computing the mask.
+    Allowed(u32),
+    /// The scores with every token the grammar rules out at -inf.
+    Masked(Vec<f32>),
+    /// The grammar allows no token the scores leave possible (or it failed): the output ends.
+    DeadEnd,
 }
 
 impl Guide {
     /// `scores` with every token the grammar rules out here at -inf; None when it allows
     /// none (a dead end, or a grammar that failed: the sequence stops).
     pub fn masked(&mut self, scores: &[f32]) -> Option<Vec<f32>> {
+        let start = Instant::now();
+        let out = self.mask(scores);
+        self.spent += start.elapsed();
+        out
+    }
+
+    /// The next token's constraint. `greedy`: the token greedy decoding picks from the
+    /// unmasked scores, when nothing needs the masked distribution itself (no logprobs, no
+    /// `best_of` ranking): if the grammar allows it (a check of one token, where a mask
+    /// visits the whole vocabulary), it stands.
+    pub fn constrain(&mut self, scores: &[f32], greedy: Option<u32>) -> Constrained {
         if let Some(done) = self.prepared.take() {
             return done;
         }
         let start = Instant::now();
-        let out = self.mask(scores);
+        let allowed = greedy.filter(|&t| {
+            scores.get(t as usize).is_some_and(|s| s.is_finite())
+                && !self.matcher.is_stopped()
+                && self.matcher.validate_tokens(&[t]).ok() == Some(1)
+        });
+        let out = match allowed {
+            Some(t) => Constrained::Allowed(t),
+            None => self
+                .mask(scores)
+                .map_or(Constrained::DeadEnd, Constrained::Masked),
+        };
         self.spent += start.elapsed();
         out
     }
@@ -336,13 +369,13 @@ impl Guide {
         any.then_some(out)
     }
 
-    /// Computes [`Guide::masked`] of `scores` ahead, for the next call (the batcher computes
-    /// a step's masks in parallel, then samples in order). `scores` must be what that call
-    /// gets; [`Guide::forget_prepared`] drops a mask that will not be used.
-    pub fn prepare(&mut self, scores: &[f32]) {
+    /// Computes [`Guide::constrain`] ahead, for its next call (the batcher computes a step's
+    /// constraints in parallel, then samples in order). The arguments must be that call's;
+    /// [`Guide::forget_prepared`] drops one that will not be used.
+    pub fn prepare(&mut self, scores: &[f32], greedy: Option<u32>) {
         self.prepared = None;
-        let m = self.masked(scores);
-        self.prepared = Some(m);
+        let c = self.constrain(scores, greedy);
+        self.prepared = Some(c);
     }
 
     pub fn forget_prepared(&mut self) {
@@ -571,6 +604,47 @@ mod tests {
         guide.end_drafts();
         // Back at the start: the same mask as before the drafts.
         assert_eq!(guide.masked(&prefer).unwrap(), first);
+    }
+
+    #[test]
+    fn the_greedy_check_picks_what_the_mask_would() {
+        let g = grammars(StructuredConfig::default());
+        let c = g
+            .compile(&req(ConstraintSpec::Regex("[a-z ]{1,30}".into())))
+            .unwrap();
+        let tok = tokenizer();
+        // Scores whose best token is sometimes allowed, sometimes not.
+        let (mut fast, mut slow) = (c.guide(), c.guide());
+        let (mut allowed, mut masked) = (0, 0);
+        for step in 0..12u32 {
+            let mut scores: Vec<f32> = (0..VOCAB as u32)
+                .map(|i| ((i.wrapping_mul(2654435761) ^ step.wrapping_mul(40503)) % 1000) as f32)
+                .collect();
+            if step % 2 == 0 {
+                scores[tok.token_id("a").unwrap() as usize] = 2000.0;
+            }
+            let best = crate::engine::sampling::argmax(&scores);
+            let a = match fast.constrain(&scores, Some(best)) {
+                Constrained::Allowed(t) => {
+                    allowed += 1;
+                    t
+                }
+                Constrained::Masked(m) => {
+                    masked += 1;
+                    crate::engine::sampling::argmax(&m)
+                }
+                Constrained::DeadEnd => break,
+            };
+            let b = crate::engine::sampling::argmax(&slow.masked(&scores).unwrap());
+            assert_eq!(a, b, "step {step}: {:?}", tok.decode(&[a, b]));
+            if fast.advance(a) | slow.advance(b) {
+                break;
+            }
+        }
+        assert!(
+            masked > 0 && allowed > 0,
+            "{masked} masked, {allowed} allowed"
+        );
     }
 
     #[test]

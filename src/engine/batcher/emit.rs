@@ -11,7 +11,7 @@ use super::{contained, Batcher, Phase};
 use crate::engine::request::{Event, FinishReason};
 use crate::engine::sampling::Sampler;
 use crate::engine::sequence::{Outcome, Sequence};
-use crate::engine::structured::Guide;
+use crate::engine::structured::{Constrained, Guide};
 use crate::model::Head;
 
 impl Batcher {
@@ -88,18 +88,20 @@ impl Batcher {
                 }
             }
         }
-        let mut jobs: Vec<(&mut Guide, &[f32])> = Vec::new();
+        let mut jobs: Vec<(&mut Guide, &[f32], Option<u32>)> = Vec::new();
         for (i, seq) in self.running.iter_mut().enumerate() {
+            let hint = greedy_hint(seq, next.get(&i).copied());
             if let Some(guide) = seq.guide.as_mut() {
                 // Never a mask of an earlier step's scores.
                 guide.forget_prepared();
                 if let Some(&scores) = next.get(&i) {
-                    jobs.push((guide, scores));
+                    jobs.push((guide, scores, hint));
                 }
             }
         }
         if jobs.len() > 1 {
-            jobs.par_iter_mut().for_each(|(guide, scores)| guide.prepare(scores));
+            jobs.par_iter_mut()
+                .for_each(|(guide, scores, hint)| guide.prepare(scores, *hint));
         }
     }
 
@@ -163,19 +165,21 @@ impl Batcher {
             return self.finish(i, FinishReason::Length);
         }
         inject(self.cfg.fault(), Phase::Sample, &self.running[i].prompt);
+        let hint = greedy_hint(&self.running[i], Some(scores));
         let masked;
-        let scores = match self.running[i].guide.as_mut() {
-            None => scores,
-            Some(guide) => match guide.masked(scores) {
-                Some(m) => {
+        let (scores, chosen) = match self.running[i].guide.as_mut() {
+            None => (scores, None),
+            Some(guide) => match guide.constrain(scores, hint) {
+                Constrained::Allowed(id) => (scores, Some(id)),
+                Constrained::Masked(m) => {
                     masked = m;
-                    &masked
+                    (&masked[..], None)
                 }
                 // The grammar allows nothing more: the output ends here.
-                None => return self.finish(i, FinishReason::Stop),
+                Constrained::DeadEnd => return self.finish(i, FinishReason::Stop),
             },
         };
-        let id = self.running[i].sampler.choose(scores);
+        let id = chosen.unwrap_or_else(|| self.running[i].sampler.choose(scores));
         let exit_layer = head.map(|h| h.layer(self.model.config().num_layers));
         if let Some(head) = head {
             let layer = match head {
@@ -279,6 +283,17 @@ impl Batcher {
             let _ = r.tx.try_send(Event::Done { usage });
         }
     }
+}
+
+/// For a constrained sequence whose next token is greedy and whose distribution nobody reads
+/// (no logprobs, no `best_of` ranking): the token greedy decoding picks from `scores` without
+/// the mask, for the grammar to check (see [`Guide::constrain`]).
+fn greedy_hint(seq: &Sequence, scores: Option<&[f32]>) -> Option<u32> {
+    let scores = scores?;
+    seq.guide.as_ref()?;
+    let r = seq.request.borrow();
+    let unread = r.req.logprobs.is_none() && r.req.best_of == r.req.n;
+    (seq.sampler.is_greedy() && unread).then(|| seq.sampler.choose(scores))
 }
 
 /// Milliseconds from `from` to `to`, when `to` happened.
