@@ -18,6 +18,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && useradd --system --uid 10001 --home-dir /data --create-home exitserve
 COPY --from=build /src/target/release/exitserve /usr/local/bin/exitserve
 COPY config/default.toml /etc/exitserve/default.toml
+# For chat with a base model: --chat-template /etc/exitserve/chat-template-base.jinja
+COPY config/chat-template-base.jinja /etc/exitserve/chat-template-base.jinja
 USER exitserve
 # glibc's per-thread malloc arenas let the resident floor creep up under bursts (+10 % in
 # a minute of the CI soak, flat with 2 arenas): cap them.
