@@ -17,32 +17,20 @@ pub async fn create_completion(
     State(app): State<Arc<AppState>>,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let limits = app.engine.validator().limits();
     let Parsed {
         req,
         slot,
         deadline,
     } = body.parse_in_slot::<CompletionRequest>(&app.engine).await?;
-    let named_mode = app.models.resolve(&req.model)?;
-    let model = req.model.clone();
-    let return_token_ids = req.return_token_ids.unwrap_or(false);
-    let mut gen = req.into_generate()?;
-    gen.named_mode = named_mode;
-    gen.named_speculative = app.models.speculative(&model);
-    let (stream, include_usage) = (gen.stream, gen.include_usage);
-    let valid = app.engine.validate(gen, deadline, &slot).await?;
-    drop(slot);
-    let meta = Meta::new(
-        format!("cmpl-{}", app.next_id()),
+    let (model, return_token_ids) = (req.model.clone(), req.return_token_ids.unwrap_or(false));
+    let req = generation::Parsed {
         model,
-        &valid,
-        (stream, include_usage, return_token_ids),
-        limits.request_timeout.as_secs_f64(),
-        app.shutdown.clone(),
-    );
-    let span = tracing::info_span!("completion", id = %meta.id, mode = meta.multi_exit.mode);
-    let rx = app.engine.submit(valid, span)?;
-    generation::respond(rx, meta, TextCompletion).await
+        gen: req.into_generate(),
+        return_token_ids,
+        slot,
+        deadline,
+    };
+    generation::generate(&app, req, "cmpl", TextCompletion).await
 }
 
 /// OpenAI's `text_completion` shapes.

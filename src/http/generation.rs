@@ -13,7 +13,10 @@ use futures_util::stream::{self, Stream};
 use super::error::ApiError;
 use super::shutdown::Shutdown;
 use super::wire::{MultiExitOut, UsageOut};
-use crate::engine::{EngineError, Event, EventReceiver, TokenLogprob, ValidRequest};
+use super::AppState;
+use crate::engine::{
+    EngineError, Event, EventReceiver, GenerateRequest, TokenLogprob, ValidRequest, ValidationSlot,
+};
 
 /// What every response of one request shares.
 pub(super) struct Meta {
@@ -224,8 +227,57 @@ pub(super) async fn next_event(
     }
 }
 
+/// What a route hands to [`generate`]: the request, parsed and mapped to the engine's.
+pub(super) struct Parsed {
+    pub model: String,
+    /// Its refusal, if any, comes after the model id's (an unknown model is a 404 first).
+    pub gen: Result<GenerateRequest, ApiError>,
+    pub return_token_ids: bool,
+    pub slot: ValidationSlot,
+    pub deadline: Instant,
+}
+
+/// A generation route after its own parsing: the model id's mode, validation, submission,
+/// and the answer in `format` (`id_prefix`: `cmpl`, `chatcmpl`).
+pub(super) async fn generate<F: Format>(
+    app: &AppState,
+    req: Parsed,
+    id_prefix: &str,
+    format: F,
+) -> Result<Response, ApiError> {
+    let Parsed {
+        model,
+        gen,
+        return_token_ids,
+        slot,
+        deadline,
+    } = req;
+    let named_mode = app.models.resolve(&model)?;
+    let mut gen = gen?;
+    gen.named_mode = named_mode;
+    gen.named_speculative = app.models.speculative(&model);
+    let (stream, include_usage) = (gen.stream, gen.include_usage);
+    let valid = app.engine.validate(gen, deadline, &slot).await?;
+    drop(slot);
+    let meta = Meta::new(
+        format!("{id_prefix}-{}", app.next_id()),
+        model,
+        &valid,
+        (stream, include_usage, return_token_ids),
+        app.engine
+            .validator()
+            .limits()
+            .request_timeout
+            .as_secs_f64(),
+        app.shutdown.clone(),
+    );
+    let span = tracing::info_span!("completion", id = %meta.id, mode = meta.multi_exit.mode);
+    let rx = app.engine.submit(valid, span)?;
+    respond(rx, meta, format).await
+}
+
 /// The response to a submitted request: whole, or as server-sent events.
-pub(super) async fn respond<F: Format>(
+async fn respond<F: Format>(
     rx: EventReceiver,
     meta: Meta,
     format: F,
