@@ -412,7 +412,7 @@ pub enum Event {
     End {
         candidate: usize,
         finish_reason: FinishReason,
-        /// Sum of the generated tokens' logprobs, for best_of.
+        /// Sum of the generated tokens' logprobs, for best_of (0 when it does not rank).
         cumulative_logprob: f64,
     },
     /// An inspection's result, before its `End`.

@@ -59,6 +59,7 @@ pub struct Sequence {
     pub sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
+    /// Sum of its tokens' logprobs, kept where it is read: `best_of`'s ranking, or logprobs.
     pub cumulative_logprob: f64,
     /// Candidates to fork from this one once its prefill is done (best_of/n share one prefill).
     pub forks: Vec<usize>,
@@ -144,7 +145,7 @@ impl Sequence {
         eos: Option<u32>,
         exit_layer: Option<usize>,
     ) -> Outcome {
-        let (max_tokens, logprobs, ignore_eos, normalized) = {
+        let (max_tokens, logprobs, ignore_eos, normalized, ranked) = {
             let r = self.request.borrow();
             // A grammar's mask leaves scores that no longer sum to one.
             let normalized = r.req.mode.scores_are_logprobs() && self.guide.is_none();
@@ -153,14 +154,21 @@ impl Sequence {
                 r.req.logprobs,
                 r.req.ignore_eos,
                 normalized,
+                r.req.best_of > r.req.n,
             )
         };
-        // before the token joins what the penalties see
-        let reported = self.sampler.reported(scores, normalized);
+        // The token's log-probability only where it is read (reported, or `best_of`'s
+        // ranking): for scores that are not a log-distribution (a grammar's mask, the logit
+        // bias, penalties) it costs a log-softmax over the vocabulary. Before the token joins
+        // what the penalties see.
+        let mut logprob = None;
+        if logprobs.is_some() || ranked {
+            let reported = self.sampler.reported(scores, normalized);
+            self.cumulative_logprob += reported[id as usize].max(MIN_LOGPROB) as f64;
+            logprob = logprobs.map(|k| token_logprob(id, &reported, k, tok));
+        }
         self.generated += 1;
         self.sampler.observe(id);
-        self.cumulative_logprob += reported[id as usize].max(MIN_LOGPROB) as f64;
-        let logprob = logprobs.map(|k| token_logprob(id, &reported, k, tok));
         // Under a grammar, the end-of-text token is allowed only where the output is complete.
         let is_eos = Some(id) == eos && (!ignore_eos || self.guide.is_some());
         let complete = self.guide.as_mut().is_some_and(|g| g.advance(id));
