@@ -9,7 +9,7 @@ use axum::response::Response;
 
 use super::error::ApiError;
 use super::generation::{self, Delta, Format, Meta};
-use super::json::{JsonBody, Parsed};
+use super::json::JsonBody;
 use super::wire::chat::{
     ChatChoiceOut, ChatCompletionOut, ChatCompletionRequest, ChatDeltaOut, ChatLogprobsOut,
     ChatMessageOut, ChatTokenLogprobOut, TopLogprobOut,
@@ -21,22 +21,21 @@ pub async fn create_chat_completion(
     State(app): State<Arc<AppState>>,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let Parsed {
-        req,
-        slot,
-        deadline,
-    } = body
-        .parse_in_slot::<ChatCompletionRequest>(&app.engine)
-        .await?;
-    let (model, return_token_ids) = (req.model.clone(), req.return_token_ids.unwrap_or(false));
-    let req = generation::Parsed {
-        model,
-        gen: req.into_generate(),
-        return_token_ids,
-        slot,
-        deadline,
-    };
-    generation::generate(&app, req, "chatcmpl", ChatCompletion).await
+    generation::generate::<ChatCompletionRequest, _>(&app, body, "chatcmpl", ChatCompletion).await
+}
+
+impl generation::GenerationRequest for ChatCompletionRequest {
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn return_token_ids(&self) -> bool {
+        self.return_token_ids.unwrap_or(false)
+    }
+
+    fn into_generate(self) -> Result<crate::engine::GenerateRequest, ApiError> {
+        ChatCompletionRequest::into_generate(self)
+    }
 }
 
 /// OpenAI's `chat.completion` and `chat.completion.chunk` shapes.

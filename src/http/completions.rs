@@ -9,7 +9,7 @@ use axum::response::Response;
 
 use super::error::ApiError;
 use super::generation::{self, Delta, Format, Meta};
-use super::json::{JsonBody, Parsed};
+use super::json::JsonBody;
 use super::wire::{json_of, ChoiceOut, CompletionOut, CompletionRequest, LogprobsOut, UsageOut};
 use super::AppState;
 
@@ -17,20 +17,21 @@ pub async fn create_completion(
     State(app): State<Arc<AppState>>,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let Parsed {
-        req,
-        slot,
-        deadline,
-    } = body.parse_in_slot::<CompletionRequest>(&app.engine).await?;
-    let (model, return_token_ids) = (req.model.clone(), req.return_token_ids.unwrap_or(false));
-    let req = generation::Parsed {
-        model,
-        gen: req.into_generate(),
-        return_token_ids,
-        slot,
-        deadline,
-    };
-    generation::generate(&app, req, "cmpl", TextCompletion).await
+    generation::generate::<CompletionRequest, _>(&app, body, "cmpl", TextCompletion).await
+}
+
+impl generation::GenerationRequest for CompletionRequest {
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn return_token_ids(&self) -> bool {
+        self.return_token_ids.unwrap_or(false)
+    }
+
+    fn into_generate(self) -> Result<crate::engine::GenerateRequest, ApiError> {
+        CompletionRequest::into_generate(self)
+    }
 }
 
 /// OpenAI's `text_completion` shapes.

@@ -11,11 +11,12 @@ use axum::Json;
 use futures_util::stream::{self, Stream};
 
 use super::error::ApiError;
+use super::json::{self, JsonBody};
 use super::shutdown::Shutdown;
 use super::wire::{MultiExitOut, UsageOut};
 use super::AppState;
 use crate::engine::{
-    EngineError, Event, EventReceiver, GenerateRequest, TokenLogprob, ValidRequest, ValidationSlot,
+    EngineError, Event, EventReceiver, GenerateRequest, TokenLogprob, ValidRequest,
 };
 
 /// What every response of one request shares.
@@ -227,33 +228,31 @@ pub(super) async fn next_event(
     }
 }
 
-/// What a route hands to [`generate`]: the request, parsed and mapped to the engine's.
-pub(super) struct Parsed {
-    pub model: String,
-    /// Its refusal, if any, comes after the model id's (an unknown model is a 404 first).
-    pub gen: Result<GenerateRequest, ApiError>,
-    pub return_token_ids: bool,
-    pub slot: ValidationSlot,
-    pub deadline: Instant,
+/// A generation route's request body: its model id and its fields as the engine's request.
+pub(super) trait GenerationRequest: serde::de::DeserializeOwned {
+    fn model(&self) -> &str;
+    fn return_token_ids(&self) -> bool;
+    fn into_generate(self) -> Result<GenerateRequest, ApiError>;
 }
 
-/// A generation route after its own parsing: the model id's mode, validation, submission,
-/// and the answer in `format` (`id_prefix`: `cmpl`, `chatcmpl`).
-pub(super) async fn generate<F: Format>(
+/// A generation route: the body parsed under a validation slot, the model id's mode (an
+/// unknown model is a 404 before any other refusal), validation, submission, and the answer
+/// in `format` (`id_prefix`: `cmpl`, `chatcmpl`).
+pub(super) async fn generate<R: GenerationRequest, F: Format>(
     app: &AppState,
-    req: Parsed,
+    body: JsonBody,
     id_prefix: &str,
     format: F,
 ) -> Result<Response, ApiError> {
-    let Parsed {
-        model,
-        gen,
-        return_token_ids,
+    let json::Parsed {
+        req,
         slot,
         deadline,
-    } = req;
+    } = body.parse_in_slot::<R>(&app.engine).await?;
+    let model = req.model().to_string();
+    let return_token_ids = req.return_token_ids();
     let named_mode = app.models.resolve(&model)?;
-    let mut gen = gen?;
+    let mut gen = req.into_generate()?;
     gen.named_mode = named_mode;
     gen.named_speculative = app.models.speculative(&model);
     let (stream, include_usage) = (gen.stream, gen.include_usage);
