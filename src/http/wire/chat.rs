@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::structured::{self, ResponseFormat, StructuredOutputsWire};
 use super::{
-    mode_spec, speculative_of, stops, MultiExitOut, MultiExitWire, SpeculativeField, Stop,
-    StreamOptions, UsageOut,
+    mode_spec, speculative_of, stops, streaming, MultiExitOut, MultiExitWire, SpeculativeField,
+    Stop, StreamOptions, UsageOut,
 };
 use crate::engine::request::{LogprobsApi, PromptInput};
 use crate::engine::GenerateRequest;
@@ -202,17 +202,7 @@ impl ChatCompletionRequest {
             }
             (a, b) => a.or(b),
         };
-        let stream = self.stream.unwrap_or(false);
-        let include_usage = self
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        if include_usage && !stream {
-            return Err(bad(
-                "stream_options",
-                "`stream_options` is only allowed with `stream: true`",
-            ));
-        }
+        let (stream, include_usage) = streaming(self.stream, self.stream_options)?;
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, Some(_)) => {
                 return Err(bad("top_logprobs", "`top_logprobs` needs `logprobs: true`"))

@@ -292,6 +292,22 @@ pub fn speculative_of(s: Option<SpeculativeField>) -> (bool, Option<SpeculativeR
     }
 }
 
+/// `stream` and `stream_options.include_usage`; the options only with `stream: true`.
+pub fn streaming(
+    stream: Option<bool>,
+    options: Option<StreamOptions>,
+) -> Result<(bool, bool), super::ApiError> {
+    let stream = stream.unwrap_or(false);
+    let include_usage = options.and_then(|o| o.include_usage).unwrap_or(false);
+    if include_usage && !stream {
+        return Err(super::ApiError::bad(
+            Some("stream_options"),
+            "`stream_options` is only allowed with `stream: true`",
+        ));
+    }
+    Ok((stream, include_usage))
+}
+
 /// `stop` as a list.
 pub fn stops(stop: Option<Stop>) -> Vec<String> {
     match stop {
@@ -325,17 +341,7 @@ impl CompletionRequest {
             Some(Prompt::Tokens(ids)) => vec![PromptInput::Tokens(ids)],
             Some(Prompt::TokenLists(ls)) => ls.into_iter().map(PromptInput::Tokens).collect(),
         };
-        let stream = self.stream.unwrap_or(false);
-        let include_usage = self
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        if include_usage && !stream {
-            return Err(super::ApiError::bad(
-                Some("stream_options"),
-                "`stream_options` is only allowed with `stream: true`",
-            ));
-        }
+        let (stream, include_usage) = streaming(self.stream, self.stream_options)?;
         let mode = mode_spec(self.multi_exit)?;
         let (no_speculation, speculative) = speculative_of(self.speculative);
         let constraint = structured::constraint_of(self.response_format, self.structured_outputs)?;
