@@ -86,72 +86,60 @@ impl Validator {
     /// Each prompt as token ids, at most `--max-input-tokens` of them; a text that cannot
     /// fit is refused from its length alone, before it is tokenized.
     pub(super) fn prompts(&self, inputs: &[PromptInput]) -> Result<Vec<Vec<u32>>, ValidationError> {
-        let l = &*self.limits;
         if inputs.is_empty() {
             return Err(ValidationError::EmptyPromptList);
         }
+        inputs.iter().map(|p| self.prompt_ids(p)).collect()
+    }
+
+    /// One prompt's token ids. A conversation is its rendered text, checked as any text is,
+    /// with the refusals naming `messages`.
+    fn prompt_ids(&self, p: &PromptInput) -> Result<Vec<u32>, ValidationError> {
+        let l = &*self.limits;
         let too_long = |tokens, bytes| ValidationError::PromptTooLong {
             tokens,
             bytes,
             max: l.max_input_tokens,
         };
-        let mut out = Vec::with_capacity(inputs.len());
-        for p in inputs {
-            let ids = match p {
-                PromptInput::Chat(chat) => {
-                    let text = self.render_chat(chat)?;
-                    let at_least = self.tokens_at_least(&text);
-                    if at_least > l.max_input_tokens {
-                        return Err(ValidationError::MessagesTooLong {
-                            tokens: at_least,
-                            max: l.max_input_tokens,
-                        });
+        let ids = match p {
+            PromptInput::Chat(chat) => {
+                let text = PromptInput::Text(self.render_chat(chat)?);
+                return self.prompt_ids(&text).map_err(|e| match e {
+                    ValidationError::PromptTooLong { tokens, max, .. } => {
+                        ValidationError::MessagesTooLong { tokens, max }
                     }
-                    let ids = self
-                        .tokenizer
-                        .encode(&text)
-                        .map_err(|e| ValidationError::Untokenizable(e.to_string()))?;
-                    if ids.is_empty() {
-                        return Err(ValidationError::EmptyChatPrompt);
-                    }
-                    if ids.len() > l.max_input_tokens {
-                        return Err(ValidationError::MessagesTooLong {
-                            tokens: ids.len(),
-                            max: l.max_input_tokens,
-                        });
-                    }
-                    ids
+                    ValidationError::EmptyPrompt => ValidationError::EmptyChatPrompt,
+                    other => other,
+                });
+            }
+            PromptInput::Text(text) => {
+                let at_least = self.tokens_at_least(text);
+                if at_least > l.max_input_tokens {
+                    return Err(too_long(at_least, Some(text.len())));
                 }
-                PromptInput::Text(text) => {
-                    let at_least = self.tokens_at_least(text);
-                    if at_least > l.max_input_tokens {
-                        return Err(too_long(at_least, Some(text.len())));
-                    }
-                    self.tokenizer
-                        .encode(text)
-                        .map_err(|e| ValidationError::Untokenizable(e.to_string()))?
-                }
-                PromptInput::Tokens(ids) if ids.len() > l.max_input_tokens => {
-                    return Err(too_long(ids.len(), None))
-                }
-                PromptInput::Tokens(ids) => ids
-                    .iter()
-                    .map(|&id| {
-                        self.token_id(id).ok_or(ValidationError::PromptTokenId {
-                            vocab: l.vocab_size,
-                            got: id,
-                        })
+                self.tokenizer
+                    .encode(text)
+                    .map_err(|e| ValidationError::Untokenizable(e.to_string()))?
+            }
+            PromptInput::Tokens(ids) if ids.len() > l.max_input_tokens => {
+                return Err(too_long(ids.len(), None))
+            }
+            PromptInput::Tokens(ids) => ids
+                .iter()
+                .map(|&id| {
+                    self.token_id(id).ok_or(ValidationError::PromptTokenId {
+                        vocab: l.vocab_size,
+                        got: id,
                     })
-                    .collect::<Result<Vec<_>, _>>()?,
-            };
-            if ids.is_empty() {
-                return Err(ValidationError::EmptyPrompt);
-            }
-            if ids.len() > l.max_input_tokens {
-                return Err(too_long(ids.len(), None));
-            }
-            out.push(ids);
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        if ids.is_empty() {
+            return Err(ValidationError::EmptyPrompt);
         }
-        Ok(out)
+        if ids.len() > l.max_input_tokens {
+            return Err(too_long(ids.len(), None));
+        }
+        Ok(ids)
     }
 }
