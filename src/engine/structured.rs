@@ -328,16 +328,21 @@ impl Guide {
         out
     }
 
-    /// The next token's constraint. `greedy`: the token greedy decoding picks from the
+    /// The next token's constraint. `greedy` gives the token greedy decoding picks from the
     /// unmasked scores, when nothing needs the masked distribution itself (no logprobs, no
     /// `best_of` ranking): if the grammar allows it (a check of one token, where a mask
-    /// visits the whole vocabulary), it stands.
-    pub fn constrain(&mut self, scores: &[f32], greedy: Option<u32>) -> Constrained {
+    /// visits the whole vocabulary), it stands. It is called only when no constraint was
+    /// prepared (its argmax is a pass over the vocabulary too).
+    pub fn constrain(
+        &mut self,
+        scores: &[f32],
+        greedy: impl FnOnce() -> Option<u32>,
+    ) -> Constrained {
         if let Some(done) = self.prepared.take() {
             return done;
         }
         let start = Instant::now();
-        let allowed = greedy.filter(|&t| {
+        let allowed = greedy().filter(|&t| {
             scores.get(t as usize).is_some_and(|s| s.is_finite())
                 && !self.matcher.is_stopped()
                 && self.matcher.validate_tokens(&[t]).ok() == Some(1)
@@ -374,7 +379,7 @@ impl Guide {
     /// [`Guide::forget_prepared`] drops one that will not be used.
     pub fn prepare(&mut self, scores: &[f32], greedy: Option<u32>) {
         self.prepared = None;
-        let c = self.constrain(scores, greedy);
+        let c = self.constrain(scores, || greedy);
         self.prepared = Some(c);
     }
 
@@ -624,7 +629,7 @@ mod tests {
                 scores[tok.token_id("a").unwrap() as usize] = 2000.0;
             }
             let best = crate::engine::sampling::argmax(&scores);
-            let a = match fast.constrain(&scores, Some(best)) {
+            let a = match fast.constrain(&scores, || Some(best)) {
                 Constrained::Allowed(t) => {
                     allowed += 1;
                     t

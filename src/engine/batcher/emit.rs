@@ -10,7 +10,7 @@ use super::progress::{Ready, Scored};
 use super::{contained, Batcher, Phase};
 use crate::engine::request::{Event, FinishReason};
 use crate::engine::sampling::Sampler;
-use crate::engine::sequence::{Outcome, Sequence};
+use crate::engine::sequence::{Outcome, Sequence, SharedRequest};
 use crate::engine::structured::{Constrained, Guide};
 use crate::model::Head;
 
@@ -90,11 +90,11 @@ impl Batcher {
         }
         let mut jobs: Vec<(&mut Guide, &[f32], Option<u32>)> = Vec::new();
         for (i, seq) in self.running.iter_mut().enumerate() {
-            let hint = greedy_hint(seq, next.get(&i).copied());
             if let Some(guide) = seq.guide.as_mut() {
                 // Never a mask of an earlier step's scores.
                 guide.forget_prepared();
                 if let Some(&scores) = next.get(&i) {
+                    let hint = greedy_hint(&seq.request, &seq.sampler, scores);
                     jobs.push((guide, scores, hint));
                 }
             }
@@ -165,19 +165,21 @@ impl Batcher {
             return self.finish(i, FinishReason::Length);
         }
         inject(self.cfg.fault(), Phase::Sample, &self.running[i].prompt);
-        let hint = greedy_hint(&self.running[i], Some(scores));
         let masked;
-        let (scores, chosen) = match self.running[i].guide.as_mut() {
+        let seq = &mut self.running[i];
+        let (scores, chosen) = match seq.guide.as_mut() {
             None => (scores, None),
-            Some(guide) => match guide.constrain(scores, hint) {
-                Constrained::Allowed(id) => (scores, Some(id)),
-                Constrained::Masked(m) => {
-                    masked = m;
-                    (&masked[..], None)
+            Some(guide) => {
+                match guide.constrain(scores, || greedy_hint(&seq.request, &seq.sampler, scores)) {
+                    Constrained::Allowed(id) => (scores, Some(id)),
+                    Constrained::Masked(m) => {
+                        masked = m;
+                        (&masked[..], None)
+                    }
+                    // The grammar allows nothing more: the output ends here.
+                    Constrained::DeadEnd => return self.finish(i, FinishReason::Stop),
                 }
-                // The grammar allows nothing more: the output ends here.
-                Constrained::DeadEnd => return self.finish(i, FinishReason::Stop),
-            },
+            }
         };
         let id = chosen.unwrap_or_else(|| self.running[i].sampler.choose(scores));
         let exit_layer = head.map(|h| h.layer(self.model.config().num_layers));
@@ -285,15 +287,13 @@ impl Batcher {
     }
 }
 
-/// For a constrained sequence whose next token is greedy and whose distribution nobody reads
+/// For a constrained sequence (its request and sampler) whose next token is greedy and whose distribution nobody reads
 /// (no logprobs, no `best_of` ranking): the token greedy decoding picks from `scores` without
 /// the mask, for the grammar to check (see [`Guide::constrain`]).
-fn greedy_hint(seq: &Sequence, scores: Option<&[f32]>) -> Option<u32> {
-    let scores = scores?;
-    seq.guide.as_ref()?;
-    let r = seq.request.borrow();
+fn greedy_hint(request: &SharedRequest, sampler: &Sampler, scores: &[f32]) -> Option<u32> {
+    let r = request.borrow();
     let unread = r.req.logprobs.is_none() && r.req.best_of == r.req.n;
-    (seq.sampler.is_greedy() && unread).then(|| seq.sampler.choose(scores))
+    (sampler.is_greedy() && unread).then(|| sampler.choose(scores))
 }
 
 /// Milliseconds from `from` to `to`, when `to` happened.
