@@ -175,6 +175,9 @@ impl ChoiceAcc {
         // per choice for nothing.
         if !meta.stream {
             let w = &mut self.whole;
+            if d.prompt_token_ids.is_some() {
+                w.prompt_token_ids = d.prompt_token_ids.take();
+            }
             w.text.push_str(&d.text);
             w.token_ids.extend(&d.token_ids);
             w.exit_layers.extend(&d.exit_layers);
@@ -317,19 +320,14 @@ async fn collect<F: Format>(
     // Per prompt: the n candidates with the best total logprob (all of them when best_of = n).
     let mut choices = Vec::with_capacity(meta.prompts.len() * meta.n);
     let mut accs = accs.into_iter();
-    for (p, prompt) in meta.prompts.iter().enumerate() {
+    for p in 0..meta.prompts.len() {
         let mut group: Vec<ChoiceAcc> = accs.by_ref().take(meta.best_of).collect();
         if meta.best_of > meta.n {
             group.sort_by(|a, b| b.cumulative_logprob.total_cmp(&a.cumulative_logprob));
             group.truncate(meta.n);
         }
         for (k, acc) in group.into_iter().enumerate() {
-            let mut whole = acc.whole;
-            whole.first = true;
-            if meta.return_token_ids {
-                whole.prompt_token_ids = Some(prompt.clone());
-            }
-            choices.push((p * meta.n + k, whole));
+            choices.push((p * meta.n + k, acc.whole));
         }
     }
     Ok(format.response(&meta, choices, usage.into()))
@@ -371,8 +369,7 @@ fn sse_stream<F: Format>(
             }
             Some(ev) => {
                 let c = candidate_of(&ev).unwrap_or(0);
-                let prompt = meta.prompts[c / meta.best_of].clone();
-                let delta = accs[c].apply(&ev, &meta, &prompt);
+                let delta = accs[c].apply(&ev, &meta, &meta.prompts[c / meta.best_of]);
                 // Streaming requires best_of = n, so candidate numbers are choice indexes.
                 let out = vec![data(format.chunk(&meta, c, delta))];
                 Some((out, Some((rx, meta, accs, format))))
