@@ -141,7 +141,7 @@ pub fn build_state_with(
         exit_layers: cfg.exit_layers.clone(),
         num_layers: cfg.num_layers,
         tied_head: loaded.model.has_tied_head(),
-        default_mode: model::Mode::Original,
+        default_mode: model::Mode::ORIGINAL,
         request_timeout: s.request_timeout,
         budget,
         max_sequences_per_request: s.max_sequences_per_request,

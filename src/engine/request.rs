@@ -7,9 +7,8 @@ use tokio::sync::mpsc;
 
 use super::stop::StopSet;
 use super::structured::{Constraint, ConstraintRequest};
-use crate::model::mode::{DolaLayers, DolaParams, Premature};
 use crate::model::ChatPrompt;
-use crate::model::{ContrastParams, Head, Mode, Upper};
+use crate::model::{Head, Mode};
 
 /// What a request asked for: the exit that drafts and the most tokens it drafts per round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,105 +100,29 @@ pub struct SpeculativeRequest {
     pub adaptive: Option<bool>,
 }
 
-/// The `multi_exit` object, unvalidated.
+/// A mode object as sent (`multi_exit`, an inspection's strategy), unvalidated: its
+/// strategy (`mode`, one of [`Mode::LABELS`]) and the other fields as they came.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ModeSpec {
-    Original,
-    Exit {
-        layer: Option<i64>,
-    },
-    Contrast {
-        upper: Option<UpperSpec>,
-        lower: Option<i64>,
-        alpha: Option<f64>,
-        minimum_candidates: Option<i64>,
-    },
-    Dola {
-        layers: Option<DolaLayersSpec>,
-        premature: Option<String>,
-        relative_top: Option<f64>,
-    },
-    Sled {
-        premature: Option<String>,
-        evolution_rate: Option<f64>,
-        evolution_scale: Option<i64>,
-        evolution_lower_bound: Option<f64>,
-        alpha: Option<f64>,
-    },
-    EarlyExit {
-        threshold: Option<f64>,
-        measure: Option<String>,
-        decay: Option<f64>,
-    },
-}
-
-/// DoLa's `layers`, unvalidated.
-#[derive(Debug, Clone, PartialEq)]
-pub enum DolaLayersSpec {
-    Named(String),
-    List(Vec<i64>),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum UpperSpec {
-    Original,
-    Layer(i64),
+pub struct ModeSpec {
+    pub mode: &'static str,
+    pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ModeSpec {
     /// The kind of mode asked for, as [`Mode::label`] names it.
     pub fn label(&self) -> &'static str {
-        Mode::LABELS[match self {
-            ModeSpec::Original => 0,
-            ModeSpec::Exit { .. } => 1,
-            ModeSpec::Contrast { .. } => 2,
-            ModeSpec::Dola { .. } => 3,
-            ModeSpec::Sled { .. } => 4,
-            ModeSpec::EarlyExit { .. } => 5,
-        }]
+        self.mode
     }
 }
 
 impl From<Mode> for ModeSpec {
     /// A mode parsed from text (a flag, a model id), to be validated as a request's would be.
     fn from(mode: Mode) -> Self {
-        match mode {
-            Mode::Original => ModeSpec::Original,
-            Mode::Exit(l) => ModeSpec::Exit {
-                layer: Some(l as i64),
-            },
-            Mode::Contrast(c) => ModeSpec::Contrast {
-                upper: Some(match c.upper {
-                    Upper::Original => UpperSpec::Original,
-                    Upper::Exit(l) => UpperSpec::Layer(l as i64),
-                }),
-                lower: Some(c.lower as i64),
-                alpha: Some(c.alpha as f64),
-                minimum_candidates: Some(c.minimum_candidates as i64),
-            },
-            Mode::Dola(d) => ModeSpec::Dola {
-                layers: Some(match d.layers {
-                    DolaLayers::Low => DolaLayersSpec::Named("low".into()),
-                    DolaLayers::High => DolaLayersSpec::Named("high".into()),
-                    DolaLayers::List(l) => {
-                        DolaLayersSpec::List(l.iter().map(|l| l as i64).collect())
-                    }
-                }),
-                premature: Some(d.premature.name().into()),
-                relative_top: Some(d.relative_top as f64),
-            },
-            Mode::Sled(p) => ModeSpec::Sled {
-                premature: Some(p.premature.name().into()),
-                evolution_rate: Some(p.evolution_rate as f64),
-                evolution_scale: Some(p.evolution_scale as i64),
-                evolution_lower_bound: Some(p.evolution_lower_bound as f64),
-                alpha: Some(p.alpha as f64),
-            },
-            Mode::EarlyExit(e) => ModeSpec::EarlyExit {
-                threshold: Some(e.threshold as f64),
-                measure: None,
-                decay: e.decay.map(|d| d as f64),
-            },
+        let mut fields = mode.to_request();
+        fields.remove("mode");
+        ModeSpec {
+            mode: mode.label(),
+            fields,
         }
     }
 }
@@ -252,32 +175,34 @@ pub struct InspectRequest {
     pub top_logprobs: Option<i64>,
     /// `last` (default) or `all`.
     pub positions: Option<String>,
-    pub contrast: Option<ModeSpec>,
-    /// DoLa's parameters (a `multi_exit` DoLa object without `mode`): reported as a head of
-    /// its own, with the premature layer each position chose.
-    pub dola: Option<ModeSpec>,
-    /// The mode named by the model id: a contrast or DoLa one is reported when the request
-    /// names none.
+    /// Strategies reported as heads of their own, each with the field it came in
+    /// (`strategies[0]`, or the shorthands `contrast` and `dola`).
+    pub strategies: Vec<(String, ModeSpec)>,
+    /// The mode named by the model id: a strategy that combines heads is reported too,
+    /// unless the request asks for another of its kind (a 400).
     pub named_mode: Option<Mode>,
 }
 
 /// What an inspection reports: every head at the last or at every prompt position.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct InspectSpec {
     pub top_logprobs: usize,
     pub all_positions: bool,
-    pub contrast: Option<ContrastParams>,
-    pub dola: Option<DolaParams>,
+    /// Strategies reported as heads of their own (named by their flag form).
+    pub strategies: Arc<[Mode]>,
 }
 
 impl InspectSpec {
     /// Every head the inspection evaluates: the exits in ascending order, the original, then
-    /// the top head on raw block outputs that a DoLa with `premature: lm_head` reads.
+    /// any other head a strategy reads (the top head on raw block outputs, for DoLa or SLED
+    /// with `premature: lm_head`).
     pub fn heads(&self, exits: &[usize]) -> Vec<Head> {
         let mut heads: Vec<Head> = exits.iter().map(|&l| Head::Exit(l)).collect();
         heads.push(Head::Original);
-        if let Some(d) = self.dola.filter(|d| d.premature == Premature::LmHead) {
-            heads.extend(d.candidates.iter().map(Head::LmHeadAt));
+        for h in self.strategies.iter().flat_map(Mode::heads) {
+            if !heads.contains(&h) {
+                heads.push(h);
+            }
         }
         heads
     }
@@ -286,15 +211,16 @@ impl InspectSpec {
 /// One head at one position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadReport {
-    /// `exit:L`, `original`, `lm_head:L`, `contrast:U,L` or `dola:...`.
+    /// `exit:L`, `original`, `lm_head:L`, or a strategy's flag form (`contrast:U,L`, ...).
     pub head: String,
     /// `(id, text, logprob)`, best first.
     pub top: Vec<(u32, String, f32)>,
     pub entropy: f32,
     pub next_token_logprob: Option<f32>,
     pub jsd_to_original: f32,
-    /// DoLa's head: the premature layer this position chose.
-    pub premature_layer: Option<usize>,
+    /// A strategy's head: the layer it chose at this position, under the name the report
+    /// gives it (DoLa's `premature_layer`, early exit's `exit_layer`).
+    pub chosen: Option<(&'static str, usize)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -342,7 +268,7 @@ impl ValidRequest {
     /// Whether its heads are evaluated at every prompt position, not only the last: echo
     /// with logprobs, or an inspection of all positions.
     pub fn scores_every_prompt_position(&self) -> bool {
-        (self.echo && self.logprobs.is_some()) || self.inspect.is_some_and(|i| i.all_positions)
+        (self.echo && self.logprobs.is_some()) || self.inspect.as_ref().is_some_and(|i| i.all_positions)
     }
 }
 

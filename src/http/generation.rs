@@ -273,7 +273,7 @@ pub(super) async fn generate<R: GenerationRequest, F: Format>(
             .as_secs_f64(),
         app.shutdown.clone(),
     );
-    let span = tracing::info_span!("completion", id = %meta.id, mode = meta.multi_exit.mode);
+    let span = tracing::info_span!("completion", id = %meta.id, mode = meta.multi_exit.mode());
     let rx = app.engine.submit(valid, span)?;
     respond(rx, meta, format).await
 }

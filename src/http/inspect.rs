@@ -1,4 +1,4 @@
-//! `POST /v1/inspect`: what every exit head (and the original, and optionally a contrast)
+//! `POST /v1/inspect`: what every exit head (and the original, and any strategy asked for)
 //! predicts at the last or every prompt position. It runs through the engine's queue and
 //! batches with generation: one prefill, no second model path.
 
@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::generation::next_event;
 use super::json::{JsonBody, Parsed};
-use super::wire::{contrast_spec, dola_spec, UpperWire};
+use super::wire::{mode_object, MultiExitWire};
 use super::AppState;
 use crate::engine::request::{InspectRequest, PromptInput};
 use crate::engine::Event;
@@ -26,31 +26,16 @@ pub enum InspectPrompt {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ContrastWire {
-    pub upper: Option<UpperWire>,
-    pub lower: Option<i64>,
-    pub alpha: Option<f64>,
-    pub minimum_candidates: Option<i64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct InspectWire {
     pub model: String,
     pub prompt: Option<InspectPrompt>,
     pub top_logprobs: Option<i64>,
     pub positions: Option<String>,
-    pub contrast: Option<ContrastWire>,
-    pub dola: Option<DolaWire>,
-}
-
-/// A DoLa head to report: `multi_exit`'s DoLa fields.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DolaWire {
-    pub layers: Option<Value>,
-    pub premature: Option<String>,
-    pub relative_top: Option<f64>,
+    /// Strategies to report as heads of their own: `multi_exit` objects.
+    pub strategies: Option<Vec<MultiExitWire>>,
+    /// Shorthands: a contrast, a DoLa (`multi_exit`'s fields, `mode` implied).
+    pub contrast: Option<MultiExitWire>,
+    pub dola: Option<MultiExitWire>,
 }
 
 pub async fn inspect(
@@ -64,20 +49,16 @@ pub async fn inspect(
         deadline,
     } = body.parse_in_slot::<InspectWire>(&app.engine).await?;
     let named_mode = app.models.resolve(&req.model)?;
-    let contrast = match req.contrast {
-        None => None,
-        Some(c) => Some(contrast_spec(
-            "contrast",
-            c.upper,
-            c.lower,
-            c.alpha,
-            c.minimum_candidates,
-        )?),
-    };
-    let dola = req
-        .dola
-        .map(|d| dola_spec("dola", d.layers, d.premature, d.relative_top))
-        .transpose()?;
+    let mut strategies = Vec::new();
+    for (i, m) in req.strategies.into_iter().flatten().enumerate() {
+        let object = format!("strategies[{i}]");
+        strategies.push((object.clone(), mode_object(&object, m, None)?));
+    }
+    for (object, m) in [("contrast", req.contrast), ("dola", req.dola)] {
+        if let Some(m) = m {
+            strategies.push((object.to_string(), mode_object(object, m, Some(object))?));
+        }
+    }
     let inspect = InspectRequest {
         prompt: req.prompt.map(|p| match p {
             InspectPrompt::Text(t) => PromptInput::Text(t),
@@ -85,8 +66,7 @@ pub async fn inspect(
         }),
         top_logprobs: req.top_logprobs,
         positions: req.positions,
-        contrast,
-        dola,
+        strategies,
         named_mode,
     };
     let valid = app
@@ -128,8 +108,8 @@ pub async fn inspect(
                         "next_token_logprob": h.next_token_logprob,
                         "jsd_to_original": h.jsd_to_original,
                     });
-                    if let Some(l) = h.premature_layer {
-                        head["premature_layer"] = json!(l);
+                    if let Some((name, l)) = h.chosen {
+                        head[name] = json!(l);
                     }
                     head
                 })

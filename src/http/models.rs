@@ -1,12 +1,12 @@
 //! The model ids this server answers to. `NAME` is the served model in the server's default
-//! mode; `NAME:original`, `NAME:exit-L`, `NAME:contrast-U-L` (`U` a layer or `original`) and
-//! `NAME:dola-low`, `NAME:dola-high`, `NAME:dola-L-L-...` pick a mode, as do the operator's presets (`NAME:<preset>`). A client that can only set
-//! `model` (lm-eval, LangChain, any plain OpenAI client) can so choose any mode.
+//! mode; `NAME:SUFFIX` picks a mode, each strategy spelling its own suffixes
+//! (`NAME:exit-L`, `NAME:contrast-U-L`, `NAME:dola-low`, `NAME:early-exit-0.9`, ...), as do the
+//! operator's presets (`NAME:<preset>`). A client that can only set `model` (lm-eval,
+//! LangChain, any plain OpenAI client) can so choose any mode.
 
 use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec};
 use crate::engine::Validator;
-use crate::model::mode::{DolaLayers, DolaParams, Layers};
-use crate::model::{Mode, Upper};
+use crate::model::Mode;
 
 use super::error::ApiError;
 
@@ -40,7 +40,8 @@ impl ModelIds {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
             if !ok_chars || Mode::is_reserved_id_suffix(name) {
                 return Err(format!(
-                    "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and not a built-in mode (original, exit-L, contrast-U-L, dola-..., sled, early-exit-...)"
+                    "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and does not read as a built-in mode's id ({})",
+                    Mode::id_forms("NAME")
                 ));
             }
             if resolved.iter().any(|p| p.name == *name) {
@@ -87,63 +88,25 @@ impl ModelIds {
         }
         let mode = Mode::from_id_suffix(suffix).ok_or_else(not_found)?;
         self.validator
-            .mode(&mode.into())
+            .check_mode(mode)
             .map(Some)
             .map_err(|_| not_found())
     }
 
-    /// Every id worth listing, with its mode (None: the default mode of the bare name).
+    /// Every id worth listing, with its mode (None: the default mode of the bare name):
+    /// what each strategy lists for this model, where it validates and has an id.
     pub fn listed(&self) -> Vec<(String, Option<Mode>)> {
         let limits = self.validator.limits();
-        let exits = &limits.exit_layers;
-        let top = exits.iter().copied().max();
-        let mut modes = vec![Mode::Original];
-        modes.extend(exits.iter().map(|&l| Mode::Exit(l)));
-        let contrast = |upper, lower| {
-            Mode::Contrast(crate::model::ContrastParams {
-                upper,
-                lower,
-                alpha: crate::model::mode::DEFAULT_ALPHA,
-                minimum_candidates: crate::model::mode::DEFAULT_MINIMUM_CANDIDATES,
-            })
-        };
-        if let Some(top) = top {
-            modes.extend(
-                exits
-                    .iter()
-                    .filter(|&&l| l < top)
-                    .map(|&l| contrast(Upper::Exit(top), l)),
-            );
-        }
-        modes.extend(
-            exits
-                .iter()
-                .filter(|&&l| l < limits.num_layers)
-                .map(|&l| contrast(Upper::Original, l)),
-        );
-        // DoLa: the lower and upper halves, and every exit below the top, where they are exits
-        let below_top: Vec<usize> = exits
-            .iter()
-            .copied()
-            .filter(|&l| l < limits.num_layers)
-            .collect();
-        let mut dola = vec![DolaLayers::Low, DolaLayers::High];
-        if let Some(set) = Layers::from_list(below_top).filter(|s| !s.is_empty()) {
-            dola.push(DolaLayers::List(set));
-        }
-        modes.extend(dola.into_iter().filter_map(|layers| {
-            let asked = Mode::Dola(DolaParams::new(layers));
-            self.validator.mode(&asked.into()).ok()
-        }));
-        // SLED over the exits below the top, with the authors' parameters; early exit at 0.9
-        let early = Mode::EarlyExit(crate::model::mode::EarlyExitParams::new(0.9));
-        for m in [Mode::Sled(Default::default()), early] {
-            modes.extend(self.validator.mode(&m.into()).ok());
-        }
         let mut out = vec![(self.base.clone(), None)];
-        for m in modes {
+        for asked in Mode::listed(&limits.shape()) {
+            let Ok(m) = self.validator.check_mode(asked) else {
+                continue;
+            };
             if let Some(s) = m.id_suffix() {
-                out.push((format!("{}:{s}", self.base), Some(m)));
+                let id = format!("{}:{s}", self.base);
+                if !out.iter().any(|(listed, _)| *listed == id) {
+                    out.push((id, Some(m)));
+                }
             }
         }
         out.extend(
@@ -167,9 +130,7 @@ impl ModelIds {
     fn forms(&self) -> String {
         let exits = &self.validator.limits().exit_layers;
         let b = &self.base;
-        let mut s = format!(
-            "`{b}`, `{b}:original`, `{b}:exit-L`, `{b}:contrast-U-L` (L an exit layer {exits:?}, U a higher exit or `original`) or `{b}:dola-low`, `{b}:dola-high`, `{b}:dola-L-L` (DoLa over those exits), `{b}:sled` (SLED over the exits below the top), `{b}:early-exit-T` (T the confidence threshold, e.g. 0.9)"
-        );
+        let mut s = format!("{} (exits: {exits:?})", Mode::id_forms(b));
         if !self.presets.is_empty() {
             let names: Vec<String> = self
                 .presets

@@ -17,10 +17,10 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 /// `original`, `exit:L`, `contrast:U,L` (U a layer or `original`) with the reference's defaults.
 fn parse_mode(s: &str) -> Mode {
     if s == "original" {
-        return Mode::Original;
+        return Mode::ORIGINAL;
     }
     if let Some(l) = s.strip_prefix("exit:") {
-        return Mode::Exit(l.parse().unwrap());
+        return Mode::exit(l.parse().unwrap());
     }
     let (u, l) = s
         .strip_prefix("contrast:")
@@ -386,7 +386,7 @@ fn exit_mode_skips_upper_layers() {
         .stats
         .block_evals
         .load(std::sync::atomic::Ordering::Relaxed);
-    greedy_batch(&m, &[(Mode::Exit(1), vec![1, 2, 3])], 3);
+    greedy_batch(&m, &[(Mode::exit(1), vec![1, 2, 3])], 3);
     let after = m
         .model
         .stats

@@ -71,7 +71,7 @@ impl Batcher {
             .iter()
             .map(|s| {
                 let r = s.request.borrow();
-                let inspect_all = r.req.inspect.is_some_and(|i| i.all_positions);
+                let inspect_all = r.req.inspect.as_ref().is_some_and(|i| i.all_positions);
                 SeqView {
                     prompt_left: s.prompt.len() - s.prefilled,
                     can_emit: r.can_emit(),

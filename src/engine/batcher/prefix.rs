@@ -22,14 +22,14 @@ fn key<'a>(r: &'a RequestState, prompt: &'a [u32]) -> Lookup<'a> {
 /// What `prompt` asks of the cache; None when it cannot start from a cached prefix (an
 /// inspection of every position evaluates every head there).
 fn lookup<'a>(r: &'a RequestState, prompt: &'a [u32]) -> Option<Lookup<'a>> {
-    let inspects_all = r.req.inspect.is_some_and(|i| i.all_positions);
+    let inspects_all = r.req.inspect.as_ref().is_some_and(|i| i.all_positions);
     (!inspects_all).then(|| key(r, prompt))
 }
 
 /// The prompt logprobs a request reports (echo with logprobs): its mode and top entries.
 fn scoring(r: &RequestState) -> Option<(crate::model::Mode, usize)> {
     let req = &r.req;
-    match (req.echo, req.logprobs, req.inspect) {
+    match (req.echo, req.logprobs, &req.inspect) {
         (true, Some(top), None) => Some((req.mode, top)),
         _ => None,
     }

@@ -81,7 +81,7 @@ impl Batcher {
                     metrics.prompt_tokens.increment(take as u64);
                     seq.prefilled += take;
                 }
-                let inspect = seq.request.borrow().req.inspect;
+                let inspect = seq.request.borrow().req.inspect.clone();
                 if let Some(spec) = inspect {
                     inject(fault, Phase::Score, &seq.prompt);
                     record_inspection(seq, &spec, start, take, all_positions, &logits, tokenizer);
@@ -99,7 +99,7 @@ impl Batcher {
                 }
                 let kind = row.kind;
                 let mode = match (kind, &seq.spec) {
-                    (StepKind::Draft, Some(spec)) => Mode::Exit(spec.spec.draft_layer),
+                    (StepKind::Draft, Some(spec)) => Mode::exit(spec.spec.draft_layer),
                     _ => {
                         let r = seq.request.borrow();
                         r.req.mode.at_token(seq.generated, r.req.max_tokens)

@@ -127,67 +127,17 @@ pub enum ValidationError {
     Positions(String),
     #[error("`positions`: \"all\" inspects every prompt position, at most {max} (--max-inspect-positions); the prompt has {got}: send a shorter prompt or \"last\"")]
     TooManyInspectedPositions { got: usize, max: usize },
-    #[error("`contrast` must be a contrast mode")]
-    NotAContrast,
-    #[error(
-        "`contrast` asks for another contrast than the one named by `model`; send one of them"
-    )]
-    ContrastConflict,
-    /// `object`: the mode object, `multi_exit` (or an inspection's `contrast`).
-    #[error("`{object}.{field}` is required; available exits: {exits:?}")]
-    LayerRequired {
-        object: &'static str,
-        field: &'static str,
-        exits: Vec<usize>,
-    },
-    #[error(
-        "`{object}.{field}` = {got} is not an exit layer of this model; available exits: {exits:?}"
-    )]
-    NotAnExit {
-        object: &'static str,
-        field: &'static str,
-        got: i64,
-        exits: Vec<usize>,
-    },
-    #[error("`{object}.layers` must be \"low\", \"high\" or a list of layers, got {got}")]
-    DolaLayers { object: &'static str, got: String },
-    #[error("`{object}.layers` leaves no premature layer below the top ({num_layers}): name layers from 0 (the embeddings) to {}", num_layers - 1)]
-    DolaNoCandidates {
-        object: &'static str,
-        num_layers: usize,
-    },
-    #[error("`{object}.premature` = \"{premature}\" leaves SLED no premature layer below the top (exits: {exits:?}); \"lm_head\" reads every block's output")]
-    SledNoCandidates {
-        object: &'static str,
-        premature: &'static str,
-        exits: Vec<usize>,
-    },
-    #[error("`{object}.threshold` is required: the softmax margin in [0, 1] at which a token leaves at an exit (1: never)")]
-    ThresholdRequired { object: &'static str },
-    #[error("`{object}.measure` must be \"softmax_margin\", got {got:?}")]
-    Measure { object: &'static str, got: String },
-    #[error(
-        "`{object}.mode`: early exit needs an exit below the top; this model's exits: {exits:?}"
-    )]
-    NoExitBelowTop {
-        object: &'static str,
-        exits: Vec<usize>,
-    },
+    #[error("`{object}` asks for another {kind} than the one named by `model`; send one of them")]
+    InspectConflict { object: String, kind: &'static str },
+    #[error("`{object}.mode`: the original and exit heads are always reported; name a strategy that combines heads")]
+    InspectHead { object: String },
+    #[error("`strategies` takes at most {max} strategies, got {got}")]
+    TooManyInspectedStrategies { got: usize, max: usize },
+    /// A mode object's field, refused by its strategy (the message names the field).
+    #[error(transparent)]
+    Param(#[from] crate::model::mode::ParamError),
     #[error("`speculative` does not combine with early exit: each token already leaves at the first confident exit")]
     SpeculativeEarlyExit,
-    #[error("`{object}.premature` must be \"exits\" or \"lm_head\", got {got:?}")]
-    Premature { object: &'static str, got: String },
-    #[error("`{object}.upper` is required: an exit layer {exits:?} or \"original\"")]
-    UpperRequired {
-        object: &'static str,
-        exits: Vec<usize>,
-    },
-    #[error("`{object}.upper` ({upper}) must be above `{object}.lower` ({lower})")]
-    UpperNotAbove {
-        object: &'static str,
-        upper: usize,
-        lower: usize,
-    },
     #[error("this model has no chat template: start the server with --chat-template FILE (config/chat-template-base.jinja is a plain one for base models), or send a prompt to /v1/completions")]
     NoChatTemplate,
     #[error("`messages`: {0}")]
@@ -244,22 +194,10 @@ impl ValidationError {
             | PromptTokenId { .. } => "prompt".into(),
             TokenId { .. } | DetokenizeTooLong { .. } => "tokens".into(),
             Positions(_) | TooManyInspectedPositions { .. } => "positions".into(),
-            NotAContrast | ContrastConflict => "contrast".into(),
-            LayerRequired { object, field, .. } | NotAnExit { object, field, .. } => {
-                format!("{object}.{field}")
-            }
-            UpperRequired { object, .. } | UpperNotAbove { object, .. } => {
-                format!("{object}.upper")
-            }
-            DolaLayers { object, .. } | DolaNoCandidates { object, .. } => {
-                format!("{object}.layers")
-            }
-            Premature { object, .. } | SledNoCandidates { object, .. } => {
-                format!("{object}.premature")
-            }
-            ThresholdRequired { object } => format!("{object}.threshold"),
-            Measure { object, .. } => format!("{object}.measure"),
-            NoExitBelowTop { object, .. } => format!("{object}.mode"),
+            InspectConflict { object, .. } => object.clone(),
+            InspectHead { object } => format!("{object}.mode"),
+            TooManyInspectedStrategies { .. } => "strategies".into(),
+            Param(p) => p.param.clone(),
             SpeculativeEarlyExit => "speculative".into(),
             CacheSalt { .. } => "cache_salt".into(),
             NoChatTemplate | ChatTemplate(_) | MessagesTooLong { .. } | EmptyChatPrompt => {

@@ -22,6 +22,7 @@ use super::request::{
 use super::scheduler::Budget;
 use super::stop::StopSet;
 use super::structured::{Constraint, ConstraintRequest, Grammars};
+use crate::model::mode::ModelShape;
 use crate::model::{ChatTemplate, Mode, TextTokenizer};
 
 /// Limits a request is checked against (from the configuration and the model).
@@ -61,7 +62,22 @@ pub struct Limits {
     pub speculative_max_draft_tokens: usize,
 }
 
+impl Limits {
+    /// The model's shape, as strategies check their parameters against it.
+    pub fn shape(&self) -> ModelShape<'_> {
+        ModelShape {
+            num_layers: self.num_layers,
+            exits: &self.exit_layers,
+            tied_head: self.tied_head,
+            vocab_size: self.vocab_size,
+        }
+    }
+}
+
 pub const MAX_LOGPROBS: i64 = 5;
+/// Strategies one inspection may report besides the heads (each is a head's work again at
+/// every position).
+pub const MAX_INSPECT_STRATEGIES: usize = 8;
 /// Chat's `top_logprobs` bound (OpenAI's).
 pub const MAX_CHAT_TOP_LOGPROBS: i64 = 20;
 /// Top tokens an inspection reports per head and position.
@@ -290,25 +306,7 @@ impl Validator {
             Some("all") => true,
             Some(other) => return Err(ValidationError::Positions(other.into())),
         };
-        let contrast = match (&req.contrast, req.named_mode) {
-            (Some(spec), named) => match (self.mode_in("contrast", spec)?, named) {
-                (Mode::Contrast(c), Some(Mode::Contrast(n))) if c != n => {
-                    return Err(ValidationError::ContrastConflict)
-                }
-                (Mode::Contrast(c), _) => Some(c),
-                _ => return Err(ValidationError::NotAContrast),
-            },
-            (None, Some(Mode::Contrast(c))) => Some(c),
-            (None, _) => None,
-        };
-        let dola = match (&req.dola, req.named_mode) {
-            (Some(spec), _) => match self.mode_in("dola", spec)? {
-                Mode::Dola(d) => Some(d),
-                _ => unreachable!("the wire makes a DoLa spec of `dola`"),
-            },
-            (None, Some(Mode::Dola(d))) => Some(d),
-            (None, _) => None,
-        };
+        let strategies = self.inspected_strategies(&req)?;
         let prompt = req.prompt.ok_or(ValidationError::PromptRequired)?;
         let prompt = self.prompts(&[prompt])?.remove(0);
         let max = self.limits.max_inspect_positions;
@@ -321,7 +319,7 @@ impl Validator {
         self.fits_alone(prompt.len(), 0, 1, "n", "prompt")?;
         Ok(ValidRequest {
             prompts: vec![prompt],
-            mode: Mode::Original,
+            mode: Mode::ORIGINAL,
             max_tokens: 0,
             sampling: SamplingParams::greedy(),
             n: 1,
@@ -334,13 +332,50 @@ impl Validator {
             inspect: Some(InspectSpec {
                 top_logprobs: top as usize,
                 all_positions,
-                contrast,
-                dola,
+                strategies: strategies.into(),
             }),
             speculative: None,
             priority: 0,
             cache_salt: None,
             constraint: None,
         })
+    }
+
+    /// The strategies an inspection reports besides the heads: those it asks for, and the
+    /// one its model id names (which must agree with any it asks for of the same kind).
+    fn inspected_strategies(&self, req: &InspectRequest) -> Result<Vec<Mode>, ValidationError> {
+        if req.strategies.len() > MAX_INSPECT_STRATEGIES {
+            return Err(ValidationError::TooManyInspectedStrategies {
+                got: req.strategies.len(),
+                max: MAX_INSPECT_STRATEGIES,
+            });
+        }
+        let mut out: Vec<Mode> = Vec::new();
+        for (object, spec) in &req.strategies {
+            let mode = self.mode_in(object, spec)?;
+            if matches!(mode, Mode::Original(_) | Mode::Exit(_)) {
+                return Err(ValidationError::InspectHead {
+                    object: object.clone(),
+                });
+            }
+            if let Some(named) = req.named_mode {
+                if named.label() == mode.label() && named != mode {
+                    return Err(ValidationError::InspectConflict {
+                        object: object.clone(),
+                        kind: mode.label(),
+                    });
+                }
+            }
+            if !out.contains(&mode) {
+                out.push(mode);
+            }
+        }
+        if let Some(named) = req.named_mode {
+            let combines = !matches!(named, Mode::Original(_) | Mode::Exit(_));
+            if combines && !out.contains(&named) {
+                out.push(named);
+            }
+        }
+        Ok(out)
     }
 }

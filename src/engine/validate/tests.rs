@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use super::{Limits, ValidationError, Validator};
 use crate::engine::request::{
     GenerateRequest, InspectRequest, ModeSpec, PromptInput, SpeculativeRequest, SpeculativeSpec,
-    UpperSpec,
 };
 use crate::engine::scheduler::Budget;
 use crate::model::source::TokenizerFiles;
@@ -31,7 +30,7 @@ fn validator_with(edit: impl FnOnce(&mut Limits)) -> Validator {
         exit_layers: vec![1, 2, 4],
         num_layers: 4,
         tied_head: true,
-        default_mode: Mode::Original,
+        default_mode: Mode::ORIGINAL,
         request_timeout: Duration::from_secs(60),
         budget: Budget {
             max_sequences: 3,
@@ -73,20 +72,25 @@ fn refused(edit: impl FnOnce(&mut GenerateRequest), param: &str, message: &str) 
     assert_eq!(refusal(req), (param.to_string(), message.to_string()));
 }
 
-fn contrast(upper: Option<UpperSpec>, lower: Option<i64>) -> ModeSpec {
-    ModeSpec::Contrast {
-        upper,
-        lower,
-        alpha: None,
-        minimum_candidates: None,
+/// A mode object as a client sends it (`mode` and its fields).
+fn spec(object: serde_json::Value) -> ModeSpec {
+    let mut fields = object.as_object().unwrap().clone();
+    let mode = fields.remove("mode").unwrap();
+    ModeSpec {
+        mode: Mode::known_label(mode.as_str().unwrap()).unwrap(),
+        fields,
     }
+}
+
+fn contrast(upper: serde_json::Value, lower: serde_json::Value) -> ModeSpec {
+    spec(serde_json::json!({"mode": "contrast", "upper": upper, "lower": lower}))
 }
 
 #[test]
 fn a_valid_request_gets_its_defaults() {
     let v = validator().validate(request(), Instant::now()).unwrap();
     assert_eq!(v.prompts, vec![vec![1, 2, 3]]);
-    assert_eq!(v.mode, Mode::Original);
+    assert_eq!(v.mode, Mode::ORIGINAL);
     assert_eq!((v.max_tokens, v.n, v.best_of), (16, 1, 1));
     assert_eq!(v.sampling.temperature, 1.0);
     assert_eq!(v.logprobs, None);
@@ -300,30 +304,28 @@ fn prompts() {
 /// DoLa's layers resolved against the test model (4 layers, exits 1, 2 and 4, tied head).
 #[test]
 fn dola_modes() {
-    use crate::engine::request::DolaLayersSpec;
     use crate::model::mode::{DolaLayers, DolaParams, Layers, Premature};
+    use serde_json::{json, Value};
     let v = validator();
-    let dola = |layers: Option<DolaLayersSpec>, premature: Option<&str>, rt: Option<f64>| {
-        v.mode(&ModeSpec::Dola {
-            layers,
-            premature: premature.map(String::from),
-            relative_top: rt,
-        })
+    let dola = |layers: Value, premature: Option<&str>, rt: Option<f64>| {
+        v.mode(&spec(
+            json!({"mode": "dola", "layers": layers, "premature": premature, "relative_top": rt}),
+        ))
         .map(|m| match m {
             Mode::Dola(d) => (d.candidates.iter().collect::<Vec<_>>(), d.premature),
             other => panic!("{other:?}"),
         })
         .map_err(|e| (e.param(), e.to_string()))
     };
-    let named = |n: &str| Some(DolaLayersSpec::Named(n.into()));
-    let list = |l: &[i64]| Some(DolaLayersSpec::List(l.to_vec()));
+    let named = |n: &str| json!(n);
+    let list = |l: &[i64]| json!(l);
     // N = 4, tied: start 2 = N/2, so "low" is [2]; "high" is range(2, 4, 2)
     assert_eq!(
         dola(named("low"), None, None),
         Ok((vec![2], Premature::Exits))
     );
     assert_eq!(
-        dola(None, None, None),
+        dola(Value::Null, None, None),
         Ok((vec![2], Premature::Exits)),
         "high by default"
     );
@@ -350,12 +352,13 @@ fn dola_modes() {
         "multi_exit.relative_top"
     );
     assert_eq!(
-        param(dola(list(&[1]), None, Some(f64::NAN))),
-        "multi_exit.relative_top"
+        param(dola(json!({"x": 1}), None, None)),
+        "multi_exit.layers"
     );
+    assert_eq!(param(dola(json!([1.5]), None, None)), "multi_exit.layers");
     // a mode parsed from text validates as the request's would
     let parsed: Mode = "dola:1-2,relative_top=0.5".parse().unwrap();
-    let Mode::Dola(p) = v.mode(&parsed.into()).unwrap() else {
+    let Mode::Dola(p) = v.check_mode(parsed).unwrap() else {
         panic!()
     };
     assert_eq!(
@@ -373,19 +376,9 @@ fn dola_modes() {
 #[test]
 fn sled_modes() {
     use crate::model::mode::{Premature, SledParams};
-    let sled = |v: &Validator, fields: serde_json::Value| {
-        let f = |k: &str| fields.get(k).and_then(|x| x.as_f64());
-        v.mode(&ModeSpec::Sled {
-            premature: fields
-                .get("premature")
-                .and_then(|x| x.as_str())
-                .map(String::from),
-            evolution_rate: f("evolution_rate"),
-            evolution_scale: fields.get("evolution_scale").and_then(|x| x.as_i64()),
-            evolution_lower_bound: f("evolution_lower_bound"),
-            alpha: f("alpha"),
-        })
-        .map(|m| match m {
+    let sled = |v: &Validator, mut fields: serde_json::Value| {
+        fields["mode"] = "sled".into();
+        v.mode(&spec(fields)).map(|m| match m {
             Mode::Sled(p) => p,
             other => panic!("{other:?}"),
         })
@@ -413,6 +406,8 @@ fn sled_modes() {
         ),
         (serde_json::json!({"alpha": -0.5}), "alpha"),
         (serde_json::json!({"premature": "top"}), "premature"),
+        (serde_json::json!({"evolution_scale": 2.5}), "evolution_scale"),
+        (serde_json::json!({"layers": [1]}), "layers"),
     ] {
         assert_eq!(
             sled(&v, fields.clone()),
@@ -429,7 +424,7 @@ fn sled_modes() {
     assert!(sled(&top_only, serde_json::json!({"premature": "lm_head"})).is_ok());
     // the flag form and the model id validate as a request would
     let parsed: Mode = "sled:evolution_scale=10,alpha=0".parse().unwrap();
-    let Mode::Sled(p) = v.mode(&parsed.into()).unwrap() else {
+    let Mode::Sled(p) = v.check_mode(parsed).unwrap() else {
         panic!()
     };
     assert_eq!(
@@ -447,27 +442,31 @@ fn modes() {
     let v = validator();
     let mode = |spec: ModeSpec| v.mode(&spec).map_err(|e| (e.param(), e.to_string()));
     let err = |p: &str, m: &str| Err((p.to_string(), m.to_string()));
-    assert_eq!(mode(ModeSpec::Exit { layer: Some(2) }), Ok(Mode::Exit(2)));
+    use serde_json::json;
     assert_eq!(
-        mode(ModeSpec::Exit { layer: None }),
+        mode(spec(json!({"mode": "exit", "layer": 2}))),
+        Ok(Mode::exit(2))
+    );
+    assert_eq!(
+        mode(spec(json!({"mode": "exit"}))),
         err(
             "multi_exit.layer",
             "`multi_exit.layer` is required; available exits: [1, 2, 4]"
         )
     );
     assert_eq!(
-        mode(ModeSpec::Exit { layer: Some(3) }),
+        mode(spec(json!({"mode": "exit", "layer": 3}))),
         err(
             "multi_exit.layer",
             "`multi_exit.layer` = 3 is not an exit layer of this model; available exits: [1, 2, 4]"
         )
     );
     assert_eq!(
-        mode(ModeSpec::Exit { layer: Some(-1) }),
+        mode(spec(json!({"mode": "exit", "layer": -1}))),
         err("multi_exit.layer", "`multi_exit.layer` = -1 is not an exit layer of this model; available exits: [1, 2, 4]")
     );
     assert_eq!(
-        mode(contrast(Some(UpperSpec::Original), Some(1))),
+        mode(contrast(json!("original"), json!(1))),
         Ok(Mode::Contrast(ContrastParams {
             upper: Upper::Original,
             lower: 1,
@@ -476,45 +475,39 @@ fn modes() {
         }))
     );
     assert_eq!(
-        mode(contrast(None, Some(1))),
+        mode(contrast(json!(null), json!(1))),
         err(
             "multi_exit.upper",
             "`multi_exit.upper` is required: an exit layer [1, 2, 4] or \"original\""
         )
     );
     assert_eq!(
-        mode(contrast(Some(UpperSpec::Layer(2)), None)),
+        mode(contrast(json!(2), json!(null))),
         err(
             "multi_exit.lower",
             "`multi_exit.lower` is required; available exits: [1, 2, 4]"
         )
     );
     assert_eq!(
-        mode(contrast(Some(UpperSpec::Layer(2)), Some(4))),
+        mode(contrast(json!(2), json!(4))),
         err(
             "multi_exit.upper",
             "`multi_exit.upper` (2) must be above `multi_exit.lower` (4)"
         )
     );
     assert_eq!(
-        mode(ModeSpec::Contrast {
-            upper: Some(UpperSpec::Layer(4)),
-            lower: Some(1),
-            alpha: Some(0.0),
-            minimum_candidates: None
-        }),
+        mode(spec(
+            json!({"mode": "contrast", "upper": 4, "lower": 1, "alpha": 0.0})
+        )),
         err(
             "multi_exit.alpha",
             "`multi_exit.alpha` must be in (0, 1], got 0"
         )
     );
     assert_eq!(
-        mode(ModeSpec::Contrast {
-            upper: Some(UpperSpec::Layer(4)),
-            lower: Some(1),
-            alpha: None,
-            minimum_candidates: Some(0)
-        }),
+        mode(spec(
+            json!({"mode": "contrast", "upper": 4, "lower": 1, "minimum_candidates": 0})
+        )),
         err(
             "multi_exit.minimum_candidates",
             "`multi_exit.minimum_candidates` must be in [1, 50257], got 0"
@@ -523,18 +516,47 @@ fn modes() {
     // A mode named by the model id and a contradicting `multi_exit`.
     refused(
         |r| {
-            r.named_mode = Some(Mode::Exit(1));
-            r.mode = Some(ModeSpec::Exit { layer: Some(2) });
+            r.named_mode = Some(Mode::exit(1));
+            r.mode = Some(spec(json!({"mode": "exit", "layer": 2})));
         },
         "multi_exit",
         "`multi_exit` asks for another mode than the one named by `model`; send one of them",
     );
+    // Fields the strategy does not take, and fields of the wrong type, are refused by name.
+    assert_eq!(
+        mode(spec(json!({"mode": "exit", "layer": 2, "lower": 1}))),
+        err(
+            "multi_exit.lower",
+            "unknown field `multi_exit.lower`: mode `exit` takes layer"
+        )
+    );
+    assert_eq!(
+        mode(spec(json!({"mode": "contrast", "upper": "top", "lower": 1}))),
+        err(
+            "multi_exit.upper",
+            "`multi_exit.upper` must be an exit layer or \"original\", got \"top\""
+        )
+    );
+    assert_eq!(
+        mode(spec(json!({"mode": "early_exit", "threshold": "high"}))),
+        err(
+            "multi_exit.threshold",
+            "`multi_exit.threshold` must be a number, got \"high\""
+        )
+    );
     // A mode parsed from text validates as the same object would.
     assert_eq!(
-        v.mode(&"exit:4".parse::<Mode>().unwrap().into()),
-        Ok(Mode::Exit(4))
+        v.check_mode("exit:4".parse::<Mode>().unwrap()),
+        Ok(Mode::exit(4))
     );
-    assert!(v.mode(&"exit:3".parse::<Mode>().unwrap().into()).is_err());
+    assert!(v.check_mode("exit:3".parse::<Mode>().unwrap()).is_err());
+    assert_eq!(
+        v.check_mode("contrast:4,1,alpha=5".parse::<Mode>().unwrap())
+            .unwrap_err()
+            .param(),
+        "multi_exit.alpha",
+        "a flag's parameters are range-checked as a request's"
+    );
 }
 
 #[test]
@@ -553,7 +575,7 @@ fn speculation() {
     };
     let err = |p: &str, m: &str| Err((p.to_string(), m.to_string()));
     assert_eq!(
-        spec(None, None, Mode::Original),
+        spec(None, None, Mode::ORIGINAL),
         Ok(Some(SpeculativeSpec {
             draft_layer: 2,
             max_draft_tokens: 4,
@@ -561,28 +583,28 @@ fn speculation() {
         }))
     );
     assert_eq!(
-        spec(None, None, Mode::Exit(1)),
+        spec(None, None, Mode::exit(1)),
         err("speculative.draft_layer", "`speculative.draft_layer` is needed: no exit lies at or below half of this mode's depth (1)")
     );
     assert_eq!(
-        spec(Some(3), None, Mode::Original),
+        spec(Some(3), None, Mode::ORIGINAL),
         err(
             "speculative.draft_layer",
             "`speculative.draft_layer` must be one of the exit layers [1, 2, 4], got 3"
         )
     );
     assert_eq!(
-        spec(Some(2), None, Mode::Exit(2)),
+        spec(Some(2), None, Mode::exit(2)),
         err("speculative.draft_layer", "`speculative.draft_layer` (2) must lie below the layer this mode decodes from (2): the draft is verified by the mode's own distribution")
     );
     assert_eq!(
-        spec(Some(1), Some(17), Mode::Original),
+        spec(Some(1), Some(17), Mode::ORIGINAL),
         err(
             "speculative.max_draft_tokens",
             "`speculative.max_draft_tokens` must be in [1, 16], got 17"
         )
     );
-    assert_eq!(v.speculative(None, &Mode::Original), Ok(None));
+    assert_eq!(v.speculative(None, &Mode::ORIGINAL), Ok(None));
 }
 
 #[test]
@@ -599,10 +621,11 @@ fn inspections() {
             .map_err(|e| (e.param(), e.to_string()))
     };
     let err = |p: &str, m: &str| Err((p.to_string(), m.to_string()));
+    use serde_json::json;
     let ok = inspect(&|_| {}).unwrap();
     assert_eq!(
-        (ok.top_logprobs, ok.all_positions, ok.contrast),
-        (5, false, None)
+        (ok.top_logprobs, ok.all_positions, ok.strategies.len()),
+        (5, false, 0)
     );
     assert_eq!(
         inspect(&|r| r.top_logprobs = Some(21)),
@@ -619,41 +642,69 @@ fn inspections() {
         inspect(&|r| r.prompt = None),
         err("prompt", "`prompt` is required")
     );
+    let asks = |object: &str, s: ModeSpec| vec![(object.to_string(), s)];
     assert_eq!(
-        inspect(&|r| r.contrast = Some(ModeSpec::Original)),
-        err("contrast", "`contrast` must be a contrast mode")
+        inspect(&|r| r.strategies = asks("strategies[0]", spec(json!({"mode": "exit", "layer": 2})))),
+        err("strategies[0].mode", "`strategies[0].mode`: the original and exit heads are always reported; name a strategy that combines heads")
     );
-    // A contrast model id and a contrast object that disagree (they may agree).
+    // A strategy named by the model id is reported; one of its kind asked for must agree.
     let named = "contrast:4,1".parse::<Mode>().ok();
     assert_eq!(
         inspect(&|r| {
             r.named_mode = named;
-            r.contrast = Some(contrast(Some(UpperSpec::Layer(4)), Some(2)));
+            r.strategies = asks("contrast", contrast(json!(4), json!(2)));
         }),
         err(
             "contrast",
             "`contrast` asks for another contrast than the one named by `model`; send one of them"
         )
     );
-    assert!(inspect(&|r| {
+    let agreed = inspect(&|r| {
         r.named_mode = named;
-        r.contrast = Some(contrast(Some(UpperSpec::Layer(4)), Some(1)));
+        r.strategies = asks("contrast", contrast(json!(4), json!(1)));
     })
-    .is_ok());
-    // A contrast object's errors name the `contrast` field.
+    .unwrap();
+    assert_eq!(agreed.strategies.len(), 1, "reported once");
+    let both = inspect(&|r| {
+        r.named_mode = named;
+        r.strategies = asks("strategies[0]", spec(json!({"mode": "dola", "layers": [1, 2]})));
+    })
+    .unwrap();
     assert_eq!(
-        inspect(&|r| r.contrast = Some(contrast(Some(UpperSpec::Layer(4)), Some(3)))),
+        both.strategies.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+        ["dola:1-2", "contrast:4,1"]
+    );
+    // DoLa through the top head adds the heads it reads to those evaluated.
+    let lm = inspect(&|r| {
+        r.strategies = asks(
+            "dola",
+            spec(json!({"mode": "dola", "layers": [0, 3], "premature": "lm_head"})),
+        )
+    })
+    .unwrap();
+    assert_eq!(lm.heads(&[1, 2, 4]).len(), 4 + 2);
+    // A strategy's errors name its field.
+    assert_eq!(
+        inspect(&|r| r.strategies = asks("contrast", contrast(json!(4), json!(3)))),
         err(
             "contrast.lower",
             "`contrast.lower` = 3 is not an exit layer of this model; available exits: [1, 2, 4]"
         )
     );
     assert_eq!(
-        inspect(&|r| r.contrast = Some(contrast(Some(UpperSpec::Layer(1)), Some(2)))),
+        inspect(&|r| r.strategies = asks("strategies[1]", contrast(json!(1), json!(2)))),
         err(
-            "contrast.upper",
-            "`contrast.upper` (1) must be above `contrast.lower` (2)"
+            "strategies[1].upper",
+            "`strategies[1].upper` (1) must be above `strategies[1].lower` (2)"
         )
+    );
+    assert_eq!(
+        inspect(&|r| {
+            r.strategies = (0..9)
+                .map(|i| (format!("strategies[{i}]"), contrast(json!(4), json!(1))))
+                .collect()
+        }),
+        err("strategies", "`strategies` takes at most 8 strategies, got 9")
     );
 }
 

@@ -9,11 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::request::{
-    DolaLayersSpec, LogprobsApi, ModeSpec, PromptInput, SpeculativeRequest, UpperSpec,
-};
+use crate::engine::request::{LogprobsApi, ModeSpec, PromptInput, SpeculativeRequest};
 use crate::engine::GenerateRequest;
-use crate::model::{Mode, Upper};
+use crate::model::Mode;
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
 #[derive(Debug, Deserialize)]
@@ -39,93 +37,49 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum UpperWire {
-    Layer(i64),
-    Name(String),
-}
+/// A mode object as sent (`multi_exit`, an inspection's strategy): `mode` and the strategy's
+/// fields, read by the strategy itself (`model::mode`), so that each strategy owns its
+/// fields.
+pub type MultiExitWire = serde_json::Map<String, serde_json::Value>;
 
-/// The per-request decoding mode (the `multi_exit` extension).
-#[derive(Debug, Deserialize)]
-#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
-pub enum MultiExitWire {
-    Original {},
-    Exit {
-        layer: Option<i64>,
-    },
-    Contrast {
-        upper: Option<UpperWire>,
-        lower: Option<i64>,
-        alpha: Option<f64>,
-        minimum_candidates: Option<i64>,
-    },
-    Dola {
-        /// `"low"`, `"high"` or a list of layers (read in `dola_layers`, so that anything
-        /// else gets an error naming the field).
-        layers: Option<serde_json::Value>,
-        premature: Option<String>,
-        relative_top: Option<f64>,
-    },
-    Sled {
-        premature: Option<String>,
-        evolution_rate: Option<f64>,
-        /// A whole number (read in `whole_number`, so that another value gets an error
-        /// naming the field).
-        evolution_scale: Option<serde_json::Value>,
-        evolution_lower_bound: Option<f64>,
-        alpha: Option<f64>,
-    },
-    #[serde(rename = "early_exit")]
-    EarlyExit {
-        threshold: Option<f64>,
-        measure: Option<String>,
-        decay: Option<f64>,
-    },
-}
-
-/// A DoLa object's fields (`object`: `multi_exit`, or an inspection's `dola`) as the engine
-/// validates them.
-pub fn dola_spec(
+/// A mode object named `object` as the engine validates it. `implied`: the strategy a
+/// shorthand field stands for (an inspection's `contrast`), whose `mode` may be left out.
+pub fn mode_object(
     object: &str,
-    layers: Option<serde_json::Value>,
-    premature: Option<String>,
-    relative_top: Option<f64>,
+    mut fields: MultiExitWire,
+    implied: Option<&'static str>,
 ) -> Result<ModeSpec, super::ApiError> {
-    Ok(ModeSpec::Dola {
-        layers: layers.map(|l| dola_layers(object, l)).transpose()?,
-        premature,
-        relative_top,
-    })
-}
-
-/// DoLa's `layers` as sent: a name or a list of layer numbers.
-fn dola_layers(object: &str, v: serde_json::Value) -> Result<DolaLayersSpec, super::ApiError> {
-    let list =
-        |a: &Vec<serde_json::Value>| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>();
-    match &v {
-        serde_json::Value::String(n) => Some(DolaLayersSpec::Named(n.clone())),
-        serde_json::Value::Array(a) => list(a).map(DolaLayersSpec::List),
-        _ => None,
-    }
-    .ok_or_else(|| {
-        super::ApiError::bad(
-            Some(&format!("{object}.layers")),
-            format!(
-                "`{object}.layers` must be \"low\", \"high\" or a list of layer numbers, got {v}"
-            ),
-        )
-    })
-}
-
-/// A field that must hold a whole number, as sent.
-fn whole_number(field: &str, v: serde_json::Value) -> Result<i64, super::ApiError> {
-    v.as_i64().ok_or_else(|| {
-        super::ApiError::bad(
-            Some(field),
-            format!("`{field}` must be a whole number, got {v}"),
-        )
-    })
+    let param = format!("{object}.mode");
+    let one_of = Mode::LABELS.join(", ");
+    let mode = match (fields.remove("mode"), implied) {
+        (None | Some(serde_json::Value::Null), Some(implied)) => implied,
+        (None | Some(serde_json::Value::Null), None) => {
+            return Err(super::ApiError::bad(
+                Some(&param),
+                format!("`{param}` is required: one of {one_of}"),
+            ))
+        }
+        (Some(v), implied) => {
+            let known = v.as_str().and_then(Mode::known_label);
+            match (known, implied) {
+                (Some(m), None) => m,
+                (Some(m), Some(i)) if m == i => m,
+                (_, Some(i)) => {
+                    return Err(super::ApiError::bad(
+                        Some(&param),
+                        format!("`{param}` must be {i:?} here (or left out), got {v}"),
+                    ))
+                }
+                (None, None) => {
+                    return Err(super::ApiError::bad(
+                        Some(&param),
+                        format!("`{param}` must be one of {one_of}, got {v}"),
+                    ))
+                }
+            }
+        }
+    };
+    Ok(ModeSpec { mode, fields })
 }
 
 /// Unknown fields are rejected (400 naming the field), as OpenAI does.
@@ -198,82 +152,11 @@ impl<'de> Deserialize<'de> for SpeculativeField {
     }
 }
 
-/// A contrast object (`multi_exit`, or an inspection's `contrast`) as the engine's spec;
-/// `upper` may be a layer or "original".
-pub fn contrast_spec(
-    param: &str,
-    upper: Option<UpperWire>,
-    lower: Option<i64>,
-    alpha: Option<f64>,
-    minimum_candidates: Option<i64>,
-) -> Result<ModeSpec, super::ApiError> {
-    let upper = match upper {
-        None => None,
-        Some(UpperWire::Layer(l)) => Some(UpperSpec::Layer(l)),
-        Some(UpperWire::Name(n)) if n == "original" => Some(UpperSpec::Original),
-        Some(UpperWire::Name(n)) => {
-            return Err(super::ApiError::bad(
-                Some(&format!("{param}.upper")),
-                format!("`{param}.upper` must be an exit layer or \"original\", got {n:?}"),
-            ))
-        }
-    };
-    Ok(ModeSpec::Contrast {
-        upper,
-        lower,
-        alpha,
-        minimum_candidates,
-    })
-}
-
 /// The `multi_exit` object as the engine's spec.
 pub fn mode_spec(multi_exit: Option<MultiExitWire>) -> Result<Option<ModeSpec>, super::ApiError> {
-    Ok(match multi_exit {
-        None => None,
-        Some(MultiExitWire::Original {}) => Some(ModeSpec::Original),
-        Some(MultiExitWire::Exit { layer }) => Some(ModeSpec::Exit { layer }),
-        Some(MultiExitWire::Contrast {
-            upper,
-            lower,
-            alpha,
-            minimum_candidates,
-        }) => Some(contrast_spec(
-            "multi_exit",
-            upper,
-            lower,
-            alpha,
-            minimum_candidates,
-        )?),
-        Some(MultiExitWire::Dola {
-            layers,
-            premature,
-            relative_top,
-        }) => Some(dola_spec("multi_exit", layers, premature, relative_top)?),
-        Some(MultiExitWire::Sled {
-            premature,
-            evolution_rate,
-            evolution_scale,
-            evolution_lower_bound,
-            alpha,
-        }) => Some(ModeSpec::Sled {
-            premature,
-            evolution_rate,
-            evolution_scale: evolution_scale
-                .map(|v| whole_number("multi_exit.evolution_scale", v))
-                .transpose()?,
-            evolution_lower_bound,
-            alpha,
-        }),
-        Some(MultiExitWire::EarlyExit {
-            threshold,
-            measure,
-            decay,
-        }) => Some(ModeSpec::EarlyExit {
-            threshold,
-            measure,
-            decay,
-        }),
-    })
+    multi_exit
+        .map(|m| mode_object("multi_exit", m, None))
+        .transpose()
 }
 
 /// `speculative` as the engine reads it: (`false` sent, the object).
@@ -379,98 +262,26 @@ impl CompletionRequest {
     }
 }
 
-/// The resolved mode, echoed in responses.
+/// The resolved mode, echoed in responses: `mode`, `name` (its flag form, as
+/// `--mode-preset` takes it) and its strategy's parameters as resolved for this model.
 #[derive(Debug, Serialize, Clone)]
-pub struct MultiExitOut {
-    pub mode: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub layer: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub upper: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lower: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// The f32 alpha's shortest decimal (0.1, not 0.10000000149011612, wherever the value
-    /// passes through a `serde_json::Value`).
-    pub alpha: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub minimum_candidates: Option<usize>,
-    /// DoLa: the candidate layers, resolved (what "low" or "high" meant for this model).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub layers: Option<Vec<usize>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub premature: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub relative_top: Option<f64>,
-    /// SLED's parameters.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub evolution_rate: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub evolution_scale: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub evolution_lower_bound: Option<f64>,
-    /// Early exit's parameters (`layers`: the exits a token may leave at).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub threshold: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub measure: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub decay: Option<f64>,
+#[serde(transparent)]
+pub struct MultiExitOut(serde_json::Map<String, serde_json::Value>);
+
+impl MultiExitOut {
+    /// `multi_exit.mode`.
+    pub fn mode(&self) -> &str {
+        self.0.get("mode").and_then(|m| m.as_str()).unwrap_or("")
+    }
 }
 
 impl From<&Mode> for MultiExitOut {
     fn from(m: &Mode) -> Self {
-        let mut out = MultiExitOut {
-            mode: m.label(),
-            layer: None,
-            upper: None,
-            lower: None,
-            alpha: None,
-            minimum_candidates: None,
-            layers: None,
-            premature: None,
-            relative_top: None,
-            evolution_rate: None,
-            evolution_scale: None,
-            evolution_lower_bound: None,
-            threshold: None,
-            measure: None,
-            decay: None,
-        };
-        match *m {
-            Mode::Original => {}
-            Mode::Exit(l) => out.layer = Some(l),
-            Mode::Contrast(c) => {
-                out.upper = Some(match c.upper {
-                    Upper::Original => serde_json::json!("original"),
-                    Upper::Exit(l) => serde_json::json!(l),
-                });
-                out.lower = Some(c.lower);
-                out.alpha = c.alpha.to_string().parse().ok();
-                out.minimum_candidates = Some(c.minimum_candidates);
-            }
-            Mode::Dola(d) => {
-                out.layers = Some(d.candidates.iter().collect());
-                out.premature = Some(d.premature.name());
-                out.relative_top = d.relative_top.to_string().parse().ok();
-            }
-            Mode::Sled(p) => {
-                // the premature layers, resolved (SLED's `layers` is never sent)
-                out.layers = Some(p.candidates.iter().collect());
-                out.premature = Some(p.premature.name());
-                out.evolution_rate = p.evolution_rate.to_string().parse().ok();
-                out.evolution_scale = Some(p.evolution_scale);
-                out.evolution_lower_bound = p.evolution_lower_bound.to_string().parse().ok();
-                out.alpha = p.alpha.to_string().parse().ok();
-            }
-            Mode::EarlyExit(e) => {
-                out.layers = Some(e.exits.iter().collect());
-                out.threshold = e.threshold.to_string().parse().ok();
-                out.measure = Some("softmax_margin");
-                out.decay = e.decay.and_then(|d| d.to_string().parse().ok());
-            }
-        }
-        out
+        let mut out = serde_json::Map::new();
+        out.insert("mode".into(), m.label().into());
+        out.insert("name".into(), m.to_string().into());
+        out.extend(m.describe().into_iter().filter(|(k, _)| k != "mode"));
+        MultiExitOut(out)
     }
 }
 

@@ -4,7 +4,10 @@
 
 use std::fmt;
 
-use super::{log_sum_exp, Head};
+use serde_json::{Map, Value};
+
+use super::params::{self, Fields, Form, FormField, ModelShape, ParamError};
+use super::{log_sum_exp, Head, Strategy};
 use crate::kernels::fastmath;
 
 /// Upper side of a contrast: an exit layer or the original head.
@@ -57,6 +60,16 @@ impl ContrastParams {
     fn has_default_params(&self) -> bool {
         self.alpha == DEFAULT_ALPHA && self.minimum_candidates == DEFAULT_MINIMUM_CANDIDATES
     }
+
+    /// `upper` over `lower` with the default alpha and candidate floor.
+    pub fn new(upper: Upper, lower: usize) -> Self {
+        Self {
+            upper,
+            lower,
+            alpha: DEFAULT_ALPHA,
+            minimum_candidates: DEFAULT_MINIMUM_CANDIDATES,
+        }
+    }
 }
 
 fn parse_upper(s: &str) -> Option<Upper> {
@@ -66,54 +79,186 @@ fn parse_upper(s: &str) -> Option<Upper> {
     }
 }
 
-/// The flag form: `contrast:U,L` plus the parameters that are not the defaults.
-pub fn write_flag(c: &ContrastParams, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-    write!(f, "{c}")?;
-    if c.alpha != DEFAULT_ALPHA {
-        write!(f, ",alpha={}", c.alpha)?;
-    }
-    if c.minimum_candidates != DEFAULT_MINIMUM_CANDIDATES {
-        write!(f, ",minimum_candidates={}", c.minimum_candidates)?;
-    }
-    Ok(())
-}
+impl Strategy for ContrastParams {
+    const NAME: &'static str = "contrast";
+    const TITLE: &'static str = "contrast";
+    const FIELDS: &'static [&'static str] = &["upper", "lower", "alpha", "minimum_candidates"];
+    const ID_WORD: &'static str = "contrast";
+    const ID_FORMS: &'static str =
+        "`{b}:contrast-U-L` (U a higher exit or `original`, L a lower exit)";
+    const FLAG_FORMS: &'static str = "contrast:U,L[,alpha=A][,minimum_candidates=K]";
 
-/// The flag form after `contrast:`: `U,L[,alpha=A][,minimum_candidates=K]`, parameters in
-/// any order.
-pub fn parse_flag(rest: &str) -> Option<ContrastParams> {
-    let mut parts = rest.split(',');
-    let (u, l) = (parts.next()?, parts.next()?);
-    let mut c = ContrastParams {
-        upper: parse_upper(u.trim())?,
-        lower: l.trim().parse().ok()?,
-        alpha: DEFAULT_ALPHA,
-        minimum_candidates: DEFAULT_MINIMUM_CANDIDATES,
-    };
-    for p in parts {
-        match p.trim().split_once('=') {
-            Some(("alpha", v)) => c.alpha = v.trim().parse().ok()?,
-            Some(("minimum_candidates", v)) => c.minimum_candidates = v.trim().parse().ok()?,
-            _ => return None,
+    fn heads(&self) -> Vec<Head> {
+        vec![self.upper.into(), Head::Exit(self.lower)]
+    }
+
+    fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
+        contrast_log_q(logits[0], logits[1], self)
+    }
+
+    /// `contrast:U,L` plus the parameters that are not the defaults.
+    fn write_flag(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")?;
+        if self.alpha != DEFAULT_ALPHA {
+            write!(f, ",alpha={}", self.alpha)?;
         }
+        if self.minimum_candidates != DEFAULT_MINIMUM_CANDIDATES {
+            write!(f, ",minimum_candidates={}", self.minimum_candidates)?;
+        }
+        Ok(())
     }
-    Some(c)
-}
 
-/// The model-id suffix (`contrast-U-L`), for default parameters only.
-pub fn id_suffix(c: &ContrastParams) -> Option<String> {
-    c.has_default_params()
-        .then(|| format!("contrast-{}-{}", c.upper, c.lower))
-}
+    /// `U,L[,alpha=A][,minimum_candidates=K]`, parameters in any order.
+    fn parse_flag(rest: Option<&str>) -> Option<Self> {
+        let mut parts = rest?.split(',');
+        let (u, l) = (parts.next()?, parts.next()?);
+        let mut c = Self::new(parse_upper(u.trim())?, l.trim().parse().ok()?);
+        for p in parts {
+            match p.trim().split_once('=') {
+                Some(("alpha", v)) => c.alpha = v.trim().parse().ok()?,
+                Some(("minimum_candidates", v)) => c.minimum_candidates = v.trim().parse().ok()?,
+                _ => return None,
+            }
+        }
+        Some(c)
+    }
 
-/// What `contrast-U-L` names (the caller checks the spelling is canonical).
-pub fn from_id_suffix(suffix: &str) -> Option<ContrastParams> {
-    let (u, l) = suffix.strip_prefix("contrast-")?.split_once('-')?;
-    Some(ContrastParams {
-        upper: parse_upper(u)?,
-        lower: l.parse().ok()?,
-        alpha: DEFAULT_ALPHA,
-        minimum_candidates: DEFAULT_MINIMUM_CANDIDATES,
-    })
+    /// `contrast-U-L`, for default parameters only.
+    fn id_suffix(&self) -> Option<String> {
+        self.has_default_params()
+            .then(|| format!("contrast-{}-{}", self.upper, self.lower))
+    }
+
+    fn from_id_suffix(suffix: &str) -> Option<Self> {
+        let (u, l) = suffix.strip_prefix("contrast-")?.split_once('-')?;
+        Some(Self::new(parse_upper(u)?, l.parse().ok()?))
+    }
+
+    fn to_request(&self) -> Map<String, Value> {
+        Map::from_iter([
+            (
+                "upper".into(),
+                match self.upper {
+                    Upper::Original => "original".into(),
+                    Upper::Exit(l) => l.into(),
+                },
+            ),
+            ("lower".into(), self.lower.into()),
+            ("alpha".into(), params::number(self.alpha)),
+            ("minimum_candidates".into(), self.minimum_candidates.into()),
+        ])
+    }
+
+    fn from_request(f: &mut Fields, shape: &ModelShape) -> Result<Self, ParamError> {
+        let lower = f.exit_layer("lower", shape)?;
+        let param = f.param("upper");
+        let upper = match f.value("upper") {
+            None => {
+                return Err(ParamError::new(
+                    param.clone(),
+                    format!(
+                        "`{param}` is required: an exit layer {:?} or \"original\"",
+                        shape.exits
+                    ),
+                ))
+            }
+            Some(Value::String(s)) if s == "original" => Upper::Original,
+            Some(v) => match v.as_i64() {
+                Some(u) => Upper::Exit(params::exit_layer(&param, u, shape)?),
+                None => {
+                    return Err(ParamError::new(
+                        param.clone(),
+                        format!("`{param}` must be an exit layer or \"original\", got {v}"),
+                    ))
+                }
+            },
+        };
+        Ok(Self {
+            upper,
+            lower,
+            alpha: f.number_in("alpha", DEFAULT_ALPHA as f64, (0.0, 1.0), true)?,
+            minimum_candidates: f.count_in(
+                "minimum_candidates",
+                DEFAULT_MINIMUM_CANDIDATES as i64,
+                (1, shape.vocab_size as i64),
+            )?,
+        })
+    }
+
+    /// Both heads exits (the upper above the lower), the parameters in range.
+    fn resolve(self, object: &str, shape: &ModelShape) -> Result<Self, ParamError> {
+        let param = |name: &str| format!("{object}.{name}");
+        params::exit_layer(&param("lower"), self.lower as i64, shape)?;
+        if let Upper::Exit(u) = self.upper {
+            params::exit_layer(&param("upper"), u as i64, shape)?;
+            if u <= self.lower {
+                return Err(ParamError::new(
+                    param("upper"),
+                    format!(
+                        "`{}` ({u}) must be above `{}` ({})",
+                        param("upper"),
+                        param("lower"),
+                        self.lower
+                    ),
+                ));
+            }
+        }
+        params::in_range(&param("alpha"), self.alpha as f64, (0.0, 1.0), true)?;
+        params::count_in(
+            &param("minimum_candidates"),
+            self.minimum_candidates as i64,
+            (1, shape.vocab_size as i64),
+        )?;
+        Ok(self)
+    }
+
+    /// The top exit over each exit below it, and the original head over each exit below the
+    /// top block.
+    fn listed(shape: &ModelShape) -> Vec<Self> {
+        let mut out = Vec::new();
+        if let Some(top) = shape.exits.iter().copied().max() {
+            out.extend(
+                shape
+                    .exits
+                    .iter()
+                    .filter(|&&l| l < top)
+                    .map(|&l| Self::new(Upper::Exit(top), l)),
+            );
+        }
+        out.extend(
+            shape
+                .exits_below_top()
+                .map(|l| Self::new(Upper::Original, l)),
+        );
+        out
+    }
+
+    /// The top exit (or the original head) over an exit at about half the depth.
+    fn form(shape: &ModelShape) -> Option<Form> {
+        let half = super::exit::half_exit(shape)?;
+        let top = *shape.exits.last()?;
+        let upper: Value = if top == shape.num_layers && top > half {
+            top.into()
+        } else {
+            "original".into()
+        };
+        let exits = shape.exits.iter().copied();
+        Some(Form {
+            mode: Self::NAME,
+            title: Self::TITLE,
+            parameters: vec![
+                FormField::layers(
+                    "upper",
+                    "upper",
+                    &[("original".into(), "original".into())],
+                    exits.clone(),
+                    upper,
+                ),
+                FormField::layers("lower", "lower", &[], exits, half.into()),
+                FormField::number("alpha", "alpha", (0.0, 1.0, 0.05), DEFAULT_ALPHA),
+            ],
+        })
+    }
 }
 
 /// Autocontrastive log q (REFERENCE.md): the plausible set H keeps the tokens with

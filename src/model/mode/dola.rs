@@ -12,6 +12,11 @@
 
 use std::fmt;
 
+use serde_json::{Map, Value};
+
+use super::params::{self, Fields, Form, FormField, ModelShape, ParamError};
+use super::{Head, Inspected, Strategy};
+
 /// A set of layers (0..128; 0 = the embeddings' output), ascending: kept as bits so that a
 /// mode stays `Copy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
@@ -92,6 +97,11 @@ impl Premature {
             Premature::LmHead => "lm_head",
         }
     }
+
+    /// The one `name` names.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::NAMES.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
+    }
 }
 
 pub const DEFAULT_RELATIVE_TOP: f32 = 0.1;
@@ -122,7 +132,7 @@ impl DolaParams {
     /// range(N/2, N, 2) up to 40 layers, range(start, 20, 2) and range(N-20, N, 2) above;
     /// start 2 when tied and N > 2, 1 when tied and N == 2, else 0; a list keeps the layers
     /// below N).
-    pub fn resolve(mut self, num_layers: usize, tied: bool) -> Self {
+    pub fn with_candidates(mut self, num_layers: usize, tied: bool) -> Self {
         let n = num_layers;
         let start = first_premature_layer(n, tied);
         let range = |from: usize, to: usize| Layers::from_list((from..to).step_by(2));
@@ -197,34 +207,210 @@ pub fn parse_layers(s: &str) -> Option<DolaLayers> {
     }
 }
 
-/// The flag form's parameters after `dola:LAYERS`.
-pub fn parse_flag(rest: &str) -> Option<DolaParams> {
-    let mut parts = rest.split(',');
-    let mut p = DolaParams::new(parse_layers(parts.next()?.trim())?);
-    for part in parts {
-        match part.trim().split_once('=') {
-            Some(("premature", v)) => {
-                p.premature = Premature::NAMES
-                    .iter()
-                    .find(|(n, _)| *n == v.trim())
-                    .map(|(_, x)| *x)?
-            }
-            Some(("relative_top", v)) => p.relative_top = v.trim().parse().ok()?,
-            _ => return None,
+impl Strategy for DolaParams {
+    const NAME: &'static str = "dola";
+    const TITLE: &'static str = "DoLa";
+    const FIELDS: &'static [&'static str] = &["layers", "premature", "relative_top"];
+    const ID_WORD: &'static str = "dola";
+    const ID_FORMS: &'static str =
+        "`{b}:dola-low`, `{b}:dola-high`, `{b}:dola-L-L` (DoLa over those exits)";
+    const FLAG_FORMS: &'static str =
+        "dola:LAYERS[,premature=exits|lm_head][,relative_top=R] (LAYERS: low, high or L-L-...)";
+
+    /// The mature head, then each candidate's.
+    fn heads(&self) -> Vec<Head> {
+        std::iter::once(Head::Original)
+            .chain(self.candidates.iter().map(|l| self.premature.head(l)))
+            .collect()
+    }
+
+    /// Unnormalised: transformers' repetition penalty edits DoLa's logits.
+    fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
+        dola_logits(logits[0], &logits[1..], self.relative_top).0
+    }
+
+    fn scores_are_logprobs(&self) -> bool {
+        false
+    }
+
+    /// With the premature layer each position chose.
+    fn inspect(&self, logits: &[&[f32]]) -> Inspected {
+        let (scores, chosen) = dola_logits(logits[0], &logits[1..], self.relative_top);
+        Inspected {
+            logprobs: super::log_softmax(&scores),
+            chosen: self
+                .candidates
+                .iter()
+                .nth(chosen)
+                .map(|l| ("premature_layer", l)),
         }
     }
-    Some(p)
-}
 
-/// The model-id suffix (`dola-low`, `dola-2-4-6`), for default parameters only.
-pub fn id_suffix(p: &DolaParams) -> Option<String> {
-    p.has_default_params().then(|| format!("dola-{}", p.layers))
-}
+    /// `dola:low`, `dola:2-4-6`, plus the parameters that are not defaults.
+    fn write_flag(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
 
-pub fn from_id_suffix(suffix: &str) -> Option<DolaParams> {
-    Some(DolaParams::new(parse_layers(
-        suffix.strip_prefix("dola-")?,
-    )?))
+    /// `LAYERS[,premature=P][,relative_top=R]`.
+    fn parse_flag(rest: Option<&str>) -> Option<Self> {
+        let mut parts = rest?.split(',');
+        let mut p = DolaParams::new(parse_layers(parts.next()?.trim())?);
+        for part in parts {
+            match part.trim().split_once('=') {
+                Some(("premature", v)) => p.premature = Premature::named(v.trim())?,
+                Some(("relative_top", v)) => p.relative_top = v.trim().parse().ok()?,
+                _ => return None,
+            }
+        }
+        Some(p)
+    }
+
+    /// `dola-low`, `dola-2-4-6`, for default parameters only.
+    fn id_suffix(&self) -> Option<String> {
+        self.has_default_params()
+            .then(|| format!("dola-{}", self.layers))
+    }
+
+    fn from_id_suffix(suffix: &str) -> Option<Self> {
+        Some(DolaParams::new(parse_layers(suffix.strip_prefix("dola-")?)?))
+    }
+
+    fn to_request(&self) -> Map<String, Value> {
+        let layers: Value = match self.layers {
+            DolaLayers::Low => "low".into(),
+            DolaLayers::High => "high".into(),
+            DolaLayers::List(l) => l.iter().collect::<Vec<_>>().into(),
+        };
+        Map::from_iter([
+            ("layers".into(), layers),
+            ("premature".into(), self.premature.name().into()),
+            ("relative_top".into(), params::number(self.relative_top)),
+        ])
+    }
+
+    /// The candidates "low" or "high" meant for this model.
+    fn resolved(&self) -> Map<String, Value> {
+        Map::from_iter([(
+            "layers".into(),
+            self.candidates.iter().collect::<Vec<_>>().into(),
+        )])
+    }
+
+    fn from_request(f: &mut Fields, shape: &ModelShape) -> Result<Self, ParamError> {
+        let param = f.param("layers");
+        let bad = |got: String| {
+            ParamError::new(
+                param.clone(),
+                format!("`{param}` must be \"low\", \"high\" or a list of layers, got {got}"),
+            )
+        };
+        let layers = match f.value("layers") {
+            None => DolaLayers::High,
+            Some(Value::String(n)) => match n.as_str() {
+                "low" => DolaLayers::Low,
+                "high" => DolaLayers::High,
+                _ => return Err(bad(format!("{n:?}"))),
+            },
+            Some(Value::Array(a)) => {
+                let list: Vec<i64> = a
+                    .iter()
+                    .map(Value::as_i64)
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad(Value::Array(a.clone()).to_string()))?;
+                if let Some(&neg) = list.iter().find(|&&x| x < 0) {
+                    return Err(bad(format!("a negative layer ({neg})")));
+                }
+                // Layers at or above the top are dropped (transformers' rule).
+                let below = list
+                    .iter()
+                    .map(|&x| x as u64)
+                    .filter(|&x| x < shape.num_layers as u64)
+                    .map(|x| x as usize);
+                DolaLayers::List(
+                    Layers::from_list(below).ok_or_else(|| bad("a layer past 127".into()))?,
+                )
+            }
+            Some(other) => return Err(bad(other.to_string())),
+        };
+        Ok(DolaParams {
+            premature: f.choice("premature", &Premature::NAMES, Premature::Exits)?,
+            relative_top: f.number_in(
+                "relative_top",
+                DEFAULT_RELATIVE_TOP as f64,
+                (0.0, 1.0),
+                true,
+            )?,
+            ..DolaParams::new(layers)
+        })
+    }
+
+    /// Its candidates for this model: at least one, each an exit with `premature: exits`.
+    fn resolve(self, object: &str, shape: &ModelShape) -> Result<Self, ParamError> {
+        params::in_range(
+            &format!("{object}.relative_top"),
+            self.relative_top as f64,
+            (0.0, 1.0),
+            true,
+        )?;
+        let p = self.with_candidates(shape.num_layers, shape.tied_head);
+        let param = format!("{object}.layers");
+        if p.candidates.is_empty() {
+            return Err(ParamError::new(
+                param.clone(),
+                format!(
+                    "`{param}` leaves no premature layer below the top ({}): name layers from 0 (the embeddings) to {}",
+                    shape.num_layers,
+                    shape.num_layers.saturating_sub(1)
+                ),
+            ));
+        }
+        if p.premature == Premature::Exits {
+            if let Some(layer) = p.candidates.iter().find(|c| !shape.exits.contains(c)) {
+                params::exit_layer(&param, layer as i64, shape)?;
+            }
+        }
+        Ok(p)
+    }
+
+    /// The lower and upper halves, and every exit below the top.
+    fn listed(shape: &ModelShape) -> Vec<Self> {
+        let mut sets = vec![DolaLayers::Low, DolaLayers::High];
+        if let Some(set) = Layers::from_list(shape.exits_below_top()).filter(|s| !s.is_empty()) {
+            sets.push(DolaLayers::List(set));
+        }
+        sets.into_iter().map(DolaParams::new).collect()
+    }
+
+    fn form(shape: &ModelShape) -> Option<Form> {
+        let mut sets: Vec<(Value, String)> = vec![
+            ("high".into(), "upper half".into()),
+            ("low".into(), "lower half".into()),
+        ];
+        let below: Vec<usize> = shape.exits_below_top().collect();
+        let default: Value = if below.is_empty() {
+            "high".into()
+        } else {
+            let names: Vec<String> = below.iter().map(|l| l.to_string()).collect();
+            sets.push((below.clone().into(), format!("exits {}", names.join(", "))));
+            below.into()
+        };
+        Some(Form {
+            mode: Self::NAME,
+            title: Self::TITLE,
+            parameters: vec![
+                FormField::choice("layers", "premature", sets, default),
+                FormField::choice(
+                    "premature",
+                    "heads",
+                    vec![
+                        ("exits".into(), "trained exits".into()),
+                        ("lm_head".into(), "top head".into()),
+                    ],
+                    "exits".into(),
+                ),
+            ],
+        })
+    }
 }
 
 /// The DoLa logits from the mature head's logits and each candidate's, and the index of the
@@ -285,7 +471,7 @@ mod tests {
     fn transformers_layer_rule() {
         let cands = |layers, n, tied| {
             DolaParams::new(layers)
-                .resolve(n, tied)
+                .with_candidates(n, tied)
                 .candidates
                 .iter()
                 .collect::<Vec<_>>()
@@ -317,11 +503,11 @@ mod tests {
             ("dola:low,premature=lm_head", None),
             ("dola:1,relative_top=0.5", None),
         ] {
-            let p = parse_flag(flag.strip_prefix("dola:").unwrap()).unwrap();
+            let p = DolaParams::parse_flag(flag.strip_prefix("dola:")).unwrap();
             assert_eq!(p.to_string(), flag);
-            assert_eq!(id_suffix(&p).as_deref(), suffix);
+            assert_eq!(p.id_suffix().as_deref(), suffix);
             if let Some(s) = suffix {
-                assert_eq!(from_id_suffix(s), Some(p));
+                assert_eq!(DolaParams::from_id_suffix(s), Some(p));
             }
         }
         for bad in [
@@ -332,9 +518,9 @@ mod tests {
             "dola-x",
             "dola-2--4",
         ] {
-            assert_eq!(from_id_suffix(bad), None, "{bad}");
+            assert_eq!(DolaParams::from_id_suffix(bad), None, "{bad}");
         }
-        assert_eq!(parse_flag("low,beta=1"), None);
+        assert_eq!(DolaParams::parse_flag(Some("low,beta=1")), None);
     }
 
     #[test]

@@ -15,7 +15,11 @@
 
 use std::fmt;
 
+use serde_json::{Map, Value};
+
 use super::dola::Layers;
+use super::params::{self, Fields, Form, FormField, ModelShape, ParamError};
+use super::{log_softmax, Head, Inspected, Strategy};
 use crate::kernels::fastmath;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,14 +42,14 @@ impl EarlyExitParams {
     }
 
     /// The exits that may end a token: every exit below the top of `num_layers` blocks.
-    pub fn resolve(mut self, num_layers: usize, exits: &[usize]) -> Self {
+    pub fn with_exits(mut self, num_layers: usize, exits: &[usize]) -> Self {
         self.exits = Layers::from_list(exits.iter().copied().filter(|&e| e < num_layers))
             .unwrap_or_default();
         self
     }
 
     /// λ_t for the `t`-th generated token of at most `max_tokens`, as a constant threshold.
-    pub fn at_token(self, t: usize, max_tokens: usize) -> Self {
+    pub fn decayed(self, t: usize, max_tokens: usize) -> Self {
         let Some(tau) = self.decay else {
             return self;
         };
@@ -102,29 +106,160 @@ impl fmt::Display for EarlyExitParams {
     }
 }
 
-/// The flag form after `early_exit:`.
-pub fn parse_flag(rest: &str) -> Option<EarlyExitParams> {
-    let mut parts = rest.split(',');
-    let mut p = EarlyExitParams::new(parts.next()?.trim().parse().ok()?);
-    for part in parts {
-        match part.trim().split_once('=') {
-            Some(("decay", v)) => p.decay = Some(v.trim().parse().ok()?),
-            _ => return None,
+const DECAY_RANGE: (f64, f64) = (0.0, 100.0);
+
+impl Strategy for EarlyExitParams {
+    const NAME: &'static str = "early_exit";
+    const TITLE: &'static str = "early exit per token";
+    const FIELDS: &'static [&'static str] = &["threshold", "measure", "decay"];
+    const ID_WORD: &'static str = "early-exit";
+    const ID_FORMS: &'static str = "`{b}:early-exit-T` (T the confidence threshold, e.g. 0.9)";
+    const FLAG_FORMS: &'static str = "early_exit:THRESHOLD[,decay=T]";
+
+    /// Exits ascending, then the original head: [`EarlyExitParams::chosen`]'s order.
+    fn heads(&self) -> Vec<Head> {
+        self.exits
+            .iter()
+            .map(Head::Exit)
+            .chain(std::iter::once(Head::Original))
+            .collect()
+    }
+
+    fn token_exit(&self) -> Option<EarlyExitParams> {
+        Some(*self)
+    }
+
+    fn at_token(self, t: usize, max_tokens: usize) -> Self {
+        self.decayed(t, max_tokens)
+    }
+
+    fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
+        log_softmax(logits[self.chosen(logits)])
+    }
+
+    fn chosen_head(&self, logits: &[&[f32]]) -> Option<usize> {
+        Some(self.chosen(logits))
+    }
+
+    /// With the exit the position would leave at (none when it runs to the original head).
+    fn inspect(&self, logits: &[&[f32]]) -> Inspected {
+        let chosen = self.chosen(logits);
+        Inspected {
+            logprobs: log_softmax(logits[chosen]),
+            chosen: self.exits.iter().nth(chosen).map(|l| ("exit_layer", l)),
         }
     }
-    Some(p)
-}
 
-/// The model-id suffix `early-exit-λ` (no decay).
-pub fn id_suffix(p: &EarlyExitParams) -> Option<String> {
-    p.decay
-        .is_none()
-        .then(|| format!("early-exit-{}", p.threshold))
-}
+    fn write_flag(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
 
-pub fn from_id_suffix(suffix: &str) -> Option<EarlyExitParams> {
-    let l: f32 = suffix.strip_prefix("early-exit-")?.parse().ok()?;
-    Some(EarlyExitParams::new(l))
+    /// `λ[,decay=τ]`.
+    fn parse_flag(rest: Option<&str>) -> Option<Self> {
+        let mut parts = rest?.split(',');
+        let mut p = EarlyExitParams::new(parts.next()?.trim().parse().ok()?);
+        for part in parts {
+            match part.trim().split_once('=') {
+                Some(("decay", v)) => p.decay = Some(v.trim().parse().ok()?),
+                _ => return None,
+            }
+        }
+        Some(p)
+    }
+
+    /// `early-exit-λ` (no decay).
+    fn id_suffix(&self) -> Option<String> {
+        self.decay
+            .is_none()
+            .then(|| format!("early-exit-{}", self.threshold))
+    }
+
+    fn from_id_suffix(suffix: &str) -> Option<Self> {
+        let l: f32 = suffix.strip_prefix("early-exit-")?.parse().ok()?;
+        Some(EarlyExitParams::new(l))
+    }
+
+    fn to_request(&self) -> Map<String, Value> {
+        let mut m = Map::from_iter([
+            ("threshold".into(), params::number(self.threshold)),
+            ("measure".into(), "softmax_margin".into()),
+        ]);
+        if let Some(d) = self.decay {
+            m.insert("decay".into(), params::number(d));
+        }
+        m
+    }
+
+    /// The exits a token may leave at.
+    fn resolved(&self) -> Map<String, Value> {
+        Map::from_iter([(
+            "layers".into(),
+            self.exits.iter().collect::<Vec<_>>().into(),
+        )])
+    }
+
+    fn from_request(f: &mut Fields, _shape: &ModelShape) -> Result<Self, ParamError> {
+        let param = f.param("threshold");
+        let threshold = f.number("threshold")?.ok_or_else(|| {
+            ParamError::new(
+                param.clone(),
+                format!("`{param}` is required: the softmax margin in [0, 1] at which a token leaves at an exit (1: never)"),
+            )
+        })?;
+        let threshold = params::in_range(&param, threshold, (0.0, 1.0), false)?;
+        f.choice("measure", &[("softmax_margin", ())], ())?;
+        let decay = match f.number("decay")? {
+            Some(d) => Some(params::in_range(&f.param("decay"), d, DECAY_RANGE, false)?),
+            None => None,
+        };
+        Ok(EarlyExitParams {
+            decay,
+            ..EarlyExitParams::new(threshold)
+        })
+    }
+
+    /// The threshold in range, and an exit below the top to leave at.
+    fn resolve(self, object: &str, shape: &ModelShape) -> Result<Self, ParamError> {
+        params::in_range(
+            &format!("{object}.threshold"),
+            self.threshold as f64,
+            (0.0, 1.0),
+            false,
+        )?;
+        if let Some(d) = self.decay {
+            params::in_range(&format!("{object}.decay"), d as f64, DECAY_RANGE, false)?;
+        }
+        let p = self.with_exits(shape.num_layers, shape.exits);
+        if p.exits.is_empty() {
+            let param = format!("{object}.mode");
+            return Err(ParamError::new(
+                param.clone(),
+                format!(
+                    "`{param}`: early exit needs an exit below the top; this model's exits: {:?}",
+                    shape.exits
+                ),
+            ));
+        }
+        Ok(p)
+    }
+
+    fn listed(_shape: &ModelShape) -> Vec<Self> {
+        vec![EarlyExitParams::new(0.9)]
+    }
+
+    fn form(shape: &ModelShape) -> Option<Form> {
+        shape.exits_below_top().next()?;
+        Some(Form {
+            mode: Self::NAME,
+            title: Self::TITLE,
+            parameters: vec![FormField::number(
+                "threshold",
+                "threshold",
+                (0.0, 1.0, 0.05),
+                0.9,
+            )],
+        })
+    }
 }
 
 #[cfg(test)]
@@ -154,23 +289,23 @@ mod tests {
             decay: Some(4.0),
             ..EarlyExitParams::new(0.8)
         };
-        let at = |t| p.at_token(t, 16).threshold;
+        let at = |t| p.decayed(t, 16).threshold;
         assert!((at(0) - 0.8).abs() < 1e-6);
         assert!(at(8) < at(0) && at(16) < at(8));
         assert!(at(16) >= 0.72, "0.9 λ at least");
-        assert_eq!(EarlyExitParams::new(0.8).at_token(9, 16).threshold, 0.8);
+        assert_eq!(EarlyExitParams::new(0.8).decayed(9, 16).threshold, 0.8);
     }
 
     #[test]
     fn text_forms() {
-        let p = parse_flag("0.9,decay=2").unwrap();
+        let p = EarlyExitParams::parse_flag(Some("0.9,decay=2")).unwrap();
         assert_eq!((p.threshold, p.decay), (0.9, Some(2.0)));
         assert_eq!(p.to_string(), "early_exit:0.9,decay=2");
-        assert_eq!(id_suffix(&p), None);
+        assert_eq!(p.id_suffix(), None);
         let p = EarlyExitParams::new(0.9);
-        assert_eq!(id_suffix(&p).as_deref(), Some("early-exit-0.9"));
-        assert_eq!(from_id_suffix("early-exit-0.9"), Some(p));
-        assert_eq!(parse_flag("x"), None);
-        assert_eq!(parse_flag("0.5,tau=1"), None);
+        assert_eq!(p.id_suffix().as_deref(), Some("early-exit-0.9"));
+        assert_eq!(EarlyExitParams::from_id_suffix("early-exit-0.9"), Some(p));
+        assert_eq!(EarlyExitParams::parse_flag(Some("x")), None);
+        assert_eq!(EarlyExitParams::parse_flag(Some("0.5,tau=1")), None);
     }
 }

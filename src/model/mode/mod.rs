@@ -1,23 +1,22 @@
 //! Decoding modes: which heads a sequence needs, and how their logits become what is
-//! sampled from. The original head and one exit are here; each strategy that combines heads
-//! has a file: `contrast.rs` (autocontrastive decoding, Gera et al. 2023), `dola.rs` (DoLa),
-//! `sled.rs` (SLED), `early_exit.rs` (confidence-based early exit, CALM).
+//! sampled from. Every mode is a strategy in a file of its own that implements [`Strategy`]
+//! — its heads, its depth, its scores, its text forms, its request fields, the ids it lists
+//! and its playground form — and is named once in `strategies!` below; the batcher, the
+//! speculative path, echo scoring, inspections, model ids, presets, metrics and the
+//! playground reach it through [`Mode`] alone.
+//!
+//! Adding a strategy: write `mode/NAME.rs` with a parameter type implementing [`Strategy`]
+//! (see `sled.rs`), and add `Variant(NAME::Type)` to the list in `strategies!`.
 
-pub mod contrast;
-pub mod dola;
-pub mod early_exit;
-pub mod sled;
+pub mod params;
 
 use std::fmt;
 use std::str::FromStr;
 
+use serde_json::{Map, Value};
+
 use crate::kernels::fastmath;
-pub use contrast::{
-    contrast_log_q, ContrastParams, Upper, DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES,
-};
-pub use dola::{DolaLayers, DolaParams, Layers, Premature};
-pub use early_exit::EarlyExitParams;
-pub use sled::SledParams;
+pub use params::{Fields, Form, ModelShape, ParamError};
 
 /// A vocabulary head evaluated on a block's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,88 +40,325 @@ impl Head {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Mode {
-    Original,
-    Exit(usize),
-    Contrast(ContrastParams),
-    Dola(DolaParams),
-    Sled(SledParams),
-    EarlyExit(EarlyExitParams),
+/// A position's log-distribution under a strategy, as an inspection reports it, and the
+/// layer the strategy chose there, under the name the report gives it (DoLa's
+/// `premature_layer`, early exit's `exit_layer`).
+pub struct Inspected {
+    pub logprobs: Vec<f32>,
+    pub chosen: Option<(&'static str, usize)>,
 }
 
+/// A decoding strategy: one file each, named once in `strategies!`.
+pub trait Strategy: Copy + PartialEq + fmt::Debug + Sized {
+    /// `multi_exit.mode`, the metrics label and the flag form's first word.
+    const NAME: &'static str;
+    /// The playground's name for it.
+    const TITLE: &'static str;
+    /// Its request fields besides `mode` (anything else is refused, naming the field).
+    const FIELDS: &'static [&'static str];
+    /// The first word of its model-id suffixes (`dola` in `NAME:dola-low`): such names
+    /// cannot be presets.
+    const ID_WORD: &'static str;
+    /// Its model-id forms for a 404's message, `{b}` standing for the served name.
+    const ID_FORMS: &'static str;
+    /// Its flag forms, for the message refusing a flag that does not parse.
+    const FLAG_FORMS: &'static str;
+
+    /// (a) The heads it reads at a step, in the order [`Strategy::scores`] takes them.
+    fn heads(&self) -> Vec<Head>;
+
+    /// (b) The per-token exit rule, for a strategy that decides per token how deep a
+    /// sequence runs (the forward stops at the first exit the rule accepts); None: every
+    /// token runs to the deepest head.
+    fn token_exit(&self) -> Option<early_exit::EarlyExitParams> {
+        None
+    }
+
+    /// The strategy for the `t`-th generated token of at most `max_tokens` (a threshold that
+    /// decays over the text).
+    fn at_token(self, _t: usize, _max_tokens: usize) -> Self {
+        self
+    }
+
+    /// (c) Its scores from one row of each head's logits (a head above the one a per-token
+    /// exit stopped at is empty): the next-token log-distribution, or logits to which
+    /// transformers' processors apply before their log-softmax (then
+    /// [`Strategy::scores_are_logprobs`] is false).
+    fn scores(&self, logits: &[&[f32]]) -> Vec<f32>;
+
+    fn scores_are_logprobs(&self) -> bool {
+        true
+    }
+
+    /// The head whose distribution the scores are at this row, for a strategy that takes one
+    /// head's distribution (it may choose per row); None for one that combines heads.
+    fn chosen_head(&self, _logits: &[&[f32]]) -> Option<usize> {
+        None
+    }
+
+    /// What an inspection reports at a position: the log-distribution, and any layer chosen.
+    fn inspect(&self, logits: &[&[f32]]) -> Inspected {
+        let scores = self.scores(logits);
+        Inspected {
+            logprobs: if self.scores_are_logprobs() {
+                scores
+            } else {
+                log_softmax(&scores)
+            },
+            chosen: None,
+        }
+    }
+
+    /// The flag form (`--default-mode`, `--mode-preset`, inspection head names), complete:
+    /// `NAME` or `NAME:...`, the parameters that are not defaults included.
+    fn write_flag(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result;
+
+    /// The flag form after `NAME:` (None: `NAME` alone); None when it does not parse.
+    fn parse_flag(rest: Option<&str>) -> Option<Self>;
+
+    /// Its model-id suffix; None when its parameters are not the defaults an id implies.
+    fn id_suffix(&self) -> Option<String>;
+
+    /// The strategy an id suffix (starting with [`Strategy::ID_WORD`]) names; the caller
+    /// keeps it only when [`Strategy::id_suffix`] prints the suffix back the same.
+    fn from_id_suffix(suffix: &str) -> Option<Self>;
+
+    /// The request fields that ask for it (what a client would send, `mode` left out).
+    fn to_request(&self) -> Map<String, Value>;
+
+    /// What the echo of a resolved strategy adds to [`Strategy::to_request`] (e.g. the layers
+    /// "low" meant for this model).
+    fn resolved(&self) -> Map<String, Value> {
+        Map::new()
+    }
+
+    /// Reads its fields (types, ranges, defaults).
+    fn from_request(fields: &mut Fields, shape: &ModelShape) -> Result<Self, ParamError>;
+
+    /// Checks it against the model and fills in what depends on it (layer sets).
+    fn resolve(self, _object: &str, _shape: &ModelShape) -> Result<Self, ParamError> {
+        Ok(self)
+    }
+
+    /// The ids `/v1/models` lists for a model of this shape (unresolved; those that do not
+    /// validate or have no id are dropped).
+    fn listed(shape: &ModelShape) -> Vec<Self>;
+
+    /// The playground's form for a model of this shape; None where the model cannot run it.
+    fn form(shape: &ModelShape) -> Option<Form>;
+}
+
+/// Declares the strategies, once each: the [`Mode`] enum, its dispatch, the registry that
+/// parses and lists them. Each entry is `Variant(module::Type)`; the module is the file.
+macro_rules! strategies {
+    ($($variant:ident($module:ident :: $ty:ident)),* $(,)?) => {
+        $(pub mod $module;)*
+        $(pub use $module::$ty;)*
+
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        pub enum Mode {
+            $($variant($ty),)*
+        }
+
+        $(impl From<$ty> for Mode {
+            fn from(s: $ty) -> Self {
+                Mode::$variant(s)
+            }
+        })*
+
+        impl Mode {
+            /// Every strategy's name, as `multi_exit.mode` names it and metrics label it.
+            pub const LABELS: &'static [&'static str] = &[$(<$ty as Strategy>::NAME),*];
+
+            /// The mode's kind: one of [`Mode::LABELS`].
+            pub fn label(&self) -> &'static str {
+                match self { $(Mode::$variant(_) => <$ty as Strategy>::NAME,)* }
+            }
+
+            /// The heads to evaluate, in the order [`Mode::scores`] expects their logits.
+            pub fn heads(&self) -> Vec<Head> {
+                match self { $(Mode::$variant(s) => s.heads(),)* }
+            }
+
+            /// The per-token exit rule the forward follows, if the mode decides per token.
+            pub fn early_exit(&self) -> Option<early_exit::EarlyExitParams> {
+                match self { $(Mode::$variant(s) => s.token_exit(),)* }
+            }
+
+            /// The mode for the `t`-th generated token of at most `max_tokens`.
+            pub fn at_token(self, t: usize, max_tokens: usize) -> Mode {
+                match self { $(Mode::$variant(s) => Mode::$variant(s.at_token(t, max_tokens)),)* }
+            }
+
+            /// The mode's scores from one row of each of [`Mode::heads`]' logits.
+            pub fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
+                match self { $(Mode::$variant(s) => s.scores(logits),)* }
+            }
+
+            /// Whether [`Mode::scores`] are the log-distribution itself (else its logits).
+            pub fn scores_are_logprobs(&self) -> bool {
+                match self { $(Mode::$variant(s) => s.scores_are_logprobs(),)* }
+            }
+
+            /// What an inspection reports for this mode at a position.
+            pub fn inspect(&self, logits: &[&[f32]]) -> Inspected {
+                match self { $(Mode::$variant(s) => s.inspect(logits),)* }
+            }
+
+            fn chosen_index(&self, logits: &[&[f32]]) -> Option<usize> {
+                match self { $(Mode::$variant(s) => s.chosen_head(logits),)* }
+            }
+
+            /// The model-id suffix naming this mode; None for parameters an id cannot carry.
+            pub fn id_suffix(&self) -> Option<String> {
+                match self { $(Mode::$variant(s) => s.id_suffix(),)* }
+            }
+
+            /// The request fields that ask for this mode, `mode` included.
+            pub fn to_request(&self) -> Map<String, Value> {
+                let (name, mut fields) = match self {
+                    $(Mode::$variant(s) => (<$ty as Strategy>::NAME, s.to_request()),)*
+                };
+                fields.insert("mode".into(), name.into());
+                fields
+            }
+
+            /// The echo of a resolved mode: its request fields plus what they resolved to.
+            pub fn describe(&self) -> Map<String, Value> {
+                let mut fields = self.to_request();
+                let resolved = match self { $(Mode::$variant(s) => s.resolved(),)* };
+                fields.extend(resolved);
+                fields
+            }
+
+            /// Checks the mode against the model and resolves what depends on it.
+            pub fn resolve(self, object: &str, shape: &ModelShape) -> Result<Mode, ParamError> {
+                Ok(match self { $(Mode::$variant(s) => Mode::$variant(s.resolve(object, shape)?),)* })
+            }
+
+            /// The mode a request object names: `mode` one of [`Mode::LABELS`], `fields` the
+            /// rest of the object named `object`; checked and resolved against the model.
+            pub fn from_request(
+                object: &str,
+                mode: &str,
+                fields: Map<String, Value>,
+                shape: &ModelShape,
+            ) -> Result<Mode, ParamError> {
+                $(if mode == <$ty as Strategy>::NAME {
+                    let mut f = Fields::new(object, mode, <$ty as Strategy>::FIELDS, fields)?;
+                    let s = <$ty as Strategy>::from_request(&mut f, shape)?;
+                    return Ok(Mode::$variant(s.resolve(object, shape)?));
+                })*
+                Err(unknown_mode(object, mode))
+            }
+
+            /// The name in [`Mode::LABELS`] equal to `mode`.
+            pub fn known_label(mode: &str) -> Option<&'static str> {
+                Self::LABELS.iter().copied().find(|&l| l == mode)
+            }
+
+            /// Every mode worth listing as a model id for a model of this shape (unresolved).
+            pub fn listed(shape: &ModelShape) -> Vec<Mode> {
+                let mut out = Vec::new();
+                $(out.extend(<$ty as Strategy>::listed(shape).into_iter().map(Mode::$variant));)*
+                out
+            }
+
+            /// The playground's forms, in the order the strategies are declared.
+            pub fn forms(shape: &ModelShape) -> Vec<Form> {
+                [$(<$ty as Strategy>::form(shape)),*].into_iter().flatten().collect()
+            }
+
+            /// Every flag form, for the message refusing one that does not parse.
+            pub fn flag_forms() -> String {
+                [$(<$ty as Strategy>::FLAG_FORMS),*].join(", ")
+            }
+
+            /// Every model-id form, for a 404's message (`{b}`: the served name).
+            pub fn id_forms(base: &str) -> String {
+                [$(<$ty as Strategy>::ID_FORMS),*].join(", ").replace("{b}", base)
+            }
+
+            /// The mode a model-id suffix names, in its canonical spelling only (`exit-6`,
+            /// never `exit-06` or `exit-+6`: an id names one mode and a mode has one id).
+            pub fn from_id_suffix(suffix: &str) -> Option<Mode> {
+                let word = |w: &str| suffix == w || suffix.starts_with(&format!("{w}-"));
+                // the longest word first: `early-exit-` is not `exit-`
+                let mut found: Option<(usize, Mode)> = None;
+                $(if word(<$ty as Strategy>::ID_WORD)
+                    && found.is_none_or(|(len, _)| len < <$ty as Strategy>::ID_WORD.len())
+                {
+                    if let Some(s) = <$ty as Strategy>::from_id_suffix(suffix) {
+                        found = Some((<$ty as Strategy>::ID_WORD.len(), Mode::$variant(s)));
+                    }
+                })*
+                let mode = found?.1;
+                (mode.id_suffix().as_deref() == Some(suffix)).then_some(mode)
+            }
+
+            /// Whether `name` reads as a built-in model-id suffix, valid or not (`exit-99`,
+            /// `contrast-x`): such names cannot be presets.
+            pub fn is_reserved_id_suffix(name: &str) -> bool {
+                [$(<$ty as Strategy>::ID_WORD),*]
+                    .iter()
+                    .any(|w| name == *w || name.starts_with(&format!("{w}-")))
+            }
+        }
+
+        impl fmt::Display for Mode {
+            /// The flag form.
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self { $(Mode::$variant(s) => s.write_flag(f),)* }
+            }
+        }
+
+        impl FromStr for Mode {
+            type Err = ModeSyntaxError;
+
+            /// The flag form, as [`Mode`]'s `Display` prints it (parameters in any order).
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let (name, rest) = match s.split_once(':') {
+                    Some((name, rest)) => (name, Some(rest)),
+                    None => (s, None),
+                };
+                $(if name == <$ty as Strategy>::NAME {
+                    if let Some(m) = <$ty as Strategy>::parse_flag(rest) {
+                        return Ok(Mode::$variant(m));
+                    }
+                })*
+                Err(ModeSyntaxError(s.to_string()))
+            }
+        }
+    };
+}
+
+// The strategies, in the order they are listed (model ids, the playground's menu).
+strategies! {
+    Original(original::Original),
+    Exit(exit::Exit),
+    Contrast(contrast::ContrastParams),
+    Dola(dola::DolaParams),
+    Sled(sled::SledParams),
+    EarlyExit(early_exit::EarlyExitParams),
+}
+
+pub use contrast::{contrast_log_q, Upper, DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES};
+pub use dola::{DolaLayers, Layers, Premature};
+
 impl Mode {
-    /// Every kind of mode, as `multi_exit.mode` names it and metrics label it.
-    pub const LABELS: [&'static str; 6] =
-        ["original", "exit", "contrast", "dola", "sled", "early_exit"];
+    /// The original head.
+    pub const ORIGINAL: Mode = Mode::Original(Original);
 
-    /// The mode's kind: one of [`Mode::LABELS`].
-    pub fn label(&self) -> &'static str {
-        Self::LABELS[match self {
-            Mode::Original => 0,
-            Mode::Exit(_) => 1,
-            Mode::Contrast(_) => 2,
-            Mode::Dola(_) => 3,
-            Mode::Sled(_) => 4,
-            Mode::EarlyExit(_) => 5,
-        }]
-    }
-
-    /// The heads to evaluate, in the order [`Mode::scores`] expects their logits.
-    pub fn heads(&self) -> Vec<Head> {
-        match *self {
-            Mode::Original => vec![Head::Original],
-            Mode::Exit(l) => vec![Head::Exit(l)],
-            Mode::Contrast(c) => vec![c.upper.into(), Head::Exit(c.lower)],
-            // the mature head, then each premature layer's
-            Mode::Dola(DolaParams {
-                premature,
-                candidates,
-                ..
-            })
-            | Mode::Sled(SledParams {
-                premature,
-                candidates,
-                ..
-            }) => std::iter::once(Head::Original)
-                .chain(candidates.iter().map(|l| premature.head(l)))
-                .collect(),
-            // exits ascending, then the original head: `EarlyExitParams::chosen`'s order
-            Mode::EarlyExit(e) => e
-                .exits
-                .iter()
-                .map(Head::Exit)
-                .chain(std::iter::once(Head::Original))
-                .collect(),
-        }
-    }
-
-    /// The mode for the `t`-th generated token of at most `max_tokens`: itself, or for early
-    /// exit with a decaying threshold, that token's threshold.
-    pub fn at_token(self, t: usize, max_tokens: usize) -> Mode {
-        match self {
-            Mode::EarlyExit(e) => Mode::EarlyExit(e.at_token(t, max_tokens)),
-            other => other,
-        }
-    }
-
-    /// The threshold the forward decides early exits with, for an early-exit mode.
-    pub fn early_exit(&self) -> Option<EarlyExitParams> {
-        match *self {
-            Mode::EarlyExit(e) => Some(e),
-            _ => None,
-        }
+    /// Exit head `layer`.
+    pub fn exit(layer: usize) -> Mode {
+        Mode::Exit(Exit(layer))
     }
 
     /// The head whose distribution [`Mode::scores`] gives at `row` (early exit: the exit the
     /// token left at, or the original head); None for a mode that combines heads.
     pub fn chosen_head(&self, logits: &[super::Logits], row: usize) -> Option<Head> {
-        let heads = self.heads();
-        match self {
-            Mode::Original | Mode::Exit(_) => heads.first().copied(),
-            Mode::EarlyExit(e) => heads.get(e.chosen(&rows_at(logits, row))).copied(),
-            _ => None,
-        }
+        let i = self.chosen_index(&rows_at(logits, row))?;
+        self.heads().get(i).copied()
     }
 
     /// Blocks the sequence must run through: layers above are never computed for it.
@@ -139,26 +375,6 @@ impl Mode {
         self.scores(&rows_at(logits, row))
     }
 
-    /// The mode's scores from the logits of [`Mode::heads`]: the next-token log-distribution
-    /// (log-softmax for a single head, log q for contrast), or for DoLa and SLED their
-    /// logits, unnormalised, because transformers' processors (the repetition penalty) edit
-    /// those.
-    /// [`Mode::logprobs`] turns either into the log-distribution.
-    pub fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
-        match self {
-            Mode::Original | Mode::Exit(_) => log_softmax(logits[0]),
-            Mode::Contrast(c) => contrast_log_q(logits[0], logits[1], c),
-            Mode::Dola(d) => dola::dola_logits(logits[0], &logits[1..], d.relative_top).0,
-            Mode::Sled(p) => sled::sled_logits(logits[0], &logits[1..], p),
-            Mode::EarlyExit(e) => log_softmax(logits[e.chosen(logits)]),
-        }
-    }
-
-    /// Whether [`Mode::scores`] are the log-distribution itself (else its logits).
-    pub fn scores_are_logprobs(&self) -> bool {
-        !matches!(self, Mode::Dola(_) | Mode::Sled(_))
-    }
-
     /// The log-distribution of `scores` (this mode's): themselves, or their log-softmax.
     pub fn logprobs<'s>(&self, scores: &'s [f32]) -> std::borrow::Cow<'s, [f32]> {
         if self.scores_are_logprobs() {
@@ -168,14 +384,6 @@ impl Mode {
         }
     }
 }
-
-// The text forms of a mode, each with one printer and one parser here:
-// - the flag form (`--default-mode`, `--mode-preset`): `original`, `exit:L`,
-//   `contrast:U,L[,alpha=A][,minimum_candidates=K]` (`U` a layer or `original`);
-// - the model-id suffix (`NAME:exit-L`, `NAME:contrast-U-L`), for default contrast parameters;
-// - the metrics label ([`Mode::label`]) and the inspection's head names (`exit:L`,
-//   `contrast:U,L`).
-// Parsing checks the syntax only; whether a layer is an exit is the validator's question.
 
 impl fmt::Display for Head {
     /// `original`, `exit:L` or `lm_head:L`, as inspections name the heads.
@@ -188,107 +396,20 @@ impl fmt::Display for Head {
     }
 }
 
-impl fmt::Display for Mode {
-    /// The flag form: `original`, `exit:L`, `contrast:U,L` plus the parameters that are not
-    /// the defaults.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Mode::Original => f.write_str("original"),
-            Mode::Exit(l) => write!(f, "exit:{l}"),
-            Mode::Contrast(c) => contrast::write_flag(c, f),
-            Mode::Dola(d) => write!(f, "{d}"),
-            Mode::Sled(p) => write!(f, "{p}"),
-            Mode::EarlyExit(e) => write!(f, "{e}"),
-        }
-    }
-}
-
 /// A mode's text that does not parse; the message names the accepted forms.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "mode `{0}`: expected original, exit:L, contrast:U,L[,alpha=A][,minimum_candidates=K] or \
-     dola:LAYERS[,premature=exits|lm_head][,relative_top=R] (LAYERS: low, high or L-L-...) or \
-     sled[:premature=exits|lm_head,evolution_rate=R,evolution_scale=K,evolution_lower_bound=B,alpha=A] \
-     or early_exit:THRESHOLD[,decay=T]"
-)]
+#[error("mode `{0}`: expected {forms}", forms = Mode::flag_forms())]
 pub struct ModeSyntaxError(pub String);
 
-impl FromStr for Mode {
-    type Err = ModeSyntaxError;
-
-    /// The flag form, as [`Mode`]'s `Display` prints it (parameters in any order).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ModeSyntaxError(s.to_string());
-        if s == "original" {
-            return Ok(Mode::Original);
-        }
-        if let Some(l) = s.strip_prefix("exit:") {
-            return Ok(Mode::Exit(l.trim().parse().map_err(|_| bad())?));
-        }
-        if s == "sled" {
-            return Ok(Mode::Sled(SledParams::default()));
-        }
-        if let Some(rest) = s.strip_prefix("sled:") {
-            return sled::parse_flag(rest).map(Mode::Sled).ok_or_else(bad);
-        }
-        if let Some(rest) = s.strip_prefix("early_exit:") {
-            return early_exit::parse_flag(rest)
-                .map(Mode::EarlyExit)
-                .ok_or_else(bad);
-        }
-        if let Some(rest) = s.strip_prefix("dola:") {
-            return dola::parse_flag(rest).map(Mode::Dola).ok_or_else(bad);
-        }
-        let rest = s.strip_prefix("contrast:").ok_or_else(bad)?;
-        contrast::parse_flag(rest)
-            .map(Mode::Contrast)
-            .ok_or_else(bad)
-    }
-}
-
-impl Mode {
-    /// The model-id suffix naming this mode (`original`, `exit-L`, `contrast-U-L`,
-    /// `dola-low`, `dola-L-L`); None for a mode with other than the default parameters, which
-    /// has no id of its own.
-    pub fn id_suffix(&self) -> Option<String> {
-        match self {
-            Mode::Original => Some("original".into()),
-            Mode::Exit(l) => Some(format!("exit-{l}")),
-            Mode::Contrast(c) => contrast::id_suffix(c),
-            Mode::Dola(d) => dola::id_suffix(d),
-            Mode::Sled(p) => sled::id_suffix(p),
-            Mode::EarlyExit(e) => early_exit::id_suffix(e),
-        }
-    }
-
-    /// The mode a model-id suffix names, in its canonical spelling only (`exit-6`, never
-    /// `exit-06` or `exit-+6`: an id names one mode and a mode has one id).
-    pub fn from_id_suffix(suffix: &str) -> Option<Mode> {
-        let mode = if suffix == "original" {
-            Mode::Original
-        } else if let Some(l) = suffix.strip_prefix("exit-") {
-            Mode::Exit(l.parse().ok()?)
-        } else if suffix.starts_with("early-exit-") {
-            Mode::EarlyExit(early_exit::from_id_suffix(suffix)?)
-        } else if suffix == "sled" {
-            Mode::Sled(SledParams::default())
-        } else if suffix.starts_with("dola-") {
-            Mode::Dola(dola::from_id_suffix(suffix)?)
-        } else {
-            Mode::Contrast(contrast::from_id_suffix(suffix)?)
-        };
-        (mode.id_suffix().as_deref() == Some(suffix)).then_some(mode)
-    }
-
-    /// Whether `name` reads as a built-in model-id suffix, valid or not (`exit-99`,
-    /// `contrast-x`): such names cannot be presets.
-    pub fn is_reserved_id_suffix(name: &str) -> bool {
-        name == "original"
-            || name == "sled"
-            || ["exit-", "contrast-", "dola-", "sled-", "early-exit-"]
-                .iter()
-                .any(|p| name.starts_with(p))
-    }
+fn unknown_mode(object: &str, mode: &str) -> ParamError {
+    let param = format!("{object}.mode");
+    ParamError::new(
+        param.clone(),
+        format!(
+            "`{param}` must be one of {}, got {mode:?}",
+            Mode::LABELS.join(", ")
+        ),
+    )
 }
 
 /// Each head's row `row`; empty for a head the step never reached (an early exit's heads above
@@ -323,7 +444,7 @@ mod tests {
             minimum_candidates: 1,
         });
         assert_eq!(m.depth(12), 4);
-        assert_eq!(Mode::Original.depth(12), 12);
+        assert_eq!(Mode::ORIGINAL.depth(12), 12);
     }
 
     #[test]
@@ -337,8 +458,8 @@ mod tests {
             })
         };
         for (mode, flag, suffix) in [
-            (Mode::Original, "original", Some("original")),
-            (Mode::Exit(6), "exit:6", Some("exit-6")),
+            (Mode::ORIGINAL, "original", Some("original")),
+            (Mode::exit(6), "exit:6", Some("exit-6")),
             (
                 contrast(Upper::Exit(12), 6, DEFAULT_ALPHA, 1),
                 "contrast:12,6",
@@ -392,7 +513,7 @@ mod tests {
         );
         assert_eq!(Head::Exit(2).to_string(), "exit:2");
         assert_eq!(Head::Original.to_string(), "original");
-        assert_eq!(Mode::Exit(2).label(), "exit");
+        assert_eq!(Mode::exit(2).label(), "exit");
     }
 
     #[test]

@@ -19,7 +19,11 @@
 
 use std::fmt;
 
+use serde_json::{Map, Value};
+
 use super::dola::{Layers, Premature};
+use super::params::{self, Fields, Form, FormField, ModelShape, ParamError};
+use super::{Head, Strategy};
 
 pub const DEFAULT_EVOLUTION_RATE: f32 = 0.3;
 pub const DEFAULT_EVOLUTION_SCALE: usize = 5;
@@ -58,7 +62,7 @@ impl Default for SledParams {
 impl SledParams {
     /// The premature layers of a model of `num_layers` blocks with exits `exits`, `tied` when
     /// its original head is the token embedding.
-    pub fn resolve(mut self, num_layers: usize, exits: &[usize], tied: bool) -> Self {
+    pub fn with_candidates(mut self, num_layers: usize, exits: &[usize], tied: bool) -> Self {
         let n = num_layers;
         self.candidates = match self.premature {
             Premature::Exits => Layers::from_list(exits.iter().copied().filter(|&e| e < n)),
@@ -117,33 +121,175 @@ impl fmt::Display for SledParams {
     }
 }
 
-/// The flag form after `sled:` (`key=value` pairs, any order; `sled` alone has no colon).
-pub fn parse_flag(rest: &str) -> Option<SledParams> {
-    let mut p = SledParams::default();
-    for part in rest.split(',') {
-        let (key, v) = part.trim().split_once('=')?;
-        let v = v.trim();
-        match key.trim() {
-            "premature" => {
-                p.premature = Premature::NAMES
-                    .iter()
-                    .find(|(n, _)| *n == v)
-                    .map(|(_, x)| *x)?
-            }
-            "evolution_rate" => p.evolution_rate = v.parse().ok()?,
-            "evolution_scale" => p.evolution_scale = v.parse().ok()?,
-            "evolution_lower_bound" => p.evolution_lower_bound = v.parse().ok()?,
-            "alpha" => p.alpha = v.parse().ok()?,
-            _ => return None,
-        }
+impl Strategy for SledParams {
+    const NAME: &'static str = "sled";
+    const TITLE: &'static str = "SLED";
+    const FIELDS: &'static [&'static str] = &[
+        "premature",
+        "evolution_rate",
+        "evolution_scale",
+        "evolution_lower_bound",
+        "alpha",
+    ];
+    const ID_WORD: &'static str = "sled";
+    const ID_FORMS: &'static str = "`{b}:sled` (SLED over the exits below the top)";
+    const FLAG_FORMS: &'static str = "sled[:premature=exits|lm_head,evolution_rate=R,evolution_scale=K,evolution_lower_bound=B,alpha=A]";
+
+    /// The mature head, then each premature layer's.
+    fn heads(&self) -> Vec<Head> {
+        std::iter::once(Head::Original)
+            .chain(self.candidates.iter().map(|l| self.premature.head(l)))
+            .collect()
     }
-    Some(p)
+
+    /// Unnormalised: transformers' repetition penalty edits SLED's logits.
+    fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
+        sled_logits(logits[0], &logits[1..], self)
+    }
+
+    fn scores_are_logprobs(&self) -> bool {
+        false
+    }
+
+    fn write_flag(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+
+    /// `key=value` pairs, any order; `sled` alone has no colon.
+    fn parse_flag(rest: Option<&str>) -> Option<Self> {
+        let mut p = SledParams::default();
+        let Some(rest) = rest else {
+            return Some(p);
+        };
+        for part in rest.split(',') {
+            let (key, v) = part.trim().split_once('=')?;
+            let v = v.trim();
+            match key.trim() {
+                "premature" => p.premature = Premature::named(v)?,
+                "evolution_rate" => p.evolution_rate = v.parse().ok()?,
+                "evolution_scale" => p.evolution_scale = v.parse().ok()?,
+                "evolution_lower_bound" => p.evolution_lower_bound = v.parse().ok()?,
+                "alpha" => p.alpha = v.parse().ok()?,
+                _ => return None,
+            }
+        }
+        Some(p)
+    }
+
+    /// `sled`, for default parameters only.
+    fn id_suffix(&self) -> Option<String> {
+        self.has_default_params().then(|| "sled".to_string())
+    }
+
+    fn from_id_suffix(suffix: &str) -> Option<Self> {
+        (suffix == "sled").then(SledParams::default)
+    }
+
+    fn to_request(&self) -> Map<String, Value> {
+        Map::from_iter([
+            ("premature".into(), self.premature.name().into()),
+            ("evolution_rate".into(), params::number(self.evolution_rate)),
+            ("evolution_scale".into(), self.evolution_scale.into()),
+            (
+                "evolution_lower_bound".into(),
+                params::number(self.evolution_lower_bound),
+            ),
+            ("alpha".into(), params::number(self.alpha)),
+        ])
+    }
+
+    /// The premature layers (SLED's `layers` is never sent).
+    fn resolved(&self) -> Map<String, Value> {
+        Map::from_iter([(
+            "layers".into(),
+            self.candidates.iter().collect::<Vec<_>>().into(),
+        )])
+    }
+
+    fn from_request(f: &mut Fields, shape: &ModelShape) -> Result<Self, ParamError> {
+        Ok(SledParams {
+            premature: f.choice("premature", &Premature::NAMES, Premature::Exits)?,
+            evolution_rate: f.number_in(
+                "evolution_rate",
+                DEFAULT_EVOLUTION_RATE as f64,
+                RATE_RANGE,
+                false,
+            )?,
+            evolution_scale: f.count_in(
+                "evolution_scale",
+                DEFAULT_EVOLUTION_SCALE as i64,
+                (1, shape.vocab_size as i64),
+            )?,
+            evolution_lower_bound: f.number_in(
+                "evolution_lower_bound",
+                DEFAULT_EVOLUTION_LOWER_BOUND as f64,
+                LOWER_BOUND_RANGE,
+                false,
+            )?,
+            alpha: f.number_in("alpha", DEFAULT_ENTROPY_ALPHA as f64, ALPHA_RANGE, false)?,
+            candidates: Layers::default(),
+        })
+    }
+
+    /// The parameters in range, and at least one premature layer.
+    fn resolve(self, object: &str, shape: &ModelShape) -> Result<Self, ParamError> {
+        let param = |name: &str| format!("{object}.{name}");
+        params::in_range(
+            &param("evolution_rate"),
+            self.evolution_rate as f64,
+            RATE_RANGE,
+            false,
+        )?;
+        params::count_in(
+            &param("evolution_scale"),
+            self.evolution_scale as i64,
+            (1, shape.vocab_size as i64),
+        )?;
+        params::in_range(
+            &param("evolution_lower_bound"),
+            self.evolution_lower_bound as f64,
+            LOWER_BOUND_RANGE,
+            false,
+        )?;
+        params::in_range(&param("alpha"), self.alpha as f64, ALPHA_RANGE, false)?;
+        let p = self.with_candidates(shape.num_layers, shape.exits, shape.tied_head);
+        if p.candidates.is_empty() {
+            let param = param("premature");
+            return Err(ParamError::new(
+                param.clone(),
+                format!(
+                    "`{param}` = \"{}\" leaves SLED no premature layer below the top (exits: {:?}); \"lm_head\" reads every block's output",
+                    p.premature.name(),
+                    shape.exits
+                ),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Over the exits below the top, with the authors' parameters.
+    fn listed(_shape: &ModelShape) -> Vec<Self> {
+        vec![SledParams::default()]
+    }
+
+    fn form(shape: &ModelShape) -> Option<Form> {
+        let mut heads: Vec<(Value, String)> = vec![];
+        if shape.exits_below_top().next().is_some() {
+            heads.push(("exits".into(), "trained exits".into()));
+        }
+        heads.push(("lm_head".into(), "top head on every block".into()));
+        let default = heads[0].0.clone();
+        Some(Form {
+            mode: Self::NAME,
+            title: Self::TITLE,
+            parameters: vec![FormField::choice("premature", "premature", heads, default)],
+        })
+    }
 }
 
-/// The model-id suffix, `sled`, for default parameters only.
-pub fn id_suffix(p: &SledParams) -> Option<String> {
-    p.has_default_params().then(|| "sled".to_string())
-}
+const RATE_RANGE: (f64, f64) = (0.0, 100.0);
+const LOWER_BOUND_RANGE: (f64, f64) = (-1e6, 0.0);
+const ALPHA_RANGE: (f64, f64) = (0.0, 100.0);
 
 /// The next-token logits SLED makes from the mature head's logits and each premature
 /// layer's (the authors' `_sled_select_contrast`, batch size 1).
@@ -244,7 +390,7 @@ mod tests {
                 premature,
                 ..SledParams::default()
             }
-            .resolve(n, exits, tied)
+            .with_candidates(n, exits, tied)
             .candidates
             .iter()
             .collect::<Vec<_>>()
@@ -273,11 +419,11 @@ mod tests {
                 panic!("{flag}")
             };
             assert_eq!(p.to_string(), flag);
-            assert_eq!(id_suffix(&p).as_deref(), suffix);
+            assert_eq!(p.id_suffix().as_deref(), suffix);
         }
-        assert_eq!(parse_flag("beta=1"), None);
-        assert_eq!(parse_flag("evolution_scale=x"), None);
-        assert_eq!(parse_flag("alpha"), None);
+        assert_eq!(SledParams::parse_flag(Some("beta=1")), None);
+        assert_eq!(SledParams::parse_flag(Some("evolution_scale=x")), None);
+        assert_eq!(SledParams::parse_flag(Some("alpha")), None);
     }
 
     #[test]
