@@ -268,7 +268,8 @@ impl ValidRequest {
     /// Whether its heads are evaluated at every prompt position, not only the last: echo
     /// with logprobs, or an inspection of all positions.
     pub fn scores_every_prompt_position(&self) -> bool {
-        (self.echo && self.logprobs.is_some()) || self.inspect.as_ref().is_some_and(|i| i.all_positions)
+        (self.echo && self.logprobs.is_some())
+            || self.inspect.as_ref().is_some_and(|i| i.all_positions)
     }
 }
 

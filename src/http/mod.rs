@@ -201,6 +201,10 @@ fn model_card(app: &AppState, id: &str, mode: Option<&crate::model::Mode>) -> se
         "default_mode": wire::MultiExitOut::from(&limits.default_mode),
         "multi_exit": wire::MultiExitOut::from(mode.unwrap_or(&limits.default_mode)),
     });
+    // The served name's card says how each strategy is asked for (the playground's forms).
+    if mode.is_none() {
+        card["strategies"] = json!(crate::model::Mode::forms(&limits.shape()));
+    }
     // A preset that decodes speculatively says so.
     if let Some(s) = app.models.speculative(id) {
         card["speculative"] = json!({

@@ -40,7 +40,7 @@ impl ModelIds {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
             if !ok_chars || Mode::is_reserved_id_suffix(name) {
                 return Err(format!(
-                    "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and does not read as a built-in mode's id ({})",
+                    "--mode-preset `{name}`: a preset name is lowercase letters, digits, `-` and `_`, and not a built-in mode's id ({})",
                     Mode::id_forms("NAME")
                 ));
             }

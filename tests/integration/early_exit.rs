@@ -123,7 +123,7 @@ async fn early_exit_invariants_batching_and_usage() {
             assert_eq!(always["choices"][0]["exit_layers"], json!(vec![lowest; 12]));
             assert_eq!(
                 always["multi_exit"],
-                json!({"mode": "early_exit", "threshold": 0.0, "measure": "softmax_margin", "layers": exits})
+                json!({"mode": "early_exit", "name": "early_exit:0", "threshold": 0.0, "measure": "softmax_margin", "layers": exits})
             );
             // the first token's layer never falls as the threshold rises
             let mut previous = 0;

@@ -79,7 +79,7 @@ async fn model_ids_are_listed_resolved_and_refused_clearly() {
     let preset = &list["data"][14]["multi_exit"];
     assert_eq!(
         preset,
-        &json!({"mode": "contrast", "upper": 4, "lower": 1, "alpha": 0.05, "minimum_candidates": 1})
+        &json!({"mode": "contrast", "name": "contrast:4,1,alpha=0.05", "upper": 4, "lower": 1, "alpha": 0.05, "minimum_candidates": 1})
     );
     // any valid id answers, listed or not
     let (status, card) = get(&server.url(&format!("/v1/models/{MODEL}:contrast-original-4"))).await;
@@ -90,7 +90,7 @@ async fn model_ids_are_listed_resolved_and_refused_clearly() {
     assert_eq!(status, 200, "{card}");
     assert_eq!(
         card["multi_exit"],
-        json!({"mode": "dola", "layers": [2], "premature": "exits", "relative_top": 0.1})
+        json!({"mode": "dola", "name": "dola:high", "layers": [2], "premature": "exits", "relative_top": 0.1})
     );
     for bad in [
         format!("{MODEL}:dola-3"),

@@ -266,7 +266,7 @@ async fn default_mode_is_configurable_and_echoed() {
     assert_eq!(ids(&resp["choices"][0]["token_ids"]), case.greedy_ids);
     assert_eq!(
         resp["multi_exit"],
-        json!({"mode": "contrast", "upper": 4, "lower": 1, "alpha": 0.1, "minimum_candidates": 1})
+        json!({"mode": "contrast", "name": "contrast:4,1", "upper": 4, "lower": 1, "alpha": 0.1, "minimum_candidates": 1})
     );
 }
 

@@ -195,6 +195,37 @@ async fn a_contrast_model_id_is_inspected_and_bad_input_names_the_field() {
             400,
             "contrast.beta",
         ),
+        (
+            json!({"model": MODEL, "prompt": "x", "strategies": [{"mode": "sled", "evolution_scale": 0}]}),
+            400,
+            "strategies[0].evolution_scale",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "strategies": [{"mode": "dola"}, {"layer": 2}]}),
+            400,
+            "strategies[1].mode",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "strategies": [{"mode": "exit", "layer": 2}]}),
+            400,
+            "strategies[0].mode",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x",
+                "strategies": vec![json!({"mode": "contrast", "upper": 4, "lower": 1}); 9]}),
+            400,
+            "strategies",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "dola": {"mode": "sled"}}),
+            400,
+            "dola.mode",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "strategies": "sled"}),
+            400,
+            "strategies",
+        ),
         (json!({"model": MODEL}), 400, "prompt"),
         (json!({"model": MODEL, "prompt": ""}), 400, "prompt"),
         (json!({"model": MODEL, "prompt": [99999999]}), 400, "prompt"),

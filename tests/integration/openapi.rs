@@ -198,6 +198,11 @@ async fn every_documented_route_answers_as_documented() {
             json!({"model": MODEL, "prompt": "Hello world", "positions": "all",
                 "contrast": {"upper": 4, "lower": 1}}),
         ),
+        (
+            "/v1/inspect",
+            json!({"model": MODEL, "prompt": "Hello world",
+                "strategies": [{"mode": "dola", "layers": "low"}, {"mode": "early_exit", "threshold": 0.0}]}),
+        ),
     ] {
         let (status, value) = post(&server.url(path), &body).await;
         assert_eq!(status, 200, "{path}");

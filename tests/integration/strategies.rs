@@ -294,6 +294,100 @@ async fn inspection_reports_dola_and_the_layer_each_position_chose() {
     }
 }
 
+/// Any strategy is a head of `/v1/inspect` (`strategies`): named by its flag form (the
+/// `name` a completion echoes), its distribution at the last prompt position equal to the
+/// first-token logprobs of a completion in that mode, with the layer it chose where it
+/// chooses one; the model card's forms ask for modes that validate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_strategy_is_an_inspection_head_equal_to_its_completion() {
+    for f in ARCHS {
+        let server = TestServer::start_model(&f.dir(), &[]);
+        let (status, card) =
+            common::client::get(&server.url(&format!("/v1/models/{}", f.name))).await;
+        assert_eq!(status, 200, "{card}");
+        let exits: Vec<u64> = card["exit_layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_u64().unwrap())
+            .collect();
+        let lowest = exits[0];
+        // every form's defaults, plus early exit that always and never leaves
+        let mut strategies: Vec<Value> = card["strategies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|form| form["single_head"] == false)
+            .map(|form| {
+                let mut m = json!({"mode": form["mode"]});
+                for p in form["parameters"].as_array().unwrap() {
+                    m[p["name"].as_str().unwrap()] = p["default"].clone();
+                }
+                m
+            })
+            .collect();
+        assert_eq!(strategies.len(), 4, "{card}");
+        strategies.push(json!({"mode": "early_exit", "threshold": 0.0}));
+        strategies.push(json!({"mode": "early_exit", "threshold": 1.0}));
+        strategies.push(json!({"mode": "dola", "layers": [0, 1], "premature": "lm_head"}));
+        let prompt = "The quick brown fox";
+        let body = json!({"model": f.name, "prompt": prompt, "top_logprobs": 5,
+            "strategies": strategies});
+        let (status, out) = post(&server.url("/v1/inspect"), &body).await;
+        assert_eq!(status, 200, "{out}");
+        let heads = out["positions"][0]["heads"].as_array().unwrap().clone();
+        for m in &strategies {
+            let completion = json!({"model": f.name, "prompt": prompt, "max_tokens": 1,
+                "temperature": 0, "logprobs": 5, "multi_exit": m});
+            let (status, c) = post(&server.url("/v1/completions"), &completion).await;
+            assert_eq!(status, 200, "{c}");
+            let name = c["multi_exit"]["name"].as_str().unwrap();
+            let head = heads
+                .iter()
+                .find(|h| h["head"] == name)
+                .unwrap_or_else(|| panic!("{}: no head {name} in {heads:?}", f.name));
+            let want = &c["choices"][0]["logprobs"]["top_logprobs"][0];
+            let top = head["top_logprobs"].as_array().unwrap();
+            assert!(!top.is_empty(), "{name}");
+            assert_eq!(
+                top[0]["token"], c["choices"][0]["logprobs"]["tokens"][0],
+                "{} {name}: the head's best token is the greedy one",
+                f.name
+            );
+            for t in top {
+                let got = t["logprob"].as_f64().unwrap();
+                let w = want[t["token"].as_str().unwrap()]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{name}: {t} not in the completion's top {want}"));
+                assert!((got - w).abs() < 1e-4, "{} {name}: {t} vs {w}", f.name);
+            }
+            match name {
+                "early_exit:0" => assert_eq!(head["exit_layer"], json!(lowest), "{head}"),
+                "early_exit:1" => assert!(head.get("exit_layer").is_none(), "{head}"),
+                n if n.starts_with("dola:") => assert!(head["premature_layer"].is_u64(), "{head}"),
+                _ => {}
+            }
+        }
+        // the top head on raw block outputs is evaluated for DoLa's lm_head candidates
+        assert!(heads.iter().any(|h| h["head"] == "lm_head:1"), "{heads:?}");
+        // a strategy named by the model id is a head too
+        let body = json!({"model": format!("{}:early-exit-0.9", f.name), "prompt": prompt});
+        let (status, out) = post(&server.url("/v1/inspect"), &body).await;
+        assert_eq!(status, 200, "{out}");
+        let names: Vec<&Value> = out["positions"][0]["heads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| &h["head"])
+            .collect();
+        assert_eq!(
+            names.last().unwrap().as_str(),
+            Some("early_exit:0.9"),
+            "{names:?}"
+        );
+    }
+}
+
 /// SLED against the authors' code: every case alone, then all SLED and DoLa cases of the
 /// fixture in one batch; then what else it goes through (self-speculative decoding verifies with
 /// SLED's distribution, echo scores each position as generated, streaming, the model id).

@@ -378,11 +378,12 @@ fn sled_modes() {
     use crate::model::mode::{Premature, SledParams};
     let sled = |v: &Validator, mut fields: serde_json::Value| {
         fields["mode"] = "sled".into();
-        v.mode(&spec(fields)).map(|m| match m {
-            Mode::Sled(p) => p,
-            other => panic!("{other:?}"),
-        })
-        .map_err(|e| e.param())
+        v.mode(&spec(fields))
+            .map(|m| match m {
+                Mode::Sled(p) => p,
+                other => panic!("{other:?}"),
+            })
+            .map_err(|e| e.param())
     };
     let v = validator();
     let p = sled(&v, serde_json::json!({})).unwrap();
@@ -406,7 +407,10 @@ fn sled_modes() {
         ),
         (serde_json::json!({"alpha": -0.5}), "alpha"),
         (serde_json::json!({"premature": "top"}), "premature"),
-        (serde_json::json!({"evolution_scale": 2.5}), "evolution_scale"),
+        (
+            serde_json::json!({"evolution_scale": 2.5}),
+            "evolution_scale",
+        ),
         (serde_json::json!({"layers": [1]}), "layers"),
     ] {
         assert_eq!(
@@ -531,7 +535,9 @@ fn modes() {
         )
     );
     assert_eq!(
-        mode(spec(json!({"mode": "contrast", "upper": "top", "lower": 1}))),
+        mode(spec(
+            json!({"mode": "contrast", "upper": "top", "lower": 1})
+        )),
         err(
             "multi_exit.upper",
             "`multi_exit.upper` must be an exit layer or \"original\", got \"top\""
@@ -667,11 +673,17 @@ fn inspections() {
     assert_eq!(agreed.strategies.len(), 1, "reported once");
     let both = inspect(&|r| {
         r.named_mode = named;
-        r.strategies = asks("strategies[0]", spec(json!({"mode": "dola", "layers": [1, 2]})));
+        r.strategies = asks(
+            "strategies[0]",
+            spec(json!({"mode": "dola", "layers": [1, 2]})),
+        );
     })
     .unwrap();
     assert_eq!(
-        both.strategies.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+        both.strategies
+            .iter()
+            .map(|m| m.to_string())
+            .collect::<Vec<_>>(),
         ["dola:1-2", "contrast:4,1"]
     );
     // DoLa through the top head adds the heads it reads to those evaluated.
@@ -704,7 +716,10 @@ fn inspections() {
                 .map(|i| (format!("strategies[{i}]"), contrast(json!(4), json!(1))))
                 .collect()
         }),
-        err("strategies", "`strategies` takes at most 8 strategies, got 9")
+        err(
+            "strategies",
+            "`strategies` takes at most 8 strategies, got 9"
+        )
     );
 }
 

@@ -66,59 +66,31 @@ async function* sseEvents(resp) {
   }
 }
 
-// ---- modes --------------------------------------------------------------------------------
+// ---- modes ------------------------------------------------------------------------------
+// Every strategy's form comes from the server (the served name's card, `strategies`): its
+// fields, their widgets and this model's defaults. A new strategy appears here by itself.
 
-/** The `data-mode` value: original, exit:L, contrast:U,L, dola:LAYERS, sled or early_exit:T (the flag forms). */
-function modeKey(m) {
-  if (m.kind === "exit") return `exit:${m.layer}`;
-  if (m.kind === "contrast") return `contrast:${m.upper},${m.lower}`;
-  if (m.kind === "dola") {
-    return `dola:${m.layers}` + (m.premature === "lm_head" ? ",premature=lm_head" : "");
-  }
-  if (m.kind === "sled") return m.premature === "lm_head" ? "sled:premature=lm_head" : "sled";
-  if (m.kind === "early_exit") return `early_exit:${m.threshold}`;
-  return "original";
+/** The server's form for a strategy (`multi_exit.mode`). */
+function formOf(kind) {
+  return state.card.strategies.find((f) => f.mode === kind);
+}
+
+/** A mode as a picker holds it: its strategy and each field's value. */
+function defaultMode(kind) {
+  const form = formOf(kind);
+  if (!form) return { kind: "off" };
+  const values = {};
+  for (const f of form.parameters) values[f.name] = f.default;
+  return { kind, values };
+}
+
+function defaultModes() {
+  return ["original", "exit", "contrast"].map(defaultMode);
 }
 
 /** The request's `multi_exit` object. */
 function modeBody(m) {
-  if (m.kind === "exit") return { mode: "exit", layer: m.layer };
-  if (m.kind === "contrast") {
-    const upper = m.upper === "original" ? "original" : Number(m.upper);
-    return { mode: "contrast", upper, lower: m.lower, alpha: m.alpha };
-  }
-  if (m.kind === "dola") {
-    const layers = m.layers === "low" || m.layers === "high" ? m.layers : m.layers.split("-").map(Number);
-    return { mode: "dola", layers, premature: m.premature };
-  }
-  if (m.kind === "sled") return { mode: "sled", premature: m.premature };
-  if (m.kind === "early_exit") return { mode: "early_exit", threshold: m.threshold };
-  return { mode: "original" };
-}
-
-/** Every exit below the top: DoLa's widest set of trained premature layers. */
-function exitsBelowTop(card) {
-  return card.exit_layers.filter((l) => l < card.num_layers).join("-");
-}
-
-/** The mode each kind starts as when picked. */
-function defaultMode(card, kind) {
-  const exits = card.exit_layers;
-  const half = exits.filter((l) => l <= card.num_layers / 2).pop() ?? exits[0];
-  const top = exits[exits.length - 1];
-  const upper = top === card.num_layers && top > half ? top : "original";
-  switch (kind) {
-    case "exit": return { kind, layer: half };
-    case "contrast": return { kind, upper, lower: half, alpha: 0.1 };
-    case "dola": return { kind, layers: exitsBelowTop(card) || "high", premature: "exits" };
-    case "sled": return { kind, premature: exitsBelowTop(card) ? "exits" : "lm_head" };
-    case "early_exit": return { kind, threshold: 0.9 };
-    default: return { kind };
-  }
-}
-
-function defaultModes(card) {
-  return ["original", "exit", "contrast"].map((kind) => defaultMode(card, kind));
+  return { mode: m.kind, ...m.values };
 }
 
 function el(tag, attrs = {}, ...children) {
@@ -140,44 +112,29 @@ function select(options, value, onchange) {
   return s;
 }
 
+/** A field's widget; each change sets `m.values[f.name]`. */
+function fieldInput(m, f) {
+  if (f.input === "choice") {
+    // choices may be numbers, strings or lists: compared and kept as JSON text
+    const options = f.choices.map(([v, label]) => [JSON.stringify(v), label]);
+    return select(options, JSON.stringify(m.values[f.name]), (v) => { m.values[f.name] = JSON.parse(v); });
+  }
+  const input = el("input", { type: "number", min: f.min, max: f.max, step: f.step, value: m.values[f.name] });
+  input.addEventListener("change", () => { m.values[f.name] = Number(input.value); });
+  return input;
+}
+
 /** One picker per slot; each edits `state.modes[i]` and redraws itself. */
 function drawPickers() {
   const box = $("mode-pickers");
   box.replaceChildren();
-  const card = state.card;
-  const layers = card.exit_layers.map((l) => [l, `exit ${l}`]);
+  const menu = [["off", "off"], ...state.card.strategies.map((f) => [f.mode, f.title])];
   state.modes.forEach((m, i) => {
     const p = el("div", { class: "picker" }, el("span", { class: "slot", textContent: `Mode ${i + 1}` }));
-    p.append(select([["off", "off"], ["original", "original"], ["exit", "early exit"], ["contrast", "contrast"],
-      ["dola", "DoLa"], ["sled", "SLED"], ["early_exit", "early exit per token"]], m.kind, (v) => { state.modes[i] = defaultMode(card, v); drawPickers(); }));
-    if (m.kind === "exit") {
-      p.append(el("label", {}, "layer ", select(layers, m.layer, (v) => { m.layer = Number(v); })));
-    }
-    if (m.kind === "contrast") {
-      p.append(el("label", {}, "upper ", select([["original", "original"], ...layers], m.upper,
-        (v) => { m.upper = v === "original" ? v : Number(v); })));
-      p.append(el("label", {}, "lower ", select(layers, m.lower, (v) => { m.lower = Number(v); })));
-      const alpha = el("input", { type: "number", min: 0, max: 1, step: 0.05, value: m.alpha });
-      alpha.addEventListener("change", () => { m.alpha = Number(alpha.value); });
-      p.append(el("label", {}, "alpha ", alpha));
-    }
-    if (m.kind === "dola") {
-      const below = exitsBelowTop(card);
-      const sets = [["high", "upper half"], ["low", "lower half"]];
-      if (below) sets.push([below, `exits ${below.replaceAll("-", ", ")}`]);
-      p.append(el("label", {}, "premature ", select(sets, m.layers, (v) => { m.layers = v; })));
-      p.append(el("label", {}, "heads ", select([["exits", "trained exits"], ["lm_head", "top head"]],
-        m.premature, (v) => { m.premature = v; })));
-    }
-    if (m.kind === "sled") {
-      const heads = [["lm_head", "top head on every block"]];
-      if (exitsBelowTop(card)) heads.unshift(["exits", "trained exits"]);
-      p.append(el("label", {}, "premature ", select(heads, m.premature, (v) => { m.premature = v; })));
-    }
-    if (m.kind === "early_exit") {
-      const t = el("input", { type: "number", min: 0, max: 1, step: 0.05, value: m.threshold });
-      t.addEventListener("change", () => { m.threshold = Number(t.value); });
-      p.append(el("label", {}, "threshold ", t));
+    p.append(select(menu, m.kind, (v) => { state.modes[i] = defaultMode(v); drawPickers(); }));
+    const form = formOf(m.kind);
+    for (const f of form ? form.parameters : []) {
+      p.append(el("label", {}, `${f.label} `, fieldInput(m, f)));
     }
     box.append(p);
   });
@@ -220,12 +177,21 @@ function logprobText(lp) {
   return lines.join("\n");
 }
 
+/** A column, headed by its strategy until the server names the mode (its flag form). */
 function makeColumn(mode) {
-  const completion = el("div", { class: "completion", "data-mode": modeKey(mode) });
+  const completion = el("div", { class: "completion", "data-mode": mode.kind });
   const stats = el("div", { class: "stats", textContent: "waiting…" });
   const error = el("div", { class: "error", hidden: true });
-  const col = el("div", { class: "column" }, el("h3", { textContent: modeKey(mode) }), completion, error, stats);
-  return { col, completion, stats, error };
+  const title = el("h3", { textContent: mode.kind });
+  const col = el("div", { class: "column" }, title, completion, error, stats);
+  return { col, title, completion, stats, error };
+}
+
+/** Heads the column with the mode's name as the server resolved it (e.g. `dola:2-4-6`). */
+function nameColumn(view, multiExit) {
+  if (!multiExit || !multiExit.name) return;
+  view.completion.setAttribute("data-mode", multiExit.name);
+  view.title.textContent = multiExit.name;
 }
 
 async function runColumn(mode, common, view, signal) {
@@ -240,6 +206,7 @@ async function runColumn(mode, common, view, signal) {
     view.stats.textContent = "streaming…";
     for await (const chunk of sseEvents(resp)) {
       if (chunk.error) throw new Error(`${chunk.error.type || "error"}: ${chunk.error.message}`);
+      nameColumn(view, chunk.multi_exit);
       if (chunk.usage) usage = chunk.usage;
       for (const c of chunk.choices || []) {
         if (c.text) {
@@ -304,12 +271,12 @@ async function drawLayers(common, modes, signal) {
   box.replaceChildren(el("p", { class: "muted", textContent: "inspecting…" }));
   try {
     const tok = await (await post("/tokenize", { model: common.model, prompt: common.prompt, return_token_strs: true }, signal)).json();
-    const contrast = modes.find((m) => m.kind === "contrast");
     // Every position up to the server's cap (the rest of a longer prompt is not inspected).
     const shown = tok.tokens.slice(0, state.card.max_inspect_positions);
     const req = { model: common.model, prompt: shown, positions: "all", top_logprobs: 3 };
-    if (contrast) req.contrast = modeBody(contrast);
-    if (req.contrast) delete req.contrast.mode;
+    // the strategies picked, as rows of their own (single heads are rows already)
+    const strategies = modes.filter((m) => !formOf(m.kind).single_head).map(modeBody);
+    if (strategies.length) req.strategies = strategies;
     const insp = await (await post("/v1/inspect", req, signal)).json();
     state.inspection = { insp, strs: tok.token_strs };
     renderLayers();
@@ -339,6 +306,8 @@ function renderLayers() {
       cell.style.background = `rgba(var(--cell), ${(0.08 + 0.6 * weight).toFixed(3)})`;
       if (p.next_token_id !== null && top.token_id === p.next_token_id) cell.classList.add("hit");
       const lines = [`${name} at position ${p.index}`, `entropy ${h.entropy.toFixed(3)} nats, JSD to original ${h.jsd_to_original.toFixed(4)}`];
+      // the layer a strategy chose here (DoLa's premature layer, early exit's exit)
+      for (const [k, v] of Object.entries(h)) if (k.endsWith("_layer")) lines.push(`${k.replaceAll("_", " ")} ${v}`);
       if (h.next_token_logprob !== null) lines.push(`logprob of the actual next token ${h.next_token_logprob.toFixed(3)}`);
       h.top_logprobs.forEach((t) => lines.push(`   ${t.logprob.toFixed(3)}  "${fmtToken(t.token)}"`));
       const hover = lines.join("\n");
@@ -383,7 +352,7 @@ async function connect() {
     const list = await resp.json();
     const card = list.data.find((c) => c.id === c.root) || list.data[0];
     state.card = card;
-    state.modes = defaultModes(card);
+    state.modes = defaultModes();
     info.textContent = `${card.id}: ${card.num_layers} layers, exits at ${card.exit_layers.join(", ")}`;
     drawPickers();
     $("run").disabled = false;

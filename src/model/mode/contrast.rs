@@ -246,6 +246,7 @@ impl Strategy for ContrastParams {
         Some(Form {
             mode: Self::NAME,
             title: Self::TITLE,
+            single_head: false,
             parameters: vec![
                 FormField::layers(
                     "upper",

@@ -397,6 +397,7 @@ impl Strategy for DolaParams {
         Some(Form {
             mode: Self::NAME,
             title: Self::TITLE,
+            single_head: false,
             parameters: vec![
                 FormField::choice("layers", "premature", sets, default),
                 FormField::choice(

@@ -252,6 +252,7 @@ impl Strategy for EarlyExitParams {
         Some(Form {
             mode: Self::NAME,
             title: Self::TITLE,
+            single_head: false,
             parameters: vec![FormField::number(
                 "threshold",
                 "threshold",

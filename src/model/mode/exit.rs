@@ -70,6 +70,7 @@ impl Strategy for Exit {
         Some(Form {
             mode: Self::NAME,
             title: Self::TITLE,
+            single_head: true,
             parameters: vec![FormField::layers(
                 "layer",
                 "layer",

@@ -63,6 +63,7 @@ impl Strategy for Original {
         Some(Form {
             mode: Self::NAME,
             title: Self::TITLE,
+            single_head: true,
             parameters: vec![],
         })
     }

@@ -240,6 +240,9 @@ pub struct Form {
     pub mode: &'static str,
     /// The menu's name for it.
     pub title: &'static str,
+    /// One head's distribution (the original or an exit): a row of the layer view already,
+    /// not a strategy an inspection reports.
+    pub single_head: bool,
     pub parameters: Vec<FormField>,
 }
 
@@ -257,8 +260,14 @@ pub struct FormField {
 #[serde(tag = "input", rename_all = "snake_case")]
 pub enum Input {
     /// A menu: (the value sent, its label).
-    Choice { choices: Vec<(Value, String)> },
-    Number { min: f64, max: f64, step: f64 },
+    Choice {
+        choices: Vec<(Value, String)>,
+    },
+    Number {
+        min: f64,
+        max: f64,
+        step: f64,
+    },
 }
 
 impl FormField {
@@ -324,12 +333,22 @@ mod tests {
 
     #[test]
     fn refusals_name_the_field() {
-        let e = Fields::new("multi_exit", "contrast", &["alpha"], fields(json!({"beta": 1})))
-            .unwrap_err();
+        let e = Fields::new(
+            "multi_exit",
+            "contrast",
+            &["alpha"],
+            fields(json!({"beta": 1})),
+        )
+        .unwrap_err();
         assert_eq!(e.param, "multi_exit.beta");
         assert!(e.message.contains("takes alpha"), "{}", e.message);
-        let mut f = Fields::new("x", "m", &["a", "b", "c"], fields(json!({"a": "s", "b": 1.5})))
-            .unwrap();
+        let mut f = Fields::new(
+            "x",
+            "m",
+            &["a", "b", "c"],
+            fields(json!({"a": "s", "b": 1.5})),
+        )
+        .unwrap();
         assert_eq!(f.number("a").unwrap_err().param, "x.a");
         assert_eq!(
             f.whole("b").unwrap_err().message,
@@ -342,8 +361,7 @@ mod tests {
             tied_head: true,
             vocab_size: 10,
         };
-        let mut f = Fields::new("o", "m", &["l", "k"], fields(json!({"l": 3, "k": null})))
-            .unwrap();
+        let mut f = Fields::new("o", "m", &["l", "k"], fields(json!({"l": 3, "k": null}))).unwrap();
         assert_eq!(
             f.exit_layer("l", &shape).unwrap_err().message,
             "`o.l` = 3 is not an exit layer of this model; available exits: [2, 4]"
@@ -356,7 +374,10 @@ mod tests {
             in_range("p", 2.0, (0.0, 1.0), true).unwrap_err().message,
             "`p` must be in (0, 1], got 2"
         );
-        assert!(count_in("p", -1, (-5, 5)).is_err(), "negative counts never pass");
+        assert!(
+            count_in("p", -1, (-5, 5)).is_err(),
+            "negative counts never pass"
+        );
         assert_eq!(number(0.1), json!(0.1));
     }
 }

@@ -282,6 +282,7 @@ impl Strategy for SledParams {
         Some(Form {
             mode: Self::NAME,
             title: Self::TITLE,
+            single_head: false,
             parameters: vec![FormField::choice("premature", "premature", heads, default)],
         })
     }
