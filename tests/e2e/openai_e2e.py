@@ -104,7 +104,7 @@ def run_chat_checks(port):
     by_body = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
                                              extra_body={"multi_exit": {"mode": "exit", "layer": 2}})
     assert by_id.choices[0].message.content == by_body.choices[0].message.content
-    assert by_body.model_extra["multi_exit"] == {"mode": "exit", "layer": 2}
+    assert by_body.model_extra["multi_exit"] == {"mode": "exit", "name": "exit:2", "layer": 2}
 
     # structured outputs: json_schema in the original, exit, contrast and DoLa modes
     response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
