@@ -73,11 +73,6 @@ impl<'a> Fields<'a> {
         Ok(Self { object, map })
     }
 
-    /// The object's name, for the strategy's own refusals.
-    pub fn object(&self) -> &'a str {
-        self.object
-    }
-
     /// `object.name`, as refusals name a field.
     pub fn param(&self, name: &str) -> String {
         format!("{}.{name}", self.object)
