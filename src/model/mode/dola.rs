@@ -51,6 +51,13 @@ impl Layers {
     }
 }
 
+impl From<Layers> for Value {
+    /// The layers as a JSON list, ascending.
+    fn from(l: Layers) -> Self {
+        l.iter().collect::<Vec<_>>().into()
+    }
+}
+
 impl fmt::Display for Layers {
     /// `2-4-6`, the form model ids and flags use.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -279,7 +286,7 @@ impl Strategy for DolaParams {
         let layers: Value = match self.layers {
             DolaLayers::Low => "low".into(),
             DolaLayers::High => "high".into(),
-            DolaLayers::List(l) => l.iter().collect::<Vec<_>>().into(),
+            DolaLayers::List(l) => l.into(),
         };
         Map::from_iter([
             ("layers".into(), layers),
@@ -290,10 +297,7 @@ impl Strategy for DolaParams {
 
     /// The candidates "low" or "high" meant for this model.
     fn resolved(&self) -> Map<String, Value> {
-        Map::from_iter([(
-            "layers".into(),
-            self.candidates.iter().collect::<Vec<_>>().into(),
-        )])
+        Map::from_iter([("layers".into(), self.candidates.into())])
     }
 
     fn from_request(f: &mut Fields, shape: &ModelShape) -> Result<Self, ParamError> {

@@ -192,10 +192,7 @@ impl Strategy for EarlyExitParams {
 
     /// The exits a token may leave at.
     fn resolved(&self) -> Map<String, Value> {
-        Map::from_iter([(
-            "layers".into(),
-            self.exits.iter().collect::<Vec<_>>().into(),
-        )])
+        Map::from_iter([("layers".into(), self.exits.into())])
     }
 
     fn from_request(f: &mut Fields, _shape: &ModelShape) -> Result<Self, ParamError> {

@@ -200,10 +200,7 @@ impl Strategy for SledParams {
 
     /// The premature layers (SLED's `layers` is never sent).
     fn resolved(&self) -> Map<String, Value> {
-        Map::from_iter([(
-            "layers".into(),
-            self.candidates.iter().collect::<Vec<_>>().into(),
-        )])
+        Map::from_iter([("layers".into(), self.candidates.into())])
     }
 
     fn from_request(f: &mut Fields, shape: &ModelShape) -> Result<Self, ParamError> {
