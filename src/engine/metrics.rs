@@ -51,6 +51,7 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_prefix_cache_tokens", "gauge"),
     ("exitserve_generated_tokens_total", "counter"),
     ("exitserve_cancellations_total", "counter"),
+    ("exitserve_preemptions_total", "counter"),
     ("exitserve_rejections_total", "counter"),
     ("exitserve_model_steps_total", "counter"),
     ("exitserve_block_evaluations_total", "counter"),
@@ -163,6 +164,7 @@ pub struct Metrics {
     pub prefix_cache_tokens: Gauge,
     pub generated_tokens: Counter,
     pub cancellations: Counter,
+    pub preemptions: Counter,
     pub rejections: Counter,
     pub model_steps: Counter,
     block_evaluations: Counter,
@@ -258,6 +260,10 @@ impl Default for Metrics {
             cancellations: r.counter(
                 "exitserve_cancellations_total",
                 "Requests dropped because the client went away.",
+            ),
+            preemptions: r.counter(
+                "exitserve_preemptions_total",
+                "Running requests preempted for a request of higher priority (they recompute their caches and go on).",
             ),
             rejections: r.counter(
                 "exitserve_rejections_total",

@@ -11,6 +11,7 @@ use super::request::{
     ValidRequest,
 };
 use super::sampling::Sampler;
+use super::scheduler::QueueKey;
 use super::speculative::Speculation;
 use super::stop::StopMatcher;
 use super::structured::Guide;
@@ -32,6 +33,8 @@ pub struct RequestState {
     pub span: tracing::Span,
     /// A draft step's cost against a full step (self-speculative decoding).
     pub draft_cost: f64,
+    /// Its place in the queue, which it keeps if preempted (`batcher/preempt.rs`).
+    pub key: QueueKey,
 }
 
 impl RequestState {
@@ -73,6 +76,25 @@ pub struct Sequence {
     pub spec: Option<Speculation>,
     /// Structured outputs: where the sequence stands in its grammar.
     pub guide: Option<Guide>,
+    /// The tokens it generated, in order (a preempted sequence recomputes its cache from
+    /// them).
+    pub output: Vec<u32>,
+    /// After a preemption: the positions its cache is being recomputed over.
+    pub resume: Option<Resume>,
+}
+
+/// A preempted sequence's way back: its prompt and every generated token but the one it
+/// feeds next go through the forward again (prompt chunks under the prefill budget, no heads)
+/// until its cache holds what it held, then it decodes on as if it had never left.
+pub struct Resume {
+    pub tokens: Vec<u32>,
+    pub done: usize,
+}
+
+impl Resume {
+    pub fn left(&self) -> usize {
+        self.tokens.len() - self.done
+    }
 }
 
 pub enum Outcome {
@@ -116,6 +138,8 @@ impl Sequence {
             finished: false,
             spec,
             guide,
+            output: Vec::new(),
+            resume: None,
         }
     }
 
@@ -168,6 +192,7 @@ impl Sequence {
             logprob = logprobs.map(|k| token_logprob(id, &reported, k, tok));
         }
         self.generated += 1;
+        self.output.push(id);
         self.sampler.observe(id);
         // Under a grammar, the end-of-text token is allowed only where the output is complete.
         let is_eos = Some(id) == eos && (!ignore_eos || self.guide.is_some());

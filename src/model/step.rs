@@ -20,9 +20,10 @@ pub struct SeqStep<'a> {
     /// A draft of self-speculative decoding: it may read the draft copies of the weights
     /// (`DraftWeights`).
     pub draft: bool,
-    /// The verifying pass of self-speculative decoding: each of its positions is computed
-    /// as a decode step computes its one position (attention query by query), so that the
-    /// verdicts see exactly the numbers decoding without drafts would.
+    /// The verifying pass of self-speculative decoding (or a preempted sequence recomputing
+    /// its cache): each of its positions is computed as a decode step computes its one
+    /// position (attention query by query), so that the verdicts see exactly the numbers
+    /// decoding without drafts would.
     pub verify: bool,
     /// Confidence-based early exit, decided in the step for a decode position (one token,
     /// heads at its last row): at each exit of `heads` (ascending) whose head is confident,

@@ -342,3 +342,117 @@ async fn a_waiting_request_whose_client_left_leaves_the_queue() {
     assert_eq!(long.await.unwrap().0, 200);
     assert_eq!(patient.await.unwrap().0, 200);
 }
+
+/// A request of higher priority that finds the batch full preempts the running request of
+/// the lowest priority (the latest due among equals); the preempted request recomputes its
+/// cache when its turn comes again and ends exactly as it would have alone (tokens and
+/// logprobs, greedy, seeded sampling with `n` = 2, speculative), on both architectures, in
+/// f32, bf16 and int8; on the batched attention path, the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempted_requests_end_as_they_would_have() {
+    use common::ARCHS;
+    for f in ARCHS {
+        for flags in [
+            ["--dtype", "f32"],
+            ["--dtype", "bf16"],
+            ["--dtype", "int8"],
+            ["--attention", "batched"],
+        ] {
+            let dtype = flags.join(" ");
+            let mut argv = vec!["--max-batch-size", "2"];
+            argv.extend(flags);
+            let server = TestServer::start_model(&f.dir(), &argv);
+            let url = server.url("/v1/completions");
+            let body = |extra: Value| {
+                let mut b = json!({"model": f.name, "prompt": "The tale of early exits",
+                    "max_tokens": 80, "ignore_eos": true, "logprobs": 2,
+                    "return_token_ids": true});
+                b.as_object_mut()
+                    .unwrap()
+                    .extend(extra.as_object().unwrap().clone());
+                b
+            };
+            let greedy = body(json!({"temperature": 0}));
+            let (_, card) =
+                common::client::get(&server.url(&format!("/v1/models/{}", f.name))).await;
+            let lowest = card["exit_layers"][0].clone();
+            let speculative = body(json!({"temperature": 0, "speculative": true,
+                "multi_exit": {"mode": "original"}}));
+            let sampled = body(json!({"temperature": 0.9, "top_p": 0.9, "seed": 3, "n": 2,
+                "multi_exit": {"mode": "contrast", "upper": "original", "lower": lowest}}));
+            let urgent = json!({"model": f.name, "prompt": [5, 6], "max_tokens": 4,
+                "temperature": 0, "priority": -1});
+            let choices = |v: &Value| -> Vec<(Value, Value)> {
+                v["choices"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| (c["token_ids"].clone(), c["logprobs"].clone()))
+                    .collect()
+            };
+            for victims in [vec![greedy, speculative], vec![sampled]] {
+                let mut alone = Vec::new();
+                for v in &victims {
+                    let (status, out) = post(&url, v).await;
+                    assert_eq!(status, 200, "{out}");
+                    alone.push(choices(&out));
+                }
+                let generated = server.metric("exitserve_generated_tokens_total");
+                let preempted = server.metric("exitserve_preemptions_total");
+                let tasks: Vec<_> = victims
+                    .iter()
+                    .map(|v| {
+                        let (url, v) = (url.clone(), v.clone());
+                        tokio::spawn(async move { post(&url, &v).await })
+                    })
+                    .collect();
+                // the batch is full and every victim is decoding
+                for _ in 0..500 {
+                    if server.metric("exitserve_generated_tokens_total") >= generated + 20.0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                let (status, out) = post(&url, &urgent).await;
+                assert_eq!(status, 200, "{out}");
+                let done_early = tasks.iter().filter(|t| t.is_finished()).count();
+                assert!(
+                    done_early < victims.len(),
+                    "{} {dtype}: the urgent request waited for every victim",
+                    f.name
+                );
+                assert!(
+                    server.metric("exitserve_preemptions_total") > preempted,
+                    "{} {dtype}: nothing was preempted",
+                    f.name
+                );
+                for (t, want) in tasks.into_iter().zip(&alone) {
+                    let (status, out) = t.await.unwrap();
+                    assert_eq!(status, 200, "{out}");
+                    let got = choices(&out);
+                    if flags[0] == "--attention" {
+                        // The batched path (a GPU's) attends a recomputed chunk as one padded
+                        // product: the same tokens, logprobs to float rounding.
+                        for ((ids, lp), (want_ids, want_lp)) in got.iter().zip(want) {
+                            assert_eq!(ids, want_ids, "{} {dtype}", f.name);
+                            let close = |a: &Value, b: &Value| {
+                                let (a, b) = (a.as_array().unwrap(), b.as_array().unwrap());
+                                a.iter().zip(b).all(|(x, y)| {
+                                    (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4
+                                })
+                            };
+                            assert!(close(&lp["token_logprobs"], &want_lp["token_logprobs"]));
+                        }
+                        continue;
+                    }
+                    assert_eq!(
+                        &got, want,
+                        "{} {dtype}: a preempted request ended otherwise",
+                        f.name
+                    );
+                }
+            }
+            server.wait_for_metric("exitserve_batch_size", 0.0).await;
+        }
+    }
+}

@@ -35,6 +35,14 @@ impl Batcher {
             if !self.receive() {
                 return false;
             }
+            // A preempted request that goes before the held one (not started) passes it.
+            let parked = self.best_parked();
+            if let (Some(k), Some(p)) = (parked, self.held.as_ref()) {
+                if !p.started && k < p.key {
+                    let p = self.held.take().expect("checked");
+                    self.waiting.push(p);
+                }
+            }
             if self.held.is_none() {
                 // A request whose prompt another one's prefill is computing waits for it.
                 let eligible: Vec<usize> = (0..self.waiting.len())
@@ -45,7 +53,17 @@ impl Batcher {
                     })
                     .collect();
                 let order: Vec<QueueKey> = eligible.iter().map(|&i| self.waiting[i].key).collect();
-                let Some(next) = scheduler::next_in_queue(&order) else {
+                let next = scheduler::next_in_queue(&order);
+                // A preempted request comes back when its turn comes, as a waiting one would.
+                if let Some(k) = parked {
+                    if next.is_none_or(|n| k < order[n]) {
+                        if self.resume_parked() {
+                            continue;
+                        }
+                        return true;
+                    }
+                }
+                let Some(next) = next else {
                     return true;
                 };
                 self.held = Some(self.waiting.remove(eligible[next]));
@@ -76,7 +94,11 @@ impl Batcher {
     /// higher priority that came since can pass it. False when the queue is closed and
     /// nothing is left.
     fn receive(&mut self) -> bool {
-        if self.running.is_empty() && self.waiting.is_empty() && self.held.is_none() {
+        if self.running.is_empty()
+            && self.waiting.is_empty()
+            && self.held.is_none()
+            && self.parked.is_empty()
+        {
             match self.rx.blocking_recv() {
                 Some(sub) => self.enqueue(sub),
                 None => return false,
@@ -97,6 +119,7 @@ impl Batcher {
         for _ in self.waiting.len()..before {
             self.dequeued();
         }
+        self.drop_abandoned_parked();
         if self.held.as_ref().is_some_and(|p| !p.started) && !self.waiting.is_empty() {
             let p = self.held.take().expect("checked");
             self.waiting.push(p);
@@ -188,6 +211,7 @@ impl Batcher {
             first_token_at: None,
             span,
             draft_cost,
+            key,
         }));
         Pending {
             state,
@@ -224,8 +248,14 @@ impl Batcher {
             .iter()
             .map(|(_, t)| demand(t.len(), max_tokens, best_of))
             .collect();
-        // Cached prompts count against the budget, and make room before a request waits.
+        // Requests of lower priority make room for it (preempted), then cached prompts do.
         let budget = self.cfg.budget;
+        if let Some(&first) = demands.first() {
+            if scheduler::admit_in_order(&budget, self.reserved(), &[first]) == 0 {
+                let priority = state.borrow().req.priority;
+                self.preempt_for(priority, first);
+            }
+        }
         let mut take = scheduler::admit_in_order(&budget, self.reserved_with_cache(), &demands);
         let without_cache = scheduler::admit_in_order(&budget, self.reserved(), &demands);
         if without_cache > take {

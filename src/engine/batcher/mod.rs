@@ -7,7 +7,8 @@
 //! decides each member's input (one [`plan::RowPlan`] per row), the forward runs here,
 //! `progress.rs` does the prompt bookkeeping and scores the sequences that reached a token,
 //! `emit.rs` samples, forks `n`/`best_of` followers and finishes, `speculate.rs` handles a
-//! self-speculative round's drafts and verdicts.
+//! self-speculative round's drafts and verdicts; `preempt.rs` makes room for a request of
+//! higher priority, and brings the requests it took out back.
 //!
 //! Fault containment: each phase of a step (admission, planning, forward, scoring, sampling,
 //! emission, forks) runs under `catch_unwind` at the finest grain it has, so a panic or an
@@ -18,6 +19,7 @@ mod admit;
 mod emit;
 mod fault;
 mod plan;
+mod preempt;
 mod prefix;
 mod progress;
 mod speculate;
@@ -93,6 +95,8 @@ pub struct Batcher {
     received: u64,
     /// Prompts computed before (None: `--no-prefix-cache`).
     prefix: Option<PrefixCache>,
+    /// Requests preempted for one of higher priority, waiting for their turn.
+    parked: Vec<preempt::Parked>,
 }
 
 /// The message of a caught panic.
@@ -170,6 +174,7 @@ impl Batcher {
             held: None,
             queue,
             received: 0,
+            parked: Vec::new(),
         }
     }
 
@@ -287,7 +292,7 @@ impl Batcher {
                 heads: &row.heads,
                 all_positions: row.all_positions,
                 draft: row.kind == StepKind::Draft,
-                verify: row.kind == StepKind::Verify,
+                verify: row.per_query,
                 early_exit: row.early_exit,
             })
             .collect();
@@ -312,7 +317,7 @@ impl Batcher {
         let [row] = &plan.rows[..] else {
             return;
         };
-        if row.prompt_taken != 0 {
+        if row.prompt_taken != 0 || row.resumed != 0 {
             return;
         }
         let positions = row.tokens.len();

@@ -34,6 +34,11 @@ pub(super) struct RowPlan {
     pub tokens: Vec<u32>,
     /// Prompt tokens fed (0 for a decoding sequence).
     pub prompt_taken: usize,
+    /// Positions a preempted sequence recomputed (its prompt and generated tokens again).
+    pub resumed: usize,
+    /// Attend query by query, as decode steps do: a verifying pass, and a preempted
+    /// sequence's generated positions.
+    pub per_query: bool,
     /// The heads evaluated (none for a prompt chunk that is neither last nor scored).
     pub heads: Vec<Head>,
     /// Blocks run.
@@ -72,8 +77,10 @@ impl Batcher {
             .map(|s| {
                 let r = s.request.borrow();
                 let inspect_all = r.req.inspect.as_ref().is_some_and(|i| i.all_positions);
+                // a preempted sequence recomputing its cache takes prompt chunks too
+                let resume_left = s.resume.as_ref().map(|r| r.left());
                 SeqView {
-                    prompt_left: s.prompt.len() - s.prefilled,
+                    prompt_left: resume_left.unwrap_or(s.prompt.len() - s.prefilled),
                     can_emit: r.can_emit(),
                     max_chunk: if inspect_all {
                         INSPECT_CHUNK
@@ -83,7 +90,8 @@ impl Batcher {
                     // A position scored at every head (echo with logprobs, an inspection of
                     // every position) is charged its vocabulary work, so that such prompts
                     // cannot make one step long for every sequence in it.
-                    cost_per_token: if r.req.scores_every_prompt_position() {
+                    cost_per_token: if r.req.scores_every_prompt_position() && resume_left.is_none()
+                    {
                         scored_position_cost(hidden, vocab, r.depth, r.heads.len())
                     } else {
                         1
@@ -104,6 +112,8 @@ impl Batcher {
                 inject(fault, Phase::Plan, &s.prompt);
                 if slot.prompt_take == 0 {
                     decode_row(s, slot.index, may_draft)
+                } else if s.resume.is_some() {
+                    resume_row(s, slot.index, slot.prompt_take)
                 } else {
                     prompt_row(s, slot.index, slot.prompt_take)
                 }
@@ -117,6 +127,33 @@ impl Batcher {
     }
 }
 
+/// A preempted sequence's next `take` positions to recompute: no heads (the token it feeds
+/// next is already chosen).
+fn resume_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
+    let resume = s.resume.as_ref().expect("resuming");
+    // Each position as it was first computed: prompt positions as a prompt chunk, generated
+    // ones query by query as decode steps (and verifying passes) computed them. A chunk
+    // does not straddle the two.
+    let in_prompt = resume.done < s.prompt.len();
+    let take = if in_prompt {
+        take.min(s.prompt.len() - resume.done)
+    } else {
+        take
+    };
+    RowPlan {
+        index,
+        tokens: resume.tokens[resume.done..resume.done + take].to_vec(),
+        prompt_taken: 0,
+        resumed: take,
+        per_query: !in_prompt,
+        heads: Vec::new(),
+        depth: s.request.borrow().depth,
+        all_positions: false,
+        kind: StepKind::Next,
+        early_exit: None,
+    }
+}
+
 /// A prefilling sequence's next `take` prompt tokens.
 fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
     let r = s.request.borrow();
@@ -126,6 +163,8 @@ fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         index,
         tokens: s.prompt[s.prefilled..s.prefilled + take].to_vec(),
         prompt_taken: take,
+        resumed: 0,
+        per_query: false,
         // Heads at the last position once the prompt is in; at every prompt position for
         // echo with logprobs.
         heads: if last_chunk || all_positions {
@@ -165,6 +204,8 @@ fn decode_row(s: &mut Sequence, index: usize, may_draft: bool) -> RowPlan {
         index,
         tokens,
         prompt_taken: 0,
+        resumed: 0,
+        per_query: kind == StepKind::Verify,
         heads,
         depth,
         all_positions,

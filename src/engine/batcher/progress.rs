@@ -76,6 +76,15 @@ impl Batcher {
             let (metrics, tokenizer, fault) = (&self.metrics, &self.tokenizer, self.cfg.fault());
             let seq = &mut self.running[i];
             let progress = contained(Phase::Plan, || {
+                if row.resumed > 0 {
+                    let resume = seq.resume.as_mut().expect("a resuming sequence");
+                    resume.done += row.resumed;
+                    if resume.left() == 0 {
+                        // its cache is whole again: it decodes on at the next step
+                        seq.resume = None;
+                    }
+                    return Progress::Prefilling;
+                }
                 let start = seq.prefilled;
                 if take > 0 {
                     metrics.prompt_tokens.increment(take as u64);
