@@ -92,7 +92,7 @@ impl Batcher {
             return;
         }
         // the worst first: the highest priority number, then the latest due
-        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         for (key, request, freed) in candidates {
             if fits(reserved) {
                 break;
