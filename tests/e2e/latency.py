@@ -75,12 +75,16 @@ def main():
         for t in probes:
             t.join()
         loader.join()
+        metrics = httpx.get(f"{server.base}/metrics", timeout=30).text
+    preempted = next((line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("exitserve_preemptions_total ")), "?")
     base = statistics.median(idle)
     print(f"idle: p50 {base * 1e3:.0f} ms over {len(idle)}")
     for p, xs in results.items():
         name = "default priority" if p is None else f"priority {p}"
         print(f"{name}: p50 {pct(xs, 0.5) * 1e3:.0f} ms, p95 {pct(xs, 0.95) * 1e3:.0f} ms "
               f"({pct(xs, 0.95) / base:.1f}x idle) over {len(xs)} answered, {len(refused[p])} refused")
+    print(f"requests preempted for one of higher priority: {preempted}")
 
 
 if __name__ == "__main__":

@@ -225,7 +225,9 @@ async fn hold_the_one_slot(server: &TestServer) -> tokio::task::JoinHandle<(u16,
     let long = tokio::spawn(async move {
         post(
             &url,
-            &json!({"model": MODEL, "prompt": [11], "max_tokens": 250, "ignore_eos": true}),
+            // of the highest priority: nothing that waits preempts it
+            &json!({"model": MODEL, "prompt": [11], "max_tokens": 250, "ignore_eos": true,
+                "priority": -1000}),
         )
         .await
     });
@@ -319,7 +321,10 @@ async fn a_waiting_request_whose_client_left_leaves_the_queue() {
         let url = url.clone();
         tokio::spawn(async move { post(&url, &body).await })
     };
-    let long = send(json!({"model": MODEL, "prompt": [11], "max_tokens": 250, "ignore_eos": true}));
+    let long = send(
+        json!({"model": MODEL, "prompt": [11], "max_tokens": 250, "ignore_eos": true,
+        "priority": -1000}),
+    );
     server.wait_for_metric("exitserve_batch_size", 1.0).await;
     let patient = send(json!({"model": MODEL, "prompt": [12], "max_tokens": 2, "priority": -10}));
     server.wait_for_metric("exitserve_queue_depth", 1.0).await;
@@ -455,4 +460,61 @@ async fn preempted_requests_end_as_they_would_have() {
             server.wait_for_metric("exitserve_batch_size", 0.0).await;
         }
     }
+}
+
+/// A preempted request whose client leaves while it waits for its turn ends there (counted
+/// as cancelled) and never comes back into the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_request_whose_client_left_ends_while_it_waits() {
+    let server = TestServer::start(&["--max-batch-size", "1"]);
+    let url = server.url("/v1/completions");
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let victim = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            impatient
+                .post(&url)
+                .json(&json!({"model": MODEL, "prompt": [11], "max_tokens": 250,
+                    "ignore_eos": true}))
+                .send()
+                .await
+        })
+    };
+    server.wait_for_metric("exitserve_batch_size", 1.0).await;
+    let cancelled = server.metric("exitserve_cancellations_total");
+    let urgent = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            post(
+                &url,
+                // long enough to run past the victim's client giving up
+                &json!({"model": MODEL, "prompt": [12], "max_tokens": 250, "ignore_eos": true,
+                    "priority": -1, "stream": true, "logprobs": 5}),
+            )
+            .await
+        })
+    };
+    server
+        .wait_for_metric("exitserve_preemptions_total", 1.0)
+        .await;
+    assert!(
+        victim.await.unwrap().is_err(),
+        "the client gave up while parked"
+    );
+    // ended while it waited: before the urgent request gave back the one slot
+    server
+        .wait_for_metric("exitserve_cancellations_total", cancelled + 1.0)
+        .await;
+    assert!(!urgent.is_finished(), "the urgent request still runs");
+    assert_eq!(urgent.await.unwrap().0, 200);
+    server.wait_for_metric("exitserve_batch_size", 0.0).await;
+    assert_eq!(
+        server.metric("exitserve_cancellations_total"),
+        cancelled + 1.0,
+        "counted once"
+    );
+    assert_eq!(server.metric("exitserve_requests_running"), 0.0);
 }
