@@ -265,13 +265,10 @@ fn nucleus(
 
 /// First index of the maximum (as torch.argmax): greedy decoding.
 pub fn argmax(scores: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in scores.iter().enumerate() {
-        if x > scores[best] {
-            best = i;
-        }
-    }
-    best as u32
+    // The vectorised maximum, then its first position: a greedy step's pass over the
+    // vocabulary without a dependent compare per element. NaN never wins (0 when all are).
+    let best = fastmath::max(scores);
+    scores.iter().position(|&x| x == best).unwrap_or(0) as u32
 }
 
 fn fresh_seed() -> u64 {
@@ -292,6 +289,20 @@ mod tests {
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams::plain(temperature, 7)
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_and_never_nan() {
+        let mut v = vec![-1.0f32; 1000];
+        v[700] = 3.0;
+        v[900] = 3.0;
+        v[5] = f32::NAN;
+        assert_eq!(argmax(&v), 700, "ties to the first");
+        v[0] = f32::NAN;
+        assert_eq!(argmax(&v), 700, "a NaN is never the best");
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+        assert_eq!(argmax(&[f32::NAN; 3]), 0);
+        assert_eq!(argmax(&[1.0, 2.0, 2.0]), 1);
     }
 
     #[test]
