@@ -52,6 +52,14 @@ impl Batcher {
     /// not make room.
     pub(super) fn preempt_for(&mut self, priority: i32, need: Demand) {
         let budget = self.cfg.budget;
+        // the common case, every request of one priority, in one pass
+        if !self
+            .running
+            .iter()
+            .any(|s| s.request.borrow().req.priority > priority)
+        {
+            return;
+        }
         // the candidates: whole requests, each with what it would free
         let mut candidates: Vec<(QueueKey, SharedRequest, Demand)> = Vec::new();
         for s in &self.running {
