@@ -35,6 +35,7 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_early_exit_tokens_total", "counter"),
     ("exitserve_queue_depth", "gauge"),
     ("exitserve_requests_running", "gauge"),
+    ("exitserve_requests_preempted", "gauge"),
     ("exitserve_batch_size", "gauge"),
     ("exitserve_batch_size_peak", "gauge"),
     ("exitserve_kv_tokens_reserved", "gauge"),
@@ -140,6 +141,7 @@ pub struct Metrics {
     /// Requests waiting for a batch slot.
     pub queue_depth: Gauge,
     pub requests_running: Gauge,
+    pub requests_preempted: Gauge,
     pub batch_size: Gauge,
     /// The most sequences ever reserved at once (forks not yet made included).
     pub batch_size_peak: Peak,
@@ -207,6 +209,10 @@ impl Default for Metrics {
             requests_running: r.gauge(
                 "exitserve_requests_running",
                 "Requests with a sequence in the running batch (completions and inspections).",
+            ),
+            requests_preempted: r.gauge(
+                "exitserve_requests_preempted",
+                "Requests preempted for one of higher priority, waiting to come back.",
             ),
             batch_size: r.gauge("exitserve_batch_size", "Sequences in the running batch."),
             batch_size_peak: r.peak(

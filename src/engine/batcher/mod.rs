@@ -218,6 +218,9 @@ impl Batcher {
             .map(|s| Rc::as_ptr(&s.request))
             .collect();
         self.metrics.requests_running.set(requests.len() as f64);
+        self.metrics
+            .requests_preempted
+            .set(self.parked.len() as f64);
         self.metrics.batch_size.set(self.running.len() as f64);
         self.metrics
             .batch_size_peak

@@ -2,8 +2,9 @@
 //! that does not fit takes the place of running requests of lower priority. A preempted
 //! request gives back its caches and keeps everything else (its tokens, samplers, grammar
 //! states, speculation statistics, its place in the queue); when its turn comes again, each
-//! of its sequences recomputes its cache (prompt and generated tokens through the forward as
-//! prompt chunks, under the prefill budget, no heads) and decodes on. Prompt chunks compute
+//! of its sequences recomputes its cache (what the prefix cache holds of its prompt is taken
+//! from there; the rest of its prompt and its generated tokens go through the forward, under
+//! the prefill budget, no heads) and decodes on. Prompt chunks compute
 //! each position with the same numbers a decode step does (the kernels are row-count
 //! invariant), so a preempted request's output is the one it would have had.
 //!
@@ -162,6 +163,7 @@ impl Batcher {
         let parked = self.parked.remove(i);
         for mut s in parked.seqs {
             s.cache = self.model.new_cache_for(s.reserved);
+            self.resume_from_cache(&mut s);
             self.running.push(s);
         }
         self.publish_load();
@@ -179,5 +181,6 @@ impl Batcher {
             });
             !p.seqs.is_empty()
         });
+        self.publish_load();
     }
 }

@@ -132,6 +132,36 @@ impl Batcher {
         }
     }
 
+    /// A preempted sequence coming back takes what the cache holds of its prompt (keys and
+    /// values its own prompt chunks would compute, to the bit) instead of recomputing it.
+    pub(super) fn resume_from_cache(&mut self, seq: &mut Sequence) {
+        let prompt = std::rc::Rc::clone(&seq.prompt);
+        let hit = {
+            let r = seq.request.borrow();
+            match (self.prefix.as_mut(), lookup(&r, &prompt)) {
+                (Some(cache), Some(l)) => cache.lookup(&l),
+                _ => None,
+            }
+        };
+        let Some(hit) = hit else {
+            return;
+        };
+        let depth = seq.request.borrow().depth;
+        let runs: Vec<_> = hit.runs.iter().collect();
+        match seq.cache.import(&runs, hit.len, depth) {
+            Ok(()) => {
+                if let Some(resume) = seq.resume.as_mut() {
+                    resume.done = hit.len;
+                }
+                self.metrics.prefix_cache_hits.increment(hit.len as u64);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "prefix cache hit not imported on resume");
+                seq.cache = self.model.new_cache_for(seq.reserved);
+            }
+        }
+    }
+
     /// The running sequence at `i` has its whole prompt in its cache: its whole blocks go to
     /// the prefix cache, within the budget the batch leaves.
     pub(super) fn publish_prefix(&mut self, i: usize) {
