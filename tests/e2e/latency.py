@@ -45,6 +45,7 @@ def load(base, until):
     """The soak's clients, in a process of their own: in the probes' process their threads
     would hold the interpreter lock while a probe's answer waits to be read, and the probe
     would time that."""
+    soak.MIXED_PRIORITIES = False  # the load the probes were measured against
     tally = soak.Tally()
     clients = [threading.Thread(target=soak.client_loop, args=(base, i, until, tally))
                for i in range(soak.CLIENTS)]

@@ -90,6 +90,11 @@ def side_request(client, base, rng, tally):
         check_status(r.status_code, r.text, tally)
 
 
+# Completions of other priorities than the default, so that requests preempt each other under
+# the load (latency.py turns this off: its probes measure against the default-priority mix).
+MIXED_PRIORITIES = True
+
+
 def one_request(client, base, rng, tally):
     if rng.random() < 0.15:
         return side_request(client, base, rng, tally)
@@ -108,6 +113,8 @@ def one_request(client, base, rng, tally):
         body["logprobs"] = rng.randint(0, 5)
     if rng.random() < 0.2:
         body["stop"] = [rng.choice(WORDS), "\n\n"]
+    if MIXED_PRIORITIES and rng.random() < 0.3:
+        body["priority"] = rng.choice([-1, 1])
     if rng.random() < 0.1 and not stream:
         body.update(echo=True, logprobs=1, max_tokens=rng.randint(0, 4))
     disconnect = rng.random() < 0.2
@@ -199,12 +206,15 @@ def main():
         # the engine notices the last disconnects at its next step
         settle = time.time() + 15
         while time.time() < settle:
-            if metric(server.base, "exitserve_queue_depth") == 0 and metric(server.base, "exitserve_batch_size") == 0:
+            if (metric(server.base, "exitserve_queue_depth") == 0 and metric(server.base, "exitserve_batch_size") == 0
+                    and metric(server.base, "exitserve_requests_preempted") == 0):
                 break
             time.sleep(0.2)
         end = late
         queue, batch = metric(server.base, "exitserve_queue_depth"), metric(server.base, "exitserve_batch_size")
         kv = metric(server.base, "exitserve_kv_tokens_reserved")
+        parked = metric(server.base, "exitserve_requests_preempted")
+        preemptions = metric(server.base, "exitserve_preemptions_total")
         peak_batch = metric(server.base, "exitserve_batch_size_peak")
         peak_kv = metric(server.base, "exitserve_kv_tokens_reserved_peak")
         summary = {
@@ -219,11 +229,13 @@ def main():
             "kv_tokens_reserved_end": kv,
             "batch_size_peak": peak_batch,
             "kv_tokens_reserved_peak": peak_kv,
+            "preemptions": preemptions,
+            "preempted_end": parked,
         }
         print("soak:", json.dumps(summary))
         problems = list(tally.failures[:10])
-        if queue != 0 or batch != 0 or kv != 0:
-            problems.append(f"did not drain: queue {queue}, batch {batch}, kv {kv}")
+        if queue != 0 or batch != 0 or kv != 0 or parked != 0:
+            problems.append(f"did not drain: queue {queue}, batch {batch}, kv {kv}, preempted {parked}")
         if peak_batch > 8 or peak_kv > 1200:
             problems.append(f"limits overshot: batch {peak_batch} > 8 or kv {peak_kv} > 1200")
         if end >= warm * 1.10:
