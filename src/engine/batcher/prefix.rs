@@ -6,6 +6,7 @@
 
 use super::Batcher;
 use crate::engine::prefix_cache::{self, Lookup, Publication, BLOCK};
+use crate::engine::request::TokenLogprob;
 use crate::engine::scheduler::Demand;
 use crate::engine::sequence::{RequestState, Sequence};
 
@@ -92,9 +93,10 @@ impl Batcher {
         })
     }
 
-    /// A sequence joining the batch takes its cached prefix: keys and values into its cache,
-    /// the prompt logprobs it reports, and the count in its request's usage.
-    pub(super) fn take_cached_prefix(&mut self, seq: &mut Sequence) {
+    /// Looks `seq`'s prompt up in the cache and imports the hit's keys and values into its
+    /// cache: the positions imported and their prompt logprobs. None: no hit, or one that could
+    /// not be imported (the cache is an optimisation: the sequence computes its prompt).
+    fn import_cached(&mut self, seq: &mut Sequence) -> Option<(usize, Vec<TokenLogprob>)> {
         let prompt = std::rc::Rc::clone(&seq.prompt);
         let hit = {
             let r = seq.request.borrow();
@@ -102,24 +104,27 @@ impl Batcher {
                 (Some(cache), Some(l)) => cache.lookup(&l),
                 _ => None,
             }
-        };
+        }?;
         let depth = seq.request.borrow().depth;
-        let hit_len = match hit {
-            Some(hit) => {
-                let runs: Vec<_> = hit.runs.iter().collect();
-                match seq.cache.import(&runs, hit.len, depth) {
-                    Ok(()) => {
-                        seq.prefilled = hit.len;
-                        seq.prompt_logprobs = hit.logprobs;
-                        hit.len
-                    }
-                    Err(e) => {
-                        // The cache is an optimisation: compute the prompt instead.
-                        tracing::warn!(error = %e, "prefix cache hit not imported");
-                        seq.cache = self.model.new_cache_for(seq.reserved);
-                        0
-                    }
-                }
+        let runs: Vec<_> = hit.runs.iter().collect();
+        match seq.cache.import(&runs, hit.len, depth) {
+            Ok(()) => Some((hit.len, hit.logprobs)),
+            Err(e) => {
+                tracing::warn!(error = %e, "prefix cache hit not imported");
+                seq.cache = self.model.new_cache_for(seq.reserved);
+                None
+            }
+        }
+    }
+
+    /// A sequence joining the batch takes its cached prefix: keys and values into its cache,
+    /// the prompt logprobs it reports, and the count in its request's usage.
+    pub(super) fn take_cached_prefix(&mut self, seq: &mut Sequence) {
+        let hit_len = match self.import_cached(seq) {
+            Some((len, logprobs)) => {
+                seq.prefilled = len;
+                seq.prompt_logprobs = logprobs;
+                len
             }
             None => 0,
         };
@@ -127,7 +132,7 @@ impl Batcher {
             self.metrics.prefix_cache_hits.increment(hit_len as u64);
             self.metrics
                 .prefix_cache_misses
-                .increment((prompt.len() - hit_len) as u64);
+                .increment((seq.prompt.len() - hit_len) as u64);
             seq.request.borrow_mut().usage.cached_tokens += hit_len;
         }
     }
@@ -135,30 +140,11 @@ impl Batcher {
     /// A preempted sequence coming back takes what the cache holds of its prompt (keys and
     /// values its own prompt chunks would compute, to the bit) instead of recomputing it.
     pub(super) fn resume_from_cache(&mut self, seq: &mut Sequence) {
-        let prompt = std::rc::Rc::clone(&seq.prompt);
-        let hit = {
-            let r = seq.request.borrow();
-            match (self.prefix.as_mut(), lookup(&r, &prompt)) {
-                (Some(cache), Some(l)) => cache.lookup(&l),
-                _ => None,
+        if let Some((len, _)) = self.import_cached(seq) {
+            if let Some(resume) = seq.resume.as_mut() {
+                resume.done = len;
             }
-        };
-        let Some(hit) = hit else {
-            return;
-        };
-        let depth = seq.request.borrow().depth;
-        let runs: Vec<_> = hit.runs.iter().collect();
-        match seq.cache.import(&runs, hit.len, depth) {
-            Ok(()) => {
-                if let Some(resume) = seq.resume.as_mut() {
-                    resume.done = hit.len;
-                }
-                self.metrics.prefix_cache_hits.increment(hit.len as u64);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "prefix cache hit not imported on resume");
-                seq.cache = self.model.new_cache_for(seq.reserved);
-            }
+            self.metrics.prefix_cache_hits.increment(len as u64);
         }
     }
 
