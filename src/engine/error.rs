@@ -10,6 +10,9 @@ pub enum EngineError {
     /// 429: the queue is full.
     #[error("the server is at capacity ({queued} requests queued); retry later")]
     Overloaded { queued: usize },
+    /// 429: the queue was full and a request of a higher `priority` took this one's place.
+    #[error("the server is at capacity ({queued} requests queued) and a request of a higher priority took this one's place; retry later")]
+    Displaced { queued: usize },
     /// 408-style timeout, reported as 503 per `--request-timeout`.
     #[error("request timed out after {seconds:.1} s (--request-timeout)")]
     Timeout { seconds: f64 },

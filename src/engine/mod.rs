@@ -87,8 +87,8 @@ impl Engine {
         let model = Arc::new(model);
         let tokenizer = Arc::new(tokenizer);
         let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = mpsc::channel(cfg.max_queued_requests.max(1));
         let queue = Arc::new(QueuePlaces::new(cfg.max_queued_requests));
+        let (tx, rx) = mpsc::channel(queue.capacity());
         let places = Arc::clone(&queue);
         let eos_token_id = cfg.batch.eos_token_id;
         let (validation, stream_buffer_events) = (
@@ -229,7 +229,8 @@ impl Engine {
         res
     }
 
-    /// Enqueues `req`; fails at once with `Overloaded` when the queue is full.
+    /// Enqueues `req`; fails at once with `Overloaded` when the queue is full of requests of
+    /// its priority or higher (one of a lower priority that waits is turned away for it).
     pub fn submit(
         &self,
         req: ValidRequest,
@@ -247,7 +248,7 @@ impl Engine {
             span,
             arrived: Instant::now(),
         };
-        if !self.queue.take() {
+        if !self.queue.take(sub.req.priority) {
             self.metrics.rejections.increment(1);
             self.metrics.request_finished("rejected", label);
             return Err(EngineError::Overloaded {

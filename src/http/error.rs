@@ -123,7 +123,9 @@ impl From<EngineError> for ApiError {
                 param: Some(v.param()),
                 code: v.code(),
             },
-            EngineError::Overloaded { .. } => ApiError::Overloaded(e.to_string()),
+            EngineError::Overloaded { .. } | EngineError::Displaced { .. } => {
+                ApiError::Overloaded(e.to_string())
+            }
             EngineError::Timeout { .. } => ApiError::Unavailable {
                 message: e.to_string(),
                 code: "request_timeout",

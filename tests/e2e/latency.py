@@ -5,7 +5,10 @@ with the default priority and one with `priority: -1`. Prints p50/p95 of each (o
 answered ones; the soak's queue bound turns many away with 429) against the same request on
 the idle server.
 
-Usage: python tests/e2e/latency.py BINARY [SECONDS]
+Usage: python tests/e2e/latency.py BINARY [SECONDS] [CHECKPOINT]
+
+CHECKPOINT: another model folder to serve in place of the tiny fixture (e.g. the bench's
+125M-shaped one), served under the fixture's name so that the soak's requests reach it.
 """
 import multiprocessing
 import os
@@ -58,10 +61,14 @@ def load(base, until):
 def main():
     binary = sys.argv[1]
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 60.0
+    checkpoint = sys.argv[3] if len(sys.argv) > 3 else None
     limits = ["--max-batch-size", "8", "--max-queued-requests", "6", "--max-batch-total-tokens", "1200",
               "--stream-buffer-events", "4"]
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # as deployed (see soak.py)
-    with running_server(binary, *limits) as server:
+    served = {} if checkpoint is None else {"fixture": checkpoint}
+    if checkpoint is not None:
+        limits += ["--served-model-name", MODEL]
+    with running_server(binary, *limits, **served) as server:
         idle = []
         probe(server.base, None, time.time() + 5, idle)
         until = time.time() + seconds

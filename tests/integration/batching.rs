@@ -4,11 +4,12 @@
 
 use crate::common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::client::post;
 use common::server::TestServer;
 use common::{greedy_body, ids, reference, MODEL};
+use exitserve::engine::request::{GenerateRequest, PromptInput};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -308,6 +309,91 @@ async fn short_requests_pass_long_ones_within_the_long_ones_slack() {
         }
         assert_eq!(order.lock().unwrap()[0], first, "slack {slack}");
     }
+}
+
+/// The queue's bound keeps priority: when every place is taken, a request of a higher priority
+/// than one that waits gets in and the waiting request that would be served last leaves with
+/// a 429 naming why; one of the same or a lower priority is refused (429) as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_turns_away_its_lowest_priority_for_a_higher_one() {
+    let server = TestServer::start(&[
+        "--max-batch-size",
+        "1",
+        "--max-queued-requests",
+        "2",
+        "--stream-buffer-events",
+        "1",
+    ]);
+    let url = server.url("/v1/completions");
+    // The one batch slot: a stream nobody reads pauses there and holds it, for as long as
+    // this test needs, of the highest priority so that nothing preempts it.
+    let engine = &server.state.engine;
+    let holder = GenerateRequest {
+        prompts: vec![PromptInput::Tokens(vec![11])],
+        max_tokens: Some(100),
+        stream: true,
+        ignore_eos: true,
+        priority: Some(-1000),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let slot = engine.validation_slot(deadline).await.unwrap();
+    let valid = engine.validate(holder, deadline, &slot).await.unwrap();
+    drop(slot);
+    let holder = engine.submit(valid, tracing::Span::none()).unwrap();
+    server
+        .wait_for_metric("exitserve_paused_sequences", 1.0)
+        .await;
+
+    let send = |priority: i64, tag: u32| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let body = json!({"model": MODEL, "prompt": [12, tag], "max_tokens": 2,
+                "priority": priority});
+            (tag, post(&url, &body).await)
+        })
+    };
+    let mut queued = Vec::new();
+    for (i, tag) in [1, 2].into_iter().enumerate() {
+        queued.push(send(5, tag));
+        server
+            .wait_for_metric("exitserve_queue_depth", (i + 1) as f64)
+            .await;
+    }
+    // full of priority 5: another 5 is refused at once
+    let (_, (status, body)) = send(5, 3).await.unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert!(!body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("higher priority"));
+    // a 0 gets in; the later of the two 5s leaves, then the other
+    let mut zeros = Vec::new();
+    for tag in [4, 5] {
+        zeros.push(send(0, tag));
+        let (gone, (status, body)) = queued.pop().unwrap().await.unwrap();
+        assert_eq!((gone, status), (2 + 4 - tag, 429), "{body}");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("a request of a higher priority took this one's place"));
+        server.wait_for_metric("exitserve_queue_depth", 2.0).await;
+    }
+    // full of 0s: a 0, and a 5, are refused
+    for priority in [0, 5] {
+        let (_, (status, body)) = send(priority, 6).await.unwrap();
+        assert_eq!(status, 429, "{body}");
+    }
+    assert_eq!(server.metric("exitserve_rejections_total"), 5.0);
+    // the holder leaves: the two 0s run
+    drop(holder);
+    for t in zeros {
+        let (_, (status, body)) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    server.wait_for_metric("exitserve_queue_depth", 0.0).await;
+    server.wait_for_metric("exitserve_batch_size", 0.0).await;
 }
 
 /// A waiting request whose client leaves gives back its queue place while it waits, not only

@@ -31,6 +31,15 @@ impl Batcher {
     /// Pulls requests into the batch while the budget allows; blocks only when idle. Returns
     /// false when the queue is closed and the batch is idle.
     pub(super) fn admit(&mut self) -> bool {
+        let go_on = self.admit_while_room();
+        let lowest = self.waiting.iter().map(|p| p.key.priority).max();
+        let held = self.held.as_ref().filter(|p| !p.started);
+        self.queue
+            .set_lowest_waiting(lowest.max(held.map(|p| p.key.priority)));
+        go_on
+    }
+
+    fn admit_while_room(&mut self) -> bool {
         loop {
             if !self.receive() {
                 return false;
@@ -124,7 +133,30 @@ impl Batcher {
             let p = self.held.take().expect("checked");
             self.waiting.push(p);
         }
+        self.turn_away_over_the_bound();
         true
+    }
+
+    /// Requests of a higher priority may be let in over the queue's bound (`queue.rs`): the
+    /// waiting requests that would be served last leave with a 429 until it holds again.
+    fn turn_away_over_the_bound(&mut self) {
+        let unstarted = usize::from(self.held.as_ref().is_some_and(|p| !p.started));
+        while self.waiting.len() + unstarted > self.queue.max() {
+            let Some(last) = (0..self.waiting.len()).max_by_key(|&i| self.waiting[i].key) else {
+                break;
+            };
+            let p = self.waiting.remove(last);
+            self.dequeued();
+            self.metrics.rejections.increment(1);
+            let mut r = p.state.borrow_mut();
+            let queued = self.queue.max();
+            end_request(
+                &self.metrics,
+                &mut r,
+                "rejected",
+                Some(EngineError::Displaced { queued }),
+            );
+        }
     }
 
     fn enqueue(&mut self, sub: Submission) {
