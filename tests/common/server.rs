@@ -100,6 +100,20 @@ impl TestServer {
 }
 
 impl TestServer {
+    /// Submits `gen` to the engine directly (validated as a completion would be) and returns
+    /// its events unread: a stream nobody reads pauses in the batch and holds its slot.
+    pub async fn submit(
+        &self,
+        gen: exitserve::engine::request::GenerateRequest,
+    ) -> exitserve::engine::EventReceiver {
+        let engine = &self.state.engine;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let slot = engine.validation_slot(deadline).await.unwrap();
+        let valid = engine.validate(gen, deadline, &slot).await.unwrap();
+        drop(slot);
+        engine.submit(valid, tracing::Span::none()).unwrap()
+    }
+
     /// Waits (up to 3 s) until metric `name` reads `want`.
     pub async fn wait_for_metric(&self, name: &str, want: f64) {
         for _ in 0..300 {

@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::client::post;
 use common::server::TestServer;
@@ -327,20 +327,16 @@ async fn a_full_queue_turns_away_its_lowest_priority_for_a_higher_one() {
     let url = server.url("/v1/completions");
     // The one batch slot: a stream nobody reads pauses there and holds it, for as long as
     // this test needs, of the highest priority so that nothing preempts it.
-    let engine = &server.state.engine;
-    let holder = GenerateRequest {
-        prompts: vec![PromptInput::Tokens(vec![11])],
-        max_tokens: Some(100),
-        stream: true,
-        ignore_eos: true,
-        priority: Some(-1000),
-        ..Default::default()
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let slot = engine.validation_slot(deadline).await.unwrap();
-    let valid = engine.validate(holder, deadline, &slot).await.unwrap();
-    drop(slot);
-    let holder = engine.submit(valid, tracing::Span::none()).unwrap();
+    let holder = server
+        .submit(GenerateRequest {
+            prompts: vec![PromptInput::Tokens(vec![11])],
+            max_tokens: Some(100),
+            stream: true,
+            ignore_eos: true,
+            priority: Some(-1000),
+            ..Default::default()
+        })
+        .await;
     server
         .wait_for_metric("exitserve_paused_sequences", 1.0)
         .await;

@@ -219,22 +219,18 @@ async fn a_fault_in_any_phase_fails_only_the_requests_it_touches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_nobody_reads_pauses_without_losing_events_or_memory() {
     let server = TestServer::start(&["--stream-buffer-events", "2"]);
-    let engine = &server.state.engine;
-    let gen = GenerateRequest {
-        prompts: vec![PromptInput::Tokens(vec![11, 12, 13])],
-        max_tokens: Some(100),
-        n: Some(2),
-        logprobs: Some(5),
-        stream: true,
-        ignore_eos: true,
-        temperature: Some(0.9),
-        ..Default::default()
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let slot = engine.validation_slot(deadline).await.unwrap();
-    let valid = engine.validate(gen, deadline, &slot).await.unwrap();
-    drop(slot);
-    let mut rx = engine.submit(valid, tracing::Span::none()).unwrap();
+    let mut rx = server
+        .submit(GenerateRequest {
+            prompts: vec![PromptInput::Tokens(vec![11, 12, 13])],
+            max_tokens: Some(100),
+            n: Some(2),
+            logprobs: Some(5),
+            stream: true,
+            ignore_eos: true,
+            temperature: Some(0.9),
+            ..Default::default()
+        })
+        .await;
     // nobody reads: both sequences pause once the channel is full
     server
         .wait_for_metric("exitserve_paused_sequences", 2.0)
@@ -380,19 +376,15 @@ async fn idle_sockets_at_the_connection_cap_give_way_to_real_clients() {
 async fn grace_expiry_ends_open_streams_with_an_error_event_and_done() {
     // a request nobody reads holds the only batch slot, so the stream below waits in the queue
     let server = TestServer::start(&["--max-batch-size", "1", "--stream-buffer-events", "1"]);
-    let engine = &server.state.engine;
-    let gen = GenerateRequest {
-        prompts: vec![PromptInput::Tokens(vec![11])],
-        max_tokens: Some(200),
-        stream: true,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let slot = engine.validation_slot(deadline).await.unwrap();
-    let valid = engine.validate(gen, deadline, &slot).await.unwrap();
-    drop(slot);
-    let _held = engine.submit(valid, tracing::Span::none()).unwrap();
+    let _held = server
+        .submit(GenerateRequest {
+            prompts: vec![PromptInput::Tokens(vec![11])],
+            max_tokens: Some(200),
+            stream: true,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .await;
     server
         .wait_for_metric("exitserve_paused_sequences", 1.0)
         .await;
