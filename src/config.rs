@@ -92,6 +92,14 @@ pub struct Args {
     /// Prompt tokens prefilled per step across the batch; longer prompts are chunked
     #[arg(long, env = "EXITSERVE_MAX_PREFILL_TOKENS", default_value_t = 512)]
     pub max_prefill_tokens: usize,
+    /// Prompt tokens of lower-priority requests fed per step beside a sequence of a higher
+    /// `priority` that is generating (each is a token's work added to that sequence's step)
+    #[arg(
+        long,
+        env = "EXITSERVE_MAX_PREFILL_TOKENS_BESIDE_PRIORITY",
+        default_value_t = 16
+    )]
+    pub max_prefill_tokens_beside_priority: usize,
     /// KV-cache positions reserved across the batch (prompt + max_tokens of every sequence,
     /// each n/best_of copy counted) [default: half the memory available at start (the GPU's
     /// on a GPU), over the model's KV bytes per position]
@@ -284,6 +292,7 @@ pub struct Settings {
     pub mode_presets: Vec<String>,
     pub max_batch_size: usize,
     pub max_prefill_tokens: usize,
+    pub max_prefill_tokens_beside_priority: usize,
     pub max_batch_total_tokens: Option<usize>,
     /// None: prefix caching off; Some(None): capped by the KV budget alone.
     pub prefix_cache: Option<Option<usize>>,
@@ -411,6 +420,10 @@ impl Settings {
             mode_presets: a.mode_preset.unwrap_or_default(),
             max_batch_size: positive("max-batch-size", a.max_batch_size)?,
             max_prefill_tokens: positive("max-prefill-tokens", a.max_prefill_tokens)?,
+            max_prefill_tokens_beside_priority: positive(
+                "max-prefill-tokens-beside-priority",
+                a.max_prefill_tokens_beside_priority,
+            )?,
             max_batch_total_tokens: a
                 .max_batch_total_tokens
                 .map(|v| positive("max-batch-total-tokens", v))

@@ -14,8 +14,8 @@ pub struct Budget {
     pub max_sequences: usize,
     /// KV positions reserved across the batch (`--max-batch-total-tokens`).
     pub max_tokens: usize,
-    /// Prompt tokens fed per step across the batch (`--max-prefill-tokens`).
-    pub max_prefill_tokens: usize,
+    /// Prompt tokens fed per step.
+    pub prefill: PrefillBudget,
 }
 
 /// What one prompt of a request reserves once admitted: all its copies, each for its prompt
@@ -127,6 +127,19 @@ pub struct SeqView {
     /// position: `model::cost::scored_position_cost`), so that such work cannot crowd out the
     /// others' prefill.
     pub cost_per_token: usize,
+    /// Its request's `priority` (lower goes first).
+    pub priority: i32,
+}
+
+/// What prompts may feed per step (`--max-prefill-tokens`, `--max-prefill-tokens-beside-priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillBudget {
+    /// Across the batch.
+    pub max: usize,
+    /// Of prompts of a lower priority than another sequence in the step: a step's time grows
+    /// with every prompt token in it, so a request of a higher priority is slowed by at most
+    /// this many tokens of the others' prompts per step it takes (its prefill's included).
+    pub beside_higher: usize,
 }
 
 /// What one sequence feeds this step.
@@ -138,39 +151,46 @@ pub struct Slot {
     pub prompt_take: usize,
 }
 
-/// Plans one step: every decoding sequence feeds its token; prompts are fed in order, chunked
-/// under the prefill budget. A sequence whose client stopped reading sits out.
-pub fn plan_step(max_prefill_tokens: usize, seqs: &[SeqView]) -> Vec<Slot> {
-    let mut budget = max_prefill_tokens;
-    let mut plan = Vec::with_capacity(seqs.len());
-    for (index, s) in seqs.iter().enumerate() {
-        if !s.can_emit {
-            continue;
-        }
-        if s.prompt_left == 0 {
-            plan.push(Slot {
-                index,
-                prompt_take: 0,
-            });
-            continue;
-        }
+/// Plans one step: every decoding sequence feeds its token; prompts are fed lowest priority
+/// value first (in running order among equals), chunked under the prefill budget, and those
+/// of a lower priority than another sequence of the step only under `beside_higher`. A sequence whose
+/// client stopped reading sits out. The slots come back in running order.
+pub fn plan_step(budget: PrefillBudget, seqs: &[SeqView]) -> Vec<Slot> {
+    let highest = seqs.iter().filter(|s| s.can_emit).map(|s| s.priority).min();
+    let mut prompts: Vec<usize> = (0..seqs.len())
+        .filter(|&i| seqs[i].can_emit && seqs[i].prompt_left > 0)
+        .collect();
+    prompts.sort_by_key(|&i| seqs[i].priority);
+    let mut takes = vec![0; seqs.len()];
+    let (mut left, mut beside_left) = (budget.max, budget.beside_higher);
+    for i in prompts {
+        let s = &seqs[i];
+        let beside = highest.is_some_and(|p| p < s.priority);
+        let room = if beside { left.min(beside_left) } else { left };
         let cost = s.cost_per_token.max(1);
-        let mut take = s.prompt_left.min(budget / cost).min(s.max_chunk);
-        if take == 0 && budget == max_prefill_tokens {
+        let mut take = s.prompt_left.min(room / cost).min(s.max_chunk);
+        let untouched = left == budget.max && (!beside || beside_left == budget.beside_higher);
+        if take == 0 && untouched {
             // A position dearer than the whole budget still goes, alone, when nothing else
             // has spent any: else it would never run.
             take = 1;
         }
         if take == 0 {
-            continue; // the prefill budget is spent: this prompt waits a step
+            continue; // the budget is spent: this prompt waits a step
         }
-        budget = budget.saturating_sub(take * cost);
-        plan.push(Slot {
-            index,
-            prompt_take: take,
-        });
+        left = left.saturating_sub(take * cost);
+        if beside {
+            beside_left = beside_left.saturating_sub(take * cost);
+        }
+        takes[i] = take;
     }
-    plan
+    (0..seqs.len())
+        .filter(|&i| seqs[i].can_emit && (seqs[i].prompt_left == 0 || takes[i] > 0))
+        .map(|index| Slot {
+            index,
+            prompt_take: takes[index],
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -180,7 +200,10 @@ mod tests {
     const BUDGET: Budget = Budget {
         max_sequences: 8,
         max_tokens: 1000,
-        max_prefill_tokens: 100,
+        prefill: PrefillBudget {
+            max: 100,
+            beside_higher: 100,
+        },
     };
 
     /// A sequence that may emit, with no chunk cap, whose prompt tokens cost 1.
@@ -189,7 +212,16 @@ mod tests {
         can_emit: true,
         max_chunk: usize::MAX,
         cost_per_token: 1,
+        priority: 0,
     };
+
+    /// A budget of `max` with no cap beside a decoding sequence of higher priority.
+    fn plain(max: usize) -> PrefillBudget {
+        PrefillBudget {
+            max,
+            beside_higher: max,
+        }
+    }
 
     /// A plain sequence with `left` prompt tokens to feed.
     fn prompt(left: usize) -> SeqView {
@@ -257,9 +289,58 @@ mod tests {
     #[test]
     fn prefill_is_chunked_in_order_and_decodes_always_run() {
         let seqs = [PLAIN, prompt(70), prompt(50), prompt(20), PLAIN];
-        let got = takes(&plan_step(100, &seqs));
+        let got = takes(&plan_step(plain(100), &seqs));
         // 70 + 30 of the 50: the budget is spent; the 20-token prompt waits; decodes run
         assert_eq!(got, vec![(0, 0), (1, 70), (2, 30), (4, 0)]);
+    }
+
+    #[test]
+    fn prompts_of_a_lower_priority_get_only_the_budget_beside_a_higher_one() {
+        let at = |priority, v: SeqView| SeqView { priority, ..v };
+        let budget = PrefillBudget {
+            max: 100,
+            beside_higher: 16,
+        };
+        // a decoding sequence of priority -1: the two priority-0 prompts share 16 tokens
+        let seqs = [prompt(70), at(-1, PLAIN), prompt(50)];
+        assert_eq!(
+            takes(&plan_step(budget, &seqs)),
+            vec![(0, 16), (1, 0)],
+            "the second prompt waits"
+        );
+        // a prompt of priority -1 goes first, whole, wherever it runs; the other gets 16
+        let seqs = [prompt(70), at(-1, prompt(60)), at(-1, PLAIN)];
+        assert_eq!(
+            takes(&plan_step(budget, &seqs)),
+            vec![(0, 16), (1, 60), (2, 0)]
+        );
+        // its budget is the whole one's too: 90 of 100 leave 10 for the others
+        let seqs = [prompt(70), at(-1, prompt(90))];
+        assert_eq!(takes(&plan_step(budget, &seqs)), vec![(0, 10), (1, 90)]);
+        // equal priorities, however high: the whole budget in running order
+        let seqs = [at(-1, prompt(70)), at(-1, PLAIN), at(-1, prompt(50))];
+        assert_eq!(
+            takes(&plan_step(budget, &seqs)),
+            vec![(0, 70), (1, 0), (2, 30)]
+        );
+        // a paused sequence of a higher priority does not run, so it caps nothing
+        let paused = SeqView {
+            can_emit: false,
+            ..at(-1, PLAIN)
+        };
+        assert_eq!(
+            takes(&plan_step(budget, &[prompt(70), paused])),
+            vec![(0, 70)]
+        );
+        // a position dearer than the cap still goes alone beside a higher priority
+        let dear = SeqView {
+            cost_per_token: 40,
+            ..prompt(10)
+        };
+        assert_eq!(
+            takes(&plan_step(budget, &[dear, at(-1, PLAIN)])),
+            vec![(0, 1), (1, 0)]
+        );
     }
 
     #[test]
@@ -271,7 +352,7 @@ mod tests {
             },
             prompt(100),
         ];
-        let got = takes(&plan_step(100, &seqs));
+        let got = takes(&plan_step(plain(100), &seqs));
         assert_eq!(got, vec![(0, 32), (1, 68)]);
     }
 
@@ -288,7 +369,7 @@ mod tests {
             },
             prompt(90),
         ];
-        let plan = plan_step(100, &seqs);
+        let plan = plan_step(plain(100), &seqs);
         assert_eq!(
             plan,
             vec![Slot {
@@ -309,7 +390,7 @@ mod tests {
             prompt(100),
             prompt(5),
         ];
-        let got = takes(&plan_step(100, &seqs));
+        let got = takes(&plan_step(plain(100), &seqs));
         // 11 inspected positions take 99 of the 100; one token is left for the next prompt
         assert_eq!(got, vec![(0, 11), (1, 1)]);
         // dearer than the whole budget: one position, alone
@@ -317,9 +398,9 @@ mod tests {
             cost_per_token: 500,
             ..seqs[0]
         }];
-        assert_eq!(plan_step(100, &alone)[0].prompt_take, 1);
+        assert_eq!(plan_step(plain(100), &alone)[0].prompt_take, 1);
         let behind = [seqs[1], alone[0]];
-        let got = takes(&plan_step(100, &behind));
+        let got = takes(&plan_step(plain(100), &behind));
         assert_eq!(got, vec![(0, 100)]);
     }
 

@@ -96,12 +96,13 @@ impl Batcher {
                     } else {
                         1
                     },
+                    priority: r.req.priority,
                 }
             })
             .collect();
         let paused = views.iter().filter(|v| !v.can_emit).count();
         self.metrics.paused_sequences.set(paused as f64);
-        let slots = scheduler::plan_step(self.cfg.budget.max_prefill_tokens, &views);
+        let slots = scheduler::plan_step(self.cfg.budget.prefill, &views);
         let decoding = slots.iter().filter(|s| s.prompt_take == 0).count();
         let may_draft = decoding <= self.cfg.speculative_max_batch;
         let mut rows = Vec::with_capacity(slots.len());

@@ -7,7 +7,7 @@ use super::{Limits, ValidationError, Validator};
 use crate::engine::request::{
     GenerateRequest, InspectRequest, ModeSpec, PromptInput, SpeculativeRequest, SpeculativeSpec,
 };
-use crate::engine::scheduler::Budget;
+use crate::engine::scheduler::{Budget, PrefillBudget};
 use crate::model::source::TokenizerFiles;
 use crate::model::{ContrastParams, Mode, TextTokenizer, Upper};
 
@@ -35,7 +35,10 @@ fn validator_with(edit: impl FnOnce(&mut Limits)) -> Validator {
         budget: Budget {
             max_sequences: 3,
             max_tokens: 100,
-            max_prefill_tokens: 64,
+            prefill: PrefillBudget {
+                max: 64,
+                beside_higher: 64,
+            },
         },
         max_sequences_per_request: 8,
         max_stop_sequences: 2,
