@@ -540,16 +540,12 @@ impl MultiExitModel {
             };
             let vocab = self.cfg.vocab_size;
             let logits = self.head_weight(head, draft)?.xwt(&hidden)?;
-            let logits = logits.flatten_all()?.to_vec1::<f32>()?;
-            if let [(slot, k, _)] = users[..] {
-                // the common case, one user: hand the buffer over without a copy
-                outputs[p.order[slot]][k] = Logits::new(vocab, logits);
-                continue;
-            }
-            let mut rows = logits.chunks_exact(vocab);
+            let logits = Arc::new(logits.flatten_all()?.to_vec1::<f32>()?);
+            let mut at = 0;
             for (slot, k, count) in users {
-                let data = rows.by_ref().take(count).flatten().copied().collect();
-                outputs[p.order[slot]][k] = Logits::new(vocab, data);
+                let range = at..at + count * vocab;
+                at = range.end;
+                outputs[p.order[slot]][k] = Logits::shared(vocab, Arc::clone(&logits), range);
             }
         }
         Ok(())

@@ -1,7 +1,9 @@
 //! One forward step of a batch: what each sequence brings (`SeqStep`), how their rows are
 //! packed into one matrix (`Segment`, `Packed`), and what comes back (`StepLogits`).
 
+use std::ops::Range;
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use super::kv_cache::KvCache;
 use super::mode::{EarlyExitParams, Head};
@@ -59,29 +61,43 @@ pub struct ForwardStats {
 }
 
 /// One head's logits for one sequence in a step: `rows` positions of `vocab` floats each
-/// (one row, the last new position, unless the step asked for all positions).
-#[derive(Debug, Clone, Default, PartialEq)]
+/// (one row, the last new position, unless the step asked for all positions). The sequences
+/// that share a head in a step share the one buffer its product filled, each with its range
+/// of it: no per-sequence copy of the vocabulary.
+#[derive(Debug, Clone, Default)]
 pub struct Logits {
     vocab: usize,
-    data: Vec<f32>,
+    data: Arc<Vec<f32>>,
+    range: Range<usize>,
 }
 
 impl Logits {
+    /// All of `data`.
     pub fn new(vocab: usize, data: Vec<f32>) -> Self {
-        debug_assert!(vocab > 0 && data.len().is_multiple_of(vocab));
-        Self { vocab, data }
+        let range = 0..data.len();
+        Self::shared(vocab, Arc::new(data), range)
+    }
+
+    /// The rows of `data` in `range`.
+    pub fn shared(vocab: usize, data: Arc<Vec<f32>>, range: Range<usize>) -> Self {
+        debug_assert!(vocab > 0 && range.len().is_multiple_of(vocab) && range.end <= data.len());
+        Self { vocab, data, range }
+    }
+
+    fn values(&self) -> &[f32] {
+        &self.data[self.range.clone()]
     }
 
     pub fn rows(&self) -> usize {
-        self.data.len().checked_div(self.vocab).unwrap_or(0)
+        self.range.len().checked_div(self.vocab).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+        self.range.is_empty()
     }
 
     pub fn row(&self, i: usize) -> &[f32] {
-        &self.data[i * self.vocab..(i + 1) * self.vocab]
+        &self.values()[i * self.vocab..(i + 1) * self.vocab]
     }
 
     /// The last position's row (the next token's logits).
@@ -90,10 +106,14 @@ impl Logits {
     }
 
     /// The last row, owned (the next token's logits).
-    pub fn into_last(mut self) -> Vec<f32> {
-        let n = self.data.len();
-        self.data.drain(..n.saturating_sub(self.vocab));
-        self.data
+    pub fn into_last(self) -> Vec<f32> {
+        self.last().map(<[f32]>::to_vec).unwrap_or_default()
+    }
+}
+
+impl PartialEq for Logits {
+    fn eq(&self, other: &Self) -> bool {
+        self.rows() == other.rows() && self.values() == other.values()
     }
 }
 
@@ -126,10 +146,18 @@ mod tests {
         assert_eq!(l.rows(), 2);
         assert_eq!(l.row(0), &[1.0, 2.0, 3.0]);
         assert_eq!(l.last(), Some(&[4.0, 5.0, 6.0][..]));
-        assert_eq!(l.into_last(), vec![4.0, 5.0, 6.0]);
         let none = Logits::default();
         assert!(none.is_empty());
         assert_eq!((none.rows(), none.last()), (0, None));
-        assert!(none.into_last().is_empty());
+        // a range of a shared buffer: its rows only
+        let buf = Arc::new(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+        let mid = Logits::shared(3, Arc::clone(&buf), 3..9);
+        assert_eq!(
+            (mid.rows(), mid.row(0), mid.last()),
+            (2, &[4.0, 5.0, 6.0][..], Some(&[7.0, 8.0, 9.0][..]))
+        );
+        assert_eq!(mid, Logits::new(3, vec![4.0, 5.0, 6.0, 7.0, 8.0, 9.0]));
+        assert_eq!(mid.into_last(), vec![7.0, 8.0, 9.0]);
+        assert!(Logits::default().into_last().is_empty());
     }
 }
