@@ -72,7 +72,9 @@ impl Sampler {
         let u = self.uniform_at(self.position + ahead as u64);
         let p = &self.params;
         if (p.top_k == 0 || p.top_k >= scores.len()) && p.top_p >= 1.0 {
-            return pick_from_softmax(&scores, p.temperature, u);
+            if let Some(t) = pick_from_softmax(&scores, p.temperature, u) {
+                return t;
+            }
         }
         self.distribution_of_edited(&scores).pick(u)
     }
@@ -149,7 +151,6 @@ impl Sampler {
             return Dist {
                 ids: vec![argmax(scores)],
                 weights: vec![1.0],
-                total: 1.0,
             };
         }
         // Best first; ties to the lower id, so the chosen sets are deterministic.
@@ -173,61 +174,87 @@ impl Sampler {
             cands.truncate(keep);
         }
         let weights: Vec<f64> = cands.iter().map(|&i| weight(i)).collect();
-        let total = weights.iter().sum();
         Dist {
             ids: cands,
             weights,
-            total,
         }
     }
 }
 
-/// A distribution over a few token ids: unnormalised weights and their sum.
+/// A distribution over some token ids: their unnormalised weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dist {
     pub ids: Vec<u32>,
     pub weights: Vec<f64>,
-    pub total: f64,
 }
 
 impl Dist {
     /// The token at `u` (in [0, 1)) of the distribution's cumulative weight, in its order.
     pub fn pick(&self, u: f64) -> u32 {
-        let weighted = self.ids.iter().copied().zip(self.weights.iter().copied());
-        pick_cumulative(u * self.total, weighted).unwrap_or(self.ids[self.ids.len() - 1])
+        pick_cumulative(u, &self.weights).map_or(self.ids[self.ids.len() - 1], |i| self.ids[i])
     }
 }
 
-/// The first id whose cumulative weight passes `r`, scanning `weighted` in order; none when
-/// rounding left `r` at or past the total. The one scan of every draw, so that both ways of
-/// computing the weights pick alike.
-fn pick_cumulative(mut r: f64, weighted: impl Iterator<Item = (u32, f64)>) -> Option<u32> {
-    for (id, w) in weighted {
-        if r < w {
-            return Some(id);
+/// Weights a block of the cumulative scan sums (in `LANES` interleaved partial sums).
+const BLOCK: usize = 64;
+const LANES: usize = 8;
+
+/// The position at `u` (in [0, 1)) of the cumulative weight of `weights`, in their order;
+/// none when rounding left it at or past the total. The one scan of every draw, so that both
+/// ways of computing the weights pick alike. The sums go by blocks of `BLOCK`, each in
+/// `LANES` partial sums, so that the whole-vocabulary total and the walk to the block that
+/// holds `u` are vector work; only within that block is the scan one weight at a time.
+fn pick_cumulative<W: Copy + Into<f64>>(u: f64, weights: &[W]) -> Option<usize> {
+    let sums: Vec<f64> = weights
+        .chunks(BLOCK)
+        .map(|block| {
+            let mut lanes = [0f64; LANES];
+            for group in block.chunks(LANES) {
+                for (l, &w) in lanes.iter_mut().zip(group) {
+                    *l += w.into();
+                }
+            }
+            lanes.iter().sum()
+        })
+        .collect();
+    let mut r = u * sums.iter().sum::<f64>();
+    for (b, &sum) in sums.iter().enumerate() {
+        if r >= sum {
+            r -= sum;
+            continue;
         }
-        r -= w;
+        let block = &weights[b * BLOCK..((b + 1) * BLOCK).min(weights.len())];
+        for (i, &w) in block.iter().enumerate() {
+            let w: f64 = w.into();
+            if r < w {
+                return Some(b * BLOCK + i);
+            }
+            r -= w;
+        }
+        // the block's lane sums rounded above its one-by-one scan: its last weighted entry
+        return block
+            .iter()
+            .rposition(|&w| w.into() > 0.0)
+            .map(|i| b * BLOCK + i);
     }
     None
 }
 
 /// What `distribution_of_edited(scores).pick(u)` gives when neither top-k nor top-p
-/// restricts the draw, bit for bit (the same weights, summed and scanned in the same order),
-/// without its candidate list or its f64 weights: the whole vocabulary's weights in one
-/// vectorised pass, the common case of every sampled step.
-fn pick_from_softmax(scores: &[f32], temperature: f32, u: f64) -> u32 {
-    let Some(last) = scores.iter().rposition(|s| s.is_finite()) else {
-        return argmax(scores);
-    };
-    let max = scores
-        .iter()
-        .filter(|s| s.is_finite())
-        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+/// restricts the draw and every score is finite, bit for bit (the same weights, summed and
+/// scanned in the same order), without its candidate list or its f64 weights: the whole
+/// vocabulary's weights in one vectorised pass, the common case of every sampled step.
+/// None where a score is not finite (masked tokens: the general path, whose candidates are
+/// the finite ones).
+fn pick_from_softmax(scores: &[f32], temperature: f32, u: f64) -> Option<u32> {
+    if scores.is_empty() || scores.iter().filter(|s| !s.is_finite()).count() > 0 {
+        return None;
+    }
+    let max = fastmath::max(scores);
     let mut weights = vec![0f32; scores.len()];
     fastmath::temperature_weights(scores, max, temperature, &mut weights);
-    let total: f64 = weights.iter().map(|&w| w as f64).sum();
-    let weighted = (0u32..).zip(weights.iter().map(|&w| w as f64));
-    pick_cumulative(u * total, weighted).unwrap_or(last as u32)
+    let i = pick_cumulative(u, &weights).unwrap_or(scores.len() - 1);
+    Some(i as u32)
 }
 
 /// Reorders `cands` so that its first `m` entries are the smallest best-first set whose
@@ -338,14 +365,11 @@ mod tests {
 
     #[test]
     fn the_whole_vocabulary_draw_is_the_general_one_bit_for_bit() {
-        // scores over a vocabulary-sized row with masked (-inf) and NaN entries; the draw at
-        // many points of [0, 1), the ends included, at several temperatures
+        // scores over a vocabulary-sized row; the draw at many points of [0, 1), the ends
+        // included, at several temperatures
         let mut scores: Vec<f32> = (0..50_257u32)
             .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 20_000) as f32 / -1000.0)
             .collect();
-        scores[17] = f32::NEG_INFINITY;
-        scores[50_256] = f32::NEG_INFINITY;
-        scores[4_000] = f32::NAN;
         scores[123] = 3.5;
         for temperature in [0.3f32, 0.7, 1.0, 1.9] {
             let s = Sampler::new(params(temperature), 0);
@@ -354,14 +378,43 @@ mod tests {
                 let u = (k as f64 / 400.0).min(1.0 - f64::EPSILON);
                 assert_eq!(
                     pick_from_softmax(&scores, temperature, u),
-                    dist.pick(u),
+                    Some(dist.pick(u)),
                     "temperature {temperature}, u {u}"
                 );
             }
         }
+        // a masked (-inf) or NaN score: the general path's, whose candidates are the finite
+        for bad in [f32::NEG_INFINITY, f32::NAN] {
+            let mut masked = scores.clone();
+            masked[17] = bad;
+            assert_eq!(pick_from_softmax(&masked, 1.0, 0.5), None);
+            let t = Sampler::new(params(1.0), 3).choose(&masked);
+            assert!(t != 17 && (t as usize) < masked.len());
+        }
         // nothing finite: the first maximum, as greedy
         let none = [f32::NEG_INFINITY, f32::NAN];
-        assert_eq!(pick_from_softmax(&none, 1.0, 0.5), argmax(&none));
+        assert_eq!(Sampler::new(params(1.0), 0).choose(&none), argmax(&none));
+    }
+
+    #[test]
+    fn the_cumulative_scan_walks_blocks_then_weights() {
+        // 200 weights (four blocks, the last partial): every boundary lands where the running
+        // sum says, zero weights are never picked, and rounding past the end gives none
+        let mut w: Vec<f64> = (0..200).map(|i| (i % 7) as f64).collect();
+        w[130] = 0.0;
+        let total: f64 = w.iter().sum();
+        let mut acc = 0.0;
+        for (i, &x) in w.iter().enumerate() {
+            if x > 0.0 {
+                let mid = (acc + x / 2.0) / total;
+                assert_eq!(pick_cumulative(mid, &w), Some(i), "weight {i}");
+            }
+            acc += x;
+        }
+        assert_eq!(pick_cumulative(0.0, &w), Some(1), "the first weighted one");
+        assert_eq!(pick_cumulative(1.0, &w), None);
+        assert_eq!(pick_cumulative(0.5, &[0f32; 10]), None);
+        assert_eq!(pick_cumulative::<f64>(0.5, &[]), None);
     }
 
     #[test]
