@@ -15,6 +15,7 @@ use super::scheduler::QueueKey;
 use super::speculative::Speculation;
 use super::stop::StopMatcher;
 use super::structured::Guide;
+use crate::model::inspect::top_ids;
 use crate::model::{Head, IncrementalDecoder, KvCache, TextTokenizer};
 
 /// State shared by the candidates of one request (model thread only).
@@ -246,7 +247,7 @@ pub const MIN_LOGPROB: f32 = -9999.0;
 /// tokens it rules out, at -inf, are no alternatives).
 pub fn token_logprob(id: u32, scores: &[f32], k: usize, tok: &TextTokenizer) -> TokenLogprob {
     let text = |id: u32| tok.decode(&[id]).unwrap_or_default();
-    let top = top_k(scores, k)
+    let top = top_ids(scores, k)
         .into_iter()
         .filter(|&i| scores[i as usize].is_finite())
         .map(|i| (i, text(i), scores[i as usize]))
@@ -257,21 +258,4 @@ pub fn token_logprob(id: u32, scores: &[f32], k: usize, tok: &TextTokenizer) -> 
         logprob: scores[id as usize].max(MIN_LOGPROB),
         top,
     }
-}
-
-fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
-    if k == 0 {
-        return Vec::new();
-    }
-    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
-    let cmp = |a: &u32, b: &u32| {
-        scores[*b as usize]
-            .total_cmp(&scores[*a as usize])
-            .then(a.cmp(b))
-    };
-    let k = k.min(idx.len());
-    idx.select_nth_unstable_by(k - 1, cmp);
-    idx.truncate(k);
-    idx.sort_by(cmp);
-    idx
 }
