@@ -278,14 +278,23 @@ pub(super) async fn generate<R: GenerationRequest, F: Format>(
     respond(rx, meta, format).await
 }
 
-/// The response to a submitted request: whole, or as server-sent events.
+/// The response to a submitted request: whole, or as server-sent events. A stream's status
+/// waits for its first event, so that a request that ends before it generated anything
+/// (turned away from a full queue for one of higher priority, timed out or shut down while
+/// it waited, failed) gets its status, as a whole response does, not a 200 and an error event.
 async fn respond<F: Format>(
-    rx: EventReceiver,
+    mut rx: EventReceiver,
     meta: Meta,
     format: F,
 ) -> Result<Response, ApiError> {
     if meta.stream {
-        Ok(Sse::new(sse_stream(rx, meta, format))
+        let first =
+            match next_event(&mut rx, meta.deadline, meta.timeout_secs, &meta.shutdown).await {
+                Some(Event::Error(e)) => return Err(e.into()),
+                None => return Err(ApiError::Internal("engine dropped the request".into())),
+                Some(first) => first,
+            };
+        Ok(Sse::new(sse_stream(first, rx, meta, format))
             .keep_alive(KeepAlive::default())
             .into_response())
     } else {
@@ -333,7 +342,9 @@ async fn collect<F: Format>(
     Ok(format.response(&meta, choices, usage.into()))
 }
 
+/// The events of a stream whose `first` was received already.
 fn sse_stream<F: Format>(
+    first: Event,
     rx: EventReceiver,
     meta: Meta,
     format: F,
@@ -341,10 +352,13 @@ fn sse_stream<F: Format>(
     use futures_util::StreamExt;
     let total = meta.prompts.len() * meta.best_of;
     let accs: Vec<ChoiceAcc> = (0..total).map(|_| ChoiceAcc::default()).collect();
-    let state = Some((rx, meta, accs, format));
+    let state = Some((Some(first), rx, meta, accs, format));
     let chunks = stream::unfold(state, |state| async move {
-        let (mut rx, meta, mut accs, format) = state?;
-        let event = next_event(&mut rx, meta.deadline, meta.timeout_secs, &meta.shutdown).await;
+        let (first, mut rx, meta, mut accs, format) = state?;
+        let event = match first {
+            Some(first) => Some(first),
+            None => next_event(&mut rx, meta.deadline, meta.timeout_secs, &meta.shutdown).await,
+        };
         let data = |v: serde_json::Value| Ok(SseEvent::default().data(v.to_string()));
         let done = || Ok(SseEvent::default().data("[DONE]"));
         match event {
@@ -372,7 +386,7 @@ fn sse_stream<F: Format>(
                 let delta = accs[c].apply(&ev, &meta, &meta.prompts[c / meta.best_of]);
                 // Streaming requires best_of = n, so candidate numbers are choice indexes.
                 let out = vec![data(format.chunk(&meta, c, delta))];
-                Some((out, Some((rx, meta, accs, format))))
+                Some((out, Some((None, rx, meta, accs, format))))
             }
         }
     });
