@@ -219,21 +219,22 @@ async fn request_timeout_ends_long_requests_with_a_clear_error() {
     server.wait_for_metric("exitserve_batch_size", 0.0).await;
 }
 
-/// Starts a long request on a `--max-batch-size 1` server and returns once it holds the
-/// slot; its answer is the handle's.
-async fn hold_the_one_slot(server: &TestServer) -> tokio::task::JoinHandle<(u16, Value)> {
-    let url = server.url("/v1/completions");
-    let long = tokio::spawn(async move {
-        post(
-            &url,
-            // of the highest priority: nothing that waits preempts it
-            &json!({"model": MODEL, "prompt": [11], "max_tokens": 250, "ignore_eos": true,
-                "priority": -1000}),
-        )
-        .await
-    });
+/// Takes the one batch slot of a `--max-batch-size 1` server with a stream nobody reads (it
+/// pauses there) of the highest priority, so that nothing that waits preempts it; it holds
+/// the slot until the returned receiver is dropped, however fast the model decodes.
+async fn hold_the_one_slot(server: &TestServer) -> exitserve::engine::EventReceiver {
+    let holder = server
+        .submit(GenerateRequest {
+            prompts: vec![PromptInput::Tokens(vec![11])],
+            max_tokens: Some(250),
+            stream: true,
+            ignore_eos: true,
+            priority: Some(-1000),
+            ..Default::default()
+        })
+        .await;
     server.wait_for_metric("exitserve_batch_size", 1.0).await;
-    long
+    holder
 }
 
 /// Waiting requests join the batch by `priority` (lower first), in arrival order among
@@ -263,7 +264,7 @@ async fn waiting_requests_join_by_priority_then_arrival() {
             .wait_for_metric("exitserve_queue_depth", (i + 1) as f64)
             .await;
     }
-    assert_eq!(long.await.unwrap().0, 200);
+    drop(long);
     for t in tasks {
         let (status, body) = t.await.unwrap();
         assert_eq!(status, 200, "{body}");
@@ -302,7 +303,7 @@ async fn short_requests_pass_long_ones_within_the_long_ones_slack() {
                 .wait_for_metric("exitserve_queue_depth", (i + 1) as f64)
                 .await;
         }
-        assert_eq!(holder.await.unwrap().0, 200);
+        drop(holder);
         for t in tasks {
             let (status, body) = t.await.unwrap();
             assert_eq!(status, 200, "{body}");
@@ -325,21 +326,7 @@ async fn a_full_queue_turns_away_its_lowest_priority_for_a_higher_one() {
         "1",
     ]);
     let url = server.url("/v1/completions");
-    // The one batch slot: a stream nobody reads pauses there and holds it, for as long as
-    // this test needs, of the highest priority so that nothing preempts it.
-    let holder = server
-        .submit(GenerateRequest {
-            prompts: vec![PromptInput::Tokens(vec![11])],
-            max_tokens: Some(100),
-            stream: true,
-            ignore_eos: true,
-            priority: Some(-1000),
-            ..Default::default()
-        })
-        .await;
-    server
-        .wait_for_metric("exitserve_paused_sequences", 1.0)
-        .await;
+    let holder = hold_the_one_slot(&server).await;
 
     let send = |priority: i64, tag: u32| {
         let url = url.clone();
@@ -403,11 +390,7 @@ async fn a_waiting_request_whose_client_left_leaves_the_queue() {
         let url = url.clone();
         tokio::spawn(async move { post(&url, &body).await })
     };
-    let long = send(
-        json!({"model": MODEL, "prompt": [11], "max_tokens": 250, "ignore_eos": true,
-        "priority": -1000}),
-    );
-    server.wait_for_metric("exitserve_batch_size", 1.0).await;
+    let long = hold_the_one_slot(&server).await;
     let patient = send(json!({"model": MODEL, "prompt": [12], "max_tokens": 2, "priority": -10}));
     server.wait_for_metric("exitserve_queue_depth", 1.0).await;
     let impatient = reqwest::Client::builder()
@@ -426,7 +409,7 @@ async fn a_waiting_request_whose_client_left_leaves_the_queue() {
         1.0,
         "the long request still runs"
     );
-    assert_eq!(long.await.unwrap().0, 200);
+    drop(long);
     assert_eq!(patient.await.unwrap().0, 200);
 }
 
