@@ -92,8 +92,8 @@ pub struct Args {
     /// Prompt tokens prefilled per step across the batch; longer prompts are chunked
     #[arg(long, env = "EXITSERVE_MAX_PREFILL_TOKENS", default_value_t = 512)]
     pub max_prefill_tokens: usize,
-    /// Prompt tokens of lower-priority requests fed per step beside a sequence of a higher
-    /// `priority` that is generating (each is a token's work added to that sequence's step)
+    /// Prompt tokens per step of requests of a lower `priority` than another sequence in that
+    /// step (each is a token's work added to the higher-priority sequence's step)
     #[arg(
         long,
         env = "EXITSERVE_MAX_PREFILL_TOKENS_BESIDE_PRIORITY",

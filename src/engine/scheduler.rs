@@ -153,8 +153,8 @@ pub struct Slot {
 
 /// Plans one step: every decoding sequence feeds its token; prompts are fed lowest priority
 /// value first (in running order among equals), chunked under the prefill budget, and those
-/// of a lower priority than another sequence of the step only under `beside_higher`. A sequence whose
-/// client stopped reading sits out. The slots come back in running order.
+/// of a lower priority than another sequence of the step only under `beside_higher`. A
+/// sequence whose client stopped reading sits out. The slots come back in running order.
 pub fn plan_step(budget: PrefillBudget, seqs: &[SeqView]) -> Vec<Slot> {
     let highest = seqs.iter().filter(|s| s.can_emit).map(|s| s.priority).min();
     let mut prompts: Vec<usize> = (0..seqs.len())
@@ -215,7 +215,7 @@ mod tests {
         priority: 0,
     };
 
-    /// A budget of `max` with no cap beside a decoding sequence of higher priority.
+    /// A budget of `max` with no cap beside a sequence of higher priority.
     fn plain(max: usize) -> PrefillBudget {
         PrefillBudget {
             max,

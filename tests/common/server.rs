@@ -114,6 +114,24 @@ impl TestServer {
         engine.submit(valid, tracing::Span::none()).unwrap()
     }
 
+    /// Takes the one batch slot of a `--max-batch-size 1` server with a stream nobody reads (it
+    /// pauses there) of the highest priority, so that nothing that waits preempts it; it holds
+    /// the slot until the returned receiver is dropped, however fast the model decodes.
+    pub async fn hold_the_one_slot(&self) -> exitserve::engine::EventReceiver {
+        let holder = self
+            .submit(exitserve::engine::request::GenerateRequest {
+                prompts: vec![exitserve::engine::request::PromptInput::Tokens(vec![11])],
+                max_tokens: Some(250),
+                stream: true,
+                ignore_eos: true,
+                priority: Some(-1000),
+                ..Default::default()
+            })
+            .await;
+        self.wait_for_metric("exitserve_batch_size", 1.0).await;
+        holder
+    }
+
     /// Waits (up to 3 s) until metric `name` reads `want`.
     pub async fn wait_for_metric(&self, name: &str, want: f64) {
         for _ in 0..300 {

@@ -219,24 +219,6 @@ async fn request_timeout_ends_long_requests_with_a_clear_error() {
     server.wait_for_metric("exitserve_batch_size", 0.0).await;
 }
 
-/// Takes the one batch slot of a `--max-batch-size 1` server with a stream nobody reads (it
-/// pauses there) of the highest priority, so that nothing that waits preempts it; it holds
-/// the slot until the returned receiver is dropped, however fast the model decodes.
-async fn hold_the_one_slot(server: &TestServer) -> exitserve::engine::EventReceiver {
-    let holder = server
-        .submit(GenerateRequest {
-            prompts: vec![PromptInput::Tokens(vec![11])],
-            max_tokens: Some(250),
-            stream: true,
-            ignore_eos: true,
-            priority: Some(-1000),
-            ..Default::default()
-        })
-        .await;
-    server.wait_for_metric("exitserve_batch_size", 1.0).await;
-    holder
-}
-
 /// Waiting requests join the batch by `priority` (lower first), in arrival order among
 /// equals: with the one batch slot held by a long request, requests sent with priorities 5,
 /// -5 and 0, in that order, run -5, 0, 5.
@@ -244,7 +226,7 @@ async fn hold_the_one_slot(server: &TestServer) -> exitserve::engine::EventRecei
 async fn waiting_requests_join_by_priority_then_arrival() {
     let server = TestServer::start(&["--max-batch-size", "1"]);
     let url = server.url("/v1/completions");
-    let long = hold_the_one_slot(&server).await;
+    let long = server.hold_the_one_slot().await;
     let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for (i, priority) in [5, -5, 0].into_iter().enumerate() {
@@ -282,7 +264,7 @@ async fn short_requests_pass_long_ones_within_the_long_ones_slack() {
         let server =
             TestServer::start(&["--max-batch-size", "1", "--queue-slack-per-token-ms", slack]);
         let url = server.url("/v1/completions");
-        let holder = hold_the_one_slot(&server).await;
+        let holder = server.hold_the_one_slot().await;
         let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         // the long one first: due 10 ms x 201 positions after it arrived; the short one
@@ -326,7 +308,7 @@ async fn a_full_queue_turns_away_its_lowest_priority_for_a_higher_one() {
         "1",
     ]);
     let url = server.url("/v1/completions");
-    let holder = hold_the_one_slot(&server).await;
+    let holder = server.hold_the_one_slot().await;
 
     let send = |priority: i64, tag: u32| {
         let url = url.clone();
@@ -390,7 +372,7 @@ async fn a_waiting_request_whose_client_left_leaves_the_queue() {
         let url = url.clone();
         tokio::spawn(async move { post(&url, &body).await })
     };
-    let long = hold_the_one_slot(&server).await;
+    let long = server.hold_the_one_slot().await;
     let patient = send(json!({"model": MODEL, "prompt": [12], "max_tokens": 2, "priority": -10}));
     server.wait_for_metric("exitserve_queue_depth", 1.0).await;
     let impatient = reqwest::Client::builder()

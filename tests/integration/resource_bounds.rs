@@ -377,18 +377,7 @@ async fn grace_expiry_ends_a_waiting_stream_with_503() {
     // a request nobody reads holds the only batch slot, so the stream below waits in the queue;
     // it has sent nothing yet, so its end is a status, as a whole response's is
     let server = TestServer::start(&["--max-batch-size", "1", "--stream-buffer-events", "1"]);
-    let _held = server
-        .submit(GenerateRequest {
-            prompts: vec![PromptInput::Tokens(vec![11])],
-            max_tokens: Some(200),
-            stream: true,
-            ignore_eos: true,
-            ..Default::default()
-        })
-        .await;
-    server
-        .wait_for_metric("exitserve_paused_sequences", 1.0)
-        .await;
+    let _held = server.hold_the_one_slot().await;
     let url = server.url("/v1/completions");
     let stream = tokio::spawn(async move {
         post(
