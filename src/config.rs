@@ -100,6 +100,15 @@ pub struct Args {
         default_value_t = 16
     )]
     pub max_prefill_tokens_beside_priority: usize,
+    /// Sequences of requests of a lower `priority` than another sequence in a step that take
+    /// part in it (each row adds to the step's time on a CPU); the others sit it out, taking
+    /// turns
+    #[arg(
+        long,
+        env = "EXITSERVE_MAX_SEQUENCES_BESIDE_PRIORITY",
+        default_value_t = 2
+    )]
+    pub max_sequences_beside_priority: usize,
     /// KV-cache positions reserved across the batch (prompt + max_tokens of every sequence,
     /// each n/best_of copy counted) [default: half the memory available at start (the GPU's
     /// on a GPU), over the model's KV bytes per position]
@@ -293,6 +302,7 @@ pub struct Settings {
     pub max_batch_size: usize,
     pub max_prefill_tokens: usize,
     pub max_prefill_tokens_beside_priority: usize,
+    pub max_sequences_beside_priority: usize,
     pub max_batch_total_tokens: Option<usize>,
     /// None: prefix caching off; Some(None): capped by the KV budget alone.
     pub prefix_cache: Option<Option<usize>>,
@@ -423,6 +433,10 @@ impl Settings {
             max_prefill_tokens_beside_priority: positive(
                 "max-prefill-tokens-beside-priority",
                 a.max_prefill_tokens_beside_priority,
+            )?,
+            max_sequences_beside_priority: positive(
+                "max-sequences-beside-priority",
+                a.max_sequences_beside_priority,
             )?,
             max_batch_total_tokens: a
                 .max_batch_total_tokens

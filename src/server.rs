@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::config::{AttentionPath, MatmulKernels, Settings};
 use crate::engine::request::{ModeSpec, SpeculativeRequest, SpeculativeSpec};
-use crate::engine::scheduler::{Budget, PrefillBudget};
+use crate::engine::scheduler::{Budget, StepBudget};
 use crate::engine::structured::StructuredConfig;
 use crate::engine::{BatchConfig, Engine, EngineConfig, Limits, Validator};
 use crate::http::serve::{self, ConnectionLimits};
@@ -120,9 +120,10 @@ pub fn build_state_with(
                 s.max_batch_size,
             )
         }),
-        prefill: PrefillBudget {
-            max: s.max_prefill_tokens,
-            beside_higher: s.max_prefill_tokens_beside_priority,
+        step: StepBudget {
+            prefill: s.max_prefill_tokens,
+            prefill_beside_higher: s.max_prefill_tokens_beside_priority,
+            sequences_beside_higher: s.max_sequences_beside_priority,
         },
     };
     loaded

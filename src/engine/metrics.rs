@@ -53,6 +53,7 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_generated_tokens_total", "counter"),
     ("exitserve_cancellations_total", "counter"),
     ("exitserve_preemptions_total", "counter"),
+    ("exitserve_priority_yields_total", "counter"),
     ("exitserve_rejections_total", "counter"),
     ("exitserve_model_steps_total", "counter"),
     ("exitserve_block_evaluations_total", "counter"),
@@ -167,6 +168,8 @@ pub struct Metrics {
     pub generated_tokens: Counter,
     pub cancellations: Counter,
     pub preemptions: Counter,
+    /// Steps that sequences sat out beside one of a higher priority, one per sequence and step.
+    pub priority_yields: Counter,
     pub rejections: Counter,
     pub model_steps: Counter,
     block_evaluations: Counter,
@@ -270,6 +273,10 @@ impl Default for Metrics {
             preemptions: r.counter(
                 "exitserve_preemptions_total",
                 "Running requests preempted for a request of higher priority (they recompute their caches and go on).",
+            ),
+            priority_yields: r.counter(
+                "exitserve_priority_yields_total",
+                "Steps sat out by sequences of a lower priority than another in the step, one per sequence and step (--max-sequences-beside-priority).",
             ),
             rejections: r.counter(
                 "exitserve_rejections_total",

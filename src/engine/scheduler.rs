@@ -14,8 +14,8 @@ pub struct Budget {
     pub max_sequences: usize,
     /// KV positions reserved across the batch (`--max-batch-total-tokens`).
     pub max_tokens: usize,
-    /// Prompt tokens fed per step.
-    pub prefill: PrefillBudget,
+    /// What one step takes in.
+    pub step: StepBudget,
 }
 
 /// What one prompt of a request reserves once admitted: all its copies, each for its prompt
@@ -129,17 +129,33 @@ pub struct SeqView {
     pub cost_per_token: usize,
     /// Its request's `priority` (lower goes first).
     pub priority: i32,
+    /// The step at which it last took part (or joined the batch): beside a sequence of a
+    /// higher priority, the one that waited longest goes first.
+    pub turn: u64,
 }
 
-/// What prompts may feed per step (`--max-prefill-tokens`, `--max-prefill-tokens-beside-priority`).
+/// What one step takes in (`--max-prefill-tokens`, `--max-prefill-tokens-beside-priority`,
+/// `--max-sequences-beside-priority`). On a CPU a step's time grows with every row and prompt
+/// token in it, so work of a lower priority than another sequence of the step is capped: a
+/// request of a higher priority is slowed by at most that much per step it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrefillBudget {
-    /// Across the batch.
-    pub max: usize,
-    /// Of prompts of a lower priority than another sequence in the step: a step's time grows
-    /// with every prompt token in it, so a request of a higher priority is slowed by at most
-    /// this many tokens of the others' prompts per step it takes (its prefill's included).
-    pub beside_higher: usize,
+pub struct StepBudget {
+    /// Prompt tokens across the batch.
+    pub prefill: usize,
+    /// Prompt tokens of sequences of a lower priority than another sequence in the step.
+    pub prefill_beside_higher: usize,
+    /// Sequences of a lower priority than another sequence in the step that take part in it
+    /// (decoding or feeding a prompt chunk); the others sit the step out, taking turns.
+    pub sequences_beside_higher: usize,
+}
+
+/// A planned step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Who takes part, in running order.
+    pub slots: Vec<Slot>,
+    /// Sequences that sat the step out for their turn beside a higher priority.
+    pub yielded: usize,
 }
 
 /// What one sequence feeds this step.
@@ -152,45 +168,62 @@ pub struct Slot {
 }
 
 /// Plans one step: every decoding sequence feeds its token; prompts are fed lowest priority
-/// value first (in running order among equals), chunked under the prefill budget, and those
-/// of a lower priority than another sequence of the step only under `beside_higher`. A
-/// sequence whose client stopped reading sits out. The slots come back in running order.
-pub fn plan_step(budget: PrefillBudget, seqs: &[SeqView]) -> Vec<Slot> {
+/// value first (in running order among equals), chunked under the prefill budget. Sequences of
+/// a lower priority than another sequence of the step take part only under the budget's
+/// `*_beside_higher` caps, the one whose turn came longest ago first. A sequence whose client
+/// stopped reading sits out.
+pub fn plan_step(budget: StepBudget, seqs: &[SeqView]) -> Plan {
     let highest = seqs.iter().filter(|s| s.can_emit).map(|s| s.priority).min();
-    let mut prompts: Vec<usize> = (0..seqs.len())
-        .filter(|&i| seqs[i].can_emit && seqs[i].prompt_left > 0)
-        .collect();
-    prompts.sort_by_key(|&i| seqs[i].priority);
-    let mut takes = vec![0; seqs.len()];
-    let (mut left, mut beside_left) = (budget.max, budget.beside_higher);
-    for i in prompts {
+    let beside = |s: &SeqView| highest.is_some_and(|p| p < s.priority);
+    let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].can_emit).collect();
+    // The highest priority in running order, then the others by priority and turn.
+    order.sort_by_key(|&i| {
         let s = &seqs[i];
-        let beside = highest.is_some_and(|p| p < s.priority);
-        let room = if beside { left.min(beside_left) } else { left };
-        let cost = s.cost_per_token.max(1);
-        let mut take = s.prompt_left.min(room / cost).min(s.max_chunk);
-        let untouched = left == budget.max && (!beside || beside_left == budget.beside_higher);
-        if take == 0 && untouched {
-            // A position dearer than the whole budget still goes, alone, when nothing else
-            // has spent any: else it would never run.
-            take = 1;
+        (s.priority, if beside(s) { s.turn } else { 0 }, i)
+    });
+    let mut takes: Vec<Option<usize>> = vec![None; seqs.len()];
+    let mut left = budget.prefill;
+    let mut beside_left = budget.prefill_beside_higher;
+    let mut rows_beside = budget.sequences_beside_higher;
+    let mut yielded = 0;
+    for (at, &i) in order.iter().enumerate() {
+        let s = &seqs[i];
+        let beside = beside(s);
+        if beside && rows_beside == 0 {
+            // the rest are all beside: they sit this step out
+            yielded = order.len() - at;
+            break;
         }
-        if take == 0 {
-            continue; // the budget is spent: this prompt waits a step
+        if s.prompt_left == 0 {
+            takes[i] = Some(0);
+        } else {
+            let room = if beside { left.min(beside_left) } else { left };
+            let cost = s.cost_per_token.max(1);
+            let mut take = s.prompt_left.min(room / cost).min(s.max_chunk);
+            let untouched =
+                left == budget.prefill && (!beside || beside_left == budget.prefill_beside_higher);
+            if take == 0 && untouched {
+                // A position dearer than the whole budget still goes, alone, when nothing
+                // else has spent any: else it would never run.
+                take = 1;
+            }
+            if take == 0 {
+                continue; // the budget is spent: this prompt waits a step
+            }
+            left = left.saturating_sub(take * cost);
+            if beside {
+                beside_left = beside_left.saturating_sub(take * cost);
+            }
+            takes[i] = Some(take);
         }
-        left = left.saturating_sub(take * cost);
         if beside {
-            beside_left = beside_left.saturating_sub(take * cost);
+            rows_beside -= 1;
         }
-        takes[i] = take;
     }
-    (0..seqs.len())
-        .filter(|&i| seqs[i].can_emit && (seqs[i].prompt_left == 0 || takes[i] > 0))
-        .map(|index| Slot {
-            index,
-            prompt_take: takes[index],
-        })
-        .collect()
+    let slots = (0..seqs.len())
+        .filter_map(|index| takes[index].map(|prompt_take| Slot { index, prompt_take }))
+        .collect();
+    Plan { slots, yielded }
 }
 
 #[cfg(test)]
@@ -200,10 +233,7 @@ mod tests {
     const BUDGET: Budget = Budget {
         max_sequences: 8,
         max_tokens: 1000,
-        prefill: PrefillBudget {
-            max: 100,
-            beside_higher: 100,
-        },
+        step: plain(100),
     };
 
     /// A sequence that may emit, with no chunk cap, whose prompt tokens cost 1.
@@ -213,13 +243,15 @@ mod tests {
         max_chunk: usize::MAX,
         cost_per_token: 1,
         priority: 0,
+        turn: 0,
     };
 
-    /// A budget of `max` with no cap beside a sequence of higher priority.
-    fn plain(max: usize) -> PrefillBudget {
-        PrefillBudget {
-            max,
-            beside_higher: max,
+    /// A budget of `prefill` tokens with no cap beside a sequence of higher priority.
+    const fn plain(prefill: usize) -> StepBudget {
+        StepBudget {
+            prefill,
+            prefill_beside_higher: prefill,
+            sequences_beside_higher: usize::MAX,
         }
     }
 
@@ -232,8 +264,11 @@ mod tests {
     }
 
     /// A plan as `(index, prompt tokens fed)`.
-    fn takes(plan: &[Slot]) -> Vec<(usize, usize)> {
-        plan.iter().map(|s| (s.index, s.prompt_take)).collect()
+    fn takes(plan: &Plan) -> Vec<(usize, usize)> {
+        plan.slots
+            .iter()
+            .map(|s| (s.index, s.prompt_take))
+            .collect()
     }
 
     fn d(sequences: usize, tokens: usize) -> Demand {
@@ -297,9 +332,9 @@ mod tests {
     #[test]
     fn prompts_of_a_lower_priority_get_only_the_budget_beside_a_higher_one() {
         let at = |priority, v: SeqView| SeqView { priority, ..v };
-        let budget = PrefillBudget {
-            max: 100,
-            beside_higher: 16,
+        let budget = StepBudget {
+            prefill_beside_higher: 16,
+            ..plain(100)
         };
         // a decoding sequence of priority -1: the two priority-0 prompts share 16 tokens
         let seqs = [prompt(70), at(-1, PLAIN), prompt(50)];
@@ -344,6 +379,67 @@ mod tests {
     }
 
     #[test]
+    fn sequences_of_a_lower_priority_take_turns_beside_a_higher_one() {
+        let at = |priority, turn, v: SeqView| SeqView {
+            priority,
+            turn,
+            ..v
+        };
+        let budget = StepBudget {
+            sequences_beside_higher: 2,
+            ..plain(100)
+        };
+        // beside the priority -1 sequence, the two priority-0 ones whose turn came longest
+        // ago go; the third sits out
+        let seqs = [
+            at(0, 7, PLAIN),
+            at(0, 5, PLAIN),
+            at(-1, 9, PLAIN),
+            at(0, 6, PLAIN),
+        ];
+        let plan = plan_step(budget, &seqs);
+        assert_eq!(takes(&plan), vec![(1, 0), (2, 0), (3, 0)]);
+        assert_eq!(plan.yielded, 1);
+        // priority before turn among the lower ones; a prompt counts as a sequence too
+        let seqs = [
+            at(1, 0, PLAIN),
+            at(0, 8, prompt(30)),
+            at(-1, 9, PLAIN),
+            at(0, 9, PLAIN),
+        ];
+        assert_eq!(
+            takes(&plan_step(budget, &seqs)),
+            vec![(1, 30), (2, 0), (3, 0)]
+        );
+        // a prompt that gets no token this step leaves its turn to the next
+        let spent = StepBudget {
+            prefill_beside_higher: 10,
+            ..budget
+        };
+        let seqs = [
+            at(0, 1, prompt(30)),
+            at(0, 2, prompt(30)),
+            at(0, 3, PLAIN),
+            at(-1, 9, PLAIN),
+        ];
+        assert_eq!(
+            takes(&plan_step(spent, &seqs)),
+            vec![(0, 10), (2, 0), (3, 0)]
+        );
+        // equal priorities, however many: no cap
+        let seqs = [at(0, 3, PLAIN); 6];
+        assert_eq!(plan_step(budget, &seqs).slots.len(), 6);
+        // a cap of one (the least the settings allow): the next priority first, whatever
+        // its turn
+        let one = StepBudget {
+            sequences_beside_higher: 1,
+            ..budget
+        };
+        let seqs = [at(-1, 0, PLAIN), at(3, 4, PLAIN), at(2, 8, PLAIN)];
+        assert_eq!(takes(&plan_step(one, &seqs)), vec![(0, 0), (2, 0)]);
+    }
+
+    #[test]
     fn a_chunk_cap_leaves_the_rest_of_the_budget_to_others() {
         let seqs = [
             SeqView {
@@ -371,12 +467,13 @@ mod tests {
         ];
         let plan = plan_step(plain(100), &seqs);
         assert_eq!(
-            plan,
+            plan.slots,
             vec![Slot {
                 index: 2,
                 prompt_take: 90
             }]
         );
+        assert_eq!(plan.yielded, 0, "paused, not yielding");
     }
 
     #[test]
@@ -398,7 +495,7 @@ mod tests {
             cost_per_token: 500,
             ..seqs[0]
         }];
-        assert_eq!(plan_step(plain(100), &alone)[0].prompt_take, 1);
+        assert_eq!(plan_step(plain(100), &alone).slots[0].prompt_take, 1);
         let behind = [seqs[1], alone[0]];
         let got = takes(&plan_step(plain(100), &behind));
         assert_eq!(got, vec![(0, 100)]);

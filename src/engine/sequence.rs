@@ -82,6 +82,9 @@ pub struct Sequence {
     pub output: Vec<u32>,
     /// After a preemption: the positions its cache is being recomputed over.
     pub resume: Option<Resume>,
+    /// The batcher's step at which it last took part or joined the batch (the planner's
+    /// turns beside a higher priority).
+    pub turn: u64,
 }
 
 /// A preempted sequence's way back: its prompt and every generated token but the one it
@@ -141,6 +144,7 @@ impl Sequence {
             guide,
             output: Vec::new(),
             resume: None,
+            turn: 0,
         }
     }
 

@@ -142,6 +142,17 @@ impl TestServer {
         }
         panic!("{name} = {}, expected {want}", self.metric(name));
     }
+
+    /// Waits (up to 3 s) until the metric `name` is `want` or more.
+    pub async fn wait_for_metric_at_least(&self, name: &str, want: f64) {
+        for _ in 0..300 {
+            if self.metric(name) >= want {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{name} = {}, expected {want} or more", self.metric(name));
+    }
 }
 
 impl Drop for TestServer {

@@ -579,3 +579,77 @@ async fn a_preempted_request_whose_client_left_ends_while_it_waits() {
     );
     assert_eq!(server.metric("exitserve_requests_running"), 0.0);
 }
+
+/// Beside a sequence of a higher priority a step carries at most
+/// `--max-sequences-beside-priority` of a lower one: the others sit it out, taking turns
+/// (`exitserve_priority_yields_total`), and every request still ends exactly as it would have
+/// alone (greedy, seeded sampling in contrast mode, speculative).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lower_priorities_take_turns_beside_a_higher_one() {
+    let server = TestServer::start(&[
+        "--max-batch-size",
+        "4",
+        "--max-sequences-beside-priority",
+        "1",
+    ]);
+    let url = server.url("/v1/completions");
+    let body = |prompt: u32, max_tokens: u32, extra: Value| {
+        let mut b = json!({"model": MODEL, "prompt": [prompt, prompt + 1], "max_tokens": max_tokens,
+            "ignore_eos": true, "logprobs": 2, "return_token_ids": true});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let lower = [
+        body(10, 200, json!({"temperature": 0})),
+        body(
+            20,
+            200,
+            json!({"temperature": 0.9, "seed": 7,
+            "multi_exit": {"mode": "contrast", "upper": "original", "lower": 2}}),
+        ),
+        body(30, 200, json!({"temperature": 0, "speculative": true})),
+    ];
+    let urgent = body(40, 30, json!({"temperature": 0, "priority": -1}));
+    let outcome = |v: &Value| {
+        (
+            v["choices"][0]["token_ids"].clone(),
+            v["choices"][0]["logprobs"].clone(),
+        )
+    };
+    let mut alone = Vec::new();
+    for b in lower.iter().chain([&urgent]) {
+        let (status, out) = post(&url, b).await;
+        assert_eq!(status, 200, "{out}");
+        alone.push(outcome(&out));
+    }
+    let generated = server.metric("exitserve_generated_tokens_total");
+    let yields = server.metric("exitserve_priority_yields_total");
+    let tasks: Vec<_> = lower
+        .iter()
+        .map(|b| {
+            let (url, b) = (url.clone(), b.clone());
+            tokio::spawn(async move { post(&url, &b).await })
+        })
+        .collect();
+    server
+        .wait_for_metric_at_least("exitserve_generated_tokens_total", generated + 6.0)
+        .await;
+    let (status, out) = post(&url, &urgent).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(outcome(&out), alone[3], "the urgent request");
+    // Its 30 steps each carried one of the three others (none can finish in them: 200 tokens
+    // each, 30 between them); the other two sat each out.
+    let sat_out = server.metric("exitserve_priority_yields_total") - yields;
+    assert!(sat_out >= 2.0 * 29.0, "{sat_out} yields");
+    for (t, want) in tasks.into_iter().zip(&alone) {
+        let (status, out) = t.await.unwrap();
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(
+            &outcome(&out),
+            want,
+            "a request that took turns ended otherwise"
+        );
+    }
+}

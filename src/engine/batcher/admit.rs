@@ -367,7 +367,7 @@ impl Batcher {
         seq.reserved = reserved;
         seq.forks = (first + 1..first + best_of).collect();
         self.take_cached_prefix(&mut seq);
-        self.running.push(seq);
+        self.join(seq);
     }
 }
 

@@ -63,7 +63,7 @@ impl Batcher {
             if !seq.is_live() {
                 continue;
             }
-            self.running.push(seq);
+            self.join(seq);
             let idx = self.running.len() - 1;
             let result = contained(Phase::Emit, || {
                 self.send_prompt_event(idx);

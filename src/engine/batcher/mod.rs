@@ -97,6 +97,8 @@ pub struct Batcher {
     prefix: Option<PrefixCache>,
     /// Requests preempted for one of higher priority, waiting for their turn.
     parked: Vec<preempt::Parked>,
+    /// Steps run so far (the sequences' turns).
+    steps: u64,
 }
 
 /// The message of a caught panic.
@@ -175,6 +177,7 @@ impl Batcher {
             queue,
             received: 0,
             parked: Vec::new(),
+            steps: 0,
         }
     }
 
@@ -197,6 +200,12 @@ impl Batcher {
             }
         }
         tracing::info!("engine stopped");
+    }
+
+    /// Puts `seq` in the running batch, its turn now.
+    fn join(&mut self, mut seq: Sequence) {
+        seq.turn = self.steps;
+        self.running.push(seq);
     }
 
     /// KV tokens and sequences reserved by the running batch (forks not yet made included).
@@ -242,6 +251,10 @@ impl Batcher {
             std::thread::sleep(std::time::Duration::from_millis(2));
             return self.sweep();
         }
+        self.steps += 1;
+        for row in &plan.rows {
+            self.running[row.index].turn = self.steps;
+        }
         let t_prep = Instant::now();
         let outputs = match self.forward(&plan) {
             Ok(o) => o,
@@ -265,6 +278,13 @@ impl Batcher {
                 .iter()
                 .map(|r| r.heads.len() * if r.all_positions { r.tokens.len() } else { 1 })
                 .sum::<usize>(),
+            // each distinct head streams its vocabulary matrix once per step
+            distinct_heads = plan
+                .rows
+                .iter()
+                .flat_map(|r| r.heads.iter())
+                .collect::<HashSet<_>>()
+                .len(),
             prep_us = (t_prep - t_start).as_micros() as u64,
             forward_us = (t_forward - t_prep).as_micros() as u64,
             score_us = (t_scored - t_forward).as_micros() as u64,

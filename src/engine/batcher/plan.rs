@@ -97,12 +97,14 @@ impl Batcher {
                         1
                     },
                     priority: r.req.priority,
+                    turn: s.turn,
                 }
             })
             .collect();
         let paused = views.iter().filter(|v| !v.can_emit).count();
         self.metrics.paused_sequences.set(paused as f64);
-        let slots = scheduler::plan_step(self.cfg.budget.prefill, &views);
+        let scheduler::Plan { slots, yielded } = scheduler::plan_step(self.cfg.budget.step, &views);
+        self.metrics.priority_yields.increment(yielded as u64);
         let decoding = slots.iter().filter(|s| s.prompt_take == 0).count();
         let may_draft = decoding <= self.cfg.speculative_max_batch;
         let mut rows = Vec::with_capacity(slots.len());

@@ -164,7 +164,7 @@ impl Batcher {
         for mut s in parked.seqs {
             s.cache = self.model.new_cache_for(s.reserved);
             self.resume_from_cache(&mut s);
-            self.running.push(s);
+            self.join(s);
         }
         self.publish_load();
         true

@@ -7,7 +7,7 @@ use super::{Limits, ValidationError, Validator};
 use crate::engine::request::{
     GenerateRequest, InspectRequest, ModeSpec, PromptInput, SpeculativeRequest, SpeculativeSpec,
 };
-use crate::engine::scheduler::{Budget, PrefillBudget};
+use crate::engine::scheduler::{Budget, StepBudget};
 use crate::model::source::TokenizerFiles;
 use crate::model::{ContrastParams, Mode, TextTokenizer, Upper};
 
@@ -35,9 +35,10 @@ fn validator_with(edit: impl FnOnce(&mut Limits)) -> Validator {
         budget: Budget {
             max_sequences: 3,
             max_tokens: 100,
-            prefill: PrefillBudget {
-                max: 64,
-                beside_higher: 64,
+            step: StepBudget {
+                prefill: 64,
+                prefill_beside_higher: 64,
+                sequences_beside_higher: 3,
             },
         },
         max_sequences_per_request: 8,
