@@ -10,6 +10,7 @@ Usage: python tests/e2e/latency.py BINARY [SECONDS] [CHECKPOINT]
 CHECKPOINT: another model folder to serve in place of the tiny fixture (e.g. the bench's
 125M-shaped one), served under the fixture's name so that the soak's requests reach it.
 """
+import collections
 import multiprocessing
 import os
 import statistics
@@ -91,7 +92,8 @@ def main():
     for p, xs in results.items():
         name = "default priority" if p is None else f"priority {p}"
         print(f"{name}: p50 {pct(xs, 0.5) * 1e3:.0f} ms, p95 {pct(xs, 0.95) * 1e3:.0f} ms "
-              f"({pct(xs, 0.95) / base:.1f}x idle) over {len(xs)} answered, {len(refused[p])} refused")
+              f"({pct(xs, 0.95) / base:.1f}x idle) over {len(xs)} answered, {len(refused[p])} refused "
+              f"{dict(collections.Counter(refused[p]))}")
     print(f"requests preempted for one of higher priority: {preempted}")
 
 
