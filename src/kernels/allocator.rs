@@ -30,16 +30,19 @@
 //! before, 3.8-5.0 s with huge-page buffers; echo scoring of 512 tokens 6.4-7.3 s -> 5.1-5.9 s;
 //! peak RSS +0.8 %; the soak's resident floor still flat (0.0 % growth).
 //!
+//! Hand-written rather than a general-purpose allocator crate: mimalloc was about as fast on
+//! the prefill, but it keeps freed memory for reuse without bound, the resident-floor creep the
+//! soak test bounds; this changes only the large buffers, keeps a bounded few of them for a
+//! moment, and returns the rest to the system at once:
+//!
 //! - A freed huge-page buffer is kept, briefly, for the next allocation of its size (every
 //!   layer of a prompt allocates the same activations its predecessor freed): reused, its
 //!   pages are neither faulted nor zeroed again. A fresh buffer's faults, the kernel zeroing
-//!   each page, were 19 % of a 512-token bf16 prefill of GPT-Neo-125M's shape (`perf`, Intel
+//!   each page, were 14-19 % of a 512-token bf16 prefill of GPT-Neo-125M's shape (`perf`, Intel
 //!   Xeon with AMX, 2 cores). What is kept is bounded in bytes ([`SPARE_BYTES`]) and in time
 //!   ([`SPARE_TTL`]: unmapped at the next allocation or free after that), so the resident
-//!   floor of a loaded server does not creep, and a burst's buffers go back soon after it. Hand-written rather
-//! than a general-purpose allocator crate: mimalloc was about as fast on the prefill, but it
-//! keeps freed memory for reuse, the resident-floor creep the soak test bounds; this changes
-//! only the large buffers and still returns them to the system at once.
+//!   floor of a loaded server does not creep (the soak's: +0.5-1.0 %), and a burst's buffers
+//!   go back soon after it. 512-token prefills 10-30 % faster (`docs/benchmarks.md`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
