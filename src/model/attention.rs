@@ -70,6 +70,7 @@ impl SelfAttention {
         x: &Tensor,
         segments: &mut [Segment<'_>],
         layer: usize,
+        plans: &mut batched::Plans,
     ) -> candle_core::Result<Tensor> {
         let h = self.num_heads * self.head_dim;
         let qkv = self.qkv.forward(x)?; // (rows, 3 hidden)
@@ -82,7 +83,7 @@ impl SelfAttention {
         let k = qkv.narrow(1, h, h)?;
         let v = qkv.narrow(1, 2 * h, h)?;
         if paged(segments) {
-            let out = batched::attend(self.geometry(), &q, &k, &v, segments, layer)?;
+            let out = batched::attend(self.geometry(), &q, &k, &v, segments, layer, plans)?;
             return self.out_proj.forward(&out);
         }
         // Sequences attend to their own caches independently: spread them over the cores.
@@ -105,12 +106,13 @@ impl SelfAttention {
         x: &Tensor,
         segments: &mut [Segment<'_>],
         layer: usize,
+        plans: &mut batched::Plans,
     ) -> candle_core::Result<()> {
         let h = self.num_heads * self.head_dim;
         let qkv = self.qkv.forward(x)?;
         let (k, v) = (qkv.narrow(1, h, h)?, qkv.narrow(1, 2 * h, h)?);
         if paged(segments) {
-            return batched::write(&k, &v, segments, layer);
+            return batched::write(&k, &v, segments, layer, plans);
         }
         for seg in segments.iter_mut() {
             self.cache_step(&k, &v, seg, layer)?;

@@ -9,10 +9,17 @@
 //! and (on local layers) what lies beyond the window. Decode rows (one query each) make one
 //! group; each multi-query segment (a prompt chunk, drafts being verified) is a group of its
 //! own, so no decode row pays for a prompt's padding.
+//!
+//! What those ops read besides the activations (the pool rows written and gathered, the masks,
+//! the output's order) is the same at every layer of a step: a [`Plan`] builds it once per set
+//! of segments and the forward pass keeps it ([`Plans`]), so a layer builds nothing on the
+//! host and uploads nothing (on a GPU each upload is a copy queued among the launches).
 
-use candle_core::{DType, Tensor};
+use std::sync::Arc;
 
-use super::kv_pool::{row_index, row_of};
+use candle_core::{DType, Device, Tensor};
+
+use super::kv_pool::{row_index, row_of, KvPool};
 use super::step::Segment;
 
 #[derive(Debug, Clone, Copy)]
@@ -23,19 +30,318 @@ pub(super) struct Geometry {
     pub window: Option<usize>,
 }
 
-impl Geometry {
-    fn visible(&self, query: usize, key: usize) -> bool {
-        key <= query && self.window.is_none_or(|w| query - key < w)
-    }
+fn visible(window: Option<usize>, query: usize, key: usize) -> bool {
+    key <= query && window.is_none_or(|w| query - key < w)
 }
 
-/// One group's layout: for each member, where its rows start in the packed matrix, how many
-/// queries it brings, the position of its first query, and its cache's blocks.
-struct Member<'b> {
+/// One member of a group: where its rows start in the packed matrix, how many queries it
+/// brings, the position of its first query, and its cache's blocks (by address, which is what
+/// tells two plans apart: a pass's block tables do not move while it runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Member {
     start: usize,
     len: usize,
     offset: usize,
-    blocks: &'b [u32],
+    blocks: usize,
+}
+
+/// The plans of one forward pass, a few sets of segments at most (the rows still running
+/// change only where sequences leave at their depth or exit early).
+#[derive(Default)]
+pub(super) struct Plans {
+    plans: Vec<Plan>,
+}
+
+/// Plans kept at once: a pass meets a new set of segments at each depth some sequence stops
+/// at; older ones are not met again.
+const KEPT_PLANS: usize = 4;
+
+impl Plans {
+    /// The plan for `segments`' layout, built on first use; None for no segments.
+    fn plan(
+        &mut self,
+        segments: &[Segment<'_>],
+        width: usize,
+        device: &Device,
+    ) -> candle_core::Result<Option<&mut Plan>> {
+        if segments.is_empty() {
+            return Ok(None);
+        }
+        let mut members = Vec::with_capacity(segments.len());
+        let mut pool: Option<&Arc<KvPool>> = None;
+        for s in segments {
+            let Some(p) = s.cache.paged_blocks() else {
+                candle_core::bail!("batched attention over a cache that is not paged");
+            };
+            match pool {
+                None => pool = Some(&p.pool),
+                Some(first) if !Arc::ptr_eq(first, &p.pool) => {
+                    candle_core::bail!("one step's caches in two pools")
+                }
+                Some(_) => {}
+            }
+            members.push(Member {
+                start: s.start,
+                len: s.len,
+                offset: s.cache.len(),
+                blocks: p.blocks.as_ptr() as usize,
+            });
+        }
+        let pool = Arc::clone(pool.expect("at least one segment"));
+        let found = match self.plans.iter().position(|p| p.members == members) {
+            Some(i) => i,
+            None => {
+                if self.plans.len() == KEPT_PLANS {
+                    self.plans.remove(0);
+                }
+                self.plans
+                    .push(Plan::new(pool, members, &tables(segments), width, device)?);
+                self.plans.len() - 1
+            }
+        };
+        Ok(Some(&mut self.plans[found]))
+    }
+}
+
+/// Each segment's block table.
+fn tables<'s>(segments: &'s [Segment<'_>]) -> Vec<&'s [u32]> {
+    segments
+        .iter()
+        .map(|s| s.cache.paged_blocks().map_or(&[][..], |p| &p.blocks[..]))
+        .collect()
+}
+
+/// A step's attention layout, the same at every layer.
+struct Plan {
+    members: Vec<Member>,
+    pool: Arc<KvPool>,
+    rows: usize,
+    /// `(rows, width)`: the pool row each step row's keys and values go to.
+    scatter: Tensor,
+    /// The gathers, made when a layer first attends (a pass that only writes, for the
+    /// blocks an early-exited position skipped, needs none).
+    groups: Option<Groups>,
+}
+
+struct Groups {
+    groups: Vec<Group>,
+    /// Packed row -> its row of the groups' concatenated output, when that order differs.
+    inverse: Option<Tensor>,
+}
+
+impl Plan {
+    fn new(
+        pool: Arc<KvPool>,
+        members: Vec<Member>,
+        tables: &[&[u32]],
+        width: usize,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let rows = members.iter().map(|m| m.len).sum::<usize>();
+        let written: Vec<u32> = members
+            .iter()
+            .zip(tables)
+            .flat_map(|(m, t)| (m.offset..m.offset + m.len).map(|p| row_of(t, p)))
+            .collect();
+        Ok(Self {
+            scatter: row_index(&written, width, device)?,
+            members,
+            pool,
+            rows,
+            groups: None,
+        })
+    }
+
+    /// The groups of the plan's members (`segments`, which it was made for), made on first
+    /// use.
+    fn groups(
+        &mut self,
+        segments: &[Segment<'_>],
+        device: &Device,
+    ) -> candle_core::Result<&mut Groups> {
+        if self.groups.is_none() {
+            self.groups = Some(Groups::new(&self.members, &tables(segments), device)?);
+        }
+        Ok(self.groups.as_mut().expect("made above"))
+    }
+
+    /// The step's keys and values `(rows, hidden)` into the pool, at each position's row.
+    fn scatter(
+        &self,
+        (pool_k, pool_v): (&Tensor, &Tensor),
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<()> {
+        let kv_dtype = self.pool.dtype();
+        let rows_k = k
+            .narrow(0, 0, self.rows)?
+            .to_dtype(kv_dtype)?
+            .contiguous()?;
+        let rows_v = v
+            .narrow(0, 0, self.rows)?
+            .to_dtype(kv_dtype)?
+            .contiguous()?;
+        pool_k.scatter_set(&self.scatter, &rows_k, 0)?;
+        pool_v.scatter_set(&self.scatter, &rows_v, 0)
+    }
+}
+
+impl Groups {
+    fn new(members: &[Member], tables: &[&[u32]], device: &Device) -> candle_core::Result<Self> {
+        // Decode rows together, each longer segment alone.
+        let (decode, longer): (Vec<usize>, Vec<usize>) =
+            (0..members.len()).partition(|&i| members[i].len == 1);
+        let grouped = std::iter::once(decode)
+            .filter(|d| !d.is_empty())
+            .chain(longer.into_iter().map(|i| vec![i]));
+        let mut groups = Vec::new();
+        let mut order = Vec::new(); // packed row of each output row
+        for g in grouped {
+            let parts: Vec<(Member, &[u32])> = g.iter().map(|&i| (members[i], tables[i])).collect();
+            order.extend(parts.iter().flat_map(|(m, _)| m.start..m.start + m.len));
+            groups.push(Group::new(&parts, device)?);
+        }
+        let inverse = if order.iter().enumerate().all(|(i, &r)| i == r) {
+            None
+        } else {
+            // Back to packed order: output row i holds packed row order[i].
+            let mut inverse = vec![0u32; order.len()];
+            for (i, &r) in order.iter().enumerate() {
+                inverse[r] = i as u32;
+            }
+            Some(Tensor::new(inverse.as_slice(), device)?)
+        };
+        Ok(Self { groups, inverse })
+    }
+}
+
+/// One group's gathers: `b` members, each padded to `queries` queries and `keys` keys.
+struct Group {
+    /// Each member's query count and first position.
+    members: Vec<(usize, usize)>,
+    queries: usize,
+    keys: usize,
+    /// `(b queries)` packed rows of q; padding repeats the member's first query.
+    q_index: Tensor,
+    /// `(b keys)` pool rows; padding repeats the member's first key.
+    k_index: Tensor,
+    /// The step's rows among the padded ones, when some member brings fewer than `queries`.
+    kept: Option<Tensor>,
+    /// The additive mask `(b, 1, queries, keys)` per window, made when a layer of that
+    /// window first asks; None: nothing to hide.
+    masks: Vec<(Option<usize>, Option<Tensor>)>,
+}
+
+impl Group {
+    fn new(parts: &[(Member, &[u32])], device: &Device) -> candle_core::Result<Self> {
+        let b = parts.len();
+        let queries = parts.iter().map(|(m, _)| m.len).max().unwrap_or(0);
+        let keys = parts
+            .iter()
+            .map(|(m, _)| m.offset + m.len)
+            .max()
+            .unwrap_or(0);
+        // Padding reads a row that exists (the member's first query, its first key) and is
+        // masked out or dropped.
+        let mut q_rows = Vec::with_capacity(b * queries);
+        let mut k_rows = Vec::with_capacity(b * keys);
+        for (m, blocks) in parts {
+            q_rows.extend((0..queries).map(|j| (m.start + j.min(m.len - 1)) as u32));
+            let total = m.offset + m.len;
+            k_rows.extend((0..keys).map(|j| row_of(blocks, j.min(total - 1))));
+        }
+        let kept = if parts.iter().all(|(m, _)| m.len == queries) {
+            None
+        } else {
+            let kept: Vec<u32> = parts
+                .iter()
+                .enumerate()
+                .flat_map(|(i, (m, _))| (0..m.len).map(move |j| (i * queries + j) as u32))
+                .collect();
+            Some(Tensor::new(kept.as_slice(), device)?)
+        };
+        Ok(Self {
+            members: parts.iter().map(|(m, _)| (m.len, m.offset)).collect(),
+            queries,
+            keys,
+            q_index: Tensor::new(q_rows.as_slice(), device)?,
+            k_index: Tensor::new(k_rows.as_slice(), device)?,
+            kept,
+            masks: Vec::with_capacity(2),
+        })
+    }
+
+    /// The mask of a layer seeing `window` (made once per window).
+    fn mask(
+        &mut self,
+        window: Option<usize>,
+        device: &Device,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if let Some((_, m)) = self.masks.iter().find(|(w, _)| *w == window) {
+            return Ok(m.clone());
+        }
+        let (b, queries, keys) = (self.members.len(), self.queries, self.keys);
+        let mut mask = vec![0f32; b * queries * keys];
+        let mut masked = false;
+        for (i, &(len, offset)) in self.members.iter().enumerate() {
+            let total = offset + len;
+            for j in 0..queries {
+                let row = &mut mask[(i * queries + j) * keys..][..keys];
+                // A padding query sees the keys of the member's last query (not none, so
+                // its softmax stays finite); its output is dropped.
+                let query = offset + j.min(len - 1);
+                for (key, x) in row.iter_mut().enumerate() {
+                    if key >= total || !visible(window, query, key) {
+                        *x = f32::NEG_INFINITY;
+                        masked = true;
+                    }
+                }
+            }
+        }
+        let mask = masked
+            .then(|| Tensor::from_vec(mask, (b, 1, queries, keys), device))
+            .transpose()?;
+        self.masks.push((window, mask.clone()));
+        Ok(mask)
+    }
+
+    /// The group's attention: `(sum of its members' lens, hidden)`, members in order.
+    fn attend(
+        &mut self,
+        g: Geometry,
+        q: &Tensor,
+        pool_k: &Tensor,
+        pool_v: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, heads, hd) = (self.members.len(), g.heads, g.head_dim);
+        let (queries, keys) = (self.queries, self.keys);
+        let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            // (b n, hidden) -> (b, heads, n, head_dim)
+            t.reshape((b, n, heads, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(q.index_select(&self.q_index, 0)?, queries)?;
+        let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
+            split(
+                pool.index_select(&self.k_index, 0)?.to_dtype(DType::F32)?,
+                keys,
+            )
+        };
+        let (k, v) = (gather(pool_k)?, gather(pool_v)?);
+        let mut scores = q.matmul(&k.t()?)?; // (b, heads, queries, keys)
+        if let Some(mask) = self.mask(g.window, q.device())? {
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        // (b, heads, queries, head_dim) -> (b, queries, heads, head_dim) -> (b queries, hidden)
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b * queries, heads * hd))?;
+        match &self.kept {
+            Some(kept) => out.index_select(kept, 0),
+            None => Ok(out),
+        }
+    }
 }
 
 /// `q`, `k`, `v`: the step's `(rows, hidden)` projections (q already scaled), rows packed as
@@ -48,91 +354,31 @@ pub(super) fn attend(
     v: &Tensor,
     segments: &mut [Segment<'_>],
     layer: usize,
+    plans: &mut Plans,
 ) -> candle_core::Result<Tensor> {
     let device = q.device();
     let width = g.heads * g.head_dim;
-    let rows = segments.iter().map(|s| s.len).sum::<usize>();
-    let Some((pool, members)) = layout(segments)? else {
+    let Some(plan) = plans.plan(segments, k.dim(1)?, device)? else {
         return Tensor::zeros((0, width), q.dtype(), device);
     };
-    let (pool_k, pool_v) = pool.layer(layer)?;
+    let (pool_k, pool_v) = plan.pool.layer(layer)?;
     // Gathers read contiguous rows (q is a view of the packed q/k/v projection when unscaled).
     let q = &q.contiguous()?;
-    scatter(&pool, (&pool_k, &pool_v), k, v, &members)?;
-
-    // Decode rows together, each longer segment alone.
-    let (decode, longer): (Vec<&Member>, Vec<&Member>) = members.iter().partition(|m| m.len == 1);
-    let groups = std::iter::once(decode)
-        .filter(|d| !d.is_empty())
-        .chain(longer.into_iter().map(|m| vec![m]));
-    let mut outs = Vec::new();
-    let mut order = Vec::with_capacity(rows); // packed row of each output row, in output order
-    for group in groups {
-        outs.push(attend_group(g, q, &pool_k, &pool_v, &group)?);
-        order.extend(group.iter().flat_map(|m| m.start..m.start + m.len));
-    }
+    plan.scatter((&pool_k, &pool_v), k, v)?;
+    let Groups { groups, inverse } = plan.groups(segments, device)?;
+    let mut outs = groups
+        .iter_mut()
+        .map(|group| group.attend(g, q, &pool_k, &pool_v))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let out = if outs.len() == 1 {
         outs.pop().expect("one")
     } else {
         Tensor::cat(&outs, 0)?
     };
-    if order.iter().enumerate().all(|(i, &r)| i == r) {
-        return Ok(out);
+    match inverse {
+        Some(inverse) => out.index_select(inverse, 0),
+        None => Ok(out),
     }
-    // Back to packed order: output row i holds packed row order[i].
-    let mut inverse = vec![0u32; rows];
-    for (i, &r) in order.iter().enumerate() {
-        inverse[r] = i as u32;
-    }
-    out.index_select(&Tensor::new(inverse.as_slice(), device)?, 0)
-}
-
-/// The segments' members and their shared pool; None for no segments.
-fn layout<'b>(
-    segments: &'b [Segment<'_>],
-) -> candle_core::Result<Option<(std::sync::Arc<super::kv_pool::KvPool>, Vec<Member<'b>>)>> {
-    let mut members = Vec::with_capacity(segments.len());
-    let mut pool = None;
-    for s in segments {
-        let Some(p) = s.cache.paged_blocks() else {
-            candle_core::bail!("batched attention over a cache that is not paged");
-        };
-        match &pool {
-            None => pool = Some(p.pool.clone()),
-            Some(first) if !std::sync::Arc::ptr_eq(first, &p.pool) => {
-                candle_core::bail!("one step's caches in two pools")
-            }
-            Some(_) => {}
-        }
-        members.push(Member {
-            start: s.start,
-            len: s.len,
-            offset: s.cache.len(),
-            blocks: &p.blocks,
-        });
-    }
-    Ok(pool.map(|p| (p, members)))
-}
-
-/// The step's keys and values `(rows, hidden)` into the pool, at each position's row.
-fn scatter(
-    pool: &super::kv_pool::KvPool,
-    (pool_k, pool_v): (&Tensor, &Tensor),
-    k: &Tensor,
-    v: &Tensor,
-    members: &[Member<'_>],
-) -> candle_core::Result<()> {
-    let rows = members.iter().map(|m| m.len).sum::<usize>();
-    let written: Vec<u32> = members
-        .iter()
-        .flat_map(|m| (m.offset..m.offset + m.len).map(|p| row_of(m.blocks, p)))
-        .collect();
-    let index = row_index(&written, k.dim(1)?, k.device())?;
-    let kv_dtype = pool.dtype();
-    let rows_k = k.narrow(0, 0, rows)?.to_dtype(kv_dtype)?.contiguous()?;
-    let rows_v = v.narrow(0, 0, rows)?.to_dtype(kv_dtype)?.contiguous()?;
-    pool_k.scatter_set(&index, &rows_k, 0)?;
-    pool_v.scatter_set(&index, &rows_v, 0)
 }
 
 /// Writes `k`, `v` `(rows, hidden)` into the segments' caches without attending (the blocks
@@ -142,80 +388,88 @@ pub(super) fn write(
     v: &Tensor,
     segments: &mut [Segment<'_>],
     layer: usize,
+    plans: &mut Plans,
 ) -> candle_core::Result<()> {
-    let Some((pool, members)) = layout(segments)? else {
+    let Some(plan) = plans.plan(segments, k.dim(1)?, k.device())? else {
         return Ok(());
     };
-    let (pool_k, pool_v) = pool.layer(layer)?;
-    scatter(&pool, (&pool_k, &pool_v), k, v, &members)
+    let (pool_k, pool_v) = plan.pool.layer(layer)?;
+    plan.scatter((&pool_k, &pool_v), k, v)
 }
 
-/// One group's attention: `(sum of its members' lens, hidden)`, members in order.
-fn attend_group(
-    g: Geometry,
-    q: &Tensor,
-    pool_k: &Tensor,
-    pool_v: &Tensor,
-    group: &[&Member],
-) -> candle_core::Result<Tensor> {
-    let device = q.device();
-    let (b, heads, hd) = (group.len(), g.heads, g.head_dim);
-    let queries = group.iter().map(|m| m.len).max().unwrap_or(0);
-    let keys = group.iter().map(|m| m.offset + m.len).max().unwrap_or(0);
-    // Padding reads a row that exists (the member's first query, its first key) and is
-    // masked out or dropped.
-    let mut q_rows = Vec::with_capacity(b * queries);
-    let mut k_rows = Vec::with_capacity(b * keys);
-    let mut mask = vec![0f32; b * queries * keys];
-    let mut masked = false;
-    for (i, m) in group.iter().enumerate() {
-        q_rows.extend((0..queries).map(|j| (m.start + j.min(m.len - 1)) as u32));
-        let total = m.offset + m.len;
-        k_rows.extend((0..keys).map(|j| row_of(m.blocks, j.min(total - 1))));
-        for j in 0..queries {
-            let row = &mut mask[(i * queries + j) * keys..][..keys];
-            for (key, x) in row.iter_mut().enumerate() {
-                // A padding query sees the keys of the member's last query (not none, so
-                // its softmax stays finite); its output is dropped.
-                let query = m.offset + j.min(m.len - 1);
-                if key >= total || !g.visible(query, key) {
-                    *x = f32::NEG_INFINITY;
-                    masked = true;
-                }
-            }
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::model::kv_cache::KvCache;
+
+    fn segment(cache: &mut KvCache, start: usize, len: usize) -> Segment<'_> {
+        Segment {
+            start,
+            len,
+            cache,
+            per_query: false,
         }
     }
-    let split = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-        // (b n, hidden) -> (b, heads, n, head_dim)
-        t.reshape((b, n, heads, hd))?.transpose(1, 2)?.contiguous()
-    };
-    let q = split(
-        q.index_select(&Tensor::new(q_rows.as_slice(), device)?, 0)?,
-        queries,
-    )?;
-    let k_index = Tensor::new(k_rows.as_slice(), device)?;
-    let gather = |pool: &Tensor| -> candle_core::Result<Tensor> {
-        split(pool.index_select(&k_index, 0)?.to_dtype(DType::F32)?, keys)
-    };
-    let (k, v) = (gather(pool_k)?, gather(pool_v)?);
-    let mut scores = q.matmul(&k.t()?)?; // (b, heads, queries, keys)
-    if masked {
-        let mask = Tensor::from_vec(mask, (b, 1, queries, keys), device)?;
-        scores = scores.broadcast_add(&mask)?;
+
+    #[test]
+    fn a_plan_serves_every_layer_of_its_segments_and_only_theirs() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let g = Geometry {
+            heads: 2,
+            head_dim: 2,
+            window: None,
+        };
+        let pool = KvPool::new(2, 4, DType::F32, dev.clone());
+        let (mut a, mut b) = (KvCache::paged(pool.clone(), 64), KvCache::paged(pool, 64));
+        for c in [&mut a, &mut b] {
+            c.reserve(3)?;
+            c.advance(2); // both hold 2 positions: same offsets, other blocks
+        }
+        let x = Tensor::arange(0f32, 8., &dev)?.reshape((2, 4))?;
+        let mut plans = Plans::default();
+        // a write alone makes no gathers
+        write(
+            &x,
+            &x,
+            &mut [segment(&mut a, 0, 1), segment(&mut b, 1, 1)],
+            0,
+            &mut plans,
+        )?;
+        assert_eq!(plans.plans.len(), 1);
+        assert!(plans.plans[0].groups.is_none());
+        // every layer of the same segments: the one plan, its gathers made once
+        let mut outs = Vec::new();
+        for layer in 0..2 {
+            let mut segs = [segment(&mut a, 0, 1), segment(&mut b, 1, 1)];
+            outs.push(attend(g, &x, &x, &x, &mut segs, layer, &mut plans)?);
+        }
+        assert_eq!(plans.plans.len(), 1);
+        assert!(plans.plans[0].groups.is_some());
+        // the same rows, lens and offsets of other caches: another plan, the rows swapped
+        let mut segs = [segment(&mut b, 0, 1), segment(&mut a, 1, 1)];
+        let swapped = attend(g, &x, &x, &x, &mut segs, 0, &mut plans)?;
+        assert_eq!(plans.plans.len(), 2);
+        // what a fresh plan computes, layer by layer
+        for (layer, out) in outs.iter().enumerate() {
+            let mut segs = [segment(&mut a, 0, 1), segment(&mut b, 1, 1)];
+            let fresh = attend(g, &x, &x, &x, &mut segs, layer, &mut Plans::default())?;
+            assert_eq!(out.to_vec2::<f32>()?, fresh.to_vec2::<f32>()?);
+        }
+        assert_eq!(swapped.dims(), &[2, 4]);
+        // plans kept stay bounded
+        for start in 0..2 * KEPT_PLANS {
+            let mut segs = [segment(&mut a, start, 1)];
+            write(
+                &x.narrow(0, 0, 1)?,
+                &x.narrow(0, 0, 1)?,
+                &mut segs,
+                0,
+                &mut plans,
+            )?;
+        }
+        assert_eq!(plans.plans.len(), KEPT_PLANS);
+        Ok(())
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    // (b, heads, queries, head_dim) -> (b, queries, heads, head_dim) -> (b queries, hidden)
-    let out = probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b * queries, heads * hd))?;
-    if group.iter().all(|m| m.len == queries) {
-        return Ok(out);
-    }
-    let kept: Vec<u32> = group
-        .iter()
-        .enumerate()
-        .flat_map(|(i, m)| (0..m.len).map(move |j| (i * queries + j) as u32))
-        .collect();
-    out.index_select(&Tensor::new(kept.as_slice(), device)?, 0)
 }

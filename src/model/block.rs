@@ -7,6 +7,7 @@ use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use super::arch::Projections;
 use super::attention::SelfAttention;
+use super::batched_attention::Plans;
 use super::config::{Activation, ModelConfig};
 use super::step::Segment;
 use super::weights::{Proj, WeightSpec};
@@ -94,8 +95,11 @@ impl Block {
         x: &Tensor,
         segments: &mut [Segment<'_>],
         layer: usize,
+        plans: &mut Plans,
     ) -> candle_core::Result<Tensor> {
-        let h = (x + self.attn.forward(&self.ln_1.forward(x)?, segments, layer)?)?;
+        let h = (x + self
+            .attn
+            .forward(&self.ln_1.forward(x)?, segments, layer, plans)?)?;
         &h + self.mlp.forward(&self.ln_2.forward(&h)?)?
     }
 
@@ -106,7 +110,9 @@ impl Block {
         x: &Tensor,
         segments: &mut [Segment<'_>],
         layer: usize,
+        plans: &mut Plans,
     ) -> candle_core::Result<()> {
-        self.attn.write_kv(&self.ln_1.forward(x)?, segments, layer)
+        self.attn
+            .write_kv(&self.ln_1.forward(x)?, segments, layer, plans)
     }
 }

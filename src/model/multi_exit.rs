@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
+use super::batched_attention::Plans;
 use super::block::Block;
 use super::config::ModelConfig;
 use super::error::{ModelError, Result};
@@ -367,8 +368,19 @@ impl MultiExitModel {
                 all_positions: alive.iter().map(|&s| all_positions[s]).collect(),
             };
             let mut rows = view(&alive, &row_in_x);
+            // The batched attention path's layout of each set of segments, made once for
+            // every layer.
+            let mut plans = Plans::default();
+            let mut copies = HeadCopies::new(self.cfg.vocab_size, self.kv_pool.is_some());
             // heads on the embeddings' output (DoLa's layer 0)
-            self.eval_heads(0, &x, &rows.packed(), draft, &mut outputs.per_seq)?;
+            self.eval_heads(
+                0,
+                &x,
+                &rows.packed(),
+                draft,
+                &mut copies,
+                &mut outputs.per_seq,
+            )?;
             for layer in 0..max_depth {
                 alive.retain(|&s| depths[s] > layer);
                 if alive.is_empty() {
@@ -382,16 +394,28 @@ impl MultiExitModel {
                     x = x.narrow(0, 0, kept)?;
                 }
                 let mut run = take_segments(&mut segments, &alive, &row_in_x);
-                let out = self.block(layer, draft)?.forward(&x, &mut run, layer);
+                let out = self
+                    .block(layer, draft)?
+                    .forward(&x, &mut run, layer, &mut plans);
                 put_back(&mut segments, &alive, run);
                 x = out?;
                 self.stats
                     .block_evals
                     .fetch_add(alive.len() as u64, Ordering::Relaxed);
-                self.eval_heads(layer + 1, &x, &rows.packed(), draft, &mut outputs.per_seq)?;
+                self.eval_heads(
+                    layer + 1,
+                    &x,
+                    &rows.packed(),
+                    draft,
+                    &mut copies,
+                    &mut outputs.per_seq,
+                )?;
 
-                // Early exits: a confident exit ends the token here.
+                // Early exits: a confident exit ends the token here (decided on the host).
                 let exit = Head::Exit(layer + 1);
+                if alive.iter().any(|&s| early[s].is_some()) {
+                    copies.flush(&mut outputs.per_seq)?;
+                }
                 let exited: Vec<usize> = alive
                     .iter()
                     .copied()
@@ -415,6 +439,7 @@ impl MultiExitModel {
                     layer + 1,
                     draft,
                     &mut segments,
+                    &mut plans,
                 )?;
                 alive.retain(|s| !exited.contains(s));
                 if alive.is_empty() {
@@ -425,6 +450,7 @@ impl MultiExitModel {
                 pack_rows(&alive, &lens, &mut row_in_x);
                 rows = view(&alive, &row_in_x);
             }
+            copies.flush(&mut outputs.per_seq)?;
             for seg in segments.iter_mut().flatten() {
                 seg.cache.advance(seg.len);
             }
@@ -442,6 +468,7 @@ impl MultiExitModel {
         from: usize,
         draft: bool,
         segments: &mut [Option<Segment<'_>>],
+        plans: &mut Plans,
     ) -> Result<()> {
         let rows = row_ids(exited, row_in_x, lens);
         let mut h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
@@ -457,7 +484,9 @@ impl MultiExitModel {
                 h = h.narrow(0, 0, rows)?;
             }
             let mut run = take_segments(segments, &going, &starts);
-            let r = self.block(block, draft)?.propagate_kv(&h, &mut run, block);
+            let r = self
+                .block(block, draft)?
+                .propagate_kv(&h, &mut run, block, plans);
             put_back(segments, &going, run);
             r?;
         }
@@ -504,6 +533,7 @@ impl MultiExitModel {
         x: &Tensor,
         p: &Packed<'_>,
         draft: bool,
+        copies: &mut HeadCopies,
         outputs: &mut [Vec<Logits>],
     ) -> Result<()> {
         let n_layers = self.cfg.num_layers;
@@ -538,16 +568,84 @@ impl MultiExitModel {
                 Head::LmHeadAt(_) => hidden,
                 _ => self.ln_f.forward(&hidden)?,
             };
-            let vocab = self.cfg.vocab_size;
             let logits = self.head_weight(head, draft)?.xwt(&hidden)?;
-            let logits = Arc::new(logits.flatten_all()?.to_vec1::<f32>()?);
-            let mut at = 0;
-            for (slot, k, count) in users {
-                let range = at..at + count * vocab;
+            let users = users
+                .into_iter()
+                .map(|(slot, k, count)| (p.order[slot], k, count))
+                .collect();
+            copies.push(logits, users, outputs)?;
+        }
+        Ok(())
+    }
+}
+
+/// The step's head products on their way to the host. On the batched attention path (a
+/// GPU's) they are copied all at once when the pass ends: a copy to the host waits for
+/// everything queued before it, so a copy per head would stall the device once per head
+/// (contrast's two, inspection's every exit). Held back at most [`HELD_LOGITS_BYTES`], so a
+/// step scoring long prompts at many heads holds no second copy of them all. On the CPU's
+/// own path each head is copied when made (nothing to stall, and no concatenation to pay).
+struct HeadCopies {
+    vocab: usize,
+    defer: bool,
+    /// Each product `(rows, vocab)`, with its users: (sequence index, index into its head
+    /// list, rows).
+    pending: Vec<(Tensor, Vec<(usize, usize, usize)>)>,
+    bytes: usize,
+}
+
+/// Logits a pass holds back before copying them to the host.
+const HELD_LOGITS_BYTES: usize = 64 << 20;
+
+impl HeadCopies {
+    fn new(vocab: usize, defer: bool) -> Self {
+        Self {
+            vocab,
+            defer,
+            pending: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    fn push(
+        &mut self,
+        logits: Tensor,
+        users: Vec<(usize, usize, usize)>,
+        outputs: &mut [Vec<Logits>],
+    ) -> Result<()> {
+        self.bytes += logits.elem_count() * std::mem::size_of::<f32>();
+        self.pending.push((logits, users));
+        if !self.defer || self.bytes >= HELD_LOGITS_BYTES {
+            self.flush(outputs)?;
+        }
+        Ok(())
+    }
+
+    /// Copies what is pending to the host, in one copy, and hands each user its rows.
+    fn flush(&mut self, outputs: &mut [Vec<Logits>]) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut flat = self
+            .pending
+            .iter()
+            .map(|(t, _)| t.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let all = if flat.len() == 1 {
+            flat.pop().expect("one")
+        } else {
+            Tensor::cat(&flat, 0)?
+        };
+        let data = Arc::new(all.to_vec1::<f32>()?);
+        let mut at = 0;
+        for (_, users) in self.pending.drain(..) {
+            for (seq, k, count) in users {
+                let range = at..at + count * self.vocab;
                 at = range.end;
-                outputs[p.order[slot]][k] = Logits::shared(vocab, Arc::clone(&logits), range);
+                outputs[seq][k] = Logits::shared(self.vocab, Arc::clone(&data), range);
             }
         }
+        self.bytes = 0;
         Ok(())
     }
 }
