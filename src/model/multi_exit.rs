@@ -438,8 +438,7 @@ impl MultiExitModel {
                     (&depths, &lens, &row_in_x),
                     layer + 1,
                     draft,
-                    &mut segments,
-                    &mut plans,
+                    (&mut segments, &mut plans),
                 )?;
                 alive.retain(|s| !exited.contains(s));
                 if alive.is_empty() {
@@ -467,8 +466,7 @@ impl MultiExitModel {
         (depths, lens, row_in_x): (&[usize], &[usize], &[usize]),
         from: usize,
         draft: bool,
-        segments: &mut [Option<Segment<'_>>],
-        plans: &mut Plans,
+        (segments, plans): (&mut [Option<Segment<'_>>], &mut Plans),
     ) -> Result<()> {
         let rows = row_ids(exited, row_in_x, lens);
         let mut h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
@@ -588,11 +586,14 @@ impl MultiExitModel {
 struct HeadCopies {
     vocab: usize,
     defer: bool,
-    /// Each product `(rows, vocab)`, with its users: (sequence index, index into its head
-    /// list, rows).
-    pending: Vec<(Tensor, Vec<(usize, usize, usize)>)>,
+    /// Each product `(rows, vocab)`, with its users.
+    pending: Vec<(Tensor, HeadUsers)>,
     bytes: usize,
 }
+
+/// The sequences that read a head product, in its row order: (sequence index, index into its
+/// head list, rows).
+type HeadUsers = Vec<(usize, usize, usize)>;
 
 /// Logits a pass holds back before copying them to the host.
 const HELD_LOGITS_BYTES: usize = 64 << 20;
@@ -610,7 +611,7 @@ impl HeadCopies {
     fn push(
         &mut self,
         logits: Tensor,
-        users: Vec<(usize, usize, usize)>,
+        users: HeadUsers,
         outputs: &mut [Vec<Logits>],
     ) -> Result<()> {
         self.bytes += logits.elem_count() * std::mem::size_of::<f32>();
