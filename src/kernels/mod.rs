@@ -11,3 +11,4 @@ pub mod causal_attention;
 pub mod cpu_features;
 pub mod fastmath;
 pub mod matmul;
+pub mod paged_attention;

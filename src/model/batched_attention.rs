@@ -14,13 +14,20 @@
 //! the output's order) is the same at every layer of a step: a [`Plan`] builds it once per set
 //! of segments and the forward pass keeps it ([`Plans`]), so a layer builds nothing on the
 //! host and uploads nothing (on a GPU each upload is a copy queued among the launches).
+//!
+//! The rows attended query by query — decode rows and the positions of a verifying pass —
+//! go through one fused operation, `kernels::paged_attention` (one launch per layer on a GPU,
+//! reading keys and values where they lie), when it equals this file's tensor ops at start-up
+//! ([`check_query_kernel`]); the tensor ops remain its oracle and the path of prompt chunks.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::kv_cache::KvCache;
 use super::kv_pool::{row_index, row_of, KvPool};
 use super::step::Segment;
+use crate::kernels::paged_attention::{attend_queries, QueryKeys};
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Geometry {
@@ -43,13 +50,23 @@ struct Member {
     len: usize,
     offset: usize,
     blocks: usize,
+    /// Attended query by query (`Segment::per_query`).
+    per_query: bool,
+}
+
+impl Member {
+    /// Whether its rows are attended query by query: a decode row, or a verifying pass.
+    fn by_query(&self) -> bool {
+        self.len == 1 || self.per_query
+    }
 }
 
 /// The plans of one forward pass, a few sets of segments at most (the rows still running
 /// change only where sequences leave at their depth or exit early).
-#[derive(Default)]
 pub(super) struct Plans {
     plans: Vec<Plan>,
+    /// Rows attended query by query go through `kernels::paged_attention`.
+    query_kernel: bool,
 }
 
 /// Plans kept at once: a pass meets a new set of segments at each depth some sequence stops
@@ -57,6 +74,13 @@ pub(super) struct Plans {
 const KEPT_PLANS: usize = 4;
 
 impl Plans {
+    pub fn new(query_kernel: bool) -> Self {
+        Self {
+            plans: Vec::new(),
+            query_kernel,
+        }
+    }
+
     /// The plan for `segments`' layout, built on first use; None for no segments.
     fn plan(
         &mut self,
@@ -85,6 +109,7 @@ impl Plans {
                 len: s.len,
                 offset: s.cache.len(),
                 blocks: p.blocks.as_ptr() as usize,
+                per_query: s.per_query,
             });
         }
         let pool = Arc::clone(pool.expect("at least one segment"));
@@ -94,8 +119,9 @@ impl Plans {
                 if self.plans.len() == KEPT_PLANS {
                     self.plans.remove(0);
                 }
-                self.plans
-                    .push(Plan::new(pool, members, &tables(segments), width, device)?);
+                let tables = tables(segments);
+                let plan = Plan::new(pool, members, &tables, width, device)?;
+                self.plans.push(plan.with_query_kernel(self.query_kernel));
                 self.plans.len() - 1
             }
         };
@@ -121,10 +147,11 @@ struct Plan {
     /// The gathers, made when a layer first attends (a pass that only writes, for the
     /// blocks an early-exited position skipped, needs none).
     groups: Option<Groups>,
+    query_kernel: bool,
 }
 
 struct Groups {
-    groups: Vec<Group>,
+    groups: Vec<Kind>,
     /// Packed row -> its row of the groups' concatenated output, when that order differs.
     inverse: Option<Tensor>,
 }
@@ -149,7 +176,15 @@ impl Plan {
             pool,
             rows,
             groups: None,
+            query_kernel: false,
         })
+    }
+
+    fn with_query_kernel(self, query_kernel: bool) -> Self {
+        Self {
+            query_kernel,
+            ..self
+        }
     }
 
     /// The groups of the plan's members (`segments`, which it was made for), made on first
@@ -160,7 +195,13 @@ impl Plan {
         device: &Device,
     ) -> candle_core::Result<&mut Groups> {
         if self.groups.is_none() {
-            self.groups = Some(Groups::new(&self.members, &tables(segments), device)?);
+            let tables = tables(segments);
+            self.groups = Some(Groups::new(
+                &self.members,
+                &tables,
+                device,
+                self.query_kernel,
+            )?);
         }
         Ok(self.groups.as_mut().expect("made above"))
     }
@@ -186,20 +227,45 @@ impl Plan {
     }
 }
 
+/// A group of rows and how it attends.
+enum Kind {
+    /// Tensor ops over gathered, padded, masked keys.
+    Ops(Group),
+    /// `kernels::paged_attention`: `tables` `(members, keys)` u32, `queries` `(rows, 3)` u32.
+    Queries { tables: Tensor, queries: Tensor },
+}
+
 impl Groups {
-    fn new(members: &[Member], tables: &[&[u32]], device: &Device) -> candle_core::Result<Self> {
-        // Decode rows together, each longer segment alone.
-        let (decode, longer): (Vec<usize>, Vec<usize>) =
-            (0..members.len()).partition(|&i| members[i].len == 1);
-        let grouped = std::iter::once(decode)
+    fn new(
+        members: &[Member],
+        tables: &[&[u32]],
+        device: &Device,
+        query_kernel: bool,
+    ) -> candle_core::Result<Self> {
+        // Rows attended query by query together; each prompt chunk alone. Without the query
+        // kernel: decode rows together, each longer segment alone.
+        let together = |m: &Member| {
+            if query_kernel {
+                m.by_query()
+            } else {
+                m.len == 1
+            }
+        };
+        let (first, alone): (Vec<usize>, Vec<usize>) =
+            (0..members.len()).partition(|&i| together(&members[i]));
+        let grouped = std::iter::once(first)
             .filter(|d| !d.is_empty())
-            .chain(longer.into_iter().map(|i| vec![i]));
+            .chain(alone.into_iter().map(|i| vec![i]));
         let mut groups = Vec::new();
         let mut order = Vec::new(); // packed row of each output row
         for g in grouped {
             let parts: Vec<(Member, &[u32])> = g.iter().map(|&i| (members[i], tables[i])).collect();
             order.extend(parts.iter().flat_map(|(m, _)| m.start..m.start + m.len));
-            groups.push(Group::new(&parts, device)?);
+            groups.push(if query_kernel && parts[0].0.by_query() {
+                query_group(&parts, device)?
+            } else {
+                Kind::Ops(Group::new(&parts, device)?)
+            });
         }
         let inverse = if order.iter().enumerate().all(|(i, &r)| i == r) {
             None
@@ -213,6 +279,32 @@ impl Groups {
         };
         Ok(Self { groups, inverse })
     }
+}
+
+/// The kernel's view of rows attended query by query: each member's block table as pool
+/// rows per position, and per row its q row, table and end of keys.
+fn query_group(parts: &[(Member, &[u32])], device: &Device) -> candle_core::Result<Kind> {
+    let keys = parts
+        .iter()
+        .map(|(m, _)| m.offset + m.len)
+        .max()
+        .unwrap_or(0);
+    let mut tables = vec![0u32; parts.len() * keys];
+    let mut queries = Vec::new();
+    for (i, (m, blocks)) in parts.iter().enumerate() {
+        let total = m.offset + m.len;
+        for (p, row) in tables[i * keys..][..total].iter_mut().enumerate() {
+            *row = row_of(blocks, p);
+        }
+        for j in 0..m.len {
+            queries.extend([(m.start + j) as u32, i as u32, (m.offset + j + 1) as u32]);
+        }
+    }
+    let rows = queries.len() / 3;
+    Ok(Kind::Queries {
+        tables: Tensor::from_vec(tables, (parts.len(), keys), device)?,
+        queries: Tensor::from_vec(queries, (rows, 3), device)?,
+    })
 }
 
 /// One group's gathers: `b` members, each padded to `queries` queries and `keys` keys.
@@ -368,7 +460,18 @@ pub(super) fn attend(
     let Groups { groups, inverse } = plan.groups(segments, device)?;
     let mut outs = groups
         .iter_mut()
-        .map(|group| group.attend(g, q, &pool_k, &pool_v))
+        .map(|group| match group {
+            Kind::Ops(group) => group.attend(g, q, &pool_k, &pool_v),
+            Kind::Queries { tables, queries } => {
+                let keys = QueryKeys {
+                    tables,
+                    queries,
+                    heads: g.heads,
+                    window: g.window,
+                };
+                attend_queries(q, &pool_k, &pool_v, &keys)
+            }
+        })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let out = if outs.len() == 1 {
         outs.pop().expect("one")
@@ -396,6 +499,80 @@ pub(super) fn write(
     let (pool_k, pool_v) = plan.pool.layer(layer)?;
     plan.scatter((&pool_k, &pool_v), k, v)
 }
+
+/// How far `kernels::paged_attention` lies from this file's tensor ops (the largest absolute
+/// difference of their outputs), on a small pool on `device` holding `kv_dtype`: decode rows
+/// of caches of several lengths and a verifying pass, on a global layer and a local one. The
+/// model takes the kernel only where this is within [`QUERY_KERNEL_TOLERANCE`] (a GPU whose
+/// kernel could not compile or computes otherwise keeps the tensor ops).
+pub(super) fn check_query_kernel(device: &Device, kv_dtype: DType) -> candle_core::Result<f32> {
+    let (heads, head_dim) = (4, 64);
+    let width = heads * head_dim;
+    let pool = KvPool::new(1, width, kv_dtype, device.clone());
+    let lens = [37, 5, 20];
+    let mut caches: Vec<KvCache> = lens
+        .iter()
+        .map(|_| KvCache::paged(pool.clone(), 64))
+        .collect();
+    // Values spread like activations, from a fixed sequence (no generator needed).
+    let values = |rows: usize, salt: usize| -> candle_core::Result<Tensor> {
+        let v: Vec<f32> = (0..rows * width)
+            .map(|i| ((i * 7919 + salt * 104_729) % 2003) as f32 / 1001.0 - 1.0)
+            .collect();
+        Tensor::from_vec(v, (rows, width), device)
+    };
+    for (i, (cache, &len)) in caches.iter_mut().zip(&lens).enumerate() {
+        cache.reserve(len + 3)?;
+        let kv = values(len, i)?;
+        let mut seg = [Segment {
+            start: 0,
+            len,
+            cache,
+            per_query: false,
+        }];
+        write(&kv, &(&kv * 0.5)?, &mut seg, 0, &mut Plans::new(false))?;
+        cache.advance(len);
+    }
+    // A step: two decode rows and a verifying pass of three positions.
+    let (q, k, v) = (values(5, 10)?, values(5, 11)?, values(5, 12)?);
+    let mut worst = 0f32;
+    for window in [None, Some(8)] {
+        let g = Geometry {
+            heads,
+            head_dim,
+            window,
+        };
+        let mut outs = Vec::new();
+        for kernel in [false, true] {
+            let [a, b, c] = &mut caches[..] else {
+                unreachable!("three caches")
+            };
+            let mut segments = [(a, 0, 1, false), (b, 1, 1, false), (c, 2, 3, true)].map(
+                |(cache, start, len, per_query)| Segment {
+                    start,
+                    len,
+                    cache,
+                    per_query,
+                },
+            );
+            outs.push(attend(
+                g,
+                &q,
+                &k,
+                &v,
+                &mut segments,
+                0,
+                &mut Plans::new(kernel),
+            )?);
+        }
+        let diff = (&outs[0] - &outs[1])?.abs()?.flatten_all()?.max(0)?;
+        worst = worst.max(diff.to_scalar::<f32>()?);
+    }
+    Ok(worst)
+}
+
+/// How far the query kernel may lie from the tensor ops (float32 sums in another order).
+pub(super) const QUERY_KERNEL_TOLERANCE: f32 = 1e-4;
 
 #[cfg(test)]
 mod tests {
@@ -428,7 +605,7 @@ mod tests {
             c.advance(2); // both hold 2 positions: same offsets, other blocks
         }
         let x = Tensor::arange(0f32, 8., &dev)?.reshape((2, 4))?;
-        let mut plans = Plans::default();
+        let mut plans = Plans::new(false);
         // a write alone makes no gathers
         write(
             &x,
@@ -454,7 +631,7 @@ mod tests {
         // what a fresh plan computes, layer by layer
         for (layer, out) in outs.iter().enumerate() {
             let mut segs = [segment(&mut a, 0, 1), segment(&mut b, 1, 1)];
-            let fresh = attend(g, &x, &x, &x, &mut segs, layer, &mut Plans::default())?;
+            let fresh = attend(g, &x, &x, &x, &mut segs, layer, &mut Plans::new(false))?;
             assert_eq!(out.to_vec2::<f32>()?, fresh.to_vec2::<f32>()?);
         }
         assert_eq!(swapped.dims(), &[2, 4]);
@@ -470,6 +647,15 @@ mod tests {
             )?;
         }
         assert_eq!(plans.plans.len(), KEPT_PLANS);
+        Ok(())
+    }
+
+    #[test]
+    fn the_query_kernel_equals_the_tensor_ops() -> candle_core::Result<()> {
+        for dtype in [DType::F32, DType::BF16] {
+            let diff = check_query_kernel(&Device::Cpu, dtype)?;
+            assert!(diff <= 1e-5, "{dtype:?}: {diff}");
+        }
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use super::batched_attention::Plans;
+use super::batched_attention::{self, Plans};
 use super::block::Block;
 use super::config::ModelConfig;
 use super::error::{ModelError, Result};
@@ -45,6 +45,9 @@ pub struct MultiExitModel {
     /// The paged store of the batched attention path; None: the CPU's attention kernels on
     /// per-sequence buffers.
     kv_pool: Option<Arc<KvPool>>,
+    /// On the batched path, rows attended query by query take `kernels::paged_attention`
+    /// (checked against the tensor ops at start-up).
+    query_kernel: bool,
     pub stats: ForwardStats,
 }
 
@@ -136,7 +139,9 @@ impl MultiExitModel {
         )?;
         let kv_pool = (batched_attention || !device.is_cpu())
             .then(|| KvPool::new(cfg.num_layers, h, wdtype.kv_dtype(), device.clone()));
+        let query_kernel = kv_pool.is_some() && query_kernel_holds(&device, wdtype.kv_dtype());
         Ok(Self {
+            query_kernel,
             device,
             kv_pool,
             kv_dtype: wdtype.kv_dtype(),
@@ -370,7 +375,7 @@ impl MultiExitModel {
             let mut rows = view(&alive, &row_in_x);
             // The batched attention path's layout of each set of segments, made once for
             // every layer.
-            let mut plans = Plans::default();
+            let mut plans = Plans::new(self.query_kernel);
             let mut copies = HeadCopies::new(self.cfg.vocab_size, self.kv_pool.is_some());
             // heads on the embeddings' output (DoLa's layer 0)
             self.eval_heads(
@@ -648,6 +653,32 @@ impl HeadCopies {
         }
         self.bytes = 0;
         Ok(())
+    }
+}
+
+/// Whether the fused query kernel computes what the tensor ops do on `device` (logged either
+/// way: a GPU whose kernel fails keeps the slower tensor ops and says so).
+fn query_kernel_holds(device: &Device, kv_dtype: DType) -> bool {
+    match batched_attention::check_query_kernel(device, kv_dtype) {
+        Ok(diff) if diff <= batched_attention::QUERY_KERNEL_TOLERANCE => {
+            tracing::info!(
+                max_difference = diff,
+                "attention of single queries: the fused paged-attention kernel"
+            );
+            true
+        }
+        Ok(diff) => {
+            tracing::error!(
+                max_difference = diff,
+                tolerance = batched_attention::QUERY_KERNEL_TOLERANCE,
+                "the fused paged-attention kernel differs from the tensor ops: not used"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the fused paged-attention kernel failed: not used");
+            false
+        }
     }
 }
 

@@ -1,0 +1,330 @@
+//! Attention of single queries over the paged key/value pool (`model/kv_pool.rs`), every
+//! query of a step in one operation: decode rows and the positions of a verifying pass, each
+//! with its own keys, window and batch-independent arithmetic.
+//!
+//! On a GPU it is one kernel launch per layer (`paged_attention.cu`, compiled at start-up by
+//! NVRTC), where the tensor-op version in `model/batched_attention.rs` costs a dozen launches
+//! and copies every key and value it reads. On the CPU the same arithmetic runs in Rust: the
+//! batched path's tests run it there, and that tensor-op version is the oracle both are
+//! checked against (`batched_attention::check_query_kernel`, at start-up on every device).
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// The queries of one launch: `tables` `(t, keys)` u32 gives the pool row of each key
+/// position of each cache; `queries` `(n, 3)` u32 gives each query's row of q, its table and
+/// the end of its keys (its position + 1); `window` the keys a query sees (itself included),
+/// None for all earlier ones.
+pub struct QueryKeys<'a> {
+    pub tables: &'a Tensor,
+    pub queries: &'a Tensor,
+    pub heads: usize,
+    pub window: Option<usize>,
+}
+
+/// `q` `(rows, heads * head_dim)` float32 (already scaled) against `pool_k`, `pool_v`
+/// `(pool rows, heads * head_dim)` (float32 or bfloat16): `(n, heads * head_dim)` float32,
+/// row i the attention of query i.
+pub fn attend_queries(
+    q: &Tensor,
+    pool_k: &Tensor,
+    pool_v: &Tensor,
+    keys: &QueryKeys<'_>,
+) -> Result<Tensor> {
+    let op = PagedAttention {
+        tables: keys.tables.contiguous()?,
+        queries: keys.queries.contiguous()?,
+        heads: keys.heads,
+        window: keys.window.unwrap_or(0),
+    };
+    q.contiguous()?.apply_op3_no_bwd(pool_k, pool_v, &op)
+}
+
+struct PagedAttention {
+    tables: Tensor,
+    queries: Tensor,
+    heads: usize,
+    /// 0: no window.
+    window: usize,
+}
+
+impl PagedAttention {
+    fn check(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<(usize, usize, usize)> {
+        let (_, width) = q.shape().dims2()?;
+        let (n, three) = self.queries.dims2()?;
+        let (_, keys) = self.tables.dims2()?;
+        if three != 3 || self.tables.dtype() != DType::U32 || self.queries.dtype() != DType::U32 {
+            candle_core::bail!("paged attention: tables and queries must be u32, queries (n, 3)");
+        }
+        if self.heads == 0 || !width.is_multiple_of(self.heads) {
+            candle_core::bail!("paged attention: width {width} over {} heads", self.heads);
+        }
+        for l in [q, k, v] {
+            if !l.is_contiguous() {
+                candle_core::bail!("paged attention: operands must be contiguous");
+            }
+        }
+        if k.shape().dims2()?.1 != width || v.shape() != k.shape() {
+            candle_core::bail!("paged attention: pool of another width than q");
+        }
+        Ok((n, width, keys))
+    }
+}
+
+/// The first key a query whose keys end at `end` sees.
+fn first_key(end: usize, window: usize) -> usize {
+    if window > 0 {
+        end.saturating_sub(window)
+    } else {
+        0
+    }
+}
+
+impl CustomOp3 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, width, keys) = self.check(ql, kl, vl)?;
+        let q = &q.as_slice::<f32>()?[ql.start_offset()..];
+        let tables = self.tables.flatten_all()?.to_vec1::<u32>()?;
+        let queries = self.queries.flatten_all()?.to_vec1::<u32>()?;
+        let mut out = vec![0f32; n * width];
+        let (hd, window) = (width / self.heads, self.window);
+        let run = |k: &(dyn Fn(usize) -> f32 + Sync),
+                   v: &(dyn Fn(usize) -> f32 + Sync),
+                   out: &mut [f32]| {
+            out.par_chunks_mut(width).enumerate().for_each(|(i, out)| {
+                let spec = &queries[3 * i..3 * i + 3];
+                let (row, end) = (spec[0] as usize, spec[2] as usize);
+                let table = &tables[spec[1] as usize * keys..][..keys];
+                let first = first_key(end, window);
+                let mut scores = vec![0f32; end - first];
+                for (h, out) in out.chunks_exact_mut(hd).enumerate() {
+                    let qh = &q[row * width + h * hd..][..hd];
+                    let mut m = f32::NEG_INFINITY;
+                    for (s, &r) in scores.iter_mut().zip(&table[first..end]) {
+                        let at = r as usize * width + h * hd;
+                        *s = (0..hd).map(|d| qh[d] * k(at + d)).sum();
+                        m = m.max(*s);
+                    }
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - m).exp();
+                        sum += *s;
+                    }
+                    for (d, o) in out.iter_mut().enumerate() {
+                        let acc: f32 = scores
+                            .iter()
+                            .zip(&table[first..end])
+                            .map(|(s, &r)| s * v(r as usize * width + h * hd + d))
+                            .sum();
+                        *o = acc / sum;
+                    }
+                }
+            })
+        };
+        match (k, v) {
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let (k, v) = (&k[kl.start_offset()..], &v[vl.start_offset()..]);
+                run(&|i| k[i], &|i| v[i], &mut out);
+            }
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                let (k, v) = (&k[kl.start_offset()..], &v[vl.start_offset()..]);
+                run(&|i| bf16::to_f32(k[i]), &|i| bf16::to_f32(v[i]), &mut out);
+            }
+            _ => candle_core::bail!("paged attention: a float32 or bfloat16 pool"),
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, width))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, width, keys) = self.check(ql, kl, vl)?;
+        cuda::launch(self, (q, ql), (k, kl), (v, vl), (n, width, keys))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::OnceLock;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::cudarc::nvrtc;
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{
+        CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, StorageRef, Tensor,
+    };
+    use half::bf16;
+
+    use super::PagedAttention;
+
+    const SOURCE: &str = include_str!("paged_attention.cu");
+    /// Must match `THREADS` in the source.
+    const THREADS: u32 = 128;
+
+    /// The kernels' PTX, compiled once (for the GPU the driver JIT-compiles it to).
+    fn ptx() -> Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        PTX.get_or_init(|| {
+            nvrtc::compile_ptx(SOURCE)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("NVRTC could not compile paged_attention.cu: {e:?}"))
+        })
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(e.clone()))
+    }
+
+    /// A u32 tensor's device memory (the op's own index tensors).
+    fn u32_storage(t: &Tensor) -> Result<(StorageRef<'_>, usize)> {
+        let (storage, layout) = t.storage_and_layout();
+        if !matches!(&*storage, Storage::Cuda(_)) {
+            candle_core::bail!("paged attention: index tensors on another device than q");
+        }
+        Ok((storage, layout.start_offset()))
+    }
+
+    fn cuda_u32<'s>(s: &'s StorageRef<'_>, offset: usize) -> Result<CudaView<'s, u32>> {
+        match &**s {
+            Storage::Cuda(c) => Ok(c.as_cuda_slice::<u32>()?.slice(offset..)),
+            _ => candle_core::bail!("paged attention: index tensors on another device than q"),
+        }
+    }
+
+    pub(super) fn launch(
+        op: &PagedAttention,
+        (q, ql): (&CudaStorage, &Layout),
+        k: (&CudaStorage, &Layout),
+        v: (&CudaStorage, &Layout),
+        (n, width, keys): (usize, usize, usize),
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = q.device();
+        let (heads, head_dim) = (op.heads, width / op.heads);
+        let shared = (head_dim + keys + THREADS as usize / 32) * std::mem::size_of::<f32>();
+        if shared > 48 << 10 {
+            candle_core::bail!("paged attention: {keys} keys exceed the kernel's shared memory");
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((n * heads) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let (tables, t_at) = u32_storage(&op.tables)?;
+        let (queries, q_at) = u32_storage(&op.queries)?;
+        let args = Args {
+            q: q.as_cuda_slice::<f32>()?.slice(ql.start_offset()..),
+            tables: cuda_u32(&tables, t_at)?,
+            queries: cuda_u32(&queries, q_at)?,
+            ints: [heads as i32, head_dim as i32, keys as i32, op.window as i32],
+            cfg,
+            len: n * width,
+        };
+        let out = match k.0.dtype() {
+            DType::F32 => run::<f32>(dev, "paged_attention_f32", &args, k, v)?,
+            DType::BF16 => run::<bf16>(dev, "paged_attention_bf16", &args, k, v)?,
+            d => candle_core::bail!("paged attention: a {d:?} pool"),
+        };
+        Ok((out, Shape::from((n, width))))
+    }
+
+    struct Args<'a> {
+        q: CudaView<'a, f32>,
+        tables: CudaView<'a, u32>,
+        queries: CudaView<'a, u32>,
+        /// heads, head_dim, keys, window
+        ints: [i32; 4],
+        cfg: LaunchConfig,
+        len: usize,
+    }
+
+    fn run<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        a: &Args<'_>,
+        (k, kl): (&CudaStorage, &Layout),
+        (v, vl): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let func = dev.get_or_load_custom_func(name, "exitserve_paged_attention", ptx()?)?;
+        let pool_k = k.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
+        let pool_v = v.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
+        // SAFETY: the kernel writes every element before anything reads it.
+        let out = unsafe { dev.alloc::<f32>(a.len)? };
+        {
+            let mut b = func.builder();
+            b.arg(&a.q).arg(&pool_k).arg(&pool_v);
+            b.arg(&a.tables).arg(&a.queries).arg(&out);
+            for i in &a.ints {
+                b.arg(i);
+            }
+            // SAFETY: the arguments match the kernel's signature; `check` bounded the
+            // extents, and every index comes from the pool's own block tables.
+            unsafe { b.launch(a.cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    #[test]
+    fn a_query_gets_the_same_bits_alone_and_among_others() -> Result<()> {
+        let dev = Device::Cpu;
+        let (heads, width) = (2, 8);
+        let pool = Tensor::arange(0f32, 96., &dev)?
+            .affine(0.37, -5.0)?
+            .sin()?
+            .reshape((12, width))?;
+        let q = Tensor::arange(0f32, 24., &dev)?
+            .cos()?
+            .reshape((3, width))?;
+        // two caches: rows 0..6 and rows 6..12, in reverse order
+        let tables = Tensor::new(&[[0u32, 1, 2, 3, 4, 5], [11, 10, 9, 8, 7, 6]], &dev)?;
+        let run = |queries: &[[u32; 3]], window| -> Result<Vec<Vec<f32>>> {
+            let flat: Vec<u32> = queries.concat();
+            let queries = Tensor::from_vec(flat, (queries.len(), 3), &dev)?;
+            let keys = QueryKeys {
+                tables: &tables,
+                queries: &queries,
+                heads,
+                window,
+            };
+            attend_queries(&q, &pool, &pool, &keys)?.to_vec2::<f32>()
+        };
+        for window in [None, Some(2)] {
+            let alone = run(&[[1, 1, 5]], window)?;
+            let among = run(&[[0, 0, 6], [1, 1, 5], [2, 0, 1]], window)?;
+            assert_eq!(alone[0], among[1], "window {window:?}");
+        }
+        // one key: its value itself
+        let one = run(&[[2, 0, 1]], None)?;
+        assert_eq!(one[0], pool.get(0)?.to_vec1::<f32>()?);
+        // a window of 2 sees the last two keys: not what all keys give
+        assert_ne!(run(&[[0, 1, 6]], Some(2))?, run(&[[0, 1, 6]], None)?);
+        Ok(())
+    }
+}
