@@ -5,7 +5,8 @@ only (it runs on the GPU machine, which has no network). Prints one JSON line pe
 
     python3 bench/gpu/parity.py SERVER_BINARY tests/fixtures/tiny-gpt2-multiexit --dtype bf16
 """
-import argparse, concurrent.futures, json, os, socket, subprocess, sys, time, urllib.request
+import argparse, concurrent.futures, json, os, socket, subprocess, sys, tempfile, time
+import urllib.request
 
 ap = argparse.ArgumentParser()
 ap.add_argument("server")
@@ -19,9 +20,11 @@ reference = json.load(open(a.fixture.rstrip("/") + ".reference.json"))
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
+# The server's log goes to a file (a pipe nobody reads would fill and stall it).
+log = tempfile.TemporaryFile("w+")
 proc = subprocess.Popen([a.server, "--model", a.fixture, "--dtype", a.dtype, "--port", str(port),
                          "--max-batch-size", "128", *a.flags.split()],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                        stdout=subprocess.DEVNULL, stderr=log, text=True)
 base = f"http://127.0.0.1:{port}"
 
 
@@ -72,8 +75,13 @@ try:
             break
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
-                sys.exit(f"server did not start: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                sys.exit(f"server did not start: {log.read()[-2000:]}")
             time.sleep(0.5)
+    # which attention of single queries the server took (its start-up check's line)
+    log.seek(0)
+    kernel = [line.strip()[-300:] for line in log if "paged-attention" in line]
+    print(json.dumps({"fixture": name, "dtype": a.dtype, "query_kernel": kernel}), flush=True)
     cases = reference["cases"]
     for label in ["alone", "all_at_once"]:
         t = time.time()
