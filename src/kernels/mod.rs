@@ -1,5 +1,6 @@
 //! Every `unsafe` line of the project lives here: the hand-written SIMD and AMX kernels, the
-//! CPU feature probe that guards them, and the allocator tuning (`allocator.rs`).
+//! CPU feature probe that guards them, the allocator tuning (`allocator.rs`), and the launch of
+//! the one CUDA kernel of our own (`paged_attention.rs`, which checks every index it reads).
 //!
 //! Each public entry is safe to call on any CPU: the packed matmul is only reachable through
 //! `PackedWeight::pack*`, which refuse a CPU without the instructions; the vectorised loops

@@ -32,12 +32,15 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
 // q: (rows, heads * head_dim) float32, already scaled. pool_k, pool_v: (pool rows, heads *
 // head_dim). tables: (tables, keys): the pool row of each key position. queries: (n, 3): the
 // query's row of q, its table, and the end of its keys (its own position + 1). window: keys a
-// query sees (itself included), 0 for all. out: (n, heads * head_dim).
+// query sees (itself included), 0 for all. out: (n, heads * head_dim). Every index is checked
+// against its extent (q_rows, n_tables, keys, pool_rows): a bad one gives NaN, never a read
+// outside the operands.
 template <typename KV>
 __device__ void attend(const float* __restrict__ q, const KV* __restrict__ pool_k,
                        const KV* __restrict__ pool_v, const unsigned int* __restrict__ tables,
                        const unsigned int* __restrict__ queries, float* __restrict__ out,
-                       int heads, int head_dim, int keys, int window) {
+                       int heads, int head_dim, int keys, int window, unsigned int q_rows,
+                       unsigned int n_tables, unsigned int pool_rows) {
     extern __shared__ float shared[];
     float* qs = shared;             // head_dim
     float* scores = qs + head_dim;  // keys
@@ -47,15 +50,23 @@ __device__ void attend(const float* __restrict__ q, const KV* __restrict__ pool_
     const unsigned int* spec = queries + 3 * query;
     const unsigned int row = spec[0], end = spec[2];
     const unsigned int first = (window > 0 && end > (unsigned int)window) ? end - window : 0;
+    if (row >= q_rows || spec[1] >= n_tables || end > (unsigned int)keys || end == 0) {
+        for (int d = threadIdx.x; d < head_dim; d += THREADS)
+            out[(size_t)query * width + col + d] = __int_as_float(0x7fc00000);
+        return;
+    }
     const unsigned int* table = tables + (size_t)spec[1] * keys;
 
     for (int d = threadIdx.x; d < head_dim; d += THREADS) qs[d] = q[row * width + col + d];
     __syncthreads();
     float local = -__int_as_float(0x7f800000);
     for (unsigned int j = first + threadIdx.x; j < end; j += THREADS) {
-        const KV* k = pool_k + table[j] * width + col;
-        float s = 0.f;
-        for (int d = 0; d < head_dim; ++d) s += qs[d] * kv_load(k + d);
+        float s = __int_as_float(0x7fc00000);
+        if (table[j] < pool_rows) {
+            const KV* k = pool_k + table[j] * width + col;
+            s = 0.f;
+            for (int d = 0; d < head_dim; ++d) s += qs[d] * kv_load(k + d);
+        }
         scores[j] = s;
         local = fmaxf(local, s);
     }
@@ -70,7 +81,8 @@ __device__ void attend(const float* __restrict__ q, const KV* __restrict__ pool_
     for (int d = threadIdx.x; d < head_dim; d += THREADS) {
         float acc = 0.f;
         for (unsigned int j = first; j < end; ++j) {
-            acc += scores[j] * kv_load(pool_v + table[j] * width + col + d);
+            const unsigned int r = table[j] < pool_rows ? table[j] : 0;
+            acc += scores[j] * kv_load(pool_v + r * width + col + d);
         }
         out[(size_t)query * width + col + d] = acc / sum;
     }
@@ -79,14 +91,17 @@ __device__ void attend(const float* __restrict__ q, const KV* __restrict__ pool_
 extern "C" __global__ void __launch_bounds__(THREADS)
 paged_attention_f32(const float* q, const float* pool_k, const float* pool_v,
                     const unsigned int* tables, const unsigned int* queries, float* out,
-                    int heads, int head_dim, int keys, int window) {
-    attend<float>(q, pool_k, pool_v, tables, queries, out, heads, head_dim, keys, window);
+                    int heads, int head_dim, int keys, int window, unsigned int q_rows,
+                    unsigned int n_tables, unsigned int pool_rows) {
+    attend<float>(q, pool_k, pool_v, tables, queries, out, heads, head_dim, keys, window, q_rows,
+                  n_tables, pool_rows);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 paged_attention_bf16(const float* q, const unsigned short* pool_k, const unsigned short* pool_v,
                      const unsigned int* tables, const unsigned int* queries, float* out,
-                     int heads, int head_dim, int keys, int window) {
+                     int heads, int head_dim, int keys, int window, unsigned int q_rows,
+                     unsigned int n_tables, unsigned int pool_rows) {
     attend<unsigned short>(q, pool_k, pool_v, tables, queries, out, heads, head_dim, keys,
-                           window);
+                           window, q_rows, n_tables, pool_rows);
 }

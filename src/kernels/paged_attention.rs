@@ -99,6 +99,18 @@ impl CustomOp3 for PagedAttention {
         let q = &q.as_slice::<f32>()?[ql.start_offset()..];
         let tables = self.tables.flatten_all()?.to_vec1::<u32>()?;
         let queries = self.queries.flatten_all()?.to_vec1::<u32>()?;
+        // Every index within its operand (the CUDA kernel gives NaN for what this refuses).
+        let (q_rows, pool_rows) = (ql.shape().dims2()?.0, kl.shape().dims2()?.0);
+        let n_tables = self.tables.dims2()?.0;
+        let bad_query = queries.chunks_exact(3).any(|s| {
+            s[0] as usize >= q_rows
+                || s[1] as usize >= n_tables
+                || s[2] == 0
+                || s[2] as usize > keys
+        });
+        if bad_query || tables.iter().any(|&r| r as usize >= pool_rows) {
+            candle_core::bail!("paged attention: an index outside its operand");
+        }
         let mut out = vec![0f32; n * width];
         let (hd, window) = (width / self.heads, self.window);
         let run = |k: &(dyn Fn(usize) -> f32 + Sync),
@@ -237,6 +249,11 @@ mod cuda {
             tables: cuda_u32(&tables, t_at)?,
             queries: cuda_u32(&queries, q_at)?,
             ints: [heads as i32, head_dim as i32, keys as i32, op.window as i32],
+            extents: [
+                ql.shape().dims2()?.0 as u32,
+                op.tables.dims2()?.0 as u32,
+                k.1.shape().dims2()?.0 as u32,
+            ],
             cfg,
             len: n * width,
         };
@@ -254,6 +271,8 @@ mod cuda {
         queries: CudaView<'a, u32>,
         /// heads, head_dim, keys, window
         ints: [i32; 4],
+        /// q rows, tables, pool rows: what the kernel checks every index against
+        extents: [u32; 3],
         cfg: LaunchConfig,
         len: usize,
     }
@@ -277,8 +296,11 @@ mod cuda {
             for i in &a.ints {
                 b.arg(i);
             }
-            // SAFETY: the arguments match the kernel's signature; `check` bounded the
-            // extents, and every index comes from the pool's own block tables.
+            for e in &a.extents {
+                b.arg(e);
+            }
+            // SAFETY: the arguments match the kernel's signature, and the kernel checks every
+            // index against the extents it is given.
             unsafe { b.launch(a.cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
@@ -290,6 +312,20 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
+
+    #[test]
+    fn a_table_row_outside_the_pool_is_refused() -> Result<()> {
+        let dev = Device::Cpu;
+        let pool = Tensor::zeros((4, 4), candle_core::DType::F32, &dev)?;
+        let keys = QueryKeys {
+            tables: &Tensor::new(&[[0u32, 4]], &dev)?,
+            queries: &Tensor::new(&[[0u32, 0, 1]], &dev)?,
+            heads: 1,
+            window: None,
+        };
+        assert!(attend_queries(&pool, &pool, &pool, &keys).is_err());
+        Ok(())
+    }
 
     #[test]
     fn a_query_gets_the_same_bits_alone_and_among_others() -> Result<()> {
@@ -325,6 +361,10 @@ mod tests {
         assert_eq!(one[0], pool.get(0)?.to_vec1::<f32>()?);
         // a window of 2 sees the last two keys: not what all keys give
         assert_ne!(run(&[[0, 1, 6]], Some(2))?, run(&[[0, 1, 6]], None)?);
+        // indices outside their operands are refused: q row, table, end of keys
+        for bad in [[3, 0, 1], [0, 2, 1], [0, 0, 7], [0, 0, 0]] {
+            assert!(run(&[bad], None).is_err(), "{bad:?}");
+        }
         Ok(())
     }
 }
