@@ -105,3 +105,40 @@ paged_attention_bf16(const float* q, const unsigned short* pool_k, const unsigne
     attend<unsigned short>(q, pool_k, pool_v, tables, queries, out, heads, head_dim, keys,
                            window, q_rows, n_tables, pool_rows);
 }
+
+// float32 -> bfloat16 bits, rounding to nearest even (NaN stays a quiet NaN), as candle's
+// conversion rounds.
+__device__ __forceinline__ unsigned short to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+__device__ __forceinline__ void kv_store(float* p, float f) { *p = f; }
+__device__ __forceinline__ void kv_store(unsigned short* p, float f) { *p = to_bf16(f); }
+
+// Writes row i of src (rows of `width` floats, `src_stride` apart: a view of the q/k/v
+// projection) to pool row rows[i]: a step's keys or values into the cache, in one launch
+// and without a contiguous copy. A row index outside the pool writes nothing.
+template <typename KV>
+__device__ void store(const float* __restrict__ src, const unsigned int* __restrict__ rows,
+                      KV* __restrict__ pool, int width, int src_stride, unsigned int pool_rows) {
+    const unsigned int i = blockIdx.x, r = rows[i];
+    if (r >= pool_rows) return;
+    for (int c = threadIdx.x; c < width; c += THREADS) {
+        kv_store(pool + (size_t)r * width + c, src[(size_t)i * src_stride + c]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+store_rows_f32(const float* src, const unsigned int* rows, float* pool, int width,
+               int src_stride, unsigned int pool_rows) {
+    store<float>(src, rows, pool, width, src_stride, pool_rows);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+store_rows_bf16(const float* src, const unsigned int* rows, unsigned short* pool, int width,
+                int src_stride, unsigned int pool_rows) {
+    store<unsigned short>(src, rows, pool, width, src_stride, pool_rows);
+}

@@ -175,6 +175,91 @@ impl CustomOp3 for PagedAttention {
     }
 }
 
+/// Writes row i of `src` `(n, width)` float32 (rows may lie apart, as in a view of the q/k/v
+/// projection; columns contiguous) to row `rows[i]` of `pool` `(pool rows, width)` (float32,
+/// or bfloat16 rounded to nearest even as candle rounds): a step's keys or values into the
+/// cache, one launch on a GPU and no contiguous copy. Rows outside the pool are refused (on a
+/// GPU, not written).
+pub fn store_rows(pool: &Tensor, src: &Tensor, rows: &Tensor) -> Result<()> {
+    if rows.dtype() != DType::U32 || rows.rank() != 1 || rows.dim(0)? != src.dim(0)? {
+        candle_core::bail!("store rows: one u32 row index per source row");
+    }
+    if src.dtype() != DType::F32 {
+        candle_core::bail!("store rows: a float32 source");
+    }
+    pool.inplace_op2(
+        src,
+        &StoreRows {
+            rows: rows.contiguous()?,
+        },
+    )
+}
+
+struct StoreRows {
+    rows: Tensor,
+}
+
+impl StoreRows {
+    /// `(n, width, src row stride)`, once the layouts are what the kernels read.
+    fn check(&self, pool: &Layout, src: &Layout) -> Result<(usize, usize, usize)> {
+        let (_, width) = pool.shape().dims2()?;
+        let (n, src_width) = src.shape().dims2()?;
+        if !pool.is_contiguous() || src_width != width || src.stride()[1] != 1 {
+            candle_core::bail!("store rows: a contiguous pool and rows of its width");
+        }
+        Ok((n, width, src.stride()[0]))
+    }
+}
+
+impl candle_core::InplaceOp2 for StoreRows {
+    fn name(&self) -> &'static str {
+        "store-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        pool: &mut CpuStorage,
+        pl: &Layout,
+        src: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        let (n, width, stride) = self.check(pl, sl)?;
+        let rows = self.rows.to_vec1::<u32>()?;
+        let src = &src.as_slice::<f32>()?[sl.start_offset()..];
+        let pool_rows = pl.shape().dims2()?.0;
+        if rows.iter().any(|&r| r as usize >= pool_rows) {
+            candle_core::bail!("store rows: a row outside the pool");
+        }
+        let at = pl.start_offset();
+        for (i, &r) in rows.iter().enumerate().take(n) {
+            let from = &src[i * stride..][..width];
+            let to = at + r as usize * width;
+            match pool {
+                CpuStorage::F32(p) => p[to..to + width].copy_from_slice(from),
+                CpuStorage::BF16(p) => {
+                    for (d, &x) in p[to..to + width].iter_mut().zip(from) {
+                        *d = bf16::from_f32(x);
+                    }
+                }
+                _ => candle_core::bail!("store rows: a float32 or bfloat16 pool"),
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        pool: &mut candle_core::CudaStorage,
+        pl: &Layout,
+        src: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        let dims = self.check(pl, sl)?;
+        cuda::store(&self.rows, (pool, pl), (src, sl), dims)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::OnceLock;
@@ -305,6 +390,48 @@ mod cuda {
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
+
+    pub(super) fn store(
+        rows: &Tensor,
+        (pool, pl): (&mut CudaStorage, &Layout),
+        (src, sl): (&CudaStorage, &Layout),
+        (n, width, stride): (usize, usize, usize),
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = pool.device().clone();
+        let (rows_storage, rows_at) = u32_storage(rows)?;
+        let rows = cuda_u32(&rows_storage, rows_at)?;
+        let src = src.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ints = [width as i32, stride as i32];
+        let pool_rows = pl.shape().dims2()?.0 as u32;
+        let at = pl.start_offset();
+        macro_rules! launch {
+            ($t:ty, $name:literal) => {{
+                let func =
+                    dev.get_or_load_custom_func($name, "exitserve_paged_attention", ptx()?)?;
+                let mut dst = pool.as_cuda_slice_mut::<$t>()?.slice_mut(at..);
+                let mut b = func.builder();
+                b.arg(&src).arg(&rows).arg(&mut dst);
+                b.arg(&ints[0]).arg(&ints[1]).arg(&pool_rows);
+                // SAFETY: the arguments match the kernel's signature; it writes only rows
+                // within `pool_rows` and reads `n` rows of `src`, which `check` bounded.
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match pool.dtype() {
+            DType::F32 => launch!(f32, "store_rows_f32"),
+            DType::BF16 => launch!(bf16, "store_rows_bf16"),
+            d => candle_core::bail!("store rows: a {d:?} pool"),
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +439,27 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
+
+    #[test]
+    fn stored_rows_are_what_a_scatter_of_the_converted_rows_writes() -> Result<()> {
+        let dev = Device::Cpu;
+        // a view of every other 4 columns of a (3, 8) matrix: rows 8 apart
+        let full = Tensor::arange(0f32, 24., &dev)?.affine(1.37, -9.1)?.exp()?;
+        let src = full.reshape((3, 8))?.narrow(1, 4, 4)?;
+        let rows = Tensor::new(&[5u32, 0, 2], &dev)?;
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+            let pool = Tensor::zeros((6, 4), dtype, &dev)?;
+            store_rows(&pool, &src, &rows)?;
+            let want = Tensor::zeros((6, 4), dtype, &dev)?;
+            let index = rows.reshape((3, 1))?.broadcast_as((3, 4))?.contiguous()?;
+            want.scatter_set(&index, &src.to_dtype(dtype)?.contiguous()?, 0)?;
+            let bits = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>();
+            assert_eq!(bits(&pool)?, bits(&want)?, "{dtype:?}");
+        }
+        let pool = Tensor::zeros((2, 4), candle_core::DType::F32, &dev)?;
+        assert!(store_rows(&pool, &src, &rows).is_err(), "row 5 of 2");
+        Ok(())
+    }
 
     #[test]
     fn a_table_row_outside_the_pool_is_refused() -> Result<()> {

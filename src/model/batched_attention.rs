@@ -15,10 +15,12 @@
 //! of segments and the forward pass keeps it ([`Plans`]), so a layer builds nothing on the
 //! host and uploads nothing (on a GPU each upload is a copy queued among the launches).
 //!
-//! The rows attended query by query — decode rows and the positions of a verifying pass —
-//! go through one fused operation, `kernels::paged_attention` (one launch per layer on a GPU,
-//! reading keys and values where they lie), when it equals this file's tensor ops at start-up
-//! ([`check_query_kernel`]); the tensor ops remain its oracle and the path of prompt chunks.
+//! Fused (`kernels::paged_attention`), when it equals this file's tensor ops at start-up
+//! ([`check_fused_attention`]): the rows attended query by query — decode rows and the
+//! positions of a verifying pass — attend in one operation (one launch per layer on a GPU,
+//! reading keys and values where they lie), and the step's keys and values go into the pool
+//! straight from the q/k/v projection (one launch each, no contiguous copies). The tensor ops
+//! remain its oracle and the path of prompt chunks.
 
 use std::sync::Arc;
 
@@ -27,7 +29,7 @@ use candle_core::{DType, Device, Tensor};
 use super::kv_cache::KvCache;
 use super::kv_pool::{row_index, row_of, KvPool};
 use super::step::Segment;
-use crate::kernels::paged_attention::{attend_queries, QueryKeys};
+use crate::kernels::paged_attention::{attend_queries, store_rows, QueryKeys};
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Geometry {
@@ -65,8 +67,9 @@ impl Member {
 /// change only where sequences leave at their depth or exit early).
 pub(super) struct Plans {
     plans: Vec<Plan>,
-    /// Rows attended query by query go through `kernels::paged_attention`.
-    query_kernel: bool,
+    /// `kernels::paged_attention` writes the keys and values and attends the rows attended
+    /// query by query.
+    fused: bool,
 }
 
 /// Plans kept at once: a pass meets a new set of segments at each depth some sequence stops
@@ -74,10 +77,10 @@ pub(super) struct Plans {
 const KEPT_PLANS: usize = 4;
 
 impl Plans {
-    pub fn new(query_kernel: bool) -> Self {
+    pub fn new(fused: bool) -> Self {
         Self {
             plans: Vec::new(),
-            query_kernel,
+            fused,
         }
     }
 
@@ -120,8 +123,8 @@ impl Plans {
                     self.plans.remove(0);
                 }
                 let tables = tables(segments);
-                let plan = Plan::new(pool, members, &tables, width, device)?;
-                self.plans.push(plan.with_query_kernel(self.query_kernel));
+                let plan = Plan::new(pool, members, &tables, width, device, self.fused)?;
+                self.plans.push(plan);
                 self.plans.len() - 1
             }
         };
@@ -142,12 +145,14 @@ struct Plan {
     members: Vec<Member>,
     pool: Arc<KvPool>,
     rows: usize,
-    /// `(rows, width)`: the pool row each step row's keys and values go to.
-    scatter: Tensor,
+    /// Where each step row's keys and values go: the pool rows `(rows)` for
+    /// `kernels::paged_attention::store_rows` when fused, else `scatter_set`'s index `(rows,
+    /// width)`.
+    written: Tensor,
     /// The gathers, made when a layer first attends (a pass that only writes, for the
     /// blocks an early-exited position skipped, needs none).
     groups: Option<Groups>,
-    query_kernel: bool,
+    fused: bool,
 }
 
 struct Groups {
@@ -163,6 +168,7 @@ impl Plan {
         tables: &[&[u32]],
         width: usize,
         device: &Device,
+        fused: bool,
     ) -> candle_core::Result<Self> {
         let rows = members.iter().map(|m| m.len).sum::<usize>();
         let written: Vec<u32> = members
@@ -171,20 +177,17 @@ impl Plan {
             .flat_map(|(m, t)| (m.offset..m.offset + m.len).map(|p| row_of(t, p)))
             .collect();
         Ok(Self {
-            scatter: row_index(&written, width, device)?,
+            written: if fused {
+                Tensor::new(written.as_slice(), device)?
+            } else {
+                row_index(&written, width, device)?
+            },
             members,
             pool,
             rows,
             groups: None,
-            query_kernel: false,
+            fused,
         })
-    }
-
-    fn with_query_kernel(self, query_kernel: bool) -> Self {
-        Self {
-            query_kernel,
-            ..self
-        }
     }
 
     /// The groups of the plan's members (`segments`, which it was made for), made on first
@@ -196,12 +199,7 @@ impl Plan {
     ) -> candle_core::Result<&mut Groups> {
         if self.groups.is_none() {
             let tables = tables(segments);
-            self.groups = Some(Groups::new(
-                &self.members,
-                &tables,
-                device,
-                self.query_kernel,
-            )?);
+            self.groups = Some(Groups::new(&self.members, &tables, device, self.fused)?);
         }
         Ok(self.groups.as_mut().expect("made above"))
     }
@@ -213,17 +211,14 @@ impl Plan {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<()> {
+        let (k, v) = (k.narrow(0, 0, self.rows)?, v.narrow(0, 0, self.rows)?);
+        if self.fused {
+            store_rows(pool_k, &k, &self.written)?;
+            return store_rows(pool_v, &v, &self.written);
+        }
         let kv_dtype = self.pool.dtype();
-        let rows_k = k
-            .narrow(0, 0, self.rows)?
-            .to_dtype(kv_dtype)?
-            .contiguous()?;
-        let rows_v = v
-            .narrow(0, 0, self.rows)?
-            .to_dtype(kv_dtype)?
-            .contiguous()?;
-        pool_k.scatter_set(&self.scatter, &rows_k, 0)?;
-        pool_v.scatter_set(&self.scatter, &rows_v, 0)
+        pool_k.scatter_set(&self.written, &k.to_dtype(kv_dtype)?.contiguous()?, 0)?;
+        pool_v.scatter_set(&self.written, &v.to_dtype(kv_dtype)?.contiguous()?, 0)
     }
 }
 
@@ -240,12 +235,12 @@ impl Groups {
         members: &[Member],
         tables: &[&[u32]],
         device: &Device,
-        query_kernel: bool,
+        fused: bool,
     ) -> candle_core::Result<Self> {
         // Rows attended query by query together; each prompt chunk alone. Without the query
         // kernel: decode rows together, each longer segment alone.
         let together = |m: &Member| {
-            if query_kernel {
+            if fused {
                 m.by_query()
             } else {
                 m.len == 1
@@ -261,7 +256,7 @@ impl Groups {
         for g in grouped {
             let parts: Vec<(Member, &[u32])> = g.iter().map(|&i| (members[i], tables[i])).collect();
             order.extend(parts.iter().flat_map(|(m, _)| m.start..m.start + m.len));
-            groups.push(if query_kernel && parts[0].0.by_query() {
+            groups.push(if fused && parts[0].0.by_query() {
                 query_group(&parts, device)?
             } else {
                 Kind::Ops(Group::new(&parts, device)?)
@@ -500,12 +495,13 @@ pub(super) fn write(
     plan.scatter((&pool_k, &pool_v), k, v)
 }
 
-/// How far `kernels::paged_attention` lies from this file's tensor ops (the largest absolute
-/// difference of their outputs), on a small pool on `device` holding `kv_dtype`: decode rows
-/// of caches of several lengths and a verifying pass, on a global layer and a local one. The
-/// model takes the kernel only where this is within [`QUERY_KERNEL_TOLERANCE`] (a GPU whose
-/// kernel could not compile or computes otherwise keeps the tensor ops).
-pub(super) fn check_query_kernel(device: &Device, kv_dtype: DType) -> candle_core::Result<f32> {
+/// How far the fused path (`kernels::paged_attention`: its writes and its attention) lies from
+/// this file's tensor ops (the largest absolute difference of their outputs), on a small pool
+/// on `device` holding `kv_dtype`: decode rows of caches of several lengths and a verifying
+/// pass, on a global layer and a local one. The model fuses only where this is within
+/// [`FUSED_TOLERANCE`] (a GPU whose kernels could not compile or compute otherwise keeps the
+/// tensor ops).
+pub(super) fn check_fused_attention(device: &Device, kv_dtype: DType) -> candle_core::Result<f32> {
     let (heads, head_dim) = (4, 64);
     let width = heads * head_dim;
     let pool = KvPool::new(1, width, kv_dtype, device.clone());
@@ -543,7 +539,9 @@ pub(super) fn check_query_kernel(device: &Device, kv_dtype: DType) -> candle_cor
             window,
         };
         let mut outs = Vec::new();
-        for kernel in [false, true] {
+        // Fused first: its writes of the step's keys and values must be what it then reads
+        // (the tensor ops' run after it writes them again, the same).
+        for fused in [true, false] {
             let [a, b, c] = &mut caches[..] else {
                 unreachable!("three caches")
             };
@@ -562,7 +560,7 @@ pub(super) fn check_query_kernel(device: &Device, kv_dtype: DType) -> candle_cor
                 &v,
                 &mut segments,
                 0,
-                &mut Plans::new(kernel),
+                &mut Plans::new(fused),
             )?);
         }
         let diff = (&outs[0] - &outs[1])?.abs()?.flatten_all()?.max(0)?;
@@ -571,8 +569,8 @@ pub(super) fn check_query_kernel(device: &Device, kv_dtype: DType) -> candle_cor
     Ok(worst)
 }
 
-/// How far the query kernel may lie from the tensor ops (float32 sums in another order).
-pub(super) const QUERY_KERNEL_TOLERANCE: f32 = 1e-4;
+/// How far the fused path may lie from the tensor ops (float32 sums in another order).
+pub(super) const FUSED_TOLERANCE: f32 = 1e-4;
 
 #[cfg(test)]
 mod tests {
@@ -651,9 +649,9 @@ mod tests {
     }
 
     #[test]
-    fn the_query_kernel_equals_the_tensor_ops() -> candle_core::Result<()> {
+    fn the_fused_equals_the_tensor_ops() -> candle_core::Result<()> {
         for dtype in [DType::F32, DType::BF16] {
-            let diff = check_query_kernel(&Device::Cpu, dtype)?;
+            let diff = check_fused_attention(&Device::Cpu, dtype)?;
             assert!(diff <= 1e-5, "{dtype:?}: {diff}");
         }
         Ok(())

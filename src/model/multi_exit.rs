@@ -45,9 +45,9 @@ pub struct MultiExitModel {
     /// The paged store of the batched attention path; None: the CPU's attention kernels on
     /// per-sequence buffers.
     kv_pool: Option<Arc<KvPool>>,
-    /// On the batched path, rows attended query by query take `kernels::paged_attention`
-    /// (checked against the tensor ops at start-up).
-    query_kernel: bool,
+    /// On the batched path, `kernels::paged_attention` writes the keys and values and attends
+    /// the rows attended query by query (checked against the tensor ops at start-up).
+    fused_attention: bool,
     pub stats: ForwardStats,
 }
 
@@ -139,9 +139,10 @@ impl MultiExitModel {
         )?;
         let kv_pool = (batched_attention || !device.is_cpu())
             .then(|| KvPool::new(cfg.num_layers, h, wdtype.kv_dtype(), device.clone()));
-        let query_kernel = kv_pool.is_some() && query_kernel_holds(&device, wdtype.kv_dtype());
+        let fused_attention =
+            kv_pool.is_some() && fused_attention_holds(&device, wdtype.kv_dtype());
         Ok(Self {
-            query_kernel,
+            fused_attention,
             device,
             kv_pool,
             kv_dtype: wdtype.kv_dtype(),
@@ -375,7 +376,7 @@ impl MultiExitModel {
             let mut rows = view(&alive, &row_in_x);
             // The batched attention path's layout of each set of segments, made once for
             // every layer.
-            let mut plans = Plans::new(self.query_kernel);
+            let mut plans = Plans::new(self.fused_attention);
             let mut copies = HeadCopies::new(self.cfg.vocab_size, self.kv_pool.is_some());
             // heads on the embeddings' output (DoLa's layer 0)
             self.eval_heads(
@@ -656,27 +657,27 @@ impl HeadCopies {
     }
 }
 
-/// Whether the fused query kernel computes what the tensor ops do on `device` (logged either
-/// way: a GPU whose kernel fails keeps the slower tensor ops and says so).
-fn query_kernel_holds(device: &Device, kv_dtype: DType) -> bool {
-    match batched_attention::check_query_kernel(device, kv_dtype) {
-        Ok(diff) if diff <= batched_attention::QUERY_KERNEL_TOLERANCE => {
+/// Whether the fused paged-attention kernels compute what the tensor ops do on `device`
+/// (logged either way: a GPU whose kernels fail keeps the slower tensor ops and says so).
+fn fused_attention_holds(device: &Device, kv_dtype: DType) -> bool {
+    match batched_attention::check_fused_attention(device, kv_dtype) {
+        Ok(diff) if diff <= batched_attention::FUSED_TOLERANCE => {
             tracing::info!(
                 max_difference = diff,
-                "attention of single queries: the fused paged-attention kernel"
+                "batched attention: the fused paged-attention kernels"
             );
             true
         }
         Ok(diff) => {
             tracing::error!(
                 max_difference = diff,
-                tolerance = batched_attention::QUERY_KERNEL_TOLERANCE,
-                "the fused paged-attention kernel differs from the tensor ops: not used"
+                tolerance = batched_attention::FUSED_TOLERANCE,
+                "the fused paged-attention kernels differ from the tensor ops: not used"
             );
             false
         }
         Err(e) => {
-            tracing::error!(error = %e, "the fused paged-attention kernel failed: not used");
+            tracing::error!(error = %e, "the fused paged-attention kernels failed: not used");
             false
         }
     }
