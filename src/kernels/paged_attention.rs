@@ -81,6 +81,72 @@ fn first_key(end: usize, window: usize) -> usize {
     }
 }
 
+/// A pool element read as float32.
+trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for bf16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// What the CPU version reads besides the operands (checked by `cpu_fwd`).
+struct Indices<'a> {
+    tables: &'a [u32],
+    queries: &'a [u32],
+    width: usize,
+    head_dim: usize,
+    keys: usize,
+    window: usize,
+}
+
+/// The kernel's arithmetic on the CPU, query by query over the cores: per head the scores in
+/// key order, their softmax, and each output column summed over the keys in key order.
+fn attend_cpu<T: Widen>(q: &[f32], k: &[T], v: &[T], ix: &Indices<'_>, out: &mut [f32]) {
+    let (width, hd) = (ix.width, ix.head_dim);
+    out.par_chunks_mut(width).enumerate().for_each(|(i, out)| {
+        let spec = &ix.queries[3 * i..3 * i + 3];
+        let (row, end) = (spec[0] as usize, spec[2] as usize);
+        let table = &ix.tables[spec[1] as usize * ix.keys..][..ix.keys];
+        let first = first_key(end, ix.window);
+        let seen = &table[first..end];
+        let mut scores = vec![0f32; seen.len()];
+        let mut acc = vec![0f32; hd];
+        for (h, out) in out.chunks_exact_mut(hd).enumerate() {
+            let qh = &q[row * width + h * hd..][..hd];
+            let mut m = f32::NEG_INFINITY;
+            for (s, &r) in scores.iter_mut().zip(seen) {
+                let kr = &k[r as usize * width + h * hd..][..hd];
+                *s = qh.iter().zip(kr).map(|(a, b)| a * b.widen()).sum();
+                m = m.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - m).exp();
+                sum += *s;
+            }
+            acc.fill(0.0);
+            for (s, &r) in scores.iter().zip(seen) {
+                let vr = &v[r as usize * width + h * hd..][..hd];
+                for (a, x) in acc.iter_mut().zip(vr) {
+                    *a += s * x.widen();
+                }
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = a / sum;
+            }
+        }
+    })
+}
+
 impl CustomOp3 for PagedAttention {
     fn name(&self) -> &'static str {
         "paged-attention"
@@ -112,48 +178,22 @@ impl CustomOp3 for PagedAttention {
             candle_core::bail!("paged attention: an index outside its operand");
         }
         let mut out = vec![0f32; n * width];
-        let (hd, window) = (width / self.heads, self.window);
-        let run = |k: &(dyn Fn(usize) -> f32 + Sync),
-                   v: &(dyn Fn(usize) -> f32 + Sync),
-                   out: &mut [f32]| {
-            out.par_chunks_mut(width).enumerate().for_each(|(i, out)| {
-                let spec = &queries[3 * i..3 * i + 3];
-                let (row, end) = (spec[0] as usize, spec[2] as usize);
-                let table = &tables[spec[1] as usize * keys..][..keys];
-                let first = first_key(end, window);
-                let mut scores = vec![0f32; end - first];
-                for (h, out) in out.chunks_exact_mut(hd).enumerate() {
-                    let qh = &q[row * width + h * hd..][..hd];
-                    let mut m = f32::NEG_INFINITY;
-                    for (s, &r) in scores.iter_mut().zip(&table[first..end]) {
-                        let at = r as usize * width + h * hd;
-                        *s = (0..hd).map(|d| qh[d] * k(at + d)).sum();
-                        m = m.max(*s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - m).exp();
-                        sum += *s;
-                    }
-                    for (d, o) in out.iter_mut().enumerate() {
-                        let acc: f32 = scores
-                            .iter()
-                            .zip(&table[first..end])
-                            .map(|(s, &r)| s * v(r as usize * width + h * hd + d))
-                            .sum();
-                        *o = acc / sum;
-                    }
-                }
-            })
+        let ix = Indices {
+            tables: &tables,
+            queries: &queries,
+            width,
+            head_dim: width / self.heads,
+            keys,
+            window: self.window,
         };
         match (k, v) {
             (CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 let (k, v) = (&k[kl.start_offset()..], &v[vl.start_offset()..]);
-                run(&|i| k[i], &|i| v[i], &mut out);
+                attend_cpu(q, k, v, &ix, &mut out);
             }
             (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
                 let (k, v) = (&k[kl.start_offset()..], &v[vl.start_offset()..]);
-                run(&|i| bf16::to_f32(k[i]), &|i| bf16::to_f32(v[i]), &mut out);
+                attend_cpu(q, k, v, &ix, &mut out);
             }
             _ => candle_core::bail!("paged attention: a float32 or bfloat16 pool"),
         }
