@@ -12,6 +12,11 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+/// Keys a query may see: its scores live in the GPU block's shared memory (48 KiB with the
+/// query). Longer caches take the tensor ops (every released GPT-2 and GPT-Neo shape sees at
+/// most 2048).
+pub const MAX_KEYS: usize = 8192;
+
 /// The queries of one launch: `tables` `(t, keys)` u32 gives the pool row of each key
 /// position of each cache; `queries` `(n, 3)` u32 gives each query's row of q, its table and
 /// the end of its keys (its position + 1); `window` the keys a query sees (itself included),
@@ -56,6 +61,9 @@ impl PagedAttention {
         let (_, keys) = self.tables.dims2()?;
         if three != 3 || self.tables.dtype() != DType::U32 || self.queries.dtype() != DType::U32 {
             candle_core::bail!("paged attention: tables and queries must be u32, queries (n, 3)");
+        }
+        if keys > MAX_KEYS {
+            candle_core::bail!("paged attention: {keys} keys, past {MAX_KEYS}");
         }
         if self.heads == 0 || !width.is_multiple_of(self.heads) {
             candle_core::bail!("paged attention: width {width} over {} heads", self.heads);
@@ -359,7 +367,7 @@ mod cuda {
         let dev = q.device();
         let (heads, head_dim) = (op.heads, width / op.heads);
         let shared = (head_dim + keys + THREADS as usize / 32) * std::mem::size_of::<f32>();
-        if shared > 48 << 10 {
+        if keys > super::MAX_KEYS || shared > 48 << 10 {
             candle_core::bail!("paged attention: {keys} keys exceed the kernel's shared memory");
         }
         let cfg = LaunchConfig {

@@ -29,7 +29,7 @@ use candle_core::{DType, Device, Tensor};
 use super::kv_cache::KvCache;
 use super::kv_pool::{row_index, row_of, KvPool};
 use super::step::Segment;
-use crate::kernels::paged_attention::{attend_queries, store_rows, QueryKeys};
+use crate::kernels::paged_attention::{self, attend_queries, store_rows, QueryKeys};
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Geometry {
@@ -237,8 +237,9 @@ impl Groups {
         device: &Device,
         fused: bool,
     ) -> candle_core::Result<Self> {
-        // Rows attended query by query together; each prompt chunk alone. Without the query
-        // kernel: decode rows together, each longer segment alone.
+        // Fused: rows attended query by query together; each prompt chunk alone. Else (and
+        // past the kernel's keys): decode rows together, each longer segment alone.
+        let fused = fused && fits_the_kernel(members);
         let together = |m: &Member| {
             if fused {
                 m.by_query()
@@ -274,6 +275,13 @@ impl Groups {
         };
         Ok(Self { groups, inverse })
     }
+}
+
+/// Whether every member's keys fit `kernels::paged_attention`.
+fn fits_the_kernel(members: &[Member]) -> bool {
+    members
+        .iter()
+        .all(|m| m.offset + m.len <= paged_attention::MAX_KEYS)
 }
 
 /// The kernel's view of rows attended query by query: each member's block table as pool
@@ -654,6 +662,25 @@ mod tests {
             let diff = check_fused_attention(&Device::Cpu, dtype)?;
             assert!(diff <= 1e-5, "{dtype:?}: {diff}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn caches_past_the_kernels_keys_take_the_tensor_ops() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let g = Geometry {
+            heads: 1,
+            head_dim: 2,
+            window: None,
+        };
+        let pool = KvPool::new(1, 2, DType::F32, dev.clone());
+        let mut long = KvCache::paged(pool, paged_attention::MAX_KEYS + 8);
+        long.reserve(paged_attention::MAX_KEYS + 1)?;
+        long.advance(paged_attention::MAX_KEYS);
+        let x = Tensor::ones((1, 2), DType::F32, &dev)?;
+        let mut segs = [segment(&mut long, 0, 1)];
+        let out = attend(g, &x, &x, &x, &mut segs, 0, &mut Plans::new(true))?;
+        assert_eq!(out.dims(), &[1, 2]);
         Ok(())
     }
 }
