@@ -29,7 +29,8 @@ __device__ float block_reduce(float v, float* red, bool is_max) {
     return v;
 }
 
-// q: (rows, heads * head_dim) float32, already scaled. pool_k, pool_v: (pool rows, heads *
+// q: (rows, heads * head_dim) float32, rows q_stride apart, multiplied by `scale` as it is
+// read. pool_k, pool_v: (pool rows, heads *
 // head_dim). tables: (tables, keys): the pool row of each key position. queries: (n, 3): the
 // query's row of q, its table, and the end of its keys (its own position + 1). window: keys a
 // query sees (itself included), 0 for all. out: (n, heads * head_dim). Every index is checked
@@ -39,8 +40,9 @@ template <typename KV>
 __device__ void attend(const float* __restrict__ q, const KV* __restrict__ pool_k,
                        const KV* __restrict__ pool_v, const unsigned int* __restrict__ tables,
                        const unsigned int* __restrict__ queries, float* __restrict__ out,
-                       int heads, int head_dim, int keys, int window, unsigned int q_rows,
-                       unsigned int n_tables, unsigned int pool_rows) {
+                       int heads, int head_dim, int keys, int window, int q_stride,
+                       float scale, unsigned int q_rows, unsigned int n_tables,
+                       unsigned int pool_rows) {
     extern __shared__ float shared[];
     float* qs = shared;             // head_dim
     float* scores = qs + head_dim;  // keys
@@ -57,7 +59,9 @@ __device__ void attend(const float* __restrict__ q, const KV* __restrict__ pool_
     }
     const unsigned int* table = tables + (size_t)spec[1] * keys;
 
-    for (int d = threadIdx.x; d < head_dim; d += THREADS) qs[d] = q[row * width + col + d];
+    for (int d = threadIdx.x; d < head_dim; d += THREADS) {
+        qs[d] = q[(size_t)row * q_stride + col + d] * scale;
+    }
     __syncthreads();
     float local = -__int_as_float(0x7f800000);
     for (unsigned int j = first + threadIdx.x; j < end; j += THREADS) {
@@ -91,19 +95,20 @@ __device__ void attend(const float* __restrict__ q, const KV* __restrict__ pool_
 extern "C" __global__ void __launch_bounds__(THREADS)
 paged_attention_f32(const float* q, const float* pool_k, const float* pool_v,
                     const unsigned int* tables, const unsigned int* queries, float* out,
-                    int heads, int head_dim, int keys, int window, unsigned int q_rows,
-                    unsigned int n_tables, unsigned int pool_rows) {
-    attend<float>(q, pool_k, pool_v, tables, queries, out, heads, head_dim, keys, window, q_rows,
-                  n_tables, pool_rows);
+                    int heads, int head_dim, int keys, int window, int q_stride, float scale,
+                    unsigned int q_rows, unsigned int n_tables, unsigned int pool_rows) {
+    attend<float>(q, pool_k, pool_v, tables, queries, out, heads, head_dim, keys, window,
+                  q_stride, scale, q_rows, n_tables, pool_rows);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 paged_attention_bf16(const float* q, const unsigned short* pool_k, const unsigned short* pool_v,
                      const unsigned int* tables, const unsigned int* queries, float* out,
-                     int heads, int head_dim, int keys, int window, unsigned int q_rows,
-                     unsigned int n_tables, unsigned int pool_rows) {
+                     int heads, int head_dim, int keys, int window, int q_stride,
+                     float scale, unsigned int q_rows, unsigned int n_tables,
+                     unsigned int pool_rows) {
     attend<unsigned short>(q, pool_k, pool_v, tables, queries, out, heads, head_dim, keys,
-                           window, q_rows, n_tables, pool_rows);
+                           window, q_stride, scale, q_rows, n_tables, pool_rows);
 }
 
 // float32 -> bfloat16 bits, rounding to nearest even (NaN stays a quiet NaN), as candle's

@@ -20,17 +20,18 @@ pub const MAX_KEYS: usize = 8192;
 /// The queries of one launch: `tables` `(t, keys)` u32 gives the pool row of each key
 /// position of each cache; `queries` `(n, 3)` u32 gives each query's row of q, its table and
 /// the end of its keys (its position + 1); `window` the keys a query sees (itself included),
-/// None for all earlier ones.
+/// None for all earlier ones; `scale` what q is multiplied by as it is read (so every score).
 pub struct QueryKeys<'a> {
     pub tables: &'a Tensor,
     pub queries: &'a Tensor,
     pub heads: usize,
     pub window: Option<usize>,
+    pub scale: f32,
 }
 
-/// `q` `(rows, heads * head_dim)` float32 (already scaled) against `pool_k`, `pool_v`
-/// `(pool rows, heads * head_dim)` (float32 or bfloat16): `(n, heads * head_dim)` float32,
-/// row i the attention of query i.
+/// `q` `(rows, heads * head_dim)` float32 (rows may lie apart, as in a view of the q/k/v
+/// projection; columns contiguous) against `pool_k`, `pool_v` `(pool rows, heads * head_dim)`
+/// (float32 or bfloat16): `(n, heads * head_dim)` float32, row i the attention of query i.
 pub fn attend_queries(
     q: &Tensor,
     pool_k: &Tensor,
@@ -42,8 +43,9 @@ pub fn attend_queries(
         queries: keys.queries.contiguous()?,
         heads: keys.heads,
         window: keys.window.unwrap_or(0),
+        scale: keys.scale,
     };
-    q.contiguous()?.apply_op3_no_bwd(pool_k, pool_v, &op)
+    q.apply_op3_no_bwd(pool_k, pool_v, &op)
 }
 
 struct PagedAttention {
@@ -52,6 +54,7 @@ struct PagedAttention {
     heads: usize,
     /// 0: no window.
     window: usize,
+    scale: f32,
 }
 
 impl PagedAttention {
@@ -68,10 +71,8 @@ impl PagedAttention {
         if self.heads == 0 || !width.is_multiple_of(self.heads) {
             candle_core::bail!("paged attention: width {width} over {} heads", self.heads);
         }
-        for l in [q, k, v] {
-            if !l.is_contiguous() {
-                candle_core::bail!("paged attention: operands must be contiguous");
-            }
+        if !k.is_contiguous() || !v.is_contiguous() || q.stride()[1] != 1 {
+            candle_core::bail!("paged attention: contiguous pools and rows of q");
         }
         if k.shape().dims2()?.1 != width || v.shape() != k.shape() {
             candle_core::bail!("paged attention: pool of another width than q");
@@ -114,6 +115,8 @@ struct Indices<'a> {
     head_dim: usize,
     keys: usize,
     window: usize,
+    q_stride: usize,
+    scale: f32,
 }
 
 /// The kernel's arithmetic on the CPU, query by query over the cores: per head the scores in
@@ -128,8 +131,11 @@ fn attend_cpu<T: Widen>(q: &[f32], k: &[T], v: &[T], ix: &Indices<'_>, out: &mut
         let seen = &table[first..end];
         let mut scores = vec![0f32; seen.len()];
         let mut acc = vec![0f32; hd];
+        let mut qh = vec![0f32; hd];
         for (h, out) in out.chunks_exact_mut(hd).enumerate() {
-            let qh = &q[row * width + h * hd..][..hd];
+            for (s, &x) in qh.iter_mut().zip(&q[row * ix.q_stride + h * hd..][..hd]) {
+                *s = x * ix.scale;
+            }
             let mut m = f32::NEG_INFINITY;
             for (s, &r) in scores.iter_mut().zip(seen) {
                 let kr = &k[r as usize * width + h * hd..][..hd];
@@ -193,6 +199,8 @@ impl CustomOp3 for PagedAttention {
             head_dim: width / self.heads,
             keys,
             window: self.window,
+            q_stride: ql.stride()[0],
+            scale: self.scale,
         };
         match (k, v) {
             (CpuStorage::F32(k), CpuStorage::F32(v)) => {
@@ -381,7 +389,14 @@ mod cuda {
             q: q.as_cuda_slice::<f32>()?.slice(ql.start_offset()..),
             tables: cuda_u32(&tables, t_at)?,
             queries: cuda_u32(&queries, q_at)?,
-            ints: [heads as i32, head_dim as i32, keys as i32, op.window as i32],
+            ints: [
+                heads as i32,
+                head_dim as i32,
+                keys as i32,
+                op.window as i32,
+                ql.stride()[0] as i32,
+            ],
+            scale: op.scale,
             extents: [
                 ql.shape().dims2()?.0 as u32,
                 op.tables.dims2()?.0 as u32,
@@ -402,8 +417,9 @@ mod cuda {
         q: CudaView<'a, f32>,
         tables: CudaView<'a, u32>,
         queries: CudaView<'a, u32>,
-        /// heads, head_dim, keys, window
-        ints: [i32; 4],
+        /// heads, head_dim, keys, window, q's row stride
+        ints: [i32; 5],
+        scale: f32,
         /// q rows, tables, pool rows: what the kernel checks every index against
         extents: [u32; 3],
         cfg: LaunchConfig,
@@ -429,6 +445,7 @@ mod cuda {
             for i in &a.ints {
                 b.arg(i);
             }
+            b.arg(&a.scale);
             for e in &a.extents {
                 b.arg(e);
             }
@@ -518,6 +535,7 @@ mod tests {
             queries: &Tensor::new(&[[0u32, 0, 1]], &dev)?,
             heads: 1,
             window: None,
+            scale: 1.0,
         };
         assert!(attend_queries(&pool, &pool, &pool, &keys).is_err());
         Ok(())
@@ -544,6 +562,7 @@ mod tests {
                 queries: &queries,
                 heads,
                 window,
+                scale: 1.0,
             };
             attend_queries(&q, &pool, &pool, &keys)?.to_vec2::<f32>()
         };
@@ -557,6 +576,19 @@ mod tests {
         assert_eq!(one[0], pool.get(0)?.to_vec1::<f32>()?);
         // a window of 2 sees the last two keys: not what all keys give
         assert_ne!(run(&[[0, 1, 6]], Some(2))?, run(&[[0, 1, 6]], None)?);
+        // q read through a view with rows apart and scaled as read: what a scaled copy gives
+        let wide = Tensor::cat(&[&q, &q.affine(3.0, 1.0)?], 1)?; // (3, 16)
+        let queries = Tensor::new(&[[0u32, 0, 6], [2, 1, 4]], &dev)?;
+        let keys = |scale| QueryKeys {
+            tables: &tables,
+            queries: &queries,
+            heads,
+            window: Some(3),
+            scale,
+        };
+        let viewed = attend_queries(&wide.narrow(1, 0, width)?, &pool, &pool, &keys(0.3))?;
+        let scaled = attend_queries(&q.affine(0.3, 0.0)?, &pool, &pool, &keys(1.0))?;
+        assert_eq!(viewed.to_vec2::<f32>()?, scaled.to_vec2::<f32>()?);
         // indices outside their operands are refused: q row, table, end of keys
         for bad in [[3, 0, 1], [0, 2, 1], [0, 0, 7], [0, 0, 0]] {
             assert!(run(&[bad], None).is_err(), "{bad:?}");

@@ -75,17 +75,18 @@ impl SelfAttention {
         let h = self.num_heads * self.head_dim;
         let qkv = self.qkv.forward(x)?; // (rows, 3 hidden)
         let q = qkv.narrow(1, 0, h)?;
+        let k = qkv.narrow(1, h, h)?;
+        let v = qkv.narrow(1, 2 * h, h)?;
+        if paged(segments) {
+            // The batched path scales q itself (the fused kernel as it loads a query).
+            let out = batched::attend(self.geometry(), &q, &k, &v, segments, layer, plans)?;
+            return self.out_proj.forward(&out);
+        }
         // Scaling q scales every score: (q s) kᵀ = s (q kᵀ), one pass over the rows.
         let q = match self.scale {
             Some(s) => q.affine(s, 0.0)?,
             None => q,
         };
-        let k = qkv.narrow(1, h, h)?;
-        let v = qkv.narrow(1, 2 * h, h)?;
-        if paged(segments) {
-            let out = batched::attend(self.geometry(), &q, &k, &v, segments, layer, plans)?;
-            return self.out_proj.forward(&out);
-        }
         // Sequences attend to their own caches independently: spread them over the cores.
         let mut outs = segments
             .par_iter_mut()
@@ -124,6 +125,7 @@ impl SelfAttention {
         batched::Geometry {
             heads: self.num_heads,
             head_dim: self.head_dim,
+            scale: self.scale,
             window: match self.kind {
                 AttentionKind::Global => None,
                 AttentionKind::Local { window } => Some(window),

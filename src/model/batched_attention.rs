@@ -35,6 +35,8 @@ use crate::kernels::paged_attention::{self, attend_queries, store_rows, QueryKey
 pub(super) struct Geometry {
     pub heads: usize,
     pub head_dim: usize,
+    /// What q is multiplied by (so every score); None: scores unscaled.
+    pub scale: Option<f64>,
     /// Keys a query sees on a local layer (itself included); None: all earlier ones.
     pub window: Option<usize>,
 }
@@ -457,25 +459,38 @@ pub(super) fn attend(
         return Tensor::zeros((0, width), q.dtype(), device);
     };
     let (pool_k, pool_v) = plan.pool.layer(layer)?;
-    // Gathers read contiguous rows (q is a view of the packed q/k/v projection when unscaled).
-    let q = &q.contiguous()?;
     plan.scatter((&pool_k, &pool_v), k, v)?;
     let Groups { groups, inverse } = plan.groups(segments, device)?;
-    let mut outs = groups
-        .iter_mut()
-        .map(|group| match group {
-            Kind::Ops(group) => group.attend(g, q, &pool_k, &pool_v),
+    // The tensor ops' q: scaled and contiguous (their gathers read whole rows), made once if
+    // some group needs it; the fused kernel reads the projection's view and scales as it loads.
+    let mut q_ops: Option<Tensor> = None;
+    let mut outs = Vec::with_capacity(groups.len());
+    for group in groups.iter_mut() {
+        outs.push(match group {
+            Kind::Ops(group) => {
+                let q = match q_ops.take() {
+                    Some(q) => q,
+                    None => match g.scale {
+                        Some(s) => q.affine(s, 0.0)?,
+                        None => q.contiguous()?,
+                    },
+                };
+                let out = group.attend(g, &q, &pool_k, &pool_v)?;
+                q_ops = Some(q);
+                out
+            }
             Kind::Queries { tables, queries } => {
                 let keys = QueryKeys {
                     tables,
                     queries,
                     heads: g.heads,
                     window: g.window,
+                    scale: g.scale.unwrap_or(1.0) as f32,
                 };
-                attend_queries(q, &pool_k, &pool_v, &keys)
+                attend_queries(q, &pool_k, &pool_v, &keys)?
             }
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
+        });
+    }
     let out = if outs.len() == 1 {
         outs.pop().expect("one")
     } else {
@@ -537,13 +552,16 @@ pub(super) fn check_fused_attention(device: &Device, kv_dtype: DType) -> candle_
         write(&kv, &(&kv * 0.5)?, &mut seg, 0, &mut Plans::new(false))?;
         cache.advance(len);
     }
-    // A step: two decode rows and a verifying pass of three positions.
-    let (q, k, v) = (values(5, 10)?, values(5, 11)?, values(5, 12)?);
+    // A step: two decode rows and a verifying pass of three positions, q a view of a wider
+    // matrix (as of the q/k/v projection), scaled.
+    let q = Tensor::cat(&[values(5, 10)?, values(5, 13)?], 1)?.narrow(1, 0, width)?;
+    let (k, v) = (values(5, 11)?, values(5, 12)?);
     let mut worst = 0f32;
     for window in [None, Some(8)] {
         let g = Geometry {
             heads,
             head_dim,
+            scale: Some(0.125),
             window,
         };
         let mut outs = Vec::new();
@@ -602,6 +620,7 @@ mod tests {
         let g = Geometry {
             heads: 2,
             head_dim: 2,
+            scale: None,
             window: None,
         };
         let pool = KvPool::new(2, 4, DType::F32, dev.clone());
@@ -671,6 +690,7 @@ mod tests {
         let g = Geometry {
             heads: 1,
             head_dim: 2,
+            scale: None,
             window: None,
         };
         let pool = KvPool::new(1, 2, DType::F32, dev.clone());
