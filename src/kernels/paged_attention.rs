@@ -45,6 +45,10 @@ pub fn attend_queries(
         window: keys.window.unwrap_or(0),
         scale: keys.scale,
     };
+    if keys.queries.dim(0)? == 0 {
+        // no queries: nothing to launch (a GPU refuses an empty grid)
+        return Tensor::zeros((0, q.dim(1)?), DType::F32, q.device());
+    }
     q.apply_op3_no_bwd(pool_k, pool_v, &op)
 }
 
@@ -571,6 +575,8 @@ mod tests {
             let among = run(&[[0, 0, 6], [1, 1, 5], [2, 0, 1]], window)?;
             assert_eq!(alone[0], among[1], "window {window:?}");
         }
+        // no queries, no rows
+        assert!(run(&[], None)?.is_empty());
         // one key: its value itself
         let one = run(&[[2, 0, 1]], None)?;
         assert_eq!(one[0], pool.get(0)?.to_vec1::<f32>()?);
