@@ -6,7 +6,7 @@
 //! NVRTC), where the tensor-op version in `model/batched_attention.rs` costs a dozen launches
 //! and copies every key and value it reads. On the CPU the same arithmetic runs in Rust: the
 //! batched path's tests run it there, and that tensor-op version is the oracle both are
-//! checked against (`batched_attention::check_query_kernel`, at start-up on every device).
+//! checked against (`batched_attention::check_fused_attention`, at start-up on every device).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -353,13 +353,11 @@ mod cuda {
         .map_err(|e| candle_core::Error::Msg(e.clone()))
     }
 
-    /// A u32 tensor's device memory (the op's own index tensors).
-    fn u32_storage(t: &Tensor) -> Result<(StorageRef<'_>, usize)> {
+    /// A u32 tensor's storage and where its elements start (the op's own index tensors);
+    /// `cuda_u32` views it on the device.
+    fn u32_storage(t: &Tensor) -> (StorageRef<'_>, usize) {
         let (storage, layout) = t.storage_and_layout();
-        if !matches!(&*storage, Storage::Cuda(_)) {
-            candle_core::bail!("paged attention: index tensors on another device than q");
-        }
-        Ok((storage, layout.start_offset()))
+        (storage, layout.start_offset())
     }
 
     fn cuda_u32<'s>(s: &'s StorageRef<'_>, offset: usize) -> Result<CudaView<'s, u32>> {
@@ -379,7 +377,7 @@ mod cuda {
         let dev = q.device();
         let (heads, head_dim) = (op.heads, width / op.heads);
         let shared = (head_dim + keys + THREADS as usize / 32) * std::mem::size_of::<f32>();
-        if keys > super::MAX_KEYS || shared > 48 << 10 {
+        if shared > 48 << 10 {
             candle_core::bail!("paged attention: {keys} keys exceed the kernel's shared memory");
         }
         let cfg = LaunchConfig {
@@ -387,8 +385,8 @@ mod cuda {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let (tables, t_at) = u32_storage(&op.tables)?;
-        let (queries, q_at) = u32_storage(&op.queries)?;
+        let (tables, t_at) = u32_storage(&op.tables);
+        let (queries, q_at) = u32_storage(&op.queries);
         let args = Args {
             q: q.as_cuda_slice::<f32>()?.slice(ql.start_offset()..),
             tables: cuda_u32(&tables, t_at)?,
@@ -470,7 +468,7 @@ mod cuda {
             return Ok(());
         }
         let dev = pool.device().clone();
-        let (rows_storage, rows_at) = u32_storage(rows)?;
+        let (rows_storage, rows_at) = u32_storage(rows);
         let rows = cuda_u32(&rows_storage, rows_at)?;
         let src = src.as_cuda_slice::<f32>()?.slice(sl.start_offset()..);
         let cfg = LaunchConfig {

@@ -463,21 +463,20 @@ pub(super) fn attend(
     let Groups { groups, inverse } = plan.groups(segments, device)?;
     // The tensor ops' q: scaled and contiguous (their gathers read whole rows), made once if
     // some group needs it; the fused kernel reads the projection's view and scales as it loads.
-    let mut q_ops: Option<Tensor> = None;
+    let q_ops = if groups.iter().any(|group| matches!(group, Kind::Ops(_))) {
+        Some(match g.scale {
+            Some(s) => q.affine(s, 0.0)?,
+            None => q.contiguous()?,
+        })
+    } else {
+        None
+    };
     let mut outs = Vec::with_capacity(groups.len());
     for group in groups.iter_mut() {
         outs.push(match group {
             Kind::Ops(group) => {
-                let q = match q_ops.take() {
-                    Some(q) => q,
-                    None => match g.scale {
-                        Some(s) => q.affine(s, 0.0)?,
-                        None => q.contiguous()?,
-                    },
-                };
-                let out = group.attend(g, &q, &pool_k, &pool_v)?;
-                q_ops = Some(q);
-                out
+                let q = q_ops.as_ref().expect("made for the tensor ops' groups");
+                group.attend(g, q, &pool_k, &pool_v)?
             }
             Kind::Queries { tables, queries } => {
                 let keys = QueryKeys {
