@@ -78,10 +78,11 @@ try:
                 log.seek(0)
                 sys.exit(f"server did not start: {log.read()[-2000:]}")
             time.sleep(0.5)
-    # which attention of single queries the server took (its start-up check's line)
+    # which of our own kernels the server took (its start-up checks' lines)
     log.seek(0)
-    kernel = [line.strip()[-300:] for line in log if "paged-attention" in line]
-    print(json.dumps({"fixture": name, "dtype": a.dtype, "query_kernel": kernel}), flush=True)
+    kernels = [line.strip()[-300:] for line in log
+               if "paged-attention" in line or "fused epilogues" in line]
+    print(json.dumps({"fixture": name, "dtype": a.dtype, "kernels": kernels}), flush=True)
     cases = reference["cases"]
     for label in ["alone", "all_at_once"]:
         t = time.time()

@@ -328,7 +328,6 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{
         CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
-    use candle_core::cuda_backend::cudarc::nvrtc;
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{
         CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, StorageRef, Tensor,
@@ -344,13 +343,7 @@ mod cuda {
     /// The kernels' PTX, compiled once (for the GPU the driver JIT-compiles it to).
     fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            nvrtc::compile_ptx(SOURCE)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("NVRTC could not compile paged_attention.cu: {e:?}"))
-        })
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(e.clone()))
+        super::super::cuda_source::ptx(&PTX, "paged_attention.cu", SOURCE)
     }
 
     /// A u32 tensor's storage and where its elements start (the op's own index tensors);

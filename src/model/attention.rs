@@ -72,15 +72,27 @@ impl SelfAttention {
         layer: usize,
         plans: &mut batched::Plans,
     ) -> candle_core::Result<Tensor> {
-        let h = self.num_heads * self.head_dim;
         let qkv = self.qkv.forward(x)?; // (rows, 3 hidden)
+        let out = self.attend(&qkv, segments, layer, plans)?;
+        self.out_proj.forward(&out)
+    }
+
+    /// The attention of the q/k/v product `qkv` `(rows, 3 hidden)` float32 (bias added), before
+    /// the output projection; the keys and values go into the segments' caches.
+    pub fn attend(
+        &self,
+        qkv: &Tensor,
+        segments: &mut [Segment<'_>],
+        layer: usize,
+        plans: &mut batched::Plans,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.num_heads * self.head_dim;
         let q = qkv.narrow(1, 0, h)?;
         let k = qkv.narrow(1, h, h)?;
         let v = qkv.narrow(1, 2 * h, h)?;
         if paged(segments) {
             // The batched path scales q itself (the fused kernel as it loads a query).
-            let out = batched::attend(self.geometry(), &q, &k, &v, segments, layer, plans)?;
-            return self.out_proj.forward(&out);
+            return batched::attend(self.geometry(), &q, &k, &v, segments, layer, plans);
         }
         // Scaling q scales every score: (q s) kᵀ = s (q kᵀ), one pass over the rows.
         let q = match self.scale {
@@ -92,12 +104,11 @@ impl SelfAttention {
             .par_iter_mut()
             .map(|seg| self.attend_one(&q, &k, &v, seg, layer))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let out = if outs.len() == 1 {
-            outs.pop().expect("one")
+        if outs.len() == 1 {
+            Ok(outs.pop().expect("one"))
         } else {
-            Tensor::cat(&outs, 0)?
-        };
-        self.out_proj.forward(&out)
+            Tensor::cat(&outs, 0)
+        }
     }
 
     /// Writes the keys and values of `x` `(rows, hidden)` into the segments' caches without
@@ -109,8 +120,18 @@ impl SelfAttention {
         layer: usize,
         plans: &mut batched::Plans,
     ) -> candle_core::Result<()> {
+        self.store(&self.qkv.forward(x)?, segments, layer, plans)
+    }
+
+    /// Writes the keys and values of the q/k/v product `qkv` into the segments' caches.
+    pub fn store(
+        &self,
+        qkv: &Tensor,
+        segments: &mut [Segment<'_>],
+        layer: usize,
+        plans: &mut batched::Plans,
+    ) -> candle_core::Result<()> {
         let h = self.num_heads * self.head_dim;
-        let qkv = self.qkv.forward(x)?;
         let (k, v) = (qkv.narrow(1, h, h)?, qkv.narrow(1, 2 * h, h)?);
         if paged(segments) {
             return batched::write(&k, &v, segments, layer, plans);
@@ -119,6 +140,15 @@ impl SelfAttention {
             self.cache_step(&k, &v, seg, layer)?;
         }
         Ok(())
+    }
+
+    /// The q/k/v projection (`(3 hidden, hidden)`).
+    pub fn qkv(&self) -> &Proj {
+        &self.qkv
+    }
+
+    pub fn out_proj(&self) -> &Proj {
+        &self.out_proj
     }
 
     fn geometry(&self) -> batched::Geometry {

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::arch::Architecture;
 use super::error::{ModelError, Result};
+use crate::kernels::fused_epilogue::Act;
 
 /// The activation named by `activation_function`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,16 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The same activation as the fused kernels name it.
+    pub fn fused(self) -> Act {
+        match self {
+            Activation::GeluTanh => Act::GeluTanh,
+            Activation::GeluErf => Act::GeluErf,
+            Activation::Relu => Act::Relu,
+            Activation::Silu => Act::Silu,
+        }
+    }
+
     fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,

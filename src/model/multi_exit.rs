@@ -24,6 +24,7 @@ use super::kv_pool::KvPool;
 use super::mode::{EarlyExitParams, Head};
 use super::step::{ForwardStats, Logits, Packed, Segment, SeqStep, StepLogits};
 use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
+use crate::kernels::fused_epilogue::{self, add_norm};
 
 pub struct MultiExitModel {
     cfg: ModelConfig,
@@ -48,6 +49,9 @@ pub struct MultiExitModel {
     /// On the batched path, `kernels::paged_attention` writes the keys and values and attends
     /// the rows attended query by query (checked against the tensor ops at start-up).
     fused_attention: bool,
+    /// On the batched path, what follows each product runs fused (`kernels::fused_epilogue`,
+    /// checked against candle's ops at start-up): in the blocks, and `ln_f` before a head.
+    fused_epilogues: bool,
     pub stats: ForwardStats,
 }
 
@@ -127,22 +131,26 @@ impl MultiExitModel {
             "transformer.wpe.weight",
             t.get((cfg.max_position_embeddings, h), "wpe.weight"),
         )?;
+        let batched = batched_attention || !device.is_cpu();
+        let fused_epilogues = batched && fused_epilogues_hold(&device, &cfg, wte.input_dtype());
         let blocks = (0..cfg.num_layers)
             .map(|i| {
                 let name = format!("transformer.h.{i}");
-                named(&name, Block::new(&cfg, i, t.pp(format!("h.{i}")), spec))
+                let vb = t.pp(format!("h.{i}"));
+                named(&name, Block::new(&cfg, i, vb, spec, fused_epilogues))
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = named(
             "transformer.ln_f",
             layer_norm(h, cfg.layer_norm_epsilon, t.pp("ln_f")),
         )?;
-        let kv_pool = (batched_attention || !device.is_cpu())
-            .then(|| KvPool::new(cfg.num_layers, h, wdtype.kv_dtype(), device.clone()));
+        let kv_pool =
+            batched.then(|| KvPool::new(cfg.num_layers, h, wdtype.kv_dtype(), device.clone()));
         let fused_attention =
             kv_pool.is_some() && fused_attention_holds(&device, wdtype.kv_dtype());
         Ok(Self {
             fused_attention,
+            fused_epilogues,
             device,
             kv_pool,
             kv_dtype: wdtype.kv_dtype(),
@@ -568,11 +576,16 @@ impl MultiExitModel {
             let rows_t = Tensor::new(rows.as_slice(), &self.device)?;
             // (rows, hidden) -> (rows, vocab); the final norm except on a block's raw output
             let hidden = x.index_select(&rows_t, 0)?;
+            let weight = self.head_weight(head, draft)?;
             let hidden = match head {
                 Head::LmHeadAt(_) => hidden,
+                // the norm written in the dtype the head's product reads
+                _ if self.fused_epilogues => {
+                    add_norm(&hidden, None, None, &self.ln_f, weight.input_dtype())?
+                }
                 _ => self.ln_f.forward(&hidden)?,
             };
-            let logits = self.head_weight(head, draft)?.xwt(&hidden)?;
+            let logits = weight.xwt(&hidden)?;
             let users = users
                 .into_iter()
                 .map(|(slot, k, count)| (p.order[slot], k, count))
@@ -678,6 +691,39 @@ fn fused_attention_holds(device: &Device, kv_dtype: DType) -> bool {
         }
         Err(e) => {
             tracing::error!(error = %e, "the fused paged-attention kernels failed: not used");
+            false
+        }
+    }
+}
+
+/// Whether the fused epilogues compute what candle's ops do on `device` for this model's
+/// shapes and product dtype (logged either way, as [`fused_attention_holds`]).
+fn fused_epilogues_hold(device: &Device, cfg: &ModelConfig, product: DType) -> bool {
+    let (hidden, inner, act) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.activation.fused(),
+    );
+    // A 16-bit output may round the other way on a last-bit difference of its float32.
+    let tolerance = if product == DType::F32 { 1e-5 } else { 1e-2 };
+    match fused_epilogue::check(device, hidden, inner, act, product) {
+        Ok(diff) if diff <= tolerance => {
+            tracing::info!(
+                max_difference = diff,
+                "fused epilogues (bias, activation, residual, norm)"
+            );
+            true
+        }
+        Ok(diff) => {
+            tracing::error!(
+                max_difference = diff,
+                tolerance,
+                "the fused epilogues differ from candle's ops: not used"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the fused epilogues failed: not used");
             false
         }
     }

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::kernels::fused_epilogue::{self, Act, Residual};
 use crate::kernels::matmul::{self, PackedWeight};
 
 /// How the projection and vocabulary matrices are stored and multiplied. Norms, position
@@ -163,10 +164,24 @@ impl Weight {
     /// `x Wᵀ` for float32 `x`; a reduced-precision plain weight gets `x` cast to its dtype and
     /// the result back as float32.
     pub fn xwt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.product(x)?.to_dtype(DType::F32)
+    }
+
+    /// The dtype [`Weight::product`] reads `x` in (and returns its product in): float32 for the
+    /// packed kernels, the weight's own for candle's matmul.
+    pub fn input_dtype(&self) -> DType {
+        match self {
+            Weight::Packed(_) => DType::F32,
+            Weight::Plain(w) => w.dtype(),
+        }
+    }
+
+    /// `x Wᵀ` in [`Weight::input_dtype`] (`x` cast to it first if it is not): what a fused
+    /// epilogue takes, with no cast of its own.
+    pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Weight::Packed(p) => p.xwt(x),
-            Weight::Plain(w) if w.dtype() == x.dtype() => x.matmul(&w.t()?),
-            Weight::Plain(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32),
+            Weight::Plain(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?),
         }
     }
 
@@ -279,6 +294,34 @@ impl Proj {
             weight: Weight::new(weight, spec)?,
             bias,
         })
+    }
+}
+
+impl Proj {
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// See [`Weight::input_dtype`].
+    pub fn input_dtype(&self) -> DType {
+        self.weight.input_dtype()
+    }
+
+    /// `x Wᵀ` without the bias, in [`Proj::input_dtype`].
+    pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.weight.product(x)
+    }
+
+    /// `act(x Wᵀ + b) + residual` as `out`: the product, then one fused kernel for the rest
+    /// (`kernels::fused_epilogue`).
+    pub fn fused(
+        &self,
+        x: &Tensor,
+        act: Option<Act>,
+        residual: Option<Residual<'_>>,
+        out: DType,
+    ) -> candle_core::Result<Tensor> {
+        fused_epilogue::epilogue(&self.product(x)?, self.bias(), act, residual, out)
     }
 }
 
