@@ -107,6 +107,17 @@ impl Sampler {
         self.params.temperature == 0.0
     }
 
+    /// Greedy decoding with nothing that edits the scores (logit bias, penalties): every
+    /// choice is the argmax of the mode's scores as they come.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        self.is_greedy()
+            && p.logit_bias.is_empty()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+    }
+
     /// `scores` with the logit bias and the penalties applied (borrowed when there are none).
     fn edited<'s>(&self, scores: &'s [f32]) -> Cow<'s, [f32]> {
         let p = &self.params;
@@ -290,13 +301,9 @@ fn nucleus(
     hi.max(1)
 }
 
-/// First index of the maximum (as torch.argmax): greedy decoding.
-pub fn argmax(scores: &[f32]) -> u32 {
-    // The vectorised maximum, then its first position: a greedy step's pass over the
-    // vocabulary without a dependent compare per element. NaN never wins (0 when all are).
-    let best = fastmath::max(scores);
-    scores.iter().position(|&x| x == best).unwrap_or(0) as u32
-}
+/// Greedy decoding's choice: the first index of the maximum (as torch.argmax), the same as a
+/// step computes on the device (`kernels::greedy`).
+pub use crate::kernels::greedy::argmax;
 
 fn fresh_seed() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,7 +1,8 @@
 //! Every `unsafe` line of the project lives here: the hand-written SIMD and AMX kernels, the
 //! CPU feature probe that guards them, the allocator tuning (`allocator.rs`), and the launches of
-//! our own CUDA kernels (`paged_attention.rs`, which checks every index it reads, and
-//! `fused_epilogue.rs`, whose operands are checked against the shapes the kernels read).
+//! our own CUDA kernels (`paged_attention.rs`, which checks every index it reads,
+//! `fused_epilogue.rs` and `greedy.rs`, whose operands are checked against the shapes the
+//! kernels read).
 //!
 //! Each public entry is safe to call on any CPU: the packed matmul is only reachable through
 //! `PackedWeight::pack*`, which refuse a CPU without the instructions; the vectorised loops
@@ -15,5 +16,6 @@ pub mod cpu_features;
 mod cuda_source;
 pub mod fastmath;
 pub mod fused_epilogue;
+pub mod greedy;
 pub mod matmul;
 pub mod paged_attention;

@@ -25,6 +25,7 @@ use super::mode::{EarlyExitParams, Head};
 use super::step::{ForwardStats, Logits, Packed, Segment, SeqStep, StepLogits};
 use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
 use crate::kernels::fused_epilogue::{self, add_norm};
+use crate::kernels::greedy;
 
 pub struct MultiExitModel {
     cfg: ModelConfig,
@@ -343,6 +344,14 @@ impl MultiExitModel {
         let lens: Vec<usize> = order.iter().map(|&i| steps[i].tokens.len()).collect();
         let heads: Vec<&[Head]> = order.iter().map(|&i| steps[i].heads).collect();
         let all_positions: Vec<bool> = order.iter().map(|&i| steps[i].all_positions).collect();
+        // Only the greedy choice comes back: one head, at the last row, no per-token exit.
+        let argmax_only: Vec<bool> = order
+            .iter()
+            .map(|&i| {
+                let s = &steps[i];
+                s.argmax_only && s.heads.len() == 1 && !s.all_positions && s.early_exit.is_none()
+            })
+            .collect();
         let verify: Vec<bool> = order.iter().map(|&i| steps[i].verify).collect();
         // Early exit is decided here for decode positions only (see `SeqStep::early_exit`).
         let early: Vec<Option<EarlyExitParams>> = order
@@ -380,6 +389,7 @@ impl MultiExitModel {
                 lens: alive.iter().map(|&s| lens[s]).collect(),
                 heads: alive.iter().map(|&s| heads[s]).collect(),
                 all_positions: alive.iter().map(|&s| all_positions[s]).collect(),
+                argmax_only: alive.iter().map(|&s| argmax_only[s]).collect(),
             };
             let mut rows = view(&alive, &row_in_x);
             // The batched attention path's layout of each set of segments, made once for
@@ -588,7 +598,12 @@ impl MultiExitModel {
             let logits = weight.xwt(&hidden)?;
             let users = users
                 .into_iter()
-                .map(|(slot, k, count)| (p.order[slot], k, count))
+                .map(|(slot, k, rows)| HeadUser {
+                    seq: p.order[slot],
+                    head: k,
+                    rows,
+                    argmax: p.argmax_only[slot],
+                })
                 .collect();
             copies.push(logits, users, outputs)?;
         }
@@ -600,19 +615,28 @@ impl MultiExitModel {
 /// GPU's) they are copied all at once when the pass ends: a copy to the host waits for
 /// everything queued before it, so a copy per head would stall the device once per head
 /// (contrast's two, inspection's every exit). Held back at most [`HELD_LOGITS_BYTES`], so a
-/// step scoring long prompts at many heads holds no second copy of them all. On the CPU's
-/// own path each head is copied when made (nothing to stall, and no concatenation to pay).
+/// step scoring long prompts at many heads holds no second copy of them all. A sequence that
+/// reads only its greedy choice (`SeqStep::argmax_only`) gets it computed there
+/// (`kernels::greedy`) and copied as one index. On the CPU's own path each head is copied
+/// when made (nothing to stall, and no concatenation to pay).
 struct HeadCopies {
     vocab: usize,
     defer: bool,
     /// Each product `(rows, vocab)`, with its users.
-    pending: Vec<(Tensor, HeadUsers)>,
+    pending: Vec<(Tensor, Vec<HeadUser>)>,
     bytes: usize,
 }
 
-/// The sequences that read a head product, in its row order: (sequence index, index into its
-/// head list, rows).
-type HeadUsers = Vec<(usize, usize, usize)>;
+/// A sequence reading a head product: the next `rows` of it, in its row order.
+struct HeadUser {
+    /// Its index in the step list.
+    seq: usize,
+    /// Its index in the sequence's head list.
+    head: usize,
+    rows: usize,
+    /// Only the greedy choice of its one row is wanted.
+    argmax: bool,
+}
 
 /// Logits a pass holds back before copying them to the host.
 const HELD_LOGITS_BYTES: usize = 64 << 20;
@@ -630,7 +654,7 @@ impl HeadCopies {
     fn push(
         &mut self,
         logits: Tensor,
-        users: HeadUsers,
+        users: Vec<HeadUser>,
         outputs: &mut [Vec<Logits>],
     ) -> Result<()> {
         self.bytes += logits.elem_count() * std::mem::size_of::<f32>();
@@ -641,7 +665,8 @@ impl HeadCopies {
         Ok(())
     }
 
-    /// Copies what is pending to the host, in one copy, and hands each user its rows.
+    /// Copies what is pending to the host, in one copy, and hands each user its rows (or
+    /// its greedy choice).
     fn flush(&mut self, outputs: &mut [Vec<Logits>]) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
@@ -656,17 +681,73 @@ impl HeadCopies {
         } else {
             Tensor::cat(&flat, 0)?
         };
-        let data = Arc::new(all.to_vec1::<f32>()?);
-        let mut at = 0;
-        for (_, users) in self.pending.drain(..) {
-            for (seq, k, count) in users {
-                let range = at..at + count * self.vocab;
-                at = range.end;
-                outputs[seq][k] = Logits::shared(self.vocab, Arc::clone(&data), range);
+        let pending = std::mem::take(&mut self.pending);
+        self.bytes = 0;
+        // The rows of `all` each user reads, in order; whether it wants the greedy choice.
+        let mut full_rows: Vec<u32> = Vec::new();
+        let mut argmax_rows: Vec<u32> = Vec::new();
+        let mut row = 0u32;
+        // ids travel as float32 among the logits: exact below 2^24
+        let greedy_on_device = self.defer && self.vocab < 1 << 24;
+        for (_, users) in &pending {
+            for u in users {
+                let rows = row..row + u.rows as u32;
+                if u.argmax && greedy_on_device {
+                    argmax_rows.extend(rows.clone());
+                } else {
+                    full_rows.extend(rows.clone());
+                }
+                row = rows.end;
             }
         }
-        self.bytes = 0;
+        let (data, ids) = if argmax_rows.is_empty() {
+            (all.to_vec1::<f32>()?, Vec::new())
+        } else {
+            self.copy_with_choices(&all, row as usize, &full_rows, &argmax_rows)?
+        };
+        let data = Arc::new(data);
+        let (mut at, mut next_id) = (0, ids.iter());
+        for (_, users) in pending {
+            for u in users {
+                outputs[u.seq][u.head] = if u.argmax && greedy_on_device {
+                    let id = *next_id.next().expect("a choice per greedy user");
+                    Logits::chosen(self.vocab, id)
+                } else {
+                    let range = at..at + u.rows * self.vocab;
+                    at = range.end;
+                    Logits::shared(self.vocab, Arc::clone(&data), range)
+                };
+            }
+        }
         Ok(())
+    }
+
+    /// `all`'s rows `full` and the greedy choices of its rows `greedy`, in one copy to the
+    /// host.
+    fn copy_with_choices(
+        &self,
+        all: &Tensor,
+        rows: usize,
+        full: &[u32],
+        greedy: &[u32],
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        let matrix = all.reshape((rows, self.vocab))?;
+        let device = matrix.device();
+        let pick = |ix: &[u32]| -> candle_core::Result<Tensor> {
+            if ix.len() == rows {
+                Ok(matrix.clone()) // every row, in order
+            } else {
+                matrix.index_select(&Tensor::new(ix, device)?, 0)
+            }
+        };
+        let ids = greedy::argmax_rows(&pick(greedy)?)?;
+        if full.is_empty() {
+            return Ok((Vec::new(), ids.to_vec1::<u32>()?));
+        }
+        let both = Tensor::cat(&[pick(full)?.flatten_all()?, ids.to_dtype(DType::F32)?], 0)?;
+        let mut data = both.to_vec1::<f32>()?;
+        let ids = data.split_off(full.len() * self.vocab);
+        Ok((data, ids.into_iter().map(|id| id as u32).collect()))
     }
 }
 
@@ -737,6 +818,7 @@ struct Rows<'h> {
     lens: Vec<usize>,
     heads: Vec<&'h [Head]>,
     all_positions: Vec<bool>,
+    argmax_only: Vec<bool>,
 }
 
 impl Rows<'_> {
@@ -746,6 +828,7 @@ impl Rows<'_> {
             lens: &self.lens,
             heads: &self.heads,
             all_positions: &self.all_positions,
+            argmax_only: &self.argmax_only,
             order: &self.order,
         }
     }

@@ -32,6 +32,11 @@ pub struct SeqStep<'a> {
     /// the row leaves the step, the heads above stay empty, and the blocks above get its keys
     /// and values from its hidden state there. Ignored for prompt chunks and verifying passes.
     pub early_exit: Option<EarlyExitParams>,
+    /// The caller reads only the greedy choice of its one head at its last row (its mode's
+    /// choice is that head's argmax, and nothing else of the logits is reported): on the
+    /// batched path the step computes it on the device and copies that index alone
+    /// (`Logits::chosen`); elsewhere the logits come as usual.
+    pub argmax_only: bool,
 }
 
 /// A sequence's rows in the packed matrix, with its cache.
@@ -49,6 +54,8 @@ pub(super) struct Packed<'p> {
     pub lens: &'p [usize],
     pub heads: &'p [&'p [Head]],
     pub all_positions: &'p [bool],
+    /// See `SeqStep::argmax_only`.
+    pub argmax_only: &'p [bool],
     /// Packed slot -> index of the sequence in the caller's step list.
     pub order: &'p [usize],
 }
@@ -69,6 +76,9 @@ pub struct Logits {
     vocab: usize,
     data: Arc<Vec<f32>>,
     range: Range<usize>,
+    /// The greedy choice of the one row, computed where the logits were (no rows held): see
+    /// `SeqStep::argmax_only`.
+    chosen: Option<u32>,
 }
 
 impl Logits {
@@ -81,7 +91,26 @@ impl Logits {
     /// The rows of `data` in `range`.
     pub fn shared(vocab: usize, data: Arc<Vec<f32>>, range: Range<usize>) -> Self {
         debug_assert!(vocab > 0 && range.len().is_multiple_of(vocab) && range.end <= data.len());
-        Self { vocab, data, range }
+        Self {
+            vocab,
+            data,
+            range,
+            chosen: None,
+        }
+    }
+
+    /// One row of which only its greedy choice `id` came back.
+    pub fn chosen(vocab: usize, id: u32) -> Self {
+        Self {
+            vocab,
+            chosen: Some(id),
+            ..Self::default()
+        }
+    }
+
+    /// The greedy choice, when that alone came back (then no row can be read).
+    pub fn choice(&self) -> Option<u32> {
+        self.chosen
     }
 
     fn values(&self) -> &[f32] {
@@ -89,19 +118,27 @@ impl Logits {
     }
 
     pub fn rows(&self) -> usize {
-        self.range.len().checked_div(self.vocab).unwrap_or(0)
+        match self.chosen {
+            Some(_) => 1,
+            None => self.range.len().checked_div(self.vocab).unwrap_or(0),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.range.is_empty()
+        self.range.is_empty() && self.chosen.is_none()
     }
 
+    /// Row `i`'s logits (panics for logits of which only the choice came back).
     pub fn row(&self, i: usize) -> &[f32] {
+        assert!(self.chosen.is_none(), "only the greedy choice came back");
         &self.values()[i * self.vocab..(i + 1) * self.vocab]
     }
 
     /// The last position's row (the next token's logits).
     pub fn last(&self) -> Option<&[f32]> {
+        if self.chosen.is_some() {
+            return None;
+        }
         self.rows().checked_sub(1).map(|i| self.row(i))
     }
 
@@ -113,7 +150,9 @@ impl Logits {
 
 impl PartialEq for Logits {
     fn eq(&self, other: &Self) -> bool {
-        self.rows() == other.rows() && self.values() == other.values()
+        self.rows() == other.rows()
+            && self.values() == other.values()
+            && self.chosen == other.chosen
     }
 }
 

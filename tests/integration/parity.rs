@@ -74,6 +74,7 @@ fn greedy_batch(
                 draft: false,
                 verify: false,
                 early_exit: None,
+                argmax_only: false,
             })
             .collect();
         let logits = m.model.forward(&mut batch).unwrap();
@@ -200,6 +201,12 @@ fn batched_attention_path_matches_reference_in_every_mode_alone_and_batched() {
 /// Every logits row of a schedule that mixes what a step can hold: prompts in chunks, decode
 /// steps, sequences leaving at an exit, prompt logprobs at every position, a forked cache.
 fn mixed_schedule(m: &LoadedModel) -> Vec<Vec<Logits>> {
+    mixed_schedule_reading(m, false)
+}
+
+/// [`mixed_schedule`]; with `choices`, the sequences of one head read only their greedy
+/// choice where they may (`SeqStep::argmax_only`), beside the others' full logits.
+fn mixed_schedule_reading(m: &LoadedModel, choices: bool) -> Vec<Vec<Logits>> {
     let n = m.model.config().num_layers;
     let exit = m.model.config().exit_layers[0];
     let mut caches: Vec<_> = (0..4).map(|_| m.model.new_cache()).collect();
@@ -231,6 +238,7 @@ fn mixed_schedule(m: &LoadedModel) -> Vec<Vec<Logits>> {
                 draft: false,
                 verify: false,
                 early_exit: None,
+                argmax_only: choices && heads[i].len() == 1,
             })
             .collect();
         out.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
@@ -291,6 +299,67 @@ fn batched_attention_equals_the_cpu_kernels_on_a_mixed_schedule() {
                 }
             }
             assert!(rows > 50, "{rows} rows compared");
+        }
+    }
+}
+
+#[test]
+fn greedy_choices_made_in_the_step_are_the_argmax_of_the_logits() {
+    for f in ARCHS {
+        for dtype in [model::WeightDtype::F32, model::WeightDtype::Bf16] {
+            let m = model::load(f.dir().to_str().unwrap(), &gpu_path(dtype)).unwrap();
+            let want = mixed_schedule_reading(&m, false);
+            let got = mixed_schedule_reading(&m, true);
+            let mut chosen = 0;
+            for (w, g) in want.iter().flatten().zip(got.iter().flatten()) {
+                match g.choice() {
+                    Some(id) => {
+                        assert_eq!(Some(id), w.last().map(argmax), "{} {dtype:?}", f.name);
+                        chosen += 1;
+                    }
+                    // the others in the same steps: their logits as ever
+                    None => assert_eq!(w, g, "{} {dtype:?}", f.name),
+                }
+            }
+            assert!(chosen > 20, "{chosen} choices made in the step");
+            // a step where every sequence reads only its choice
+            let exit = Head::Exit(m.model.config().exit_layers[0]);
+            let heads = [[Head::Original], [exit]];
+            let depths = [m.model.config().num_layers, m.model.config().exit_layers[0]];
+            let decode = |choices: bool| -> Vec<Logits> {
+                let mut caches: Vec<_> = (0..2).map(|_| m.model.new_cache()).collect();
+                let mut steps = Vec::new();
+                for tokens in [[[5u32, 6, 7], [8, 9, 10]], [[11, 0, 0], [12, 0, 0]]] {
+                    let len = if steps.is_empty() { 3 } else { 1 };
+                    let mut batch: Vec<SeqStep> = caches
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(i, cache)| SeqStep {
+                            tokens: &tokens[i][..len],
+                            cache,
+                            depth: depths[i],
+                            heads: &heads[i],
+                            all_positions: false,
+                            draft: false,
+                            verify: false,
+                            early_exit: None,
+                            argmax_only: choices,
+                        })
+                        .collect();
+                    steps.extend(
+                        m.model
+                            .forward(&mut batch)
+                            .unwrap()
+                            .into_per_seq()
+                            .into_iter()
+                            .flatten(),
+                    );
+                }
+                steps
+            };
+            for (w, g) in decode(false).iter().zip(decode(true)) {
+                assert_eq!(g.choice(), w.last().map(argmax), "{} {dtype:?}", f.name);
+            }
         }
     }
 }
@@ -490,6 +559,7 @@ fn teacher_forced_logits(
             draft: false,
             verify: false,
             early_exit: None,
+            argmax_only: false,
         }];
         let logits = m
             .model
@@ -576,6 +646,7 @@ fn exit_logits(m: &LoadedModel, tokens: &[u32], layer: usize, draft: bool) -> Ve
         draft,
         verify: false,
         early_exit: None,
+        argmax_only: false,
     }];
     let out = m.model.forward(&mut step).unwrap().into_per_seq().remove(0);
     out.into_iter().next().unwrap().into_last()

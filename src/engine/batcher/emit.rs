@@ -40,7 +40,7 @@ impl Batcher {
                 continue;
             }
             let scores = rows.pop().unwrap_or_default();
-            let head = r.exit_head();
+            let (head, choice) = (r.exit_head(), r.choice());
             let result = contained(Phase::Emit, || {
                 let mut followers = Vec::new();
                 if r.first_token {
@@ -51,7 +51,7 @@ impl Batcher {
                         .collect();
                     self.send_prompt_event(r.index);
                 }
-                self.sample_and_emit(r.index, &scores, head);
+                self.sample_and_emit(r.index, &scores, head, choice);
                 Ok::<_, String>(followers)
             });
             match result {
@@ -67,7 +67,7 @@ impl Batcher {
             let idx = self.running.len() - 1;
             let result = contained(Phase::Emit, || {
                 self.send_prompt_event(idx);
-                self.sample_and_emit(idx, &scores, head);
+                self.sample_and_emit(idx, &scores, head, None);
             });
             if let Err(message) = result {
                 self.fail_members(&[idx], message);
@@ -158,8 +158,16 @@ impl Batcher {
         });
     }
 
-    /// `head`: for an early-exit mode, the head the token left at.
-    fn sample_and_emit(&mut self, i: usize, scores: &[f32], head: Option<Head>) {
+    /// Chooses sequence `i`'s token from `scores` and emits it. `head`: for an early-exit
+    /// mode, the head the token left at; `choice`: the token chosen on the device
+    /// (`Ready::choice`, `scores` then empty).
+    fn sample_and_emit(
+        &mut self,
+        i: usize,
+        scores: &[f32],
+        head: Option<Head>,
+        choice: Option<u32>,
+    ) {
         if self.running[i].request.borrow().req.max_tokens == 0 {
             // echo with max_tokens 0: the prompt was only scored.
             return self.finish(i, FinishReason::Length);
@@ -181,7 +189,9 @@ impl Batcher {
                 }
             }
         };
-        let id = chosen.unwrap_or_else(|| self.running[i].sampler.choose(scores));
+        let id = chosen
+            .or(choice)
+            .unwrap_or_else(|| self.running[i].sampler.choose(scores));
         let exit_layer = head.map(|h| h.layer(self.model.config().num_layers));
         if let Some(head) = head {
             let layer = match head {

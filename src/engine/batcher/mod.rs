@@ -317,6 +317,7 @@ impl Batcher {
                 draft: row.kind == StepKind::Draft,
                 verify: row.per_query,
                 early_exit: row.early_exit,
+                argmax_only: row.argmax_only,
             })
             .collect();
         let fault = self.cfg.fault();

@@ -42,8 +42,17 @@ impl Ready {
             .flatten()
     }
 
-    /// The log-distributions to choose from: at the last position, or at every verified one.
+    /// The next token, when the step computed only the greedy choice (`SeqStep::argmax_only`).
+    pub fn choice(&self) -> Option<u32> {
+        self.logits.first().and_then(Logits::choice)
+    }
+
+    /// The log-distributions to choose from: at the last position, or at every verified one
+    /// (one empty row when only the choice came back).
     fn scores(&self) -> Vec<Vec<f32>> {
+        if self.choice().is_some() {
+            return vec![Vec::new()];
+        }
         let rows = match self.kind {
             StepKind::Verify => 0..self.logits.first().map_or(0, Logits::rows),
             _ => {

@@ -28,6 +28,10 @@ impl Strategy for Exit {
         log_softmax(logits[0])
     }
 
+    fn greedy_is_head_argmax(&self) -> bool {
+        true
+    }
+
     fn chosen_head(&self, _logits: &[&[f32]]) -> Option<usize> {
         Some(0)
     }

@@ -90,6 +90,12 @@ pub trait Strategy: Copy + PartialEq + fmt::Debug + Sized {
         true
     }
 
+    /// Whether the greedy choice from its scores is the first argmax of its one head's logits
+    /// (its scores are that head's log-softmax): a step may then compute it on the device.
+    fn greedy_is_head_argmax(&self) -> bool {
+        false
+    }
+
     /// The head whose distribution the scores are at this row, for a strategy that takes one
     /// head's distribution (it may choose per row); None for one that combines heads.
     fn chosen_head(&self, _logits: &[&[f32]]) -> Option<usize> {
@@ -193,6 +199,11 @@ macro_rules! strategies {
             /// The mode's scores from one row of each of [`Mode::heads`]' logits.
             pub fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
                 match self { $(Mode::$variant(s) => s.scores(logits),)* }
+            }
+
+            /// See [`Strategy::greedy_is_head_argmax`].
+            pub fn greedy_is_head_argmax(&self) -> bool {
+                match self { $(Mode::$variant(s) => s.greedy_is_head_argmax(),)* }
             }
 
             /// Whether [`Mode::scores`] are the log-distribution itself (else its logits).
