@@ -91,7 +91,8 @@ pub trait Strategy: Copy + PartialEq + fmt::Debug + Sized {
     }
 
     /// Whether the greedy choice from its scores is the first argmax of its one head's logits
-    /// (its scores are that head's log-softmax): a step may then compute it on the device.
+    /// (its scores are that head's log-softmax, whose argmax it is but where subtracting the
+    /// log-sum-exp rounds two values to a tie): a step may then compute it on the device.
     fn greedy_is_head_argmax(&self) -> bool {
         false
     }
