@@ -34,7 +34,9 @@ pub enum Act {
 }
 
 impl Act {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    /// The activation as candle ops (`fastmath`'s `gelu_new` for float32 on the CPU): what
+    /// the unfused block runs, and the oracle of the fused kernels.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Act::GeluTanh if x.device().is_cpu() && x.dtype() == DType::F32 => {
                 x.apply_op1_no_bwd(&fastmath::GeluTanh)
@@ -313,10 +315,10 @@ impl Fused {
     }
 }
 
-/// A held operand's float32 elements on the CPU.
+/// A held operand's elements on the CPU, widened to float32.
 fn cpu_f32(t: &Option<Tensor>) -> Result<Option<Vec<f32>>> {
     t.as_ref()
-        .map(|t| t.flatten_all()?.to_vec1::<f32>())
+        .map(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
         .transpose()
 }
 
@@ -360,11 +362,7 @@ impl CustomOp1 for Fused {
         };
         match &self.kind {
             Kind::Epilogue { act, ry, rbias } => {
-                let ry = match ry {
-                    Some(t) => Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-                    None => None,
-                };
-                let rbias = cpu_f32(rbias)?;
+                let (ry, rbias) = (cpu_f32(ry)?, cpu_f32(rbias)?);
                 v.par_chunks_mut(cols)
                     .enumerate()
                     .for_each_init(Vec::new, |scratch, (r, row)| {

@@ -13,7 +13,6 @@ use super::batched_attention::Plans;
 use super::config::{Activation, ModelConfig};
 use super::step::Segment;
 use super::weights::{Proj, WeightSpec};
-use crate::kernels::fastmath;
 use crate::kernels::fused_epilogue::{add_norm, Residual};
 
 struct Mlp {
@@ -24,16 +23,7 @@ struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.c_fc.forward(x)?;
-        let h = match self.activation {
-            Activation::GeluTanh if h.device().is_cpu() && h.dtype() == DType::F32 => {
-                h.apply_op1_no_bwd(&fastmath::GeluTanh)?
-            }
-            Activation::GeluTanh => h.gelu()?,
-            Activation::GeluErf => h.gelu_erf()?,
-            Activation::Relu => h.relu()?,
-            Activation::Silu => h.silu()?,
-        };
+        let h = self.activation.fused().apply(&self.c_fc.forward(x)?)?;
         self.c_proj.forward(&h)
     }
 }

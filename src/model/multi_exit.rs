@@ -751,34 +751,19 @@ impl HeadCopies {
     }
 }
 
-/// Whether the fused paged-attention kernels compute what the tensor ops do on `device`
-/// (logged either way: a GPU whose kernels fail keeps the slower tensor ops and says so).
+/// Whether the fused paged-attention kernels compute what the tensor ops do on `device`.
 fn fused_attention_holds(device: &Device, kv_dtype: DType) -> bool {
-    match batched_attention::check_fused_attention(device, kv_dtype) {
-        Ok(diff) if diff <= batched_attention::FUSED_TOLERANCE => {
-            tracing::info!(
-                max_difference = diff,
-                "batched attention: the fused paged-attention kernels"
-            );
-            true
-        }
-        Ok(diff) => {
-            tracing::error!(
-                max_difference = diff,
-                tolerance = batched_attention::FUSED_TOLERANCE,
-                "the fused paged-attention kernels differ from the tensor ops: not used"
-            );
-            false
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "the fused paged-attention kernels failed: not used");
-            false
-        }
-    }
+    kernels_hold(
+        batched_attention::check_fused_attention(device, kv_dtype),
+        batched_attention::FUSED_TOLERANCE,
+        "batched attention: the fused paged-attention kernels",
+        "the fused paged-attention kernels",
+        "the tensor ops",
+    )
 }
 
 /// Whether the fused epilogues compute what candle's ops do on `device` for this model's
-/// shapes and product dtype (logged either way, as [`fused_attention_holds`]).
+/// shapes and product dtype.
 fn fused_epilogues_hold(device: &Device, cfg: &ModelConfig, product: DType) -> bool {
     let (hidden, inner, act) = (
         cfg.hidden_size,
@@ -787,24 +772,40 @@ fn fused_epilogues_hold(device: &Device, cfg: &ModelConfig, product: DType) -> b
     );
     // A 16-bit output may round the other way on a last-bit difference of its float32.
     let tolerance = if product == DType::F32 { 1e-5 } else { 1e-2 };
-    match fused_epilogue::check(device, hidden, inner, act, product) {
+    kernels_hold(
+        fused_epilogue::check(device, hidden, inner, act, product),
+        tolerance,
+        "fused epilogues (bias, activation, residual, norm)",
+        "the fused epilogues",
+        "candle's ops",
+    )
+}
+
+/// Whether a start-up check of our own `kernels` against `oracle` came within `tolerance`,
+/// logged either way (as `used` when it did): a GPU whose kernels fail or differ keeps the
+/// candle ops and says so.
+fn kernels_hold(
+    check: candle_core::Result<f32>,
+    tolerance: f32,
+    used: &str,
+    kernels: &str,
+    oracle: &str,
+) -> bool {
+    match check {
         Ok(diff) if diff <= tolerance => {
-            tracing::info!(
-                max_difference = diff,
-                "fused epilogues (bias, activation, residual, norm)"
-            );
+            tracing::info!(max_difference = diff, "{used}");
             true
         }
         Ok(diff) => {
             tracing::error!(
                 max_difference = diff,
                 tolerance,
-                "the fused epilogues differ from candle's ops: not used"
+                "{kernels} differ from {oracle}: not used"
             );
             false
         }
         Err(e) => {
-            tracing::error!(error = %e, "the fused epilogues failed: not used");
+            tracing::error!(error = %e, "{kernels} failed: not used");
             false
         }
     }
