@@ -81,7 +81,8 @@ try:
     # which of our own kernels the server took (its start-up checks' lines)
     log.seek(0)
     kernels = [line.strip()[-300:] for line in log
-               if "paged-attention" in line or "fused epilogues" in line]
+               if "paged-attention" in line or "fused epilogues" in line
+               or "greedy choice" in line]
     print(json.dumps({"fixture": name, "dtype": a.dtype, "kernels": kernels}), flush=True)
     cases = reference["cases"]
     for label in ["alone", "all_at_once"]:

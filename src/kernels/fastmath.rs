@@ -98,6 +98,12 @@ multiversion! {
     }
 }
 
+/// `(max, log Σ e^x)` of `xs`: the log-softmax's normaliser, shifted by the maximum.
+pub fn log_sum_exp(xs: &[f32]) -> (f32, f32) {
+    let max = max(xs);
+    (max, max + sum_exp(xs, max).ln())
+}
+
 multiversion! {
     /// The largest element (-inf for an empty slice).
     pub fn max(xs: &[f32]) -> f32 {

@@ -1,37 +1,132 @@
-// Each row's greedy choice on the device (`greedy.rs`): the first position of the row's
-// maximum, NaN never winning (0 when no element is a number), as the host's `argmax` chooses.
-// One block per row; the host then copies one index per row instead of the vocabulary.
+// Greedy choices on the device (`greedy.rs`), one block per row, so that the host copies one
+// index per sequence instead of its heads' vocabulary rows:
+// - `argmax_rows`: the first position of a row's maximum, NaN never winning (0 when no
+//   element is a number), as the host's `argmax` chooses;
+// - `contrast_rows`: autocontrastive greedy, the first position of the largest
+//   log p_u - log p_l among the tokens with log p_u >= ln(alpha) + max log p_u, each term
+//   written in the host's order of operations (`greedy::contrast_choice`).
 
 #define THREADS 256
+#define NONE 0xffffffffu
+
+// The block's maximum of `v` (every thread gets it); `scratch` holds THREADS / 32 floats.
+__device__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();  // `scratch` may still be read from a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = scratch[0];
+    for (int w = 1; w < THREADS / 32; ++w) v = fmaxf(v, scratch[w]);
+    return v;
+}
+
+// The block's sum of `v` (every thread gets it, summed in the same order).
+__device__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = scratch[0];
+    for (int w = 1; w < THREADS / 32; ++w) v += scratch[w];
+    return v;
+}
+
+// The first position among the block's candidates (`best`, `at`: each thread's largest and
+// its first position, NONE for none) of the largest value; thread 0 gets it.
+__device__ unsigned int block_first_best(float best, unsigned int at, float* values,
+                                         unsigned int* positions) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        const float b = __shfl_xor_sync(0xffffffffu, best, o);
+        const unsigned int a = __shfl_xor_sync(0xffffffffu, at, o);
+        if (a != NONE && (at == NONE || b > best || (b == best && a < at))) {
+            best = b;
+            at = a;
+        }
+    }
+    __syncthreads();
+    if (lane == 0) {
+        values[warp] = best;
+        positions[warp] = at;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < THREADS / 32; ++w) {
+            const float b = values[w];
+            const unsigned int a = positions[w];
+            if (a != NONE && (at == NONE || b > best || (b == best && a < at))) {
+                best = b;
+                at = a;
+            }
+        }
+    }
+    return at;
+}
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 argmax_rows(const float* __restrict__ logits, unsigned int* __restrict__ out,
             unsigned int vocab) {
-    __shared__ float best[THREADS / 32];
-    __shared__ unsigned int first[THREADS / 32];
+    __shared__ float values[THREADS / 32];
+    __shared__ unsigned int positions[THREADS / 32];
     const float* row = logits + (size_t)blockIdx.x * vocab;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
     float m = -__int_as_float(0x7f800000);
     for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, row[i]);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (lane == 0) best[warp] = m;
-    __syncthreads();
-    m = best[0];
-    for (int w = 1; w < THREADS / 32; ++w) m = fmaxf(m, best[w]);
+    m = block_max(m, values);
 
-    unsigned int at = 0xffffffffu;
+    unsigned int at = NONE;
     for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
         if (row[i] == m) {
             at = i;
             break;  // a thread's positions ascend: its first is its least
         }
     }
-    for (int o = 16; o > 0; o >>= 1) at = min(at, __shfl_xor_sync(0xffffffffu, at, o));
-    if (lane == 0) first[warp] = at;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < THREADS / 32; ++w) at = min(at, first[w]);
-        out[blockIdx.x] = at == 0xffffffffu ? 0u : at;
+    at = block_first_best(m, at, values, positions);
+    if (threadIdx.x == 0) out[blockIdx.x] = at == NONE ? 0u : at;
+}
+
+// Row r's choice from `upper` and `lower` rows r, `ln_alpha[r]` its plausibility threshold
+// below the upper head's top log-probability (-inf: every token plausible).
+extern "C" __global__ void __launch_bounds__(THREADS)
+contrast_rows(const float* __restrict__ upper, const float* __restrict__ lower,
+              const float* __restrict__ ln_alpha, unsigned int* __restrict__ out,
+              unsigned int vocab) {
+    __shared__ float values[THREADS / 32];
+    __shared__ unsigned int positions[THREADS / 32];
+    const float* u = upper + (size_t)blockIdx.x * vocab;
+    const float* l = lower + (size_t)blockIdx.x * vocab;
+    const float inf = __int_as_float(0x7f800000);
+
+    float mu = -inf, ml = -inf;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        mu = fmaxf(mu, u[i]);
+        ml = fmaxf(ml, l[i]);
     }
+    mu = block_max(mu, values);
+    ml = block_max(ml, values);
+    float su = 0.f, sl = 0.f;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        su += expf(u[i] - mu);
+        sl += expf(l[i] - ml);
+    }
+    const float lse_u = mu + logf(block_sum(su, values));
+    const float lse_l = ml + logf(block_sum(sl, values));
+    const float t = ln_alpha[blockIdx.x] + (mu - lse_u);
+
+    float best = -inf;
+    unsigned int at = NONE;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float lp = u[i] - lse_u;
+        if (lp >= t) {
+            const float d = lp - (l[i] - lse_l);
+            if (d > best || (at == NONE && d == best)) {  // NaN never wins
+                best = d;
+                at = i;
+            }
+        }
+    }
+    at = block_first_best(best, at, values, positions);
+    if (threadIdx.x == 0) out[blockIdx.x] = at == NONE ? 0u : at;
 }

@@ -1,10 +1,19 @@
 //! Each row's greedy choice, where the logits are: on a GPU one launch over a step's head
 //! logits, so that a greedy sequence's next token costs the host one index instead of a copy
 //! of the vocabulary (16 streams of a 50,257-token vocabulary: 64 bytes instead of 3.2 MB a
-//! step, and no log-softmax on the host). The choice is the host's `argmax`: the first
-//! position of the row's maximum, NaN never winning (`greedy.cu`; on the CPU the same in Rust).
+//! step, and no log-softmax on the host; a contrast stream copies two rows otherwise).
+//! - [`argmax_rows`]: the host's `argmax`, the first position of the row's maximum, NaN never
+//!   winning.
+//! - [`contrast_rows`]: autocontrastive greedy (Gera et al.), the first position of the
+//!   largest log p_u - log p_l inside the plausible set {log p_u >= ln(alpha) + max log p_u}
+//!   (a candidate floor of one): the argmax of the contrast's scores, which are a monotone
+//!   function of that difference inside the set and below the set's best outside it, save
+//!   where their rounding ties two differences.
+//!
+//! `greedy.cu` computes both on a GPU; the Rust here is the CPU's version and the oracle that
+//! [`check`] holds the kernels to at start-up.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fastmath;
@@ -25,6 +34,99 @@ pub fn argmax(row: &[f32]) -> u32 {
     // vocabulary without a dependent compare per element.
     let best = fastmath::max(row);
     row.iter().position(|&x| x == best).unwrap_or(0) as u32
+}
+
+/// `upper` and `lower` `(rows, vocab)` float32, `ln_alpha` `(rows)` float32 (each row's
+/// ln(alpha); -inf: every token plausible): `(rows)` u32, each row's contrast choice
+/// ([`contrast_choice`]).
+pub fn contrast_rows(upper: &Tensor, lower: &Tensor, ln_alpha: &Tensor) -> Result<Tensor> {
+    let (rows, vocab) = upper.dims2()?;
+    if upper.dtype() != DType::F32
+        || lower.dtype() != DType::F32
+        || ln_alpha.dtype() != DType::F32
+        || lower.dims() != [rows, vocab]
+        || ln_alpha.dims() != [rows]
+    {
+        candle_core::bail!(
+            "contrast rows: two (rows, vocab) float32 matrices and (rows) ln(alpha)"
+        );
+    }
+    upper.contiguous()?.apply_op3_no_bwd(
+        &lower.contiguous()?,
+        &ln_alpha.contiguous()?,
+        &ContrastRows,
+    )
+}
+
+/// The contrast's greedy choice in one pair of rows: the first position of the largest
+/// `(u - lse_u) - (l - lse_l)` among the tokens with `u - lse_u >= ln_alpha + (max u - lse_u)`
+/// (0 when none is a number), each term as the host's contrast computes it.
+pub fn contrast_choice(upper: &[f32], lower: &[f32], ln_alpha: f32) -> u32 {
+    let (max_u, lse_u) = fastmath::log_sum_exp(upper);
+    let (_, lse_l) = fastmath::log_sum_exp(lower);
+    let lp_u = fastmath::sub(upper, lse_u);
+    let set = fastmath::PlausibleSet {
+        threshold: ln_alpha + (max_u - lse_u),
+        lse_lower: lse_l,
+    };
+    // the vectorised maximum, then its first position
+    let best = set.max_diff(&lp_u, lower);
+    lp_u.iter()
+        .zip(lower)
+        .position(|(&u, &l)| u >= set.threshold && u - (l - lse_l) == best)
+        .unwrap_or(0) as u32
+}
+
+/// How far the device's choices fall short of the CPU's on rows of `vocab` logits, under the
+/// CPU's own scores (0 where they choose the same; infinite for a contrast choice outside
+/// the plausible set): what a start-up check holds the kernels of `device` to. Zero on the
+/// CPU, whose kernels are these functions.
+pub fn check(device: &Device, vocab: usize) -> Result<f32> {
+    const ROWS: usize = 6;
+    let mut rand = super::uniform(0x9E37_79B9_7F4A_7C15u64);
+    // Spread as trained heads' logits (a few tokens well ahead, a long flat tail), rows
+    // whose plausible sets hold one token, some, most (alpha 0: all).
+    let mut row = |spread: f32| -> Vec<f32> {
+        (0..vocab)
+            .map(|_| {
+                let v = rand();
+                spread * v * v * v
+            })
+            .collect()
+    };
+    let upper: Vec<Vec<f32>> = (0..ROWS).map(|r| row(4.0 + 4.0 * r as f32)).collect();
+    let lower: Vec<Vec<f32>> = (0..ROWS).map(|r| row(6.0 + 2.0 * r as f32)).collect();
+    let ln_alpha: Vec<f32> = [0.1f32, 0.5, 0.01, 0.0, 0.1, 1.0]
+        .iter()
+        .map(|a| a.ln())
+        .collect();
+    let put = |rows: &[Vec<f32>]| Tensor::new(rows.concat(), device)?.reshape((ROWS, vocab));
+    let argmaxes = argmax_rows(&put(&upper)?)?.to_vec1::<u32>()?;
+    let contrasts = contrast_rows(
+        &put(&upper)?,
+        &put(&lower)?,
+        &Tensor::new(ln_alpha.as_slice(), device)?,
+    )?
+    .to_vec1::<u32>()?;
+    let mut worst = 0f32;
+    for r in 0..ROWS {
+        let (u, l) = (&upper[r], &lower[r]);
+        let shortfall = u[argmax(u) as usize] - u[argmaxes[r] as usize];
+        let (max_u, lse_u) = fastmath::log_sum_exp(u);
+        let (_, lse_l) = fastmath::log_sum_exp(l);
+        let threshold = ln_alpha[r] + (max_u - lse_u);
+        let score = |i: u32| {
+            let lp = u[i as usize] - lse_u;
+            if lp >= threshold {
+                lp - (l[i as usize] - lse_l)
+            } else {
+                f32::NEG_INFINITY
+            }
+        };
+        let contrast = score(contrast_choice(u, l, ln_alpha[r])) - score(contrasts[r]);
+        worst = worst.max(shortfall).max(contrast);
+    }
+    Ok(worst)
 }
 
 struct ArgmaxRows;
@@ -56,7 +158,61 @@ impl CustomOp1 for ArgmaxRows {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, vocab) = l.shape().dims2()?;
         Ok((
-            cuda::launch(s, l.start_offset(), rows, vocab)?,
+            cuda::launch_argmax(s, l.start_offset(), rows, vocab)?,
+            Shape::from(rows),
+        ))
+    }
+}
+
+struct ContrastRows;
+
+impl CustomOp3 for ContrastRows {
+    fn name(&self) -> &'static str {
+        "contrast-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l1.shape().dims2()?;
+        fn slice<'s>(s: &'s CpuStorage, l: &Layout) -> Result<&'s [f32]> {
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("contrast rows: contiguous operands");
+            };
+            Ok(&s.as_slice::<f32>()?[a..b])
+        }
+        let (upper, lower, ln_alpha) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let out: Vec<u32> = if vocab == 0 {
+            vec![0; rows]
+        } else {
+            (upper.par_chunks(vocab), lower.par_chunks(vocab), ln_alpha)
+                .into_par_iter()
+                .map(|(u, l, &a)| contrast_choice(u, l, a))
+                .collect()
+        };
+        Ok((CpuStorage::U32(out), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, vocab) = l1.shape().dims2()?;
+        let offsets = [l1.start_offset(), l2.start_offset(), l3.start_offset()];
+        Ok((
+            cuda::launch_contrast([s1, s2, s3], offsets, rows, vocab)?,
             Shape::from(rows),
         ))
     }
@@ -67,8 +223,8 @@ mod cuda {
     use std::sync::OnceLock;
 
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{CudaStorage, Result};
 
     const SOURCE: &str = include_str!("greedy.cu");
@@ -80,32 +236,71 @@ mod cuda {
         super::super::cuda_source::ptx(&PTX, "greedy.cu", SOURCE)
     }
 
-    pub(super) fn launch(
+    /// The `(rows)` output a kernel fills and its launch (one block per row); None when
+    /// there is nothing to choose from (the output then zeros).
+    fn prepare(
+        dev: &CudaDevice,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<(CudaSlice<u32>, Option<LaunchConfig>)> {
+        if rows == 0 || vocab == 0 {
+            return Ok((dev.alloc_zeros::<u32>(rows)?, None));
+        }
+        // SAFETY: the kernel writes every element (one per row) before anything reads it.
+        let out = unsafe { dev.alloc::<u32>(rows)? };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        Ok((out, Some(cfg)))
+    }
+
+    pub(super) fn launch_argmax(
         s: &CudaStorage,
         offset: usize,
         rows: usize,
         vocab: usize,
     ) -> Result<CudaStorage> {
         let dev = s.device().clone();
-        if rows == 0 || vocab == 0 {
-            let zeros = dev.alloc_zeros::<u32>(rows)?;
-            return Ok(CudaStorage::wrap_cuda_slice(zeros, dev));
-        }
-        let logits = s.as_cuda_slice::<f32>()?.slice(offset..);
-        // SAFETY: the kernel writes every element (one per row) before anything reads it.
-        let mut out = unsafe { dev.alloc::<u32>(rows)? };
-        let func = dev.get_or_load_custom_func("argmax_rows", "exitserve_greedy", ptx()?)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let vocab = vocab as u32;
-        {
+        let (mut out, cfg) = prepare(&dev, rows, vocab)?;
+        if let Some(cfg) = cfg {
+            let func = dev.get_or_load_custom_func("argmax_rows", "exitserve_greedy", ptx()?)?;
+            let logits = s.as_cuda_slice::<f32>()?.slice(offset..);
+            let vocab = vocab as u32;
             let mut b = func.builder();
             b.arg(&logits).arg(&mut out).arg(&vocab);
             // SAFETY: the arguments match the kernel's signature; it reads `rows` rows of
             // `vocab` floats from `logits`, which the layout holds.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+
+    /// `s`: upper, lower, ln(alpha); `offsets`: where each one's layout starts.
+    pub(super) fn launch_contrast(
+        s: [&CudaStorage; 3],
+        offsets: [usize; 3],
+        rows: usize,
+        vocab: usize,
+    ) -> Result<CudaStorage> {
+        let dev = s[0].device().clone();
+        let (mut out, cfg) = prepare(&dev, rows, vocab)?;
+        if let Some(cfg) = cfg {
+            let func = dev.get_or_load_custom_func("contrast_rows", "exitserve_greedy", ptx()?)?;
+            let upper = s[0].as_cuda_slice::<f32>()?.slice(offsets[0]..);
+            let lower = s[1].as_cuda_slice::<f32>()?.slice(offsets[1]..);
+            let ln_alpha = s[2].as_cuda_slice::<f32>()?.slice(offsets[2]..);
+            let vocab = vocab as u32;
+            let mut b = func.builder();
+            b.arg(&upper)
+                .arg(&lower)
+                .arg(&ln_alpha)
+                .arg(&mut out)
+                .arg(&vocab);
+            // SAFETY: the arguments match the kernel's signature; it reads `rows` rows of
+            // `vocab` floats from `upper` and `lower` and `rows` floats from `ln_alpha`,
+            // which their layouts hold (checked in `contrast_rows`).
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -145,6 +340,80 @@ mod tests {
             .map(|r| argmax(r))
             .collect();
         assert_eq!(picked, want);
+        Ok(())
+    }
+
+    /// The contrast as its definition states it, in float64: the first best of
+    /// log p_u - log p_l over the plausible set.
+    fn contrast_plain(upper: &[f32], lower: &[f32], alpha: f64) -> u32 {
+        let lsm = |x: &[f32]| {
+            let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            x.iter().map(|&v| v as f64 - lse).collect::<Vec<f64>>()
+        };
+        let (lp_u, lp_l) = (lsm(upper), lsm(lower));
+        let top = lp_u.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let mut best = (f64::NEG_INFINITY, 0);
+        for i in 0..upper.len() {
+            let d = lp_u[i] - lp_l[i];
+            if lp_u[i] >= alpha.ln() + top - 1e-12 && d > best.0 {
+                best = (d, i as u32);
+            }
+        }
+        best.1
+    }
+
+    #[test]
+    fn contrast_choices_are_the_best_difference_inside_the_plausible_set() -> Result<()> {
+        // token 0 leads the upper head; token 2 is plausible and the lower head finds it
+        // least likely; token 3 the lower head finds least likely of all, but it is not
+        // plausible (below alpha times the top probability).
+        let upper = [3.0f32, 1.0, 2.0, -2.0];
+        let lower = [3.0f32, 1.0, -4.0, -9.0];
+        assert_eq!(contrast_choice(&upper, &lower, 0.1f32.ln()), 2);
+        // alpha 0: every token plausible; alpha 1: only the top.
+        assert_eq!(contrast_choice(&upper, &lower, f32::NEG_INFINITY), 3);
+        assert_eq!(contrast_choice(&upper, &lower, 0.0), 0);
+        // the same difference twice: the first
+        assert_eq!(contrast_choice(&[1.0, 1.0], &[0.0, 0.0], 0.5f32.ln()), 0);
+        // nothing a number: 0
+        assert_eq!(
+            contrast_choice(&[f32::NAN; 2], &[f32::NAN; 2], 0.1f32.ln()),
+            0
+        );
+
+        let mut rand = crate::kernels::uniform(0x2545_F491_4F6C_DD1Du64);
+        let (rows, vocab) = (5, 3001);
+        let alphas = [0.1f32, 0.5, 0.01, 0.0, 1.0];
+        let mut row = |spread: f32| (0..vocab).map(|_| rand() * spread).collect::<Vec<_>>();
+        let upper: Vec<Vec<f32>> = (0..rows).map(|r| row(2.0 + 3.0 * r as f32)).collect();
+        let lower: Vec<Vec<f32>> = (0..rows).map(|_| row(5.0)).collect();
+        let ln_alpha: Vec<f32> = alphas.iter().map(|a| a.ln()).collect();
+        // a view: every row of a wider matrix but its first
+        let put = |m: &[Vec<f32>]| -> Result<Tensor> {
+            let padded = [vec![vec![0.5; vocab]], m.to_vec()].concat();
+            Tensor::new(padded.concat(), &Device::Cpu)?
+                .reshape((rows + 1, vocab))?
+                .narrow(0, 1, rows)
+        };
+        let got = contrast_rows(
+            &put(&upper)?,
+            &put(&lower)?,
+            &Tensor::new(ln_alpha.as_slice(), &Device::Cpu)?,
+        )?
+        .to_vec1::<u32>()?;
+        for r in 0..rows {
+            let want = contrast_plain(&upper[r], &lower[r], alphas[r] as f64);
+            assert_eq!(got[r], want, "row {r} alpha {}", alphas[r]);
+            assert_eq!(got[r], contrast_choice(&upper[r], &lower[r], ln_alpha[r]));
+        }
+        // misshapen operands are refused
+        let m = put(&upper)?;
+        let one = Tensor::new(&[0f32], &Device::Cpu)?;
+        assert!(contrast_rows(&m, &m.narrow(0, 0, 2)?, &one).is_err());
+        assert!(contrast_rows(&m, &m, &one).is_err());
+        // the start-up check on the CPU: its kernels are these functions
+        assert_eq!(check(&Device::Cpu, 1000)?, 0.0);
         Ok(())
     }
 }

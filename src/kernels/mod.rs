@@ -19,3 +19,16 @@ pub mod fused_epilogue;
 pub mod greedy;
 pub mod matmul;
 pub mod paged_attention;
+
+/// A deterministic stream of uniform numbers in [0, 1) from `seed` (xorshift64): made-up
+/// logits for the start-up checks that compare a device's kernels with the CPU's, and for
+/// tests.
+pub fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut x = seed.max(1);
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 40) as f32 / (1u64 << 24) as f32
+    }
+}

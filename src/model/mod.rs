@@ -40,7 +40,7 @@ pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, KvRun};
 pub use loader::{load, LoadOptions, LoadedModel};
-pub use mode::{ContrastParams, Head, Mode, Upper};
+pub use mode::{ContrastParams, DeviceChoice, Head, Mode, Upper};
 pub use multi_exit::MultiExitModel;
 pub use step::{Logits, SeqStep, StepLogits};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};

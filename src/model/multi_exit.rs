@@ -9,6 +9,7 @@
 //! still needed at a layer are a prefix, and a sequence decoding from exit L is dropped from the
 //! matrix after block L.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
@@ -21,7 +22,7 @@ use super::config::ModelConfig;
 use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::kv_pool::KvPool;
-use super::mode::{EarlyExitParams, Head};
+use super::mode::{DeviceChoice, EarlyExitParams, Head};
 use super::step::{ForwardStats, Logits, Packed, Segment, SeqStep, StepLogits};
 use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
 use crate::kernels::fused_epilogue::{self, add_norm};
@@ -53,6 +54,9 @@ pub struct MultiExitModel {
     /// On the batched path, what follows each product runs fused (`kernels::fused_epilogue`,
     /// checked against candle's ops at start-up): in the blocks, and `ln_f` before a head.
     fused_epilogues: bool,
+    /// On the batched path, greedy choices are made where the logits are (`SeqStep::choice`,
+    /// `kernels::greedy`, checked against the CPU's at start-up).
+    device_choices: bool,
     pub stats: ForwardStats,
 }
 
@@ -149,9 +153,13 @@ impl MultiExitModel {
             batched.then(|| KvPool::new(cfg.num_layers, h, wdtype.kv_dtype(), device.clone()));
         let fused_attention =
             kv_pool.is_some() && fused_attention_holds(&device, wdtype.kv_dtype());
+        // The ids travel as float32 among the logits: exact below 2^24.
+        let device_choices =
+            batched && cfg.vocab_size < 1 << 24 && device_choices_hold(&device, cfg.vocab_size);
         Ok(Self {
             fused_attention,
             fused_epilogues,
+            device_choices,
             device,
             kv_pool,
             kv_dtype: wdtype.kv_dtype(),
@@ -344,12 +352,18 @@ impl MultiExitModel {
         let lens: Vec<usize> = order.iter().map(|&i| steps[i].tokens.len()).collect();
         let heads: Vec<&[Head]> = order.iter().map(|&i| steps[i].heads).collect();
         let all_positions: Vec<bool> = order.iter().map(|&i| steps[i].all_positions).collect();
-        // Only the greedy choice comes back: one head, at the last row, no per-token exit.
-        let argmax_only: Vec<bool> = order
+        // Only the greedy choice comes back: at the last row, from the heads it is made of, no
+        // per-token exit.
+        let choices: Vec<Option<DeviceChoice>> = order
             .iter()
             .map(|&i| {
                 let s = &steps[i];
-                s.argmax_only && s.heads.len() == 1 && !s.all_positions && s.early_exit.is_none()
+                s.choice.filter(|c| {
+                    self.device_choices
+                        && s.heads.len() == c.heads()
+                        && !s.all_positions
+                        && s.early_exit.is_none()
+                })
             })
             .collect();
         let verify: Vec<bool> = order.iter().map(|&i| steps[i].verify).collect();
@@ -389,7 +403,7 @@ impl MultiExitModel {
                 lens: alive.iter().map(|&s| lens[s]).collect(),
                 heads: alive.iter().map(|&s| heads[s]).collect(),
                 all_positions: alive.iter().map(|&s| all_positions[s]).collect(),
-                argmax_only: alive.iter().map(|&s| argmax_only[s]).collect(),
+                choices: alive.iter().map(|&s| choices[s]).collect(),
             };
             let mut rows = view(&alive, &row_in_x);
             // The batched attention path's layout of each set of segments, made once for
@@ -602,7 +616,7 @@ impl MultiExitModel {
                     seq: p.order[slot],
                     head: k,
                     rows,
-                    argmax: p.argmax_only[slot],
+                    choice: p.choices[slot],
                 })
                 .collect();
             copies.push(logits, users, outputs)?;
@@ -616,7 +630,7 @@ impl MultiExitModel {
 /// everything queued before it, so a copy per head would stall the device once per head
 /// (contrast's two, inspection's every exit). Held back at most [`HELD_LOGITS_BYTES`], so a
 /// step scoring long prompts at many heads holds no second copy of them all. A sequence that
-/// reads only its greedy choice (`SeqStep::argmax_only`) gets it computed there
+/// reads only its greedy choice (`SeqStep::choice`) gets it computed there
 /// (`kernels::greedy`) and copied as one index. On the CPU's own path each head is copied
 /// when made (nothing to stall, and no concatenation to pay).
 struct HeadCopies {
@@ -625,6 +639,8 @@ struct HeadCopies {
     /// Each product `(rows, vocab)`, with its users.
     pending: Vec<(Tensor, Vec<HeadUser>)>,
     bytes: usize,
+    /// [`HELD_LOGITS_BYTES`] but in tests.
+    held_bytes: usize,
 }
 
 /// A sequence reading a head product: the next `rows` of it, in its row order.
@@ -634,8 +650,17 @@ struct HeadUser {
     /// Its index in the sequence's head list.
     head: usize,
     rows: usize,
-    /// Only the greedy choice of its one row is wanted.
-    argmax: bool,
+    /// Only the greedy choice of its one row is wanted, made thus (from this head and, for a
+    /// contrast, the sequence's other head).
+    choice: Option<DeviceChoice>,
+}
+
+/// What a user gets of a copy: its rows, or the `k`-th choice made of the copy's head
+/// argmaxes or contrasts.
+enum Read {
+    Rows,
+    Argmax(usize),
+    Contrast(usize),
 }
 
 /// Logits a pass holds back before copying them to the host.
@@ -648,6 +673,7 @@ impl HeadCopies {
             defer,
             pending: Vec::new(),
             bytes: 0,
+            held_bytes: HELD_LOGITS_BYTES,
         }
     }
 
@@ -659,7 +685,7 @@ impl HeadCopies {
     ) -> Result<()> {
         self.bytes += logits.elem_count() * std::mem::size_of::<f32>();
         self.pending.push((logits, users));
-        if !self.defer || self.bytes >= HELD_LOGITS_BYTES {
+        if !self.defer || self.bytes >= self.held_bytes {
             self.flush(outputs)?;
         }
         Ok(())
@@ -683,64 +709,108 @@ impl HeadCopies {
         };
         let pending = std::mem::take(&mut self.pending);
         self.bytes = 0;
-        // The rows of `all` each user reads, in order; whether it wants the greedy choice.
-        let mut full_rows: Vec<u32> = Vec::new();
-        let mut argmax_rows: Vec<u32> = Vec::new();
-        let mut row = 0u32;
-        // ids travel as float32 among the logits: exact below 2^24
-        let greedy_on_device = self.defer && self.vocab < 1 << 24;
-        for (_, users) in &pending {
-            for u in users {
-                let rows = row..row + u.rows as u32;
-                if u.argmax && greedy_on_device {
-                    argmax_rows.extend(rows.clone());
-                } else {
-                    full_rows.extend(rows.clone());
-                }
-                row = rows.end;
+        let users = || pending.iter().flat_map(|(_, users)| users);
+        // Where each user's rows start in `all`.
+        let starts: Vec<u32> = users()
+            .scan(0u32, |row, u| {
+                let start = *row;
+                *row += u.rows as u32;
+                Some(start)
+            })
+            .collect();
+        let rows = users().map(|u| u.rows).sum::<usize>();
+        // A contrast's choice needs both its heads' rows in this copy: a sequence whose other
+        // head went (or goes) in another copy (the held bytes ran out between its heads)
+        // reads its rows instead.
+        let mut contrast_halves: HashMap<usize, [Option<u32>; 2]> = HashMap::new();
+        for (u, &start) in users().zip(&starts) {
+            if let Some(DeviceChoice::Contrast { .. }) = u.choice {
+                // heads 0 and 1: upper and lower
+                contrast_halves.entry(u.seq).or_default()[u.head] = Some(start);
             }
         }
-        let (data, ids) = if argmax_rows.is_empty() {
+        let (mut full, mut argmax, mut contrast) = (Vec::new(), Vec::new(), Vec::new());
+        let mut contrast_of: HashMap<usize, usize> = HashMap::new();
+        let reads: Vec<Read> = users()
+            .zip(&starts)
+            .map(|(u, &start)| match u.choice {
+                Some(DeviceChoice::HeadArgmax) => {
+                    argmax.push(start);
+                    Read::Argmax(argmax.len() - 1)
+                }
+                Some(DeviceChoice::Contrast { alpha }) => match contrast_halves[&u.seq] {
+                    [Some(upper), Some(lower)] => {
+                        Read::Contrast(*contrast_of.entry(u.seq).or_insert_with(|| {
+                            contrast.push((upper, lower, alpha.ln()));
+                            contrast.len() - 1
+                        }))
+                    }
+                    _ => {
+                        full.extend(start..start + u.rows as u32);
+                        Read::Rows
+                    }
+                },
+                None => {
+                    full.extend(start..start + u.rows as u32);
+                    Read::Rows
+                }
+            })
+            .collect();
+        let (data, ids) = if argmax.is_empty() && contrast.is_empty() {
             (all.to_vec1::<f32>()?, Vec::new())
         } else {
-            self.copy_with_choices(&all, row as usize, &full_rows, &argmax_rows)?
+            self.copy_with_choices(&all, rows, &full, &argmax, &contrast)?
         };
         let data = Arc::new(data);
-        let (mut at, mut next_id) = (0, ids.iter());
-        for (_, users) in pending {
-            for u in users {
-                outputs[u.seq][u.head] = if u.argmax && greedy_on_device {
-                    let id = *next_id.next().expect("a choice per greedy user");
-                    Logits::chosen(self.vocab, id)
-                } else {
+        let mut at = 0;
+        for (u, read) in users().zip(reads) {
+            outputs[u.seq][u.head] = match read {
+                Read::Argmax(k) => Logits::chosen(self.vocab, ids[k]),
+                Read::Contrast(k) => Logits::chosen(self.vocab, ids[argmax.len() + k]),
+                Read::Rows => {
                     let range = at..at + u.rows * self.vocab;
                     at = range.end;
                     Logits::shared(self.vocab, Arc::clone(&data), range)
-                };
-            }
+                }
+            };
         }
         Ok(())
     }
 
-    /// `all`'s rows `full` and the greedy choices of its rows `greedy`, in one copy to the
-    /// host.
+    /// `all`'s rows `full`, then the head argmaxes of its rows `argmax` and the contrast
+    /// choices of its row pairs `contrast` (upper, lower, ln alpha), in one copy to the host.
     fn copy_with_choices(
         &self,
         all: &Tensor,
         rows: usize,
         full: &[u32],
-        greedy: &[u32],
+        argmax: &[u32],
+        contrast: &[(u32, u32, f32)],
     ) -> Result<(Vec<f32>, Vec<u32>)> {
         let matrix = all.reshape((rows, self.vocab))?;
         let device = matrix.device();
         let pick = |ix: &[u32]| -> candle_core::Result<Tensor> {
-            if ix.len() == rows {
+            if ix.iter().copied().eq(0..rows as u32) {
                 Ok(matrix.clone()) // every row, in order
             } else {
                 matrix.index_select(&Tensor::new(ix, device)?, 0)
             }
         };
-        let ids = greedy::argmax_rows(&pick(greedy)?)?;
+        let mut ids = Vec::new();
+        if !argmax.is_empty() {
+            ids.push(greedy::argmax_rows(&pick(argmax)?)?);
+        }
+        if !contrast.is_empty() {
+            let column =
+                |f: fn(&(u32, u32, f32)) -> u32| contrast.iter().map(f).collect::<Vec<_>>();
+            let ln_alpha: Vec<f32> = contrast.iter().map(|c| c.2).collect();
+            ids.push(greedy::contrast_rows(
+                &pick(&column(|c| c.0))?,
+                &pick(&column(|c| c.1))?,
+                &Tensor::new(ln_alpha, device)?,
+            )?);
+        }
+        let ids = Tensor::cat(&ids, 0)?;
         if full.is_empty() {
             return Ok((Vec::new(), ids.to_vec1::<u32>()?));
         }
@@ -778,6 +848,17 @@ fn fused_epilogues_hold(device: &Device, cfg: &ModelConfig, product: DType) -> b
         "fused epilogues (bias, activation, residual, norm)",
         "the fused epilogues",
         "candle's ops",
+    )
+}
+
+/// Whether the greedy choices made on `device` are the CPU's, for rows of `vocab` logits.
+fn device_choices_hold(device: &Device, vocab: usize) -> bool {
+    kernels_hold(
+        greedy::check(device, vocab),
+        1e-5,
+        "greedy choices (argmax, contrast) made where the logits are",
+        "the greedy choice kernels",
+        "the CPU's choices",
     )
 }
 
@@ -819,7 +900,7 @@ struct Rows<'h> {
     lens: Vec<usize>,
     heads: Vec<&'h [Head]>,
     all_positions: Vec<bool>,
-    argmax_only: Vec<bool>,
+    choices: Vec<Option<DeviceChoice>>,
 }
 
 impl Rows<'_> {
@@ -829,7 +910,7 @@ impl Rows<'_> {
             lens: &self.lens,
             heads: &self.heads,
             all_positions: &self.all_positions,
-            argmax_only: &self.argmax_only,
+            choices: &self.choices,
             order: &self.order,
         }
     }
@@ -871,5 +952,90 @@ fn take_segments<'s>(
 fn put_back<'s>(segments: &mut [Option<Segment<'s>>], slots: &[usize], run: Vec<Segment<'s>>) {
     for (&s, seg) in slots.iter().zip(run) {
         segments[s] = Some(seg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One product's rows and users: `(seq, head, choice)`, a row each.
+    type Users = Vec<(usize, usize, Option<DeviceChoice>)>;
+
+    /// Pushes two products as a step would (the lower exit's first, the upper head's after),
+    /// holding back at most `held_bytes`, and returns what each sequence's heads got.
+    fn copied(
+        held_bytes: usize,
+        products: &[(Tensor, Users)],
+        heads: &[usize],
+    ) -> Result<Vec<Vec<Logits>>> {
+        let vocab = products[0].0.dim(1)?;
+        let mut copies = HeadCopies {
+            held_bytes,
+            ..HeadCopies::new(vocab, true)
+        };
+        let mut outputs: Vec<Vec<Logits>> =
+            heads.iter().map(|&n| vec![Logits::default(); n]).collect();
+        for (t, users) in products {
+            let users = users
+                .iter()
+                .map(|&(seq, head, choice)| HeadUser {
+                    seq,
+                    head,
+                    rows: 1,
+                    choice,
+                })
+                .collect();
+            copies.push(t.clone(), users, &mut outputs)?;
+        }
+        copies.flush(&mut outputs)?;
+        Ok(outputs)
+    }
+
+    #[test]
+    fn choices_are_made_in_the_copy_and_a_contrast_split_between_copies_reads_its_rows(
+    ) -> Result<()> {
+        let (vocab, dev) = (50, Device::Cpu);
+        let product = |phase: f64| -> Result<Tensor> {
+            let t = Tensor::arange(0f32, (3 * vocab) as f32, &dev)?;
+            Ok(((t * 0.37)? + phase)?.sin()?.reshape((3, vocab))?)
+        };
+        let (lower, upper) = (product(0.5)?, product(2.0)?);
+        let contrast = Some(DeviceChoice::Contrast { alpha: 0.1 });
+        let argmax = Some(DeviceChoice::HeadArgmax);
+        // sequences 0 and 1 contrast the upper head over the lower exit; 2 reads the lower
+        // exit's argmax; 3 the upper head's rows.
+        let products = [
+            (
+                lower.clone(),
+                vec![(0, 1, contrast), (1, 1, contrast), (2, 0, argmax)],
+            ),
+            (
+                upper.clone(),
+                vec![(0, 0, contrast), (1, 0, contrast), (3, 0, None)],
+            ),
+        ];
+        let heads = [2, 2, 1, 1];
+        let row = |t: &Tensor, r: usize| -> Result<Vec<f32>> { Ok(t.get(r)?.to_vec1()?) };
+        let product_bytes = 3 * vocab * 4;
+        for held in [1 << 20, product_bytes] {
+            let split = held == product_bytes; // copied after each product
+            let out = copied(held, &products, &heads)?;
+            for (s, got) in out[..2].iter().enumerate() {
+                let (u, l) = (row(&upper, s)?, row(&lower, s)?);
+                if split {
+                    assert_eq!(got[0].choice(), None);
+                    assert_eq!(got[0].last(), Some(&u[..]));
+                    assert_eq!(got[1].last(), Some(&l[..]));
+                } else {
+                    let want = greedy::contrast_choice(&u, &l, 0.1f32.ln());
+                    assert_eq!(got[0].choice(), Some(want));
+                    assert_eq!(got[1].choice(), Some(want));
+                }
+            }
+            assert_eq!(out[2][0].choice(), Some(greedy::argmax(&row(&lower, 2)?)));
+            assert_eq!(out[3][0].last(), Some(&row(&upper, 2)?[..]));
+        }
+        Ok(())
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use super::kv_cache::KvCache;
-use super::mode::{EarlyExitParams, Head};
+use super::mode::{DeviceChoice, EarlyExitParams, Head};
 
 /// One sequence's part of a forward step.
 pub struct SeqStep<'a> {
@@ -32,11 +32,12 @@ pub struct SeqStep<'a> {
     /// the row leaves the step, the heads above stay empty, and the blocks above get its keys
     /// and values from its hidden state there. Ignored for prompt chunks and verifying passes.
     pub early_exit: Option<EarlyExitParams>,
-    /// The caller reads only the greedy choice of its one head at its last row (its mode's
-    /// choice is that head's argmax, and nothing else of the logits is reported): on the
-    /// batched path the step computes it on the device and copies that index alone
-    /// (`Logits::chosen`); elsewhere the logits come as usual.
-    pub argmax_only: bool,
+    /// The caller reads only the greedy choice of its next token, made from its heads' rows
+    /// at its last position thus (`DeviceChoice::HeadArgmax` of one head, `Contrast` of two:
+    /// upper, lower), and nothing else of the logits: on the batched path the step computes it
+    /// where the logits are and copies that index alone (`Logits::chosen`, for each of its
+    /// heads); elsewhere the logits come as usual.
+    pub choice: Option<DeviceChoice>,
 }
 
 /// A sequence's rows in the packed matrix, with its cache.
@@ -54,8 +55,8 @@ pub(super) struct Packed<'p> {
     pub lens: &'p [usize],
     pub heads: &'p [&'p [Head]],
     pub all_positions: &'p [bool],
-    /// See `SeqStep::argmax_only`.
-    pub argmax_only: &'p [bool],
+    /// See `SeqStep::choice` (None where the step cannot make it: see `forward_pass`).
+    pub choices: &'p [Option<DeviceChoice>],
     /// Packed slot -> index of the sequence in the caller's step list.
     pub order: &'p [usize],
 }
@@ -77,7 +78,7 @@ pub struct Logits {
     data: Arc<Vec<f32>>,
     range: Range<usize>,
     /// The greedy choice of the one row, computed where the logits were (no rows held): see
-    /// `SeqStep::argmax_only`.
+    /// `SeqStep::choice`.
     chosen: Option<u32>,
 }
 

@@ -204,7 +204,7 @@ pub fn all_head_logits(
         draft: false,
         verify: false,
         early_exit: None,
-        argmax_only: false,
+        choice: None,
     }];
     let out = model.forward(&mut step)?.into_per_seq().remove(0);
     Ok(heads

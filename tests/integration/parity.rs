@@ -9,7 +9,8 @@ use std::path::Path;
 
 use common::{all_head_logits, Case, Fixture, ARCHS, FIXTURE};
 use exitserve::model::{
-    self, ContrastParams, Head, LoadOptions, LoadedModel, Logits, Mode, SeqStep, Upper,
+    self, ContrastParams, DeviceChoice, Head, LoadOptions, LoadedModel, Logits, Mode, SeqStep,
+    Upper,
 };
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -74,7 +75,7 @@ fn greedy_batch(
                 draft: false,
                 verify: false,
                 early_exit: None,
-                argmax_only: false,
+                choice: None,
             })
             .collect();
         let logits = m.model.forward(&mut batch).unwrap();
@@ -204,8 +205,9 @@ fn mixed_schedule(m: &LoadedModel) -> Vec<Vec<Logits>> {
     mixed_schedule_reading(m, false)
 }
 
-/// [`mixed_schedule`]; with `choices`, the sequences of one head read only their greedy
-/// choice where they may (`SeqStep::argmax_only`), beside the others' full logits.
+/// [`mixed_schedule`]; with `choices`, the sequences read only their greedy choice where
+/// they may (`SeqStep::choice`: the argmax of one head, the contrast of two with alpha
+/// [`CHOICE_ALPHA`]), beside the others' full logits.
 fn mixed_schedule_reading(m: &LoadedModel, choices: bool) -> Vec<Vec<Logits>> {
     let n = m.model.config().num_layers;
     let exit = m.model.config().exit_layers[0];
@@ -238,7 +240,7 @@ fn mixed_schedule_reading(m: &LoadedModel, choices: bool) -> Vec<Vec<Logits>> {
                 draft: false,
                 verify: false,
                 early_exit: None,
-                argmax_only: choices && heads[i].len() == 1,
+                choice: choices.then(|| device_choice(heads[i].len())),
             })
             .collect();
         out.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
@@ -303,33 +305,79 @@ fn batched_attention_equals_the_cpu_kernels_on_a_mixed_schedule() {
     }
 }
 
+/// The contrast's alpha of the sequences of two heads that read only their choice.
+const CHOICE_ALPHA: f32 = 0.1;
+
+/// What a sequence of `heads` heads reads when it reads only its greedy choice.
+fn device_choice(heads: usize) -> DeviceChoice {
+    match heads {
+        1 => DeviceChoice::HeadArgmax,
+        _ => DeviceChoice::Contrast {
+            alpha: CHOICE_ALPHA,
+        },
+    }
+}
+
+/// The greedy choice the host makes from a sequence's full logits (`want`, one per head) as
+/// [`device_choice`] names it: the argmax of the one head, or of the contrast's scores.
+fn host_choice(want: &[Logits]) -> Option<u32> {
+    match want {
+        [one] => one.last().map(argmax),
+        [upper, lower] => {
+            let c = ContrastParams {
+                alpha: CHOICE_ALPHA,
+                ..ContrastParams::new(Upper::Original, 1)
+            };
+            Some(argmax(
+                &Mode::Contrast(c).scores(&[upper.last()?, lower.last()?]),
+            ))
+        }
+        _ => None,
+    }
+}
+
 #[test]
-fn greedy_choices_made_in_the_step_are_the_argmax_of_the_logits() {
+fn greedy_choices_made_in_the_step_are_the_host_choices_from_the_logits() {
     for f in ARCHS {
         for dtype in [model::WeightDtype::F32, model::WeightDtype::Bf16] {
             let m = model::load(f.dir().to_str().unwrap(), &gpu_path(dtype)).unwrap();
             let want = mixed_schedule_reading(&m, false);
             let got = mixed_schedule_reading(&m, true);
-            let mut chosen = 0;
-            for (w, g) in want.iter().flatten().zip(got.iter().flatten()) {
-                match g.choice() {
+            let (mut chosen, mut contrasts) = (0, 0);
+            assert_eq!(want.len(), got.len());
+            for (w, g) in want.iter().zip(&got) {
+                assert_eq!(w.len(), g.len());
+                match g[0].choice() {
                     Some(id) => {
-                        assert_eq!(Some(id), w.last().map(argmax), "{} {dtype:?}", f.name);
+                        // every head of the sequence carries the one choice
+                        assert!(g.iter().all(|h| h.choice() == Some(id)));
+                        assert_eq!(Some(id), host_choice(w), "{} {dtype:?}", f.name);
                         chosen += 1;
+                        contrasts += usize::from(g.len() == 2);
                     }
                     // the others in the same steps: their logits as ever
                     None => assert_eq!(w, g, "{} {dtype:?}", f.name),
                 }
             }
-            assert!(chosen > 20, "{chosen} choices made in the step");
+            assert!(
+                chosen > 20 && contrasts > 10,
+                "{chosen} choices made in the step, {contrasts} contrasts"
+            );
             // a step where every sequence reads only its choice
-            let exit = Head::Exit(m.model.config().exit_layers[0]);
-            let heads = [[Head::Original], [exit]];
-            let depths = [m.model.config().num_layers, m.model.config().exit_layers[0]];
-            let decode = |choices: bool| -> Vec<Logits> {
-                let mut caches: Vec<_> = (0..2).map(|_| m.model.new_cache()).collect();
+            let (n, low) = (m.model.config().num_layers, m.model.config().exit_layers[0]);
+            let heads: [&[Head]; 3] = [
+                &[Head::Original],
+                &[Head::Exit(low)],
+                &[Head::Original, Head::Exit(low)],
+            ];
+            let depths = [n, low, n];
+            let decode = |choices: bool| -> Vec<Vec<Logits>> {
+                let mut caches: Vec<_> = (0..3).map(|_| m.model.new_cache()).collect();
                 let mut steps = Vec::new();
-                for tokens in [[[5u32, 6, 7], [8, 9, 10]], [[11, 0, 0], [12, 0, 0]]] {
+                for tokens in [
+                    [[5u32, 6, 7], [8, 9, 10], [1, 2, 3]],
+                    [[11, 0, 0], [12, 0, 0], [13, 0, 0]],
+                ] {
                     let len = if steps.is_empty() { 3 } else { 1 };
                     let mut batch: Vec<SeqStep> = caches
                         .iter_mut()
@@ -338,27 +386,20 @@ fn greedy_choices_made_in_the_step_are_the_argmax_of_the_logits() {
                             tokens: &tokens[i][..len],
                             cache,
                             depth: depths[i],
-                            heads: &heads[i],
+                            heads: heads[i],
                             all_positions: false,
                             draft: false,
                             verify: false,
                             early_exit: None,
-                            argmax_only: choices,
+                            choice: choices.then(|| device_choice(heads[i].len())),
                         })
                         .collect();
-                    steps.extend(
-                        m.model
-                            .forward(&mut batch)
-                            .unwrap()
-                            .into_per_seq()
-                            .into_iter()
-                            .flatten(),
-                    );
+                    steps.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
                 }
                 steps
             };
             for (w, g) in decode(false).iter().zip(decode(true)) {
-                assert_eq!(g.choice(), w.last().map(argmax), "{} {dtype:?}", f.name);
+                assert_eq!(g[0].choice(), host_choice(w), "{} {dtype:?}", f.name);
             }
         }
     }
@@ -559,7 +600,7 @@ fn teacher_forced_logits(
             draft: false,
             verify: false,
             early_exit: None,
-            argmax_only: false,
+            choice: None,
         }];
         let logits = m
             .model
@@ -646,7 +687,7 @@ fn exit_logits(m: &LoadedModel, tokens: &[u32], layer: usize, draft: bool) -> Ve
         draft,
         verify: false,
         early_exit: None,
-        argmax_only: false,
+        choice: None,
     }];
     let out = m.model.forward(&mut step).unwrap().into_per_seq().remove(0);
     out.into_iter().next().unwrap().into_last()

@@ -317,7 +317,7 @@ impl Batcher {
                 draft: row.kind == StepKind::Draft,
                 verify: row.per_query,
                 early_exit: row.early_exit,
-                argmax_only: row.argmax_only,
+                choice: row.choice,
             })
             .collect();
         let fault = self.cfg.fault();

@@ -8,7 +8,7 @@ use crate::engine::scheduler::{self, SeqView};
 use crate::engine::sequence::Sequence;
 use crate::engine::speculative::SpecInput;
 use crate::model::cost::scored_position_cost;
-use crate::model::mode::EarlyExitParams;
+use crate::model::mode::{DeviceChoice, EarlyExitParams};
 use crate::model::Head;
 
 /// Positions an inspection of every position scores per step: its logits stay resident for
@@ -49,8 +49,8 @@ pub(super) struct RowPlan {
     /// An early-exit mode's threshold for this token, decided in the forward (decode only:
     /// prompt positions run every block).
     pub early_exit: Option<EarlyExitParams>,
-    /// Only the greedy choice of its next token is read (`SeqStep::argmax_only`).
-    pub argmax_only: bool,
+    /// Only the greedy choice of its next token is read, made thus (`SeqStep::choice`).
+    pub choice: Option<DeviceChoice>,
 }
 
 /// The inputs of one step, in `running` order over the sequences that take part.
@@ -156,29 +156,33 @@ fn resume_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         all_positions: false,
         kind: StepKind::Next,
         early_exit: None,
-        argmax_only: false,
+        choice: None,
     }
 }
 
-/// Whether the sequence's next token is its mode's one head's argmax and nothing else of the
-/// logits is read: greedy with no bias or penalties, a mode whose greedy choice is its head's
-/// argmax, no logprobs to report or rank by, no followers to fork from these scores, no
-/// grammar, no inspection, no speculation. Then a step on the device copies only the choice.
-fn reads_only_greedy_choice(s: &Sequence) -> bool {
+/// How the sequence's next token may be chosen where the logits are, when nothing else of
+/// them is read: greedy with no bias or penalties, a mode with a device choice (its head's
+/// argmax, or the contrast's), no logprobs to report or rank by, no followers to fork from
+/// these scores, no grammar, no inspection, no speculation. Then a step on the device copies
+/// only the choice.
+fn device_choice(s: &Sequence) -> Option<DeviceChoice> {
     let r = s.request.borrow();
     let req = &r.req;
-    s.sampler.is_plain_greedy()
-        && req
-            .mode
-            .at_token(s.generated, req.max_tokens)
-            .greedy_is_head_argmax()
+    let reads_only_the_choice = s.sampler.is_plain_greedy()
         && req.logprobs.is_none()
         && req.best_of <= req.n
         && s.forks.is_empty()
         && s.guide.is_none()
         && s.spec.is_none()
         && req.inspect.is_none()
-        && req.max_tokens > 0
+        && req.max_tokens > 0;
+    reads_only_the_choice
+        .then(|| {
+            req.mode
+                .at_token(s.generated, req.max_tokens)
+                .device_choice()
+        })
+        .flatten()
 }
 
 /// A prefilling sequence's next `take` prompt tokens.
@@ -203,7 +207,7 @@ fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         all_positions,
         kind: StepKind::Next,
         early_exit: None,
-        argmax_only: last_chunk && !all_positions && reads_only_greedy_choice(s),
+        choice: device_choice(s).filter(|_| last_chunk && !all_positions),
     }
 }
 
@@ -239,12 +243,12 @@ fn decode_row(s: &mut Sequence, index: usize, may_draft: bool) -> RowPlan {
         all_positions,
         kind,
         early_exit: None,
-        argmax_only: false,
+        choice: None,
     };
     match input {
         SpecInput::Plain => RowPlan {
             early_exit,
-            argmax_only: reads_only_greedy_choice(s),
+            choice: device_choice(s),
             ..row(vec![next], heads, depth, false, StepKind::Next)
         },
         SpecInput::Draft(token) => {

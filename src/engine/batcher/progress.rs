@@ -42,7 +42,7 @@ impl Ready {
             .flatten()
     }
 
-    /// The next token, when the step computed only the greedy choice (`SeqStep::argmax_only`).
+    /// The next token, when the step computed only the greedy choice (`SeqStep::choice`).
     pub fn choice(&self) -> Option<u32> {
         self.logits.first().and_then(Logits::choice)
     }

@@ -7,7 +7,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use super::params::{self, Fields, Form, FormField, ModelShape, ParamError};
-use super::{log_sum_exp, Head, Strategy};
+use super::{log_sum_exp, DeviceChoice, Head, Strategy};
 use crate::kernels::fastmath;
 
 /// Upper side of a contrast: an exit layer or the original head.
@@ -94,6 +94,12 @@ impl Strategy for ContrastParams {
 
     fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
         contrast_log_q(logits[0], logits[1], self)
+    }
+
+    /// The best difference inside the plausible set, for the default candidate floor (a
+    /// wider one needs the k-th largest probability, a selection left to the host).
+    fn device_choice(&self) -> Option<DeviceChoice> {
+        (self.minimum_candidates == 1).then_some(DeviceChoice::Contrast { alpha: self.alpha })
     }
 
     /// `contrast:U,L` plus the parameters that are not the defaults.
@@ -349,35 +355,72 @@ mod tests {
         q
     }
 
+    /// Two rows of `n` made-up logits in [0, spread), and the contrast of the original head
+    /// over exit 1 with `alpha` and candidate floor `k`.
+    fn made_up(
+        rand: &mut impl FnMut() -> f32,
+        n: usize,
+        spread: f32,
+        alpha: f32,
+        k: usize,
+    ) -> (Vec<f32>, Vec<f32>, ContrastParams) {
+        let upper = (0..n).map(|_| rand() * spread).collect();
+        let lower = (0..n).map(|_| rand() * spread).collect();
+        let c = ContrastParams {
+            upper: Upper::Original,
+            lower: 1,
+            alpha,
+            minimum_candidates: k,
+        };
+        (upper, lower, c)
+    }
+
     #[test]
     fn fused_contrast_matches_the_stepwise_formula() {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let mut rand = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut rand = crate::kernels::uniform(0x2545_F491_4F6C_DD1Du64);
         for (n, spread, alpha, k) in [
             (1000, 8.0, 0.1, 1),
             (50257, 1.0, 0.1, 1), // flat: half the vocabulary plausible
             (777, 30.0, 0.5, 5),  // peaked, a wider candidate floor
             (64, 4.0, 0.0, 1),    // alpha 0: every token plausible
         ] {
-            let upper: Vec<f32> = (0..n).map(|_| rand() * spread).collect();
-            let lower: Vec<f32> = (0..n).map(|_| rand() * spread).collect();
-            let c = ContrastParams {
-                upper: Upper::Original,
-                lower: 1,
-                alpha,
-                minimum_candidates: k,
-            };
+            let (upper, lower, c) = made_up(&mut rand, n, spread, alpha, k);
             let got = contrast_log_q(&upper, &lower, &c);
             let want = contrast_plain(&upper, &lower, &c);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!((*g as f64 - w).abs() < 1e-4, "n {n} token {i}: {g} vs {w}");
             }
         }
+    }
+
+    /// What a step computes on the device for a greedy contrast (`kernels::greedy`) is the
+    /// first argmax of these scores.
+    #[test]
+    fn the_device_choice_is_the_argmax_of_the_scores() {
+        let mut rand = crate::kernels::uniform(0x9E37_79B9_7F4A_7C15u64);
+        for (n, spread, alpha) in [
+            (50257, 12.0, 0.1),
+            (1000, 2.0, 0.1),
+            (777, 30.0, 0.5),
+            (64, 4.0, 0.0),
+            (333, 6.0, 1.0),
+        ] {
+            for _ in 0..4 {
+                let (upper, lower, c) = made_up(&mut rand, n, spread, alpha, 1);
+                assert_eq!(
+                    c.device_choice(),
+                    Some(DeviceChoice::Contrast { alpha })
+                );
+                let scores = contrast_log_q(&upper, &lower, &c);
+                assert_eq!(
+                    crate::kernels::greedy::argmax(&scores),
+                    crate::kernels::greedy::contrast_choice(&upper, &lower, alpha.ln()),
+                    "n {n} alpha {alpha}"
+                );
+            }
+        }
+        let (_, _, wide) = made_up(&mut rand, 0, 1.0, 0.1, 3);
+        assert_eq!(wide.device_choice(), None);
     }
 
     #[test]

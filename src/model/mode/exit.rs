@@ -6,7 +6,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use super::params::{Fields, Form, FormField, ModelShape, ParamError};
-use super::{log_softmax, Head, Strategy};
+use super::{log_softmax, DeviceChoice, Head, Strategy};
 
 /// The exit head trained on block `.0`'s output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,8 +28,8 @@ impl Strategy for Exit {
         log_softmax(logits[0])
     }
 
-    fn greedy_is_head_argmax(&self) -> bool {
-        true
+    fn device_choice(&self) -> Option<DeviceChoice> {
+        Some(DeviceChoice::HeadArgmax)
     }
 
     fn chosen_head(&self, _logits: &[&[f32]]) -> Option<usize> {

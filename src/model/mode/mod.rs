@@ -16,6 +16,7 @@ use std::str::FromStr;
 use serde_json::{Map, Value};
 
 use crate::kernels::fastmath;
+pub(super) use crate::kernels::fastmath::log_sum_exp;
 pub use params::{Fields, Form, ModelShape, ParamError};
 
 /// A vocabulary head evaluated on a block's output.
@@ -36,6 +37,28 @@ impl Head {
         match self {
             Head::Original => num_layers,
             Head::Exit(l) | Head::LmHeadAt(l) => l,
+        }
+    }
+}
+
+/// A greedy choice a step can make where the logits are, so that only the chosen index
+/// travels to the host (`kernels::greedy`). Each equals the first argmax of the strategy's
+/// scores save where the host's rounding of them ties two values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeviceChoice {
+    /// The first argmax of its one head's logits (scores that are the head's log-softmax).
+    HeadArgmax,
+    /// Autocontrastive greedy over its two heads (upper, lower) with a candidate floor of one:
+    /// the first argmax of log p_u - log p_l among the tokens with p_u >= alpha max p_u.
+    Contrast { alpha: f32 },
+}
+
+impl DeviceChoice {
+    /// How many heads' rows it is made from (the sequence's heads, in order).
+    pub fn heads(&self) -> usize {
+        match self {
+            DeviceChoice::HeadArgmax => 1,
+            DeviceChoice::Contrast { .. } => 2,
         }
     }
 }
@@ -90,11 +113,10 @@ pub trait Strategy: Copy + PartialEq + fmt::Debug + Sized {
         true
     }
 
-    /// Whether the greedy choice from its scores is the first argmax of its one head's logits
-    /// (its scores are that head's log-softmax, whose argmax it is but where subtracting the
-    /// log-sum-exp rounds two values to a tie): a step may then compute it on the device.
-    fn greedy_is_head_argmax(&self) -> bool {
-        false
+    /// How a step may make the greedy choice from its scores where the logits are (for a
+    /// sequence that reads nothing else of them); None where it needs the rows on the host.
+    fn device_choice(&self) -> Option<DeviceChoice> {
+        None
     }
 
     /// The head whose distribution the scores are at this row, for a strategy that takes one
@@ -202,9 +224,9 @@ macro_rules! strategies {
                 match self { $(Mode::$variant(s) => s.scores(logits),)* }
             }
 
-            /// See [`Strategy::greedy_is_head_argmax`].
-            pub fn greedy_is_head_argmax(&self) -> bool {
-                match self { $(Mode::$variant(s) => s.greedy_is_head_argmax(),)* }
+            /// See [`Strategy::device_choice`].
+            pub fn device_choice(&self) -> Option<DeviceChoice> {
+                match self { $(Mode::$variant(s) => s.device_choice(),)* }
             }
 
             /// Whether [`Mode::scores`] are the log-distribution itself (else its logits).
@@ -431,12 +453,6 @@ fn rows_at(logits: &[super::Logits], row: usize) -> Vec<&[f32]> {
         .iter()
         .map(|h| if h.is_empty() { &[][..] } else { h.row(row) })
         .collect()
-}
-
-/// (max, log Σ e^x) of `xs`: the shift and the normaliser of a log-softmax.
-pub(super) fn log_sum_exp(xs: &[f32]) -> (f32, f32) {
-    let max = fastmath::max(xs);
-    (max, max + fastmath::sum_exp(xs, max).ln())
 }
 
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {

@@ -5,7 +5,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use super::params::{Fields, Form, ModelShape, ParamError};
-use super::{log_softmax, Head, Strategy};
+use super::{log_softmax, DeviceChoice, Head, Strategy};
 
 /// The tied `lm_head` on the top block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,8 +27,8 @@ impl Strategy for Original {
         log_softmax(logits[0])
     }
 
-    fn greedy_is_head_argmax(&self) -> bool {
-        true
+    fn device_choice(&self) -> Option<DeviceChoice> {
+        Some(DeviceChoice::HeadArgmax)
     }
 
     fn chosen_head(&self, _logits: &[&[f32]]) -> Option<usize> {
