@@ -130,3 +130,29 @@ contrast_rows(const float* __restrict__ upper, const float* __restrict__ lower,
     at = block_first_best(best, at, values, positions);
     if (threadIdx.x == 0) out[blockIdx.x] = at == NONE ? 0u : at;
 }
+
+// Row r's softmax margin, top-1 minus top-2 probability (early exit's confidence): the second
+// is the largest value but one occurrence of the first (a tie at the top: margin 0), NaN
+// skipped, as the host's `softmax_margin` finds them.
+extern "C" __global__ void __launch_bounds__(THREADS)
+margin_rows(const float* __restrict__ logits, float* __restrict__ out, unsigned int vocab) {
+    __shared__ float values[THREADS / 32];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    const float inf = __int_as_float(0x7f800000);
+
+    float first = -inf;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) first = fmaxf(first, row[i]);
+    first = block_max(first, values);
+    float second = -inf, tops = 0.f, z = 0.f;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float x = row[i];
+        if (x == first) tops += 1.f;
+        else second = fmaxf(second, x);
+        z += expf(x - first);
+    }
+    second = block_max(second, values);
+    tops = block_sum(tops, values);
+    z = block_sum(z, values);
+    if (tops > 1.f) second = first;
+    if (threadIdx.x == 0) out[blockIdx.x] = (1.f - expf(second - first)) / z;
+}

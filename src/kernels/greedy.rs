@@ -9,6 +9,9 @@
 //!   (a candidate floor of one): the argmax of the contrast's scores, which are a monotone
 //!   function of that difference inside the set and below the set's best outside it, save
 //!   where their rounding ties two differences.
+//! - [`margin_rows`]: each row's softmax margin, the confidence by which early exit decides
+//!   whether a token leaves at an exit, so that a step copies one float per row to decide
+//!   (and then only the rows of the head each token leaves at).
 //!
 //! `greedy.cu` computes both on a GPU; the Rust here is the CPU's version and the oracle that
 //! [`check`] holds the kernels to at start-up.
@@ -21,10 +24,7 @@ use super::fastmath;
 /// `logits` `(rows, vocab)` float32: `(rows)` u32, each row's first position of its maximum
 /// (0 when no element is a number).
 pub fn argmax_rows(logits: &Tensor) -> Result<Tensor> {
-    if logits.dtype() != DType::F32 || logits.rank() != 2 {
-        candle_core::bail!("argmax rows: a (rows, vocab) float32 matrix");
-    }
-    logits.contiguous()?.apply_op1_no_bwd(&ArgmaxRows)
+    PerRow::Argmax.apply(logits)
 }
 
 /// The choice in one row (first index of the maximum, as torch.argmax), as the CUDA kernel
@@ -34,6 +34,27 @@ pub fn argmax(row: &[f32]) -> u32 {
     // vocabulary without a dependent compare per element.
     let best = fastmath::max(row);
     row.iter().position(|&x| x == best).unwrap_or(0) as u32
+}
+
+/// `logits` `(rows, vocab)` float32: `(rows)` float32, each row's [`softmax_margin`].
+pub fn margin_rows(logits: &Tensor) -> Result<Tensor> {
+    PerRow::Margin.apply(logits)
+}
+
+/// Top-1 minus top-2 probability of the softmax of `logits` (the second the largest value but
+/// one occurrence of the first: a tie at the top gives 0), as the CUDA kernel finds it.
+pub fn softmax_margin(logits: &[f32]) -> f32 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in logits {
+        if x > first {
+            second = first;
+            first = x;
+        } else if x > second {
+            second = x;
+        }
+    }
+    let z = fastmath::sum_exp(logits, first);
+    (1.0 - (second - first).exp()) / z
 }
 
 /// `upper` and `lower` `(rows, vocab)` float32, `ln_alpha` `(rows)` float32 (each row's
@@ -79,8 +100,8 @@ pub fn contrast_choice(upper: &[f32], lower: &[f32], ln_alpha: f32) -> u32 {
 
 /// How far the device's choices fall short of the CPU's on rows of `vocab` logits, under the
 /// CPU's own scores (0 where they choose the same; infinite for a contrast choice outside
-/// the plausible set): what a start-up check holds the kernels of `device` to. Zero on the
-/// CPU, whose kernels are these functions.
+/// the plausible set), and how far its margins are from the CPU's: what a start-up check
+/// holds the kernels of `device` to. Zero on the CPU, whose kernels are these functions.
 pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     const ROWS: usize = 6;
     let mut rand = super::uniform(0x9E37_79B9_7F4A_7C15u64);
@@ -102,6 +123,7 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
         .collect();
     let put = |rows: &[Vec<f32>]| Tensor::new(rows.concat(), device)?.reshape((ROWS, vocab));
     let argmaxes = argmax_rows(&put(&upper)?)?.to_vec1::<u32>()?;
+    let margins = margin_rows(&put(&upper)?)?.to_vec1::<f32>()?;
     let contrasts = contrast_rows(
         &put(&upper)?,
         &put(&lower)?,
@@ -124,30 +146,51 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
             }
         };
         let contrast = score(contrast_choice(u, l, ln_alpha[r])) - score(contrasts[r]);
-        worst = worst.max(shortfall).max(contrast);
+        let margin = (softmax_margin(u) - margins[r]).abs();
+        worst = worst.max(shortfall).max(contrast).max(margin);
     }
     Ok(worst)
 }
 
-struct ArgmaxRows;
+/// Each row of a float32 matrix reduced to one value where the matrix is.
+#[derive(Clone, Copy)]
+enum PerRow {
+    /// [`argmax`], u32.
+    Argmax,
+    /// [`softmax_margin`], float32.
+    Margin,
+}
 
-impl CustomOp1 for ArgmaxRows {
+impl PerRow {
+    fn apply(self, logits: &Tensor) -> Result<Tensor> {
+        if logits.dtype() != DType::F32 || logits.rank() != 2 {
+            candle_core::bail!("{}: a (rows, vocab) float32 matrix", self.name());
+        }
+        logits.contiguous()?.apply_op1_no_bwd(&self)
+    }
+}
+
+impl CustomOp1 for PerRow {
     fn name(&self) -> &'static str {
-        "argmax-rows"
+        match self {
+            PerRow::Argmax => "argmax rows",
+            PerRow::Margin => "margin rows",
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l.shape().dims2()?;
         let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("argmax rows: a contiguous matrix");
+            candle_core::bail!("{}: a contiguous matrix", self.name());
         };
-        let logits = &s.as_slice::<f32>()?[a..b];
-        let out: Vec<u32> = if vocab == 0 {
-            vec![0; rows]
-        } else {
-            logits.par_chunks(vocab).map(argmax).collect()
+        let chunks = s.as_slice::<f32>()?[a..b].par_chunks(vocab.max(1));
+        let out = match (self, vocab) {
+            (PerRow::Argmax, 0) => CpuStorage::U32(vec![0; rows]),
+            (PerRow::Argmax, _) => CpuStorage::U32(chunks.map(argmax).collect()),
+            (PerRow::Margin, 0) => CpuStorage::F32(vec![f32::NAN; rows]),
+            (PerRow::Margin, _) => CpuStorage::F32(chunks.map(softmax_margin).collect()),
         };
-        Ok((CpuStorage::U32(out), Shape::from(rows)))
+        Ok((out, Shape::from(rows)))
     }
 
     #[cfg(feature = "cuda")]
@@ -157,10 +200,12 @@ impl CustomOp1 for ArgmaxRows {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, vocab) = l.shape().dims2()?;
-        Ok((
-            cuda::launch_argmax(s, l.start_offset(), rows, vocab)?,
-            Shape::from(rows),
-        ))
+        let offset = l.start_offset();
+        let out = match self {
+            PerRow::Argmax => cuda::launch_per_row::<u32>("argmax_rows", s, offset, rows, vocab),
+            PerRow::Margin => cuda::launch_per_row::<f32>("margin_rows", s, offset, rows, vocab),
+        };
+        Ok((out?, Shape::from(rows)))
     }
 }
 
@@ -223,8 +268,10 @@ mod cuda {
     use std::sync::OnceLock;
 
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::{CudaStorage, Result};
 
     const SOURCE: &str = include_str!("greedy.cu");
@@ -238,16 +285,16 @@ mod cuda {
 
     /// The `(rows)` output a kernel fills and its launch (one block per row); None when
     /// there is nothing to choose from (the output then zeros).
-    fn prepare(
+    fn prepare<T: DeviceRepr + ValidAsZeroBits>(
         dev: &CudaDevice,
         rows: usize,
         vocab: usize,
-    ) -> Result<(CudaSlice<u32>, Option<LaunchConfig>)> {
+    ) -> Result<(CudaSlice<T>, Option<LaunchConfig>)> {
         if rows == 0 || vocab == 0 {
-            return Ok((dev.alloc_zeros::<u32>(rows)?, None));
+            return Ok((dev.alloc_zeros::<T>(rows)?, None));
         }
         // SAFETY: the kernel writes every element (one per row) before anything reads it.
-        let out = unsafe { dev.alloc::<u32>(rows)? };
+        let out = unsafe { dev.alloc::<T>(rows)? };
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -256,22 +303,26 @@ mod cuda {
         Ok((out, Some(cfg)))
     }
 
-    pub(super) fn launch_argmax(
+    /// `kernel` (`argmax_rows`, `margin_rows`: one matrix of float32 rows in, a `T` per row
+    /// out) over the `rows` rows of `vocab` floats of `s` from `offset`.
+    pub(super) fn launch_per_row<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
+        kernel: &str,
         s: &CudaStorage,
         offset: usize,
         rows: usize,
         vocab: usize,
     ) -> Result<CudaStorage> {
         let dev = s.device().clone();
-        let (mut out, cfg) = prepare(&dev, rows, vocab)?;
+        let (mut out, cfg) = prepare::<T>(&dev, rows, vocab)?;
         if let Some(cfg) = cfg {
-            let func = dev.get_or_load_custom_func("argmax_rows", "exitserve_greedy", ptx()?)?;
+            let func = dev.get_or_load_custom_func(kernel, "exitserve_greedy", ptx()?)?;
             let logits = s.as_cuda_slice::<f32>()?.slice(offset..);
             let vocab = vocab as u32;
             let mut b = func.builder();
             b.arg(&logits).arg(&mut out).arg(&vocab);
-            // SAFETY: the arguments match the kernel's signature; it reads `rows` rows of
-            // `vocab` floats from `logits`, which the layout holds.
+            // SAFETY: the arguments match the kernel's signature (each of these kernels takes
+            // its rows, its output and the row length); it reads `rows` rows of `vocab` floats
+            // from `logits`, which the layout holds, and writes one `T` per row.
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -285,7 +336,7 @@ mod cuda {
         vocab: usize,
     ) -> Result<CudaStorage> {
         let dev = s[0].device().clone();
-        let (mut out, cfg) = prepare(&dev, rows, vocab)?;
+        let (mut out, cfg) = prepare::<u32>(&dev, rows, vocab)?;
         if let Some(cfg) = cfg {
             let func = dev.get_or_load_custom_func("contrast_rows", "exitserve_greedy", ptx()?)?;
             let upper = s[0].as_cuda_slice::<f32>()?.slice(offsets[0]..);
@@ -340,6 +391,35 @@ mod tests {
             .map(|r| argmax(r))
             .collect();
         assert_eq!(picked, want);
+        Ok(())
+    }
+
+    #[test]
+    fn margins_are_top_one_minus_top_two_probability() -> Result<()> {
+        let rows = [
+            [2.0f32, 0.0, 0.0, 0.0],
+            [1.0, 3.0, 3.0, 0.0], // a tie at the top: 0
+            [0.0, 0.0, 0.0, 0.0],
+            [50.0, -50.0, 0.0, 1.0],
+        ];
+        let t = Tensor::new(&rows, &Device::Cpu)?;
+        let got = margin_rows(&t)?.to_vec1::<f32>()?;
+        let e2 = 2f32.exp();
+        let want = [(e2 - 1.0) / (e2 + 3.0), 0.0, 0.0, 1.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        // a view of every other row
+        let wide = Tensor::arange(0f32, 4096., &Device::Cpu)?
+            .sin()?
+            .reshape((4, 1024))?;
+        let picked = margin_rows(&wide.narrow(0, 1, 2)?)?.to_vec1::<f32>()?;
+        let want: Vec<f32> = wide.to_vec2::<f32>()?[1..3]
+            .iter()
+            .map(|r| softmax_margin(r))
+            .collect();
+        assert_eq!(picked, want);
+        assert!(margin_rows(&wide.to_dtype(DType::BF16)?).is_err());
         Ok(())
     }
 

@@ -54,8 +54,9 @@ pub struct MultiExitModel {
     /// On the batched path, what follows each product runs fused (`kernels::fused_epilogue`,
     /// checked against candle's ops at start-up): in the blocks, and `ln_f` before a head.
     fused_epilogues: bool,
-    /// On the batched path, greedy choices are made where the logits are (`SeqStep::choice`,
-    /// `kernels::greedy`, checked against the CPU's at start-up).
+    /// On the batched path, greedy choices and early exit's margins are computed where the
+    /// logits are (`SeqStep::choice`, `decide_exits`, `kernels::greedy`, checked against the
+    /// CPU's at start-up).
     device_choices: bool,
     pub stats: ForwardStats,
 }
@@ -352,20 +353,6 @@ impl MultiExitModel {
         let lens: Vec<usize> = order.iter().map(|&i| steps[i].tokens.len()).collect();
         let heads: Vec<&[Head]> = order.iter().map(|&i| steps[i].heads).collect();
         let all_positions: Vec<bool> = order.iter().map(|&i| steps[i].all_positions).collect();
-        // Only the greedy choice comes back: at the last row, from the heads it is made of, no
-        // per-token exit.
-        let choices: Vec<Option<DeviceChoice>> = order
-            .iter()
-            .map(|&i| {
-                let s = &steps[i];
-                s.choice.filter(|c| {
-                    self.device_choices
-                        && s.heads.len() == c.heads()
-                        && !s.all_positions
-                        && s.early_exit.is_none()
-                })
-            })
-            .collect();
         let verify: Vec<bool> = order.iter().map(|&i| steps[i].verify).collect();
         // Early exit is decided here for decode positions only (see `SeqStep::early_exit`).
         let early: Vec<Option<EarlyExitParams>> = order
@@ -374,6 +361,24 @@ impl MultiExitModel {
                 let s = &steps[i];
                 s.early_exit
                     .filter(|_| s.tokens.len() == 1 && !s.all_positions && !s.verify)
+            })
+            .collect();
+        // Only the greedy choice comes back: at the last row, from the heads it is made of (or
+        // the one a per-token exit leaves at).
+        let choices: Vec<Option<DeviceChoice>> = order
+            .iter()
+            .enumerate()
+            .map(|(slot, &i)| {
+                let s = &steps[i];
+                s.choice.filter(|&c| {
+                    self.device_choices
+                        && !s.all_positions
+                        && match early[slot] {
+                            // the argmax of the one head it leaves at
+                            Some(_) => c == DeviceChoice::HeadArgmax,
+                            None => s.early_exit.is_none() && s.heads.len() == c.heads(),
+                        }
+                })
             })
             .collect();
         {
@@ -449,24 +454,14 @@ impl MultiExitModel {
                     &mut outputs.per_seq,
                 )?;
 
-                // Early exits: a confident exit ends the token here (decided on the host).
-                let exit = Head::Exit(layer + 1);
-                if alive.iter().any(|&s| early[s].is_some()) {
-                    copies.flush(&mut outputs.per_seq)?;
-                }
-                let exited: Vec<usize> = alive
-                    .iter()
-                    .copied()
-                    .filter(|&s| {
-                        let Some(e) = early[s] else { return false };
-                        let Some(k) = heads[s].iter().position(|&h| h == exit) else {
-                            return false;
-                        };
-                        outputs.per_seq[order[s]][k]
-                            .last()
-                            .is_some_and(|row| e.confident(row))
-                    })
-                    .collect();
+                // Early exits: a confident exit ends the token here.
+                let exited = self.decide_exits(
+                    Head::Exit(layer + 1),
+                    &alive,
+                    (&order, &heads, &early),
+                    &mut copies,
+                    &mut outputs.per_seq,
+                )?;
                 if exited.is_empty() {
                     continue;
                 }
@@ -493,6 +488,70 @@ impl MultiExitModel {
             }
         }
         Ok(())
+    }
+
+    /// The slots of `alive` (in that order) whose token leaves at `exit`: those with a per-token
+    /// exit rule that reads `exit` and finds it confident. Where greedy choices are made on
+    /// the device, the margins are computed there and copied alone (a float per row), and the
+    /// rows of an exit a token goes on from are never copied; elsewhere the rows are copied and
+    /// judged on the host.
+    fn decide_exits(
+        &self,
+        exit: Head,
+        alive: &[usize],
+        (order, heads, early): (&[usize], &[&[Head]], &[Option<EarlyExitParams>]),
+        copies: &mut HeadCopies,
+        outputs: &mut [Vec<Logits>],
+    ) -> Result<Vec<usize>> {
+        // (slot, its index of `exit` among its heads, its rule)
+        let deciding: Vec<(usize, usize, EarlyExitParams)> = alive
+            .iter()
+            .filter_map(|&s| {
+                let e = early[s]?;
+                let k = heads[s].iter().position(|&h| h == exit)?;
+                Some((s, k, e))
+            })
+            .collect();
+        if deciding.is_empty() {
+            return Ok(Vec::new());
+        }
+        let on_host = |s: usize, k: usize, e: EarlyExitParams, outputs: &[Vec<Logits>]| {
+            outputs[order[s]][k]
+                .last()
+                .is_some_and(|row| e.confident(row))
+        };
+        let confident: Vec<bool> = if self.device_choices {
+            let users: Vec<(usize, usize)> =
+                deciding.iter().map(|&(s, k, _)| (order[s], k)).collect();
+            let margins = copies.margins(&users)?;
+            let confident: Vec<bool> = deciding
+                .iter()
+                .zip(margins)
+                .map(|(&(s, k, e), m)| match m {
+                    Some(m) => e.confident_at(m),
+                    // copied already (the held bytes ran out): judged where its rows are
+                    None => on_host(s, k, e, outputs),
+                })
+                .collect();
+            for (&(seq, k), &c) in users.iter().zip(&confident) {
+                if !c {
+                    copies.drop_user(seq, k);
+                }
+            }
+            confident
+        } else {
+            copies.flush(outputs)?;
+            deciding
+                .iter()
+                .map(|&(s, k, e)| on_host(s, k, e, outputs))
+                .collect()
+        };
+        Ok(deciding
+            .iter()
+            .zip(confident)
+            .filter(|(_, c)| *c)
+            .map(|(&(s, _, _), _)| s)
+            .collect())
     }
 
     /// The keys and values the blocks from `from` up to each exited slot's depth cache for
@@ -617,6 +676,7 @@ impl MultiExitModel {
                     head: k,
                     rows,
                     choice: p.choices[slot],
+                    dropped: false,
                 })
                 .collect();
             copies.push(logits, users, outputs)?;
@@ -653,6 +713,8 @@ struct HeadUser {
     /// Only the greedy choice of its one row is wanted, made thus (from this head and, for a
     /// contrast, the sequence's other head).
     choice: Option<DeviceChoice>,
+    /// Not wanted after all: an early exit the token went on from (left empty).
+    dropped: bool,
 }
 
 /// What a user gets of a copy: its rows, or the `k`-th choice made of the copy's head
@@ -661,6 +723,7 @@ enum Read {
     Rows,
     Argmax(usize),
     Contrast(usize),
+    Nothing,
 }
 
 /// Logits a pass holds back before copying them to the host.
@@ -734,6 +797,7 @@ impl HeadCopies {
         let reads: Vec<Read> = users()
             .zip(&starts)
             .map(|(u, &start)| match u.choice {
+                _ if u.dropped => Read::Nothing,
                 Some(DeviceChoice::HeadArgmax) => {
                     argmax.push(start);
                     Read::Argmax(argmax.len() - 1)
@@ -756,8 +820,8 @@ impl HeadCopies {
                 }
             })
             .collect();
-        let (data, ids) = if argmax.is_empty() && contrast.is_empty() {
-            (all.to_vec1::<f32>()?, Vec::new())
+        let (data, ids) = if full.len() == rows {
+            (all.to_vec1::<f32>()?, Vec::new()) // every row, nothing chosen
         } else {
             self.copy_with_choices(&all, rows, &full, &argmax, &contrast)?
         };
@@ -767,6 +831,7 @@ impl HeadCopies {
             outputs[u.seq][u.head] = match read {
                 Read::Argmax(k) => Logits::chosen(self.vocab, ids[k]),
                 Read::Contrast(k) => Logits::chosen(self.vocab, ids[argmax.len() + k]),
+                Read::Nothing => Logits::default(),
                 Read::Rows => {
                     let range = at..at + u.rows * self.vocab;
                     at = range.end;
@@ -777,8 +842,54 @@ impl HeadCopies {
         Ok(())
     }
 
+    /// The softmax margins (`kernels::greedy::margin_rows`) of the one row each user
+    /// `(seq, head)` reads of a product still pending, computed where the logits are and
+    /// copied alone; None for a user whose rows went to the host already.
+    fn margins(&self, wanted: &[(usize, usize)]) -> Result<Vec<Option<f32>>> {
+        // (index in `wanted`, product, row in it)
+        let mut found: Vec<(usize, usize, u32)> = Vec::new();
+        for (p, (_, users)) in self.pending.iter().enumerate() {
+            let mut row = 0;
+            for u in users {
+                if let Some(w) = wanted.iter().position(|&w| w == (u.seq, u.head)) {
+                    found.push((w, p, row + u.rows as u32 - 1));
+                }
+                row += u.rows as u32;
+            }
+        }
+        let mut out = vec![None; wanted.len()];
+        if found.is_empty() {
+            return Ok(out);
+        }
+        // in product order, one gather per product
+        let mut picked = Vec::new();
+        for (p, (t, _)) in self.pending.iter().enumerate() {
+            let rows: Vec<u32> = found.iter().filter(|f| f.1 == p).map(|f| f.2).collect();
+            if !rows.is_empty() {
+                picked.push(t.index_select(&Tensor::new(rows, t.device())?, 0)?);
+            }
+        }
+        let margins = greedy::margin_rows(&Tensor::cat(&picked, 0)?)?.to_vec1::<f32>()?;
+        found.sort_by_key(|f| f.1);
+        for (f, m) in found.iter().zip(margins) {
+            out[f.0] = Some(m);
+        }
+        Ok(out)
+    }
+
+    /// Leaves user `(seq, head)`'s rows out of the copy, if still pending (its logits then come
+    /// back empty).
+    fn drop_user(&mut self, seq: usize, head: usize) {
+        for (_, users) in &mut self.pending {
+            for u in users.iter_mut().filter(|u| (u.seq, u.head) == (seq, head)) {
+                u.dropped = true;
+            }
+        }
+    }
+
     /// `all`'s rows `full`, then the head argmaxes of its rows `argmax` and the contrast
-    /// choices of its row pairs `contrast` (upper, lower, ln alpha), in one copy to the host.
+    /// choices of its row pairs `contrast` (upper, lower, ln alpha), in one copy to the host
+    /// (rows neither lists are not copied).
     fn copy_with_choices(
         &self,
         all: &Tensor,
@@ -809,6 +920,14 @@ impl HeadCopies {
                 &pick(&column(|c| c.1))?,
                 &Tensor::new(ln_alpha, device)?,
             )?);
+        }
+        if ids.is_empty() {
+            // only rows, some left out
+            let data = match full {
+                [] => Vec::new(),
+                _ => pick(full)?.flatten_all()?.to_vec1::<f32>()?,
+            };
+            return Ok((data, Vec::new()));
         }
         let ids = Tensor::cat(&ids, 0)?;
         if full.is_empty() {
@@ -856,7 +975,7 @@ fn device_choices_hold(device: &Device, vocab: usize) -> bool {
     kernels_hold(
         greedy::check(device, vocab),
         1e-5,
-        "greedy choices (argmax, contrast) made where the logits are",
+        "greedy choices (argmax, contrast) and exit margins made where the logits are",
         "the greedy choice kernels",
         "the CPU's choices",
     )
@@ -984,12 +1103,50 @@ mod tests {
                     head,
                     rows: 1,
                     choice,
+                    dropped: false,
                 })
                 .collect();
             copies.push(t.clone(), users, &mut outputs)?;
         }
         copies.flush(&mut outputs)?;
         Ok(outputs)
+    }
+
+    /// An early exit's margins are read from the rows still pending; the rows of the exits a
+    /// token went on from are left out of the copy, whether the others come as rows or as
+    /// choices.
+    #[test]
+    fn margins_of_pending_rows_and_rows_dropped_from_the_copy() -> Result<()> {
+        let vocab = 40;
+        let t = Tensor::arange(0f32, (3 * vocab) as f32, &Device::Cpu)?;
+        let product = (t * 0.61)?.cos()?.reshape((3, vocab))?;
+        let row = |r: usize| -> Result<Vec<f32>> { Ok(product.get(r)?.to_vec1()?) };
+        for choice in [None, Some(DeviceChoice::HeadArgmax)] {
+            let mut copies = HeadCopies::new(vocab, true);
+            let mut outputs = vec![vec![Logits::default()]; 3];
+            let users = (0..3)
+                .map(|seq| HeadUser {
+                    seq,
+                    head: 0,
+                    rows: 1,
+                    choice: choice.filter(|_| seq == 2),
+                    dropped: false,
+                })
+                .collect();
+            copies.push(product.clone(), users, &mut outputs)?;
+            let margins = copies.margins(&[(2, 0), (1, 0), (7, 0)])?;
+            let want = [2, 1].map(|r| greedy::softmax_margin(&row(r).unwrap()));
+            assert_eq!(margins, [Some(want[0]), Some(want[1]), None]);
+            copies.drop_user(1, 0);
+            copies.flush(&mut outputs)?;
+            assert_eq!(outputs[0][0].last(), Some(&row(0)?[..]));
+            assert!(outputs[1][0].is_empty());
+            match choice {
+                None => assert_eq!(outputs[2][0].last(), Some(&row(2)?[..])),
+                Some(_) => assert_eq!(outputs[2][0].choice(), Some(greedy::argmax(&row(2)?))),
+            }
+        }
+        Ok(())
     }
 
     #[test]

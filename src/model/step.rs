@@ -30,13 +30,16 @@ pub struct SeqStep<'a> {
     /// Confidence-based early exit, decided in the step for a decode position (one token,
     /// heads at its last row): at each exit of `heads` (ascending) whose head is confident,
     /// the row leaves the step, the heads above stay empty, and the blocks above get its keys
-    /// and values from its hidden state there. Ignored for prompt chunks and verifying passes.
+    /// and values from its hidden state there. On the batched path the margins are computed
+    /// where the logits are, and the exits the row went on from come back empty too (only the
+    /// head it left at is copied). Ignored for prompt chunks and verifying passes.
     pub early_exit: Option<EarlyExitParams>,
     /// The caller reads only the greedy choice of its next token, made from its heads' rows
-    /// at its last position thus (`DeviceChoice::HeadArgmax` of one head, `Contrast` of two:
-    /// upper, lower), and nothing else of the logits: on the batched path the step computes it
-    /// where the logits are and copies that index alone (`Logits::chosen`, for each of its
-    /// heads); elsewhere the logits come as usual.
+    /// at its last position thus (`DeviceChoice::HeadArgmax` of one head or of the one a
+    /// per-token exit leaves at, `Contrast` of two: upper, lower), and nothing else of the
+    /// logits: on the batched path the step computes it where the logits are and copies that
+    /// index alone (`Logits::chosen`, for each head handed over); elsewhere the logits come as
+    /// usual.
     pub choice: Option<DeviceChoice>,
 }
 

@@ -213,25 +213,43 @@ async fn early_exit_invariants_batching_and_usage() {
 }
 
 /// The keys and values an exited position leaves for the blocks above are written by the CPU
-/// attention kernels' caches and by the paged pool of the batched path alike: the same text
-/// and the same exits, token for token.
+/// attention kernels' caches and by the paged pool of the batched path alike, and the batched
+/// path's exits decided on margins computed where the logits are (copying only the head left
+/// at, or only its argmax) are the host's: the same text and the same exits, token for token,
+/// alone and all at once, with and without logprobs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_exit_is_the_same_on_the_batched_attention_path() {
     for f in ARCHS {
         let cpu = TestServer::start_model(&f.dir(), &[]);
         let batched = TestServer::start_model(&f.dir(), &["--attention", "batched"]);
-        let t = mixed_threshold(&cpu.url("/v1/completions"), f, PROMPTS[0]).await;
+        let (cpu_url, batched_url) = (cpu.url("/v1/completions"), batched.url("/v1/completions"));
+        let t = mixed_threshold(&cpu_url, f, PROMPTS[0]).await;
+        let mut bodies = Vec::new();
         for prompt in PROMPTS {
-            let b = body(f, prompt, 16, early(t));
-            let x = complete(&cpu.url("/v1/completions"), &b).await;
-            let y = complete(&batched.url("/v1/completions"), &b).await;
+            let mut b = body(f, prompt, 16, early(t));
+            bodies.push(b.clone());
+            b["logprobs"] = json!(2);
+            bodies.push(b);
+        }
+        let mut want = Vec::new();
+        for b in &bodies {
+            let x = complete(&cpu_url, b).await;
+            let y = complete(&batched_url, b).await;
+            let tokens = ids(&x["choices"][0]["token_ids"]);
+            assert_eq!(tokens, ids(&y["choices"][0]["token_ids"]), "{} {b}", f.name);
+            assert_eq!(by_layer(&x), by_layer(&y));
+            want.push((tokens, by_layer(&x)));
+        }
+        let together =
+            futures_util::future::join_all(bodies.iter().map(|b| complete(&batched_url, b))).await;
+        for ((y, b), (tokens, layers)) in together.iter().zip(&bodies).zip(&want) {
             assert_eq!(
-                ids(&x["choices"][0]["token_ids"]),
-                ids(&y["choices"][0]["token_ids"]),
-                "{} {prompt:?}",
+                &ids(&y["choices"][0]["token_ids"]),
+                tokens,
+                "{} {b}",
                 f.name
             );
-            assert_eq!(by_layer(&x), by_layer(&y));
+            assert_eq!(&by_layer(y), layers);
         }
     }
 }

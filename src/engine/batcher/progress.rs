@@ -36,15 +36,26 @@ pub(super) struct Ready {
 impl Ready {
     /// For an early-exit mode's next token: the head it left at.
     pub fn exit_head(&self) -> Option<crate::model::Head> {
-        let last = self.logits.first().map_or(0, Logits::rows).checked_sub(1)?;
-        (self.kind == StepKind::Next && self.mode.early_exit().is_some())
-            .then(|| self.mode.chosen_head(&self.logits, last))
-            .flatten()
+        if self.kind != StepKind::Next || self.mode.early_exit().is_none() {
+            return None;
+        }
+        // Where the step chose on the device, the one head handed over is the one left at.
+        if let Some(k) = self.logits.iter().position(|l| l.choice().is_some()) {
+            return self.mode.heads().get(k).copied();
+        }
+        self.mode
+            .chosen_head(&self.logits, self.rows().checked_sub(1)?)
     }
 
     /// The next token, when the step computed only the greedy choice (`SeqStep::choice`).
     pub fn choice(&self) -> Option<u32> {
-        self.logits.first().and_then(Logits::choice)
+        self.logits.iter().find_map(Logits::choice)
+    }
+
+    /// Positions with logits (a head may be left empty: one not reached, or an early exit
+    /// the token went on from).
+    fn rows(&self) -> usize {
+        self.logits.iter().map(Logits::rows).max().unwrap_or(0)
     }
 
     /// The log-distributions to choose from: at the last position, or at every verified one
@@ -54,9 +65,9 @@ impl Ready {
             return vec![Vec::new()];
         }
         let rows = match self.kind {
-            StepKind::Verify => 0..self.logits.first().map_or(0, Logits::rows),
+            StepKind::Verify => 0..self.rows(),
             _ => {
-                let n = self.logits.first().map_or(0, Logits::rows);
+                let n = self.rows();
                 n.saturating_sub(1)..n
             }
         };
@@ -112,7 +123,7 @@ impl Batcher {
                 if take > 0 && all_positions {
                     record_prompt_logprobs(seq, start, take, &logits, tokenizer);
                 }
-                if seq.in_prefill() || logits.first().is_none_or(Logits::is_empty) {
+                if seq.in_prefill() || logits.iter().all(Logits::is_empty) {
                     return Progress::Prefilling;
                 }
                 let kind = row.kind;

@@ -19,8 +19,7 @@ use serde_json::{Map, Value};
 
 use super::dola::Layers;
 use super::params::{self, Fields, Form, FormField, ModelShape, ParamError};
-use super::{log_softmax, Head, Inspected, Strategy};
-use crate::kernels::fastmath;
+use super::{log_softmax, DeviceChoice, Head, Inspected, Strategy};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EarlyExitParams {
@@ -65,35 +64,28 @@ impl EarlyExitParams {
 
     /// Whether an exit with these logits is confident enough to end the token.
     pub fn confident(&self, logits: &[f32]) -> bool {
-        self.threshold < 1.0 && softmax_margin(logits) >= self.threshold
+        self.confident_at(softmax_margin(logits))
     }
 
-    /// Which of a token's heads (exits ascending, then the original; a head left empty was
-    /// never reached) gives its distribution: the first confident exit, else the last reached.
+    /// Whether an exit whose softmax margin is `margin` is confident enough to end the token.
+    pub fn confident_at(&self, margin: f32) -> bool {
+        self.threshold < 1.0 && margin >= self.threshold
+    }
+
+    /// Which of a token's heads (exits ascending, then the original) gives its distribution:
+    /// the first confident exit, else the last handed over. A head left empty was never
+    /// reached, or (where the step decided the exit on the device) was one the token went on
+    /// from: such a step hands over only the head it left at.
     pub fn chosen(&self, heads: &[&[f32]]) -> usize {
-        let reached = heads.iter().take_while(|h| !h.is_empty()).count();
-        let last = reached.saturating_sub(1);
+        let last = heads.iter().rposition(|h| !h.is_empty()).unwrap_or(0);
         heads[..last]
             .iter()
-            .position(|h| self.confident(h))
+            .position(|h| !h.is_empty() && self.confident(h))
             .unwrap_or(last)
     }
 }
 
-/// Top-1 minus top-2 probability of the softmax of `logits`.
-pub fn softmax_margin(logits: &[f32]) -> f32 {
-    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for &x in logits {
-        if x > first {
-            second = first;
-            first = x;
-        } else if x > second {
-            second = x;
-        }
-    }
-    let z = fastmath::sum_exp(logits, first);
-    (1.0 - (second - first).exp()) / z
-}
+pub use crate::kernels::greedy::softmax_margin;
 
 impl fmt::Display for EarlyExitParams {
     /// The flag form: `early_exit:λ[,decay=τ]`.
@@ -139,6 +131,12 @@ impl Strategy for EarlyExitParams {
 
     fn chosen_head(&self, logits: &[&[f32]]) -> Option<usize> {
         Some(self.chosen(logits))
+    }
+
+    /// The argmax of the head the token leaves at (a step deciding the exit hands over only
+    /// that head).
+    fn device_choice(&self) -> Option<DeviceChoice> {
+        Some(DeviceChoice::HeadArgmax)
     }
 
     /// With the exit the position would leave at (none when it runs to the original head).
@@ -274,6 +272,10 @@ mod tests {
         assert_eq!(p.chosen(&[&torn, &sure, &torn]), 1);
         assert_eq!(p.chosen(&[&torn, &torn, &torn]), 2, "the original head");
         assert_eq!(p.chosen(&[&torn, &sure, &[]]), 1, "left at the second");
+        // a step that decided on the device hands over only the head the token left at,
+        // whatever its margin on the host
+        assert_eq!(p.chosen(&[&[], &torn, &[]]), 1);
+        assert_eq!(p.chosen(&[&[], &[], &torn]), 2);
         assert_eq!(EarlyExitParams::new(0.0).chosen(&[&torn, &sure, &sure]), 0);
         // λ = 1 never exits, even on a margin that rounds to 1
         let certain = [200.0f32, 0.0, 0.0];

@@ -46,7 +46,8 @@ impl Head {
 /// scores save where the host's rounding of them ties two values.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum DeviceChoice {
-    /// The first argmax of its one head's logits (scores that are the head's log-softmax).
+    /// The first argmax of the one head whose log-softmax its scores are: its only head, or
+    /// for a per-token exit the head the token leaves at (decided in the step).
     HeadArgmax,
     /// Autocontrastive greedy over its two heads (upper, lower) with a candidate floor of one:
     /// the first argmax of log p_u - log p_l among the tokens with p_u >= alpha max p_u.
