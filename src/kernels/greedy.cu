@@ -22,7 +22,8 @@ __device__ float block_max(float v, float* scratch) {
 }
 
 // The block's sum of `v` (every thread gets it, summed in the same order).
-__device__ float block_sum(float v, float* scratch) {
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     __syncthreads();
@@ -65,6 +66,35 @@ __device__ unsigned int block_first_best(float best, unsigned int at, float* val
     return at;
 }
 
+// The maxima and log-sum-exps of two rows `x` and `y` (every thread gets them), as the host's
+// `log_sum_exp` finds them up to the order of the sum.
+struct PairNorms {
+    float max_x, lse_x, max_y, lse_y;
+};
+
+__device__ PairNorms pair_norms(const float* x, const float* y, unsigned int vocab,
+                                float* scratch) {
+    const float inf = __int_as_float(0x7f800000);
+    float mx = -inf, my = -inf;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        mx = fmaxf(mx, x[i]);
+        my = fmaxf(my, y[i]);
+    }
+    mx = block_max(mx, scratch);
+    my = block_max(my, scratch);
+    float sx = 0.f, sy = 0.f;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        sx += expf(x[i] - mx);
+        sy += expf(y[i] - my);
+    }
+    PairNorms n;
+    n.max_x = mx;
+    n.lse_x = mx + logf(block_sum(sx, scratch));
+    n.max_y = my;
+    n.lse_y = my + logf(block_sum(sy, scratch));
+    return n;
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS)
 argmax_rows(const float* __restrict__ logits, unsigned int* __restrict__ out,
             unsigned int vocab) {
@@ -97,25 +127,11 @@ contrast_rows(const float* __restrict__ upper, const float* __restrict__ lower,
     __shared__ unsigned int positions[THREADS / 32];
     const float* u = upper + (size_t)blockIdx.x * vocab;
     const float* l = lower + (size_t)blockIdx.x * vocab;
-    const float inf = __int_as_float(0x7f800000);
+    const PairNorms n = pair_norms(u, l, vocab, values);
+    const float lse_u = n.lse_x, lse_l = n.lse_y;
+    const float t = ln_alpha[blockIdx.x] + (n.max_x - lse_u);
 
-    float mu = -inf, ml = -inf;
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
-        mu = fmaxf(mu, u[i]);
-        ml = fmaxf(ml, l[i]);
-    }
-    mu = block_max(mu, values);
-    ml = block_max(ml, values);
-    float su = 0.f, sl = 0.f;
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
-        su += expf(u[i] - mu);
-        sl += expf(l[i] - ml);
-    }
-    const float lse_u = mu + logf(block_sum(su, values));
-    const float lse_l = ml + logf(block_sum(sl, values));
-    const float t = ln_alpha[blockIdx.x] + (mu - lse_u);
-
-    float best = -inf;
+    float best = -__int_as_float(0x7f800000);
     unsigned int at = NONE;
     for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
         const float lp = u[i] - lse_u;
@@ -155,4 +171,27 @@ margin_rows(const float* __restrict__ logits, float* __restrict__ out, unsigned 
     z = block_sum(z, values);
     if (tops > 1.f) second = first;
     if (threadIdx.x == 0) out[blockIdx.x] = (1.f - expf(second - first)) / z;
+}
+
+// Row r's divergence between the softmaxes of `mature` and `premature` rows r, as
+// transformers' DoLa computes it: with a, b the rows' log-softmax (float32) and m their
+// probabilities' average, the sum of m (2 ln m - a - b) over the tokens with m > 0, in double
+// precision, as the host's `dola_divergence`.
+extern "C" __global__ void __launch_bounds__(THREADS)
+divergence_rows(const float* __restrict__ mature, const float* __restrict__ premature,
+                double* __restrict__ out, unsigned int vocab) {
+    __shared__ float values[THREADS / 32];
+    __shared__ double sums[THREADS / 32];
+    const float* x = mature + (size_t)blockIdx.x * vocab;
+    const float* y = premature + (size_t)blockIdx.x * vocab;
+    const PairNorms n = pair_norms(x, y, vocab, values);
+    const float lse_x = n.lse_x, lse_y = n.lse_y;
+    double d = 0.0;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const double a = (double)(x[i] - lse_x), b = (double)(y[i] - lse_y);
+        const double m = 0.5 * (exp(a) + exp(b));
+        if (m > 0.0) d += m * (2.0 * log(m) - a - b);
+    }
+    d = block_sum(d, sums);
+    if (threadIdx.x == 0) out[blockIdx.x] = d;
 }

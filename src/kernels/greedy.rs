@@ -12,11 +12,16 @@
 //! - [`margin_rows`]: each row's softmax margin, the confidence by which early exit decides
 //!   whether a token leaves at an exit, so that a step copies one float per row to decide
 //!   (and then only the rows of the head each token leaves at).
+//! - [`divergence_rows`]: DoLa's divergence between the mature head's distribution and a
+//!   premature candidate's, so that a step chooses the candidate where the logits are and
+//!   copies two rows per sequence (mature, chosen) instead of one per candidate.
 //!
 //! `greedy.cu` computes both on a GPU; the Rust here is the CPU's version and the oracle that
 //! [`check`] holds the kernels to at start-up.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 use super::fastmath;
@@ -55,6 +60,43 @@ pub fn softmax_margin(logits: &[f32]) -> f32 {
     }
     let z = fastmath::sum_exp(logits, first);
     (1.0 - (second - first).exp()) / z
+}
+
+/// `mature` and `premature` `(rows, vocab)` float32 logits: `(rows)` float64, each pair of
+/// rows' [`dola_divergence`].
+pub fn divergence_rows(mature: &Tensor, premature: &Tensor) -> Result<Tensor> {
+    if mature.dtype() != DType::F32
+        || premature.dtype() != DType::F32
+        || mature.rank() != 2
+        || premature.dims() != mature.dims()
+    {
+        candle_core::bail!("divergence rows: two (rows, vocab) float32 matrices");
+    }
+    mature
+        .contiguous()?
+        .apply_op2_no_bwd(&premature.contiguous()?, &DivergenceRows)
+}
+
+/// The divergence between two rows of logits' softmaxes by which DoLa chooses its premature
+/// layer, as transformers computes it up to a constant factor: KL(M || P_mature) +
+/// KL(M || P_premature), M their average, summed in float64 over the float32 log-softmaxes
+/// (`F.kl_div(input, target)` is target · (log target - input)).
+pub fn dola_divergence(mature: &[f32], premature: &[f32]) -> f64 {
+    let log_softmax = |x: &[f32]| fastmath::sub(x, fastmath::log_sum_exp(x).1);
+    divergence_of_log_probs(&log_softmax(mature), &log_softmax(premature))
+}
+
+/// [`dola_divergence`] from the two log-softmaxes.
+pub fn divergence_of_log_probs(mature: &[f32], premature: &[f32]) -> f64 {
+    let mut d = 0.0f64;
+    for (&a, &b) in mature.iter().zip(premature) {
+        let (a, b) = (a as f64, b as f64);
+        let m = 0.5 * (a.exp() + b.exp());
+        if m > 0.0 {
+            d += m * (2.0 * m.ln() - a - b);
+        }
+    }
+    d
 }
 
 /// `upper` and `lower` `(rows, vocab)` float32, `ln_alpha` `(rows)` float32 (each row's
@@ -100,8 +142,9 @@ pub fn contrast_choice(upper: &[f32], lower: &[f32], ln_alpha: f32) -> u32 {
 
 /// How far the device's choices fall short of the CPU's on rows of `vocab` logits, under the
 /// CPU's own scores (0 where they choose the same; infinite for a contrast choice outside
-/// the plausible set), and how far its margins are from the CPU's: what a start-up check
-/// holds the kernels of `device` to. Zero on the CPU, whose kernels are these functions.
+/// the plausible set), and how far its margins and divergences are from the CPU's: what a
+/// start-up check holds the kernels of `device` to. Zero on the CPU, whose kernels are these
+/// functions.
 pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     const ROWS: usize = 6;
     let mut rand = super::uniform(0x9E37_79B9_7F4A_7C15u64);
@@ -124,6 +167,7 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     let put = |rows: &[Vec<f32>]| Tensor::new(rows.concat(), device)?.reshape((ROWS, vocab));
     let argmaxes = argmax_rows(&put(&upper)?)?.to_vec1::<u32>()?;
     let margins = margin_rows(&put(&upper)?)?.to_vec1::<f32>()?;
+    let divergences = divergence_rows(&put(&upper)?, &put(&lower)?)?.to_vec1::<f64>()?;
     let contrasts = contrast_rows(
         &put(&upper)?,
         &put(&lower)?,
@@ -147,7 +191,12 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
         };
         let contrast = score(contrast_choice(u, l, ln_alpha[r])) - score(contrasts[r]);
         let margin = (softmax_margin(u) - margins[r]).abs();
-        worst = worst.max(shortfall).max(contrast).max(margin);
+        let divergence = (dola_divergence(u, l) - divergences[r]).abs() as f32;
+        worst = worst
+            .max(shortfall)
+            .max(contrast)
+            .max(margin)
+            .max(divergence);
     }
     Ok(worst)
 }
@@ -180,10 +229,7 @@ impl CustomOp1 for PerRow {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l.shape().dims2()?;
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("{}: a contiguous matrix", self.name());
-        };
-        let chunks = s.as_slice::<f32>()?[a..b].par_chunks(vocab.max(1));
+        let chunks = contiguous_f32(s, l)?.par_chunks(vocab.max(1));
         let out = match (self, vocab) {
             (PerRow::Argmax, 0) => CpuStorage::U32(vec![0; rows]),
             (PerRow::Argmax, _) => CpuStorage::U32(chunks.map(argmax).collect()),
@@ -202,11 +248,63 @@ impl CustomOp1 for PerRow {
         let (rows, vocab) = l.shape().dims2()?;
         let offset = l.start_offset();
         let out = match self {
-            PerRow::Argmax => cuda::launch_per_row::<u32>("argmax_rows", s, offset, rows, vocab),
-            PerRow::Margin => cuda::launch_per_row::<f32>("margin_rows", s, offset, rows, vocab),
+            PerRow::Argmax => cuda::launch::<u32>("argmax_rows", &[(s, offset)], rows, vocab),
+            PerRow::Margin => cuda::launch::<f32>("margin_rows", &[(s, offset)], rows, vocab),
         };
         Ok((out?, Shape::from(rows)))
     }
+}
+
+struct DivergenceRows;
+
+impl CustomOp2 for DivergenceRows {
+    fn name(&self) -> &'static str {
+        "divergence rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l1.shape().dims2()?;
+        let (mature, premature) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let out: Vec<f64> = if vocab == 0 {
+            vec![0.0; rows]
+        } else {
+            (mature.par_chunks(vocab), premature.par_chunks(vocab))
+                .into_par_iter()
+                .map(|(m, p)| dola_divergence(m, p))
+                .collect()
+        };
+        Ok((CpuStorage::F64(out), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, vocab) = l1.shape().dims2()?;
+        let inputs = [(s1, l1.start_offset()), (s2, l2.start_offset())];
+        Ok((
+            cuda::launch::<f64>("divergence_rows", &inputs, rows, vocab)?,
+            Shape::from(rows),
+        ))
+    }
+}
+
+/// A float32 operand's elements, which its layout must hold contiguously.
+fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout) -> Result<&'s [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("greedy kernels: contiguous operands");
+    };
+    Ok(&s.as_slice::<f32>()?[a..b])
 }
 
 struct ContrastRows;
@@ -226,13 +324,11 @@ impl CustomOp3 for ContrastRows {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l1.shape().dims2()?;
-        fn slice<'s>(s: &'s CpuStorage, l: &Layout) -> Result<&'s [f32]> {
-            let Some((a, b)) = l.contiguous_offsets() else {
-                candle_core::bail!("contrast rows: contiguous operands");
-            };
-            Ok(&s.as_slice::<f32>()?[a..b])
-        }
-        let (upper, lower, ln_alpha) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (upper, lower, ln_alpha) = (
+            contiguous_f32(s1, l1)?,
+            contiguous_f32(s2, l2)?,
+            contiguous_f32(s3, l3)?,
+        );
         let out: Vec<u32> = if vocab == 0 {
             vec![0; rows]
         } else {
@@ -255,9 +351,13 @@ impl CustomOp3 for ContrastRows {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, vocab) = l1.shape().dims2()?;
-        let offsets = [l1.start_offset(), l2.start_offset(), l3.start_offset()];
+        let inputs = [
+            (s1, l1.start_offset()),
+            (s2, l2.start_offset()),
+            (s3, l3.start_offset()),
+        ];
         Ok((
-            cuda::launch_contrast([s1, s2, s3], offsets, rows, vocab)?,
+            cuda::launch::<u32>("contrast_rows", &inputs, rows, vocab)?,
             Shape::from(rows),
         ))
     }
@@ -269,9 +369,9 @@ mod cuda {
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+        DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
-    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Result};
 
     const SOURCE: &str = include_str!("greedy.cu");
@@ -283,77 +383,45 @@ mod cuda {
         super::super::cuda_source::ptx(&PTX, "greedy.cu", SOURCE)
     }
 
-    /// The `(rows)` output a kernel fills and its launch (one block per row); None when
-    /// there is nothing to choose from (the output then zeros).
-    fn prepare<T: DeviceRepr + ValidAsZeroBits>(
-        dev: &CudaDevice,
+    /// `kernel` (one block per row) over `inputs`, each a float32 operand and where its layout
+    /// starts (`rows` rows of `vocab` floats, or for a per-row parameter `rows` floats), its
+    /// output a `T` per row: the kernels of `greedy.cu` all take `(inputs..., out, vocab)`.
+    pub(super) fn launch<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
+        kernel: &str,
+        inputs: &[(&CudaStorage, usize)],
         rows: usize,
         vocab: usize,
-    ) -> Result<(CudaSlice<T>, Option<LaunchConfig>)> {
+    ) -> Result<CudaStorage> {
+        let dev = inputs[0].0.device().clone();
         if rows == 0 || vocab == 0 {
-            return Ok((dev.alloc_zeros::<T>(rows)?, None));
+            return Ok(CudaStorage::wrap_cuda_slice(
+                dev.alloc_zeros::<T>(rows)?,
+                dev,
+            ));
         }
         // SAFETY: the kernel writes every element (one per row) before anything reads it.
-        let out = unsafe { dev.alloc::<T>(rows)? };
+        let mut out = unsafe { dev.alloc::<T>(rows)? };
+        let func = dev.get_or_load_custom_func(kernel, "exitserve_greedy", ptx()?)?;
+        let views = inputs
+            .iter()
+            .map(|&(s, offset)| Ok(s.as_cuda_slice::<f32>()?.slice(offset..)))
+            .collect::<Result<Vec<_>>>()?;
+        let vocab = vocab as u32;
+        let mut b = func.builder();
+        for v in &views {
+            b.arg(v);
+        }
+        b.arg(&mut out).arg(&vocab);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        Ok((out, Some(cfg)))
-    }
-
-    /// `kernel` (`argmax_rows`, `margin_rows`: one matrix of float32 rows in, a `T` per row
-    /// out) over the `rows` rows of `vocab` floats of `s` from `offset`.
-    pub(super) fn launch_per_row<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
-        kernel: &str,
-        s: &CudaStorage,
-        offset: usize,
-        rows: usize,
-        vocab: usize,
-    ) -> Result<CudaStorage> {
-        let dev = s.device().clone();
-        let (mut out, cfg) = prepare::<T>(&dev, rows, vocab)?;
-        if let Some(cfg) = cfg {
-            let func = dev.get_or_load_custom_func(kernel, "exitserve_greedy", ptx()?)?;
-            let logits = s.as_cuda_slice::<f32>()?.slice(offset..);
-            let vocab = vocab as u32;
-            let mut b = func.builder();
-            b.arg(&logits).arg(&mut out).arg(&vocab);
-            // SAFETY: the arguments match the kernel's signature (each of these kernels takes
-            // its rows, its output and the row length); it reads `rows` rows of `vocab` floats
-            // from `logits`, which the layout holds, and writes one `T` per row.
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok(CudaStorage::wrap_cuda_slice(out, dev))
-    }
-
-    /// `s`: upper, lower, ln(alpha); `offsets`: where each one's layout starts.
-    pub(super) fn launch_contrast(
-        s: [&CudaStorage; 3],
-        offsets: [usize; 3],
-        rows: usize,
-        vocab: usize,
-    ) -> Result<CudaStorage> {
-        let dev = s[0].device().clone();
-        let (mut out, cfg) = prepare::<u32>(&dev, rows, vocab)?;
-        if let Some(cfg) = cfg {
-            let func = dev.get_or_load_custom_func("contrast_rows", "exitserve_greedy", ptx()?)?;
-            let upper = s[0].as_cuda_slice::<f32>()?.slice(offsets[0]..);
-            let lower = s[1].as_cuda_slice::<f32>()?.slice(offsets[1]..);
-            let ln_alpha = s[2].as_cuda_slice::<f32>()?.slice(offsets[2]..);
-            let vocab = vocab as u32;
-            let mut b = func.builder();
-            b.arg(&upper)
-                .arg(&lower)
-                .arg(&ln_alpha)
-                .arg(&mut out)
-                .arg(&vocab);
-            // SAFETY: the arguments match the kernel's signature; it reads `rows` rows of
-            // `vocab` floats from `upper` and `lower` and `rows` floats from `ln_alpha`,
-            // which their layouts hold (checked in `contrast_rows`).
-            unsafe { b.launch(cfg) }.w()?;
-        }
+        // SAFETY: the arguments match the kernel's signature (the callers name the kernel
+        // with its operands, in order); it reads `rows` rows of `vocab` floats of each matrix
+        // and `rows` floats of a per-row parameter, which their layouts hold (checked by the
+        // public functions), and writes one `T` per row.
+        unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
@@ -420,6 +488,50 @@ mod tests {
             .collect();
         assert_eq!(picked, want);
         assert!(margin_rows(&wide.to_dtype(DType::BF16)?).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn divergences_are_transformers_dola_divergence_of_the_softmaxes() -> Result<()> {
+        let mut rand = crate::kernels::uniform(0x5DEE_CE66_D1CE_4E5Bu64);
+        let (rows, vocab) = (4, 777);
+        let mut row = |spread: f32| (0..vocab).map(|_| rand() * spread).collect::<Vec<_>>();
+        let mature: Vec<Vec<f32>> = (0..rows).map(|r| row(1.0 + 4.0 * r as f32)).collect();
+        let mut premature: Vec<Vec<f32>> = (0..rows).map(|_| row(6.0)).collect();
+        premature[0] = mature[0].clone(); // the same distribution: 0
+        let put = |m: &[Vec<f32>]| Tensor::new(m.concat(), &Device::Cpu)?.reshape((rows, vocab));
+        let got = divergence_rows(&put(&mature)?, &put(&premature)?)?.to_vec1::<f64>()?;
+        let softmax = |x: &[f32]| {
+            let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
+            x.iter()
+                .map(|&v| (v as f64 - m).exp() / z)
+                .collect::<Vec<f64>>()
+        };
+        for r in 0..rows {
+            let (p, q) = (softmax(&mature[r]), softmax(&premature[r]));
+            // KL(M || P) + KL(M || Q), M their average
+            let want: f64 = p
+                .iter()
+                .zip(&q)
+                .map(|(&a, &b)| {
+                    let m = 0.5 * (a + b);
+                    m * ((m / a).ln() + (m / b).ln())
+                })
+                .sum();
+            assert!(
+                (got[r] - want).abs() < 1e-6,
+                "row {r}: {} vs {want}",
+                got[r]
+            );
+            assert_eq!(got[r], dola_divergence(&mature[r], &premature[r]));
+        }
+        assert!(
+            got[0].abs() < 1e-6 && got[1..].iter().all(|&d| d > 1e-3),
+            "{got:?}"
+        );
+        let m = put(&mature)?;
+        assert!(divergence_rows(&m, &m.narrow(0, 0, 2)?).is_err());
         Ok(())
     }
 

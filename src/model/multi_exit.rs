@@ -353,6 +353,18 @@ impl MultiExitModel {
         let lens: Vec<usize> = order.iter().map(|&i| steps[i].tokens.len()).collect();
         let heads: Vec<&[Head]> = order.iter().map(|&i| steps[i].heads).collect();
         let all_positions: Vec<bool> = order.iter().map(|&i| steps[i].all_positions).collect();
+        // DoLa's candidate chosen where the logits are, from its heads at the last row.
+        let select_premature: Vec<bool> = order
+            .iter()
+            .map(|&i| {
+                let s = &steps[i];
+                s.select_premature
+                    && self.device_choices
+                    && !s.all_positions
+                    && s.early_exit.is_none()
+                    && s.heads.len() > 2
+            })
+            .collect();
         let verify: Vec<bool> = order.iter().map(|&i| steps[i].verify).collect();
         // Early exit is decided here for decode positions only (see `SeqStep::early_exit`).
         let early: Vec<Option<EarlyExitParams>> = order
@@ -409,6 +421,7 @@ impl MultiExitModel {
                 heads: alive.iter().map(|&s| heads[s]).collect(),
                 all_positions: alive.iter().map(|&s| all_positions[s]).collect(),
                 choices: alive.iter().map(|&s| choices[s]).collect(),
+                select_premature: alive.iter().map(|&s| select_premature[s]).collect(),
             };
             let mut rows = view(&alive, &row_in_x);
             // The batched attention path's layout of each set of segments, made once for
@@ -676,6 +689,7 @@ impl MultiExitModel {
                     head: k,
                     rows,
                     choice: p.choices[slot],
+                    premature_of: p.select_premature[slot].then_some(p.heads[slot].len()),
                     dropped: false,
                 })
                 .collect();
@@ -713,7 +727,11 @@ struct HeadUser {
     /// Only the greedy choice of its one row is wanted, made thus (from this head and, for a
     /// contrast, the sequence's other head).
     choice: Option<DeviceChoice>,
-    /// Not wanted after all: an early exit the token went on from (left empty).
+    /// DoLa whose candidate the copy may choose (`SeqStep::select_premature`): the number of
+    /// the sequence's heads (head 0 the mature one, the rest candidates).
+    premature_of: Option<usize>,
+    /// Not wanted after all: an early exit the token went on from, a DoLa candidate not chosen
+    /// (left empty).
     dropped: bool,
 }
 
@@ -782,6 +800,7 @@ impl HeadCopies {
             })
             .collect();
         let rows = users().map(|u| u.rows).sum::<usize>();
+        let dropped = self.select_premature(&users().collect::<Vec<_>>(), &all, rows, &starts)?;
         // A contrast's choice needs both its heads' rows in this copy: a sequence whose other
         // head went (or goes) in another copy (the held bytes ran out between its heads)
         // reads its rows instead.
@@ -796,8 +815,9 @@ impl HeadCopies {
         let mut contrast_of: HashMap<usize, usize> = HashMap::new();
         let reads: Vec<Read> = users()
             .zip(&starts)
-            .map(|(u, &start)| match u.choice {
-                _ if u.dropped => Read::Nothing,
+            .zip(&dropped)
+            .map(|((u, &start), &dropped)| match u.choice {
+                _ if u.dropped || dropped => Read::Nothing,
                 Some(DeviceChoice::HeadArgmax) => {
                     argmax.push(start);
                     Read::Argmax(argmax.len() - 1)
@@ -840,6 +860,72 @@ impl HeadCopies {
             };
         }
         Ok(())
+    }
+
+    /// For each DoLa sequence whose heads are all in this copy (`HeadUser::premature_of`), its
+    /// candidate farthest from its mature head (`kernels::greedy::divergence_rows`, computed
+    /// where the logits are, the first largest as the host chooses): which users (in order)
+    /// are candidates not chosen, whose rows the copy leaves out. `all`: the pending products,
+    /// `rows` rows, each user's starting at `starts`.
+    fn select_premature(
+        &self,
+        users: &[&HeadUser],
+        all: &Tensor,
+        rows: usize,
+        starts: &[u32],
+    ) -> Result<Vec<bool>> {
+        let mut out = vec![false; users.len()];
+        // per sequence: its heads' count, its mature head's last row, and (head, user, last
+        // row) of its candidates
+        type Candidates = Vec<(usize, usize, u32)>;
+        type Group = (usize, Option<u32>, Candidates);
+        let mut groups: HashMap<usize, Group> = HashMap::new();
+        for (i, u) in users.iter().enumerate() {
+            let Some(of) = u.premature_of.filter(|_| !u.dropped) else {
+                continue;
+            };
+            let g = groups.entry(u.seq).or_insert((of, None, Vec::new()));
+            let last = starts[i] + u.rows as u32 - 1;
+            match u.head {
+                0 => g.1 = Some(last),
+                k => g.2.push((k, i, last)),
+            }
+        }
+        // complete groups only (a sequence whose heads went in two copies reads them all),
+        // candidates in head order, the order the host chooses in
+        let groups: Vec<(u32, Candidates)> = groups
+            .into_values()
+            .filter_map(|(of, mature, mut candidates)| {
+                candidates.sort_unstable();
+                (candidates.len() == of - 1 && candidates.len() > 1)
+                    .then_some((mature?, candidates))
+            })
+            .collect();
+        if groups.is_empty() {
+            return Ok(out);
+        }
+        let matrix = all.reshape((rows, self.vocab))?;
+        let (mature, premature): (Vec<u32>, Vec<u32>) = groups
+            .iter()
+            .flat_map(|(m, cs)| cs.iter().map(move |&(_, _, c)| (*m, c)))
+            .unzip();
+        let pick = |ix: Vec<u32>| -> Result<Tensor> {
+            Ok(matrix.index_select(&Tensor::new(ix, matrix.device())?, 0)?)
+        };
+        let d = greedy::divergence_rows(&pick(mature)?, &pick(premature)?)?.to_vec1::<f64>()?;
+        let mut d = d.into_iter();
+        for (_, candidates) in &groups {
+            let mut best = (0, f64::NEG_INFINITY);
+            for (k, dk) in d.by_ref().take(candidates.len()).enumerate() {
+                if dk > best.1 {
+                    best = (k, dk);
+                }
+            }
+            for (k, &(_, user, _)) in candidates.iter().enumerate() {
+                out[user] = k != best.0;
+            }
+        }
+        Ok(out)
     }
 
     /// The softmax margins (`kernels::greedy::margin_rows`) of the one row each user
@@ -975,7 +1061,7 @@ fn device_choices_hold(device: &Device, vocab: usize) -> bool {
     kernels_hold(
         greedy::check(device, vocab),
         1e-5,
-        "greedy choices (argmax, contrast) and exit margins made where the logits are",
+        "greedy choices (argmax, contrast), exit margins and DoLa divergences made where the logits are",
         "the greedy choice kernels",
         "the CPU's choices",
     )
@@ -1020,6 +1106,7 @@ struct Rows<'h> {
     heads: Vec<&'h [Head]>,
     all_positions: Vec<bool>,
     choices: Vec<Option<DeviceChoice>>,
+    select_premature: Vec<bool>,
 }
 
 impl Rows<'_> {
@@ -1030,6 +1117,7 @@ impl Rows<'_> {
             heads: &self.heads,
             all_positions: &self.all_positions,
             choices: &self.choices,
+            select_premature: &self.select_premature,
             order: &self.order,
         }
     }
@@ -1103,6 +1191,7 @@ mod tests {
                     head,
                     rows: 1,
                     choice,
+                    premature_of: None,
                     dropped: false,
                 })
                 .collect();
@@ -1130,6 +1219,7 @@ mod tests {
                     head: 0,
                     rows: 1,
                     choice: choice.filter(|_| seq == 2),
+                    premature_of: None,
                     dropped: false,
                 })
                 .collect();
@@ -1144,6 +1234,68 @@ mod tests {
             match choice {
                 None => assert_eq!(outputs[2][0].last(), Some(&row(2)?[..])),
                 Some(_) => assert_eq!(outputs[2][0].choice(), Some(greedy::argmax(&row(2)?))),
+            }
+        }
+        Ok(())
+    }
+
+    /// DoLa: the copy hands over the mature head's row and the candidate farthest from it
+    /// (the first largest divergence), the others left empty; a sequence whose heads are not
+    /// all in the copy gets every row.
+    #[test]
+    fn the_copy_chooses_dola_s_candidate_and_leaves_the_others_out() -> Result<()> {
+        let vocab = 30;
+        let rows = |phase: f64, n: usize| -> Result<Tensor> {
+            let t = Tensor::arange(0f32, (n * vocab) as f32, &Device::Cpu)?;
+            Ok(((t * 0.23)? + phase)?
+                .sin()?
+                .affine(3.0, 0.0)?
+                .reshape((n, vocab))?)
+        };
+        // three candidates (heads 1..=3, one product each, two sequences a row each), then
+        // the mature head (head 0)
+        let products: Vec<Tensor> = [0.1, 1.7, 0.1, 4.0]
+            .iter()
+            .map(|&p| rows(p, 2))
+            .collect::<Result<_>>()?;
+        for held in [1 << 20, 2 * vocab * 4 * 3] {
+            let mut copies = HeadCopies {
+                held_bytes: held,
+                ..HeadCopies::new(vocab, true)
+            };
+            let mut outputs = vec![vec![Logits::default(); 4]; 2];
+            for (k, t) in [1, 2, 3, 0].into_iter().zip(&products) {
+                let users = (0..2)
+                    .map(|seq| HeadUser {
+                        seq,
+                        head: k,
+                        rows: 1,
+                        choice: None,
+                        premature_of: Some(4),
+                        dropped: false,
+                    })
+                    .collect();
+                copies.push(t.clone(), users, &mut outputs)?;
+            }
+            copies.flush(&mut outputs)?;
+            let row =
+                |p: usize, r: usize| -> Result<Vec<f32>> { Ok(products[p].get(r)?.to_vec1()?) };
+            for (seq, got) in outputs.iter().enumerate() {
+                let mature = row(3, seq)?;
+                assert_eq!(got[0].last(), Some(&mature[..]));
+                let d: Vec<f64> = (0..3)
+                    .map(|p| Ok(greedy::dola_divergence(&mature, &row(p, seq)?)))
+                    .collect::<Result<_>>()?;
+                let best = (0..3).fold(0, |b, k| if d[k] > d[b] { k } else { b });
+                for k in 0..3 {
+                    let handed = got[k + 1].last();
+                    if held == 1 << 20 && k != best {
+                        assert_eq!(handed, None, "seq {seq} candidate {k} of {d:?}");
+                    } else {
+                        // chosen, or every row where the heads went in two copies
+                        assert_eq!(handed, Some(&row(k, seq)?[..]));
+                    }
+                }
             }
         }
         Ok(())

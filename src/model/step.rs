@@ -41,6 +41,12 @@ pub struct SeqStep<'a> {
     /// index alone (`Logits::chosen`, for each head handed over); elsewhere the logits come as
     /// usual.
     pub choice: Option<DeviceChoice>,
+    /// DoLa (`Mode::selects_premature`): its first head is the mature one, the rest premature
+    /// candidates of which its scores read only the one farthest from the mature head. On the
+    /// batched path the step chooses that candidate where the logits are (at the last row)
+    /// and hands over only its rows and the mature head's (the others left empty); elsewhere
+    /// every candidate's come.
+    pub select_premature: bool,
 }
 
 /// A sequence's rows in the packed matrix, with its cache.
@@ -60,6 +66,8 @@ pub(super) struct Packed<'p> {
     pub all_positions: &'p [bool],
     /// See `SeqStep::choice` (None where the step cannot make it: see `forward_pass`).
     pub choices: &'p [Option<DeviceChoice>],
+    /// See `SeqStep::select_premature` (false where the step cannot: see `forward_pass`).
+    pub select_premature: &'p [bool],
     /// Packed slot -> index of the sequence in the caller's step list.
     pub order: &'p [usize],
 }

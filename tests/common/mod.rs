@@ -205,6 +205,7 @@ pub fn all_head_logits(
         verify: false,
         early_exit: None,
         choice: None,
+        select_premature: false,
     }];
     let out = model.forward(&mut step)?.into_per_seq().remove(0);
     Ok(heads

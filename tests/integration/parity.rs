@@ -76,6 +76,7 @@ fn greedy_batch(
                 verify: false,
                 early_exit: None,
                 choice: None,
+                select_premature: false,
             })
             .collect();
         let logits = m.model.forward(&mut batch).unwrap();
@@ -241,6 +242,7 @@ fn mixed_schedule_reading(m: &LoadedModel, choices: bool) -> Vec<Vec<Logits>> {
                 verify: false,
                 early_exit: None,
                 choice: choices.then(|| device_choice(heads[i].len())),
+                select_premature: false,
             })
             .collect();
         out.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
@@ -392,6 +394,7 @@ fn greedy_choices_made_in_the_step_are_the_host_choices_from_the_logits() {
                             verify: false,
                             early_exit: None,
                             choice: choices.then(|| device_choice(heads[i].len())),
+                            select_premature: false,
                         })
                         .collect();
                     steps.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
@@ -601,6 +604,7 @@ fn teacher_forced_logits(
             verify: false,
             early_exit: None,
             choice: None,
+            select_premature: false,
         }];
         let logits = m
             .model
@@ -688,6 +692,7 @@ fn exit_logits(m: &LoadedModel, tokens: &[u32], layer: usize, draft: bool) -> Ve
         verify: false,
         early_exit: None,
         choice: None,
+        select_premature: false,
     }];
     let out = m.model.forward(&mut step).unwrap().into_per_seq().remove(0);
     out.into_iter().next().unwrap().into_last()

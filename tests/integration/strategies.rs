@@ -160,15 +160,21 @@ async fn streamed_ids(url: &str, body: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// On the CPU's own path, and on the batched path, where each step chooses DoLa's premature
+/// candidate where the logits are (`kernels::greedy::divergence_rows`) and hands over only
+/// its rows and the mature head's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dola_equals_the_reference_alone_and_in_one_batch() {
     for f in ARCHS {
         let reference = dola_reference(f);
         let cases = reference["cases"].as_array().unwrap();
         assert_eq!(cases.len(), 20);
-        let server = TestServer::start_model(&f.dir(), &["--max-batch-size", "64"]);
         let all: Vec<(Value, Value)> = cases.iter().map(|c| (c.clone(), dola_body(f, c))).collect();
-        check_alone_and_batched(&server.url("/v1/completions"), f, &tokenizer(f), &all).await;
+        for path in [&[][..], &["--attention", "batched"]] {
+            let server =
+                TestServer::start_model(&f.dir(), &[&["--max-batch-size", "64"], path].concat());
+            check_alone_and_batched(&server.url("/v1/completions"), f, &tokenizer(f), &all).await;
+        }
     }
 }
 

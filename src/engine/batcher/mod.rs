@@ -318,6 +318,7 @@ impl Batcher {
                 verify: row.per_query,
                 early_exit: row.early_exit,
                 choice: row.choice,
+                select_premature: row.select_premature,
             })
             .collect();
         let fault = self.cfg.fault();

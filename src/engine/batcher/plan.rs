@@ -51,6 +51,8 @@ pub(super) struct RowPlan {
     pub early_exit: Option<EarlyExitParams>,
     /// Only the greedy choice of its next token is read, made thus (`SeqStep::choice`).
     pub choice: Option<DeviceChoice>,
+    /// Its DoLa premature candidate may be chosen in the step (`SeqStep::select_premature`).
+    pub select_premature: bool,
 }
 
 /// The inputs of one step, in `running` order over the sequences that take part.
@@ -157,6 +159,7 @@ fn resume_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         kind: StepKind::Next,
         early_exit: None,
         choice: None,
+        select_premature: false,
     }
 }
 
@@ -185,6 +188,19 @@ fn device_choice(s: &Sequence) -> Option<DeviceChoice> {
         .flatten()
 }
 
+/// Whether the sequence's DoLa candidate may be chosen in the step: nothing but its scores
+/// reads the candidates' rows (no inspection, which reports each position's choice from all
+/// of them).
+fn selects_premature(s: &Sequence) -> bool {
+    let r = s.request.borrow();
+    let req = &r.req;
+    req.inspect.is_none()
+        && req
+            .mode
+            .at_token(s.generated, req.max_tokens)
+            .selects_premature()
+}
+
 /// A prefilling sequence's next `take` prompt tokens.
 fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
     let r = s.request.borrow();
@@ -208,6 +224,7 @@ fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         kind: StepKind::Next,
         early_exit: None,
         choice: device_choice(s).filter(|_| last_chunk && !all_positions),
+        select_premature: last_chunk && !all_positions && selects_premature(s),
     }
 }
 
@@ -244,11 +261,13 @@ fn decode_row(s: &mut Sequence, index: usize, may_draft: bool) -> RowPlan {
         kind,
         early_exit: None,
         choice: None,
+        select_premature: false,
     };
     match input {
         SpecInput::Plain => RowPlan {
             early_exit,
             choice: device_choice(s),
+            select_premature: selects_premature(s),
             ..row(vec![next], heads, depth, false, StepKind::Next)
         },
         SpecInput::Draft(token) => {

@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use super::params::{self, Fields, Form, FormField, ModelShape, ParamError};
 use super::{Head, Inspected, Strategy};
+use crate::kernels::greedy;
 
 /// A set of layers (0..128; 0 = the embeddings' output), ascending: kept as bits so that a
 /// mode stays `Copy`.
@@ -240,6 +241,10 @@ impl Strategy for DolaParams {
         false
     }
 
+    fn selects_premature(&self) -> bool {
+        true
+    }
+
     /// With the premature layer each position chose.
     fn inspect(&self, logits: &[&[f32]]) -> Inspected {
         let (scores, chosen) = dola_logits(logits[0], &logits[1..], self.relative_top);
@@ -427,23 +432,19 @@ pub fn dola_logits(mature: &[f32], candidates: &[&[f32]], relative_top: f32) -> 
         // validation never lets this through; the mature head alone, rather than a panic
         return (lp_mature, 0);
     }
-    let chosen = if candidates.len() == 1 {
-        0
+    // A candidate left empty is one a step that chose on the device did not choose: it hands
+    // over only the one it chose.
+    let handed: Vec<usize> = (0..candidates.len())
+        .filter(|&i| !candidates[i].is_empty())
+        .collect();
+    let chosen = if let [one] = handed[..] {
+        one
     } else {
-        // transformers' divergence: 0.5 (KL(M || P_mature) + KL(M || P_premature)), M their
-        // average (F.kl_div(input, target) is target · (log target - input)); the first
-        // largest wins, as torch's argmax
+        // transformers' divergence (`kernels::greedy::dola_divergence`); the first largest
+        // wins, as torch's argmax
         let mut best = (0, f64::NEG_INFINITY);
-        for (i, c) in candidates.iter().enumerate() {
-            let lp = super::log_softmax(c);
-            let mut d = 0.0f64;
-            for (&a, &b) in lp_mature.iter().zip(&lp) {
-                let (a, b) = (a as f64, b as f64);
-                let m = 0.5 * (a.exp() + b.exp());
-                if m > 0.0 {
-                    d += m * (2.0 * m.ln() - a - b);
-                }
-            }
+        for (i, c) in candidates.iter().enumerate().filter(|(_, c)| !c.is_empty()) {
+            let d = greedy::divergence_of_log_probs(&lp_mature, &super::log_softmax(c));
             if d > best.1 {
                 best = (i, d);
             }
@@ -546,5 +547,9 @@ mod tests {
         assert!(logits[0] > logits[1]);
         // one candidate: no choice to make
         assert_eq!(dola_logits(&mature, &[&same], 0.1).1, 0);
+        // one handed over (a step chose it on the device): taken as is
+        let (handed, chosen) = dola_logits(&mature, &[&[], &same, &[]], 0.1);
+        assert_eq!(chosen, 1);
+        assert_eq!(handed, dola_logits(&mature, &[&same], 0.1).0);
     }
 }

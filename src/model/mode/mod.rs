@@ -120,6 +120,14 @@ pub trait Strategy: Copy + PartialEq + fmt::Debug + Sized {
         None
     }
 
+    /// Whether its scores read its first head (the mature one) and, of the rest, only the
+    /// candidate whose distribution is farthest from it by DoLa's divergence
+    /// (`kernels::greedy::dola_divergence`): a step may then choose that candidate where the
+    /// logits are and hand over only its rows (the others left empty).
+    fn selects_premature(&self) -> bool {
+        false
+    }
+
     /// The head whose distribution the scores are at this row, for a strategy that takes one
     /// head's distribution (it may choose per row); None for one that combines heads.
     fn chosen_head(&self, _logits: &[&[f32]]) -> Option<usize> {
@@ -228,6 +236,11 @@ macro_rules! strategies {
             /// See [`Strategy::device_choice`].
             pub fn device_choice(&self) -> Option<DeviceChoice> {
                 match self { $(Mode::$variant(s) => s.device_choice(),)* }
+            }
+
+            /// See [`Strategy::selects_premature`].
+            pub fn selects_premature(&self) -> bool {
+                match self { $(Mode::$variant(s) => s.selects_premature(),)* }
             }
 
             /// Whether [`Mode::scores`] are the log-distribution itself (else its logits).
