@@ -191,7 +191,9 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
         };
         let contrast = score(contrast_choice(u, l, ln_alpha[r])) - score(contrasts[r]);
         let margin = (softmax_margin(u) - margins[r]).abs();
-        let divergence = (dola_divergence(u, l) - divergences[r]).abs() as f32;
+        // relative: the divergence's size grows with the vocabulary's spread
+        let want = dola_divergence(u, l);
+        let divergence = ((want - divergences[r]).abs() / want.abs().max(1.0)) as f32;
         worst = worst
             .max(shortfall)
             .max(contrast)
