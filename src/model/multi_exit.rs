@@ -54,9 +54,9 @@ pub struct MultiExitModel {
     /// On the batched path, what follows each product runs fused (`kernels::fused_epilogue`,
     /// checked against candle's ops at start-up): in the blocks, and `ln_f` before a head.
     fused_epilogues: bool,
-    /// On the batched path, greedy choices and early exit's margins are computed where the
-    /// logits are (`SeqStep::choice`, `decide_exits`, `kernels::greedy`, checked against the
-    /// CPU's at start-up).
+    /// On the batched path, greedy choices, early exit's margins and DoLa's divergences are
+    /// computed where the logits are (`SeqStep::choice`, `decide_exits`,
+    /// `SeqStep::select_premature`, `kernels::greedy`, checked against the CPU's at start-up).
     device_choices: bool,
     pub stats: ForwardStats,
 }
