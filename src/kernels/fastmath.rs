@@ -104,6 +104,11 @@ pub fn log_sum_exp(xs: &[f32]) -> (f32, f32) {
     (max, max + sum_exp(xs, max).ln())
 }
 
+/// The log-softmax of `logits`.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    sub(logits, log_sum_exp(logits).1)
+}
+
 multiversion! {
     /// The largest element (-inf for an empty slice).
     pub fn max(xs: &[f32]) -> f32 {

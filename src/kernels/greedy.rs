@@ -16,7 +16,7 @@
 //!   premature candidate's, so that a step chooses the candidate where the logits are and
 //!   copies two rows per sequence (mature, chosen) instead of one per candidate.
 //!
-//! `greedy.cu` computes both on a GPU; the Rust here is the CPU's version and the oracle that
+//! `greedy.cu` computes each on a GPU; the Rust here is the CPU's version and the oracle that
 //! [`check`] holds the kernels to at start-up.
 
 use candle_core::{
@@ -82,8 +82,10 @@ pub fn divergence_rows(mature: &Tensor, premature: &Tensor) -> Result<Tensor> {
 /// KL(M || P_premature), M their average, summed in float64 over the float32 log-softmaxes
 /// (`F.kl_div(input, target)` is target · (log target - input)).
 pub fn dola_divergence(mature: &[f32], premature: &[f32]) -> f64 {
-    let log_softmax = |x: &[f32]| fastmath::sub(x, fastmath::log_sum_exp(x).1);
-    divergence_of_log_probs(&log_softmax(mature), &log_softmax(premature))
+    divergence_of_log_probs(
+        &fastmath::log_softmax(mature),
+        &fastmath::log_softmax(premature),
+    )
 }
 
 /// [`dola_divergence`] from the two log-softmaxes.
@@ -125,19 +127,40 @@ pub fn contrast_rows(upper: &Tensor, lower: &Tensor, ln_alpha: &Tensor) -> Resul
 /// `(u - lse_u) - (l - lse_l)` among the tokens with `u - lse_u >= ln_alpha + (max u - lse_u)`
 /// (0 when none is a number), each term as the host's contrast computes it.
 pub fn contrast_choice(upper: &[f32], lower: &[f32], ln_alpha: f32) -> u32 {
-    let (max_u, lse_u) = fastmath::log_sum_exp(upper);
-    let (_, lse_l) = fastmath::log_sum_exp(lower);
-    let lp_u = fastmath::sub(upper, lse_u);
-    let set = fastmath::PlausibleSet {
-        threshold: ln_alpha + (max_u - lse_u),
-        lse_lower: lse_l,
-    };
+    let terms = ContrastTerms::new(upper, lower, ln_alpha);
     // the vectorised maximum, then its first position
-    let best = set.max_diff(&lp_u, lower);
-    lp_u.iter()
-        .zip(lower)
-        .position(|(&u, &l)| u >= set.threshold && u - (l - lse_l) == best)
+    let best = terms.set.max_diff(&terms.lp_upper, lower);
+    (0..upper.len())
+        .position(|i| terms.difference(i) == Some(best))
         .unwrap_or(0) as u32
+}
+
+/// A contrast's terms in one pair of rows, each as the host's contrast computes it.
+struct ContrastTerms<'a> {
+    lp_upper: Vec<f32>,
+    lower: &'a [f32],
+    set: fastmath::PlausibleSet,
+}
+
+impl<'a> ContrastTerms<'a> {
+    fn new(upper: &[f32], lower: &'a [f32], ln_alpha: f32) -> Self {
+        let (max_u, lse_u) = fastmath::log_sum_exp(upper);
+        let (_, lse_l) = fastmath::log_sum_exp(lower);
+        Self {
+            lp_upper: fastmath::sub(upper, lse_u),
+            lower,
+            set: fastmath::PlausibleSet {
+                threshold: ln_alpha + (max_u - lse_u),
+                lse_lower: lse_l,
+            },
+        }
+    }
+
+    /// Token `i`'s `log p_u - log p_l`, None outside the plausible set.
+    fn difference(&self, i: usize) -> Option<f32> {
+        let u = self.lp_upper[i];
+        (u >= self.set.threshold).then(|| u - (self.lower[i] - self.set.lse_lower))
+    }
 }
 
 /// How far the device's choices fall short of the CPU's on rows of `vocab` logits, under the
@@ -165,12 +188,13 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
         .map(|a| a.ln())
         .collect();
     let put = |rows: &[Vec<f32>]| Tensor::new(rows.concat(), device)?.reshape((ROWS, vocab));
-    let argmaxes = argmax_rows(&put(&upper)?)?.to_vec1::<u32>()?;
-    let margins = margin_rows(&put(&upper)?)?.to_vec1::<f32>()?;
-    let divergences = divergence_rows(&put(&upper)?, &put(&lower)?)?.to_vec1::<f64>()?;
+    let (upper_t, lower_t) = (put(&upper)?, put(&lower)?);
+    let argmaxes = argmax_rows(&upper_t)?.to_vec1::<u32>()?;
+    let margins = margin_rows(&upper_t)?.to_vec1::<f32>()?;
+    let divergences = divergence_rows(&upper_t, &lower_t)?.to_vec1::<f64>()?;
     let contrasts = contrast_rows(
-        &put(&upper)?,
-        &put(&lower)?,
+        &upper_t,
+        &lower_t,
         &Tensor::new(ln_alpha.as_slice(), device)?,
     )?
     .to_vec1::<u32>()?;
@@ -178,17 +202,8 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     for r in 0..ROWS {
         let (u, l) = (&upper[r], &lower[r]);
         let shortfall = u[argmax(u) as usize] - u[argmaxes[r] as usize];
-        let (max_u, lse_u) = fastmath::log_sum_exp(u);
-        let (_, lse_l) = fastmath::log_sum_exp(l);
-        let threshold = ln_alpha[r] + (max_u - lse_u);
-        let score = |i: u32| {
-            let lp = u[i as usize] - lse_u;
-            if lp >= threshold {
-                lp - (l[i as usize] - lse_l)
-            } else {
-                f32::NEG_INFINITY
-            }
-        };
+        let terms = ContrastTerms::new(u, l, ln_alpha[r]);
+        let score = |i: u32| terms.difference(i as usize).unwrap_or(f32::NEG_INFINITY);
         let contrast = score(contrast_choice(u, l, ln_alpha[r])) - score(contrasts[r]);
         let margin = (softmax_margin(u) - margins[r]).abs();
         // relative: the divergence's size grows with the vocabulary's spread

@@ -788,19 +788,20 @@ impl HeadCopies {
         } else {
             Tensor::cat(&flat, 0)?
         };
-        let pending = std::mem::take(&mut self.pending);
-        self.bytes = 0;
-        let users = || pending.iter().flat_map(|(_, users)| users);
         // Where each user's rows start in `all`.
-        let starts: Vec<u32> = users()
+        let pending_users = || self.pending.iter().flat_map(|(_, users)| users);
+        let starts: Vec<u32> = pending_users()
             .scan(0u32, |row, u| {
                 let start = *row;
                 *row += u.rows as u32;
                 Some(start)
             })
             .collect();
-        let rows = users().map(|u| u.rows).sum::<usize>();
-        let dropped = self.select_premature(&users().collect::<Vec<_>>(), &all, rows, &starts)?;
+        let rows = pending_users().map(|u| u.rows).sum::<usize>();
+        self.select_premature(&all, rows, &starts)?;
+        let pending = std::mem::take(&mut self.pending);
+        self.bytes = 0;
+        let users = || pending.iter().flat_map(|(_, users)| users);
         // A contrast's choice needs both its heads' rows in this copy: a sequence whose other
         // head went (or goes) in another copy (the held bytes ran out between its heads)
         // reads its rows instead.
@@ -815,9 +816,8 @@ impl HeadCopies {
         let mut contrast_of: HashMap<usize, usize> = HashMap::new();
         let reads: Vec<Read> = users()
             .zip(&starts)
-            .zip(&dropped)
-            .map(|((u, &start), &dropped)| match u.choice {
-                _ if u.dropped || dropped => Read::Nothing,
+            .map(|(u, &start)| match u.choice {
+                _ if u.dropped => Read::Nothing,
                 Some(DeviceChoice::HeadArgmax) => {
                     argmax.push(start);
                     Read::Argmax(argmax.len() - 1)
@@ -862,19 +862,13 @@ impl HeadCopies {
         Ok(())
     }
 
-    /// For each DoLa sequence whose heads are all in this copy (`HeadUser::premature_of`), its
+    /// For each DoLa sequence whose heads are all pending (`HeadUser::premature_of`), its
     /// candidate farthest from its mature head (`kernels::greedy::divergence_rows`, computed
-    /// where the logits are, the first largest as the host chooses): which users (in order)
-    /// are candidates not chosen, whose rows the copy leaves out. `all`: the pending products,
-    /// `rows` rows, each user's starting at `starts`.
-    fn select_premature(
-        &self,
-        users: &[&HeadUser],
-        all: &Tensor,
-        rows: usize,
-        starts: &[u32],
-    ) -> Result<Vec<bool>> {
-        let mut out = vec![false; users.len()];
+    /// where the logits are, the first largest as the host chooses): the others are dropped,
+    /// their rows left out of the copy. `all`: the pending products, `rows` rows, each user's
+    /// starting at `starts`.
+    fn select_premature(&mut self, all: &Tensor, rows: usize, starts: &[u32]) -> Result<()> {
+        let mut users: Vec<&mut HeadUser> = self.pending.iter_mut().flat_map(|(_, u)| u).collect();
         // per sequence: its heads' count, its mature head's last row, and (head, user, last
         // row) of its candidates
         type Candidates = Vec<(usize, usize, u32)>;
@@ -902,7 +896,7 @@ impl HeadCopies {
             })
             .collect();
         if groups.is_empty() {
-            return Ok(out);
+            return Ok(());
         }
         let matrix = all.reshape((rows, self.vocab))?;
         let (mature, premature): (Vec<u32>, Vec<u32>) = groups
@@ -922,10 +916,10 @@ impl HeadCopies {
                 }
             }
             for (k, &(_, user, _)) in candidates.iter().enumerate() {
-                out[user] = k != best.0;
+                users[user].dropped = k != best.0;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The softmax margins (`kernels::greedy::margin_rows`) of the one row each user

@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use serde_json::{Map, Value};
 
-use crate::kernels::fastmath;
+pub use crate::kernels::fastmath::log_softmax;
 pub(super) use crate::kernels::fastmath::log_sum_exp;
 pub use params::{Fields, Form, ModelShape, ParamError};
 
@@ -467,10 +467,6 @@ fn rows_at(logits: &[super::Logits], row: usize) -> Vec<&[f32]> {
         .iter()
         .map(|h| if h.is_empty() { &[][..] } else { h.row(row) })
         .collect()
-}
-
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    fastmath::sub(logits, log_sum_exp(logits).1)
 }
 
 #[cfg(test)]
