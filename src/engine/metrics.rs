@@ -57,6 +57,7 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_rejections_total", "counter"),
     ("exitserve_model_steps_total", "counter"),
     ("exitserve_block_evaluations_total", "counter"),
+    ("exitserve_device_choices_total", "counter"),
     ("exitserve_speculative_drafted_tokens_total", "counter"),
     ("exitserve_speculative_accepted_tokens_total", "counter"),
     ("exitserve_time_to_first_token_seconds", "histogram"),
@@ -173,6 +174,7 @@ pub struct Metrics {
     pub rejections: Counter,
     pub model_steps: Counter,
     block_evaluations: Counter,
+    pub device_choices: Counter,
     pub speculative_drafted: Counter,
     pub speculative_accepted: Counter,
     pub time_to_first_token: Histogram,
@@ -286,6 +288,10 @@ impl Default for Metrics {
             block_evaluations: r.counter(
                 "exitserve_block_evaluations_total",
                 "Transformer block evaluations, one per sequence per block (early exits skip the blocks above them).",
+            ),
+            device_choices: r.counter(
+                "exitserve_device_choices_total",
+                "Tokens chosen where the logits are (greedy, contrast or drawn in the step), one index copied instead of vocabulary rows.",
             ),
             speculative_drafted: r.counter(
                 "exitserve_speculative_drafted_tokens_total",

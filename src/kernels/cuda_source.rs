@@ -5,8 +5,13 @@
 
 use std::sync::OnceLock;
 
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use candle_core::cuda_backend::cudarc::nvrtc;
-use candle_core::Result;
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, DType, Result};
 
 /// `source`'s PTX, compiled the first time (`cell` keeps it, or the error, for the process).
 pub(super) fn ptx(
@@ -21,4 +26,68 @@ pub(super) fn ptx(
     })
     .as_deref()
     .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+/// `choices.cu`: the per-row choices a step makes where the logits are (`greedy.rs`,
+/// `sample.rs`).
+const CHOICES: &str = include_str!("choices.cu");
+/// Must match `THREADS` in `choices.cu`.
+const CHOICE_THREADS: u32 = 256;
+
+/// `kernel` of `choices.cu` (one block per row) over `inputs`, each an operand and where its
+/// layout starts (`rows` rows of `vocab` floats, or per-row parameters), its output a `T` per
+/// row: the kernels there all take `(inputs..., out, vocab)`. float32 and float64 operands.
+pub(super) fn launch_choice<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
+    kernel: &str,
+    inputs: &[(&CudaStorage, usize)],
+    rows: usize,
+    vocab: usize,
+) -> Result<CudaStorage> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let dev = inputs[0].0.device().clone();
+    if rows == 0 || vocab == 0 {
+        return Ok(CudaStorage::wrap_cuda_slice(
+            dev.alloc_zeros::<T>(rows)?,
+            dev,
+        ));
+    }
+    // SAFETY: the kernel writes every element (one per row) before anything reads it.
+    let mut out = unsafe { dev.alloc::<T>(rows)? };
+    let func = dev.get_or_load_custom_func(
+        kernel,
+        "exitserve_choices",
+        ptx(&PTX, "choices.cu", CHOICES)?,
+    )?;
+    enum View<'a> {
+        F32(CudaView<'a, f32>),
+        F64(CudaView<'a, f64>),
+    }
+    let views = inputs
+        .iter()
+        .map(|&(s, offset)| match s.dtype() {
+            DType::F32 => Ok(View::F32(s.as_cuda_slice::<f32>()?.slice(offset..))),
+            DType::F64 => Ok(View::F64(s.as_cuda_slice::<f64>()?.slice(offset..))),
+            d => candle_core::bail!("{kernel}: a {d:?} operand"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let vocab = vocab as u32;
+    let mut b = func.builder();
+    for v in &views {
+        match v {
+            View::F32(v) => b.arg(v),
+            View::F64(v) => b.arg(v),
+        };
+    }
+    b.arg(&mut out).arg(&vocab);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (CHOICE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature (the callers name the kernel with
+    // its operands, in order, of the dtypes it reads); it reads `rows` rows of `vocab`
+    // elements of each matrix and `rows` sets of a per-row parameter, which their layouts
+    // hold (checked by the public functions), and writes one `T` per row.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }

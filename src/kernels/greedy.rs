@@ -16,7 +16,7 @@
 //!   premature candidate's, so that a step chooses the candidate where the logits are and
 //!   copies two rows per sequence (mature, chosen) instead of one per candidate.
 //!
-//! `greedy.cu` computes each on a GPU; the Rust here is the CPU's version and the oracle that
+//! `choices.cu` computes each on a GPU; the Rust here is the CPU's version and the oracle that
 //! [`check`] holds the kernels to at start-up.
 
 use candle_core::{
@@ -24,6 +24,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use super::cuda_source::launch_choice;
 use super::fastmath;
 
 /// `logits` `(rows, vocab)` float32: `(rows)` u32, each row's first position of its maximum
@@ -265,8 +267,8 @@ impl CustomOp1 for PerRow {
         let (rows, vocab) = l.shape().dims2()?;
         let offset = l.start_offset();
         let out = match self {
-            PerRow::Argmax => cuda::launch::<u32>("argmax_rows", &[(s, offset)], rows, vocab),
-            PerRow::Margin => cuda::launch::<f32>("margin_rows", &[(s, offset)], rows, vocab),
+            PerRow::Argmax => launch_choice::<u32>("argmax_rows", &[(s, offset)], rows, vocab),
+            PerRow::Margin => launch_choice::<f32>("margin_rows", &[(s, offset)], rows, vocab),
         };
         Ok((out?, Shape::from(rows)))
     }
@@ -310,7 +312,7 @@ impl CustomOp2 for DivergenceRows {
         let (rows, vocab) = l1.shape().dims2()?;
         let inputs = [(s1, l1.start_offset()), (s2, l2.start_offset())];
         Ok((
-            cuda::launch::<f64>("divergence_rows", &inputs, rows, vocab)?,
+            launch_choice::<f64>("divergence_rows", &inputs, rows, vocab)?,
             Shape::from(rows),
         ))
     }
@@ -374,72 +376,9 @@ impl CustomOp3 for ContrastRows {
             (s3, l3.start_offset()),
         ];
         Ok((
-            cuda::launch::<u32>("contrast_rows", &inputs, rows, vocab)?,
+            launch_choice::<u32>("contrast_rows", &inputs, rows, vocab)?,
             Shape::from(rows),
         ))
-    }
-}
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use std::sync::OnceLock;
-
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{
-        DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-    };
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaStorage, Result};
-
-    const SOURCE: &str = include_str!("greedy.cu");
-    /// Must match `THREADS` in the source.
-    const THREADS: u32 = 256;
-
-    fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        super::super::cuda_source::ptx(&PTX, "greedy.cu", SOURCE)
-    }
-
-    /// `kernel` (one block per row) over `inputs`, each a float32 operand and where its layout
-    /// starts (`rows` rows of `vocab` floats, or for a per-row parameter `rows` floats), its
-    /// output a `T` per row: the kernels of `greedy.cu` all take `(inputs..., out, vocab)`.
-    pub(super) fn launch<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
-        kernel: &str,
-        inputs: &[(&CudaStorage, usize)],
-        rows: usize,
-        vocab: usize,
-    ) -> Result<CudaStorage> {
-        let dev = inputs[0].0.device().clone();
-        if rows == 0 || vocab == 0 {
-            return Ok(CudaStorage::wrap_cuda_slice(
-                dev.alloc_zeros::<T>(rows)?,
-                dev,
-            ));
-        }
-        // SAFETY: the kernel writes every element (one per row) before anything reads it.
-        let mut out = unsafe { dev.alloc::<T>(rows)? };
-        let func = dev.get_or_load_custom_func(kernel, "exitserve_greedy", ptx()?)?;
-        let views = inputs
-            .iter()
-            .map(|&(s, offset)| Ok(s.as_cuda_slice::<f32>()?.slice(offset..)))
-            .collect::<Result<Vec<_>>>()?;
-        let vocab = vocab as u32;
-        let mut b = func.builder();
-        for v in &views {
-            b.arg(v);
-        }
-        b.arg(&mut out).arg(&vocab);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the arguments match the kernel's signature (the callers name the kernel
-        // with its operands, in order); it reads `rows` rows of `vocab` floats of each matrix
-        // and `rows` floats of a per-row parameter, which their layouts hold (checked by the
-        // public functions), and writes one `T` per row.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Every `unsafe` line of the project lives here: the hand-written SIMD and AMX kernels, the
 //! CPU feature probe that guards them, the allocator tuning (`allocator.rs`), and the launches of
 //! our own CUDA kernels (`paged_attention.rs`, which checks every index it reads,
-//! `fused_epilogue.rs` and `greedy.rs`, whose operands are checked against the shapes the
+//! `fused_epilogue.rs`, `greedy.rs` and `sample.rs` through `cuda_source.rs`, whose operands are checked against the shapes the
 //! kernels read).
 //!
 //! Each public entry is safe to call on any CPU: the packed matmul is only reachable through
@@ -19,6 +19,7 @@ pub mod fused_epilogue;
 pub mod greedy;
 pub mod matmul;
 pub mod paged_attention;
+pub mod sample;
 
 /// A deterministic stream of uniform numbers in [0, 1) from `seed` (xorshift64): made-up
 /// logits for the start-up checks that compare a device's kernels with the CPU's, and for

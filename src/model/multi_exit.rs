@@ -26,7 +26,7 @@ use super::mode::{DeviceChoice, EarlyExitParams, Head};
 use super::step::{ForwardStats, Logits, Packed, Segment, SeqStep, StepLogits};
 use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
 use crate::kernels::fused_epilogue::{self, add_norm};
-use crate::kernels::greedy;
+use crate::kernels::{greedy, sample};
 
 pub struct MultiExitModel {
     cfg: ModelConfig,
@@ -58,6 +58,9 @@ pub struct MultiExitModel {
     /// computed where the logits are (`SeqStep::choice`, `decide_exits`,
     /// `SeqStep::select_premature`, `kernels::greedy`, checked against the CPU's at start-up).
     device_choices: bool,
+    /// Where `device_choices` holds, sampled sequences draw there too (`kernels::sample`,
+    /// checked against the CPU's draws at start-up).
+    device_draws: bool,
     pub stats: ForwardStats,
 }
 
@@ -157,10 +160,12 @@ impl MultiExitModel {
         // The ids travel as float32 among the logits: exact below 2^24.
         let device_choices =
             batched && cfg.vocab_size < 1 << 24 && device_choices_hold(&device, cfg.vocab_size);
+        let device_draws = device_choices && device_draws_hold(&device, cfg.vocab_size);
         Ok(Self {
             fused_attention,
             fused_epilogues,
             device_choices,
+            device_draws,
             device,
             kv_pool,
             kv_dtype: wdtype.kv_dtype(),
@@ -375,8 +380,8 @@ impl MultiExitModel {
                     .filter(|_| s.tokens.len() == 1 && !s.all_positions && !s.verify)
             })
             .collect();
-        // Only the greedy choice comes back: at the last row, from the heads it is made of (or
-        // the one a per-token exit leaves at).
+        // Only the choice comes back (greedy or drawn): at the last row, from the heads it is
+        // made of (or the one a per-token exit leaves at).
         let choices: Vec<Option<DeviceChoice>> = order
             .iter()
             .enumerate()
@@ -384,10 +389,11 @@ impl MultiExitModel {
                 let s = &steps[i];
                 s.choice.filter(|&c| {
                     self.device_choices
+                        && (self.device_draws || !matches!(c, DeviceChoice::HeadSample(_)))
                         && !s.all_positions
                         && match early[slot] {
-                            // the argmax of the one head it leaves at
-                            Some(_) => c == DeviceChoice::HeadArgmax,
+                            // the argmax or draw of the one head it leaves at
+                            Some(_) => c.heads() == 1,
                             None => s.early_exit.is_none() && s.heads.len() == c.heads(),
                         }
                 })
@@ -704,8 +710,8 @@ impl MultiExitModel {
 /// everything queued before it, so a copy per head would stall the device once per head
 /// (contrast's two, inspection's every exit). Held back at most [`HELD_LOGITS_BYTES`], so a
 /// step scoring long prompts at many heads holds no second copy of them all. A sequence that
-/// reads only its greedy choice (`SeqStep::choice`) gets it computed there
-/// (`kernels::greedy`) and copied as one index. On the CPU's own path each head is copied
+/// reads only its choice (`SeqStep::choice`: greedy or drawn) gets it computed there
+/// (`kernels::greedy`, `kernels::sample`) and copied as one index. On the CPU's own path each head is copied
 /// when made (nothing to stall, and no concatenation to pay).
 struct HeadCopies {
     vocab: usize,
@@ -724,7 +730,7 @@ struct HeadUser {
     /// Its index in the sequence's head list.
     head: usize,
     rows: usize,
-    /// Only the greedy choice of its one row is wanted, made thus (from this head and, for a
+    /// Only the choice of its one row is wanted, made thus (from this head and, for a
     /// contrast, the sequence's other head).
     choice: Option<DeviceChoice>,
     /// DoLa whose candidate the copy may choose (`SeqStep::select_premature`): the number of
@@ -735,12 +741,23 @@ struct HeadUser {
     dropped: bool,
 }
 
+/// The choices a copy makes of its rows, each list by the rows' indices in the copy; their
+/// ids come back in this order (argmaxes, contrasts, draws).
+#[derive(Default)]
+struct Choices {
+    argmax: Vec<u32>,
+    /// (upper, lower, ln alpha)
+    contrast: Vec<(u32, u32, f32)>,
+    drawn: Vec<(u32, sample::Draw)>,
+}
+
 /// What a user gets of a copy: its rows, or the `k`-th choice made of the copy's head
-/// argmaxes or contrasts.
+/// argmaxes, contrasts or draws.
 enum Read {
     Rows,
     Argmax(usize),
     Contrast(usize),
+    Sample(usize),
     Nothing,
 }
 
@@ -773,7 +790,7 @@ impl HeadCopies {
     }
 
     /// Copies what is pending to the host, in one copy, and hands each user its rows (or
-    /// its greedy choice).
+    /// its choice).
     fn flush(&mut self, outputs: &mut [Vec<Logits>]) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
@@ -812,21 +829,25 @@ impl HeadCopies {
                 contrast_halves.entry(u.seq).or_default()[u.head] = Some(start);
             }
         }
-        let (mut full, mut argmax, mut contrast) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut full, mut wanted) = (Vec::new(), Choices::default());
         let mut contrast_of: HashMap<usize, usize> = HashMap::new();
         let reads: Vec<Read> = users()
             .zip(&starts)
             .map(|(u, &start)| match u.choice {
                 _ if u.dropped => Read::Nothing,
                 Some(DeviceChoice::HeadArgmax) => {
-                    argmax.push(start);
-                    Read::Argmax(argmax.len() - 1)
+                    wanted.argmax.push(start);
+                    Read::Argmax(wanted.argmax.len() - 1)
+                }
+                Some(DeviceChoice::HeadSample(draw)) => {
+                    wanted.drawn.push((start, draw));
+                    Read::Sample(wanted.drawn.len() - 1)
                 }
                 Some(DeviceChoice::Contrast { alpha }) => match contrast_halves[&u.seq] {
                     [Some(upper), Some(lower)] => {
                         Read::Contrast(*contrast_of.entry(u.seq).or_insert_with(|| {
-                            contrast.push((upper, lower, alpha.ln()));
-                            contrast.len() - 1
+                            wanted.contrast.push((upper, lower, alpha.ln()));
+                            wanted.contrast.len() - 1
                         }))
                     }
                     _ => {
@@ -843,14 +864,18 @@ impl HeadCopies {
         let (data, ids) = if full.len() == rows {
             (all.to_vec1::<f32>()?, Vec::new()) // every row, nothing chosen
         } else {
-            self.copy_with_choices(&all, rows, &full, &argmax, &contrast)?
+            self.copy_with_choices(&all, rows, &full, &wanted)?
         };
         let data = Arc::new(data);
         let mut at = 0;
         for (u, read) in users().zip(reads) {
             outputs[u.seq][u.head] = match read {
                 Read::Argmax(k) => Logits::chosen(self.vocab, ids[k]),
-                Read::Contrast(k) => Logits::chosen(self.vocab, ids[argmax.len() + k]),
+                Read::Contrast(k) => Logits::chosen(self.vocab, ids[wanted.argmax.len() + k]),
+                Read::Sample(k) => Logits::chosen(
+                    self.vocab,
+                    ids[wanted.argmax.len() + wanted.contrast.len() + k],
+                ),
                 Read::Nothing => Logits::default(),
                 Read::Rows => {
                     let range = at..at + u.rows * self.vocab;
@@ -967,17 +992,20 @@ impl HeadCopies {
         }
     }
 
-    /// `all`'s rows `full`, then the head argmaxes of its rows `argmax` and the contrast
-    /// choices of its row pairs `contrast` (upper, lower, ln alpha), in one copy to the host
-    /// (rows neither lists are not copied).
+    /// `all`'s rows `full`, then the choices `wanted` of its rows, in one copy to the host
+    /// (rows neither names are not copied).
     fn copy_with_choices(
         &self,
         all: &Tensor,
         rows: usize,
         full: &[u32],
-        argmax: &[u32],
-        contrast: &[(u32, u32, f32)],
+        wanted: &Choices,
     ) -> Result<(Vec<f32>, Vec<u32>)> {
+        let Choices {
+            argmax,
+            contrast,
+            drawn,
+        } = wanted;
         let matrix = all.reshape((rows, self.vocab))?;
         let device = matrix.device();
         let pick = |ix: &[u32]| -> candle_core::Result<Tensor> {
@@ -999,6 +1027,14 @@ impl HeadCopies {
                 &pick(&column(|c| c.0))?,
                 &pick(&column(|c| c.1))?,
                 &Tensor::new(ln_alpha, device)?,
+            )?);
+        }
+        if !drawn.is_empty() {
+            let at: Vec<u32> = drawn.iter().map(|d| d.0).collect();
+            let draws: Vec<sample::Draw> = drawn.iter().map(|d| d.1).collect();
+            ids.push(sample::sample_rows(
+                &pick(&at)?,
+                &sample::draw_params(&draws, device)?,
             )?);
         }
         if ids.is_empty() {
@@ -1058,6 +1094,17 @@ fn device_choices_hold(device: &Device, vocab: usize) -> bool {
         "greedy choices (argmax, contrast), exit margins and DoLa divergences made where the logits are",
         "the greedy choice kernels",
         "the CPU's choices",
+    )
+}
+
+/// Whether the draws made on `device` are the CPU's, for rows of `vocab` logits.
+fn device_draws_hold(device: &Device, vocab: usize) -> bool {
+    kernels_hold(
+        sample::check(device, vocab),
+        1e-5,
+        "sampled tokens (temperature, top-k, top-p) drawn where the logits are",
+        "the draw kernel",
+        "the CPU's draws",
     )
 }
 
@@ -1339,6 +1386,47 @@ mod tests {
             assert_eq!(out[2][0].choice(), Some(greedy::argmax(&row(&lower, 2)?)));
             assert_eq!(out[3][0].last(), Some(&row(&upper, 2)?[..]));
         }
+        Ok(())
+    }
+
+    /// A sampled sequence's draw is made in the copy from its row's log-softmax, beside rows
+    /// and greedy choices of the same product.
+    #[test]
+    fn draws_are_made_in_the_copy_from_the_rows_log_softmax() -> Result<()> {
+        let (vocab, dev) = (300, Device::Cpu);
+        let t = Tensor::arange(0f32, (4 * vocab) as f32, &dev)?;
+        let product = ((t * 0.113)?.sin()? * 4.0)?.reshape((4, vocab))?;
+        let draw = |top_k, top_p, u| sample::Draw {
+            temperature: 0.9,
+            top_k,
+            top_p,
+            u,
+        };
+        let draws = [draw(0, 1.0, 0.37), draw(20, 0.8, 0.91)];
+        let users = vec![
+            (0, 0, Some(DeviceChoice::HeadSample(draws[0]))),
+            (1, 0, None),
+            (2, 0, Some(DeviceChoice::HeadArgmax)),
+            (3, 0, Some(DeviceChoice::HeadSample(draws[1]))),
+        ];
+        let out = copied(1 << 20, &[(product.clone(), users)], &[1; 4])?;
+        let row = |r: usize| -> Result<Vec<f32>> { Ok(product.get(r)?.to_vec1()?) };
+        assert_eq!(
+            out[0][0].choice(),
+            Some(sample::draw_from_logits(&row(0)?, &draws[0]))
+        );
+        assert_eq!(out[1][0].last(), Some(&row(1)?[..]));
+        assert_eq!(out[2][0].choice(), Some(greedy::argmax(&row(2)?)));
+        assert_eq!(
+            out[3][0].choice(),
+            Some(sample::draw_from_logits(&row(3)?, &draws[1]))
+        );
+        // the draws differ from the greedy choice somewhere across the numbers
+        let (first, best) = (row(0)?, greedy::argmax(&row(0)?));
+        let picks: Vec<u32> = (0..20)
+            .map(|k| sample::draw_from_logits(&first, &draw(0, 1.0, k as f64 / 20.0)))
+            .collect();
+        assert!(picks.iter().any(|&p| p != best), "{picks:?}");
         Ok(())
     }
 }

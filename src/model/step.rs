@@ -34,10 +34,10 @@ pub struct SeqStep<'a> {
     /// where the logits are, and the exits the row went on from come back empty too (only the
     /// head it left at is copied). Ignored for prompt chunks and verifying passes.
     pub early_exit: Option<EarlyExitParams>,
-    /// The caller reads only the greedy choice of its next token, made from its heads' rows
-    /// at its last position thus (`DeviceChoice::HeadArgmax` of one head or of the one a
-    /// per-token exit leaves at, `Contrast` of two: upper, lower), and nothing else of the
-    /// logits: on the batched path the step computes it where the logits are and copies that
+    /// The caller reads only the choice of its next token, made from its heads' rows at its
+    /// last position thus (`DeviceChoice::HeadArgmax` or `HeadSample` of one head or of the
+    /// one a per-token exit leaves at, `Contrast` of two: upper, lower), and nothing else of
+    /// the logits: on the batched path the step computes it where the logits are and copies that
     /// index alone (`Logits::chosen`, for each head handed over); elsewhere the logits come as
     /// usual.
     pub choice: Option<DeviceChoice>,
@@ -88,8 +88,8 @@ pub struct Logits {
     vocab: usize,
     data: Arc<Vec<f32>>,
     range: Range<usize>,
-    /// The greedy choice of the one row, computed where the logits were (no rows held): see
-    /// `SeqStep::choice`.
+    /// The choice (greedy or drawn) of the one row, computed where the logits were (no rows
+    /// held): see `SeqStep::choice`.
     chosen: Option<u32>,
 }
 
@@ -111,7 +111,7 @@ impl Logits {
         }
     }
 
-    /// One row of which only its greedy choice `id` came back.
+    /// One row of which only its choice `id` came back.
     pub fn chosen(vocab: usize, id: u32) -> Self {
         Self {
             vocab,
@@ -120,7 +120,7 @@ impl Logits {
         }
     }
 
-    /// The greedy choice, when that alone came back (then no row can be read).
+    /// The choice, when that alone came back (then no row can be read).
     pub fn choice(&self) -> Option<u32> {
         self.chosen
     }
@@ -142,7 +142,7 @@ impl Logits {
 
     /// Row `i`'s logits (panics for logits of which only the choice came back).
     pub fn row(&self, i: usize) -> &[f32] {
-        assert!(self.chosen.is_none(), "only the greedy choice came back");
+        assert!(self.chosen.is_none(), "only the choice came back");
         &self.values()[i * self.vocab..(i + 1) * self.vocab]
     }
 

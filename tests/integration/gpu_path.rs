@@ -91,3 +91,90 @@ async fn every_case_at_once_on_the_batched_path_equals_the_reference() {
         }
     }
 }
+
+/// Seeded sampling on the batched path: a sequence that reads nothing but its tokens gets
+/// each drawn in the step from its head's row (`kernels::sample`); one that asks for logprobs
+/// gets its rows copied and draws on the host. Both draw the same tokens, all at once and
+/// alone, in `original`, `exit` and `early_exit`, with and without top-k and top-p.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draws_made_in_the_step_are_the_host_draws() {
+    for f in ARCHS {
+        let flags = ["--attention", "batched", "--matmul", "candle"];
+        let server = TestServer::start_model(&f.dir(), &flags);
+        let url = server.url("/v1/completions");
+        let exit = exitserve::model::ModelConfig::from_file(&f.dir().join("config.json"))
+            .unwrap()
+            .exit_layers[0];
+        let modes = [
+            json!({"mode": "original"}),
+            json!({"mode": "exit", "layer": exit}),
+            json!({"mode": "early_exit", "threshold": 0.2}),
+        ];
+        // (temperature, top_k, top_p)
+        let sampling = [(1.0, 0, 1.0), (0.8, 5, 1.0), (1.3, 0, 0.8), (0.7, 20, 0.9)];
+        const TOKENS: usize = 10;
+        let mut bodies = Vec::new();
+        for (m, mode) in modes.iter().enumerate() {
+            let prompt = ["The", "A model", "Once upon"][m];
+            for (k, &(temperature, top_k, top_p)) in sampling.iter().enumerate() {
+                bodies.push(json!({
+                    "model": f.name, "prompt": prompt,
+                    "max_tokens": TOKENS, "ignore_eos": true, "return_token_ids": true,
+                    "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                    "seed": 100 + k, "multi_exit": mode,
+                }));
+            }
+        }
+        let with_logprobs = |b: &Value| {
+            let mut b = b.clone();
+            b["logprobs"] = json!(1);
+            b
+        };
+        let choices = || server.metric("exitserve_device_choices_total");
+        let before = choices();
+        // every body twice at once: drawn in the step, and on the host
+        let tasks: Vec<_> = bodies
+            .iter()
+            .flat_map(|b| [b.clone(), with_logprobs(b)])
+            .map(|body| {
+                let url = url.clone();
+                tokio::spawn(async move { post(&url, &body).await })
+            })
+            .collect();
+        let mut at_once = Vec::new();
+        for t in tasks {
+            let (status, out) = t.await.unwrap();
+            assert_eq!(status, 200, "{out}");
+            at_once.push(ids(&out["choices"][0]["token_ids"]));
+        }
+        // every token but early exit's first (its prompt runs every block and hands over
+        // every exit's rows, from which the host decides)
+        let drawn_in_step = choices() - before;
+        assert_eq!(
+            drawn_in_step,
+            (bodies.len() * TOKENS - sampling.len()) as f64,
+            "tokens chosen in the step"
+        );
+        let mut differs_from_greedy = 0;
+        for (b, pair) in bodies.iter().zip(at_once.chunks(2)) {
+            assert_eq!(pair[0].len(), TOKENS);
+            assert_eq!(
+                pair[0], pair[1],
+                "{} {b}: in the step vs on the host",
+                f.name
+            );
+            // alone: the same tokens
+            let (status, alone) = post(&url, b).await;
+            assert_eq!(status, 200, "{alone}");
+            assert_eq!(ids(&alone["choices"][0]["token_ids"]), pair[0], "{b} alone");
+            let mut greedy = b.clone();
+            greedy["temperature"] = json!(0);
+            let (_, g) = post(&url, &greedy).await;
+            differs_from_greedy += (ids(&g["choices"][0]["token_ids"]) != pair[0]) as usize;
+        }
+        assert!(
+            differs_from_greedy > bodies.len() / 2,
+            "{differs_from_greedy}"
+        );
+    }
+}

@@ -189,9 +189,14 @@ impl Batcher {
                 }
             }
         };
-        let id = chosen
-            .or(choice)
-            .unwrap_or_else(|| self.running[i].sampler.choose(scores));
+        let id = match (chosen, choice) {
+            (Some(id), _) => id,
+            (None, Some(id)) => {
+                self.metrics.device_choices.increment(1);
+                id
+            }
+            (None, None) => self.running[i].sampler.choose(scores),
+        };
         let exit_layer = head.map(|h| h.layer(self.model.config().num_layers));
         if let Some(head) = head {
             let layer = match head {

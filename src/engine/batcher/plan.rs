@@ -49,7 +49,7 @@ pub(super) struct RowPlan {
     /// An early-exit mode's threshold for this token, decided in the forward (decode only:
     /// prompt positions run every block).
     pub early_exit: Option<EarlyExitParams>,
-    /// Only the greedy choice of its next token is read, made thus (`SeqStep::choice`).
+    /// Only the choice of its next token is read, made thus (`SeqStep::choice`).
     pub choice: Option<DeviceChoice>,
     /// Its DoLa premature candidate may be chosen in the step (`SeqStep::select_premature`).
     pub select_premature: bool,
@@ -164,28 +164,28 @@ fn resume_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
 }
 
 /// How the sequence's next token may be chosen where the logits are, when nothing else of
-/// them is read: greedy with no bias or penalties, a mode with a device choice (its head's
-/// argmax, or the contrast's), no logprobs to report or rank by, no followers to fork from
-/// these scores, no grammar, no inspection, no speculation. Then a step on the device copies
-/// only the choice.
+/// them is read: nothing that edits the scores (bias, penalties), a mode with a device choice
+/// (its head's argmax or draw, or the contrast's greedy choice), no logprobs to report or
+/// rank by, no followers to fork from these scores, no grammar, no inspection, no
+/// speculation. Then a step on the device copies only the choice.
 fn device_choice(s: &Sequence) -> Option<DeviceChoice> {
     let r = s.request.borrow();
     let req = &r.req;
-    let reads_only_the_choice = s.sampler.is_plain_greedy()
-        && req.logprobs.is_none()
+    let draw = s.sampler.unedited_draw()?;
+    let reads_only_the_choice = req.logprobs.is_none()
         && req.best_of <= req.n
         && s.forks.is_empty()
         && s.guide.is_none()
         && s.spec.is_none()
         && req.inspect.is_none()
         && req.max_tokens > 0;
-    reads_only_the_choice
-        .then(|| {
-            req.mode
-                .at_token(s.generated, req.max_tokens)
-                .device_choice()
-        })
-        .flatten()
+    if !reads_only_the_choice {
+        return None;
+    }
+    req.mode
+        .at_token(s.generated, req.max_tokens)
+        .device_choice()?
+        .drawn(draw)
 }
 
 /// Whether the sequence's DoLa candidate may be chosen in the step: nothing but its scores

@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 
 pub use crate::kernels::fastmath::log_softmax;
 pub(super) use crate::kernels::fastmath::log_sum_exp;
+pub use crate::kernels::sample::Draw;
 pub use params::{Fields, Form, ModelShape, ParamError};
 
 /// A vocabulary head evaluated on a block's output.
@@ -41,9 +42,10 @@ impl Head {
     }
 }
 
-/// A greedy choice a step can make where the logits are, so that only the chosen index
-/// travels to the host (`kernels::greedy`). Each equals the first argmax of the strategy's
-/// scores save where the host's rounding of them ties two values.
+/// A choice a step can make where the logits are, so that only the chosen index travels to
+/// the host (`kernels::greedy`, `kernels::sample`). Each equals the host's choice from the
+/// strategy's scores save where the host's rounding of them ties two values (or, for a draw,
+/// moves a boundary of the cumulative weight across its number).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum DeviceChoice {
     /// The first argmax of the one head whose log-softmax its scores are: its only head, or
@@ -52,14 +54,30 @@ pub enum DeviceChoice {
     /// Autocontrastive greedy over its two heads (upper, lower) with a candidate floor of one:
     /// the first argmax of log p_u - log p_l among the tokens with p_u >= alpha max p_u.
     Contrast { alpha: f32 },
+    /// The draw (temperature, top-k, top-p, its number) from the log-softmax of the one head
+    /// whose distribution its scores are, as `HeadArgmax` reads it.
+    HeadSample(Draw),
 }
 
 impl DeviceChoice {
     /// How many heads' rows it is made from (the sequence's heads, in order).
     pub fn heads(&self) -> usize {
         match self {
-            DeviceChoice::HeadArgmax => 1,
+            DeviceChoice::HeadArgmax | DeviceChoice::HeadSample(_) => 1,
             DeviceChoice::Contrast { .. } => 2,
+        }
+    }
+
+    /// The choice of a sequence that draws with `draw` (greedy at temperature 0) from the
+    /// scores this greedy choice reads: None where the step cannot draw from them (a
+    /// contrast's scores are not one head's distribution).
+    pub fn drawn(self, draw: Draw) -> Option<Self> {
+        match self {
+            _ if draw.temperature == 0.0 => Some(self),
+            DeviceChoice::HeadArgmax | DeviceChoice::HeadSample(_) => {
+                Some(DeviceChoice::HeadSample(draw))
+            }
+            DeviceChoice::Contrast { .. } => None,
         }
     }
 }

@@ -1,0 +1,425 @@
+// The choices a step makes where the logits are (`greedy.rs`, `sample.rs`), one block per
+// row, so that the host copies one index (or number) per sequence instead of its heads'
+// vocabulary rows:
+// - `argmax_rows`: the first position of a row's maximum, NaN never winning (0 when no
+//   element is a number), as the host's `argmax` chooses;
+// - `contrast_rows`: autocontrastive greedy, the first position of the largest
+//   log p_u - log p_l among the tokens with log p_u >= ln(alpha) + max log p_u, each term
+//   written in the host's order of operations (`greedy::contrast_choice`);
+// - `margin_rows`, `divergence_rows`: early exit's confidence, DoLa's divergence;
+// - `sample_rows`: a draw (temperature, top-k, top-p, its uniform number) from a row's
+//   log-softmax, as the host's `sample::draw`.
+
+#define THREADS 256
+#define NONE 0xffffffffu
+
+// The block's maximum of `v` (every thread gets it); `scratch` holds THREADS / 32 floats.
+__device__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();  // `scratch` may still be read from a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = scratch[0];
+    for (int w = 1; w < THREADS / 32; ++w) v = fmaxf(v, scratch[w]);
+    return v;
+}
+
+// The block's sum of `v` (every thread gets it, summed in the same order).
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = scratch[0];
+    for (int w = 1; w < THREADS / 32; ++w) v += scratch[w];
+    return v;
+}
+
+// The first position among the block's candidates (`best`, `at`: each thread's largest and
+// its first position, NONE for none) of the largest value; thread 0 gets it.
+__device__ unsigned int block_first_best(float best, unsigned int at, float* values,
+                                         unsigned int* positions) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        const float b = __shfl_xor_sync(0xffffffffu, best, o);
+        const unsigned int a = __shfl_xor_sync(0xffffffffu, at, o);
+        if (a != NONE && (at == NONE || b > best || (b == best && a < at))) {
+            best = b;
+            at = a;
+        }
+    }
+    __syncthreads();
+    if (lane == 0) {
+        values[warp] = best;
+        positions[warp] = at;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < THREADS / 32; ++w) {
+            const float b = values[w];
+            const unsigned int a = positions[w];
+            if (a != NONE && (at == NONE || b > best || (b == best && a < at))) {
+                best = b;
+                at = a;
+            }
+        }
+    }
+    return at;
+}
+
+// The maxima and log-sum-exps of two rows `x` and `y` (every thread gets them), as the host's
+// `log_sum_exp` finds them up to the order of the sum.
+struct PairNorms {
+    float max_x, lse_x, max_y, lse_y;
+};
+
+__device__ PairNorms pair_norms(const float* x, const float* y, unsigned int vocab,
+                                float* scratch) {
+    const float inf = __int_as_float(0x7f800000);
+    float mx = -inf, my = -inf;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        mx = fmaxf(mx, x[i]);
+        my = fmaxf(my, y[i]);
+    }
+    mx = block_max(mx, scratch);
+    my = block_max(my, scratch);
+    float sx = 0.f, sy = 0.f;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        sx += expf(x[i] - mx);
+        sy += expf(y[i] - my);
+    }
+    PairNorms n;
+    n.max_x = mx;
+    n.lse_x = mx + logf(block_sum(sx, scratch));
+    n.max_y = my;
+    n.lse_y = my + logf(block_sum(sy, scratch));
+    return n;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+argmax_rows(const float* __restrict__ logits, unsigned int* __restrict__ out,
+            unsigned int vocab) {
+    __shared__ float values[THREADS / 32];
+    __shared__ unsigned int positions[THREADS / 32];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+
+    float m = -__int_as_float(0x7f800000);
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, row[i]);
+    m = block_max(m, values);
+
+    unsigned int at = NONE;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        if (row[i] == m) {
+            at = i;
+            break;  // a thread's positions ascend: its first is its least
+        }
+    }
+    at = block_first_best(m, at, values, positions);
+    if (threadIdx.x == 0) out[blockIdx.x] = at == NONE ? 0u : at;
+}
+
+// Row r's choice from `upper` and `lower` rows r, `ln_alpha[r]` its plausibility threshold
+// below the upper head's top log-probability (-inf: every token plausible).
+extern "C" __global__ void __launch_bounds__(THREADS)
+contrast_rows(const float* __restrict__ upper, const float* __restrict__ lower,
+              const float* __restrict__ ln_alpha, unsigned int* __restrict__ out,
+              unsigned int vocab) {
+    __shared__ float values[THREADS / 32];
+    __shared__ unsigned int positions[THREADS / 32];
+    const float* u = upper + (size_t)blockIdx.x * vocab;
+    const float* l = lower + (size_t)blockIdx.x * vocab;
+    const PairNorms n = pair_norms(u, l, vocab, values);
+    const float lse_u = n.lse_x, lse_l = n.lse_y;
+    const float t = ln_alpha[blockIdx.x] + (n.max_x - lse_u);
+
+    float best = -__int_as_float(0x7f800000);
+    unsigned int at = NONE;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float lp = u[i] - lse_u;
+        if (lp >= t) {
+            const float d = lp - (l[i] - lse_l);
+            if (d > best || (at == NONE && d == best)) {  // NaN never wins
+                best = d;
+                at = i;
+            }
+        }
+    }
+    at = block_first_best(best, at, values, positions);
+    if (threadIdx.x == 0) out[blockIdx.x] = at == NONE ? 0u : at;
+}
+
+// Row r's softmax margin, top-1 minus top-2 probability (early exit's confidence): the second
+// is the largest value but one occurrence of the first (a tie at the top: margin 0), NaN
+// skipped, as the host's `softmax_margin` finds them.
+extern "C" __global__ void __launch_bounds__(THREADS)
+margin_rows(const float* __restrict__ logits, float* __restrict__ out, unsigned int vocab) {
+    __shared__ float values[THREADS / 32];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    const float inf = __int_as_float(0x7f800000);
+
+    float first = -inf;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) first = fmaxf(first, row[i]);
+    first = block_max(first, values);
+    float second = -inf, tops = 0.f, z = 0.f;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float x = row[i];
+        if (x == first) tops += 1.f;
+        else second = fmaxf(second, x);
+        z += expf(x - first);
+    }
+    second = block_max(second, values);
+    tops = block_sum(tops, values);
+    z = block_sum(z, values);
+    if (tops > 1.f) second = first;
+    if (threadIdx.x == 0) out[blockIdx.x] = (1.f - expf(second - first)) / z;
+}
+
+// Row r's divergence between the softmaxes of `mature` and `premature` rows r, as
+// transformers' DoLa computes it: with a, b the rows' log-softmax (float32) and m their
+// probabilities' average, the sum of m (2 ln m - a - b) over the tokens with m > 0, in double
+// precision, as the host's `dola_divergence`.
+extern "C" __global__ void __launch_bounds__(THREADS)
+divergence_rows(const float* __restrict__ mature, const float* __restrict__ premature,
+                double* __restrict__ out, unsigned int vocab) {
+    __shared__ float values[THREADS / 32];
+    __shared__ double sums[THREADS / 32];
+    const float* x = mature + (size_t)blockIdx.x * vocab;
+    const float* y = premature + (size_t)blockIdx.x * vocab;
+    const PairNorms n = pair_norms(x, y, vocab, values);
+    const float lse_x = n.lse_x, lse_y = n.lse_y;
+    double d = 0.0;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const double a = (double)(x[i] - lse_x), b = (double)(y[i] - lse_y);
+        const double m = 0.5 * (exp(a) + exp(b));
+        if (m > 0.0) d += m * (2.0 * log(m) - a - b);
+    }
+    d = block_sum(d, sums);
+    if (threadIdx.x == 0) out[blockIdx.x] = d;
+}
+
+// A float's bits as an unsigned key in the float's order (-0 below +0, as Rust's total_cmp).
+__device__ __forceinline__ unsigned int order_key(float f) {
+    const unsigned int b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// What a row's draw reads of each token: its score (log-softmax), whether it is a candidate
+// so far, its weight e^((score - max) / temperature).
+struct DrawRow {
+    const float* x;
+    float lse, top, temperature;
+    // top-k's and top-p's cut-offs: a token is kept with a key above the cut's key, or equal
+    // to it at an id up to the cut's last id (ties go to the lower ids)
+    unsigned int k_key, k_last, p_key, p_last;
+
+    __device__ float score(unsigned int i) const { return x[i] - lse; }
+    __device__ bool finite(float s) const { return isfinite(s); }
+    __device__ bool in_top_k(float s, unsigned int i) const {
+        const unsigned int k = order_key(s);
+        return k > k_key || (k == k_key && i <= k_last);
+    }
+    __device__ bool kept(float s, unsigned int i) const {
+        const unsigned int k = order_key(s);
+        return finite(s) && in_top_k(s, i) && (k > p_key || (k == p_key && i <= p_last));
+    }
+    __device__ bool candidate_k(float s, unsigned int i) const {
+        return finite(s) && in_top_k(s, i);
+    }
+    __device__ float weight(float s) const { return expf((s - top) / temperature); }
+};
+
+// The block's sum over its candidates (top-k's so far) with a key >= `key`: their count
+// (`mass` false) or weight. Every thread gets it.
+__device__ double mass_from(const DrawRow& r, unsigned int vocab, unsigned int key, bool mass,
+                            double* sums) {
+    double v = 0.0;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float s = r.score(i);
+        if (r.candidate_k(s, i) && order_key(s) >= key) v += mass ? (double)r.weight(s) : 1.0;
+    }
+    return block_sum(v, sums);
+}
+
+// The largest key whose candidates at or above it reach `target` (a count or a weight):
+// bisection over the 32-bit keys, each step one pass over the row.
+__device__ unsigned int cut_key(const DrawRow& r, unsigned int vocab, double target, bool mass,
+                                double* sums) {
+    unsigned int lo = 0u, hi = 0xffffffffu;
+    while (lo < hi) {
+        const unsigned int mid = lo + (hi - lo) / 2u + 1u;
+        if (mass_from(r, vocab, mid, mass, sums) >= target) lo = mid;
+        else hi = mid - 1u;
+    }
+    return lo;
+}
+
+// The id of the last tie (a candidate with key `key`) the cut keeps: ties are taken in id
+// order until the candidates above the key (`above`) and the ties taken reach `target`.
+// Thread t sums ids [t * seg, (t + 1) * seg); thread 0 walks the segment sums to the one
+// where the target is reached, and that segment's ties. Every thread gets the id (the last
+// tie when rounding never reaches the target).
+__device__ unsigned int last_tie(const DrawRow& r, unsigned int vocab, unsigned int key,
+                                 double above, double target, bool mass, double* seg_sums,
+                                 unsigned int* result) {
+    const unsigned int seg = (vocab + THREADS - 1) / THREADS;
+    const unsigned int begin = min(threadIdx.x * seg, vocab), end = min(begin + seg, vocab);
+    double v = 0.0;
+    for (unsigned int i = begin; i < end; ++i) {
+        const float s = r.score(i);
+        if (r.candidate_k(s, i) && order_key(s) == key) v += mass ? (double)r.weight(s) : 1.0;
+    }
+    seg_sums[threadIdx.x] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double acc = above;
+        unsigned int at = THREADS;  // the segment where the target is reached
+        unsigned int last_seg = 0;  // the last segment with ties
+        for (unsigned int t = 0; t < THREADS; ++t) {
+            if (seg_sums[t] == 0.0) continue;
+            last_seg = t;
+            if (acc + seg_sums[t] >= target) {
+                at = t;
+                break;
+            }
+            acc += seg_sums[t];
+        }
+        const unsigned int t = at < THREADS ? at : last_seg;
+        const unsigned int b = min(t * seg, vocab), e = min(b + seg, vocab);
+        unsigned int last = 0u;
+        for (unsigned int i = b; i < e; ++i) {
+            const float s = r.score(i);
+            if (r.candidate_k(s, i) && order_key(s) == key) {
+                last = i;
+                acc += mass ? (double)r.weight(s) : 1.0;
+                if (at < THREADS && acc >= target) break;
+            }
+        }
+        *result = last;
+    }
+    __syncthreads();
+    const unsigned int last = *result;
+    __syncthreads();
+    return last;
+}
+
+// Row r's draw from the log-softmax of `logits` row r with `params` row r: temperature,
+// top_k (0: none), top_p (>= 1: none), u in [0, 1). The candidates are the finite scores, the
+// top_k best (ties to the lower ids), then the smallest best-first set of those reaching
+// top_p of their weight; the pick is the candidate at u of their cumulative weight in id
+// order (thread segments summed, then walked by thread 0). Nothing finite: the first maximum.
+extern "C" __global__ void __launch_bounds__(THREADS)
+sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
+            unsigned int* __restrict__ out, unsigned int vocab) {
+    __shared__ float values[THREADS / 32];
+    __shared__ unsigned int positions[THREADS / 32];
+    __shared__ double sums[THREADS / 32];
+    __shared__ double seg_sums[THREADS];
+    __shared__ unsigned int result;
+    const float inf = __int_as_float(0x7f800000);
+    const double* p = params + (size_t)blockIdx.x * 4;
+    DrawRow r;
+    r.x = logits + (size_t)blockIdx.x * vocab;
+    r.temperature = (float)p[0];
+    const double top_k = p[1], top_p = p[2], u = p[3];
+
+    // the log-softmax's normaliser, as the host's `log_sum_exp` (up to the order of the sum)
+    float m = -inf;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, r.x[i]);
+    m = block_max(m, values);
+    float z = 0.f;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) z += expf(r.x[i] - m);
+    r.lse = m + logf(block_sum(z, values));
+
+    // the best finite score, and how many there are
+    float top = -inf;
+    double finite = 0.0;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float s = r.score(i);
+        if (isfinite(s)) {
+            top = fmaxf(top, s);
+            finite += 1.0;
+        }
+    }
+    r.top = block_max(top, values);
+    finite = block_sum(finite, sums);
+    if (finite == 0.0) {
+        // the first maximum of the scores, as greedy (0 when none is a number)
+        float best = -inf;
+        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) best = fmaxf(best, r.score(i));
+        best = block_max(best, values);
+        unsigned int at = NONE;
+        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+            if (r.score(i) == best) {
+                at = i;
+                break;
+            }
+        }
+        at = block_first_best(best, at, values, positions);
+        if (threadIdx.x == 0) out[blockIdx.x] = at == NONE ? 0u : at;
+        return;
+    }
+
+    // every finite score a candidate until a cut says otherwise
+    r.k_key = 0u;
+    r.k_last = 0u;
+    r.p_key = 0u;
+    r.p_last = 0u;
+    if (top_k > 0.0 && top_k < finite) {
+        const unsigned int key = cut_key(r, vocab, top_k, false, sums);
+        const double above = key == 0xffffffffu ? 0.0 : mass_from(r, vocab, key + 1u, false, sums);
+        r.k_last = last_tie(r, vocab, key, above, top_k, false, seg_sums, &result);
+        r.k_key = key;
+    }
+    if (top_p < 1.0) {
+        const double target = mass_from(r, vocab, 0u, true, sums) * top_p;
+        const unsigned int key = cut_key(r, vocab, target, true, sums);
+        const double above = key == 0xffffffffu ? 0.0 : mass_from(r, vocab, key + 1u, true, sums);
+        r.p_last = last_tie(r, vocab, key, above, target, true, seg_sums, &result);
+        r.p_key = key;
+    }
+
+    // the pick: the candidate at u of the kept weight, in id order
+    const unsigned int seg = (vocab + THREADS - 1) / THREADS;
+    const unsigned int begin = min(threadIdx.x * seg, vocab), end = min(begin + seg, vocab);
+    double v = 0.0;
+    for (unsigned int i = begin; i < end; ++i) {
+        const float s = r.score(i);
+        if (r.kept(s, i)) v += (double)r.weight(s);
+    }
+    seg_sums[threadIdx.x] = v;
+    const double total = block_sum(v, sums);  // synchronises: every segment's sum is written
+    if (threadIdx.x == 0) {
+        // as the host's cumulative scan: whole segments while u lies past them, then the one
+        // it lies in, weight by weight
+        double rest = u * total;
+        unsigned int at = THREADS, last_seg = THREADS;
+        for (unsigned int t = 0; t < THREADS; ++t) {
+            if (seg_sums[t] == 0.0) continue;
+            last_seg = t;
+            if (rest < seg_sums[t]) {
+                at = t;
+                break;
+            }
+            rest -= seg_sums[t];
+        }
+        // rounding past the total: the last kept token
+        const unsigned int t = at < THREADS ? at : last_seg;
+        unsigned int pick = 0u;
+        if (t < THREADS) {
+            const unsigned int b = min(t * seg, vocab), e = min(b + seg, vocab);
+            for (unsigned int i = b; i < e; ++i) {
+                const float s = r.score(i);
+                if (!r.kept(s, i)) continue;
+                const double w = (double)r.weight(s);
+                if (w <= 0.0) continue;
+                pick = i;  // the segment's sums rounded above its scan: its last weighted one
+                if (at < THREADS && rest < w) break;
+                rest -= w;
+            }
+        }
+        out[blockIdx.x] = pick;
+    }
+}
