@@ -57,7 +57,11 @@ pub fn stream_completion(url: &str, body: &str) -> Result<StreamTiming, String> 
         let Some(data) = line.strip_prefix("data: ") else {
             continue;
         };
-        if data.contains("\"error\"") {
+        // an event whose object is an error (not a token whose text is "error")
+        if data.contains("\"error\"")
+            && serde_json::from_str::<serde_json::Value>(data)
+                .is_ok_and(|v| v.get("error").is_some())
+        {
             return Err(data.to_string());
         }
         if data != "[DONE]" {

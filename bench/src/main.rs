@@ -66,7 +66,7 @@ pub struct Args {
     /// Prompt length in tokens
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
-    /// New tokens per request (greedy)
+    /// New tokens per request (greedy, or sampled in the sampled mode)
     #[arg(long, default_value_t = 64)]
     pub new: usize,
     /// Concurrency levels for aggregate throughput
@@ -253,10 +253,12 @@ fn main() {
     // The peer serves the original head, as a plain OpenAI request; each of its runs follows
     // exitserve's run at the matching precision, minutes apart rather than a whole run apart,
     // because a shared machine's speed drifts.
+    let greedy = modes.iter().find(|m| !m.sampled).expect("a greedy mode");
     let original = [BenchMode {
         json: String::new(),
-        name: modes[0].name.clone(),
-        work: modes[0].work,
+        name: greedy.name.clone(),
+        work: greedy.work,
+        sampled: false,
     }];
     let mut runs = Vec::new();
     let mut peer_runs = Vec::new();

@@ -85,9 +85,9 @@ fn multiple_choice(server: &Server, qs: &[Vec<Vec<u32>>]) -> (f64, Vec<Vec<f64>>
 /// one after another; each column's TTFT.
 fn playground(server: &Server, shape: &Shape, prompt: &[u32], at_once: bool) -> Vec<f64> {
     let url = server.completions();
-    let modes = modes(shape);
+    let modes: Vec<_> = modes(shape).into_iter().filter(|m| !m.sampled).collect();
     let column = |i: usize| {
-        let body = crate::workloads::body(prompt, 2, Some(&modes[i].json));
+        let body = crate::workloads::body(prompt, 2, Some(&modes[i].json), false);
         client::stream_completion(&url, &body)
             .expect("column")
             .ttft_s()

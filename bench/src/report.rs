@@ -22,7 +22,7 @@ pub fn machine() -> String {
 
 pub fn print_table(r: &Value, modes: &[BenchMode]) {
     println!(
-        "\nexitserve benchmark on {} (prompt {} tokens, {} new, greedy)\nlimits: {}",
+        "\nexitserve benchmark on {} (prompt {} tokens, {} new, greedy but where sampled)\nlimits: {}",
         r["machine"].as_str().unwrap_or(""),
         r["prompt_len"],
         r["new_tokens"],

@@ -13,24 +13,40 @@ use crate::limits::Limits;
 use crate::servers::Server;
 use crate::Args;
 
-/// A mode timed: its name, its `multi_exit` JSON and the work a token takes in it.
+/// A mode timed: its name, its `multi_exit` JSON, the work a token takes in it, and how it
+/// chooses (greedy, or [`SAMPLED`]).
 pub struct BenchMode {
     pub name: String,
     pub json: String,
     pub work: ModeWork,
+    pub sampled: bool,
 }
 
-/// The modes timed: the original head, the exit at half depth, and the top exit contrasted
-/// with it (12/6 on GPT-Neo-125M, 24/12 on GPT-2 medium).
+/// A sampled mode's request fields, as an OpenAI client commonly sends them (seeded, so that
+/// every run draws alike).
+pub const SAMPLED: &str = r#""temperature":0.8,"top_p":0.95,"seed":7"#;
+
+/// The modes timed: the original head (greedy, and sampled), the exit at half depth, and the
+/// top exit contrasted with it (12/6 on GPT-Neo-125M, 24/12 on GPT-2 medium).
 pub fn modes(shape: &Shape) -> Vec<BenchMode> {
     let (top, half) = (shape.layers, shape.half_exit());
     let mode = |name: String, json: String, layers, heads| BenchMode {
         name,
         json,
         work: ModeWork { layers, heads },
+        sampled: false,
     };
     vec![
         mode("original".into(), r#"{"mode":"original"}"#.into(), top, 1),
+        BenchMode {
+            sampled: true,
+            ..mode(
+                "original sampled".into(),
+                r#"{"mode":"original"}"#.into(),
+                top,
+                1,
+            )
+        },
         mode(
             format!("exit {half}"),
             format!(r#"{{"mode":"exit","layer":{half}}}"#),
@@ -60,12 +76,17 @@ pub fn prompt_ids(n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// A streamed greedy completion of `new` tokens (EOS ignored); `mode` is the `multi_exit`
-/// object, None for a plain OpenAI request (the peer's).
-pub fn body(prompt: &[u32], new: usize, mode: Option<&str>) -> String {
+/// A streamed completion of `new` tokens (EOS ignored), greedy or [`SAMPLED`]; `mode` is
+/// the `multi_exit` object, None for a plain OpenAI request (the peer's).
+pub fn body(prompt: &[u32], new: usize, mode: Option<&str>, sampled: bool) -> String {
     let multi_exit = mode.map_or(String::new(), |m| format!(r#","multi_exit":{m}"#));
+    let choice = if sampled {
+        SAMPLED
+    } else {
+        r#""temperature":0"#
+    };
     format!(
-        r#"{{"model":"bench","prompt":{},"max_tokens":{new},"temperature":0,"ignore_eos":true,"stream":true{multi_exit}}}"#,
+        r#"{{"model":"bench","prompt":{},"max_tokens":{new},{choice},"ignore_eos":true,"stream":true{multi_exit}}}"#,
         serde_json::to_string(prompt).unwrap()
     )
 }
@@ -97,7 +118,8 @@ impl Bench<'_> {
             (!m.json.is_empty()).then_some(m.json.as_str())
         }
         let run = |prompt: &[u32], new: usize, m: &BenchMode| {
-            client::stream_completion(&url, &body(prompt, new, json_of(m))).expect("request")
+            client::stream_completion(&url, &body(prompt, new, json_of(m), m.sampled))
+                .expect("request")
         };
         for m in modes {
             run(&prompt_ids(args.prompt_len, 1), 4, m); // warm-up
@@ -176,7 +198,8 @@ impl Bench<'_> {
         let (n, len) = (self.args.scoring_prompts, self.args.scoring_len);
         let prompts = scoring_prompts(n, len);
         let mut out = serde_json::Map::new();
-        for m in modes {
+        // scoring reads logprobs only: a sampled mode scores as its greedy twin
+        for m in modes.iter().filter(|m| !m.sampled) {
             let body = |p: &[u32]| {
                 format!(
                     r#"{{"model":"bench","prompt":{},"max_tokens":1,"echo":true,"logprobs":1,"temperature":0,"stream":true,"multi_exit":{}}}"#,

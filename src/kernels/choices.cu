@@ -4,11 +4,12 @@
 // - `argmax_rows`: the first position of a row's maximum, NaN never winning (0 when no
 //   element is a number), as the host's `argmax` chooses;
 // - `contrast_rows`: autocontrastive greedy, the first position of the largest
-//   log p_u - log p_l among the tokens with log p_u >= ln(alpha) + max log p_u, each term
-//   written in the host's order of operations (`greedy::contrast_choice`);
+//   log p_u - log p_l inside the plausible set (log p_u >= min(ln(alpha) + max log p_u, the
+//   k-th largest log p_u)), each term written in the host's order of operations
+//   (`greedy::contrast_choice`);
 // - `margin_rows`, `divergence_rows`: early exit's confidence, DoLa's divergence;
-// - `sample_rows`: a draw (temperature, top-k, top-p, its uniform number) from a row's
-//   log-softmax, as the host's `sample::draw`.
+// - `sample_rows`, `contrast_sample_rows`: a draw (temperature, top-k, top-p, its uniform
+//   number) from a row's log-softmax or a contrast's scores, as the host's `sample::draw`.
 
 #define THREADS 256
 #define NONE 0xffffffffu
@@ -121,19 +122,60 @@ argmax_rows(const float* __restrict__ logits, unsigned int* __restrict__ out,
     if (threadIdx.x == 0) out[blockIdx.x] = at == NONE ? 0u : at;
 }
 
-// Row r's choice from `upper` and `lower` rows r, `ln_alpha[r]` its plausibility threshold
-// below the upper head's top log-probability (-inf: every token plausible).
+// A float's bits as an unsigned key in the float's order (-0 below +0, as Rust's total_cmp).
+__device__ __forceinline__ unsigned int order_key(float f) {
+    const unsigned int b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// The float whose `order_key` is `key`.
+__device__ __forceinline__ float key_float(unsigned int key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// The k-th largest of x[i] - shift over the row (NaN left out; k <= its length): bisection
+// over the keys for the largest key at or above which k values lie. Every thread gets it.
+__device__ float kth_largest(const float* x, float shift, unsigned int vocab, unsigned int k,
+                             double* sums) {
+    unsigned int lo = 0u, hi = 0xffffffffu;
+    while (lo < hi) {
+        const unsigned int mid = lo + (hi - lo) / 2u + 1u;
+        double count = 0.0;
+        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+            const float v = x[i] - shift;
+            if (!isnan(v) && order_key(v) >= mid) count += 1.0;
+        }
+        if (block_sum(count, sums) >= (double)k) lo = mid;
+        else hi = mid - 1u;
+    }
+    return key_float(lo);
+}
+
+// A contrast's plausibility threshold on log p_u: min(ln(alpha) + max log p_u, the k-th
+// largest log p_u) for a candidate floor k, as the host's `ContrastTerms`.
+__device__ float contrast_threshold(const float* u, float max_u, float lse_u, float ln_alpha,
+                                    float floor, unsigned int vocab, double* sums) {
+    const float max_lp = max_u - lse_u;
+    const unsigned int k = (unsigned int)fminf(fmaxf(floor, 1.f), (float)vocab);
+    const float kth = k > 1u ? kth_largest(u, lse_u, vocab, k, sums) : max_lp;
+    return fminf(ln_alpha + max_lp, kth);
+}
+
+// Row r's choice from `upper` and `lower` rows r with `rules` row r: ln(alpha) (-inf: every
+// token plausible) and the candidate floor.
 extern "C" __global__ void __launch_bounds__(THREADS)
 contrast_rows(const float* __restrict__ upper, const float* __restrict__ lower,
-              const float* __restrict__ ln_alpha, unsigned int* __restrict__ out,
+              const float* __restrict__ rules, unsigned int* __restrict__ out,
               unsigned int vocab) {
     __shared__ float values[THREADS / 32];
     __shared__ unsigned int positions[THREADS / 32];
+    __shared__ double sums[THREADS / 32];
     const float* u = upper + (size_t)blockIdx.x * vocab;
     const float* l = lower + (size_t)blockIdx.x * vocab;
     const PairNorms n = pair_norms(u, l, vocab, values);
     const float lse_u = n.lse_x, lse_l = n.lse_y;
-    const float t = ln_alpha[blockIdx.x] + (n.max_x - lse_u);
+    const float t = contrast_threshold(u, n.max_x, lse_u, rules[2 * blockIdx.x],
+                                       rules[2 * blockIdx.x + 1], vocab, sums);
 
     float best = -__int_as_float(0x7f800000);
     unsigned int at = NONE;
@@ -200,53 +242,65 @@ divergence_rows(const float* __restrict__ mature, const float* __restrict__ prem
     if (threadIdx.x == 0) out[blockIdx.x] = d;
 }
 
-// A float's bits as an unsigned key in the float's order (-0 below +0, as Rust's total_cmp).
-__device__ __forceinline__ unsigned int order_key(float f) {
-    const unsigned int b = __float_as_uint(f);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
 
-// What a row's draw reads of each token: its score (log-softmax), whether it is a candidate
-// so far, its weight e^((score - max) / temperature).
-struct DrawRow {
+// The scores a draw reads of one head's row: its log-softmax.
+struct HeadScores {
     const float* x;
-    float lse, top, temperature;
-    // top-k's and top-p's cut-offs: a token is kept with a key above the cut's key, or equal
-    // to it at an id up to the cut's last id (ties go to the lower ids)
+    float lse;
+    __device__ float operator()(unsigned int i) const { return x[i] - lse; }
+};
+
+// The scores a draw reads of a contrast's pair of rows, as the host's `contrast_log_q`:
+// inside the plausible set log p_u - log p_l - offset + log_mass, outside it log p_u.
+struct ContrastScores {
+    const float* u;
+    const float* l;
+    float lse_u, lse_l, threshold, offset, log_mass;
+    __device__ float operator()(unsigned int i) const {
+        const float lp = u[i] - lse_u;
+        return lp >= threshold ? (lp - (l[i] - lse_l)) - offset + log_mass : lp;
+    }
+};
+
+// What a draw reads of each token: its score, whether it is a candidate, its weight
+// e^((score - top) / temperature). The top-k and top-p cuts: a token is kept with a key
+// above the cut's key, or equal to it at an id up to the cut's last id (ties go to the lower
+// ids); key 0 (below every finite score) and last 0 keep everything.
+template <typename S>
+struct DrawRow {
+    S score;
+    float top, temperature;
     unsigned int k_key, k_last, p_key, p_last;
 
-    __device__ float score(unsigned int i) const { return x[i] - lse; }
-    __device__ bool finite(float s) const { return isfinite(s); }
     __device__ bool in_top_k(float s, unsigned int i) const {
         const unsigned int k = order_key(s);
-        return k > k_key || (k == k_key && i <= k_last);
+        return isfinite(s) && (k > k_key || (k == k_key && i <= k_last));
     }
     __device__ bool kept(float s, unsigned int i) const {
         const unsigned int k = order_key(s);
-        return finite(s) && in_top_k(s, i) && (k > p_key || (k == p_key && i <= p_last));
-    }
-    __device__ bool candidate_k(float s, unsigned int i) const {
-        return finite(s) && in_top_k(s, i);
+        return in_top_k(s, i) && (k > p_key || (k == p_key && i <= p_last));
     }
     __device__ float weight(float s) const { return expf((s - top) / temperature); }
 };
 
-// The block's sum over its candidates (top-k's so far) with a key >= `key`: their count
-// (`mass` false) or weight. Every thread gets it.
-__device__ double mass_from(const DrawRow& r, unsigned int vocab, unsigned int key, bool mass,
-                            double* sums) {
+// The block's sum over the top-k candidates so far with a key >= `key`: their count (`mass`
+// false) or weight. Every thread gets it.
+template <typename S>
+__device__ double mass_from(const DrawRow<S>& r, unsigned int vocab, unsigned int key,
+                            bool mass, double* sums) {
     double v = 0.0;
     for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
         const float s = r.score(i);
-        if (r.candidate_k(s, i) && order_key(s) >= key) v += mass ? (double)r.weight(s) : 1.0;
+        if (r.in_top_k(s, i) && order_key(s) >= key) v += mass ? (double)r.weight(s) : 1.0;
     }
     return block_sum(v, sums);
 }
 
 // The largest key whose candidates at or above it reach `target` (a count or a weight):
 // bisection over the 32-bit keys, each step one pass over the row.
-__device__ unsigned int cut_key(const DrawRow& r, unsigned int vocab, double target, bool mass,
-                                double* sums) {
+template <typename S>
+__device__ unsigned int cut_key(const DrawRow<S>& r, unsigned int vocab, double target,
+                                bool mass, double* sums) {
     unsigned int lo = 0u, hi = 0xffffffffu;
     while (lo < hi) {
         const unsigned int mid = lo + (hi - lo) / 2u + 1u;
@@ -261,7 +315,8 @@ __device__ unsigned int cut_key(const DrawRow& r, unsigned int vocab, double tar
 // Thread t sums ids [t * seg, (t + 1) * seg); thread 0 walks the segment sums to the one
 // where the target is reached, and that segment's ties. Every thread gets the id (the last
 // tie when rounding never reaches the target).
-__device__ unsigned int last_tie(const DrawRow& r, unsigned int vocab, unsigned int key,
+template <typename S>
+__device__ unsigned int last_tie(const DrawRow<S>& r, unsigned int vocab, unsigned int key,
                                  double above, double target, bool mass, double* seg_sums,
                                  unsigned int* result) {
     const unsigned int seg = (vocab + THREADS - 1) / THREADS;
@@ -269,7 +324,7 @@ __device__ unsigned int last_tie(const DrawRow& r, unsigned int vocab, unsigned 
     double v = 0.0;
     for (unsigned int i = begin; i < end; ++i) {
         const float s = r.score(i);
-        if (r.candidate_k(s, i) && order_key(s) == key) v += mass ? (double)r.weight(s) : 1.0;
+        if (r.in_top_k(s, i) && order_key(s) == key) v += mass ? (double)r.weight(s) : 1.0;
     }
     seg_sums[threadIdx.x] = v;
     __syncthreads();
@@ -291,7 +346,7 @@ __device__ unsigned int last_tie(const DrawRow& r, unsigned int vocab, unsigned 
         unsigned int last = 0u;
         for (unsigned int i = b; i < e; ++i) {
             const float s = r.score(i);
-            if (r.candidate_k(s, i) && order_key(s) == key) {
+            if (r.in_top_k(s, i) && order_key(s) == key) {
                 last = i;
                 acc += mass ? (double)r.weight(s) : 1.0;
                 if (at < THREADS && acc >= target) break;
@@ -305,39 +360,30 @@ __device__ unsigned int last_tie(const DrawRow& r, unsigned int vocab, unsigned 
     return last;
 }
 
-// Row r's draw from the log-softmax of `logits` row r with `params` row r: temperature,
-// top_k (0: none), top_p (>= 1: none), u in [0, 1). The candidates are the finite scores, the
-// top_k best (ties to the lower ids), then the smallest best-first set of those reaching
-// top_p of their weight; the pick is the candidate at u of their cumulative weight in id
-// order (thread segments summed, then walked by thread 0). Nothing finite: the first maximum.
-extern "C" __global__ void __launch_bounds__(THREADS)
-sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
-            unsigned int* __restrict__ out, unsigned int vocab) {
+// The draw from `score` over a row of `vocab` tokens with `p`: temperature, top_k (0: none),
+// top_p (>= 1: none), u in [0, 1), as the host's `sample::draw`: the candidates are the
+// finite scores, the top_k best (ties to the lower ids), then the smallest best-first set of
+// those reaching top_p of their weight; the pick is the candidate at u of their cumulative
+// weight in id order (thread segments summed, then walked by thread 0). Nothing finite: the
+// first maximum. Thread 0 writes it to `out`.
+template <typename S>
+__device__ void draw_row(S score, const double* p, unsigned int vocab, unsigned int* out) {
     __shared__ float values[THREADS / 32];
     __shared__ unsigned int positions[THREADS / 32];
     __shared__ double sums[THREADS / 32];
     __shared__ double seg_sums[THREADS];
     __shared__ unsigned int result;
     const float inf = __int_as_float(0x7f800000);
-    const double* p = params + (size_t)blockIdx.x * 4;
-    DrawRow r;
-    r.x = logits + (size_t)blockIdx.x * vocab;
+    DrawRow<S> r;
+    r.score = score;
     r.temperature = (float)p[0];
     const double top_k = p[1], top_p = p[2], u = p[3];
-
-    // the log-softmax's normaliser, as the host's `log_sum_exp` (up to the order of the sum)
-    float m = -inf;
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, r.x[i]);
-    m = block_max(m, values);
-    float z = 0.f;
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) z += expf(r.x[i] - m);
-    r.lse = m + logf(block_sum(z, values));
 
     // the best finite score, and how many there are
     float top = -inf;
     double finite = 0.0;
     for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
-        const float s = r.score(i);
+        const float s = score(i);
         if (isfinite(s)) {
             top = fmaxf(top, s);
             finite += 1.0;
@@ -348,25 +394,22 @@ sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
     if (finite == 0.0) {
         // the first maximum of the scores, as greedy (0 when none is a number)
         float best = -inf;
-        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) best = fmaxf(best, r.score(i));
+        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) best = fmaxf(best, score(i));
         best = block_max(best, values);
         unsigned int at = NONE;
         for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
-            if (r.score(i) == best) {
+            if (score(i) == best) {
                 at = i;
                 break;
             }
         }
         at = block_first_best(best, at, values, positions);
-        if (threadIdx.x == 0) out[blockIdx.x] = at == NONE ? 0u : at;
+        if (threadIdx.x == 0) *out = at == NONE ? 0u : at;
         return;
     }
 
     // every finite score a candidate until a cut says otherwise
-    r.k_key = 0u;
-    r.k_last = 0u;
-    r.p_key = 0u;
-    r.p_last = 0u;
+    r.k_key = r.k_last = r.p_key = r.p_last = 0u;
     if (top_k > 0.0 && top_k < finite) {
         const unsigned int key = cut_key(r, vocab, top_k, false, sums);
         const double above = key == 0xffffffffu ? 0.0 : mass_from(r, vocab, key + 1u, false, sums);
@@ -386,7 +429,7 @@ sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
     const unsigned int begin = min(threadIdx.x * seg, vocab), end = min(begin + seg, vocab);
     double v = 0.0;
     for (unsigned int i = begin; i < end; ++i) {
-        const float s = r.score(i);
+        const float s = score(i);
         if (r.kept(s, i)) v += (double)r.weight(s);
     }
     seg_sums[threadIdx.x] = v;
@@ -411,7 +454,7 @@ sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
         if (t < THREADS) {
             const unsigned int b = min(t * seg, vocab), e = min(b + seg, vocab);
             for (unsigned int i = b; i < e; ++i) {
-                const float s = r.score(i);
+                const float s = score(i);
                 if (!r.kept(s, i)) continue;
                 const double w = (double)r.weight(s);
                 if (w <= 0.0) continue;
@@ -420,6 +463,63 @@ sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
                 rest -= w;
             }
         }
-        out[blockIdx.x] = pick;
+        *out = pick;
     }
+}
+
+// Row r's draw from the log-softmax of `logits` row r with `params` row r: temperature,
+// top_k, top_p, u (`draw_row`).
+extern "C" __global__ void __launch_bounds__(THREADS)
+sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
+            unsigned int* __restrict__ out, unsigned int vocab) {
+    __shared__ float scratch[THREADS / 32];
+    const float* x = logits + (size_t)blockIdx.x * vocab;
+    // the log-softmax's normaliser, as the host's `log_sum_exp` (up to the order of the sum)
+    float m = -__int_as_float(0x7f800000);
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, x[i]);
+    m = block_max(m, scratch);
+    float z = 0.f;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) z += expf(x[i] - m);
+    HeadScores score;
+    score.x = x;
+    score.lse = m + logf(block_sum(z, scratch));
+    draw_row(score, params + (size_t)blockIdx.x * 4, vocab, out + blockIdx.x);
+}
+
+// Row r's draw from the contrast's scores of `upper` and `lower` rows r with `params` row r:
+// temperature, top_k, top_p, u (`draw_row`), ln(alpha), the candidate floor.
+extern "C" __global__ void __launch_bounds__(THREADS)
+contrast_sample_rows(const float* __restrict__ upper, const float* __restrict__ lower,
+                     const double* __restrict__ params, unsigned int* __restrict__ out,
+                     unsigned int vocab) {
+    __shared__ float scratch[THREADS / 32];
+    __shared__ double sums[THREADS / 32];
+    const double* p = params + (size_t)blockIdx.x * 6;
+    ContrastScores q;
+    q.u = upper + (size_t)blockIdx.x * vocab;
+    q.l = lower + (size_t)blockIdx.x * vocab;
+    const PairNorms n = pair_norms(q.u, q.l, vocab, scratch);
+    q.lse_u = n.lse_x;
+    q.lse_l = n.lse_y;
+    const float max_lp = n.max_x - n.lse_x;
+    q.threshold = contrast_threshold(q.u, n.max_x, q.lse_u, (float)p[4], (float)p[5], vocab, sums);
+    // the set's largest log p_u - log p_l, then both normalisers, as `contrast_log_q`
+    const float inf = __int_as_float(0x7f800000);
+    float diff_max = -inf;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float lp = q.u[i] - q.lse_u;
+        if (lp >= q.threshold) diff_max = fmaxf(diff_max, lp - (q.l[i] - q.lse_l));
+    }
+    diff_max = block_max(diff_max, scratch);
+    float diff_sum = 0.f, mass_sum = 0.f;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float lp = q.u[i] - q.lse_u;
+        if (lp >= q.threshold) {
+            diff_sum += expf(lp - (q.l[i] - q.lse_l) - diff_max);
+            mass_sum += expf(lp - max_lp);
+        }
+    }
+    q.offset = diff_max + logf(block_sum(diff_sum, scratch));
+    q.log_mass = max_lp + logf(block_sum(mass_sum, scratch));
+    draw_row(q, p, vocab, out + blockIdx.x);
 }

@@ -103,33 +103,45 @@ pub fn divergence_of_log_probs(mature: &[f32], premature: &[f32]) -> f64 {
     d
 }
 
-/// `upper` and `lower` `(rows, vocab)` float32, `ln_alpha` `(rows)` float32 (each row's
-/// ln(alpha); -inf: every token plausible): `(rows)` u32, each row's contrast choice
-/// ([`contrast_choice`]).
-pub fn contrast_rows(upper: &Tensor, lower: &Tensor, ln_alpha: &Tensor) -> Result<Tensor> {
+/// `upper` and `lower` `(rows, vocab)` float32, `rules` `(rows, 2)` float32 (each row's
+/// ln(alpha), -inf making every token plausible, and candidate floor): `(rows)` u32, each
+/// row's contrast choice ([`contrast_choice`]).
+pub fn contrast_rows(upper: &Tensor, lower: &Tensor, rules: &Tensor) -> Result<Tensor> {
     let (rows, vocab) = upper.dims2()?;
     if upper.dtype() != DType::F32
         || lower.dtype() != DType::F32
-        || ln_alpha.dtype() != DType::F32
+        || rules.dtype() != DType::F32
         || lower.dims() != [rows, vocab]
-        || ln_alpha.dims() != [rows]
+        || rules.dims() != [rows, 2]
     {
         candle_core::bail!(
-            "contrast rows: two (rows, vocab) float32 matrices and (rows) ln(alpha)"
+            "contrast rows: two (rows, vocab) float32 matrices and (rows, 2) ln(alpha), floor"
         );
     }
-    upper.contiguous()?.apply_op3_no_bwd(
-        &lower.contiguous()?,
-        &ln_alpha.contiguous()?,
-        &ContrastRows,
-    )
+    upper
+        .contiguous()?
+        .apply_op3_no_bwd(&lower.contiguous()?, &rules.contiguous()?, &ContrastRows)
+}
+
+/// [`contrast_rows`]' rules for `(ln_alpha, minimum_candidates)` pairs, on `device`.
+pub fn contrast_rules(rules: &[(f32, usize)], device: &Device) -> Result<Tensor> {
+    let flat: Vec<f32> = rules
+        .iter()
+        .flat_map(|&(ln_alpha, k)| [ln_alpha, k.min(1 << 24) as f32])
+        .collect();
+    Tensor::new(flat, device)?.reshape((rules.len(), 2))
 }
 
 /// The contrast's greedy choice in one pair of rows: the first position of the largest
-/// `(u - lse_u) - (l - lse_l)` among the tokens with `u - lse_u >= ln_alpha + (max u - lse_u)`
-/// (0 when none is a number), each term as the host's contrast computes it.
-pub fn contrast_choice(upper: &[f32], lower: &[f32], ln_alpha: f32) -> u32 {
-    let terms = ContrastTerms::new(upper, lower, ln_alpha);
+/// `(u - lse_u) - (l - lse_l)` inside the plausible set ([`ContrastTerms`]; 0 when none is a
+/// number), each term as [`contrast_log_q`] computes it, whose argmax it is.
+pub fn contrast_choice(
+    upper: &[f32],
+    lower: &[f32],
+    ln_alpha: f32,
+    minimum_candidates: usize,
+) -> u32 {
+    let terms = ContrastTerms::new(upper, lower, ln_alpha, minimum_candidates);
     // the vectorised maximum, then its first position
     let best = terms.set.max_diff(&terms.lp_upper, lower);
     (0..upper.len())
@@ -137,24 +149,67 @@ pub fn contrast_choice(upper: &[f32], lower: &[f32], ln_alpha: f32) -> u32 {
         .unwrap_or(0) as u32
 }
 
-/// A contrast's terms in one pair of rows, each as the host's contrast computes it.
+/// Autocontrastive decoding's next-token log-distribution (Gera et al.): inside the upper
+/// head's plausible set ([`ContrastTerms`]) the renormalised softmax of
+/// log p_u - log p_l, scaled to the set's upper mass; outside it log p_u.
+pub fn contrast_log_q(
+    upper: &[f32],
+    lower: &[f32],
+    ln_alpha: f32,
+    minimum_candidates: usize,
+) -> Vec<f32> {
+    let ContrastTerms {
+        mut lp_upper,
+        set,
+        max_lp,
+        ..
+    } = ContrastTerms::new(upper, lower, ln_alpha, minimum_candidates);
+    // Three vectorised passes over the vocabulary, the set as a mask: the largest
+    // log p_u - log p_l in the set, then both normalisers, then q in place.
+    let diff_max = set.max_diff(&lp_upper, lower);
+    let (diff_sum, mass_sum) = set.sums(&lp_upper, lower, diff_max, max_lp);
+    let offset = diff_max + diff_sum.ln();
+    let log_mass = max_lp + mass_sum.ln();
+    set.write_q(&mut lp_upper, lower, offset, log_mass);
+    lp_upper
+}
+
+/// A contrast's terms in one pair of rows: log p_u, and the plausible set, the tokens with
+/// log p_u at least min(ln(alpha) + max log p_u, the k-th largest log p_u) for a candidate
+/// floor of k.
 struct ContrastTerms<'a> {
     lp_upper: Vec<f32>,
     lower: &'a [f32],
     set: fastmath::PlausibleSet,
+    /// The largest log p_u.
+    max_lp: f32,
 }
 
 impl<'a> ContrastTerms<'a> {
-    fn new(upper: &[f32], lower: &'a [f32], ln_alpha: f32) -> Self {
+    fn new(upper: &[f32], lower: &'a [f32], ln_alpha: f32, minimum_candidates: usize) -> Self {
         let (max_u, lse_u) = fastmath::log_sum_exp(upper);
         let (_, lse_l) = fastmath::log_sum_exp(lower);
+        let lp_upper = fastmath::sub(upper, lse_u);
+        // Compared in log space: p_u >= t  <=>  log p_u >= log t (exp is monotonic). Rounding
+        // keeps the order of x - lse, so the largest log p_u is max_u - lse_u, to the bit.
+        let max_lp = max_u - lse_u;
+        let k = minimum_candidates.clamp(1, lp_upper.len().max(1));
+        let kth_lp = if k == 1 {
+            max_lp
+        } else {
+            let mut sorted = lp_upper.clone();
+            *sorted
+                .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a))
+                .1
+        };
         Self {
-            lp_upper: fastmath::sub(upper, lse_u),
+            lp_upper,
             lower,
             set: fastmath::PlausibleSet {
-                threshold: ln_alpha + (max_u - lse_u),
+                threshold: (ln_alpha + max_lp).min(kth_lp),
                 lse_lower: lse_l,
             },
+            max_lp,
         }
     }
 
@@ -185,28 +240,33 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     };
     let upper: Vec<Vec<f32>> = (0..ROWS).map(|r| row(4.0 + 4.0 * r as f32)).collect();
     let lower: Vec<Vec<f32>> = (0..ROWS).map(|r| row(6.0 + 2.0 * r as f32)).collect();
-    let ln_alpha: Vec<f32> = [0.1f32, 0.5, 0.01, 0.0, 0.1, 1.0]
-        .iter()
-        .map(|a| a.ln())
-        .collect();
+    // (ln alpha, candidate floor): floors of one and wider ones
+    let rules: Vec<(f32, usize)> = [
+        (0.1f32, 1),
+        (0.5, 1),
+        (0.01, 40),
+        (0.0, 1),
+        (0.1, 3),
+        (1.0, 7),
+    ]
+    .iter()
+    .map(|&(a, k)| (a.ln(), k))
+    .collect();
     let put = |rows: &[Vec<f32>]| Tensor::new(rows.concat(), device)?.reshape((ROWS, vocab));
     let (upper_t, lower_t) = (put(&upper)?, put(&lower)?);
     let argmaxes = argmax_rows(&upper_t)?.to_vec1::<u32>()?;
     let margins = margin_rows(&upper_t)?.to_vec1::<f32>()?;
     let divergences = divergence_rows(&upper_t, &lower_t)?.to_vec1::<f64>()?;
-    let contrasts = contrast_rows(
-        &upper_t,
-        &lower_t,
-        &Tensor::new(ln_alpha.as_slice(), device)?,
-    )?
-    .to_vec1::<u32>()?;
+    let contrasts =
+        contrast_rows(&upper_t, &lower_t, &contrast_rules(&rules, device)?)?.to_vec1::<u32>()?;
     let mut worst = 0f32;
     for r in 0..ROWS {
         let (u, l) = (&upper[r], &lower[r]);
         let shortfall = u[argmax(u) as usize] - u[argmaxes[r] as usize];
-        let terms = ContrastTerms::new(u, l, ln_alpha[r]);
+        let (ln_alpha, k) = rules[r];
+        let terms = ContrastTerms::new(u, l, ln_alpha, k);
         let score = |i: u32| terms.difference(i as usize).unwrap_or(f32::NEG_INFINITY);
-        let contrast = score(contrast_choice(u, l, ln_alpha[r])) - score(contrasts[r]);
+        let contrast = score(contrast_choice(u, l, ln_alpha, k)) - score(contrasts[r]);
         let margin = (softmax_margin(u) - margins[r]).abs();
         // relative: the divergence's size grows with the vocabulary's spread
         let want = dola_divergence(u, l);
@@ -343,7 +403,7 @@ impl CustomOp3 for ContrastRows {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l1.shape().dims2()?;
-        let (upper, lower, ln_alpha) = (
+        let (upper, lower, rules) = (
             contiguous_f32(s1, l1)?,
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
@@ -351,9 +411,13 @@ impl CustomOp3 for ContrastRows {
         let out: Vec<u32> = if vocab == 0 {
             vec![0; rows]
         } else {
-            (upper.par_chunks(vocab), lower.par_chunks(vocab), ln_alpha)
+            (
+                upper.par_chunks(vocab),
+                lower.par_chunks(vocab),
+                rules.par_chunks(2),
+            )
                 .into_par_iter()
-                .map(|(u, l, &a)| contrast_choice(u, l, a))
+                .map(|(u, l, r)| contrast_choice(u, l, r[0], r[1] as usize))
                 .collect()
         };
         Ok((CpuStorage::U32(out), Shape::from(rows)))
@@ -493,18 +557,21 @@ mod tests {
 
     /// The contrast as its definition states it, in float64: the first best of
     /// log p_u - log p_l over the plausible set.
-    fn contrast_plain(upper: &[f32], lower: &[f32], alpha: f64) -> u32 {
+    fn contrast_plain(upper: &[f32], lower: &[f32], alpha: f64, k: usize) -> u32 {
         let lsm = |x: &[f32]| {
             let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
             let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
             x.iter().map(|&v| v as f64 - lse).collect::<Vec<f64>>()
         };
         let (lp_u, lp_l) = (lsm(upper), lsm(lower));
-        let top = lp_u.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let mut sorted = lp_u.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        // the floor: the k most likely are always plausible
+        let t = (alpha.ln() + sorted[0]).min(sorted[k - 1]);
         let mut best = (f64::NEG_INFINITY, 0);
         for i in 0..upper.len() {
             let d = lp_u[i] - lp_l[i];
-            if lp_u[i] >= alpha.ln() + top - 1e-12 && d > best.0 {
+            if lp_u[i] >= t - 1e-12 && d > best.0 {
                 best = (d, i as u32);
             }
         }
@@ -518,21 +585,22 @@ mod tests {
         // plausible (below alpha times the top probability).
         let upper = [3.0f32, 1.0, 2.0, -2.0];
         let lower = [3.0f32, 1.0, -4.0, -9.0];
-        assert_eq!(contrast_choice(&upper, &lower, 0.1f32.ln()), 2);
+        assert_eq!(contrast_choice(&upper, &lower, 0.1f32.ln(), 1), 2);
         // alpha 0: every token plausible; alpha 1: only the top.
-        assert_eq!(contrast_choice(&upper, &lower, f32::NEG_INFINITY), 3);
-        assert_eq!(contrast_choice(&upper, &lower, 0.0), 0);
+        assert_eq!(contrast_choice(&upper, &lower, f32::NEG_INFINITY, 1), 3);
+        assert_eq!(contrast_choice(&upper, &lower, 0.0, 1), 0);
         // the same difference twice: the first
-        assert_eq!(contrast_choice(&[1.0, 1.0], &[0.0, 0.0], 0.5f32.ln()), 0);
+        assert_eq!(contrast_choice(&[1.0, 1.0], &[0.0, 0.0], 0.5f32.ln(), 1), 0);
         // nothing a number: 0
         assert_eq!(
-            contrast_choice(&[f32::NAN; 2], &[f32::NAN; 2], 0.1f32.ln()),
+            contrast_choice(&[f32::NAN; 2], &[f32::NAN; 2], 0.1f32.ln(), 1),
             0
         );
 
         let mut rand = crate::kernels::uniform(0x2545_F491_4F6C_DD1Du64);
         let (rows, vocab) = (5, 3001);
         let alphas = [0.1f32, 0.5, 0.01, 0.0, 1.0];
+        let floors = [1, 4, 1, 1, 10];
         let mut row = |spread: f32| (0..vocab).map(|_| rand() * spread).collect::<Vec<_>>();
         let upper: Vec<Vec<f32>> = (0..rows).map(|r| row(2.0 + 3.0 * r as f32)).collect();
         let lower: Vec<Vec<f32>> = (0..rows).map(|_| row(5.0)).collect();
@@ -544,20 +612,33 @@ mod tests {
                 .reshape((rows + 1, vocab))?
                 .narrow(0, 1, rows)
         };
+        let rules: Vec<(f32, usize)> = ln_alpha.iter().copied().zip(floors).collect();
         let got = contrast_rows(
             &put(&upper)?,
             &put(&lower)?,
-            &Tensor::new(ln_alpha.as_slice(), &Device::Cpu)?,
+            &contrast_rules(&rules, &Device::Cpu)?,
         )?
         .to_vec1::<u32>()?;
         for r in 0..rows {
-            let want = contrast_plain(&upper[r], &lower[r], alphas[r] as f64);
-            assert_eq!(got[r], want, "row {r} alpha {}", alphas[r]);
-            assert_eq!(got[r], contrast_choice(&upper[r], &lower[r], ln_alpha[r]));
+            let want = contrast_plain(&upper[r], &lower[r], alphas[r] as f64, floors[r]);
+            assert_eq!(
+                got[r], want,
+                "row {r} alpha {} floor {}",
+                alphas[r], floors[r]
+            );
+            let (u, l) = (&upper[r], &lower[r]);
+            assert_eq!(got[r], contrast_choice(u, l, ln_alpha[r], floors[r]));
+            // the argmax of the contrast's scores
+            assert_eq!(
+                got[r],
+                argmax(&contrast_log_q(u, l, ln_alpha[r], floors[r]))
+            );
         }
+        // alpha 1 and a floor of 10: the best difference among the 10 most likely
+        assert_ne!(got[4], argmax(&upper[4]), "the floor widened the set");
         // misshapen operands are refused
         let m = put(&upper)?;
-        let one = Tensor::new(&[0f32], &Device::Cpu)?;
+        let one = contrast_rules(&[(0.0, 1)], &Device::Cpu)?;
         assert!(contrast_rows(&m, &m.narrow(0, 0, 2)?, &one).is_err());
         assert!(contrast_rows(&m, &m, &one).is_err());
         // the start-up check on the CPU: its kernels are these functions

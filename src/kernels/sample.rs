@@ -14,13 +14,13 @@
 //! another order, so a `u` within rounding of a boundary may fall on the neighbour); the
 //! Rust here is the CPU's version and the oracle [`check`] holds that kernel to.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda_source::launch_choice;
 use super::fastmath::{self, exp_neg};
-use super::greedy::argmax;
+use super::greedy::{self, argmax};
 
 /// One draw's parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -93,19 +93,67 @@ pub fn draw_params(draws: &[Draw], device: &Device) -> Result<Tensor> {
     Tensor::new(flat, device)?.reshape((draws.len(), 4))
 }
 
+/// `upper` and `lower` `(rows, vocab)` float32 and `params` `(rows, 6)` float64, each row's
+/// [`Draw`] then ln(alpha) and candidate floor: `(rows)` u32, each row's draw from the
+/// contrast's scores (`greedy::contrast_log_q`).
+pub fn contrast_sample_rows(upper: &Tensor, lower: &Tensor, params: &Tensor) -> Result<Tensor> {
+    let (rows, vocab) = upper.dims2()?;
+    if upper.dtype() != DType::F32
+        || lower.dtype() != DType::F32
+        || params.dtype() != DType::F64
+        || lower.dims() != [rows, vocab]
+        || params.dims() != [rows, 6]
+    {
+        candle_core::bail!(
+            "contrast sample rows: two (rows, vocab) float32 matrices and (rows, 6) float64"
+        );
+    }
+    upper.contiguous()?.apply_op3_no_bwd(
+        &lower.contiguous()?,
+        &params.contiguous()?,
+        &ContrastSampleRows,
+    )
+}
+
+/// [`contrast_sample_rows`]' parameters for `(draw, ln alpha, candidate floor)`, on `device`.
+pub fn contrast_draw_params(draws: &[(Draw, f32, usize)], device: &Device) -> Result<Tensor> {
+    let flat: Vec<f64> = draws
+        .iter()
+        .flat_map(|(d, ln_alpha, k)| {
+            let [t, top_k, top_p, u] = d.params();
+            [
+                t,
+                top_k,
+                top_p,
+                u,
+                *ln_alpha as f64,
+                (*k).min(1 << 24) as f64,
+            ]
+        })
+        .collect();
+    Tensor::new(flat, device)?.reshape((draws.len(), 6))
+}
+
+/// The draw [`contrast_sample_rows`] makes from one pair of rows.
+pub fn draw_from_contrast(upper: &[f32], lower: &[f32], ln_alpha: f32, k: usize, d: &Draw) -> u32 {
+    draw(&greedy::contrast_log_q(upper, lower, ln_alpha, k), d)
+}
+
 /// The draw [`sample_rows`] makes from one row of logits: [`draw`] from its log-softmax.
 pub fn draw_from_logits(logits: &[f32], d: &Draw) -> u32 {
     draw(&fastmath::log_softmax(logits), d)
 }
 
-/// How far the device's draws fall from the CPU's on made-up rows of `vocab` logits: for each
-/// draw, the distance of its `u` from the CPU's cumulative interval of the token the device
-/// picked (0 where it picked the CPU's token; infinite for a token outside the CPU's
-/// candidates). Zero on the CPU, whose kernel is [`draw_from_logits`].
+/// How far the device's draws fall from the CPU's on made-up rows of `vocab` logits, from
+/// one head's rows ([`sample_rows`]) and from contrasts of two ([`contrast_sample_rows`]): for
+/// each draw, the distance of its `u` from the CPU's cumulative interval of the token the
+/// device picked (0 where it picked the CPU's token; infinite for a token outside the CPU's
+/// candidates). Zero on the CPU, whose kernels are [`draw_from_logits`] and
+/// [`draw_from_contrast`].
 pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     let mut rand = super::uniform(0xD1B5_4A32_D192_ED03);
-    // Spread as trained heads' logits (a few tokens well ahead, a long flat tail), with ties
-    // (rounded to a coarse grid) so that the top-k and nucleus boundaries fall inside them.
+    // (temperature, top_k, top_p): none, each and both restrictions, top_k 1, k past the
+    // vocabulary
     let settings = [
         (1.0f32, 0usize, 1.0f32),
         (0.7, 0, 0.9),
@@ -116,40 +164,77 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
         (2.0, 7, 0.5),
         (1.0, vocab + 5, 0.999),
     ];
-    let mut rows = Vec::new();
-    let mut draws = Vec::new();
-    for (r, &(temperature, top_k, top_p)) in settings.iter().enumerate() {
-        let spread = 4.0 + 2.0 * r as f32;
-        rows.push(
+    // Spread as trained heads' logits (a few tokens well ahead, a long flat tail), rounded
+    // to a coarse grid so that ties fall on the top-k and nucleus boundaries.
+    let rows: Vec<Vec<f32>> = (0..settings.len())
+        .map(|r| {
+            let spread = 4.0 + 2.0 * r as f32;
             (0..vocab)
                 .map(|_| {
                     let v = rand();
                     (spread * v * v * v * 64.0).round() / 64.0
                 })
-                .collect::<Vec<f32>>(),
-        );
-        draws.push(Draw {
+                .collect()
+        })
+        .collect();
+    let draws: Vec<Draw> = settings
+        .iter()
+        .map(|&(temperature, top_k, top_p)| Draw {
             temperature,
             top_k,
             top_p,
             u: rand() as f64,
-        });
-    }
-    let logits = Tensor::new(rows.concat(), device)?.reshape((rows.len(), vocab))?;
-    let picked = sample_rows(&logits, &draw_params(&draws, device)?)?.to_vec1::<u32>()?;
+        })
+        .collect();
+    // each row contrasted over the next, with these (ln alpha, candidate floor)
+    let rules: Vec<(f32, usize)> = [(0.1f32, 1), (0.5, 1), (0.0, 1), (0.1, 30), (1.0, 5)]
+        .iter()
+        .map(|&(a, k)| (a.ln(), k))
+        .cycle()
+        .take(rows.len())
+        .collect();
+    let n = rows.len();
+    let put = |m: &[Vec<f32>]| Tensor::new(m.concat(), device)?.reshape((n, vocab));
+    let lower_rows: Vec<Vec<f32>> = (0..n).map(|r| rows[(r + 1) % n].clone()).collect();
+    let (upper, lower) = (put(&rows)?, put(&lower_rows)?);
+    let heads = sample_rows(&upper, &draw_params(&draws, device)?)?.to_vec1::<u32>()?;
+    let contrast_params: Vec<(Draw, f32, usize)> = draws
+        .iter()
+        .zip(&rules)
+        .map(|(&d, &(a, k))| (d, a, k))
+        .collect();
+    let contrasts = contrast_sample_rows(
+        &upper,
+        &lower,
+        &contrast_draw_params(&contrast_params, device)?,
+    )?
+    .to_vec1::<u32>()?;
     let mut worst = 0f32;
-    for ((row, d), &got) in rows.iter().zip(&draws).zip(&picked) {
-        let scores = fastmath::log_softmax(row);
-        let c = candidates(&scores, d);
-        let total: f64 = c.weights.iter().sum();
-        let Some(at) = c.ids.iter().position(|&i| i == got) else {
-            return Ok(f32::INFINITY);
-        };
-        let lo = c.weights[..at].iter().sum::<f64>() / total;
-        let hi = lo + c.weights[at] / total;
-        worst = worst.max((lo - d.u).max(d.u - hi).max(0.0) as f32);
+    for r in 0..n {
+        let (u, l, d) = (&rows[r], &lower_rows[r], &draws[r]);
+        let (ln_alpha, k) = rules[r];
+        worst = worst
+            .max(distance(&fastmath::log_softmax(u), d, heads[r]))
+            .max(distance(
+                &greedy::contrast_log_q(u, l, ln_alpha, k),
+                d,
+                contrasts[r],
+            ));
     }
     Ok(worst)
+}
+
+/// How far `d.u` lies from the CPU's cumulative interval of `picked` among the candidates of
+/// a draw from `scores`, as a share of their weight (infinite for a token not among them).
+fn distance(scores: &[f32], d: &Draw, picked: u32) -> f32 {
+    let c = candidates(scores, d);
+    let total: f64 = c.weights.iter().sum();
+    let Some(at) = c.ids.iter().position(|&i| i == picked) else {
+        return f32::INFINITY;
+    };
+    let lo = c.weights[..at].iter().sum::<f64>() / total;
+    let hi = lo + c.weights[at] / total;
+    (lo - d.u).max(d.u - hi).max(0.0) as f32
 }
 
 /// Token ids and their unnormalised weights, in id order.
@@ -350,6 +435,72 @@ impl CustomOp2 for SampleRows {
     }
 }
 
+struct ContrastSampleRows;
+
+impl CustomOp3 for ContrastSampleRows {
+    fn name(&self) -> &'static str {
+        "contrast sample rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l1.shape().dims2()?;
+        let (Some((a, b)), Some((c, d)), Some((e, f))) = (
+            l1.contiguous_offsets(),
+            l2.contiguous_offsets(),
+            l3.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("contrast sample rows: contiguous operands");
+        };
+        let (upper, lower) = (&s1.as_slice::<f32>()?[a..b], &s2.as_slice::<f32>()?[c..d]);
+        let params = &s3.as_slice::<f64>()?[e..f];
+        let out: Vec<u32> = if vocab == 0 {
+            vec![0; rows]
+        } else {
+            (
+                upper.par_chunks(vocab),
+                lower.par_chunks(vocab),
+                params.par_chunks(6),
+            )
+                .into_par_iter()
+                .map(|(u, l, p)| {
+                    draw_from_contrast(u, l, p[4] as f32, p[5] as usize, &Draw::from_params(p))
+                })
+                .collect()
+        };
+        Ok((CpuStorage::U32(out), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, vocab) = l1.shape().dims2()?;
+        let inputs = [
+            (s1, l1.start_offset()),
+            (s2, l2.start_offset()),
+            (s3, l3.start_offset()),
+        ];
+        Ok((
+            launch_choice::<u32>("contrast_sample_rows", &inputs, rows, vocab)?,
+            Shape::from(rows),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +686,22 @@ mod tests {
             assert_eq!(got[r], want, "row {r}");
         }
         assert_eq!(got[4], argmax(&logits[4]), "top_k 1 is greedy");
+        // contrasts of each row over the next: the host's draw from the contrast's scores
+        let lower = Tensor::cat(&[t.narrow(0, 1, rows - 1)?, t.narrow(0, 0, 1)?], 0)?;
+        let rules = [(0.1f32.ln(), 1), (0.5f32.ln(), 4), (0.0f32.ln(), 1)];
+        let params: Vec<(Draw, f32, usize)> = draws
+            .iter()
+            .enumerate()
+            .map(|(r, &d)| (d, rules[r % 3].0, rules[r % 3].1))
+            .collect();
+        let got = contrast_sample_rows(&t, &lower, &contrast_draw_params(&params, &Device::Cpu)?)?
+            .to_vec1::<u32>()?;
+        for r in 0..rows {
+            let (a, k) = rules[r % 3];
+            let l = &logits[(r + 1) % rows];
+            let want = draw(&greedy::contrast_log_q(&logits[r], l, a, k), &draws[r]);
+            assert_eq!(got[r], want, "contrast row {r}");
+        }
         // misshapen operands are refused
         let p = draw_params(&draws, &Device::Cpu)?;
         assert!(sample_rows(&t, &p.narrow(0, 0, 2)?).is_err());

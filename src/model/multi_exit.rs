@@ -389,7 +389,7 @@ impl MultiExitModel {
                 let s = &steps[i];
                 s.choice.filter(|&c| {
                     self.device_choices
-                        && (self.device_draws || !matches!(c, DeviceChoice::HeadSample(_)))
+                        && (self.device_draws || !c.is_draw())
                         && !s.all_positions
                         && match early[slot] {
                             // the argmax or draw of the one head it leaves at
@@ -742,23 +742,51 @@ struct HeadUser {
 }
 
 /// The choices a copy makes of its rows, each list by the rows' indices in the copy; their
-/// ids come back in this order (argmaxes, contrasts, draws).
+/// ids come back in this order (argmaxes, contrasts, draws, contrast draws).
 #[derive(Default)]
 struct Choices {
     argmax: Vec<u32>,
-    /// (upper, lower, ln alpha)
-    contrast: Vec<(u32, u32, f32)>,
+    contrast: Vec<ContrastRows>,
     drawn: Vec<(u32, sample::Draw)>,
+    contrast_drawn: Vec<(ContrastRows, sample::Draw)>,
 }
 
-/// What a user gets of a copy: its rows, or the `k`-th choice made of the copy's head
-/// argmaxes, contrasts or draws.
+/// A contrast's pair of rows in a copy and its rule.
+#[derive(Clone, Copy)]
+struct ContrastRows {
+    upper: u32,
+    lower: u32,
+    ln_alpha: f32,
+    minimum_candidates: usize,
+}
+
+impl Choices {
+    /// Where choice `c` lies among the ids.
+    fn id_at(&self, c: Chosen) -> usize {
+        let (a, n, d) = (self.argmax.len(), self.contrast.len(), self.drawn.len());
+        match c {
+            Chosen::Argmax(k) => k,
+            Chosen::Contrast(k) => a + k,
+            Chosen::Sample(k) => a + n + k,
+            Chosen::ContrastSample(k) => a + n + d + k,
+        }
+    }
+}
+
+/// What a user gets of a copy: its rows, a choice made of them, or nothing.
 enum Read {
     Rows,
+    Chosen(Chosen),
+    Nothing,
+}
+
+/// The `k`-th of the copy's head argmaxes, contrasts, draws or contrast draws.
+#[derive(Clone, Copy)]
+enum Chosen {
     Argmax(usize),
     Contrast(usize),
     Sample(usize),
-    Nothing,
+    ContrastSample(usize),
 }
 
 /// Logits a pass holds back before copying them to the host.
@@ -824,7 +852,7 @@ impl HeadCopies {
         // reads its rows instead.
         let mut contrast_halves: HashMap<usize, [Option<u32>; 2]> = HashMap::new();
         for (u, &start) in users().zip(&starts) {
-            if let Some(DeviceChoice::Contrast { .. }) = u.choice {
+            if u.choice.is_some_and(|c| c.heads() == 2) {
                 // heads 0 and 1: upper and lower
                 contrast_halves.entry(u.seq).or_default()[u.head] = Some(start);
             }
@@ -837,18 +865,38 @@ impl HeadCopies {
                 _ if u.dropped => Read::Nothing,
                 Some(DeviceChoice::HeadArgmax) => {
                     wanted.argmax.push(start);
-                    Read::Argmax(wanted.argmax.len() - 1)
+                    Read::Chosen(Chosen::Argmax(wanted.argmax.len() - 1))
                 }
                 Some(DeviceChoice::HeadSample(draw)) => {
                     wanted.drawn.push((start, draw));
-                    Read::Sample(wanted.drawn.len() - 1)
+                    Read::Chosen(Chosen::Sample(wanted.drawn.len() - 1))
                 }
-                Some(DeviceChoice::Contrast { alpha }) => match contrast_halves[&u.seq] {
+                Some(DeviceChoice::Contrast {
+                    alpha,
+                    minimum_candidates,
+                    draw,
+                }) => match contrast_halves[&u.seq] {
                     [Some(upper), Some(lower)] => {
-                        Read::Contrast(*contrast_of.entry(u.seq).or_insert_with(|| {
-                            wanted.contrast.push((upper, lower, alpha.ln()));
-                            wanted.contrast.len() - 1
-                        }))
+                        let pair = ContrastRows {
+                            upper,
+                            lower,
+                            ln_alpha: alpha.ln(),
+                            minimum_candidates,
+                        };
+                        let k = *contrast_of.entry(u.seq).or_insert_with(|| match draw {
+                            None => {
+                                wanted.contrast.push(pair);
+                                wanted.contrast.len() - 1
+                            }
+                            Some(d) => {
+                                wanted.contrast_drawn.push((pair, d));
+                                wanted.contrast_drawn.len() - 1
+                            }
+                        });
+                        Read::Chosen(match draw {
+                            None => Chosen::Contrast(k),
+                            Some(_) => Chosen::ContrastSample(k),
+                        })
                     }
                     _ => {
                         full.extend(start..start + u.rows as u32);
@@ -870,18 +918,13 @@ impl HeadCopies {
         let mut at = 0;
         for (u, read) in users().zip(reads) {
             outputs[u.seq][u.head] = match read {
-                Read::Argmax(k) => Logits::chosen(self.vocab, ids[k]),
-                Read::Contrast(k) => Logits::chosen(self.vocab, ids[wanted.argmax.len() + k]),
-                Read::Sample(k) => Logits::chosen(
-                    self.vocab,
-                    ids[wanted.argmax.len() + wanted.contrast.len() + k],
-                ),
                 Read::Nothing => Logits::default(),
                 Read::Rows => {
                     let range = at..at + u.rows * self.vocab;
                     at = range.end;
                     Logits::shared(self.vocab, Arc::clone(&data), range)
                 }
+                Read::Chosen(c) => Logits::chosen(self.vocab, ids[wanted.id_at(c)]),
             };
         }
         Ok(())
@@ -1005,6 +1048,7 @@ impl HeadCopies {
             argmax,
             contrast,
             drawn,
+            contrast_drawn,
         } = wanted;
         let matrix = all.reshape((rows, self.vocab))?;
         let device = matrix.device();
@@ -1019,14 +1063,26 @@ impl HeadCopies {
         if !argmax.is_empty() {
             ids.push(greedy::argmax_rows(&pick(argmax)?)?);
         }
+        // each contrast's upper rows, lower rows, and (ln alpha, floor)
+        let pairs = |c: &mut dyn Iterator<Item = ContrastRows>| -> candle_core::Result<_> {
+            let c: Vec<ContrastRows> = c.collect();
+            let column = |f: fn(&ContrastRows) -> u32| c.iter().map(f).collect::<Vec<_>>();
+            let rules: Vec<(f32, usize)> = c
+                .iter()
+                .map(|p| (p.ln_alpha, p.minimum_candidates))
+                .collect();
+            Ok((
+                pick(&column(|p| p.upper))?,
+                pick(&column(|p| p.lower))?,
+                rules,
+            ))
+        };
         if !contrast.is_empty() {
-            let column =
-                |f: fn(&(u32, u32, f32)) -> u32| contrast.iter().map(f).collect::<Vec<_>>();
-            let ln_alpha: Vec<f32> = contrast.iter().map(|c| c.2).collect();
+            let (upper, lower, rules) = pairs(&mut contrast.iter().copied())?;
             ids.push(greedy::contrast_rows(
-                &pick(&column(|c| c.0))?,
-                &pick(&column(|c| c.1))?,
-                &Tensor::new(ln_alpha, device)?,
+                &upper,
+                &lower,
+                &greedy::contrast_rules(&rules, device)?,
             )?);
         }
         if !drawn.is_empty() {
@@ -1035,6 +1091,19 @@ impl HeadCopies {
             ids.push(sample::sample_rows(
                 &pick(&at)?,
                 &sample::draw_params(&draws, device)?,
+            )?);
+        }
+        if !contrast_drawn.is_empty() {
+            let (upper, lower, rules) = pairs(&mut contrast_drawn.iter().map(|c| c.0))?;
+            let draws: Vec<(sample::Draw, f32, usize)> = contrast_drawn
+                .iter()
+                .zip(rules)
+                .map(|(c, (ln_alpha, k))| (c.1, ln_alpha, k))
+                .collect();
+            ids.push(sample::contrast_sample_rows(
+                &upper,
+                &lower,
+                &sample::contrast_draw_params(&draws, device)?,
             )?);
         }
         if ids.is_empty() {
@@ -1351,7 +1420,11 @@ mod tests {
             Ok(((t * 0.37)? + phase)?.sin()?.reshape((3, vocab))?)
         };
         let (lower, upper) = (product(0.5)?, product(2.0)?);
-        let contrast = Some(DeviceChoice::Contrast { alpha: 0.1 });
+        let contrast = Some(DeviceChoice::Contrast {
+            alpha: 0.1,
+            minimum_candidates: 1,
+            draw: None,
+        });
         let argmax = Some(DeviceChoice::HeadArgmax);
         // sequences 0 and 1 contrast the upper head over the lower exit; 2 reads the lower
         // exit's argmax; 3 the upper head's rows.
@@ -1378,7 +1451,7 @@ mod tests {
                     assert_eq!(got[0].last(), Some(&u[..]));
                     assert_eq!(got[1].last(), Some(&l[..]));
                 } else {
-                    let want = greedy::contrast_choice(&u, &l, 0.1f32.ln());
+                    let want = greedy::contrast_choice(&u, &l, 0.1f32.ln(), 1);
                     assert_eq!(got[0].choice(), Some(want));
                     assert_eq!(got[1].choice(), Some(want));
                 }

@@ -93,29 +93,40 @@ async fn every_case_at_once_on_the_batched_path_equals_the_reference() {
 }
 
 /// Seeded sampling on the batched path: a sequence that reads nothing but its tokens gets
-/// each drawn in the step from its head's row (`kernels::sample`); one that asks for logprobs
-/// gets its rows copied and draws on the host. Both draw the same tokens, all at once and
-/// alone, in `original`, `exit` and `early_exit`, with and without top-k and top-p.
+/// each drawn in the step from its head's row or its contrast's rows (`kernels::sample`);
+/// one that asks for logprobs gets its rows copied and draws on the host. Both draw the same
+/// tokens, all at once and alone, in `original`, `exit`, `early_exit` and `contrast` (a
+/// candidate floor of one and of three), greedy and with and without top-k and top-p.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draws_made_in_the_step_are_the_host_draws() {
     for f in ARCHS {
         let flags = ["--attention", "batched", "--matmul", "candle"];
         let server = TestServer::start_model(&f.dir(), &flags);
         let url = server.url("/v1/completions");
-        let exit = exitserve::model::ModelConfig::from_file(&f.dir().join("config.json"))
+        let exits = exitserve::model::ModelConfig::from_file(&f.dir().join("config.json"))
             .unwrap()
-            .exit_layers[0];
+            .exit_layers;
+        let (low, high) = (exits[0], exits[exits.len() - 1]);
         let modes = [
             json!({"mode": "original"}),
-            json!({"mode": "exit", "layer": exit}),
+            json!({"mode": "exit", "layer": low}),
             json!({"mode": "early_exit", "threshold": 0.2}),
+            json!({"mode": "contrast", "upper": "original", "lower": low}),
+            json!({"mode": "contrast", "upper": high, "lower": low, "alpha": 0.2,
+                   "minimum_candidates": 3}),
         ];
-        // (temperature, top_k, top_p)
-        let sampling = [(1.0, 0, 1.0), (0.8, 5, 1.0), (1.3, 0, 0.8), (0.7, 20, 0.9)];
+        // (temperature, top_k, top_p); greedy first
+        let sampling = [
+            (0.0, 0, 1.0),
+            (1.0, 0, 1.0),
+            (0.8, 5, 1.0),
+            (1.3, 0, 0.8),
+            (0.7, 20, 0.9),
+        ];
         const TOKENS: usize = 10;
         let mut bodies = Vec::new();
         for (m, mode) in modes.iter().enumerate() {
-            let prompt = ["The", "A model", "Once upon"][m];
+            let prompt = ["The", "A model", "Once upon", "In the", "It was"][m];
             for (k, &(temperature, top_k, top_p)) in sampling.iter().enumerate() {
                 bodies.push(json!({
                     "model": f.name, "prompt": prompt,
@@ -167,10 +178,12 @@ async fn draws_made_in_the_step_are_the_host_draws() {
             let (status, alone) = post(&url, b).await;
             assert_eq!(status, 200, "{alone}");
             assert_eq!(ids(&alone["choices"][0]["token_ids"]), pair[0], "{b} alone");
-            let mut greedy = b.clone();
-            greedy["temperature"] = json!(0);
-            let (_, g) = post(&url, &greedy).await;
-            differs_from_greedy += (ids(&g["choices"][0]["token_ids"]) != pair[0]) as usize;
+            if b["temperature"] != json!(0.0) {
+                let mut greedy = b.clone();
+                greedy["temperature"] = json!(0);
+                let (_, g) = post(&url, &greedy).await;
+                differs_from_greedy += (ids(&g["choices"][0]["token_ids"]) != pair[0]) as usize;
+            }
         }
         assert!(
             differs_from_greedy > bodies.len() / 2,

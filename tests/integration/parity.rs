@@ -307,8 +307,10 @@ fn batched_attention_equals_the_cpu_kernels_on_a_mixed_schedule() {
     }
 }
 
-/// The contrast's alpha of the sequences of two heads that read only their choice.
+/// The contrast's alpha and candidate floor of the sequences of two heads that read only
+/// their choice.
 const CHOICE_ALPHA: f32 = 0.1;
+const CHOICE_FLOOR: usize = 3;
 
 /// What a sequence of `heads` heads reads when it reads only its greedy choice.
 fn device_choice(heads: usize) -> DeviceChoice {
@@ -316,6 +318,8 @@ fn device_choice(heads: usize) -> DeviceChoice {
         1 => DeviceChoice::HeadArgmax,
         _ => DeviceChoice::Contrast {
             alpha: CHOICE_ALPHA,
+            minimum_candidates: CHOICE_FLOOR,
+            draw: None,
         },
     }
 }
@@ -328,6 +332,7 @@ fn host_choice(want: &[Logits]) -> Option<u32> {
         [upper, lower] => {
             let c = ContrastParams {
                 alpha: CHOICE_ALPHA,
+                minimum_candidates: CHOICE_FLOOR,
                 ..ContrastParams::new(Upper::Original, 1)
             };
             Some(argmax(

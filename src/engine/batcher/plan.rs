@@ -165,7 +165,7 @@ fn resume_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
 
 /// How the sequence's next token may be chosen where the logits are, when nothing else of
 /// them is read: nothing that edits the scores (bias, penalties), a mode with a device choice
-/// (its head's argmax or draw, or the contrast's greedy choice), no logprobs to report or
+/// (its head's argmax or draw, or the contrast's), no logprobs to report or
 /// rank by, no followers to fork from these scores, no grammar, no inspection, no
 /// speculation. Then a step on the device copies only the choice.
 fn device_choice(s: &Sequence) -> Option<DeviceChoice> {
@@ -182,10 +182,11 @@ fn device_choice(s: &Sequence) -> Option<DeviceChoice> {
     if !reads_only_the_choice {
         return None;
     }
-    req.mode
+    let choice = req
+        .mode
         .at_token(s.generated, req.max_tokens)
-        .device_choice()?
-        .drawn(draw)
+        .device_choice()?;
+    Some(choice.drawn(draw))
 }
 
 /// Whether the sequence's DoLa candidate may be chosen in the step: nothing but its scores

@@ -7,8 +7,8 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use super::params::{self, Fields, Form, FormField, ModelShape, ParamError};
-use super::{log_sum_exp, DeviceChoice, Head, Strategy};
-use crate::kernels::fastmath;
+use super::{DeviceChoice, Head, Strategy};
+use crate::kernels::greedy;
 
 /// Upper side of a contrast: an exit layer or the original head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,10 +96,13 @@ impl Strategy for ContrastParams {
         contrast_log_q(logits[0], logits[1], self)
     }
 
-    /// The best difference inside the plausible set, for the default candidate floor (a
-    /// wider one needs the k-th largest probability, a selection left to the host).
+    /// The best difference inside the plausible set (greedy), or the draw from these scores.
     fn device_choice(&self) -> Option<DeviceChoice> {
-        (self.minimum_candidates == 1).then_some(DeviceChoice::Contrast { alpha: self.alpha })
+        Some(DeviceChoice::Contrast {
+            alpha: self.alpha,
+            minimum_candidates: self.minimum_candidates,
+            draw: None,
+        })
     }
 
     /// `contrast:U,L` plus the parameters that are not the defaults.
@@ -273,32 +276,7 @@ impl Strategy for ContrastParams {
 /// log p_u - log p_l rescaled to H's upper mass; outside H, q = p_u. Log-probs come from
 /// log-softmax, so q stays finite where the reference's log(softmax) gives NaN.
 pub fn contrast_log_q(upper: &[f32], lower: &[f32], c: &ContrastParams) -> Vec<f32> {
-    let (max_u, lse_u) = log_sum_exp(upper);
-    let mut q = fastmath::sub(upper, lse_u);
-    let (_, lse_l) = log_sum_exp(lower);
-    // Compared in log space: p_u >= t  <=>  log p_u >= log t (exp is monotonic). Rounding
-    // keeps the order of x - lse, so the largest log p_u is max_u - lse_u, to the bit.
-    let max_lp = max_u - lse_u;
-    let k = c.minimum_candidates.clamp(1, q.len());
-    let kth_lp = if k == 1 {
-        max_lp
-    } else {
-        let mut sorted = q.clone();
-        let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-        *kth
-    };
-    let set = fastmath::PlausibleSet {
-        threshold: (c.alpha.ln() + max_lp).min(kth_lp),
-        lse_lower: lse_l,
-    };
-    // Three vectorised passes over the vocabulary, the set as a mask: the largest
-    // log p_u - log p_l in the set, then both normalisers, then q in place.
-    let diff_max = set.max_diff(&q, lower);
-    let (diff_sum, mass_sum) = set.sums(&q, lower, diff_max, max_lp);
-    let offset = diff_max + diff_sum.ln();
-    let log_mass = max_lp + mass_sum.ln();
-    set.write_q(&mut q, lower, offset, log_mass);
-    q
+    greedy::contrast_log_q(upper, lower, c.alpha.ln(), c.minimum_candidates)
 }
 
 #[cfg(test)]
@@ -398,29 +376,32 @@ mod tests {
     #[test]
     fn the_device_choice_is_the_argmax_of_the_scores() {
         let mut rand = crate::kernels::uniform(0x9E37_79B9_7F4A_7C15u64);
-        for (n, spread, alpha) in [
-            (50257, 12.0, 0.1),
-            (1000, 2.0, 0.1),
-            (777, 30.0, 0.5),
-            (64, 4.0, 0.0),
-            (333, 6.0, 1.0),
+        for (n, spread, alpha, k) in [
+            (50257, 12.0, 0.1, 1),
+            (1000, 2.0, 0.1, 1),
+            (777, 30.0, 0.5, 5),
+            (64, 4.0, 0.0, 1),
+            (333, 6.0, 1.0, 1),
+            (333, 6.0, 1.0, 20),
         ] {
             for _ in 0..4 {
-                let (upper, lower, c) = made_up(&mut rand, n, spread, alpha, 1);
+                let (upper, lower, c) = made_up(&mut rand, n, spread, alpha, k);
                 assert_eq!(
                     c.device_choice(),
-                    Some(DeviceChoice::Contrast { alpha })
+                    Some(DeviceChoice::Contrast {
+                        alpha,
+                        minimum_candidates: k,
+                        draw: None
+                    })
                 );
                 let scores = contrast_log_q(&upper, &lower, &c);
                 assert_eq!(
                     crate::kernels::greedy::argmax(&scores),
-                    crate::kernels::greedy::contrast_choice(&upper, &lower, alpha.ln()),
-                    "n {n} alpha {alpha}"
+                    crate::kernels::greedy::contrast_choice(&upper, &lower, alpha.ln(), k),
+                    "n {n} alpha {alpha} floor {k}"
                 );
             }
         }
-        let (_, _, wide) = made_up(&mut rand, 0, 1.0, 0.1, 3);
-        assert_eq!(wide.device_choice(), None);
     }
 
     #[test]

@@ -51,9 +51,15 @@ pub enum DeviceChoice {
     /// The first argmax of the one head whose log-softmax its scores are: its only head, or
     /// for a per-token exit the head the token leaves at (decided in the step).
     HeadArgmax,
-    /// Autocontrastive greedy over its two heads (upper, lower) with a candidate floor of one:
-    /// the first argmax of log p_u - log p_l among the tokens with p_u >= alpha max p_u.
-    Contrast { alpha: f32 },
+    /// Autocontrastive decoding over its two heads (upper, lower): greedy, the first argmax
+    /// of log p_u - log p_l inside the plausible set (p_u >= min(alpha max p_u, the k-th
+    /// largest p_u), k the candidate floor); with a draw, the draw from the contrast's
+    /// scores.
+    Contrast {
+        alpha: f32,
+        minimum_candidates: usize,
+        draw: Option<Draw>,
+    },
     /// The draw (temperature, top-k, top-p, its number) from the log-softmax of the one head
     /// whose distribution its scores are, as `HeadArgmax` reads it.
     HeadSample(Draw),
@@ -69,16 +75,31 @@ impl DeviceChoice {
     }
 
     /// The choice of a sequence that draws with `draw` (greedy at temperature 0) from the
-    /// scores this greedy choice reads: None where the step cannot draw from them (a
-    /// contrast's scores are not one head's distribution).
-    pub fn drawn(self, draw: Draw) -> Option<Self> {
+    /// scores this greedy choice reads.
+    pub fn drawn(self, draw: Draw) -> Self {
         match self {
-            _ if draw.temperature == 0.0 => Some(self),
+            _ if draw.temperature == 0.0 => self,
             DeviceChoice::HeadArgmax | DeviceChoice::HeadSample(_) => {
-                Some(DeviceChoice::HeadSample(draw))
+                DeviceChoice::HeadSample(draw)
             }
-            DeviceChoice::Contrast { .. } => None,
+            DeviceChoice::Contrast {
+                alpha,
+                minimum_candidates,
+                ..
+            } => DeviceChoice::Contrast {
+                alpha,
+                minimum_candidates,
+                draw: Some(draw),
+            },
         }
+    }
+
+    /// Whether it is a draw (a sampled sequence's), not a greedy choice.
+    pub fn is_draw(&self) -> bool {
+        matches!(
+            self,
+            DeviceChoice::HeadSample(_) | DeviceChoice::Contrast { draw: Some(_), .. }
+        )
     }
 }
 
