@@ -253,44 +253,80 @@ impl Candidates {
 
 /// The candidates of a draw from `scores`: the finite ones, restricted to the top-k and then
 /// to the nucleus, weighing e^((score - max) / temperature). Both restrictions are partial
-/// selections (expected O(vocab)), never a sort of the whole vocabulary. Nothing finite: the
-/// first maximum alone, as greedy.
+/// selections (expected O(vocab)) over the candidates' own values, never a sort of the whole
+/// vocabulary. Nothing finite: the first maximum alone, as greedy.
 fn candidates(scores: &[f32], d: &Draw) -> Candidates {
-    let mut ids: Vec<u32> = (0..scores.len() as u32)
-        .filter(|&i| scores[i as usize].is_finite())
+    let mut cands: Vec<Cand> = scores
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_finite())
+        .map(|(i, &score)| Cand {
+            score,
+            weight: 0.0,
+            id: i as u32,
+        })
         .collect();
-    if ids.is_empty() {
+    if cands.is_empty() {
         return Candidates {
             ids: vec![argmax(scores)],
             weights: vec![1.0],
         };
     }
-    // Best first; ties to the lower id, so the chosen sets are deterministic.
-    let better = |a: &u32, b: &u32| {
-        scores[*b as usize]
-            .total_cmp(&scores[*a as usize])
-            .then(a.cmp(b))
-    };
-    let restricted = d.top_k > 0 && d.top_k < ids.len();
+    let restricted = d.top_k > 0 && d.top_k < cands.len();
     if restricted {
-        ids.select_nth_unstable_by(d.top_k - 1, better);
-        ids.truncate(d.top_k);
+        cands.select_nth_unstable_by(d.top_k - 1, Cand::better);
+        cands.truncate(d.top_k);
     }
-    let max = ids
+    // the best finite score is among the top-k: every weight is relative to it
+    let max = cands
         .iter()
-        .map(|&i| scores[i as usize])
+        .map(|c| c.score)
         .fold(f32::NEG_INFINITY, f32::max);
-    let weight = |i: u32| exp_neg((scores[i as usize] - max) / d.temperature) as f64;
+    for c in &mut cands {
+        c.weight = exp_neg((c.score - max) / d.temperature);
+    }
     if d.top_p < 1.0 {
-        let total: f64 = ids.iter().map(|&i| weight(i)).sum();
-        let keep = nucleus(&mut ids, total * d.top_p as f64, weight, better);
-        ids.truncate(keep);
+        let total: f64 = cands.iter().map(|c| c.weight as f64).sum();
+        let keep = nucleus(&mut cands, total * d.top_p as f64);
+        cands.truncate(keep);
     }
     if restricted || d.top_p < 1.0 {
-        ids.sort_unstable(); // the selections left them out of id order
+        into_id_order(&mut cands, scores.len()); // the selections reordered them
     }
-    let weights = ids.iter().map(|&i| weight(i)).collect();
-    Candidates { ids, weights }
+    Candidates {
+        ids: cands.iter().map(|c| c.id).collect(),
+        weights: cands.iter().map(|c| c.weight as f64).collect(),
+    }
+}
+
+/// A candidate token: its score, its weight, its id.
+#[derive(Clone, Copy)]
+struct Cand {
+    score: f32,
+    weight: f32,
+    id: u32,
+}
+
+impl Cand {
+    /// Best first; ties to the lower id, so the chosen sets are deterministic.
+    fn better(a: &Cand, b: &Cand) -> std::cmp::Ordering {
+        b.score.total_cmp(&a.score).then(a.id.cmp(&b.id))
+    }
+}
+
+/// `cands` (of distinct ids below `n`) in id order: a sort when they are few, else a pass
+/// over all `n` ids (a nucleus may hold most of the vocabulary).
+fn into_id_order(cands: &mut Vec<Cand>, n: usize) {
+    if cands.len() * 16 < n {
+        cands.sort_unstable_by_key(|c| c.id);
+        return;
+    }
+    let mut at: Vec<Option<Cand>> = vec![None; n];
+    for &c in cands.iter() {
+        at[c.id as usize] = Some(c);
+    }
+    cands.clear();
+    cands.extend(at.into_iter().flatten());
 }
 
 /// Weights a block of the cumulative scan sums (in `LANES` interleaved partial sums).
@@ -358,17 +394,13 @@ fn pick_from_softmax(scores: &[f32], temperature: f32, u: f64) -> Option<u32> {
 /// weight reaches `target`, and returns `m` (at least 1). Quickselect on the cumulative
 /// weight: each round partitions around a middle element and keeps only the side that holds
 /// the boundary, so the work is O(len) on average.
-fn nucleus(
-    cands: &mut [u32],
-    target: f64,
-    weight: impl Fn(u32) -> f64,
-    better: impl Fn(&u32, &u32) -> std::cmp::Ordering + Copy,
-) -> usize {
+fn nucleus(cands: &mut [Cand], target: f64) -> usize {
+    let weight = |c: &[Cand]| c.iter().map(|c| c.weight as f64).sum::<f64>();
     let (mut lo, mut hi, mut need) = (0, cands.len(), target);
     while hi - lo > 32 {
         let mid = lo + (hi - lo) / 2;
-        cands[lo..hi].select_nth_unstable_by(mid - lo, better);
-        let upper: f64 = cands[lo..=mid].iter().map(|&i| weight(i)).sum();
+        cands[lo..hi].select_nth_unstable_by(mid - lo, Cand::better);
+        let upper = weight(&cands[lo..=mid]);
         if upper >= need {
             hi = mid + 1;
         } else {
@@ -376,10 +408,10 @@ fn nucleus(
             lo = mid + 1;
         }
     }
-    cands[lo..hi].sort_unstable_by(better);
+    cands[lo..hi].sort_unstable_by(Cand::better);
     let mut acc = 0.0;
-    for (k, &i) in cands[lo..hi].iter().enumerate() {
-        acc += weight(i);
+    for (k, c) in cands[lo..hi].iter().enumerate() {
+        acc += c.weight as f64;
         if acc >= need {
             return lo + k + 1;
         }
@@ -569,14 +601,22 @@ mod tests {
 
     #[test]
     fn nucleus_is_the_smallest_best_first_set_reaching_the_mass() {
-        // weights 1..=200 in shuffled order; the nucleus of the top mass is a suffix of 1..=200
-        let mut ids: Vec<u32> = (0..200).map(|i| (i * 73) % 200).collect();
-        let weight = |i: u32| (i + 1) as f64;
-        let better = |a: &u32, b: &u32| b.cmp(a);
+        // weights 1..=200 in shuffled order, the heavier the better; the nucleus of the top
+        // mass is a suffix of 1..=200
+        let mut cands: Vec<Cand> = (0..200)
+            .map(|i| {
+                let id = (i * 73) % 200;
+                Cand {
+                    score: id as f32,
+                    weight: (id + 1) as f32,
+                    id,
+                }
+            })
+            .collect();
         let total: f64 = (1..=200).map(f64::from).sum();
         for frac in [0.01, 0.3, 0.5, 0.9, 0.999, 1.0] {
             let target = total * frac;
-            let m = nucleus(&mut ids, target, weight, better);
+            let m = nucleus(&mut cands, target);
             // by hand: take the heaviest until the mass reaches the target
             let (mut acc, mut want) = (0.0, 0);
             for w in (1..=200).rev() {
@@ -587,7 +627,7 @@ mod tests {
                 }
             }
             assert_eq!(m, want, "{frac}");
-            let mut kept: Vec<u32> = ids[..m].to_vec();
+            let mut kept: Vec<u32> = cands[..m].iter().map(|c| c.id).collect();
             kept.sort_unstable();
             assert_eq!(kept, (200 - m as u32..200).collect::<Vec<_>>(), "{frac}");
         }

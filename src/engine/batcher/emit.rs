@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::fault::inject;
 use super::plan::StepKind;
-use super::progress::{Ready, Scored};
+use super::progress::{Ready, Scored, ScoredRows};
 use super::{contained, Batcher, Phase};
 use crate::engine::request::{Event, FinishReason};
 use crate::engine::sampling::Sampler;
@@ -20,8 +20,8 @@ impl Batcher {
     pub(super) fn emit(&mut self, ready: Vec<Ready>, scored: Scored) {
         self.prepare_masks(&ready, &scored);
         let mut forked = Vec::new();
-        for (r, rows) in ready.into_iter().zip(scored) {
-            let mut rows = match rows {
+        for (r, scored) in ready.into_iter().zip(scored) {
+            let ScoredRows { mut rows, drawn } = match scored {
                 Ok(s) => s,
                 Err(message) => {
                     self.fail_members(&[r.index], message);
@@ -51,7 +51,7 @@ impl Batcher {
                         .collect();
                     self.send_prompt_event(r.index);
                 }
-                self.sample_and_emit(r.index, &scores, head, choice);
+                self.sample_and_emit(r.index, &scores, head, (choice, drawn));
                 Ok::<_, String>(followers)
             });
             match result {
@@ -67,7 +67,7 @@ impl Batcher {
             let idx = self.running.len() - 1;
             let result = contained(Phase::Emit, || {
                 self.send_prompt_event(idx);
-                self.sample_and_emit(idx, &scores, head, None);
+                self.sample_and_emit(idx, &scores, head, (None, None));
             });
             if let Err(message) = result {
                 self.fail_members(&[idx], message);
@@ -82,8 +82,8 @@ impl Batcher {
         use rayon::prelude::*;
         let mut next: HashMap<usize, &[f32]> = HashMap::new();
         for (r, rows) in ready.iter().zip(scored) {
-            if let (StepKind::Next, Ok(rows)) = (r.kind, rows) {
-                if let Some(last) = rows.last() {
+            if let (StepKind::Next, Ok(scored)) = (r.kind, rows) {
+                if let Some(last) = scored.rows.last() {
                     next.insert(r.index, last);
                 }
             }
@@ -160,13 +160,14 @@ impl Batcher {
 
     /// Chooses sequence `i`'s token from `scores` and emits it. `head`: for an early-exit
     /// mode, the head the token left at; `choice`: the token chosen on the device
-    /// (`Ready::choice`, `scores` then empty).
+    /// (`Ready::choice`, `scores` then empty); `drawn`: the token its sampler drew already
+    /// (`ScoredRows::drawn`).
     fn sample_and_emit(
         &mut self,
         i: usize,
         scores: &[f32],
         head: Option<Head>,
-        choice: Option<u32>,
+        (choice, drawn): (Option<u32>, Option<u32>),
     ) {
         if self.running[i].request.borrow().req.max_tokens == 0 {
             // echo with max_tokens 0: the prompt was only scored.
@@ -195,7 +196,7 @@ impl Batcher {
                 self.metrics.device_choices.increment(1);
                 id
             }
-            (None, None) => self.running[i].sampler.choose(scores),
+            (None, None) => drawn.unwrap_or_else(|| self.running[i].sampler.choose(scores)),
         };
         let exit_layer = head.map(|h| h.layer(self.model.config().num_layers));
         if let Some(head) = head {

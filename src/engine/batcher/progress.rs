@@ -8,6 +8,7 @@ use super::plan::{StepKind, StepPlan};
 use super::{contained, Batcher, Phase};
 use crate::engine::inspection;
 use crate::engine::request::{Event, FinishReason, InspectSpec};
+use crate::engine::sampling::Sampler;
 use crate::engine::sequence::{token_logprob, Sequence};
 use crate::model::{Logits, Mode, StepLogits, TextTokenizer};
 
@@ -77,7 +78,17 @@ impl Ready {
 }
 
 /// Each ready sequence's log-distributions, or the message its failure left.
-pub(super) type Scored = Vec<Result<Vec<Vec<f32>>, String>>;
+pub(super) type Scored = Vec<Result<ScoredRows, String>>;
+
+/// A ready sequence's log-distributions ([`Ready::scores`]) and, where its next token needs
+/// nothing but its own sampler (no grammar to constrain the scores first), that token, drawn
+/// beside the scoring on the compute pool rather than one sequence after another on the
+/// model thread.
+#[derive(Default)]
+pub(super) struct ScoredRows {
+    pub rows: Vec<Vec<f32>>,
+    pub drawn: Option<u32>,
+}
 
 impl Batcher {
     /// Prompt bookkeeping (progress, prompt logprobs, inspection reports), then the heads at
@@ -164,21 +175,31 @@ impl Batcher {
         ready
     }
 
-    /// The vocabulary-sized scoring (log-softmax, contrast) of each ready sequence, spread
-    /// over the cores; a panic fails only its own sequence's request.
+    /// The vocabulary-sized scoring (log-softmax, contrast) of each ready sequence and the
+    /// draw of each next token that needs nothing else ([`ScoredRows::drawn`]), spread over
+    /// the cores; a panic fails only its own sequence's request.
     pub(super) fn score(&self, ready: &[Ready]) -> Scored {
         let fault = self.cfg.fault();
-        let prompts: Vec<&[u32]> = ready
+        let inputs: Vec<(&[u32], Option<&Sampler>)> = ready
             .iter()
-            .map(|r| &self.running[r.index].prompt[..])
+            .map(|r| {
+                let seq = &self.running[r.index];
+                let draws_alone = r.kind == StepKind::Next
+                    && r.choice().is_none()
+                    && seq.guide.is_none()
+                    && seq.request.borrow().req.max_tokens > 0;
+                (&seq.prompt[..], draws_alone.then_some(&seq.sampler))
+            })
             .collect();
         ready
             .par_iter()
-            .zip(prompts)
-            .map(|(r, prompt)| {
+            .zip(inputs)
+            .map(|(r, (prompt, sampler))| {
                 contained(Phase::Score, || {
                     inject(fault, Phase::Score, prompt);
-                    r.scores()
+                    let rows = r.scores();
+                    let drawn = sampler.zip(rows.last()).map(|(s, scores)| s.choose(scores));
+                    ScoredRows { rows, drawn }
                 })
             })
             .collect()
