@@ -1,18 +1,18 @@
 //! Drawing a token from a log-distribution: temperature, top-k, top-p and one uniform number
 //! ([`Draw`]). The host's sampler (`engine::sampling`) draws with [`draw`] from the scores its
-//! edits (bias, penalties, grammar) leave; a step draws with [`sample_rows`] where the logits
-//! are, for a sequence whose scores are one head's log-softmax and that reads nothing else of
-//! them, so that one index travels instead of a vocabulary row (16 sampled streams of a
-//! 50,257-token vocabulary: 64 bytes a step instead of 3.2 MB, and no pass over the
-//! vocabulary on the host).
+//! edits (bias, penalties, grammar) leave; a step draws where the logits are, for a sequence
+//! that reads nothing else of them, from one head's log-softmax ([`sample_rows`]) or a
+//! contrast's scores ([`contrast_sample_rows`]), so that one index travels instead of
+//! vocabulary rows (16 sampled streams of a 50,257-token vocabulary: 64 bytes a step instead
+//! of 3.2 MB, and no pass over the vocabulary on the host).
 //!
 //! What a draw picks, given the scores: the candidates are the finite scores, restricted to
 //! the `top_k` best (best first, ties to the lower id) and then to the nucleus, the smallest
 //! best-first set whose weight reaches `top_p` of theirs, each weighing
 //! e^((score - max) / temperature); the pick is the candidate at `u` of their cumulative
-//! weight in id order. `choices.cu`'s `sample_rows` computes the same on a GPU (its sums in
-//! another order, so a `u` within rounding of a boundary may fall on the neighbour); the
-//! Rust here is the CPU's version and the oracle [`check`] holds that kernel to.
+//! weight in id order. `choices.cu` computes the same on a GPU (its sums in another order, so
+//! a `u` within rounding of a boundary may fall on the neighbour); the Rust here is the CPU's
+//! version and the oracle [`check`] holds those kernels to.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
