@@ -165,9 +165,9 @@ fn resume_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
 
 /// How the sequence's next token may be chosen where the logits are, when nothing else of
 /// them is read: nothing that edits the scores (bias, penalties), a mode with a device choice
-/// (its head's argmax or draw, or the contrast's), no logprobs to report or
-/// rank by, no followers to fork from these scores, no grammar, no inspection, no
-/// speculation. Then a step on the device copies only the choice.
+/// (its head's argmax or draw, or the contrast's), no logprobs to report or rank by, no
+/// followers to fork from these scores, no grammar, no inspection, no speculation. Then a
+/// step on the device copies only the choice.
 fn device_choice(s: &Sequence) -> Option<DeviceChoice> {
     let r = s.request.borrow();
     let req = &r.req;
