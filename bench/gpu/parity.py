@@ -1,7 +1,10 @@
 """Parity of a server binary with the reference on one tiny fixture, through HTTP: every
 reference case (prompt x mode) greedily, one at a time and then all at once, greedy ids
-compared with the reference's and first-step top-5 logprobs within 1e-3. Standard library
-only (it runs on the GPU machine, which has no network). Prints one JSON line per pass.
+compared with the reference's and first-step top-5 logprobs within 1e-3 — with logprobs (the
+host chooses from copied rows) and without (the step chooses where the logits are) — and
+seeded sampling without logprobs (drawn in the step) against the same with them (drawn on the
+host). Standard library only (it runs on the GPU machine, which has no network). Prints one
+JSON line per pass.
 
     python3 bench/gpu/parity.py SERVER_BINARY tests/fixtures/tiny-gpt2-multiexit --dtype bf16
 """
@@ -55,16 +58,21 @@ def multi_exit(mode):
 
 
 def run(case):
-    out = post({"model": name, "prompt": case["prompt_ids"], "max_tokens": len(case["greedy_ids"]),
-                "temperature": 0, "ignore_eos": True, "return_token_ids": True, "logprobs": 5,
-                "multi_exit": multi_exit(case["mode"])})
-    choice = out["choices"][0]
+    body = {"model": name, "prompt": case["prompt_ids"], "max_tokens": len(case["greedy_ids"]),
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+            "multi_exit": multi_exit(case["mode"])}
+    choice = post({**body, "logprobs": 5})["choices"][0]
     same_ids = choice["token_ids"] == case["greedy_ids"]
     # first step: the reference's top-5 (token id, score) against the response's top logprobs
     # (keyed by token text; a token missing from them counts as a difference of 1)
     top = choice["logprobs"]["top_logprobs"][0] or {}
     worst = max(abs(top[text(t)] - want) if text(t) in top else 1.0 for t, want in case["top5"][0])
-    return same_ids, worst
+    # without logprobs: chosen in the step
+    in_step = post(body)["choices"][0]["token_ids"] == case["greedy_ids"]
+    # seeded sampling: drawn in the step, and on the host from copied rows
+    sampled = {**body, "temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": len(case["prompt_ids"])}
+    drawn = [post(b)["choices"][0]["token_ids"] for b in (sampled, {**sampled, "logprobs": 1})]
+    return same_ids, worst, in_step, drawn[0] == drawn[1]
 
 
 try:
@@ -82,7 +90,7 @@ try:
     log.seek(0)
     kernels = [line.strip()[-300:] for line in log
                if "paged-attention" in line or "fused epilogues" in line
-               or "greedy choice" in line]
+               or "greedy choice" in line or "sampled tokens" in line or "draw kernel" in line]
     print(json.dumps({"fixture": name, "dtype": a.dtype, "kernels": kernels}), flush=True)
     cases = reference["cases"]
     for label in ["alone", "all_at_once"]:
@@ -95,6 +103,8 @@ try:
         print(json.dumps({"fixture": name, "dtype": a.dtype, "flags": a.flags, "pass": label,
                           "cases": len(cases), "greedy_equal": sum(r[0] for r in results),
                           "worst_top5_logprob_diff": round(max(r[1] for r in results), 6),
+                          "greedy_equal_chosen_in_step": sum(r[2] for r in results),
+                          "sampled_drawn_in_step_equal_host": sum(r[3] for r in results),
                           "seconds": round(time.time() - t, 2)}), flush=True)
 finally:
     proc.terminate()
