@@ -37,7 +37,7 @@ __device__ __forceinline__ void store(void* p, int dtype, size_t i, float f) {
     }
 }
 
-// The activations of `Act` (`fused_epilogue.rs`), as candle's unary kernels compute them.
+// The activations of `Activation` (`fused_epilogue.rs`), as candle's unary kernels compute them.
 __device__ __forceinline__ float activate(float x, int act) {
     switch (act) {
         case 1: return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));

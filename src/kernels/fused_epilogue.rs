@@ -25,7 +25,7 @@ use super::fastmath;
 
 /// An activation applied after the bias, as candle's unary ops define it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Act {
+pub enum Activation {
     /// `gelu_new`: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
     GeluTanh = 1,
     GeluErf = 2,
@@ -33,18 +33,18 @@ pub enum Act {
     Silu = 4,
 }
 
-impl Act {
+impl Activation {
     /// The activation as candle ops (`fastmath`'s `gelu_new` for float32 on the CPU): what
     /// the unfused block runs, and the oracle of the fused kernels.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Act::GeluTanh if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            Activation::GeluTanh if x.device().is_cpu() && x.dtype() == DType::F32 => {
                 x.apply_op1_no_bwd(&fastmath::GeluTanh)
             }
-            Act::GeluTanh => x.gelu(),
-            Act::GeluErf => x.gelu_erf(),
-            Act::Relu => x.relu(),
-            Act::Silu => x.silu(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::GeluErf => x.gelu_erf(),
+            Activation::Relu => x.relu(),
+            Activation::Silu => x.silu(),
         }
     }
 
@@ -52,14 +52,14 @@ impl Act {
     fn apply_row(self, row: &mut [f32], scratch: &mut Vec<f32>) {
         use candle_core::op::{GeluErf, Relu, Silu};
         match self {
-            Act::GeluTanh => {
+            Activation::GeluTanh => {
                 scratch.clear();
                 scratch.extend_from_slice(row);
                 fastmath::gelu_tanh(scratch, row);
             }
-            Act::GeluErf => row.iter_mut().for_each(|v| *v = GeluErf::f32(*v)),
-            Act::Relu => row.iter_mut().for_each(|v| *v = Relu::f32(*v)),
-            Act::Silu => row.iter_mut().for_each(|v| *v = Silu::f32(*v)),
+            Activation::GeluErf => row.iter_mut().for_each(|v| *v = GeluErf::f32(*v)),
+            Activation::Relu => row.iter_mut().for_each(|v| *v = Relu::f32(*v)),
+            Activation::Silu => row.iter_mut().for_each(|v| *v = Silu::f32(*v)),
         }
     }
 }
@@ -77,7 +77,7 @@ pub struct Residual<'a> {
 pub fn epilogue(
     y: &Tensor,
     bias: Option<&Tensor>,
-    act: Option<Act>,
+    act: Option<Activation>,
     residual: Option<Residual<'_>>,
     out: DType,
 ) -> Result<Tensor> {
@@ -132,7 +132,7 @@ fn held(t: Option<&Tensor>) -> Result<Option<Tensor>> {
 pub fn epilogue_by_ops(
     y: &Tensor,
     bias: Option<&Tensor>,
-    act: Option<Act>,
+    act: Option<Activation>,
     residual: Option<Residual<'_>>,
     out: DType,
 ) -> Result<Tensor> {
@@ -185,7 +185,7 @@ pub fn check(
     device: &Device,
     hidden: usize,
     inner: usize,
-    act: Act,
+    act: Activation,
     product: DType,
 ) -> Result<f32> {
     let rows = 5;
@@ -263,7 +263,7 @@ struct Fused {
 
 enum Kind {
     Epilogue {
-        act: Option<Act>,
+        act: Option<Activation>,
         ry: Option<Tensor>,
         rbias: Option<Tensor>,
     },
@@ -630,13 +630,13 @@ mod tests {
 
     #[test]
     fn fused_ops_give_the_bits_of_candles_ops_on_the_cpu() -> Result<()> {
-        for (hidden, inner, act) in [(8, 32, Act::GeluTanh), (6, 24, Act::Silu)] {
+        for (hidden, inner, act) in [(8, 32, Activation::GeluTanh), (6, 24, Activation::Silu)] {
             for product in [DType::F32, DType::BF16, DType::F16] {
                 let worst = check(&Device::Cpu, hidden, inner, act, product)?;
                 assert_eq!(worst, 0.0, "{hidden} {act:?} {product:?}");
             }
         }
-        for act in [Act::GeluErf, Act::Relu] {
+        for act in [Activation::GeluErf, Activation::Relu] {
             assert_eq!(check(&Device::Cpu, 4, 16, act, DType::F32)?, 0.0, "{act:?}");
         }
         Ok(())
@@ -653,7 +653,7 @@ mod tests {
             x: &x,
             plus: Some((&o, Some(&rb))),
         };
-        let got = epilogue(&y, Some(&b), Some(Act::Relu), Some(res), DType::F32)?;
+        let got = epilogue(&y, Some(&b), Some(Activation::Relu), Some(res), DType::F32)?;
         // relu(y + b) + ((o + rb) + x)
         assert_eq!(
             got.to_vec2::<f32>()?,

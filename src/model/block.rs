@@ -23,7 +23,7 @@ struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.activation.fused().apply(&self.c_fc.forward(x)?)?;
+        let h = self.activation.apply(&self.c_fc.forward(x)?)?;
         self.c_proj.forward(&h)
     }
 }
@@ -120,12 +120,7 @@ impl Block {
         let qkv = self.qkv_fused(x)?;
         let o = out_proj.product(&self.attn.attend(&qkv, segments, layer, plans)?)?;
         let normed = add_norm(&o, out_proj.bias(), Some(x), &self.ln_2, fc.input_dtype())?;
-        let inner = fc.fused(
-            &normed,
-            Some(self.mlp.activation.fused()),
-            None,
-            proj.input_dtype(),
-        )?;
+        let inner = fc.fused(&normed, Some(self.mlp.activation), None, proj.input_dtype())?;
         let residual = Residual {
             x,
             plus: Some((&o, out_proj.bias())),

@@ -9,40 +9,20 @@ use serde_json::{Map, Value};
 
 use super::arch::Architecture;
 use super::error::{ModelError, Result};
-use crate::kernels::fused_epilogue::Act;
 
-/// The activation named by `activation_function`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `gelu_new` / `gelu_pytorch_tanh` / `gelu_fast`: the tanh approximation (the default of
-    /// both architectures).
-    GeluTanh,
-    /// `gelu`: the exact erf form.
-    GeluErf,
-    Relu,
-    Silu,
-}
+/// The activation named by `activation_function` (`gelu_new`, `gelu_pytorch_tanh` and
+/// `gelu_fast` are the tanh approximation, the default of both architectures; `gelu` the
+/// exact erf form): the kernels' own enum, which the fused and the unfused block both apply.
+pub use crate::kernels::fused_epilogue::Activation;
 
-impl Activation {
-    /// The same activation as the fused kernels name it.
-    pub fn fused(self) -> Act {
-        match self {
-            Activation::GeluTanh => Act::GeluTanh,
-            Activation::GeluErf => Act::GeluErf,
-            Activation::Relu => Act::Relu,
-            Activation::Silu => Act::Silu,
-        }
-    }
-
-    fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
-            "gelu" => Self::GeluErf,
-            "relu" => Self::Relu,
-            "silu" | "swish" => Self::Silu,
-            _ => return None,
-        })
-    }
+fn parse_activation(name: &str) -> Option<Activation> {
+    Some(match name {
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+        "gelu" => Activation::GeluErf,
+        "relu" => Activation::Relu,
+        "silu" | "swish" => Activation::Silu,
+        _ => return None,
+    })
 }
 
 /// Which earlier positions a layer's queries see.
@@ -193,7 +173,7 @@ impl Fields<'_> {
 
     pub fn activation(&self, field: &str) -> Result<Activation> {
         let name = self.str(field)?;
-        Activation::parse(name).ok_or_else(|| self.err(field, format!("unsupported `{name}`")))
+        parse_activation(name).ok_or_else(|| self.err(field, format!("unsupported `{name}`")))
     }
 
     /// `lm_head_layer_indices`, sorted and deduplicated, each within 1..=num_layers.

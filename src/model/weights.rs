@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::kernels::fused_epilogue::{self, Act, Residual};
+use crate::kernels::fused_epilogue::{self, Activation, Residual};
 use crate::kernels::matmul::{self, PackedWeight};
 
 /// How the projection and vocabulary matrices are stored and multiplied. Norms, position
@@ -317,7 +317,7 @@ impl Proj {
     pub fn fused(
         &self,
         x: &Tensor,
-        act: Option<Act>,
+        act: Option<Activation>,
         residual: Option<Residual<'_>>,
         out: DType,
     ) -> candle_core::Result<Tensor> {
