@@ -308,7 +308,7 @@ impl CustomOp1 for PerRow {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l.shape().dims2()?;
-        let chunks = contiguous_f32(s, l)?.par_chunks(vocab.max(1));
+        let chunks = contiguous::<f32>(s, l)?.par_chunks(vocab.max(1));
         let out = match (self, vocab) {
             (PerRow::Argmax, 0) => CpuStorage::U32(vec![0; rows]),
             (PerRow::Argmax, _) => CpuStorage::U32(chunks.map(argmax).collect()),
@@ -349,7 +349,7 @@ impl CustomOp2 for DivergenceRows {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l1.shape().dims2()?;
-        let (mature, premature) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let (mature, premature) = (contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?);
         let out: Vec<f64> = if vocab == 0 {
             vec![0.0; rows]
         } else {
@@ -378,12 +378,16 @@ impl CustomOp2 for DivergenceRows {
     }
 }
 
-/// A float32 operand's elements, which its layout must hold contiguously.
-fn contiguous_f32<'s>(s: &'s CpuStorage, l: &Layout) -> Result<&'s [f32]> {
+/// An operand's elements (of the choice kernels here and in `sample.rs`), which its layout
+/// must hold contiguously.
+pub(super) fn contiguous<'s, T: candle_core::WithDType>(
+    s: &'s CpuStorage,
+    l: &Layout,
+) -> Result<&'s [T]> {
     let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("greedy kernels: contiguous operands");
+        candle_core::bail!("choice kernels: contiguous operands");
     };
-    Ok(&s.as_slice::<f32>()?[a..b])
+    Ok(&s.as_slice::<T>()?[a..b])
 }
 
 struct ContrastRows;
@@ -404,9 +408,9 @@ impl CustomOp3 for ContrastRows {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l1.shape().dims2()?;
         let (upper, lower, rules) = (
-            contiguous_f32(s1, l1)?,
-            contiguous_f32(s2, l2)?,
-            contiguous_f32(s3, l3)?,
+            contiguous::<f32>(s1, l1)?,
+            contiguous::<f32>(s2, l2)?,
+            contiguous::<f32>(s3, l3)?,
         );
         let out: Vec<u32> = if vocab == 0 {
             vec![0; rows]

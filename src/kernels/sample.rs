@@ -20,7 +20,7 @@ use rayon::prelude::*;
 #[cfg(feature = "cuda")]
 use super::cuda_source::launch_choice;
 use super::fastmath::{self, exp_neg};
-use super::greedy::{self, argmax};
+use super::greedy::{self, argmax, contiguous};
 
 /// One draw's parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -434,11 +434,7 @@ impl CustomOp2 for SampleRows {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l1.shape().dims2()?;
-        let (Some((a, b)), Some((c, e))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("sample rows: contiguous operands");
-        };
-        let (logits, params) = (&s1.as_slice::<f32>()?[a..b], &s2.as_slice::<f64>()?[c..e]);
+        let (logits, params) = (contiguous::<f32>(s1, l1)?, contiguous::<f64>(s2, l2)?);
         let out: Vec<u32> = if vocab == 0 {
             vec![0; rows]
         } else {
@@ -484,15 +480,8 @@ impl CustomOp3 for ContrastSampleRows {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = l1.shape().dims2()?;
-        let (Some((a, b)), Some((c, d)), Some((e, f))) = (
-            l1.contiguous_offsets(),
-            l2.contiguous_offsets(),
-            l3.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("contrast sample rows: contiguous operands");
-        };
-        let (upper, lower) = (&s1.as_slice::<f32>()?[a..b], &s2.as_slice::<f32>()?[c..d]);
-        let params = &s3.as_slice::<f64>()?[e..f];
+        let (upper, lower) = (contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?);
+        let params = contiguous::<f64>(s3, l3)?;
         let out: Vec<u32> = if vocab == 0 {
             vec![0; rows]
         } else {

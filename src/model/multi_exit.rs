@@ -1063,22 +1063,17 @@ impl HeadCopies {
         if !argmax.is_empty() {
             ids.push(greedy::argmax_rows(&pick(argmax)?)?);
         }
-        // each contrast's upper rows, lower rows, and (ln alpha, floor)
-        let pairs = |c: &mut dyn Iterator<Item = ContrastRows>| -> candle_core::Result<_> {
-            let c: Vec<ContrastRows> = c.collect();
+        // each contrast's upper rows and lower rows
+        let pairs = |c: &[ContrastRows]| -> candle_core::Result<(Tensor, Tensor)> {
             let column = |f: fn(&ContrastRows) -> u32| c.iter().map(f).collect::<Vec<_>>();
-            let rules: Vec<(f32, usize)> = c
+            Ok((pick(&column(|p| p.upper))?, pick(&column(|p| p.lower))?))
+        };
+        if !contrast.is_empty() {
+            let (upper, lower) = pairs(contrast)?;
+            let rules: Vec<(f32, usize)> = contrast
                 .iter()
                 .map(|p| (p.ln_alpha, p.minimum_candidates))
                 .collect();
-            Ok((
-                pick(&column(|p| p.upper))?,
-                pick(&column(|p| p.lower))?,
-                rules,
-            ))
-        };
-        if !contrast.is_empty() {
-            let (upper, lower, rules) = pairs(&mut contrast.iter().copied())?;
             ids.push(greedy::contrast_rows(
                 &upper,
                 &lower,
@@ -1094,11 +1089,11 @@ impl HeadCopies {
             )?);
         }
         if !contrast_drawn.is_empty() {
-            let (upper, lower, rules) = pairs(&mut contrast_drawn.iter().map(|c| c.0))?;
+            let rows: Vec<ContrastRows> = contrast_drawn.iter().map(|c| c.0).collect();
+            let (upper, lower) = pairs(&rows)?;
             let draws: Vec<(sample::Draw, f32, usize)> = contrast_drawn
                 .iter()
-                .zip(rules)
-                .map(|(c, (ln_alpha, k))| (c.1, ln_alpha, k))
+                .map(|(p, d)| (*d, p.ln_alpha, p.minimum_candidates))
                 .collect();
             ids.push(sample::contrast_sample_rows(
                 &upper,
