@@ -1,0 +1,680 @@
+//! A step's head products on their way to the host: copied all at once when the pass ends
+//! on the batched path, with the choices, margins and DoLa candidates a sequence reads made
+//! where the logits are (`kernels::greedy`, `kernels::sample`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+
+use super::error::Result;
+use super::mode::DeviceChoice;
+use super::step::Logits;
+use crate::kernels::{greedy, sample};
+
+/// The step's head products on their way to the host. On the batched attention path (a
+/// GPU's) they are copied all at once when the pass ends: a copy to the host waits for
+/// everything queued before it, so a copy per head would stall the device once per head
+/// (contrast's two, inspection's every exit). Held back at most [`HELD_LOGITS_BYTES`], so a
+/// step scoring long prompts at many heads holds no second copy of them all. A sequence that
+/// reads only its choice (`SeqStep::choice`: greedy or drawn) gets it computed there
+/// (`kernels::greedy`, `kernels::sample`) and copied as one index. On the CPU's own path each head is copied
+/// when made (nothing to stall, and no concatenation to pay).
+pub(super) struct HeadCopies {
+    vocab: usize,
+    defer: bool,
+    /// Each product `(rows, vocab)`, with its users.
+    pending: Vec<(Tensor, Vec<HeadUser>)>,
+    bytes: usize,
+    /// [`HELD_LOGITS_BYTES`] but in tests.
+    held_bytes: usize,
+}
+
+/// A sequence reading a head product: the next `rows` of it, in its row order.
+pub(super) struct HeadUser {
+    /// Its index in the step list.
+    seq: usize,
+    /// Its index in the sequence's head list.
+    head: usize,
+    rows: usize,
+    /// Only the choice of its one row is wanted, made thus (from this head and, for a
+    /// contrast, the sequence's other head).
+    choice: Option<DeviceChoice>,
+    /// DoLa whose candidate the copy may choose (`SeqStep::select_premature`): the number of
+    /// the sequence's heads (head 0 the mature one, the rest candidates).
+    premature_of: Option<usize>,
+    /// Not wanted after all: an early exit the token went on from, a DoLa candidate not chosen
+    /// (left empty).
+    dropped: bool,
+}
+
+impl HeadUser {
+    pub(super) fn new(
+        seq: usize,
+        head: usize,
+        rows: usize,
+        choice: Option<DeviceChoice>,
+        premature_of: Option<usize>,
+    ) -> Self {
+        Self {
+            seq,
+            head,
+            rows,
+            choice,
+            premature_of,
+            dropped: false,
+        }
+    }
+}
+
+/// The choices a copy makes of its rows, each list by the rows' indices in the copy; their
+/// ids come back in this order (argmaxes, contrasts, draws, contrast draws).
+#[derive(Default)]
+struct Choices {
+    argmax: Vec<u32>,
+    contrast: Vec<ContrastRows>,
+    drawn: Vec<(u32, sample::Draw)>,
+    contrast_drawn: Vec<(ContrastRows, sample::Draw)>,
+}
+
+/// A contrast's pair of rows in a copy and its rule.
+#[derive(Clone, Copy)]
+struct ContrastRows {
+    upper: u32,
+    lower: u32,
+    ln_alpha: f32,
+    minimum_candidates: usize,
+}
+
+impl Choices {
+    /// Where choice `c` lies among the ids.
+    fn id_at(&self, c: Chosen) -> usize {
+        let (a, n, d) = (self.argmax.len(), self.contrast.len(), self.drawn.len());
+        match c {
+            Chosen::Argmax(k) => k,
+            Chosen::Contrast(k) => a + k,
+            Chosen::Sample(k) => a + n + k,
+            Chosen::ContrastSample(k) => a + n + d + k,
+        }
+    }
+}
+
+/// What a user gets of a copy: its rows, a choice made of them, or nothing.
+enum Read {
+    Rows,
+    Chosen(Chosen),
+    Nothing,
+}
+
+/// The `k`-th of the copy's head argmaxes, contrasts, draws or contrast draws.
+#[derive(Clone, Copy)]
+enum Chosen {
+    Argmax(usize),
+    Contrast(usize),
+    Sample(usize),
+    ContrastSample(usize),
+}
+
+/// Logits a pass holds back before copying them to the host.
+const HELD_LOGITS_BYTES: usize = 64 << 20;
+
+impl HeadCopies {
+    pub(super) fn new(vocab: usize, defer: bool) -> Self {
+        Self {
+            vocab,
+            defer,
+            pending: Vec::new(),
+            bytes: 0,
+            held_bytes: HELD_LOGITS_BYTES,
+        }
+    }
+
+    pub(super) fn push(
+        &mut self,
+        logits: Tensor,
+        users: Vec<HeadUser>,
+        outputs: &mut [Vec<Logits>],
+    ) -> Result<()> {
+        self.bytes += logits.elem_count() * std::mem::size_of::<f32>();
+        self.pending.push((logits, users));
+        if !self.defer || self.bytes >= self.held_bytes {
+            self.flush(outputs)?;
+        }
+        Ok(())
+    }
+
+    /// Copies what is pending to the host, in one copy, and hands each user its rows (or
+    /// its choice).
+    pub(super) fn flush(&mut self, outputs: &mut [Vec<Logits>]) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut flat = self
+            .pending
+            .iter()
+            .map(|(t, _)| t.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let all = if flat.len() == 1 {
+            flat.pop().expect("one")
+        } else {
+            Tensor::cat(&flat, 0)?
+        };
+        // Where each user's rows start in `all`.
+        let pending_users = || self.pending.iter().flat_map(|(_, users)| users);
+        let starts: Vec<u32> = pending_users()
+            .scan(0u32, |row, u| {
+                let start = *row;
+                *row += u.rows as u32;
+                Some(start)
+            })
+            .collect();
+        let rows = pending_users().map(|u| u.rows).sum::<usize>();
+        self.select_premature(&all, rows, &starts)?;
+        let pending = std::mem::take(&mut self.pending);
+        self.bytes = 0;
+        let users = || pending.iter().flat_map(|(_, users)| users);
+        // A contrast's choice needs both its heads' rows in this copy: a sequence whose other
+        // head went (or goes) in another copy (the held bytes ran out between its heads)
+        // reads its rows instead.
+        let mut contrast_halves: HashMap<usize, [Option<u32>; 2]> = HashMap::new();
+        for (u, &start) in users().zip(&starts) {
+            if u.choice.is_some_and(|c| c.heads() == 2) {
+                // heads 0 and 1: upper and lower
+                contrast_halves.entry(u.seq).or_default()[u.head] = Some(start);
+            }
+        }
+        let (mut full, mut wanted) = (Vec::new(), Choices::default());
+        let mut contrast_of: HashMap<usize, usize> = HashMap::new();
+        let reads: Vec<Read> = users()
+            .zip(&starts)
+            .map(|(u, &start)| match u.choice {
+                _ if u.dropped => Read::Nothing,
+                Some(DeviceChoice::HeadArgmax) => {
+                    wanted.argmax.push(start);
+                    Read::Chosen(Chosen::Argmax(wanted.argmax.len() - 1))
+                }
+                Some(DeviceChoice::HeadSample(draw)) => {
+                    wanted.drawn.push((start, draw));
+                    Read::Chosen(Chosen::Sample(wanted.drawn.len() - 1))
+                }
+                Some(DeviceChoice::Contrast {
+                    alpha,
+                    minimum_candidates,
+                    draw,
+                }) => match contrast_halves[&u.seq] {
+                    [Some(upper), Some(lower)] => {
+                        let pair = ContrastRows {
+                            upper,
+                            lower,
+                            ln_alpha: alpha.ln(),
+                            minimum_candidates,
+                        };
+                        let k = *contrast_of.entry(u.seq).or_insert_with(|| match draw {
+                            None => {
+                                wanted.contrast.push(pair);
+                                wanted.contrast.len() - 1
+                            }
+                            Some(d) => {
+                                wanted.contrast_drawn.push((pair, d));
+                                wanted.contrast_drawn.len() - 1
+                            }
+                        });
+                        Read::Chosen(match draw {
+                            None => Chosen::Contrast(k),
+                            Some(_) => Chosen::ContrastSample(k),
+                        })
+                    }
+                    _ => {
+                        full.extend(start..start + u.rows as u32);
+                        Read::Rows
+                    }
+                },
+                None => {
+                    full.extend(start..start + u.rows as u32);
+                    Read::Rows
+                }
+            })
+            .collect();
+        let (data, ids) = if full.len() == rows {
+            (all.to_vec1::<f32>()?, Vec::new()) // every row, nothing chosen
+        } else {
+            self.copy_with_choices(&all, rows, &full, &wanted)?
+        };
+        let data = Arc::new(data);
+        let mut at = 0;
+        for (u, read) in users().zip(reads) {
+            outputs[u.seq][u.head] = match read {
+                Read::Nothing => Logits::default(),
+                Read::Rows => {
+                    let range = at..at + u.rows * self.vocab;
+                    at = range.end;
+                    Logits::shared(self.vocab, Arc::clone(&data), range)
+                }
+                Read::Chosen(c) => Logits::chosen(self.vocab, ids[wanted.id_at(c)]),
+            };
+        }
+        Ok(())
+    }
+
+    /// For each DoLa sequence whose heads are all pending (`HeadUser::premature_of`), its
+    /// candidate farthest from its mature head (`kernels::greedy::divergence_rows`, computed
+    /// where the logits are, the first largest as the host chooses): the others are dropped,
+    /// their rows left out of the copy. `all`: the pending products, `rows` rows, each user's
+    /// starting at `starts`.
+    fn select_premature(&mut self, all: &Tensor, rows: usize, starts: &[u32]) -> Result<()> {
+        let mut users: Vec<&mut HeadUser> = self.pending.iter_mut().flat_map(|(_, u)| u).collect();
+        // per sequence: its heads' count, its mature head's last row, and (head, user, last
+        // row) of its candidates
+        type Candidates = Vec<(usize, usize, u32)>;
+        type Group = (usize, Option<u32>, Candidates);
+        let mut groups: HashMap<usize, Group> = HashMap::new();
+        for (i, u) in users.iter().enumerate() {
+            let Some(of) = u.premature_of.filter(|_| !u.dropped) else {
+                continue;
+            };
+            let g = groups.entry(u.seq).or_insert((of, None, Vec::new()));
+            let last = starts[i] + u.rows as u32 - 1;
+            match u.head {
+                0 => g.1 = Some(last),
+                k => g.2.push((k, i, last)),
+            }
+        }
+        // complete groups only (a sequence whose heads went in two copies reads them all),
+        // candidates in head order, the order the host chooses in
+        let groups: Vec<(u32, Candidates)> = groups
+            .into_values()
+            .filter_map(|(of, mature, mut candidates)| {
+                candidates.sort_unstable();
+                (candidates.len() == of - 1 && candidates.len() > 1)
+                    .then_some((mature?, candidates))
+            })
+            .collect();
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let matrix = all.reshape((rows, self.vocab))?;
+        let (mature, premature): (Vec<u32>, Vec<u32>) = groups
+            .iter()
+            .flat_map(|(m, cs)| cs.iter().map(move |&(_, _, c)| (*m, c)))
+            .unzip();
+        let pick = |ix: Vec<u32>| -> Result<Tensor> {
+            Ok(matrix.index_select(&Tensor::new(ix, matrix.device())?, 0)?)
+        };
+        let d = greedy::divergence_rows(&pick(mature)?, &pick(premature)?)?.to_vec1::<f64>()?;
+        let mut d = d.into_iter();
+        for (_, candidates) in &groups {
+            let mut best = (0, f64::NEG_INFINITY);
+            for (k, dk) in d.by_ref().take(candidates.len()).enumerate() {
+                if dk > best.1 {
+                    best = (k, dk);
+                }
+            }
+            for (k, &(_, user, _)) in candidates.iter().enumerate() {
+                users[user].dropped = k != best.0;
+            }
+        }
+        Ok(())
+    }
+
+    /// The softmax margins (`kernels::greedy::margin_rows`) of the one row each user
+    /// `(seq, head)` reads of a product still pending, computed where the logits are and
+    /// copied alone; None for a user whose rows went to the host already.
+    pub(super) fn margins(&self, wanted: &[(usize, usize)]) -> Result<Vec<Option<f32>>> {
+        // (index in `wanted`, product, row in it)
+        let mut found: Vec<(usize, usize, u32)> = Vec::new();
+        for (p, (_, users)) in self.pending.iter().enumerate() {
+            let mut row = 0;
+            for u in users {
+                if let Some(w) = wanted.iter().position(|&w| w == (u.seq, u.head)) {
+                    found.push((w, p, row + u.rows as u32 - 1));
+                }
+                row += u.rows as u32;
+            }
+        }
+        let mut out = vec![None; wanted.len()];
+        if found.is_empty() {
+            return Ok(out);
+        }
+        // in product order, one gather per product
+        let mut picked = Vec::new();
+        for (p, (t, _)) in self.pending.iter().enumerate() {
+            let rows: Vec<u32> = found.iter().filter(|f| f.1 == p).map(|f| f.2).collect();
+            if !rows.is_empty() {
+                picked.push(t.index_select(&Tensor::new(rows, t.device())?, 0)?);
+            }
+        }
+        let margins = greedy::margin_rows(&Tensor::cat(&picked, 0)?)?.to_vec1::<f32>()?;
+        found.sort_by_key(|f| f.1);
+        for (f, m) in found.iter().zip(margins) {
+            out[f.0] = Some(m);
+        }
+        Ok(out)
+    }
+
+    /// Leaves user `(seq, head)`'s rows out of the copy, if still pending (its logits then come
+    /// back empty).
+    pub(super) fn drop_user(&mut self, seq: usize, head: usize) {
+        for (_, users) in &mut self.pending {
+            for u in users.iter_mut().filter(|u| (u.seq, u.head) == (seq, head)) {
+                u.dropped = true;
+            }
+        }
+    }
+
+    /// `all`'s rows `full`, then the choices `wanted` of its rows, in one copy to the host
+    /// (rows neither names are not copied).
+    fn copy_with_choices(
+        &self,
+        all: &Tensor,
+        rows: usize,
+        full: &[u32],
+        wanted: &Choices,
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        let Choices {
+            argmax,
+            contrast,
+            drawn,
+            contrast_drawn,
+        } = wanted;
+        let matrix = all.reshape((rows, self.vocab))?;
+        let device = matrix.device();
+        let pick = |ix: &[u32]| -> candle_core::Result<Tensor> {
+            if ix.iter().copied().eq(0..rows as u32) {
+                Ok(matrix.clone()) // every row, in order
+            } else {
+                matrix.index_select(&Tensor::new(ix, device)?, 0)
+            }
+        };
+        let mut ids = Vec::new();
+        if !argmax.is_empty() {
+            ids.push(greedy::argmax_rows(&pick(argmax)?)?);
+        }
+        // each contrast's upper rows and lower rows
+        let pairs = |c: &[ContrastRows]| -> candle_core::Result<(Tensor, Tensor)> {
+            let column = |f: fn(&ContrastRows) -> u32| c.iter().map(f).collect::<Vec<_>>();
+            Ok((pick(&column(|p| p.upper))?, pick(&column(|p| p.lower))?))
+        };
+        if !contrast.is_empty() {
+            let (upper, lower) = pairs(contrast)?;
+            let rules: Vec<(f32, usize)> = contrast
+                .iter()
+                .map(|p| (p.ln_alpha, p.minimum_candidates))
+                .collect();
+            ids.push(greedy::contrast_rows(
+                &upper,
+                &lower,
+                &greedy::contrast_rules(&rules, device)?,
+            )?);
+        }
+        if !drawn.is_empty() {
+            let at: Vec<u32> = drawn.iter().map(|d| d.0).collect();
+            let draws: Vec<sample::Draw> = drawn.iter().map(|d| d.1).collect();
+            ids.push(sample::sample_rows(
+                &pick(&at)?,
+                &sample::draw_params(&draws, device)?,
+            )?);
+        }
+        if !contrast_drawn.is_empty() {
+            let rows: Vec<ContrastRows> = contrast_drawn.iter().map(|c| c.0).collect();
+            let (upper, lower) = pairs(&rows)?;
+            let draws: Vec<(sample::Draw, f32, usize)> = contrast_drawn
+                .iter()
+                .map(|(p, d)| (*d, p.ln_alpha, p.minimum_candidates))
+                .collect();
+            ids.push(sample::contrast_sample_rows(
+                &upper,
+                &lower,
+                &sample::contrast_draw_params(&draws, device)?,
+            )?);
+        }
+        if ids.is_empty() {
+            // only rows, some left out
+            let data = match full {
+                [] => Vec::new(),
+                _ => pick(full)?.flatten_all()?.to_vec1::<f32>()?,
+            };
+            return Ok((data, Vec::new()));
+        }
+        let ids = Tensor::cat(&ids, 0)?;
+        if full.is_empty() {
+            return Ok((Vec::new(), ids.to_vec1::<u32>()?));
+        }
+        let both = Tensor::cat(&[pick(full)?.flatten_all()?, ids.to_dtype(DType::F32)?], 0)?;
+        let mut data = both.to_vec1::<f32>()?;
+        let ids = data.split_off(full.len() * self.vocab);
+        Ok((data, ids.into_iter().map(|id| id as u32).collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// One product's rows and users: `(seq, head, choice)`, a row each.
+    type Users = Vec<(usize, usize, Option<DeviceChoice>)>;
+
+    /// Pushes two products as a step would (the lower exit's first, the upper head's after),
+    /// holding back at most `held_bytes`, and returns what each sequence's heads got.
+    fn copied(
+        held_bytes: usize,
+        products: &[(Tensor, Users)],
+        heads: &[usize],
+    ) -> Result<Vec<Vec<Logits>>> {
+        let vocab = products[0].0.dim(1)?;
+        let mut copies = HeadCopies {
+            held_bytes,
+            ..HeadCopies::new(vocab, true)
+        };
+        let mut outputs: Vec<Vec<Logits>> =
+            heads.iter().map(|&n| vec![Logits::default(); n]).collect();
+        for (t, users) in products {
+            let users = users
+                .iter()
+                .map(|&(seq, head, choice)| HeadUser {
+                    seq,
+                    head,
+                    rows: 1,
+                    choice,
+                    premature_of: None,
+                    dropped: false,
+                })
+                .collect();
+            copies.push(t.clone(), users, &mut outputs)?;
+        }
+        copies.flush(&mut outputs)?;
+        Ok(outputs)
+    }
+
+    /// An early exit's margins are read from the rows still pending; the rows of the exits a
+    /// token went on from are left out of the copy, whether the others come as rows or as
+    /// choices.
+    #[test]
+    fn margins_of_pending_rows_and_rows_dropped_from_the_copy() -> Result<()> {
+        let vocab = 40;
+        let t = Tensor::arange(0f32, (3 * vocab) as f32, &Device::Cpu)?;
+        let product = (t * 0.61)?.cos()?.reshape((3, vocab))?;
+        let row = |r: usize| -> Result<Vec<f32>> { Ok(product.get(r)?.to_vec1()?) };
+        for choice in [None, Some(DeviceChoice::HeadArgmax)] {
+            let mut copies = HeadCopies::new(vocab, true);
+            let mut outputs = vec![vec![Logits::default()]; 3];
+            let users = (0..3)
+                .map(|seq| HeadUser {
+                    seq,
+                    head: 0,
+                    rows: 1,
+                    choice: choice.filter(|_| seq == 2),
+                    premature_of: None,
+                    dropped: false,
+                })
+                .collect();
+            copies.push(product.clone(), users, &mut outputs)?;
+            let margins = copies.margins(&[(2, 0), (1, 0), (7, 0)])?;
+            let want = [2, 1].map(|r| greedy::softmax_margin(&row(r).unwrap()));
+            assert_eq!(margins, [Some(want[0]), Some(want[1]), None]);
+            copies.drop_user(1, 0);
+            copies.flush(&mut outputs)?;
+            assert_eq!(outputs[0][0].last(), Some(&row(0)?[..]));
+            assert!(outputs[1][0].is_empty());
+            match choice {
+                None => assert_eq!(outputs[2][0].last(), Some(&row(2)?[..])),
+                Some(_) => assert_eq!(outputs[2][0].choice(), Some(greedy::argmax(&row(2)?))),
+            }
+        }
+        Ok(())
+    }
+
+    /// DoLa: the copy hands over the mature head's row and the candidate farthest from it
+    /// (the first largest divergence), the others left empty; a sequence whose heads are not
+    /// all in the copy gets every row.
+    #[test]
+    fn the_copy_chooses_dola_s_candidate_and_leaves_the_others_out() -> Result<()> {
+        let vocab = 30;
+        let rows = |phase: f64, n: usize| -> Result<Tensor> {
+            let t = Tensor::arange(0f32, (n * vocab) as f32, &Device::Cpu)?;
+            Ok(((t * 0.23)? + phase)?
+                .sin()?
+                .affine(3.0, 0.0)?
+                .reshape((n, vocab))?)
+        };
+        // three candidates (heads 1..=3, one product each, two sequences a row each), then
+        // the mature head (head 0)
+        let products: Vec<Tensor> = [0.1, 1.7, 0.1, 4.0]
+            .iter()
+            .map(|&p| rows(p, 2))
+            .collect::<Result<_>>()?;
+        for held in [1 << 20, 2 * vocab * 4 * 3] {
+            let mut copies = HeadCopies {
+                held_bytes: held,
+                ..HeadCopies::new(vocab, true)
+            };
+            let mut outputs = vec![vec![Logits::default(); 4]; 2];
+            for (k, t) in [1, 2, 3, 0].into_iter().zip(&products) {
+                let users = (0..2)
+                    .map(|seq| HeadUser {
+                        seq,
+                        head: k,
+                        rows: 1,
+                        choice: None,
+                        premature_of: Some(4),
+                        dropped: false,
+                    })
+                    .collect();
+                copies.push(t.clone(), users, &mut outputs)?;
+            }
+            copies.flush(&mut outputs)?;
+            let row =
+                |p: usize, r: usize| -> Result<Vec<f32>> { Ok(products[p].get(r)?.to_vec1()?) };
+            for (seq, got) in outputs.iter().enumerate() {
+                let mature = row(3, seq)?;
+                assert_eq!(got[0].last(), Some(&mature[..]));
+                let d: Vec<f64> = (0..3)
+                    .map(|p| Ok(greedy::dola_divergence(&mature, &row(p, seq)?)))
+                    .collect::<Result<_>>()?;
+                let best = (0..3).fold(0, |b, k| if d[k] > d[b] { k } else { b });
+                for k in 0..3 {
+                    let handed = got[k + 1].last();
+                    if held == 1 << 20 && k != best {
+                        assert_eq!(handed, None, "seq {seq} candidate {k} of {d:?}");
+                    } else {
+                        // chosen, or every row where the heads went in two copies
+                        assert_eq!(handed, Some(&row(k, seq)?[..]));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn choices_are_made_in_the_copy_and_a_contrast_split_between_copies_reads_its_rows(
+    ) -> Result<()> {
+        let (vocab, dev) = (50, Device::Cpu);
+        let product = |phase: f64| -> Result<Tensor> {
+            let t = Tensor::arange(0f32, (3 * vocab) as f32, &dev)?;
+            Ok(((t * 0.37)? + phase)?.sin()?.reshape((3, vocab))?)
+        };
+        let (lower, upper) = (product(0.5)?, product(2.0)?);
+        let contrast = Some(DeviceChoice::Contrast {
+            alpha: 0.1,
+            minimum_candidates: 1,
+            draw: None,
+        });
+        let argmax = Some(DeviceChoice::HeadArgmax);
+        // sequences 0 and 1 contrast the upper head over the lower exit; 2 reads the lower
+        // exit's argmax; 3 the upper head's rows.
+        let products = [
+            (
+                lower.clone(),
+                vec![(0, 1, contrast), (1, 1, contrast), (2, 0, argmax)],
+            ),
+            (
+                upper.clone(),
+                vec![(0, 0, contrast), (1, 0, contrast), (3, 0, None)],
+            ),
+        ];
+        let heads = [2, 2, 1, 1];
+        let row = |t: &Tensor, r: usize| -> Result<Vec<f32>> { Ok(t.get(r)?.to_vec1()?) };
+        let product_bytes = 3 * vocab * 4;
+        for held in [1 << 20, product_bytes] {
+            let split = held == product_bytes; // copied after each product
+            let out = copied(held, &products, &heads)?;
+            for (s, got) in out[..2].iter().enumerate() {
+                let (u, l) = (row(&upper, s)?, row(&lower, s)?);
+                if split {
+                    assert_eq!(got[0].choice(), None);
+                    assert_eq!(got[0].last(), Some(&u[..]));
+                    assert_eq!(got[1].last(), Some(&l[..]));
+                } else {
+                    let want = greedy::contrast_choice(&u, &l, 0.1f32.ln(), 1);
+                    assert_eq!(got[0].choice(), Some(want));
+                    assert_eq!(got[1].choice(), Some(want));
+                }
+            }
+            assert_eq!(out[2][0].choice(), Some(greedy::argmax(&row(&lower, 2)?)));
+            assert_eq!(out[3][0].last(), Some(&row(&upper, 2)?[..]));
+        }
+        Ok(())
+    }
+
+    /// A sampled sequence's draw is made in the copy from its row's log-softmax, beside rows
+    /// and greedy choices of the same product.
+    #[test]
+    fn draws_are_made_in_the_copy_from_the_rows_log_softmax() -> Result<()> {
+        let (vocab, dev) = (300, Device::Cpu);
+        let t = Tensor::arange(0f32, (4 * vocab) as f32, &dev)?;
+        let product = ((t * 0.113)?.sin()? * 4.0)?.reshape((4, vocab))?;
+        let draw = |top_k, top_p, u| sample::Draw {
+            temperature: 0.9,
+            top_k,
+            top_p,
+            u,
+        };
+        let draws = [draw(0, 1.0, 0.37), draw(20, 0.8, 0.91)];
+        let users = vec![
+            (0, 0, Some(DeviceChoice::HeadSample(draws[0]))),
+            (1, 0, None),
+            (2, 0, Some(DeviceChoice::HeadArgmax)),
+            (3, 0, Some(DeviceChoice::HeadSample(draws[1]))),
+        ];
+        let out = copied(1 << 20, &[(product.clone(), users)], &[1; 4])?;
+        let row = |r: usize| -> Result<Vec<f32>> { Ok(product.get(r)?.to_vec1()?) };
+        assert_eq!(
+            out[0][0].choice(),
+            Some(sample::draw_from_logits(&row(0)?, &draws[0]))
+        );
+        assert_eq!(out[1][0].last(), Some(&row(1)?[..]));
+        assert_eq!(out[2][0].choice(), Some(greedy::argmax(&row(2)?)));
+        assert_eq!(
+            out[3][0].choice(),
+            Some(sample::draw_from_logits(&row(3)?, &draws[1]))
+        );
+        // the draws differ from the greedy choice somewhere across the numbers
+        let (first, best) = (row(0)?, greedy::argmax(&row(0)?));
+        let picks: Vec<u32> = (0..20)
+            .map(|k| sample::draw_from_logits(&first, &draw(0, 1.0, k as f64 / 20.0)))
+            .collect();
+        assert!(picks.iter().any(|&p| p != best), "{picks:?}");
+        Ok(())
+    }
+}
