@@ -6,7 +6,8 @@
 //! - `multi_exit.rs` (the model), `block.rs`, `attention.rs` (the CPU kernels' path),
 //!   `batched_attention.rs` (every other device's, over the paged `kv_pool.rs`), `weights.rs`
 //!   (dtypes, packed projections), `step.rs` (a step's packed batch and its logits),
-//!   `head_copies.rs` (the heads' products on their way to the host), `kv_cache.rs` (a sequence's cache, in either store): shared.
+//!   `head_copies.rs` (the heads' products on their way to the host), `kv_cache.rs` (a
+//!   sequence's cache, in either store): shared.
 //! - `source.rs`, `safetensors_file.rs`, `finite_weights.rs`, `loader.rs`: checkpoint files.
 //! - `mode/` (heads and modes; `contrast.rs`, `dola.rs`), `inspect.rs`, `tokenizer.rs`,
 //!   `chat_template.rs` (a conversation's prompt text).
