@@ -15,7 +15,7 @@ use super::scheduler::QueueKey;
 use super::speculative::Speculation;
 use super::stop::StopMatcher;
 use super::structured::Guide;
-use crate::model::inspect::top_ids;
+use crate::kernels::logprob::top_ids;
 use crate::model::{Head, IncrementalDecoder, KvCache, TextTokenizer};
 
 /// State shared by the candidates of one request (model thread only).

@@ -1,6 +1,6 @@
-// The choices a step makes where the logits are (`greedy.rs`, `sample.rs`), one block per
-// row, so that the host copies one index (or number) per sequence instead of its heads'
-// vocabulary rows:
+// The choices a step makes where the logits are (`greedy.rs`, `sample.rs`, `logprob.rs`), one
+// block per row, so that the host copies one index (or a few numbers) per sequence instead of
+// its heads' vocabulary rows:
 // - `argmax_rows`: the first position of a row's maximum, NaN never winning (0 when no
 //   element is a number), as the host's `argmax` chooses;
 // - `contrast_rows`: autocontrastive greedy, the first position of the largest
@@ -9,7 +9,9 @@
 //   (`greedy::contrast_choice`);
 // - `margin_rows`, `divergence_rows`: early exit's confidence, DoLa's divergence;
 // - `sample_rows`, `contrast_sample_rows`: a draw (temperature, top-k, top-p, its uniform
-//   number) from a row's log-softmax or a contrast's scores, as the host's `sample::draw`.
+//   number) from a row's log-softmax or a contrast's scores, as the host's `sample::draw`;
+// - `logprob_rows`: a row's log-softmax at one token and its largest values (`logprob.rs`),
+//   what echo's scoring reads of a prompt position.
 
 #define THREADS 256
 #define NONE 0xffffffffu
@@ -522,4 +524,64 @@ contrast_sample_rows(const float* __restrict__ upper, const float* __restrict__ 
     q.offset = diff_max + logf(block_sum(diff_sum, scratch));
     q.log_mass = max_lp + logf(block_sum(mass_sum, scratch));
     draw_row(q, p, vocab, out + blockIdx.x);
+}
+
+// The block's largest of `v` (every thread gets it); `scratch` holds THREADS / 32 of them.
+__device__ unsigned long long block_max_key(unsigned long long v, unsigned long long* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w > v ? w : v;
+    }
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = scratch[0];
+    for (int w = 1; w < THREADS / 32; ++w) v = scratch[w] > v ? scratch[w] : v;
+    return v;
+}
+
+// Row r's log-softmax as a request reads it (`logprob.rs`): at `targets[r]` (NaN for an id
+// past the row), then its `top` = (width - 1) / 2 largest values best first, then their ids
+// as floats (NaN and -1 past the row's end), in the host's order: `total_cmp` of the values
+// (NaN above every number), ties to the lower id. Each value is x - lse, the host's
+// subtraction, so a difference in lse's last bits moves every value alike. The top takes a
+// pass per place: the largest (order key of the value, complement of the id) below the
+// last place's, whose 64-bit key is never 0 (an id below 2^24).
+extern "C" __global__ void __launch_bounds__(THREADS)
+logprob_rows(const float* __restrict__ logits, const unsigned int* __restrict__ targets,
+             float* __restrict__ out, unsigned int vocab, unsigned int width) {
+    __shared__ float scratch[THREADS / 32];
+    __shared__ unsigned long long keys[THREADS / 32];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    float* o = out + (size_t)blockIdx.x * width;
+    const unsigned int top = (width - 1u) / 2u;
+    const float nan = __int_as_float(0x7fc00000);
+
+    float m = -__int_as_float(0x7f800000);
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, row[i]);
+    m = block_max(m, scratch);
+    float s = 0.f;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) s += expf(row[i] - m);
+    const float lse = m + logf(block_sum(s, scratch));
+    if (threadIdx.x == 0) {
+        const unsigned int t = targets[blockIdx.x];
+        o[0] = t < vocab ? row[t] - lse : nan;
+    }
+
+    unsigned long long below = 0ull;
+    for (unsigned int place = 0; place < top; ++place) {
+        unsigned long long best = 0ull;
+        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+            const unsigned long long k =
+                ((unsigned long long)order_key(row[i] - lse) << 32) | (0xffffffffu - i);
+            if ((place == 0u || k < below) && k > best) best = k;
+        }
+        best = block_max_key(best, keys);
+        if (threadIdx.x == 0) {
+            o[1 + place] = best ? key_float((unsigned int)(best >> 32)) : nan;
+            o[1 + top + place] = best ? (float)(0xffffffffu - (unsigned int)best) : -1.f;
+        }
+        below = best;
+    }
 }

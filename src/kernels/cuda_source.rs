@@ -36,23 +36,35 @@ const CHOICE_THREADS: u32 = 256;
 
 /// `kernel` of `choices.cu` (one block per row) over `inputs`, each an operand and where its
 /// layout starts (`rows` rows of `vocab` floats, or per-row parameters), its output a `T` per
-/// row: the kernels there all take `(inputs..., out, vocab)`. float32 and float64 operands.
+/// row: the kernels there take `(inputs..., out, vocab)`. float32, float64 and u32 operands.
 pub(super) fn launch_choice<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
     kernel: &str,
     inputs: &[(&CudaStorage, usize)],
     rows: usize,
     vocab: usize,
 ) -> Result<CudaStorage> {
+    launch_choice_rows::<T>(kernel, inputs, rows, vocab, 1)
+}
+
+/// [`launch_choice`] of a kernel whose output is `width` `T`s per row; one with `width` > 1
+/// takes `(inputs..., out, vocab, width)`.
+pub(super) fn launch_choice_rows<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
+    kernel: &str,
+    inputs: &[(&CudaStorage, usize)],
+    rows: usize,
+    vocab: usize,
+    width: usize,
+) -> Result<CudaStorage> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     let dev = inputs[0].0.device().clone();
     if rows == 0 || vocab == 0 {
         return Ok(CudaStorage::wrap_cuda_slice(
-            dev.alloc_zeros::<T>(rows)?,
+            dev.alloc_zeros::<T>(rows * width)?,
             dev,
         ));
     }
-    // SAFETY: the kernel writes every element (one per row) before anything reads it.
-    let mut out = unsafe { dev.alloc::<T>(rows)? };
+    // SAFETY: the kernel writes every element (`width` per row) before anything reads it.
+    let mut out = unsafe { dev.alloc::<T>(rows * width)? };
     let func = dev.get_or_load_custom_func(
         kernel,
         "exitserve_choices",
@@ -61,12 +73,14 @@ pub(super) fn launch_choice<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
     enum View<'a> {
         F32(CudaView<'a, f32>),
         F64(CudaView<'a, f64>),
+        U32(CudaView<'a, u32>),
     }
     let views = inputs
         .iter()
         .map(|&(s, offset)| match s.dtype() {
             DType::F32 => Ok(View::F32(s.as_cuda_slice::<f32>()?.slice(offset..))),
             DType::F64 => Ok(View::F64(s.as_cuda_slice::<f64>()?.slice(offset..))),
+            DType::U32 => Ok(View::U32(s.as_cuda_slice::<u32>()?.slice(offset..))),
             d => candle_core::bail!("{kernel}: a {d:?} operand"),
         })
         .collect::<Result<Vec<_>>>()?;
@@ -76,9 +90,14 @@ pub(super) fn launch_choice<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
         match v {
             View::F32(v) => b.arg(v),
             View::F64(v) => b.arg(v),
+            View::U32(v) => b.arg(v),
         };
     }
+    let width_arg = width as u32;
     b.arg(&mut out).arg(&vocab);
+    if width > 1 {
+        b.arg(&width_arg);
+    }
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (CHOICE_THREADS, 1, 1),
@@ -87,7 +106,7 @@ pub(super) fn launch_choice<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
     // SAFETY: the arguments match the kernel's signature (the callers name the kernel with
     // its operands, in order, of the dtypes it reads); it reads `rows` rows of `vocab`
     // elements of each matrix and `rows` sets of a per-row parameter, which their layouts
-    // hold (checked by the public functions), and writes one `T` per row.
+    // hold (checked by the public functions), and writes `width` `T`s per row.
     unsafe { b.launch(cfg) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }

@@ -17,6 +17,7 @@ mod cuda_source;
 pub mod fastmath;
 pub mod fused_epilogue;
 pub mod greedy;
+pub mod logprob;
 pub mod matmul;
 pub mod paged_attention;
 pub mod sample;

@@ -3,6 +3,8 @@
 //! Jensen-Shannon divergence to another head's distribution ("logit lens" with trained
 //! exits).
 
+use crate::kernels::logprob::top_ids;
+
 /// Statistics of one log-distribution (`logp`, normalised: Σ e^logp = 1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadStats {
@@ -11,42 +13,6 @@ pub struct HeadStats {
     /// In nats.
     pub entropy: f32,
     pub next_logprob: Option<f32>,
-}
-
-/// The ids of the `k` best of `scores`, best first, ties to the lower id (by `total_cmp`).
-/// One pass that keeps the best `k` seen so far in order: after the first few hundred
-/// entries nearly every one loses its single comparison with the k-th, so a top-5 of a
-/// 50,257-entry vocabulary costs a pass, not a selection over a list of all its ids. A
-/// large `k` takes the selection.
-pub fn top_ids(scores: &[f32], k: usize) -> Vec<u32> {
-    let better = |a: &u32, b: &u32| {
-        scores[*b as usize]
-            .total_cmp(&scores[*a as usize])
-            .then(a.cmp(b))
-    };
-    let k = k.min(scores.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    if k > 64 {
-        let mut ids: Vec<u32> = (0..scores.len() as u32).collect();
-        ids.select_nth_unstable_by(k - 1, better);
-        ids.truncate(k);
-        ids.sort_by(better);
-        return ids;
-    }
-    let mut best: Vec<u32> = Vec::with_capacity(k + 1);
-    for (i, &s) in scores.iter().enumerate() {
-        // a later id that only ties the k-th does not pass it
-        if best.len() == k && s.total_cmp(&scores[best[k - 1] as usize]).is_le() {
-            continue;
-        }
-        let i = i as u32;
-        let at = best.partition_point(|b| better(b, &i).is_lt());
-        best.insert(at, i);
-        best.truncate(k);
-    }
-    best
 }
 
 /// The top `k`, the entropy and the logprob of `next` in `logp`.
@@ -88,46 +54,6 @@ pub fn jensen_shannon(logp: &[f32], logq: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn top_ids_are_the_selections_best_first_ties_to_the_lower_id() {
-        // what a full selection and sort give, on rows with many ties, -inf and NaN
-        let by_selection = |scores: &[f32], k: usize| {
-            let mut ids: Vec<u32> = (0..scores.len() as u32).collect();
-            ids.sort_by(|a, b| {
-                scores[*b as usize]
-                    .total_cmp(&scores[*a as usize])
-                    .then(a.cmp(b))
-            });
-            ids.truncate(k);
-            ids
-        };
-        let mut state = 12345u64;
-        for n in [1usize, 7, 300, 5000] {
-            let scores: Vec<f32> = (0..n)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    match state >> 60 {
-                        0 => f32::NEG_INFINITY,
-                        1 if n > 7 => f32::NAN,
-                        _ => ((state >> 33) % 50) as f32 / 7.0, // many ties
-                    }
-                })
-                .collect();
-            for k in [0, 1, 5, 20, 64, 65, 200] {
-                assert_eq!(
-                    top_ids(&scores, k),
-                    by_selection(&scores, k),
-                    "n {n}, k {k}"
-                );
-            }
-        }
-        // ascending scores: every entry enters the kept list
-        let up: Vec<f32> = (0..100).map(|i| i as f32).collect();
-        assert_eq!(top_ids(&up, 3), vec![99, 98, 97]);
-    }
 
     fn ln(ps: &[f32]) -> Vec<f32> {
         ps.iter().map(|p| p.ln()).collect()
