@@ -58,6 +58,7 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_model_steps_total", "counter"),
     ("exitserve_block_evaluations_total", "counter"),
     ("exitserve_device_choices_total", "counter"),
+    ("exitserve_device_logprobs_total", "counter"),
     ("exitserve_speculative_drafted_tokens_total", "counter"),
     ("exitserve_speculative_accepted_tokens_total", "counter"),
     ("exitserve_time_to_first_token_seconds", "histogram"),
@@ -175,6 +176,7 @@ pub struct Metrics {
     pub model_steps: Counter,
     block_evaluations: Counter,
     pub device_choices: Counter,
+    pub device_logprobs: Counter,
     pub speculative_drafted: Counter,
     pub speculative_accepted: Counter,
     pub time_to_first_token: Histogram,
@@ -292,6 +294,10 @@ impl Default for Metrics {
             device_choices: r.counter(
                 "exitserve_device_choices_total",
                 "Tokens chosen where the logits are (greedy, contrast or drawn in the step), one index copied instead of vocabulary rows.",
+            ),
+            device_logprobs: r.counter(
+                "exitserve_device_logprobs_total",
+                "Prompt positions scored where the logits are (echo's logprob of the next prompt token and its top alternatives), a few floats copied instead of a vocabulary row.",
             ),
             speculative_drafted: r.counter(
                 "exitserve_speculative_drafted_tokens_total",

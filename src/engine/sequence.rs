@@ -15,7 +15,7 @@ use super::scheduler::QueueKey;
 use super::speculative::Speculation;
 use super::stop::StopMatcher;
 use super::structured::Guide;
-use crate::kernels::logprob::top_ids;
+use crate::kernels::logprob::{top_ids, RowLogprobs};
 use crate::model::{Head, IncrementalDecoder, KvCache, TextTokenizer};
 
 /// State shared by the candidates of one request (model thread only).
@@ -250,16 +250,31 @@ pub const MIN_LOGPROB: f32 = -9999.0;
 /// The chosen token's logprob and the `k` best alternatives in `scores` (a log-distribution;
 /// tokens it rules out, at -inf, are no alternatives).
 pub fn token_logprob(id: u32, scores: &[f32], k: usize, tok: &TextTokenizer) -> TokenLogprob {
+    let read = RowLogprobs {
+        target: scores[id as usize],
+        top: top_ids(scores, k)
+            .into_iter()
+            .map(|i| (i, scores[i as usize]))
+            .collect(),
+    };
+    read_logprob(id, &read, k, tok)
+}
+
+/// [`token_logprob`] from what was read of the log-distribution: its value at `id` (the
+/// row's target) and its best, at least `k` of them (where the logits are:
+/// `kernels::logprob`).
+pub fn read_logprob(id: u32, read: &RowLogprobs, k: usize, tok: &TextTokenizer) -> TokenLogprob {
     let text = |id: u32| tok.decode(&[id]).unwrap_or_default();
-    let top = top_ids(scores, k)
-        .into_iter()
-        .filter(|&i| scores[i as usize].is_finite())
-        .map(|i| (i, text(i), scores[i as usize]))
-        .collect();
     TokenLogprob {
         id,
         text: text(id),
-        logprob: scores[id as usize].max(MIN_LOGPROB),
-        top,
+        logprob: read.target.max(MIN_LOGPROB),
+        top: read
+            .top
+            .iter()
+            .take(k)
+            .filter(|(_, lp)| lp.is_finite())
+            .map(|&(i, lp)| (i, text(i), lp))
+            .collect(),
     }
 }

@@ -9,7 +9,8 @@ use candle_core::{DType, Tensor};
 
 use super::error::Result;
 use super::mode::DeviceChoice;
-use super::step::Logits;
+use super::step::{Logits, LogprobTargets};
+use crate::kernels::logprob::{self, RowLogprobs};
 use crate::kernels::{greedy, sample};
 
 /// The step's head products on their way to the host. On the batched attention path (a
@@ -43,6 +44,9 @@ pub(super) struct HeadUser {
     /// DoLa whose candidate the copy may choose (`SeqStep::select_premature`): the number of
     /// the sequence's heads (head 0 the mature one, the rest candidates).
     premature_of: Option<usize>,
+    /// Of its rows, the first `targets.len()` are read only as their log-probabilities
+    /// (`SeqStep::logprobs`): `(targets, top)`.
+    logprobs: Option<(Vec<u32>, usize)>,
     /// Not wanted after all: an early exit the token went on from, a DoLa candidate not chosen
     /// (left empty).
     dropped: bool,
@@ -55,6 +59,7 @@ impl HeadUser {
         rows: usize,
         choice: Option<DeviceChoice>,
         premature_of: Option<usize>,
+        logprobs: Option<LogprobTargets<'_>>,
     ) -> Self {
         Self {
             seq,
@@ -62,6 +67,7 @@ impl HeadUser {
             rows,
             choice,
             premature_of,
+            logprobs: logprobs.map(|l| (l.targets.to_vec(), l.top)),
             dropped: false,
         }
     }
@@ -75,6 +81,24 @@ struct Choices {
     contrast: Vec<ContrastRows>,
     drawn: Vec<(u32, sample::Draw)>,
     contrast_drawn: Vec<(ContrastRows, sample::Draw)>,
+}
+
+/// The rows of a copy read as log-probabilities (`HeadUser::logprobs`): each one's index in
+/// the copy and its target, and the largest top any of them asks for (a smaller top is a
+/// prefix of it).
+#[derive(Default)]
+struct LogprobReads {
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+    top: usize,
+}
+
+/// What a copy brings to the host: the rows copied whole, the log-probabilities read, the
+/// ids chosen.
+struct Copied {
+    rows: Vec<f32>,
+    logprobs: Vec<RowLogprobs>,
+    ids: Vec<u32>,
 }
 
 /// A contrast's pair of rows in a copy and its rule.
@@ -102,6 +126,13 @@ impl Choices {
 /// What a user gets of a copy: its rows, a choice made of them, or nothing.
 enum Read {
     Rows,
+    /// Its first `rows` rows as the log-probabilities from `first` on in the copy's
+    /// (`top` of them each), then the rest whole.
+    Logprobs {
+        first: usize,
+        rows: usize,
+        top: usize,
+    },
     Chosen(Chosen),
     Nothing,
 }
@@ -184,6 +215,7 @@ impl HeadCopies {
             }
         }
         let (mut full, mut wanted) = (Vec::new(), Choices::default());
+        let mut logprobs = LogprobReads::default();
         let mut contrast_of: HashMap<usize, usize> = HashMap::new();
         let reads: Vec<Read> = users()
             .zip(&starts)
@@ -229,18 +261,38 @@ impl HeadCopies {
                         Read::Rows
                     }
                 },
-                None => {
-                    full.extend(start..start + u.rows as u32);
-                    Read::Rows
-                }
+                None => match &u.logprobs {
+                    Some((targets, top)) if !targets.is_empty() => {
+                        let first = logprobs.rows.len();
+                        let n = targets.len();
+                        logprobs.rows.extend(start..start + n as u32);
+                        logprobs.targets.extend_from_slice(targets);
+                        logprobs.top = logprobs.top.max(*top);
+                        full.extend(start + n as u32..start + u.rows as u32);
+                        Read::Logprobs {
+                            first,
+                            rows: n,
+                            top: *top,
+                        }
+                    }
+                    _ => {
+                        full.extend(start..start + u.rows as u32);
+                        Read::Rows
+                    }
+                },
             })
             .collect();
-        let (data, ids) = if full.len() == rows {
-            (all.to_vec1::<f32>()?, Vec::new()) // every row, nothing chosen
+        let copied = if full.len() == rows {
+            // every row, nothing chosen
+            Copied {
+                rows: all.to_vec1::<f32>()?,
+                logprobs: Vec::new(),
+                ids: Vec::new(),
+            }
         } else {
-            self.copy_with_choices(&all, rows, &full, &wanted)?
+            self.copy_with_choices(&all, rows, &full, &wanted, &logprobs)?
         };
-        let data = Arc::new(data);
+        let (data, ids) = (Arc::new(copied.rows), copied.ids);
         let mut at = 0;
         for (u, read) in users().zip(reads) {
             outputs[u.seq][u.head] = match read {
@@ -249,6 +301,18 @@ impl HeadCopies {
                     let range = at..at + u.rows * self.vocab;
                     at = range.end;
                     Logits::shared(self.vocab, Arc::clone(&data), range)
+                }
+                Read::Logprobs { first, rows, top } => {
+                    let range = at..at + (u.rows - rows) * self.vocab;
+                    at = range.end;
+                    let read = copied.logprobs[first..first + rows]
+                        .iter()
+                        .map(|r| RowLogprobs {
+                            target: r.target,
+                            top: r.top[..top.min(r.top.len())].to_vec(),
+                        })
+                        .collect();
+                    Logits::with_logprobs(self.vocab, read, Arc::clone(&data), range)
                 }
                 Read::Chosen(c) => Logits::chosen(self.vocab, ids[wanted.id_at(c)]),
             };
@@ -361,15 +425,16 @@ impl HeadCopies {
         }
     }
 
-    /// `all`'s rows `full`, then the choices `wanted` of its rows, in one copy to the host
-    /// (rows neither names are not copied).
+    /// `all`'s rows `full`, the log-probabilities `logprobs` of its rows and the choices
+    /// `wanted` of them, in one copy to the host (rows none of them names are not copied).
     fn copy_with_choices(
         &self,
         all: &Tensor,
         rows: usize,
         full: &[u32],
         wanted: &Choices,
-    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        logprobs: &LogprobReads,
+    ) -> Result<Copied> {
         let Choices {
             argmax,
             contrast,
@@ -427,22 +492,52 @@ impl HeadCopies {
                 &sample::contrast_draw_params(&draws, device)?,
             )?);
         }
-        if ids.is_empty() {
-            // only rows, some left out
-            let data = match full {
-                [] => Vec::new(),
-                _ => pick(full)?.flatten_all()?.to_vec1::<f32>()?,
-            };
-            return Ok((data, Vec::new()));
+        let ids = match ids.len() {
+            0 => None,
+            _ => Some(Tensor::cat(&ids, 0)?),
+        };
+        let read = match logprobs.rows.len() {
+            0 => None,
+            _ => Some(
+                logprob::logprob_rows(
+                    &pick(&logprobs.rows)?,
+                    &Tensor::new(logprobs.targets.as_slice(), device)?,
+                    logprobs.top,
+                )?
+                .flatten_all()?,
+            ),
+        };
+        if let (true, None, Some(ids)) = (full.is_empty(), &read, &ids) {
+            // only choices
+            return Ok(Copied {
+                rows: Vec::new(),
+                logprobs: Vec::new(),
+                ids: ids.to_vec1::<u32>()?,
+            });
         }
-        let ids = Tensor::cat(&ids, 0)?;
-        if full.is_empty() {
-            return Ok((Vec::new(), ids.to_vec1::<u32>()?));
+        // One copy: the rows, then the log-probabilities, then the ids (as floats: exact
+        // below 2^24).
+        let mut parts = Vec::new();
+        if !full.is_empty() {
+            parts.push(pick(full)?.flatten_all()?);
         }
-        let both = Tensor::cat(&[pick(full)?.flatten_all()?, ids.to_dtype(DType::F32)?], 0)?;
-        let mut data = both.to_vec1::<f32>()?;
-        let ids = data.split_off(full.len() * self.vocab);
-        Ok((data, ids.into_iter().map(|id| id as u32).collect()))
+        parts.extend(read);
+        if let Some(ids) = &ids {
+            parts.push(ids.to_dtype(DType::F32)?);
+        }
+        let mut data = match parts.len() {
+            0 => Vec::new(),
+            1 => parts[0].to_vec1::<f32>()?,
+            _ => Tensor::cat(&parts, 0)?.to_vec1::<f32>()?,
+        };
+        let width = 1 + 2 * logprobs.top;
+        let ids = data.split_off(full.len() * self.vocab + logprobs.rows.len() * width);
+        let read = data.split_off(full.len() * self.vocab);
+        Ok(Copied {
+            rows: data,
+            logprobs: logprob::read_rows(&read, logprobs.top),
+            ids: ids.into_iter().map(|id| id as u32).collect(),
+        })
     }
 }
 
@@ -471,14 +566,7 @@ mod tests {
         for (t, users) in products {
             let users = users
                 .iter()
-                .map(|&(seq, head, choice)| HeadUser {
-                    seq,
-                    head,
-                    rows: 1,
-                    choice,
-                    premature_of: None,
-                    dropped: false,
-                })
+                .map(|&(seq, head, choice)| HeadUser::new(seq, head, 1, choice, None, None))
                 .collect();
             copies.push(t.clone(), users, &mut outputs)?;
         }
@@ -499,14 +587,7 @@ mod tests {
             let mut copies = HeadCopies::new(vocab, true);
             let mut outputs = vec![vec![Logits::default()]; 3];
             let users = (0..3)
-                .map(|seq| HeadUser {
-                    seq,
-                    head: 0,
-                    rows: 1,
-                    choice: choice.filter(|_| seq == 2),
-                    premature_of: None,
-                    dropped: false,
-                })
+                .map(|seq| HeadUser::new(seq, 0, 1, choice.filter(|_| seq == 2), None, None))
                 .collect();
             copies.push(product.clone(), users, &mut outputs)?;
             let margins = copies.margins(&[(2, 0), (1, 0), (7, 0)])?;
@@ -551,14 +632,7 @@ mod tests {
             let mut outputs = vec![vec![Logits::default(); 4]; 2];
             for (k, t) in [1, 2, 3, 0].into_iter().zip(&products) {
                 let users = (0..2)
-                    .map(|seq| HeadUser {
-                        seq,
-                        head: k,
-                        rows: 1,
-                        choice: None,
-                        premature_of: Some(4),
-                        dropped: false,
-                    })
+                    .map(|seq| HeadUser::new(seq, k, 1, None, Some(4), None))
                     .collect();
                 copies.push(t.clone(), users, &mut outputs)?;
             }
@@ -634,6 +708,48 @@ mod tests {
             assert_eq!(out[2][0].choice(), Some(greedy::argmax(&row(&lower, 2)?)));
             assert_eq!(out[3][0].last(), Some(&row(&upper, 2)?[..]));
         }
+        Ok(())
+    }
+
+    /// Echo's rows read as log-probabilities in the copy (each row's log-softmax at its
+    /// target and its top, cut to what each user asked for), the rows after them whole,
+    /// beside a greedy choice and a user reading rows, in one copy.
+    #[test]
+    fn prompt_rows_are_read_as_log_probabilities_in_the_copy() -> Result<()> {
+        let (vocab, dev) = (70, Device::Cpu);
+        let t = Tensor::arange(0f32, (9 * vocab) as f32, &dev)?;
+        let product = ((t * 0.29)?.sin()? * 3.0)?.reshape((9, vocab))?;
+        let row = |r: usize| -> Result<Vec<f32>> { Ok(product.get(r)?.to_vec1()?) };
+        let mut copies = HeadCopies::new(vocab, true);
+        let mut outputs: Vec<Vec<Logits>> = vec![vec![Logits::default()]; 4];
+        // 0: 4 rows, the first 3 read (top 5), its last whole; 1: 3 rows all read (top 2);
+        // 2: an argmax; 3: a row whole
+        const T0: [u32; 3] = [3, 9, 69];
+        const T1: [u32; 3] = [0, 1, 2];
+        let (t0, t1) = (T0, T1);
+        let targets = |targets: &'static [u32], top| LogprobTargets { targets, top };
+        let users = vec![
+            HeadUser::new(0, 0, 4, None, None, Some(targets(&T0, 5))),
+            HeadUser::new(1, 0, 3, None, None, Some(targets(&T1, 2))),
+            HeadUser::new(2, 0, 1, Some(DeviceChoice::HeadArgmax), None, None),
+            HeadUser::new(3, 0, 1, None, None, None),
+        ];
+        copies.push(product.clone(), users, &mut outputs)?;
+        copies.flush(&mut outputs)?;
+        for (r, &target) in t0.iter().enumerate() {
+            let want = logprob::row_logprobs(&row(r)?, target, 5);
+            assert_eq!(outputs[0][0].logprobs_at(r), Some(&want));
+        }
+        assert_eq!(outputs[0][0].rows(), 4);
+        assert_eq!(outputs[0][0].last(), Some(&row(3)?[..]));
+        assert_eq!(outputs[0][0].row(3), &row(3)?[..]);
+        for (r, &target) in t1.iter().enumerate() {
+            let want = logprob::row_logprobs(&row(4 + r)?, target, 2);
+            assert_eq!(outputs[1][0].logprobs_at(r), Some(&want));
+        }
+        assert_eq!((outputs[1][0].rows(), outputs[1][0].last()), (3, None));
+        assert_eq!(outputs[2][0].choice(), Some(greedy::argmax(&row(7)?)));
+        assert_eq!(outputs[3][0].last(), Some(&row(8)?[..]));
         Ok(())
     }
 

@@ -23,10 +23,10 @@ use super::head_copies::{HeadCopies, HeadUser};
 use super::kv_cache::KvCache;
 use super::kv_pool::KvPool;
 use super::mode::{DeviceChoice, EarlyExitParams, Head};
-use super::step::{ForwardStats, Logits, Packed, Segment, SeqStep, StepLogits};
+use super::step::{ForwardStats, Logits, LogprobTargets, Packed, Segment, SeqStep, StepLogits};
 use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
 use crate::kernels::fused_epilogue::{self, add_norm};
-use crate::kernels::{greedy, sample};
+use crate::kernels::{greedy, logprob, sample};
 
 pub struct MultiExitModel {
     cfg: ModelConfig,
@@ -61,6 +61,9 @@ pub struct MultiExitModel {
     /// Where `device_choices` holds, sampled sequences draw there too (`kernels::sample`,
     /// checked against the CPU's draws at start-up).
     device_draws: bool,
+    /// On the batched path, echo's prompt positions are scored where the logits are
+    /// (`SeqStep::logprobs`, `kernels::logprob`, checked against the CPU's at start-up).
+    device_logprobs: bool,
     pub stats: ForwardStats,
 }
 
@@ -161,11 +164,14 @@ impl MultiExitModel {
         let device_choices =
             batched && cfg.vocab_size < 1 << 24 && device_choices_hold(&device, cfg.vocab_size);
         let device_draws = device_choices && device_draws_hold(&device, cfg.vocab_size);
+        let device_logprobs =
+            batched && cfg.vocab_size < 1 << 24 && device_logprobs_hold(&device, cfg.vocab_size);
         Ok(Self {
             fused_attention,
             fused_epilogues,
             device_choices,
             device_draws,
+            device_logprobs,
             device,
             kv_pool,
             kv_dtype: wdtype.kv_dtype(),
@@ -371,6 +377,21 @@ impl MultiExitModel {
             })
             .collect();
         let verify: Vec<bool> = order.iter().map(|&i| steps[i].verify).collect();
+        // Echo's scoring of a head's rows, read where the logits are.
+        let logprobs: Vec<Option<LogprobTargets>> = order
+            .iter()
+            .map(|&i| {
+                let s = &steps[i];
+                s.logprobs.filter(|l| {
+                    self.device_logprobs
+                        && s.all_positions
+                        && !s.verify
+                        && s.heads.len() == 1
+                        && l.targets.len() <= s.tokens.len()
+                        && l.top <= logprob::MAX_TOP
+                })
+            })
+            .collect();
         // Early exit is decided here for decode positions only (see `SeqStep::early_exit`).
         let early: Vec<Option<EarlyExitParams>> = order
             .iter()
@@ -428,6 +449,7 @@ impl MultiExitModel {
                 all_positions: alive.iter().map(|&s| all_positions[s]).collect(),
                 choices: alive.iter().map(|&s| choices[s]).collect(),
                 select_premature: alive.iter().map(|&s| select_premature[s]).collect(),
+                logprobs: alive.iter().map(|&s| logprobs[s]).collect(),
             };
             let mut rows = view(&alive, &row_in_x);
             // The batched attention path's layout of each set of segments, made once for
@@ -697,6 +719,7 @@ impl MultiExitModel {
                         rows,
                         p.choices[slot],
                         p.select_premature[slot].then_some(p.heads[slot].len()),
+                        p.logprobs[slot],
                     )
                 })
                 .collect();
@@ -740,6 +763,17 @@ fn device_choices_hold(device: &Device, vocab: usize) -> bool {
         "greedy choices (argmax, contrast), exit margins and DoLa divergences made where the logits are",
         "the greedy choice kernels",
         "the CPU's choices",
+    )
+}
+
+/// Whether the prompt logprobs read on `device` are the CPU's, for rows of `vocab` logits.
+fn device_logprobs_hold(device: &Device, vocab: usize) -> bool {
+    kernels_hold(
+        logprob::check(device, vocab),
+        1e-5,
+        "prompt logprobs (echo) read where the logits are",
+        "the logprob kernel",
+        "the CPU's log-softmax",
     )
 }
 
@@ -794,6 +828,7 @@ struct Rows<'h> {
     all_positions: Vec<bool>,
     choices: Vec<Option<DeviceChoice>>,
     select_premature: Vec<bool>,
+    logprobs: Vec<Option<LogprobTargets<'h>>>,
 }
 
 impl Rows<'_> {
@@ -805,6 +840,7 @@ impl Rows<'_> {
             all_positions: &self.all_positions,
             choices: &self.choices,
             select_premature: &self.select_premature,
+            logprobs: &self.logprobs,
             order: &self.order,
         }
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::kv_cache::KvCache;
 use super::mode::{DeviceChoice, EarlyExitParams, Head};
+use crate::kernels::logprob::RowLogprobs;
 
 /// One sequence's part of a forward step.
 pub struct SeqStep<'a> {
@@ -47,6 +48,20 @@ pub struct SeqStep<'a> {
     /// and hands over only its rows and the mature head's (the others left empty); elsewhere
     /// every candidate's come.
     pub select_premature: bool,
+    /// Echo's scoring (with `all_positions` and one head): of the head's rows, the first
+    /// `targets.len()` are read only as their log-softmax at each one's target (the prompt's
+    /// next token) and its `top` largest values. On the batched path the step computes those
+    /// where the logits are and copies them alone (`Logits::logprobs_at`; the rows after
+    /// them come as usual); elsewhere every row comes.
+    pub logprobs: Option<LogprobTargets<'a>>,
+}
+
+/// See `SeqStep::logprobs`.
+#[derive(Debug, Clone, Copy)]
+pub struct LogprobTargets<'a> {
+    pub targets: &'a [u32],
+    /// At most `kernels::logprob::MAX_TOP`.
+    pub top: usize,
 }
 
 /// A sequence's rows in the packed matrix, with its cache.
@@ -68,6 +83,8 @@ pub(super) struct Packed<'p> {
     pub choices: &'p [Option<DeviceChoice>],
     /// See `SeqStep::select_premature` (false where the step cannot: see `forward_pass`).
     pub select_premature: &'p [bool],
+    /// See `SeqStep::logprobs` (None where the step cannot: see `forward_pass`).
+    pub logprobs: &'p [Option<LogprobTargets<'p>>],
     /// Packed slot -> index of the sequence in the caller's step list.
     pub order: &'p [usize],
 }
@@ -91,6 +108,9 @@ pub struct Logits {
     /// The choice (greedy or drawn) of the one row, computed where the logits were (no rows
     /// held): see `SeqStep::choice`.
     chosen: Option<u32>,
+    /// The first rows, of which only their log-probabilities came back (`SeqStep::logprobs`);
+    /// the rows of `data` follow them.
+    logprobs: Vec<RowLogprobs>,
 }
 
 impl Logits {
@@ -108,6 +128,20 @@ impl Logits {
             data,
             range,
             chosen: None,
+            logprobs: Vec::new(),
+        }
+    }
+
+    /// Rows of which only `logprobs` came back, then the rows of `data` in `range`.
+    pub fn with_logprobs(
+        vocab: usize,
+        logprobs: Vec<RowLogprobs>,
+        data: Arc<Vec<f32>>,
+        range: Range<usize>,
+    ) -> Self {
+        Self {
+            logprobs,
+            ..Self::shared(vocab, data, range)
         }
     }
 
@@ -132,26 +166,36 @@ impl Logits {
     pub fn rows(&self) -> usize {
         match self.chosen {
             Some(_) => 1,
-            None => self.range.len().checked_div(self.vocab).unwrap_or(0),
+            None => self.logprobs.len() + self.range.len().checked_div(self.vocab).unwrap_or(0),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.range.is_empty() && self.chosen.is_none()
+        self.rows() == 0
     }
 
-    /// Row `i`'s logits (panics for logits of which only the choice came back).
+    /// Row `i`'s logits (panics for logits of which only the choice came back, and for a row
+    /// of which only its log-probabilities did).
     pub fn row(&self, i: usize) -> &[f32] {
         assert!(self.chosen.is_none(), "only the choice came back");
+        let i = i
+            .checked_sub(self.logprobs.len())
+            .expect("only the row's log-probabilities came back");
         &self.values()[i * self.vocab..(i + 1) * self.vocab]
     }
 
-    /// The last position's row (the next token's logits).
+    /// Row `i`'s log-probabilities, where only they came back (`SeqStep::logprobs`).
+    pub fn logprobs_at(&self, i: usize) -> Option<&RowLogprobs> {
+        self.logprobs.get(i)
+    }
+
+    /// The last position's row (the next token's logits); None where only its choice or its
+    /// log-probabilities came back.
     pub fn last(&self) -> Option<&[f32]> {
-        if self.chosen.is_some() {
+        if self.chosen.is_some() || self.range.is_empty() {
             return None;
         }
-        self.rows().checked_sub(1).map(|i| self.row(i))
+        Some(self.row(self.rows() - 1))
     }
 
     /// The last row, owned (the next token's logits).
@@ -165,6 +209,7 @@ impl PartialEq for Logits {
         self.rows() == other.rows()
             && self.values() == other.values()
             && self.chosen == other.chosen
+            && self.logprobs == other.logprobs
     }
 }
 
@@ -210,5 +255,28 @@ mod tests {
         assert_eq!(mid, Logits::new(3, vec![4.0, 5.0, 6.0, 7.0, 8.0, 9.0]));
         assert_eq!(mid.into_last(), vec![7.0, 8.0, 9.0]);
         assert!(Logits::default().into_last().is_empty());
+    }
+
+    #[test]
+    fn rows_read_as_log_probabilities_come_first() {
+        let read = |target| RowLogprobs {
+            target,
+            top: vec![(2, -0.5)],
+        };
+        let buf = Arc::new(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let l = Logits::with_logprobs(3, vec![read(-1.0), read(-2.0)], Arc::clone(&buf), 3..6);
+        assert_eq!(l.rows(), 3);
+        assert_eq!(l.logprobs_at(1).map(|r| r.target), Some(-2.0));
+        assert_eq!(l.logprobs_at(2), None);
+        assert_eq!(
+            (l.row(2), l.last()),
+            (&[4.0, 5.0, 6.0][..], Some(&[4.0, 5.0, 6.0][..]))
+        );
+        // every row read: no last row to choose from, and not empty
+        let only = Logits::with_logprobs(3, vec![read(-1.0)], buf, 0..0);
+        assert_eq!(
+            (only.rows(), only.last(), only.is_empty()),
+            (1, None, false)
+        );
     }
 }

@@ -206,6 +206,7 @@ pub fn all_head_logits(
         early_exit: None,
         choice: None,
         select_premature: false,
+        logprobs: None,
     }];
     let out = model.forward(&mut step)?.into_per_seq().remove(0);
     Ok(heads

@@ -191,3 +191,97 @@ async fn draws_made_in_the_step_are_the_host_draws() {
         );
     }
 }
+
+/// Echo's scoring on the batched path: the prompt positions of a mode whose scores are one
+/// head's log-softmax (`original`, `exit`) are read where the logits are (`kernels::logprob`:
+/// the next prompt token's logprob and the top alternatives alone), the other modes' rows are
+/// copied. Every entry of the reference's scoring, all at once, in prompt chunks of 4 tokens
+/// and whole: the logprobs equal the reference's, the alternatives and the tokens generated
+/// after the prompt equal the CPU kernels' path, and `exitserve_device_logprobs_total` counts
+/// every position read there and nothing on the CPU's own path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_scoring_read_where_the_logits_are_equals_the_reference() {
+    for f in ARCHS {
+        let echo = f.scoring()["echo"].as_array().unwrap().clone();
+        let one_head = |mode: &str| mode == "original" || mode.starts_with("exit:");
+        let positions: f64 = echo
+            .iter()
+            .filter(|e| one_head(e["mode"].as_str().unwrap()))
+            .map(|e| (e["prompt_ids"].as_array().unwrap().len() - 1) as f64)
+            .sum();
+        for budget in ["4", "4096"] {
+            let batched = TestServer::start_model(
+                &f.dir(),
+                &[
+                    "--attention",
+                    "batched",
+                    "--matmul",
+                    "candle",
+                    "--max-prefill-tokens",
+                    budget,
+                ],
+            );
+            let kernels = TestServer::start_model(&f.dir(), &["--max-prefill-tokens", budget]);
+            let run = |server: &TestServer| {
+                let url = server.url("/v1/completions");
+                let tasks: Vec<_> = echo
+                    .iter()
+                    .map(|e| {
+                        let mode = e["mode"].as_str().unwrap().replace([':', ','], "-");
+                        let body = json!({"model": format!("{}:{mode}", f.name),
+                            "prompt": [e["prompt_ids"]], "echo": true, "logprobs": 5,
+                            "max_tokens": 2, "temperature": 0});
+                        let url = url.clone();
+                        tokio::spawn(async move { post(&url, &body).await })
+                    })
+                    .collect();
+                async move {
+                    let mut out = Vec::new();
+                    for t in tasks {
+                        let (status, body) = t.await.unwrap();
+                        assert_eq!(status, 200, "{body}");
+                        out.push(body["choices"][0]["logprobs"].clone());
+                    }
+                    out
+                }
+            };
+            let (got, want) = (run(&batched).await, run(&kernels).await);
+            for ((entry, g), k) in echo.iter().zip(&got).zip(&want) {
+                let label = format!("{} {} budget {budget}", f.name, entry["mode"]);
+                let reference = entry["token_logprobs"].as_array().unwrap();
+                let lps = g["token_logprobs"].as_array().unwrap();
+                // the prompt's, then the two generated
+                assert_eq!(lps.len(), reference.len() + 2, "{label}");
+                for (x, w) in lps.iter().zip(reference).skip(1) {
+                    let (x, w) = (x.as_f64().unwrap(), w.as_f64().unwrap());
+                    assert!((x - w).abs() < 1e-3, "{label}: {x} vs {w}");
+                }
+                assert_eq!(g["tokens"], k["tokens"], "{label}");
+                let (tops, kernel_tops) = (
+                    g["top_logprobs"].as_array().unwrap(),
+                    k["top_logprobs"].as_array().unwrap(),
+                );
+                assert_eq!(tops.len(), kernel_tops.len(), "{label}");
+                for (a, b) in tops.iter().zip(kernel_tops).skip(1) {
+                    let (a, b) = (a.as_object().unwrap(), b.as_object().unwrap());
+                    assert_eq!(
+                        a.keys().collect::<Vec<_>>(),
+                        b.keys().collect::<Vec<_>>(),
+                        "{label}"
+                    );
+                    for (key, v) in a {
+                        let (v, w) = (v.as_f64().unwrap(), b[key].as_f64().unwrap());
+                        assert!((v - w).abs() < 1e-4, "{label} {key:?}: {v} vs {w}");
+                    }
+                }
+            }
+            assert_eq!(
+                batched.metric("exitserve_device_logprobs_total"),
+                positions,
+                "{} budget {budget}",
+                f.name
+            );
+            assert_eq!(kernels.metric("exitserve_device_logprobs_total"), 0.0);
+        }
+    }
+}

@@ -77,6 +77,7 @@ fn greedy_batch(
                 early_exit: None,
                 choice: None,
                 select_premature: false,
+                logprobs: None,
             })
             .collect();
         let logits = m.model.forward(&mut batch).unwrap();
@@ -243,6 +244,7 @@ fn mixed_schedule_reading(m: &LoadedModel, choices: bool) -> Vec<Vec<Logits>> {
                 early_exit: None,
                 choice: choices.then(|| device_choice(heads[i].len())),
                 select_premature: false,
+                logprobs: None,
             })
             .collect();
         out.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
@@ -400,6 +402,7 @@ fn greedy_choices_made_in_the_step_are_the_host_choices_from_the_logits() {
                             early_exit: None,
                             choice: choices.then(|| device_choice(heads[i].len())),
                             select_premature: false,
+                            logprobs: None,
                         })
                         .collect();
                     steps.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
@@ -610,6 +613,7 @@ fn teacher_forced_logits(
             early_exit: None,
             choice: None,
             select_premature: false,
+            logprobs: None,
         }];
         let logits = m
             .model
@@ -698,6 +702,7 @@ fn exit_logits(m: &LoadedModel, tokens: &[u32], layer: usize, draft: bool) -> Ve
         early_exit: None,
         choice: None,
         select_premature: false,
+        logprobs: None,
     }];
     let out = m.model.forward(&mut step).unwrap().into_per_seq().remove(0);
     out.into_iter().next().unwrap().into_last()

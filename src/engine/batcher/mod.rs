@@ -43,7 +43,7 @@ use super::request::{Event, Submission};
 use super::scheduler::{Budget, Demand};
 use super::sequence::{RequestState, Sequence};
 use super::speculative::Timed;
-use crate::model::{MultiExitModel, SeqStep, StepLogits, TextTokenizer};
+use crate::model::{LogprobTargets, MultiExitModel, SeqStep, StepLogits, TextTokenizer};
 use admit::Pending;
 use fault::inject;
 use plan::{StepKind, StepPlan};
@@ -319,6 +319,10 @@ impl Batcher {
                 early_exit: row.early_exit,
                 choice: row.choice,
                 select_premature: row.select_premature,
+                logprobs: row
+                    .logprobs
+                    .as_ref()
+                    .map(|(targets, top)| LogprobTargets { targets, top: *top }),
             })
             .collect();
         let fault = self.cfg.fault();

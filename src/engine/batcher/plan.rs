@@ -53,6 +53,9 @@ pub(super) struct RowPlan {
     pub choice: Option<DeviceChoice>,
     /// Its DoLa premature candidate may be chosen in the step (`SeqStep::select_premature`).
     pub select_premature: bool,
+    /// Echo's scoring read as log-probabilities (`SeqStep::logprobs`): the targets of its
+    /// first rows and the top each reads.
+    pub logprobs: Option<(Vec<u32>, usize)>,
 }
 
 /// The inputs of one step, in `running` order over the sequences that take part.
@@ -160,6 +163,7 @@ fn resume_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         early_exit: None,
         choice: None,
         select_premature: false,
+        logprobs: None,
     }
 }
 
@@ -226,7 +230,26 @@ fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         early_exit: None,
         choice: device_choice(s).filter(|_| last_chunk && !all_positions),
         select_premature: last_chunk && !all_positions && selects_premature(s),
+        logprobs: prompt_logprobs(s, take),
     }
+}
+
+/// What echo's scoring reads of a prompt chunk's rows, when that may be read as
+/// log-probabilities where the logits are (`SeqStep::logprobs`): each row's next prompt
+/// token (the rows that have one) and the top `logprobs` asks for. Only where the mode's
+/// scores are the log-softmax of its one head (its device choice that head's argmax) and
+/// nothing else reads the rows (no inspection).
+fn prompt_logprobs(s: &Sequence, take: usize) -> Option<(Vec<u32>, usize)> {
+    let r = s.request.borrow();
+    let req = &r.req;
+    let one_log_softmax =
+        req.mode.heads().len() == 1 && req.mode.device_choice() == Some(DeviceChoice::HeadArgmax);
+    if !(req.echo && one_log_softmax && req.inspect.is_none()) {
+        return None;
+    }
+    let top = req.logprobs?;
+    let end = (s.prefilled + take + 1).min(s.prompt.len());
+    Some((s.prompt[s.prefilled + 1..end].to_vec(), top))
 }
 
 /// A decoding sequence's input for this step: its next token through its mode, or, when it
@@ -263,6 +286,7 @@ fn decode_row(s: &mut Sequence, index: usize, may_draft: bool) -> RowPlan {
         early_exit: None,
         choice: None,
         select_premature: false,
+        logprobs: None,
     };
     match input {
         SpecInput::Plain => RowPlan {

@@ -9,7 +9,7 @@ use super::{contained, Batcher, Phase};
 use crate::engine::inspection;
 use crate::engine::request::{Event, FinishReason, InspectSpec};
 use crate::engine::sampling::Sampler;
-use crate::engine::sequence::{token_logprob, Sequence};
+use crate::engine::sequence::{read_logprob, token_logprob, Sequence};
 use crate::model::{Logits, Mode, StepLogits, TextTokenizer};
 
 /// What a step's forward did for one sequence.
@@ -132,7 +132,8 @@ impl Batcher {
                     };
                 }
                 if take > 0 && all_positions {
-                    record_prompt_logprobs(seq, start, take, &logits, tokenizer);
+                    let read = record_prompt_logprobs(seq, start, take, &logits, tokenizer);
+                    metrics.device_logprobs.increment(read as u64);
                 }
                 if seq.in_prefill() || logits.iter().all(Logits::is_empty) {
                     return Progress::Prefilling;
@@ -232,29 +233,34 @@ fn record_inspection(
     seq.inspection.extend(reports);
 }
 
-/// Stores the logprob of each prompt token that follows a position of this chunk.
+/// Stores the logprob of each prompt token that follows a position of this chunk; returns how
+/// many came as log-probabilities read where the logits are (`SeqStep::logprobs`), not rows.
 fn record_prompt_logprobs(
     seq: &mut Sequence,
     start: usize,
     take: usize,
     logits: &[Logits],
     tok: &TextTokenizer,
-) {
+) -> usize {
     let (mode, k) = {
         let r = seq.request.borrow();
         (r.req.mode, r.req.logprobs.unwrap_or(0))
     };
+    let mut read_there = 0;
     for row in 0..take {
         let next = start + row + 1;
         if next >= seq.prompt.len() {
             break;
         }
-        let scores = mode.scores_at(logits, row);
-        seq.prompt_logprobs.push(token_logprob(
-            seq.prompt[next],
-            &mode.logprobs(&scores),
-            k,
-            tok,
-        ));
+        let id = seq.prompt[next];
+        let logprob = match logits.first().and_then(|l| l.logprobs_at(row)) {
+            Some(read) => {
+                read_there += 1;
+                read_logprob(id, read, k, tok)
+            }
+            None => token_logprob(id, &mode.logprobs(&mode.scores_at(logits, row)), k, tok),
+        };
+        seq.prompt_logprobs.push(logprob);
     }
+    read_there
 }
