@@ -3,8 +3,10 @@ reference case (prompt x mode) greedily, one at a time and then all at once, gre
 compared with the reference's and first-step top-5 logprobs within 1e-3 — with logprobs (the
 host chooses from copied rows) and without (the step chooses where the logits are) — and
 seeded sampling without logprobs (drawn in the step) against the same with them (drawn on the
-host). Standard library only (it runs on the GPU machine, which has no network). Prints one
-JSON line per pass.
+host); then echo's scoring of every entry of the fixture's `.scoring.json` (all at once, the
+prompt logprobs of one-head modes read where the logits are) within 1e-3 of the reference's.
+Standard library only (it runs on the GPU machine, which has no network). Prints one JSON
+line per pass.
 
     python3 bench/gpu/parity.py SERVER_BINARY tests/fixtures/tiny-gpt2-multiexit --dtype bf16
 """
@@ -20,6 +22,7 @@ a = ap.parse_args()
 
 name = os.path.basename(a.fixture.rstrip("/"))
 reference = json.load(open(a.fixture.rstrip("/") + ".reference.json"))
+scoring = json.load(open(a.fixture.rstrip("/") + ".scoring.json"))
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -75,6 +78,17 @@ def run(case):
     return same_ids, worst, in_step, drawn[0] == drawn[1]
 
 
+def score(entry):
+    """The largest difference of the echoed prompt's logprobs from the reference's."""
+    body = {"model": name, "prompt": [entry["prompt_ids"]], "echo": True, "logprobs": 1,
+            "max_tokens": 0, "multi_exit": multi_exit(entry["mode"])}
+    got = post(body)["choices"][0]["logprobs"]["token_logprobs"]
+    want = entry["token_logprobs"]
+    if len(got) != len(want):
+        return float("inf")
+    return max(abs(g - w) for g, w in zip(got[1:], want[1:]))
+
+
 try:
     deadline = time.time() + 300
     while True:
@@ -90,7 +104,8 @@ try:
     log.seek(0)
     kernels = [line.strip()[-300:] for line in log
                if "paged-attention" in line or "fused epilogues" in line
-               or "greedy choice" in line or "sampled tokens" in line or "draw kernel" in line]
+               or "greedy choice" in line or "sampled tokens" in line or "draw kernel" in line
+               or "prompt logprobs" in line or "logprob kernel" in line]
     print(json.dumps({"fixture": name, "dtype": a.dtype, "kernels": kernels}), flush=True)
     cases = reference["cases"]
     for label in ["alone", "all_at_once"]:
@@ -106,6 +121,14 @@ try:
                           "greedy_equal_chosen_in_step": sum(r[2] for r in results),
                           "sampled_drawn_in_step_equal_host": sum(r[3] for r in results),
                           "seconds": round(time.time() - t, 2)}), flush=True)
+    t = time.time()
+    echo = scoring["echo"]
+    with concurrent.futures.ThreadPoolExecutor(len(echo)) as pool:
+        diffs = list(pool.map(score, echo))
+    print(json.dumps({"fixture": name, "dtype": a.dtype, "flags": a.flags, "pass": "echo_scoring",
+                      "entries": len(echo), "within_1e-3": sum(d <= 1e-3 for d in diffs),
+                      "worst_logprob_diff": round(max(diffs), 6),
+                      "seconds": round(time.time() - t, 2)}), flush=True)
 finally:
     proc.terminate()
     proc.wait(timeout=30)
