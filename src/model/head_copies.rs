@@ -444,10 +444,12 @@ impl HeadCopies {
         let matrix = all.reshape((rows, self.vocab))?;
         let device = matrix.device();
         let pick = |ix: &[u32]| -> candle_core::Result<Tensor> {
-            if ix.iter().copied().eq(0..rows as u32) {
-                Ok(matrix.clone()) // every row, in order
-            } else {
-                matrix.index_select(&Tensor::new(ix, device)?, 0)
+            match ix.first() {
+                // a run of rows (a prompt's, every row): a view, no gather
+                Some(&a) if ix.iter().copied().eq(a..a + ix.len() as u32) => {
+                    matrix.narrow(0, a as usize, ix.len())
+                }
+                _ => matrix.index_select(&Tensor::new(ix, device)?, 0),
             }
         };
         let mut ids = Vec::new();
