@@ -1,9 +1,10 @@
 """Parity of a server binary with the reference on one tiny fixture, through HTTP: every
 reference case (prompt x mode) greedily, one at a time and then all at once, greedy ids
-compared with the reference's and first-step top-5 logprobs within 1e-3 — with logprobs (the
-host chooses from copied rows) and without (the step chooses where the logits are) — and
-seeded sampling without logprobs (drawn in the step) against the same with them (drawn on the
-host); then echo's scoring of every entry of the fixture's `.scoring.json` (all at once, the
+compared with the reference's and first-step top-5 logprobs within 1e-3 — with logprobs (for
+`original` and `exit` chosen in the step with the logprobs read there, for contrast chosen on
+the host from copied rows), with logprobs and a logit bias of 0 (every mode on the host from
+copied rows) and without logprobs (chosen in the step) — and seeded sampling drawn in the step
+(without and with logprobs) against drawn on the host (a logit bias of 0); then echo's scoring of every entry of the fixture's `.scoring.json` (all at once, the
 prompt logprobs of one-head modes read where the logits are) within 1e-3 of the reference's.
 Standard library only (it runs on the GPU machine, which has no network). Prints one JSON
 line per pass.
@@ -66,6 +67,9 @@ def run(case):
             "multi_exit": multi_exit(case["mode"])}
     choice = post({**body, "logprobs": 5})["choices"][0]
     same_ids = choice["token_ids"] == case["greedy_ids"]
+    # a bias that changes nothing but makes the host choose from copied rows
+    on_host = {"logit_bias": {"0": 0}}
+    host_ids = post({**body, **on_host})["choices"][0]["token_ids"] == case["greedy_ids"]
     # first step: the reference's top-5 (token id, score) against the response's top logprobs
     # (keyed by token text; a token missing from them counts as a difference of 1)
     top = choice["logprobs"]["top_logprobs"][0] or {}
@@ -74,8 +78,9 @@ def run(case):
     in_step = post(body)["choices"][0]["token_ids"] == case["greedy_ids"]
     # seeded sampling: drawn in the step, and on the host from copied rows
     sampled = {**body, "temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": len(case["prompt_ids"])}
-    drawn = [post(b)["choices"][0]["token_ids"] for b in (sampled, {**sampled, "logprobs": 1})]
-    return same_ids, worst, in_step, drawn[0] == drawn[1]
+    drawn = [post(b)["choices"][0]["token_ids"]
+             for b in (sampled, {**sampled, "logprobs": 1}, {**sampled, **on_host})]
+    return same_ids, worst, in_step, drawn[0] == drawn[1] == drawn[2], host_ids
 
 
 def score(entry):
@@ -119,6 +124,7 @@ try:
                           "cases": len(cases), "greedy_equal": sum(r[0] for r in results),
                           "worst_top5_logprob_diff": round(max(r[1] for r in results), 6),
                           "greedy_equal_chosen_in_step": sum(r[2] for r in results),
+                          "greedy_equal_on_host": sum(r[4] for r in results),
                           "sampled_drawn_in_step_equal_host": sum(r[3] for r in results),
                           "seconds": round(time.time() - t, 2)}), flush=True)
     t = time.time()

@@ -297,7 +297,7 @@ impl Default for Metrics {
             ),
             device_logprobs: r.counter(
                 "exitserve_device_logprobs_total",
-                "Prompt positions scored where the logits are (echo's logprob of the next prompt token and its top alternatives), a few floats copied instead of a vocabulary row.",
+                "Positions whose logprob and top alternatives were read where the logits are (echo's prompt positions, tokens chosen there whose logprobs are reported or ranked), a few floats copied instead of a vocabulary row.",
             ),
             speculative_drafted: r.counter(
                 "exitserve_speculative_drafted_tokens_total",

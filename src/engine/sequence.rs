@@ -165,11 +165,14 @@ impl Sequence {
         }
     }
 
-    /// Takes the token chosen from `scores`, sends its event and says whether to stop.
+    /// Takes the token chosen from `scores`, sends its event and says whether to stop. A token
+    /// chosen where the logits are comes with empty scores and, where its logprob is read,
+    /// what the step read of its head's log-softmax there (`read`: the token's value and the
+    /// best alternatives; the sampler edits nothing of such a token's scores).
     pub fn accept(
         &mut self,
         id: u32,
-        scores: &[f32],
+        (scores, read): (&[f32], Option<&RowLogprobs>),
         tok: &TextTokenizer,
         eos: Option<u32>,
         exit_layer: Option<usize>,
@@ -191,7 +194,10 @@ impl Sequence {
         // bias, penalties) it costs a log-softmax over the vocabulary. Before the token joins
         // what the penalties see.
         let mut logprob = None;
-        if logprobs.is_some() || ranked {
+        if let (Some(read), true) = (read, logprobs.is_some() || ranked) {
+            self.cumulative_logprob += read.target.max(MIN_LOGPROB) as f64;
+            logprob = logprobs.map(|k| read_logprob(id, read, k, tok));
+        } else if logprobs.is_some() || ranked {
             let reported = self.sampler.reported(scores, normalized);
             self.cumulative_logprob += reported[id as usize].max(MIN_LOGPROB) as f64;
             logprob = logprobs.map(|k| token_logprob(id, &reported, k, tok));

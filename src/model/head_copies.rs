@@ -47,6 +47,9 @@ pub(super) struct HeadUser {
     /// Of its rows, the first `targets.len()` are read only as their log-probabilities
     /// (`SeqStep::logprobs`): `(targets, top)`.
     logprobs: Option<(Vec<u32>, usize)>,
+    /// With its choice, the chosen token's log-probabilities, the top this many
+    /// (`SeqStep::choice_logprobs`).
+    choice_top: Option<usize>,
     /// Not wanted after all: an early exit the token went on from, a DoLa candidate not chosen
     /// (left empty).
     dropped: bool,
@@ -60,6 +63,7 @@ impl HeadUser {
         choice: Option<DeviceChoice>,
         premature_of: Option<usize>,
         logprobs: Option<LogprobTargets<'_>>,
+        choice_top: Option<usize>,
     ) -> Self {
         Self {
             seq,
@@ -68,6 +72,7 @@ impl HeadUser {
             choice,
             premature_of,
             logprobs: logprobs.map(|l| (l.targets.to_vec(), l.top)),
+            choice_top,
             dropped: false,
         }
     }
@@ -83,14 +88,36 @@ struct Choices {
     contrast_drawn: Vec<(ContrastRows, sample::Draw)>,
 }
 
-/// The rows of a copy read as log-probabilities (`HeadUser::logprobs`): each one's index in
-/// the copy and its target, and the largest top any of them asks for (a smaller top is a
-/// prefix of it).
+/// The rows of a copy read as log-probabilities: those with targets the host knows
+/// (`HeadUser::logprobs`: each one's index in the copy and its target), then those whose
+/// target is their choice (`HeadUser::choice_top`: its row, and which choice), and the
+/// largest top any of them asks for (a smaller top is a prefix of it). They come back in
+/// this order.
 #[derive(Default)]
 struct LogprobReads {
     rows: Vec<u32>,
     targets: Vec<u32>,
+    chosen: Vec<(u32, Chosen)>,
     top: usize,
+}
+
+impl LogprobReads {
+    /// For a user reading its choice `c` (of its row at `start`) with its log-probabilities:
+    /// where they come among the chosen reads, and its top.
+    fn of_choice(&mut self, u: &HeadUser, start: u32, c: Chosen) -> Option<(usize, usize)> {
+        let top = u.choice_top?;
+        self.chosen.push((start, c));
+        self.top = self.top.max(top);
+        Some((self.chosen.len() - 1, top))
+    }
+}
+
+/// `read` with its top cut to `top`.
+fn cut(read: &RowLogprobs, top: usize) -> RowLogprobs {
+    RowLogprobs {
+        target: read.target,
+        top: read.top[..top.min(read.top.len())].to_vec(),
+    }
 }
 
 /// What a copy brings to the host: the rows copied whole, the log-probabilities read, the
@@ -123,7 +150,8 @@ impl Choices {
     }
 }
 
-/// What a user gets of a copy: its rows, a choice made of them, or nothing.
+/// What a user gets of a copy: its rows, a choice made of them (and the chosen token's
+/// log-probabilities: the `k`-th chosen read, `top` of them), or nothing.
 enum Read {
     Rows,
     /// Its first `rows` rows as the log-probabilities from `first` on in the copy's
@@ -133,7 +161,7 @@ enum Read {
         rows: usize,
         top: usize,
     },
-    Chosen(Chosen),
+    Chosen(Chosen, Option<(usize, usize)>),
     Nothing,
 }
 
@@ -223,11 +251,13 @@ impl HeadCopies {
                 _ if u.dropped => Read::Nothing,
                 Some(DeviceChoice::HeadArgmax) => {
                     wanted.argmax.push(start);
-                    Read::Chosen(Chosen::Argmax(wanted.argmax.len() - 1))
+                    let c = Chosen::Argmax(wanted.argmax.len() - 1);
+                    Read::Chosen(c, logprobs.of_choice(u, start, c))
                 }
                 Some(DeviceChoice::HeadSample(draw)) => {
                     wanted.drawn.push((start, draw));
-                    Read::Chosen(Chosen::Sample(wanted.drawn.len() - 1))
+                    let c = Chosen::Sample(wanted.drawn.len() - 1);
+                    Read::Chosen(c, logprobs.of_choice(u, start, c))
                 }
                 Some(DeviceChoice::Contrast {
                     alpha,
@@ -251,10 +281,11 @@ impl HeadCopies {
                                 wanted.contrast_drawn.len() - 1
                             }
                         });
-                        Read::Chosen(match draw {
+                        let c = match draw {
                             None => Chosen::Contrast(k),
                             Some(_) => Chosen::ContrastSample(k),
-                        })
+                        };
+                        Read::Chosen(c, None)
                     }
                     _ => {
                         full.extend(start..start + u.rows as u32);
@@ -293,6 +324,7 @@ impl HeadCopies {
             self.copy_with_choices(&all, rows, &full, &wanted, &logprobs)?
         };
         let (data, ids) = (Arc::new(copied.rows), copied.ids);
+        let known = logprobs.rows.len();
         let mut at = 0;
         for (u, read) in users().zip(reads) {
             outputs[u.seq][u.head] = match read {
@@ -307,14 +339,14 @@ impl HeadCopies {
                     at = range.end;
                     let read = copied.logprobs[first..first + rows]
                         .iter()
-                        .map(|r| RowLogprobs {
-                            target: r.target,
-                            top: r.top[..top.min(r.top.len())].to_vec(),
-                        })
+                        .map(|r| cut(r, top))
                         .collect();
                     Logits::with_logprobs(self.vocab, read, Arc::clone(&data), range)
                 }
-                Read::Chosen(c) => Logits::chosen(self.vocab, ids[wanted.id_at(c)]),
+                Read::Chosen(c, read) => {
+                    let read = read.map(|(k, top)| cut(&copied.logprobs[known + k], top));
+                    Logits::chosen(self.vocab, ids[wanted.id_at(c)], read)
+                }
             };
         }
         Ok(())
@@ -425,8 +457,9 @@ impl HeadCopies {
         }
     }
 
-    /// `all`'s rows `full`, the log-probabilities `logprobs` of its rows and the choices
-    /// `wanted` of them, in one copy to the host (rows none of them names are not copied).
+    /// `all`'s rows `full`, the log-probabilities `logprobs` of its rows (at known targets, and
+    /// at choices) and the choices `wanted` of them, in one copy to the host (rows none of
+    /// them names are not copied).
     fn copy_with_choices(
         &self,
         all: &Tensor,
@@ -498,18 +531,24 @@ impl HeadCopies {
             0 => None,
             _ => Some(Tensor::cat(&ids, 0)?),
         };
-        let read = match logprobs.rows.len() {
-            0 => None,
-            _ => Some(
-                logprob::logprob_rows(
-                    &pick(&logprobs.rows)?,
-                    &Tensor::new(logprobs.targets.as_slice(), device)?,
-                    logprobs.top,
-                )?
-                .flatten_all()?,
-            ),
-        };
-        if let (true, None, Some(ids)) = (full.is_empty(), &read, &ids) {
+        let mut read = Vec::new();
+        if !logprobs.rows.is_empty() {
+            let targets = Tensor::new(logprobs.targets.as_slice(), device)?;
+            let lp = logprob::logprob_rows(&pick(&logprobs.rows)?, &targets, logprobs.top)?;
+            read.push(lp.flatten_all()?);
+        }
+        if let (false, Some(ids)) = (logprobs.chosen.is_empty(), &ids) {
+            // the targets are the choices, where they were made
+            let (rows, at): (Vec<u32>, Vec<u32>) = logprobs
+                .chosen
+                .iter()
+                .map(|&(row, c)| (row, wanted.id_at(c) as u32))
+                .unzip();
+            let targets = ids.index_select(&Tensor::new(at, device)?, 0)?;
+            let lp = logprob::logprob_rows(&pick(&rows)?, &targets, logprobs.top)?;
+            read.push(lp.flatten_all()?);
+        }
+        if let (true, true, Some(ids)) = (full.is_empty(), read.is_empty(), &ids) {
             // only choices
             return Ok(Copied {
                 rows: Vec::new(),
@@ -533,7 +572,8 @@ impl HeadCopies {
             _ => Tensor::cat(&parts, 0)?.to_vec1::<f32>()?,
         };
         let width = 1 + 2 * logprobs.top;
-        let ids = data.split_off(full.len() * self.vocab + logprobs.rows.len() * width);
+        let reads = logprobs.rows.len() + logprobs.chosen.len();
+        let ids = data.split_off(full.len() * self.vocab + reads * width);
         let read = data.split_off(full.len() * self.vocab);
         Ok(Copied {
             rows: data,
@@ -568,7 +608,7 @@ mod tests {
         for (t, users) in products {
             let users = users
                 .iter()
-                .map(|&(seq, head, choice)| HeadUser::new(seq, head, 1, choice, None, None))
+                .map(|&(seq, head, choice)| HeadUser::new(seq, head, 1, choice, None, None, None))
                 .collect();
             copies.push(t.clone(), users, &mut outputs)?;
         }
@@ -589,7 +629,7 @@ mod tests {
             let mut copies = HeadCopies::new(vocab, true);
             let mut outputs = vec![vec![Logits::default()]; 3];
             let users = (0..3)
-                .map(|seq| HeadUser::new(seq, 0, 1, choice.filter(|_| seq == 2), None, None))
+                .map(|seq| HeadUser::new(seq, 0, 1, choice.filter(|_| seq == 2), None, None, None))
                 .collect();
             copies.push(product.clone(), users, &mut outputs)?;
             let margins = copies.margins(&[(2, 0), (1, 0), (7, 0)])?;
@@ -634,7 +674,7 @@ mod tests {
             let mut outputs = vec![vec![Logits::default(); 4]; 2];
             for (k, t) in [1, 2, 3, 0].into_iter().zip(&products) {
                 let users = (0..2)
-                    .map(|seq| HeadUser::new(seq, k, 1, None, Some(4), None))
+                    .map(|seq| HeadUser::new(seq, k, 1, None, Some(4), None, None))
                     .collect();
                 copies.push(t.clone(), users, &mut outputs)?;
             }
@@ -715,26 +755,52 @@ mod tests {
 
     /// Echo's rows read as log-probabilities in the copy (each row's log-softmax at its
     /// target and its top, cut to what each user asked for), the rows after them whole,
-    /// beside a greedy choice and a user reading rows, in one copy.
+    /// beside greedy choices and draws with and without their log-probabilities and a user
+    /// reading rows, in one copy.
     #[test]
-    fn prompt_rows_are_read_as_log_probabilities_in_the_copy() -> Result<()> {
+    fn rows_are_read_as_log_probabilities_in_the_copy() -> Result<()> {
         let (vocab, dev) = (70, Device::Cpu);
-        let t = Tensor::arange(0f32, (9 * vocab) as f32, &dev)?;
-        let product = ((t * 0.29)?.sin()? * 3.0)?.reshape((9, vocab))?;
+        let t = Tensor::arange(0f32, (11 * vocab) as f32, &dev)?;
+        let product = ((t * 0.29)?.sin()? * 3.0)?.reshape((11, vocab))?;
         let row = |r: usize| -> Result<Vec<f32>> { Ok(product.get(r)?.to_vec1()?) };
         let mut copies = HeadCopies::new(vocab, true);
-        let mut outputs: Vec<Vec<Logits>> = vec![vec![Logits::default()]; 4];
+        let mut outputs: Vec<Vec<Logits>> = vec![vec![Logits::default()]; 6];
         // 0: 4 rows, the first 3 read (top 5), its last whole; 1: 3 rows all read (top 2);
-        // 2: an argmax; 3: a row whole
+        // 2: an argmax with its log-probabilities (top 3); 3: a row whole; 4: a draw with
+        // them (top 0); 5: a draw alone
         const T0: [u32; 3] = [3, 9, 69];
         const T1: [u32; 3] = [0, 1, 2];
         let (t0, t1) = (T0, T1);
         let targets = |targets: &'static [u32], top| LogprobTargets { targets, top };
+        let draw = sample::Draw {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            u: 0.61,
+        };
         let users = vec![
-            HeadUser::new(0, 0, 4, None, None, Some(targets(&T0, 5))),
-            HeadUser::new(1, 0, 3, None, None, Some(targets(&T1, 2))),
-            HeadUser::new(2, 0, 1, Some(DeviceChoice::HeadArgmax), None, None),
-            HeadUser::new(3, 0, 1, None, None, None),
+            HeadUser::new(0, 0, 4, None, None, Some(targets(&T0, 5)), None),
+            HeadUser::new(1, 0, 3, None, None, Some(targets(&T1, 2)), None),
+            HeadUser::new(2, 0, 1, Some(DeviceChoice::HeadArgmax), None, None, Some(3)),
+            HeadUser::new(3, 0, 1, None, None, None, None),
+            HeadUser::new(
+                4,
+                0,
+                1,
+                Some(DeviceChoice::HeadSample(draw)),
+                None,
+                None,
+                Some(0),
+            ),
+            HeadUser::new(
+                5,
+                0,
+                1,
+                Some(DeviceChoice::HeadSample(draw)),
+                None,
+                None,
+                None,
+            ),
         ];
         copies.push(product.clone(), users, &mut outputs)?;
         copies.flush(&mut outputs)?;
@@ -750,8 +816,18 @@ mod tests {
             assert_eq!(outputs[1][0].logprobs_at(r), Some(&want));
         }
         assert_eq!((outputs[1][0].rows(), outputs[1][0].last()), (3, None));
-        assert_eq!(outputs[2][0].choice(), Some(greedy::argmax(&row(7)?)));
+        let argmax = greedy::argmax(&row(7)?);
+        assert_eq!(outputs[2][0].choice(), Some(argmax));
+        let want = logprob::row_logprobs(&row(7)?, argmax, 3);
+        assert_eq!(outputs[2][0].logprobs_at(0), Some(&want));
         assert_eq!(outputs[3][0].last(), Some(&row(8)?[..]));
+        let drawn = sample::draw_from_logits(&row(9)?, &draw);
+        assert_eq!(outputs[4][0].choice(), Some(drawn));
+        let want = logprob::row_logprobs(&row(9)?, drawn, 0);
+        assert_eq!(outputs[4][0].logprobs_at(0), Some(&want));
+        let drawn = sample::draw_from_logits(&row(10)?, &draw);
+        assert_eq!(outputs[5][0].choice(), Some(drawn));
+        assert_eq!(outputs[5][0].logprobs_at(0), None);
         Ok(())
     }
 

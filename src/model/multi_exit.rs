@@ -411,6 +411,9 @@ impl MultiExitModel {
                 s.choice.filter(|&c| {
                     self.device_choices
                         && (self.device_draws || !c.is_draw())
+                        && s.choice_logprobs.is_none_or(|top| {
+                            self.device_logprobs && c.heads() == 1 && top <= logprob::MAX_TOP
+                        })
                         && !s.all_positions
                         && match early[slot] {
                             // the argmax or draw of the one head it leaves at
@@ -419,6 +422,11 @@ impl MultiExitModel {
                         }
                 })
             })
+            .collect();
+        let choice_logprobs: Vec<Option<usize>> = order
+            .iter()
+            .zip(&choices)
+            .map(|(&i, c)| c.and(steps[i].choice_logprobs))
             .collect();
         {
             // Segments borrow the caches; slot k is the k-th sequence in packed order.
@@ -450,6 +458,7 @@ impl MultiExitModel {
                 choices: alive.iter().map(|&s| choices[s]).collect(),
                 select_premature: alive.iter().map(|&s| select_premature[s]).collect(),
                 logprobs: alive.iter().map(|&s| logprobs[s]).collect(),
+                choice_logprobs: alive.iter().map(|&s| choice_logprobs[s]).collect(),
             };
             let mut rows = view(&alive, &row_in_x);
             // The batched attention path's layout of each set of segments, made once for
@@ -720,6 +729,7 @@ impl MultiExitModel {
                         p.choices[slot],
                         p.select_premature[slot].then_some(p.heads[slot].len()),
                         p.logprobs[slot],
+                        p.choice_logprobs[slot],
                     )
                 })
                 .collect();
@@ -829,6 +839,7 @@ struct Rows<'h> {
     choices: Vec<Option<DeviceChoice>>,
     select_premature: Vec<bool>,
     logprobs: Vec<Option<LogprobTargets<'h>>>,
+    choice_logprobs: Vec<Option<usize>>,
 }
 
 impl Rows<'_> {
@@ -841,6 +852,7 @@ impl Rows<'_> {
             choices: &self.choices,
             select_premature: &self.select_premature,
             logprobs: &self.logprobs,
+            choice_logprobs: &self.choice_logprobs,
             order: &self.order,
         }
     }

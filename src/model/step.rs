@@ -54,6 +54,12 @@ pub struct SeqStep<'a> {
     /// where the logits are and copies them alone (`Logits::logprobs_at`; the rows after
     /// them come as usual); elsewhere every row comes.
     pub logprobs: Option<LogprobTargets<'a>>,
+    /// With a `choice` of one head (`HeadArgmax`, `HeadSample`), the caller reads the chosen
+    /// token's log-probability and the top this many of that head's log-softmax too
+    /// (`logprobs`, `best_of`'s ranking): the step reads them where the logits are, beside
+    /// the choice (`Logits::logprobs_at(0)`). A step that cannot read them there makes no
+    /// choice there either: the rows come as usual.
+    pub choice_logprobs: Option<usize>,
 }
 
 /// See `SeqStep::logprobs`.
@@ -85,6 +91,8 @@ pub(super) struct Packed<'p> {
     pub select_premature: &'p [bool],
     /// See `SeqStep::logprobs` (None where the step cannot: see `forward_pass`).
     pub logprobs: &'p [Option<LogprobTargets<'p>>],
+    /// See `SeqStep::choice_logprobs` (None without a choice).
+    pub choice_logprobs: &'p [Option<usize>],
     /// Packed slot -> index of the sequence in the caller's step list.
     pub order: &'p [usize],
 }
@@ -145,11 +153,13 @@ impl Logits {
         }
     }
 
-    /// One row of which only its choice `id` came back.
-    pub fn chosen(vocab: usize, id: u32) -> Self {
+    /// One row of which only its choice `id` came back, and, where they were read there, its
+    /// log-probabilities at `id` (`SeqStep::choice_logprobs`).
+    pub fn chosen(vocab: usize, id: u32, read: Option<RowLogprobs>) -> Self {
         Self {
             vocab,
             chosen: Some(id),
+            logprobs: read.into_iter().collect(),
             ..Self::default()
         }
     }
@@ -184,7 +194,8 @@ impl Logits {
         &self.values()[i * self.vocab..(i + 1) * self.vocab]
     }
 
-    /// Row `i`'s log-probabilities, where only they came back (`SeqStep::logprobs`).
+    /// Row `i`'s log-probabilities, where only they came back (`SeqStep::logprobs`), or came
+    /// with the choice (`SeqStep::choice_logprobs`).
     pub fn logprobs_at(&self, i: usize) -> Option<&RowLogprobs> {
         self.logprobs.get(i)
     }

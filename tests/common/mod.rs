@@ -207,6 +207,7 @@ pub fn all_head_logits(
         choice: None,
         select_premature: false,
         logprobs: None,
+        choice_logprobs: None,
     }];
     let out = model.forward(&mut step)?.into_per_seq().remove(0);
     Ok(heads

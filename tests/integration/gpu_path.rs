@@ -94,9 +94,13 @@ async fn every_case_at_once_on_the_batched_path_equals_the_reference() {
 
 /// Seeded sampling on the batched path: a sequence that reads nothing but its tokens gets
 /// each drawn in the step from its head's row or its contrast's rows (`kernels::sample`);
-/// one that asks for logprobs gets its rows copied and draws on the host. Both draw the same
-/// tokens, all at once and alone, in `original`, `exit`, `early_exit` and `contrast` (a
-/// candidate floor of one and of three), greedy and with and without top-k and top-p.
+/// one that asks for logprobs too where its scores are one head's (`original`, `exit`,
+/// `early_exit`: the token's logprob and top alternatives read there beside it,
+/// `kernels::logprob`), a contrast asking for them reads its rows; one whose scores are
+/// edited (a logit bias, here of 0) gets its rows copied and draws on the host. All draw the
+/// same tokens, all at once and alone, in `original`, `exit`, `early_exit` and `contrast` (a
+/// candidate floor of one and of three), greedy and with and without top-k and top-p, and
+/// the logprobs read in the step equal the host's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draws_made_in_the_step_are_the_host_draws() {
     for f in ARCHS {
@@ -136,17 +140,27 @@ async fn draws_made_in_the_step_are_the_host_draws() {
                 }));
             }
         }
-        let with_logprobs = |b: &Value| {
+        let with = |b: &Value, logprobs: bool, bias: bool| {
             let mut b = b.clone();
-            b["logprobs"] = json!(1);
+            if logprobs {
+                b["logprobs"] = json!(3);
+            }
+            if bias {
+                b["logit_bias"] = json!({"0": 0});
+            }
             b
         };
-        let choices = || server.metric("exitserve_device_choices_total");
-        let before = choices();
-        // every body twice at once: drawn in the step, and on the host
+        let metric = |name: &str| server.metric(name);
+        let before = (
+            metric("exitserve_device_choices_total"),
+            metric("exitserve_device_logprobs_total"),
+        );
+        // every body four times at once: drawn in the step without and with logprobs, and on
+        // the host without and with them
+        let variants = [(false, false), (true, false), (false, true), (true, true)];
         let tasks: Vec<_> = bodies
             .iter()
-            .flat_map(|b| [b.clone(), with_logprobs(b)])
+            .flat_map(|b| variants.map(|(l, e)| with(b, l, e)))
             .map(|body| {
                 let url = url.clone();
                 tokio::spawn(async move { post(&url, &body).await })
@@ -156,24 +170,62 @@ async fn draws_made_in_the_step_are_the_host_draws() {
         for t in tasks {
             let (status, out) = t.await.unwrap();
             assert_eq!(status, 200, "{out}");
-            at_once.push(ids(&out["choices"][0]["token_ids"]));
+            at_once.push(out["choices"][0].clone());
         }
         // every token but early exit's first (its prompt runs every block and hands over
-        // every exit's rows, from which the host decides)
-        let drawn_in_step = choices() - before;
+        // every exit's rows, from which the host decides), and with logprobs those of the
+        // three one-head modes
+        let one_head = 3 * sampling.len();
+        let (choices, logprobs) = (
+            metric("exitserve_device_choices_total") - before.0,
+            metric("exitserve_device_logprobs_total") - before.1,
+        );
+        let unread = bodies.len() * TOKENS - sampling.len();
+        let read = one_head * TOKENS - sampling.len();
+        assert_eq!(choices, (unread + read) as f64, "tokens chosen in the step");
         assert_eq!(
-            drawn_in_step,
-            (bodies.len() * TOKENS - sampling.len()) as f64,
-            "tokens chosen in the step"
+            logprobs, read as f64,
+            "tokens whose logprobs were read there"
         );
         let mut differs_from_greedy = 0;
-        for (b, pair) in bodies.iter().zip(at_once.chunks(2)) {
-            assert_eq!(pair[0].len(), TOKENS);
-            assert_eq!(
-                pair[0], pair[1],
-                "{} {b}: in the step vs on the host",
-                f.name
-            );
+        for (b, four) in bodies.iter().zip(at_once.chunks(4)) {
+            let tokens: Vec<Vec<u32>> = four.iter().map(|c| ids(&c["token_ids"])).collect();
+            assert_eq!(tokens[0].len(), TOKENS);
+            for (v, t) in variants.iter().zip(&tokens) {
+                assert_eq!(
+                    t, &tokens[0],
+                    "{} {b} {v:?}: in the step vs on the host",
+                    f.name
+                );
+            }
+            // the logprobs read in the step (or from its rows, for a contrast) against the
+            // host's from the edited scores' log-softmax
+            let (step, host) = (&four[1]["logprobs"], &four[3]["logprobs"]);
+            let values = |l: &Value| -> Vec<f64> {
+                l["token_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            };
+            for (x, y) in values(step).iter().zip(values(host)) {
+                assert!((x - y).abs() < 1e-4, "{} {b}: {x} vs {y}", f.name);
+            }
+            assert_eq!(values(step).len(), TOKENS);
+            for (s, h) in step["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(host["top_logprobs"].as_array().unwrap())
+            {
+                let (s, h) = (s.as_object().unwrap(), h.as_object().unwrap());
+                assert_eq!(s.keys().collect::<Vec<_>>(), h.keys().collect::<Vec<_>>());
+                for (k, v) in s {
+                    assert!((v.as_f64().unwrap() - h[k].as_f64().unwrap()).abs() < 1e-4);
+                }
+            }
+            let pair = &tokens;
             // alone: the same tokens
             let (status, alone) = post(&url, b).await;
             assert_eq!(status, 200, "{alone}");
@@ -198,7 +250,9 @@ async fn draws_made_in_the_step_are_the_host_draws() {
 /// copied. Every entry of the reference's scoring, all at once, in prompt chunks of 4 tokens
 /// and whole: the logprobs equal the reference's, the alternatives and the tokens generated
 /// after the prompt equal the CPU kernels' path, and `exitserve_device_logprobs_total` counts
-/// every position read there and nothing on the CPU's own path.
+/// every position read there (and each one-head entry's second generated token, chosen and
+/// read in the step; the first comes from the last prompt row) and nothing on the CPU's own
+/// path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_scoring_read_where_the_logits_are_equals_the_reference() {
     for f in ARCHS {
@@ -207,7 +261,7 @@ async fn echo_scoring_read_where_the_logits_are_equals_the_reference() {
         let positions: f64 = echo
             .iter()
             .filter(|e| one_head(e["mode"].as_str().unwrap()))
-            .map(|e| (e["prompt_ids"].as_array().unwrap().len() - 1) as f64)
+            .map(|e| e["prompt_ids"].as_array().unwrap().len() as f64)
             .sum();
         for budget in ["4", "4096"] {
             let batched = TestServer::start_model(

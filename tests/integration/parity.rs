@@ -78,6 +78,7 @@ fn greedy_batch(
                 choice: None,
                 select_premature: false,
                 logprobs: None,
+                choice_logprobs: None,
             })
             .collect();
         let logits = m.model.forward(&mut batch).unwrap();
@@ -245,6 +246,7 @@ fn mixed_schedule_reading(m: &LoadedModel, choices: bool) -> Vec<Vec<Logits>> {
                 choice: choices.then(|| device_choice(heads[i].len())),
                 select_premature: false,
                 logprobs: None,
+                choice_logprobs: None,
             })
             .collect();
         out.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
@@ -403,6 +405,7 @@ fn greedy_choices_made_in_the_step_are_the_host_choices_from_the_logits() {
                             choice: choices.then(|| device_choice(heads[i].len())),
                             select_premature: false,
                             logprobs: None,
+                            choice_logprobs: None,
                         })
                         .collect();
                     steps.extend(m.model.forward(&mut batch).unwrap().into_per_seq());
@@ -614,6 +617,7 @@ fn teacher_forced_logits(
             choice: None,
             select_premature: false,
             logprobs: None,
+            choice_logprobs: None,
         }];
         let logits = m
             .model
@@ -703,6 +707,7 @@ fn exit_logits(m: &LoadedModel, tokens: &[u32], layer: usize, draft: bool) -> Ve
         choice: None,
         select_premature: false,
         logprobs: None,
+        choice_logprobs: None,
     }];
     let out = m.model.forward(&mut step).unwrap().into_per_seq().remove(0);
     out.into_iter().next().unwrap().into_last()

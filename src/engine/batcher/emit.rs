@@ -12,6 +12,7 @@ use crate::engine::request::{Event, FinishReason};
 use crate::engine::sampling::Sampler;
 use crate::engine::sequence::{Outcome, Sequence, SharedRequest};
 use crate::engine::structured::{Constrained, Guide};
+use crate::kernels::logprob::RowLogprobs;
 use crate::model::Head;
 
 impl Batcher {
@@ -40,7 +41,7 @@ impl Batcher {
                 continue;
             }
             let scores = rows.pop().unwrap_or_default();
-            let (head, choice) = (r.exit_head(), r.choice());
+            let (head, choice, read) = (r.exit_head(), r.choice(), r.choice_read());
             let result = contained(Phase::Emit, || {
                 let mut followers = Vec::new();
                 if r.first_token {
@@ -51,7 +52,7 @@ impl Batcher {
                         .collect();
                     self.send_prompt_event(r.index);
                 }
-                self.sample_and_emit(r.index, &scores, head, (choice, drawn));
+                self.sample_and_emit(r.index, &scores, head, (choice, read, drawn));
                 Ok::<_, String>(followers)
             });
             match result {
@@ -67,7 +68,7 @@ impl Batcher {
             let idx = self.running.len() - 1;
             let result = contained(Phase::Emit, || {
                 self.send_prompt_event(idx);
-                self.sample_and_emit(idx, &scores, head, (None, None));
+                self.sample_and_emit(idx, &scores, head, (None, None, None));
             });
             if let Err(message) = result {
                 self.fail_members(&[idx], message);
@@ -160,14 +161,15 @@ impl Batcher {
 
     /// Chooses sequence `i`'s token from `scores` and emits it. `head`: for an early-exit
     /// mode, the head the token left at; `choice`: the token chosen on the device
-    /// (`Ready::choice`, `scores` then empty); `drawn`: the token its sampler drew already
+    /// (`Ready::choice`, `scores` then empty), with `read`, its log-probabilities read there
+    /// (`Ready::choice_read`); `drawn`: the token its sampler drew already
     /// (`ScoredRows::drawn`).
     fn sample_and_emit(
         &mut self,
         i: usize,
         scores: &[f32],
         head: Option<Head>,
-        (choice, drawn): (Option<u32>, Option<u32>),
+        (choice, read, drawn): (Option<u32>, Option<&RowLogprobs>, Option<u32>),
     ) {
         if self.running[i].request.borrow().req.max_tokens == 0 {
             // echo with max_tokens 0: the prompt was only scored.
@@ -190,13 +192,19 @@ impl Batcher {
                 }
             }
         };
-        let id = match (chosen, choice) {
-            (Some(id), _) => id,
+        let (id, read) = match (chosen, choice) {
+            (Some(id), _) => (id, None),
             (None, Some(id)) => {
                 self.metrics.device_choices.increment(1);
-                id
+                if read.is_some() {
+                    self.metrics.device_logprobs.increment(1);
+                }
+                (id, read)
             }
-            (None, None) => drawn.unwrap_or_else(|| self.running[i].sampler.choose(scores)),
+            (None, None) => (
+                drawn.unwrap_or_else(|| self.running[i].sampler.choose(scores)),
+                None,
+            ),
         };
         let exit_layer = head.map(|h| h.layer(self.model.config().num_layers));
         if let Some(head) = head {
@@ -212,16 +220,17 @@ impl Batcher {
                 .entry(layer)
                 .or_default() += 1;
         }
-        self.emit_token(i, id, scores, exit_layer);
+        self.emit_token(i, id, (scores, read), exit_layer);
     }
 
-    /// Emits token `id` chosen from `scores` (at `exit_layer`, for early exit); returns whether
+    /// Emits token `id` chosen from `scores` (or where the logits are, its log-probabilities
+    /// `read` there: see `Sequence::accept`) at `exit_layer` for early exit; returns whether
     /// the sequence finished.
     pub(super) fn emit_token(
         &mut self,
         i: usize,
         id: u32,
-        scores: &[f32],
+        (scores, read): (&[f32], Option<&RowLogprobs>),
         exit_layer: Option<usize>,
     ) -> bool {
         let now = Instant::now();
@@ -242,7 +251,7 @@ impl Batcher {
         inject(self.cfg.fault(), Phase::Emit, &seq.prompt);
         let outcome = seq.accept(
             id,
-            scores,
+            (scores, read),
             &self.tokenizer,
             self.cfg.eos_token_id,
             exit_layer,

@@ -317,7 +317,8 @@ impl Batcher {
                 draft: row.kind == StepKind::Draft,
                 verify: row.per_query,
                 early_exit: row.early_exit,
-                choice: row.choice,
+                choice: row.choice.map(|c| c.0),
+                choice_logprobs: row.choice.and_then(|c| c.1),
                 select_premature: row.select_premature,
                 logprobs: row
                     .logprobs

@@ -49,8 +49,9 @@ pub(super) struct RowPlan {
     /// An early-exit mode's threshold for this token, decided in the forward (decode only:
     /// prompt positions run every block).
     pub early_exit: Option<EarlyExitParams>,
-    /// Only the choice of its next token is read, made thus (`SeqStep::choice`).
-    pub choice: Option<DeviceChoice>,
+    /// Only the choice of its next token is read, made thus (`SeqStep::choice`), and with it
+    /// its log-probabilities, the top this many (`SeqStep::choice_logprobs`).
+    pub choice: Option<(DeviceChoice, Option<usize>)>,
     /// Its DoLa premature candidate may be chosen in the step (`SeqStep::select_premature`).
     pub select_premature: bool,
     /// Echo's scoring read as log-probabilities (`SeqStep::logprobs`): the targets of its
@@ -169,16 +170,16 @@ fn resume_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
 
 /// How the sequence's next token may be chosen where the logits are, when nothing else of
 /// them is read: nothing that edits the scores (bias, penalties), a mode with a device choice
-/// (its head's argmax or draw, or the contrast's), no logprobs to report or rank by, no
-/// followers to fork from these scores, no grammar, no inspection, no speculation. Then a
-/// step on the device copies only the choice.
-fn device_choice(s: &Sequence) -> Option<DeviceChoice> {
+/// (its head's argmax or draw, or the contrast's), no followers to fork from these scores, no
+/// grammar, no inspection, no speculation. Then a step on the device copies only the choice,
+/// and, where the token's logprob is read (reported, or `best_of`'s ranking), the chosen
+/// token's log-probability and the top `logprobs` asks for, read there too: only for a choice
+/// from one head, whose log-softmax the scores are.
+fn device_choice(s: &Sequence) -> Option<(DeviceChoice, Option<usize>)> {
     let r = s.request.borrow();
     let req = &r.req;
     let draw = s.sampler.unedited_draw()?;
-    let reads_only_the_choice = req.logprobs.is_none()
-        && req.best_of <= req.n
-        && s.forks.is_empty()
+    let reads_only_the_choice = s.forks.is_empty()
         && s.guide.is_none()
         && s.spec.is_none()
         && req.inspect.is_none()
@@ -189,8 +190,14 @@ fn device_choice(s: &Sequence) -> Option<DeviceChoice> {
     let choice = req
         .mode
         .at_token(s.generated, req.max_tokens)
-        .device_choice()?;
-    Some(choice.drawn(draw))
+        .device_choice()?
+        .drawn(draw);
+    let reads_logprob = req.logprobs.is_some() || req.best_of > req.n;
+    match (reads_logprob, choice.heads()) {
+        (false, _) => Some((choice, None)),
+        (true, 1) => Some((choice, Some(req.logprobs.unwrap_or(0)))),
+        (true, _) => None,
+    }
 }
 
 /// Whether the sequence's DoLa candidate may be chosen in the step: nothing but its scores

@@ -10,6 +10,7 @@ use crate::engine::inspection;
 use crate::engine::request::{Event, FinishReason, InspectSpec};
 use crate::engine::sampling::Sampler;
 use crate::engine::sequence::{read_logprob, token_logprob, Sequence};
+use crate::kernels::logprob::RowLogprobs;
 use crate::model::{Logits, Mode, StepLogits, TextTokenizer};
 
 /// What a step's forward did for one sequence.
@@ -51,6 +52,13 @@ impl Ready {
     /// The next token, when the step computed only the greedy choice (`SeqStep::choice`).
     pub fn choice(&self) -> Option<u32> {
         self.logits.iter().find_map(Logits::choice)
+    }
+
+    /// The chosen token's log-probabilities, where the step read them beside its choice
+    /// (`SeqStep::choice_logprobs`).
+    pub fn choice_read(&self) -> Option<&RowLogprobs> {
+        let chosen = self.logits.iter().find(|l| l.choice().is_some())?;
+        chosen.logprobs_at(0)
     }
 
     /// Positions with logits (a head may be left empty: one not reached, or an early exit

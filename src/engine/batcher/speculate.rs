@@ -76,7 +76,7 @@ impl Batcher {
                 count(seq, 0, 1);
                 self.metrics.speculative_accepted.increment(1);
             }
-            if self.emit_token(i, id, scores, None) || !stands {
+            if self.emit_token(i, id, (scores, None), None) || !stands {
                 break;
             }
         }
