@@ -1,11 +1,10 @@
 """Parity of a server binary with the reference on one tiny fixture, through HTTP: every
 reference case (prompt x mode) greedily, one at a time and then all at once, greedy ids
-compared with the reference's and first-step top-5 logprobs within 1e-3 — with logprobs (for
-`original` and `exit` chosen in the step with the logprobs read there, for contrast chosen on
-the host from copied rows), with logprobs and a logit bias of 0 (every mode on the host from
+compared with the reference's and first-step top-5 logprobs within 1e-3 — with logprobs
+(chosen in the step, the logprobs read there), with a logit bias of 0 (chosen on the host from
 copied rows) and without logprobs (chosen in the step) — and seeded sampling drawn in the step
 (without and with logprobs) against drawn on the host (a logit bias of 0); then echo's scoring of every entry of the fixture's `.scoring.json` (all at once, the
-prompt logprobs of one-head modes read where the logits are) within 1e-3 of the reference's.
+prompt logprobs read where the logits are) within 1e-3 of the reference's.
 Standard library only (it runs on the GPU machine, which has no network). Prints one JSON
 line per pass.
 

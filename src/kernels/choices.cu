@@ -10,8 +10,9 @@
 // - `margin_rows`, `divergence_rows`: early exit's confidence, DoLa's divergence;
 // - `sample_rows`, `contrast_sample_rows`: a draw (temperature, top-k, top-p, its uniform
 //   number) from a row's log-softmax or a contrast's scores, as the host's `sample::draw`;
-// - `logprob_rows`: a row's log-softmax at one token and its largest values (`logprob.rs`),
-//   what echo's scoring reads of a prompt position.
+// - `logprob_rows`, `contrast_logprob_rows`: a row's log-softmax (a contrast's log q) at one
+//   token and its largest values (`logprob.rs`), what echo's scoring reads of a prompt
+//   position and a request's `logprobs` of a token chosen here.
 
 #define THREADS 256
 #define NONE 0xffffffffu
@@ -469,14 +470,9 @@ __device__ void draw_row(S score, const double* p, unsigned int vocab, unsigned 
     }
 }
 
-// Row r's draw from the log-softmax of `logits` row r with `params` row r: temperature,
-// top_k, top_p, u (`draw_row`).
-extern "C" __global__ void __launch_bounds__(THREADS)
-sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
-            unsigned int* __restrict__ out, unsigned int vocab) {
-    __shared__ float scratch[THREADS / 32];
-    const float* x = logits + (size_t)blockIdx.x * vocab;
-    // the log-softmax's normaliser, as the host's `log_sum_exp` (up to the order of the sum)
+// A row's log-softmax: its normaliser, as the host's `log_sum_exp` finds it (up to the order
+// of the sum).
+__device__ HeadScores head_scores(const float* x, unsigned int vocab, float* scratch) {
     float m = -__int_as_float(0x7f800000);
     for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, x[i]);
     m = block_max(m, scratch);
@@ -485,6 +481,50 @@ sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
     HeadScores score;
     score.x = x;
     score.lse = m + logf(block_sum(z, scratch));
+    return score;
+}
+
+// A contrast's scores of a pair of rows with ln(alpha) and the candidate floor: the norms,
+// the plausibility threshold, the set's largest log p_u - log p_l and both normalisers, as
+// the host's `contrast_log_q` finds them.
+__device__ ContrastScores contrast_scores(const float* u, const float* l, float ln_alpha,
+                                          float floor, unsigned int vocab, float* scratch,
+                                          double* sums) {
+    ContrastScores q;
+    q.u = u;
+    q.l = l;
+    const PairNorms n = pair_norms(u, l, vocab, scratch);
+    q.lse_u = n.lse_x;
+    q.lse_l = n.lse_y;
+    const float max_lp = n.max_x - n.lse_x;
+    q.threshold = contrast_threshold(u, n.max_x, q.lse_u, ln_alpha, floor, vocab, sums);
+    const float inf = __int_as_float(0x7f800000);
+    float diff_max = -inf;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float lp = u[i] - q.lse_u;
+        if (lp >= q.threshold) diff_max = fmaxf(diff_max, lp - (l[i] - q.lse_l));
+    }
+    diff_max = block_max(diff_max, scratch);
+    float diff_sum = 0.f, mass_sum = 0.f;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const float lp = u[i] - q.lse_u;
+        if (lp >= q.threshold) {
+            diff_sum += expf(lp - (l[i] - q.lse_l) - diff_max);
+            mass_sum += expf(lp - max_lp);
+        }
+    }
+    q.offset = diff_max + logf(block_sum(diff_sum, scratch));
+    q.log_mass = max_lp + logf(block_sum(mass_sum, scratch));
+    return q;
+}
+
+// Row r's draw from the log-softmax of `logits` row r with `params` row r: temperature,
+// top_k, top_p, u (`draw_row`).
+extern "C" __global__ void __launch_bounds__(THREADS)
+sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
+            unsigned int* __restrict__ out, unsigned int vocab) {
+    __shared__ float scratch[THREADS / 32];
+    const HeadScores score = head_scores(logits + (size_t)blockIdx.x * vocab, vocab, scratch);
     draw_row(score, params + (size_t)blockIdx.x * 4, vocab, out + blockIdx.x);
 }
 
@@ -497,32 +537,9 @@ contrast_sample_rows(const float* __restrict__ upper, const float* __restrict__ 
     __shared__ float scratch[THREADS / 32];
     __shared__ double sums[THREADS / 32];
     const double* p = params + (size_t)blockIdx.x * 6;
-    ContrastScores q;
-    q.u = upper + (size_t)blockIdx.x * vocab;
-    q.l = lower + (size_t)blockIdx.x * vocab;
-    const PairNorms n = pair_norms(q.u, q.l, vocab, scratch);
-    q.lse_u = n.lse_x;
-    q.lse_l = n.lse_y;
-    const float max_lp = n.max_x - n.lse_x;
-    q.threshold = contrast_threshold(q.u, n.max_x, q.lse_u, (float)p[4], (float)p[5], vocab, sums);
-    // the set's largest log p_u - log p_l, then both normalisers, as `contrast_log_q`
-    const float inf = __int_as_float(0x7f800000);
-    float diff_max = -inf;
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
-        const float lp = q.u[i] - q.lse_u;
-        if (lp >= q.threshold) diff_max = fmaxf(diff_max, lp - (q.l[i] - q.lse_l));
-    }
-    diff_max = block_max(diff_max, scratch);
-    float diff_sum = 0.f, mass_sum = 0.f;
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
-        const float lp = q.u[i] - q.lse_u;
-        if (lp >= q.threshold) {
-            diff_sum += expf(lp - (q.l[i] - q.lse_l) - diff_max);
-            mass_sum += expf(lp - max_lp);
-        }
-    }
-    q.offset = diff_max + logf(block_sum(diff_sum, scratch));
-    q.log_mass = max_lp + logf(block_sum(mass_sum, scratch));
+    const ContrastScores q = contrast_scores(upper + (size_t)blockIdx.x * vocab,
+                                             lower + (size_t)blockIdx.x * vocab, (float)p[4],
+                                             (float)p[5], vocab, scratch, sums);
     draw_row(q, p, vocab, out + blockIdx.x);
 }
 
@@ -541,40 +558,25 @@ __device__ unsigned long long block_max_key(unsigned long long v, unsigned long 
     return v;
 }
 
-// Row r's log-softmax as a request reads it (`logprob.rs`): at `targets[r]` (NaN for an id
-// past the row), then its `top` = (width - 1) / 2 largest values best first, then their ids
-// as floats (NaN and -1 past the row's end), in the host's order: `total_cmp` of the values
-// (NaN above every number), ties to the lower id. Each value is x - lse, the host's
-// subtraction, so a difference in lse's last bits moves every value alike. The top takes a
-// pass per place: the largest (order key of the value, complement of the id) below the
-// last place's, whose 64-bit key is never 0 (an id below 2^24).
-extern "C" __global__ void __launch_bounds__(THREADS)
-logprob_rows(const float* __restrict__ logits, const unsigned int* __restrict__ targets,
-             float* __restrict__ out, unsigned int vocab, unsigned int width) {
-    __shared__ float scratch[THREADS / 32];
-    __shared__ unsigned long long keys[THREADS / 32];
-    const float* row = logits + (size_t)blockIdx.x * vocab;
-    float* o = out + (size_t)blockIdx.x * width;
-    const unsigned int top = (width - 1u) / 2u;
+// What a request reads of a row's log-distribution `score` (`logprob.rs`): at `target` (NaN
+// for an id past the row), then its `top` largest values best first, then their ids as
+// floats (NaN and -1 past the row's end), in the host's order: `total_cmp` of the values (NaN
+// above every number), ties to the lower id. Each value is the host's expression
+// (`HeadScores`, `ContrastScores`), so a difference in a normaliser's last bits moves every
+// value alike. The top takes a pass per place: the largest (order key of the value,
+// complement of the id) below the last place's, whose 64-bit key is never 0 (an id below
+// 2^24). Thread 0 writes `o`.
+template <typename S>
+__device__ void read_logprobs(const S& score, unsigned int target, float* o, unsigned int vocab,
+                              unsigned int top, unsigned long long* keys) {
     const float nan = __int_as_float(0x7fc00000);
-
-    float m = -__int_as_float(0x7f800000);
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, row[i]);
-    m = block_max(m, scratch);
-    float s = 0.f;
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) s += expf(row[i] - m);
-    const float lse = m + logf(block_sum(s, scratch));
-    if (threadIdx.x == 0) {
-        const unsigned int t = targets[blockIdx.x];
-        o[0] = t < vocab ? row[t] - lse : nan;
-    }
-
+    if (threadIdx.x == 0) o[0] = target < vocab ? score(target) : nan;
     unsigned long long below = 0ull;
     for (unsigned int place = 0; place < top; ++place) {
         unsigned long long best = 0ull;
         for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
             const unsigned long long k =
-                ((unsigned long long)order_key(row[i] - lse) << 32) | (0xffffffffu - i);
+                ((unsigned long long)order_key(score(i)) << 32) | (0xffffffffu - i);
             if ((place == 0u || k < below) && k > best) best = k;
         }
         best = block_max_key(best, keys);
@@ -584,4 +586,32 @@ logprob_rows(const float* __restrict__ logits, const unsigned int* __restrict__ 
         }
         below = best;
     }
+}
+
+// Row r's log-softmax as a request reads it, at `targets[r]`; (width - 1) / 2 of its best.
+extern "C" __global__ void __launch_bounds__(THREADS)
+logprob_rows(const float* __restrict__ logits, const unsigned int* __restrict__ targets,
+             float* __restrict__ out, unsigned int vocab, unsigned int width) {
+    __shared__ float scratch[THREADS / 32];
+    __shared__ unsigned long long keys[THREADS / 32];
+    const HeadScores score = head_scores(logits + (size_t)blockIdx.x * vocab, vocab, scratch);
+    read_logprobs(score, targets[blockIdx.x], out + (size_t)blockIdx.x * width, vocab,
+                  (width - 1u) / 2u, keys);
+}
+
+// The contrast's log q of `upper` and `lower` rows r as a request reads it, with `params`
+// row r: ln(alpha), the candidate floor, the target (-1: none); (width - 1) / 2 of its best.
+extern "C" __global__ void __launch_bounds__(THREADS)
+contrast_logprob_rows(const float* __restrict__ upper, const float* __restrict__ lower,
+                      const float* __restrict__ params, float* __restrict__ out,
+                      unsigned int vocab, unsigned int width) {
+    __shared__ float scratch[THREADS / 32];
+    __shared__ double sums[THREADS / 32];
+    __shared__ unsigned long long keys[THREADS / 32];
+    const float* p = params + (size_t)blockIdx.x * 3;
+    const ContrastScores q = contrast_scores(upper + (size_t)blockIdx.x * vocab,
+                                             lower + (size_t)blockIdx.x * vocab, p[0], p[1],
+                                             vocab, scratch, sums);
+    const unsigned int target = p[2] >= 0.f ? (unsigned int)p[2] : 0xffffffffu;
+    read_logprobs(q, target, out + (size_t)blockIdx.x * width, vocab, (width - 1u) / 2u, keys);
 }

@@ -1,20 +1,23 @@
 //! Each row's log-probabilities as a request reads them, computed where the logits are: the
-//! log-softmax at one token (echo's scoring: the prompt's next token) and its `top` largest
-//! values (OpenAI's `logprobs`), so that a scored prompt position costs the host 1 + 2·top
-//! floats instead of a vocabulary row and its log-softmax (a 512-token prompt of GPT-2's
-//! 50,257 tokens with `logprobs` 5: 22 KB instead of 103 MB).
+//! log-distribution at one token (echo's scoring: the prompt's next token; a token chosen in
+//! the step: that token) and its `top` largest values (OpenAI's `logprobs`), so that a scored
+//! position costs the host 1 + 2·top floats instead of a vocabulary row (a contrast's: two)
+//! and its log-softmax (a 512-token prompt of GPT-2's 50,257 tokens with `logprobs` 5: 22 KB
+//! instead of 103 MB). The distribution is one head's log-softmax ([`logprob_rows`]) or a
+//! contrast's log q over two heads ([`contrast_logprob_rows`]).
 //!
-//! `choices.cu`'s `logprob_rows` computes it on a GPU; the Rust here is the CPU's version
-//! (the host's own `fastmath::log_softmax` and [`top_ids`], to the bit) and the oracle that
-//! [`check`] holds the kernel to at start-up.
+//! `choices.cu`'s `logprob_rows` and `contrast_logprob_rows` compute them on a GPU; the Rust
+//! here is the CPU's version (the host's own `fastmath::log_softmax`,
+//! `greedy::contrast_log_q` and [`top_ids`], to the bit) and the oracle that [`check`] holds
+//! the kernels to at start-up.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda_source::launch_choice_rows;
 use super::fastmath;
-use super::greedy::contiguous;
+use super::greedy::{self, contiguous};
 
 /// The most values a row's top may hold (OpenAI's chat API asks for at most 20).
 pub const MAX_TOP: usize = 64;
@@ -52,6 +55,54 @@ pub fn logprob_rows(logits: &Tensor, targets: &Tensor, top: usize) -> Result<Ten
         .apply_op2_no_bwd(&targets.contiguous()?, &LogprobRows { top })
 }
 
+/// `upper` and `lower` `(rows, vocab)` float32 and `params` `(rows, 3)` float32 (each row's
+/// ln(alpha), candidate floor and target: -1 for none): [`logprob_rows`]' output for each
+/// pair of rows' contrast log q (`greedy::contrast_log_q`).
+pub fn contrast_logprob_rows(
+    upper: &Tensor,
+    lower: &Tensor,
+    params: &Tensor,
+    top: usize,
+) -> Result<Tensor> {
+    let (rows, vocab) = upper.dims2()?;
+    if upper.dtype() != DType::F32
+        || lower.dtype() != DType::F32
+        || params.dtype() != DType::F32
+        || lower.dims() != [rows, vocab]
+        || params.dims() != [rows, 3]
+        || top > MAX_TOP
+        || vocab == 0
+        || vocab >= 1 << 24
+    {
+        candle_core::bail!(
+            "contrast logprob rows: two (rows, vocab) float32 matrices (0 < vocab < 2^24), \
+             (rows, 3) ln(alpha), floor, target, top <= {MAX_TOP}"
+        );
+    }
+    upper.contiguous()?.apply_op3_no_bwd(
+        &lower.contiguous()?,
+        &params.contiguous()?,
+        &ContrastLogprobRows { top },
+    )
+}
+
+/// [`contrast_logprob_rows`]' params for `(ln_alpha, minimum_candidates, target)` triples, on
+/// `device`.
+pub fn contrast_params(rows: &[(f32, usize, u32)], device: &Device) -> Result<Tensor> {
+    let flat: Vec<f32> = rows
+        .iter()
+        .flat_map(|&(ln_alpha, k, target)| {
+            let target = if target < 1 << 24 {
+                target as f32
+            } else {
+                -1.0
+            };
+            [ln_alpha, k.min(1 << 24) as f32, target]
+        })
+        .collect();
+    Tensor::new(flat, device)?.reshape((rows.len(), 3))
+}
+
 /// The rows of [`logprob_rows`]' output, copied to the host as `flat`.
 pub fn read_rows(flat: &[f32], top: usize) -> Vec<RowLogprobs> {
     flat.chunks_exact(1 + 2 * top)
@@ -73,13 +124,42 @@ pub fn read_rows(flat: &[f32], top: usize) -> Vec<RowLogprobs> {
 /// One row's [`RowLogprobs`] from its logits, as the host reads a copied row: its
 /// `fastmath::log_softmax`, and [`top_ids`] of that.
 pub fn row_logprobs(logits: &[f32], target: u32, top: usize) -> RowLogprobs {
-    let lp = fastmath::log_softmax(logits);
+    read(&fastmath::log_softmax(logits), target, top)
+}
+
+/// A pair of rows' [`RowLogprobs`] of their contrast, as the host reads copied rows: their
+/// `greedy::contrast_log_q`, and [`top_ids`] of that.
+pub fn contrast_row_logprobs(
+    upper: &[f32],
+    lower: &[f32],
+    (ln_alpha, minimum_candidates): (f32, usize),
+    target: u32,
+    top: usize,
+) -> RowLogprobs {
+    let q = greedy::contrast_log_q(upper, lower, ln_alpha, minimum_candidates);
+    read(&q, target, top)
+}
+
+/// What is read of a log-distribution `lp`: its value at `target` and its `top` best.
+fn read(lp: &[f32], target: u32, top: usize) -> RowLogprobs {
     RowLogprobs {
         target: lp.get(target as usize).copied().unwrap_or(f32::NAN),
-        top: top_ids(&lp, top)
+        top: top_ids(lp, top)
             .into_iter()
             .map(|i| (i, lp[i as usize]))
             .collect(),
+    }
+}
+
+/// `out` (1 + 2 top floats) holding `read`, as the kernels write a row.
+fn write_row(read: RowLogprobs, top: usize, out: &mut [f32]) {
+    out[0] = read.target;
+    // past the vocabulary's end: NaN, id -1
+    let (values, ids) = out[1..].split_at_mut(top);
+    values.fill(f32::NAN);
+    ids.fill(-1.0);
+    for (k, (id, v)) in read.top.into_iter().enumerate() {
+        (ids[k], values[k]) = (id as f32, v);
     }
 }
 
@@ -119,12 +199,14 @@ pub fn top_ids(scores: &[f32], k: usize) -> Vec<u32> {
     best
 }
 
-/// How far the device's [`logprob_rows`] is from the CPU's on rows of `vocab` logits (spread
-/// as trained heads' are, with runs of tied values and -inf): the largest difference of a
-/// value, and where the two tops name different ids, how far the device's falls short under
-/// the CPU's log-softmax (infinite where their lengths differ, or one gives a number where
-/// the other gives NaN). What a start-up check holds the kernel of `device` to; zero on the
-/// CPU, whose kernel is [`row_logprobs`].
+/// How far the device's [`logprob_rows`] and [`contrast_logprob_rows`] are from the CPU's on
+/// rows of `vocab` logits (spread as trained heads' are, with runs of tied values and -inf;
+/// contrasts with plausible sets of one token, some, most and all, and candidate floors): the
+/// largest difference of a value, and where the two tops name different ids, how far the
+/// device's falls short under the CPU's distribution (infinite where their lengths differ, or
+/// one gives a number where the other gives NaN). What a start-up check holds the kernels of
+/// `device` to; zero on the CPU, whose kernels are [`row_logprobs`] and
+/// [`contrast_row_logprobs`].
 pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     const ROWS: usize = 5;
     const TOP: usize = 20;
@@ -156,27 +238,48 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     let logits = Tensor::new(rows.concat(), device)?.reshape((ROWS, vocab))?;
     let got = logprob_rows(&logits, &Tensor::new(targets.as_slice(), device)?, TOP)?;
     let got = read_rows(&got.flatten_all()?.to_vec1::<f32>()?, TOP);
+    let mut worst = 0f32;
+    for ((row, &target), got) in rows.iter().zip(&targets).zip(&got) {
+        let want = row_logprobs(row, target, TOP);
+        worst = worst.max(shortfall(got, &want, &fastmath::log_softmax(row)));
+    }
+    // contrasts: row r over row r + 1, (alpha, floor) from one token's set to all
+    let rules = [(0.5f32, 1usize), (0.1, 1), (0.01, 40), (0.0, 1), (0.1, 3)];
+    let lower = logits.roll(-1, 0)?;
+    let params: Vec<(f32, usize, u32)> = rules
+        .iter()
+        .zip(&targets)
+        .map(|(&(alpha, k), &t)| (alpha.ln(), k, t))
+        .collect();
+    let got = contrast_logprob_rows(&logits, &lower, &contrast_params(&params, device)?, TOP)?;
+    let got = read_rows(&got.flatten_all()?.to_vec1::<f32>()?, TOP);
+    for (r, (&(ln_alpha, k, target), got)) in params.iter().zip(&got).enumerate() {
+        let (u, l) = (&rows[r], &rows[(r + 1) % ROWS]);
+        let want = contrast_row_logprobs(u, l, (ln_alpha, k), target, TOP);
+        let q = greedy::contrast_log_q(u, l, ln_alpha, k);
+        worst = worst.max(shortfall(got, &want, &q));
+    }
+    Ok(worst)
+}
+
+/// How far `got` is from `want`, both read of the log-distribution `lp` ([`check`]).
+fn shortfall(got: &RowLogprobs, want: &RowLogprobs, lp: &[f32]) -> f32 {
     let apart = |a: f32, b: f32| match (a.is_nan(), b.is_nan()) {
         (true, true) => 0.0,
         (false, false) if a == b => 0.0, // -inf alike
         (false, false) => (a - b).abs(),
         _ => f32::INFINITY,
     };
-    let mut worst = 0f32;
-    for ((row, &target), got) in rows.iter().zip(&targets).zip(&got) {
-        let lp = fastmath::log_softmax(row);
-        let want = row_logprobs(row, target, TOP);
-        worst = worst.max(apart(got.target, want.target));
-        if got.top.len() != want.top.len() {
-            return Ok(f32::INFINITY);
-        }
-        for (&(gi, gv), &(wi, wv)) in got.top.iter().zip(&want.top) {
-            worst = worst
-                .max(apart(gv, wv))
-                .max(apart(lp[gi as usize], lp[wi as usize]));
-        }
+    if got.top.len() != want.top.len() {
+        return f32::INFINITY;
     }
-    Ok(worst)
+    let mut worst = apart(got.target, want.target);
+    for (&(gi, gv), &(wi, wv)) in got.top.iter().zip(&want.top) {
+        worst = worst
+            .max(apart(gv, wv))
+            .max(apart(lp[gi as usize], lp[wi as usize]));
+    }
+    worst
 }
 
 struct LogprobRows {
@@ -202,17 +305,7 @@ impl CustomOp2 for LogprobRows {
         out.par_chunks_mut(width)
             .zip(logits.par_chunks(vocab))
             .zip(targets)
-            .for_each(|((o, row), &t)| {
-                let lp = row_logprobs(row, t, self.top);
-                o[0] = lp.target;
-                // past the vocabulary's end: NaN, id -1
-                let (values, ids) = o[1..].split_at_mut(self.top);
-                values.fill(f32::NAN);
-                ids.fill(-1.0);
-                for (k, (id, v)) in lp.top.into_iter().enumerate() {
-                    (ids[k], values[k]) = (id as f32, v);
-                }
-            });
+            .for_each(|((o, row), &t)| write_row(row_logprobs(row, t, self.top), self.top, o));
         Ok((CpuStorage::F32(out), Shape::from((rows, width))))
     }
 
@@ -229,6 +322,69 @@ impl CustomOp2 for LogprobRows {
         let inputs = [(s1, l1.start_offset()), (s2, l2.start_offset())];
         Ok((
             launch_choice_rows::<f32>("logprob_rows", &inputs, rows, vocab, width)?,
+            Shape::from((rows, width)),
+        ))
+    }
+}
+
+struct ContrastLogprobRows {
+    top: usize,
+}
+
+impl CustomOp3 for ContrastLogprobRows {
+    fn name(&self) -> &'static str {
+        "contrast logprob rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l1.shape().dims2()?;
+        let width = 1 + 2 * self.top;
+        let (upper, lower, params) = (
+            contiguous::<f32>(s1, l1)?,
+            contiguous::<f32>(s2, l2)?,
+            contiguous::<f32>(s3, l3)?,
+        );
+        let mut out = vec![0f32; rows * width];
+        out.par_chunks_mut(width)
+            .zip(upper.par_chunks(vocab))
+            .zip(lower.par_chunks(vocab))
+            .zip(params.par_chunks(3))
+            .for_each(|(((o, u), l), p)| {
+                // -1 (none) and anything past the row: no target
+                let target = if p[2] >= 0.0 { p[2] as u32 } else { u32::MAX };
+                let read = contrast_row_logprobs(u, l, (p[0], p[1] as usize), target, self.top);
+                write_row(read, self.top, o);
+            });
+        Ok((CpuStorage::F32(out), Shape::from((rows, width))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, vocab) = l1.shape().dims2()?;
+        let width = 1 + 2 * self.top;
+        let inputs = [
+            (s1, l1.start_offset()),
+            (s2, l2.start_offset()),
+            (s3, l3.start_offset()),
+        ];
+        Ok((
+            launch_choice_rows::<f32>("contrast_logprob_rows", &inputs, rows, vocab, width)?,
             Shape::from((rows, width)),
         ))
     }
@@ -310,6 +466,61 @@ mod tests {
             (r.target.to_bits(), top)
         };
         bits(a) == bits(b)
+    }
+
+    #[test]
+    fn each_pair_of_rows_is_the_hosts_contrast_at_its_target_and_its_top() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rand = crate::kernels::uniform(0xD1B5_4A32_D192_ED03u64);
+        let vocab = 257;
+        let mut row = |spread: f32| -> Vec<f32> {
+            (0..vocab)
+                .map(|_| {
+                    let v = rand();
+                    spread * v * v * v
+                })
+                .collect()
+        };
+        let upper: Vec<Vec<f32>> = (0..4).map(|r| row(5.0 + 3.0 * r as f32)).collect();
+        let lower: Vec<Vec<f32>> = (0..4).map(|_| row(6.0)).collect();
+        // one token plausible, some, every one (alpha 0), a candidate floor of 9
+        let params = [
+            (0.9f32.ln(), 1, 7u32),
+            (0.1f32.ln(), 1, 256),
+            (f32::NEG_INFINITY, 1, 0),
+            (0.5f32.ln(), 9, u32::MAX), // none
+        ];
+        let put = |m: &[Vec<f32>]| Tensor::new(m.concat(), &dev)?.reshape((4, vocab));
+        let (u, l) = (put(&upper)?, put(&lower)?);
+        for top in [0, 1, 5, 20] {
+            let out = contrast_logprob_rows(&u, &l, &contrast_params(&params, &dev)?, top)?;
+            let got = read_rows(&out.flatten_all()?.to_vec1::<f32>()?, top);
+            for (r, &(ln_alpha, k, target)) in params.iter().enumerate() {
+                let q = greedy::contrast_log_q(&upper[r], &lower[r], ln_alpha, k);
+                let want = q.get(target as usize).copied().unwrap_or(f32::NAN);
+                assert_eq!(got[r].target.to_bits(), want.to_bits(), "row {r}");
+                let ids: Vec<u32> = got[r].top.iter().map(|e| e.0).collect();
+                assert_eq!(ids, top_ids(&q, top), "row {r}, top {top}");
+                let want = contrast_row_logprobs(&upper[r], &lower[r], (ln_alpha, k), target, top);
+                assert!(same(&got[r], &want), "row {r}");
+            }
+        }
+        // a view of the last two pairs
+        let two = contrast_logprob_rows(
+            &u.narrow(0, 2, 2)?,
+            &l.narrow(0, 2, 2)?,
+            &contrast_params(&params[2..], &dev)?,
+            3,
+        )?;
+        let got = read_rows(&two.flatten_all()?.to_vec1::<f32>()?, 3);
+        let (ln_alpha, k, target) = params[2];
+        let want = contrast_row_logprobs(&upper[2], &lower[2], (ln_alpha, k), target, 3);
+        assert!(same(&got[0], &want));
+        let p = contrast_params(&params, &dev)?;
+        assert!(contrast_logprob_rows(&u, &l.narrow(0, 0, 3)?, &p, 3).is_err());
+        assert!(contrast_logprob_rows(&u, &l, &p.narrow(1, 0, 2)?, 3).is_err());
+        assert!(contrast_logprob_rows(&u, &l, &p, MAX_TOP + 1).is_err());
+        Ok(())
     }
 
     #[test]

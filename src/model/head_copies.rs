@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 
 use super::error::Result;
 use super::mode::DeviceChoice;
-use super::step::{Logits, LogprobTargets};
+use super::step::{Logits, LogprobRead, LogprobTargets};
 use crate::kernels::logprob::{self, RowLogprobs};
 use crate::kernels::{greedy, sample};
 
@@ -45,8 +45,8 @@ pub(super) struct HeadUser {
     /// the sequence's heads (head 0 the mature one, the rest candidates).
     premature_of: Option<usize>,
     /// Of its rows, the first `targets.len()` are read only as their log-probabilities
-    /// (`SeqStep::logprobs`): `(targets, top)`.
-    logprobs: Option<(Vec<u32>, usize)>,
+    /// (`SeqStep::logprobs`): the targets, and what is read.
+    logprobs: Option<(Vec<u32>, LogprobRead)>,
     /// With its choice, the chosen token's log-probabilities, the top this many
     /// (`SeqStep::choice_logprobs`).
     choice_top: Option<usize>,
@@ -71,7 +71,7 @@ impl HeadUser {
             rows,
             choice,
             premature_of,
-            logprobs: logprobs.map(|l| (l.targets.to_vec(), l.top)),
+            logprobs: logprobs.map(|l| (l.targets.to_vec(), l.read)),
             choice_top,
             dropped: false,
         }
@@ -88,27 +88,86 @@ struct Choices {
     contrast_drawn: Vec<(ContrastRows, sample::Draw)>,
 }
 
-/// The rows of a copy read as log-probabilities: those with targets the host knows
-/// (`HeadUser::logprobs`: each one's index in the copy and its target), then those whose
-/// target is their choice (`HeadUser::choice_top`: its row, and which choice), and the
-/// largest top any of them asks for (a smaller top is a prefix of it). They come back in
-/// this order.
+/// The rows of a copy read as log-probabilities, by their distribution and their targets:
+/// one head's log-softmax at targets the host knows (`HeadUser::logprobs`: the row in the copy
+/// and its target), a contrast's log q at such targets (its pair of rows and rule), one head's
+/// at its choice (`HeadUser::choice_top`: the row, and which choice), a contrast's at its
+/// choice; they come back in this order. `top`: the largest any of them asks for (a smaller
+/// top is a prefix of it).
 #[derive(Default)]
 struct LogprobReads {
-    rows: Vec<u32>,
-    targets: Vec<u32>,
-    chosen: Vec<(u32, Chosen)>,
+    head: Vec<(u32, u32)>,
+    contrast: Vec<(ContrastRows, u32)>,
+    head_chosen: Vec<(u32, Chosen)>,
+    contrast_chosen: Vec<(ContrastRows, Chosen)>,
     top: usize,
 }
 
+/// Where a read lies among a copy's: its list ([`LogprobReads`]' order) and its index there.
+#[derive(Clone, Copy)]
+struct ReadAt(usize, usize);
+
 impl LogprobReads {
-    /// For a user reading its choice `c` (of its row at `start`) with its log-probabilities:
-    /// where they come among the chosen reads, and its top.
-    fn of_choice(&mut self, u: &HeadUser, start: u32, c: Chosen) -> Option<(usize, usize)> {
-        let top = u.choice_top?;
-        self.chosen.push((start, c));
+    fn counts(&self) -> [usize; 4] {
+        [
+            self.head.len(),
+            self.contrast.len(),
+            self.head_chosen.len(),
+            self.contrast_chosen.len(),
+        ]
+    }
+
+    /// Its index among all the copy's reads.
+    fn index(&self, at: ReadAt) -> usize {
+        self.counts()[..at.0].iter().sum::<usize>() + at.1
+    }
+
+    fn len(&self) -> usize {
+        self.counts().iter().sum()
+    }
+
+    /// A user's first `targets.len()` rows from `start` read from its own head.
+    fn of_head(&mut self, start: u32, targets: &[u32], top: usize) -> ReadAt {
         self.top = self.top.max(top);
-        Some((self.chosen.len() - 1, top))
+        let first = self.head.len();
+        self.head.extend(
+            targets
+                .iter()
+                .enumerate()
+                .map(|(r, &t)| (start + r as u32, t)),
+        );
+        ReadAt(0, first)
+    }
+
+    /// A contrast's rows from `pair` on (as many as `targets`) read as its log q.
+    fn of_contrast(&mut self, pair: ContrastRows, targets: &[u32], top: usize) -> ReadAt {
+        self.top = self.top.max(top);
+        let first = self.contrast.len();
+        self.contrast
+            .extend(targets.iter().enumerate().map(|(r, &t)| {
+                let r = r as u32;
+                let rows = ContrastRows {
+                    upper: pair.upper + r,
+                    lower: pair.lower + r,
+                    ..pair
+                };
+                (rows, t)
+            }));
+        ReadAt(1, first)
+    }
+
+    /// A user's choice `c` of its head's row at `row`, read at the choice.
+    fn of_head_choice(&mut self, row: u32, c: Chosen, top: usize) -> ReadAt {
+        self.top = self.top.max(top);
+        self.head_chosen.push((row, c));
+        ReadAt(2, self.head_chosen.len() - 1)
+    }
+
+    /// A contrast's choice `c` of `pair`, read at the choice.
+    fn of_contrast_choice(&mut self, pair: ContrastRows, c: Chosen, top: usize) -> ReadAt {
+        self.top = self.top.max(top);
+        self.contrast_chosen.push((pair, c));
+        ReadAt(3, self.contrast_chosen.len() - 1)
     }
 }
 
@@ -151,17 +210,17 @@ impl Choices {
 }
 
 /// What a user gets of a copy: its rows, a choice made of them (and the chosen token's
-/// log-probabilities: the `k`-th chosen read, `top` of them), or nothing.
+/// log-probabilities: that read, `top` of them), or nothing.
 enum Read {
     Rows,
     /// Its first `rows` rows as the log-probabilities from `first` on in the copy's
     /// (`top` of them each), then the rest whole.
     Logprobs {
-        first: usize,
+        first: ReadAt,
         rows: usize,
         top: usize,
     },
-    Chosen(Chosen, Option<(usize, usize)>),
+    Chosen(Chosen, Option<(ReadAt, usize)>),
     Nothing,
 }
 
@@ -232,19 +291,33 @@ impl HeadCopies {
         let pending = std::mem::take(&mut self.pending);
         self.bytes = 0;
         let users = || pending.iter().flat_map(|(_, users)| users);
-        // A contrast's choice needs both its heads' rows in this copy: a sequence whose other
-        // head went (or goes) in another copy (the held bytes ran out between its heads)
-        // reads its rows instead.
+        // A contrast's choice or log q needs both its heads' rows in this copy: a sequence
+        // whose other head went (or goes) in another copy (the held bytes ran out between its
+        // heads) reads its rows instead.
         let mut contrast_halves: HashMap<usize, [Option<u32>; 2]> = HashMap::new();
         for (u, &start) in users().zip(&starts) {
-            if u.choice.is_some_and(|c| c.heads() == 2) {
+            let contrast_read = u.logprobs.as_ref().is_some_and(|l| l.1.contrast.is_some());
+            if u.choice.is_some_and(|c| c.heads() == 2) || contrast_read {
                 // heads 0 and 1: upper and lower
                 contrast_halves.entry(u.seq).or_default()[u.head] = Some(start);
             }
         }
+        let pair_of = |seq: usize, (alpha, minimum_candidates): (f32, usize)| match contrast_halves
+            .get(&seq)
+        {
+            Some(&[Some(upper), Some(lower)]) => Some(ContrastRows {
+                upper,
+                lower,
+                ln_alpha: alpha.ln(),
+                minimum_candidates,
+            }),
+            _ => None,
+        };
         let (mut full, mut wanted) = (Vec::new(), Choices::default());
         let mut logprobs = LogprobReads::default();
+        // per contrast sequence: its choice, the read at it, the reads of its prompt rows
         let mut contrast_of: HashMap<usize, usize> = HashMap::new();
+        let mut contrast_read_of: HashMap<usize, ReadAt> = HashMap::new();
         let reads: Vec<Read> = users()
             .zip(&starts)
             .map(|(u, &start)| match u.choice {
@@ -252,25 +325,25 @@ impl HeadCopies {
                 Some(DeviceChoice::HeadArgmax) => {
                     wanted.argmax.push(start);
                     let c = Chosen::Argmax(wanted.argmax.len() - 1);
-                    Read::Chosen(c, logprobs.of_choice(u, start, c))
+                    let read = u
+                        .choice_top
+                        .map(|top| (logprobs.of_head_choice(start, c, top), top));
+                    Read::Chosen(c, read)
                 }
                 Some(DeviceChoice::HeadSample(draw)) => {
                     wanted.drawn.push((start, draw));
                     let c = Chosen::Sample(wanted.drawn.len() - 1);
-                    Read::Chosen(c, logprobs.of_choice(u, start, c))
+                    let read = u
+                        .choice_top
+                        .map(|top| (logprobs.of_head_choice(start, c, top), top));
+                    Read::Chosen(c, read)
                 }
                 Some(DeviceChoice::Contrast {
                     alpha,
                     minimum_candidates,
                     draw,
-                }) => match contrast_halves[&u.seq] {
-                    [Some(upper), Some(lower)] => {
-                        let pair = ContrastRows {
-                            upper,
-                            lower,
-                            ln_alpha: alpha.ln(),
-                            minimum_candidates,
-                        };
+                }) => match pair_of(u.seq, (alpha, minimum_candidates)) {
+                    Some(pair) => {
                         let k = *contrast_of.entry(u.seq).or_insert_with(|| match draw {
                             None => {
                                 wanted.contrast.push(pair);
@@ -285,32 +358,48 @@ impl HeadCopies {
                             None => Chosen::Contrast(k),
                             Some(_) => Chosen::ContrastSample(k),
                         };
-                        Read::Chosen(c, None)
+                        let read = u.choice_top.map(|top| {
+                            let at = *contrast_read_of
+                                .entry(u.seq)
+                                .or_insert_with(|| logprobs.of_contrast_choice(pair, c, top));
+                            (at, top)
+                        });
+                        Read::Chosen(c, read)
                     }
-                    _ => {
+                    None => {
                         full.extend(start..start + u.rows as u32);
                         Read::Rows
                     }
                 },
-                None => match &u.logprobs {
-                    Some((targets, top)) if !targets.is_empty() => {
-                        let first = logprobs.rows.len();
-                        let n = targets.len();
-                        logprobs.rows.extend(start..start + n as u32);
-                        logprobs.targets.extend_from_slice(targets);
-                        logprobs.top = logprobs.top.max(*top);
-                        full.extend(start + n as u32..start + u.rows as u32);
-                        Read::Logprobs {
-                            first,
-                            rows: n,
-                            top: *top,
+                None => {
+                    let (targets, read) = match &u.logprobs {
+                        Some((targets, read)) if !targets.is_empty() => (targets, *read),
+                        _ => {
+                            full.extend(start..start + u.rows as u32);
+                            return Read::Rows;
                         }
+                    };
+                    let first = match read.contrast {
+                        None => logprobs.of_head(start, targets, read.top),
+                        Some(rule) => match pair_of(u.seq, rule) {
+                            // both heads hand over the pair's reads
+                            Some(pair) => *contrast_read_of
+                                .entry(u.seq)
+                                .or_insert_with(|| logprobs.of_contrast(pair, targets, read.top)),
+                            None => {
+                                full.extend(start..start + u.rows as u32);
+                                return Read::Rows;
+                            }
+                        },
+                    };
+                    let n = targets.len();
+                    full.extend(start + n as u32..start + u.rows as u32);
+                    Read::Logprobs {
+                        first,
+                        rows: n,
+                        top: read.top,
                     }
-                    _ => {
-                        full.extend(start..start + u.rows as u32);
-                        Read::Rows
-                    }
-                },
+                }
             })
             .collect();
         let copied = if full.len() == rows {
@@ -324,7 +413,6 @@ impl HeadCopies {
             self.copy_with_choices(&all, rows, &full, &wanted, &logprobs)?
         };
         let (data, ids) = (Arc::new(copied.rows), copied.ids);
-        let known = logprobs.rows.len();
         let mut at = 0;
         for (u, read) in users().zip(reads) {
             outputs[u.seq][u.head] = match read {
@@ -337,6 +425,7 @@ impl HeadCopies {
                 Read::Logprobs { first, rows, top } => {
                     let range = at..at + (u.rows - rows) * self.vocab;
                     at = range.end;
+                    let first = logprobs.index(first);
                     let read = copied.logprobs[first..first + rows]
                         .iter()
                         .map(|r| cut(r, top))
@@ -344,7 +433,7 @@ impl HeadCopies {
                     Logits::with_logprobs(self.vocab, read, Arc::clone(&data), range)
                 }
                 Read::Chosen(c, read) => {
-                    let read = read.map(|(k, top)| cut(&copied.logprobs[known + k], top));
+                    let read = read.map(|(k, top)| cut(&copied.logprobs[logprobs.index(k)], top));
                     Logits::chosen(self.vocab, ids[wanted.id_at(c)], read)
                 }
             };
@@ -531,22 +620,60 @@ impl HeadCopies {
             0 => None,
             _ => Some(Tensor::cat(&ids, 0)?),
         };
+        // the reads, in `LogprobReads`' order
+        let top = logprobs.top;
         let mut read = Vec::new();
-        if !logprobs.rows.is_empty() {
-            let targets = Tensor::new(logprobs.targets.as_slice(), device)?;
-            let lp = logprob::logprob_rows(&pick(&logprobs.rows)?, &targets, logprobs.top)?;
-            read.push(lp.flatten_all()?);
+        let head_read = |rows: &[u32], targets: &Tensor| -> candle_core::Result<Tensor> {
+            logprob::logprob_rows(&pick(rows)?, targets, top)?.flatten_all()
+        };
+        let contrast_read = |pairs_: &[ContrastRows], targets: Tensor| -> Result<Tensor> {
+            let (upper, lower) = pairs(pairs_)?;
+            let rules: Vec<(f32, usize)> = pairs_
+                .iter()
+                .map(|p| (p.ln_alpha, p.minimum_candidates))
+                .collect();
+            let params = Tensor::cat(
+                &[
+                    greedy::contrast_rules(&rules, device)?,
+                    targets.unsqueeze(1)?,
+                ],
+                1,
+            )?;
+            Ok(logprob::contrast_logprob_rows(&upper, &lower, &params, top)?.flatten_all()?)
+        };
+        // the targets of reads at choices: the ids, where they were made (as floats for a
+        // contrast's params: exact below 2^24)
+        let chosen = |at: Vec<u32>| -> Result<Tensor> {
+            let ids = ids.as_ref().expect("reads at choices come with choices");
+            Ok(ids.index_select(&Tensor::new(at, device)?, 0)?)
+        };
+        if !logprobs.head.is_empty() {
+            let (rows, targets): (Vec<u32>, Vec<u32>) = logprobs.head.iter().copied().unzip();
+            read.push(head_read(&rows, &Tensor::new(targets, device)?)?);
         }
-        if let (false, Some(ids)) = (logprobs.chosen.is_empty(), &ids) {
-            // the targets are the choices, where they were made
+        if !logprobs.contrast.is_empty() {
+            let (pairs_, targets): (Vec<ContrastRows>, Vec<f32>) = logprobs
+                .contrast
+                .iter()
+                .map(|&(p, t)| (p, t as f32))
+                .unzip();
+            read.push(contrast_read(&pairs_, Tensor::new(targets, device)?)?);
+        }
+        if !logprobs.head_chosen.is_empty() {
             let (rows, at): (Vec<u32>, Vec<u32>) = logprobs
-                .chosen
+                .head_chosen
                 .iter()
                 .map(|&(row, c)| (row, wanted.id_at(c) as u32))
                 .unzip();
-            let targets = ids.index_select(&Tensor::new(at, device)?, 0)?;
-            let lp = logprob::logprob_rows(&pick(&rows)?, &targets, logprobs.top)?;
-            read.push(lp.flatten_all()?);
+            read.push(head_read(&rows, &chosen(at)?)?);
+        }
+        if !logprobs.contrast_chosen.is_empty() {
+            let (pairs_, at): (Vec<ContrastRows>, Vec<u32>) = logprobs
+                .contrast_chosen
+                .iter()
+                .map(|&(p, c)| (p, wanted.id_at(c) as u32))
+                .unzip();
+            read.push(contrast_read(&pairs_, chosen(at)?.to_dtype(DType::F32)?)?);
         }
         if let (true, true, Some(ids)) = (full.is_empty(), read.is_empty(), &ids) {
             // only choices
@@ -572,8 +699,7 @@ impl HeadCopies {
             _ => Tensor::cat(&parts, 0)?.to_vec1::<f32>()?,
         };
         let width = 1 + 2 * logprobs.top;
-        let reads = logprobs.rows.len() + logprobs.chosen.len();
-        let ids = data.split_off(full.len() * self.vocab + reads * width);
+        let ids = data.split_off(full.len() * self.vocab + logprobs.len() * width);
         let read = data.split_off(full.len() * self.vocab);
         Ok(Copied {
             rows: data,
@@ -771,7 +897,13 @@ mod tests {
         const T0: [u32; 3] = [3, 9, 69];
         const T1: [u32; 3] = [0, 1, 2];
         let (t0, t1) = (T0, T1);
-        let targets = |targets: &'static [u32], top| LogprobTargets { targets, top };
+        let targets = |targets: &'static [u32], top| LogprobTargets {
+            targets,
+            read: LogprobRead {
+                top,
+                contrast: None,
+            },
+        };
         let draw = sample::Draw {
             temperature: 1.0,
             top_k: 0,
@@ -828,6 +960,85 @@ mod tests {
         let drawn = sample::draw_from_logits(&row(10)?, &draw);
         assert_eq!(outputs[5][0].choice(), Some(drawn));
         assert_eq!(outputs[5][0].logprobs_at(0), None);
+        Ok(())
+    }
+
+    /// A contrast's rows read as its log q in the copy, both heads handing over the pair's
+    /// reads: a prompt's (their last row whole), and a choice's with and without its
+    /// log-probabilities; a contrast split between copies reads its rows.
+    #[test]
+    fn contrasts_are_read_as_log_probabilities_in_the_copy() -> Result<()> {
+        let (vocab, dev) = (90, Device::Cpu);
+        let product = |phase: f64| -> Result<Tensor> {
+            let t = Tensor::arange(0f32, (5 * vocab) as f32, &dev)?;
+            Ok((((t * 0.31)? + phase)?.sin()? * 4.0)?.reshape((5, vocab))?)
+        };
+        let (lower, upper) = (product(0.5)?, product(2.0)?);
+        let row = |t: &Tensor, r: usize| -> Result<Vec<f32>> { Ok(t.get(r)?.to_vec1()?) };
+        const TARGETS: [u32; 2] = [4, 89];
+        let (alpha, floor) = (0.2f32, 2usize);
+        let echo = LogprobTargets {
+            targets: &TARGETS,
+            read: LogprobRead {
+                top: 4,
+                contrast: Some((alpha, floor)),
+            },
+        };
+        let choice = Some(DeviceChoice::Contrast {
+            alpha,
+            minimum_candidates: floor,
+            draw: None,
+        });
+        // sequence 0: an echoed prompt of 3 rows; 1: a choice with its logprobs (top 2);
+        // 2: a choice alone. Each product: the lower exit's rows, then the upper head's.
+        let users = |head: usize| {
+            vec![
+                HeadUser::new(0, head, 3, None, None, Some(echo), None),
+                HeadUser::new(1, head, 1, choice, None, None, Some(2)),
+                HeadUser::new(2, head, 1, choice, None, None, None),
+            ]
+        };
+        let product_bytes = 5 * vocab * 4;
+        for held in [1 << 20, product_bytes] {
+            let mut copies = HeadCopies {
+                held_bytes: held,
+                ..HeadCopies::new(vocab, true)
+            };
+            let mut outputs: Vec<Vec<Logits>> = vec![vec![Logits::default(); 2]; 3];
+            copies.push(lower.clone(), users(1), &mut outputs)?;
+            copies.push(upper.clone(), users(0), &mut outputs)?;
+            copies.flush(&mut outputs)?;
+            let ln_alpha = alpha.ln();
+            if held == product_bytes {
+                // each head copied alone: rows, as the host reads them
+                for (s, first) in [(0, 0), (1, 3), (2, 4)] {
+                    assert_eq!(outputs[s][0].row(0), &row(&upper, first)?[..]);
+                    assert_eq!(outputs[s][1].row(0), &row(&lower, first)?[..]);
+                    assert_eq!(outputs[s][0].choice(), None);
+                }
+                continue;
+            }
+            for (head, got) in outputs[0].iter().enumerate() {
+                for (r, &target) in TARGETS.iter().enumerate() {
+                    let (u, l) = (row(&upper, r)?, row(&lower, r)?);
+                    let want = logprob::contrast_row_logprobs(&u, &l, (ln_alpha, floor), target, 4);
+                    assert_eq!(got.logprobs_at(r), Some(&want), "head {head} row {r}");
+                }
+                assert_eq!(got.rows(), 3);
+            }
+            assert_eq!(outputs[0][0].last(), Some(&row(&upper, 2)?[..]));
+            assert_eq!(outputs[0][1].last(), Some(&row(&lower, 2)?[..]));
+            for (s, r) in [(1, 3), (2, 4)] {
+                let (u, l) = (row(&upper, r)?, row(&lower, r)?);
+                let id = greedy::contrast_choice(&u, &l, ln_alpha, floor);
+                let want = logprob::contrast_row_logprobs(&u, &l, (ln_alpha, floor), id, 2);
+                for (head, got) in outputs[s].iter().enumerate() {
+                    assert_eq!(got.choice(), Some(id));
+                    let read = got.logprobs_at(0);
+                    assert_eq!(read, (s == 1).then_some(&want), "sequence {s} head {head}");
+                }
+            }
+        }
         Ok(())
     }
 

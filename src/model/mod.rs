@@ -44,6 +44,6 @@ pub use kv_cache::{KvCache, KvRun};
 pub use loader::{load, LoadOptions, LoadedModel};
 pub use mode::{ContrastParams, DeviceChoice, Head, Mode, Upper};
 pub use multi_exit::MultiExitModel;
-pub use step::{Logits, LogprobTargets, SeqStep, StepLogits};
+pub use step::{Logits, LogprobRead, LogprobTargets, SeqStep, StepLogits};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 pub use weights::{DraftWeights, WeightDtype};

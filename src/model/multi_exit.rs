@@ -386,9 +386,9 @@ impl MultiExitModel {
                     self.device_logprobs
                         && s.all_positions
                         && !s.verify
-                        && s.heads.len() == 1
+                        && s.heads.len() == l.read.heads()
                         && l.targets.len() <= s.tokens.len()
-                        && l.top <= logprob::MAX_TOP
+                        && l.read.top <= logprob::MAX_TOP
                 })
             })
             .collect();
@@ -411,9 +411,8 @@ impl MultiExitModel {
                 s.choice.filter(|&c| {
                     self.device_choices
                         && (self.device_draws || !c.is_draw())
-                        && s.choice_logprobs.is_none_or(|top| {
-                            self.device_logprobs && c.heads() == 1 && top <= logprob::MAX_TOP
-                        })
+                        && s.choice_logprobs
+                            .is_none_or(|top| self.device_logprobs && top <= logprob::MAX_TOP)
                         && !s.all_positions
                         && match early[slot] {
                             // the argmax or draw of the one head it leaves at

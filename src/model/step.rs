@@ -48,17 +48,18 @@ pub struct SeqStep<'a> {
     /// and hands over only its rows and the mature head's (the others left empty); elsewhere
     /// every candidate's come.
     pub select_premature: bool,
-    /// Echo's scoring (with `all_positions` and one head): of the head's rows, the first
-    /// `targets.len()` are read only as their log-softmax at each one's target (the prompt's
-    /// next token) and its `top` largest values. On the batched path the step computes those
-    /// where the logits are and copies them alone (`Logits::logprobs_at`; the rows after
-    /// them come as usual); elsewhere every row comes.
+    /// Echo's scoring (with `all_positions`): of its heads' rows, the first `targets.len()`
+    /// are read only as their log-distribution at each one's target (the prompt's next
+    /// token) and its `top` largest values: the log-softmax of its one head, or the log q of
+    /// a contrast of its two. On the batched path the step computes those where the logits
+    /// are and copies them alone (`Logits::logprobs_at`, on each head; the rows after them
+    /// come as usual); elsewhere every row comes.
     pub logprobs: Option<LogprobTargets<'a>>,
-    /// With a `choice` of one head (`HeadArgmax`, `HeadSample`), the caller reads the chosen
-    /// token's log-probability and the top this many of that head's log-softmax too
-    /// (`logprobs`, `best_of`'s ranking): the step reads them where the logits are, beside
-    /// the choice (`Logits::logprobs_at(0)`). A step that cannot read them there makes no
-    /// choice there either: the rows come as usual.
+    /// With a `choice`, the caller reads the chosen token's log-probability and the top this
+    /// many of the distribution it was chosen from too (`logprobs`, `best_of`'s ranking: the
+    /// head's log-softmax, the contrast's log q): the step reads them where the logits are,
+    /// beside the choice (`Logits::logprobs_at(0)`). A step that cannot read them there makes
+    /// no choice there either: the rows come as usual.
     pub choice_logprobs: Option<usize>,
 }
 
@@ -66,8 +67,27 @@ pub struct SeqStep<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct LogprobTargets<'a> {
     pub targets: &'a [u32],
-    /// At most `kernels::logprob::MAX_TOP`.
+    pub read: LogprobRead,
+}
+
+/// What is read of a row as log-probabilities: the `top` best (at most
+/// `kernels::logprob::MAX_TOP`) of its one head's log-softmax, or of the log q of a contrast
+/// of its two heads (upper, lower) with `(alpha, minimum_candidates)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogprobRead {
     pub top: usize,
+    pub contrast: Option<(f32, usize)>,
+}
+
+impl LogprobRead {
+    /// The heads it reads.
+    pub fn heads(&self) -> usize {
+        if self.contrast.is_some() {
+            2
+        } else {
+            1
+        }
+    }
 }
 
 /// A sequence's rows in the packed matrix, with its cache.

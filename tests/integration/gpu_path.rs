@@ -94,13 +94,12 @@ async fn every_case_at_once_on_the_batched_path_equals_the_reference() {
 
 /// Seeded sampling on the batched path: a sequence that reads nothing but its tokens gets
 /// each drawn in the step from its head's row or its contrast's rows (`kernels::sample`);
-/// one that asks for logprobs too where its scores are one head's (`original`, `exit`,
-/// `early_exit`: the token's logprob and top alternatives read there beside it,
-/// `kernels::logprob`), a contrast asking for them reads its rows; one whose scores are
-/// edited (a logit bias, here of 0) gets its rows copied and draws on the host. All draw the
-/// same tokens, all at once and alone, in `original`, `exit`, `early_exit` and `contrast` (a
-/// candidate floor of one and of three), greedy and with and without top-k and top-p, and
-/// the logprobs read in the step equal the host's.
+/// one that asks for logprobs too gets the token's logprob and top alternatives read there
+/// beside it (`kernels::logprob`: its head's log-softmax, or the contrast's log q); one whose
+/// scores are edited (a logit bias, here of 0) gets its rows copied and draws on the host.
+/// All draw the same tokens, all at once and alone, in `original`, `exit`, `early_exit` and
+/// `contrast` (a candidate floor of one and of three), greedy and with and without top-k and
+/// top-p, and the logprobs read in the step equal the host's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draws_made_in_the_step_are_the_host_draws() {
     for f in ARCHS {
@@ -173,15 +172,13 @@ async fn draws_made_in_the_step_are_the_host_draws() {
             at_once.push(out["choices"][0].clone());
         }
         // every token but early exit's first (its prompt runs every block and hands over
-        // every exit's rows, from which the host decides), and with logprobs those of the
-        // three one-head modes
-        let one_head = 3 * sampling.len();
+        // every exit's rows, from which the host decides), without logprobs and with them
         let (choices, logprobs) = (
             metric("exitserve_device_choices_total") - before.0,
             metric("exitserve_device_logprobs_total") - before.1,
         );
         let unread = bodies.len() * TOKENS - sampling.len();
-        let read = one_head * TOKENS - sampling.len();
+        let read = unread;
         assert_eq!(choices, (unread + read) as f64, "tokens chosen in the step");
         assert_eq!(
             logprobs, read as f64,
@@ -244,23 +241,20 @@ async fn draws_made_in_the_step_are_the_host_draws() {
     }
 }
 
-/// Echo's scoring on the batched path: the prompt positions of a mode whose scores are one
-/// head's log-softmax (`original`, `exit`) are read where the logits are (`kernels::logprob`:
-/// the next prompt token's logprob and the top alternatives alone), the other modes' rows are
-/// copied. Every entry of the reference's scoring, all at once, in prompt chunks of 4 tokens
-/// and whole: the logprobs equal the reference's, the alternatives and the tokens generated
-/// after the prompt equal the CPU kernels' path, and `exitserve_device_logprobs_total` counts
-/// every position read there (and each one-head entry's second generated token, chosen and
-/// read in the step; the first comes from the last prompt row) and nothing on the CPU's own
-/// path.
+/// Echo's scoring on the batched path: the prompt positions are read where the logits are
+/// (`kernels::logprob`: the next prompt token's logprob and the top alternatives alone, of the
+/// head's log-softmax in `original` and `exit`, of the contrast's log q in `contrast`). Every
+/// entry of the reference's scoring, all at once, in prompt chunks of 4 tokens and whole: the
+/// logprobs equal the reference's, the alternatives and the tokens generated after the prompt
+/// equal the CPU kernels' path, and `exitserve_device_logprobs_total` counts every position
+/// read there (and each entry's second generated token, chosen and read in the step; the
+/// first comes from the last prompt row) and nothing on the CPU's own path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_scoring_read_where_the_logits_are_equals_the_reference() {
     for f in ARCHS {
         let echo = f.scoring()["echo"].as_array().unwrap().clone();
-        let one_head = |mode: &str| mode == "original" || mode.starts_with("exit:");
         let positions: f64 = echo
             .iter()
-            .filter(|e| one_head(e["mode"].as_str().unwrap()))
             .map(|e| e["prompt_ids"].as_array().unwrap().len() as f64)
             .sum();
         for budget in ["4", "4096"] {

@@ -320,10 +320,10 @@ impl Batcher {
                 choice: row.choice.map(|c| c.0),
                 choice_logprobs: row.choice.and_then(|c| c.1),
                 select_premature: row.select_premature,
-                logprobs: row
-                    .logprobs
-                    .as_ref()
-                    .map(|(targets, top)| LogprobTargets { targets, top: *top }),
+                logprobs: row.logprobs.as_ref().map(|(targets, read)| LogprobTargets {
+                    targets,
+                    read: *read,
+                }),
             })
             .collect();
         let fault = self.cfg.fault();

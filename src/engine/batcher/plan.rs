@@ -9,7 +9,7 @@ use crate::engine::sequence::Sequence;
 use crate::engine::speculative::SpecInput;
 use crate::model::cost::scored_position_cost;
 use crate::model::mode::{DeviceChoice, EarlyExitParams};
-use crate::model::Head;
+use crate::model::{Head, LogprobRead};
 
 /// Positions an inspection of every position scores per step: its logits stay resident for
 /// every head, so this bounds that memory (and leaves the prefill budget to others).
@@ -55,8 +55,8 @@ pub(super) struct RowPlan {
     /// Its DoLa premature candidate may be chosen in the step (`SeqStep::select_premature`).
     pub select_premature: bool,
     /// Echo's scoring read as log-probabilities (`SeqStep::logprobs`): the targets of its
-    /// first rows and the top each reads.
-    pub logprobs: Option<(Vec<u32>, usize)>,
+    /// first rows and what is read of them.
+    pub logprobs: Option<(Vec<u32>, LogprobRead)>,
 }
 
 /// The inputs of one step, in `running` order over the sequences that take part.
@@ -173,8 +173,8 @@ fn resume_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
 /// (its head's argmax or draw, or the contrast's), no followers to fork from these scores, no
 /// grammar, no inspection, no speculation. Then a step on the device copies only the choice,
 /// and, where the token's logprob is read (reported, or `best_of`'s ranking), the chosen
-/// token's log-probability and the top `logprobs` asks for, read there too: only for a choice
-/// from one head, whose log-softmax the scores are.
+/// token's log-probability and the top `logprobs` asks for of the distribution it was chosen
+/// from, read there too.
 fn device_choice(s: &Sequence) -> Option<(DeviceChoice, Option<usize>)> {
     let r = s.request.borrow();
     let req = &r.req;
@@ -193,11 +193,7 @@ fn device_choice(s: &Sequence) -> Option<(DeviceChoice, Option<usize>)> {
         .device_choice()?
         .drawn(draw);
     let reads_logprob = req.logprobs.is_some() || req.best_of > req.n;
-    match (reads_logprob, choice.heads()) {
-        (false, _) => Some((choice, None)),
-        (true, 1) => Some((choice, Some(req.logprobs.unwrap_or(0)))),
-        (true, _) => None,
-    }
+    Some((choice, reads_logprob.then(|| req.logprobs.unwrap_or(0))))
 }
 
 /// Whether the sequence's DoLa candidate may be chosen in the step: nothing but its scores
@@ -243,20 +239,28 @@ fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
 
 /// What echo's scoring reads of a prompt chunk's rows, when that may be read as
 /// log-probabilities where the logits are (`SeqStep::logprobs`): each row's next prompt
-/// token (the rows that have one) and the top `logprobs` asks for. Only where the mode's
-/// scores are the log-softmax of its one head (its device choice that head's argmax) and
-/// nothing else reads the rows (no inspection).
-fn prompt_logprobs(s: &Sequence, take: usize) -> Option<(Vec<u32>, usize)> {
+/// token (the rows that have one) and the top `logprobs` asks for, of the distribution its
+/// device choice reads (the log-softmax of its one head, or the contrast's log q). Only
+/// where nothing else reads the rows (no inspection).
+fn prompt_logprobs(s: &Sequence, take: usize) -> Option<(Vec<u32>, LogprobRead)> {
     let r = s.request.borrow();
     let req = &r.req;
-    let one_log_softmax =
-        req.mode.heads().len() == 1 && req.mode.device_choice() == Some(DeviceChoice::HeadArgmax);
-    if !(req.echo && one_log_softmax && req.inspect.is_none()) {
+    if !req.echo || req.inspect.is_some() {
         return None;
     }
+    let contrast = match req.mode.device_choice()? {
+        DeviceChoice::HeadArgmax if req.mode.heads().len() == 1 => None,
+        DeviceChoice::Contrast {
+            alpha,
+            minimum_candidates,
+            ..
+        } => Some((alpha, minimum_candidates)),
+        _ => return None,
+    };
     let top = req.logprobs?;
     let end = (s.prefilled + take + 1).min(s.prompt.len());
-    Some((s.prompt[s.prefilled + 1..end].to_vec(), top))
+    let targets = s.prompt[s.prefilled + 1..end].to_vec();
+    Some((targets, LogprobRead { top, contrast }))
 }
 
 /// A decoding sequence's input for this step: its next token through its mode, or, when it
