@@ -1,6 +1,7 @@
 //! A step's head products on their way to the host: copied all at once when the pass ends
-//! on the batched path, with the choices, margins and DoLa candidates a sequence reads made
-//! where the logits are (`kernels::greedy`, `kernels::sample`).
+//! on the batched path, with the choices, margins, DoLa candidates and log-probabilities a
+//! sequence reads made where the logits are (`kernels::greedy`, `kernels::sample`,
+//! `kernels::logprob`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,8 +20,10 @@ use crate::kernels::{greedy, sample};
 /// (contrast's two, inspection's every exit). Held back at most [`HELD_LOGITS_BYTES`], so a
 /// step scoring long prompts at many heads holds no second copy of them all. A sequence that
 /// reads only its choice (`SeqStep::choice`: greedy or drawn) gets it computed there
-/// (`kernels::greedy`, `kernels::sample`) and copied as one index. On the CPU's own path each head is copied
-/// when made (nothing to stall, and no concatenation to pay).
+/// (`kernels::greedy`, `kernels::sample`) and copied as one index, and one that reads rows
+/// only as log-probabilities (`SeqStep::logprobs`, `SeqStep::choice_logprobs`) gets those
+/// (`kernels::logprob`). On the CPU's own path each head is copied when made (nothing to
+/// stall, and no concatenation to pay).
 pub(super) struct HeadCopies {
     vocab: usize,
     defer: bool,
