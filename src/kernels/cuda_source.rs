@@ -43,11 +43,12 @@ pub(super) fn launch_choice<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
     rows: usize,
     vocab: usize,
 ) -> Result<CudaStorage> {
-    launch_choice_rows::<T>(kernel, inputs, rows, vocab, 1)
+    launch::<T>(kernel, inputs, rows, vocab, None)
 }
 
-/// [`launch_choice`] of a kernel whose output is `width` `T`s per row; one with `width` > 1
-/// takes `(inputs..., out, vocab, width)`.
+/// [`launch_choice`] of a kernel whose output is `width` `T`s per row, which takes
+/// `(inputs..., out, vocab, width)` (whatever the width, 1 included: a logprob read with a
+/// top of 0).
 pub(super) fn launch_choice_rows<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
     kernel: &str,
     inputs: &[(&CudaStorage, usize)],
@@ -55,7 +56,19 @@ pub(super) fn launch_choice_rows<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
     vocab: usize,
     width: usize,
 ) -> Result<CudaStorage> {
+    launch::<T>(kernel, inputs, rows, vocab, Some(width))
+}
+
+/// [`launch_choice`], and with `width` [`launch_choice_rows`].
+fn launch<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
+    kernel: &str,
+    inputs: &[(&CudaStorage, usize)],
+    rows: usize,
+    vocab: usize,
+    width_arg: Option<usize>,
+) -> Result<CudaStorage> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let width = width_arg.unwrap_or(1);
     let dev = inputs[0].0.device().clone();
     if rows == 0 || vocab == 0 {
         return Ok(CudaStorage::wrap_cuda_slice(
@@ -93,10 +106,10 @@ pub(super) fn launch_choice_rows<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
             View::U32(v) => b.arg(v),
         };
     }
-    let width_arg = width as u32;
+    let width_arg = width_arg.map(|w| w as u32);
     b.arg(&mut out).arg(&vocab);
-    if width > 1 {
-        b.arg(&width_arg);
+    if let Some(w) = &width_arg {
+        b.arg(w);
     }
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
