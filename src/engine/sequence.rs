@@ -194,13 +194,19 @@ impl Sequence {
         // bias, penalties) it costs a log-softmax over the vocabulary. Before the token joins
         // what the penalties see.
         let mut logprob = None;
-        if let (Some(read), true) = (read, logprobs.is_some() || ranked) {
-            self.cumulative_logprob += read.target.max(MIN_LOGPROB) as f64;
-            logprob = logprobs.map(|k| read_logprob(id, read, k, tok));
-        } else if logprobs.is_some() || ranked {
-            let reported = self.sampler.reported(scores, normalized);
-            self.cumulative_logprob += reported[id as usize].max(MIN_LOGPROB) as f64;
-            logprob = logprobs.map(|k| token_logprob(id, &reported, k, tok));
+        if logprobs.is_some() || ranked {
+            let value = match read {
+                Some(read) => {
+                    logprob = logprobs.map(|k| read_logprob(id, read, k, tok));
+                    read.target
+                }
+                None => {
+                    let reported = self.sampler.reported(scores, normalized);
+                    logprob = logprobs.map(|k| token_logprob(id, &reported, k, tok));
+                    reported[id as usize]
+                }
+            };
+            self.cumulative_logprob += value.max(MIN_LOGPROB) as f64;
         }
         self.generated += 1;
         self.output.push(id);

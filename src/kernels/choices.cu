@@ -600,7 +600,8 @@ logprob_rows(const float* __restrict__ logits, const unsigned int* __restrict__ 
 }
 
 // The contrast's log q of `upper` and `lower` rows r as a request reads it, with `params`
-// row r: ln(alpha), the candidate floor, the target (-1: none); (width - 1) / 2 of its best.
+// row r: ln(alpha), the candidate floor, the target (outside [0, vocab): none); (width - 1) / 2
+// of its best.
 extern "C" __global__ void __launch_bounds__(THREADS)
 contrast_logprob_rows(const float* __restrict__ upper, const float* __restrict__ lower,
                       const float* __restrict__ params, float* __restrict__ out,
@@ -612,6 +613,7 @@ contrast_logprob_rows(const float* __restrict__ upper, const float* __restrict__
     const ContrastScores q = contrast_scores(upper + (size_t)blockIdx.x * vocab,
                                              lower + (size_t)blockIdx.x * vocab, p[0], p[1],
                                              vocab, scratch, sums);
-    const unsigned int target = p[2] >= 0.f ? (unsigned int)p[2] : 0xffffffffu;
+    const unsigned int target =
+        p[2] >= 0.f && p[2] < (float)vocab ? (unsigned int)p[2] : 0xffffffffu;
     read_logprobs(q, target, out + (size_t)blockIdx.x * width, vocab, (width - 1u) / 2u, keys);
 }

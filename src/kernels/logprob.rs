@@ -56,8 +56,9 @@ pub fn logprob_rows(logits: &Tensor, targets: &Tensor, top: usize) -> Result<Ten
 }
 
 /// `upper` and `lower` `(rows, vocab)` float32 and `params` `(rows, 3)` float32 (each row's
-/// ln(alpha), candidate floor and target: -1 for none): [`logprob_rows`]' output for each
-/// pair of rows' contrast log q (`greedy::contrast_log_q`).
+/// ln(alpha), candidate floor and target, any value outside [0, vocab) none:
+/// [`contrast_params`]): [`logprob_rows`]' output for each pair of rows' contrast log q
+/// (`greedy::contrast_log_q`).
 pub fn contrast_logprob_rows(
     upper: &Tensor,
     lower: &Tensor,
@@ -86,21 +87,13 @@ pub fn contrast_logprob_rows(
     )
 }
 
-/// [`contrast_logprob_rows`]' params for `(ln_alpha, minimum_candidates, target)` triples, on
-/// `device`.
-pub fn contrast_params(rows: &[(f32, usize, u32)], device: &Device) -> Result<Tensor> {
-    let flat: Vec<f32> = rows
-        .iter()
-        .flat_map(|&(ln_alpha, k, target)| {
-            let target = if target < 1 << 24 {
-                target as f32
-            } else {
-                -1.0
-            };
-            [ln_alpha, k.min(1 << 24) as f32, target]
-        })
-        .collect();
-    Tensor::new(flat, device)?.reshape((rows.len(), 3))
+/// [`contrast_logprob_rows`]' params: each row's `(ln_alpha, minimum_candidates)` rule
+/// (`greedy::contrast_rules`) beside its target from `targets` `(rows)` u32, where the rows are
+/// (the choices made there, or ids the host knows; an id past the row: none, as floats exact
+/// below 2^24).
+pub fn contrast_params(rules: &[(f32, usize)], targets: &Tensor) -> Result<Tensor> {
+    let rules = greedy::contrast_rules(rules, targets.device())?;
+    Tensor::cat(&[rules, targets.to_dtype(DType::F32)?.unsqueeze(1)?], 1)
 }
 
 /// The rows of [`logprob_rows`]' output, copied to the host as `flat`.
@@ -236,28 +229,29 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
         })
         .collect();
     let logits = Tensor::new(rows.concat(), device)?.reshape((ROWS, vocab))?;
-    let got = logprob_rows(&logits, &Tensor::new(targets.as_slice(), device)?, TOP)?;
+    let targets_t = Tensor::new(targets.as_slice(), device)?;
+    let got = logprob_rows(&logits, &targets_t, TOP)?;
     let got = read_rows(&got.flatten_all()?.to_vec1::<f32>()?, TOP);
     let mut worst = 0f32;
+    // each against the CPU's read of the same distribution (`row_logprobs`,
+    // `contrast_row_logprobs`), the distribution computed once
     for ((row, &target), got) in rows.iter().zip(&targets).zip(&got) {
-        let want = row_logprobs(row, target, TOP);
-        worst = worst.max(shortfall(got, &want, &fastmath::log_softmax(row)));
+        let lp = fastmath::log_softmax(row);
+        worst = worst.max(shortfall(got, &read(&lp, target, TOP), &lp));
     }
     // contrasts: row r over row r + 1, (alpha, floor) from one token's set to all
-    let rules = [(0.5f32, 1usize), (0.1, 1), (0.01, 40), (0.0, 1), (0.1, 3)];
-    let lower = logits.roll(-1, 0)?;
-    let params: Vec<(f32, usize, u32)> = rules
+    let rules: Vec<(f32, usize)> = [(0.5f32, 1usize), (0.1, 1), (0.01, 40), (0.0, 1), (0.1, 3)]
         .iter()
-        .zip(&targets)
-        .map(|(&(alpha, k), &t)| (alpha.ln(), k, t))
+        .map(|&(alpha, k)| (alpha.ln(), k))
         .collect();
-    let got = contrast_logprob_rows(&logits, &lower, &contrast_params(&params, device)?, TOP)?;
+    let lower = logits.roll(-1, 0)?;
+    let params = contrast_params(&rules, &targets_t)?;
+    let got = contrast_logprob_rows(&logits, &lower, &params, TOP)?;
     let got = read_rows(&got.flatten_all()?.to_vec1::<f32>()?, TOP);
-    for (r, (&(ln_alpha, k, target), got)) in params.iter().zip(&got).enumerate() {
+    for (r, ((&(ln_alpha, k), &target), got)) in rules.iter().zip(&targets).zip(&got).enumerate() {
         let (u, l) = (&rows[r], &rows[(r + 1) % ROWS]);
-        let want = contrast_row_logprobs(u, l, (ln_alpha, k), target, TOP);
         let q = greedy::contrast_log_q(u, l, ln_alpha, k);
-        worst = worst.max(shortfall(got, &want, &q));
+        worst = worst.max(shortfall(got, &read(&q, target, TOP), &q));
     }
     Ok(worst)
 }
@@ -358,8 +352,12 @@ impl CustomOp3 for ContrastLogprobRows {
             .zip(lower.par_chunks(vocab))
             .zip(params.par_chunks(3))
             .for_each(|(((o, u), l), p)| {
-                // -1 (none) and anything past the row: no target
-                let target = if p[2] >= 0.0 { p[2] as u32 } else { u32::MAX };
+                // anything outside the row: no target
+                let target = if (0.0..vocab as f32).contains(&p[2]) {
+                    p[2] as u32
+                } else {
+                    u32::MAX
+                };
                 let read = contrast_row_logprobs(u, l, (p[0], p[1] as usize), target, self.top);
                 write_row(read, self.top, o);
             });
@@ -490,10 +488,15 @@ mod tests {
             (f32::NEG_INFINITY, 1, 0),
             (0.5f32.ln(), 9, u32::MAX), // none
         ];
+        let params_of = |p: &[(f32, usize, u32)]| -> Result<Tensor> {
+            let rules: Vec<(f32, usize)> = p.iter().map(|&(a, k, _)| (a, k)).collect();
+            let targets: Vec<u32> = p.iter().map(|e| e.2).collect();
+            contrast_params(&rules, &Tensor::new(targets, &dev)?)
+        };
         let put = |m: &[Vec<f32>]| Tensor::new(m.concat(), &dev)?.reshape((4, vocab));
         let (u, l) = (put(&upper)?, put(&lower)?);
         for top in [0, 1, 5, 20] {
-            let out = contrast_logprob_rows(&u, &l, &contrast_params(&params, &dev)?, top)?;
+            let out = contrast_logprob_rows(&u, &l, &params_of(&params)?, top)?;
             let got = read_rows(&out.flatten_all()?.to_vec1::<f32>()?, top);
             for (r, &(ln_alpha, k, target)) in params.iter().enumerate() {
                 let q = greedy::contrast_log_q(&upper[r], &lower[r], ln_alpha, k);
@@ -509,14 +512,14 @@ mod tests {
         let two = contrast_logprob_rows(
             &u.narrow(0, 2, 2)?,
             &l.narrow(0, 2, 2)?,
-            &contrast_params(&params[2..], &dev)?,
+            &params_of(&params[2..])?,
             3,
         )?;
         let got = read_rows(&two.flatten_all()?.to_vec1::<f32>()?, 3);
         let (ln_alpha, k, target) = params[2];
         let want = contrast_row_logprobs(&upper[2], &lower[2], (ln_alpha, k), target, 3);
         assert!(same(&got[0], &want));
-        let p = contrast_params(&params, &dev)?;
+        let p = params_of(&params)?;
         assert!(contrast_logprob_rows(&u, &l.narrow(0, 0, 3)?, &p, 3).is_err());
         assert!(contrast_logprob_rows(&u, &l, &p.narrow(1, 0, 2)?, 3).is_err());
         assert!(contrast_logprob_rows(&u, &l, &p, MAX_TOP + 1).is_err());

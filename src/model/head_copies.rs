@@ -629,23 +629,16 @@ impl HeadCopies {
         let head_read = |rows: &[u32], targets: &Tensor| -> candle_core::Result<Tensor> {
             logprob::logprob_rows(&pick(rows)?, targets, top)?.flatten_all()
         };
-        let contrast_read = |pairs_: &[ContrastRows], targets: Tensor| -> Result<Tensor> {
+        let contrast_read = |pairs_: &[ContrastRows], targets: &Tensor| -> Result<Tensor> {
             let (upper, lower) = pairs(pairs_)?;
             let rules: Vec<(f32, usize)> = pairs_
                 .iter()
                 .map(|p| (p.ln_alpha, p.minimum_candidates))
                 .collect();
-            let params = Tensor::cat(
-                &[
-                    greedy::contrast_rules(&rules, device)?,
-                    targets.unsqueeze(1)?,
-                ],
-                1,
-            )?;
+            let params = logprob::contrast_params(&rules, targets)?;
             Ok(logprob::contrast_logprob_rows(&upper, &lower, &params, top)?.flatten_all()?)
         };
-        // the targets of reads at choices: the ids, where they were made (as floats for a
-        // contrast's params: exact below 2^24)
+        // the targets of reads at choices: the ids, where they were made
         let chosen = |at: Vec<u32>| -> Result<Tensor> {
             let ids = ids.as_ref().expect("reads at choices come with choices");
             Ok(ids.index_select(&Tensor::new(at, device)?, 0)?)
@@ -655,12 +648,9 @@ impl HeadCopies {
             read.push(head_read(&rows, &Tensor::new(targets, device)?)?);
         }
         if !logprobs.contrast.is_empty() {
-            let (pairs_, targets): (Vec<ContrastRows>, Vec<f32>) = logprobs
-                .contrast
-                .iter()
-                .map(|&(p, t)| (p, t as f32))
-                .unzip();
-            read.push(contrast_read(&pairs_, Tensor::new(targets, device)?)?);
+            let (pairs_, targets): (Vec<ContrastRows>, Vec<u32>) =
+                logprobs.contrast.iter().copied().unzip();
+            read.push(contrast_read(&pairs_, &Tensor::new(targets, device)?)?);
         }
         if !logprobs.head_chosen.is_empty() {
             let (rows, at): (Vec<u32>, Vec<u32>) = logprobs
@@ -676,7 +666,7 @@ impl HeadCopies {
                 .iter()
                 .map(|&(p, c)| (p, wanted.id_at(c) as u32))
                 .unzip();
-            read.push(contrast_read(&pairs_, chosen(at)?.to_dtype(DType::F32)?)?);
+            read.push(contrast_read(&pairs_, &chosen(at)?)?);
         }
         if let (true, true, Some(ids)) = (full.is_empty(), read.is_empty(), &ids) {
             // only choices

@@ -210,18 +210,7 @@ async fn draws_made_in_the_step_are_the_host_draws() {
                 assert!((x - y).abs() < 1e-4, "{} {b}: {x} vs {y}", f.name);
             }
             assert_eq!(values(step).len(), TOKENS);
-            for (s, h) in step["top_logprobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .zip(host["top_logprobs"].as_array().unwrap())
-            {
-                let (s, h) = (s.as_object().unwrap(), h.as_object().unwrap());
-                assert_eq!(s.keys().collect::<Vec<_>>(), h.keys().collect::<Vec<_>>());
-                for (k, v) in s {
-                    assert!((v.as_f64().unwrap() - h[k].as_f64().unwrap()).abs() < 1e-4);
-                }
-            }
+            assert_tops_close(step, host, &format!("{} {b}", f.name));
             let pair = &tokens;
             // alone: the same tokens
             let (status, alone) = post(&url, b).await;
@@ -305,23 +294,7 @@ async fn echo_scoring_read_where_the_logits_are_equals_the_reference() {
                     assert!((x - w).abs() < 1e-3, "{label}: {x} vs {w}");
                 }
                 assert_eq!(g["tokens"], k["tokens"], "{label}");
-                let (tops, kernel_tops) = (
-                    g["top_logprobs"].as_array().unwrap(),
-                    k["top_logprobs"].as_array().unwrap(),
-                );
-                assert_eq!(tops.len(), kernel_tops.len(), "{label}");
-                for (a, b) in tops.iter().zip(kernel_tops).skip(1) {
-                    let (a, b) = (a.as_object().unwrap(), b.as_object().unwrap());
-                    assert_eq!(
-                        a.keys().collect::<Vec<_>>(),
-                        b.keys().collect::<Vec<_>>(),
-                        "{label}"
-                    );
-                    for (key, v) in a {
-                        let (v, w) = (v.as_f64().unwrap(), b[key].as_f64().unwrap());
-                        assert!((v - w).abs() < 1e-4, "{label} {key:?}: {v} vs {w}");
-                    }
-                }
+                assert_tops_close(g, k, &label);
             }
             assert_eq!(
                 batched.metric("exitserve_device_logprobs_total"),
@@ -330,6 +303,32 @@ async fn echo_scoring_read_where_the_logits_are_equals_the_reference() {
                 f.name
             );
             assert_eq!(kernels.metric("exitserve_device_logprobs_total"), 0.0);
+        }
+    }
+}
+
+/// Two responses' `logprobs` name the same alternatives at each position (none alike: an
+/// echoed prompt's first token), their values within 1e-4.
+fn assert_tops_close(a: &Value, b: &Value, label: &str) {
+    let (a, b) = (
+        a["top_logprobs"].as_array().unwrap(),
+        b["top_logprobs"].as_array().unwrap(),
+    );
+    assert_eq!(a.len(), b.len(), "{label}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if x.is_null() {
+            assert!(y.is_null(), "{label}: top_logprobs[{i}]");
+            continue;
+        }
+        let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
+        assert_eq!(
+            x.keys().collect::<Vec<_>>(),
+            y.keys().collect::<Vec<_>>(),
+            "{label}: top_logprobs[{i}]"
+        );
+        for (key, v) in x {
+            let (v, w) = (v.as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!((v - w).abs() < 1e-4, "{label} {key:?}: {v} vs {w}");
         }
     }
 }
