@@ -4,7 +4,9 @@ compared with the reference's and first-step top-5 logprobs within 1e-3 — with
 (chosen in the step, the logprobs read there), with a logit bias of 0 (chosen on the host from
 copied rows) and without logprobs (chosen in the step) — and seeded sampling drawn in the step
 (without and with logprobs) against drawn on the host (a logit bias of 0); then echo's scoring of every entry of the fixture's `.scoring.json` (all at once, the
-prompt logprobs read where the logits are) within 1e-3 of the reference's.
+prompt logprobs read where the logits are) within 1e-3 of the reference's; then the same
+greedy and sampled passes over the fixture's `.dola.json` cases (DoLa's token chosen in the
+step from the candidate chosen there), all at once.
 Standard library only (it runs on the GPU machine, which has no network). Prints one JSON
 line per pass.
 
@@ -23,6 +25,10 @@ a = ap.parse_args()
 name = os.path.basename(a.fixture.rstrip("/"))
 reference = json.load(open(a.fixture.rstrip("/") + ".reference.json"))
 scoring = json.load(open(a.fixture.rstrip("/") + ".scoring.json"))
+dola = json.load(open(a.fixture.rstrip("/") + ".dola.json"))
+for c in dola["cases"]:
+    c["multi_exit"] = {"mode": "dola", "layers": c["layers"], "premature": c["premature"]}
+    c["top5"] = [c["top5"]]  # the first step's, as the reference's cases hold them per step
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -63,7 +69,8 @@ def multi_exit(mode):
 def run(case):
     body = {"model": name, "prompt": case["prompt_ids"], "max_tokens": len(case["greedy_ids"]),
             "temperature": 0, "ignore_eos": True, "return_token_ids": True,
-            "multi_exit": multi_exit(case["mode"])}
+            "repetition_penalty": case.get("repetition_penalty", 1.0),
+            "multi_exit": case.get("multi_exit") or multi_exit(case["mode"])}
     choice = post({**body, "logprobs": 5})["choices"][0]
     same_ids = choice["token_ids"] == case["greedy_ids"]
     # a bias that changes nothing but makes the host choose from copied rows
@@ -111,8 +118,8 @@ try:
                or "greedy choice" in line or "sampled tokens" in line or "draw kernel" in line
                or "prompt logprobs" in line or "logprob kernel" in line]
     print(json.dumps({"fixture": name, "dtype": a.dtype, "kernels": kernels}), flush=True)
-    cases = reference["cases"]
-    for label in ["alone", "all_at_once"]:
+    for label, cases in [("alone", reference["cases"]), ("all_at_once", reference["cases"]),
+                         ("dola_all_at_once", dola["cases"])]:
         t = time.time()
         if label == "alone":
             results = [run(c) for c in cases]

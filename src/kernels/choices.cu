@@ -3,16 +3,21 @@
 // its heads' vocabulary rows:
 // - `argmax_rows`: the first position of a row's maximum, NaN never winning (0 when no
 //   element is a number), as the host's `argmax` chooses;
-// - `contrast_rows`: autocontrastive greedy, the first position of the largest
+// - `contrast_rows`: a contrast's greedy choice (autocontrast's, or DoLa's over its mature
+//   head and chosen candidate: a floor of one), the first position of the largest
 //   log p_u - log p_l inside the plausible set (log p_u >= min(ln(alpha) + max log p_u, the
 //   k-th largest log p_u)), each term written in the host's order of operations
 //   (`greedy::contrast_choice`);
 // - `margin_rows`, `divergence_rows`: early exit's confidence, DoLa's divergence;
 // - `sample_rows`, `contrast_sample_rows`: a draw (temperature, top-k, top-p, its uniform
-//   number) from a row's log-softmax or a contrast's scores, as the host's `sample::draw`;
-// - `logprob_rows`, `contrast_logprob_rows`: a row's log-softmax (a contrast's log q) at one
-//   token and its largest values (`logprob.rs`), what echo's scoring reads of a prompt
-//   position and a request's `logprobs` of a token chosen here.
+//   number) from a row's log-softmax or a contrast's scores (autocontrast's log q, DoLa's
+//   logits), as the host's `sample::draw`;
+// - `logprob_rows`, `contrast_logprob_rows`: a row's log-softmax (a contrast's log q, the
+//   log-softmax of DoLa's logits) at one token and its largest values (`logprob.rs`), what
+//   echo's scoring reads of a prompt position and a request's `logprobs` of a token chosen
+//   here.
+// A contrast's rule is three floats (`greedy::ContrastRule::params`): ln(alpha) (DoLa's
+// ln(relative_top)), the candidate floor, the kind (0 autocontrast, 1 DoLa).
 
 #define THREADS 256
 #define NONE 0xffffffffu
@@ -165,7 +170,8 @@ __device__ float contrast_threshold(const float* u, float max_u, float lse_u, fl
 }
 
 // Row r's choice from `upper` and `lower` rows r with `rules` row r: ln(alpha) (-inf: every
-// token plausible) and the candidate floor.
+// token plausible), the candidate floor, the kind (DoLa's set is autocontrast's with a floor of
+// one, and its logits a monotone function of the same difference inside it).
 extern "C" __global__ void __launch_bounds__(THREADS)
 contrast_rows(const float* __restrict__ upper, const float* __restrict__ lower,
               const float* __restrict__ rules, unsigned int* __restrict__ out,
@@ -177,8 +183,8 @@ contrast_rows(const float* __restrict__ upper, const float* __restrict__ lower,
     const float* l = lower + (size_t)blockIdx.x * vocab;
     const PairNorms n = pair_norms(u, l, vocab, values);
     const float lse_u = n.lse_x, lse_l = n.lse_y;
-    const float t = contrast_threshold(u, n.max_x, lse_u, rules[2 * blockIdx.x],
-                                       rules[2 * blockIdx.x + 1], vocab, sums);
+    const float t = contrast_threshold(u, n.max_x, lse_u, rules[3 * blockIdx.x],
+                                       rules[3 * blockIdx.x + 1], vocab, sums);
 
     float best = -__int_as_float(0x7f800000);
     unsigned int at = NONE;
@@ -262,6 +268,21 @@ struct ContrastScores {
     __device__ float operator()(unsigned int i) const {
         const float lp = u[i] - lse_u;
         return lp >= threshold ? (lp - (l[i] - lse_l)) - offset + log_mass : lp;
+    }
+};
+
+// DoLa's logits of its mature (`m`) and chosen premature (`p`) rows, as the host's
+// `dola_scores`: log p_m - log p_p inside the relative top, -inf outside (a NaN stays NaN);
+// less `offset`: 0 for a draw, which reads the logits as they are (x - 0 is x), their
+// log-sum-exp for a read of their log-softmax.
+struct DolaScores {
+    const float* m;
+    const float* p;
+    float lse_m, lse_p, threshold, offset;
+    __device__ float operator()(unsigned int i) const {
+        const float lp = m[i] - lse_m;
+        if (lp < threshold) return -__int_as_float(0x7f800000);
+        return (lp - (p[i] - lse_p)) - offset;
     }
 };
 
@@ -518,6 +539,31 @@ __device__ ContrastScores contrast_scores(const float* u, const float* l, float 
     return q;
 }
 
+// DoLa's logits of a pair of rows with ln(relative_top): the norms and the relative top's
+// threshold (autocontrast's with a floor of one), as the host's `dola_scores` finds them;
+// `normalise`: less their log-sum-exp, as the host's `log_softmax` of them.
+__device__ DolaScores dola_scores(const float* m, const float* p, float ln_relative_top,
+                                  bool normalise, unsigned int vocab, float* scratch,
+                                  double* sums) {
+    DolaScores q;
+    q.m = m;
+    q.p = p;
+    q.offset = 0.f;
+    const PairNorms n = pair_norms(m, p, vocab, scratch);
+    q.lse_m = n.lse_x;
+    q.lse_p = n.lse_y;
+    q.threshold = contrast_threshold(m, n.max_x, q.lse_m, ln_relative_top, 1.f, vocab, sums);
+    if (normalise) {
+        float top = -__int_as_float(0x7f800000);
+        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) top = fmaxf(top, q(i));
+        top = block_max(top, scratch);
+        float z = 0.f;
+        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) z += expf(q(i) - top);
+        q.offset = top + logf(block_sum(z, scratch));
+    }
+    return q;
+}
+
 // Row r's draw from the log-softmax of `logits` row r with `params` row r: temperature,
 // top_k, top_p, u (`draw_row`).
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -529,18 +575,24 @@ sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
 }
 
 // Row r's draw from the contrast's scores of `upper` and `lower` rows r with `params` row r:
-// temperature, top_k, top_p, u (`draw_row`), ln(alpha), the candidate floor.
+// temperature, top_k, top_p, u (`draw_row`), then its rule (autocontrast's log q, or DoLa's
+// logits).
 extern "C" __global__ void __launch_bounds__(THREADS)
 contrast_sample_rows(const float* __restrict__ upper, const float* __restrict__ lower,
                      const double* __restrict__ params, unsigned int* __restrict__ out,
                      unsigned int vocab) {
     __shared__ float scratch[THREADS / 32];
     __shared__ double sums[THREADS / 32];
-    const double* p = params + (size_t)blockIdx.x * 6;
-    const ContrastScores q = contrast_scores(upper + (size_t)blockIdx.x * vocab,
-                                             lower + (size_t)blockIdx.x * vocab, (float)p[4],
-                                             (float)p[5], vocab, scratch, sums);
-    draw_row(q, p, vocab, out + blockIdx.x);
+    const double* p = params + (size_t)blockIdx.x * 7;
+    const float* u = upper + (size_t)blockIdx.x * vocab;
+    const float* l = lower + (size_t)blockIdx.x * vocab;
+    if (p[6] != 0.0) {
+        draw_row(dola_scores(u, l, (float)p[4], false, vocab, scratch, sums), p, vocab,
+                 out + blockIdx.x);
+    } else {
+        draw_row(contrast_scores(u, l, (float)p[4], (float)p[5], vocab, scratch, sums), p, vocab,
+                 out + blockIdx.x);
+    }
 }
 
 // The block's largest of `v` (every thread gets it); `scratch` holds THREADS / 32 of them.
@@ -599,9 +651,9 @@ logprob_rows(const float* __restrict__ logits, const unsigned int* __restrict__ 
                   (width - 1u) / 2u, keys);
 }
 
-// The contrast's log q of `upper` and `lower` rows r as a request reads it, with `params`
-// row r: ln(alpha), the candidate floor, the target (outside [0, vocab): none); (width - 1) / 2
-// of its best.
+// The contrast's log-distribution of `upper` and `lower` rows r as a request reads it (its log
+// q, or the log-softmax of DoLa's logits), with `params` row r: its rule, the target (outside
+// [0, vocab): none); (width - 1) / 2 of its best.
 extern "C" __global__ void __launch_bounds__(THREADS)
 contrast_logprob_rows(const float* __restrict__ upper, const float* __restrict__ lower,
                       const float* __restrict__ params, float* __restrict__ out,
@@ -609,11 +661,18 @@ contrast_logprob_rows(const float* __restrict__ upper, const float* __restrict__
     __shared__ float scratch[THREADS / 32];
     __shared__ double sums[THREADS / 32];
     __shared__ unsigned long long keys[THREADS / 32];
-    const float* p = params + (size_t)blockIdx.x * 3;
-    const ContrastScores q = contrast_scores(upper + (size_t)blockIdx.x * vocab,
-                                             lower + (size_t)blockIdx.x * vocab, p[0], p[1],
-                                             vocab, scratch, sums);
+    const float* p = params + (size_t)blockIdx.x * 4;
+    const float* u = upper + (size_t)blockIdx.x * vocab;
+    const float* l = lower + (size_t)blockIdx.x * vocab;
     const unsigned int target =
-        p[2] >= 0.f && p[2] < (float)vocab ? (unsigned int)p[2] : 0xffffffffu;
-    read_logprobs(q, target, out + (size_t)blockIdx.x * width, vocab, (width - 1u) / 2u, keys);
+        p[3] >= 0.f && p[3] < (float)vocab ? (unsigned int)p[3] : 0xffffffffu;
+    float* o = out + (size_t)blockIdx.x * width;
+    const unsigned int top = (width - 1u) / 2u;
+    if (p[2] != 0.f) {
+        read_logprobs(dola_scores(u, l, p[0], true, vocab, scratch, sums), target, o, vocab, top,
+                      keys);
+    } else {
+        read_logprobs(contrast_scores(u, l, p[0], p[1], vocab, scratch, sums), target, o, vocab,
+                      top, keys);
+    }
 }

@@ -4,11 +4,13 @@
 //! step, and no log-softmax on the host; a contrast stream copies two rows otherwise).
 //! - [`argmax_rows`]: the host's `argmax`, the first position of the row's maximum, NaN never
 //!   winning.
-//! - [`contrast_rows`]: autocontrastive greedy (Gera et al.), the first position of the
-//!   largest log p_u - log p_l inside the plausible set {log p_u >= ln(alpha) + max log p_u}
-//!   (a candidate floor of one): the argmax of the contrast's scores, which are a monotone
-//!   function of that difference inside the set and below the set's best outside it, save
-//!   where their rounding ties two differences.
+//! - [`contrast_rows`]: the greedy choice of a contrast of two heads ([`ContrastRule`]:
+//!   autocontrastive decoding, Gera et al., or DoLa over its mature head and chosen
+//!   premature layer), the first position of the largest log p_u - log p_l inside the
+//!   plausible set {log p_u >= ln(alpha) + max log p_u} (a candidate floor of one): the
+//!   argmax of the contrast's scores, which are a monotone function of that difference inside
+//!   the set and below the set's best outside it, save where their rounding ties two
+//!   differences.
 //! - [`margin_rows`]: each row's softmax margin, the confidence by which early exit decides
 //!   whether a token leaves at an exit, so that a step copies one float per row to decide
 //!   (and then only the rows of the head each token leaves at).
@@ -103,33 +105,91 @@ pub fn divergence_of_log_probs(mature: &[f32], premature: &[f32]) -> f64 {
     d
 }
 
-/// `upper` and `lower` `(rows, vocab)` float32, `rules` `(rows, 2)` float32 (each row's
-/// ln(alpha), -inf making every token plausible, and candidate floor): `(rows)` u32, each
-/// row's contrast choice ([`contrast_choice`]).
+/// How a contrast of two heads' rows (upper, lower) makes one distribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ContrastRule {
+    /// Autocontrastive decoding ([`contrast_log_q`]) with ln(alpha) (-inf making every token
+    /// plausible) and a candidate floor.
+    Autocontrast {
+        ln_alpha: f32,
+        minimum_candidates: usize,
+    },
+    /// DoLa ([`dola_scores`]) over its mature head (upper) and the premature layer it chose
+    /// (lower), with ln(relative_top).
+    Dola { ln_relative_top: f32 },
+}
+
+impl ContrastRule {
+    /// The scores a strategy chooses from: the contrast's log q, DoLa's logits.
+    pub fn scores(self, upper: &[f32], lower: &[f32]) -> Vec<f32> {
+        match self {
+            ContrastRule::Autocontrast {
+                ln_alpha,
+                minimum_candidates,
+            } => contrast_log_q(upper, lower, ln_alpha, minimum_candidates),
+            ContrastRule::Dola { ln_relative_top } => dola_scores(upper, lower, ln_relative_top),
+        }
+    }
+
+    /// The log-distribution a request reads: the contrast's log q, the log-softmax of DoLa's
+    /// logits (as the host normalises them).
+    pub fn log_distribution(self, upper: &[f32], lower: &[f32]) -> Vec<f32> {
+        match self {
+            ContrastRule::Autocontrast { .. } => self.scores(upper, lower),
+            ContrastRule::Dola { .. } => fastmath::log_softmax(&self.scores(upper, lower)),
+        }
+    }
+
+    /// The kernels' form, three floats: ln(alpha), candidate floor (exact below 2^24), kind
+    /// (0 autocontrast, 1 DoLa). DoLa's set is autocontrast's with a floor of one, so that its
+    /// greedy choice is [`contrast_choice`]'s.
+    pub fn params(self) -> [f32; 3] {
+        match self {
+            ContrastRule::Autocontrast {
+                ln_alpha,
+                minimum_candidates,
+            } => [ln_alpha, minimum_candidates.min(1 << 24) as f32, 0.0],
+            ContrastRule::Dola { ln_relative_top } => [ln_relative_top, 1.0, 1.0],
+        }
+    }
+
+    /// The rule [`ContrastRule::params`] wrote.
+    pub fn from_params(p: &[f32]) -> Self {
+        if p[2] == 0.0 {
+            ContrastRule::Autocontrast {
+                ln_alpha: p[0],
+                minimum_candidates: p[1] as usize,
+            }
+        } else {
+            ContrastRule::Dola {
+                ln_relative_top: p[0],
+            }
+        }
+    }
+}
+
+/// `upper` and `lower` `(rows, vocab)` float32, `rules` `(rows, 3)` float32 (each row's
+/// [`ContrastRule::params`]: [`contrast_rules`]): `(rows)` u32, each row's contrast choice
+/// ([`contrast_choice`]).
 pub fn contrast_rows(upper: &Tensor, lower: &Tensor, rules: &Tensor) -> Result<Tensor> {
     let (rows, vocab) = upper.dims2()?;
     if upper.dtype() != DType::F32
         || lower.dtype() != DType::F32
         || rules.dtype() != DType::F32
         || lower.dims() != [rows, vocab]
-        || rules.dims() != [rows, 2]
+        || rules.dims() != [rows, 3]
     {
-        candle_core::bail!(
-            "contrast rows: two (rows, vocab) float32 matrices and (rows, 2) ln(alpha), floor"
-        );
+        candle_core::bail!("contrast rows: two (rows, vocab) float32 matrices and (rows, 3) rules");
     }
     upper
         .contiguous()?
         .apply_op3_no_bwd(&lower.contiguous()?, &rules.contiguous()?, &ContrastRows)
 }
 
-/// [`contrast_rows`]' rules for `(ln_alpha, minimum_candidates)` pairs, on `device`.
-pub fn contrast_rules(rules: &[(f32, usize)], device: &Device) -> Result<Tensor> {
-    let flat: Vec<f32> = rules
-        .iter()
-        .flat_map(|&(ln_alpha, k)| [ln_alpha, k.min(1 << 24) as f32])
-        .collect();
-    Tensor::new(flat, device)?.reshape((rules.len(), 2))
+/// [`contrast_rows`]' rules, on `device`.
+pub fn contrast_rules(rules: &[ContrastRule], device: &Device) -> Result<Tensor> {
+    let flat: Vec<f32> = rules.iter().flat_map(|r| r.params()).collect();
+    Tensor::new(flat, device)?.reshape((rules.len(), 3))
 }
 
 /// The contrast's greedy choice in one pair of rows: the first position of the largest
@@ -172,6 +232,26 @@ pub fn contrast_log_q(
     let log_mass = max_lp + mass_sum.ln();
     set.write_q(&mut lp_upper, lower, offset, log_mass);
     lp_upper
+}
+
+/// DoLa's next-token logits from its mature head's row and its chosen premature layer's
+/// (transformers' `_dola_select_contrast` and `_relative_top_filter`): log p_mature -
+/// log p_premature where the mature head finds the token plausible (log p_mature >=
+/// ln(relative_top) + max log p_mature: autocontrast's set with a floor of one), -inf
+/// elsewhere. Unnormalised, as transformers' logits processors see them.
+pub fn dola_scores(mature: &[f32], premature: &[f32], ln_relative_top: f32) -> Vec<f32> {
+    let terms = ContrastTerms::new(mature, premature, ln_relative_top, 1);
+    (0..mature.len())
+        .map(|i| {
+            let m = terms.lp_upper[i];
+            // NaN stays NaN (a NaN is never below the threshold)
+            if m < terms.set.threshold {
+                f32::NEG_INFINITY
+            } else {
+                m - (premature[i] - terms.set.lse_lower)
+            }
+        })
+        .collect()
 }
 
 /// A contrast's terms in one pair of rows: log p_u, and the plausible set, the tokens with
@@ -241,17 +321,20 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     let upper: Vec<Vec<f32>> = (0..ROWS).map(|r| row(4.0 + 4.0 * r as f32)).collect();
     let lower: Vec<Vec<f32>> = (0..ROWS).map(|r| row(6.0 + 2.0 * r as f32)).collect();
     // (ln alpha, candidate floor): floors of one and wider ones
-    let rules: Vec<(f32, usize)> = [
-        (0.1f32, 1),
-        (0.5, 1),
-        (0.01, 40),
-        (0.0, 1),
-        (0.1, 3),
-        (1.0, 7),
-    ]
-    .iter()
-    .map(|&(a, k)| (a.ln(), k))
-    .collect();
+    let auto = |alpha: f32, k| ContrastRule::Autocontrast {
+        ln_alpha: alpha.ln(),
+        minimum_candidates: k,
+    };
+    let rules = [
+        auto(0.1, 1),
+        ContrastRule::Dola {
+            ln_relative_top: 0.5f32.ln(),
+        },
+        auto(0.01, 40),
+        auto(0.0, 1),
+        auto(0.1, 3),
+        auto(1.0, 7),
+    ];
     let put = |rows: &[Vec<f32>]| Tensor::new(rows.concat(), device)?.reshape((ROWS, vocab));
     let (upper_t, lower_t) = (put(&upper)?, put(&lower)?);
     let argmaxes = argmax_rows(&upper_t)?.to_vec1::<u32>()?;
@@ -263,7 +346,9 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     for r in 0..ROWS {
         let (u, l) = (&upper[r], &lower[r]);
         let shortfall = u[argmax(u) as usize] - u[argmaxes[r] as usize];
-        let (ln_alpha, k) = rules[r];
+        // DoLa's set: a floor of one
+        let [ln_alpha, k, _] = rules[r].params();
+        let k = k as usize;
         let terms = ContrastTerms::new(u, l, ln_alpha, k);
         let score = |i: u32| terms.difference(i as usize).unwrap_or(f32::NEG_INFINITY);
         let contrast = score(contrast_choice(u, l, ln_alpha, k)) - score(contrasts[r]);
@@ -418,7 +503,7 @@ impl CustomOp3 for ContrastRows {
             (
                 upper.par_chunks(vocab),
                 lower.par_chunks(vocab),
-                rules.par_chunks(2),
+                rules.par_chunks(3),
             )
                 .into_par_iter()
                 .map(|(u, l, r)| contrast_choice(u, l, r[0], r[1] as usize))
@@ -616,7 +701,16 @@ mod tests {
                 .reshape((rows + 1, vocab))?
                 .narrow(0, 1, rows)
         };
-        let rules: Vec<(f32, usize)> = ln_alpha.iter().copied().zip(floors).collect();
+        let rules: Vec<ContrastRule> = ln_alpha
+            .iter()
+            .zip(floors)
+            .map(
+                |(&ln_alpha, minimum_candidates)| ContrastRule::Autocontrast {
+                    ln_alpha,
+                    minimum_candidates,
+                },
+            )
+            .collect();
         let got = contrast_rows(
             &put(&upper)?,
             &put(&lower)?,
@@ -642,11 +736,70 @@ mod tests {
         assert_ne!(got[4], argmax(&upper[4]), "the floor widened the set");
         // misshapen operands are refused
         let m = put(&upper)?;
-        let one = contrast_rules(&[(0.0, 1)], &Device::Cpu)?;
+        let one = contrast_rules(
+            &[ContrastRule::Dola {
+                ln_relative_top: 0.0,
+            }],
+            &Device::Cpu,
+        )?;
         assert!(contrast_rows(&m, &m.narrow(0, 0, 2)?, &one).is_err());
         assert!(contrast_rows(&m, &m, &one).is_err());
         // the start-up check on the CPU: its kernels are these functions
         assert_eq!(check(&Device::Cpu, 1000)?, 0.0);
+        Ok(())
+    }
+
+    /// DoLa's logits as transformers' `_relative_top_filter` and `_dola_select_contrast`
+    /// state them (float32, step by step); its greedy choice is the contrast kernel's with
+    /// its rule, and its rule survives the kernels' form.
+    #[test]
+    fn dola_scores_are_the_relative_top_filtered_difference() -> Result<()> {
+        let mut rand = crate::kernels::uniform(0x9FB2_1C65_1E98_DF25u64);
+        let vocab = 2001;
+        let mut row = |spread: f32| (0..vocab).map(|_| rand() * spread).collect::<Vec<_>>();
+        for (spread, relative_top) in [(3.0f32, 0.1f32), (12.0, 0.1), (20.0, 0.5), (8.0, 1.0)] {
+            let (mature, premature) = (row(spread), row(6.0));
+            let (lp_m, lp_p) = (
+                fastmath::log_softmax(&mature),
+                fastmath::log_softmax(&premature),
+            );
+            let max = lp_m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let threshold = max + relative_top.ln();
+            let want: Vec<f32> = lp_m
+                .iter()
+                .zip(&lp_p)
+                .map(|(&m, &p)| {
+                    if m < threshold {
+                        f32::NEG_INFINITY
+                    } else {
+                        m - p
+                    }
+                })
+                .collect();
+            let rule = ContrastRule::Dola {
+                ln_relative_top: relative_top.ln(),
+            };
+            assert_eq!(dola_scores(&mature, &premature, relative_top.ln()), want);
+            assert_eq!(rule.scores(&mature, &premature), want);
+            assert_eq!(
+                rule.log_distribution(&mature, &premature),
+                fastmath::log_softmax(&want)
+            );
+            assert_eq!(ContrastRule::from_params(&rule.params()), rule);
+            let put = |r: &[f32]| Tensor::new(r, &Device::Cpu)?.reshape((1, vocab));
+            let got = contrast_rows(
+                &put(&mature)?,
+                &put(&premature)?,
+                &contrast_rules(&[rule], &Device::Cpu)?,
+            )?
+            .to_vec1::<u32>()?;
+            assert_eq!(got[0], argmax(&want), "relative_top {relative_top}");
+        }
+        let auto = ContrastRule::Autocontrast {
+            ln_alpha: 0.2f32.ln(),
+            minimum_candidates: 7,
+        };
+        assert_eq!(ContrastRule::from_params(&auto.params()), auto);
         Ok(())
     }
 }

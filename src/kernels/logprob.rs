@@ -4,12 +4,13 @@
 //! position costs the host 1 + 2·top floats instead of a vocabulary row (a contrast's: two)
 //! and its log-softmax (a 512-token prompt of GPT-2's 50,257 tokens with `logprobs` 5: 22 KB
 //! instead of 103 MB). The distribution is one head's log-softmax ([`logprob_rows`]) or a
-//! contrast's log q over two heads ([`contrast_logprob_rows`]).
+//! contrast's over two heads ([`contrast_logprob_rows`]: autocontrast's log q, DoLa's
+//! normalised logits).
 //!
 //! `choices.cu`'s `logprob_rows` and `contrast_logprob_rows` compute them on a GPU; the Rust
 //! here is the CPU's version (the host's own `fastmath::log_softmax`,
-//! `greedy::contrast_log_q` and [`top_ids`], to the bit) and the oracle that [`check`] holds
-//! the kernels to at start-up.
+//! `greedy::ContrastRule::log_distribution` and [`top_ids`], to the bit) and the oracle that
+//! [`check`] holds the kernels to at start-up.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -17,7 +18,7 @@ use rayon::prelude::*;
 #[cfg(feature = "cuda")]
 use super::cuda_source::launch_choice_rows;
 use super::fastmath;
-use super::greedy::{self, contiguous};
+use super::greedy::{self, contiguous, ContrastRule};
 
 /// The most values a row's top may hold (OpenAI's chat API asks for at most 20).
 pub const MAX_TOP: usize = 64;
@@ -55,10 +56,11 @@ pub fn logprob_rows(logits: &Tensor, targets: &Tensor, top: usize) -> Result<Ten
         .apply_op2_no_bwd(&targets.contiguous()?, &LogprobRows { top })
 }
 
-/// `upper` and `lower` `(rows, vocab)` float32 and `params` `(rows, 3)` float32 (each row's
-/// ln(alpha), candidate floor and target, any value outside [0, vocab) none:
-/// [`contrast_params`]): [`logprob_rows`]' output for each pair of rows' contrast log q
-/// (`greedy::contrast_log_q`).
+/// `upper` and `lower` `(rows, vocab)` float32 and `params` `(rows, 4)` float32 (each row's
+/// contrast rule, `greedy::ContrastRule::params`, and target, any value outside [0, vocab)
+/// none: [`contrast_params`]): [`logprob_rows`]' output for each pair of rows' contrast
+/// (`greedy::ContrastRule::log_distribution`: autocontrast's log q, the log-softmax of
+/// DoLa's logits).
 pub fn contrast_logprob_rows(
     upper: &Tensor,
     lower: &Tensor,
@@ -70,14 +72,14 @@ pub fn contrast_logprob_rows(
         || lower.dtype() != DType::F32
         || params.dtype() != DType::F32
         || lower.dims() != [rows, vocab]
-        || params.dims() != [rows, 3]
+        || params.dims() != [rows, 4]
         || top > MAX_TOP
         || vocab == 0
         || vocab >= 1 << 24
     {
         candle_core::bail!(
             "contrast logprob rows: two (rows, vocab) float32 matrices (0 < vocab < 2^24), \
-             (rows, 3) ln(alpha), floor, target, top <= {MAX_TOP}"
+             (rows, 4) rules and targets, top <= {MAX_TOP}"
         );
     }
     upper.contiguous()?.apply_op3_no_bwd(
@@ -87,11 +89,11 @@ pub fn contrast_logprob_rows(
     )
 }
 
-/// [`contrast_logprob_rows`]' params: each row's `(ln_alpha, minimum_candidates)` rule
-/// (`greedy::contrast_rules`) beside its target from `targets` `(rows)` u32, where the rows are
+/// [`contrast_logprob_rows`]' params: each row's rule (`greedy::contrast_rules`) beside its
+/// target from `targets` `(rows)` u32, where the rows are
 /// (the choices made there, or ids the host knows; an id past the row: none, as floats exact
 /// below 2^24).
-pub fn contrast_params(rules: &[(f32, usize)], targets: &Tensor) -> Result<Tensor> {
+pub fn contrast_params(rules: &[ContrastRule], targets: &Tensor) -> Result<Tensor> {
     let rules = greedy::contrast_rules(rules, targets.device())?;
     Tensor::cat(&[rules, targets.to_dtype(DType::F32)?.unsqueeze(1)?], 1)
 }
@@ -121,16 +123,15 @@ pub fn row_logprobs(logits: &[f32], target: u32, top: usize) -> RowLogprobs {
 }
 
 /// A pair of rows' [`RowLogprobs`] of their contrast, as the host reads copied rows: their
-/// `greedy::contrast_log_q`, and [`top_ids`] of that.
+/// `greedy::ContrastRule::log_distribution`, and [`top_ids`] of that.
 pub fn contrast_row_logprobs(
     upper: &[f32],
     lower: &[f32],
-    (ln_alpha, minimum_candidates): (f32, usize),
+    rule: ContrastRule,
     target: u32,
     top: usize,
 ) -> RowLogprobs {
-    let q = greedy::contrast_log_q(upper, lower, ln_alpha, minimum_candidates);
-    read(&q, target, top)
+    read(&rule.log_distribution(upper, lower), target, top)
 }
 
 /// What is read of a log-distribution `lp`: its value at `target` and its `top` best.
@@ -239,19 +240,33 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
         let lp = fastmath::log_softmax(row);
         worst = worst.max(shortfall(got, &read(&lp, target, TOP), &lp));
     }
-    // contrasts: row r over row r + 1, (alpha, floor) from one token's set to all
-    let rules: Vec<(f32, usize)> = [(0.5f32, 1usize), (0.1, 1), (0.01, 40), (0.0, 1), (0.1, 3)]
-        .iter()
-        .map(|&(alpha, k)| (alpha.ln(), k))
-        .collect();
+    // contrasts: row r over row r + 1, autocontrast's (alpha, floor) and DoLa's relative
+    // top, from one token's set to all
+    let auto = |alpha: f32, k| ContrastRule::Autocontrast {
+        ln_alpha: alpha.ln(),
+        minimum_candidates: k,
+    };
+    let dola = |relative_top: f32| ContrastRule::Dola {
+        ln_relative_top: relative_top.ln(),
+    };
     let lower = logits.roll(-1, 0)?;
-    let params = contrast_params(&rules, &targets_t)?;
-    let got = contrast_logprob_rows(&logits, &lower, &params, TOP)?;
-    let got = read_rows(&got.flatten_all()?.to_vec1::<f32>()?, TOP);
-    for (r, ((&(ln_alpha, k), &target), got)) in rules.iter().zip(&targets).zip(&got).enumerate() {
-        let (u, l) = (&rows[r], &rows[(r + 1) % ROWS]);
-        let q = greedy::contrast_log_q(u, l, ln_alpha, k);
-        worst = worst.max(shortfall(got, &read(&q, target, TOP), &q));
+    for rules in [
+        [
+            auto(0.5, 1),
+            auto(0.1, 1),
+            auto(0.01, 40),
+            auto(0.0, 1),
+            auto(0.1, 3),
+        ],
+        [dola(0.5), dola(0.1), dola(0.01), dola(1.0), dola(1e-30)],
+    ] {
+        let params = contrast_params(&rules, &targets_t)?;
+        let got = contrast_logprob_rows(&logits, &lower, &params, TOP)?;
+        let got = read_rows(&got.flatten_all()?.to_vec1::<f32>()?, TOP);
+        for (r, ((rule, &target), got)) in rules.iter().zip(&targets).zip(&got).enumerate() {
+            let q = rule.log_distribution(&rows[r], &rows[(r + 1) % ROWS]);
+            worst = worst.max(shortfall(got, &read(&q, target, TOP), &q));
+        }
     }
     Ok(worst)
 }
@@ -350,15 +365,16 @@ impl CustomOp3 for ContrastLogprobRows {
         out.par_chunks_mut(width)
             .zip(upper.par_chunks(vocab))
             .zip(lower.par_chunks(vocab))
-            .zip(params.par_chunks(3))
+            .zip(params.par_chunks(4))
             .for_each(|(((o, u), l), p)| {
                 // anything outside the row: no target
-                let target = if (0.0..vocab as f32).contains(&p[2]) {
-                    p[2] as u32
+                let target = if (0.0..vocab as f32).contains(&p[3]) {
+                    p[3] as u32
                 } else {
                     u32::MAX
                 };
-                let read = contrast_row_logprobs(u, l, (p[0], p[1] as usize), target, self.top);
+                let rule = ContrastRule::from_params(&p[..3]);
+                let read = contrast_row_logprobs(u, l, rule, target, self.top);
                 write_row(read, self.top, o);
             });
         Ok((CpuStorage::F32(out), Shape::from((rows, width))))
@@ -479,49 +495,69 @@ mod tests {
                 })
                 .collect()
         };
-        let upper: Vec<Vec<f32>> = (0..4).map(|r| row(5.0 + 3.0 * r as f32)).collect();
-        let lower: Vec<Vec<f32>> = (0..4).map(|_| row(6.0)).collect();
-        // one token plausible, some, every one (alpha 0), a candidate floor of 9
+        let upper: Vec<Vec<f32>> = (0..5).map(|r| row(5.0 + 3.0 * r as f32)).collect();
+        let lower: Vec<Vec<f32>> = (0..5).map(|_| row(6.0)).collect();
+        let auto = |alpha: f32, k| ContrastRule::Autocontrast {
+            ln_alpha: alpha.ln(),
+            minimum_candidates: k,
+        };
+        // one token plausible, some, every one (alpha 0), a candidate floor of 9; DoLa's
+        // logits normalised
         let params = [
-            (0.9f32.ln(), 1, 7u32),
-            (0.1f32.ln(), 1, 256),
-            (f32::NEG_INFINITY, 1, 0),
-            (0.5f32.ln(), 9, u32::MAX), // none
+            (auto(0.9, 1), 7u32),
+            (auto(0.1, 1), 256),
+            (auto(0.0, 1), 0),
+            (auto(0.5, 9), u32::MAX), // none
+            (
+                ContrastRule::Dola {
+                    ln_relative_top: 0.1f32.ln(),
+                },
+                3,
+            ),
         ];
-        let params_of = |p: &[(f32, usize, u32)]| -> Result<Tensor> {
-            let rules: Vec<(f32, usize)> = p.iter().map(|&(a, k, _)| (a, k)).collect();
-            let targets: Vec<u32> = p.iter().map(|e| e.2).collect();
+        let params_of = |p: &[(ContrastRule, u32)]| -> Result<Tensor> {
+            let rules: Vec<ContrastRule> = p.iter().map(|e| e.0).collect();
+            let targets: Vec<u32> = p.iter().map(|e| e.1).collect();
             contrast_params(&rules, &Tensor::new(targets, &dev)?)
         };
-        let put = |m: &[Vec<f32>]| Tensor::new(m.concat(), &dev)?.reshape((4, vocab));
+        let put = |m: &[Vec<f32>]| Tensor::new(m.concat(), &dev)?.reshape((5, vocab));
         let (u, l) = (put(&upper)?, put(&lower)?);
         for top in [0, 1, 5, 20] {
             let out = contrast_logprob_rows(&u, &l, &params_of(&params)?, top)?;
             let got = read_rows(&out.flatten_all()?.to_vec1::<f32>()?, top);
-            for (r, &(ln_alpha, k, target)) in params.iter().enumerate() {
-                let q = greedy::contrast_log_q(&upper[r], &lower[r], ln_alpha, k);
+            for (r, &(rule, target)) in params.iter().enumerate() {
+                let q = match rule {
+                    ContrastRule::Autocontrast {
+                        ln_alpha,
+                        minimum_candidates,
+                    } => greedy::contrast_log_q(&upper[r], &lower[r], ln_alpha, minimum_candidates),
+                    ContrastRule::Dola { ln_relative_top } => fastmath::log_softmax(
+                        &greedy::dola_scores(&upper[r], &lower[r], ln_relative_top),
+                    ),
+                };
                 let want = q.get(target as usize).copied().unwrap_or(f32::NAN);
                 assert_eq!(got[r].target.to_bits(), want.to_bits(), "row {r}");
                 let ids: Vec<u32> = got[r].top.iter().map(|e| e.0).collect();
                 assert_eq!(ids, top_ids(&q, top), "row {r}, top {top}");
-                let want = contrast_row_logprobs(&upper[r], &lower[r], (ln_alpha, k), target, top);
+                let want = contrast_row_logprobs(&upper[r], &lower[r], rule, target, top);
                 assert!(same(&got[r], &want), "row {r}");
             }
         }
         // a view of the last two pairs
         let two = contrast_logprob_rows(
-            &u.narrow(0, 2, 2)?,
-            &l.narrow(0, 2, 2)?,
-            &params_of(&params[2..])?,
+            &u.narrow(0, 3, 2)?,
+            &l.narrow(0, 3, 2)?,
+            &params_of(&params[3..])?,
             3,
         )?;
         let got = read_rows(&two.flatten_all()?.to_vec1::<f32>()?, 3);
-        let (ln_alpha, k, target) = params[2];
-        let want = contrast_row_logprobs(&upper[2], &lower[2], (ln_alpha, k), target, 3);
-        assert!(same(&got[0], &want));
+        for (k, &(rule, target)) in params[3..].iter().enumerate() {
+            let want = contrast_row_logprobs(&upper[3 + k], &lower[3 + k], rule, target, 3);
+            assert!(same(&got[k], &want));
+        }
         let p = params_of(&params)?;
         assert!(contrast_logprob_rows(&u, &l.narrow(0, 0, 3)?, &p, 3).is_err());
-        assert!(contrast_logprob_rows(&u, &l, &p.narrow(1, 0, 2)?, 3).is_err());
+        assert!(contrast_logprob_rows(&u, &l, &p.narrow(1, 0, 3)?, 3).is_err());
         assert!(contrast_logprob_rows(&u, &l, &p, MAX_TOP + 1).is_err());
         Ok(())
     }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 #[cfg(feature = "cuda")]
 use super::cuda_source::launch_choice;
 use super::fastmath::{self, exp_neg};
-use super::greedy::{self, argmax, contiguous};
+use super::greedy::{argmax, contiguous, ContrastRule};
 
 /// One draw's parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -93,19 +93,20 @@ pub fn draw_params(draws: &[Draw], device: &Device) -> Result<Tensor> {
     Tensor::new(flat, device)?.reshape((draws.len(), 4))
 }
 
-/// `upper` and `lower` `(rows, vocab)` float32 and `params` `(rows, 6)` float64, each row's
-/// [`Draw`] then ln(alpha) and candidate floor: `(rows)` u32, each row's draw from the
-/// contrast's scores (`greedy::contrast_log_q`).
+/// `upper` and `lower` `(rows, vocab)` float32 and `params` `(rows, 7)` float64, each row's
+/// [`Draw`] then its contrast's rule (`greedy::ContrastRule::params`): `(rows)` u32, each
+/// row's draw from the contrast's scores (`greedy::ContrastRule::scores`: autocontrast's log
+/// q, DoLa's logits).
 pub fn contrast_sample_rows(upper: &Tensor, lower: &Tensor, params: &Tensor) -> Result<Tensor> {
     let (rows, vocab) = upper.dims2()?;
     if upper.dtype() != DType::F32
         || lower.dtype() != DType::F32
         || params.dtype() != DType::F64
         || lower.dims() != [rows, vocab]
-        || params.dims() != [rows, 6]
+        || params.dims() != [rows, 7]
     {
         candle_core::bail!(
-            "contrast sample rows: two (rows, vocab) float32 matrices and (rows, 6) float64"
+            "contrast sample rows: two (rows, vocab) float32 matrices and (rows, 7) float64"
         );
     }
     upper.contiguous()?.apply_op3_no_bwd(
@@ -115,28 +116,22 @@ pub fn contrast_sample_rows(upper: &Tensor, lower: &Tensor, params: &Tensor) -> 
     )
 }
 
-/// [`contrast_sample_rows`]' parameters for `(draw, ln alpha, candidate floor)`, on `device`.
-pub fn contrast_draw_params(draws: &[(Draw, f32, usize)], device: &Device) -> Result<Tensor> {
+/// [`contrast_sample_rows`]' parameters for `(draw, rule)` pairs, on `device`.
+pub fn contrast_draw_params(draws: &[(Draw, ContrastRule)], device: &Device) -> Result<Tensor> {
     let flat: Vec<f64> = draws
         .iter()
-        .flat_map(|(d, ln_alpha, k)| {
+        .flat_map(|(d, rule)| {
             let [t, top_k, top_p, u] = d.params();
-            [
-                t,
-                top_k,
-                top_p,
-                u,
-                *ln_alpha as f64,
-                (*k).min(1 << 24) as f64,
-            ]
+            let [a, k, kind] = rule.params().map(f64::from);
+            [t, top_k, top_p, u, a, k, kind]
         })
         .collect();
-    Tensor::new(flat, device)?.reshape((draws.len(), 6))
+    Tensor::new(flat, device)?.reshape((draws.len(), 7))
 }
 
 /// The draw [`contrast_sample_rows`] makes from one pair of rows.
-pub fn draw_from_contrast(upper: &[f32], lower: &[f32], ln_alpha: f32, k: usize, d: &Draw) -> u32 {
-    draw(&greedy::contrast_log_q(upper, lower, ln_alpha, k), d)
+pub fn draw_from_contrast(upper: &[f32], lower: &[f32], rule: ContrastRule, d: &Draw) -> u32 {
+    draw(&rule.scores(upper, lower), d)
 }
 
 /// The draw [`sample_rows`] makes from one row of logits: [`draw`] from its log-softmax.
@@ -186,23 +181,35 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
             u: rand() as f64,
         })
         .collect();
-    // each row contrasted over the next, with these (ln alpha, candidate floor)
-    let rules: Vec<(f32, usize)> = [(0.1f32, 1), (0.5, 1), (0.0, 1), (0.1, 30), (1.0, 5)]
-        .iter()
-        .map(|&(a, k)| (a.ln(), k))
-        .cycle()
-        .take(rows.len())
-        .collect();
+    // each row contrasted over the next, with these rules: autocontrast's (alpha, candidate
+    // floor), DoLa's relative top
+    let auto = |alpha: f32, k| ContrastRule::Autocontrast {
+        ln_alpha: alpha.ln(),
+        minimum_candidates: k,
+    };
+    let dola = |relative_top: f32| ContrastRule::Dola {
+        ln_relative_top: relative_top.ln(),
+    };
+    let rules: Vec<ContrastRule> = [
+        auto(0.1, 1),
+        dola(0.1),
+        auto(0.5, 1),
+        auto(0.0, 1),
+        dola(0.01),
+        auto(0.1, 30),
+        auto(1.0, 5),
+    ]
+    .into_iter()
+    .cycle()
+    .take(rows.len())
+    .collect();
     let n = rows.len();
     let put = |m: &[Vec<f32>]| Tensor::new(m.concat(), device)?.reshape((n, vocab));
     let lower_rows: Vec<Vec<f32>> = (0..n).map(|r| rows[(r + 1) % n].clone()).collect();
     let (upper, lower) = (put(&rows)?, put(&lower_rows)?);
     let heads = sample_rows(&upper, &draw_params(&draws, device)?)?.to_vec1::<u32>()?;
-    let contrast_params: Vec<(Draw, f32, usize)> = draws
-        .iter()
-        .zip(&rules)
-        .map(|(&d, &(a, k))| (d, a, k))
-        .collect();
+    let contrast_params: Vec<(Draw, ContrastRule)> =
+        draws.iter().copied().zip(rules.iter().copied()).collect();
     let contrasts = contrast_sample_rows(
         &upper,
         &lower,
@@ -212,14 +219,9 @@ pub fn check(device: &Device, vocab: usize) -> Result<f32> {
     let mut worst = 0f32;
     for r in 0..n {
         let (u, l, d) = (&rows[r], &lower_rows[r], &draws[r]);
-        let (ln_alpha, k) = rules[r];
         worst = worst
             .max(distance(&fastmath::log_softmax(u), d, heads[r]))
-            .max(distance(
-                &greedy::contrast_log_q(u, l, ln_alpha, k),
-                d,
-                contrasts[r],
-            ));
+            .max(distance(&rules[r].scores(u, l), d, contrasts[r]));
     }
     Ok(worst)
 }
@@ -488,11 +490,12 @@ impl CustomOp3 for ContrastSampleRows {
             (
                 upper.par_chunks(vocab),
                 lower.par_chunks(vocab),
-                params.par_chunks(6),
+                params.par_chunks(7),
             )
                 .into_par_iter()
                 .map(|(u, l, p)| {
-                    draw_from_contrast(u, l, p[4] as f32, p[5] as usize, &Draw::from_params(p))
+                    let rule = ContrastRule::from_params(&[p[4] as f32, p[5] as f32, p[6] as f32]);
+                    draw_from_contrast(u, l, rule, &Draw::from_params(p))
                 })
                 .collect()
         };
@@ -525,6 +528,7 @@ impl CustomOp3 for ContrastSampleRows {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::greedy;
 
     fn plain(temperature: f32, u: f64) -> Draw {
         Draw {
@@ -717,18 +721,38 @@ mod tests {
         assert_eq!(got[4], argmax(&logits[4]), "top_k 1 is greedy");
         // contrasts of each row over the next: the host's draw from the contrast's scores
         let lower = Tensor::cat(&[t.narrow(0, 1, rows - 1)?, t.narrow(0, 0, 1)?], 0)?;
-        let rules = [(0.1f32.ln(), 1), (0.5f32.ln(), 4), (0.0f32.ln(), 1)];
-        let params: Vec<(Draw, f32, usize)> = draws
+        let rules = [
+            ContrastRule::Autocontrast {
+                ln_alpha: 0.1f32.ln(),
+                minimum_candidates: 1,
+            },
+            ContrastRule::Autocontrast {
+                ln_alpha: 0.5f32.ln(),
+                minimum_candidates: 4,
+            },
+            ContrastRule::Dola {
+                ln_relative_top: 0.05f32.ln(),
+            },
+        ];
+        let params: Vec<(Draw, ContrastRule)> = draws
             .iter()
             .enumerate()
-            .map(|(r, &d)| (d, rules[r % 3].0, rules[r % 3].1))
+            .map(|(r, &d)| (d, rules[r % 3]))
             .collect();
         let got = contrast_sample_rows(&t, &lower, &contrast_draw_params(&params, &Device::Cpu)?)?
             .to_vec1::<u32>()?;
         for r in 0..rows {
-            let (a, k) = rules[r % 3];
             let l = &logits[(r + 1) % rows];
-            let want = draw(&greedy::contrast_log_q(&logits[r], l, a, k), &draws[r]);
+            let scores = match rules[r % 3] {
+                ContrastRule::Autocontrast {
+                    ln_alpha,
+                    minimum_candidates,
+                } => greedy::contrast_log_q(&logits[r], l, ln_alpha, minimum_candidates),
+                ContrastRule::Dola { ln_relative_top } => {
+                    greedy::dola_scores(&logits[r], l, ln_relative_top)
+                }
+            };
+            let want = draw(&scores, &draws[r]);
             assert_eq!(got[r], want, "contrast row {r}");
         }
         // misshapen operands are refused

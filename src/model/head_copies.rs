@@ -3,13 +3,13 @@
 //! sequence reads made where the logits are (`kernels::greedy`, `kernels::sample`,
 //! `kernels::logprob`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
 use super::error::Result;
-use super::mode::DeviceChoice;
+use super::mode::{ContrastRule, DeviceChoice};
 use super::step::{Logits, LogprobRead, LogprobTargets};
 use crate::kernels::logprob::{self, RowLogprobs};
 use crate::kernels::{greedy, sample};
@@ -195,8 +195,7 @@ struct Copied {
 struct ContrastRows {
     upper: u32,
     lower: u32,
-    ln_alpha: f32,
-    minimum_candidates: usize,
+    rule: ContrastRule,
 }
 
 impl Choices {
@@ -290,30 +289,27 @@ impl HeadCopies {
             })
             .collect();
         let rows = pending_users().map(|u| u.rows).sum::<usize>();
-        self.select_premature(&all, rows, &starts)?;
+        let premature_chosen = self.select_premature(&all, rows, &starts)?;
         let pending = std::mem::take(&mut self.pending);
         self.bytes = 0;
         let users = || pending.iter().flat_map(|(_, users)| users);
         // A contrast's choice or log q needs both its heads' rows in this copy: a sequence
         // whose other head went (or goes) in another copy (the held bytes ran out between its
-        // heads) reads its rows instead.
+        // heads) reads its rows instead, as does DoLa whose candidate was not chosen here.
         let mut contrast_halves: HashMap<usize, [Option<u32>; 2]> = HashMap::new();
         for (u, &start) in users().zip(&starts) {
             let contrast_read = u.logprobs.as_ref().is_some_and(|l| l.1.contrast.is_some());
-            if u.choice.is_some_and(|c| c.heads() == 2) || contrast_read {
-                // heads 0 and 1: upper and lower
-                contrast_halves.entry(u.seq).or_default()[u.head] = Some(start);
+            let unchosen = u.premature_of.is_some() && !premature_chosen.contains(&u.seq);
+            if (u.choice.is_some_and(|c| c.rule().is_some()) || contrast_read)
+                && !u.dropped
+                && !unchosen
+            {
+                // head 0 upper (DoLa's mature head); the other lower (DoLa's candidate)
+                contrast_halves.entry(u.seq).or_default()[(u.head > 0) as usize] = Some(start);
             }
         }
-        let pair_of = |seq: usize, (alpha, minimum_candidates): (f32, usize)| match contrast_halves
-            .get(&seq)
-        {
-            Some(&[Some(upper), Some(lower)]) => Some(ContrastRows {
-                upper,
-                lower,
-                ln_alpha: alpha.ln(),
-                minimum_candidates,
-            }),
+        let pair_of = |seq: usize, rule: ContrastRule| match contrast_halves.get(&seq) {
+            Some(&[Some(upper), Some(lower)]) => Some(ContrastRows { upper, lower, rule }),
             _ => None,
         };
         let (mut full, mut wanted) = (Vec::new(), Choices::default());
@@ -341,12 +337,10 @@ impl HeadCopies {
                         .map(|top| (logprobs.of_head_choice(start, c, top), top));
                     Read::Chosen(c, read)
                 }
-                Some(DeviceChoice::Contrast {
-                    alpha,
-                    minimum_candidates,
-                    draw,
-                }) => match pair_of(u.seq, (alpha, minimum_candidates)) {
+                // a contrast's, autocontrast or DoLa
+                Some(c) => match c.rule().and_then(|rule| pair_of(u.seq, rule)) {
                     Some(pair) => {
+                        let draw = c.draw();
                         let k = *contrast_of.entry(u.seq).or_insert_with(|| match draw {
                             None => {
                                 wanted.contrast.push(pair);
@@ -384,7 +378,13 @@ impl HeadCopies {
                     };
                     let first = match read.contrast {
                         None => logprobs.of_head(start, targets, read.top),
-                        Some(rule) => match pair_of(u.seq, rule) {
+                        Some((alpha, minimum_candidates)) => match pair_of(
+                            u.seq,
+                            ContrastRule::Autocontrast {
+                                ln_alpha: alpha.ln(),
+                                minimum_candidates,
+                            },
+                        ) {
                             // both heads hand over the pair's reads
                             Some(pair) => *contrast_read_of
                                 .entry(u.seq)
@@ -448,8 +448,13 @@ impl HeadCopies {
     /// candidate farthest from its mature head (`kernels::greedy::divergence_rows`, computed
     /// where the logits are, the first largest as the host chooses): the others are dropped,
     /// their rows left out of the copy. `all`: the pending products, `rows` rows, each user's
-    /// starting at `starts`.
-    fn select_premature(&mut self, all: &Tensor, rows: usize, starts: &[u32]) -> Result<()> {
+    /// starting at `starts`. Returns the sequences whose candidate it chose.
+    fn select_premature(
+        &mut self,
+        all: &Tensor,
+        rows: usize,
+        starts: &[u32],
+    ) -> Result<HashSet<usize>> {
         let mut users: Vec<&mut HeadUser> = self.pending.iter_mut().flat_map(|(_, u)| u).collect();
         // per sequence: its heads' count, its mature head's last row, and (head, user, last
         // row) of its candidates
@@ -469,28 +474,28 @@ impl HeadCopies {
         }
         // complete groups only (a sequence whose heads went in two copies reads them all),
         // candidates in head order, the order the host chooses in
-        let groups: Vec<(u32, Candidates)> = groups
-            .into_values()
-            .filter_map(|(of, mature, mut candidates)| {
+        let groups: Vec<(usize, u32, Candidates)> = groups
+            .into_iter()
+            .filter_map(|(seq, (of, mature, mut candidates))| {
                 candidates.sort_unstable();
                 (candidates.len() == of - 1 && candidates.len() > 1)
-                    .then_some((mature?, candidates))
+                    .then_some((seq, mature?, candidates))
             })
             .collect();
         if groups.is_empty() {
-            return Ok(());
+            return Ok(HashSet::new());
         }
         let matrix = all.reshape((rows, self.vocab))?;
         let (mature, premature): (Vec<u32>, Vec<u32>) = groups
             .iter()
-            .flat_map(|(m, cs)| cs.iter().map(move |&(_, _, c)| (*m, c)))
+            .flat_map(|(_, m, cs)| cs.iter().map(move |&(_, _, c)| (*m, c)))
             .unzip();
         let pick = |ix: Vec<u32>| -> Result<Tensor> {
             Ok(matrix.index_select(&Tensor::new(ix, matrix.device())?, 0)?)
         };
         let d = greedy::divergence_rows(&pick(mature)?, &pick(premature)?)?.to_vec1::<f64>()?;
         let mut d = d.into_iter();
-        for (_, candidates) in &groups {
+        for (_, _, candidates) in &groups {
             let mut best = (0, f64::NEG_INFINITY);
             for (k, dk) in d.by_ref().take(candidates.len()).enumerate() {
                 if dk > best.1 {
@@ -501,7 +506,7 @@ impl HeadCopies {
                 users[user].dropped = k != best.0;
             }
         }
-        Ok(())
+        Ok(groups.into_iter().map(|(seq, _, _)| seq).collect())
     }
 
     /// The softmax margins (`kernels::greedy::margin_rows`) of the one row each user
@@ -588,10 +593,7 @@ impl HeadCopies {
         };
         if !contrast.is_empty() {
             let (upper, lower) = pairs(contrast)?;
-            let rules: Vec<(f32, usize)> = contrast
-                .iter()
-                .map(|p| (p.ln_alpha, p.minimum_candidates))
-                .collect();
+            let rules: Vec<ContrastRule> = contrast.iter().map(|p| p.rule).collect();
             ids.push(greedy::contrast_rows(
                 &upper,
                 &lower,
@@ -609,10 +611,8 @@ impl HeadCopies {
         if !contrast_drawn.is_empty() {
             let rows: Vec<ContrastRows> = contrast_drawn.iter().map(|c| c.0).collect();
             let (upper, lower) = pairs(&rows)?;
-            let draws: Vec<(sample::Draw, f32, usize)> = contrast_drawn
-                .iter()
-                .map(|(p, d)| (*d, p.ln_alpha, p.minimum_candidates))
-                .collect();
+            let draws: Vec<(sample::Draw, ContrastRule)> =
+                contrast_drawn.iter().map(|(p, d)| (*d, p.rule)).collect();
             ids.push(sample::contrast_sample_rows(
                 &upper,
                 &lower,
@@ -631,10 +631,7 @@ impl HeadCopies {
         };
         let contrast_read = |pairs_: &[ContrastRows], targets: &Tensor| -> Result<Tensor> {
             let (upper, lower) = pairs(pairs_)?;
-            let rules: Vec<(f32, usize)> = pairs_
-                .iter()
-                .map(|p| (p.ln_alpha, p.minimum_candidates))
-                .collect();
+            let rules: Vec<ContrastRule> = pairs_.iter().map(|p| p.rule).collect();
             let params = logprob::contrast_params(&rules, targets)?;
             Ok(logprob::contrast_logprob_rows(&upper, &lower, &params, top)?.flatten_all()?)
         };
@@ -1002,6 +999,10 @@ mod tests {
             copies.push(upper.clone(), users(0), &mut outputs)?;
             copies.flush(&mut outputs)?;
             let ln_alpha = alpha.ln();
+            let rule = ContrastRule::Autocontrast {
+                ln_alpha,
+                minimum_candidates: floor,
+            };
             if held == product_bytes {
                 // each head copied alone: rows, as the host reads them
                 for (s, first) in [(0, 0), (1, 3), (2, 4)] {
@@ -1014,7 +1015,7 @@ mod tests {
             for (head, got) in outputs[0].iter().enumerate() {
                 for (r, &target) in TARGETS.iter().enumerate() {
                     let (u, l) = (row(&upper, r)?, row(&lower, r)?);
-                    let want = logprob::contrast_row_logprobs(&u, &l, (ln_alpha, floor), target, 4);
+                    let want = logprob::contrast_row_logprobs(&u, &l, rule, target, 4);
                     assert_eq!(got.logprobs_at(r), Some(&want), "head {head} row {r}");
                 }
                 assert_eq!(got.rows(), 3);
@@ -1024,7 +1025,7 @@ mod tests {
             for (s, r) in [(1, 3), (2, 4)] {
                 let (u, l) = (row(&upper, r)?, row(&lower, r)?);
                 let id = greedy::contrast_choice(&u, &l, ln_alpha, floor);
-                let want = logprob::contrast_row_logprobs(&u, &l, (ln_alpha, floor), id, 2);
+                let want = logprob::contrast_row_logprobs(&u, &l, rule, id, 2);
                 for (head, got) in outputs[s].iter().enumerate() {
                     assert_eq!(got.choice(), Some(id));
                     let read = got.logprobs_at(0);
@@ -1073,6 +1074,132 @@ mod tests {
             .map(|k| sample::draw_from_logits(&first, &draw(0, 1.0, k as f64 / 20.0)))
             .collect();
         assert!(picks.iter().any(|&p| p != best), "{picks:?}");
+        Ok(())
+    }
+
+    /// DoLa's token is chosen in the copy, greedy or drawn, from its mature head and the
+    /// candidate the copy chose (or its only one), with the token's logprobs read there: the
+    /// host's choice from DoLa's scores over all its candidates. A DoLa whose heads went in
+    /// separate copies reads every row.
+    #[test]
+    fn dola_s_token_is_chosen_in_the_copy_from_its_chosen_candidate() -> Result<()> {
+        use crate::model::mode::Mode;
+        let (vocab, dev) = (120, Device::Cpu);
+        let mode: Mode = "dola:1-2-3,relative_top=0.3".parse().expect("a DoLa flag");
+        let greedy_choice = mode.device_choice().expect("DoLa chooses in the step");
+        let draw = sample::Draw {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 0.95,
+            u: 0.61,
+        };
+        let drawn = greedy_choice.drawn(draw);
+        let rule = greedy_choice.rule().expect("a contrast's rule");
+        // sequences 0 (greedy) and 1 (drawn, with logprobs) read three candidates, chosen in
+        // the copy; 2 (greedy, with logprobs) reads one. Products: candidates 1..=3, then the
+        // mature head; a row per user.
+        let seqs: [(usize, DeviceChoice, Option<usize>, Option<usize>); 3] = [
+            (0, greedy_choice, Some(4), None),
+            (1, drawn, Some(4), Some(3)),
+            (2, greedy_choice, None, Some(2)),
+        ];
+        let readers = |head: usize| -> Vec<usize> {
+            (0..3)
+                .filter(|&s| head == 0 || head == 1 || s < 2)
+                .collect()
+        };
+        let products: Vec<(usize, Tensor)> = [1usize, 2, 3, 0]
+            .into_iter()
+            .map(|head| {
+                let n = readers(head).len();
+                let t = Tensor::arange(0f32, (n * vocab) as f32, &dev)?;
+                let phase = [4.0, 0.3, 1.9, 0.8][head];
+                let spread = if head == 0 { 6.0 } else { 3.0 };
+                Ok((
+                    head,
+                    (((t * 0.29)? + phase)?.sin()? * spread)?.reshape((n, vocab))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let row = |head: usize, seq: usize| -> Result<Vec<f32>> {
+            let (_, t) = products
+                .iter()
+                .find(|(h, _)| *h == head)
+                .expect("a product");
+            let r = readers(head)
+                .iter()
+                .position(|&s| s == seq)
+                .expect("a reader");
+            Ok(t.get(r)?.to_vec1()?)
+        };
+        // each product copied alone; candidates 1 and 2 in one copy, 3 with the mature head
+        // in another (not a choice of 3 from 1)
+        let (one_product, two_copies) = (3 * vocab * 4, 5 * vocab * 4);
+        for held in [1 << 20, one_product, two_copies] {
+            let mut copies = HeadCopies {
+                held_bytes: held,
+                ..HeadCopies::new(vocab, true)
+            };
+            let mut outputs = vec![vec![Logits::default(); 4], vec![Logits::default(); 4]];
+            outputs.push(vec![Logits::default(); 2]);
+            for (head, t) in &products {
+                let users = readers(*head)
+                    .into_iter()
+                    .map(|s| {
+                        let (seq, choice, of, top) = seqs[s];
+                        HeadUser::new(seq, *head, 1, Some(choice), of, None, top)
+                    })
+                    .collect();
+                copies.push(t.clone(), users, &mut outputs)?;
+            }
+            copies.flush(&mut outputs)?;
+            for &(seq, choice, of, top) in &seqs {
+                let heads = of.unwrap_or(2);
+                let rows: Vec<Vec<f32>> = (0..heads).map(|h| row(h, seq)).collect::<Result<_>>()?;
+                if held != 1 << 20 {
+                    // heads in separate copies: rows, as the host reads them
+                    for (h, r) in rows.iter().enumerate() {
+                        assert_eq!(outputs[seq][h].last(), Some(&r[..]), "seq {seq} head {h}");
+                    }
+                    continue;
+                }
+                let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+                let scores = mode.scores(&refs);
+                let want = sample::draw(
+                    &scores,
+                    &choice.draw().unwrap_or(sample::Draw {
+                        temperature: 0.0,
+                        ..draw
+                    }),
+                );
+                // the candidate the host chooses: the one handed over besides the mature head
+                let handed: Vec<usize> = (1..heads)
+                    .filter(|&h| outputs[seq][h].choice().is_some())
+                    .collect();
+                let [chosen] = handed[..] else {
+                    panic!("seq {seq}: one candidate handed over, not {handed:?}")
+                };
+                let empty: Vec<usize> =
+                    (1..heads).filter(|&h| outputs[seq][h].is_empty()).collect();
+                assert_eq!(empty.len(), heads - 2, "seq {seq}: the others left out");
+                assert_eq!(scores, rule.scores(&rows[0], &rows[chosen]), "seq {seq}");
+                for h in std::iter::once(0).chain([chosen]) {
+                    let got = &outputs[seq][h];
+                    assert_eq!(got.choice(), Some(want), "seq {seq} head {h}");
+                    let read = top.map(|top| {
+                        logprob::contrast_row_logprobs(&rows[0], &rows[chosen], rule, want, top)
+                    });
+                    assert_eq!(got.logprobs_at(0), read.as_ref(), "seq {seq} head {h}");
+                }
+                if let Some(top) = top {
+                    // the host's report: the log-softmax of DoLa's logits
+                    let lp = crate::model::mode::log_softmax(&scores);
+                    let read = outputs[seq][0].logprobs_at(0).expect("read");
+                    assert_eq!(read.target, lp[want as usize]);
+                    assert_eq!(read.top.len(), top);
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -416,8 +416,11 @@ impl MultiExitModel {
                         && !s.all_positions
                         && match early[slot] {
                             // the argmax or draw of the one head it leaves at
-                            Some(_) => c.heads() == 1,
-                            None => s.early_exit.is_none() && s.heads.len() == c.heads(),
+                            Some(_) => c.made_of(1, false),
+                            None => {
+                                s.early_exit.is_none()
+                                    && c.made_of(s.heads.len(), select_premature[slot])
+                            }
                         }
                 })
             })
@@ -769,7 +772,7 @@ fn device_choices_hold(device: &Device, vocab: usize) -> bool {
     kernels_hold(
         greedy::check(device, vocab),
         1e-5,
-        "greedy choices (argmax, contrast), exit margins and DoLa divergences made where the logits are",
+        "greedy choices (argmax, contrast, DoLa), exit margins and DoLa divergences made where the logits are",
         "the greedy choice kernels",
         "the CPU's choices",
     )

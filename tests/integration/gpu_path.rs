@@ -95,11 +95,12 @@ async fn every_case_at_once_on_the_batched_path_equals_the_reference() {
 /// Seeded sampling on the batched path: a sequence that reads nothing but its tokens gets
 /// each drawn in the step from its head's row or its contrast's rows (`kernels::sample`);
 /// one that asks for logprobs too gets the token's logprob and top alternatives read there
-/// beside it (`kernels::logprob`: its head's log-softmax, or the contrast's log q); one whose
-/// scores are edited (a logit bias, here of 0) gets its rows copied and draws on the host.
-/// All draw the same tokens, all at once and alone, in `original`, `exit`, `early_exit` and
-/// `contrast` (a candidate floor of one and of three), greedy and with and without top-k and
-/// top-p, and the logprobs read in the step equal the host's.
+/// beside it (`kernels::logprob`: its head's log-softmax, the contrast's log q, DoLa's
+/// normalised logits); one whose scores are edited (a logit bias, here of 0) gets its rows
+/// copied and draws on the host. All draw the same tokens, all at once and alone, in
+/// `original`, `exit`, `early_exit`, `contrast` (a candidate floor of one and of three) and
+/// `dola` (one candidate, and three of which the step chooses one), greedy and with and
+/// without top-k and top-p, and the logprobs read in the step equal the host's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draws_made_in_the_step_are_the_host_draws() {
     for f in ARCHS {
@@ -117,6 +118,9 @@ async fn draws_made_in_the_step_are_the_host_draws() {
             json!({"mode": "contrast", "upper": "original", "lower": low}),
             json!({"mode": "contrast", "upper": high, "lower": low, "alpha": 0.2,
                    "minimum_candidates": 3}),
+            // one candidate, and three of which the step chooses one
+            json!({"mode": "dola", "layers": [low], "relative_top": 0.05}),
+            json!({"mode": "dola", "layers": [1, 2, 3], "premature": "lm_head"}),
         ];
         // (temperature, top_k, top_p); greedy first
         let sampling = [
@@ -129,7 +133,15 @@ async fn draws_made_in_the_step_are_the_host_draws() {
         const TOKENS: usize = 10;
         let mut bodies = Vec::new();
         for (m, mode) in modes.iter().enumerate() {
-            let prompt = ["The", "A model", "Once upon", "In the", "It was"][m];
+            let prompt = [
+                "The",
+                "A model",
+                "Once upon",
+                "In the",
+                "It was",
+                "We",
+                "So far",
+            ][m];
             for (k, &(temperature, top_k, top_p)) in sampling.iter().enumerate() {
                 bodies.push(json!({
                     "model": f.name, "prompt": prompt,

@@ -15,7 +15,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use super::params::{self, Fields, Form, FormField, ModelShape, ParamError};
-use super::{Head, Inspected, Strategy};
+use super::{DeviceChoice, Head, Inspected, Strategy};
 use crate::kernels::greedy;
 
 /// A set of layers (0..128; 0 = the embeddings' output), ascending: kept as bits so that a
@@ -245,6 +245,15 @@ impl Strategy for DolaParams {
         true
     }
 
+    /// The best difference inside the relative top over the candidate chosen in the step
+    /// (greedy), or the draw from DoLa's logits.
+    fn device_choice(&self) -> Option<DeviceChoice> {
+        Some(DeviceChoice::Dola {
+            relative_top: self.relative_top,
+            draw: None,
+        })
+    }
+
     /// With the premature layer each position chose.
     fn inspect(&self, logits: &[&[f32]]) -> Inspected {
         let (scores, chosen) = dola_logits(logits[0], &logits[1..], self.relative_top);
@@ -425,7 +434,8 @@ impl Strategy for DolaParams {
 
 /// The DoLa logits from the mature head's logits and each candidate's, and the index of the
 /// candidate chosen: `log_softmax(mature) - log_softmax(premature)` where the mature head
-/// keeps the token, -inf elsewhere.
+/// keeps the token, -inf elsewhere (`kernels::greedy::dola_scores`, as a step computes them
+/// where the logits are).
 pub fn dola_logits(mature: &[f32], candidates: &[&[f32]], relative_top: f32) -> (Vec<f32>, usize) {
     let lp_mature = super::log_softmax(mature);
     if candidates.is_empty() {
@@ -451,21 +461,7 @@ pub fn dola_logits(mature: &[f32], candidates: &[&[f32]], relative_top: f32) -> 
         }
         best.0
     };
-    let lp_premature = super::log_softmax(candidates[chosen]);
-    let max = lp_mature.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // at least the top token is kept (relative_top <= 1)
-    let threshold = max + relative_top.ln();
-    let logits = lp_mature
-        .iter()
-        .zip(&lp_premature)
-        .map(|(&m, &p)| {
-            if m < threshold {
-                f32::NEG_INFINITY
-            } else {
-                m - p
-            }
-        })
-        .collect();
+    let logits = greedy::dola_scores(mature, candidates[chosen], relative_top.ln());
     (logits, chosen)
 }
 

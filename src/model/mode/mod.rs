@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 
 pub use crate::kernels::fastmath::log_softmax;
 pub(super) use crate::kernels::fastmath::log_sum_exp;
+pub use crate::kernels::greedy::ContrastRule;
 pub use crate::kernels::sample::Draw;
 pub use params::{Fields, Form, ModelShape, ParamError};
 
@@ -63,14 +64,52 @@ pub enum DeviceChoice {
     /// The draw (temperature, top-k, top-p, its number) from the log-softmax of the one head
     /// whose distribution its scores are, as `HeadArgmax` reads it.
     HeadSample(Draw),
+    /// DoLa over its mature head and the premature candidate chosen in the step (its only
+    /// one, or the one `SeqStep::select_premature` chooses): greedy, the first argmax of
+    /// log p_mature - log p_premature inside the mature head's relative top; with a draw, the
+    /// draw from DoLa's logits.
+    Dola {
+        relative_top: f32,
+        draw: Option<Draw>,
+    },
 }
 
 impl DeviceChoice {
-    /// How many heads' rows it is made from (the sequence's heads, in order).
-    pub fn heads(&self) -> usize {
+    /// Whether a step can make it from a sequence's `heads` heads (in the order its scores
+    /// read them), `premature_chosen` when the step chooses DoLa's candidate there.
+    pub fn made_of(&self, heads: usize, premature_chosen: bool) -> bool {
         match self {
-            DeviceChoice::HeadArgmax | DeviceChoice::HeadSample(_) => 1,
-            DeviceChoice::Contrast { .. } => 2,
+            DeviceChoice::HeadArgmax | DeviceChoice::HeadSample(_) => heads == 1,
+            DeviceChoice::Contrast { .. } => heads == 2,
+            DeviceChoice::Dola { .. } => heads == 2 || (heads > 2 && premature_chosen),
+        }
+    }
+
+    /// The rule of a choice made of a contrast of two heads' rows (the first head's, and the
+    /// second's or DoLa's chosen candidate's); None for one head's.
+    pub fn rule(&self) -> Option<ContrastRule> {
+        match *self {
+            DeviceChoice::HeadArgmax | DeviceChoice::HeadSample(_) => None,
+            DeviceChoice::Contrast {
+                alpha,
+                minimum_candidates,
+                ..
+            } => Some(ContrastRule::Autocontrast {
+                ln_alpha: alpha.ln(),
+                minimum_candidates,
+            }),
+            DeviceChoice::Dola { relative_top, .. } => Some(ContrastRule::Dola {
+                ln_relative_top: relative_top.ln(),
+            }),
+        }
+    }
+
+    /// Its draw; None for a greedy choice.
+    pub fn draw(&self) -> Option<Draw> {
+        match *self {
+            DeviceChoice::HeadArgmax => None,
+            DeviceChoice::HeadSample(d) => Some(d),
+            DeviceChoice::Contrast { draw, .. } | DeviceChoice::Dola { draw, .. } => draw,
         }
     }
 
@@ -91,15 +130,16 @@ impl DeviceChoice {
                 minimum_candidates,
                 draw: Some(draw),
             },
+            DeviceChoice::Dola { relative_top, .. } => DeviceChoice::Dola {
+                relative_top,
+                draw: Some(draw),
+            },
         }
     }
 
     /// Whether it is a draw (a sampled sequence's), not a greedy choice.
     pub fn is_draw(&self) -> bool {
-        matches!(
-            self,
-            DeviceChoice::HeadSample(_) | DeviceChoice::Contrast { draw: Some(_), .. }
-        )
+        self.draw().is_some()
     }
 }
 
