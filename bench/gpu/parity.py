@@ -6,7 +6,8 @@ copied rows) and without logprobs (chosen in the step) — and seeded sampling d
 (without and with logprobs) against drawn on the host (a logit bias of 0); then echo's scoring of every entry of the fixture's `.scoring.json` (all at once, the
 prompt logprobs read where the logits are) within 1e-3 of the reference's; then the same
 greedy and sampled passes over the fixture's `.dola.json` cases (DoLa's token chosen in the
-step from the candidate chosen there), all at once.
+step from the candidate chosen there) and `.sled.json` cases (SLED's scores computed in the
+step), all at once.
 Standard library only (it runs on the GPU machine, which has no network). Prints one JSON
 line per pass.
 
@@ -29,6 +30,10 @@ dola = json.load(open(a.fixture.rstrip("/") + ".dola.json"))
 for c in dola["cases"]:
     c["multi_exit"] = {"mode": "dola", "layers": c["layers"], "premature": c["premature"]}
     c["top5"] = [c["top5"]]  # the first step's, as the reference's cases hold them per step
+sled = json.load(open(a.fixture.rstrip("/") + ".sled.json"))
+for c in sled["cases"]:
+    c["multi_exit"] = {"mode": "sled", "premature": c["premature"], **c["params"]}
+    c["top5"] = [c["top5"]]
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -116,10 +121,12 @@ try:
     kernels = [line.strip()[-300:] for line in log
                if "paged-attention" in line or "fused epilogues" in line
                or "greedy choice" in line or "sampled tokens" in line or "draw kernel" in line
-               or "prompt logprobs" in line or "logprob kernel" in line]
+               or "prompt logprobs" in line or "logprob kernel" in line
+               or "SLED" in line]
     print(json.dumps({"fixture": name, "dtype": a.dtype, "kernels": kernels}), flush=True)
     for label, cases in [("alone", reference["cases"]), ("all_at_once", reference["cases"]),
-                         ("dola_all_at_once", dola["cases"])]:
+                         ("dola_all_at_once", dola["cases"]),
+                         ("sled_all_at_once", sled["cases"])]:
         t = time.time()
         if label == "alone":
             results = [run(c) for c in cases]

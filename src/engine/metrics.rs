@@ -59,6 +59,7 @@ pub const EXPORTED: &[(&str, &str)] = &[
     ("exitserve_block_evaluations_total", "counter"),
     ("exitserve_device_choices_total", "counter"),
     ("exitserve_device_logprobs_total", "counter"),
+    ("exitserve_device_scores_total", "counter"),
     ("exitserve_speculative_drafted_tokens_total", "counter"),
     ("exitserve_speculative_accepted_tokens_total", "counter"),
     ("exitserve_time_to_first_token_seconds", "histogram"),
@@ -177,6 +178,7 @@ pub struct Metrics {
     block_evaluations: Counter,
     pub device_choices: Counter,
     pub device_logprobs: Counter,
+    pub device_scores: Counter,
     pub speculative_drafted: Counter,
     pub speculative_accepted: Counter,
     pub time_to_first_token: Histogram,
@@ -298,6 +300,10 @@ impl Default for Metrics {
             device_logprobs: r.counter(
                 "exitserve_device_logprobs_total",
                 "Positions whose logprob and top alternatives were read where the logits are (echo's prompt positions, tokens chosen there whose logprobs are reported or ranked), a few floats copied instead of a vocabulary row.",
+            ),
+            device_scores: r.counter(
+                "exitserve_device_scores_total",
+                "Tokens whose strategy's scores were computed where the logits are (SLED's candidates and their logits), a few floats copied instead of every premature layer's vocabulary row.",
             ),
             speculative_drafted: r.counter(
                 "exitserve_speculative_drafted_tokens_total",

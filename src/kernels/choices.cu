@@ -1,4 +1,5 @@
-// The choices a step makes where the logits are (`greedy.rs`, `sample.rs`, `logprob.rs`), one
+// The choices a step makes where the logits are (`greedy.rs`, `sample.rs`, `logprob.rs`,
+// `sled.rs`), one
 // block per row, so that the host copies one index (or a few numbers) per sequence instead of
 // its heads' vocabulary rows:
 // - `argmax_rows`: the first position of a row's maximum, NaN never winning (0 when no
@@ -16,6 +17,8 @@
 //   log-softmax of DoLa's logits) at one token and its largest values (`logprob.rs`), what
 //   echo's scoring reads of a prompt position and a request's `logprobs` of a token chosen
 //   here.
+// - `sled_rows`: SLED's candidates and their evolved logits (`sled.rs`), what a SLED sequence
+//   reads of its heads' rows.
 // A contrast's rule is three floats (`greedy::ContrastRule::params`): ln(alpha) (DoLa's
 // ln(relative_top)), the candidate floor, the kind (0 autocontrast, 1 DoLa).
 
@@ -674,5 +677,126 @@ contrast_logprob_rows(const float* __restrict__ upper, const float* __restrict__
     } else {
         read_logprobs(contrast_scores(u, l, p[0], p[1], vocab, scratch, sums), target, o, vocab,
                       top, keys);
+    }
+}
+
+#define SLED_CANDIDATES 32
+#define SLED_LAYERS 64
+
+// Row r's SLED candidates and their evolved logits (`sled.rs`, the host's `sled_candidates`),
+// with `params` row r: evolution_scale k (1..=32), evolution_rate, lower bound (the host's),
+// alpha, the row in `premature` of its first premature layer and how many (1..=64) follow in
+// order. `out` row r: the k ids (as floats; -1 past k), then their logits (NaN past k), width
+// 2 · the launch's largest k. The candidates are the mature head's k most probable tokens,
+// best first, ties to the lower id (a pass per place over 64-bit keys, as `read_logprobs`);
+// each layer's softmax and its three float64 sums (p·d, p·p, d·d, d the layer's logits less
+// the mature ones) take a block's passes over the row; thread 0 then makes the cosines, the
+// latent distribution, each candidate's entropy across the layers and its evolved logit in the
+// host's order of operations.
+extern "C" __global__ void __launch_bounds__(THREADS)
+sled_rows(const float* __restrict__ mature, const float* __restrict__ premature,
+          const float* __restrict__ params, float* __restrict__ out, unsigned int vocab,
+          unsigned int width) {
+    __shared__ float scratch[THREADS / 32];
+    __shared__ double sums[THREADS / 32];
+    __shared__ unsigned long long keys[THREADS / 32];
+    __shared__ unsigned int ids[SLED_CANDIDATES];
+    __shared__ float p_top[SLED_CANDIDATES];
+    __shared__ double cos2[SLED_LAYERS * SLED_CANDIDATES];
+    __shared__ float at[SLED_LAYERS * SLED_CANDIDATES];  // each layer's logits at the candidates
+    __shared__ double shares[SLED_LAYERS];
+    const float* p = params + (size_t)blockIdx.x * 6;
+    const unsigned int k = (unsigned int)p[0];
+    const double rate = (double)p[1], alpha = (double)p[3];
+    const unsigned int first = (unsigned int)p[4], layers = (unsigned int)p[5];
+    const float* m = mature + (size_t)blockIdx.x * vocab;
+
+    // the candidates: the mature head's softmax e^(x - lse), its k best
+    const float lse_m = head_scores(m, vocab, scratch).lse;
+    unsigned long long below = 0ull;
+    for (unsigned int place = 0; place < k; ++place) {
+        unsigned long long best = 0ull;
+        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+            const unsigned long long key =
+                ((unsigned long long)order_key(expf(m[i] - lse_m)) << 32) | (0xffffffffu - i);
+            if ((place == 0u || key < below) && key > best) best = key;
+        }
+        best = block_max_key(best, keys);
+        if (threadIdx.x == 0) {
+            ids[place] = 0xffffffffu - (unsigned int)best;
+            p_top[place] = key_float((unsigned int)(best >> 32));
+        }
+        below = best;
+    }
+    __syncthreads();
+
+    for (unsigned int l = 0; l < layers; ++l) {
+        const float* y = premature + (size_t)(first + l) * vocab;
+        const float lse_y = head_scores(y, vocab, scratch).lse;
+        double pd = 0.0, pp = 0.0, dd = 0.0;
+        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+            const double d = (double)y[i] - (double)m[i], q = (double)expf(y[i] - lse_y);
+            pd += q * d;
+            pp += q * q;
+            dd += d * d;
+        }
+        pd = block_sum(pd, sums);
+        pp = block_sum(pp, sums);
+        dd = block_sum(dd, sums);
+        if (threadIdx.x == 0) {
+            double sum = 0.0;
+            for (unsigned int c = 0; c < k; ++c) {
+                const unsigned int j = ids[c];
+                const double d_j = (double)y[j] - (double)m[j];
+                const double q_j = (double)expf(y[j] - lse_y);
+                const double g_norm = sqrt(fmax(pp - 2.0 * q_j + 1.0, 0.0));
+                // torch's cosine_similarity: x·y / max(|x| |y|, 1e-8)
+                const double cos = (pd - d_j) / fmax(g_norm * sqrt(dd), 1e-8);
+                const double v = fmax(cos, 0.0);
+                cos2[l * SLED_CANDIDATES + c] = v * v;
+                at[l * SLED_CANDIDATES + c] = y[j];
+                sum += v * v;
+            }
+            shares[l] = sum;
+        }
+    }
+
+    if (threadIdx.x == 0) {
+        float* o = out + (size_t)blockIdx.x * width;
+        const unsigned int half = width / 2u;
+        double total = 0.0;
+        for (unsigned int l = 0; l < layers; ++l) total += shares[l];
+        const double eps = 1.1920928955078125e-7;  // float32 epsilon, 2^-23
+        for (unsigned int c = 0; c < half; ++c) {
+            if (c >= k) {
+                o[c] = -1.f;
+                o[half + c] = __int_as_float(0x7fc00000);
+                continue;
+            }
+            // δ at this candidate: each layer's weight normalised, weighted by its share
+            double w = 0.0;
+            float top = -__int_as_float(0x7f800000);
+            for (unsigned int l = 0; l < layers; ++l) {
+                const double sum = shares[l];
+                const double share = total != 0.0 ? sum / total : sum;
+                const double x = cos2[l * SLED_CANDIDATES + c];
+                w += share * (sum != 0.0 ? x / sum : x);
+                top = fmaxf(top, at[l * SLED_CANDIDATES + c]);
+            }
+            // the entropy of the softmax across layers of its logits (torch's Categorical)
+            double z = 0.0;
+            for (unsigned int l = 0; l < layers; ++l)
+                z += exp((double)at[l * SLED_CANDIDATES + c] - (double)top);
+            double entropy = 0.0;
+            for (unsigned int l = 0; l < layers; ++l) {
+                const double q = exp((double)at[l * SLED_CANDIDATES + c] - (double)top) / z;
+                entropy += q * log(fmin(fmax(q, eps), 1.0 - eps));
+            }
+            entropy = -entropy;
+            const unsigned int j = ids[c];
+            const double evolved = (double)m[j] - rate * ((double)p_top[c] - w);
+            o[c] = (float)j;
+            o[half + c] = (float)(evolved - alpha * entropy);
+        }
     }
 }

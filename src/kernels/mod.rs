@@ -1,8 +1,8 @@
 //! Every `unsafe` line of the project lives here: the hand-written SIMD and AMX kernels, the
 //! CPU feature probe that guards them, the allocator tuning (`allocator.rs`), and the launches of
 //! our own CUDA kernels (`paged_attention.rs`, which checks every index it reads,
-//! `fused_epilogue.rs`, `greedy.rs` and `sample.rs` through `cuda_source.rs`, whose operands are checked against the shapes the
-//! kernels read).
+//! `fused_epilogue.rs`, `greedy.rs`, `sample.rs`, `logprob.rs` and `sled.rs` through
+//! `cuda_source.rs`, whose operands are checked against the shapes the kernels read).
 //!
 //! Each public entry is safe to call on any CPU: the packed matmul is only reachable through
 //! `PackedWeight::pack*`, which refuse a CPU without the instructions; the vectorised loops
@@ -21,6 +21,7 @@ pub mod logprob;
 pub mod matmul;
 pub mod paged_attention;
 pub mod sample;
+pub mod sled;
 
 /// A deterministic stream of uniform numbers in [0, 1) from `seed` (xorshift64): made-up
 /// logits for the start-up checks that compare a device's kernels with the CPU's, and for

@@ -12,6 +12,7 @@ use super::error::Result;
 use super::mode::{ContrastRule, DeviceChoice};
 use super::step::{Logits, LogprobRead, LogprobTargets};
 use crate::kernels::logprob::{self, RowLogprobs};
+use crate::kernels::sled::{self, SledRule};
 use crate::kernels::{greedy, sample};
 
 /// The step's head products on their way to the host. On the batched attention path (a
@@ -53,29 +54,37 @@ pub(super) struct HeadUser {
     /// With its choice, the chosen token's log-probabilities, the top this many
     /// (`SeqStep::choice_logprobs`).
     choice_top: Option<usize>,
+    /// SLED whose scores the copy may compute (`SeqStep::sled`): its rule and the number of
+    /// the sequence's heads (head 0 the mature one, the rest its premature layers).
+    sled: Option<(SledRule, usize)>,
     /// Not wanted after all: an early exit the token went on from, a DoLa candidate not chosen
     /// (left empty).
     dropped: bool,
 }
 
+/// What a sequence reads of its heads' rows besides the rows (`SeqStep`'s `choice`,
+/// `select_premature`: the number of its heads, `logprobs`, `choice_logprobs` and `sled`:
+/// its rule and the number of its heads), as far as the step serves them.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Reads<'a> {
+    pub choice: Option<DeviceChoice>,
+    pub premature_of: Option<usize>,
+    pub logprobs: Option<LogprobTargets<'a>>,
+    pub choice_top: Option<usize>,
+    pub sled: Option<(SledRule, usize)>,
+}
+
 impl HeadUser {
-    pub(super) fn new(
-        seq: usize,
-        head: usize,
-        rows: usize,
-        choice: Option<DeviceChoice>,
-        premature_of: Option<usize>,
-        logprobs: Option<LogprobTargets<'_>>,
-        choice_top: Option<usize>,
-    ) -> Self {
+    pub(super) fn new(seq: usize, head: usize, rows: usize, r: Reads<'_>) -> Self {
         Self {
             seq,
             head,
             rows,
-            choice,
-            premature_of,
-            logprobs: logprobs.map(|l| (l.targets.to_vec(), l.read)),
-            choice_top,
+            choice: r.choice,
+            premature_of: r.premature_of,
+            logprobs: r.logprobs.map(|l| (l.targets.to_vec(), l.read)),
+            choice_top: r.choice_top,
+            sled: r.sled,
             dropped: false,
         }
     }
@@ -182,12 +191,52 @@ fn cut(read: &RowLogprobs, top: usize) -> RowLogprobs {
     }
 }
 
-/// What a copy brings to the host: the rows copied whole, the log-probabilities read, the
-/// ids chosen.
+/// What a copy brings to the host: the rows copied whole, the log-probabilities read, SLED's
+/// candidates and their logits, the ids chosen.
 struct Copied {
     rows: Vec<f32>,
     logprobs: Vec<RowLogprobs>,
+    sled: Vec<Vec<(u32, f32)>>,
     ids: Vec<u32>,
+}
+
+/// A SLED sequence's rows in a copy (each head's last) and its rule.
+struct SledGroup {
+    mature: u32,
+    premature: Vec<u32>,
+    rule: SledRule,
+}
+
+/// The SLED sequences among `users` (each with the row its rows start at in the copy) whose
+/// heads are all in this copy, by sequence, and each one's index among them (a sequence whose
+/// heads went in two copies reads its rows).
+fn sled_groups<'u>(
+    users: impl Iterator<Item = (&'u HeadUser, &'u u32)>,
+) -> (Vec<SledGroup>, HashMap<usize, usize>) {
+    // per sequence: its rule, and each head's last row
+    let mut found: HashMap<usize, (SledRule, Vec<Option<u32>>)> = HashMap::new();
+    for (u, &start) in users {
+        if let (Some((rule, heads)), false) = (u.sled, u.dropped) {
+            let g = found
+                .entry(u.seq)
+                .or_insert_with(|| (rule, vec![None; heads]));
+            g.1[u.head] = Some(start + u.rows as u32 - 1);
+        }
+    }
+    let mut found: Vec<_> = found.into_iter().collect();
+    found.sort_unstable_by_key(|g| g.0);
+    let (mut groups, mut index) = (Vec::new(), HashMap::new());
+    for (seq, (rule, rows)) in found {
+        if let Some(rows) = rows.into_iter().collect::<Option<Vec<u32>>>() {
+            index.insert(seq, groups.len());
+            groups.push(SledGroup {
+                mature: rows[0],
+                premature: rows[1..].to_vec(),
+                rule,
+            });
+        }
+    }
+    (groups, index)
 }
 
 /// A contrast's pair of rows in a copy and its rule.
@@ -223,6 +272,8 @@ enum Read {
         top: usize,
     },
     Chosen(Chosen, Option<(ReadAt, usize)>),
+    /// The strategy's scores, the `k`-th SLED group's.
+    Scores(usize),
     Nothing,
 }
 
@@ -312,6 +363,7 @@ impl HeadCopies {
             Some(&[Some(upper), Some(lower)]) => Some(ContrastRows { upper, lower, rule }),
             _ => None,
         };
+        let (sled, sled_of) = sled_groups(users().zip(&starts));
         let (mut full, mut wanted) = (Vec::new(), Choices::default());
         let mut logprobs = LogprobReads::default();
         // per contrast sequence: its choice, the read at it, the reads of its prompt rows
@@ -321,6 +373,11 @@ impl HeadCopies {
             .zip(&starts)
             .map(|(u, &start)| match u.choice {
                 _ if u.dropped => Read::Nothing,
+                // SLED's scores, handed over on its mature head
+                _ if sled_of.contains_key(&u.seq) => match u.head {
+                    0 => Read::Scores(sled_of[&u.seq]),
+                    _ => Read::Nothing,
+                },
                 Some(DeviceChoice::HeadArgmax) => {
                     wanted.argmax.push(start);
                     let c = Chosen::Argmax(wanted.argmax.len() - 1);
@@ -410,10 +467,11 @@ impl HeadCopies {
             Copied {
                 rows: all.to_vec1::<f32>()?,
                 logprobs: Vec::new(),
+                sled: Vec::new(),
                 ids: Vec::new(),
             }
         } else {
-            self.copy_with_choices(&all, rows, &full, &wanted, &logprobs)?
+            self.copy_with_choices(&all, rows, &full, (&wanted, &logprobs, &sled))?
         };
         let (data, ids) = (Arc::new(copied.rows), copied.ids);
         let mut at = 0;
@@ -439,6 +497,10 @@ impl HeadCopies {
                     let read = read.map(|(k, top)| cut(&copied.logprobs[logprobs.index(k)], top));
                     Logits::chosen(self.vocab, ids[wanted.id_at(c)], read)
                 }
+                Read::Scores(k) => Logits::strategy_scores(
+                    self.vocab,
+                    sled[k].rule.scores(&copied.sled[k], self.vocab),
+                ),
             };
         }
         Ok(())
@@ -562,8 +624,7 @@ impl HeadCopies {
         all: &Tensor,
         rows: usize,
         full: &[u32],
-        wanted: &Choices,
-        logprobs: &LogprobReads,
+        (wanted, logprobs, sled): (&Choices, &LogprobReads, &[SledGroup]),
     ) -> Result<Copied> {
         let Choices {
             argmax,
@@ -665,21 +726,47 @@ impl HeadCopies {
                 .unzip();
             read.push(contrast_read(&pairs_, &chosen(at)?)?);
         }
-        if let (true, true, Some(ids)) = (full.is_empty(), read.is_empty(), &ids) {
+        // SLED's candidates: the mature rows, and the premature layers' rows after each other
+        let sled_params: Vec<sled::SledParams> = sled
+            .iter()
+            .scan(0, |first, g| {
+                let p = sled::SledParams {
+                    rule: g.rule,
+                    first: *first,
+                    layers: g.premature.len(),
+                };
+                *first += g.premature.len();
+                Some(p)
+            })
+            .collect();
+        let sled_width = sled::width(&sled_params);
+        let sled_part = match sled {
+            [] => None,
+            _ => {
+                let mature: Vec<u32> = sled.iter().map(|g| g.mature).collect();
+                let premature: Vec<u32> = sled.iter().flat_map(|g| g.premature.clone()).collect();
+                let out = sled::sled_rows(&pick(&mature)?, &pick(&premature)?, &sled_params)?;
+                Some(out.flatten_all()?)
+            }
+        };
+        if let (true, true, None, Some(ids)) = (full.is_empty(), read.is_empty(), &sled_part, &ids)
+        {
             // only choices
             return Ok(Copied {
                 rows: Vec::new(),
                 logprobs: Vec::new(),
+                sled: Vec::new(),
                 ids: ids.to_vec1::<u32>()?,
             });
         }
-        // One copy: the rows, then the log-probabilities, then the ids (as floats: exact
-        // below 2^24).
+        // One copy: the rows, then the log-probabilities, then SLED's candidates, then the ids
+        // (as floats: exact below 2^24).
         let mut parts = Vec::new();
         if !full.is_empty() {
             parts.push(pick(full)?.flatten_all()?);
         }
         parts.extend(read);
+        parts.extend(sled_part);
         if let Some(ids) = &ids {
             parts.push(ids.to_dtype(DType::F32)?);
         }
@@ -689,11 +776,15 @@ impl HeadCopies {
             _ => Tensor::cat(&parts, 0)?.to_vec1::<f32>()?,
         };
         let width = 1 + 2 * logprobs.top;
-        let ids = data.split_off(full.len() * self.vocab + logprobs.len() * width);
-        let read = data.split_off(full.len() * self.vocab);
+        let rows_len = full.len() * self.vocab;
+        let read_len = logprobs.len() * width;
+        let ids = data.split_off(rows_len + read_len + sled.len() * 2 * sled_width);
+        let sled_read = data.split_off(rows_len + read_len);
+        let read = data.split_off(rows_len);
         Ok(Copied {
             rows: data,
             logprobs: logprob::read_rows(&read, logprobs.top),
+            sled: sled::read_rows(&sled_read, sled_width),
             ids: ids.into_iter().map(|id| id as u32).collect(),
         })
     }
@@ -724,7 +815,17 @@ mod tests {
         for (t, users) in products {
             let users = users
                 .iter()
-                .map(|&(seq, head, choice)| HeadUser::new(seq, head, 1, choice, None, None, None))
+                .map(|&(seq, head, choice)| {
+                    HeadUser::new(
+                        seq,
+                        head,
+                        1,
+                        Reads {
+                            choice,
+                            ..Reads::default()
+                        },
+                    )
+                })
                 .collect();
             copies.push(t.clone(), users, &mut outputs)?;
         }
@@ -745,7 +846,17 @@ mod tests {
             let mut copies = HeadCopies::new(vocab, true);
             let mut outputs = vec![vec![Logits::default()]; 3];
             let users = (0..3)
-                .map(|seq| HeadUser::new(seq, 0, 1, choice.filter(|_| seq == 2), None, None, None))
+                .map(|seq| {
+                    HeadUser::new(
+                        seq,
+                        0,
+                        1,
+                        Reads {
+                            choice: choice.filter(|_| seq == 2),
+                            ..Reads::default()
+                        },
+                    )
+                })
                 .collect();
             copies.push(product.clone(), users, &mut outputs)?;
             let margins = copies.margins(&[(2, 0), (1, 0), (7, 0)])?;
@@ -790,7 +901,17 @@ mod tests {
             let mut outputs = vec![vec![Logits::default(); 4]; 2];
             for (k, t) in [1, 2, 3, 0].into_iter().zip(&products) {
                 let users = (0..2)
-                    .map(|seq| HeadUser::new(seq, k, 1, None, Some(4), None, None))
+                    .map(|seq| {
+                        HeadUser::new(
+                            seq,
+                            k,
+                            1,
+                            Reads {
+                                premature_of: Some(4),
+                                ..Reads::default()
+                            },
+                        )
+                    })
                     .collect();
                 copies.push(t.clone(), users, &mut outputs)?;
             }
@@ -901,27 +1022,53 @@ mod tests {
             u: 0.61,
         };
         let users = vec![
-            HeadUser::new(0, 0, 4, None, None, Some(targets(&T0, 5)), None),
-            HeadUser::new(1, 0, 3, None, None, Some(targets(&T1, 2)), None),
-            HeadUser::new(2, 0, 1, Some(DeviceChoice::HeadArgmax), None, None, Some(3)),
-            HeadUser::new(3, 0, 1, None, None, None, None),
+            HeadUser::new(
+                0,
+                0,
+                4,
+                Reads {
+                    logprobs: Some(targets(&T0, 5)),
+                    ..Reads::default()
+                },
+            ),
+            HeadUser::new(
+                1,
+                0,
+                3,
+                Reads {
+                    logprobs: Some(targets(&T1, 2)),
+                    ..Reads::default()
+                },
+            ),
+            HeadUser::new(
+                2,
+                0,
+                1,
+                Reads {
+                    choice: Some(DeviceChoice::HeadArgmax),
+                    choice_top: Some(3),
+                    ..Reads::default()
+                },
+            ),
+            HeadUser::new(3, 0, 1, Reads::default()),
             HeadUser::new(
                 4,
                 0,
                 1,
-                Some(DeviceChoice::HeadSample(draw)),
-                None,
-                None,
-                Some(0),
+                Reads {
+                    choice: Some(DeviceChoice::HeadSample(draw)),
+                    choice_top: Some(0),
+                    ..Reads::default()
+                },
             ),
             HeadUser::new(
                 5,
                 0,
                 1,
-                Some(DeviceChoice::HeadSample(draw)),
-                None,
-                None,
-                None,
+                Reads {
+                    choice: Some(DeviceChoice::HeadSample(draw)),
+                    ..Reads::default()
+                },
             ),
         ];
         copies.push(product.clone(), users, &mut outputs)?;
@@ -983,9 +1130,34 @@ mod tests {
         // 2: a choice alone. Each product: the lower exit's rows, then the upper head's.
         let users = |head: usize| {
             vec![
-                HeadUser::new(0, head, 3, None, None, Some(echo), None),
-                HeadUser::new(1, head, 1, choice, None, None, Some(2)),
-                HeadUser::new(2, head, 1, choice, None, None, None),
+                HeadUser::new(
+                    0,
+                    head,
+                    3,
+                    Reads {
+                        logprobs: Some(echo),
+                        ..Reads::default()
+                    },
+                ),
+                HeadUser::new(
+                    1,
+                    head,
+                    1,
+                    Reads {
+                        choice,
+                        choice_top: Some(2),
+                        ..Reads::default()
+                    },
+                ),
+                HeadUser::new(
+                    2,
+                    head,
+                    1,
+                    Reads {
+                        choice,
+                        ..Reads::default()
+                    },
+                ),
             ]
         };
         let product_bytes = 5 * vocab * 4;
@@ -1147,7 +1319,17 @@ mod tests {
                     .into_iter()
                     .map(|s| {
                         let (seq, choice, of, top) = seqs[s];
-                        HeadUser::new(seq, *head, 1, Some(choice), of, None, top)
+                        HeadUser::new(
+                            seq,
+                            *head,
+                            1,
+                            Reads {
+                                choice: Some(choice),
+                                premature_of: of,
+                                choice_top: top,
+                                ..Reads::default()
+                            },
+                        )
                     })
                     .collect();
                 copies.push(t.clone(), users, &mut outputs)?;
@@ -1199,6 +1381,105 @@ mod tests {
                     assert_eq!(read.top.len(), top);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// SLED's scores are computed in the copy from its mature head's row and each premature
+    /// layer's, in head order, and handed over on the mature head (the others empty), beside
+    /// rows copied whole and choices made there; a SLED whose heads went in separate copies
+    /// reads every row.
+    #[test]
+    fn sled_s_scores_are_computed_in_the_copy() -> Result<()> {
+        let (vocab, dev) = (70, Device::Cpu);
+        let rule = SledRule {
+            evolution_scale: 4,
+            evolution_rate: 0.3,
+            lower_bound: -10.0,
+            alpha: 0.5,
+        };
+        let wide = SledRule {
+            evolution_scale: 9,
+            alpha: 0.0,
+            ..rule
+        };
+        // products: premature layers 1 and 2, then the mature head (head 0); a row per user:
+        // sequence 0 SLED over both layers, 1 SLED over layer 2 alone (its head 1), 2 an
+        // argmax of the mature head, 3 the mature head's row
+        let product = |phase: f64, n: usize| -> Result<Tensor> {
+            let t = Tensor::arange(0f32, (n * vocab) as f32, &dev)?;
+            Ok((((t * 0.41)? + phase)?.sin()? * 5.0)?.reshape((n, vocab))?)
+        };
+        let sled = |r: SledRule, heads: usize| Reads {
+            sled: Some((r, heads)),
+            ..Reads::default()
+        };
+        let products = [
+            (product(0.3, 1)?, vec![(0, 1, sled(rule, 3))]),
+            (
+                product(1.1, 2)?,
+                vec![(0, 2, sled(rule, 3)), (1, 1, sled(wide, 2))],
+            ),
+            (
+                product(2.0, 4)?,
+                vec![
+                    (0, 0, sled(rule, 3)),
+                    (1, 0, sled(wide, 2)),
+                    (
+                        2,
+                        0,
+                        Reads {
+                            choice: Some(DeviceChoice::HeadArgmax),
+                            ..Reads::default()
+                        },
+                    ),
+                    (3, 0, Reads::default()),
+                ],
+            ),
+        ];
+        let row = |p: usize, r: usize| -> Result<Vec<f32>> { Ok(products[p].0.get(r)?.to_vec1()?) };
+        for held in [1 << 20, vocab * 4] {
+            let mut copies = HeadCopies {
+                held_bytes: held,
+                ..HeadCopies::new(vocab, true)
+            };
+            let mut outputs = vec![
+                vec![Logits::default(); 3],
+                vec![Logits::default(); 2],
+                vec![Logits::default()],
+                vec![Logits::default()],
+            ];
+            for (t, users) in &products {
+                let users = users
+                    .iter()
+                    .map(|&(seq, head, reads)| HeadUser::new(seq, head, 1, reads))
+                    .collect();
+                copies.push(t.clone(), users, &mut outputs)?;
+            }
+            copies.flush(&mut outputs)?;
+            let (m0, m1) = (row(2, 0)?, row(2, 1)?);
+            let (l1, l2, l2b) = (row(0, 0)?, row(1, 0)?, row(1, 1)?);
+            if held != 1 << 20 {
+                // each product copied alone: rows
+                assert_eq!(outputs[0][0].last(), Some(&m0[..]));
+                assert_eq!(outputs[0][1].last(), Some(&l1[..]));
+                assert_eq!(outputs[1][1].last(), Some(&l2b[..]));
+                assert_eq!(outputs[0][0].scores(), None);
+                continue;
+            }
+            let want0 = sled::sled_scores(&m0, &[&l1, &l2], &rule);
+            let want1 = sled::sled_scores(&m1, &[&l2b], &wide);
+            assert_eq!(outputs[0][0].scores(), Some(&want0[..]));
+            assert!(outputs[0][1].is_empty() && outputs[0][2].is_empty());
+            assert_eq!(outputs[1][0].scores(), Some(&want1[..]));
+            assert!(outputs[1][1].is_empty());
+            // the strategy reads the scores handed over as they are
+            let mode: crate::model::mode::Mode = "sled".parse().expect("a SLED flag");
+            assert_eq!(mode.scores_at(&outputs[0], 0), want0);
+            assert_ne!(want0, want1);
+            assert_eq!(outputs[2][0].choice(), Some(greedy::argmax(&row(2, 2)?)));
+            assert_eq!(outputs[3][0].last(), Some(&row(2, 3)?[..]));
+            assert_eq!(outputs[3][0].scores(), None);
         }
         Ok(())
     }

@@ -19,14 +19,15 @@ use super::batched_attention::{self, Plans};
 use super::block::Block;
 use super::config::ModelConfig;
 use super::error::{ModelError, Result};
-use super::head_copies::{HeadCopies, HeadUser};
+use super::head_copies::{HeadCopies, HeadUser, Reads};
 use super::kv_cache::KvCache;
 use super::kv_pool::KvPool;
 use super::mode::{DeviceChoice, EarlyExitParams, Head};
 use super::step::{ForwardStats, Logits, LogprobTargets, Packed, Segment, SeqStep, StepLogits};
 use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
 use crate::kernels::fused_epilogue::{self, add_norm};
-use crate::kernels::{greedy, logprob, sample};
+use crate::kernels::sled::SledRule;
+use crate::kernels::{greedy, logprob, sample, sled};
 
 pub struct MultiExitModel {
     cfg: ModelConfig,
@@ -64,6 +65,9 @@ pub struct MultiExitModel {
     /// On the batched path, echo's prompt positions are scored where the logits are
     /// (`SeqStep::logprobs`, `kernels::logprob`, checked against the CPU's at start-up).
     device_logprobs: bool,
+    /// On the batched path, SLED's scores are computed where the logits are (`SeqStep::sled`,
+    /// `kernels::sled`, checked against the CPU's at start-up).
+    device_sled: bool,
     pub stats: ForwardStats,
 }
 
@@ -166,12 +170,15 @@ impl MultiExitModel {
         let device_draws = device_choices && device_draws_hold(&device, cfg.vocab_size);
         let device_logprobs =
             batched && cfg.vocab_size < 1 << 24 && device_logprobs_hold(&device, cfg.vocab_size);
+        let device_sled =
+            batched && cfg.vocab_size < 1 << 24 && device_sled_holds(&device, cfg.vocab_size);
         Ok(Self {
             fused_attention,
             fused_epilogues,
             device_choices,
             device_draws,
             device_logprobs,
+            device_sled,
             device,
             kv_pool,
             kv_dtype: wdtype.kv_dtype(),
@@ -425,6 +432,21 @@ impl MultiExitModel {
                 })
             })
             .collect();
+        // SLED's scores computed where the logits are, from its heads at the last row.
+        let sled: Vec<Option<SledRule>> = order
+            .iter()
+            .map(|&i| {
+                let s = &steps[i];
+                s.sled.filter(|rule| {
+                    self.device_sled
+                        && !s.all_positions
+                        && !s.verify
+                        && s.early_exit.is_none()
+                        && s.choice.is_none()
+                        && rule.fits(s.heads.len().saturating_sub(1))
+                })
+            })
+            .collect();
         let choice_logprobs: Vec<Option<usize>> = order
             .iter()
             .zip(&choices)
@@ -461,6 +483,7 @@ impl MultiExitModel {
                 select_premature: alive.iter().map(|&s| select_premature[s]).collect(),
                 logprobs: alive.iter().map(|&s| logprobs[s]).collect(),
                 choice_logprobs: alive.iter().map(|&s| choice_logprobs[s]).collect(),
+                sled: alive.iter().map(|&s| sled[s]).collect(),
             };
             let mut rows = view(&alive, &row_in_x);
             // The batched attention path's layout of each set of segments, made once for
@@ -724,15 +747,14 @@ impl MultiExitModel {
             let users = users
                 .into_iter()
                 .map(|(slot, k, rows)| {
-                    HeadUser::new(
-                        p.order[slot],
-                        k,
-                        rows,
-                        p.choices[slot],
-                        p.select_premature[slot].then_some(p.heads[slot].len()),
-                        p.logprobs[slot],
-                        p.choice_logprobs[slot],
-                    )
+                    let reads = Reads {
+                        choice: p.choices[slot],
+                        premature_of: p.select_premature[slot].then_some(p.heads[slot].len()),
+                        logprobs: p.logprobs[slot],
+                        choice_top: p.choice_logprobs[slot],
+                        sled: p.sled[slot].map(|rule| (rule, p.heads[slot].len())),
+                    };
+                    HeadUser::new(p.order[slot], k, rows, reads)
                 })
                 .collect();
             copies.push(logits, users, outputs)?;
@@ -789,6 +811,18 @@ fn device_logprobs_hold(device: &Device, vocab: usize) -> bool {
     )
 }
 
+/// Whether SLED's scores computed on `device` are the CPU's, for rows of `vocab` logits.
+fn device_sled_holds(device: &Device, vocab: usize) -> bool {
+    kernels_hold(
+        sled::check(device, vocab),
+        // evolved logits of trained heads' size, made of float32 softmaxes
+        1e-4,
+        "SLED's scores (candidates, evolved logits) computed where the logits are",
+        "the SLED kernel",
+        "the CPU's SLED",
+    )
+}
+
 /// Whether the draws made on `device` are the CPU's, for rows of `vocab` logits.
 fn device_draws_hold(device: &Device, vocab: usize) -> bool {
     kernels_hold(
@@ -842,6 +876,7 @@ struct Rows<'h> {
     select_premature: Vec<bool>,
     logprobs: Vec<Option<LogprobTargets<'h>>>,
     choice_logprobs: Vec<Option<usize>>,
+    sled: Vec<Option<SledRule>>,
 }
 
 impl Rows<'_> {
@@ -855,6 +890,7 @@ impl Rows<'_> {
             select_premature: &self.select_premature,
             logprobs: &self.logprobs,
             choice_logprobs: &self.choice_logprobs,
+            sled: &self.sled,
             order: &self.order,
         }
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::kv_cache::KvCache;
 use super::mode::{DeviceChoice, EarlyExitParams, Head};
 use crate::kernels::logprob::RowLogprobs;
+use crate::kernels::sled::SledRule;
 
 /// One sequence's part of a forward step.
 pub struct SeqStep<'a> {
@@ -61,6 +62,13 @@ pub struct SeqStep<'a> {
     /// beside the choice (`Logits::logprobs_at(0)`). A step that cannot read them there makes
     /// no choice there either: the rows come as usual.
     pub choice_logprobs: Option<usize>,
+    /// SLED (`Mode::device_scores`): the caller reads only the strategy's scores at its last
+    /// position, made thus from its heads there (head 0 the mature one, the rest its premature
+    /// layers, in order). On the batched path the step computes them where the logits are
+    /// (`kernels::sled`: the candidates and their logits) and hands over only those, as a
+    /// row of scores on head 0 (`Logits::scores`; the others left empty); elsewhere every
+    /// head's rows come.
+    pub sled: Option<SledRule>,
 }
 
 /// See `SeqStep::logprobs`.
@@ -113,6 +121,8 @@ pub(super) struct Packed<'p> {
     pub logprobs: &'p [Option<LogprobTargets<'p>>],
     /// See `SeqStep::choice_logprobs` (None without a choice).
     pub choice_logprobs: &'p [Option<usize>],
+    /// See `SeqStep::sled` (None where the step cannot: see `forward_pass`).
+    pub sled: &'p [Option<SledRule>],
     /// Packed slot -> index of the sequence in the caller's step list.
     pub order: &'p [usize],
 }
@@ -139,6 +149,9 @@ pub struct Logits {
     /// The first rows, of which only their log-probabilities came back (`SeqStep::logprobs`);
     /// the rows of `data` follow them.
     logprobs: Vec<RowLogprobs>,
+    /// The one row is the strategy's scores, computed where the logits were, not a head's
+    /// logits (`SeqStep::sled`).
+    scores: bool,
 }
 
 impl Logits {
@@ -157,6 +170,7 @@ impl Logits {
             range,
             chosen: None,
             logprobs: Vec::new(),
+            scores: false,
         }
     }
 
@@ -182,6 +196,20 @@ impl Logits {
             logprobs: read.into_iter().collect(),
             ..Self::default()
         }
+    }
+
+    /// One row that is the strategy's scores, computed where the logits were
+    /// (`SeqStep::sled`).
+    pub fn strategy_scores(vocab: usize, scores: Vec<f32>) -> Self {
+        Self {
+            scores: true,
+            ..Self::new(vocab, scores)
+        }
+    }
+
+    /// The strategy's scores, where they alone came back (`SeqStep::sled`).
+    pub fn scores(&self) -> Option<&[f32]> {
+        self.scores.then(|| self.values())
     }
 
     /// The choice, when that alone came back (then no row can be read).
@@ -241,6 +269,7 @@ impl PartialEq for Logits {
             && self.values() == other.values()
             && self.chosen == other.chosen
             && self.logprobs == other.logprobs
+            && self.scores == other.scores
     }
 }
 

@@ -206,6 +206,7 @@ pub fn all_head_logits(
         early_exit: None,
         choice: None,
         select_premature: false,
+        sled: None,
         logprobs: None,
         choice_logprobs: None,
     }];

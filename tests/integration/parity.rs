@@ -77,6 +77,7 @@ fn greedy_batch(
                 early_exit: None,
                 choice: None,
                 select_premature: false,
+                sled: None,
                 logprobs: None,
                 choice_logprobs: None,
             })
@@ -245,6 +246,7 @@ fn mixed_schedule_reading(m: &LoadedModel, choices: bool) -> Vec<Vec<Logits>> {
                 early_exit: None,
                 choice: choices.then(|| device_choice(heads[i].len())),
                 select_premature: false,
+                sled: None,
                 logprobs: None,
                 choice_logprobs: None,
             })
@@ -404,6 +406,7 @@ fn greedy_choices_made_in_the_step_are_the_host_choices_from_the_logits() {
                             early_exit: None,
                             choice: choices.then(|| device_choice(heads[i].len())),
                             select_premature: false,
+                            sled: None,
                             logprobs: None,
                             choice_logprobs: None,
                         })
@@ -616,6 +619,7 @@ fn teacher_forced_logits(
             early_exit: None,
             choice: None,
             select_premature: false,
+            sled: None,
             logprobs: None,
             choice_logprobs: None,
         }];
@@ -706,6 +710,7 @@ fn exit_logits(m: &LoadedModel, tokens: &[u32], layer: usize, draft: bool) -> Ve
         early_exit: None,
         choice: None,
         select_premature: false,
+        sled: None,
         logprobs: None,
         choice_logprobs: None,
     }];

@@ -396,7 +396,8 @@ async fn every_strategy_is_an_inspection_head_equal_to_its_completion() {
 
 /// SLED against the authors' code: every case alone, then all SLED and DoLa cases of the
 /// fixture in one batch; then what else it goes through (self-speculative decoding verifies with
-/// SLED's distribution, echo scores each position as generated, streaming, the model id).
+/// SLED's distribution, echo scores each position as generated, streaming, the model id); then
+/// every case alone and at once on the batched path, its scores computed in the step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_equals_the_authors_code_alone_batched_and_speculative() {
     for f in ARCHS {
@@ -440,5 +441,25 @@ async fn sled_equals_the_authors_code_alone_batched_and_speculative() {
         assert_eq!(status, 200, "{out}");
         assert_eq!(out["multi_exit"]["mode"], "sled", "{out}");
         check(f, &tok, case, &out);
+        assert_eq!(server.metric("exitserve_device_scores_total"), 0.0);
+
+        // On the batched path each step computes SLED's candidates and their logits where the
+        // logits are (`kernels::sled`) and hands over those alone: every generated token's,
+        // a repetition penalty then applied on the host as to the host's scores.
+        let batched = TestServer::start_model(
+            &f.dir(),
+            &["--max-batch-size", "64", "--attention", "batched"],
+        );
+        check_alone_and_batched(&batched.url("/v1/completions"), f, &tok, &sled_cases).await;
+        let tokens: usize = cases
+            .iter()
+            .map(|c| c["greedy_ids"].as_array().unwrap().len())
+            .sum();
+        assert_eq!(
+            batched.metric("exitserve_device_scores_total"),
+            (2 * tokens) as f64,
+            "{}: every token's scores computed in the step, alone and at once",
+            f.name
+        );
     }
 }

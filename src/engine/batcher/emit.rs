@@ -41,6 +41,9 @@ impl Batcher {
                 continue;
             }
             let scores = rows.pop().unwrap_or_default();
+            if r.scores_in_step() {
+                self.metrics.device_scores.increment(1);
+            }
             let (head, choice, read) = (r.exit_head(), r.choice(), r.choice_read());
             let result = contained(Phase::Emit, || {
                 let mut followers = Vec::new();

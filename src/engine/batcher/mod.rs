@@ -320,6 +320,7 @@ impl Batcher {
                 choice: row.choice.map(|c| c.0),
                 choice_logprobs: row.choice.and_then(|c| c.1),
                 select_premature: row.select_premature,
+                sled: row.sled,
                 logprobs: row.logprobs.as_ref().map(|(targets, read)| LogprobTargets {
                     targets,
                     read: *read,

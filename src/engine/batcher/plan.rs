@@ -8,7 +8,7 @@ use crate::engine::scheduler::{self, SeqView};
 use crate::engine::sequence::Sequence;
 use crate::engine::speculative::SpecInput;
 use crate::model::cost::scored_position_cost;
-use crate::model::mode::{DeviceChoice, EarlyExitParams};
+use crate::model::mode::{DeviceChoice, EarlyExitParams, SledRule};
 use crate::model::{Head, LogprobRead};
 
 /// Positions an inspection of every position scores per step: its logits stay resident for
@@ -57,6 +57,8 @@ pub(super) struct RowPlan {
     /// Echo's scoring read as log-probabilities (`SeqStep::logprobs`): the targets of its
     /// first rows and what is read of them.
     pub logprobs: Option<(Vec<u32>, LogprobRead)>,
+    /// Its scores may be computed in the step, thus (SLED's: `SeqStep::sled`).
+    pub sled: Option<SledRule>,
 }
 
 /// The inputs of one step, in `running` order over the sequences that take part.
@@ -165,6 +167,7 @@ fn resume_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         choice: None,
         select_premature: false,
         logprobs: None,
+        sled: None,
     }
 }
 
@@ -209,6 +212,20 @@ fn selects_premature(s: &Sequence) -> bool {
             .selects_premature()
 }
 
+/// How the sequence's scores may be computed in the step (SLED's): nothing but its scores
+/// reads its heads' rows (no inspection, which reports every head); a bias, penalties or a
+/// grammar then edit those scores on the host as they would the host's.
+fn device_scores(s: &Sequence) -> Option<SledRule> {
+    let r = s.request.borrow();
+    let req = &r.req;
+    if req.inspect.is_some() {
+        return None;
+    }
+    req.mode
+        .at_token(s.generated, req.max_tokens)
+        .device_scores()
+}
+
 /// A prefilling sequence's next `take` prompt tokens.
 fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
     let r = s.request.borrow();
@@ -234,6 +251,7 @@ fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         choice: device_choice(s).filter(|_| last_chunk && !all_positions),
         select_premature: last_chunk && !all_positions && selects_premature(s),
         logprobs: prompt_logprobs(s, take),
+        sled: device_scores(s).filter(|_| last_chunk && !all_positions),
     }
 }
 
@@ -298,12 +316,14 @@ fn decode_row(s: &mut Sequence, index: usize, may_draft: bool) -> RowPlan {
         choice: None,
         select_premature: false,
         logprobs: None,
+        sled: None,
     };
     match input {
         SpecInput::Plain => RowPlan {
             early_exit,
             choice: device_choice(s),
             select_premature: selects_premature(s),
+            sled: device_scores(s),
             ..row(vec![next], heads, depth, false, StepKind::Next)
         },
         SpecInput::Draft(token) => {

@@ -54,6 +54,11 @@ impl Ready {
         self.logits.iter().find_map(Logits::choice)
     }
 
+    /// Whether the step computed the strategy's scores where the logits were (`SeqStep::sled`).
+    pub fn scores_in_step(&self) -> bool {
+        self.logits.first().is_some_and(|l| l.scores().is_some())
+    }
+
     /// The chosen token's log-probabilities, where the step read them beside its choice
     /// (`SeqStep::choice_logprobs`).
     pub fn choice_read(&self) -> Option<&RowLogprobs> {

@@ -16,9 +16,9 @@ use std::str::FromStr;
 use serde_json::{Map, Value};
 
 pub use crate::kernels::fastmath::log_softmax;
-pub(super) use crate::kernels::fastmath::log_sum_exp;
 pub use crate::kernels::greedy::ContrastRule;
 pub use crate::kernels::sample::Draw;
+pub use crate::kernels::sled::SledRule;
 pub use params::{Fields, Form, ModelShape, ParamError};
 
 /// A vocabulary head evaluated on a block's output.
@@ -199,6 +199,13 @@ pub trait Strategy: Copy + PartialEq + fmt::Debug + Sized {
         None
     }
 
+    /// How a step may compute its scores where the logits are and hand over those alone
+    /// (SLED's, `kernels::sled`, from its first head, the mature one, and the rest in order);
+    /// None where they are made on the host from the rows.
+    fn device_scores(&self) -> Option<SledRule> {
+        None
+    }
+
     /// Whether its scores read its first head (the mature one) and, of the rest, only the
     /// candidate whose distribution is farthest from it by DoLa's divergence
     /// (`kernels::greedy::dola_divergence`): a step may then choose that candidate where the
@@ -315,6 +322,11 @@ macro_rules! strategies {
             /// See [`Strategy::device_choice`].
             pub fn device_choice(&self) -> Option<DeviceChoice> {
                 match self { $(Mode::$variant(s) => s.device_choice(),)* }
+            }
+
+            /// See [`Strategy::device_scores`].
+            pub fn device_scores(&self) -> Option<SledRule> {
+                match self { $(Mode::$variant(s) => s.device_scores(),)* }
             }
 
             /// See [`Strategy::selects_premature`].
@@ -497,8 +509,12 @@ impl Mode {
             .unwrap_or(num_layers)
     }
 
-    /// [`Mode::scores`] at position `row` of a step's logits (one entry per head).
+    /// [`Mode::scores`] at position `row` of a step's logits (one entry per head): the
+    /// scores themselves where the step computed them (`SeqStep::sled`, on the first head).
     pub fn scores_at(&self, logits: &[super::Logits], row: usize) -> Vec<f32> {
+        if let Some(scores) = logits.first().and_then(super::Logits::scores) {
+            return scores.to_vec();
+        }
         self.scores(&rows_at(logits, row))
     }
 

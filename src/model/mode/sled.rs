@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 use super::dola::{Layers, Premature};
 use super::params::{self, Fields, Form, FormField, ModelShape, ParamError};
 use super::{Head, Strategy};
+use crate::kernels::sled::{self, SledRule};
 
 pub const DEFAULT_EVOLUTION_RATE: f32 = 0.3;
 pub const DEFAULT_EVOLUTION_SCALE: usize = 5;
@@ -70,6 +71,16 @@ impl SledParams {
         }
         .unwrap_or_default();
         self
+    }
+
+    /// What its scores read of it (`kernels::sled`).
+    pub fn rule(&self) -> SledRule {
+        SledRule {
+            evolution_scale: self.evolution_scale,
+            evolution_rate: self.evolution_rate,
+            lower_bound: self.evolution_lower_bound,
+            alpha: self.alpha,
+        }
     }
 
     fn has_default_params(&self) -> bool {
@@ -144,11 +155,16 @@ impl Strategy for SledParams {
 
     /// Unnormalised: transformers' repetition penalty edits SLED's logits.
     fn scores(&self, logits: &[&[f32]]) -> Vec<f32> {
-        sled_logits(logits[0], &logits[1..], self)
+        sled::sled_scores(logits[0], &logits[1..], &self.rule())
     }
 
     fn scores_are_logprobs(&self) -> bool {
         false
+    }
+
+    /// The candidates and their logits, where the logits are.
+    fn device_scores(&self) -> Option<SledRule> {
+        Some(self.rule())
     }
 
     fn write_flag(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -289,94 +305,6 @@ const RATE_RANGE: (f64, f64) = (0.0, 100.0);
 const LOWER_BOUND_RANGE: (f64, f64) = (-1e6, 0.0);
 const ALPHA_RANGE: (f64, f64) = (0.0, 100.0);
 
-/// The next-token logits SLED makes from the mature head's logits and each premature
-/// layer's (the authors' `_sled_select_contrast`, batch size 1).
-pub fn sled_logits(mature: &[f32], premature: &[&[f32]], p: &SledParams) -> Vec<f32> {
-    let vocab = mature.len();
-    let k = p.evolution_scale.clamp(1, vocab.max(1));
-    let p_mature = softmax(mature);
-    // the candidates: the mature head's top k, most probable first (torch.topk)
-    let mut top: Vec<usize> = (0..vocab).collect();
-    let by_prob = |a: &usize, b: &usize| p_mature[*b].total_cmp(&p_mature[*a]).then(a.cmp(b));
-    if k < vocab {
-        top.select_nth_unstable_by(k - 1, by_prob);
-        top.truncate(k);
-    }
-    top.sort_by(by_prob);
-
-    // per layer: the normalised squared positive cosines (weights over the candidates) and
-    // their sum (the layer's share)
-    let mut weights = vec![0.0f64; k];
-    let mut shares = Vec::with_capacity(premature.len());
-    let mut per_layer = Vec::with_capacity(premature.len());
-    for logits in premature {
-        let p_layer = softmax(logits);
-        // divergence d = logits - mature; gradient g_j = p_layer - onehot(top_j):
-        // g·d = p·d - d_j, |g|² = |p|² - 2 p_j + 1
-        let (mut pd, mut pp, mut dd) = (0.0f64, 0.0f64, 0.0f64);
-        for ((&l, &m), &q) in logits.iter().zip(mature).zip(&p_layer) {
-            let (d, q) = (l as f64 - m as f64, q as f64);
-            pd += q * d;
-            pp += q * q;
-            dd += d * d;
-        }
-        let cos2: Vec<f64> = top
-            .iter()
-            .map(|&j| {
-                let d_j = logits[j] as f64 - mature[j] as f64;
-                let q_j = p_layer[j] as f64;
-                let g_norm = (pp - 2.0 * q_j + 1.0).max(0.0).sqrt();
-                // torch's cosine_similarity: x·y / max(|x| |y|, 1e-8)
-                let cos = (pd - d_j) / (g_norm * dd.sqrt()).max(1e-8);
-                cos.max(0.0).powi(2)
-            })
-            .collect();
-        let sum: f64 = cos2.iter().sum();
-        shares.push(sum);
-        per_layer.push(if sum != 0.0 {
-            cos2.iter().map(|c| c / sum).collect()
-        } else {
-            cos2
-        });
-    }
-    let total: f64 = shares.iter().sum();
-    for (share, w) in shares.iter().zip(&per_layer) {
-        let share = if total != 0.0 { share / total } else { *share };
-        for (acc, &x) in weights.iter_mut().zip(w) {
-            *acc += share * x;
-        }
-    }
-
-    let mut out = vec![p.evolution_lower_bound; vocab];
-    let rate = p.evolution_rate as f64;
-    for (i, &j) in top.iter().enumerate() {
-        // one step: f - rate · (softmax(f) + proxy), the proxy gradient being -δ
-        let evolved = mature[j] as f64 - rate * (p_mature[j] as f64 - weights[i]);
-        let entropy = layer_entropy(premature.iter().map(|l| l[j]));
-        out[j] = (evolved - p.alpha as f64 * entropy) as f32;
-    }
-    out
-}
-
-/// The entropy of the softmax across layers of one token's logits, as torch's `Categorical`
-/// computes it (probabilities clamped to [eps, 1 - eps] inside the log).
-fn layer_entropy(logits: impl Iterator<Item = f32> + Clone) -> f64 {
-    let max = logits.clone().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let z: f64 = logits.clone().map(|x| (x as f64 - max).exp()).sum();
-    let eps = f32::EPSILON as f64;
-    -logits
-        .map(|x| {
-            let p = (x as f64 - max).exp() / z;
-            p * p.clamp(eps, 1.0 - eps).ln()
-        })
-        .sum::<f64>()
-}
-
-fn softmax(xs: &[f32]) -> Vec<f32> {
-    let (_, lse) = super::log_sum_exp(xs);
-    xs.iter().map(|&x| (x - lse).exp()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,7 +364,7 @@ mod tests {
             evolution_rate: 1.0,
             ..SledParams::default()
         };
-        let out = sled_logits(&mature, &[&early], &p);
+        let out = sled::sled_scores(&mature, &[&early], &p.rule());
         assert_eq!(out[2], p.evolution_lower_bound);
         assert_eq!(out[3], p.evolution_lower_bound);
         assert!(out[0] - out[1] > mature[0] - mature[1], "{out:?}");
@@ -445,14 +373,14 @@ mod tests {
             evolution_rate: 0.0,
             ..p
         };
-        let out = sled_logits(&mature, &[&early, &early], &still);
+        let out = sled::sled_scores(&mature, &[&early, &early], &still.rule());
         assert_eq!(&out[..2], &mature[..2]);
         // two identical layers: each candidate's entropy across them is ln 2
         let entropic = SledParams {
             alpha: 1.0,
             ..still
         };
-        let out = sled_logits(&mature, &[&early, &early], &entropic);
+        let out = sled::sled_scores(&mature, &[&early, &early], &entropic.rule());
         assert!((out[0] - (3.0 - 2f32.ln())).abs() < 1e-6, "{out:?}");
     }
 }
