@@ -48,7 +48,7 @@ use serde_json::json;
 
 use checkpoint::{Arch, Shape};
 use servers::Server;
-use workloads::{modes, prompt_ids, Bench, BenchMode};
+use workloads::{prompt_ids, Bench, BenchMode, ModeSet};
 
 #[derive(Parser)]
 #[command(about = "exitserve benchmark (real HTTP server, random weights of a released shape)")]
@@ -129,6 +129,10 @@ pub struct Args {
     /// What drafts read (`--speculative-draft-weights`), each timed
     #[arg(long, default_value = "int8,model", value_delimiter = ',')]
     pub spec_draft_weights: Vec<String>,
+    /// The modes timed: one and two heads (original greedy and sampled, an exit, a contrast),
+    /// the strategies over many layers (DoLa and SLED over the exits below the top), or all
+    #[arg(long, value_enum, default_value = "heads")]
+    pub modes: ModeSet,
     /// Scoring workload (lm-eval loglikelihood): this many prompts with `echo`, `logprobs: 1`,
     /// `max_tokens: 1`, 4 at a time (0: skip)
     #[arg(long, default_value_t = 16)]
@@ -240,7 +244,7 @@ fn main() {
         eprintln!("--peer-llama-server needs --arch gpt2 (llama.cpp has no GPT-Neo)");
         std::process::exit(2);
     }
-    let modes = modes(&shape);
+    let modes = args.modes.modes(&shape);
     eprintln!("machine limits ...");
     let limits = limits::Limits::measure();
     eprintln!("  {}", limits.summary());

@@ -62,6 +62,62 @@ pub fn modes(shape: &Shape) -> Vec<BenchMode> {
     ]
 }
 
+/// Which modes a run times (`--modes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeSet {
+    /// [`modes`]: one head and two (original greedy and sampled, an exit, a contrast).
+    Heads,
+    /// [`strategy_modes`]: the strategies over many layers (DoLa, SLED).
+    Strategies,
+    /// Both.
+    All,
+}
+
+impl ModeSet {
+    pub fn modes(self, shape: &Shape) -> Vec<BenchMode> {
+        match self {
+            ModeSet::Heads => modes(shape),
+            ModeSet::Strategies => strategy_modes(shape),
+            ModeSet::All => modes(shape)
+                .into_iter()
+                .chain(strategy_modes(shape))
+                .collect(),
+        }
+    }
+}
+
+/// The strategies over many layers, greedy: DoLa and SLED over every exit below the top (5 on
+/// GPT-Neo-125M, 11 on GPT-2 medium), each token reading that many heads besides the top's.
+pub fn strategy_modes(shape: &Shape) -> Vec<BenchMode> {
+    let below: Vec<usize> = shape
+        .exits
+        .iter()
+        .copied()
+        .filter(|&e| e < shape.layers)
+        .collect();
+    let work = ModeWork {
+        layers: shape.layers,
+        heads: 1 + below.len(),
+    };
+    vec![
+        BenchMode {
+            name: format!("dola {}", below.len()),
+            json: format!(
+                r#"{{"mode":"dola","layers":{}}}"#,
+                serde_json::to_string(&below).unwrap()
+            ),
+            work,
+            sampled: false,
+        },
+        BenchMode {
+            name: format!("sled {}", below.len()),
+            json: r#"{"mode":"sled"}"#.into(),
+            work,
+            sampled: false,
+        },
+    ]
+}
+
 /// `n` deterministic token ids in 1000..40000 (like the reference benchmark's prompts); each
 /// `seed` a different prompt, so no server can answer from a cached prefix.
 pub fn prompt_ids(n: usize, seed: u64) -> Vec<u32> {
