@@ -303,7 +303,7 @@ impl Default for Metrics {
             ),
             device_scores: r.counter(
                 "exitserve_device_scores_total",
-                "Tokens whose strategy's scores were computed where the logits are (SLED's candidates and their logits), a few floats copied instead of every premature layer's vocabulary row.",
+                "Tokens and echoed prompt positions whose strategy's scores were computed where the logits are (SLED's candidates and their logits), a few floats copied instead of every premature layer's vocabulary row.",
             ),
             speculative_drafted: r.counter(
                 "exitserve_speculative_drafted_tokens_total",

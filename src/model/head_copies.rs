@@ -1,7 +1,7 @@
 //! A step's head products on their way to the host: copied all at once when the pass ends
-//! on the batched path, with the choices, margins, DoLa candidates and log-probabilities a
-//! sequence reads made where the logits are (`kernels::greedy`, `kernels::sample`,
-//! `kernels::logprob`).
+//! on the batched path, with the choices, margins, DoLa candidates, log-probabilities and
+//! SLED scores a sequence reads made where the logits are (`kernels::greedy`,
+//! `kernels::sample`, `kernels::logprob`, `kernels::sled`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -23,8 +23,9 @@ use crate::kernels::{greedy, sample};
 /// reads only its choice (`SeqStep::choice`: greedy or drawn) gets it computed there
 /// (`kernels::greedy`, `kernels::sample`) and copied as one index, and one that reads rows
 /// only as log-probabilities (`SeqStep::logprobs`, `SeqStep::choice_logprobs`) gets those
-/// (`kernels::logprob`). On the CPU's own path each head is copied when made (nothing to
-/// stall, and no concatenation to pay).
+/// (`kernels::logprob`), and SLED its candidates and their logits (`SeqStep::sled`,
+/// `kernels::sled`). On the CPU's own path each head is copied when made (nothing to stall,
+/// and no concatenation to pay).
 pub(super) struct HeadCopies {
     vocab: usize,
     defer: bool,
@@ -43,7 +44,7 @@ pub(super) struct HeadUser {
     head: usize,
     rows: usize,
     /// Only the choice of its one row is wanted, made thus (from this head and, for a
-    /// contrast, the sequence's other head).
+    /// contrast, the sequence's other head: DoLa's, its mature head and chosen candidate).
     choice: Option<DeviceChoice>,
     /// DoLa whose candidate the copy may choose (`SeqStep::select_premature`): the number of
     /// the sequence's heads (head 0 the mature one, the rest candidates).
@@ -200,10 +201,14 @@ struct Copied {
     ids: Vec<u32>,
 }
 
-/// A SLED sequence's rows in a copy (each head's last) and its rule.
+/// A SLED sequence's rows in a copy and its rule: at each of its positions, the mature
+/// head's row and each premature layer's.
 struct SledGroup {
-    mature: u32,
+    /// The mature head's rows, a position each.
+    mature: Vec<u32>,
+    /// Position by position, each premature layer's row, in order.
     premature: Vec<u32>,
+    layers: usize,
     rule: SledRule,
 }
 
@@ -213,28 +218,38 @@ struct SledGroup {
 fn sled_groups<'u>(
     users: impl Iterator<Item = (&'u HeadUser, &'u u32)>,
 ) -> (Vec<SledGroup>, HashMap<usize, usize>) {
-    // per sequence: its rule, and each head's last row
-    let mut found: HashMap<usize, (SledRule, Vec<Option<u32>>)> = HashMap::new();
+    // per sequence: its rule, and each head's first row and rows
+    type Found = (SledRule, Vec<Option<(u32, usize)>>);
+    let mut found: HashMap<usize, Found> = HashMap::new();
     for (u, &start) in users {
         if let (Some((rule, heads)), false) = (u.sled, u.dropped) {
             let g = found
                 .entry(u.seq)
                 .or_insert_with(|| (rule, vec![None; heads]));
-            g.1[u.head] = Some(start + u.rows as u32 - 1);
+            g.1[u.head] = Some((start, u.rows));
         }
     }
     let mut found: Vec<_> = found.into_iter().collect();
     found.sort_unstable_by_key(|g| g.0);
     let (mut groups, mut index) = (Vec::new(), HashMap::new());
-    for (seq, (rule, rows)) in found {
-        if let Some(rows) = rows.into_iter().collect::<Option<Vec<u32>>>() {
-            index.insert(seq, groups.len());
-            groups.push(SledGroup {
-                mature: rows[0],
-                premature: rows[1..].to_vec(),
-                rule,
-            });
+    for (seq, (rule, heads)) in found {
+        let Some(heads) = heads.into_iter().collect::<Option<Vec<(u32, usize)>>>() else {
+            continue;
+        };
+        let (first, n) = heads[0];
+        if n == 0 || heads.iter().any(|h| h.1 != n) {
+            continue;
         }
+        let positions = 0..n as u32;
+        index.insert(seq, groups.len());
+        groups.push(SledGroup {
+            mature: positions.clone().map(|p| first + p).collect(),
+            premature: positions
+                .flat_map(|p| heads[1..].iter().map(move |h| h.0 + p))
+                .collect(),
+            layers: heads.len() - 1,
+            rule,
+        });
     }
     (groups, index)
 }
@@ -497,10 +512,16 @@ impl HeadCopies {
                     let read = read.map(|(k, top)| cut(&copied.logprobs[logprobs.index(k)], top));
                     Logits::chosen(self.vocab, ids[wanted.id_at(c)], read)
                 }
-                Read::Scores(k) => Logits::strategy_scores(
-                    self.vocab,
-                    sled[k].rule.scores(&copied.sled[k], self.vocab),
-                ),
+                Read::Scores(k) => {
+                    // the group's positions among the copy's
+                    let first: usize = sled[..k].iter().map(|g| g.mature.len()).sum();
+                    let rule = sled[k].rule;
+                    let scores = copied.sled[first..first + sled[k].mature.len()]
+                        .iter()
+                        .flat_map(|c| rule.scores(c, self.vocab))
+                        .collect();
+                    Logits::strategy_scores(self.vocab, scores)
+                }
             };
         }
         Ok(())
@@ -726,16 +747,18 @@ impl HeadCopies {
                 .unzip();
             read.push(contrast_read(&pairs_, &chosen(at)?)?);
         }
-        // SLED's candidates: the mature rows, and the premature layers' rows after each other
+        // SLED's candidates at each position: the mature rows, and each position's premature
+        // layers' rows after each other
         let sled_params: Vec<sled::SledParams> = sled
             .iter()
-            .scan(0, |first, g| {
+            .flat_map(|g| std::iter::repeat_n((g.rule, g.layers), g.mature.len()))
+            .scan(0, |first, (rule, layers)| {
                 let p = sled::SledParams {
-                    rule: g.rule,
+                    rule,
                     first: *first,
-                    layers: g.premature.len(),
+                    layers,
                 };
-                *first += g.premature.len();
+                *first += layers;
                 Some(p)
             })
             .collect();
@@ -743,7 +766,7 @@ impl HeadCopies {
         let sled_part = match sled {
             [] => None,
             _ => {
-                let mature: Vec<u32> = sled.iter().map(|g| g.mature).collect();
+                let mature: Vec<u32> = sled.iter().flat_map(|g| g.mature.clone()).collect();
                 let premature: Vec<u32> = sled.iter().flat_map(|g| g.premature.clone()).collect();
                 let out = sled::sled_rows(&pick(&mature)?, &pick(&premature)?, &sled_params)?;
                 Some(out.flatten_all()?)
@@ -778,7 +801,7 @@ impl HeadCopies {
         let width = 1 + 2 * logprobs.top;
         let rows_len = full.len() * self.vocab;
         let read_len = logprobs.len() * width;
-        let ids = data.split_off(rows_len + read_len + sled.len() * 2 * sled_width);
+        let ids = data.split_off(rows_len + read_len + sled_params.len() * 2 * sled_width);
         let sled_read = data.split_off(rows_len + read_len);
         let read = data.split_off(rows_len);
         Ok(Copied {
@@ -1386,9 +1409,9 @@ mod tests {
     }
 
     /// SLED's scores are computed in the copy from its mature head's row and each premature
-    /// layer's, in head order, and handed over on the mature head (the others empty), beside
-    /// rows copied whole and choices made there; a SLED whose heads went in separate copies
-    /// reads every row.
+    /// layer's, in head order, at each position it reads (the last, or every one), and handed
+    /// over on the mature head (the others empty), beside rows copied whole and choices made
+    /// there; a SLED whose heads went in separate copies reads every row.
     #[test]
     fn sled_s_scores_are_computed_in_the_copy() -> Result<()> {
         let (vocab, dev) = (70, Device::Cpu);
@@ -1403,9 +1426,6 @@ mod tests {
             alpha: 0.0,
             ..rule
         };
-        // products: premature layers 1 and 2, then the mature head (head 0); a row per user:
-        // sequence 0 SLED over both layers, 1 SLED over layer 2 alone (its head 1), 2 an
-        // argmax of the mature head, 3 the mature head's row
         let product = |phase: f64, n: usize| -> Result<Tensor> {
             let t = Tensor::arange(0f32, (n * vocab) as f32, &dev)?;
             Ok((((t * 0.41)? + phase)?.sin()? * 5.0)?.reshape((n, vocab))?)
@@ -1414,30 +1434,47 @@ mod tests {
             sled: Some((r, heads)),
             ..Reads::default()
         };
-        let products = [
-            (product(0.3, 1)?, vec![(0, 1, sled(rule, 3))]),
-            (
-                product(1.1, 2)?,
-                vec![(0, 2, sled(rule, 3)), (1, 1, sled(wide, 2))],
-            ),
-            (
-                product(2.0, 4)?,
-                vec![
-                    (0, 0, sled(rule, 3)),
-                    (1, 0, sled(wide, 2)),
-                    (
-                        2,
-                        0,
-                        Reads {
-                            choice: Some(DeviceChoice::HeadArgmax),
-                            ..Reads::default()
-                        },
-                    ),
-                    (3, 0, Reads::default()),
-                ],
-            ),
+        let argmax = Reads {
+            choice: Some(DeviceChoice::HeadArgmax),
+            ..Reads::default()
+        };
+        // Products: premature layers 1 and 2, then the mature head (head 0). Users (sequence,
+        // head, rows): 0 SLED over both layers; 1 SLED over layer 2 alone (its head 1); 2 an
+        // argmax of the mature head; 3 the mature head's row; 4 SLED over both layers at
+        // each of 3 positions (echo's scoring).
+        type Users = Vec<(usize, usize, usize, Reads<'static>)>;
+        let users: [Users; 3] = [
+            vec![(0, 1, 1, sled(rule, 3)), (4, 1, 3, sled(rule, 3))],
+            vec![
+                (0, 2, 1, sled(rule, 3)),
+                (1, 1, 1, sled(wide, 2)),
+                (4, 2, 3, sled(rule, 3)),
+            ],
+            vec![
+                (0, 0, 1, sled(rule, 3)),
+                (1, 0, 1, sled(wide, 2)),
+                (2, 0, 1, argmax),
+                (3, 0, 1, Reads::default()),
+                (4, 0, 3, sled(rule, 3)),
+            ],
         ];
-        let row = |p: usize, r: usize| -> Result<Vec<f32>> { Ok(products[p].0.get(r)?.to_vec1()?) };
+        let products: Vec<Tensor> = users
+            .iter()
+            .zip([0.3, 1.1, 2.0])
+            .map(|(u, phase)| product(phase, u.iter().map(|u| u.2).sum()))
+            .collect::<Result<_>>()?;
+        // (product, sequence) -> its rows
+        let rows_of = |p: usize, seq: usize| -> Result<Vec<Vec<f32>>> {
+            let first: usize = users[p]
+                .iter()
+                .take_while(|u| u.0 != seq)
+                .map(|u| u.2)
+                .sum();
+            let n = users[p].iter().find(|u| u.0 == seq).expect("a user").2;
+            (first..first + n)
+                .map(|r| Ok(products[p].get(r)?.to_vec1()?))
+                .collect()
+        };
         for held in [1 << 20, vocab * 4] {
             let mut copies = HeadCopies {
                 held_bytes: held,
@@ -1448,38 +1485,50 @@ mod tests {
                 vec![Logits::default(); 2],
                 vec![Logits::default()],
                 vec![Logits::default()],
+                vec![Logits::default(); 3],
             ];
-            for (t, users) in &products {
+            for (t, users) in products.iter().zip(&users) {
                 let users = users
                     .iter()
-                    .map(|&(seq, head, reads)| HeadUser::new(seq, head, 1, reads))
+                    .map(|&(seq, head, rows, reads)| HeadUser::new(seq, head, rows, reads))
                     .collect();
                 copies.push(t.clone(), users, &mut outputs)?;
             }
             copies.flush(&mut outputs)?;
-            let (m0, m1) = (row(2, 0)?, row(2, 1)?);
-            let (l1, l2, l2b) = (row(0, 0)?, row(1, 0)?, row(1, 1)?);
+            let (m0, l1, l2) = (rows_of(2, 0)?, rows_of(0, 0)?, rows_of(1, 0)?);
             if held != 1 << 20 {
                 // each product copied alone: rows
-                assert_eq!(outputs[0][0].last(), Some(&m0[..]));
-                assert_eq!(outputs[0][1].last(), Some(&l1[..]));
-                assert_eq!(outputs[1][1].last(), Some(&l2b[..]));
-                assert_eq!(outputs[0][0].scores(), None);
+                assert_eq!(outputs[0][0].last(), Some(&m0[0][..]));
+                assert_eq!(outputs[0][1].last(), Some(&l1[0][..]));
+                assert_eq!(outputs[4][2].rows(), 3);
+                assert!(!outputs[0][0].are_scores() && !outputs[4][0].are_scores());
                 continue;
             }
-            let want0 = sled::sled_scores(&m0, &[&l1, &l2], &rule);
-            let want1 = sled::sled_scores(&m1, &[&l2b], &wide);
-            assert_eq!(outputs[0][0].scores(), Some(&want0[..]));
-            assert!(outputs[0][1].is_empty() && outputs[0][2].is_empty());
-            assert_eq!(outputs[1][0].scores(), Some(&want1[..]));
-            assert!(outputs[1][1].is_empty());
-            // the strategy reads the scores handed over as they are
             let mode: crate::model::mode::Mode = "sled".parse().expect("a SLED flag");
-            assert_eq!(mode.scores_at(&outputs[0], 0), want0);
+            let want0 = sled::sled_scores(&m0[0], &[&l1[0], &l2[0]], &rule);
+            let (m1, l2b) = (rows_of(2, 1)?, rows_of(1, 1)?);
+            let want1 = sled::sled_scores(&m1[0], &[&l2b[0]], &wide);
+            assert!(outputs[0][0].are_scores());
+            assert_eq!(outputs[0][0].last(), Some(&want0[..]));
+            assert!(outputs[0][1].is_empty() && outputs[0][2].is_empty());
+            assert_eq!(outputs[1][0].last(), Some(&want1[..]));
+            assert!(outputs[1][1].is_empty());
             assert_ne!(want0, want1);
-            assert_eq!(outputs[2][0].choice(), Some(greedy::argmax(&row(2, 2)?)));
-            assert_eq!(outputs[3][0].last(), Some(&row(2, 3)?[..]));
-            assert_eq!(outputs[3][0].scores(), None);
+            // every position of the echoed prompt, which the strategy reads as they are
+            let (m4, a4, b4) = (rows_of(2, 4)?, rows_of(0, 4)?, rows_of(1, 4)?);
+            assert_eq!(outputs[4][0].rows(), 3);
+            for p in 0..3 {
+                let want = sled::sled_scores(&m4[p], &[&a4[p], &b4[p]], &rule);
+                assert_eq!(outputs[4][0].row(p), &want[..], "position {p}");
+                assert_eq!(mode.scores_at(&outputs[4], p), want, "position {p}");
+            }
+            assert!(outputs[4][1].is_empty() && outputs[4][2].is_empty());
+            assert_eq!(
+                outputs[2][0].choice(),
+                Some(greedy::argmax(&rows_of(2, 2)?[0]))
+            );
+            assert_eq!(outputs[3][0].last(), Some(&rows_of(2, 3)?[0][..]));
+            assert!(!outputs[3][0].are_scores());
         }
         Ok(())
     }

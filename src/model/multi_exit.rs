@@ -432,14 +432,13 @@ impl MultiExitModel {
                 })
             })
             .collect();
-        // SLED's scores computed where the logits are, from its heads at the last row.
+        // SLED's scores computed where the logits are, from its heads at each row they read.
         let sled: Vec<Option<SledRule>> = order
             .iter()
             .map(|&i| {
                 let s = &steps[i];
                 s.sled.filter(|rule| {
                     self.device_sled
-                        && !s.all_positions
                         && !s.verify
                         && s.early_exit.is_none()
                         && s.choice.is_none()

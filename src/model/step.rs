@@ -62,11 +62,12 @@ pub struct SeqStep<'a> {
     /// beside the choice (`Logits::logprobs_at(0)`). A step that cannot read them there makes
     /// no choice there either: the rows come as usual.
     pub choice_logprobs: Option<usize>,
-    /// SLED (`Mode::device_scores`): the caller reads only the strategy's scores at its last
-    /// position, made thus from its heads there (head 0 the mature one, the rest its premature
-    /// layers, in order). On the batched path the step computes them where the logits are
-    /// (`kernels::sled`: the candidates and their logits) and hands over only those, as a
-    /// row of scores on head 0 (`Logits::scores`; the others left empty); elsewhere every
+    /// SLED (`Mode::device_scores`): the caller reads only the strategy's scores at the
+    /// positions its heads are evaluated at (the last, or with `all_positions` every one),
+    /// made thus from its heads there (head 0 the mature one, the rest its premature layers,
+    /// in order). On the batched path the step computes them where the logits are
+    /// (`kernels::sled`: the candidates and their logits) and hands over only those, as rows
+    /// of scores on head 0 (`Logits::are_scores`; the others left empty); elsewhere every
     /// head's rows come.
     pub sled: Option<SledRule>,
 }
@@ -149,7 +150,7 @@ pub struct Logits {
     /// The first rows, of which only their log-probabilities came back (`SeqStep::logprobs`);
     /// the rows of `data` follow them.
     logprobs: Vec<RowLogprobs>,
-    /// The one row is the strategy's scores, computed where the logits were, not a head's
+    /// The rows are the strategy's scores, computed where the logits were, not a head's
     /// logits (`SeqStep::sled`).
     scores: bool,
 }
@@ -198,8 +199,7 @@ impl Logits {
         }
     }
 
-    /// One row that is the strategy's scores, computed where the logits were
-    /// (`SeqStep::sled`).
+    /// Rows that are the strategy's scores, computed where the logits were (`SeqStep::sled`).
     pub fn strategy_scores(vocab: usize, scores: Vec<f32>) -> Self {
         Self {
             scores: true,
@@ -207,9 +207,9 @@ impl Logits {
         }
     }
 
-    /// The strategy's scores, where they alone came back (`SeqStep::sled`).
-    pub fn scores(&self) -> Option<&[f32]> {
-        self.scores.then(|| self.values())
+    /// Whether its rows are the strategy's scores, which alone came back (`SeqStep::sled`).
+    pub fn are_scores(&self) -> bool {
+        self.scores
     }
 
     /// The choice, when that alone came back (then no row can be read).

@@ -397,7 +397,8 @@ async fn every_strategy_is_an_inspection_head_equal_to_its_completion() {
 /// SLED against the authors' code: every case alone, then all SLED and DoLa cases of the
 /// fixture in one batch; then what else it goes through (self-speculative decoding verifies with
 /// SLED's distribution, echo scores each position as generated, streaming, the model id); then
-/// every case alone and at once on the batched path, its scores computed in the step.
+/// every case alone and at once on the batched path, its scores computed in the step, and its
+/// speculation and echo scoring there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_equals_the_authors_code_alone_batched_and_speculative() {
     for f in ARCHS {
@@ -455,10 +456,29 @@ async fn sled_equals_the_authors_code_alone_batched_and_speculative() {
             .iter()
             .map(|c| c["greedy_ids"].as_array().unwrap().len())
             .sum();
+        let scored = batched.metric("exitserve_device_scores_total");
         assert_eq!(
-            batched.metric("exitserve_device_scores_total"),
+            scored,
             (2 * tokens) as f64,
             "{}: every token's scores computed in the step, alone and at once",
+            f.name
+        );
+        // echo's scoring too: each prompt position's logprob from the scores computed there
+        // (the speculative pass's verifying positions are the host's), equal to the
+        // generated token's
+        let url = batched.url("/v1/completions");
+        let mut echoed = 0;
+        for (case, body) in &sled_cases {
+            check_speculative_and_echo(&url, f, case, body, draft).await;
+            if case["repetition_penalty"] == json!(1.0) {
+                let n = ids(&case["prompt_ids"]).len() + ids(&case["greedy_ids"]).len();
+                echoed += n - 1;
+            }
+        }
+        assert!(echoed > 0);
+        assert!(
+            batched.metric("exitserve_device_scores_total") - scored >= echoed as f64,
+            "{}: echo's positions scored in the step",
             f.name
         );
     }

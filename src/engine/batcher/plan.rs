@@ -251,7 +251,7 @@ fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
         choice: device_choice(s).filter(|_| last_chunk && !all_positions),
         select_premature: last_chunk && !all_positions && selects_premature(s),
         logprobs: prompt_logprobs(s, take),
-        sled: device_scores(s).filter(|_| last_chunk && !all_positions),
+        sled: device_scores(s).filter(|_| last_chunk || all_positions),
     }
 }
 

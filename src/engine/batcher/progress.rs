@@ -56,7 +56,7 @@ impl Ready {
 
     /// Whether the step computed the strategy's scores where the logits were (`SeqStep::sled`).
     pub fn scores_in_step(&self) -> bool {
-        self.logits.first().is_some_and(|l| l.scores().is_some())
+        self.logits.first().is_some_and(Logits::are_scores)
     }
 
     /// The chosen token's log-probabilities, where the step read them beside its choice
@@ -145,8 +145,10 @@ impl Batcher {
                     };
                 }
                 if take > 0 && all_positions {
-                    let read = record_prompt_logprobs(seq, start, take, &logits, tokenizer);
+                    let (read, scored) =
+                        record_prompt_logprobs(seq, start, take, &logits, tokenizer);
                     metrics.device_logprobs.increment(read as u64);
+                    metrics.device_scores.increment(scored as u64);
                 }
                 if seq.in_prefill() || logits.iter().all(Logits::is_empty) {
                     return Progress::Prefilling;
@@ -247,19 +249,22 @@ fn record_inspection(
 }
 
 /// Stores the logprob of each prompt token that follows a position of this chunk; returns how
-/// many came as log-probabilities read where the logits are (`SeqStep::logprobs`), not rows.
+/// many came as log-probabilities read where the logits are (`SeqStep::logprobs`), not rows,
+/// and how many from the strategy's scores computed there (`SeqStep::sled`).
 fn record_prompt_logprobs(
     seq: &mut Sequence,
     start: usize,
     take: usize,
     logits: &[Logits],
     tok: &TextTokenizer,
-) -> usize {
+) -> (usize, usize) {
     let (mode, k) = {
         let r = seq.request.borrow();
         (r.req.mode, r.req.logprobs.unwrap_or(0))
     };
     let mut read_there = 0;
+    let scored_there = logits.first().is_some_and(Logits::are_scores);
+    let mut scored = 0;
     for row in 0..take {
         let next = start + row + 1;
         if next >= seq.prompt.len() {
@@ -271,9 +276,12 @@ fn record_prompt_logprobs(
                 read_there += 1;
                 read_logprob(id, read, k, tok)
             }
-            None => token_logprob(id, &mode.logprobs(&mode.scores_at(logits, row)), k, tok),
+            None => {
+                scored += scored_there as usize;
+                token_logprob(id, &mode.logprobs(&mode.scores_at(logits, row)), k, tok)
+            }
         };
         seq.prompt_logprobs.push(logprob);
     }
-    read_there
+    (read_there, scored)
 }

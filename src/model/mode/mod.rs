@@ -512,8 +512,8 @@ impl Mode {
     /// [`Mode::scores`] at position `row` of a step's logits (one entry per head): the
     /// scores themselves where the step computed them (`SeqStep::sled`, on the first head).
     pub fn scores_at(&self, logits: &[super::Logits], row: usize) -> Vec<f32> {
-        if let Some(scores) = logits.first().and_then(super::Logits::scores) {
-            return scores.to_vec();
+        if let Some(scores) = logits.first().filter(|l| l.are_scores()) {
+            return scores.row(row).to_vec();
         }
         self.scores(&rows_at(logits, row))
     }
