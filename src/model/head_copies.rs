@@ -152,20 +152,32 @@ impl LogprobReads {
         ReadAt(0, first)
     }
 
-    /// A contrast's rows from `pair` on (as many as `targets`) read as its log q.
-    fn of_contrast(&mut self, pair: ContrastRows, targets: &[u32], top: usize) -> ReadAt {
+    /// A contrast's rows read as its log-distribution by `rule` at `targets`: the upper
+    /// head's from `upper` on, and at each the lower row of `lower`.
+    fn of_contrast(
+        &mut self,
+        upper: u32,
+        lower: &[u32],
+        rule: ContrastRule,
+        targets: &[u32],
+        top: usize,
+    ) -> ReadAt {
         self.top = self.top.max(top);
         let first = self.contrast.len();
-        self.contrast
-            .extend(targets.iter().enumerate().map(|(r, &t)| {
-                let r = r as u32;
-                let rows = ContrastRows {
-                    upper: pair.upper + r,
-                    lower: pair.lower + r,
-                    ..pair
-                };
-                (rows, t)
-            }));
+        self.contrast.extend(
+            targets
+                .iter()
+                .zip(lower)
+                .enumerate()
+                .map(|(r, (&t, &lower))| {
+                    let rows = ContrastRows {
+                        upper: upper + r as u32,
+                        lower,
+                        rule,
+                    };
+                    (rows, t)
+                }),
+        );
         ReadAt(1, first)
     }
 
@@ -199,6 +211,15 @@ struct Copied {
     logprobs: Vec<RowLogprobs>,
     sled: Vec<Vec<(u32, f32)>>,
     ids: Vec<u32>,
+}
+
+/// The DoLa candidates a copy chose (`HeadCopies::select_premature`): the sequences whose
+/// last row's candidate it chose (the others dropped), and for echo's scoring, each
+/// sequence's mature head's first row and the chosen candidate's row at each position read.
+#[derive(Default)]
+struct PrematureChosen {
+    at_last_row: HashSet<usize>,
+    at_positions: HashMap<usize, (u32, Vec<u32>)>,
 }
 
 /// A SLED sequence's rows in a copy and its rule: at each of its positions, the mature
@@ -365,7 +386,8 @@ impl HeadCopies {
         let mut contrast_halves: HashMap<usize, [Option<u32>; 2]> = HashMap::new();
         for (u, &start) in users().zip(&starts) {
             let contrast_read = u.logprobs.as_ref().is_some_and(|l| l.1.contrast.is_some());
-            let unchosen = u.premature_of.is_some() && !premature_chosen.contains(&u.seq);
+            let unchosen =
+                u.premature_of.is_some() && !premature_chosen.at_last_row.contains(&u.seq);
             if (u.choice.is_some_and(|c| c.rule().is_some()) || contrast_read)
                 && !u.dropped
                 && !unchosen
@@ -450,22 +472,28 @@ impl HeadCopies {
                     };
                     let first = match read.contrast {
                         None => logprobs.of_head(start, targets, read.top),
-                        Some((alpha, minimum_candidates)) => match pair_of(
-                            u.seq,
-                            ContrastRule::Autocontrast {
-                                ln_alpha: alpha.ln(),
-                                minimum_candidates,
-                            },
-                        ) {
-                            // both heads hand over the pair's reads
-                            Some(pair) => *contrast_read_of
-                                .entry(u.seq)
-                                .or_insert_with(|| logprobs.of_contrast(pair, targets, read.top)),
-                            None => {
-                                full.extend(start..start + u.rows as u32);
-                                return Read::Rows;
+                        Some(rule) => {
+                            // the upper head's first row, and the lower row at each position:
+                            // the other head's, or DoLa's candidate chosen there
+                            let n = targets.len() as u32;
+                            let rows = match premature_chosen.at_positions.get(&u.seq) {
+                                Some((upper, lower)) => Some((*upper, lower.clone())),
+                                None => pair_of(u.seq, rule)
+                                    .map(|p| (p.upper, (p.lower..p.lower + n).collect())),
+                            };
+                            match rows {
+                                // every head hands over the contrast's reads
+                                Some((upper, lower)) => {
+                                    *contrast_read_of.entry(u.seq).or_insert_with(|| {
+                                        logprobs.of_contrast(upper, &lower, rule, targets, read.top)
+                                    })
+                                }
+                                None => {
+                                    full.extend(start..start + u.rows as u32);
+                                    return Read::Rows;
+                                }
                             }
-                        },
+                        }
                     };
                     let n = targets.len();
                     full.extend(start + n as u32..start + u.rows as u32);
@@ -529,35 +557,42 @@ impl HeadCopies {
 
     /// For each DoLa sequence whose heads are all pending (`HeadUser::premature_of`), its
     /// candidate farthest from its mature head (`kernels::greedy::divergence_rows`, computed
-    /// where the logits are, the first largest as the host chooses): the others are dropped,
-    /// their rows left out of the copy. `all`: the pending products, `rows` rows, each user's
-    /// starting at `starts`. Returns the sequences whose candidate it chose.
+    /// where the logits are, the first largest as the host chooses), at its last row or, for
+    /// echo's scoring, at each position read (`HeadUser::logprobs`). At a last row the others
+    /// are dropped, their rows left out of the copy. `all`: the pending products, `rows`
+    /// rows, each user's starting at `starts`.
     fn select_premature(
         &mut self,
         all: &Tensor,
         rows: usize,
         starts: &[u32],
-    ) -> Result<HashSet<usize>> {
+    ) -> Result<PrematureChosen> {
         let mut users: Vec<&mut HeadUser> = self.pending.iter_mut().flat_map(|(_, u)| u).collect();
-        // per sequence: its heads' count, its mature head's last row, and (head, user, last
+        // per sequence: its heads' count, its mature head's first row, and (head, user, first
         // row) of its candidates
         type Candidates = Vec<(usize, usize, u32)>;
         type Group = (usize, Option<u32>, Candidates);
         let mut groups: HashMap<usize, Group> = HashMap::new();
+        // per sequence: the positions chosen at, from its first row
+        let mut positions: HashMap<usize, std::ops::Range<u32>> = HashMap::new();
         for (i, u) in users.iter().enumerate() {
             let Some(of) = u.premature_of.filter(|_| !u.dropped) else {
                 continue;
             };
             let g = groups.entry(u.seq).or_insert((of, None, Vec::new()));
-            let last = starts[i] + u.rows as u32 - 1;
             match u.head {
-                0 => g.1 = Some(last),
-                k => g.2.push((k, i, last)),
+                0 => g.1 = Some(starts[i]),
+                k => g.2.push((k, i, starts[i])),
             }
+            let at = match &u.logprobs {
+                Some((targets, _)) => 0..targets.len() as u32,
+                None => u.rows as u32 - 1..u.rows as u32,
+            };
+            positions.insert(u.seq, at);
         }
         // complete groups only (a sequence whose heads went in two copies reads them all),
         // candidates in head order, the order the host chooses in
-        let groups: Vec<(usize, u32, Candidates)> = groups
+        let mut groups: Vec<(usize, u32, Candidates)> = groups
             .into_iter()
             .filter_map(|(seq, (of, mature, mut candidates))| {
                 candidates.sort_unstable();
@@ -565,31 +600,51 @@ impl HeadCopies {
                     .then_some((seq, mature?, candidates))
             })
             .collect();
-        if groups.is_empty() {
-            return Ok(HashSet::new());
+        groups.sort_unstable_by_key(|g| g.0);
+        let mut chosen = PrematureChosen::default();
+        let pairs: Vec<(u32, u32)> = groups
+            .iter()
+            .flat_map(|(seq, m, cs)| {
+                positions[seq]
+                    .clone()
+                    .flat_map(move |p| cs.iter().map(move |&(_, _, c)| (m + p, c + p)))
+            })
+            .collect();
+        if pairs.is_empty() {
+            return Ok(chosen);
         }
         let matrix = all.reshape((rows, self.vocab))?;
-        let (mature, premature): (Vec<u32>, Vec<u32>) = groups
-            .iter()
-            .flat_map(|(_, m, cs)| cs.iter().map(move |&(_, _, c)| (*m, c)))
-            .unzip();
         let pick = |ix: Vec<u32>| -> Result<Tensor> {
             Ok(matrix.index_select(&Tensor::new(ix, matrix.device())?, 0)?)
         };
+        let (mature, premature): (Vec<u32>, Vec<u32>) = pairs.into_iter().unzip();
         let d = greedy::divergence_rows(&pick(mature)?, &pick(premature)?)?.to_vec1::<f64>()?;
         let mut d = d.into_iter();
-        for (_, _, candidates) in &groups {
-            let mut best = (0, f64::NEG_INFINITY);
-            for (k, dk) in d.by_ref().take(candidates.len()).enumerate() {
-                if dk > best.1 {
-                    best = (k, dk);
+        for (seq, mature, candidates) in &groups {
+            let echo = users[candidates[0].1].logprobs.is_some();
+            let mut lower = Vec::new();
+            for p in positions[seq].clone() {
+                let mut best = (0, f64::NEG_INFINITY);
+                for (k, dk) in d.by_ref().take(candidates.len()).enumerate() {
+                    if dk > best.1 {
+                        best = (k, dk);
+                    }
+                }
+                if echo {
+                    lower.push(candidates[best.0].2 + p);
+                } else {
+                    for (k, &(_, user, _)) in candidates.iter().enumerate() {
+                        users[user].dropped = k != best.0;
+                    }
                 }
             }
-            for (k, &(_, user, _)) in candidates.iter().enumerate() {
-                users[user].dropped = k != best.0;
+            if echo {
+                chosen.at_positions.insert(*seq, (*mature, lower));
+            } else {
+                chosen.at_last_row.insert(*seq);
             }
         }
-        Ok(groups.into_iter().map(|(seq, _, _)| seq).collect())
+        Ok(chosen)
     }
 
     /// The softmax margins (`kernels::greedy::margin_rows`) of the one row each user
@@ -1141,7 +1196,10 @@ mod tests {
             targets: &TARGETS,
             read: LogprobRead {
                 top: 4,
-                contrast: Some((alpha, floor)),
+                contrast: Some(ContrastRule::Autocontrast {
+                    ln_alpha: alpha.ln(),
+                    minimum_candidates: floor,
+                }),
             },
         };
         let choice = Some(DeviceChoice::Contrast {
@@ -1529,6 +1587,131 @@ mod tests {
             );
             assert_eq!(outputs[3][0].last(), Some(&rows_of(2, 3)?[0][..]));
             assert!(!outputs[3][0].are_scores());
+        }
+        Ok(())
+    }
+
+    /// Echo's scoring in DoLa reads each position as the log-softmax of DoLa's logits over
+    /// the mature head and the candidate farthest from it there (chosen in the copy, at each
+    /// position), as the host scores it from every candidate's rows; the last row (which the
+    /// first token is chosen from) comes whole for every head. One candidate: no choosing.
+    #[test]
+    fn dola_s_echo_is_read_in_the_copy_with_a_candidate_per_position() -> Result<()> {
+        use crate::model::mode::Mode;
+        let (vocab, dev) = (90, Device::Cpu);
+        let mode: Mode = "dola:1-2-3,relative_top=0.2".parse().expect("a DoLa flag");
+        let rule = ContrastRule::Dola {
+            ln_relative_top: 0.2f32.ln(),
+        };
+        const TARGETS: [u32; 3] = [5, 88, 41];
+        let read = LogprobTargets {
+            targets: &TARGETS,
+            read: LogprobRead {
+                top: 3,
+                contrast: Some(rule),
+            },
+        };
+        // sequence 0: 4 rows (3 read), three candidates; 1: 4 rows, one candidate (heads
+        // 0 and 1). Products: candidates 1..=3, then the mature head.
+        let heads_of = [4usize, 2];
+        // at position r the candidate (r % 3) + 1 strays far from the mature head, the others
+        // stay near it: the copy must choose per position
+        let values = |head: usize, seq: usize, r: usize| -> Vec<f32> {
+            let wave = |phase: f32, spread: f32| -> Vec<f32> {
+                (0..vocab)
+                    .map(|i| ((i as f32 * 0.37 + phase).sin() * spread))
+                    .collect()
+            };
+            let mature = wave(1.3 + r as f32 + seq as f32, 6.0);
+            match head {
+                0 => mature,
+                h if h == r % 3 + 1 => wave(0.4 * h as f32, 5.0),
+                h => mature.iter().map(|&m| 0.8 * m + 0.05 * h as f32).collect(),
+            }
+        };
+        let readers =
+            |head: usize| -> Vec<usize> { (0..2).filter(|&s| head < heads_of[s]).collect() };
+        let products: Vec<(usize, Tensor)> = [1usize, 2, 3, 0]
+            .into_iter()
+            .map(|head| {
+                let rows: Vec<f32> = readers(head)
+                    .into_iter()
+                    .flat_map(|seq| (0..4).flat_map(move |r| values(head, seq, r)))
+                    .collect();
+                let n = rows.len() / vocab;
+                Ok((head, Tensor::new(rows, &dev)?.reshape((n, vocab))?))
+            })
+            .collect::<Result<_>>()?;
+        let row = |head: usize, seq: usize, r: usize| -> Result<Vec<f32>> {
+            let (_, t) = products
+                .iter()
+                .find(|(h, _)| *h == head)
+                .expect("a product");
+            let at = readers(head)
+                .iter()
+                .position(|&s| s == seq)
+                .expect("a reader");
+            Ok(t.get(4 * at + r)?.to_vec1()?)
+        };
+        for held in [1 << 20, 8 * vocab * 4] {
+            let mut copies = HeadCopies {
+                held_bytes: held,
+                ..HeadCopies::new(vocab, true)
+            };
+            let mut outputs = vec![vec![Logits::default(); 4], vec![Logits::default(); 2]];
+            for (head, t) in &products {
+                let users = readers(*head)
+                    .into_iter()
+                    .map(|seq| {
+                        let premature_of = (heads_of[seq] > 2).then_some(heads_of[seq]);
+                        let reads = Reads {
+                            logprobs: Some(read),
+                            premature_of,
+                            ..Reads::default()
+                        };
+                        HeadUser::new(seq, *head, 4, reads)
+                    })
+                    .collect();
+                copies.push(t.clone(), users, &mut outputs)?;
+            }
+            copies.flush(&mut outputs)?;
+            for (seq, &heads) in heads_of.iter().enumerate() {
+                let got = &outputs[seq];
+                if held != 1 << 20 {
+                    // the heads in separate copies: rows
+                    assert_eq!(got[0].logprobs_at(0), None, "seq {seq}");
+                    assert_eq!(got[0].rows(), 4);
+                    continue;
+                }
+                for (r, &target) in TARGETS.iter().enumerate() {
+                    let rows: Vec<Vec<f32>> =
+                        (0..heads).map(|h| row(h, seq, r)).collect::<Result<_>>()?;
+                    let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+                    // the host's: DoLa's scores from every candidate, their log-softmax
+                    let lp = mode.logprobs(&mode.scores(&refs)).into_owned();
+                    let want = logprob::RowLogprobs {
+                        target: lp[target as usize],
+                        top: logprob::top_ids(&lp, 3)
+                            .into_iter()
+                            .map(|i| (i, lp[i as usize]))
+                            .collect(),
+                    };
+                    for h in 0..heads {
+                        assert_eq!(
+                            got[h].logprobs_at(r),
+                            Some(&want),
+                            "seq {seq} head {h} row {r}"
+                        );
+                    }
+                }
+                for h in 0..heads {
+                    assert_eq!(
+                        got[h].last(),
+                        Some(&row(h, seq, 3)?[..]),
+                        "seq {seq} head {h}"
+                    );
+                }
+            }
         }
         Ok(())
     }

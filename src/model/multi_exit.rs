@@ -22,7 +22,7 @@ use super::error::{ModelError, Result};
 use super::head_copies::{HeadCopies, HeadUser, Reads};
 use super::kv_cache::KvCache;
 use super::kv_pool::KvPool;
-use super::mode::{DeviceChoice, EarlyExitParams, Head};
+use super::mode::{ContrastRule, DeviceChoice, EarlyExitParams, Head};
 use super::step::{ForwardStats, Logits, LogprobTargets, Packed, Segment, SeqStep, StepLogits};
 use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
 use crate::kernels::fused_epilogue::{self, add_norm};
@@ -393,9 +393,11 @@ impl MultiExitModel {
                     self.device_logprobs
                         && s.all_positions
                         && !s.verify
-                        && s.heads.len() == l.read.heads()
+                        && l.read.reads(s.heads.len())
                         && l.targets.len() <= s.tokens.len()
                         && l.read.top <= logprob::MAX_TOP
+                        // DoLa's candidates chosen there by the divergence kernel
+                        && (s.heads.len() <= 2 || self.device_choices)
                 })
             })
             .collect();
@@ -748,7 +750,7 @@ impl MultiExitModel {
                 .map(|(slot, k, rows)| {
                     let reads = Reads {
                         choice: p.choices[slot],
-                        premature_of: p.select_premature[slot].then_some(p.heads[slot].len()),
+                        premature_of: premature_chosen(p, slot).then_some(p.heads[slot].len()),
                         logprobs: p.logprobs[slot],
                         choice_top: p.choice_logprobs[slot],
                         sled: p.sled[slot].map(|rule| (rule, p.heads[slot].len())),
@@ -760,6 +762,15 @@ impl MultiExitModel {
         }
         Ok(())
     }
+}
+
+/// Whether the step chooses slot `slot`'s DoLa candidate where the logits are: at its last
+/// row (`SeqStep::select_premature`), or at each position echo scores (`SeqStep::logprobs`
+/// with DoLa's rule, more than one candidate).
+fn premature_chosen(p: &Packed<'_>, slot: usize) -> bool {
+    let dola_read = p.logprobs[slot]
+        .is_some_and(|l| matches!(l.read.contrast, Some(ContrastRule::Dola { .. })));
+    p.select_premature[slot] || (dola_read && p.heads[slot].len() > 2)
 }
 
 /// Whether the fused paged-attention kernels compute what the tensor ops do on `device`.

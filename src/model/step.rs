@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::kv_cache::KvCache;
 use super::mode::{DeviceChoice, EarlyExitParams, Head};
+use crate::kernels::greedy::ContrastRule;
 use crate::kernels::logprob::RowLogprobs;
 use crate::kernels::sled::SledRule;
 
@@ -51,8 +52,8 @@ pub struct SeqStep<'a> {
     pub select_premature: bool,
     /// Echo's scoring (with `all_positions`): of its heads' rows, the first `targets.len()`
     /// are read only as their log-distribution at each one's target (the prompt's next
-    /// token) and its `top` largest values: the log-softmax of its one head, or the log q of
-    /// a contrast of its two. On the batched path the step computes those where the logits
+    /// token) and its `top` largest values: the log-softmax of its one head, or of a contrast
+    /// of its heads (`LogprobRead`). On the batched path the step computes those where the logits
     /// are and copies them alone (`Logits::logprobs_at`, on each head; the rows after them
     /// come as usual); elsewhere every row comes.
     pub logprobs: Option<LogprobTargets<'a>>,
@@ -80,21 +81,23 @@ pub struct LogprobTargets<'a> {
 }
 
 /// What is read of a row as log-probabilities: the `top` best (at most
-/// `kernels::logprob::MAX_TOP`) of its one head's log-softmax, or of the log q of a contrast
-/// of its two heads (upper, lower) with `(alpha, minimum_candidates)`.
+/// `kernels::logprob::MAX_TOP`) of its one head's log-softmax, or of a contrast of its heads by
+/// `contrast`'s rule: autocontrast's log q of its two (upper, lower), or the log-softmax of
+/// DoLa's logits over its mature head and, at each position, the candidate farthest from it
+/// (its only one, or chosen there as `SeqStep::select_premature` chooses at one).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LogprobRead {
     pub top: usize,
-    pub contrast: Option<(f32, usize)>,
+    pub contrast: Option<ContrastRule>,
 }
 
 impl LogprobRead {
-    /// The heads it reads.
-    pub fn heads(&self) -> usize {
-        if self.contrast.is_some() {
-            2
-        } else {
-            1
+    /// Whether it reads a sequence of `heads` heads.
+    pub fn reads(&self, heads: usize) -> bool {
+        match self.contrast {
+            None => heads == 1,
+            Some(ContrastRule::Autocontrast { .. }) => heads == 2,
+            Some(ContrastRule::Dola { .. }) => heads >= 2,
         }
     }
 }

@@ -319,6 +319,89 @@ async fn echo_scoring_read_where_the_logits_are_equals_the_reference() {
     }
 }
 
+/// Echo's scoring in DoLa on the batched path: each prompt position is read where the logits
+/// are as the log-softmax of DoLa's logits over the mature head and the candidate chosen there
+/// at that position (`kernels::greedy::divergence_rows`, `contrast_logprob_rows`), equal to
+/// the CPU's own path, which copies every candidate's rows. Every DoLa reference case (one
+/// candidate and several, `exits` and `lm_head`), its prompt and greedy text echoed with
+/// `logprobs` 5, all at once, in prompt chunks of 4 tokens and whole; a narrow relative top
+/// (impossible prompt tokens); `exitserve_device_logprobs_total` counts every position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dola_echo_scoring_read_where_the_logits_are_is_the_hosts() {
+    for f in ARCHS {
+        let path = common::fixture_dir(&format!("{}.dola.json", f.name));
+        let reference: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let cases = reference["cases"].as_array().unwrap();
+        let bodies: Vec<Value> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut prompt = ids(&c["prompt_ids"]);
+                prompt.extend(ids(&c["greedy_ids"]));
+                let relative_top = if i % 4 == 0 { 0.9 } else { 0.1 };
+                json!({"model": f.name, "prompt": prompt, "echo": true, "logprobs": 5,
+                    "max_tokens": 0, "multi_exit": {"mode": "dola", "layers": c["layers"],
+                    "premature": c["premature"], "relative_top": relative_top}})
+            })
+            .collect();
+        let positions: f64 = bodies
+            .iter()
+            .map(|b| (b["prompt"].as_array().unwrap().len() - 1) as f64)
+            .sum();
+        let host = TestServer::start_model(&f.dir(), &[]);
+        for budget in ["4", "4096"] {
+            let flags = ["--attention", "batched", "--max-prefill-tokens", budget];
+            let batched = TestServer::start_model(&f.dir(), &flags);
+            let run = |server: &TestServer| {
+                let url = server.url("/v1/completions");
+                let tasks: Vec<_> = bodies
+                    .iter()
+                    .map(|body| {
+                        let (url, body) = (url.clone(), body.clone());
+                        tokio::spawn(async move { post(&url, &body).await })
+                    })
+                    .collect();
+                async move {
+                    let mut out = Vec::new();
+                    for t in tasks {
+                        let (status, body) = t.await.unwrap();
+                        assert_eq!(status, 200, "{body}");
+                        out.push(body["choices"][0]["logprobs"].clone());
+                    }
+                    out
+                }
+            };
+            let (got, want) = (run(&batched).await, run(&host).await);
+            let mut impossible = 0;
+            for ((body, g), w) in bodies.iter().zip(&got).zip(&want) {
+                let label = format!("{} {} budget {budget}", f.name, body["multi_exit"]);
+                let (lg, lw) = (
+                    g["token_logprobs"].as_array().unwrap(),
+                    w["token_logprobs"].as_array().unwrap(),
+                );
+                assert_eq!(lg.len(), lw.len(), "{label}");
+                for (x, y) in lg.iter().zip(lw).skip(1) {
+                    let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                    assert!((x - y).abs() < 1e-4, "{label}: {x} vs {y}");
+                    impossible += (x == -9999.0) as usize;
+                }
+                assert_tops_close(g, w, &label);
+            }
+            assert!(
+                impossible > 0,
+                "a narrow relative top makes some tokens impossible"
+            );
+            assert_eq!(
+                batched.metric("exitserve_device_logprobs_total"),
+                positions,
+                "{} budget {budget}",
+                f.name
+            );
+        }
+        assert_eq!(host.metric("exitserve_device_logprobs_total"), 0.0);
+    }
+}
+
 /// Two responses' `logprobs` name the same alternatives at each position (none alike: an
 /// echoed prompt's first token), their values within 1e-4.
 fn assert_tops_close(a: &Value, b: &Value, label: &str) {

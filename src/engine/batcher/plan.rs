@@ -258,8 +258,8 @@ fn prompt_row(s: &Sequence, index: usize, take: usize) -> RowPlan {
 /// What echo's scoring reads of a prompt chunk's rows, when that may be read as
 /// log-probabilities where the logits are (`SeqStep::logprobs`): each row's next prompt
 /// token (the rows that have one) and the top `logprobs` asks for, of the distribution its
-/// device choice reads (the log-softmax of its one head, or the contrast's log q). Only
-/// where nothing else reads the rows (no inspection).
+/// device choice reads (the log-softmax of its one head, the contrast's log q, the log-softmax
+/// of DoLa's logits). Only where nothing else reads the rows (no inspection).
 fn prompt_logprobs(s: &Sequence, take: usize) -> Option<(Vec<u32>, LogprobRead)> {
     let r = s.request.borrow();
     let req = &r.req;
@@ -268,11 +268,7 @@ fn prompt_logprobs(s: &Sequence, take: usize) -> Option<(Vec<u32>, LogprobRead)>
     }
     let contrast = match req.mode.device_choice()? {
         DeviceChoice::HeadArgmax if req.mode.heads().len() == 1 => None,
-        DeviceChoice::Contrast {
-            alpha,
-            minimum_candidates,
-            ..
-        } => Some((alpha, minimum_candidates)),
+        c @ (DeviceChoice::Contrast { .. } | DeviceChoice::Dola { .. }) => c.rule(),
         _ => return None,
     };
     let top = req.logprobs?;
