@@ -1619,7 +1619,7 @@ mod tests {
         let values = |head: usize, seq: usize, r: usize| -> Vec<f32> {
             let wave = |phase: f32, spread: f32| -> Vec<f32> {
                 (0..vocab)
-                    .map(|i| ((i as f32 * 0.37 + phase).sin() * spread))
+                    .map(|i| (i as f32 * 0.37 + phase).sin() * spread)
                     .collect()
             };
             let mature = wave(1.3 + r as f32 + seq as f32, 6.0);
@@ -1696,20 +1696,16 @@ mod tests {
                             .map(|i| (i, lp[i as usize]))
                             .collect(),
                     };
-                    for h in 0..heads {
+                    for (h, got) in got.iter().enumerate() {
                         assert_eq!(
-                            got[h].logprobs_at(r),
+                            got.logprobs_at(r),
                             Some(&want),
                             "seq {seq} head {h} row {r}"
                         );
                     }
                 }
-                for h in 0..heads {
-                    assert_eq!(
-                        got[h].last(),
-                        Some(&row(h, seq, 3)?[..]),
-                        "seq {seq} head {h}"
-                    );
+                for (h, got) in got.iter().enumerate() {
+                    assert_eq!(got.last(), Some(&row(h, seq, 3)?[..]), "seq {seq} head {h}");
                 }
             }
         }
