@@ -494,17 +494,24 @@ __device__ void draw_row(S score, const double* p, unsigned int vocab, unsigned 
     }
 }
 
-// A row's log-softmax: its normaliser, as the host's `log_sum_exp` finds it (up to the order
-// of the sum).
-__device__ HeadScores head_scores(const float* x, unsigned int vocab, float* scratch) {
+// The log-sum-exp of `f` over a row (every thread gets it), as the host's `log_sum_exp` finds
+// it (up to the order of the sum): its maximum, then the sum of e^(f(i) - max).
+template <typename F>
+__device__ float block_log_sum_exp(const F& f, unsigned int vocab, float* scratch) {
     float m = -__int_as_float(0x7f800000);
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, x[i]);
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, f(i));
     m = block_max(m, scratch);
     float z = 0.f;
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) z += expf(x[i] - m);
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) z += expf(f(i) - m);
+    return m + logf(block_sum(z, scratch));
+}
+
+// A row's log-softmax: its normaliser.
+__device__ HeadScores head_scores(const float* x, unsigned int vocab, float* scratch) {
     HeadScores score;
     score.x = x;
-    score.lse = m + logf(block_sum(z, scratch));
+    score.lse = 0.f;  // the row itself: x - 0 is x
+    score.lse = block_log_sum_exp(score, vocab, scratch);
     return score;
 }
 
@@ -556,14 +563,8 @@ __device__ DolaScores dola_scores(const float* m, const float* p, float ln_relat
     q.lse_m = n.lse_x;
     q.lse_p = n.lse_y;
     q.threshold = contrast_threshold(m, n.max_x, q.lse_m, ln_relative_top, 1.f, vocab, sums);
-    if (normalise) {
-        float top = -__int_as_float(0x7f800000);
-        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) top = fmaxf(top, q(i));
-        top = block_max(top, scratch);
-        float z = 0.f;
-        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) z += expf(q(i) - top);
-        q.offset = top + logf(block_sum(z, scratch));
-    }
+    // the logits themselves while the offset is 0
+    if (normalise) q.offset = block_log_sum_exp(q, vocab, scratch);
     return q;
 }
 
@@ -613,14 +614,28 @@ __device__ unsigned long long block_max_key(unsigned long long v, unsigned long 
     return v;
 }
 
+// The key of the next place of a row's best `score` values, best first: the largest (order key
+// of the value, complement of the id) of the row (`first`) or below the last place's key
+// (`below`); ties go to the lower id, and a 64-bit key is never 0 (an id below 2^24), so 0
+// means none left. A pass over the row per place; every thread gets it.
+template <typename S>
+__device__ unsigned long long next_best(const S& score, bool first, unsigned long long below,
+                                        unsigned int vocab, unsigned long long* keys) {
+    unsigned long long best = 0ull;
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
+        const unsigned long long k =
+            ((unsigned long long)order_key(score(i)) << 32) | (0xffffffffu - i);
+        if ((first || k < below) && k > best) best = k;
+    }
+    return block_max_key(best, keys);
+}
+
 // What a request reads of a row's log-distribution `score` (`logprob.rs`): at `target` (NaN
 // for an id past the row), then its `top` largest values best first, then their ids as
 // floats (NaN and -1 past the row's end), in the host's order: `total_cmp` of the values (NaN
 // above every number), ties to the lower id. Each value is the host's expression
 // (`HeadScores`, `ContrastScores`), so a difference in a normaliser's last bits moves every
-// value alike. The top takes a pass per place: the largest (order key of the value,
-// complement of the id) below the last place's, whose 64-bit key is never 0 (an id below
-// 2^24). Thread 0 writes `o`.
+// value alike. The top takes a pass per place (`next_best`). Thread 0 writes `o`.
 template <typename S>
 __device__ void read_logprobs(const S& score, unsigned int target, float* o, unsigned int vocab,
                               unsigned int top, unsigned long long* keys) {
@@ -628,13 +643,7 @@ __device__ void read_logprobs(const S& score, unsigned int target, float* o, uns
     if (threadIdx.x == 0) o[0] = target < vocab ? score(target) : nan;
     unsigned long long below = 0ull;
     for (unsigned int place = 0; place < top; ++place) {
-        unsigned long long best = 0ull;
-        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
-            const unsigned long long k =
-                ((unsigned long long)order_key(score(i)) << 32) | (0xffffffffu - i);
-            if ((place == 0u || k < below) && k > best) best = k;
-        }
-        best = block_max_key(best, keys);
+        const unsigned long long best = next_best(score, place == 0u, below, vocab, keys);
         if (threadIdx.x == 0) {
             o[1 + place] = best ? key_float((unsigned int)(best >> 32)) : nan;
             o[1 + top + place] = best ? (float)(0xffffffffu - (unsigned int)best) : -1.f;
@@ -680,6 +689,12 @@ contrast_logprob_rows(const float* __restrict__ upper, const float* __restrict__
     }
 }
 
+// A row's softmax, e^(x - lse), as the host's `softmax` writes it.
+struct SoftmaxOf {
+    HeadScores log;
+    __device__ float operator()(unsigned int i) const { return expf(log(i)); }
+};
+
 #define SLED_CANDIDATES 32
 #define SLED_LAYERS 64
 
@@ -688,7 +703,7 @@ contrast_logprob_rows(const float* __restrict__ upper, const float* __restrict__
 // alpha, the row in `premature` of its first premature layer and how many (1..=64) follow in
 // order. `out` row r: the k ids (as floats; -1 past k), then their logits (NaN past k), width
 // 2 · the launch's largest k. The candidates are the mature head's k most probable tokens,
-// best first, ties to the lower id (a pass per place over 64-bit keys, as `read_logprobs`);
+// best first, ties to the lower id (`next_best`, a pass per place);
 // each layer's softmax and its three float64 sums (p·d, p·p, d·d, d the layer's logits less
 // the mature ones) take a block's passes over the row; thread 0 then makes the cosines, the
 // latent distribution, each candidate's entropy across the layers and its evolved logit in the
@@ -712,16 +727,11 @@ sled_rows(const float* __restrict__ mature, const float* __restrict__ premature,
     const float* m = mature + (size_t)blockIdx.x * vocab;
 
     // the candidates: the mature head's softmax e^(x - lse), its k best
-    const float lse_m = head_scores(m, vocab, scratch).lse;
+    SoftmaxOf p_m;
+    p_m.log = head_scores(m, vocab, scratch);
     unsigned long long below = 0ull;
     for (unsigned int place = 0; place < k; ++place) {
-        unsigned long long best = 0ull;
-        for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
-            const unsigned long long key =
-                ((unsigned long long)order_key(expf(m[i] - lse_m)) << 32) | (0xffffffffu - i);
-            if ((place == 0u || key < below) && key > best) best = key;
-        }
-        best = block_max_key(best, keys);
+        const unsigned long long best = next_best(p_m, place == 0u, below, vocab, keys);
         if (threadIdx.x == 0) {
             ids[place] = 0xffffffffu - (unsigned int)best;
             p_top[place] = key_float((unsigned int)(best >> 32));

@@ -233,43 +233,58 @@ struct SledGroup {
     rule: SledRule,
 }
 
-/// The SLED sequences among `users` (each with the row its rows start at in the copy) whose
-/// heads are all in this copy, by sequence, and each one's index among them (a sequence whose
-/// heads went in two copies reads its rows).
-fn sled_groups<'u>(
-    users: impl Iterator<Item = (&'u HeadUser, &'u u32)>,
-) -> (Vec<SledGroup>, HashMap<usize, usize>) {
-    // per sequence: its rule, and each head's first row and rows
-    type Found = (SledRule, Vec<Option<(u32, usize)>>);
-    let mut found: HashMap<usize, Found> = HashMap::new();
-    for (u, &start) in users {
-        if let (Some((rule, heads)), false) = (u.sled, u.dropped) {
-            let g = found
-                .entry(u.seq)
-                .or_insert_with(|| (rule, vec![None; heads]));
-            g.1[u.head] = Some((start, u.rows));
+/// A user's rows in a copy: its index among the copy's users, and where its rows lie.
+#[derive(Clone, Copy)]
+struct PendingHead {
+    user: usize,
+    start: u32,
+    rows: usize,
+}
+
+/// The sequences among `users` (each with the row its rows start at in the copy, `starts`)
+/// whose heads read together (`heads_of`: how many a sequence reads so, None for a user not one of them)
+/// are all in this copy, in sequence order: each one's users in head order. A sequence whose
+/// heads went in two copies is left out (it reads its rows), and so are dropped users.
+fn whole_groups(
+    users: &[&HeadUser],
+    starts: &[u32],
+    heads_of: impl Fn(&HeadUser) -> Option<usize>,
+) -> Vec<(usize, Vec<PendingHead>)> {
+    let mut found: HashMap<usize, Vec<Option<PendingHead>>> = HashMap::new();
+    for (user, (u, &start)) in users.iter().zip(starts).enumerate() {
+        if let (Some(heads), false) = (heads_of(u), u.dropped) {
+            let rows = u.rows;
+            found.entry(u.seq).or_insert_with(|| vec![None; heads])[u.head] =
+                Some(PendingHead { user, start, rows });
         }
     }
-    let mut found: Vec<_> = found.into_iter().collect();
-    found.sort_unstable_by_key(|g| g.0);
+    let mut whole: Vec<(usize, Vec<PendingHead>)> = found
+        .into_iter()
+        .filter_map(|(seq, heads)| Some((seq, heads.into_iter().collect::<Option<_>>()?)))
+        .collect();
+    whole.sort_unstable_by_key(|g| g.0);
+    whole
+}
+
+/// The SLED sequences among `users` (each with the row its rows start at in the copy,
+/// `starts`) whose heads are all in this copy, reading the same positions, by sequence, and
+/// each one's index among them (a sequence whose heads went in two copies reads its rows).
+fn sled_groups(users: &[&HeadUser], starts: &[u32]) -> (Vec<SledGroup>, HashMap<usize, usize>) {
     let (mut groups, mut index) = (Vec::new(), HashMap::new());
-    for (seq, (rule, heads)) in found {
-        let Some(heads) = heads.into_iter().collect::<Option<Vec<(u32, usize)>>>() else {
-            continue;
-        };
-        let (first, n) = heads[0];
-        if n == 0 || heads.iter().any(|h| h.1 != n) {
+    for (seq, heads) in whole_groups(users, starts, |u| u.sled.map(|s| s.1)) {
+        let n = heads[0].rows;
+        if n == 0 || heads.iter().any(|h| h.rows != n) {
             continue;
         }
         let positions = 0..n as u32;
         index.insert(seq, groups.len());
         groups.push(SledGroup {
-            mature: positions.clone().map(|p| first + p).collect(),
+            mature: positions.clone().map(|p| heads[0].start + p).collect(),
             premature: positions
-                .flat_map(|p| heads[1..].iter().map(move |h| h.0 + p))
+                .flat_map(|p| heads[1..].iter().map(move |h| h.start + p))
                 .collect(),
             layers: heads.len() - 1,
-            rule,
+            rule: users[heads[0].user].sled.expect("a SLED user").0,
         });
     }
     (groups, index)
@@ -400,7 +415,7 @@ impl HeadCopies {
             Some(&[Some(upper), Some(lower)]) => Some(ContrastRows { upper, lower, rule }),
             _ => None,
         };
-        let (sled, sled_of) = sled_groups(users().zip(&starts));
+        let (sled, sled_of) = sled_groups(&users().collect::<Vec<_>>(), &starts);
         let (mut full, mut wanted) = (Vec::new(), Choices::default());
         let mut logprobs = LogprobReads::default();
         // per contrast sequence: its choice, the read at it, the reads of its prompt rows
@@ -568,46 +583,31 @@ impl HeadCopies {
         starts: &[u32],
     ) -> Result<PrematureChosen> {
         let mut users: Vec<&mut HeadUser> = self.pending.iter_mut().flat_map(|(_, u)| u).collect();
-        // per sequence: its heads' count, its mature head's first row, and (head, user, first
-        // row) of its candidates
-        type Candidates = Vec<(usize, usize, u32)>;
-        type Group = (usize, Option<u32>, Candidates);
-        let mut groups: HashMap<usize, Group> = HashMap::new();
-        // per sequence: the positions chosen at, from its first row
-        let mut positions: HashMap<usize, std::ops::Range<u32>> = HashMap::new();
-        for (i, u) in users.iter().enumerate() {
-            let Some(of) = u.premature_of.filter(|_| !u.dropped) else {
-                continue;
-            };
-            let g = groups.entry(u.seq).or_insert((of, None, Vec::new()));
-            match u.head {
-                0 => g.1 = Some(starts[i]),
-                k => g.2.push((k, i, starts[i])),
-            }
-            let at = match &u.logprobs {
-                Some((targets, _)) => 0..targets.len() as u32,
-                None => u.rows as u32 - 1..u.rows as u32,
-            };
-            positions.insert(u.seq, at);
-        }
-        // complete groups only (a sequence whose heads went in two copies reads them all),
-        // candidates in head order, the order the host chooses in
-        let mut groups: Vec<(usize, u32, Candidates)> = groups
-            .into_iter()
-            .filter_map(|(seq, (of, mature, mut candidates))| {
-                candidates.sort_unstable();
-                (candidates.len() == of - 1 && candidates.len() > 1)
-                    .then_some((seq, mature?, candidates))
-            })
-            .collect();
-        groups.sort_unstable_by_key(|g| g.0);
+        // (sequence, its mature head's user, then its candidates' in head order: the order
+        // the host chooses in), of more than one candidate
+        // and the positions chosen at, from its first row: echo's read ones, or the last
+        let groups: Vec<(usize, Vec<PendingHead>, std::ops::Range<u32>)> = {
+            let users: Vec<&HeadUser> = users.iter().map(|u| &**u).collect();
+            whole_groups(&users, starts, |u| u.premature_of)
+                .into_iter()
+                .filter(|(_, heads)| heads.len() > 2)
+                .map(|(seq, heads)| {
+                    let u = users[heads[0].user];
+                    let at = match &u.logprobs {
+                        Some((targets, _)) => 0..targets.len() as u32,
+                        None => u.rows as u32 - 1..u.rows as u32,
+                    };
+                    (seq, heads, at)
+                })
+                .collect()
+        };
         let mut chosen = PrematureChosen::default();
         let pairs: Vec<(u32, u32)> = groups
             .iter()
-            .flat_map(|(seq, m, cs)| {
-                positions[seq]
-                    .clone()
-                    .flat_map(move |p| cs.iter().map(move |&(_, _, c)| (m + p, c + p)))
+            .flat_map(|(_, heads, at)| {
+                let (m, cs) = (heads[0].start, &heads[1..]);
+                at.clone()
+                    .flat_map(move |p| cs.iter().map(move |c| (m + p, c.start + p)))
             })
             .collect();
         if pairs.is_empty() {
@@ -620,10 +620,11 @@ impl HeadCopies {
         let (mature, premature): (Vec<u32>, Vec<u32>) = pairs.into_iter().unzip();
         let d = greedy::divergence_rows(&pick(mature)?, &pick(premature)?)?.to_vec1::<f64>()?;
         let mut d = d.into_iter();
-        for (seq, mature, candidates) in &groups {
-            let echo = users[candidates[0].1].logprobs.is_some();
+        for (seq, heads, at) in &groups {
+            let (mature, candidates) = (heads[0], &heads[1..]);
+            let echo = users[mature.user].logprobs.is_some();
             let mut lower = Vec::new();
-            for p in positions[seq].clone() {
+            for p in at.clone() {
                 let mut best = (0, f64::NEG_INFINITY);
                 for (k, dk) in d.by_ref().take(candidates.len()).enumerate() {
                     if dk > best.1 {
@@ -631,15 +632,15 @@ impl HeadCopies {
                     }
                 }
                 if echo {
-                    lower.push(candidates[best.0].2 + p);
+                    lower.push(candidates[best.0].start + p);
                 } else {
-                    for (k, &(_, user, _)) in candidates.iter().enumerate() {
-                        users[user].dropped = k != best.0;
+                    for (k, c) in candidates.iter().enumerate() {
+                        users[c.user].dropped = k != best.0;
                     }
                 }
             }
             if echo {
-                chosen.at_positions.insert(*seq, (*mature, lower));
+                chosen.at_positions.insert(*seq, (mature.start, lower));
             } else {
                 chosen.at_last_row.insert(*seq);
             }

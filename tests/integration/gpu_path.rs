@@ -169,20 +169,15 @@ async fn draws_made_in_the_step_are_the_host_draws() {
         // every body four times at once: drawn in the step without and with logprobs, and on
         // the host without and with them
         let variants = [(false, false), (true, false), (false, true), (true, true)];
-        let tasks: Vec<_> = bodies
+        let every: Vec<Value> = bodies
             .iter()
             .flat_map(|b| variants.map(|(l, e)| with(b, l, e)))
-            .map(|body| {
-                let url = url.clone();
-                tokio::spawn(async move { post(&url, &body).await })
-            })
             .collect();
-        let mut at_once = Vec::new();
-        for t in tasks {
-            let (status, out) = t.await.unwrap();
-            assert_eq!(status, 200, "{out}");
-            at_once.push(out["choices"][0].clone());
-        }
+        let at_once: Vec<Value> = responses_at_once(&url, &every)
+            .await
+            .into_iter()
+            .map(|out| out["choices"][0].clone())
+            .collect();
         // every token but early exit's first (its prompt runs every block and hands over
         // every exit's rows, from which the host decides), without logprobs and with them
         let (choices, logprobs) = (
@@ -271,30 +266,19 @@ async fn echo_scoring_read_where_the_logits_are_equals_the_reference() {
                 ],
             );
             let kernels = TestServer::start_model(&f.dir(), &["--max-prefill-tokens", budget]);
-            let run = |server: &TestServer| {
-                let url = server.url("/v1/completions");
-                let tasks: Vec<_> = echo
-                    .iter()
-                    .map(|e| {
-                        let mode = e["mode"].as_str().unwrap().replace([':', ','], "-");
-                        let body = json!({"model": format!("{}:{mode}", f.name),
-                            "prompt": [e["prompt_ids"]], "echo": true, "logprobs": 5,
-                            "max_tokens": 2, "temperature": 0});
-                        let url = url.clone();
-                        tokio::spawn(async move { post(&url, &body).await })
-                    })
-                    .collect();
-                async move {
-                    let mut out = Vec::new();
-                    for t in tasks {
-                        let (status, body) = t.await.unwrap();
-                        assert_eq!(status, 200, "{body}");
-                        out.push(body["choices"][0]["logprobs"].clone());
-                    }
-                    out
-                }
-            };
-            let (got, want) = (run(&batched).await, run(&kernels).await);
+            let bodies: Vec<Value> = echo
+                .iter()
+                .map(|e| {
+                    let mode = e["mode"].as_str().unwrap().replace([':', ','], "-");
+                    json!({"model": format!("{}:{mode}", f.name),
+                        "prompt": [e["prompt_ids"]], "echo": true, "logprobs": 5,
+                        "max_tokens": 2, "temperature": 0})
+                })
+                .collect();
+            let (got, want) = (
+                logprobs_at_once(&batched, &bodies).await,
+                logprobs_at_once(&kernels, &bodies).await,
+            );
             for ((entry, g), k) in echo.iter().zip(&got).zip(&want) {
                 let label = format!("{} {} budget {budget}", f.name, entry["mode"]);
                 let reference = entry["token_logprobs"].as_array().unwrap();
@@ -352,26 +336,10 @@ async fn dola_echo_scoring_read_where_the_logits_are_is_the_hosts() {
         for budget in ["4", "4096"] {
             let flags = ["--attention", "batched", "--max-prefill-tokens", budget];
             let batched = TestServer::start_model(&f.dir(), &flags);
-            let run = |server: &TestServer| {
-                let url = server.url("/v1/completions");
-                let tasks: Vec<_> = bodies
-                    .iter()
-                    .map(|body| {
-                        let (url, body) = (url.clone(), body.clone());
-                        tokio::spawn(async move { post(&url, &body).await })
-                    })
-                    .collect();
-                async move {
-                    let mut out = Vec::new();
-                    for t in tasks {
-                        let (status, body) = t.await.unwrap();
-                        assert_eq!(status, 200, "{body}");
-                        out.push(body["choices"][0]["logprobs"].clone());
-                    }
-                    out
-                }
-            };
-            let (got, want) = (run(&batched).await, run(&host).await);
+            let (got, want) = (
+                logprobs_at_once(&batched, &bodies).await,
+                logprobs_at_once(&host, &bodies).await,
+            );
             let mut impossible = 0;
             for ((body, g), w) in bodies.iter().zip(&got).zip(&want) {
                 let label = format!("{} {} budget {budget}", f.name, body["multi_exit"]);
@@ -400,6 +368,33 @@ async fn dola_echo_scoring_read_where_the_logits_are_is_the_hosts() {
         }
         assert_eq!(host.metric("exitserve_device_logprobs_total"), 0.0);
     }
+}
+
+/// Each of `bodies` posted to `url`, all at once: the responses (each a 200).
+async fn responses_at_once(url: &str, bodies: &[Value]) -> Vec<Value> {
+    let tasks: Vec<_> = bodies
+        .iter()
+        .map(|body| {
+            let (url, body) = (url.to_string(), body.clone());
+            tokio::spawn(async move { post(&url, &body).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        out.push(body);
+    }
+    out
+}
+
+/// Each of `bodies` completed by `server`, all at once: its first choice's `logprobs`.
+async fn logprobs_at_once(server: &TestServer, bodies: &[Value]) -> Vec<Value> {
+    let url = server.url("/v1/completions");
+    let out = responses_at_once(&url, bodies).await;
+    out.iter()
+        .map(|body| body["choices"][0]["logprobs"].clone())
+        .collect()
 }
 
 /// Two responses' `logprobs` name the same alternatives at each position (none alike: an
