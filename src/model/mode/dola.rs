@@ -437,10 +437,9 @@ impl Strategy for DolaParams {
 /// keeps the token, -inf elsewhere (`kernels::greedy::dola_scores`, as a step computes them
 /// where the logits are).
 pub fn dola_logits(mature: &[f32], candidates: &[&[f32]], relative_top: f32) -> (Vec<f32>, usize) {
-    let lp_mature = super::log_softmax(mature);
     if candidates.is_empty() {
         // validation never lets this through; the mature head alone, rather than a panic
-        return (lp_mature, 0);
+        return (super::log_softmax(mature), 0);
     }
     // A candidate left empty is one a step that chose on the device did not choose: it hands
     // over only the one it chose.
@@ -452,6 +451,7 @@ pub fn dola_logits(mature: &[f32], candidates: &[&[f32]], relative_top: f32) -> 
     } else {
         // transformers' divergence (`kernels::greedy::dola_divergence`); the first largest
         // wins, as torch's argmax
+        let lp_mature = super::log_softmax(mature);
         let mut best = (0, f64::NEG_INFINITY);
         for (i, c) in candidates.iter().enumerate().filter(|(_, c)| !c.is_empty()) {
             let d = greedy::divergence_of_log_probs(&lp_mature, &super::log_softmax(c));
