@@ -2,18 +2,27 @@
 //! NVRTC (through cudarc, which candle already links): a GPU machine needs no toolkit, and the
 //! driver compiles the PTX for whatever GPU it has. `.ci/nvrtc-check.py` compiles every source
 //! here with the real NVRTC in CI, so one that NVRTC rejects cannot land.
+//!
+//! The choice kernels' launch ([`ChoiceKernel`], [`launch_op`]) is also what the tests'
+//! emulator (`cuda_emulator.rs`) follows, so that it runs them as the GPU does.
 
+#[cfg(feature = "cuda")]
 use std::sync::OnceLock;
 
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+use candle_core::DType;
+#[cfg(feature = "cuda")]
+use candle_core::{
+    backend::BackendStorage,
+    cuda_backend::cudarc::driver::{
+        CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    },
+    cuda_backend::cudarc::nvrtc,
+    cuda_backend::{CudaDType, WrapErr},
+    CudaStorage, Layout, Result, Shape,
 };
-use candle_core::cuda_backend::cudarc::nvrtc;
-use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{CudaStorage, DType, Result};
 
 /// `source`'s PTX, compiled the first time (`cell` keeps it, or the error, for the process).
+#[cfg(feature = "cuda")]
 pub(super) fn ptx(
     cell: &'static OnceLock<std::result::Result<String, String>>,
     file: &str,
@@ -29,37 +38,51 @@ pub(super) fn ptx(
 }
 
 /// `choices.cu`: the per-row choices a step makes where the logits are (`greedy.rs`,
-/// `sample.rs`).
+/// `sample.rs`, `logprob.rs`, `sled.rs`).
+#[cfg(feature = "cuda")]
 const CHOICES: &str = include_str!("choices.cu");
 /// Must match `THREADS` in `choices.cu`.
-const CHOICE_THREADS: u32 = 256;
+pub(super) const CHOICE_THREADS: u32 = 256;
 
-/// `kernel` of `choices.cu` (one block per row) over `inputs`, each an operand and where its
-/// layout starts (`rows` rows of `vocab` floats, or per-row parameters), its output a `T` per
-/// row: the kernels there take `(inputs..., out, vocab)`. float32, float64 and u32 operands.
-pub(super) fn launch_choice<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
-    kernel: &str,
-    inputs: &[(&CudaStorage, usize)],
-    rows: usize,
-    vocab: usize,
-) -> Result<CudaStorage> {
-    launch::<T>(kernel, inputs, rows, vocab, None)
+/// An op of a `choices.cu` kernel: one block of [`CHOICE_THREADS`] per row of its first
+/// operand, `(rows, vocab)`; the kernel takes `(operands..., out, vocab)`, and `(...,
+/// width)` where it writes `width` values per row (whatever the width, 1 included: a logprob
+/// read with a top of 0). Its operands are float32, float64 or u32, in the op's order.
+pub(super) trait ChoiceKernel {
+    /// The kernel's name in `choices.cu`.
+    fn kernel(&self) -> &'static str;
+    /// The dtype it writes, and how many values per row if it takes a width (else one).
+    fn output(&self) -> (DType, Option<usize>);
 }
 
-/// [`launch_choice`] of a kernel whose output is `width` `T`s per row, which takes
-/// `(inputs..., out, vocab, width)` (whatever the width, 1 included: a logprob read with a
-/// top of 0).
-pub(super) fn launch_choice_rows<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
-    kernel: &str,
-    inputs: &[(&CudaStorage, usize)],
-    rows: usize,
-    vocab: usize,
-    width: usize,
-) -> Result<CudaStorage> {
-    launch::<T>(kernel, inputs, rows, vocab, Some(width))
+/// `op`'s kernel over `inputs` (the op's operands, in its order): its output, `(rows)` or
+/// `(rows, width)`.
+#[cfg(feature = "cuda")]
+pub(super) fn launch_op(
+    op: &impl ChoiceKernel,
+    inputs: &[(&CudaStorage, &Layout)],
+) -> Result<(CudaStorage, Shape)> {
+    let (rows, vocab) = inputs[0].1.shape().dims2()?;
+    let at: Vec<(&CudaStorage, usize)> =
+        inputs.iter().map(|&(s, l)| (s, l.start_offset())).collect();
+    let (dtype, width) = op.output();
+    let kernel = op.kernel();
+    let shape = match width {
+        Some(w) => Shape::from((rows, w)),
+        None => Shape::from(rows),
+    };
+    let out = match dtype {
+        DType::U32 => launch::<u32>(kernel, &at, rows, vocab, width)?,
+        DType::F32 => launch::<f32>(kernel, &at, rows, vocab, width)?,
+        DType::F64 => launch::<f64>(kernel, &at, rows, vocab, width)?,
+        d => candle_core::bail!("{kernel}: a {d:?} output"),
+    };
+    Ok((out, shape))
 }
 
-/// [`launch_choice`], and with `width` [`launch_choice_rows`].
+/// `kernel` (one block per row) over `inputs`, each an operand and where its layout starts,
+/// its output a `T` per row, or `width` per row (the kernel then takes the width).
+#[cfg(feature = "cuda")]
 fn launch<T: DeviceRepr + ValidAsZeroBits + CudaDType>(
     kernel: &str,
     inputs: &[(&CudaStorage, usize)],

@@ -13,9 +13,13 @@ __device__ __forceinline__ float load(const void* p, int dtype, size_t i) {
     if (dtype == 0) return ((const float*)p)[i];
     const unsigned short b = ((const unsigned short*)p)[i];
     if (dtype == 1) return __uint_as_float(((unsigned int)b) << 16);
+#ifdef __CUDA_ARCH__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
     return f;
+#else  // the tests' CPU emulation (`cuda_emulator.hpp`)
+    return emu::half_to_float(b);
+#endif
 }
 
 // Rounds to nearest even, as candle converts (a NaN stays a quiet NaN).
@@ -31,9 +35,13 @@ __device__ __forceinline__ void store(void* p, int dtype, size_t i, float f) {
         }
         ((unsigned short*)p)[i] = (unsigned short)u;
     } else {
+#ifdef __CUDA_ARCH__
         unsigned short h;
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
         ((unsigned short*)p)[i] = h;
+#else  // the tests' CPU emulation (`cuda_emulator.hpp`)
+        ((unsigned short*)p)[i] = emu::float_to_half(f);
+#endif
     }
 }
 

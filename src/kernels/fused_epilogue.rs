@@ -351,7 +351,11 @@ impl CustomOp1 for Fused {
 
     fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let (_, cols) = self.check(yl, y.dtype())?;
+        let (_rows, cols) = self.check(yl, y.dtype())?;
+        #[cfg(test)]
+        if let Some(out) = emulated::launch(self, y, yl, (_rows, cols))? {
+            return Ok((out, yl.shape().clone()));
+        }
         let mut v = widen(y, yl)?;
         let (bias, x) = (cpu_f32(&self.bias)?, cpu_f32(&self.x)?);
         // `y + bias` first, as a broadcast add gives it
@@ -430,6 +434,133 @@ impl CustomOp1 for Fused {
     }
 }
 
+/// Threads of a block of `fused_epilogue.cu`'s kernels (must match its `THREADS`).
+#[cfg(any(test, feature = "cuda"))]
+const THREADS: u32 = 256;
+
+/// The kernel of `kind` and its blocks for `(rows, cols)`: the epilogue strides over every
+/// element (at most 65,536 blocks), the norm takes a block per row.
+#[cfg(any(test, feature = "cuda"))]
+fn blocks(kind: &Kind, rows: u32, cols: u32) -> (&'static str, u32) {
+    match kind {
+        Kind::Epilogue { .. } => {
+            let n = rows as u64 * cols as u64;
+            (
+                "fused_epilogue",
+                n.div_ceil(THREADS as u64).min(1 << 16) as u32,
+            )
+        }
+        Kind::Norm { .. } => ("fused_add_norm", rows),
+    }
+}
+
+/// Tests: the CUDA kernels run on the CPU (`cuda_emulator.rs`) in place of the CPU code, their
+/// arguments as `cuda::launch` passes them.
+#[cfg(test)]
+mod emulated {
+    use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+    use half::{bf16, f16};
+
+    use super::super::cuda_emulator::{self as emu, Arg, Grid, Operand};
+    use super::{blocks, float_code, Fused, Kind, THREADS};
+
+    /// A float operand as the kernels read it: float32, or a 16-bit float's bits.
+    fn operand(s: &CpuStorage, l: &Layout) -> Result<Operand> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("fused epilogue: contiguous operands");
+        };
+        Ok(match s {
+            CpuStorage::F32(v) => Operand::F32(v[a..b].to_vec()),
+            CpuStorage::BF16(v) => Operand::U16(v[a..b].iter().map(|x| x.to_bits()).collect()),
+            CpuStorage::F16(v) => Operand::U16(v[a..b].iter().map(|x| x.to_bits()).collect()),
+            _ => candle_core::bail!("fused epilogue: a float operand"),
+        })
+    }
+
+    fn of_tensor(t: &Tensor) -> Result<Operand> {
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cpu(c) => operand(c, l),
+            _ => candle_core::bail!("fused epilogue: operands on another device than y"),
+        }
+    }
+
+    pub(super) fn launch(
+        op: &Fused,
+        y: &CpuStorage,
+        yl: &Layout,
+        (rows, cols): (usize, usize),
+    ) -> Result<Option<CpuStorage>> {
+        if !emu::active() {
+            return Ok(None);
+        }
+        use candle_core::backend::BackendStorage;
+        let n = rows * cols;
+        let mut operands = vec![
+            operand(y, yl)?,
+            match op.out {
+                DType::F32 => Operand::F32(vec![f32::NAN; n]),
+                _ => Operand::U16(vec![u16::MAX; n]),
+            },
+        ];
+        if n > 0 {
+            // An optional operand: its argument (null where absent), the operand appended.
+            let mut optional = |t: Option<&Tensor>, void: bool| -> Result<Arg> {
+                Ok(match t {
+                    None if void => Arg::NullVoid,
+                    None => Arg::NullF32,
+                    Some(t) => {
+                        operands.push(of_tensor(t)?);
+                        let i = operands.len() - 1;
+                        if void {
+                            Arg::Void(i, 0)
+                        } else {
+                            Arg::At(i, 0)
+                        }
+                    }
+                })
+            };
+            let (y_t, out_t) = (float_code(y.dtype())?, float_code(op.out)?);
+            let bias = optional(op.bias.as_ref(), false)?;
+            let mut args = vec![Arg::Void(0, 0), Arg::I32(y_t), bias];
+            match &op.kind {
+                Kind::Epilogue { act, ry, rbias } => {
+                    args.push(Arg::I32(act.map_or(0, |a| a as i32)));
+                    args.push(optional(ry.as_ref(), true)?);
+                    args.push(optional(rbias.as_ref(), false)?);
+                    args.push(optional(op.x.as_ref(), false)?);
+                    args.extend([Arg::Void(1, 0), Arg::I32(out_t)]);
+                    args.extend([Arg::U32(rows as u32), Arg::U32(cols as u32)]);
+                }
+                Kind::Norm { weight, beta, eps } => {
+                    args.push(optional(op.x.as_ref(), false)?);
+                    args.push(optional(Some(weight), false)?);
+                    args.push(optional(beta.as_ref(), false)?);
+                    args.push(Arg::F32(*eps));
+                    args.extend([Arg::Void(1, 0), Arg::I32(out_t), Arg::U32(cols as u32)]);
+                }
+            }
+            let (name, blocks) = blocks(&op.kind, rows as u32, cols as u32);
+            let grid = Grid {
+                blocks: [blocks, 1, 1],
+                threads: [THREADS, 1, 1],
+                shared_bytes: 0,
+            };
+            emu::launch(name, grid, &mut operands, &args)?;
+        }
+        Ok(Some(match (op.out, operands.swap_remove(1)) {
+            (DType::F32, Operand::F32(v)) => CpuStorage::F32(v),
+            (DType::BF16, Operand::U16(v)) => {
+                CpuStorage::BF16(v.into_iter().map(bf16::from_bits).collect())
+            }
+            (DType::F16, Operand::U16(v)) => {
+                CpuStorage::F16(v.into_iter().map(f16::from_bits).collect())
+            }
+            (d, _) => candle_core::bail!("fused epilogue: a {d:?} output"),
+        }))
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::OnceLock;
@@ -442,11 +573,9 @@ mod cuda {
     use candle_core::{CudaStorage, DType, Layout, Result, Storage, StorageRef, Tensor};
     use half::{bf16, f16};
 
-    use super::{float_code, Fused, Kind};
+    use super::{blocks, float_code, Fused, Kind, THREADS};
 
     const SOURCE: &str = include_str!("fused_epilogue.cu");
-    /// Must match `THREADS` in the source.
-    const THREADS: u32 = 256;
 
     fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
@@ -564,27 +693,11 @@ mod cuda {
         let y = View::of_storage(y, yl.start_offset())?;
         let (bias, x) = (View::of(&held_bias)?, View::of(&held_x)?);
         let (a, b_) = (View::of(&held_a)?, View::of(&held_b)?);
-        let (name, cfg) = match op.kind {
-            Kind::Epilogue { .. } => (
-                "fused_epilogue",
-                LaunchConfig {
-                    grid_dim: (
-                        (n as u64).div_ceil(THREADS as u64).min(1 << 16) as u32,
-                        1,
-                        1,
-                    ),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-            ),
-            Kind::Norm { .. } => (
-                "fused_add_norm",
-                LaunchConfig {
-                    grid_dim: (rows, 1, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-            ),
+        let (name, blocks) = blocks(&op.kind, rows, cols);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
         };
         let func = dev.get_or_load_custom_func(name, "exitserve_fused_epilogue", ptx()?)?;
         {

@@ -27,7 +27,9 @@ use candle_core::{
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use super::cuda_source::launch_choice;
+use super::cuda_source::launch_op;
+#[cfg(any(test, feature = "cuda"))]
+use super::cuda_source::ChoiceKernel;
 use super::fastmath;
 
 /// `logits` `(rows, vocab)` float32: `(rows)` u32, each row's first position of its maximum
@@ -392,6 +394,10 @@ impl CustomOp1 for PerRow {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        #[cfg(test)]
+        if let Some(out) = super::cuda_emulator::instead(self, &[(s, l)])? {
+            return Ok(out);
+        }
         let (rows, vocab) = l.shape().dims2()?;
         let chunks = contiguous::<f32>(s, l)?.par_chunks(vocab.max(1));
         let out = match (self, vocab) {
@@ -409,13 +415,24 @@ impl CustomOp1 for PerRow {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, vocab) = l.shape().dims2()?;
-        let offset = l.start_offset();
-        let out = match self {
-            PerRow::Argmax => launch_choice::<u32>("argmax_rows", &[(s, offset)], rows, vocab),
-            PerRow::Margin => launch_choice::<f32>("margin_rows", &[(s, offset)], rows, vocab),
-        };
-        Ok((out?, Shape::from(rows)))
+        launch_op(self, &[(s, l)])
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl ChoiceKernel for PerRow {
+    fn kernel(&self) -> &'static str {
+        match self {
+            PerRow::Argmax => "argmax_rows",
+            PerRow::Margin => "margin_rows",
+        }
+    }
+
+    fn output(&self) -> (DType, Option<usize>) {
+        match self {
+            PerRow::Argmax => (DType::U32, None),
+            PerRow::Margin => (DType::F32, None),
+        }
     }
 }
 
@@ -433,6 +450,10 @@ impl CustomOp2 for DivergenceRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(test)]
+        if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2)])? {
+            return Ok(out);
+        }
         let (rows, vocab) = l1.shape().dims2()?;
         let (mature, premature) = (contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?);
         let out: Vec<f64> = if vocab == 0 {
@@ -454,12 +475,18 @@ impl CustomOp2 for DivergenceRows {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, vocab) = l1.shape().dims2()?;
-        let inputs = [(s1, l1.start_offset()), (s2, l2.start_offset())];
-        Ok((
-            launch_choice::<f64>("divergence_rows", &inputs, rows, vocab)?,
-            Shape::from(rows),
-        ))
+        launch_op(self, &[(s1, l1), (s2, l2)])
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl ChoiceKernel for DivergenceRows {
+    fn kernel(&self) -> &'static str {
+        "divergence_rows"
+    }
+
+    fn output(&self) -> (DType, Option<usize>) {
+        (DType::F64, None)
     }
 }
 
@@ -491,6 +518,10 @@ impl CustomOp3 for ContrastRows {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(test)]
+        if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2), (s3, l3)])? {
+            return Ok(out);
+        }
         let (rows, vocab) = l1.shape().dims2()?;
         let (upper, lower, rules) = (
             contiguous::<f32>(s1, l1)?,
@@ -522,16 +553,18 @@ impl CustomOp3 for ContrastRows {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, vocab) = l1.shape().dims2()?;
-        let inputs = [
-            (s1, l1.start_offset()),
-            (s2, l2.start_offset()),
-            (s3, l3.start_offset()),
-        ];
-        Ok((
-            launch_choice::<u32>("contrast_rows", &inputs, rows, vocab)?,
-            Shape::from(rows),
-        ))
+        launch_op(self, &[(s1, l1), (s2, l2), (s3, l3)])
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl ChoiceKernel for ContrastRows {
+    fn kernel(&self) -> &'static str {
+        "contrast_rows"
+    }
+
+    fn output(&self) -> (DType, Option<usize>) {
+        (DType::U32, None)
     }
 }
 

@@ -16,7 +16,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Resul
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use super::cuda_source::launch_choice_rows;
+use super::cuda_source::launch_op;
+#[cfg(any(test, feature = "cuda"))]
+use super::cuda_source::ChoiceKernel;
 use super::fastmath;
 use super::greedy::{self, contiguous, ContrastRule};
 
@@ -307,6 +309,10 @@ impl CustomOp2 for LogprobRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(test)]
+        if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2)])? {
+            return Ok(out);
+        }
         let (rows, vocab) = l1.shape().dims2()?;
         let width = 1 + 2 * self.top;
         let (logits, targets) = (contiguous::<f32>(s1, l1)?, contiguous::<u32>(s2, l2)?);
@@ -326,13 +332,18 @@ impl CustomOp2 for LogprobRows {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, vocab) = l1.shape().dims2()?;
-        let width = 1 + 2 * self.top;
-        let inputs = [(s1, l1.start_offset()), (s2, l2.start_offset())];
-        Ok((
-            launch_choice_rows::<f32>("logprob_rows", &inputs, rows, vocab, width)?,
-            Shape::from((rows, width)),
-        ))
+        launch_op(self, &[(s1, l1), (s2, l2)])
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl ChoiceKernel for LogprobRows {
+    fn kernel(&self) -> &'static str {
+        "logprob_rows"
+    }
+
+    fn output(&self) -> (DType, Option<usize>) {
+        (DType::F32, Some(1 + 2 * self.top))
     }
 }
 
@@ -354,6 +365,10 @@ impl CustomOp3 for ContrastLogprobRows {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(test)]
+        if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2), (s3, l3)])? {
+            return Ok(out);
+        }
         let (rows, vocab) = l1.shape().dims2()?;
         let width = 1 + 2 * self.top;
         let (upper, lower, params) = (
@@ -390,17 +405,18 @@ impl CustomOp3 for ContrastLogprobRows {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, vocab) = l1.shape().dims2()?;
-        let width = 1 + 2 * self.top;
-        let inputs = [
-            (s1, l1.start_offset()),
-            (s2, l2.start_offset()),
-            (s3, l3.start_offset()),
-        ];
-        Ok((
-            launch_choice_rows::<f32>("contrast_logprob_rows", &inputs, rows, vocab, width)?,
-            Shape::from((rows, width)),
-        ))
+        launch_op(self, &[(s1, l1), (s2, l2), (s3, l3)])
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl ChoiceKernel for ContrastLogprobRows {
+    fn kernel(&self) -> &'static str {
+        "contrast_logprob_rows"
+    }
+
+    fn output(&self) -> (DType, Option<usize>) {
+        (DType::F32, Some(1 + 2 * self.top))
     }
 }
 

@@ -12,7 +12,9 @@
 pub mod allocator;
 pub mod causal_attention;
 pub mod cpu_features;
-#[cfg(feature = "cuda")]
+#[cfg(test)]
+pub(crate) mod cuda_emulator;
+#[cfg(any(test, feature = "cuda"))]
 mod cuda_source;
 pub mod fastmath;
 pub mod fused_epilogue;

@@ -180,6 +180,10 @@ impl CustomOp3 for PagedAttention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, width, keys) = self.check(ql, kl, vl)?;
+        #[cfg(test)]
+        if let Some(out) = emulated::attend(self, (q, ql), (k, kl), (v, vl), (n, width, keys))? {
+            return Ok(out);
+        }
         let q = &q.as_slice::<f32>()?[ql.start_offset()..];
         let tables = self.tables.flatten_all()?.to_vec1::<u32>()?;
         let queries = self.queries.flatten_all()?.to_vec1::<u32>()?;
@@ -284,6 +288,10 @@ impl candle_core::InplaceOp2 for StoreRows {
         sl: &Layout,
     ) -> Result<()> {
         let (n, width, stride) = self.check(pl, sl)?;
+        #[cfg(test)]
+        if emulated::store(self, (pool, pl), (src, sl), (n, width, stride))? {
+            return Ok(());
+        }
         let rows = self.rows.to_vec1::<u32>()?;
         let src = &src.as_slice::<f32>()?[sl.start_offset()..];
         let pool_rows = pl.shape().dims2()?.0;
@@ -320,6 +328,139 @@ impl candle_core::InplaceOp2 for StoreRows {
     }
 }
 
+/// Threads of a block of `paged_attention.cu`'s kernels (must match its `THREADS`).
+#[cfg(any(test, feature = "cuda"))]
+const THREADS: u32 = 128;
+
+/// The attention kernel's blocks (one per query and head) and bytes of shared memory (the
+/// query, its scores, a reduction's scratch) for `n` queries of `keys` keys, or why it cannot
+/// run them.
+#[cfg(any(test, feature = "cuda"))]
+fn attention_launch(n: usize, heads: usize, head_dim: usize, keys: usize) -> Result<(u32, u32)> {
+    let shared = (head_dim + keys + THREADS as usize / 32) * std::mem::size_of::<f32>();
+    if shared > 48 << 10 {
+        candle_core::bail!("paged attention: {keys} keys exceed the kernel's shared memory");
+    }
+    Ok(((n * heads) as u32, shared as u32))
+}
+
+/// Tests: the CUDA kernels run on the CPU (`cuda_emulator.rs`) in place of the CPU code, their
+/// arguments as `cuda::launch` and `cuda::store` pass them.
+#[cfg(test)]
+mod emulated {
+    use candle_core::{CpuStorage, Layout, Result, Shape};
+    use half::bf16;
+
+    use super::super::cuda_emulator::{self as emu, Arg, Grid, Operand};
+    use super::{attention_launch, PagedAttention, StoreRows, THREADS};
+
+    /// A storage's elements from `from` on (a float32 or u32 operand, or a bfloat16 one as its
+    /// bits, which the kernels read).
+    fn tail(s: &CpuStorage, from: usize) -> Result<Operand> {
+        Ok(match s {
+            CpuStorage::F32(v) => Operand::F32(v[from..].to_vec()),
+            CpuStorage::U32(v) => Operand::U32(v[from..].to_vec()),
+            CpuStorage::BF16(v) => Operand::U16(v[from..].iter().map(|x| x.to_bits()).collect()),
+            _ => candle_core::bail!("paged attention: a float32, bfloat16 or u32 operand"),
+        })
+    }
+
+    pub(super) fn attend(
+        op: &PagedAttention,
+        (q, ql): (&CpuStorage, &Layout),
+        (k, kl): (&CpuStorage, &Layout),
+        (v, vl): (&CpuStorage, &Layout),
+        (n, width, keys): (usize, usize, usize),
+    ) -> Result<Option<(CpuStorage, Shape)>> {
+        if !emu::active() {
+            return Ok(None);
+        }
+        let (heads, head_dim) = (op.heads, width / op.heads);
+        let (blocks, shared_bytes) = attention_launch(n, heads, head_dim, keys)?;
+        let name = match k {
+            CpuStorage::F32(_) => "paged_attention_f32",
+            _ => "paged_attention_bf16",
+        };
+        let mut operands = vec![
+            tail(q, ql.start_offset())?,
+            tail(k, kl.start_offset())?,
+            tail(v, vl.start_offset())?,
+            Operand::U32(op.tables.flatten_all()?.to_vec1::<u32>()?),
+            Operand::U32(op.queries.flatten_all()?.to_vec1::<u32>()?),
+            Operand::F32(vec![f32::NAN; n * width]),
+        ];
+        let mut args: Vec<Arg> = (0..6).map(|i| Arg::At(i, 0)).collect();
+        args.extend([heads, head_dim, keys, op.window, ql.stride()[0]].map(|i| Arg::I32(i as i32)));
+        args.push(Arg::F32(op.scale));
+        args.extend(
+            [
+                ql.shape().dims2()?.0,
+                op.tables.dims2()?.0,
+                kl.shape().dims2()?.0,
+            ]
+            .map(|e| Arg::U32(e as u32)),
+        );
+        let grid = Grid {
+            blocks: [blocks, 1, 1],
+            threads: [THREADS, 1, 1],
+            shared_bytes,
+        };
+        emu::launch(name, grid, &mut operands, &args)?;
+        let Some(Operand::F32(out)) = operands.pop() else {
+            unreachable!("the output operand")
+        };
+        Ok(Some((CpuStorage::F32(out), Shape::from((n, width)))))
+    }
+
+    pub(super) fn store(
+        op: &StoreRows,
+        (pool, pl): (&mut CpuStorage, &Layout),
+        (src, sl): (&CpuStorage, &Layout),
+        (n, width, stride): (usize, usize, usize),
+    ) -> Result<bool> {
+        if !emu::active() {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+        let at = pl.start_offset();
+        let (name, dst) = match pool {
+            CpuStorage::F32(_) => ("store_rows_f32", tail(pool, at)?),
+            _ => ("store_rows_bf16", tail(pool, at)?),
+        };
+        let mut operands = vec![
+            tail(src, sl.start_offset())?,
+            Operand::U32(op.rows.to_vec1::<u32>()?),
+            dst,
+        ];
+        let args = [
+            Arg::At(0, 0),
+            Arg::At(1, 0),
+            Arg::At(2, 0),
+            Arg::I32(width as i32),
+            Arg::I32(stride as i32),
+            Arg::U32(pl.shape().dims2()?.0 as u32),
+        ];
+        let grid = Grid {
+            blocks: [n as u32, 1, 1],
+            threads: [THREADS, 1, 1],
+            shared_bytes: 0,
+        };
+        emu::launch(name, grid, &mut operands, &args)?;
+        match (pool, operands.pop()) {
+            (CpuStorage::F32(p), Some(Operand::F32(d))) => p[at..].copy_from_slice(&d),
+            (CpuStorage::BF16(p), Some(Operand::U16(d))) => {
+                for (x, b) in p[at..].iter_mut().zip(d) {
+                    *x = bf16::from_bits(b);
+                }
+            }
+            _ => candle_core::bail!("store rows: a float32 or bfloat16 pool"),
+        }
+        Ok(true)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::OnceLock;
@@ -334,11 +475,9 @@ mod cuda {
     };
     use half::bf16;
 
-    use super::PagedAttention;
+    use super::{PagedAttention, THREADS};
 
     const SOURCE: &str = include_str!("paged_attention.cu");
-    /// Must match `THREADS` in the source.
-    const THREADS: u32 = 128;
 
     /// The kernels' PTX, compiled once (for the GPU the driver JIT-compiles it to).
     fn ptx() -> Result<&'static str> {
@@ -369,14 +508,11 @@ mod cuda {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = q.device();
         let (heads, head_dim) = (op.heads, width / op.heads);
-        let shared = (head_dim + keys + THREADS as usize / 32) * std::mem::size_of::<f32>();
-        if shared > 48 << 10 {
-            candle_core::bail!("paged attention: {keys} keys exceed the kernel's shared memory");
-        }
+        let (blocks, shared) = super::attention_launch(n, heads, head_dim, keys)?;
         let cfg = LaunchConfig {
-            grid_dim: ((n * heads) as u32, 1, 1),
+            grid_dim: (blocks, 1, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: shared as u32,
+            shared_mem_bytes: shared,
         };
         let (tables, t_at) = u32_storage(&op.tables);
         let (queries, q_at) = u32_storage(&op.queries);

@@ -18,7 +18,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Resul
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use super::cuda_source::launch_choice;
+use super::cuda_source::launch_op;
+#[cfg(any(test, feature = "cuda"))]
+use super::cuda_source::ChoiceKernel;
 use super::fastmath::{self, exp_neg};
 use super::greedy::{argmax, contiguous, ContrastRule};
 
@@ -435,6 +437,10 @@ impl CustomOp2 for SampleRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(test)]
+        if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2)])? {
+            return Ok(out);
+        }
         let (rows, vocab) = l1.shape().dims2()?;
         let (logits, params) = (contiguous::<f32>(s1, l1)?, contiguous::<f64>(s2, l2)?);
         let out: Vec<u32> = if vocab == 0 {
@@ -456,12 +462,18 @@ impl CustomOp2 for SampleRows {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, vocab) = l1.shape().dims2()?;
-        let inputs = [(s1, l1.start_offset()), (s2, l2.start_offset())];
-        Ok((
-            launch_choice::<u32>("sample_rows", &inputs, rows, vocab)?,
-            Shape::from(rows),
-        ))
+        launch_op(self, &[(s1, l1), (s2, l2)])
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl ChoiceKernel for SampleRows {
+    fn kernel(&self) -> &'static str {
+        "sample_rows"
+    }
+
+    fn output(&self) -> (DType, Option<usize>) {
+        (DType::U32, None)
     }
 }
 
@@ -481,6 +493,10 @@ impl CustomOp3 for ContrastSampleRows {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(test)]
+        if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2), (s3, l3)])? {
+            return Ok(out);
+        }
         let (rows, vocab) = l1.shape().dims2()?;
         let (upper, lower) = (contiguous::<f32>(s1, l1)?, contiguous::<f32>(s2, l2)?);
         let params = contiguous::<f64>(s3, l3)?;
@@ -512,16 +528,18 @@ impl CustomOp3 for ContrastSampleRows {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, vocab) = l1.shape().dims2()?;
-        let inputs = [
-            (s1, l1.start_offset()),
-            (s2, l2.start_offset()),
-            (s3, l3.start_offset()),
-        ];
-        Ok((
-            launch_choice::<u32>("contrast_sample_rows", &inputs, rows, vocab)?,
-            Shape::from(rows),
-        ))
+        launch_op(self, &[(s1, l1), (s2, l2), (s3, l3)])
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl ChoiceKernel for ContrastSampleRows {
+    fn kernel(&self) -> &'static str {
+        "contrast_sample_rows"
+    }
+
+    fn output(&self) -> (DType, Option<usize>) {
+        (DType::U32, None)
     }
 }
 

@@ -14,7 +14,9 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
-use super::cuda_source::launch_choice_rows;
+use super::cuda_source::launch_op;
+#[cfg(any(test, feature = "cuda"))]
+use super::cuda_source::ChoiceKernel;
 use super::fastmath;
 use super::greedy::contiguous;
 
@@ -315,6 +317,10 @@ impl CustomOp3 for SledRows {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(test)]
+        if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2), (s3, l3)])? {
+            return Ok(out);
+        }
         let (rows, vocab) = l1.shape().dims2()?;
         let width = self.width;
         let (mature, premature, params) = (
@@ -357,17 +363,18 @@ impl CustomOp3 for SledRows {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, vocab) = l1.shape().dims2()?;
-        let width = 2 * self.width;
-        let inputs = [
-            (s1, l1.start_offset()),
-            (s2, l2.start_offset()),
-            (s3, l3.start_offset()),
-        ];
-        Ok((
-            launch_choice_rows::<f32>("sled_rows", &inputs, rows, vocab, width)?,
-            Shape::from((rows, width)),
-        ))
+        launch_op(self, &[(s1, l1), (s2, l2), (s3, l3)])
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl ChoiceKernel for SledRows {
+    fn kernel(&self) -> &'static str {
+        "sled_rows"
+    }
+
+    fn output(&self) -> (DType, Option<usize>) {
+        (DType::F32, Some(2 * self.width))
     }
 }
 

@@ -602,7 +602,26 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
+    use crate::kernels::cuda_emulator::{emulating, launched};
     use crate::model::kv_cache::KvCache;
+
+    #[test]
+    fn the_cuda_attention_kernels_pass_the_start_up_check_a_gpu_must_pass(
+    ) -> candle_core::Result<()> {
+        // `paged_attention.cu` run on the CPU (kernels/cuda_emulator.rs) against the tensor ops
+        for (kv, suffix) in [(DType::F32, "f32"), (DType::BF16, "bf16")] {
+            launched();
+            let difference = emulating(|| check_fused_attention(&Device::Cpu, kv))?;
+            assert!(difference <= FUSED_TOLERANCE, "{kv:?}: {difference}");
+            let want: std::collections::BTreeSet<String> = [
+                format!("paged_attention_{suffix}"),
+                format!("store_rows_{suffix}"),
+            ]
+            .into();
+            assert_eq!(launched(), want);
+        }
+        Ok(())
+    }
 
     fn segment(cache: &mut KvCache, start: usize, len: usize) -> Segment<'_> {
         Segment {

@@ -1,0 +1,520 @@
+//! Tests only: our CUDA kernels (`choices.cu`, `paged_attention.cu`, `fused_epilogue.cu`) run
+//! on the CPU, so that a machine without a GPU (CI's) runs the CUDA C the GPU will run and holds
+//! it to the CPU kernels. `cuda_emulator.hpp` gives CUDA's execution model (a block's threads as
+//! fibers, barriers and warp shuffles, an error where a barrier cannot open); this file compiles
+//! it with the `.cu` sources by the system's C++ compiler (`$CXX`, else `c++`) once per test
+//! process, loads the library, and launches kernels on operands placed between inaccessible
+//! pages, so a read or write past an operand stops the tests rather than passing unseen.
+//!
+//! [`emulating`] makes this thread's choice ops (`greedy.rs`, `sample.rs`, `logprob.rs`,
+//! `sled.rs`) run their kernels here in place of their CPU code, launched as
+//! `cuda_source.rs` launches them ([`super::cuda_source::ChoiceKernel`]): then the start-up
+//! checks (`check`), which hold a device's kernels to the CPU's functions, hold these.
+
+use std::cell::Cell;
+use std::collections::BTreeSet;
+use std::ffi::{c_char, c_void, CString};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::{CpuStorage, DType, Layout, Result, Shape};
+
+use super::cuda_source::{ChoiceKernel, CHOICE_THREADS};
+
+/// The sources, each with the name its functions are kept apart under.
+const SOURCES: [(&str, &str); 3] = [
+    ("choices", include_str!("choices.cu")),
+    ("paged_attention", include_str!("paged_attention.cu")),
+    ("fused_epilogue", include_str!("fused_epilogue.cu")),
+];
+const RUNTIME: &str = include_str!("cuda_emulator.hpp");
+
+type LaunchFn = unsafe extern "C" fn(
+    *const c_char,
+    *const u32,
+    *const u32,
+    u32,
+    *const c_char,
+    *mut *mut c_void,
+    *mut c_char,
+    usize,
+) -> i32;
+
+/// The compiled library, loaded (or why not), and the lock that keeps launches one at a time:
+/// the emulator's state (and `__shared__` arrays) is the process's.
+fn library() -> Result<&'static Mutex<libloading::Library>> {
+    static LIB: OnceLock<std::result::Result<Mutex<libloading::Library>, String>> = OnceLock::new();
+    LIB.get_or_init(|| build().map(Mutex::new))
+        .as_ref()
+        .map_err(|e| candle_core::Error::Msg(e.clone()))
+}
+
+fn build() -> std::result::Result<libloading::Library, String> {
+    let dir = std::env::temp_dir().join(format!("exitserve-cuda-emulator-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok::<_, String>(path)
+    };
+    write("cuda_emulator.hpp", RUNTIME)?;
+    let mut files = vec![write(
+        "launch.cpp",
+        "#define EMU_LAUNCH_ENTRY\n#include \"cuda_emulator.hpp\"\n",
+    )?];
+    for (name, source) in SOURCES {
+        files.push(write(&format!("{name}.cpp"), &unit(name, source))?);
+    }
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = dir.join("libcuda_emulator.so");
+    let status = Command::new(&compiler)
+        .args(["-std=c++17", "-O1", "-fPIC", "-shared", "-w", "-o"])
+        .arg(&out)
+        .args(&files)
+        .output()
+        .map_err(|e| format!("the CUDA emulator needs a C++ compiler ({compiler}): {e}"))?;
+    if !status.status.success() {
+        return Err(format!(
+            "{compiler} could not compile the kernels for the CUDA emulator:\n{}",
+            String::from_utf8_lossy(&status.stderr)
+        ));
+    }
+    // SAFETY: our own library, whose initialisers only fill the kernel registry.
+    let lib = unsafe { libloading::Library::new(&out) }.map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(lib)
+}
+
+/// `source` as C++: inside its own namespace (the files share helper names), each `extern
+/// __shared__` array the launch's dynamic shared memory, each kernel registered by name.
+fn unit(name: &str, source: &str) -> String {
+    let mut text =
+        format!("#include \"cuda_emulator.hpp\"\nnamespace {name} {{\n#line 1 \"{name}.cu\"\n");
+    for line in source.lines() {
+        match line.trim().strip_prefix("extern __shared__ ") {
+            Some(decl) => {
+                // `T name[];`
+                let (ty, var) = decl
+                    .trim_end_matches("[];")
+                    .rsplit_once(' ')
+                    .unwrap_or(("", ""));
+                text += &format!(
+                    "{ty}* {var} = reinterpret_cast<{ty}*>(::emu::dynamic_shared_memory.data());\n"
+                );
+            }
+            None => text += &format!("{line}\n"),
+        }
+    }
+    text += "}\n";
+    for (i, kernel) in kernels(source).iter().enumerate() {
+        text += &format!(
+            "static ::emu::Register r{i}(\"{kernel}\", &{name}::{kernel}, \
+             &::emu::bound<&{name}::{kernel}>);\n"
+        );
+    }
+    text
+}
+
+/// The names of `source`'s kernels (`extern "C" __global__ void [__launch_bounds__(..)] name(`).
+fn kernels(source: &str) -> Vec<String> {
+    source
+        .split("extern \"C\" __global__ void")
+        .skip(1)
+        .map(|rest| {
+            let rest = rest.trim_start();
+            let rest = match rest.strip_prefix("__launch_bounds__(") {
+                Some(r) => &r[r.find(')').map_or(0, |i| i + 1)..],
+                None => rest,
+            };
+            rest.trim_start()
+                .split('(')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+/// A buffer a kernel reads or writes.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Operand {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    U32(Vec<u32>),
+    /// bfloat16 or float16, as its bits
+    U16(Vec<u16>),
+}
+
+impl Operand {
+    fn bytes(&self) -> (&[u8], usize, char) {
+        fn raw<T>(v: &[T]) -> &[u8] {
+            // SAFETY: plain numbers, read as their bytes.
+            unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+        }
+        match self {
+            Operand::F32(v) => (raw(v), 4, 'F'),
+            Operand::F64(v) => (raw(v), 8, 'D'),
+            Operand::U32(v) => (raw(v), 4, 'U'),
+            Operand::U16(v) => (raw(v), 2, 'H'),
+        }
+    }
+
+    fn set_bytes(&mut self, from: &[u8]) {
+        fn raw<T>(v: &mut [T]) -> &mut [u8] {
+            // SAFETY: plain numbers, any bytes of which are one.
+            unsafe {
+                std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v))
+            }
+        }
+        match self {
+            Operand::F32(v) => raw(v).copy_from_slice(from),
+            Operand::F64(v) => raw(v).copy_from_slice(from),
+            Operand::U32(v) => raw(v).copy_from_slice(from),
+            Operand::U16(v) => raw(v).copy_from_slice(from),
+        }
+    }
+
+    /// An operand's elements as a view of a CPU storage holds them contiguously.
+    fn of(s: &CpuStorage, l: &Layout) -> Result<Operand> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("CUDA emulator: contiguous operands");
+        };
+        Ok(match s {
+            CpuStorage::F32(v) => Operand::F32(v[a..b].to_vec()),
+            CpuStorage::F64(v) => Operand::F64(v[a..b].to_vec()),
+            CpuStorage::U32(v) => Operand::U32(v[a..b].to_vec()),
+            _ => candle_core::bail!("CUDA emulator: float32, float64 or u32 operands"),
+        })
+    }
+
+    fn into_storage(self) -> Result<CpuStorage> {
+        Ok(match self {
+            Operand::F32(v) => CpuStorage::F32(v),
+            Operand::F64(v) => CpuStorage::F64(v),
+            Operand::U32(v) => CpuStorage::U32(v),
+            Operand::U16(_) => candle_core::bail!("CUDA emulator: 16-bit bits as a storage"),
+        })
+    }
+}
+
+/// One argument of a launch.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Arg {
+    /// Operand `.0` from its element `.1`, as the pointer its dtype names.
+    At(usize, usize),
+    /// Operand `.0` from its element `.1`, as a `void*`.
+    Void(usize, usize),
+    /// A null `void*`.
+    NullVoid,
+    /// A null `const float*`.
+    NullF32,
+    I32(i32),
+    U32(u32),
+    F32(f32),
+}
+
+/// A launch's shape: blocks, threads per block, bytes of dynamic shared memory.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Grid {
+    pub blocks: [u32; 3],
+    pub threads: [u32; 3],
+    pub shared_bytes: u32,
+}
+
+/// A page-aligned mapping whose operand bytes end where an inaccessible page begins, after an
+/// inaccessible page of its own.
+struct Guarded {
+    base: *mut u8,
+    len: usize,
+    data: *mut u8,
+}
+
+impl Guarded {
+    fn new(bytes: &[u8]) -> Guarded {
+        // SAFETY: sysconf reads a constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let body = bytes.len().div_ceil(page).max(1) * page;
+        let len = body + 2 * page;
+        // SAFETY: a fresh private anonymous mapping, its guard pages then made inaccessible;
+        // `data` lies within it, `bytes.len()` bytes before the last page.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(base, libc::MAP_FAILED, "CUDA emulator: mmap");
+            let base = base.cast::<u8>();
+            libc::mprotect(base.cast(), page, libc::PROT_NONE);
+            libc::mprotect(base.add(page + body).cast(), page, libc::PROT_NONE);
+            let data = base.add(page + body - bytes.len());
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), data, bytes.len());
+            Guarded { base, len, data }
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made, no longer used.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// Runs `kernel` over `grid` with `args`, which name `operands`; what the kernel wrote is in
+/// `operands` after. An error names a kernel that does not exist, arguments that do not match
+/// its parameters, or a barrier that could not open.
+pub(super) fn launch(
+    kernel: &str,
+    grid: Grid,
+    operands: &mut [Operand],
+    args: &[Arg],
+) -> Result<()> {
+    let lib = library()?.lock().unwrap_or_else(|p| p.into_inner());
+    let guarded: Vec<(Guarded, usize)> = operands
+        .iter()
+        .map(|o| {
+            let (bytes, size, _) = o.bytes();
+            (Guarded::new(bytes), size)
+        })
+        .collect();
+    let mut signature = String::new();
+    // Every argument's value in 8 bytes; `pointers` point at them, as cuLaunchKernel reads.
+    let mut values: Vec<u64> = Vec::with_capacity(args.len());
+    for a in args {
+        let (code, value) = match *a {
+            Arg::At(i, at) | Arg::Void(i, at) => {
+                let (g, size) = &guarded[i];
+                let code = match a {
+                    Arg::Void(..) => 'V',
+                    _ => operands[i].bytes().2,
+                };
+                // SAFETY: a pointer into the operand's mapping (`at` is checked by the kernel's
+                // own reads, which the guard pages fence).
+                (code, unsafe { g.data.add(at * size) } as u64)
+            }
+            Arg::NullVoid => ('V', 0),
+            Arg::NullF32 => ('F', 0),
+            Arg::I32(v) => ('i', v as u32 as u64),
+            Arg::U32(v) => ('u', v as u64),
+            Arg::F32(v) => ('f', v.to_bits() as u64),
+        };
+        signature.push(code);
+        values.push(value);
+    }
+    let mut pointers: Vec<*mut c_void> = values
+        .iter_mut()
+        .map(|v| (v as *mut u64).cast::<c_void>())
+        .collect();
+    let name = CString::new(kernel).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let signature = CString::new(signature).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let mut why = vec![0 as c_char; 512];
+    // SAFETY: the library's entry, given what it reads: NUL-terminated names, three u32s each,
+    // pointers to each argument's value (little-endian: an i32, u32 or f32 in the low bytes of
+    // its u64), whose types it checks against the kernel's before it runs, and a buffer for
+    // its reason of `why.len()` bytes.
+    let failed = unsafe {
+        let launch: libloading::Symbol<LaunchFn> = lib
+            .get(b"emu_launch")
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        launch(
+            name.as_ptr(),
+            grid.blocks.as_ptr(),
+            grid.threads.as_ptr(),
+            grid.shared_bytes,
+            signature.as_ptr(),
+            pointers.as_mut_ptr(),
+            why.as_mut_ptr(),
+            why.len(),
+        )
+    };
+    LAUNCHED.with(|l| l.borrow_mut().push(kernel.to_string()));
+    for (o, (g, _)) in operands.iter_mut().zip(&guarded) {
+        let n = o.bytes().0.len();
+        // SAFETY: the `n` bytes `Guarded::new` copied in, which the kernel may have written.
+        o.set_bytes(unsafe { std::slice::from_raw_parts(g.data, n) });
+    }
+    if failed != 0 {
+        // SAFETY: the entry wrote a NUL-terminated reason into `why`.
+        let why = unsafe { std::ffi::CStr::from_ptr(why.as_ptr()) };
+        candle_core::bail!("emulated {kernel}: {}", why.to_string_lossy());
+    }
+    Ok(())
+}
+
+thread_local! {
+    static EMULATING: Cell<bool> = const { Cell::new(false) };
+    /// The kernels [`instead`] launched on this thread, so that a test sees they ran.
+    static LAUNCHED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` with this thread's choice ops running their CUDA kernels here (see the header).
+pub(crate) fn emulating<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            EMULATING.with(|e| e.set(self.0));
+        }
+    }
+    let _reset = Reset(EMULATING.with(|e| e.replace(true)));
+    f()
+}
+
+/// Whether this thread is [`emulating`].
+pub(super) fn active() -> bool {
+    EMULATING.with(|e| e.get())
+}
+
+/// The kernels this thread launched here since the last call, by name: what a test sees ran.
+pub(crate) fn launched() -> BTreeSet<String> {
+    LAUNCHED.with(|l| l.borrow_mut().drain(..).collect())
+}
+
+/// What `op`'s kernel makes of `inputs` (in the op's order), launched as
+/// `cuda_source::launch_op` launches it; None unless this thread is [`emulating`] (the seam
+/// each choice op's `cpu_fwd` opens in tests).
+pub(super) fn instead(
+    op: &impl ChoiceKernel,
+    inputs: &[(&CpuStorage, &Layout)],
+) -> Result<Option<(CpuStorage, Shape)>> {
+    if !active() {
+        return Ok(None);
+    }
+    let (rows, vocab) = inputs[0].1.shape().dims2()?;
+    let (dtype, width) = op.output();
+    let n = rows * width.unwrap_or(1);
+    let shape = match width {
+        Some(w) => Shape::from((rows, w)),
+        None => Shape::from(rows),
+    };
+    // What the kernel leaves unwritten shows: NaN, or an id no vocabulary has.
+    let out = match dtype {
+        DType::F32 => Operand::F32(vec![f32::NAN; n]),
+        DType::F64 => Operand::F64(vec![f64::NAN; n]),
+        DType::U32 => Operand::U32(vec![u32::MAX - 1; n]),
+        d => candle_core::bail!("CUDA emulator: a {d:?} output"),
+    };
+    if rows == 0 || vocab == 0 {
+        // as `launch_op`: zeros, no launch
+        let zeros = match out {
+            Operand::F32(_) => Operand::F32(vec![0.0; n]),
+            Operand::F64(_) => Operand::F64(vec![0.0; n]),
+            _ => Operand::U32(vec![0; n]),
+        };
+        return Ok(Some((zeros.into_storage()?, shape)));
+    }
+    let mut operands = inputs
+        .iter()
+        .map(|&(s, l)| Operand::of(s, l))
+        .collect::<Result<Vec<_>>>()?;
+    operands.push(out);
+    let mut args: Vec<Arg> = (0..operands.len()).map(|i| Arg::At(i, 0)).collect();
+    args.push(Arg::U32(vocab as u32));
+    if let Some(w) = width {
+        args.push(Arg::U32(w as u32));
+    }
+    let grid = Grid {
+        blocks: [rows as u32, 1, 1],
+        threads: [CHOICE_THREADS, 1, 1],
+        shared_bytes: 0,
+    };
+    launch(op.kernel(), grid, &mut operands, &args)?;
+    let out = operands.pop().expect("the output operand");
+    Ok(Some((out.into_storage()?, shape)))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::kernels::{greedy, logprob, sample, sled};
+
+    /// A start-up check: its name, tolerance, run, and the kernels it launches.
+    type Check<'a> = (&'a str, f32, &'a dyn Fn() -> Result<f32>, &'a [&'a str]);
+
+    #[test]
+    fn every_choice_kernel_passes_the_start_up_check_a_gpu_must_pass() -> Result<()> {
+        // the tolerances of `multi_exit`'s start-up checks, at the released models' vocabulary
+        // and at one of a few passes, not a multiple of a block's threads
+        for vocab in [4099, 50257] {
+            let cpu = Device::Cpu;
+            let checks: [Check<'_>; 4] = [
+                (
+                    "greedy",
+                    1e-5,
+                    &|| greedy::check(&cpu, vocab),
+                    &[
+                        "argmax_rows",
+                        "contrast_rows",
+                        "divergence_rows",
+                        "margin_rows",
+                    ],
+                ),
+                (
+                    "logprob",
+                    1e-5,
+                    &|| logprob::check(&cpu, vocab),
+                    &["contrast_logprob_rows", "logprob_rows"],
+                ),
+                (
+                    "sample",
+                    1e-5,
+                    &|| sample::check(&cpu, vocab),
+                    &["contrast_sample_rows", "sample_rows"],
+                ),
+                ("sled", 1e-4, &|| sled::check(&cpu, vocab), &["sled_rows"]),
+            ];
+            for (name, tolerance, check, kernels) in checks {
+                launched();
+                let difference = emulating(check)?;
+                assert!(
+                    difference <= tolerance,
+                    "{name}'s kernels, vocabulary {vocab}: {difference} from the CPU's"
+                );
+                let ran = launched();
+                assert_eq!(
+                    ran,
+                    kernels.iter().map(|k| k.to_string()).collect(),
+                    "{name}'s check ran these"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_fused_epilogues_pass_the_start_up_check_a_gpu_must_pass() -> Result<()> {
+        use crate::kernels::fused_epilogue::{check, Activation};
+        // the tolerances of `multi_exit`'s start-up check; GPT-Neo-125M's widths, and odd ones
+        for (hidden, inner) in [(768, 3072), (37, 300)] {
+            for act in [
+                Activation::GeluTanh,
+                Activation::GeluErf,
+                Activation::Relu,
+                Activation::Silu,
+            ] {
+                for (product, tolerance) in
+                    [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 1e-2)]
+                {
+                    launched();
+                    let difference =
+                        emulating(|| check(&Device::Cpu, hidden, inner, act, product))?;
+                    assert!(
+                        difference <= tolerance,
+                        "{hidden}x{inner} {act:?} {product:?}: {difference} from candle's ops"
+                    );
+                    let want: BTreeSet<String> = ["fused_add_norm", "fused_epilogue"]
+                        .map(String::from)
+                        .into();
+                    assert_eq!(launched(), want);
+                }
+            }
+        }
+        Ok(())
+    }
+}
