@@ -517,4 +517,86 @@ mod tests {
         }
         Ok(())
     }
+
+    /// Rows whose answers hang on ties, NaNs and infinities, at vocabularies smaller than a
+    /// block, not a multiple of it, and several passes of it.
+    fn edge_rows(vocab: usize) -> Vec<Vec<f32>> {
+        let mut rand = crate::kernels::uniform(vocab as u64 + 17);
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        let mut rows = vec![
+            // the maximum twice, far apart (other threads, other warps): the first wins
+            (0..vocab)
+                .map(|i| if i == 1 || i + 1 == vocab { 2.0 } else { 0.0 })
+                .collect(),
+            (0..vocab)
+                .map(|i| if i % 3 == 0 { nan } else { rand() })
+                .collect(),
+            vec![nan; vocab],
+            (0..vocab)
+                .map(|i| if i == vocab / 2 { 1.0 } else { -inf })
+                .collect(),
+            // a grid of eighths: ties everywhere
+            (0..vocab).map(|_| (rand() * 24.0).round() / 8.0).collect(),
+            vec![0.5; vocab],
+        ];
+        rows.push(rows[4].iter().rev().copied().collect());
+        rows
+    }
+
+    #[test]
+    fn the_choice_kernels_break_ties_and_meet_nans_as_the_cpu_does() -> Result<()> {
+        for vocab in [1, 5, 256, 300, 1027] {
+            let rows = edge_rows(vocab);
+            let n = rows.len();
+            let t = candle_core::Tensor::new(rows.concat(), &Device::Cpu)?.reshape((n, vocab))?;
+            let both = |f: &dyn Fn() -> Result<candle_core::Tensor>| -> Result<_> {
+                Ok((f()?, emulating(f)?))
+            };
+            let (cpu, emu) = both(&|| greedy::argmax_rows(&t))?;
+            assert_eq!(
+                emu.to_vec1::<u32>()?,
+                cpu.to_vec1::<u32>()?,
+                "argmax, vocab {vocab}"
+            );
+            // NaN logits: only the argmax's answer is agreed (a margin or a log-softmax with
+            // NaNs in the row is NaN on the GPU, the CPU's skips them)
+            let has_nan: Vec<bool> = rows.iter().map(|r| r.iter().any(|x| x.is_nan())).collect();
+            let (cpu, emu) = both(&|| greedy::margin_rows(&t))?;
+            let margins = emu.to_vec1::<f32>()?.into_iter().zip(cpu.to_vec1::<f32>()?);
+            for ((e, c), _) in margins.zip(&has_nan).filter(|(_, &nan)| !nan) {
+                assert!(
+                    (e.is_nan() && c.is_nan()) || (e - c).abs() <= 1e-6,
+                    "margin, vocab {vocab}: {e} vs {c}"
+                );
+            }
+            // a log-softmax read: the top's ids follow the logits' order (ties to the lower
+            // id) on both, whatever each's normaliser; targets in and out of the row
+            let targets: Vec<u32> = (0..n as u32)
+                .map(|r| (r * 7) % (vocab as u32 + 2))
+                .collect();
+            let targets = candle_core::Tensor::new(targets.as_slice(), &Device::Cpu)?;
+            let top = 8;
+            let (cpu, emu) = both(&|| logprob::logprob_rows(&t, &targets, top))?;
+            let (cpu, emu) = (cpu.to_vec2::<f32>()?, emu.to_vec2::<f32>()?);
+            for (r, (e, c)) in emu
+                .iter()
+                .zip(&cpu)
+                .enumerate()
+                .filter(|(r, _)| !has_nan[*r])
+            {
+                assert_eq!(
+                    e[1 + top..],
+                    c[1 + top..],
+                    "top ids, vocab {vocab}, row {r}"
+                );
+                for (x, y) in e[..1 + top].iter().zip(&c[..1 + top]) {
+                    assert!(
+                        (x.is_nan() && y.is_nan()) || x == y || (x - y).abs() <= 1e-5,
+                        "logprobs, vocab {vocab}, row {r}: {e:?} vs {c:?}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
