@@ -211,6 +211,8 @@ pub fn build_state_with(
             max_grammar_bytes: s.max_grammar_bytes,
             cache_size: s.grammar_cache_size,
         },
+        #[cfg(feature = "cuda-emulator")]
+        emulate_cuda: false,
     };
     tune(&mut engine_cfg);
     let engine = Engine::start(loaded.model, tokenizer, limits, engine_cfg)?;

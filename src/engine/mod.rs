@@ -49,6 +49,11 @@ pub struct EngineConfig {
     /// What renders `/v1/chat/completions` prompts (None: chat requests are refused).
     pub chat_template: Option<Arc<ChatTemplate>>,
     pub structured: structured::StructuredConfig,
+    /// The compute pool's ops run our CUDA kernels on the CPU (`kernels::cuda_emulator`), for
+    /// tests of the GPU's path end to end.
+    #[cfg(feature = "cuda-emulator")]
+    #[doc(hidden)]
+    pub emulate_cuda: bool,
 }
 
 /// What `/tokenize` counts: a text, or a conversation as the chat template renders it.
@@ -102,10 +107,14 @@ impl Engine {
         );
         // One compute pool for the kernels, attention and scoring, with the batcher running on
         // one of its threads so that it works alongside the others instead of waiting on them.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .thread_name(|i| format!("exitserve-compute-{i}"))
-            .build()
-            .map_err(std::io::Error::other)?;
+        let pool =
+            rayon::ThreadPoolBuilder::new().thread_name(|i| format!("exitserve-compute-{i}"));
+        #[cfg(feature = "cuda-emulator")]
+        let pool = match cfg.emulate_cuda {
+            true => pool.start_handler(|_| crate::kernels::cuda_emulator::emulate_this_thread()),
+            false => pool,
+        };
+        let pool = pool.build().map_err(std::io::Error::other)?;
         // The batcher's state is single-threaded (Rc): it is built on the model thread.
         let thread = std::thread::Builder::new()
             .name("exitserve-model".into())

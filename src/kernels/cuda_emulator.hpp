@@ -4,7 +4,7 @@
 // emulator is packaged for CI (HIP-CPU and friends are neither on the registries nor kept for
 // CUDA's warp intrinsics), and these kernels use little of CUDA, so this is hand-written.
 //
-// A block's threads are fibers (ucontext) run by one OS thread in turn, each on its own stack:
+// A block's threads are fibers run by one OS thread in turn, each on its own stack:
 // a thread runs until it reaches `__syncthreads()` or a warp shuffle, and the barrier opens
 // when every thread of the block (of the warp) waits at it. A barrier some threads can never
 // reach (a `__syncthreads()` in divergent code, a thread that returned while others wait, a
@@ -34,8 +34,41 @@ struct dim3 {
 
 enum class State { Ready, AtSyncthreads, AtShuffle, Done };
 
+// A fiber's saved state. On x86-64 a switch saves the callee-saved registers on the fiber's own
+// stack and swaps stack pointers (`emu_switch`, a few instructions: swapcontext's signal-mask
+// system call on every switch made a barrier of 256 threads cost a millisecond); elsewhere,
+// ucontext.
+#if defined(__x86_64__)
+struct Context {
+    void* sp = nullptr;
+};
+extern "C" void emu_switch(void** save_sp, void* to_sp);
+inline void switch_to(Context& from, Context& to) { emu_switch(&from.sp, to.sp); }
+// `c` starts `entry` (which never returns) on `stack` when switched to.
+inline void start(Context& c, std::vector<char>& stack, void (*entry)()) {
+    void** sp = reinterpret_cast<void**>(
+        reinterpret_cast<uintptr_t>(stack.data() + stack.size()) & ~uintptr_t(15));
+    *--sp = nullptr;                               // the entry's return address: none
+    *--sp = reinterpret_cast<void*>(entry);        // where emu_switch's `ret` goes
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12-r15
+    c.sp = sp;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void start(Context& c, std::vector<char>& stack, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack.data();
+    c.uc.uc_stack.ss_size = stack.size();
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
 struct Thread {
-    ucontext_t context;
+    Context context;
     dim3 idx;
     unsigned int linear = 0;
     State state = State::Ready;
@@ -46,7 +79,7 @@ struct Thread {
 inline dim3 block_idx, block_dim, grid_dim;
 inline std::vector<Thread> threads;
 inline Thread* current = nullptr;
-inline ucontext_t scheduler;
+inline Context scheduler;
 inline std::string error;
 inline std::vector<float> dynamic_shared_memory;
 inline void (*kernel_body)() = nullptr;
@@ -57,7 +90,7 @@ inline void fail(const std::string& why) {
 
 inline void wait(State at) {
     current->state = at;
-    swapcontext(&current->context, &scheduler);
+    switch_to(current->context, scheduler);
 }
 
 inline void syncthreads() { wait(State::AtSyncthreads); }
@@ -72,7 +105,7 @@ T shfl_xor(unsigned int mask, T v, int lane_mask, int width) {
     wait(State::AtShuffle);  // every lane has written
     const unsigned int partner = (me->linear & ~31u) | ((me->linear & 31u) ^ (unsigned)lane_mask);
     T r = v;
-    if (partner < threads.size()) {
+    if (partner < block_dim.x * block_dim.y * block_dim.z) {
         std::memcpy(&r, &threads[partner].exchange, sizeof(T));
     } else {
         fail("a shuffle from a lane past the block");
@@ -84,7 +117,7 @@ T shfl_xor(unsigned int mask, T v, int lane_mask, int width) {
 inline void thread_entry() {
     kernel_body();
     current->state = State::Done;
-    swapcontext(&current->context, &scheduler);
+    switch_to(current->context, scheduler);
 }
 
 // Runs `body` (the kernel with its arguments bound) over the grid; false, with `error`, when a
@@ -94,8 +127,9 @@ inline bool run(dim3 grid, dim3 block, size_t shared_bytes, void (*body)()) {
     block_dim = block;
     kernel_body = body;
     const unsigned int n = block.x * block.y * block.z;
-    threads.assign(n, Thread());
-    for (Thread& t : threads) t.stack.resize(256 * 1024);
+    if (threads.size() < n) threads.resize(n);  // fibers' stacks kept from launch to launch
+    for (unsigned int i = 0; i < n; ++i)
+        if (threads[i].stack.empty()) threads[i].stack.resize(256 * 1024);
     for (unsigned int bz = 0; bz < grid.z; ++bz)
         for (unsigned int by = 0; by < grid.y; ++by)
             for (unsigned int bx = 0; bx < grid.x; ++bx) {
@@ -106,23 +140,21 @@ inline bool run(dim3 grid, dim3 block, size_t shared_bytes, void (*body)()) {
                     t.linear = i;
                     t.idx = dim3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
                     t.state = State::Ready;
-                    getcontext(&t.context);
-                    t.context.uc_stack.ss_sp = t.stack.data();
-                    t.context.uc_stack.ss_size = t.stack.size();
-                    t.context.uc_link = nullptr;
-                    makecontext(&t.context, thread_entry, 0);
+                    start(t.context, t.stack, thread_entry);
                 }
                 for (;;) {
-                    for (Thread& t : threads) {
+                    for (unsigned int i = 0; i < n; ++i) {
+                        Thread& t = threads[i];
                         if (t.state != State::Ready) continue;
                         current = &t;
-                        swapcontext(&scheduler, &t.context);
+                        switch_to(scheduler, t.context);
                         current = nullptr;
                     }
                     if (!error.empty()) return false;
                     // Every thread now waits at a barrier or is done: open what can open.
                     size_t done = 0, at_sync = 0, at_shuffle = 0;
-                    for (const Thread& t : threads) {
+                    for (unsigned int i = 0; i < n; ++i) {
+                        const Thread& t = threads[i];
                         done += t.state == State::Done;
                         at_sync += t.state == State::AtSyncthreads;
                         at_shuffle += t.state == State::AtShuffle;
@@ -147,7 +179,7 @@ inline bool run(dim3 grid, dim3 block, size_t shared_bytes, void (*body)()) {
                         return false;
                     }
                     if (at_sync == n) {
-                        for (Thread& t : threads) t.state = State::Ready;
+                        for (unsigned int i = 0; i < n; ++i) threads[i].state = State::Ready;
                         continue;
                     }
                     fail("a __syncthreads() that not every thread of the block reached (" +
@@ -253,6 +285,32 @@ inline unsigned short float_to_half(float f) {
 }  // namespace emu
 
 #ifdef EMU_LAUNCH_ENTRY
+#if defined(__x86_64__)
+// emu_switch(save_sp, to_sp): the System V callee-saved registers pushed, the stack pointer
+// saved to *save_sp and replaced by to_sp, theirs popped, and on.
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+#endif
 // The one entry `cuda_emulator.rs` calls (defined in one translation unit of the library):
 // `name`'s kernel over `grid` blocks of `block` threads with `shared_bytes` of dynamic shared
 // memory and `args` (pointers to each argument, spelled by `signature`). 0 when it ran, else

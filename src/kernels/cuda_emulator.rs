@@ -1,20 +1,25 @@
-//! Tests only: our CUDA kernels (`choices.cu`, `paged_attention.cu`, `fused_epilogue.cu`) run
-//! on the CPU, so that a machine without a GPU (CI's) runs the CUDA C the GPU will run and holds
-//! it to the CPU kernels. `cuda_emulator.hpp` gives CUDA's execution model (a block's threads as
-//! fibers, barriers and warp shuffles, an error where a barrier cannot open); this file compiles
-//! it with the `.cu` sources by the system's C++ compiler (`$CXX`, else `c++`) once per test
-//! process, loads the library, and launches kernels on operands placed between inaccessible
-//! pages, so a read or write past an operand stops the tests rather than passing unseen.
+//! Our CUDA kernels (`choices.cu`, `paged_attention.cu`, `fused_epilogue.cu`) run on the CPU
+//! (the `cuda-emulator` feature, which the tests turn on), so that a machine without a GPU (CI's)
+//! runs the CUDA C the GPU will run and holds it to the CPU kernels. `cuda_emulator.hpp` gives
+//! CUDA's execution model (a block's threads as fibers, barriers and warp shuffles, an error
+//! where a barrier cannot open); this file compiles it with the `.cu` sources by the system's C++
+//! compiler (`$CXX`, else `c++`) once per process, loads the library, and launches kernels on
+//! operands placed between inaccessible pages, so a read or write past an operand stops the
+//! process rather than passing unseen.
 //!
-//! [`emulating`] makes this thread's choice ops (`greedy.rs`, `sample.rs`, `logprob.rs`,
-//! `sled.rs`) run their kernels here in place of their CPU code, launched as
-//! `cuda_source.rs` launches them ([`super::cuda_source::ChoiceKernel`]): then the start-up
-//! checks (`check`), which hold a device's kernels to the CPU's functions, hold these.
+//! On a thread that is [`emulating`] (or marked by [`emulate_this_thread`]: an engine's compute
+//! pool, `EngineConfig::emulate_cuda`), the ops of `greedy.rs`, `sample.rs`, `logprob.rs`,
+//! `sled.rs`, `paged_attention.rs` and `fused_epilogue.rs` run their CUDA kernels here in place
+//! of their CPU code, launched as their `cuda_fwd` launches them: the choice ops through
+//! [`super::cuda_source::ChoiceKernel`], the others through the launch shapes they share with
+//! their CUDA launch. Then the start-up checks (`check`), which hold a device's kernels to the
+//! CPU's functions, hold these, and a server's batched path runs the GPU's kernels end to end.
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::ffi::{c_char, c_void, CString};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape};
@@ -333,6 +338,7 @@ pub(super) fn launch(
         )
     };
     LAUNCHED.with(|l| l.borrow_mut().push(kernel.to_string()));
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
     for (o, (g, _)) in operands.iter_mut().zip(&guarded) {
         let n = o.bytes().0.len();
         // SAFETY: the `n` bytes `Guarded::new` copied in, which the kernel may have written.
@@ -352,8 +358,22 @@ thread_local! {
     static LAUNCHED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `f` with this thread's choice ops running their CUDA kernels here (see the header).
-pub(crate) fn emulating<T>(f: impl FnOnce() -> T) -> T {
+/// Launches made here by the whole process.
+static LAUNCHES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many kernels the process has launched here: what a test of a server sees ran.
+pub fn launches() -> usize {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+/// This thread's ops run their CUDA kernels here from now on (a compute pool's threads, as they
+/// start).
+pub fn emulate_this_thread() {
+    EMULATING.with(|e| e.set(true));
+}
+
+/// `f` with this thread's ops running their CUDA kernels here (see the header).
+pub fn emulating<T>(f: impl FnOnce() -> T) -> T {
     struct Reset(bool);
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -370,7 +390,7 @@ pub(super) fn active() -> bool {
 }
 
 /// The kernels this thread launched here since the last call, by name: what a test sees ran.
-pub(crate) fn launched() -> BTreeSet<String> {
+pub fn launched() -> BTreeSet<String> {
     LAUNCHED.with(|l| l.borrow_mut().drain(..).collect())
 }
 

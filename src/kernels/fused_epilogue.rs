@@ -352,7 +352,7 @@ impl CustomOp1 for Fused {
     fn cpu_fwd(&self, y: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let (_rows, cols) = self.check(yl, y.dtype())?;
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if let Some(out) = emulated::launch(self, y, yl, (_rows, cols))? {
             return Ok((out, yl.shape().clone()));
         }
@@ -435,12 +435,12 @@ impl CustomOp1 for Fused {
 }
 
 /// Threads of a block of `fused_epilogue.cu`'s kernels (must match its `THREADS`).
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 const THREADS: u32 = 256;
 
 /// The kernel of `kind` and its blocks for `(rows, cols)`: the epilogue strides over every
 /// element (at most 65,536 blocks), the norm takes a block per row.
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 fn blocks(kind: &Kind, rows: u32, cols: u32) -> (&'static str, u32) {
     match kind {
         Kind::Epilogue { .. } => {
@@ -456,7 +456,7 @@ fn blocks(kind: &Kind, rows: u32, cols: u32) -> (&'static str, u32) {
 
 /// Tests: the CUDA kernels run on the CPU (`cuda_emulator.rs`) in place of the CPU code, their
 /// arguments as `cuda::launch` passes them.
-#[cfg(test)]
+#[cfg(feature = "cuda-emulator")]
 mod emulated {
     use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
     use half::{bf16, f16};

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda_source::launch_op;
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 use super::cuda_source::ChoiceKernel;
 use super::fastmath;
 
@@ -394,7 +394,7 @@ impl CustomOp1 for PerRow {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if let Some(out) = super::cuda_emulator::instead(self, &[(s, l)])? {
             return Ok(out);
         }
@@ -419,7 +419,7 @@ impl CustomOp1 for PerRow {
     }
 }
 
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 impl ChoiceKernel for PerRow {
     fn kernel(&self) -> &'static str {
         match self {
@@ -450,7 +450,7 @@ impl CustomOp2 for DivergenceRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2)])? {
             return Ok(out);
         }
@@ -479,7 +479,7 @@ impl CustomOp2 for DivergenceRows {
     }
 }
 
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 impl ChoiceKernel for DivergenceRows {
     fn kernel(&self) -> &'static str {
         "divergence_rows"
@@ -518,7 +518,7 @@ impl CustomOp3 for ContrastRows {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2), (s3, l3)])? {
             return Ok(out);
         }
@@ -557,7 +557,7 @@ impl CustomOp3 for ContrastRows {
     }
 }
 
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 impl ChoiceKernel for ContrastRows {
     fn kernel(&self) -> &'static str {
         "contrast_rows"

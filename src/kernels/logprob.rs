@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda_source::launch_op;
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 use super::cuda_source::ChoiceKernel;
 use super::fastmath;
 use super::greedy::{self, contiguous, ContrastRule};
@@ -309,7 +309,7 @@ impl CustomOp2 for LogprobRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2)])? {
             return Ok(out);
         }
@@ -336,7 +336,7 @@ impl CustomOp2 for LogprobRows {
     }
 }
 
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 impl ChoiceKernel for LogprobRows {
     fn kernel(&self) -> &'static str {
         "logprob_rows"
@@ -365,7 +365,7 @@ impl CustomOp3 for ContrastLogprobRows {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2), (s3, l3)])? {
             return Ok(out);
         }
@@ -409,7 +409,7 @@ impl CustomOp3 for ContrastLogprobRows {
     }
 }
 
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 impl ChoiceKernel for ContrastLogprobRows {
     fn kernel(&self) -> &'static str {
         "contrast_logprob_rows"

@@ -12,9 +12,9 @@
 pub mod allocator;
 pub mod causal_attention;
 pub mod cpu_features;
-#[cfg(test)]
-pub(crate) mod cuda_emulator;
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(feature = "cuda-emulator")]
+pub mod cuda_emulator;
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 mod cuda_source;
 pub mod fastmath;
 pub mod fused_epilogue;

@@ -180,7 +180,7 @@ impl CustomOp3 for PagedAttention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, width, keys) = self.check(ql, kl, vl)?;
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if let Some(out) = emulated::attend(self, (q, ql), (k, kl), (v, vl), (n, width, keys))? {
             return Ok(out);
         }
@@ -288,7 +288,7 @@ impl candle_core::InplaceOp2 for StoreRows {
         sl: &Layout,
     ) -> Result<()> {
         let (n, width, stride) = self.check(pl, sl)?;
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if emulated::store(self, (pool, pl), (src, sl), (n, width, stride))? {
             return Ok(());
         }
@@ -329,13 +329,13 @@ impl candle_core::InplaceOp2 for StoreRows {
 }
 
 /// Threads of a block of `paged_attention.cu`'s kernels (must match its `THREADS`).
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 const THREADS: u32 = 128;
 
 /// The attention kernel's blocks (one per query and head) and bytes of shared memory (the
 /// query, its scores, a reduction's scratch) for `n` queries of `keys` keys, or why it cannot
 /// run them.
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 fn attention_launch(n: usize, heads: usize, head_dim: usize, keys: usize) -> Result<(u32, u32)> {
     let shared = (head_dim + keys + THREADS as usize / 32) * std::mem::size_of::<f32>();
     if shared > 48 << 10 {
@@ -346,7 +346,7 @@ fn attention_launch(n: usize, heads: usize, head_dim: usize, keys: usize) -> Res
 
 /// Tests: the CUDA kernels run on the CPU (`cuda_emulator.rs`) in place of the CPU code, their
 /// arguments as `cuda::launch` and `cuda::store` pass them.
-#[cfg(test)]
+#[cfg(feature = "cuda-emulator")]
 mod emulated {
     use candle_core::{CpuStorage, Layout, Result, Shape};
     use half::bf16;

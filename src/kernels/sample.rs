@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda_source::launch_op;
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 use super::cuda_source::ChoiceKernel;
 use super::fastmath::{self, exp_neg};
 use super::greedy::{argmax, contiguous, ContrastRule};
@@ -437,7 +437,7 @@ impl CustomOp2 for SampleRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2)])? {
             return Ok(out);
         }
@@ -466,7 +466,7 @@ impl CustomOp2 for SampleRows {
     }
 }
 
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 impl ChoiceKernel for SampleRows {
     fn kernel(&self) -> &'static str {
         "sample_rows"
@@ -493,7 +493,7 @@ impl CustomOp3 for ContrastSampleRows {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2), (s3, l3)])? {
             return Ok(out);
         }
@@ -532,7 +532,7 @@ impl CustomOp3 for ContrastSampleRows {
     }
 }
 
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 impl ChoiceKernel for ContrastSampleRows {
     fn kernel(&self) -> &'static str {
         "contrast_sample_rows"

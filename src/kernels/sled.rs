@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::cuda_source::launch_op;
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 use super::cuda_source::ChoiceKernel;
 use super::fastmath;
 use super::greedy::contiguous;
@@ -317,7 +317,7 @@ impl CustomOp3 for SledRows {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        #[cfg(test)]
+        #[cfg(feature = "cuda-emulator")]
         if let Some(out) = super::cuda_emulator::instead(self, &[(s1, l1), (s2, l2), (s3, l3)])? {
             return Ok(out);
         }
@@ -367,7 +367,7 @@ impl CustomOp3 for SledRows {
     }
 }
 
-#[cfg(any(test, feature = "cuda"))]
+#[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 impl ChoiceKernel for SledRows {
     fn kernel(&self) -> &'static str {
         "sled_rows"

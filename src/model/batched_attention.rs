@@ -602,9 +602,11 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
+    #[cfg(feature = "cuda-emulator")]
     use crate::kernels::cuda_emulator::{emulating, launched};
     use crate::model::kv_cache::KvCache;
 
+    #[cfg(feature = "cuda-emulator")]
     #[test]
     fn the_cuda_attention_kernels_pass_the_start_up_check_a_gpu_must_pass(
     ) -> candle_core::Result<()> {
