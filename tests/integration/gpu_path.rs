@@ -10,18 +10,20 @@ use common::server::TestServer;
 use common::{greedy_body_for, ids, ARCHS};
 use serde_json::{json, Value};
 
+/// The path a GPU takes, with room for every case at once.
+const GPU_PATH: [&str; 6] = [
+    "--attention",
+    "batched",
+    "--matmul",
+    "candle",
+    "--max-batch-size",
+    "256",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_case_at_once_on_the_batched_path_equals_the_reference() {
     for f in ARCHS {
-        let flags = [
-            "--attention",
-            "batched",
-            "--matmul",
-            "candle",
-            "--max-batch-size",
-            "256",
-        ];
-        let server = TestServer::start_model(&f.dir(), &flags);
+        let server = TestServer::start_model(&f.dir(), &GPU_PATH);
         let url = server.url("/v1/completions");
         let cases = f.reference().cases;
         let draft = exitserve::model::ModelConfig::from_file(&f.dir().join("config.json"))
@@ -436,16 +438,7 @@ async fn the_gpu_kernels_run_on_the_cpu_serve_as_the_cpu_kernels_do() {
     use exitserve::kernels::cuda_emulator;
     for f in ARCHS {
         let dir = f.dir();
-        let argv = [
-            "--model",
-            dir.to_str().unwrap(),
-            "--attention",
-            "batched",
-            "--matmul",
-            "candle",
-            "--max-batch-size",
-            "256",
-        ];
+        let argv = [&["--model", dir.to_str().unwrap()][..], &GPU_PATH].concat();
         let emulated = TestServer::start_with(&argv, |c| c.emulate_cuda = true);
         let kernels = TestServer::start_with(&argv, |_| {});
         let cases = f.reference().cases;
