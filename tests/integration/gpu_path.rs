@@ -1,7 +1,9 @@
 //! The server on the path a GPU takes (`--attention batched --matmul candle`: batched attention
 //! over the paged cache, candle's matmul), on the CPU, through HTTP: every reference case at
 //! once, plainly, with self-speculative decoding and with `n` = 2 (a forked cache), equal to
-//! the reference; echo scoring equal to the CPU kernels' within float32 rounding.
+//! the reference; echo scoring equal to the CPU kernels' within float32 rounding. And the same
+//! with the GPU's own CUDA kernels run on the CPU in place of the CPU kernels
+//! (`kernels::cuda_emulator`).
 
 use crate::common;
 
@@ -20,10 +22,14 @@ const GPU_PATH: [&str; 6] = [
     "256",
 ];
 
+/// Also with the GPU's own kernels run on the CPU (`kernels::cuda_emulator`): its attention
+/// over forked caches and verifying passes, its epilogues and its choices.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_case_at_once_on_the_batched_path_equals_the_reference() {
-    for f in ARCHS {
-        let server = TestServer::start_model(&f.dir(), &GPU_PATH);
+    for (f, emulate) in ARCHS.iter().flat_map(|f| [(f, false), (f, true)]) {
+        let dir = f.dir();
+        let argv = [&["--model", dir.to_str().unwrap()][..], &GPU_PATH].concat();
+        let server = TestServer::start_with(&argv, |c| c.emulate_cuda = emulate);
         let url = server.url("/v1/completions");
         let cases = f.reference().cases;
         let draft = exitserve::model::ModelConfig::from_file(&f.dir().join("config.json"))
@@ -53,7 +59,10 @@ async fn every_case_at_once_on_the_batched_path_equals_the_reference() {
             .map(|(case, body)| {
                 let url = url.clone();
                 let want = case.greedy_ids.clone();
-                let label = format!("{} {} {:?} {}", f.name, case.mode, case.prompt, body);
+                let label = format!(
+                    "{} {} {:?} {} (emulated: {emulate})",
+                    f.name, case.mode, case.prompt, body
+                );
                 tokio::spawn(async move { (post(&url, &body).await, want, label) })
             })
             .collect();
