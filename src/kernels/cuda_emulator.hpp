@@ -6,7 +6,10 @@
 //
 // A block's threads are fibers run by one OS thread in turn, each on its own stack:
 // a thread runs until it reaches `__syncthreads()` or a warp shuffle, and the barrier opens
-// when every thread of the block (of the warp) waits at it. A barrier some threads can never
+// when every thread of the block (of the warp) waits at it. Each warp runs as far as it can
+// before the next starts, first to last or (`reversed`) last to first: the tests run each
+// launch both ways, and a value one thread writes while another reads it with no barrier
+// between (a race, which a GPU's scheduling may order either way) then differs. A barrier some threads can never
 // reach (a `__syncthreads()` in divergent code, a thread that returned while others wait, a
 // shuffle with a lane missing), which is undefined on a GPU, is an error here rather than a
 // hang. Blocks run one after another, so `__shared__` arrays are plain statics; the dynamic
@@ -83,6 +86,9 @@ inline Context scheduler;
 inline std::string error;
 inline std::vector<float> dynamic_shared_memory;
 inline void (*kernel_body)() = nullptr;
+// Whether a block's threads run from the last to the first between barriers (`emu_launch`'s
+// caller compares the two orders: results that differ are a race).
+inline bool reversed = false;
 
 inline void fail(const std::string& why) {
     if (error.empty()) error = why;
@@ -142,42 +148,43 @@ inline bool run(dim3 grid, dim3 block, size_t shared_bytes, void (*body)()) {
                     t.state = State::Ready;
                     start(t.context, t.stack, thread_entry);
                 }
+                // Each warp in turn runs as far as it can (its shuffles opening as soon as all
+                // its lanes wait at them) before the next starts: one warp runs ahead of the
+                // others up to the block's next __syncthreads(), as a GPU may schedule it.
+                const unsigned int warps = (n + 31) / 32;
                 for (;;) {
-                    for (unsigned int i = 0; i < n; ++i) {
-                        Thread& t = threads[i];
-                        if (t.state != State::Ready) continue;
-                        current = &t;
-                        switch_to(scheduler, t.context);
-                        current = nullptr;
+                    for (unsigned int k = 0; k < warps; ++k) {
+                        const unsigned int w = reversed ? warps - 1 - k : k;
+                        const unsigned int lo = w * 32, hi = lo + 32 < n ? lo + 32 : n;
+                        for (;;) {
+                            for (unsigned int j = 0; j < hi - lo; ++j) {
+                                Thread& t = threads[reversed ? hi - 1 - j : lo + j];
+                                if (t.state != State::Ready) continue;
+                                current = &t;
+                                switch_to(scheduler, t.context);
+                                current = nullptr;
+                            }
+                            if (!error.empty()) return false;
+                            bool all = true, any = false;
+                            for (unsigned int i = lo; i < hi; ++i) {
+                                all = all && threads[i].state == State::AtShuffle;
+                                any = any || threads[i].state == State::AtShuffle;
+                            }
+                            if (!any) break;
+                            if (!all) {
+                                fail("a warp shuffle that not every lane of the warp reached");
+                                return false;
+                            }
+                            for (unsigned int i = lo; i < hi; ++i) threads[i].state = State::Ready;
+                        }
                     }
-                    if (!error.empty()) return false;
-                    // Every thread now waits at a barrier or is done: open what can open.
-                    size_t done = 0, at_sync = 0, at_shuffle = 0;
+                    // Every thread now waits at __syncthreads() or is done.
+                    size_t done = 0, at_sync = 0;
                     for (unsigned int i = 0; i < n; ++i) {
-                        const Thread& t = threads[i];
-                        done += t.state == State::Done;
-                        at_sync += t.state == State::AtSyncthreads;
-                        at_shuffle += t.state == State::AtShuffle;
+                        done += threads[i].state == State::Done;
+                        at_sync += threads[i].state == State::AtSyncthreads;
                     }
                     if (done == n) break;
-                    bool opened = false;
-                    for (unsigned int w = 0; w < n; w += 32) {
-                        const unsigned int end = w + 32 < n ? w + 32 : n;
-                        bool all = true, any = false;
-                        for (unsigned int i = w; i < end; ++i) {
-                            all = all && threads[i].state == State::AtShuffle;
-                            any = any || threads[i].state == State::AtShuffle;
-                        }
-                        if (any && all) {
-                            for (unsigned int i = w; i < end; ++i) threads[i].state = State::Ready;
-                            opened = true;
-                        }
-                    }
-                    if (opened) continue;
-                    if (at_shuffle > 0) {
-                        fail("a warp shuffle that not every lane of the warp reached");
-                        return false;
-                    }
                     if (at_sync == n) {
                         for (unsigned int i = 0; i < n; ++i) threads[i].state = State::Ready;
                         continue;
@@ -313,12 +320,14 @@ emu_switch:
 #endif
 // The one entry `cuda_emulator.rs` calls (defined in one translation unit of the library):
 // `name`'s kernel over `grid` blocks of `block` threads with `shared_bytes` of dynamic shared
-// memory and `args` (pointers to each argument, spelled by `signature`). 0 when it ran, else
+// memory and `args` (pointers to each argument, spelled by `signature`), its threads run last
+// to first between barriers where `reversed`. 0 when it ran, else
 // 1 with the reason in `why` (at most `why_len` bytes, NUL included).
 extern "C" int emu_launch(const char* name, const unsigned int* grid, const unsigned int* block,
                           unsigned int shared_bytes, const char* signature, void** args,
-                          char* why, size_t why_len) {
+                          int reversed, char* why, size_t why_len) {
     emu::error.clear();
+    emu::reversed = reversed != 0;
     const emu::Entry* entry = nullptr;
     for (const emu::Entry& e : emu::registry())
         if (std::strcmp(e.name, name) == 0) entry = &e;

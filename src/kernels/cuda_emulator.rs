@@ -41,6 +41,7 @@ type LaunchFn = unsafe extern "C" fn(
     u32,
     *const c_char,
     *mut *mut c_void,
+    i32,
     *mut c_char,
     usize,
 ) -> i32;
@@ -272,12 +273,38 @@ impl Drop for Guarded {
 
 /// Runs `kernel` over `grid` with `args`, which name `operands`; what the kernel wrote is in
 /// `operands` after. An error names a kernel that does not exist, arguments that do not match
-/// its parameters, or a barrier that could not open.
+/// its parameters, or a barrier that could not open; inside [`emulating`] (the tests of the
+/// kernels), also a race: it runs a block's threads first to last, then last to first
+/// between barriers, and results that differ show a value read and written by different
+/// threads with no barrier between (which a GPU's scheduling may order either way).
 pub(super) fn launch(
     kernel: &str,
     grid: Grid,
     operands: &mut [Operand],
     args: &[Arg],
+) -> Result<()> {
+    if !RACE_CHECK.with(|r| r.get()) {
+        return launch_in_order(kernel, grid, operands, args, false);
+    }
+    let mut forward = operands.to_vec();
+    launch_in_order(kernel, grid, &mut forward, args, false)?;
+    launch_in_order(kernel, grid, operands, args, true)?;
+    let same = |a: &Operand, b: &Operand| a.bytes().0 == b.bytes().0;
+    if let Some(i) = (0..operands.len()).find(|&i| !same(&operands[i], &forward[i])) {
+        candle_core::bail!(
+            "emulated {kernel}: operand {i} depends on the order its threads run (a race: a \
+             value read and written by different threads with no barrier between)"
+        );
+    }
+    Ok(())
+}
+
+fn launch_in_order(
+    kernel: &str,
+    grid: Grid,
+    operands: &mut [Operand],
+    args: &[Arg],
+    reversed: bool,
 ) -> Result<()> {
     let lib = library()?.lock().unwrap_or_else(|p| p.into_inner());
     let guarded: Vec<(Guarded, usize)> = operands
@@ -333,6 +360,7 @@ pub(super) fn launch(
             grid.shared_bytes,
             signature.as_ptr(),
             pointers.as_mut_ptr(),
+            reversed as i32,
             why.as_mut_ptr(),
             why.len(),
         )
@@ -354,6 +382,8 @@ pub(super) fn launch(
 
 thread_local! {
     static EMULATING: Cell<bool> = const { Cell::new(false) };
+    /// Whether launches run twice, in both orders of a block's threads ([`launch`]).
+    static RACE_CHECK: Cell<bool> = const { Cell::new(false) };
     /// The kernels [`instead`] launched on this thread, so that a test sees they ran.
     static LAUNCHED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -372,15 +402,20 @@ pub fn emulate_this_thread() {
     EMULATING.with(|e| e.set(true));
 }
 
-/// `f` with this thread's ops running their CUDA kernels here (see the header).
+/// `f` with this thread's ops running their CUDA kernels here (see the header), each launch
+/// checked for races.
 pub fn emulating<T>(f: impl FnOnce() -> T) -> T {
-    struct Reset(bool);
+    struct Reset(bool, bool);
     impl Drop for Reset {
         fn drop(&mut self) {
             EMULATING.with(|e| e.set(self.0));
+            RACE_CHECK.with(|r| r.set(self.1));
         }
     }
-    let _reset = Reset(EMULATING.with(|e| e.replace(true)));
+    let _reset = Reset(
+        EMULATING.with(|e| e.replace(true)),
+        RACE_CHECK.with(|r| r.replace(true)),
+    );
     f()
 }
 
