@@ -74,7 +74,7 @@ fn build() -> std::result::Result<libloading::Library, String> {
     let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = dir.join("libcuda_emulator.so");
     let status = Command::new(&compiler)
-        .args(["-std=c++17", "-O1", "-fPIC", "-shared", "-w", "-o"])
+        .args(["-std=c++17", "-O2", "-fPIC", "-shared", "-w", "-o"])
         .arg(&out)
         .args(&files)
         .output()
