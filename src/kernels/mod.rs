@@ -2,7 +2,9 @@
 //! CPU feature probe that guards them, the allocator tuning (`allocator.rs`), and the launches of
 //! our own CUDA kernels (`paged_attention.rs`, which checks every index it reads,
 //! `fused_epilogue.rs`, `greedy.rs`, `sample.rs`, `logprob.rs` and `sled.rs` through
-//! `cuda_source.rs`, whose operands are checked against the shapes the kernels read).
+//! `cuda_source.rs`, whose operands are checked against the shapes the kernels read), and the
+//! tests' CUDA emulator (`cuda_emulator.rs`: its library loaded, its operands fenced by
+//! inaccessible pages).
 //!
 //! Each public entry is safe to call on any CPU: the packed matmul is only reachable through
 //! `PackedWeight::pack*`, which refuse a CPU without the instructions; the vectorised loops
