@@ -181,25 +181,66 @@ impl Operand {
         }
     }
 
-    /// An operand's elements as a view of a CPU storage holds them contiguously.
-    fn of(s: &CpuStorage, l: &Layout) -> Result<Operand> {
+    /// The elements a view of a CPU storage holds contiguously.
+    pub(super) fn of(s: &CpuStorage, l: &Layout) -> Result<Operand> {
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("CUDA emulator: contiguous operands");
         };
+        Self::elements(s, a, b)
+    }
+
+    /// A storage's elements from `from` on (a view whose rows lie apart, read in place).
+    pub(super) fn from_start(s: &CpuStorage, from: usize) -> Result<Operand> {
+        let end = match s {
+            CpuStorage::BF16(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::F64(v) => v.len(),
+            CpuStorage::U32(v) => v.len(),
+            _ => 0,
+        };
+        Self::elements(s, from, end)
+    }
+
+    /// Elements `a..b` of `s`: float32, float64 or u32, or a 16-bit float's bits (which the
+    /// kernels read).
+    fn elements(s: &CpuStorage, a: usize, b: usize) -> Result<Operand> {
         Ok(match s {
             CpuStorage::F32(v) => Operand::F32(v[a..b].to_vec()),
             CpuStorage::F64(v) => Operand::F64(v[a..b].to_vec()),
             CpuStorage::U32(v) => Operand::U32(v[a..b].to_vec()),
-            _ => candle_core::bail!("CUDA emulator: float32, float64 or u32 operands"),
+            CpuStorage::BF16(v) => Operand::U16(v[a..b].iter().map(|x| x.to_bits()).collect()),
+            CpuStorage::F16(v) => Operand::U16(v[a..b].iter().map(|x| x.to_bits()).collect()),
+            _ => candle_core::bail!("CUDA emulator: a float32, float64, u32 or 16-bit operand"),
         })
     }
 
-    fn into_storage(self) -> Result<CpuStorage> {
-        Ok(match self {
-            Operand::F32(v) => CpuStorage::F32(v),
-            Operand::F64(v) => CpuStorage::F64(v),
-            Operand::U32(v) => CpuStorage::U32(v),
-            Operand::U16(_) => candle_core::bail!("CUDA emulator: 16-bit bits as a storage"),
+    /// A zeroed (or otherwise `filled`) operand of `n` elements of `dtype` (16-bit floats as
+    /// their bits).
+    pub(super) fn filled(dtype: DType, n: usize, float: f64, id: u32) -> Result<Operand> {
+        Ok(match dtype {
+            DType::F32 => Operand::F32(vec![float as f32; n]),
+            DType::F64 => Operand::F64(vec![float; n]),
+            DType::U32 => Operand::U32(vec![id; n]),
+            DType::BF16 => Operand::U16(vec![half::bf16::from_f64(float).to_bits(); n]),
+            DType::F16 => Operand::U16(vec![half::f16::from_f64(float).to_bits(); n]),
+            d => candle_core::bail!("CUDA emulator: a {d:?} operand"),
+        })
+    }
+
+    /// The operand as a storage of `dtype` (which names what its 16 bits are).
+    pub(super) fn into_storage(self, dtype: DType) -> Result<CpuStorage> {
+        Ok(match (self, dtype) {
+            (Operand::F32(v), DType::F32) => CpuStorage::F32(v),
+            (Operand::F64(v), DType::F64) => CpuStorage::F64(v),
+            (Operand::U32(v), DType::U32) => CpuStorage::U32(v),
+            (Operand::U16(v), DType::BF16) => {
+                CpuStorage::BF16(v.into_iter().map(half::bf16::from_bits).collect())
+            }
+            (Operand::U16(v), DType::F16) => {
+                CpuStorage::F16(v.into_iter().map(half::f16::from_bits).collect())
+            }
+            (_, d) => candle_core::bail!("CUDA emulator: an operand read as {d:?}"),
         })
     }
 }
@@ -384,7 +425,7 @@ thread_local! {
     static EMULATING: Cell<bool> = const { Cell::new(false) };
     /// Whether launches run twice, in both orders of a block's threads ([`launch`]).
     static RACE_CHECK: Cell<bool> = const { Cell::new(false) };
-    /// The kernels [`instead`] launched on this thread, so that a test sees they ran.
+    /// The kernels launched here on this thread, so that a test sees they ran ([`launched`]).
     static LAUNCHED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -442,31 +483,18 @@ pub(super) fn instead(
     let (rows, vocab) = inputs[0].1.shape().dims2()?;
     let (dtype, width) = op.output();
     let n = rows * width.unwrap_or(1);
-    let shape = match width {
-        Some(w) => Shape::from((rows, w)),
-        None => Shape::from(rows),
-    };
-    // What the kernel leaves unwritten shows: NaN, or an id no vocabulary has.
-    let out = match dtype {
-        DType::F32 => Operand::F32(vec![f32::NAN; n]),
-        DType::F64 => Operand::F64(vec![f64::NAN; n]),
-        DType::U32 => Operand::U32(vec![u32::MAX - 1; n]),
-        d => candle_core::bail!("CUDA emulator: a {d:?} output"),
-    };
+    let shape = op.shape(rows);
     if rows == 0 || vocab == 0 {
         // as `launch_op`: zeros, no launch
-        let zeros = match out {
-            Operand::F32(_) => Operand::F32(vec![0.0; n]),
-            Operand::F64(_) => Operand::F64(vec![0.0; n]),
-            _ => Operand::U32(vec![0; n]),
-        };
-        return Ok(Some((zeros.into_storage()?, shape)));
+        let zeros = Operand::filled(dtype, n, 0.0, 0)?;
+        return Ok(Some((zeros.into_storage(dtype)?, shape)));
     }
     let mut operands = inputs
         .iter()
         .map(|&(s, l)| Operand::of(s, l))
         .collect::<Result<Vec<_>>>()?;
-    operands.push(out);
+    // What the kernel leaves unwritten shows: NaN, or an id no vocabulary has.
+    operands.push(Operand::filled(dtype, n, f64::NAN, u32::MAX - 1)?);
     let mut args: Vec<Arg> = (0..operands.len()).map(|i| Arg::At(i, 0)).collect();
     args.push(Arg::U32(vocab as u32));
     if let Some(w) = width {
@@ -479,7 +507,7 @@ pub(super) fn instead(
     };
     launch(op.kernel(), grid, &mut operands, &args)?;
     let out = operands.pop().expect("the output operand");
-    Ok(Some((out.into_storage()?, shape)))
+    Ok(Some((out.into_storage(dtype)?, shape)))
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@
 #[cfg(feature = "cuda")]
 use std::sync::OnceLock;
 
-use candle_core::DType;
 #[cfg(feature = "cuda")]
 use candle_core::{
     backend::BackendStorage,
@@ -18,8 +17,9 @@ use candle_core::{
     },
     cuda_backend::cudarc::nvrtc,
     cuda_backend::{CudaDType, WrapErr},
-    CudaStorage, Layout, Result, Shape,
+    CudaStorage, Layout, Result,
 };
+use candle_core::{DType, Shape};
 
 /// `source`'s PTX, compiled the first time (`cell` keeps it, or the error, for the process).
 #[cfg(feature = "cuda")]
@@ -53,6 +53,14 @@ pub(super) trait ChoiceKernel {
     fn kernel(&self) -> &'static str;
     /// The dtype it writes, and how many values per row if it takes a width (else one).
     fn output(&self) -> (DType, Option<usize>);
+
+    /// Its output's shape for `rows` rows: `(rows)`, or `(rows, width)`.
+    fn shape(&self, rows: usize) -> Shape {
+        match self.output().1 {
+            Some(w) => Shape::from((rows, w)),
+            None => Shape::from(rows),
+        }
+    }
 }
 
 /// `op`'s kernel over `inputs` (the op's operands, in its order): its output, `(rows)` or
@@ -67,10 +75,7 @@ pub(super) fn launch_op(
         inputs.iter().map(|&(s, l)| (s, l.start_offset())).collect();
     let (dtype, width) = op.output();
     let kernel = op.kernel();
-    let shape = match width {
-        Some(w) => Shape::from((rows, w)),
-        None => Shape::from(rows),
-    };
+    let shape = op.shape(rows);
     let out = match dtype {
         DType::U32 => launch::<u32>(kernel, &at, rows, vocab, width)?,
         DType::F32 => launch::<f32>(kernel, &at, rows, vocab, width)?,

@@ -458,29 +458,15 @@ fn blocks(kind: &Kind, rows: u32, cols: u32) -> (&'static str, u32) {
 /// arguments as `cuda::launch` passes them.
 #[cfg(feature = "cuda-emulator")]
 mod emulated {
-    use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
-    use half::{bf16, f16};
+    use candle_core::{CpuStorage, Layout, Result, Tensor};
 
     use super::super::cuda_emulator::{self as emu, Arg, Grid, Operand};
     use super::{blocks, float_code, Fused, Kind, THREADS};
 
-    /// A float operand as the kernels read it: float32, or a 16-bit float's bits.
-    fn operand(s: &CpuStorage, l: &Layout) -> Result<Operand> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("fused epilogue: contiguous operands");
-        };
-        Ok(match s {
-            CpuStorage::F32(v) => Operand::F32(v[a..b].to_vec()),
-            CpuStorage::BF16(v) => Operand::U16(v[a..b].iter().map(|x| x.to_bits()).collect()),
-            CpuStorage::F16(v) => Operand::U16(v[a..b].iter().map(|x| x.to_bits()).collect()),
-            _ => candle_core::bail!("fused epilogue: a float operand"),
-        })
-    }
-
     fn of_tensor(t: &Tensor) -> Result<Operand> {
         let (s, l) = t.storage_and_layout();
         match &*s {
-            candle_core::Storage::Cpu(c) => operand(c, l),
+            candle_core::Storage::Cpu(c) => Operand::of(c, l),
             _ => candle_core::bail!("fused epilogue: operands on another device than y"),
         }
     }
@@ -497,11 +483,8 @@ mod emulated {
         use candle_core::backend::BackendStorage;
         let n = rows * cols;
         let mut operands = vec![
-            operand(y, yl)?,
-            match op.out {
-                DType::F32 => Operand::F32(vec![f32::NAN; n]),
-                _ => Operand::U16(vec![u16::MAX; n]),
-            },
+            Operand::of(y, yl)?,
+            Operand::filled(op.out, n, f64::NAN, 0)?,
         ];
         if n > 0 {
             // An optional operand: its argument (null where absent), the operand appended.
@@ -548,16 +531,7 @@ mod emulated {
             };
             emu::launch(name, grid, &mut operands, &args)?;
         }
-        Ok(Some(match (op.out, operands.swap_remove(1)) {
-            (DType::F32, Operand::F32(v)) => CpuStorage::F32(v),
-            (DType::BF16, Operand::U16(v)) => {
-                CpuStorage::BF16(v.into_iter().map(bf16::from_bits).collect())
-            }
-            (DType::F16, Operand::U16(v)) => {
-                CpuStorage::F16(v.into_iter().map(f16::from_bits).collect())
-            }
-            (d, _) => candle_core::bail!("fused epilogue: a {d:?} output"),
-        }))
+        Ok(Some(operands.swap_remove(1).into_storage(op.out)?))
     }
 }
 

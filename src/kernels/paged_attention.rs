@@ -354,17 +354,6 @@ mod emulated {
     use super::super::cuda_emulator::{self as emu, Arg, Grid, Operand};
     use super::{attention_launch, PagedAttention, StoreRows, THREADS};
 
-    /// A storage's elements from `from` on (a float32 or u32 operand, or a bfloat16 one as its
-    /// bits, which the kernels read).
-    fn tail(s: &CpuStorage, from: usize) -> Result<Operand> {
-        Ok(match s {
-            CpuStorage::F32(v) => Operand::F32(v[from..].to_vec()),
-            CpuStorage::U32(v) => Operand::U32(v[from..].to_vec()),
-            CpuStorage::BF16(v) => Operand::U16(v[from..].iter().map(|x| x.to_bits()).collect()),
-            _ => candle_core::bail!("paged attention: a float32, bfloat16 or u32 operand"),
-        })
-    }
-
     pub(super) fn attend(
         op: &PagedAttention,
         (q, ql): (&CpuStorage, &Layout),
@@ -382,9 +371,9 @@ mod emulated {
             _ => "paged_attention_bf16",
         };
         let mut operands = vec![
-            tail(q, ql.start_offset())?,
-            tail(k, kl.start_offset())?,
-            tail(v, vl.start_offset())?,
+            Operand::from_start(q, ql.start_offset())?,
+            Operand::from_start(k, kl.start_offset())?,
+            Operand::from_start(v, vl.start_offset())?,
             Operand::U32(op.tables.flatten_all()?.to_vec1::<u32>()?),
             Operand::U32(op.queries.flatten_all()?.to_vec1::<u32>()?),
             Operand::F32(vec![f32::NAN; n * width]),
@@ -425,14 +414,14 @@ mod emulated {
             return Ok(true);
         }
         let at = pl.start_offset();
-        let (name, dst) = match pool {
-            CpuStorage::F32(_) => ("store_rows_f32", tail(pool, at)?),
-            _ => ("store_rows_bf16", tail(pool, at)?),
+        let name = match pool {
+            CpuStorage::F32(_) => "store_rows_f32",
+            _ => "store_rows_bf16",
         };
         let mut operands = vec![
-            tail(src, sl.start_offset())?,
+            Operand::from_start(src, sl.start_offset())?,
             Operand::U32(op.rows.to_vec1::<u32>()?),
-            dst,
+            Operand::from_start(pool, at)?,
         ];
         let args = [
             Arg::At(0, 0),
