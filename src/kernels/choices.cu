@@ -25,6 +25,11 @@
 #define THREADS 256
 #define NONE 0xffffffffu
 
+// e^x for x <= 0 in a normaliser's sum, as the host's `fastmath::exp_neg`: 0 below -87, and
+// NaN (a NaN logit, or inf - inf at an infinite maximum) taken as -87, so that a NaN logit
+// adds nothing to speak of and a row's log-sum-exp stays what the host's is.
+__device__ __forceinline__ float exp_neg(float x) { return x < -87.f ? 0.f : expf(fmaxf(x, -87.f)); }
+
 // The block's maximum of `v` (every thread gets it); `scratch` holds THREADS / 32 floats.
 __device__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -100,8 +105,8 @@ __device__ PairNorms pair_norms(const float* x, const float* y, unsigned int voc
     my = block_max(my, scratch);
     float sx = 0.f, sy = 0.f;
     for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
-        sx += expf(x[i] - mx);
-        sy += expf(y[i] - my);
+        sx += exp_neg(x[i] - mx);
+        sy += exp_neg(y[i] - my);
     }
     PairNorms n;
     n.max_x = mx;
@@ -144,8 +149,9 @@ __device__ __forceinline__ float key_float(unsigned int key) {
     return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-// The k-th largest of x[i] - shift over the row (NaN left out; k <= its length): bisection
-// over the keys for the largest key at or above which k values lie. Every thread gets it.
+// The k-th largest of x[i] - shift over the row, NaN left out (-inf where fewer than k numbers
+// are): bisection over the keys for the largest key at or above which k values lie (key 0,
+// a NaN's, where none does). Every thread gets it.
 __device__ float kth_largest(const float* x, float shift, unsigned int vocab, unsigned int k,
                              double* sums) {
     unsigned int lo = 0u, hi = 0xffffffffu;
@@ -159,7 +165,7 @@ __device__ float kth_largest(const float* x, float shift, unsigned int vocab, un
         if (block_sum(count, sums) >= (double)k) lo = mid;
         else hi = mid - 1u;
     }
-    return key_float(lo);
+    return lo == 0u ? -__int_as_float(0x7f800000) : key_float(lo);
 }
 
 // A contrast's plausibility threshold on log p_u: min(ln(alpha) + max log p_u, the k-th
@@ -222,7 +228,7 @@ margin_rows(const float* __restrict__ logits, float* __restrict__ out, unsigned 
         const float x = row[i];
         if (x == first) tops += 1.f;
         else second = fmaxf(second, x);
-        z += expf(x - first);
+        z += exp_neg(x - first);
     }
     second = block_max(second, values);
     tops = block_sum(tops, values);
@@ -502,7 +508,7 @@ __device__ float block_log_sum_exp(const F& f, unsigned int vocab, float* scratc
     for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) m = fmaxf(m, f(i));
     m = block_max(m, scratch);
     float z = 0.f;
-    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) z += expf(f(i) - m);
+    for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) z += exp_neg(f(i) - m);
     return m + logf(block_sum(z, scratch));
 }
 
@@ -536,12 +542,14 @@ __device__ ContrastScores contrast_scores(const float* u, const float* l, float 
         if (lp >= q.threshold) diff_max = fmaxf(diff_max, lp - (l[i] - q.lse_l));
     }
     diff_max = block_max(diff_max, scratch);
+    // fminf(NaN, 0) is 0, as the host's `contrast_sums`: the term of a lower head's -inf inside
+    // the set (inf - inf) counts as the maximum it is
     float diff_sum = 0.f, mass_sum = 0.f;
     for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) {
         const float lp = u[i] - q.lse_u;
         if (lp >= q.threshold) {
-            diff_sum += expf(lp - (l[i] - q.lse_l) - diff_max);
-            mass_sum += expf(lp - max_lp);
+            diff_sum += exp_neg(fminf(lp - (l[i] - q.lse_l) - diff_max, 0.f));
+            mass_sum += exp_neg(fminf(lp - max_lp, 0.f));
         }
     }
     q.offset = diff_max + logf(block_sum(diff_sum, scratch));

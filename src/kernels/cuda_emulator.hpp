@@ -75,12 +75,16 @@ struct Thread {
     dim3 idx;
     unsigned int linear = 0;
     State state = State::Ready;
-    unsigned long long exchange = 0;  // a shuffle's value, as its bits
+    // A shuffle's value, as its bits, in alternate slots: a lane writes the next shuffle's
+    // slot while its partners may still read this one's.
+    unsigned long long exchange[2] = {0, 0};
+    unsigned int shuffles = 0;
     std::vector<char> stack;
 };
 
 inline dim3 block_idx, block_dim, grid_dim;
 inline std::vector<Thread> threads;
+inline unsigned int block_threads = 0;
 inline Thread* current = nullptr;
 inline Context scheduler;
 inline std::string error;
@@ -94,12 +98,30 @@ inline void fail(const std::string& why) {
     if (error.empty()) error = why;
 }
 
-inline void wait(State at) {
-    current->state = at;
-    switch_to(current->context, scheduler);
+// The running thread leaves off: straight to the next thread of its warp that this pass has
+// yet to run (first to last, or last to first), or back to the scheduler after the warp's last.
+inline void leave(State at) {
+    Thread* me = current;
+    me->state = at;
+    const unsigned int lo = me->linear & ~31u;
+    const unsigned int hi = lo + 32 < block_threads ? lo + 32 : block_threads;
+    Thread* next = nullptr;
+    if (!reversed) {
+        for (unsigned int i = me->linear + 1; i < hi && !next; ++i)
+            if (threads[i].state == State::Ready) next = &threads[i];
+    } else {
+        for (unsigned int i = me->linear; i-- > lo && !next;)
+            if (threads[i].state == State::Ready) next = &threads[i];
+    }
+    if (next) {
+        current = next;
+        switch_to(me->context, next->context);
+    } else {
+        switch_to(me->context, scheduler);
+    }
 }
 
-inline void syncthreads() { wait(State::AtSyncthreads); }
+inline void syncthreads() { leave(State::AtSyncthreads); }
 
 // `__shfl_xor_sync`: every lane of the warp must take part (the kernels pass a full mask).
 template <typename T>
@@ -107,23 +129,22 @@ T shfl_xor(unsigned int mask, T v, int lane_mask, int width) {
     static_assert(sizeof(T) <= sizeof(unsigned long long), "a shuffle of at most 8 bytes");
     if (mask != 0xffffffffu || width != 32) fail("a shuffle with a partial mask or width");
     Thread* me = current;
-    std::memcpy(&me->exchange, &v, sizeof(T));
-    wait(State::AtShuffle);  // every lane has written
+    const unsigned int slot = me->shuffles++ & 1u;
+    std::memcpy(&me->exchange[slot], &v, sizeof(T));
+    leave(State::AtShuffle);  // every lane has written
     const unsigned int partner = (me->linear & ~31u) | ((me->linear & 31u) ^ (unsigned)lane_mask);
     T r = v;
-    if (partner < block_dim.x * block_dim.y * block_dim.z) {
-        std::memcpy(&r, &threads[partner].exchange, sizeof(T));
+    if (partner < block_threads) {
+        std::memcpy(&r, &threads[partner].exchange[slot], sizeof(T));
     } else {
         fail("a shuffle from a lane past the block");
     }
-    wait(State::AtShuffle);  // every lane has read before any writes again
     return r;
 }
 
 inline void thread_entry() {
     kernel_body();
-    current->state = State::Done;
-    switch_to(current->context, scheduler);
+    leave(State::Done);
 }
 
 // Runs `body` (the kernel with its arguments bound) over the grid; false, with `error`, when a
@@ -133,6 +154,7 @@ inline bool run(dim3 grid, dim3 block, size_t shared_bytes, void (*body)()) {
     block_dim = block;
     kernel_body = body;
     const unsigned int n = block.x * block.y * block.z;
+    block_threads = n;
     if (threads.size() < n) threads.resize(n);  // fibers' stacks kept from launch to launch
     for (unsigned int i = 0; i < n; ++i)
         if (threads[i].stack.empty()) threads[i].stack.resize(256 * 1024);
@@ -146,6 +168,7 @@ inline bool run(dim3 grid, dim3 block, size_t shared_bytes, void (*body)()) {
                     t.linear = i;
                     t.idx = dim3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
                     t.state = State::Ready;
+                    t.shuffles = 0;
                     start(t.context, t.stack, thread_entry);
                 }
                 // Each warp in turn runs as far as it can (its shuffles opening as soon as all
@@ -157,12 +180,15 @@ inline bool run(dim3 grid, dim3 block, size_t shared_bytes, void (*body)()) {
                         const unsigned int w = reversed ? warps - 1 - k : k;
                         const unsigned int lo = w * 32, hi = lo + 32 < n ? lo + 32 : n;
                         for (;;) {
+                            // the pass's first thread to run; each hands on to the next
+                            // (`leave`), the last back here
                             for (unsigned int j = 0; j < hi - lo; ++j) {
                                 Thread& t = threads[reversed ? hi - 1 - j : lo + j];
                                 if (t.state != State::Ready) continue;
                                 current = &t;
                                 switch_to(scheduler, t.context);
                                 current = nullptr;
+                                break;
                             }
                             if (!error.empty()) return false;
                             bool all = true, any = false;

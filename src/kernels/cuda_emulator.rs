@@ -515,6 +515,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::kernels::greedy::ContrastRule;
     use crate::kernels::{greedy, logprob, sample, sled};
 
     /// A start-up check: its name, tolerance, run, and the kernels it launches.
@@ -523,8 +524,9 @@ mod tests {
     #[test]
     fn every_choice_kernel_passes_the_start_up_check_a_gpu_must_pass() -> Result<()> {
         // the tolerances of `multi_exit`'s start-up checks, at the released models' vocabulary
-        // and at one of a few passes, not a multiple of a block's threads
-        for vocab in [4099, 50257] {
+        // and at ones of under one, two and a few passes, not multiples of a block's threads
+        // (a small vocabulary puts the check's -inf logits inside its contrasts' sets)
+        for vocab in [16, 300, 4099, 50257] {
             let cpu = Device::Cpu;
             let checks: [Check<'_>; 4] = [
                 (
@@ -641,43 +643,80 @@ mod tests {
                 cpu.to_vec1::<u32>()?,
                 "argmax, vocab {vocab}"
             );
-            // NaN logits: only the argmax's answer is agreed (a margin or a log-softmax with
-            // NaNs in the row is NaN on the GPU, the CPU's skips them)
-            let has_nan: Vec<bool> = rows.iter().map(|r| r.iter().any(|x| x.is_nan())).collect();
+            // NaN logits: every normaliser skips them (a NaN's own value stays NaN)
+            let close = |x: f32, y: f32, tol: f32| {
+                (x.is_nan() && y.is_nan()) || x == y || (x - y).abs() <= tol
+            };
             let (cpu, emu) = both(&|| greedy::margin_rows(&t))?;
-            let margins = emu.to_vec1::<f32>()?.into_iter().zip(cpu.to_vec1::<f32>()?);
-            for ((e, c), _) in margins.zip(&has_nan).filter(|(_, &nan)| !nan) {
-                assert!(
-                    (e.is_nan() && c.is_nan()) || (e - c).abs() <= 1e-6,
-                    "margin, vocab {vocab}: {e} vs {c}"
-                );
+            for (e, c) in emu.to_vec1::<f32>()?.into_iter().zip(cpu.to_vec1::<f32>()?) {
+                assert!(close(e, c, 1e-6), "margin, vocab {vocab}: {e} vs {c}");
             }
             // a log-softmax read: the top's ids follow the logits' order (ties to the lower
-            // id) on both, whatever each's normaliser; targets in and out of the row
+            // id); targets in and out of the row
             let targets: Vec<u32> = (0..n as u32)
                 .map(|r| (r * 7) % (vocab as u32 + 2))
                 .collect();
             let targets = candle_core::Tensor::new(targets.as_slice(), &Device::Cpu)?;
             let top = 8;
+            let same_reads =
+                |label: &str, cpu: candle_core::Tensor, emu: candle_core::Tensor| -> Result<()> {
+                    let (cpu, emu) = (cpu.to_vec2::<f32>()?, emu.to_vec2::<f32>()?);
+                    for (r, (e, c)) in emu.iter().zip(&cpu).enumerate() {
+                        assert_eq!(
+                            e[1 + top..],
+                            c[1 + top..],
+                            "{label} top ids, vocab {vocab}, row {r}: {e:?} vs {c:?}"
+                        );
+                        for (&x, &y) in e[..1 + top].iter().zip(&c[..1 + top]) {
+                            assert!(
+                                close(x, y, 1e-5),
+                                "{label}, vocab {vocab}, row {r}: {e:?} vs {c:?}"
+                            );
+                        }
+                    }
+                    Ok(())
+                };
             let (cpu, emu) = both(&|| logprob::logprob_rows(&t, &targets, top))?;
-            let (cpu, emu) = (cpu.to_vec2::<f32>()?, emu.to_vec2::<f32>()?);
-            for (r, (e, c)) in emu
-                .iter()
-                .zip(&cpu)
-                .enumerate()
-                .filter(|(r, _)| !has_nan[*r])
-            {
+            same_reads("logprobs", cpu, emu)?;
+            // contrasts of each row over the next (a lower head with NaN, -inf, ties),
+            // autocontrast's with its floors and every token plausible, and DoLa's
+            let lower = t.roll(-1, 0)?;
+            let rules = [
+                ContrastRule::Autocontrast {
+                    ln_alpha: 0.1f32.ln(),
+                    minimum_candidates: 1,
+                },
+                ContrastRule::Autocontrast {
+                    ln_alpha: 0.5f32.ln(),
+                    minimum_candidates: 3,
+                },
+                ContrastRule::Autocontrast {
+                    ln_alpha: f32::NEG_INFINITY,
+                    minimum_candidates: 1,
+                },
+                ContrastRule::Dola {
+                    ln_relative_top: 0.1f32.ln(),
+                },
+            ];
+            for rule in rules {
+                let rules = greedy::contrast_rules(&vec![rule; n], &Device::Cpu)?;
+                let (cpu, emu) = both(&|| greedy::contrast_rows(&t, &lower, &rules))?;
                 assert_eq!(
-                    e[1 + top..],
-                    c[1 + top..],
-                    "top ids, vocab {vocab}, row {r}"
+                    emu.to_vec1::<u32>()?,
+                    cpu.to_vec1::<u32>()?,
+                    "{rule:?}, vocab {vocab}"
                 );
-                for (x, y) in e[..1 + top].iter().zip(&c[..1 + top]) {
-                    assert!(
-                        (x.is_nan() && y.is_nan()) || x == y || (x - y).abs() <= 1e-5,
-                        "logprobs, vocab {vocab}, row {r}: {e:?} vs {c:?}"
-                    );
-                }
+                let params = logprob::contrast_params(&vec![rule; n], &targets)?;
+                let (cpu, emu) =
+                    both(&|| logprob::contrast_logprob_rows(&t, &lower, &params, top))?;
+                same_reads(&format!("{rule:?}"), cpu, emu)?;
+            }
+            let (cpu, emu) = both(&|| greedy::divergence_rows(&t, &lower))?;
+            for (e, c) in emu.to_vec1::<f64>()?.into_iter().zip(cpu.to_vec1::<f64>()?) {
+                assert!(
+                    (e.is_nan() && c.is_nan()) || e == c || (e - c).abs() <= 1e-6,
+                    "divergence, vocab {vocab}: {e} vs {c}"
+                );
             }
         }
         Ok(())

@@ -276,13 +276,19 @@ impl<'a> ContrastTerms<'a> {
         // keeps the order of x - lse, so the largest log p_u is max_u - lse_u, to the bit.
         let max_lp = max_u - lse_u;
         let k = minimum_candidates.clamp(1, lp_upper.len().max(1));
+        // NaN is no candidate: the floor counts numbers, and where fewer than k are, all of
+        // them are plausible
         let kth_lp = if k == 1 {
             max_lp
         } else {
-            let mut sorted = lp_upper.clone();
-            *sorted
-                .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a))
-                .1
+            let mut numbers: Vec<f32> = lp_upper.iter().copied().filter(|x| !x.is_nan()).collect();
+            if numbers.len() < k {
+                f32::NEG_INFINITY
+            } else {
+                *numbers
+                    .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a))
+                    .1
+            }
         };
         Self {
             lp_upper,
