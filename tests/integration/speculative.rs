@@ -74,31 +74,30 @@ async fn greedy_speculation_is_token_for_token_the_plain_decoding_alone_and_batc
         let url = server.url("/v1/completions");
         let cases = f.reference().cases;
         let mut checked = 0;
-        // alone, with several draft lengths
-        for case in &cases {
-            for k in [1, 4] {
-                let Some(body) = speculative_body(f, case, k) else {
-                    continue;
-                };
-                let (status, out) = post(&url, &body).await;
-                assert_eq!(status, 200, "{out}");
-                assert_eq!(
-                    ids(&out["choices"][0]["token_ids"]),
-                    case.greedy_ids,
-                    "{} {draft_weights} {} k={k} {:?}",
-                    f.name,
-                    case.mode,
-                    case.prompt
-                );
-                let usage = &out["usage"]["speculative"];
-                assert!(
-                    usage["accepted"].as_u64() <= usage["drafted"].as_u64(),
-                    "{usage}"
-                );
-                checked += 1;
-            }
+        // alone, with draft lengths of 1 and 4 in turn (every case drafts 4 at once below)
+        for (i, case) in cases.iter().enumerate() {
+            let k = [1, 4][i % 2];
+            let Some(body) = speculative_body(f, case, k) else {
+                continue;
+            };
+            let (status, out) = post(&url, &body).await;
+            assert_eq!(status, 200, "{out}");
+            assert_eq!(
+                ids(&out["choices"][0]["token_ids"]),
+                case.greedy_ids,
+                "{} {draft_weights} {} k={k} {:?}",
+                f.name,
+                case.mode,
+                case.prompt
+            );
+            let usage = &out["usage"]["speculative"];
+            assert!(
+                usage["accepted"].as_u64() <= usage["drafted"].as_u64(),
+                "{usage}"
+            );
+            checked += 1;
         }
-        assert!(checked >= 2 * 36, "{} {checked}", f.name);
+        assert!(checked >= 36, "{} {checked}", f.name);
         // batched: every case speculative and plain at once
         let tasks: Vec<_> = cases
             .iter()
@@ -638,7 +637,7 @@ async fn greedy_speculation_equals_plain_decoding_in_every_dtype() {
         let url = server.url("/v1/completions");
         let cases = f.reference().cases;
         let mut pairs = Vec::new();
-        for case in &cases {
+        for (i, case) in cases.iter().enumerate() {
             let Some(mut fast) = speculative_body(f, case, 3) else {
                 continue;
             };
@@ -647,12 +646,15 @@ async fn greedy_speculation_equals_plain_decoding_in_every_dtype() {
             plain.as_object_mut().unwrap().remove("speculative");
             let (status, want) = post(&url, &plain).await;
             assert_eq!(status, 200, "{want}");
-            // the tokens and, to the bit, their logprobs
+            // the tokens and, to the bit, their logprobs: every other case alone, every case
+            // at once below
             let want = tokens_and_logprobs(&want);
-            let (status, got) = post(&url, &fast).await;
-            assert_eq!(status, 200, "{got}");
-            let got = tokens_and_logprobs(&got);
-            assert_eq!(got, want, "{} {dtype} {} alone", f.name, case.mode);
+            if i % 2 == 0 {
+                let (status, got) = post(&url, &fast).await;
+                assert_eq!(status, 200, "{got}");
+                let got = tokens_and_logprobs(&got);
+                assert_eq!(got, want, "{} {dtype} {} alone", f.name, case.mode);
+            }
             pairs.push((fast, want));
         }
         assert!(pairs.len() >= 30, "{} {}", f.name, pairs.len());
