@@ -17,10 +17,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the matrix products run (`--matmul`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MatmulKernels {
+    /// The skinny CPU kernels where the CPU has them; on a GPU, bf16/f16 products with float32
+    /// results.
     Auto,
+    /// Candle's matmul everywhere, its results in the weights' dtype.
     Candle,
+    /// bf16/f16 products with float32 results, as a GPU runs them (slower on the CPU: there to
+    /// check the GPU's arithmetic where no GPU is).
+    Wide,
 }
 
 /// Which attention path runs on the CPU (every other device takes the batched one).
@@ -228,8 +235,10 @@ pub struct Args {
     /// Weight dtype: f32 (exact parity), or bf16/int8 (x86-64 with AVX2 or AVX-512) or f16 for speed
     #[arg(long, env = "EXITSERVE_DTYPE", value_parser = listed(WeightDtype::ALL), default_value = "f32")]
     pub dtype: WeightDtype,
-    /// CPU matmul kernels: `auto` (the skinny AVX2/AVX-512/AMX kernels where available) or `candle`
-    /// (candle's gemm everywhere)
+    /// Matrix products: `auto` (the skinny AVX2/AVX-512/AMX kernels where available; on a GPU, bf16
+    /// and f16 products with float32 results), `candle` (candle's matmul everywhere, its results
+    /// in the weights' dtype) or `wide` (bf16/f16 products with float32 results, as on a GPU;
+    /// slower on the CPU, for checking it)
     #[arg(long, env = "EXITSERVE_MATMUL", value_enum, default_value = "auto")]
     pub matmul: MatmulKernels,
     /// Attention on the CPU: `auto` (the fused CPU kernels) or `batched` (the GPU's path: the

@@ -82,11 +82,17 @@ pub fn build_state_with(
     shutdown: Shutdown,
     tune: impl FnOnce(&mut EngineConfig),
 ) -> Result<Arc<AppState>, StartupError> {
+    let device = device()?;
     let opts = LoadOptions {
         revision: s.revision.clone(),
         dtype: s.dtype,
-        device: device()?,
         skinny_kernels: s.matmul == MatmulKernels::Auto,
+        wide_products: match s.matmul {
+            MatmulKernels::Auto => !device.is_cpu(),
+            MatmulKernels::Candle => false,
+            MatmulKernels::Wide => true,
+        },
+        device,
         batched_attention: s.attention == AttentionPath::Batched,
     };
     // Before the model loads: a bad origin fails start-up at once.

@@ -179,14 +179,14 @@ pub fn add_norm_by_ops(
 
 /// The largest difference between the fused operations and candle's ops on `device`, each
 /// relative to the largest magnitude it produced, over the cases a block of `hidden` and
-/// `inner` columns with `act` runs for a product in `product` (and its next weight in the
-/// same dtype): what the model checks at start-up.
+/// `inner` columns with `act` runs for products in `product` whose next product reads `next`:
+/// what the model checks at start-up.
 pub fn check(
     device: &Device,
     hidden: usize,
     inner: usize,
     act: Activation,
-    product: DType,
+    (product, next): (DType, DType),
 ) -> Result<f32> {
     let rows = 5;
     // Deterministic, varied values of every sign and a spread of magnitudes.
@@ -237,7 +237,7 @@ pub fn check(
     // its second (bias and the residual stream); the norms before attention and after it
     for (y, bias, act, residual, out) in [
         (&yp, Some(&b), None, None, DType::F32),
-        (&big, Some(&b_inner), Some(act), None, product),
+        (&big, Some(&b_inner), Some(act), None, next),
         (&yp, Some(&b2), None, Some(res), DType::F32),
     ] {
         compare(
@@ -247,8 +247,8 @@ pub fn check(
     }
     for (y, bias, x) in [(&y, None, None), (&o, Some(&b), Some(&x))] {
         compare(
-            add_norm(y, bias, x, &norm, product)?,
-            add_norm_by_ops(y, bias, x, &norm, product)?,
+            add_norm(y, bias, x, &norm, next)?,
+            add_norm_by_ops(y, bias, x, &norm, next)?,
         )?;
     }
     Ok(worst)
@@ -718,13 +718,19 @@ mod tests {
     #[test]
     fn fused_ops_give_the_bits_of_candles_ops_on_the_cpu() -> Result<()> {
         for (hidden, inner, act) in [(8, 32, Activation::GeluTanh), (6, 24, Activation::Silu)] {
-            for product in [DType::F32, DType::BF16, DType::F16] {
-                let worst = check(&Device::Cpu, hidden, inner, act, product)?;
-                assert_eq!(worst, 0.0, "{hidden} {act:?} {product:?}");
+            for dtypes in [
+                (DType::F32, DType::F32),
+                (DType::BF16, DType::BF16),
+                (DType::F16, DType::F16),
+                (DType::F32, DType::BF16),
+            ] {
+                let worst = check(&Device::Cpu, hidden, inner, act, dtypes)?;
+                assert_eq!(worst, 0.0, "{hidden} {act:?} {dtypes:?}");
             }
         }
         for act in [Activation::GeluErf, Activation::Relu] {
-            assert_eq!(check(&Device::Cpu, 4, 16, act, DType::F32)?, 0.0, "{act:?}");
+            let f32s = (DType::F32, DType::F32);
+            assert_eq!(check(&Device::Cpu, 4, 16, act, f32s)?, 0.0, "{act:?}");
         }
         Ok(())
     }

@@ -2,9 +2,9 @@
 //! CPU feature probe that guards them, the allocator tuning (`allocator.rs`), and the launches of
 //! our own CUDA kernels (`paged_attention.rs`, which checks every index it reads,
 //! `fused_epilogue.rs`, `greedy.rs`, `sample.rs`, `logprob.rs` and `sled.rs` through
-//! `cuda_source.rs`, whose operands are checked against the shapes the kernels read), and the
-//! tests' CUDA emulator (`cuda_emulator.rs`: its library loaded, its operands fenced by
-//! inaccessible pages).
+//! `cuda_source.rs`, whose operands are checked against the shapes the kernels read), the call
+//! of cuBLAS's mixed-precision product (`wide_product.rs`), and the tests' CUDA emulator
+//! (`cuda_emulator.rs`: its library loaded, its operands fenced by inaccessible pages).
 //!
 //! Each public entry is safe to call on any CPU: the packed matmul is only reachable through
 //! `PackedWeight::pack*`, which refuse a CPU without the instructions; the vectorised loops
@@ -26,6 +26,7 @@ pub mod matmul;
 pub mod paged_attention;
 pub mod sample;
 pub mod sled;
+pub mod wide_product;
 
 /// A deterministic stream of uniform numbers in [0, 1) from `seed` (xorshift64): made-up
 /// logits for the start-up checks that compare a device's kernels with the CPU's, and for

@@ -22,6 +22,10 @@ pub struct LoadOptions {
     pub device: Device,
     /// Use the skinny AVX-512 matmul kernels where the CPU has them (else candle's gemm).
     pub skinny_kernels: bool,
+    /// Multiply bfloat16/float16 weights the skinny kernels do not take with float32 results
+    /// (`kernels::wide_product`: a GPU's products, where they hold at start-up) rather than by
+    /// candle's matmul.
+    pub wide_products: bool,
     /// Attention on the CPU takes the batched path over a paged cache (every other device's
     /// path) instead of the CPU kernels.
     pub batched_attention: bool,
@@ -34,6 +38,7 @@ impl Default for LoadOptions {
             dtype: WeightDtype::F32,
             device: Device::Cpu,
             skinny_kernels: true,
+            wide_products: false,
             batched_attention: false,
         }
     }
@@ -73,7 +78,7 @@ pub fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<LoadedModel> 
         cfg,
         vb,
         opts.dtype,
-        opts.skinny_kernels,
+        (opts.skinny_kernels, opts.wide_products),
         opts.batched_attention,
     )?;
     let tokenizer = TextTokenizer::from_files(&files.tokenizer)?;

@@ -27,7 +27,7 @@ use super::step::{ForwardStats, Logits, LogprobTargets, Packed, Segment, SeqStep
 use super::weights::{DraftWeights, Weight, WeightDtype, WeightSpec};
 use crate::kernels::fused_epilogue::{self, add_norm};
 use crate::kernels::sled::SledRule;
-use crate::kernels::{greedy, logprob, sample, sled};
+use crate::kernels::{greedy, logprob, sample, sled, wide_product};
 
 pub struct MultiExitModel {
     cfg: ModelConfig,
@@ -99,28 +99,31 @@ fn named<T>(name: &str, r: candle_core::Result<T>) -> Result<T> {
 impl MultiExitModel {
     /// Builds the model from a float32 `VarBuilder` rooted at the checkpoint's top level;
     /// projection and vocabulary weights are kept in `wdtype`, multiplied by the skinny CPU
-    /// kernels when `skinny` (and the CPU has them). Attention takes the batched path on a
-    /// paged cache off the CPU, and on the CPU when `batched_attention`.
+    /// kernels when `skinny` (and the CPU has them), else with float32 results when `wide`
+    /// (and the device's products hold). Attention takes the batched path on a paged cache
+    /// off the CPU, and on the CPU when `batched_attention`.
     pub fn new(
         cfg: ModelConfig,
         vb: VarBuilder,
         wdtype: WeightDtype,
-        skinny: bool,
+        (skinny, wide): (bool, bool),
         batched_attention: bool,
     ) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let t = vb.pp("transformer");
         let vw = vb.to_dtype(wdtype.load_dtype());
+        let device = vb.device().clone();
+        let reduced = matches!(wdtype.load_dtype(), DType::BF16 | DType::F16);
         let spec = WeightSpec {
             dtype: wdtype,
             skinny,
+            wide: wide && reduced && wide_products_hold(&device, wdtype.load_dtype()),
         };
         // One copy of wte serves as the embedding and as the tied original head.
         let wte = named(
             "transformer.wte.weight",
             vw.get((v, h), "transformer.wte.weight"),
         )?;
-        let device = wte.device().clone();
         let wte = named("transformer.wte.weight", Weight::new(wte, spec))?;
         // The vocabulary-sized matrices load first, while little else is resident: each
         // passes through a transient copy (read, pack) that then counts the least.
@@ -148,7 +151,7 @@ impl MultiExitModel {
             t.get((cfg.max_position_embeddings, h), "wpe.weight"),
         )?;
         let batched = batched_attention || !device.is_cpu();
-        let fused_epilogues = batched && fused_epilogues_hold(&device, &cfg, wte.input_dtype());
+        let fused_epilogues = batched && fused_epilogues_hold(&device, &cfg, &wte);
         let blocks = (0..cfg.num_layers)
             .map(|i| {
                 let name = format!("transformer.h.{i}");
@@ -205,7 +208,7 @@ impl MultiExitModel {
     pub fn set_draft_weights(&mut self, choice: DraftWeights) -> bool {
         let copyable = match &self.wte {
             Weight::Packed(p) => !p.is_int8() && crate::kernels::matmul::supports_int8(),
-            Weight::Plain(_) => false,
+            Weight::Plain(_) | Weight::Wide(_) => false,
         };
         self.drafts = (choice == DraftWeights::Int8 && copyable).then(|| DraftCopies {
             blocks: (0..self.cfg.num_layers).map(|_| OnceLock::new()).collect(),
@@ -773,6 +776,19 @@ fn premature_chosen(p: &Packed<'_>, slot: usize) -> bool {
     p.select_premature[slot] || (dola_read && p.heads[slot].len() > 2)
 }
 
+/// Whether reduced-precision products with a float32 result (`kernels::wide_product`) compute
+/// on `device` what the CPU's do in `dtype`.
+fn wide_products_hold(device: &Device, dtype: DType) -> bool {
+    kernels_hold(
+        wide_product::check(device, dtype),
+        // float32 sums of a few hundred terms, in another order
+        1e-4,
+        "products with float32 results (cuBLAS GemmEx)",
+        "the products with float32 results",
+        "the CPU's",
+    )
+}
+
 /// Whether the fused paged-attention kernels compute what the tensor ops do on `device`.
 fn fused_attention_holds(device: &Device, kv_dtype: DType) -> bool {
     kernels_hold(
@@ -785,13 +801,18 @@ fn fused_attention_holds(device: &Device, kv_dtype: DType) -> bool {
 }
 
 /// Whether the fused epilogues compute what candle's ops do on `device` for this model's
-/// shapes and product dtype.
-fn fused_epilogues_hold(device: &Device, cfg: &ModelConfig, product: DType) -> bool {
+/// shapes, its products' dtype and the dtype they read.
+fn fused_epilogues_hold(device: &Device, cfg: &ModelConfig, weights: &Weight) -> bool {
     let (hidden, inner, act) = (cfg.hidden_size, cfg.intermediate_size, cfg.activation);
+    let dtypes = (weights.output_dtype(), weights.input_dtype());
     // A 16-bit output may round the other way on a last-bit difference of its float32.
-    let tolerance = if product == DType::F32 { 1e-5 } else { 1e-2 };
+    let tolerance = if dtypes == (DType::F32, DType::F32) {
+        1e-5
+    } else {
+        1e-2
+    };
     kernels_hold(
-        fused_epilogue::check(device, hidden, inner, act, product),
+        fused_epilogue::check(device, hidden, inner, act, dtypes),
         tolerance,
         "fused epilogues (bias, activation, residual, norm)",
         "the fused epilogues",

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::kernels::fused_epilogue::{self, Activation, Residual};
 use crate::kernels::matmul::{self, PackedWeight};
+use crate::kernels::wide_product;
 
 /// How the projection and vocabulary matrices are stored and multiplied. Norms, position
 /// embeddings, biases and activations stay float32 in every case.
@@ -132,14 +133,20 @@ pub struct WeightSpec {
     pub dtype: WeightDtype,
     /// Use the skinny CPU kernels where the CPU has them (else candle's matmul).
     pub skinny: bool,
+    /// Multiply a bfloat16 or float16 weight off the CPU with a float32 result
+    /// (`kernels::wide_product`), where the device's product holds at start-up.
+    pub wide: bool,
 }
 
 /// A matmul weight `(out, in)`: packed for the skinny AVX2/AVX-512 kernels on CPUs that have them
-/// (unless `--matmul candle`), else a plain tensor for candle's matmul (GPU, other CPUs).
+/// (unless `--matmul candle`), a reduced-precision one on a GPU for the product with a float32
+/// result, else a plain tensor for candle's matmul (other CPUs).
 #[derive(Clone)]
 pub enum Weight {
     Plain(Tensor),
     Packed(PackedWeight),
+    /// bfloat16 or float16, multiplied by `kernels::wide_product`.
+    Wide(Tensor),
 }
 
 impl Weight {
@@ -156,31 +163,43 @@ impl Weight {
             Ok(Weight::Packed(PackedWeight::pack_int8(&w)?))
         } else if cpu_kernels && matmul::supported(w.dtype()) {
             Ok(Weight::Packed(PackedWeight::pack(&w)?))
+        } else if spec.wide && matches!(w.dtype(), DType::BF16 | DType::F16) {
+            Ok(Weight::Wide(w.contiguous()?))
         } else {
             Ok(Weight::Plain(w))
         }
     }
 
-    /// `x Wᵀ` for float32 `x`; a reduced-precision plain weight gets `x` cast to its dtype and
-    /// the result back as float32.
+    /// `x Wᵀ` for float32 `x`; a reduced-precision weight gets `x` cast to its dtype (and a
+    /// plain one's result back to float32).
     pub fn xwt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.product(x)?.to_dtype(DType::F32)
     }
 
-    /// The dtype [`Weight::product`] reads `x` in (and returns its product in): float32 for the
-    /// packed kernels, the weight's own for candle's matmul.
+    /// The dtype [`Weight::product`] reads `x` in: float32 for the packed kernels, the
+    /// weight's own for the others.
     pub fn input_dtype(&self) -> DType {
         match self {
             Weight::Packed(_) => DType::F32,
+            Weight::Plain(w) | Weight::Wide(w) => w.dtype(),
+        }
+    }
+
+    /// The dtype [`Weight::product`] returns: float32 but for candle's matmul of a
+    /// reduced-precision weight (its own).
+    pub fn output_dtype(&self) -> DType {
+        match self {
+            Weight::Packed(_) | Weight::Wide(_) => DType::F32,
             Weight::Plain(w) => w.dtype(),
         }
     }
 
-    /// `x Wᵀ` in [`Weight::input_dtype`] (`x` cast to it first if it is not): what a fused
-    /// epilogue takes, with no cast of its own.
+    /// `x Wᵀ` in [`Weight::output_dtype`], `x` cast to [`Weight::input_dtype`] first if it is
+    /// not: what a fused epilogue takes, with no cast of its own.
     pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Weight::Packed(p) => p.xwt(x),
+            Weight::Wide(w) => wide_product::product(&x.to_dtype(w.dtype())?, w),
             Weight::Plain(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?),
         }
     }
@@ -198,7 +217,7 @@ impl Weight {
     pub fn rows(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
         match self {
             Weight::Packed(p) => p.gather_rows(ids),
-            Weight::Plain(w) => w
+            Weight::Plain(w) | Weight::Wide(w) => w
                 .index_select(&Tensor::new(ids, device)?, 0)?
                 .to_dtype(DType::F32),
         }
@@ -307,7 +326,12 @@ impl Proj {
         self.weight.input_dtype()
     }
 
-    /// `x Wᵀ` without the bias, in [`Proj::input_dtype`].
+    /// See [`Weight::output_dtype`].
+    pub fn output_dtype(&self) -> DType {
+        self.weight.output_dtype()
+    }
+
+    /// `x Wᵀ` without the bias, in [`Proj::output_dtype`].
     pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.weight.product(x)
     }
