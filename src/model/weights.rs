@@ -133,14 +133,14 @@ pub struct WeightSpec {
     pub dtype: WeightDtype,
     /// Use the skinny CPU kernels where the CPU has them (else candle's matmul).
     pub skinny: bool,
-    /// Multiply a bfloat16 or float16 weight off the CPU with a float32 result
-    /// (`kernels::wide_product`), where the device's product holds at start-up.
+    /// Multiply a bfloat16 or float16 weight the skinny kernels do not take with a float32
+    /// result (`kernels::wide_product`: a GPU's products, or `--matmul wide`).
     pub wide: bool,
 }
 
 /// A matmul weight `(out, in)`: packed for the skinny AVX2/AVX-512 kernels on CPUs that have them
-/// (unless `--matmul candle`), a reduced-precision one on a GPU for the product with a float32
-/// result, else a plain tensor for candle's matmul (other CPUs).
+/// (unless `--matmul candle`), a reduced-precision one for the product with a float32 result
+/// where `WeightSpec::wide` asks (a GPU), else a plain tensor for candle's matmul.
 #[derive(Clone)]
 pub enum Weight {
     Plain(Tensor),
@@ -326,12 +326,7 @@ impl Proj {
         self.weight.input_dtype()
     }
 
-    /// See [`Weight::output_dtype`].
-    pub fn output_dtype(&self) -> DType {
-        self.weight.output_dtype()
-    }
-
-    /// `x Wᵀ` without the bias, in [`Proj::output_dtype`].
+    /// `x Wᵀ` without the bias, in [`Weight::output_dtype`].
     pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.weight.product(x)
     }

@@ -546,22 +546,21 @@ async fn bf16_products_with_float32_results_agree_as_the_cpu_kernels_do() {
             .count()
     };
     let bf16 = ["--dtype", "bf16"];
-    let wide = TestServer::start_model(
-        &f.dir(),
-        &[
-            &bf16[..],
-            &["--attention", "batched", "--matmul", "wide"],
-            &GPU_PATH[4..],
-        ]
-        .concat(),
-    );
+    let wide_flags = [
+        "--attention",
+        "batched",
+        "--matmul",
+        "wide",
+        "--max-batch-size",
+        "256",
+    ];
+    let wide = TestServer::start_model(&f.dir(), &[&bf16[..], &wide_flags].concat());
     let wide = agreeing(responses_at_once(&wide.url("/v1/completions"), &bodies).await);
     let kernels = TestServer::start_model(&f.dir(), &bf16);
     let kernels = agreeing(responses_at_once(&kernels.url("/v1/completions"), &bodies).await);
     // the two round differently (x to bfloat16 here, not there): a case or two either way
     assert!(
         wide + 2 >= kernels,
-        "{} cases agree with float32 products, {kernels} with the CPU's kernels",
-        wide
+        "{wide} cases agree with float32 products, {kernels} with the CPU's kernels"
     );
 }
