@@ -99,7 +99,7 @@ pub fn block_products(shape: &Shape, prompt: usize) {
                 let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
                 let share = 100.0 * gflops * 1e9 / rate.ops_per_s;
                 line += &format!(
-                    "   m={m:<4} {:7.2} ms {gflops:6.1} GFLOPS {share:4.1} %",
+                    "   m={m:<4} {:8.3} ms {gflops:6.1} GFLOPS {share:4.1} %",
                     s * 1e3
                 );
             }
