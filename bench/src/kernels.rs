@@ -52,10 +52,23 @@ pub fn kernels() {
     }
 }
 
+/// The multiply-add peak of each dtype's kernel instruction on all threads, or None where
+/// the CPU has no kernel for it. Measure it before any product runs: rayon's workers go on
+/// spinning and yielding for a while after a parallel product, and the peak loop's threads
+/// then share the cores with them (2 cores of an AMD Zen 4: f32 read 160-177 GFLOPS there,
+/// 230-234 alone, below what the kernels themselves reached).
+pub fn peaks() -> Vec<(&'static str, Option<peak::Rate>)> {
+    let threads = rayon::current_num_threads();
+    ["f32", "bf16", "int8"]
+        .into_iter()
+        .map(|kind| (kind, peak::multiply_add_rate(kind, threads, 0.3, 3)))
+        .collect()
+}
+
 /// Times the products of one block (attention in and out, MLP up and down) of `shape` at
 /// decode (1 and 16 rows) and prefill (`prompt` rows) sizes, per dtype, as GFLOPS and as a
-/// share of this machine's multiply-add peak for that dtype (measured here, all threads).
-pub fn block_products(shape: &Shape, prompt: usize) {
+/// share of this machine's multiply-add `peaks` for that dtype (all threads).
+pub fn block_products(shape: &Shape, prompt: usize, peaks: &[(&str, Option<peak::Rate>)]) {
     use candle_core::{DType, Device, Tensor};
     use exitserve::kernels::matmul::PackedWeight;
     let dev = Device::Cpu;
@@ -67,8 +80,8 @@ pub fn block_products(shape: &Shape, prompt: usize) {
         ("mlp up", 4 * h, h),
         ("mlp down", h, 4 * h),
     ];
-    for kind in ["f32", "bf16", "int8"] {
-        let Some(rate) = peak::multiply_add_rate(kind, threads, 0.3, 3) else {
+    for &(kind, rate) in peaks {
+        let Some(rate) = rate else {
             println!("{kind}: no kernel on this CPU");
             continue;
         };

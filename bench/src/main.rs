@@ -166,8 +166,9 @@ pub fn repo_root() -> PathBuf {
 fn main() {
     let mut args = Args::parse();
     if args.kernels {
+        let peaks = kernels::peaks();
         kernels::kernels();
-        return kernels::block_products(&Shape::of(args.arch), args.scoring_len);
+        return kernels::block_products(&Shape::of(args.arch), args.scoring_len, &peaks);
     }
     if args.limits {
         let limits = limits::Limits::measure();
