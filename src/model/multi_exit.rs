@@ -117,7 +117,7 @@ impl MultiExitModel {
         let spec = WeightSpec {
             dtype: wdtype,
             skinny,
-            wide: wide && reduced && wide_products_hold(&device, wdtype.load_dtype()),
+            wide: wide && reduced && wide_products_hold(&device, wdtype.load_dtype())?,
         };
         // One copy of wte serves as the embedding and as the tied original head.
         let wte = named(
@@ -151,7 +151,7 @@ impl MultiExitModel {
             t.get((cfg.max_position_embeddings, h), "wpe.weight"),
         )?;
         let batched = batched_attention || !device.is_cpu();
-        let fused_epilogues = batched && fused_epilogues_hold(&device, &cfg, &wte);
+        let fused_epilogues = batched && fused_epilogues_hold(&device, &cfg, &wte)?;
         let blocks = (0..cfg.num_layers)
             .map(|i| {
                 let name = format!("transformer.h.{i}");
@@ -166,15 +166,15 @@ impl MultiExitModel {
         let kv_pool =
             batched.then(|| KvPool::new(cfg.num_layers, h, wdtype.kv_dtype(), device.clone()));
         let fused_attention =
-            kv_pool.is_some() && fused_attention_holds(&device, wdtype.kv_dtype());
+            kv_pool.is_some() && fused_attention_holds(&device, wdtype.kv_dtype())?;
         // The ids travel as float32 among the logits: exact below 2^24.
         let device_choices =
-            batched && cfg.vocab_size < 1 << 24 && device_choices_hold(&device, cfg.vocab_size);
-        let device_draws = device_choices && device_draws_hold(&device, cfg.vocab_size);
+            batched && cfg.vocab_size < 1 << 24 && device_choices_hold(&device, cfg.vocab_size)?;
+        let device_draws = device_choices && device_draws_hold(&device, cfg.vocab_size)?;
         let device_logprobs =
-            batched && cfg.vocab_size < 1 << 24 && device_logprobs_hold(&device, cfg.vocab_size);
+            batched && cfg.vocab_size < 1 << 24 && device_logprobs_hold(&device, cfg.vocab_size)?;
         let device_sled =
-            batched && cfg.vocab_size < 1 << 24 && device_sled_holds(&device, cfg.vocab_size);
+            batched && cfg.vocab_size < 1 << 24 && device_sled_holds(&device, cfg.vocab_size)?;
         Ok(Self {
             fused_attention,
             fused_epilogues,
@@ -778,8 +778,9 @@ fn premature_chosen(p: &Packed<'_>, slot: usize) -> bool {
 
 /// Whether reduced-precision products with a float32 result (`kernels::wide_product`) compute
 /// on `device` what the CPU's do in `dtype`.
-fn wide_products_hold(device: &Device, dtype: DType) -> bool {
+fn wide_products_hold(device: &Device, dtype: DType) -> candle_core::Result<bool> {
     kernels_hold(
+        device,
         wide_product::check(device, dtype),
         // float32 sums of a few hundred terms, in another order
         1e-4,
@@ -790,8 +791,9 @@ fn wide_products_hold(device: &Device, dtype: DType) -> bool {
 }
 
 /// Whether the fused paged-attention kernels compute what the tensor ops do on `device`.
-fn fused_attention_holds(device: &Device, kv_dtype: DType) -> bool {
+fn fused_attention_holds(device: &Device, kv_dtype: DType) -> candle_core::Result<bool> {
     kernels_hold(
+        device,
         batched_attention::check_fused_attention(device, kv_dtype),
         batched_attention::FUSED_TOLERANCE,
         "batched attention: the fused paged-attention kernels",
@@ -802,7 +804,11 @@ fn fused_attention_holds(device: &Device, kv_dtype: DType) -> bool {
 
 /// Whether the fused epilogues compute what candle's ops do on `device` for this model's
 /// shapes, its products' dtype and the dtype they read.
-fn fused_epilogues_hold(device: &Device, cfg: &ModelConfig, weights: &Weight) -> bool {
+fn fused_epilogues_hold(
+    device: &Device,
+    cfg: &ModelConfig,
+    weights: &Weight,
+) -> candle_core::Result<bool> {
     let (hidden, inner, act) = (cfg.hidden_size, cfg.intermediate_size, cfg.activation);
     let dtypes = (weights.output_dtype(), weights.input_dtype());
     // A 16-bit output may round the other way on a last-bit difference of its float32.
@@ -812,6 +818,7 @@ fn fused_epilogues_hold(device: &Device, cfg: &ModelConfig, weights: &Weight) ->
         1e-2
     };
     kernels_hold(
+        device,
         fused_epilogue::check(device, hidden, inner, act, dtypes),
         tolerance,
         "fused epilogues (bias, activation, residual, norm)",
@@ -821,8 +828,9 @@ fn fused_epilogues_hold(device: &Device, cfg: &ModelConfig, weights: &Weight) ->
 }
 
 /// Whether the greedy choices made on `device` are the CPU's, for rows of `vocab` logits.
-fn device_choices_hold(device: &Device, vocab: usize) -> bool {
+fn device_choices_hold(device: &Device, vocab: usize) -> candle_core::Result<bool> {
     kernels_hold(
+        device,
         greedy::check(device, vocab),
         1e-5,
         "greedy choices (argmax, contrast, DoLa), exit margins and DoLa divergences made where the logits are",
@@ -832,8 +840,9 @@ fn device_choices_hold(device: &Device, vocab: usize) -> bool {
 }
 
 /// Whether the prompt logprobs read on `device` are the CPU's, for rows of `vocab` logits.
-fn device_logprobs_hold(device: &Device, vocab: usize) -> bool {
+fn device_logprobs_hold(device: &Device, vocab: usize) -> candle_core::Result<bool> {
     kernels_hold(
+        device,
         logprob::check(device, vocab),
         1e-5,
         "prompt logprobs (echo) read where the logits are",
@@ -843,8 +852,9 @@ fn device_logprobs_hold(device: &Device, vocab: usize) -> bool {
 }
 
 /// Whether SLED's scores computed on `device` are the CPU's, for rows of `vocab` logits.
-fn device_sled_holds(device: &Device, vocab: usize) -> bool {
+fn device_sled_holds(device: &Device, vocab: usize) -> candle_core::Result<bool> {
     kernels_hold(
+        device,
         sled::check(device, vocab),
         // evolved logits of trained heads' size, made of float32 softmaxes
         1e-4,
@@ -855,8 +865,9 @@ fn device_sled_holds(device: &Device, vocab: usize) -> bool {
 }
 
 /// Whether the draws made on `device` are the CPU's, for rows of `vocab` logits.
-fn device_draws_hold(device: &Device, vocab: usize) -> bool {
+fn device_draws_hold(device: &Device, vocab: usize) -> candle_core::Result<bool> {
     kernels_hold(
+        device,
         sample::check(device, vocab),
         1e-5,
         "sampled tokens (temperature, top-k, top-p) drawn where the logits are",
@@ -867,18 +878,31 @@ fn device_draws_hold(device: &Device, vocab: usize) -> bool {
 
 /// Whether a start-up check of our own `kernels` against `oracle` came within `tolerance`,
 /// logged either way (as `used` when it did): a GPU whose kernels fail or differ keeps the
-/// candle ops and says so.
+/// candle ops and says so. A check that failed with an error is followed by a probe of the
+/// device (`device_computes`); where that fails too, the start-up stops with both errors.
 fn kernels_hold(
+    device: &Device,
     check: candle_core::Result<f32>,
     tolerance: f32,
     used: &str,
     kernels: &str,
     oracle: &str,
-) -> bool {
+) -> candle_core::Result<bool> {
+    let probe = || device_computes(device);
+    hold_or_refuse(check, tolerance, (used, kernels, oracle), probe)
+}
+
+/// [`kernels_hold`]'s decision, `probe` telling whether the device still computes.
+fn hold_or_refuse(
+    check: candle_core::Result<f32>,
+    tolerance: f32,
+    (used, kernels, oracle): (&str, &str, &str),
+    probe: impl FnOnce() -> candle_core::Result<()>,
+) -> candle_core::Result<bool> {
     match check {
         Ok(diff) if diff <= tolerance => {
             tracing::info!(max_difference = diff, "{used}");
-            true
+            Ok(true)
         }
         Ok(diff) => {
             tracing::error!(
@@ -886,13 +910,32 @@ fn kernels_hold(
                 tolerance,
                 "{kernels} differ from {oracle}: not used"
             );
-            false
+            Ok(false)
         }
-        Err(e) => {
-            tracing::error!(error = %e, "{kernels} failed: not used");
-            false
-        }
+        Err(e) => match probe() {
+            Ok(()) => {
+                tracing::error!(error = %e, "{kernels} failed: not used");
+                Ok(false)
+            }
+            // Some CUDA errors (an illegal address, a launch that ran past its bounds) leave
+            // the whole context failing every later call: the fallbacks would fail at the first
+            // request instead of here.
+            Err(probe) => candle_core::bail!(
+                "{kernels} failed at start-up ({e}), and the device no longer computes \
+                 afterwards ({probe}): not starting"
+            ),
+        },
     }
+}
+
+/// Whether `device` still computes: a small product summed there and read back.
+fn device_computes(device: &Device) -> candle_core::Result<()> {
+    let x = Tensor::new(&[1f32, 2.0, 3.0], device)?;
+    let sum = (&x * &x)?.sum_all()?.to_scalar::<f32>()?;
+    if sum != 14.0 {
+        candle_core::bail!("1² + 2² + 3² came back as {sum}");
+    }
+    Ok(())
 }
 
 /// The slots a block's output holds, in row order: what [`Packed`] borrows.
@@ -963,5 +1006,33 @@ fn take_segments<'s>(
 fn put_back<'s>(segments: &mut [Option<Segment<'s>>], slots: &[usize], run: Vec<Segment<'s>>) {
     for (&s, seg) in slots.iter().zip(run) {
         segments[s] = Some(seg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_check_on_a_device_that_no_longer_computes_stops_the_start_up() {
+        let names = ("used", "the kernels", "the oracle");
+        let fine = || Ok(());
+        let broken = || Err(candle_core::Error::msg("CUDA_ERROR_ILLEGAL_ADDRESS"));
+        let failed = || Err(candle_core::Error::msg("launch failed"));
+        // a check that passes or differs says nothing of the device: it is not probed
+        assert!(hold_or_refuse(Ok(0.0), 1e-5, names, broken).unwrap());
+        assert!(!hold_or_refuse(Ok(1.0), 1e-5, names, broken).unwrap());
+        // one that fails: the fallback, where the device still computes
+        assert!(!hold_or_refuse(failed(), 1e-5, names, fine).unwrap());
+        let e = hold_or_refuse(failed(), 1e-5, names, broken)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("launch failed")
+                && e.contains("ILLEGAL_ADDRESS")
+                && e.contains("the kernels"),
+            "{e}"
+        );
+        device_computes(&Device::Cpu).unwrap();
     }
 }
