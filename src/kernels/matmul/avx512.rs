@@ -242,9 +242,9 @@ const LATENCY_BOUND_CHAINS: usize = 8;
 /// fast `vpdpwssd` (every CPU, for a build without `target-cpu`), which shortens a chain's
 /// latency but doubles the instructions of a tile whose many chains hide that latency anyway:
 /// the 8 x 3 tile compiled to 42 `vpmaddwd` and 6 `vpdpwssd` and ran its products at 55-80 %
-/// of the `vpdpwssd` peak. One instruction per step: 1.18-1.43x at 16 and 512 rows on AMD
-/// Zen 4 (`bench --kernels --arch gpt2`, alternating builds). Tiles of few chains (one row)
-/// keep the split, which is faster there. The arithmetic is the same either way: exact int16
+/// of the `vpdpwssd` peak. One instruction per step: 1.19-1.28x at 16 and 512 rows on AMD
+/// Zen 4 (`bench --kernels --arch gpt2`, alternating builds; docs/benchmarks.md). Tiles of
+/// few chains (one row) keep the split, which shortens their latency-bound chains. The arithmetic is the same either way: exact int16
 /// products summed in int32, wrapping.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
