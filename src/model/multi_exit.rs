@@ -888,8 +888,9 @@ fn kernels_hold(
     kernels: &str,
     oracle: &str,
 ) -> candle_core::Result<bool> {
-    let probe = || device_computes(device);
-    hold_or_refuse(check, tolerance, (used, kernels, oracle), probe)
+    hold_or_refuse(check, tolerance, (used, kernels, oracle), || {
+        device_computes(device)
+    })
 }
 
 /// [`kernels_hold`]'s decision, `probe` telling whether the device still computes.

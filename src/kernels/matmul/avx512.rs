@@ -244,12 +244,11 @@ const LATENCY_BOUND_CHAINS: usize = 8;
 /// the 8 x 3 tile compiled to 42 `vpmaddwd` and 6 `vpdpwssd` and ran its products at 55-80 %
 /// of the `vpdpwssd` peak. One instruction per step: 1.19-1.28x at 16 and 512 rows on AMD
 /// Zen 4 (`bench --kernels --arch gpt2`, alternating builds; docs/benchmarks.md). Tiles of
-/// few chains (one row) keep the split, which shortens their latency-bound chains. The arithmetic is the same either way: exact int16
-/// products summed in int32, wrapping.
+/// few chains (one row) keep the split, which shortens their latency-bound chains. The
+/// arithmetic is the same either way: exact int16 products summed in int32, wrapping.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dpwssd(acc: __m512i, x: __m512i, w: __m512i) -> __m512i {
-    let mut acc = acc;
+unsafe fn dpwssd(mut acc: __m512i, x: __m512i, w: __m512i) -> __m512i {
     // SAFETY: register operands only, on a CPU with AVX-512 VNNI (the callers check).
     std::arch::asm!(
         "vpdpwssd {acc}, {x}, {w}",
