@@ -1,5 +1,6 @@
 //! Kernel timings without a server: one vocabulary head in every layout and dtype the model
-//! can use, and one block's products against this machine's multiply-add peak.
+//! can use, one block's products against this machine's multiply-add peak, and one sampled
+//! draw.
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,55 @@ pub fn kernels() {
             let x = Tensor::randn(0f32, 1.0, (b, h), &dev).unwrap();
             let ms = time(&|| packed.xwt(&x).unwrap());
             println!("int8 batch {b:>2}: skinny {ms:7.2} ms (per-row scales, x rounded to int16)");
+        }
+    }
+}
+
+/// Times one draw of a sampled step (`sample::draw_from_logits`: the log-softmax of a row of
+/// 50,257 logits, then temperature, top-k, top-p and the pick) on one thread, as a stream's
+/// step or the host's sampler runs it: on logits spread as a trained head's (normal, sd 3:
+/// a nucleus of hundreds to thousands of tokens) and as a random checkpoint's (sd 0.3: the
+/// bench's own servers, whose nucleus is most of the vocabulary). Best and median of 200 draws.
+pub fn sampling() {
+    use exitserve::kernels::sample::{draw_from_logits, Draw};
+    let vocab = 50257usize;
+    let mut rand = exitserve::kernels::uniform(0x2545_F491_4F6C_DD1D);
+    // normal deviates by Box-Muller
+    let mut normal = move || {
+        let (a, b) = (rand().max(1e-7), rand());
+        (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+    };
+    let z: Vec<f32> = (0..vocab).map(|_| normal()).collect();
+    let settings = [
+        ("temperature 1", 1.0f32, 0usize, 1.0f32),
+        ("top_p 0.95 (t 0.8)", 0.8, 0, 0.95),
+        ("top_k 50", 1.0, 50, 1.0),
+        ("top_k 40 + top_p 0.9", 0.7, 40, 0.9),
+    ];
+    for (spread, sd) in [
+        ("trained-like, sd 3", 3.0f32),
+        ("random checkpoint, sd 0.3", 0.3),
+    ] {
+        let logits: Vec<f32> = z.iter().map(|&x| x * sd).collect();
+        for (name, temperature, top_k, top_p) in settings {
+            let mut times: Vec<f64> = (0..200)
+                .map(|i| {
+                    let d = Draw {
+                        temperature,
+                        top_k,
+                        top_p,
+                        u: (i as f64 + 0.5) / 200.0,
+                    };
+                    let t = Instant::now();
+                    std::hint::black_box(draw_from_logits(std::hint::black_box(&logits), &d));
+                    t.elapsed().as_secs_f64() * 1e6
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            println!(
+                "draw, {spread:<26} {name:<22} best {:6.1} us   median {:6.1} us",
+                times[0], times[100]
+            );
         }
     }
 }

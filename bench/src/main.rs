@@ -3,6 +3,7 @@
 //!
 //!   cargo build --release --bins && target/release/bench [--arch gpt2] [--dtype f32,bf16,int8]
 //!   target/release/bench --kernels      (vocabulary-head and block products, no server)
+//!   target/release/bench --sampling     (one sampled draw: temperature, top-k, top-p)
 //!   target/release/bench --speculative  (self-speculative decoding against acceptance)
 //!   target/release/bench --early-exit   (early exit: speed and agreement against threshold)
 //!   target/release/bench --prefix-cache (prefix caching on and off: multiple-choice scoring,
@@ -85,6 +86,10 @@ pub struct Args {
     /// Only time vocabulary-head matmul variants (no server)
     #[arg(long)]
     pub kernels: bool,
+    /// Only time the sampled draw on one row of 50,257 logits (temperature, top-k, top-p; no
+    /// server)
+    #[arg(long)]
+    pub sampling: bool,
     /// Only measure this machine's limits (read bandwidth, multiply-add peaks) and print them
     #[arg(long)]
     pub limits: bool,
@@ -169,6 +174,9 @@ fn main() {
         let peaks = kernels::peaks();
         kernels::kernels();
         return kernels::block_products(&Shape::of(args.arch), args.scoring_len, &peaks);
+    }
+    if args.sampling {
+        return kernels::sampling();
     }
     if args.limits {
         let limits = limits::Limits::measure();

@@ -181,6 +181,79 @@ multiversion! {
 }
 
 multiversion! {
+    /// `out[i]` = `xs[i] - c` (log-softmax's last pass, into a buffer the caller keeps).
+    pub fn sub_into(xs: &[f32], c: f32, out: &mut [f32]) -> () {
+        for (o, &x) in out.iter_mut().zip(xs) {
+            *o = x - c;
+        }
+    }
+}
+
+multiversion! {
+    /// The smallest and the largest finite element of `xs` and how many are finite ((inf,
+    /// -inf, 0) where none is).
+    pub fn finite_range(xs: &[f32]) -> (f32, f32, usize) {
+        let mut lo = [f32::INFINITY; 16];
+        let mut hi = [f32::NEG_INFINITY; 16];
+        let mut count = [0u32; 16];
+        let chunks = xs.chunks_exact(16);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for l in 0..16 {
+                let x = c[l];
+                // a non-finite x counts as neither bound
+                let finite = (x.to_bits() & 0x7fff_ffff) < 0x7f80_0000;
+                lo[l] = lo[l].min(if finite { x } else { f32::INFINITY });
+                hi[l] = hi[l].max(if finite { x } else { f32::NEG_INFINITY });
+                count[l] += finite as u32;
+            }
+        }
+        let mut out = (f32::INFINITY, f32::NEG_INFINITY, 0usize);
+        for l in 0..16 {
+            out = (out.0.min(lo[l]), out.1.max(hi[l]), out.2 + count[l] as usize);
+        }
+        for &x in rest.iter().filter(|x| x.is_finite()) {
+            out = (out.0.min(x), out.1.max(x), out.2 + 1);
+        }
+        out
+    }
+}
+
+/// A key whose unsigned order is the total order of the floats (`f32::total_cmp`).
+#[inline(always)]
+pub fn order_key(f: f32) -> u32 {
+    let b = f.to_bits();
+    // negative: all bits flipped (more negative, smaller); positive: the sign bit set
+    b ^ (((b as i32) >> 31) as u32 | 0x8000_0000)
+}
+
+multiversion! {
+    /// `out[i]`: the bin of `scores[i]` among `bins` bins of width 1 / `scale` counted down from
+    /// `highest` (a finite score at most `highest`), rounded to the nearest and clamped to the
+    /// last bin. A monotone map (a better score never lands in a later bin); a non-finite score
+    /// lands in some bin, which the caller ignores.
+    pub fn score_bins(scores: &[f32], highest: f32, scale: f32, bins: u32, out: &mut [u16]) -> () {
+        for (o, &s) in out.iter_mut().zip(scores) {
+            let t = (highest - s) * scale + ROUND_MAGIC;
+            let b = (t.to_bits() as i32 - ROUND_MAGIC.to_bits() as i32) as u32;
+            *o = b.min(bins - 1) as u16;
+        }
+    }
+}
+
+multiversion! {
+    /// Zeroes `weights[i]` for every score the cut `(key, last)` leaves out: kept are the
+    /// scores whose [`order_key`] is above `key`, or equal to it at an index up to `last`.
+    pub fn keep_cut(scores: &[f32], key: u32, last: u32, weights: &mut [f32]) -> () {
+        for (i, (w, &s)) in weights.iter_mut().zip(scores).enumerate() {
+            let k = order_key(s);
+            let kept = k > key || (k == key && i as u32 <= last);
+            *w = if kept { *w } else { 0.0 };
+        }
+    }
+}
+
+multiversion! {
     /// GPT-Neo's `gelu_new`, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with tanh from
     /// `exp_neg`: tanh(u) = sign(u) (1 - e^(-2|u|)) / (1 + e^(-2|u|)).
     pub fn gelu_tanh(xs: &[f32], out: &mut [f32]) -> () {

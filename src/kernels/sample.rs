@@ -14,6 +14,8 @@
 //! a `u` within rounding of a boundary may fall on the neighbour); the Rust here is the CPU's
 //! version and the oracle [`check`] holds those kernels to.
 
+use std::cell::RefCell;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -21,7 +23,7 @@ use rayon::prelude::*;
 use super::cuda_source::launch_op;
 #[cfg(any(feature = "cuda-emulator", feature = "cuda"))]
 use super::cuda_source::ChoiceKernel;
-use super::fastmath::{self, exp_neg};
+use super::fastmath;
 use super::greedy::{argmax, contiguous, ContrastRule};
 
 /// One draw's parameters.
@@ -38,11 +40,6 @@ pub struct Draw {
 }
 
 impl Draw {
-    /// Whether neither top-k nor top-p restricts a draw from `n` scores.
-    fn unrestricted(&self, n: usize) -> bool {
-        (self.top_k == 0 || self.top_k >= n) && self.top_p >= 1.0
-    }
-
     /// The four numbers a row of [`sample_rows`]' parameters holds.
     fn params(&self) -> [f64; 4] {
         [
@@ -65,15 +62,33 @@ impl Draw {
 
 /// The token `d` draws from `scores` (a log-distribution, or logits: only differences count).
 pub fn draw(scores: &[f32], d: &Draw) -> u32 {
-    if d.temperature == 0.0 {
+    SCRATCH.with_borrow_mut(|scratch| draw_in(scores, d, &mut scratch.weights, &mut scratch.bins))
+}
+
+/// [`draw`] with the buffers it writes.
+fn draw_in(scores: &[f32], d: &Draw, weights: &mut Vec<f32>, bins: &mut Vec<u16>) -> u32 {
+    if d.temperature == 0.0 || !kept_weights(scores, d, weights, bins) {
         return argmax(scores);
     }
-    if d.unrestricted(scores.len()) {
-        if let Some(t) = pick_from_softmax(scores, d.temperature, d.u) {
-            return t;
-        }
-    }
-    candidates(scores, d).pick(d.u)
+    // rounding past the total: the last weighted candidate (the best score weighs 1, so
+    // there is one)
+    pick_cumulative(d.u, weights)
+        .or_else(|| weights.iter().rposition(|&w| w > 0.0))
+        .unwrap_or(0) as u32
+}
+
+/// A thread's vocabulary-sized buffers for its draws (10 bytes a token: 0.5 MB for 50,257),
+/// kept from one draw to the next: allocated afresh, their pages were faulted in again at
+/// every draw.
+#[derive(Default)]
+struct Scratch {
+    log_softmax: Vec<f32>,
+    weights: Vec<f32>,
+    bins: Vec<u16>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// `logits` `(rows, vocab)` float32 and `params` `(rows, 4)` float64, each row's
@@ -138,7 +153,16 @@ pub fn draw_from_contrast(upper: &[f32], lower: &[f32], rule: ContrastRule, d: &
 
 /// The draw [`sample_rows`] makes from one row of logits: [`draw`] from its log-softmax.
 pub fn draw_from_logits(logits: &[f32], d: &Draw) -> u32 {
-    draw(&fastmath::log_softmax(logits), d)
+    SCRATCH.with_borrow_mut(|scratch| {
+        let Scratch {
+            log_softmax,
+            weights,
+            bins,
+        } = scratch;
+        log_softmax.resize(logits.len(), 0.0);
+        fastmath::sub_into(logits, fastmath::log_sum_exp(logits).1, log_softmax);
+        draw_in(log_softmax, d, weights, bins)
+    })
 }
 
 /// How far the device's draws fall from the CPU's on made-up rows of `vocab` logits, from
@@ -241,96 +265,258 @@ fn distance(scores: &[f32], d: &Draw, picked: u32) -> f32 {
     (lo - d.u).max(d.u - hi).max(0.0) as f32
 }
 
-/// Token ids and their unnormalised weights, in id order.
+/// Token ids and their unnormalised weights, in id order: the candidates of a draw whose
+/// weight is not 0 (an underflowed weight is never picked).
 #[derive(Debug, Clone, PartialEq)]
 struct Candidates {
     ids: Vec<u32>,
     weights: Vec<f64>,
 }
 
-impl Candidates {
-    /// The token at `u` (in [0, 1)) of the cumulative weight, in id order.
-    fn pick(&self, u: f64) -> u32 {
-        pick_cumulative(u, &self.weights).map_or(self.ids[self.ids.len() - 1], |i| self.ids[i])
-    }
-}
-
-/// The candidates of a draw from `scores`: the finite ones, restricted to the top-k and then
-/// to the nucleus, weighing e^((score - max) / temperature). Both restrictions are partial
-/// selections (expected O(vocab)) over the candidates' own values, never a sort of the whole
-/// vocabulary. Nothing finite: the first maximum alone, as greedy.
+/// The candidates of a draw from `scores`, as [`draw`] weighs them (the device check's
+/// oracle, and the tests').
 fn candidates(scores: &[f32], d: &Draw) -> Candidates {
-    let mut cands: Vec<Cand> = scores
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.is_finite())
-        .map(|(i, &score)| Cand {
-            score,
-            weight: 0.0,
-            id: i as u32,
-        })
-        .collect();
-    if cands.is_empty() {
+    let mut weights = Vec::new();
+    if !kept_weights(scores, d, &mut weights, &mut Vec::new()) {
         return Candidates {
             ids: vec![argmax(scores)],
             weights: vec![1.0],
         };
     }
-    let restricted = d.top_k > 0 && d.top_k < cands.len();
-    if restricted {
-        cands.select_nth_unstable_by(d.top_k - 1, Cand::better);
-        cands.truncate(d.top_k);
+    let (ids, weights) = (0..scores.len() as u32)
+        .zip(weights)
+        .filter(|&(_, w)| w > 0.0)
+        .map(|(i, w)| (i, w as f64))
+        .unzip();
+    Candidates { ids, weights }
+}
+
+/// Writes `weights[i]`: the weight of token i in a draw from `scores`, e^((score - max) /
+/// temperature) for a candidate, 0 for any other; false (nothing written) where no score is
+/// finite. The candidates are the finite scores, cut to the top-k and then to the nucleus.
+/// Both cuts keep a best-first prefix, the second of the first's, so that the candidates are
+/// what the last cut keeps; each is found by a selection over the scores ([`row_cut`],
+/// expected O(vocab)), never a sort of the vocabulary.
+fn kept_weights(scores: &[f32], d: &Draw, weights: &mut Vec<f32>, bins: &mut Vec<u16>) -> bool {
+    let (lowest, max, finite) = fastmath::finite_range(scores);
+    if finite == 0 {
+        return false;
     }
-    // the best finite score is among the top-k: every weight is relative to it
-    let max = cands
-        .iter()
-        .map(|c| c.score)
-        .fold(f32::NEG_INFINITY, f32::max);
-    for c in &mut cands {
-        c.weight = exp_neg((c.score - max) / d.temperature);
+    weights.resize(scores.len(), 0.0);
+    fastmath::temperature_weights(scores, max, d.temperature, weights); // 0 where not finite
+    let range = (lowest, max, finite);
+    let cut = if d.top_k > 0 && d.top_k < finite {
+        let top_k = row_cut(scores, None, range, |_| d.top_k as f64, bins);
+        if d.top_p < 1.0 {
+            // the nucleus of the top-k: those left weighing something (a weight of 0 moves
+            // no running sum and is never picked)
+            fastmath::keep_cut(scores, top_k.key, top_k.last, weights);
+            let members: Vec<Member> = (weights.iter().enumerate())
+                .filter(|&(_, &w)| w > 0.0)
+                .map(|(i, &w)| Member::new(scores, i as u32, w as f64))
+                .collect();
+            let total: f64 = members.iter().map(|m| m.measure).sum();
+            // rounding short of the target keeps the top-k whole
+            cut_reaching(members, total * d.top_p as f64).or(top_k)
+        } else {
+            top_k
+        }
+    } else if d.top_p < 1.0 {
+        row_cut(
+            scores,
+            Some(weights),
+            range,
+            |total| total * d.top_p as f64,
+            bins,
+        )
+    } else {
+        Cut::ALL
+    };
+    if cut != Cut::ALL {
+        fastmath::keep_cut(scores, cut.key, cut.last, weights);
     }
-    if d.top_p < 1.0 {
-        let total: f64 = cands.iter().map(|c| c.weight as f64).sum();
-        let keep = nucleus(&mut cands, total * d.top_p as f64);
-        cands.truncate(keep);
+    true
+}
+
+/// A cut of the best-first order (score descending, ties to the lower id), as `choices.cu`'s:
+/// it keeps a finite score whose [`fastmath::order_key`] is above `key`, or equal to it at an
+/// id up to `last`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Cut {
+    key: u32,
+    last: u32,
+}
+
+impl Cut {
+    /// Keeps every finite score (their keys are all above 0).
+    const ALL: Cut = Cut { key: 0, last: 0 };
+
+    /// The cut whose last kept token is `m`.
+    fn at(m: &Member) -> Cut {
+        Cut {
+            key: fastmath::order_key(m.score),
+            last: m.id,
+        }
     }
-    if restricted || d.top_p < 1.0 {
-        into_id_order(&mut cands, scores.len()); // the selections reordered them
-    }
-    Candidates {
-        ids: cands.iter().map(|c| c.id).collect(),
-        weights: cands.iter().map(|c| c.weight as f64).collect(),
+
+    /// This cut, or `other` where this one is [`Cut::ALL`].
+    fn or(self, other: Cut) -> Cut {
+        if self == Cut::ALL {
+            other
+        } else {
+            self
+        }
     }
 }
 
-/// A candidate token: its score, its weight, its id.
-#[derive(Clone, Copy)]
-struct Cand {
+/// A token a cut chooses among: its score, its id, and what it counts for (1 for top-k, its
+/// weight for the nucleus).
+#[derive(Debug, Clone, Copy)]
+struct Member {
     score: f32,
-    weight: f32,
     id: u32,
+    measure: f64,
 }
 
-impl Cand {
+impl Member {
+    fn new(scores: &[f32], id: u32, measure: f64) -> Self {
+        Member {
+            score: scores[id as usize],
+            id,
+            measure,
+        }
+    }
+
     /// Best first; ties to the lower id, so the chosen sets are deterministic.
-    fn better(a: &Cand, b: &Cand) -> std::cmp::Ordering {
+    fn better(a: &Member, b: &Member) -> std::cmp::Ordering {
         b.score.total_cmp(&a.score).then(a.id.cmp(&b.id))
     }
 }
 
-/// `cands` (of distinct ids below `n`) in id order: a sort when they are few, else a pass
-/// over all `n` ids (a nucleus may hold most of the vocabulary).
-fn into_id_order(cands: &mut Vec<Cand>, n: usize) {
-    if cands.len() * 16 < n {
-        cands.sort_unstable_by_key(|c| c.id);
-        return;
+/// How many bins a selection round spreads its members' scores over.
+const BINS: usize = 2048;
+/// At most this many members are sorted rather than binned.
+const SORT_AT_MOST: usize = 64;
+
+/// The cut that keeps the shortest best-first prefix of the finite `scores` (`range`: their
+/// lowest, highest and count) whose measure reaches `target(total)`: each one's weight
+/// (`weights`) or 1 (None); [`Cut::ALL`] where rounding leaves them all short of it. The
+/// first round of [`cut_reaching`]'s selection, over the whole row in vectorised passes: the
+/// scores' bins into `bins`, each bin's measure summed, the bin where the running sum
+/// reaches the target; only its members go on.
+fn row_cut(
+    scores: &[f32],
+    weights: Option<&[f32]>,
+    (lowest, highest, finite): (f32, f32, usize),
+    target: impl FnOnce(f64) -> f64,
+    bins: &mut Vec<u16>,
+) -> Cut {
+    let member = |i: u32| {
+        let measure = weights.map_or(1.0, |w| w[i as usize] as f64);
+        Member::new(scores, i, measure)
+    };
+    let scale = (BINS - 1) as f32 / (highest - lowest);
+    if !(scale.is_finite() && scale > 0.0) {
+        // one score, or a span past f32's range: no bins to spread them over
+        let members: Vec<Member> = (0..scores.len() as u32)
+            .filter(|&i| scores[i as usize].is_finite())
+            .map(member)
+            .collect();
+        let total = members.iter().map(|m| m.measure).sum();
+        return cut_by_sorting(members, target(total));
     }
-    let mut at: Vec<Option<Cand>> = vec![None; n];
-    for &c in cands.iter() {
-        at[c.id as usize] = Some(c);
+    bins.resize(scores.len(), 0);
+    fastmath::score_bins(scores, highest, scale, BINS as u32, bins);
+    let mut sums = [0f64; BINS];
+    match weights {
+        // a non-finite score weighs 0: it adds nothing to whichever bin it fell in
+        Some(w) => {
+            for (&b, &w) in bins.iter().zip(w) {
+                sums[b as usize] += w as f64;
+            }
+        }
+        None => {
+            for (&b, &s) in bins.iter().zip(scores) {
+                sums[b as usize] += s.is_finite() as u32 as f64;
+            }
+        }
     }
-    cands.clear();
-    cands.extend(at.into_iter().flatten());
+    let target = target(sums.iter().sum());
+    let Some((b, before)) = boundary_bin(&sums, target) else {
+        return Cut::ALL;
+    };
+    let inside: Vec<Member> = (bins.iter().enumerate())
+        .filter(|&(i, &x)| x == b as u16 && scores[i].is_finite())
+        .map(|(i, _)| member(i as u32))
+        .collect();
+    if inside.len() * 2 > finite {
+        return cut_by_sorting(inside, target - before);
+    }
+    cut_reaching(inside, target - before)
+}
+
+/// The first bin where the running sum of `sums` reaches `target`, and the sum before it.
+fn boundary_bin(sums: &[f64], target: f64) -> Option<(usize, f64)> {
+    let mut before = 0.0;
+    for (b, &sum) in sums.iter().enumerate() {
+        if before + sum >= target {
+            return Some((b, before));
+        }
+        before += sum;
+    }
+    None
+}
+
+/// The cut that keeps the shortest best-first prefix of `members` (finite scores, in id order)
+/// whose measure reaches `target`; [`Cut::ALL`] where rounding leaves them all short of it.
+/// A selection in rounds: the members' scores go into [`BINS`] bins of equal width, best
+/// first (a monotone map: a better score never falls in a later bin, equal scores share one);
+/// the bin where the running sum of their measure reaches the target holds the cut, and only
+/// its members go on. At least two bins are occupied, so every round leaves fewer members; a
+/// round that leaves more than half of them (scores bunched in a long tail) sorts them
+/// instead, so the worst case is a sort.
+fn cut_reaching(members: Vec<Member>, target: f64) -> Cut {
+    let (lowest, highest) = members
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), m| {
+            (lo.min(m.score), hi.max(m.score))
+        });
+    let scale = (BINS - 1) as f32 / (highest - lowest);
+    if members.len() <= SORT_AT_MOST || !(scale.is_finite() && scale > 0.0) {
+        return cut_by_sorting(members, target);
+    }
+    let bin = |s: f32| {
+        let mut one = [0u16];
+        fastmath::score_bins(&[s], highest, scale, BINS as u32, &mut one);
+        one[0] as usize
+    };
+    let mut sums = [0f64; BINS];
+    for m in &members {
+        sums[bin(m.score)] += m.measure;
+    }
+    let Some((b, before)) = boundary_bin(&sums, target) else {
+        return Cut::ALL;
+    };
+    let count = members.len();
+    let inside: Vec<Member> = members.into_iter().filter(|m| bin(m.score) == b).collect();
+    if inside.len() * 2 > count {
+        return cut_by_sorting(inside, target - before);
+    }
+    cut_reaching(inside, target - before)
+}
+
+/// [`cut_reaching`] by sorting `members`: the first, best first, where the running measure
+/// reaches `target`; the last where rounding never does.
+fn cut_by_sorting(mut members: Vec<Member>, target: f64) -> Cut {
+    members.sort_unstable_by(Member::better);
+    let mut acc = 0.0;
+    for m in &members {
+        acc += m.measure;
+        if acc >= target {
+            return Cut::at(m);
+        }
+    }
+    members.last().map_or(Cut::ALL, Cut::at)
 }
 
 /// Weights a block of the cumulative scan sums (in `LANES` interleaved partial sums).
@@ -376,51 +562,6 @@ fn pick_cumulative<W: Copy + Into<f64>>(u: f64, weights: &[W]) -> Option<usize> 
             .map(|i| b * BLOCK + i);
     }
     None
-}
-
-/// What `candidates(scores, d).pick(u)` gives when neither top-k nor top-p restricts the
-/// draw and every score is finite, bit for bit (the same weights, summed and scanned in the
-/// same order), without its candidate list or its f64 weights: the whole vocabulary's weights
-/// in one vectorised pass, the common case of every sampled step. None where a score is not
-/// finite (masked tokens: the general path, whose candidates are the finite ones).
-fn pick_from_softmax(scores: &[f32], temperature: f32, u: f64) -> Option<u32> {
-    if scores.is_empty() || scores.iter().filter(|s| !s.is_finite()).count() > 0 {
-        return None;
-    }
-    let max = fastmath::max(scores);
-    let mut weights = vec![0f32; scores.len()];
-    fastmath::temperature_weights(scores, max, temperature, &mut weights);
-    let i = pick_cumulative(u, &weights).unwrap_or(scores.len() - 1);
-    Some(i as u32)
-}
-
-/// Reorders `cands` so that its first `m` entries are the smallest best-first set whose
-/// weight reaches `target`, and returns `m` (at least 1). Quickselect on the cumulative
-/// weight: each round partitions around a middle element and keeps only the side that holds
-/// the boundary, so the work is O(len) on average.
-fn nucleus(cands: &mut [Cand], target: f64) -> usize {
-    let weight = |c: &[Cand]| c.iter().map(|c| c.weight as f64).sum::<f64>();
-    let (mut lo, mut hi, mut need) = (0, cands.len(), target);
-    while hi - lo > 32 {
-        let mid = lo + (hi - lo) / 2;
-        cands[lo..hi].select_nth_unstable_by(mid - lo, Cand::better);
-        let upper = weight(&cands[lo..=mid]);
-        if upper >= need {
-            hi = mid + 1;
-        } else {
-            need -= upper;
-            lo = mid + 1;
-        }
-    }
-    cands[lo..hi].sort_unstable_by(Cand::better);
-    let mut acc = 0.0;
-    for (k, c) in cands[lo..hi].iter().enumerate() {
-        acc += c.weight as f64;
-        if acc >= need {
-            return lo + k + 1;
-        }
-    }
-    hi.max(1)
 }
 
 struct SampleRows;
@@ -548,45 +689,62 @@ mod tests {
     use super::*;
     use crate::kernels::greedy;
 
-    fn plain(temperature: f32, u: f64) -> Draw {
-        Draw {
-            temperature,
-            top_k: 0,
-            top_p: 1.0,
-            u,
-        }
+    /// Scores over a vocabulary-sized row: normal deviates of standard deviation `sd`, spread
+    /// as a trained head's (3) or a random checkpoint's (0.3).
+    fn vocabulary_row(seed: u64, sd: f32) -> Vec<f32> {
+        let mut rand = super::super::uniform(seed);
+        (0..50_257)
+            .map(|_| {
+                let (a, b) = (rand().max(1e-7), rand());
+                sd * (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+            })
+            .collect()
     }
 
     #[test]
-    fn the_whole_vocabulary_draw_is_the_general_one_bit_for_bit() {
-        // scores over a vocabulary-sized row; the draw at many points of [0, 1), the ends
-        // included, at several temperatures
-        let mut scores: Vec<f32> = (0..50_257u32)
-            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 20_000) as f32 / -1000.0)
-            .collect();
-        scores[123] = 3.5;
-        for temperature in [0.3f32, 0.7, 1.0, 1.9] {
-            let c = candidates(&scores, &plain(temperature, 0.0));
-            for k in 0..=400 {
-                let u = (k as f64 / 400.0).min(1.0 - f64::EPSILON);
-                assert_eq!(
-                    pick_from_softmax(&scores, temperature, u),
-                    Some(c.pick(u)),
-                    "temperature {temperature}, u {u}"
-                );
+    fn a_draw_picks_the_candidate_whose_share_holds_u_in_id_order() {
+        for (seed, sd) in [(3u64, 3.0f32), (5, 0.3)] {
+            let mut scores = vocabulary_row(seed, sd);
+            scores[17] = f32::NEG_INFINITY; // masked
+            scores[40_000] = f32::NAN;
+            for (temperature, top_k, top_p) in [
+                (1.0f32, 0, 1.0f32),
+                (0.8, 0, 0.95),
+                (1.3, 50, 1.0),
+                (0.7, 40, 0.9),
+            ] {
+                let d = |u| Draw {
+                    temperature,
+                    top_k,
+                    top_p,
+                    u,
+                };
+                let c = candidates(&scores, &d(0.0));
+                assert!(!c.ids.contains(&17) && !c.ids.contains(&40_000));
+                let total: f64 = c.weights.iter().sum();
+                // the middle of the shares of the cumulative weight of 40 candidates or so
+                let (mut before, every) = (0.0, c.ids.len().div_ceil(40));
+                for (k, (&id, &w)) in c.ids.iter().zip(&c.weights).enumerate() {
+                    if k % every == 0 || k + 1 == c.ids.len() {
+                        let u = (before + w / 2.0) / total;
+                        assert_eq!(draw(&scores, &d(u)), id, "{temperature} {top_k} {top_p}");
+                    }
+                    before += w;
+                }
+                assert_eq!(draw(&scores, &d(0.0)), c.ids[0]);
+                let last = draw(&scores, &d(1.0 - f64::EPSILON));
+                assert_eq!(last, c.ids[c.ids.len() - 1]);
             }
-        }
-        // a masked (-inf) or NaN score: the general path's, whose candidates are the finite
-        for bad in [f32::NEG_INFINITY, f32::NAN] {
-            let mut masked = scores.clone();
-            masked[17] = bad;
-            assert_eq!(pick_from_softmax(&masked, 1.0, 0.5), None);
-            let t = draw(&masked, &plain(1.0, 0.3));
-            assert!(t != 17 && (t as usize) < masked.len());
         }
         // nothing finite: the first maximum, as greedy
         let none = [f32::NEG_INFINITY, f32::NAN];
-        assert_eq!(draw(&none, &plain(1.0, 0.5)), argmax(&none));
+        let plain = Draw {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            u: 0.5,
+        };
+        assert_eq!(draw(&none, &plain), argmax(&none));
     }
 
     #[test]
@@ -611,36 +769,71 @@ mod tests {
     }
 
     #[test]
-    fn nucleus_is_the_smallest_best_first_set_reaching_the_mass() {
-        // weights 1..=200 in shuffled order, the heavier the better; the nucleus of the top
-        // mass is a suffix of 1..=200
-        let mut cands: Vec<Cand> = (0..200)
-            .map(|i| {
-                let id = (i * 73) % 200;
-                Cand {
-                    score: id as f32,
-                    weight: (id + 1) as f32,
+    fn a_cut_keeps_the_shortest_best_first_prefix_reaching_the_target() {
+        // weights 1..=200 in shuffled id order, the heavier the better: the cut reaching a
+        // share of the mass keeps the heaviest until it is reached
+        let members: Vec<Member> = (0..200u32)
+            .map(|id| {
+                let w = (id * 73) % 200 + 1;
+                Member {
+                    score: w as f32,
                     id,
+                    measure: w as f64,
                 }
             })
             .collect();
         let total: f64 = (1..=200).map(f64::from).sum();
         for frac in [0.01, 0.3, 0.5, 0.9, 0.999, 1.0] {
             let target = total * frac;
-            let m = nucleus(&mut cands, target);
-            // by hand: take the heaviest until the mass reaches the target
-            let (mut acc, mut want) = (0.0, 0);
-            for w in (1..=200).rev() {
-                acc += w as f64;
-                want += 1;
-                if acc >= target {
-                    break;
+            let (mut acc, mut lightest) = (0.0, 200);
+            while acc < target {
+                acc += lightest as f64;
+                lightest -= 1;
+            }
+            let want = members
+                .iter()
+                .find(|m| m.measure == (lightest + 1) as f64)
+                .unwrap();
+            assert_eq!(
+                cut_reaching(members.clone(), target),
+                Cut::at(want),
+                "{frac}"
+            );
+        }
+        assert_eq!(
+            cut_reaching(members.clone(), total * 2.0),
+            Cut::ALL,
+            "never reached"
+        );
+
+        // selections in rounds equal a sort: scores bunched (ties in every bin), spread, in a
+        // geometric tail (each round peels few), with counts and with weights
+        let mut rand = super::super::uniform(0x2545_F491_4F6C_DD1D);
+        let shapes: [&dyn Fn(f32) -> f32; 4] = [
+            &|v| (v * 30.0).round(),
+            &|v| v * 1000.0 - 500.0,
+            &|v| -(2f32.powf(v * 100.0)),
+            &|v| if v < 0.99 { 0.0 } else { v },
+        ];
+        for shape in shapes {
+            let scores: Vec<f32> = (0..5000).map(|_| shape(rand())).collect();
+            for weighted in [false, true] {
+                let members: Vec<Member> = (0..5000u32)
+                    .map(|id| Member {
+                        score: scores[id as usize],
+                        id,
+                        measure: if weighted { rand() as f64 } else { 1.0 },
+                    })
+                    .collect();
+                let total: f64 = members.iter().map(|m| m.measure).sum();
+                for target in [1.0, total * 0.3, total * 0.95, total - 0.5] {
+                    assert_eq!(
+                        cut_reaching(members.clone(), target),
+                        cut_by_sorting(members.clone(), target),
+                        "weighted {weighted}, target {target}"
+                    );
                 }
             }
-            assert_eq!(m, want, "{frac}");
-            let mut kept: Vec<u32> = cands[..m].iter().map(|c| c.id).collect();
-            kept.sort_unstable();
-            assert_eq!(kept, (200 - m as u32..200).collect::<Vec<_>>(), "{frac}");
         }
     }
 
@@ -660,7 +853,7 @@ mod tests {
             ids.truncate(d.top_k);
         }
         let max = scores[ids[0] as usize];
-        let w = |i: u32| ((scores[i as usize] - max) as f64 / d.temperature as f64).exp();
+        let w = |i: u32| fastmath::exp_neg((scores[i as usize] - max) / d.temperature) as f64;
         if d.top_p < 1.0 {
             let total: f64 = ids.iter().map(|&i| w(i)).sum();
             let mut acc = 0.0;
@@ -673,6 +866,7 @@ mod tests {
                 .map_or(ids.len(), |k| k + 1);
             ids.truncate(keep);
         }
+        ids.retain(|&i| w(i) > 0.0); // never drawn
         ids.sort_unstable();
         ids
     }
@@ -681,32 +875,44 @@ mod tests {
     fn candidates_are_the_top_k_then_the_nucleus_in_id_order() {
         let mut rand = super::super::uniform(0x853C_49E6_748F_EA9B);
         // coarse values: many ties at every boundary
-        let scores: Vec<f32> = (0..3000)
+        let coarse: Vec<f32> = (0..3000)
             .map(|_| (rand() * 40.0).round() / 4.0 - 10.0)
             .collect();
-        for (top_k, top_p) in [
-            (0, 0.9f32),
-            (40, 1.0),
-            (40, 0.5),
-            (1, 1.0),
-            (0, 0.01),
-            (2999, 0.999),
-        ] {
-            let d = Draw {
-                temperature: 0.8,
-                top_k,
-                top_p,
-                u: 0.5,
-            };
-            let c = candidates(&scores, &d);
-            assert_eq!(c.ids, candidates_by_sorting(&scores, &d), "{top_k} {top_p}");
-            assert!(c.ids.windows(2).all(|w| w[0] < w[1]));
-            // the pick walks them in id order: u just above the first's share takes the second
-            let total: f64 = c.weights.iter().sum();
-            if c.ids.len() > 1 {
-                assert_eq!(c.pick(0.0), c.ids[0]);
-                let after_first = (c.weights[0] / total) * (1.0 + 1e-9);
-                assert_eq!(c.pick(after_first), c.ids[1], "{top_k} {top_p}");
+        // vocabulary rows, one with a far outlier (the bins of the first round span it) and
+        // masked tokens
+        let mut outlier = vocabulary_row(7, 3.0);
+        outlier[5] = -1e30;
+        outlier[6] = f32::NEG_INFINITY;
+        let rows = [
+            coarse,
+            vocabulary_row(3, 3.0),
+            vocabulary_row(5, 0.3),
+            outlier,
+        ];
+        for scores in &rows {
+            let finite = scores.iter().filter(|s| s.is_finite()).count();
+            for (top_k, top_p) in [
+                (0, 0.9f32),
+                (40, 1.0),
+                (40, 0.5),
+                (1, 1.0),
+                (0, 0.01),
+                (finite - 1, 0.999),
+                (finite / 2, 1.0),
+            ] {
+                let d = Draw {
+                    temperature: 0.8,
+                    top_k,
+                    top_p,
+                    u: 0.5,
+                };
+                let c = candidates(scores, &d);
+                let n = scores.len();
+                assert_eq!(
+                    c.ids,
+                    candidates_by_sorting(scores, &d),
+                    "{n}: {top_k} {top_p}"
+                );
             }
         }
     }
