@@ -1,6 +1,6 @@
 //! Kernel timings without a server: one vocabulary head in every layout and dtype the model
-//! can use, one block's products against this machine's multiply-add peak, and one sampled
-//! draw.
+//! can use, one block's products against this machine's multiply-add peak, one sampled
+//! draw, and one decode query's attention.
 
 use std::time::{Duration, Instant};
 
@@ -80,26 +80,74 @@ pub fn sampling() {
     ] {
         let logits: Vec<f32> = z.iter().map(|&x| x * sd).collect();
         for (name, temperature, top_k, top_p) in settings {
-            let mut times: Vec<f64> = (0..200)
-                .map(|i| {
-                    let d = Draw {
-                        temperature,
-                        top_k,
-                        top_p,
-                        u: (i as f64 + 0.5) / 200.0,
-                    };
-                    let t = Instant::now();
-                    std::hint::black_box(draw_from_logits(std::hint::black_box(&logits), &d));
-                    t.elapsed().as_secs_f64() * 1e6
-                })
-                .collect();
-            times.sort_by(f64::total_cmp);
+            let mut i = 0;
+            let (best, median) = best_and_median(200, || {
+                let d = Draw {
+                    temperature,
+                    top_k,
+                    top_p,
+                    u: (i as f64 + 0.5) / 200.0,
+                };
+                i += 1;
+                std::hint::black_box(draw_from_logits(std::hint::black_box(&logits), &d));
+            });
+            println!("draw, {spread:<26} {name:<22} best {best:6.1} us   median {median:6.1} us");
+        }
+    }
+}
+
+/// Times one decode query's attention on one thread (`fastmath::attend_head_*`, 12 heads of
+/// 64: a GPT-Neo-125M layer) over 256, 1024 and 2048 cached positions, bf16 and f32 caches,
+/// each head's keys and values contiguous as the cache holds them. Best and median of 200.
+pub fn attention() {
+    use exitserve::kernels::fastmath::{attend_head_bf16, attend_head_f32};
+    let (heads, d) = (12usize, 64usize);
+    let mut rand = exitserve::kernels::uniform(0x9E37_79B9_7F4A_7C15);
+    let q: Vec<f32> = (0..heads * d).map(|_| rand() - 0.5).collect();
+    for positions in [256usize, 1024, 2048] {
+        let keys: Vec<f32> = (0..heads * positions * d).map(|_| rand() - 0.5).collect();
+        let values: Vec<f32> = (0..heads * positions * d).map(|_| rand() - 0.5).collect();
+        let (kb, vb): (Vec<half::bf16>, Vec<half::bf16>) = (
+            keys.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+            values.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+        );
+        let (mut scores, mut out) = (vec![0f32; positions], vec![0f32; heads * d]);
+        let span = |h: usize| h * positions * d..(h + 1) * positions * d;
+        let bf16 = best_and_median(200, || {
+            for (h, o) in out.chunks_exact_mut(d).enumerate() {
+                attend_head_bf16(&q[h * d..][..d], &kb[span(h)], &vb[span(h)], &mut scores, o);
+            }
+        });
+        let f32 = best_and_median(200, || {
+            for (h, o) in out.chunks_exact_mut(d).enumerate() {
+                attend_head_f32(
+                    &q[h * d..][..d],
+                    &keys[span(h)],
+                    &values[span(h)],
+                    &mut scores,
+                    o,
+                );
+            }
+        });
+        for (dtype, (best, median)) in [("bf16", bf16), ("f32", f32)] {
             println!(
-                "draw, {spread:<26} {name:<22} best {:6.1} us   median {:6.1} us",
-                times[0], times[100]
+                "attention, one query, 12 heads x 64, {positions:>4} positions, {dtype:<4} cache: best {best:7.1} us   median {median:7.1} us"
             );
         }
     }
+}
+
+/// The best and the median time of `runs` calls of `f`, in µs.
+fn best_and_median(runs: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times[0], times[runs / 2])
 }
 
 /// The multiply-add peak of each dtype's kernel instruction on all threads, or None where

@@ -4,6 +4,7 @@
 //!   cargo build --release --bins && target/release/bench [--arch gpt2] [--dtype f32,bf16,int8]
 //!   target/release/bench --kernels      (vocabulary-head and block products, no server)
 //!   target/release/bench --sampling     (one sampled draw: temperature, top-k, top-p)
+//!   target/release/bench --attention    (one decode query's attention over the cache)
 //!   target/release/bench --speculative  (self-speculative decoding against acceptance)
 //!   target/release/bench --early-exit   (early exit: speed and agreement against threshold)
 //!   target/release/bench --prefix-cache (prefix caching on and off: multiple-choice scoring,
@@ -90,6 +91,9 @@ pub struct Args {
     /// server)
     #[arg(long)]
     pub sampling: bool,
+    /// Only time one decode query's attention over 256 to 2048 cached positions (no server)
+    #[arg(long)]
+    pub attention: bool,
     /// Only measure this machine's limits (read bandwidth, multiply-add peaks) and print them
     #[arg(long)]
     pub limits: bool,
@@ -177,6 +181,9 @@ fn main() {
     }
     if args.sampling {
         return kernels::sampling();
+    }
+    if args.attention {
+        return kernels::attention();
     }
     if args.limits {
         let limits = limits::Limits::measure();
