@@ -9,6 +9,8 @@ use exitserve::kernels::allocator::HugePageBuffers;
 static ALLOCATOR: HugePageBuffers = HugePageBuffers;
 
 fn main() -> ExitCode {
+    // first: the environment is process-wide, and no thread exists yet
+    exitserve::kernels::threads::quiet_candle_pool();
     exitserve::kernels::allocator::keep_large_buffers_off_the_heap();
     let settings = match Settings::load() {
         Ok(s) => s,

@@ -26,6 +26,7 @@ pub mod matmul;
 pub mod paged_attention;
 pub mod sample;
 pub mod sled;
+pub mod threads;
 pub mod wide_product;
 
 /// A deterministic stream of uniform numbers in [0, 1) from `seed` (xorshift64): made-up
