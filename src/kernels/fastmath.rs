@@ -227,16 +227,22 @@ pub fn order_key(f: f32) -> u32 {
     b ^ (((b as i32) >> 31) as u32 | 0x8000_0000)
 }
 
+/// The bin of `score` among `bins` bins of width 1 / `scale` counted down from `highest` (a
+/// finite score at most `highest`), rounded to the nearest and clamped to the last bin. A
+/// monotone map (a better score never lands in a later bin); a non-finite score lands in some
+/// bin, which the caller ignores.
+#[inline(always)]
+pub fn score_bin(score: f32, highest: f32, scale: f32, bins: u32) -> u16 {
+    let t = (highest - score) * scale + ROUND_MAGIC;
+    let b = (t.to_bits() as i32 - ROUND_MAGIC.to_bits() as i32) as u32;
+    b.min(bins - 1) as u16
+}
+
 multiversion! {
-    /// `out[i]`: the bin of `scores[i]` among `bins` bins of width 1 / `scale` counted down from
-    /// `highest` (a finite score at most `highest`), rounded to the nearest and clamped to the
-    /// last bin. A monotone map (a better score never lands in a later bin); a non-finite score
-    /// lands in some bin, which the caller ignores.
+    /// `out[i]` = [`score_bin`] of `scores[i]`, over a whole row.
     pub fn score_bins(scores: &[f32], highest: f32, scale: f32, bins: u32, out: &mut [u16]) -> () {
         for (o, &s) in out.iter_mut().zip(scores) {
-            let t = (highest - s) * scale + ROUND_MAGIC;
-            let b = (t.to_bits() as i32 - ROUND_MAGIC.to_bits() as i32) as u32;
-            *o = b.min(bins - 1) as u16;
+            *o = score_bin(s, highest, scale, bins);
         }
     }
 }

@@ -415,16 +415,14 @@ fn row_cut(
         let measure = weights.map_or(1.0, |w| w[i as usize] as f64);
         Member::new(scores, i, measure)
     };
-    let scale = (BINS - 1) as f32 / (highest - lowest);
-    if !(scale.is_finite() && scale > 0.0) {
-        // one score, or a span past f32's range: no bins to spread them over
+    let Some(scale) = bin_scale(lowest, highest) else {
         let members: Vec<Member> = (0..scores.len() as u32)
             .filter(|&i| scores[i as usize].is_finite())
             .map(member)
             .collect();
         let total = members.iter().map(|m| m.measure).sum();
         return cut_by_sorting(members, target(total));
-    }
+    };
     bins.resize(scores.len(), 0);
     fastmath::score_bins(scores, highest, scale, BINS as u32, bins);
     let mut sums = [0f64; BINS];
@@ -449,10 +447,23 @@ fn row_cut(
         .filter(|&(i, &x)| x == b as u16 && scores[i].is_finite())
         .map(|(i, _)| member(i as u32))
         .collect();
-    if inside.len() * 2 > finite {
-        return cut_by_sorting(inside, target - before);
+    next_round(inside, finite, target - before)
+}
+
+/// The scale of [`BINS`] bins spanning `lowest..=highest`; none where they hold one score, or
+/// span past f32's range (no bins to spread them over: the caller sorts).
+fn bin_scale(lowest: f32, highest: f32) -> Option<f32> {
+    let scale = (BINS - 1) as f32 / (highest - lowest);
+    (scale.is_finite() && scale > 0.0).then_some(scale)
+}
+
+/// The round after one that kept `inside` of `count` members: another round, or a sort where
+/// that one kept more than half of them (scores bunched in a long tail).
+fn next_round(inside: Vec<Member>, count: usize, target: f64) -> Cut {
+    if inside.len() * 2 > count {
+        return cut_by_sorting(inside, target);
     }
-    cut_reaching(inside, target - before)
+    cut_reaching(inside, target)
 }
 
 /// The first bin where the running sum of `sums` reaches `target`, and the sum before it.
@@ -481,15 +492,11 @@ fn cut_reaching(members: Vec<Member>, target: f64) -> Cut {
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), m| {
             (lo.min(m.score), hi.max(m.score))
         });
-    let scale = (BINS - 1) as f32 / (highest - lowest);
-    if members.len() <= SORT_AT_MOST || !(scale.is_finite() && scale > 0.0) {
-        return cut_by_sorting(members, target);
-    }
-    let bin = |s: f32| {
-        let mut one = [0u16];
-        fastmath::score_bins(&[s], highest, scale, BINS as u32, &mut one);
-        one[0] as usize
+    let scale = match bin_scale(lowest, highest) {
+        Some(scale) if members.len() > SORT_AT_MOST => scale,
+        _ => return cut_by_sorting(members, target),
     };
+    let bin = |s: f32| fastmath::score_bin(s, highest, scale, BINS as u32) as usize;
     let mut sums = [0f64; BINS];
     for m in &members {
         sums[bin(m.score)] += m.measure;
@@ -499,10 +506,7 @@ fn cut_reaching(members: Vec<Member>, target: f64) -> Cut {
     };
     let count = members.len();
     let inside: Vec<Member> = members.into_iter().filter(|m| bin(m.score) == b).collect();
-    if inside.len() * 2 > count {
-        return cut_by_sorting(inside, target - before);
-    }
-    cut_reaching(inside, target - before)
+    next_round(inside, count, target - before)
 }
 
 /// [`cut_reaching`] by sorting `members`: the first, best first, where the running measure
